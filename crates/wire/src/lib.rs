@@ -1,0 +1,19 @@
+//! The vstream multiplexer, sans-io.
+//!
+//! Many channels (each a bidirectional byte stream opened by device class and name) share one
+//! transport byte stream. The wire format is specified in docs/PROTOCOL.md; this crate is its
+//! reference implementation as plain state machines: bytes and the current time go in, bytes
+//! and events come out. It does no I/O, spawns nothing and reads no clock, so every behaviour
+//! (cuts, corruption, resume, flow control) is testable deterministically.
+#![deny(missing_docs)]
+
+pub mod frame;
+pub mod hello;
+pub mod session;
+
+pub use frame::{DecodeError, Decoder, Frame, Kind};
+pub use hello::{peek_hello, Hello, Role};
+pub use session::{
+    ChannelError, ChannelId, ChannelInfo, Config, Event, LinkId, LinkParams, LinkStats,
+    ProtocolError, Recv, ResetCode, Session, SessionStats,
+};
