@@ -160,7 +160,9 @@ pub enum DecodeError {
     #[error("frame header failed its CRC")]
     BadHeader,
     /// A payload failed its CRC; the frame was dropped.
-    #[error("payload of a {kind:#04x} frame (channel {channel}, seq {seq}, {len} bytes) failed its CRC")]
+    #[error(
+        "payload of a {kind:#04x} frame (channel {channel}, seq {seq}, {len} bytes) failed its CRC"
+    )]
     BadPayload {
         /// Kind byte.
         kind: u8,
@@ -245,8 +247,21 @@ impl Decoder {
         self.buf.len()
     }
 
-    /// The next frame, or what was thrown away on the way to it; `None` when more input is needed.
-    pub fn next(&mut self) -> Option<Result<Frame, DecodeError>> {
+    fn garbage(&mut self, n: usize) -> Option<Result<Frame, DecodeError>> {
+        if n == 0 {
+            return None;
+        }
+        self.stats.garbage_bytes += n as u64;
+        Some(Err(DecodeError::Garbage(n)))
+    }
+}
+
+impl Iterator for Decoder {
+    type Item = Result<Frame, DecodeError>;
+
+    /// The next frame, or what was thrown away on the way to it; `None` when more input is
+    /// needed (the iterator resumes after the next `push`).
+    fn next(&mut self) -> Option<Result<Frame, DecodeError>> {
         // Find the marker; everything before it is garbage.
         let at = match self.buf.windows(2).position(|w| w == MAGIC) {
             Some(at) => at,
@@ -262,9 +277,7 @@ impl Decoder {
             self.buf.advance(at);
             return self.garbage(at);
         }
-        let Some(head) = self.buf.get(..HEADER_LEN) else {
-            return None;
-        };
+        let head = self.buf.get(..HEADER_LEN)?;
         let mut raw = [0u8; HEADER_LEN];
         raw.copy_from_slice(head);
         let Some(header) = Header::parse(&raw) else {
@@ -313,14 +326,6 @@ impl Decoder {
             payload: frame.freeze(),
         }))
     }
-
-    fn garbage(&mut self, n: usize) -> Option<Result<Frame, DecodeError>> {
-        if n == 0 {
-            return None;
-        }
-        self.stats.garbage_bytes += n as u64;
-        Some(Err(DecodeError::Garbage(n)))
-    }
 }
 
 #[cfg(test)]
@@ -329,7 +334,7 @@ mod tests {
 
     fn frames(d: &mut Decoder) -> (Vec<Frame>, Vec<DecodeError>) {
         let (mut ok, mut err) = (Vec::new(), Vec::new());
-        while let Some(r) = d.next() {
+        for r in d.by_ref() {
             match r {
                 Ok(f) => ok.push(f),
                 Err(e) => err.push(e),
@@ -351,7 +356,10 @@ mod tests {
         }
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].payload, &b"hello"[..]);
-        assert_eq!((got[0].header.channel, got[0].header.seq, got[0].header.ack), (7, 3, 9));
+        assert_eq!(
+            (got[0].header.channel, got[0].header.seq, got[0].header.ack),
+            (7, 3, 9)
+        );
         assert_eq!(got[1].header.kind, Kind::Ack as u8);
         assert_eq!(got[1].header.ack, 4);
     }
@@ -365,7 +373,10 @@ mod tests {
         let mut d = Decoder::new(1024);
         d.push(&wire);
         let (ok, err) = frames(&mut d);
-        assert_eq!(ok.iter().map(|f| f.payload.clone()).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
+        assert_eq!(
+            ok.iter().map(|f| f.payload.clone()).collect::<Vec<_>>(),
+            [&b"a"[..], b"b"]
+        );
         assert!(err.contains(&DecodeError::BadHeader));
         assert_eq!(d.stats().frames, 2);
     }
@@ -409,7 +420,11 @@ mod tests {
         let mut d = Decoder::new(1000);
         d.push(&wire[..100]);
         match d.next() {
-            Some(Err(DecodeError::Oversized { header, len: 5000, limit: 1000 })) => {
+            Some(Err(DecodeError::Oversized {
+                header,
+                len: 5000,
+                limit: 1000,
+            })) => {
                 assert_eq!(header.channel, 5)
             }
             other => panic!("expected oversized, got {other:?}"),

@@ -142,11 +142,9 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 /// calling. Returns `None` until a HELLO frame has been decoded; other frames before it are
 /// skipped. The caller keeps all bytes it read and feeds them to the session afterwards.
 pub fn peek_hello(decoder: &mut Decoder) -> Option<Result<Hello, HelloError>> {
-    while let Some(item) = decoder.next() {
-        if let Ok(frame) = item {
-            if frame.header.kind == Kind::Hello as u8 {
-                return Some(Hello::decode(&frame.payload));
-            }
+    for frame in decoder.by_ref().flatten() {
+        if frame.header.kind == Kind::Hello as u8 {
+            return Some(Hello::decode(&frame.payload));
         }
     }
     None

@@ -98,7 +98,9 @@ impl LinkParams {
             frame_size: 4096,
             max_inflight: inflight,
             // Time to drain the inflight window three times, at least one second.
-            rto: Duration::from_millis((3000 * inflight as u64 / u64::from(bytes_per_sec)).max(1000)),
+            rto: Duration::from_millis(
+                (3000 * inflight as u64 / u64::from(bytes_per_sec)).max(1000),
+            ),
         }
     }
 }
@@ -519,7 +521,9 @@ impl Session {
 
     /// Whether the link completed its handshake and is alive.
     pub fn link_is_up(&self, link: LinkId) -> bool {
-        self.links.get(&link).is_some_and(|l| l.state == LinkState::Up)
+        self.links
+            .get(&link)
+            .is_some_and(|l| l.state == LinkState::Up)
     }
 
     /// Adds a transport connection. The HELLO goes out with the next `poll_transmit`.
@@ -677,9 +681,10 @@ impl Session {
         self.handle_ack(h.ack, now);
         match Kind::from_u8(h.kind) {
             Some(Kind::Ping) => {
-                if let (Some(l), Ok(nonce)) =
-                    (self.links.get_mut(&link), <[u8; 8]>::try_from(&frame.payload[..]))
-                {
+                if let (Some(l), Ok(nonce)) = (
+                    self.links.get_mut(&link),
+                    <[u8; 8]>::try_from(&frame.payload[..]),
+                ) {
                     l.pong = Some(u64::from_le_bytes(nonce));
                 }
             }
@@ -820,7 +825,12 @@ impl Session {
         };
         let idx = from.wrapping_sub(front.seq) as usize;
         if idx < self.resend {
-            self.inflight = self.unacked.iter().take(idx).map(|s| frame::wire_len(s.payload.len())).sum();
+            self.inflight = self
+                .unacked
+                .iter()
+                .take(idx)
+                .map(|s| frame::wire_len(s.payload.len()))
+                .sum();
             self.resend = idx;
         }
     }
@@ -834,8 +844,14 @@ impl Session {
             } else {
                 self.stats.out_of_order += 1;
                 // Ask for a retransmission, at most once per round-trip-ish interval.
-                let rto = self.links.get(&link).map_or(Duration::from_secs(1), |l| l.params.rto);
-                if self.nack_at.is_none_or(|t| now.duration_since(t) >= rto / 2) {
+                let rto = self
+                    .links
+                    .get(&link)
+                    .map_or(Duration::from_secs(1), |l| l.params.rto);
+                if self
+                    .nack_at
+                    .is_none_or(|t| now.duration_since(t) >= rto / 2)
+                {
                     self.nack_at = Some(now);
                     if let Some(l) = self.links.get_mut(&link) {
                         l.nack_due = true;
@@ -909,7 +925,11 @@ impl Session {
         };
         if !self.is_peer_id(id) || id < self.peer_next_channel {
             self.protocol_error(None, bad("OPEN with an id the peer may not use now"));
-            self.queue_reset(id, ResetCode::Protocol, "channel id out of order or wrong parity");
+            self.queue_reset(
+                id,
+                ResetCode::Protocol,
+                "channel id out of order or wrong parity",
+            );
             return;
         }
         self.peer_next_channel = id.saturating_add(2);
@@ -928,7 +948,8 @@ impl Session {
         let w = self.cfg.channel_window.to_le_bytes();
         self.control
             .push_back((Kind::OpenOk, id, Bytes::copy_from_slice(&w)));
-        self.events.push_back(Event::ChannelOpened { id, class, name });
+        self.events
+            .push_back(Event::ChannelOpened { id, class, name });
     }
 
     fn reserve_window(&mut self) -> Result<(), &'static str> {
@@ -952,7 +973,9 @@ impl Session {
                 self.events.push_back(Event::ChannelReady(id));
                 self.events.push_back(Event::Writable(id));
             }
-            (Some(_), _) => self.reset_with_error(id, ResetCode::Protocol, "unexpected OPEN_OK".into()),
+            (Some(_), _) => {
+                self.reset_with_error(id, ResetCode::Protocol, "unexpected OPEN_OK".into())
+            }
             (None, _) => self.unknown_channel(Kind::OpenOk, id),
         }
     }
@@ -969,7 +992,14 @@ impl Session {
         }
         if ch.rx_received + len > ch.rx_granted {
             let (sent, credit) = (ch.rx_received + len, ch.rx_granted);
-            self.protocol_error(None, ProtocolError::CreditExceeded { channel: id, sent, credit });
+            self.protocol_error(
+                None,
+                ProtocolError::CreditExceeded {
+                    channel: id,
+                    sent,
+                    credit,
+                },
+            );
             self.reset_with_error(
                 id,
                 ResetCode::FlowControl,
@@ -1023,8 +1053,12 @@ impl Session {
             self.unknown_channel(Kind::Reset, id);
             return;
         }
-        let code = p.get(..2).map_or(ResetCode::Aborted, |c| ResetCode::from_u16(u16::from_le_bytes([c[0], c[1]])));
-        let reason = p.get(2..).map(|r| String::from_utf8_lossy(&r[..r.len().min(256)]).into_owned());
+        let code = p.get(..2).map_or(ResetCode::Aborted, |c| {
+            ResetCode::from_u16(u16::from_le_bytes([c[0], c[1]]))
+        });
+        let reason = p
+            .get(2..)
+            .map(|r| String::from_utf8_lossy(&r[..r.len().min(256)]).into_owned());
         if code != ResetCode::Aborted && code != ResetCode::Refused {
             self.stats.channel_resets += 1;
         }
@@ -1037,7 +1071,9 @@ impl Session {
 
     fn remove_channel(&mut self, id: ChannelId) -> Option<Channel> {
         let ch = self.channels.remove(&id)?;
-        self.rx_windows = self.rx_windows.saturating_sub(self.cfg.channel_window as usize);
+        self.rx_windows = self
+            .rx_windows
+            .saturating_sub(self.cfg.channel_window as usize);
         Some(ch)
     }
 
@@ -1097,7 +1133,10 @@ impl Session {
     /// [`Event::Writable`]).
     pub fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<usize, ChannelError> {
         let limit = self.cfg.channel_send_buffer;
-        let ch = self.channels.get_mut(&id).ok_or(ChannelError::Unknown(id))?;
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
         if ch.fin_queued {
             return Err(ChannelError::Closed(id));
         }
@@ -1109,15 +1148,23 @@ impl Session {
     /// Room left in the send buffer.
     pub fn send_capacity(&self, id: ChannelId) -> Result<usize, ChannelError> {
         let ch = self.channels.get(&id).ok_or(ChannelError::Unknown(id))?;
-        Ok(self.cfg.channel_send_buffer.saturating_sub(ch.send_buf.len()))
+        Ok(self
+            .cfg
+            .channel_send_buffer
+            .saturating_sub(ch.send_buf.len()))
     }
 
     /// Copies received bytes into `buf`.
     pub fn recv(&mut self, id: ChannelId, buf: &mut [u8]) -> Result<Recv, ChannelError> {
-        let ch = self.channels.get_mut(&id).ok_or(ChannelError::Unknown(id))?;
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
         let mut n = 0;
         while n < buf.len() {
-            let Some(front) = ch.rx.front_mut() else { break };
+            let Some(front) = ch.rx.front_mut() else {
+                break;
+            };
             let take = front.len().min(buf.len() - n);
             buf[n..n + take].copy_from_slice(&front[..take]);
             n += take;
@@ -1150,13 +1197,21 @@ impl Session {
 
     /// Ends our direction of the channel once queued data is sent (half close).
     pub fn close(&mut self, id: ChannelId) -> Result<(), ChannelError> {
-        let ch = self.channels.get_mut(&id).ok_or(ChannelError::Unknown(id))?;
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
         ch.fin_queued = true;
         Ok(())
     }
 
     /// Aborts a channel: queued data is dropped, the peer is told why.
-    pub fn reset(&mut self, id: ChannelId, code: ResetCode, reason: &str) -> Result<(), ChannelError> {
+    pub fn reset(
+        &mut self,
+        id: ChannelId,
+        code: ResetCode,
+        reason: &str,
+    ) -> Result<(), ChannelError> {
         self.remove_channel(id).ok_or(ChannelError::Unknown(id))?;
         self.queue_reset(id, code, reason);
         Ok(())
@@ -1185,7 +1240,13 @@ impl Session {
 
     /// Appends frames for `link` to `out`, stopping once roughly `max` bytes were added.
     /// Returns the number of bytes added (0 = nothing to send now).
-    pub fn poll_transmit(&mut self, link: LinkId, now: Instant, out: &mut Vec<u8>, max: usize) -> usize {
+    pub fn poll_transmit(
+        &mut self,
+        link: LinkId,
+        now: Instant,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> usize {
         let start = out.len();
         let ack = self.recv_next;
         let Some(l) = self.links.get_mut(&link) else {
@@ -1195,7 +1256,8 @@ impl Session {
             return 0;
         }
         let hello_retry = l.state == LinkState::AwaitHello
-            && l.hello_at.is_some_and(|t| now.duration_since(t) >= HELLO_RETRY);
+            && l.hello_at
+                .is_some_and(|t| now.duration_since(t) >= HELLO_RETRY);
         if l.hello_due || hello_retry {
             l.hello_due = false;
             l.hello_at = Some(now);
@@ -1222,7 +1284,14 @@ impl Session {
         if l.ping.is_none() && now.duration_since(l.last_rx) >= self.cfg.keepalive_interval {
             self.ping_nonce = self.ping_nonce.wrapping_add(1);
             l.ping = Some((self.ping_nonce, now));
-            frame::encode(out, Kind::Ping as u8, 0, 0, ack, &self.ping_nonce.to_le_bytes());
+            frame::encode(
+                out,
+                Kind::Ping as u8,
+                0,
+                0,
+                ack,
+                &self.ping_nonce.to_le_bytes(),
+            );
         }
         if std::mem::take(&mut l.nack_due) {
             frame::encode(out, Kind::Nack as u8, 0, 0, ack, &[]);
@@ -1256,7 +1325,8 @@ impl Session {
         now: Instant,
     ) {
         let ack = self.recv_next;
-        let room = |out: &Vec<u8>, inflight: usize| out.len() - start < max && inflight < max_inflight;
+        let room =
+            |out: &Vec<u8>, inflight: usize| out.len() - start < max && inflight < max_inflight;
         // Retransmissions first, in order.
         while self.resend < self.unacked.len() && room(out, self.inflight) {
             let s = &self.unacked[self.resend];
@@ -1376,9 +1446,10 @@ impl Session {
                 LinkState::AwaitHello if now.duration_since(l.since) >= limit => {
                     dead.push((*id, format!("no handshake within {limit:?}")))
                 }
-                LinkState::Up if now.duration_since(l.last_rx) >= limit => {
-                    dead.push((*id, format!("peer silent for {limit:?} (keepalive timeout)")))
-                }
+                LinkState::Up if now.duration_since(l.last_rx) >= limit => dead.push((
+                    *id,
+                    format!("peer silent for {limit:?} (keepalive timeout)"),
+                )),
                 _ => {}
             }
         }
@@ -1386,7 +1457,9 @@ impl Session {
             self.kill_link(id, reason);
         }
         if let Some(l) = self.active.and_then(|a| self.links.get(&a)) {
-            if self.resend > 0 && now.duration_since(self.last_progress) >= l.params.rto * self.backoff {
+            if self.resend > 0
+                && now.duration_since(self.last_progress) >= l.params.rto * self.backoff
+            {
                 self.stats.timeouts += 1;
                 self.resend = 0;
                 self.inflight = 0;
@@ -1408,7 +1481,9 @@ impl Session {
             return true;
         }
         if l.state != LinkState::Up {
-            return l.hello_at.is_some_and(|t| now.duration_since(t) >= HELLO_RETRY);
+            return l
+                .hello_at
+                .is_some_and(|t| now.duration_since(t) >= HELLO_RETRY);
         }
         if l.pong.is_some() || l.nack_due || l.ack_due {
             return true;

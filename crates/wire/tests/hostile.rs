@@ -93,13 +93,39 @@ fn credit_overrun_resets_only_that_channel() {
     e.frame(Kind::Data, 3, b"still fine");
     s.handle_input(link, &e.wire, now);
     let ev = events(&mut s);
-    assert!(ev.iter().any(|e| matches!(e, Event::ProtocolError { error: ProtocolError::CreditExceeded { channel: 1, sent: 1100, credit: 1000 }, .. })), "{ev:?}");
-    assert!(ev.iter().any(|e| matches!(e, Event::ChannelReset { id: 1, code: ResetCode::FlowControl, .. })));
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::ProtocolError {
+                error: ProtocolError::CreditExceeded {
+                    channel: 1,
+                    sent: 1100,
+                    credit: 1000
+                },
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::ChannelReset {
+            id: 1,
+            code: ResetCode::FlowControl,
+            ..
+        }
+    )));
     assert!(!s.has_channel(1));
     assert_eq!(read_all(&mut s, 3), b"still fine");
     let r = replies(&mut s, link, now);
-    let reset = r.iter().find(|(k, ch, _)| *k == Kind::Reset as u8 && *ch == 1).expect("RESET sent to the peer");
-    assert_eq!(u16::from_le_bytes([reset.2[0], reset.2[1]]), ResetCode::FlowControl as u16);
+    let reset = r
+        .iter()
+        .find(|(k, ch, _)| *k == Kind::Reset as u8 && *ch == 1)
+        .expect("RESET sent to the peer");
+    assert_eq!(
+        u16::from_le_bytes([reset.2[0], reset.2[1]]),
+        ResetCode::FlowControl as u16
+    );
 }
 
 #[test]
@@ -111,9 +137,20 @@ fn unknown_channel_is_answered_with_reset() {
     e.frame(Kind::Data, 1, b"ok");
     s.handle_input(link, &e.wire, now);
     let ev = events(&mut s);
-    assert!(ev.iter().any(|e| matches!(e, Event::ProtocolError { error: ProtocolError::UnknownChannel { channel: 99, .. }, .. })), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::ProtocolError {
+                error: ProtocolError::UnknownChannel { channel: 99, .. },
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
     assert_eq!(read_all(&mut s, 1), b"ok");
-    assert!(replies(&mut s, link, now).iter().any(|(k, ch, _)| *k == Kind::Reset as u8 && *ch == 99));
+    assert!(replies(&mut s, link, now)
+        .iter()
+        .any(|(k, ch, _)| *k == Kind::Reset as u8 && *ch == 99));
 }
 
 #[test]
@@ -126,8 +163,27 @@ fn oversized_frame_resets_its_channel_and_the_stream_continues() {
     e.frame(Kind::Data, 3, b"after the giant");
     s.handle_input(link, &e.wire, now);
     let ev = events(&mut s);
-    assert!(ev.iter().any(|e| matches!(e, Event::ProtocolError { error: ProtocolError::Decode(vstream_wire::DecodeError::Oversized { len: 100_000, .. }), .. })), "{ev:?}");
-    assert!(ev.iter().any(|e| matches!(e, Event::ChannelReset { id: 1, code: ResetCode::Protocol, .. })));
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::ProtocolError {
+                error: ProtocolError::Decode(vstream_wire::DecodeError::Oversized {
+                    len: 100_000,
+                    ..
+                }),
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::ChannelReset {
+            id: 1,
+            code: ResetCode::Protocol,
+            ..
+        }
+    )));
     assert_eq!(read_all(&mut s, 3), b"after the giant");
 }
 
@@ -143,7 +199,16 @@ fn garbage_and_malformed_frames_are_survived() {
     e.frame(Kind::Data, 7, b"survived");
     s.handle_input(link, &e.wire, now);
     let ev = events(&mut s);
-    assert!(ev.iter().any(|e| matches!(e, Event::ProtocolError { error: ProtocolError::BadFrame { channel: 5, .. }, .. })), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::ProtocolError {
+                error: ProtocolError::BadFrame { channel: 5, .. },
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
     assert_eq!(read_all(&mut s, 7), b"survived");
     let stats = s.link_stats(link).expect("link");
     assert!(stats.decode.garbage_bytes > 0 && stats.decode.crc_errors > 0);
@@ -173,6 +238,12 @@ fn acknowledging_the_future_is_an_error_not_a_crash() {
     let mut e = Evil::new();
     encode(&mut e.wire, Kind::Ack as u8, 0, 0, 1_000_000, &[]);
     s.handle_input(link, &e.wire, now);
-    assert!(events(&mut s).iter().any(|e| matches!(e, Event::ProtocolError { error: ProtocolError::BadAck { ack: 1_000_000, .. }, .. })));
+    assert!(events(&mut s).iter().any(|e| matches!(
+        e,
+        Event::ProtocolError {
+            error: ProtocolError::BadAck { ack: 1_000_000, .. },
+            ..
+        }
+    )));
     assert!(s.link_is_up(link));
 }

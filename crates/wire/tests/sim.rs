@@ -80,14 +80,22 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             faults,
             ids: vec![(None, None); channels],
-            writers: (0..channels).map(|_| Writer { total: bytes, ..Default::default() }).collect(),
+            writers: (0..channels)
+                .map(|_| Writer {
+                    total: bytes,
+                    ..Default::default()
+                })
+                .collect(),
             readers: (0..channels).map(|_| Reader::default()).collect(),
             resets: Vec::new(),
             params,
         };
         sim.add_link();
         for k in 0..channels {
-            let id = sim.guest.open_channel("test", &format!("ch{k}")).expect("open");
+            let id = sim
+                .guest
+                .open_channel("test", &format!("ch{k}"))
+                .expect("open");
             sim.ids[k].1 = Some(id);
         }
         sim
@@ -96,7 +104,12 @@ impl Sim {
     fn add_link(&mut self) {
         let host = self.host.add_link(self.params, self.now);
         let guest = self.guest.add_link(self.params, self.now);
-        self.links.push(LinkPair { host, guest, h2g: Pipe::default(), g2h: Pipe::default() });
+        self.links.push(LinkPair {
+            host,
+            guest,
+            h2g: Pipe::default(),
+            g2h: Pipe::default(),
+        });
     }
 
     /// Closes every link (bytes in flight are lost) and opens a new one: a transport cut.
@@ -132,7 +145,12 @@ impl Sim {
                 match self.host.recv(id, &mut buf[..want]) {
                     Ok(Recv::Data(n)) => {
                         for (i, b) in buf[..n].iter().enumerate() {
-                            assert_eq!(*b, byte_at(k, r.got + i as u64), "channel {k} corrupted at {}", r.got + i as u64);
+                            assert_eq!(
+                                *b,
+                                byte_at(k, r.got + i as u64),
+                                "channel {k} corrupted at {}",
+                                r.got + i as u64
+                            );
                         }
                         r.got += n as u64;
                     }
@@ -151,10 +169,12 @@ impl Sim {
         let now = self.now;
         for i in 0..self.links.len() {
             let mut out = Vec::new();
-            self.host.poll_transmit(self.links[i].host, now, &mut out, 256 * 1024);
+            self.host
+                .poll_transmit(self.links[i].host, now, &mut out, 256 * 1024);
             self.links[i].h2g.bytes.extend(out);
             let mut out = Vec::new();
-            self.guest.poll_transmit(self.links[i].guest, now, &mut out, 256 * 1024);
+            self.guest
+                .poll_transmit(self.links[i].guest, now, &mut out, 256 * 1024);
             self.links[i].g2h.bytes.extend(out);
             let chunk = self.deliver_chunk(i, true);
             self.guest.handle_input(self.links[i].guest, &chunk, now);
@@ -168,7 +188,11 @@ impl Sim {
     }
 
     fn deliver_chunk(&mut self, i: usize, h2g: bool) -> Vec<u8> {
-        let pipe = if h2g { &mut self.links[i].h2g } else { &mut self.links[i].g2h };
+        let pipe = if h2g {
+            &mut self.links[i].h2g
+        } else {
+            &mut self.links[i].g2h
+        };
         let n = pipe.bytes.len().min(self.rng.random_range(1..200_000));
         let mut chunk: Vec<u8> = pipe.bytes.drain(..n).collect();
         if !chunk.is_empty() && self.rng.random_bool(self.faults.flip) {
@@ -209,7 +233,10 @@ impl Sim {
     }
 
     fn done(&self) -> bool {
-        self.readers.iter().zip(&self.writers).all(|(r, w)| r.eof && r.got == w.total)
+        self.readers
+            .iter()
+            .zip(&self.writers)
+            .all(|(r, w)| r.eof && r.got == w.total)
     }
 
     fn run(&mut self, max_steps: usize, mut cut_at: Vec<usize>) -> usize {
@@ -251,7 +278,10 @@ fn one_hundred_cuts_at_random_offsets() {
     let last_cut = *cuts.last().expect("100 cuts");
     let mut sim = Sim::new(7, 4, 8_000_000, Faults::default(), LinkParams::stream(0));
     let finished = sim.run(20_000, cuts);
-    assert!(finished > last_cut, "every cut must land mid-transfer ({finished} <= {last_cut})");
+    assert!(
+        finished > last_cut,
+        "every cut must land mid-transfer ({finished} <= {last_cut})"
+    );
     assert!(sim.guest.stats().frames_retransmitted > 0);
     assert!(sim.resets.is_empty(), "{:?}", sim.resets);
     assert!(sim.host.stats().session_restarts == 0 && sim.guest.stats().session_restarts == 0);
@@ -259,11 +289,17 @@ fn one_hundred_cuts_at_random_offsets() {
 
 #[test]
 fn lossy_serial_line_delivers_everything() {
-    let faults = Faults { flip: 0.05, drop: 0.05 };
+    let faults = Faults {
+        flip: 0.05,
+        drop: 0.05,
+    };
     let mut sim = Sim::new(3, 3, 200_000, faults, LinkParams::serial(0, 115_200));
     sim.run(200_000, vec![]);
     let decode = sim.host.link_stats(sim.links[0].host).expect("link").decode;
-    assert!(decode.crc_errors > 0, "faults were injected, the decoder must have seen them");
+    assert!(
+        decode.crc_errors > 0,
+        "faults were injected, the decoder must have seen them"
+    );
     assert!(sim.resets.is_empty(), "{:?}", sim.resets);
 }
 
@@ -281,9 +317,20 @@ fn stalled_reader_does_not_block_other_channels() {
             break;
         }
     }
-    assert!(sim.readers[1].eof && sim.readers[1].got == 1_000_000, "channel 1 must finish");
-    let info = sim.host.channels().find(|c| c.id == stalled).expect("still open");
-    assert!(info.rx_buffered <= 64 * 1024, "buffered {} beyond the window", info.rx_buffered);
+    assert!(
+        sim.readers[1].eof && sim.readers[1].got == 1_000_000,
+        "channel 1 must finish"
+    );
+    let info = sim
+        .host
+        .channels()
+        .find(|c| c.id == stalled)
+        .expect("still open");
+    assert!(
+        info.rx_buffered <= 64 * 1024,
+        "buffered {} beyond the window",
+        info.rx_buffered
+    );
 }
 
 #[test]
@@ -304,7 +351,10 @@ fn peer_restart_resets_channels_instead_of_resuming() {
         sim.step();
     }
     assert_eq!(sim.host.stats().session_restarts, 1);
-    assert!(sim.resets.iter().any(|(_, code, _)| *code == ResetCode::SessionLost));
+    assert!(sim
+        .resets
+        .iter()
+        .any(|(_, code, _)| *code == ResetCode::SessionLost));
 }
 
 proptest! {

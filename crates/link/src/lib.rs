@@ -1,0 +1,762 @@
+//! The async driver of a multiplexer [`Session`]: it moves bytes between transport streams
+//! (links) and the session, runs its timers, and gives applications one [`ChannelStream`]
+//! (AsyncRead + AsyncWrite) per channel.
+//!
+//! Shape (as in quinn): the protocol lives in `vstream-wire`; here a `Mutex<Inner>` holds the
+//! session plus the wakers of the tasks waiting on it. Each link runs a reader, a writer and a
+//! timer future; an application's read or write locks the session for a few microseconds and
+//! never waits on the network.
+#![deny(missing_docs)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use vstream_wire::frame::Decoder;
+use vstream_wire::{
+    peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
+    Session,
+};
+
+/// Most bytes handed to a transport in one write: large enough to batch many small frames
+/// into one syscall, small enough to keep latency of other links' acknowledgements low.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// A channel the peer opened, waiting for the application.
+pub struct Incoming {
+    /// The stream.
+    pub stream: ChannelStream,
+    /// Device class.
+    pub class: String,
+    /// Name within the class.
+    pub name: String,
+}
+
+/// Lifecycle notifications, for logs and `vstreamctl events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum MuxEvent {
+    /// A link completed its handshake.
+    LinkUp {
+        /// Link id.
+        link: u32,
+        /// Transport description.
+        transport: String,
+        /// Peer name.
+        peer: String,
+        /// Whether the session resumed.
+        resumed: bool,
+    },
+    /// A link ended.
+    LinkDown {
+        /// Link id.
+        link: u32,
+        /// Transport description.
+        transport: String,
+        /// Why.
+        reason: String,
+    },
+    /// A channel was reset because of an error.
+    ChannelReset {
+        /// Channel id.
+        channel: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A protocol violation by the peer.
+    ProtocolError {
+        /// What.
+        error: String,
+    },
+}
+
+struct LinkEntry {
+    transport: String,
+    up: bool,
+    since: SystemTime,
+    wake: Arc<Notify>,
+    down: Arc<Notify>,
+    down_reason: Option<String>,
+}
+
+#[derive(Default)]
+struct Wakers {
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+struct Inner {
+    session: Session,
+    wakers: HashMap<ChannelId, Wakers>,
+    /// Channels that ended with an error, for the streams still held by the application.
+    ended: HashMap<ChannelId, String>,
+    /// Channels whose stream was dropped: incoming data is discarded until the peer closes.
+    detached: HashSet<ChannelId>,
+    opening: HashMap<ChannelId, oneshot::Sender<Result<(), String>>>,
+    incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    links: BTreeMap<LinkId, LinkEntry>,
+    events: broadcast::Sender<MuxEvent>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    label: String,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug in this crate; the state is still consistent
+        // enough to keep serving other guests, so recover the guard rather than propagate.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn epoch(&self) -> u64 {
+        self.session.stats().session_restarts
+    }
+
+    /// Hands session events to whoever waits for them.
+    fn dispatch(&mut self, shared: &Arc<Shared>) {
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                Event::Readable(id) => {
+                    if self.detached.contains(&id) {
+                        self.discard(id);
+                    } else if let Some(w) = self.wakers.get_mut(&id).and_then(|w| w.reader.take()) {
+                        w.wake();
+                    }
+                }
+                Event::Writable(id) => {
+                    if let Some(w) = self.wakers.get_mut(&id).and_then(|w| w.writer.take()) {
+                        w.wake();
+                    }
+                }
+                Event::ChannelReady(id) => {
+                    if let Some(tx) = self.opening.remove(&id) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::ChannelReset { id, code, reason } => {
+                    let reason = format!("channel reset ({code:?}): {reason}");
+                    if code != ResetCode::SessionLost && code != ResetCode::Aborted {
+                        tracing::warn!(peer = %shared.label, channel = id, "{reason}");
+                        let _ = self.events.send(MuxEvent::ChannelReset {
+                            channel: id,
+                            reason: reason.clone(),
+                        });
+                    }
+                    if let Some(tx) = self.opening.remove(&id) {
+                        let _ = tx.send(Err(reason.clone()));
+                    }
+                    self.detached.remove(&id);
+                    if code == ResetCode::SessionLost {
+                        // Streams of the old session see the epoch change; ids are reused.
+                        self.ended.clear();
+                    } else if self.wakers.contains_key(&id) {
+                        self.ended.insert(id, reason);
+                    }
+                    self.wake_both(id);
+                }
+                Event::ChannelClosed(id) => {
+                    self.detached.remove(&id);
+                    self.wake_both(id);
+                }
+                Event::ChannelOpened { id, class, name } => {
+                    let stream = ChannelStream::new(shared.clone(), id, self.epoch());
+                    self.wakers.insert(id, Wakers::default());
+                    let refused = match &self.incoming {
+                        Some(tx) => tx
+                            .send(Incoming {
+                                stream,
+                                class,
+                                name,
+                            })
+                            .is_err(),
+                        None => true,
+                    };
+                    if refused {
+                        // The stream was dropped inside the failed send; it detached itself.
+                        let _ = self.session.reset(id, ResetCode::Refused, "no service");
+                    }
+                }
+                Event::LinkUp {
+                    link,
+                    peer,
+                    resumed,
+                } => {
+                    if let Some(e) = self.links.get_mut(&link) {
+                        e.up = true;
+                        e.since = SystemTime::now();
+                        tracing::info!(peer = %peer, transport = %e.transport, resumed, "link up");
+                        let _ = self.events.send(MuxEvent::LinkUp {
+                            link: link.0,
+                            transport: e.transport.clone(),
+                            peer,
+                            resumed,
+                        });
+                    }
+                }
+                Event::LinkDown { link, reason } => {
+                    if let Some(e) = self.links.get_mut(&link) {
+                        e.down_reason = Some(reason);
+                        e.down.notify_one();
+                    }
+                }
+                Event::ProtocolError { link, error } => {
+                    let transport = link
+                        .and_then(|l| self.links.get(&l))
+                        .map_or("-", |e| e.transport.as_str());
+                    tracing::warn!(peer = %shared.label, transport, "protocol error: {error}");
+                    let _ = self.events.send(MuxEvent::ProtocolError {
+                        error: error.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn wake_both(&mut self, id: ChannelId) {
+        if let Some(w) = self.wakers.get_mut(&id) {
+            if let Some(r) = w.reader.take() {
+                r.wake();
+            }
+            if let Some(wr) = w.writer.take() {
+                wr.wake();
+            }
+        }
+    }
+
+    fn discard(&mut self, id: ChannelId) {
+        let mut sink = [0u8; 4096];
+        while let Ok(Recv::Data(_)) = self.session.recv(id, &mut sink) {}
+    }
+
+    /// Wakes every link's writer: something may be ready to send.
+    fn kick(&self) {
+        for e in self.links.values() {
+            e.wake.notify_one();
+        }
+    }
+}
+
+/// One multiplexer session with a peer, shared by its links and channel streams.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+}
+
+impl Mux {
+    /// A session; peer-opened channels arrive on the returned receiver.
+    pub fn new(cfg: Config, session_id: u64) -> (Mux, mpsc::UnboundedReceiver<Incoming>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let label = cfg.name.clone();
+        let (events, _) = broadcast::channel(256);
+        let inner = Inner {
+            session: Session::new(cfg, session_id, Instant::now()),
+            wakers: HashMap::new(),
+            ended: HashMap::new(),
+            detached: HashSet::new(),
+            opening: HashMap::new(),
+            incoming: Some(tx),
+            links: BTreeMap::new(),
+            events,
+        };
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            label,
+        });
+        (Mux { shared }, rx)
+    }
+
+    /// Lifecycle events of this session.
+    pub fn subscribe(&self) -> broadcast::Receiver<MuxEvent> {
+        self.shared.lock().events.subscribe()
+    }
+
+    /// Opens a channel to the peer's `class`/`name` service and waits until it is accepted
+    /// (which needs a link to be up).
+    pub async fn open(&self, class: &str, name: &str) -> io::Result<ChannelStream> {
+        let (stream, rx) = {
+            let mut inner = self.shared.lock();
+            let id = inner
+                .session
+                .open_channel(class, name)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let (tx, rx) = oneshot::channel();
+            inner.opening.insert(id, tx);
+            inner.wakers.insert(id, Wakers::default());
+            let epoch = inner.epoch();
+            inner.kick();
+            (ChannelStream::new(self.shared.clone(), id, epoch), rx)
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(reason)) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, reason)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "session ended",
+            )),
+        }
+    }
+
+    /// The peer's name, once known.
+    pub fn peer_name(&self) -> Option<String> {
+        self.shared.lock().session.peer_name().map(str::to_owned)
+    }
+
+    /// Whether some link is up.
+    pub fn is_connected(&self) -> bool {
+        self.shared.lock().session.is_connected()
+    }
+
+    /// A snapshot for status displays.
+    pub fn status(&self) -> MuxStatus {
+        let inner = self.shared.lock();
+        let s = &inner.session;
+        MuxStatus {
+            peer: s.peer_name().map(str::to_owned),
+            active_link: s.active_link().map(|l| l.0),
+            links: inner
+                .links
+                .iter()
+                .map(|(id, e)| {
+                    let st = s.link_stats(*id).unwrap_or_default();
+                    LinkStatus {
+                        id: id.0,
+                        transport: e.transport.clone(),
+                        up: e.up && s.link_is_up(*id),
+                        since: unix_secs(e.since),
+                        bytes_in: st.bytes_in,
+                        bytes_out: st.bytes_out,
+                        frames_in: st.decode.frames,
+                        crc_errors: st.decode.crc_errors,
+                        garbage_bytes: st.decode.garbage_bytes,
+                        oversized: st.decode.oversized,
+                    }
+                })
+                .collect(),
+            channels: s
+                .channels()
+                .map(|c| ChannelStatus {
+                    id: c.id,
+                    class: c.class,
+                    name: c.name,
+                    local: c.local,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    rx_buffered: c.rx_buffered,
+                    tx_buffered: c.tx_buffered,
+                })
+                .collect(),
+            stats: {
+                let st = s.stats();
+                SessionCounters {
+                    frames_sent: st.frames_sent,
+                    frames_received: st.frames_received,
+                    frames_retransmitted: st.frames_retransmitted,
+                    duplicates: st.duplicates,
+                    out_of_order: st.out_of_order,
+                    protocol_errors: st.protocol_errors,
+                    channel_resets: st.channel_resets,
+                    session_restarts: st.session_restarts,
+                    timeouts: st.timeouts,
+                }
+            },
+        }
+    }
+
+    /// Runs one link over `stream` until it ends; returns why it ended. `prefix` holds bytes
+    /// already read from the stream (see [`read_hello`]).
+    pub async fn run_link<S>(
+        &self,
+        stream: S,
+        params: LinkParams,
+        transport: &str,
+        prefix: &[u8],
+    ) -> String
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let (link, wake, down) = {
+            let mut inner = self.shared.lock();
+            let link = inner.session.add_link(params, Instant::now());
+            let wake = Arc::new(Notify::new());
+            let down = Arc::new(Notify::new());
+            inner.links.insert(
+                link,
+                LinkEntry {
+                    transport: transport.to_owned(),
+                    up: false,
+                    since: SystemTime::now(),
+                    wake: wake.clone(),
+                    down: down.clone(),
+                    down_reason: None,
+                },
+            );
+            if !prefix.is_empty() {
+                inner.session.handle_input(link, prefix, Instant::now());
+                inner.dispatch(&self.shared);
+            }
+            (link, wake, down)
+        };
+        let (mut r, mut w) = tokio::io::split(stream);
+        let reason = tokio::select! {
+            e = self.reader(link, &mut r) => e,
+            e = self.writer(link, &mut w, &wake) => e,
+            e = self.timer(link) => e,
+            () = down.notified() => {
+                self.shared.lock().links.get(&link).and_then(|e| e.down_reason.clone())
+                    .unwrap_or_else(|| "link closed".into())
+            }
+        };
+        let _ = w.shutdown().await;
+        let mut inner = self.shared.lock();
+        inner.session.remove_link(link);
+        if let Some(e) = inner.links.remove(&link) {
+            tracing::info!(peer = %self.shared.label, transport = %e.transport, %reason, "link down");
+            let _ = inner.events.send(MuxEvent::LinkDown {
+                link: link.0,
+                transport: e.transport,
+                reason: reason.clone(),
+            });
+        }
+        inner.dispatch(&self.shared);
+        inner.kick();
+        reason
+    }
+
+    async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) => return "closed by the peer".into(),
+                Ok(n) => n,
+                Err(e) => return format!("read failed: {e}"),
+            };
+            let mut inner = self.shared.lock();
+            inner.session.handle_input(link, &buf[..n], Instant::now());
+            inner.dispatch(&self.shared);
+            inner.kick();
+        }
+    }
+
+    async fn writer<W: AsyncWrite + Unpin>(
+        &self,
+        link: LinkId,
+        w: &mut W,
+        wake: &Notify,
+    ) -> String {
+        let mut out = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
+        loop {
+            out.clear();
+            {
+                let mut inner = self.shared.lock();
+                inner
+                    .session
+                    .poll_transmit(link, Instant::now(), &mut out, WRITE_BATCH);
+                inner.dispatch(&self.shared);
+            }
+            if out.is_empty() {
+                wake.notified().await;
+                continue;
+            }
+            if let Err(e) = w.write_all(&out).await {
+                return format!("write failed: {e}");
+            }
+            if let Err(e) = w.flush().await {
+                return format!("flush failed: {e}");
+            }
+        }
+    }
+
+    async fn timer(&self, link: LinkId) -> String {
+        loop {
+            let deadline = self.shared.lock().session.poll_timeout();
+            let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::time::sleep_until(deadline.into()).await;
+            let mut inner = self.shared.lock();
+            inner.session.handle_timeout(Instant::now());
+            inner.dispatch(&self.shared);
+            inner.kick();
+            if !inner.links.contains_key(&link) {
+                return "link removed".into();
+            }
+        }
+    }
+}
+
+/// Reads from a fresh stream until the peer's HELLO arrives (or `timeout` passes). Returns the
+/// HELLO and every byte read, to be passed as `prefix` to [`Mux::run_link`].
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> io::Result<(Hello, Vec<u8>)> {
+    let mut decoder = Decoder::new(64 * 1024);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let fut = async {
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before HELLO",
+                ));
+            }
+            if seen.len() + n > 1024 * 1024 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "no HELLO in the first MiB",
+                ));
+            }
+            seen.extend_from_slice(&buf[..n]);
+            decoder.push(&buf[..n]);
+            if let Some(hello) = peek_hello(&mut decoder) {
+                return hello
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        }
+    };
+    let hello = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HELLO from the peer"))??;
+    Ok((hello, seen))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One channel as an async byte stream. Dropping it closes our direction; data the peer sends
+/// afterwards is discarded.
+pub struct ChannelStream {
+    shared: Arc<Shared>,
+    id: ChannelId,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for ChannelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChannelStream({}#{})", self.shared.label, self.id)
+    }
+}
+
+impl ChannelStream {
+    fn new(shared: Arc<Shared>, id: ChannelId, epoch: u64) -> ChannelStream {
+        ChannelStream { shared, id, epoch }
+    }
+
+    /// The channel id.
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// Aborts the channel (the peer sees a reset with `reason`).
+    pub fn reset(&self, reason: &str) {
+        let mut inner = self.shared.lock();
+        if inner.epoch() == self.epoch
+            && inner
+                .session
+                .reset(self.id, ResetCode::Aborted, reason)
+                .is_ok()
+        {
+            inner.kick();
+        }
+    }
+
+    /// Checks that the channel still belongs to the current session; maps errors.
+    fn gone(&self, inner: &Inner, e: ChannelError) -> io::Error {
+        if inner.epoch() != self.epoch {
+            return io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the peer restarted; channel lost",
+            );
+        }
+        match (e, inner.ended.get(&self.id)) {
+            (_, Some(reason)) => io::Error::new(io::ErrorKind::ConnectionReset, reason.clone()),
+            (ChannelError::Closed(_), None) => {
+                io::Error::new(io::ErrorKind::BrokenPipe, "channel closed for sending")
+            }
+            (e, None) => io::Error::new(io::ErrorKind::NotConnected, e.to_string()),
+        }
+    }
+}
+
+impl AsyncRead for ChannelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut inner = this.shared.lock();
+        if inner.epoch() != this.epoch {
+            return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
+        }
+        match inner.session.recv(this.id, buf.initialize_unfilled()) {
+            Ok(Recv::Data(n)) => {
+                buf.advance(n);
+                inner.kick();
+                Poll::Ready(Ok(()))
+            }
+            Ok(Recv::Eof) => Poll::Ready(Ok(())),
+            Ok(Recv::WouldBlock) => {
+                inner.wakers.entry(this.id).or_default().reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => {
+                if inner.ended.contains_key(&this.id) {
+                    Poll::Ready(Err(this.gone(&inner, e)))
+                } else {
+                    Poll::Ready(Ok(())) // Closed cleanly in both directions: EOF.
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ChannelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut inner = this.shared.lock();
+        if inner.epoch() != this.epoch {
+            return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
+        }
+        match inner.session.send(this.id, data) {
+            Ok(0) if !data.is_empty() => {
+                inner.wakers.entry(this.id).or_default().writer = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) => {
+                inner.kick();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(this.gone(&inner, e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Data is queued in the session and sent (and retransmitted) by the link tasks.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut inner = this.shared.lock();
+        if inner.epoch() == this.epoch {
+            let _ = inner.session.close(this.id);
+            inner.kick();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ChannelStream {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.wakers.remove(&self.id);
+        inner.ended.remove(&self.id);
+        if inner.epoch() != self.epoch || !inner.session.has_channel(self.id) {
+            return;
+        }
+        let _ = inner.session.close(self.id);
+        inner.detached.insert(self.id);
+        inner.discard(self.id);
+        inner.kick();
+    }
+}
+
+/// Status of one session, as shown by `vstreamctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MuxStatus {
+    /// Peer's name.
+    pub peer: Option<String>,
+    /// Link data is sent on.
+    pub active_link: Option<u32>,
+    /// Links.
+    pub links: Vec<LinkStatus>,
+    /// Open channels.
+    pub channels: Vec<ChannelStatus>,
+    /// Counters.
+    pub stats: SessionCounters,
+}
+
+/// Status of one link.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    /// Link id.
+    pub id: u32,
+    /// Transport description.
+    pub transport: String,
+    /// Handshake done and alive.
+    pub up: bool,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    /// Bytes read.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+    /// Frames decoded.
+    pub frames_in: u64,
+    /// CRC failures.
+    pub crc_errors: u64,
+    /// Bytes skipped while resynchronising.
+    pub garbage_bytes: u64,
+    /// Frames above the size limit.
+    pub oversized: u64,
+}
+
+/// Status of one channel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelStatus {
+    /// Channel id.
+    pub id: u32,
+    /// Device class.
+    pub class: String,
+    /// Name.
+    pub name: String,
+    /// Opened by this side.
+    pub local: bool,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Received, not yet read.
+    pub rx_buffered: usize,
+    /// Queued, not yet sent.
+    pub tx_buffered: usize,
+}
+
+/// Session counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionCounters {
+    /// Frames sent once.
+    pub frames_sent: u64,
+    /// Frames accepted.
+    pub frames_received: u64,
+    /// Frames sent again.
+    pub frames_retransmitted: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Frames after a gap dropped.
+    pub out_of_order: u64,
+    /// Peer protocol violations.
+    pub protocol_errors: u64,
+    /// Channels reset on errors.
+    pub channel_resets: u64,
+    /// Peer restarts.
+    pub session_restarts: u64,
+    /// Retransmission timeouts.
+    pub timeouts: u64,
+}
