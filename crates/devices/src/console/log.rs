@@ -1,0 +1,88 @@
+//! A size-capped log file with rotation (`NAME.log`, `NAME.log.1` ... `NAME.log.KEEP`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Appends bytes to a file and rotates it when it would grow past `max_bytes`.
+#[derive(Debug)]
+pub struct RotatingLog {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    file: File,
+    size: u64,
+}
+
+impl RotatingLog {
+    /// Opens (appending) or creates the log, making its directory if needed.
+    pub fn open(path: &Path, max_bytes: u64, keep: usize) -> io::Result<RotatingLog> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingLog {
+            path: path.to_owned(),
+            max_bytes: max_bytes.max(1024),
+            keep,
+            file,
+            size,
+        })
+    }
+
+    /// Appends `data`, rotating first if it would not fit.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        p.into()
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.keep == 0 {
+            self.file = File::create(&self.path)?;
+        } else {
+            let _ = fs::remove_file(self.rotated(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = fs::rename(self.rotated(n), self.rotated(n + 1));
+            }
+            fs::rename(&self.path, self.rotated(1))?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_and_keeps_a_bounded_number_of_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.log");
+        let mut log = RotatingLog::open(&path, 1024, 2).expect("open");
+        for i in 0..10u8 {
+            log.write(&[b'a' + i; 600]).expect("write");
+        }
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).ok();
+        assert_eq!(size(&path), Some(600));
+        assert_eq!(fs::read(&path).expect("read")[0], b'j');
+        assert_eq!(fs::read(dir.path().join("c.log.1")).expect("read")[0], b'i');
+        assert_eq!(fs::read(dir.path().join("c.log.2")).expect("read")[0], b'h');
+        assert_eq!(size(&dir.path().join("c.log.3")), None);
+    }
+}

@@ -1,0 +1,373 @@
+//! Device: console. The host half captures a guest's raw console stream (the chardev of a
+//! virtconsole/hvc0 or of a 16550 ttyS0) into a rotated log and an in-memory tail, and lets
+//! viewers attach: every viewer sees the output, one at a time may type.
+//!
+//! The guest half is the guest kernel's own console driver: nothing of ours runs in the guest,
+//! so a console works even when the agent does not.
+
+mod log;
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+use vstream_transport::{Address, Endpoint};
+
+pub use self::log::RotatingLog;
+
+/// Bytes of recent output kept in memory for `--tail`.
+const TAIL_BYTES: usize = 256 * 1024;
+
+/// How a console is set up (from vstreamd's config).
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    /// Console name within the guest ("hvc0", "ttyS0").
+    pub name: String,
+    /// Where the raw stream is (usually `unix:` to a QEMU chardev socket).
+    pub address: Address,
+    /// Log file.
+    pub log: PathBuf,
+    /// Rotate when the log would grow past this.
+    pub log_max_bytes: u64,
+    /// Rotated files kept.
+    pub log_keep: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    connected: bool,
+    since: SystemTime,
+    peer: String,
+    bytes_in: u64,
+    bytes_out: u64,
+    errors: u64,
+    last_error: Option<String>,
+    tail: VecDeque<u8>,
+    writer: Option<u64>,
+    next_viewer: u64,
+    viewers: usize,
+}
+
+/// A captured console.
+#[derive(Debug)]
+pub struct Console {
+    settings: ConsoleSettings,
+    state: Mutex<State>,
+    output: broadcast::Sender<Bytes>,
+    input: mpsc::Sender<Bytes>,
+}
+
+/// What `vstreamctl status` shows of a console.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleStatus {
+    /// Console name.
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// "up" or "down".
+    pub state: &'static str,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    /// Who is connected.
+    pub peer: String,
+    /// Bytes received from the guest.
+    pub bytes_in: u64,
+    /// Bytes typed into the guest.
+    pub bytes_out: u64,
+    /// Connection errors so far.
+    pub errors: u64,
+    /// The last one.
+    pub last_error: Option<String>,
+    /// Log file.
+    pub log: String,
+    /// Attached viewers.
+    pub viewers: usize,
+}
+
+impl Console {
+    /// Opens the log and starts capturing (reconnecting forever with backoff).
+    pub fn start(settings: ConsoleSettings) -> io::Result<Arc<Console>> {
+        let log = RotatingLog::open(&settings.log, settings.log_max_bytes, settings.log_keep)?;
+        let (output, _) = broadcast::channel(1024);
+        let (input, input_rx) = mpsc::channel(64);
+        let console = Arc::new(Console {
+            settings,
+            state: Mutex::new(State {
+                connected: false,
+                since: SystemTime::now(),
+                peer: String::new(),
+                bytes_in: 0,
+                bytes_out: 0,
+                errors: 0,
+                last_error: None,
+                tail: VecDeque::new(),
+                writer: None,
+                next_viewer: 0,
+                viewers: 0,
+            }),
+            output,
+            input,
+        });
+        tokio::spawn(capture(console.clone(), log, input_rx));
+        Ok(console)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The console's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The last `lines` lines of output (from memory; the log file has more).
+    pub fn tail(&self, lines: usize) -> Vec<u8> {
+        let st = self.lock();
+        let (a, b) = st.tail.as_slices();
+        let all: Vec<u8> = [a, b].concat();
+        let mut seen = 0;
+        let mut start = 0;
+        // Count newlines from the end; a trailing partial line counts as one.
+        for (i, c) in all.iter().enumerate().rev() {
+            if *c == b'\n' && i + 1 != all.len() {
+                seen += 1;
+                if seen == lines {
+                    start = i + 1;
+                    break;
+                }
+            }
+        }
+        if lines == 0 {
+            return Vec::new();
+        }
+        all[start..].to_vec()
+    }
+
+    /// Attaches a viewer. It becomes the writer if it asks to and nobody else is.
+    pub fn attach(self: &Arc<Self>, want_write: bool) -> Viewer {
+        let mut st = self.lock();
+        let id = st.next_viewer;
+        st.next_viewer += 1;
+        st.viewers += 1;
+        let writer = want_write && st.writer.is_none();
+        if writer {
+            st.writer = Some(id);
+        }
+        Viewer {
+            console: self.clone(),
+            id,
+            writer,
+            output: self.output.subscribe(),
+        }
+    }
+
+    /// Status for `vstreamctl status`.
+    pub fn status(&self) -> ConsoleStatus {
+        let st = self.lock();
+        ConsoleStatus {
+            name: self.settings.name.clone(),
+            address: self.settings.address.to_string(),
+            state: if st.connected { "up" } else { "down" },
+            since: st
+                .since
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            peer: st.peer.clone(),
+            bytes_in: st.bytes_in,
+            bytes_out: st.bytes_out,
+            errors: st.errors,
+            last_error: st.last_error.clone(),
+            log: self.settings.log.display().to_string(),
+            viewers: st.viewers,
+        }
+    }
+
+    fn set_connected(&self, connected: bool, peer: &str) {
+        let mut st = self.lock();
+        st.connected = connected;
+        st.since = SystemTime::now();
+        st.peer = peer.to_owned();
+    }
+
+    fn record_error(&self, e: &io::Error) {
+        let mut st = self.lock();
+        st.errors += 1;
+        st.last_error = Some(e.to_string());
+    }
+}
+
+/// An attached viewer: receives all output; may type if it holds the writer role.
+#[derive(Debug)]
+pub struct Viewer {
+    console: Arc<Console>,
+    id: u64,
+    writer: bool,
+    output: broadcast::Receiver<Bytes>,
+}
+
+impl Viewer {
+    /// Whether this viewer may type.
+    pub fn is_writer(&self) -> bool {
+        self.writer
+    }
+
+    /// Next output chunk; `Ok(None)` if this viewer fell behind and output was skipped.
+    pub async fn next_output(&mut self) -> Result<Option<Bytes>, broadcast::error::RecvError> {
+        match self.output.recv().await {
+            Ok(b) => Ok(Some(b)),
+            Err(broadcast::error::RecvError::Lagged(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Types `data` into the guest console. Fails for read-only viewers.
+    pub async fn type_bytes(&self, data: Bytes) -> io::Result<()> {
+        if !self.writer {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "another viewer holds the console's input",
+            ));
+        }
+        self.console
+            .input
+            .send(data)
+            .await
+            .map_err(|_| io::Error::other("console capture stopped"))
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        let mut st = self.console.lock();
+        st.viewers = st.viewers.saturating_sub(1);
+        if st.writer == Some(self.id) {
+            st.writer = None;
+        }
+    }
+}
+
+async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::Receiver<Bytes>) {
+    let address = console.settings.address.clone();
+    let mut backoff = Duration::from_millis(100);
+    let mut endpoint = loop {
+        match Endpoint::bind(address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                console.record_error(&e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    loop {
+        let conn = match endpoint.next().await {
+            Ok(c) => c,
+            Err(e) => {
+                console.record_error(&e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        tracing::info!(console = %console.settings.name, peer = %conn.peer, "console connected");
+        console.set_connected(true, &conn.peer);
+        let (mut r, mut w) = tokio::io::split(conn.stream);
+        let mut buf = vec![0u8; 16 * 1024];
+        let why = loop {
+            tokio::select! {
+                n = r.read(&mut buf) => match n {
+                    Ok(0) => break "closed".to_owned(),
+                    Ok(n) => {
+                        let data = &buf[..n];
+                        if let Err(e) = log.write(data) {
+                            tracing::warn!(console = %console.settings.name, "log write failed: {e}");
+                        }
+                        {
+                            let mut st = console.lock();
+                            st.bytes_in += n as u64;
+                            st.tail.extend(data);
+                            let excess = st.tail.len().saturating_sub(TAIL_BYTES);
+                            st.tail.drain(..excess);
+                        }
+                        let _ = console.output.send(Bytes::copy_from_slice(data));
+                    }
+                    Err(e) => break e.to_string(),
+                },
+                typed = input.recv() => match typed {
+                    Some(data) => {
+                        if let Err(e) = w.write_all(&data).await {
+                            break e.to_string();
+                        }
+                        console.lock().bytes_out += data.len() as u64;
+                    }
+                    None => return,
+                },
+            }
+        };
+        tracing::info!(console = %console.settings.name, "console disconnected: {why}");
+        console.set_connected(false, "");
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    #[tokio::test]
+    async fn captures_logs_and_round_trips_typed_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("con.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let console = Console::start(ConsoleSettings {
+            name: "hvc0".into(),
+            address: format!("unix:{}", sock.display()).parse().expect("address"),
+            log: dir.path().join("hvc0.log"),
+            log_max_bytes: 1 << 20,
+            log_keep: 2,
+        })
+        .expect("start");
+        let (mut guest, _) = listener.accept().await.expect("accept");
+        let mut writer = console.attach(true);
+        let reader = console.attach(true);
+        assert!(
+            writer.is_writer() && !reader.is_writer(),
+            "one writer at a time"
+        );
+        guest
+            .write_all(b"Linux version 6.1\nlogin: ")
+            .await
+            .expect("write");
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"login: ") {
+            if let Ok(Some(b)) = writer.next_output().await {
+                seen.extend_from_slice(&b);
+            }
+        }
+        writer
+            .type_bytes(Bytes::from_static(b"root\n"))
+            .await
+            .expect("type");
+        let mut typed = [0u8; 5];
+        guest.read_exact(&mut typed).await.expect("read");
+        assert_eq!(&typed, b"root\n");
+        assert!(reader.type_bytes(Bytes::from_static(b"x")).await.is_err());
+        assert_eq!(console.tail(1), b"login: ");
+        assert_eq!(console.tail(5), b"Linux version 6.1\nlogin: ");
+        let log = std::fs::read(dir.path().join("hvc0.log")).expect("log");
+        assert_eq!(log, b"Linux version 6.1\nlogin: ");
+        drop(writer);
+        assert!(
+            console.attach(true).is_writer(),
+            "the writer role is released on detach"
+        );
+    }
+}

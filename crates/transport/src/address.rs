@@ -1,0 +1,657 @@
+//! The address syntax: one string form for every transport, on the host and in the guest.
+//!
+//! `Address::from_str` parses it and `Display` prints it back; printing then parsing gives the
+//! same `Address` (for addresses that were parsed from a string, or built with UTF-8 paths and a
+//! serial device name without a comma).
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Every address form, for error messages.
+pub const SYNTAX: &str = "unix:PATH, unix-listen:PATH, tcp:HOST:PORT, tcp-listen:HOST:PORT, \
+vsock:CID:PORT, vsock-listen:PORT, hvsock:PATH:PORT, serial:DEVICE[,baud=N][,rtscts], port:NAME, \
+fd:N or stdio";
+
+/// The baud rate a serial line gets when its address names none.
+pub const DEFAULT_BAUD: u32 = 115_200;
+
+/// Where a byte stream comes from: a socket to connect to or listen on, a device, or a descriptor.
+///
+/// | form | meaning |
+/// | --- | --- |
+/// | `unix:PATH` | connect to the Unix stream socket at PATH |
+/// | `unix-listen:PATH` | listen on a Unix socket at PATH (a stale socket file is replaced) |
+/// | `tcp:HOST:PORT` | connect over TCP; HOST may be a name, an IPv4 address or `[IPv6]` |
+/// | `tcp-listen:HOST:PORT` | listen on TCP; port 0 picks a free port |
+/// | `vsock:CID:PORT` | connect over AF_VSOCK (CID 2 is the host, 1 this machine) |
+/// | `vsock-listen:PORT` | listen on AF_VSOCK on every CID |
+/// | `hvsock:PATH:PORT` | Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket PATH, guest port PORT |
+/// | `serial:DEVICE[,baud=N][,rtscts]` | a serial line in raw 8N1 mode, 115200 baud unless told |
+/// | `port:NAME` | the virtio-serial port named NAME (guest side) |
+/// | `fd:N` | descriptor N, inherited from the parent (socket, tty, pipe) |
+/// | `stdio` | standard input and output as one stream |
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// `unix:PATH`: connect to a Unix stream socket.
+    Unix(PathBuf),
+    /// `unix-listen:PATH`: bind a Unix stream socket and accept connections on it.
+    UnixListen(PathBuf),
+    /// `tcp:HOST:PORT`: connect over TCP. `host` is kept without IPv6 brackets.
+    Tcp {
+        /// Host name or IP address (an IPv6 literal without its brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// `tcp-listen:HOST:PORT`: bind a TCP socket and accept connections on it.
+    TcpListen {
+        /// Address to bind (an IPv6 literal without its brackets), e.g. `127.0.0.1` or `::`.
+        host: String,
+        /// TCP port; 0 lets the kernel choose, and the endpoint's address then shows the choice.
+        port: u16,
+    },
+    /// `vsock:CID:PORT`: connect over AF_VSOCK.
+    Vsock {
+        /// Context id of the peer: 2 is the host, 1 this machine (loopback), 3 and up guests.
+        cid: u32,
+        /// vsock port.
+        port: u32,
+    },
+    /// `vsock-listen:PORT`: listen on AF_VSOCK on any CID.
+    VsockListen {
+        /// vsock port.
+        port: u32,
+    },
+    /// `hvsock:PATH:PORT`: hybrid vsock through the VMM's Unix socket at `path`, to guest port `port`.
+    HybridVsock {
+        /// The VMM's Unix socket (Firecracker `uds_path`, Cloud Hypervisor `socket=`).
+        path: PathBuf,
+        /// The vsock port the guest listens on.
+        port: u32,
+    },
+    /// `serial:DEVICE[,baud=N][,rtscts]`: a serial line.
+    Serial(SerialConfig),
+    /// `port:NAME`: a virtio-serial port, found by its name.
+    Port(String),
+    /// `fd:N`: an inherited descriptor. The endpoint takes ownership of it: nothing else in the
+    /// process may use or close descriptor N afterwards.
+    Fd(RawFd),
+    /// `stdio`: standard input for reading and standard output for writing.
+    Stdio,
+}
+
+/// How to open and set up a serial line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SerialConfig {
+    /// The tty device, e.g. `/dev/ttyS1` or `/dev/ttyUSB0`. It cannot contain a comma.
+    pub device: PathBuf,
+    /// Line speed in baud ([`DEFAULT_BAUD`] unless the address says `baud=N`).
+    pub baud: u32,
+    /// Hardware (RTS/CTS) flow control.
+    pub rtscts: bool,
+}
+
+impl SerialConfig {
+    /// A line on `device` at [`DEFAULT_BAUD`], without hardware flow control.
+    pub fn new(device: impl Into<PathBuf>) -> Self {
+        SerialConfig {
+            device: device.into(),
+            baud: DEFAULT_BAUD,
+            rtscts: false,
+        }
+    }
+}
+
+/// Why a string is not an [`Address`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// The string was empty.
+    #[error("empty transport address; expected one of: {SYNTAX}")]
+    Empty,
+    /// The part before the first `:` names no transport.
+    #[error("unknown transport {kind:?} in address {input:?}; expected one of: {SYNTAX}")]
+    UnknownKind {
+        /// The whole input.
+        input: String,
+        /// The part that names no transport.
+        kind: String,
+    },
+    /// The transport is known but the rest does not fit its syntax.
+    #[error("bad address {input:?}: {problem}; expected {expected}")]
+    Invalid {
+        /// The whole input.
+        input: String,
+        /// What is wrong with it.
+        problem: String,
+        /// The syntax this transport expects.
+        expected: &'static str,
+    },
+}
+
+impl Address {
+    /// True for the forms that wait for peers to connect (`unix-listen`, `tcp-listen`,
+    /// `vsock-listen`); false for those that connect out or open a device or descriptor.
+    pub fn is_listener(&self) -> bool {
+        matches!(
+            self,
+            Address::UnixListen(_) | Address::TcpListen { .. } | Address::VsockListen { .. }
+        )
+    }
+}
+
+/// The syntax of each form, shown when the rest of an address does not fit.
+mod expect {
+    pub const UNIX: &str = "unix:PATH";
+    pub const UNIX_LISTEN: &str = "unix-listen:PATH";
+    pub const TCP: &str = "tcp:HOST:PORT (HOST a name, an IPv4 address or [IPv6], PORT 0-65535)";
+    pub const TCP_LISTEN: &str =
+        "tcp-listen:HOST:PORT (HOST a name, an IPv4 address or [IPv6], PORT 0-65535)";
+    pub const VSOCK: &str = "vsock:CID:PORT (both decimal 32-bit numbers)";
+    pub const VSOCK_LISTEN: &str = "vsock-listen:PORT (a decimal 32-bit number)";
+    pub const HVSOCK: &str = "hvsock:PATH:PORT (PORT a decimal 32-bit number)";
+    pub const SERIAL: &str = "serial:DEVICE[,baud=N][,rtscts]";
+    pub const PORT: &str = "port:NAME (a virtio-serial port name, without '/')";
+    pub const FD: &str = "fd:N (a descriptor number, 0 or more)";
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if input.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        if input == "stdio" {
+            return Ok(Address::Stdio);
+        }
+        let invalid = |problem: String, expected: &'static str| AddressError::Invalid {
+            input: input.to_owned(),
+            problem,
+            expected,
+        };
+        let Some((kind, rest)) = input.split_once(':') else {
+            return Err(AddressError::UnknownKind {
+                input: input.to_owned(),
+                kind: input.to_owned(),
+            });
+        };
+        let path = |expected: &'static str| {
+            if rest.is_empty() {
+                Err(invalid("the path is empty".into(), expected))
+            } else {
+                Ok(PathBuf::from(rest))
+            }
+        };
+        match kind {
+            "unix" => path(expect::UNIX).map(Address::Unix),
+            "unix-listen" => path(expect::UNIX_LISTEN).map(Address::UnixListen),
+            "tcp" => {
+                let (host, port) =
+                    parse_host_port(rest).map_err(|problem| invalid(problem, expect::TCP))?;
+                Ok(Address::Tcp { host, port })
+            }
+            "tcp-listen" => {
+                let (host, port) = parse_host_port(rest)
+                    .map_err(|problem| invalid(problem, expect::TCP_LISTEN))?;
+                Ok(Address::TcpListen { host, port })
+            }
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(|| {
+                    invalid("missing ':' between CID and PORT".into(), expect::VSOCK)
+                })?;
+                let cid = parse_number(cid, "CID").map_err(|p| invalid(p, expect::VSOCK))?;
+                let port = parse_number(port, "PORT").map_err(|p| invalid(p, expect::VSOCK))?;
+                Ok(Address::Vsock { cid, port })
+            }
+            "vsock-listen" => {
+                let port =
+                    parse_number(rest, "PORT").map_err(|p| invalid(p, expect::VSOCK_LISTEN))?;
+                Ok(Address::VsockListen { port })
+            }
+            "hvsock" => {
+                let (path, port) = rest.rsplit_once(':').ok_or_else(|| {
+                    invalid("missing ':PORT' after the path".into(), expect::HVSOCK)
+                })?;
+                if path.is_empty() {
+                    return Err(invalid("the path is empty".into(), expect::HVSOCK));
+                }
+                let port = parse_number(port, "PORT").map_err(|p| invalid(p, expect::HVSOCK))?;
+                Ok(Address::HybridVsock {
+                    path: PathBuf::from(path),
+                    port,
+                })
+            }
+            "serial" => parse_serial(rest)
+                .map(Address::Serial)
+                .map_err(|p| invalid(p, expect::SERIAL)),
+            "port" => {
+                if rest.is_empty() {
+                    Err(invalid("the port name is empty".into(), expect::PORT))
+                } else if rest.contains('/') || rest == "." || rest == ".." {
+                    Err(invalid(
+                        format!("{rest:?} is not a port name (it would name another file)"),
+                        expect::PORT,
+                    ))
+                } else {
+                    Ok(Address::Port(rest.to_owned()))
+                }
+            }
+            "fd" => {
+                let fd: RawFd = parse_number(rest, "N").map_err(|p| invalid(p, expect::FD))?;
+                Ok(Address::Fd(fd))
+            }
+            _ => Err(AddressError::UnknownKind {
+                input: input.to_owned(),
+                kind: kind.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Parses a decimal number made of ASCII digits only (no sign, no spaces).
+fn parse_number<T: FromStr>(text: &str, what: &str) -> Result<T, String> {
+    if text.is_empty() {
+        return Err(format!("{what} is missing"));
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{what} {text:?} is not a decimal number"));
+    }
+    text.parse()
+        .map_err(|_| format!("{what} {text} is out of range"))
+}
+
+/// Parses `HOST:PORT` where HOST is a name, an IPv4 address or a bracketed IPv6 literal.
+/// The host is returned without brackets.
+fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| "'[' without a closing ']'".to_owned())?;
+        if !host.contains(':') {
+            return Err(format!("[{host}] is not an IPv6 address"));
+        }
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| format!("missing ':PORT' after [{host}]"))?;
+        (host, port)
+    } else {
+        let (host, port) = text
+            .split_once(':')
+            .ok_or_else(|| "missing ':PORT'".to_owned())?;
+        if port.contains(':') {
+            return Err("too many ':' (write an IPv6 address in brackets, e.g. [::1]:5555)".into());
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err("the host is empty (use 0.0.0.0 or [::] for every address)".into());
+    }
+    let port = parse_number(port, "PORT")?;
+    Ok((host.to_owned(), port))
+}
+
+/// Parses `DEVICE[,baud=N][,rtscts]`.
+fn parse_serial(text: &str) -> Result<SerialConfig, String> {
+    let mut parts = text.split(',');
+    let device = parts.next().unwrap_or_default();
+    if device.is_empty() {
+        return Err("the device is empty".into());
+    }
+    let mut config = SerialConfig::new(device);
+    let (mut saw_baud, mut saw_rtscts) = (false, false);
+    for option in parts {
+        if let Some(value) = option.strip_prefix("baud=") {
+            if saw_baud {
+                return Err("baud given twice".into());
+            }
+            saw_baud = true;
+            config.baud = parse_number(value, "baud")?;
+            if config.baud == 0 {
+                return Err("baud must be more than 0".into());
+            }
+        } else if option == "rtscts" {
+            if saw_rtscts {
+                return Err("rtscts given twice".into());
+            }
+            saw_rtscts = true;
+            config.rtscts = true;
+        } else {
+            return Err(format!(
+                "unknown serial option {option:?} (the options are baud=N and rtscts)"
+            ));
+        }
+    }
+    Ok(config)
+}
+
+/// Writes `host:port`, bracketing an IPv6 literal.
+fn fmt_host_port(f: &mut fmt::Formatter<'_>, host: &str, port: u16) -> fmt::Result {
+    if host.contains(':') {
+        write!(f, "[{host}]:{port}")
+    } else {
+        write!(f, "{host}:{port}")
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+            Address::UnixListen(path) => write!(f, "unix-listen:{}", path.display()),
+            Address::Tcp { host, port } => {
+                f.write_str("tcp:")?;
+                fmt_host_port(f, host, *port)
+            }
+            Address::TcpListen { host, port } => {
+                f.write_str("tcp-listen:")?;
+                fmt_host_port(f, host, *port)
+            }
+            Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Address::VsockListen { port } => write!(f, "vsock-listen:{port}"),
+            Address::HybridVsock { path, port } => write!(f, "hvsock:{}:{port}", path.display()),
+            Address::Serial(config) => {
+                write!(f, "serial:{}", config.device.display())?;
+                if config.baud != DEFAULT_BAUD {
+                    write!(f, ",baud={}", config.baud)?;
+                }
+                if config.rtscts {
+                    f.write_str(",rtscts")?;
+                }
+                Ok(())
+            }
+            Address::Port(name) => write!(f, "port:{name}"),
+            Address::Fd(fd) => write!(f, "fd:{fd}"),
+            Address::Stdio => f.write_str("stdio"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Address {
+        match text.parse() {
+            Ok(address) => address,
+            Err(e) => panic!("{text:?} should parse: {e}"),
+        }
+    }
+
+    fn parse_err(text: &str) -> AddressError {
+        match text.parse::<Address>() {
+            Ok(address) => panic!("{text:?} should not parse, got {address:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parses_every_form() {
+        let cases: Vec<(&str, Address)> = vec![
+            (
+                "unix:/run/vstream.sock",
+                Address::Unix("/run/vstream.sock".into()),
+            ),
+            (
+                "unix:relative/x:y.sock",
+                Address::Unix("relative/x:y.sock".into()),
+            ),
+            (
+                "unix-listen:/tmp/a b",
+                Address::UnixListen("/tmp/a b".into()),
+            ),
+            (
+                "tcp:127.0.0.1:5555",
+                Address::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 5555,
+                },
+            ),
+            (
+                "tcp:example.org:0",
+                Address::Tcp {
+                    host: "example.org".into(),
+                    port: 0,
+                },
+            ),
+            (
+                "tcp:[::1]:65535",
+                Address::Tcp {
+                    host: "::1".into(),
+                    port: 65535,
+                },
+            ),
+            (
+                "tcp-listen:0.0.0.0:7000",
+                Address::TcpListen {
+                    host: "0.0.0.0".into(),
+                    port: 7000,
+                },
+            ),
+            (
+                "tcp-listen:[::]:7000",
+                Address::TcpListen {
+                    host: "::".into(),
+                    port: 7000,
+                },
+            ),
+            ("vsock:3:1234", Address::Vsock { cid: 3, port: 1234 }),
+            (
+                "vsock:4294967295:1",
+                Address::Vsock {
+                    cid: u32::MAX,
+                    port: 1,
+                },
+            ),
+            ("vsock-listen:1234", Address::VsockListen { port: 1234 }),
+            (
+                "hvsock:/run/fc/v.sock:52",
+                Address::HybridVsock {
+                    path: "/run/fc/v.sock".into(),
+                    port: 52,
+                },
+            ),
+            (
+                "hvsock:/odd:path/v.sock:52",
+                Address::HybridVsock {
+                    path: "/odd:path/v.sock".into(),
+                    port: 52,
+                },
+            ),
+            (
+                "serial:/dev/ttyS1",
+                Address::Serial(SerialConfig::new("/dev/ttyS1")),
+            ),
+            (
+                "serial:/dev/ttyUSB0,baud=9600",
+                Address::Serial(SerialConfig {
+                    device: "/dev/ttyUSB0".into(),
+                    baud: 9600,
+                    rtscts: false,
+                }),
+            ),
+            (
+                "serial:/dev/ttyUSB0,rtscts,baud=3000000",
+                Address::Serial(SerialConfig {
+                    device: "/dev/ttyUSB0".into(),
+                    baud: 3_000_000,
+                    rtscts: true,
+                }),
+            ),
+            ("port:org.vstream.0", Address::Port("org.vstream.0".into())),
+            ("fd:0", Address::Fd(0)),
+            ("fd:17", Address::Fd(17)),
+            ("stdio", Address::Stdio),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse(text), expected, "parsing {text:?}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let canonical = [
+            "unix:/run/vstream.sock",
+            "unix-listen:/tmp/a b",
+            "tcp:127.0.0.1:5555",
+            "tcp:[::1]:5555",
+            "tcp:[fe80::1%eth0]:22",
+            "tcp-listen:[::]:0",
+            "tcp-listen:localhost:80",
+            "vsock:2:1024",
+            "vsock-listen:4294967295",
+            "hvsock:/odd:path/v.sock:52",
+            "serial:/dev/ttyS1",
+            "serial:/dev/ttyS1,baud=9600",
+            "serial:/dev/ttyS1,rtscts",
+            "serial:/dev/ttyS1,baud=921600,rtscts",
+            "port:org.qemu.guest_agent.0",
+            "fd:3",
+            "stdio",
+        ];
+        for text in canonical {
+            let address = parse(text);
+            assert_eq!(address.to_string(), text, "display of {address:?}");
+            assert_eq!(parse(&address.to_string()), address);
+        }
+        // Non-canonical spellings print canonically and still mean the same thing.
+        let serial = parse("serial:/dev/ttyS1,rtscts,baud=115200");
+        assert_eq!(serial.to_string(), "serial:/dev/ttyS1,rtscts");
+        assert_eq!(parse(&serial.to_string()), serial);
+        // Built by hand, with the host unbracketed as the enum keeps it.
+        let built = Address::TcpListen {
+            host: "::1".into(),
+            port: 9,
+        };
+        assert_eq!(built.to_string(), "tcp-listen:[::1]:9");
+        assert_eq!(parse(&built.to_string()), built);
+    }
+
+    #[test]
+    fn listeners_are_the_listen_forms() {
+        let listeners = ["unix-listen:/x", "tcp-listen:[::]:1", "vsock-listen:1"];
+        let others = [
+            "unix:/x",
+            "tcp:a:1",
+            "vsock:2:1",
+            "hvsock:/x:1",
+            "serial:/dev/ttyS0",
+            "port:p",
+            "fd:3",
+            "stdio",
+        ];
+        for text in listeners {
+            assert!(parse(text).is_listener(), "{text}");
+        }
+        for text in others {
+            assert!(!parse(text).is_listener(), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_inputs_name_the_input_and_the_syntax() {
+        // (input, a piece of the problem, a piece of the expected syntax)
+        let cases = [
+            ("unix:", "path is empty", "unix:PATH"),
+            ("unix-listen:", "path is empty", "unix-listen:PATH"),
+            ("tcp:localhost", "missing ':PORT'", "tcp:HOST:PORT"),
+            ("tcp::80", "host is empty", "tcp:HOST:PORT"),
+            ("tcp:host:", "PORT is missing", "tcp:HOST:PORT"),
+            ("tcp:host:http", "not a decimal number", "tcp:HOST:PORT"),
+            ("tcp:host:+80", "not a decimal number", "tcp:HOST:PORT"),
+            ("tcp:host:65536", "out of range", "tcp:HOST:PORT"),
+            ("tcp:::1:80", "too many ':'", "[IPv6]"),
+            ("tcp:[::1:80", "without a closing ']'", "tcp:HOST:PORT"),
+            ("tcp:[::1]80", "missing ':PORT'", "tcp:HOST:PORT"),
+            ("tcp:[host]:80", "not an IPv6 address", "tcp:HOST:PORT"),
+            (
+                "tcp-listen:0.0.0.0",
+                "missing ':PORT'",
+                "tcp-listen:HOST:PORT",
+            ),
+            ("vsock:3", "missing ':'", "vsock:CID:PORT"),
+            ("vsock:-1:5", "not a decimal number", "vsock:CID:PORT"),
+            ("vsock:3:4294967296", "out of range", "vsock:CID:PORT"),
+            ("vsock-listen:", "PORT is missing", "vsock-listen:PORT"),
+            (
+                "vsock-listen:x",
+                "not a decimal number",
+                "vsock-listen:PORT",
+            ),
+            ("hvsock:/run/v.sock", "missing ':PORT'", "hvsock:PATH:PORT"),
+            ("hvsock:/run/v.sock:", "PORT is missing", "hvsock:PATH:PORT"),
+            ("hvsock::52", "path is empty", "hvsock:PATH:PORT"),
+            ("hvsock:52", "missing ':PORT'", "hvsock:PATH:PORT"),
+            ("serial:", "device is empty", "serial:DEVICE"),
+            ("serial:,baud=9600", "device is empty", "serial:DEVICE"),
+            (
+                "serial:/dev/ttyS0,baud=fast",
+                "not a decimal number",
+                "serial:DEVICE",
+            ),
+            ("serial:/dev/ttyS0,baud=0", "more than 0", "serial:DEVICE"),
+            (
+                "serial:/dev/ttyS0,baud=1,baud=2",
+                "baud given twice",
+                "serial:DEVICE",
+            ),
+            (
+                "serial:/dev/ttyS0,rtscts,rtscts",
+                "rtscts given twice",
+                "serial:DEVICE",
+            ),
+            (
+                "serial:/dev/ttyS0,parity=even",
+                "unknown serial option",
+                "[,baud=N][,rtscts]",
+            ),
+            (
+                "serial:/dev/ttyS0,",
+                "unknown serial option \"\"",
+                "serial:DEVICE",
+            ),
+            ("port:", "name is empty", "port:NAME"),
+            ("port:../../etc/passwd", "not a port name", "port:NAME"),
+            ("port:..", "not a port name", "port:NAME"),
+            ("fd:", "N is missing", "fd:N"),
+            ("fd:-1", "not a decimal number", "fd:N"),
+            ("fd:99999999999", "out of range", "fd:N"),
+        ];
+        for (input, problem, expected) in cases {
+            let error = parse_err(input);
+            let message = error.to_string();
+            assert!(
+                matches!(error, AddressError::Invalid { .. }),
+                "{input:?} gave {error:?}"
+            );
+            assert!(message.contains(&format!("{input:?}")), "{message}");
+            assert!(message.contains(problem), "{input:?}: {message}");
+            assert!(message.contains(expected), "{input:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_empty_inputs_list_every_form() {
+        assert_eq!(parse_err(""), AddressError::Empty);
+        assert!(parse_err("").to_string().contains(SYNTAX));
+        for (input, kind) in [
+            ("udp:1.2.3.4:5", "udp"),
+            ("/dev/ttyS0", "/dev/ttyS0"),
+            ("Unix:/x", "Unix"),
+            ("stdio:", "stdio"),
+        ] {
+            let error = parse_err(input);
+            assert_eq!(
+                error,
+                AddressError::UnknownKind {
+                    input: input.into(),
+                    kind: kind.into()
+                }
+            );
+            let message = error.to_string();
+            assert!(message.contains(&format!("{input:?}")), "{message}");
+            assert!(message.contains(SYNTAX), "{message}");
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Streams over plain descriptors: the `fd:N` and `stdio` transports, and [`FdStream`], the async
+//! stream that serial lines and virtio-serial ports use as well.
+//!
+//! [`FdStream`] drives a nonblocking descriptor through tokio's [`AsyncFd`] (epoll), so it works for
+//! sockets, ttys, ptys, pipes and FIFOs; it does not work for regular files, which epoll cannot
+//! watch.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use rustix::fs::{fcntl_getfl, fcntl_setfl, fstat, FileType, OFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::address::Address;
+use crate::{with_context, Connection};
+
+/// An async byte stream over one descriptor, or over a pair (one to read, one to write).
+pub(crate) struct FdStream {
+    read: AsyncFd<OwnedFd>,
+    /// The descriptor to write to, when it is not `read`.
+    write: Option<AsyncFd<OwnedFd>>,
+    /// Report `EIO` from read as the end of the stream: a tty whose other side hung up (a closed
+    /// pty master, an unplugged USB serial adapter) fails reads with `EIO`.
+    eio_is_eof: bool,
+    /// Released after `read` and `write` are closed (fields drop in declaration order).
+    _claim: Option<FdClaim>,
+    /// Puts back the flags of descriptors shared with the rest of the process (stdio).
+    _restore: Vec<RestoreFlags>,
+}
+
+impl FdStream {
+    /// Wraps `fd` (made nonblocking here) for reading and writing.
+    pub(crate) fn new(fd: OwnedFd, eio_is_eof: bool) -> io::Result<Self> {
+        Ok(FdStream {
+            read: register(fd)?,
+            write: None,
+            eio_is_eof,
+            _claim: None,
+            _restore: Vec::new(),
+        })
+    }
+}
+
+/// Sets `O_NONBLOCK` on `fd` and registers it with the tokio reactor.
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    set_nonblocking(&fd)?;
+    // SAFETY: an `OwnedFd` is an open descriptor that stays open, and is the same descriptor
+    // from every `as_raw_fd` call, until the `OwnedFd` is dropped, which the `AsyncFd` that owns
+    // it does only when it is dropped itself.
+    let registered = unsafe { AsyncFd::register(fd) };
+    registered.map_err(|e| {
+        let e = io::Error::from(e);
+        if e.raw_os_error() == Some(libc::EPERM) {
+            io::Error::new(
+                e.kind(),
+                format!("epoll cannot watch this descriptor (a regular file or /dev/null?): {e}"),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn set_nonblocking(fd: impl AsFd) -> io::Result<()> {
+    let flags = fcntl_getfl(&fd)?;
+    if !flags.contains(OFlags::NONBLOCK) {
+        fcntl_setfl(&fd, flags | OFlags::NONBLOCK)?;
+    }
+    Ok(())
+}
+
+impl AsyncRead for FdStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            let mut guard = ready!(this.read.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *unfilled)?)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) if this.eio_is_eof && e.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for FdStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let fd = this.write.as_ref().unwrap_or(&this.read);
+        loop {
+            let mut guard = ready!(fd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), data)?)) {
+                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go straight to the kernel; there is nothing buffered here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let fd = this.write.as_ref().unwrap_or(&this.read);
+        // A socket can tell its peer that no more data comes; a tty or pipe cannot, short of
+        // closing, which happens when the stream is dropped.
+        match rustix::net::shutdown(fd.get_ref(), rustix::net::Shutdown::Write) {
+            Err(rustix::io::Errno::NOTSOCK) | Err(rustix::io::Errno::NOTCONN) | Ok(()) => {
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(e.into())),
+        }
+    }
+}
+
+/// Descriptor numbers taken by `fd:N` endpoints and still open.
+static CLAIMED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+
+/// Marks a descriptor number as owned by an `fd:N` endpoint; dropping it releases the number.
+/// Drop it only after the descriptor itself is closed.
+#[derive(Debug)]
+pub(crate) struct FdClaim(RawFd);
+
+impl Drop for FdClaim {
+    fn drop(&mut self) {
+        CLAIMED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.0);
+    }
+}
+
+/// An inherited descriptor taken by an `fd:N` endpoint, until `next()` hands it out.
+#[derive(Debug)]
+pub(crate) struct InheritedFd {
+    /// `None` once handed out. Declared before `claim` so that it closes first.
+    fd: Option<OwnedFd>,
+    claim: Option<FdClaim>,
+}
+
+impl InheritedFd {
+    /// Takes ownership of descriptor `number` for `addr` (an `fd:N` address).
+    ///
+    /// Fails if the descriptor is not open or another `fd:N` endpoint already owns it.
+    pub(crate) fn claim(addr: &Address, number: RawFd) -> io::Result<Self> {
+        if number < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr}: {number} is not a descriptor number"),
+            ));
+        }
+        let mut claimed = CLAIMED.lock().unwrap_or_else(PoisonError::into_inner);
+        if claimed.contains(&number) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{addr}: descriptor {number} is already owned by another fd:{number} endpoint"
+                ),
+            ));
+        }
+        // SAFETY: F_GETFD only reads the calling process's descriptor table; any integer is an
+        // acceptable argument, an unused one just fails with EBADF.
+        if unsafe { libc::fcntl(number, libc::F_GETFD) } == -1 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{addr}: descriptor {number} is not open (was it passed to this process?): {e}"
+                ),
+            ));
+        }
+        claimed.insert(number);
+        // SAFETY: descriptor `number` is open (checked just above). `Address::Fd` documents that
+        // the endpoint takes ownership of it, so nothing else in the process uses or closes it,
+        // and the CLAIMED registry (locked here) guarantees that no other `fd:N` endpoint owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(number) };
+        Ok(InheritedFd {
+            fd: Some(fd),
+            claim: Some(FdClaim(number)),
+        })
+    }
+
+    /// Hands out the descriptor as a connection; only once.
+    pub(crate) fn take(&mut self, addr: &Address) -> io::Result<Connection> {
+        let Some(fd) = self.fd.take() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("{addr}: the inherited descriptor was already used; fd:N gives one connection only"),
+            ));
+        };
+        let peer = format!("{addr} ({})", describe(&fd));
+        let mut stream =
+            FdStream::new(fd, false).map_err(with_context(addr, "cannot use the descriptor"))?;
+        stream._claim = self.claim.take();
+        Ok(Connection {
+            stream: Box::new(stream),
+            peer,
+        })
+    }
+}
+
+/// What kind of file a descriptor is, for people.
+fn describe(fd: impl AsFd) -> &'static str {
+    match fstat(&fd) {
+        Ok(stat) => match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Socket => "socket",
+            FileType::Fifo => "pipe",
+            FileType::CharacterDevice if rustix::termios::isatty(&fd) => "tty",
+            FileType::CharacterDevice => "character device",
+            FileType::RegularFile => "regular file",
+            _ => "descriptor",
+        },
+        Err(_) => "descriptor",
+    }
+}
+
+/// Puts a shared open file description's flags back when dropped.
+struct RestoreFlags {
+    fd: OwnedFd,
+    flags: OFlags,
+}
+
+impl Drop for RestoreFlags {
+    fn drop(&mut self) {
+        if let Err(e) = fcntl_setfl(&self.fd, self.flags) {
+            tracing::warn!(
+                fd = self.fd.as_raw_fd(),
+                "cannot restore descriptor flags: {e}"
+            );
+        }
+    }
+}
+
+/// Duplicates a standard descriptor for async use; returns the duplicate and a guard that puts
+/// back the original flags (`O_NONBLOCK` is shared by every descriptor of the open file).
+fn dup_std(fd: impl AsFd) -> io::Result<(OwnedFd, RestoreFlags)> {
+    let flags = fcntl_getfl(&fd)?;
+    let restore = RestoreFlags {
+        fd: rustix::io::fcntl_dupfd_cloexec(&fd, 3)?,
+        flags,
+    };
+    let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 3)?;
+    Ok((dup, restore))
+}
+
+/// Standard input and output as one stream.
+///
+/// Works when they are pipes, sockets or ttys (a tty is left in whatever mode it is in); fails
+/// for regular files. `O_NONBLOCK` is set on them while the stream lives (other processes sharing
+/// them see it too) and cleared when it is dropped.
+pub(crate) fn stdio(addr: &Address) -> io::Result<Connection> {
+    let (input, restore_in) =
+        dup_std(rustix::stdio::stdin()).map_err(with_context(addr, "cannot duplicate stdin"))?;
+    let (output, restore_out) =
+        dup_std(rustix::stdio::stdout()).map_err(with_context(addr, "cannot duplicate stdout"))?;
+    let read = register(input).map_err(with_context(addr, "cannot use stdin"))?;
+    let write = register(output).map_err(with_context(addr, "cannot use stdout"))?;
+    let stream = FdStream {
+        read,
+        write: Some(write),
+        eio_is_eof: true,
+        _claim: None,
+        _restore: vec![restore_in, restore_out],
+    };
+    Ok(Connection {
+        stream: Box::new(stream),
+        peer: "stdio".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn fd_stream_moves_bytes_over_a_pipe_pair() {
+        let (r1, w1) = rustix::pipe::pipe().expect("pipe");
+        let (r2, w2) = rustix::pipe::pipe().expect("pipe");
+        let mut a = FdStream {
+            read: register(r1).expect("register"),
+            write: Some(register(w2).expect("register")),
+            eio_is_eof: false,
+            _claim: None,
+            _restore: Vec::new(),
+        };
+        let mut b = FdStream {
+            read: register(r2).expect("register"),
+            write: Some(register(w1).expect("register")),
+            eio_is_eof: false,
+            _claim: None,
+            _restore: Vec::new(),
+        };
+        // More than a pipe buffer (64 KiB), so the writer must wait for the reader.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.expect("write");
+            a
+        });
+        let mut got = vec![0; data.len()];
+        b.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, data);
+        let mut a = writer.await.expect("join");
+        b.write_all(b"back").await.expect("write back");
+        let mut back = [0; 4];
+        a.read_exact(&mut back).await.expect("read back");
+        assert_eq!(&back, b"back");
+        // Closing b's write end gives a the end of the stream.
+        drop(b);
+        assert_eq!(a.read(&mut back).await.expect("read eof"), 0);
+    }
+
+    #[test]
+    fn a_regular_file_is_refused_with_a_reason() {
+        let file = tempfile::tempfile().expect("tempfile");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let error = match FdStream::new(file.into(), false) {
+            Ok(_) => panic!("a regular file should be refused"),
+            Err(e) => e,
+        };
+        assert!(error.to_string().contains("epoll cannot watch"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn claiming_checks_the_descriptor() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let number = a.into_raw_fd();
+        let addr = Address::Fd(number);
+        let mut first = InheritedFd::claim(&addr, number).expect("first claim");
+        let error = InheritedFd::claim(&addr, number).expect_err("second claim must fail");
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        assert!(
+            error.to_string().contains(&format!("fd:{number}")),
+            "{error}"
+        );
+        // Handing it out and dropping the connection closes it and frees the number.
+        let connection = first.take(&addr).expect("take");
+        assert!(connection.peer.contains("socket"), "{}", connection.peer);
+        drop(connection);
+        assert!(!CLAIMED.lock().expect("lock").contains(&number));
+        drop(first);
+
+        let closed = Address::Fd(1_000_000);
+        let error = InheritedFd::claim(&closed, 1_000_000).expect_err("not open");
+        assert!(error.to_string().contains("fd:1000000"), "{error}");
+        assert!(error.to_string().contains("not open"), "{error}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Transports: every way vstream can carry a byte stream, behind one address syntax.
+//!
+//! An [`Address`] is parsed from one string form, the same on the host and in the guest
+//! (`unix:PATH`, `tcp-listen:[::1]:5555`, `vsock:2:1024`, `hvsock:/run/fc.sock:1024`,
+//! `serial:/dev/ttyS1,baud=921600`, `port:org.vstream.0`, `fd:3`, `stdio`...; the table is on
+//! [`Address`]). [`Endpoint::bind`] makes it live and [`Endpoint::next`] gives one
+//! [`Connection`] at a time: a [`BoxStream`] of bytes and a description of the peer. The
+//! multiplexer above neither knows nor cares which transport it runs on.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use vstream_transport::{Address, Endpoint};
+//!
+//! let dir = std::env::temp_dir().join(format!("vstream-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let path = dir.join("s.sock");
+//! let address: Address = format!("unix-listen:{}", path.display()).parse().expect("address");
+//! let mut server = Endpoint::bind(address).await?;
+//! let mut client = Endpoint::bind(format!("unix:{}", path.display()).parse().expect("address")).await?;
+//!
+//! let (mut outgoing, mut incoming) = tokio::try_join!(client.next(), server.next())?;
+//! outgoing.stream.write_all(b"hello").await?;
+//! let mut got = [0; 5];
+//! incoming.stream.read_exact(&mut got).await?;
+//! assert_eq!(&got, b"hello");
+//! # drop(server);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Everything here is Linux-only (AF_VSOCK, termios, virtio-serial sysfs).
+
+#![deny(missing_docs)]
+
+mod address;
+mod endpoint;
+mod fd;
+mod hvsock;
+mod port;
+mod serial;
+mod tcp;
+mod unix;
+mod vsock;
+
+use std::fmt;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use address::{Address, AddressError, SerialConfig, DEFAULT_BAUD, SYNTAX};
+pub(crate) use endpoint::with_context;
+pub use endpoint::Endpoint;
+
+/// A byte stream in both directions; every transport's connections are one.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// A connection's stream, whatever the transport.
+pub type BoxStream = Box<dyn Stream>;
+
+/// One connection from an [`Endpoint`].
+pub struct Connection {
+    /// The bytes.
+    pub stream: BoxStream,
+    /// Who is at the other end, for people: `unix:/run/x.sock (pid 42, uid 0)`,
+    /// `tcp:127.0.0.1:5555`, `vsock:3:1234`, `/dev/ttyS1`, `port:NAME (/dev/vport0p1)`...
+    pub peer: String,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two connected in-process streams (for tests): what one writes the other reads. `capacity` is
+/// how many bytes each direction buffers before a writer waits. The peers are `"pair:a"` and
+/// `"pair:b"` (each connection's `peer` names the other end).
+pub fn pair(capacity: usize) -> (Connection, Connection) {
+    let (a, b) = tokio::io::duplex(capacity);
+    (
+        Connection {
+            stream: Box::new(a),
+            peer: "pair:b".to_owned(),
+        },
+        Connection {
+            stream: Box::new(b),
+            peer: "pair:a".to_owned(),
+        },
+    )
+}
