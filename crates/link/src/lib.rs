@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use vstream_transport::Address;
 use vstream_wire::frame::Decoder;
 use vstream_wire::{
     peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
@@ -169,7 +170,8 @@ impl Inner {
                     self.wake_both(id);
                 }
                 Event::ChannelOpened { id, class, name } => {
-                    let stream = ChannelStream::new(shared.clone(), id, self.epoch());
+                    let mut stream = ChannelStream::new(shared.clone(), id, self.epoch());
+                    stream.pending_accept = true;
                     self.wakers.insert(id, Wakers::default());
                     let refused = match &self.incoming {
                         Some(tx) => tx
@@ -530,6 +532,17 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
     Ok((hello, seen))
 }
 
+/// Link parameters for a transport address: serial lines (named as such, or declared with a
+/// `baud` because a socket stands for one, as QEMU's chardev of a 16550 does) get small frames
+/// and patient timers; everything else is a fast stream. Lower `priority` is preferred.
+pub fn link_params(address: &Address, baud: Option<u32>, priority: u32) -> LinkParams {
+    match (address, baud) {
+        (Address::Serial(s), _) => LinkParams::serial(priority, s.baud),
+        (_, Some(b)) => LinkParams::serial(priority, b),
+        _ => LinkParams::stream(priority),
+    }
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -540,6 +553,9 @@ pub struct ChannelStream {
     shared: Arc<Shared>,
     id: ChannelId,
     epoch: u64,
+    /// A peer-opened channel not yet accepted: the first read or write accepts it, a `reset`
+    /// before that refuses it (the opener's `open` fails with the reason).
+    pending_accept: bool,
 }
 
 impl std::fmt::Debug for ChannelStream {
@@ -550,7 +566,19 @@ impl std::fmt::Debug for ChannelStream {
 
 impl ChannelStream {
     fn new(shared: Arc<Shared>, id: ChannelId, epoch: u64) -> ChannelStream {
-        ChannelStream { shared, id, epoch }
+        ChannelStream {
+            shared,
+            id,
+            epoch,
+            pending_accept: false,
+        }
+    }
+
+    fn accept_if_pending(&mut self, inner: &mut Inner) {
+        if std::mem::take(&mut self.pending_accept) && inner.epoch() == self.epoch {
+            let _ = inner.session.accept(self.id);
+            inner.kick();
+        }
     }
 
     /// The channel id.
@@ -561,12 +589,12 @@ impl ChannelStream {
     /// Aborts the channel (the peer sees a reset with `reason`).
     pub fn reset(&self, reason: &str) {
         let mut inner = self.shared.lock();
-        if inner.epoch() == self.epoch
-            && inner
-                .session
-                .reset(self.id, ResetCode::Aborted, reason)
-                .is_ok()
-        {
+        let code = if self.pending_accept {
+            ResetCode::Refused
+        } else {
+            ResetCode::Aborted
+        };
+        if inner.epoch() == self.epoch && inner.session.reset(self.id, code, reason).is_ok() {
             inner.kick();
         }
     }
@@ -596,7 +624,9 @@ impl AsyncRead for ChannelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut inner = this.shared.lock();
+        let shared = this.shared.clone();
+        let mut inner = shared.lock();
+        this.accept_if_pending(&mut inner);
         if inner.epoch() != this.epoch {
             return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
         }
@@ -629,7 +659,9 @@ impl AsyncWrite for ChannelStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let mut inner = this.shared.lock();
+        let shared = this.shared.clone();
+        let mut inner = shared.lock();
+        this.accept_if_pending(&mut inner);
         if inner.epoch() != this.epoch {
             return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
         }
@@ -668,6 +700,12 @@ impl Drop for ChannelStream {
         inner.wakers.remove(&self.id);
         inner.ended.remove(&self.id);
         if inner.epoch() != self.epoch || !inner.session.has_channel(self.id) {
+            return;
+        }
+        if self.pending_accept {
+            let reason = "the service did not take the channel";
+            let _ = inner.session.reset(self.id, ResetCode::Refused, reason);
+            inner.kick();
             return;
         }
         let _ = inner.session.close(self.id);

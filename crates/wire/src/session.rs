@@ -362,6 +362,8 @@ struct Channel {
     local: bool,
     /// Our OPEN is not yet answered.
     opening: bool,
+    /// (Peer-opened channels) our application accepted it and OPEN_OK is queued or sent.
+    accepted: bool,
     send_buf: BytesMut,
     credit: u64,
     fin_queued: bool,
@@ -384,6 +386,7 @@ impl Channel {
             name,
             local,
             opening: local,
+            accepted: false,
             send_buf: BytesMut::new(),
             credit: 0,
             fin_queued: false,
@@ -398,6 +401,11 @@ impl Channel {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// Both ends agreed the channel exists.
+    fn can_send(&self) -> bool {
+        !self.opening && (self.local || self.accepted)
     }
 
     fn finished(&self) -> bool {
@@ -945,9 +953,8 @@ impl Session {
         let mut ch = Channel::new(class.clone(), name.clone(), false, self.cfg.channel_window);
         ch.credit = u64::from(window);
         self.channels.insert(id, ch);
-        let w = self.cfg.channel_window.to_le_bytes();
-        self.control
-            .push_back((Kind::OpenOk, id, Bytes::copy_from_slice(&w)));
+        // OPEN_OK waits for the application's `accept`, so that a service that refuses the
+        // channel answers with a RESET the opener sees as a failed open, with its reason.
         self.events
             .push_back(Event::ChannelOpened { id, class, name });
     }
@@ -1127,6 +1134,23 @@ impl Session {
         p.extend_from_slice(&self.cfg.channel_window.to_le_bytes());
         self.control.push_back((Kind::Open, id, Bytes::from(p)));
         Ok(id)
+    }
+
+    /// Accepts a channel the peer opened ([`Event::ChannelOpened`]): the peer may now send.
+    /// Accepting twice is harmless.
+    pub fn accept(&mut self, id: ChannelId) -> Result<(), ChannelError> {
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
+        if ch.local || ch.accepted {
+            return Ok(());
+        }
+        ch.accepted = true;
+        let w = self.cfg.channel_window.to_le_bytes();
+        self.control
+            .push_back((Kind::OpenOk, id, Bytes::copy_from_slice(&w)));
+        Ok(())
     }
 
     /// Queues bytes; returns how many were accepted (0 when the send buffer is full: wait for
@@ -1377,7 +1401,7 @@ impl Session {
             .range(self.rr_cursor..)
             .chain(self.channels.range(..self.rr_cursor))
             .find(|(_, ch)| {
-                !ch.opening
+                ch.can_send()
                     && ((!ch.send_buf.is_empty() && ch.credit > 0)
                         || (ch.send_buf.is_empty() && ch.fin_queued && !ch.fin_sent))
             })
@@ -1498,7 +1522,7 @@ impl Session {
             || (self.unacked_bytes < self.cfg.max_unacked
                 && (!self.control.is_empty()
                     || self.channels.values().any(|ch| {
-                        !ch.opening
+                        ch.can_send()
                             && ((!ch.send_buf.is_empty() && ch.credit > 0)
                                 || (ch.send_buf.is_empty() && ch.fin_queued && !ch.fin_sent))
                     })))

@@ -212,6 +212,7 @@ impl Sim {
                 Event::ChannelOpened { id, name, .. } => {
                     let k: usize = name.trim_start_matches("ch").parse().expect("name");
                     self.ids[k].0 = Some(id);
+                    self.host.accept(id).expect("accept");
                 }
                 Event::ChannelReset { id, code, reason } => self.resets.push((id, code, reason)),
                 Event::LinkDown { link, .. } => {

@@ -1,13 +1,14 @@
-//! Device: diag. The guest half echoes every byte back on channels of class `diag`, name
-//! `echo`: a round-trip probe through the whole stack (transport, mux, agent), used by the lab,
-//! the benchmarks and `vstreamctl open GUEST diag echo` when debugging a transport.
+//! Device: diag. Both halves echo every byte back on channels of class `diag`, name `echo`: a
+//! round-trip probe through the whole stack (transport, mux, agent), used by the lab, the
+//! benchmarks and `vstreamctl open GUEST diag echo` when debugging a transport; the agent can
+//! probe the host the same way.
 
 use tokio::io::AsyncWriteExt;
 use vstream_link::ChannelStream;
 
 use crate::{ServeFuture, Service};
 
-/// The echo service (guest half).
+/// The echo service (the same on both halves).
 pub struct Echo;
 
 impl Service for Echo {

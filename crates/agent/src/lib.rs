@@ -1,0 +1,138 @@
+//! vstream-agent's settings: from its command line or, when it runs as a guest's helper
+//! started by init, from the kernel command line (`vstream.connect=ADDR`, repeatable, and
+//! `vstream.name=NAME`).
+#![deny(missing_docs)]
+
+use std::time::Duration;
+
+use vstream_link::{link_params, Mux};
+use vstream_transport::{Address, Endpoint};
+use vstream_wire::{Config, Role};
+
+/// A running agent: one session with the host over any number of transports.
+pub struct Agent {
+    mux: Mux,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts serving the guest devices, keeping every transport connected (the first is
+    /// preferred). Must be called inside a tokio runtime.
+    pub fn start(name: &str, connect: Vec<Address>) -> Agent {
+        let (mux, incoming) = Mux::new(Config::new(Role::Guest, name), rand::random::<u64>() | 1);
+        let mut tasks = vec![tokio::spawn(vstream_devices::dispatch(
+            vstream_devices::guest_services(),
+            incoming,
+        ))];
+        tracing::info!(%name, "vstream-agent starting");
+        for (prio, address) in connect.into_iter().enumerate() {
+            tasks.push(tokio::spawn(keep_connected(
+                mux.clone(),
+                address,
+                prio as u32,
+            )));
+        }
+        Agent { mux, tasks }
+    }
+
+    /// The session with the host.
+    pub fn mux(&self) -> &Mux {
+        &self.mux
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Keeps one transport connected forever, with backoff; errors are logged once per change.
+async fn keep_connected(mux: Mux, address: Address, priority: u32) {
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    let mut endpoint = loop {
+        match Endpoint::bind(address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                log_change(&mut last_error, &address, &e.to_string());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let params = link_params(&address, None, priority);
+    loop {
+        match endpoint.next().await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                last_error.clear();
+                tracing::info!(%address, peer = %conn.peer, "transport connected");
+                let reason = mux
+                    .run_link(conn.stream, params, &address.to_string(), &[])
+                    .await;
+                tracing::info!(%address, "transport down: {reason}");
+            }
+            Err(e) => log_change(&mut last_error, &address, &e.to_string()),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn log_change(last: &mut String, address: &Address, error: &str) {
+    if last != error {
+        tracing::warn!(%address, "{error}");
+        *last = error.to_owned();
+    }
+}
+
+/// What the agent was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Transports to keep connected, in order of preference.
+    pub connect: Vec<Address>,
+    /// The guest name announced to the host.
+    pub name: Option<String>,
+}
+
+/// Reads `vstream.connect=` and `vstream.name=` from a kernel command line.
+pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
+    let mut s = Settings {
+        connect: Vec::new(),
+        name: None,
+    };
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(a) = word.strip_prefix("vstream.connect=") {
+            s.connect
+                .push(a.parse().map_err(|e| format!("vstream.connect={a}: {e}"))?);
+        } else if let Some(n) = word.strip_prefix("vstream.name=") {
+            s.name = Some(n.to_owned());
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_repeated_connects_and_the_name() {
+        let s = from_kernel_cmdline(
+            "console=ttyS0 vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab",
+        )
+        .expect("parse");
+        assert_eq!(s.name.as_deref(), Some("lab"));
+        assert_eq!(s.connect.len(), 2);
+        assert_eq!(s.connect[0].to_string(), "port:org.vstream.0");
+        assert!(matches!(&s.connect[1], Address::Serial(c) if c.baud == 115_200));
+    }
+
+    #[test]
+    fn a_bad_address_is_an_error_that_names_it() {
+        let e = from_kernel_cmdline("vstream.connect=bogus:1").expect_err("bad");
+        assert!(e.contains("vstream.connect=bogus:1"), "{e}");
+    }
+}

@@ -1,0 +1,77 @@
+//! vstreamd: the host daemon.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use vstream_host::config::Config;
+use vstream_host::daemon::Daemon;
+use vstream_transport::Address;
+
+/// The vstream host daemon: sessions with guests' agents, consoles, devices.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Control socket (mode 0600) for vstreamctl.
+    #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// Accept agents that announce their own name here (repeatable), e.g. vsock-listen:5000.
+    #[arg(long)]
+    listen: Vec<Address>,
+    /// TOML configuration (see docs/vstreamd.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where console logs and spools go.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| cfg.daemon.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vstream"));
+    let mut listen = cfg.daemon.listen.clone();
+    listen.extend(args.listen.iter().cloned());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let daemon = Daemon::start(&cfg, state_dir).await?;
+            for address in listen {
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = d.listen(address.clone()).await {
+                        tracing::error!(%address, "cannot accept agents: {e}");
+                    }
+                });
+            }
+            let control = daemon.clone().serve_control(&args.control);
+            tokio::select! {
+                r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = sigterm() => Ok(()),
+            }
+        })
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

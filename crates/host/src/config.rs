@@ -1,0 +1,206 @@
+//! vstreamd's TOML configuration (see docs/vstreamd.example.toml).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use vstream_link::link_params;
+use vstream_transport::Address;
+use vstream_wire::{Config as WireConfig, LinkParams, Role};
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Daemon-wide settings.
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    /// Guests known in advance.
+    #[serde(default)]
+    pub guest: Vec<GuestConfig>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Control socket path (the command line wins).
+    pub control: Option<PathBuf>,
+    /// Where console logs and spools go (the command line wins).
+    pub state_dir: Option<PathBuf>,
+    /// Addresses where agents that announce their own name are accepted.
+    #[serde(default)]
+    pub listen: Vec<Address>,
+    /// Multiplexer limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[daemon.limits]`: bounds on what one guest can make the daemon buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Receive window per channel, bytes.
+    pub channel_window: u32,
+    /// Send buffer per channel, bytes.
+    pub channel_send_buffer: usize,
+    /// Largest frame payload accepted, bytes.
+    pub max_frame: u32,
+    /// Channels per guest.
+    pub max_channels: usize,
+    /// Sum of receive windows per guest, bytes.
+    pub peer_buffer_limit: usize,
+    /// Unacknowledged bytes kept for retransmission per guest.
+    pub max_unacked: usize,
+    /// Keepalive probe interval, milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// A link is declared dead after this much silence, milliseconds.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        let d = WireConfig::new(Role::Host, "");
+        Limits {
+            channel_window: d.channel_window,
+            channel_send_buffer: d.channel_send_buffer,
+            max_frame: d.max_frame,
+            max_channels: d.max_channels,
+            peer_buffer_limit: d.peer_buffer_limit,
+            max_unacked: d.max_unacked,
+            keepalive_interval_ms: d.keepalive_interval.as_millis() as u64,
+            keepalive_timeout_ms: d.keepalive_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl Limits {
+    /// The session configuration these limits describe.
+    pub fn wire_config(&self, role: Role, name: &str) -> WireConfig {
+        WireConfig {
+            channel_window: self.channel_window,
+            channel_send_buffer: self.channel_send_buffer,
+            max_frame: self.max_frame,
+            max_channels: self.max_channels,
+            peer_buffer_limit: self.peer_buffer_limit,
+            max_unacked: self.max_unacked,
+            keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
+            ..WireConfig::new(role, name)
+        }
+    }
+}
+
+/// `[[guest]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// The guest's name (what its agent announces).
+    pub name: String,
+    /// The guest's QMP socket, for actions such as a watchdog reset.
+    pub qmp: Option<Address>,
+    /// Ways to reach the guest.
+    #[serde(default)]
+    pub transport: Vec<TransportConfig>,
+}
+
+/// What a transport carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// The multiplexer (to vstream-agent).
+    Mux,
+    /// A raw console stream (captured and logged).
+    Console,
+}
+
+/// `[[guest.transport]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportConfig {
+    /// What it carries.
+    pub kind: TransportKind,
+    /// Where.
+    pub address: Address,
+    /// Name (consoles: "hvc0", "ttyS0"; defaults to the address).
+    pub name: Option<String>,
+    /// The line behind the address is a serial line at this speed (tunes frame size and timers).
+    pub baud: Option<u32>,
+    /// Console log file (default `STATE_DIR/GUEST/NAME.log`).
+    pub log: Option<PathBuf>,
+    /// Console log size before rotation.
+    #[serde(default = "default_log_max")]
+    pub log_max_bytes: u64,
+    /// Rotated console logs kept.
+    #[serde(default = "default_log_keep")]
+    pub log_keep: usize,
+}
+
+fn default_log_max() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_log_keep() -> usize {
+    3
+}
+
+impl TransportConfig {
+    /// Link parameters for a mux transport; `priority` is its position in the config.
+    pub fn link_params(&self, priority: u32) -> LinkParams {
+        link_params(&self.address, self.baud, priority)
+    }
+
+    /// Name shown in status.
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut names = std::collections::HashSet::new();
+        for g in &cfg.guest {
+            if !names.insert(&g.name) {
+                anyhow::bail!("{}: guest {:?} is defined twice", path.display(), g.name);
+            }
+            if g.name.is_empty() || g.name.len() > vstream_wire::hello::MAX_NAME {
+                anyhow::bail!(
+                    "{}: guest name {:?} must be 1-64 bytes",
+                    path.display(),
+                    g.name
+                );
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../../docs/vstreamd.example.toml");
+        let cfg: Config = toml::from_str(text).expect("example config");
+        assert_eq!(cfg.guest[0].name, "lab");
+        assert_eq!(cfg.guest[0].transport[0].kind, TransportKind::Mux);
+        assert!(cfg.guest[0]
+            .transport
+            .iter()
+            .any(|t| t.kind == TransportKind::Console));
+        assert_eq!(cfg.daemon.limits.channel_window, 256 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("[[guest]]\nname = \"a\"\nbogus = 1\n").is_err());
+    }
+}

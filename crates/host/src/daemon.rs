@@ -1,0 +1,513 @@
+//! vstreamd: guests, their transports, their sessions, and the control socket.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+use vstream_devices::console::{Console, ConsoleSettings};
+use vstream_link::{Mux, MuxStatus};
+use vstream_transport::{Address, Endpoint};
+use vstream_wire::Role;
+
+use vstream_link::link_params;
+
+use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
+use crate::control::{read_line, write_line, Reply, Request};
+
+/// How long a new connection on a shared listener may take to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One configured or announced way to reach a guest.
+#[derive(Debug, Clone, Serialize)]
+struct TransportState {
+    kind: &'static str,
+    name: String,
+    address: String,
+    state: &'static str,
+    since: u64,
+    peer: String,
+    connects: u64,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+impl TransportState {
+    fn new(kind: &'static str, name: String, address: String) -> TransportState {
+        TransportState {
+            kind,
+            name,
+            address,
+            state: "down",
+            since: now_secs(),
+            peer: String::new(),
+            connects: 0,
+            errors: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// A guest: one multiplexer session, any number of transports, its consoles.
+pub struct Guest {
+    name: String,
+    mux: Mux,
+    qmp: Option<Address>,
+    transports: Mutex<Vec<TransportState>>,
+    consoles: Vec<Arc<Console>>,
+}
+
+impl Guest {
+    fn transports(&self) -> MutexGuard<'_, Vec<TransportState>> {
+        self.transports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, idx: usize, f: impl FnOnce(&mut TransportState)) {
+        if let Some(t) = self.transports().get_mut(idx) {
+            f(t);
+        }
+    }
+
+    fn add_transport(&self, t: TransportState) -> usize {
+        let mut ts = self.transports();
+        ts.push(t);
+        ts.len() - 1
+    }
+
+    /// The guest's multiplexer session.
+    pub fn mux(&self) -> &Mux {
+        &self.mux
+    }
+
+    /// The guest's QMP address, if configured.
+    pub fn qmp(&self) -> Option<&Address> {
+        self.qmp.as_ref()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mux: MuxStatus = self.mux.status();
+        let mut transports: Vec<serde_json::Value> = Vec::new();
+        for t in self.transports().iter() {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            // Merge the live link's counters into the transport that carries it.
+            // "up" means the handshake is done on a live link, not just a connected socket.
+            match mux.links.iter().find(|l| l.transport == t.name) {
+                Some(l) => {
+                    v["state"] = json!(if l.up { "up" } else { "connecting" });
+                    v["link"] = serde_json::to_value(l).unwrap_or_default();
+                    v["active"] = json!(mux.active_link == Some(l.id));
+                }
+                None => v["state"] = json!("down"),
+            }
+            transports.push(v);
+        }
+        for c in &self.consoles {
+            let s = c.status();
+            transports.push(json!({
+                "kind": "console", "name": s.name, "address": s.address, "state": s.state,
+                "since": s.since, "peer": s.peer, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+                "errors": s.errors, "last_error": s.last_error, "log": s.log, "viewers": s.viewers,
+            }));
+        }
+        json!({
+            "name": self.name,
+            "connected": self.mux.is_connected(),
+            "peer": mux.peer,
+            "transports": transports,
+            "channels": mux.channels,
+            "stats": mux.stats,
+        })
+    }
+}
+
+/// The daemon's state.
+pub struct Daemon {
+    guests: Mutex<BTreeMap<String, Arc<Guest>>>,
+    limits: Limits,
+    state_dir: PathBuf,
+    events: broadcast::Sender<serde_json::Value>,
+}
+
+impl Daemon {
+    /// Builds the daemon from its config and starts every configured transport.
+    pub async fn start(cfg: &Config, state_dir: PathBuf) -> anyhow::Result<Arc<Daemon>> {
+        let (events, _) = broadcast::channel(1024);
+        let daemon = Arc::new(Daemon {
+            guests: Mutex::new(BTreeMap::new()),
+            limits: cfg.daemon.limits.clone(),
+            state_dir,
+            events,
+        });
+        for g in &cfg.guest {
+            daemon.add_configured_guest(g)?;
+        }
+        Ok(daemon)
+    }
+
+    fn guests(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Guest>>> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guest by name.
+    pub fn guest(&self, name: &str) -> Option<Arc<Guest>> {
+        self.guests().get(name).cloned()
+    }
+
+    fn new_guest(
+        self: &Arc<Self>,
+        name: &str,
+        qmp: Option<Address>,
+        consoles: Vec<Arc<Console>>,
+    ) -> Arc<Guest> {
+        let cfg = self.limits.wire_config(Role::Host, name);
+        let (mux, incoming) = Mux::new(cfg, rand::random::<u64>() | 1);
+        tokio::spawn(vstream_devices::dispatch(
+            vstream_devices::host_services(),
+            incoming,
+        ));
+        let guest = Arc::new(Guest {
+            name: name.to_owned(),
+            mux: mux.clone(),
+            qmp,
+            transports: Mutex::new(Vec::new()),
+            consoles,
+        });
+        // Forward the session's events, tagged with the guest.
+        let mut rx = mux.subscribe();
+        let events = self.events.clone();
+        let gname = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let mut v = serde_json::to_value(&ev).unwrap_or_default();
+                        v["guest"] = json!(gname);
+                        v["time"] = json!(now_secs());
+                        let _ = events.send(v);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        self.guests().insert(name.to_owned(), guest.clone());
+        guest
+    }
+
+    fn add_configured_guest(self: &Arc<Self>, g: &GuestConfig) -> anyhow::Result<()> {
+        let mut consoles = Vec::new();
+        for t in g
+            .transport
+            .iter()
+            .filter(|t| t.kind == TransportKind::Console)
+        {
+            let name = t.display_name();
+            let log = t
+                .log
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join(&g.name).join(format!("{name}.log")));
+            let console = Console::start(ConsoleSettings {
+                name,
+                address: t.address.clone(),
+                log,
+                log_max_bytes: t.log_max_bytes,
+                log_keep: t.log_keep,
+            })
+            .map_err(|e| anyhow::anyhow!("guest {}: console {}: {e}", g.name, t.display_name()))?;
+            consoles.push(console);
+        }
+        let guest = self.new_guest(&g.name, g.qmp.clone(), consoles);
+        for (prio, t) in g
+            .transport
+            .iter()
+            .filter(|t| t.kind == TransportKind::Mux)
+            .enumerate()
+        {
+            let idx = guest.add_transport(TransportState::new(
+                "mux",
+                t.display_name(),
+                t.address.to_string(),
+            ));
+            // Priorities follow the config order: the first transport is preferred.
+            tokio::spawn(run_transport(guest.clone(), t.clone(), idx, prio as u32));
+        }
+        Ok(())
+    }
+
+    /// Accepts agents on `address`; each announces its guest name in its HELLO.
+    pub async fn listen(self: Arc<Self>, address: Address) -> io::Result<()> {
+        let mut ep = Endpoint::bind(address.clone()).await?;
+        tracing::info!(%address, "accepting agents");
+        loop {
+            let conn = match ep.next().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%address, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let daemon = self.clone();
+            let listen = address.clone();
+            tokio::spawn(async move {
+                let mut stream = conn.stream;
+                let (hello, prefix) = match vstream_link::read_hello(&mut stream, HELLO_TIMEOUT)
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer, "rejected connection on {listen}: {e}");
+                        return;
+                    }
+                };
+                if hello.name.is_empty() {
+                    tracing::warn!(peer = %conn.peer, "rejected an agent without a name on {listen}");
+                    return;
+                }
+                let guest = match daemon.guest(&hello.name) {
+                    Some(g) => g,
+                    None => daemon.new_guest(&hello.name, None, Vec::new()),
+                };
+                let name = format!("{listen} <- {}", conn.peer);
+                let idx = guest.add_transport(TransportState::new(
+                    "mux",
+                    name.clone(),
+                    listen.to_string(),
+                ));
+                guest.update(idx, |t| {
+                    t.state = "up";
+                    t.since = now_secs();
+                    t.peer = conn.peer.clone();
+                    t.connects = 1;
+                });
+                let params = link_params(&listen, None, 100);
+                let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
+                tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
+                // Accepted connections are not reconnected by us: forget them.
+                guest.transports().retain(|t| t.name != name);
+            });
+        }
+    }
+
+    /// Serves the control socket (mode 0600) forever.
+    pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        // Bind with a restrictive umask so the socket is never reachable by others, not even
+        // between bind and chmod.
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let listener = UnixListener::bind(path);
+        rustix::process::umask(old);
+        let listener = listener?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        tracing::info!(path = %path.display(), "control socket ready");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = daemon.handle_control(stream).await {
+                    tracing::debug!("control connection: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle_control(self: Arc<Self>, stream: UnixStream) -> io::Result<()> {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let req: Request = match read_line(&mut r).await {
+            Ok(req) => req,
+            Err(e) => return write_line(&mut w, &Reply::error(format!("bad request: {e}"))).await,
+        };
+        match req {
+            Request::Status => {
+                let guests: Vec<_> = self.guests().values().map(|g| g.status()).collect();
+                let reply = Reply {
+                    ok: true,
+                    status: Some(json!({ "guests": guests })),
+                    ..Reply::default()
+                };
+                write_line(&mut w, &reply).await
+            }
+            Request::Console {
+                guest,
+                name,
+                tail,
+                follow,
+                attach,
+            } => {
+                let Some(g) = self.guest(&guest) else {
+                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
+                        .await;
+                };
+                let console = match &name {
+                    Some(n) => g.consoles.iter().find(|c| c.name() == n),
+                    None => g.consoles.first(),
+                };
+                let Some(console) = console.cloned() else {
+                    let have: Vec<_> = g.consoles.iter().map(|c| c.name().to_owned()).collect();
+                    return write_line(
+                        &mut w,
+                        &Reply::error(format!(
+                            "guest {guest:?} has no console {name:?} (has {have:?})"
+                        )),
+                    )
+                    .await;
+                };
+                // Subscribe before reading the tail so nothing falls between the two.
+                let mut viewer = console.attach(attach);
+                let reply = Reply {
+                    ok: true,
+                    writer: Some(viewer.is_writer()),
+                    ..Reply::default()
+                };
+                write_line(&mut w, &reply).await?;
+                if let Some(n) = tail {
+                    w.write_all(&console.tail(n)).await?;
+                }
+                if !follow && !attach {
+                    return w.shutdown().await;
+                }
+                let mut input = vec![0u8; 4096];
+                loop {
+                    tokio::select! {
+                        out = viewer.next_output() => match out {
+                            Ok(Some(b)) => w.write_all(&b).await?,
+                            Ok(None) => w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
+                            Err(_) => return Ok(()),
+                        },
+                        n = r.read(&mut input), if attach => match n? {
+                            0 => return Ok(()),
+                            n => {
+                                if viewer.is_writer() {
+                                    viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+            Request::Open { guest, class, name } => {
+                let Some(g) = self.guest(&guest) else {
+                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
+                        .await;
+                };
+                let opened =
+                    tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
+                let chan = match opened {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        return write_line(&mut w, &Reply::error(format!("{guest}: {class}/{name}: {e}"))).await
+                    }
+                    Err(_) => {
+                        return write_line(
+                            &mut w,
+                            &Reply::error(format!("{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)")),
+                        )
+                        .await
+                    }
+                };
+                write_line(&mut w, &Reply::ok()).await?;
+                let (mut cr, mut cw) = tokio::io::split(chan);
+                // Both directions until both ends are done; EOF is passed on as a half close.
+                let up = async {
+                    tokio::io::copy(&mut r, &mut cw).await?;
+                    cw.shutdown().await
+                };
+                let down = async {
+                    tokio::io::copy(&mut cr, &mut w).await?;
+                    w.shutdown().await
+                };
+                let (a, b) = tokio::join!(up, down);
+                a.and(b)
+            }
+            Request::Events { guest } => {
+                let mut rx = self.events.subscribe();
+                write_line(&mut w, &Reply::ok()).await?;
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
+                                write_line(&mut w, &ev).await?;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            write_line(&mut w, &json!({"event": "lagged", "missed": n})).await?
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps one configured mux transport connected, forever, with backoff.
+async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priority: u32) {
+    let name = t.display_name();
+    let mut backoff = Duration::from_millis(100);
+    let mut endpoint = loop {
+        match Endpoint::bind(t.address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                guest.update(idx, |s| {
+                    s.errors += 1;
+                    s.last_error = Some(e.to_string());
+                });
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    loop {
+        let conn = match endpoint.next().await {
+            Ok(c) => c,
+            Err(e) => {
+                guest.update(idx, |s| {
+                    s.errors += 1;
+                    s.last_error = Some(e.to_string());
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        guest.update(idx, |s| {
+            s.state = "up";
+            s.since = now_secs();
+            s.peer = conn.peer.clone();
+            s.connects += 1;
+        });
+        let reason = guest
+            .mux
+            .run_link(conn.stream, t.link_params(priority), &name, &[])
+            .await;
+        tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
+        guest.update(idx, |s| {
+            s.state = "down";
+            s.since = now_secs();
+            s.last_error = Some(reason);
+        });
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

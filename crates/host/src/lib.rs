@@ -1,0 +1,10 @@
+//! vstreamd (host daemon) and vstreamctl (its command line): the host halves of the devices,
+//! the guests' sessions, and the control socket between the two programs.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+
+/// Default control socket path (also from `VSTREAM_CONTROL`).
+pub const DEFAULT_CONTROL: &str = "/run/vstream/control.sock";
