@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# vstream's entry point for developers and CI.
+#
+#   ./x.sh setup   install the Debian packages the build and the QEMU lab need (only the missing ones)
+#   ./x.sh build   cargo build --workspace + the static guest agent
+#   ./x.sh demo    setup + build + `cargo xtask demo` (boots a guest, shows each device working)
+#   ./x.sh test    setup + build + `cargo test --workspace` (end-to-end tests included); arguments
+#                  replace --workspace, e.g. ./x.sh test -p xtask --test foundation -- --nocapture
+#
+# The end-to-end tests boot real guests. They never skip silently: without QEMU they fail, unless
+# VSTREAM_SKIP_E2E=1 is set, and then they (and this script) say loudly that they were skipped.
+# More knobs: xtask/src/lab.rs (VSTREAM_LAB_*), xtask/src/paths.rs (where binaries are found).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+# Debian bookworm packages. A guest tool added to GUEST_TOOLS in xtask/src/image.rs adds its package here.
+APT_PACKAGES=(
+    qemu-system-x86   # qemu-system-x86_64, the lab's VMM
+    linux-image-amd64 # the guest kernel and its modules (/boot/vmlinuz-6.1.*, /lib/modules)
+    busybox-static    # the guest's userland (must be the static build)
+    cpio              # to inspect images (xtask writes the cpio archive itself)
+    gzip              # compresses the initramfs
+    binutils          # strip (smaller agent in the image)
+    libc6-dev         # static glibc for the +crt-static agent
+    ppp               # guest tool: pppd
+    rng-tools5        # guest tool: rngd
+    qemu-guest-agent  # guest tool: qemu-ga
+    iproute2          # ip, for the network devices' tests
+    socat             # talking to chardev sockets by hand
+    tmux              # driving terminals by hand
+)
+
+AGENT_TARGET=x86_64-unknown-linux-gnu
+
+log() { printf 'x.sh: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run: $* (no sudo)"
+    fi
+}
+
+setup() {
+    local missing=() pkg status
+    for pkg in "${APT_PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+        [ "$status" = installed ] || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "setup: all ${#APT_PACKAGES[@]} packages present"
+        return
+    fi
+    log "setup: installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+build_agent() {
+    log "building the static guest agent ($AGENT_TARGET, +crt-static)"
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$AGENT_TARGET" -p vstream-agent
+}
+
+build() {
+    cargo build --workspace
+    build_agent
+}
+
+skip_banner() {
+    if [ "${VSTREAM_SKIP_E2E:-}" = 1 ]; then
+        log "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+        log "!!! VSTREAM_SKIP_E2E=1: the end-to-end tests (real guests) are SKIPPED !!!"
+        log "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    fi
+}
+
+usage() {
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup ;;
+    build) build ;;
+    demo)
+        setup
+        build
+        cargo xtask demo
+        ;;
+    test)
+        setup
+        build
+        skip_banner
+        if [ $# -eq 0 ]; then set -- --workspace; fi
+        cargo test "$@"
+        skip_banner
+        ;;
+    help | -h | --help) usage ;;
+    *)
+        usage >&2
+        die "unknown command: $cmd"
+        ;;
+esac

@@ -1,0 +1,19 @@
+//! vstream's developer tasks and its real-guest lab.
+//!
+//! - [`image`]: the guest kernel and initramfs (`cargo xtask image`);
+//! - [`accel`]: KVM when it works, TCG otherwise;
+//! - [`qemu`]: the guest's devices and their host sockets;
+//! - [`lab`]: vstreamd + a QEMU guest for end-to-end tests (`xtask/tests/`);
+//! - [`demo`]: `cargo xtask demo`, one entry per device.
+
+pub mod accel;
+pub mod cpio;
+pub mod demo;
+pub mod elf;
+pub mod image;
+pub mod lab;
+pub mod paths;
+pub mod process;
+pub mod pty;
+pub mod qemu;
+pub mod qmp;

@@ -1,0 +1,131 @@
+//! `cargo xtask <task>`: see `usage()`.
+
+use std::io::BufRead;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use xtask::lab::{Lab, LabOptions};
+use xtask::{accel, demo, image, paths};
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <task>
+
+tasks:
+  image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
+  agent     build the static guest agent (target/x86_64-unknown-linux-gnu/release/vstream-agent)
+  accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
+  demo      boot a guest and show each device working, then shut it down
+  boot      boot a guest (vstreamd + QEMU) and keep it until Enter or Ctrl-C
+            [--name NAME] [--virtio-port-only | --pci-serial-only] [--no-daemon]
+
+./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
+}
+
+fn build_agent() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            paths::AGENT_TARGET,
+            "-p",
+            "vstream-agent",
+        ])
+        .env("RUSTFLAGS", paths::AGENT_RUSTFLAGS)
+        .current_dir(paths::workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("the static agent build failed ({status})");
+    }
+    println!("{}", paths::agent_bin().display());
+    Ok(())
+}
+
+fn image_task() -> Result<()> {
+    let image = image::ensure_image()?;
+    println!(
+        "{}{}\n{}\nkernel {}",
+        image.vmlinuz.display(),
+        if image.rebuilt { "" } else { " (up to date)" },
+        image.initramfs.display(),
+        image.kernel.version
+    );
+    Ok(())
+}
+
+fn accel_task() -> Result<()> {
+    let image = image::ensure_image()?;
+    let verdict = accel::detect(&image)?;
+    println!("{}: {}", verdict.accel, verdict.reason);
+    Ok(())
+}
+
+fn boot_task(args: &[String]) -> Result<()> {
+    let mut options = LabOptions::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--name" => options.name = it.next().context("--name needs a value")?.clone(),
+            "--virtio-port-only" => options.pci_serial = false,
+            "--pci-serial-only" => options.virtio_port = false,
+            "--no-daemon" => options.start_daemon = false,
+            other => bail!("boot: unknown option {other:?}\n\n{}", usage()),
+        }
+    }
+    let lab = Lab::boot(options)?;
+    let p = lab.paths();
+    println!(
+        "guest {:?} is up ({}, booted in {:.1} s)\n  files:       {}\n  control:     {}\n  \
+         attach:      {} --control {} console {} --name hvc0   (Ctrl-] detaches)\n  \
+         status:      {} --control {} status --json\n  raw console: {}\n  cmdline:     {}",
+        lab.name(),
+        lab.accel(),
+        lab.boot_time().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        p.dir.display(),
+        p.control.display(),
+        paths::host_bin("vstreamctl").display(),
+        p.control.display(),
+        lab.name(),
+        paths::host_bin("vstreamctl").display(),
+        p.control.display(),
+        p.sockets.ttys0_logfile.display(),
+        lab.kernel_cmdline(),
+    );
+    println!("press Enter to shut the guest down");
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    lab.shutdown()?;
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        println!("{}", usage());
+        return Ok(());
+    };
+    match task.as_str() {
+        "image" => image_task(),
+        "agent" => build_agent(),
+        "accel" => accel_task(),
+        "demo" => demo::run(),
+        "boot" => boot_task(&args[1..]),
+        "help" | "-h" | "--help" => {
+            println!("{}", usage());
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}\n\n{}", usage()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The QEMU command line of a lab guest.
+//!
+//! Devices (q35, 512 MiB, no default devices, no display):
+//!
+//! | guest device                          | QEMU                                         | host side (chardev)         |
+//! |---------------------------------------|----------------------------------------------|-----------------------------|
+//! | ttyS0, ISA 16550, kernel console      | `-serial chardev:ttyS0`                      | `ttyS0.sock` + QEMU logfile |
+//! | hvc0, virtio console (shell)          | `virtio-serial-pci` + `virtconsole`          | `hvc0.sock`                 |
+//! | virtio port `org.vstream.0` (mux)     | `virtserialport name=org.vstream.0`          | `port.sock`                 |
+//! | ttyS4, PCI 16550 (mux)                | `pci-serial`                                 | `serial.sock`               |
+//! | hwrng                                 | `virtio-rng-pci`                             |                             |
+//! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
+//! | QMP (two monitors: vstreamd, the lab) | `-qmp unix:...`                              | `qmp.sock`, `qmp-lab.sock`  |
+//!
+//! Every chardev is a Unix socket server with `wait=off`: QEMU starts at once, and vstreamd connects
+//! as a client (`unix:PATH`) whenever it likes, and again after a disconnect.
+//!
+//! Reboots: there is no `-no-reboot`, so a guest reboot, `system_reset` over QMP or a watchdog reset
+//! reboots the guest inside the same QEMU (the console logs go on). `panic=-1` makes a panicking guest
+//! reboot at once; the lab reports a panic it sees in the console log. A guest `poweroff` ends QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::accel::Accel;
+use crate::image::GuestImage;
+
+/// The ttyS name the guest gives the PCI 16550: ttyS0-3 are the legacy ISA ports the 8250 driver
+/// always registers, so the first PCI UART is ttyS4 (checked at boot against `/init`'s report).
+pub const PCI_SERIAL_TTY: &str = "ttyS4";
+
+/// The name of the virtio-serial port that carries the multiplexer.
+pub const MUX_PORT_NAME: &str = "org.vstream.0";
+
+/// Baud rate of the PCI serial line.
+pub const SERIAL_BAUD: u32 = 115_200;
+
+/// Where a guest's sockets and logs are (all in the lab's temporary directory).
+#[derive(Debug, Clone)]
+pub struct GuestSockets {
+    /// Host side of hvc0.
+    pub hvc0: PathBuf,
+    /// Host side of ttyS0 (the kernel console).
+    pub ttys0: PathBuf,
+    /// QEMU's own copy of everything the guest wrote to ttyS0.
+    pub ttys0_logfile: PathBuf,
+    /// Host side of the virtio port `org.vstream.0`, if attached.
+    pub mux_port: Option<PathBuf>,
+    /// Host side of the PCI 16550, if attached.
+    pub mux_serial: Option<PathBuf>,
+    /// QMP monitor for vstreamd.
+    pub qmp_daemon: PathBuf,
+    /// QMP monitor for the lab harness.
+    pub qmp_lab: PathBuf,
+}
+
+/// Everything that decides the QEMU command line.
+#[derive(Debug, Clone)]
+pub struct QemuSpec {
+    /// qemu-system-x86_64.
+    pub qemu: PathBuf,
+    /// Kernel and initramfs.
+    pub image: GuestImage,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// Guest name (`vstream.name=`, hostname).
+    pub name: String,
+    /// RAM in MiB.
+    pub memory_mib: u32,
+    /// Sockets and logs.
+    pub sockets: GuestSockets,
+    /// vsock CID when a vhost-vsock device is attached.
+    pub vsock_cid: Option<u32>,
+    /// More kernel arguments, appended.
+    pub extra_kernel_args: Vec<String>,
+    /// More QEMU arguments, appended (devices added by later tests).
+    pub extra_qemu_args: Vec<String>,
+}
+
+fn check_path(path: &Path) -> Result<String> {
+    let s = path.to_string_lossy().into_owned();
+    if s.contains(',') {
+        bail!("{s}: QEMU option values cannot contain ','");
+    }
+    // sun_path is 108 bytes including the NUL.
+    if s.len() > 107 {
+        bail!(
+            "{s}: too long for a Unix socket path ({} bytes, at most 107)",
+            s.len()
+        );
+    }
+    Ok(s)
+}
+
+fn socket_chardev(id: &str, path: &Path, logfile: Option<&Path>) -> Result<String> {
+    let mut arg = format!(
+        "socket,id={id},path={},server=on,wait=off",
+        check_path(path)?
+    );
+    if let Some(log) = logfile {
+        arg.push_str(&format!(",logfile={}", check_path(log)?));
+    }
+    Ok(arg)
+}
+
+impl QemuSpec {
+    /// The `vstream.connect=` addresses the agent gets, in the order of the kernel command line.
+    pub fn agent_connect_addresses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.sockets.mux_port.is_some() {
+            out.push(format!("port:{MUX_PORT_NAME}"));
+        }
+        if self.sockets.mux_serial.is_some() {
+            out.push(format!("serial:/dev/{PCI_SERIAL_TTY},baud={SERIAL_BAUD}"));
+        }
+        out
+    }
+
+    /// The kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut args = vec![
+            "console=ttyS0".to_string(),
+            "console=hvc0".to_string(),
+            "panic=-1".to_string(),
+            "8250.nr_uarts=8".to_string(),
+            "printk.devkmsg=on".to_string(),
+            format!("vstream.name={}", self.name),
+        ];
+        args.extend(
+            self.agent_connect_addresses()
+                .into_iter()
+                .map(|a| format!("vstream.connect={a}")),
+        );
+        args.extend(self.extra_kernel_args.iter().cloned());
+        args.join(" ")
+    }
+
+    /// The QEMU command (not started).
+    pub fn command(&self) -> Result<Command> {
+        let s = &self.sockets;
+        let mut c = Command::new(&self.qemu);
+        c.arg("-name")
+            .arg(format!("guest={},debug-threads=on", self.name));
+        c.args([
+            "-machine",
+            "q35",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ]);
+        c.arg("-m").arg(self.memory_mib.to_string());
+        c.args(self.accel.qemu_args());
+        c.arg("-kernel").arg(check_path(&self.image.vmlinuz)?);
+        c.arg("-initrd").arg(check_path(&self.image.initramfs)?);
+        c.arg("-append").arg(self.kernel_cmdline());
+
+        // ttyS0: the ISA UART and kernel console, with QEMU's own log of the guest's output.
+        c.arg("-chardev")
+            .arg(socket_chardev("ttyS0", &s.ttys0, Some(&s.ttys0_logfile))?);
+        c.args(["-serial", "chardev:ttyS0"]);
+
+        // virtio-serial: hvc0 always (the shell), the mux port when asked for.
+        c.args(["-device", "virtio-serial-pci,id=vser0,max_ports=31"]);
+        c.arg("-chardev")
+            .arg(socket_chardev("hvc0", &s.hvc0, None)?);
+        c.args([
+            "-device",
+            "virtconsole,bus=vser0.0,nr=0,chardev=hvc0,id=hvc0",
+        ]);
+        if let Some(port) = &s.mux_port {
+            c.arg("-chardev")
+                .arg(socket_chardev("muxport", port, None)?);
+            c.arg("-device").arg(format!(
+                "virtserialport,bus=vser0.0,nr=1,chardev=muxport,id=muxport,name={MUX_PORT_NAME}"
+            ));
+        }
+
+        // The PCI 16550 carrying the mux.
+        if let Some(serial) = &s.mux_serial {
+            c.arg("-chardev")
+                .arg(socket_chardev("muxserial", serial, None)?);
+            c.args(["-device", "pci-serial,chardev=muxserial,id=muxserial"]);
+        }
+
+        c.args(["-device", "virtio-rng-pci,id=rng0"]);
+        if let Some(cid) = self.vsock_cid {
+            c.arg("-device")
+                .arg(format!("vhost-vsock-pci,id=vsock0,guest-cid={cid}"));
+        }
+
+        c.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            check_path(&s.qmp_daemon)?
+        ));
+        c.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            check_path(&s.qmp_lab)?
+        ));
+        c.args(&self.extra_qemu_args);
+        Ok(c)
+    }
+}
+
+/// True if the host can give the guest a vhost-vsock device.
+pub fn vhost_vsock_available() -> bool {
+    Path::new("/dev/vhost-vsock").exists()
+}
