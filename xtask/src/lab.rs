@@ -757,14 +757,32 @@ impl Lab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.ctl_with_input(args, &[])
+    }
+
+    /// Runs `vstreamctl --control <socket> ARGS` with `input` on its stdin (then EOF), at most
+    /// [`CTL_TIMEOUT`].
+    pub fn ctl_with_input<I, S>(&self, args: I, input: &[u8]) -> io::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut command = self.ctl_command();
         command
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let shown = format!("{command:?}");
         let mut child = process::spawn(command)?;
+        let stdin = child.stdin.take();
+        let input = input.to_vec();
+        // Fed from a thread: the child's stdout must be drained at the same time.
+        let in_writer = thread::spawn(move || {
+            if let Some(mut s) = stdin {
+                let _ = s.write_all(&input);
+            }
+        });
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let out_reader = thread::spawn(move || {
@@ -789,6 +807,7 @@ impl Lab {
                 format!("{shown} did not finish within {} s", CTL_TIMEOUT.as_secs()),
             ));
         };
+        let _ = in_writer.join();
         let stdout = out_reader.join().unwrap_or_default();
         let stderr = err_reader.join().unwrap_or_default();
         Ok(Output {
