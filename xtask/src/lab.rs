@@ -108,6 +108,9 @@ pub struct LabOptions {
     pub extra_kernel_args: Vec<String>,
     /// Appended to the QEMU command line.
     pub extra_qemu_args: Vec<String>,
+    /// Appended to the generated vstreamd config (TOML), e.g. a `[guest.printer]` table of
+    /// the lab guest.
+    pub extra_config: String,
 }
 
 impl Default for LabOptions {
@@ -122,6 +125,7 @@ impl Default for LabOptions {
             boot_timeout: env_secs("VSTREAM_LAB_BOOT_TIMEOUT").unwrap_or(DEFAULT_BOOT_TIMEOUT),
             extra_kernel_args: Vec::new(),
             extra_qemu_args: Vec::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -544,7 +548,9 @@ impl Lab {
     fn start_daemon(&self) -> io::Result<()> {
         let p = &self.paths;
         fs::create_dir_all(&p.state_dir)?;
-        fs::write(&p.config, vstreamd_config(&self.options.name, &p.sockets))?;
+        let mut config = vstreamd_config(&self.options.name, &p.sockets);
+        config.push_str(&self.options.extra_config);
+        fs::write(&p.config, config)?;
         let bin = paths::host_bin("vstreamd");
         let log = File::create(&p.daemon_log)?;
         let mut command = Command::new(&bin);

@@ -17,6 +17,8 @@ tasks:
   demo      boot a guest and show each device working, then shut it down
   boot      boot a guest (vstreamd + QEMU) and keep it until Enter or Ctrl-C
             [--name NAME] [--virtio-port-only | --pci-serial-only] [--no-daemon]
+  bench-hid hid latency: host inject -> guest evdev read -> ack, p50/p99, per mux transport
+            [--count N] (default 2000)
 
 ./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
 }
@@ -100,6 +102,45 @@ fn boot_task(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Boots one guest per mux transport and measures `vstreamctl input GUEST latency` there.
+fn bench_hid(args: &[String]) -> Result<()> {
+    let mut count = 2000usize;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--count" => count = it.next().context("--count needs a value")?.parse()?,
+            other => bail!("bench-hid: unknown option {other:?}"),
+        }
+    }
+    for (label, options) in [
+        ("virtio-serial port", LabOptions::virtio_port_only().named("bench-port")),
+        ("PCI 16550 at 115200 baud", LabOptions::pci_serial_only().named("bench-serial")),
+    ] {
+        let lab = Lab::boot(options)?;
+        lab.wait_for("the mux transport", std::time::Duration::from_secs(120), |s| {
+            lab.mux_transports_up(s)
+        })?;
+        // The first probe creates the device (and waits for it to settle): warm up first.
+        let warm = lab.ctl(["input", lab.name(), "latency", "--count", "20"])?;
+        if !warm.status.success() {
+            bail!("{}", String::from_utf8_lossy(&warm.stderr));
+        }
+        let n = count.to_string();
+        let out = lab.ctl(["input", lab.name(), "latency", "--count", n.as_str(), "--json"])?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        println!(
+            "{label} ({}): {} probes, {} read back; p50 {} us, p90 {} us, p99 {} us, max {} us, mean {} us",
+            lab.accel(),
+            v["count"], v["seen"], v["p50_us"], v["p90_us"], v["p99_us"], v["max_us"], v["mean_us"]
+        );
+        lab.shutdown()?;
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
@@ -112,6 +153,7 @@ fn run() -> Result<()> {
         "accel" => accel_task(),
         "demo" => demo::run(),
         "boot" => boot_task(&args[1..]),
+        "bench-hid" => bench_hid(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())

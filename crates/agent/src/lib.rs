@@ -1,6 +1,6 @@
 //! vstream-agent's settings: from its command line or, when it runs as a guest's helper
-//! started by init, from the kernel command line (`vstream.connect=ADDR`, repeatable, and
-//! `vstream.name=NAME`).
+//! started by init, from the kernel command line (`vstream.connect=ADDR`, repeatable,
+//! `vstream.name=NAME` and `vstream.qga=ADDR`).
 #![deny(missing_docs)]
 
 use std::time::Duration;
@@ -38,6 +38,27 @@ impl Agent {
     /// The session with the host.
     pub fn mux(&self) -> &Mux {
         &self.mux
+    }
+
+    /// Also accepts raw print jobs (AppSocket/JetDirect) on a listening address, e.g.
+    /// `tcp-listen:127.0.0.1:9100` or `unix-listen:/run/vstream/printer.sock`; each connection
+    /// is one job, sent to the host's spool.
+    pub fn serve_printer(&mut self, address: Address) {
+        self.tasks.push(tokio::spawn(vstream_devices::printer::guest::listen(
+            self.mux.clone(),
+            address,
+        )));
+    }
+
+    /// Also serves the QEMU guest agent protocol on a raw transport, e.g.
+    /// `port:org.qemu.guest_agent.0`, for existing QGA clients (same state as the `qga`
+    /// channels).
+    pub fn serve_qga(&mut self, address: Address) {
+        let agent = vstream_devices::qga::guest::GuestAgent::global();
+        self.tasks
+            .push(tokio::spawn(vstream_devices::qga::guest::serve_address(
+                agent, address,
+            )));
     }
 }
 
@@ -95,13 +116,16 @@ pub struct Settings {
     pub connect: Vec<Address>,
     /// The guest name announced to the host.
     pub name: Option<String>,
+    /// A raw transport on which to serve the QEMU guest agent protocol.
+    pub qga: Option<Address>,
 }
 
-/// Reads `vstream.connect=` and `vstream.name=` from a kernel command line.
+/// Reads `vstream.connect=`, `vstream.name=` and `vstream.qga=` from a kernel command line.
 pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
     let mut s = Settings {
         connect: Vec::new(),
         name: None,
+        qga: None,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(a) = word.strip_prefix("vstream.connect=") {
@@ -109,22 +133,56 @@ pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
                 .push(a.parse().map_err(|e| format!("vstream.connect={a}: {e}"))?);
         } else if let Some(n) = word.strip_prefix("vstream.name=") {
             s.name = Some(n.to_owned());
+        } else if let Some(a) = word.strip_prefix("vstream.qga=") {
+            s.qga = Some(a.parse().map_err(|e| format!("vstream.qga={a}: {e}"))?);
         }
     }
     Ok(s)
 }
 
+/// The printer listeners a kernel command line asks for: `vstream.printer=ADDR` (repeatable)
+/// or `vstream.printer=off`; `None` if it says nothing (then the defaults apply).
+pub fn printer_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, String> {
+    let mut out: Option<Vec<Address>> = None;
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(a) = word.strip_prefix("vstream.printer=") {
+            let list = out.get_or_insert_with(Vec::new);
+            if a != "off" {
+                list.push(a.parse().map_err(|e| format!("vstream.printer={a}: {e}"))?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printer_listeners_from_the_kernel_command_line() {
+        assert_eq!(super::printer_listeners("quiet").expect("none"), None);
+        assert_eq!(super::printer_listeners("vstream.printer=off").expect("off"), Some(vec![]));
+        let l = super::printer_listeners("vstream.printer=tcp-listen:127.0.0.1:9101 vstream.printer=unix-listen:/run/p.sock")
+            .expect("two")
+            .expect("some");
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].to_string(), "tcp-listen:127.0.0.1:9101");
+        assert!(super::printer_listeners("vstream.printer=bogus:1").is_err());
+    }
+
+
     use super::*;
 
     #[test]
     fn reads_repeated_connects_and_the_name() {
         let s = from_kernel_cmdline(
-            "console=ttyS0 vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab",
+            "console=ttyS0 vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab vstream.qga=port:org.qemu.guest_agent.0",
         )
         .expect("parse");
         assert_eq!(s.name.as_deref(), Some("lab"));
+        assert_eq!(
+            s.qga.map(|a| a.to_string()).as_deref(),
+            Some("port:org.qemu.guest_agent.0")
+        );
         assert_eq!(s.connect.len(), 2);
         assert_eq!(s.connect[0].to_string(), "port:org.vstream.0");
         assert!(matches!(&s.connect[1], Address::Serial(c) if c.baud == 115_200));

@@ -8,6 +8,10 @@
 
 pub mod console;
 pub mod diag;
+pub mod hid;
+pub mod printer;
+pub mod qga;
+pub mod tty;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +33,12 @@ pub trait Service: Send + Sync {
 
 /// The guest halves run by vstream-agent.
 pub fn guest_services() -> Vec<Arc<dyn Service>> {
-    vec![Arc::new(diag::Echo)]
+    vec![
+        Arc::new(diag::Echo),
+        Arc::new(hid::guest::Hid::uinput()),
+        Arc::new(tty::guest::Tty),
+        Arc::new(qga::QgaService::global()),
+    ]
 }
 
 /// The host halves run by vstreamd for channels a guest opens.

@@ -102,6 +102,39 @@ pub struct GuestConfig {
     /// Ways to reach the guest.
     #[serde(default)]
     pub transport: Vec<TransportConfig>,
+    /// The guest's printer spool (`[guest.printer]`; default: enabled, in
+    /// `STATE_DIR/GUEST/spool`, 1 GiB).
+    #[serde(default)]
+    pub printer: PrinterConfig,
+}
+
+/// `[guest.printer]`: where the guest's print jobs go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrinterConfig {
+    /// Accept print jobs from this guest.
+    pub enabled: bool,
+    /// Spool directory (default `STATE_DIR/GUEST/spool`).
+    pub spool: Option<PathBuf>,
+    /// Most bytes the spool may hold; further jobs are refused.
+    pub quota_bytes: u64,
+    /// Program and arguments run after each finished job; the job file's path and its type
+    /// are appended (and set in `VSTREAM_JOB_FILE`, `VSTREAM_JOB_TYPE`, ...).
+    pub hook: Vec<String>,
+    /// The hook is killed after this many seconds.
+    pub hook_timeout_secs: u64,
+}
+
+impl Default for PrinterConfig {
+    fn default() -> PrinterConfig {
+        PrinterConfig {
+            enabled: true,
+            spool: None,
+            quota_bytes: 1 << 30,
+            hook: Vec::new(),
+            hook_timeout_secs: 60,
+        }
+    }
 }
 
 /// What a transport carries.
@@ -112,6 +145,10 @@ pub enum TransportKind {
     Mux,
     /// A raw console stream (captured and logged).
     Console,
+    /// A raw QEMU guest agent stream (e.g. the chardev of `org.qemu.guest_agent.0` with a real
+    /// qemu-ga behind it): `vstreamctl agent` and its verbs go there instead of to a `qga`
+    /// channel of vstream-agent. At most one per guest.
+    Qga,
 }
 
 /// `[[guest.transport]]`.
@@ -177,6 +214,18 @@ impl Config {
                     g.name
                 );
             }
+            if g.transport
+                .iter()
+                .filter(|t| t.kind == TransportKind::Qga)
+                .count()
+                > 1
+            {
+                anyhow::bail!(
+                    "{}: guest {:?} has more than one qga transport",
+                    path.display(),
+                    g.name
+                );
+            }
         }
         Ok(cfg)
     }
@@ -197,6 +246,29 @@ mod tests {
             .iter()
             .any(|t| t.kind == TransportKind::Console));
         assert_eq!(cfg.daemon.limits.channel_window, 256 * 1024);
+    }
+
+    #[test]
+    fn a_qga_transport_parses() {
+        let cfg: Config = toml::from_str(
+            "[[guest]]\nname = \"a\"\n[[guest.transport]]\nkind = \"qga\"\naddress = \"unix:/run/qga.sock\"\n",
+        )
+        .expect("qga transport");
+        assert_eq!(cfg.guest[0].transport[0].kind, TransportKind::Qga);
+    }
+
+    #[test]
+    fn a_printer_section_parses() {
+        let cfg: Config = toml::from_str(
+            "[[guest]]\nname = \"a\"\n[guest.printer]\nspool = \"/var/spool/a\"\nquota_bytes = 1000\nhook = [\"/bin/echo\", \"x\"]\n",
+        )
+        .expect("printer");
+        let p = &cfg.guest[0].printer;
+        assert_eq!(p.spool.as_deref(), Some(Path::new("/var/spool/a")));
+        assert_eq!((p.quota_bytes, p.enabled, p.hook.len()), (1000, true, 2));
+        assert!(toml::from_str::<Config>("[[guest]]\nname = \"a\"\n[guest.printer]\nquota = 1\n").is_err());
+        let d: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("default");
+        assert_eq!(d.guest[0].printer.quota_bytes, 1 << 30);
     }
 
     #[test]

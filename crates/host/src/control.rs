@@ -1,8 +1,8 @@
 //! The control socket protocol between vstreamctl and vstreamd.
 //!
 //! The client writes one JSON request on one line; the daemon answers with one JSON reply on
-//! one line. For `console` (attach) and `open`, the connection then carries raw bytes both ways;
-//! for `events` it carries one JSON event per line.
+//! one line. For `console` (attach), `open` and `agent`, the connection then carries raw bytes
+//! both ways; for `events` it carries one JSON event per line.
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,6 +38,18 @@ pub enum Request {
         /// Name within the class.
         name: String,
     },
+    /// Turn this connection into a raw QEMU guest agent stream to a guest: its `qga` transport
+    /// (a real qemu-ga) if it has one, else a `qga` channel of vstream-agent. The client speaks
+    /// QGA itself (see `vstream_devices::qga::host`).
+    Agent {
+        /// Guest name.
+        guest: String,
+    },
+    /// The print jobs in a guest's spool (reply: `jobs`).
+    Jobs {
+        /// Guest name.
+        guest: String,
+    },
     /// Stream lifecycle events.
     Events {
         /// Only this guest's.
@@ -59,6 +71,9 @@ pub struct Reply {
     /// For status: the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// For jobs: the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<serde_json::Value>,
 }
 
 impl Reply {

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use vstream_devices::console::{Console, ConsoleSettings};
+use vstream_devices::printer::host::{PrinterService, Spool, SpoolConfig};
 use vstream_link::{Mux, MuxStatus};
 use vstream_transport::{Address, Endpoint};
 use vstream_wire::Role;
@@ -61,8 +62,12 @@ pub struct Guest {
     name: String,
     mux: Mux,
     qmp: Option<Address>,
+    /// Raw QGA transport (a real qemu-ga), if configured.
+    qga: std::sync::OnceLock<Address>,
     transports: Mutex<Vec<TransportState>>,
     consoles: Vec<Arc<Console>>,
+    /// The printer spool, if the guest has one.
+    printer: Option<Arc<Spool>>,
 }
 
 impl Guest {
@@ -124,6 +129,7 @@ impl Guest {
             "transports": transports,
             "channels": mux.channels,
             "stats": mux.stats,
+            "printer": self.printer.as_ref().map(|p| p.status()),
         })
     }
 }
@@ -134,6 +140,8 @@ pub struct Daemon {
     limits: Limits,
     state_dir: PathBuf,
     events: broadcast::Sender<serde_json::Value>,
+    /// Printer spools of configured guests, by guest name.
+    printers: Mutex<BTreeMap<String, Arc<Spool>>>,
 }
 
 impl Daemon {
@@ -145,6 +153,7 @@ impl Daemon {
             limits: cfg.daemon.limits.clone(),
             state_dir,
             events,
+            printers: Mutex::new(BTreeMap::new()),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -169,16 +178,23 @@ impl Daemon {
     ) -> Arc<Guest> {
         let cfg = self.limits.wire_config(Role::Host, name);
         let (mux, incoming) = Mux::new(cfg, rand::random::<u64>() | 1);
-        tokio::spawn(vstream_devices::dispatch(
-            vstream_devices::host_services(),
-            incoming,
-        ));
+        let printer = self
+            .printers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let mut services = vstream_devices::host_services();
+        services.push(Arc::new(PrinterService::new(name, printer.clone())));
+        tokio::spawn(vstream_devices::dispatch(services, incoming));
         let guest = Arc::new(Guest {
             name: name.to_owned(),
             mux: mux.clone(),
             qmp,
+            qga: std::sync::OnceLock::new(),
             transports: Mutex::new(Vec::new()),
             consoles,
+            printer,
         });
         // Forward the session's events, tagged with the guest.
         let mut rx = mux.subscribe();
@@ -224,7 +240,37 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("guest {}: console {}: {e}", g.name, t.display_name()))?;
             consoles.push(console);
         }
+        if g.printer.enabled {
+            let p = &g.printer;
+            let events = self.events.clone();
+            let gname = g.name.clone();
+            let spool = Spool::open(
+                &g.name,
+                SpoolConfig {
+                    dir: p
+                        .spool
+                        .clone()
+                        .unwrap_or_else(|| self.state_dir.join(&g.name).join("spool")),
+                    quota_bytes: p.quota_bytes,
+                    hook: p.hook.clone(),
+                    hook_timeout: Duration::from_secs(p.hook_timeout_secs),
+                },
+                Arc::new(move |mut v| {
+                    v["guest"] = json!(gname);
+                    v["time"] = json!(now_secs());
+                    let _ = events.send(v);
+                }),
+            )
+            .map_err(|e| anyhow::anyhow!("guest {}: printer: {e}", g.name))?;
+            self.printers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(g.name.clone(), spool);
+        }
         let guest = self.new_guest(&g.name, g.qmp.clone(), consoles);
+        if let Some(t) = g.transport.iter().find(|t| t.kind == TransportKind::Qga) {
+            let _ = guest.qga.set(t.address.clone());
+        }
         for (prio, t) in g
             .transport
             .iter()
@@ -435,6 +481,42 @@ impl Daemon {
                 let (a, b) = tokio::join!(up, down);
                 a.and(b)
             }
+            Request::Agent { guest } => {
+                let Some(g) = self.guest(&guest) else {
+                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
+                        .await;
+                };
+                match qga_stream(&g).await {
+                    Ok(stream) => {
+                        write_line(&mut w, &Reply::ok()).await?;
+                        pipe(r, w, stream).await
+                    }
+                    Err(e) => write_line(&mut w, &Reply::error(format!("{guest}: {e}"))).await,
+                }
+            }
+            Request::Jobs { guest } => {
+                let Some(g) = self.guest(&guest) else {
+                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
+                        .await;
+                };
+                let Some(spool) = g.printer.clone() else {
+                    return write_line(
+                        &mut w,
+                        &Reply::error(format!("guest {guest:?} has no printer spool")),
+                    )
+                    .await;
+                };
+                let reply = match tokio::task::spawn_blocking(move || spool.jobs()).await {
+                    Ok(Ok(jobs)) => Reply {
+                        ok: true,
+                        jobs: Some(serde_json::to_value(jobs).unwrap_or_default()),
+                        ..Reply::default()
+                    },
+                    Ok(Err(e)) => Reply::error(format!("{guest}: printer spool: {e}")),
+                    Err(e) => Reply::error(format!("{guest}: printer spool: {e}")),
+                };
+                write_line(&mut w, &reply).await
+            }
             Request::Events { guest } => {
                 let mut rx = self.events.subscribe();
                 write_line(&mut w, &Reply::ok()).await?;
@@ -454,6 +536,54 @@ impl Daemon {
             }
         }
     }
+}
+
+/// A QGA byte stream to a guest: its raw `qga` transport if configured (a real qemu-ga), else
+/// a `qga` channel of vstream-agent.
+async fn qga_stream(g: &Guest) -> Result<vstream_transport::BoxStream, String> {
+    let wait = Duration::from_secs(30);
+    match g.qga.get() {
+        Some(address) => {
+            let connect = async { Endpoint::bind(address.clone()).await?.next().await };
+            match tokio::time::timeout(wait, connect).await {
+                Ok(Ok(c)) => Ok(c.stream),
+                Ok(Err(e)) => Err(format!("qga transport: {e}")),
+                Err(_) => Err(format!(
+                    "qga transport {address}: no connection within 30 s"
+                )),
+            }
+        }
+        None => {
+            let class = vstream_devices::qga::CLASS;
+            match tokio::time::timeout(wait, g.mux.open(class, "")).await {
+                Ok(Ok(c)) => Ok(Box::new(c)),
+                Ok(Err(e)) => Err(format!("{class}: {e}")),
+                Err(_) => Err(format!(
+                    "{class}: no answer within 30 s (is the agent connected?)"
+                )),
+            }
+        }
+    }
+}
+
+/// Copies both ways between a control connection and a stream until both ends are done; EOF
+/// is passed on as a half close.
+async fn pipe(
+    mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    stream: vstream_transport::BoxStream,
+) -> io::Result<()> {
+    let (mut sr, mut sw) = tokio::io::split(stream);
+    let up = async {
+        tokio::io::copy(&mut r, &mut sw).await?;
+        sw.shutdown().await
+    };
+    let down = async {
+        tokio::io::copy(&mut sr, &mut w).await?;
+        w.shutdown().await
+    };
+    let (a, b) = tokio::join!(up, down);
+    a.and(b)
 }
 
 /// Keeps one configured mux transport connected, forever, with backoff.

@@ -22,7 +22,7 @@ use vstream_transport::Address;
 use vstream_wire::frame::Decoder;
 use vstream_wire::{
     peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
-    Session,
+    Session, Transmit,
 };
 
 /// Most bytes handed to a transport in one write: large enough to batch many small frames
@@ -455,21 +455,39 @@ impl Mux {
         w: &mut W,
         wake: &Notify,
     ) -> String {
-        let mut out = Vec::with_capacity(WRITE_BATCH + 70 * 1024);
+        // Where the transport takes vectored writes (sockets), large payloads go to the kernel
+        // straight from the session's queues: one copy fewer, and the lock is held only to
+        // encode headers. A bulk transfer spent a twentieth of its CPU time in that copy.
+        let mut tx = Transmit::default();
+        let mut out = Vec::new();
+        let vectored = w.is_write_vectored();
         loop {
+            tx.clear();
             out.clear();
             {
                 let mut inner = self.shared.lock();
-                inner
-                    .session
-                    .poll_transmit(link, Instant::now(), &mut out, WRITE_BATCH);
+                let now = Instant::now();
+                if vectored {
+                    inner
+                        .session
+                        .poll_transmit_vectored(link, now, &mut tx, WRITE_BATCH);
+                } else {
+                    inner
+                        .session
+                        .poll_transmit(link, now, &mut out, WRITE_BATCH);
+                }
                 inner.dispatch(&self.shared);
             }
-            if out.is_empty() {
+            if tx.is_empty() && out.is_empty() {
                 wake.notified().await;
                 continue;
             }
-            if let Err(e) = w.write_all(&out).await {
+            let written = if vectored {
+                write_all_vectored(w, &tx).await
+            } else {
+                w.write_all(&out).await
+            };
+            if let Err(e) = written {
                 return format!("write failed: {e}");
             }
             if let Err(e) = w.flush().await {
@@ -492,6 +510,21 @@ impl Mux {
             }
         }
     }
+}
+
+/// Writes all of `tx` with as few `writev` calls as the transport allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, tx: &Transmit) -> io::Result<()> {
+    let mut done = 0;
+    let mut slices = Vec::new();
+    while done < tx.len() {
+        slices.clear();
+        tx.slices(done, &mut slices);
+        match w.write_vectored(&slices).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => done += n,
+        }
+    }
+    Ok(())
 }
 
 /// Reads from a fresh stream until the peer's HELLO arrives (or `timeout` passes). Returns the
@@ -574,9 +607,12 @@ impl ChannelStream {
         }
     }
 
-    fn accept_if_pending(&mut self, inner: &mut Inner) {
-        if std::mem::take(&mut self.pending_accept) && inner.epoch() == self.epoch {
-            let _ = inner.session.accept(self.id);
+    /// Takes the fields it needs (not `&mut self`) so that callers can hold the lock guard
+    /// borrowed from `self.shared` without cloning the `Arc`: that clone and drop, two atomic
+    /// operations on a line both cores touch, cost 18% of the CPU time at 64-byte writes.
+    fn accept_if_pending(pending: &mut bool, id: ChannelId, epoch: u64, inner: &mut Inner) {
+        if std::mem::take(pending) && inner.epoch() == epoch {
+            let _ = inner.session.accept(id);
             inner.kick();
         }
     }
@@ -624,9 +660,8 @@ impl AsyncRead for ChannelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let shared = this.shared.clone();
-        let mut inner = shared.lock();
-        this.accept_if_pending(&mut inner);
+        let mut inner = this.shared.lock();
+        Self::accept_if_pending(&mut this.pending_accept, this.id, this.epoch, &mut inner);
         if inner.epoch() != this.epoch {
             return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
         }
@@ -659,9 +694,8 @@ impl AsyncWrite for ChannelStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let shared = this.shared.clone();
-        let mut inner = shared.lock();
-        this.accept_if_pending(&mut inner);
+        let mut inner = this.shared.lock();
+        Self::accept_if_pending(&mut this.pending_accept, this.id, this.epoch, &mut inner);
         if inner.epoch() != this.epoch {
             return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
         }

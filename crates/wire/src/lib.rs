@@ -11,7 +11,7 @@ pub mod frame;
 pub mod hello;
 pub mod session;
 
-pub use frame::{DecodeError, Decoder, Frame, Kind};
+pub use frame::{DecodeError, Decoder, Frame, Kind, Transmit};
 pub use hello::{peek_hello, Hello, Role};
 pub use session::{
     ChannelError, ChannelId, ChannelInfo, Config, Event, LinkId, LinkParams, LinkStats,

@@ -18,9 +18,123 @@ struct Args {
     /// The guest name announced to the host (default: vstream.name= or the host name).
     #[arg(long)]
     name: Option<String>,
+    /// Also serve the QEMU guest agent protocol here, for existing QGA clients, e.g.
+    /// port:org.qemu.guest_agent.0 (default: vstream.qga= when settings come from the kernel
+    /// command line).
+    #[arg(long)]
+    qga: Option<Address>,
+    /// Accept raw print jobs here (repeatable), e.g. tcp-listen:127.0.0.1:9100,
+    /// unix-listen:/run/vstream/printer.sock (default: vstream.printer= on the kernel command
+    /// line, else those two).
+    #[arg(long)]
+    printer: Vec<Address>,
+    /// Do not accept print jobs.
+    #[arg(long, conflicts_with = "printer")]
+    no_printer: bool,
     /// Kernel command line to read settings from.
     #[arg(long, default_value = "/proc/cmdline", hide = true)]
     cmdline: PathBuf,
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+/// Helpers for tests and diagnosis (hidden).
+#[derive(clap::Subcommand, Debug)]
+enum Tool {
+    /// Print the events of an input device (by name or /dev/input path) until N reports.
+    #[command(hide = true)]
+    Evtest {
+        /// Device name (as in /sys/class/input/*/name) or node path.
+        device: String,
+        /// Stop after this many reports.
+        #[arg(long, default_value = "1000000")]
+        reports: usize,
+        /// Stop after this many seconds.
+        #[arg(long, default_value = "60")]
+        timeout: u64,
+        /// Grab the device.
+        #[arg(long)]
+        grab: bool,
+    },
+    /// Forward an evdev device into hid channel streams reached at transport addresses
+    /// (`--to keyboard=port:NAME`): the forwarding half of `vstreamctl input --forward`.
+    #[command(hide = true)]
+    HidForward {
+        /// The evdev node, or a device name.
+        device: String,
+        /// Grab the device.
+        #[arg(long)]
+        grab: bool,
+        /// KIND=ADDRESS for each guest device kind the source feeds.
+        #[arg(long, required = true)]
+        to: Vec<String>,
+    },
+}
+
+fn run_tool(tool: Tool) -> anyhow::Result<()> {
+    use vstream_devices::hid::{self, forward};
+    match tool {
+        Tool::Evtest {
+            device,
+            reports,
+            timeout,
+            grab,
+        } => {
+            let mut out = std::io::stdout().lock();
+            hid::guest::evtest(
+                &device,
+                reports,
+                std::time::Duration::from_secs(timeout),
+                grab,
+                &mut out,
+            )?;
+            Ok(())
+        }
+        Tool::HidForward { device, grab, to } => {
+            let device = if device.starts_with('/') {
+                PathBuf::from(&device)
+            } else {
+                hid::guest::find_device(&device)
+                    .ok_or_else(|| anyhow::anyhow!("no input device named {device:?}"))?
+            };
+            let mut targets = std::collections::BTreeMap::new();
+            for t in &to {
+                let (k, a) = t
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--to {t}: expected KIND=ADDRESS"))?;
+                let kind = hid::Kind::from_name(k)
+                    .ok_or_else(|| anyhow::anyhow!("--to {t}: {k:?} is not keyboard, mouse or tablet"))?;
+                let addr: Address = a.parse().map_err(|e| anyhow::anyhow!("--to {t}: {e}"))?;
+                targets.insert(kind, addr);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let open = |kind: hid::Kind| {
+                    let addr = targets.get(&kind).cloned();
+                    async move {
+                        let addr = addr.ok_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!("the device also feeds the guest {kind}: give --to {kind}=ADDRESS"),
+                            )
+                        })?;
+                        let mut ep = vstream_transport::Endpoint::bind(addr).await?;
+                        Ok(ep.next().await?.stream)
+                    }
+                };
+                let stop = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                let opts = forward::ForwardOptions {
+                    grab,
+                    ..Default::default()
+                };
+                let stats = forward::forward(&device, &opts, open, stop).await?;
+                eprintln!("forwarded: {stats:?}");
+                Ok(())
+            })
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,12 +145,16 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(tool) = args.tool.take() {
+        return run_tool(tool);
+    }
     let mut settings = Settings {
         connect: args.connect.clone(),
         name: args.name.clone(),
+        qga: args.qga.clone(),
     };
-    if settings.connect.is_empty() {
+    if settings.connect.is_empty() && settings.qga.is_none() {
         let text = std::fs::read_to_string(&args.cmdline).map_err(|e| {
             anyhow::anyhow!(
                 "no --connect given and cannot read {}: {e}",
@@ -46,10 +164,21 @@ fn main() -> anyhow::Result<()> {
         let k = from_kernel_cmdline(&text).map_err(anyhow::Error::msg)?;
         settings.connect = k.connect;
         settings.name = settings.name.or(k.name);
+        settings.qga = k.qga;
     }
-    if settings.connect.is_empty() {
-        anyhow::bail!("nothing to connect to: give --connect ADDR or vstream.connect= on the kernel command line");
+    if settings.connect.is_empty() && settings.qga.is_none() {
+        anyhow::bail!("nothing to connect to: give --connect ADDR (or --qga ADDR) or vstream.connect= on the kernel command line");
     }
+    let printer = if args.no_printer {
+        Vec::new()
+    } else if !args.printer.is_empty() {
+        args.printer.clone()
+    } else {
+        let text = std::fs::read_to_string(&args.cmdline).unwrap_or_default();
+        vstream_agent::printer_listeners(&text)
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or_else(vstream_devices::printer::guest::default_listeners)
+    };
     let name = settings.name.unwrap_or_else(|| {
         rustix::system::uname()
             .nodename()
@@ -61,7 +190,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let agent = vstream_agent::Agent::start(&name, settings.connect);
+            let mut agent = vstream_agent::Agent::start(&name, settings.connect);
+            if let Some(qga) = settings.qga {
+                agent.serve_qga(qga);
+            }
+            for address in printer {
+                agent.serve_printer(address);
+            }
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {

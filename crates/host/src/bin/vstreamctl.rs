@@ -57,6 +57,28 @@ enum Cmd {
         #[arg(default_value = "")]
         name: String,
     },
+    /// A shell on a guest, like ssh: the login shell, or CMD; on a pty if stdin is a terminal.
+    Shell {
+        /// Guest name.
+        guest: String,
+        /// Use a pty even if stdin is not a terminal.
+        #[arg(short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never use a pty (stdin, stdout and stderr stay separate pipes).
+        #[arg(short = 'T')]
+        no_tty: bool,
+        /// The command and its arguments, after `--` (default: the login shell).
+        #[arg(last = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Run a command on a guest on plain pipes, like `docker exec`; exits with its status.
+    Exec {
+        /// Guest name.
+        guest: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Stream lifecycle events (agent and transport up/down, resets, errors).
     Events {
         /// Only this guest's.
@@ -64,6 +86,138 @@ enum Cmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+    /// Send one raw QEMU guest agent command and print the reply, like `virsh
+    /// qemu-agent-command` (to the guest's qga transport if it has one, else to vstream-agent).
+    Agent {
+        /// Guest name.
+        guest: String,
+        /// The command, e.g. '{"execute":"guest-info"}'.
+        command: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value = "30")]
+        timeout: f64,
+        /// Indent the reply.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Copy a file to or from a guest through its agent: `cp FILE GUEST:PATH` or
+    /// `cp GUEST:PATH FILE` (`-` is stdin or stdout).
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+        /// Bytes per guest-file-read/write request.
+        #[arg(long, default_value_t = vstream_devices::qga::host::DEFAULT_CHUNK)]
+        chunk: usize,
+    },
+    /// Shut a guest down through its agent (guest-shutdown).
+    Shutdown {
+        /// Guest name.
+        guest: String,
+        /// powerdown, halt or reboot.
+        #[arg(long, default_value = "powerdown", value_parser = ["powerdown", "halt", "reboot"])]
+        mode: String,
+    },
+    /// Reboot a guest through its agent (guest-shutdown mode=reboot).
+    Reboot {
+        /// Guest name.
+        guest: String,
+    },
+    /// Set a guest's clock to the host's (guest-set-time) and print how far off it was.
+    TimeSync {
+        /// Guest name.
+        guest: String,
+    },
+    /// Keyboard, mouse and tablet input into a guest, or forward a host input device.
+    Input {
+        /// Guest name.
+        guest: String,
+        /// Forward this evdev device (/dev/input/eventN) until Ctrl-C or until it goes away.
+        #[arg(long, value_name = "DEVICE")]
+        forward: Option<PathBuf>,
+        /// With --forward: take the device exclusively (the host stops seeing its events).
+        #[arg(long, requires = "forward")]
+        grab: bool,
+        #[command(subcommand)]
+        action: Option<InputCmd>,
+    },
+    /// The print jobs in a guest's spool: size, type, state (done, partial, refused).
+    Jobs {
+        /// Guest name.
+        guest: String,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vstreamctl input GUEST ...`.
+#[derive(Subcommand, Debug)]
+enum InputCmd {
+    /// Type text with a US keyboard layout (a newline is Enter, a tab is Tab).
+    Type {
+        /// The text.
+        text: String,
+    },
+    /// Press key combinations one after the other, e.g. `ctrl+alt+f2`, `enter`.
+    Key {
+        /// KEY or MOD+...+KEY.
+        #[arg(required = true)]
+        combos: Vec<String>,
+    },
+    /// Relative mouse: move, click, wheel.
+    Mouse {
+        #[command(subcommand)]
+        action: MouseCmd,
+    },
+    /// Put the absolute pointer at X Y, each from 0.0 to 1.0 of the screen.
+    Tablet {
+        /// Horizontal position.
+        x: f64,
+        /// Vertical position.
+        y: f64,
+        /// Click there: left, right or middle.
+        #[arg(long)]
+        click: Option<String>,
+    },
+    /// Measure round trips: host inject -> guest evdev read -> acknowledgement.
+    Latency {
+        /// Probes (mouse REL_X +1 and -1 in turn).
+        #[arg(long, default_value = "200")]
+        count: usize,
+        /// Pause between probes, milliseconds.
+        #[arg(long, default_value = "0")]
+        gap_ms: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vstreamctl input GUEST mouse ...`.
+#[derive(Subcommand, Debug)]
+enum MouseCmd {
+    /// Move by DX DY.
+    #[command(allow_negative_numbers = true)]
+    Move {
+        /// Horizontal motion.
+        dx: i32,
+        /// Vertical motion.
+        dy: i32,
+    },
+    /// Click a button: left (default), right or middle.
+    Click {
+        /// The button.
+        #[arg(default_value = "left")]
+        button: String,
+    },
+    /// Turn the wheel by N notches (negative: towards the user).
+    #[command(allow_negative_numbers = true)]
+    Wheel {
+        /// Notches.
+        notches: i32,
     },
 }
 
@@ -164,6 +318,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
             a?;
             b
         }
+        Cmd::Shell {
+            guest,
+            tty,
+            no_tty,
+            command,
+        } => {
+            use vstream_devices::tty::host::{run, PtyMode};
+            let class = vstream_devices::tty::CLASS.into();
+            let req = Request::Open {
+                guest: guest.clone(),
+                class,
+                name: String::new(),
+            };
+            let (r, w, _) = request(&args.control, &req).await?;
+            let mode = match (tty, no_tty) {
+                (true, _) => PtyMode::Always,
+                (_, true) => PtyMode::Never,
+                _ => PtyMode::Auto,
+            };
+            // Exits here: the runtime's blocking stdin reader cannot be cancelled.
+            std::process::exit(run(&guest, r, w, command, mode).await)
+        }
+        Cmd::Exec { guest, command } => {
+            use vstream_devices::tty::host::{run, PtyMode};
+            let class = vstream_devices::tty::CLASS.into();
+            let req = Request::Open {
+                guest: guest.clone(),
+                class,
+                name: String::new(),
+            };
+            let (r, w, _) = request(&args.control, &req).await?;
+            std::process::exit(run(&guest, r, w, command, PtyMode::Never).await)
+        }
         Cmd::Events { guest, json } => {
             let (mut r, _w, _) = request(&args.control, &Request::Events { guest }).await?;
             loop {
@@ -175,6 +362,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Agent {
+            guest,
+            command,
+            timeout,
+            pretty,
+        } => qga_raw(&args.control, &guest, &command, timeout, pretty).await,
+        Cmd::Cp { src, dst, chunk } => qga_cp(&args.control, &src, &dst, chunk).await,
+        Cmd::Shutdown { guest, mode } => qga_shutdown(&args.control, &guest, &mode).await,
+        Cmd::Reboot { guest } => qga_shutdown(&args.control, &guest, "reboot").await,
+        Cmd::TimeSync { guest } => qga_time_sync(&args.control, &guest).await,
+        Cmd::Input {
+            guest,
+            forward,
+            grab,
+            action,
+        } => input(&args.control, &guest, forward, grab, action).await,
+        Cmd::Jobs { guest, json } => jobs(&args.control, &guest, json).await,
     }
 }
 
@@ -362,4 +566,378 @@ fn render_event(ev: &Value) -> String {
         ev["event"].as_str().unwrap_or("?"),
         rest
     )
+}
+
+// ---- The QEMU guest agent verbs: agent, cp, shutdown, reboot, time-sync. ---------------------
+
+type QgaClient = vstream_devices::qga::host::Client<
+    tokio::io::Join<BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf>,
+>;
+
+/// A QGA client through vstreamd to `guest`, synchronised.
+async fn qga_client(
+    control: &PathBuf,
+    guest: &str,
+    timeout: Duration,
+) -> anyhow::Result<QgaClient> {
+    let req = Request::Agent {
+        guest: guest.to_owned(),
+    };
+    let (r, w, _) = request(control, &req).await?;
+    let mut client = vstream_devices::qga::host::Client::new(tokio::io::join(r, w));
+    client.set_timeout(timeout);
+    client
+        .sync()
+        .await
+        .with_context(|| format!("{guest}: synchronising with the guest agent"))?;
+    Ok(client)
+}
+
+async fn qga_raw(
+    control: &PathBuf,
+    guest: &str,
+    command: &str,
+    timeout: f64,
+    pretty: bool,
+) -> anyhow::Result<()> {
+    use vstream_devices::qga::{command_spec, host::check_reply};
+    let request: Value = serde_json::from_str(command).context("the command is not JSON")?;
+    let execute = request.get("execute").and_then(Value::as_str).unwrap_or("");
+    let timeout = Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
+    let mut client = qga_client(control, guest, timeout).await?;
+    if command_spec(execute).is_some_and(|c| !c.success_response) {
+        // No reply on success (guest-shutdown): wait briefly for an error only.
+        let cmd = vstream_devices::qga::Command::parse(
+            execute,
+            request
+                .get("arguments")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        client
+            .call_no_reply(&cmd, timeout.min(Duration::from_secs(3)))
+            .await?;
+        return Ok(());
+    }
+    let reply = client.request(&request).await?;
+    if pretty {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        println!("{reply}");
+    }
+    match check_reply(reply) {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("{guest}: {execute}: {e}"),
+    }
+}
+
+/// `GUEST:PATH` (scp style: a colon before any slash), or a local path.
+fn remote_path(arg: &str) -> Option<(&str, &str)> {
+    let (guest, path) = arg.split_once(':')?;
+    (!guest.is_empty() && !guest.contains('/')).then_some((guest, path))
+}
+
+/// Shows copy progress on stderr when it is a terminal, at most ten times a second.
+struct Progress {
+    label: String,
+    tty: bool,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(label: String) -> Progress {
+        Progress {
+            label,
+            tty: std::io::stderr().is_terminal(),
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    fn show(&mut self, done: u64, total: Option<u64>, last: bool) {
+        if !self.tty {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if !last
+            && self
+                .last
+                .is_some_and(|t| now - t < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let rate = done as f64 / now.duration_since(self.start).as_secs_f64().max(1e-3);
+        let line = match total {
+            Some(t) if t > 0 => {
+                let pct = (done as f64 / t as f64 * 100.0).min(100.0);
+                let width = 30;
+                let fill = (pct / 100.0 * width as f64) as usize;
+                format!(
+                    "{} [{}{}] {:>3.0}% {}/{} {}/s",
+                    self.label,
+                    "#".repeat(fill),
+                    " ".repeat(width - fill),
+                    pct,
+                    bytes(&Value::from(done)),
+                    bytes(&Value::from(t)),
+                    bytes(&Value::from(rate as u64)),
+                )
+            }
+            _ => format!(
+                "{} {} {}/s",
+                self.label,
+                bytes(&Value::from(done)),
+                bytes(&Value::from(rate as u64))
+            ),
+        };
+        eprint!("\r{line}\x1b[K");
+        if last {
+            eprintln!();
+        }
+    }
+}
+
+async fn qga_cp(control: &PathBuf, src: &str, dst: &str, chunk: usize) -> anyhow::Result<()> {
+    use vstream_devices::qga::host::{copy_from_guest, copy_to_guest};
+    let timeout = Duration::from_secs(60);
+    match (remote_path(src), remote_path(dst)) {
+        (None, Some((guest, path))) => {
+            let mut client = qga_client(control, guest, timeout).await?;
+            let (reader, total): (Box<dyn AsyncRead + Unpin>, Option<u64>) = if src == "-" {
+                (Box::new(tokio::io::stdin()), None)
+            } else {
+                let file = tokio::fs::File::open(src)
+                    .await
+                    .with_context(|| format!("cannot open {src}"))?;
+                let len = file.metadata().await.ok().map(|m| m.len());
+                (Box::new(file), len)
+            };
+            let mut progress = Progress::new(format!("{src} -> {dst}"));
+            let n = copy_to_guest(&mut client, reader, path, chunk, |d| {
+                progress.show(d, total, false)
+            })
+            .await
+            .with_context(|| format!("copying {src} to {dst}"))?;
+            progress.show(n, total.or(Some(n)), true);
+            Ok(())
+        }
+        (Some((guest, path)), None) => {
+            let mut client = qga_client(control, guest, timeout).await?;
+            let mut progress = Progress::new(format!("{src} -> {dst}"));
+            let (writer, tmp): (Box<dyn tokio::io::AsyncWrite + Unpin>, Option<PathBuf>) =
+                if dst == "-" {
+                    (Box::new(tokio::io::stdout()), None)
+                } else {
+                    // Into a temporary file renamed at the end: a failed copy leaves no
+                    // truncated file behind under the destination's name.
+                    let tmp = PathBuf::from(format!("{dst}.vstream-partial"));
+                    let file = tokio::fs::File::create(&tmp)
+                        .await
+                        .with_context(|| format!("cannot create {}", tmp.display()))?;
+                    (Box::new(file), Some(tmp))
+                };
+            let result = copy_from_guest(&mut client, path, writer, chunk, |d, t| {
+                progress.show(d, t, false)
+            })
+            .await;
+            match (result, tmp) {
+                (Ok(n), tmp) => {
+                    if let Some(tmp) = tmp {
+                        tokio::fs::rename(&tmp, dst)
+                            .await
+                            .with_context(|| format!("cannot rename {} to {dst}", tmp.display()))?;
+                    }
+                    progress.show(n, Some(n), true);
+                    Ok(())
+                }
+                (Err(e), tmp) => {
+                    if let Some(tmp) = tmp {
+                        let _ = tokio::fs::remove_file(tmp).await;
+                    }
+                    Err(anyhow::Error::new(e).context(format!("copying {src} to {dst}")))
+                }
+            }
+        }
+        (Some(_), Some(_)) => bail!("cp: both {src} and {dst} are on guests; one must be local"),
+        (None, None) => bail!("cp: neither {src} nor {dst} is GUEST:PATH"),
+    }
+}
+
+async fn qga_shutdown(control: &PathBuf, guest: &str, mode: &str) -> anyhow::Result<()> {
+    use vstream_devices::qga::{Command, ShutdownMode};
+    let mode = match mode {
+        "reboot" => ShutdownMode::Reboot,
+        "halt" => ShutdownMode::Halt,
+        _ => ShutdownMode::Powerdown,
+    };
+    let mut client = qga_client(control, guest, Duration::from_secs(30)).await?;
+    client
+        .call_no_reply(&Command::Shutdown { mode }, Duration::from_secs(3))
+        .await
+        .with_context(|| format!("{guest}: guest-shutdown"))?;
+    Ok(())
+}
+
+async fn qga_time_sync(control: &PathBuf, guest: &str) -> anyhow::Result<()> {
+    fn host_ns() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64)
+    }
+    let mut client = qga_client(control, guest, Duration::from_secs(30)).await?;
+    let before = host_ns();
+    let guest_ns = client.get_time().await?;
+    let after = host_ns();
+    // The guest read its clock somewhere in [before, after]: compare with the middle.
+    let skew = guest_ns as i128 - (before as i128 + after as i128) / 2;
+    client.set_time(Some(host_ns())).await?;
+    let ms = skew as f64 / 1e6;
+    println!(
+        "{guest}: clock was {:.3} ms {} the host's; set to the host's time",
+        ms.abs(),
+        if skew >= 0 { "ahead of" } else { "behind" }
+    );
+    Ok(())
+}
+
+/// A `hid` channel to `guest` through vstreamd.
+async fn hid_channel(
+    control: &PathBuf,
+    guest: &str,
+    kind: vstream_devices::hid::Kind,
+) -> std::io::Result<
+    tokio::io::Join<BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf>,
+> {
+    let req = Request::Open {
+        guest: guest.to_owned(),
+        class: vstream_devices::hid::CLASS.into(),
+        name: kind.name().into(),
+    };
+    let (r, w, _) = request(control, &req)
+        .await
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    Ok(tokio::io::join(r, w))
+}
+
+async fn input(
+    control: &PathBuf,
+    guest: &str,
+    forward: Option<PathBuf>,
+    grab: bool,
+    action: Option<InputCmd>,
+) -> anyhow::Result<()> {
+    use vstream_devices::hid::{forward as fwd, host::Action, host::Button, host::Client, Kind};
+    let button = |b: &str| b.parse::<Button>().map_err(anyhow::Error::msg);
+    let action = match (forward, action) {
+        (Some(device), None) => {
+            let open = |kind: Kind| hid_channel(control, guest, kind);
+            let stop = async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        Ok(t) => t,
+                        Err(_) => return std::future::pending().await,
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            let options = fwd::ForwardOptions {
+                grab,
+                ..Default::default()
+            };
+            eprintln!(
+                "vstreamctl: forwarding {} to {guest}{}; Ctrl-C stops",
+                device.display(),
+                if grab { " (grabbed)" } else { "" }
+            );
+            let stats = fwd::forward(&device, &options, open, stop).await?;
+            eprintln!(
+                "vstreamctl: forwarded {} events in {} reports ({} dropped: no such key or axis in the guest)",
+                stats.events, stats.batches, stats.dropped
+            );
+            return Ok(());
+        }
+        (Some(_), Some(_)) => bail!("--forward and an input action exclude each other"),
+        (None, None) => bail!("give an action (type, key, mouse, tablet, latency) or --forward DEVICE"),
+        (None, Some(a)) => a,
+    };
+    let action = match action {
+        InputCmd::Type { text } => Action::Type(text),
+        InputCmd::Key { combos } => Action::Key(combos),
+        InputCmd::Mouse { action } => match action {
+            MouseCmd::Move { dx, dy } => Action::MouseMove(dx, dy),
+            MouseCmd::Click { button: b } => Action::MouseClick(button(&b)?),
+            MouseCmd::Wheel { notches } => Action::MouseWheel(notches),
+        },
+        InputCmd::Tablet { x, y, click } => Action::Tablet {
+            x,
+            y,
+            click: click.as_deref().map(button).transpose()?,
+        },
+        InputCmd::Latency { count, gap_ms, json } => {
+            let chan = hid_channel(control, guest, Kind::Mouse).await?;
+            let mut client = Client::new(chan);
+            let stats = vstream_devices::hid::host::latency(
+                &mut client,
+                count,
+                Duration::from_millis(gap_ms),
+            )
+            .await
+            .with_context(|| format!("{guest}: hid/mouse"))?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!(
+                    "{guest}: {} probes, {} read back from evdev; round trip p50 {} us, p90 {} us, p99 {} us, max {} us, mean {} us",
+                    stats.count, stats.seen, stats.p50_us, stats.p90_us, stats.p99_us, stats.max_us, stats.mean_us
+                );
+            }
+            return client.close().await.map_err(Into::into);
+        }
+    };
+    let (kind, reports) = action.reports()?;
+    let chan = hid_channel(control, guest, kind).await?;
+    let mut client = Client::new(chan);
+    client
+        .send_all(reports)
+        .await
+        .with_context(|| format!("{guest}: hid/{kind}"))?;
+    client.close().await?;
+    Ok(())
+}
+
+async fn jobs(control: &PathBuf, guest: &str, json: bool) -> anyhow::Result<()> {
+    let req = Request::Jobs {
+        guest: guest.to_owned(),
+    };
+    let (_, _, reply) = request(control, &req).await?;
+    let jobs = reply.jobs.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(());
+    }
+    let empty = Vec::new();
+    let list = jobs.as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        println!("{guest}: no print jobs");
+        return Ok(());
+    }
+    println!("{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  REASON", "ID", "STATE", "TYPE", "SIZE", "FILE");
+    for j in list {
+        println!(
+            "{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  {}",
+            j["id"],
+            j["state"].as_str().unwrap_or("?"),
+            j["type"].as_str().unwrap_or("-"),
+            bytes(&j["size"]),
+            j["file"].as_str().unwrap_or("-"),
+            j["reason"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }

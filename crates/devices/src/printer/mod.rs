@@ -1,0 +1,352 @@
+//! Device: printer. A raw AppSocket/JetDirect printer in the guest whose jobs land in a spool
+//! directory on the host.
+//!
+//! The guest half ([`guest`], run by vstream-agent) listens on TCP `127.0.0.1:9100` and on a
+//! Unix socket (configurable); one connection is one job, the job is the bytes. For each job it
+//! opens a channel of class `printer` (name `job`) to vstreamd and sends framed records: `Job`
+//! (metadata), `Data`..., `End` (the total length). The host half ([`host`], run by vstreamd)
+//! writes the job into the guest's spool directory under a name it makes itself, atomically
+//! (temporary file, fsync, rename), detects its type ([`JobType`]), enforces the spool quota, and
+//! answers `Done`. A job whose channel ends without a matching `End` is kept as
+//! `job-NNNNNN.EXT.partial` and reported; it is never passed off as complete.
+//!
+//! The wire format is specified in docs/devices/printer.md; this module is its reference
+//! implementation: the records and a sans-io [`Decoder`] bounded by one record.
+//!
+//! Record: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
+
+pub mod guest;
+pub mod host;
+#[cfg(test)]
+mod tests;
+
+use bytes::{Buf, Bytes, BytesMut};
+use serde::Serialize;
+
+/// The device class.
+pub const CLASS: &str = "printer";
+
+/// The channel name the agent opens.
+pub const CHANNEL_NAME: &str = "job";
+
+/// Version carried in `Job`.
+pub const VERSION: u32 = 1;
+
+/// Bytes of a record header.
+pub const HEADER_LEN: usize = 5;
+
+/// Largest `Data` payload.
+pub const MAX_DATA: usize = 64 * 1024;
+
+/// Largest `Job` or `Done` payload.
+pub const MAX_META: usize = 4096;
+
+/// Longest metadata value kept by the host (characters), after sanitising.
+pub const MAX_VALUE: usize = 256;
+
+/// Bytes of the job's start kept for type detection.
+pub const HEAD_LEN: usize = 4096;
+
+mod kind {
+    pub const JOB: u8 = 0x01;
+    pub const DATA: u8 = 0x02;
+    pub const END: u8 = 0x03;
+    pub const DONE: u8 = 0x81;
+}
+
+/// A record on a `printer` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Guest to host, first: metadata as `key=value` lines (UTF-8).
+    Job(Vec<(String, String)>),
+    /// Guest to host: the next bytes of the job (1 ..= [`MAX_DATA`]).
+    Data(Bytes),
+    /// Guest to host, last: the job is complete and has this many bytes.
+    End(u64),
+    /// Host to guest, after `End`: the job is spooled; `key=value` lines (`id`, `file`, `type`,
+    /// `size`).
+    Done(Vec<(String, String)>),
+}
+
+/// Why bytes are not a valid record stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// A type byte that is not a record.
+    #[error("unknown record type 0x{0:02x}")]
+    UnknownType(u8),
+    /// A length outside the limits of its type.
+    #[error("{kind} record of {len} bytes (allowed: {allowed})")]
+    BadLength {
+        /// Record type.
+        kind: &'static str,
+        /// Length found.
+        len: usize,
+        /// What is allowed.
+        allowed: &'static str,
+    },
+    /// Metadata that is not `key=value` lines of UTF-8.
+    #[error("malformed {0} metadata: not UTF-8 key=value lines")]
+    BadMeta(&'static str),
+    /// The stream ended inside a record.
+    #[error("the stream ended inside a record ({0} bytes of it received)")]
+    Truncated(usize),
+}
+
+fn meta_bytes(meta: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in meta {
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn parse_meta(kind: &'static str, p: &[u8]) -> Result<Vec<(String, String)>, CodecError> {
+    let text = std::str::from_utf8(p).map_err(|_| CodecError::BadMeta(kind))?;
+    // Split on '\n' only (not `lines()`, which also eats a '\r'), so that decoding and
+    // encoding are inverse.
+    text.split('\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or(CodecError::BadMeta(kind))
+        })
+        .collect()
+}
+
+impl Record {
+    /// Appends the encoded record to `out`; fails if a payload is over its limit.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        let (k, payload): (u8, std::borrow::Cow<'_, [u8]>) = match self {
+            Record::Job(m) => (kind::JOB, meta_bytes(m).into()),
+            Record::Data(d) => (kind::DATA, d.as_ref().into()),
+            Record::End(n) => (kind::END, n.to_le_bytes().to_vec().into()),
+            Record::Done(m) => (kind::DONE, meta_bytes(m).into()),
+        };
+        check_len(k, payload.len())?;
+        out.push(k);
+        // Bounded by check_len (<= MAX_DATA).
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(())
+    }
+
+    /// The encoded record.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::new();
+        self.encode(&mut out)?;
+        Ok(out)
+    }
+
+    /// A metadata value by key.
+    pub fn meta<'a>(meta: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+fn check_len(k: u8, len: usize) -> Result<(), CodecError> {
+    let (name, ok, allowed) = match k {
+        kind::JOB => ("job", len <= MAX_META, "0 to 4096"),
+        kind::DATA => ("data", (1..=MAX_DATA).contains(&len), "1 to 65536"),
+        kind::END => ("end", len == 8, "exactly 8"),
+        kind::DONE => ("done", len <= MAX_META, "0 to 4096"),
+        other => return Err(CodecError::UnknownType(other)),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CodecError::BadLength {
+            kind: name,
+            len,
+            allowed,
+        })
+    }
+}
+
+/// Sans-io decoder: bytes in, records out; holds at most one record plus what was pushed, and
+/// rejects a bad header before its payload arrives.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: BytesMut,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Adds received bytes (callers push one read at a time and drain before the next).
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete record, `None` if more bytes are needed.
+    pub fn next_record(&mut self) -> Result<Option<Record>, CodecError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let k = self.buf[0];
+        let len32 = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let len = usize::try_from(len32).unwrap_or(usize::MAX);
+        check_len(k, len)?;
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        self.buf.advance(HEADER_LEN);
+        let p = self.buf.split_to(len).freeze();
+        Ok(Some(match k {
+            kind::JOB => Record::Job(parse_meta("job", &p)?),
+            kind::DATA => Record::Data(p),
+            kind::END => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&p);
+                Record::End(u64::from_le_bytes(b))
+            }
+            kind::DONE => Record::Done(parse_meta("done", &p)?),
+            other => return Err(CodecError::UnknownType(other)),
+        }))
+    }
+
+    /// Call at end of stream: an error if a record was cut.
+    pub fn finish(&self) -> Result<(), CodecError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::Truncated(self.buf.len()))
+        }
+    }
+}
+
+/// What a job is, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobType {
+    /// `%PDF-` (within the first 1024 bytes, as PDF readers accept), or PJL entering PDF.
+    Pdf,
+    /// `%!` (optionally after a ^D), or PJL entering PostScript.
+    Postscript,
+    /// PCL (`ESC E`) or PJL (`ESC %-12345X`) with any other language.
+    Pcl,
+    /// UTF-8 text without NUL and with few control characters.
+    Text,
+    /// Anything else.
+    Unknown,
+}
+
+impl JobType {
+    /// The spool file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            JobType::Pdf => "pdf",
+            JobType::Postscript => "ps",
+            JobType::Pcl => "pcl",
+            JobType::Text => "txt",
+            JobType::Unknown => "bin",
+        }
+    }
+
+    /// The name shown in listings and passed to hooks.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobType::Pdf => "pdf",
+            JobType::Postscript => "postscript",
+            JobType::Pcl => "pcl",
+            JobType::Text => "text",
+            JobType::Unknown => "unknown",
+        }
+    }
+
+    /// The type of an extension ([`JobType::extension`]).
+    pub fn from_extension(ext: &str) -> Option<JobType> {
+        [
+            JobType::Pdf,
+            JobType::Postscript,
+            JobType::Pcl,
+            JobType::Text,
+            JobType::Unknown,
+        ]
+        .into_iter()
+        .find(|t| t.extension() == ext)
+    }
+
+    /// Detects the type from the first bytes of a job (up to [`HEAD_LEN`]).
+    pub fn detect(head: &[u8]) -> JobType {
+        let head = &head[..head.len().min(HEAD_LEN)];
+        let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+        if head.starts_with(b"\x1b%-12345X") {
+            let upper: Vec<u8> = head.iter().map(u8::to_ascii_uppercase).collect();
+            if let Some(i) = find(&upper, b"@PJL ENTER LANGUAGE") {
+                let rest = &upper[i + 19..];
+                let rest = rest
+                    .iter()
+                    .position(|b| *b == b'=')
+                    .map(|j| &rest[j + 1..])
+                    .unwrap_or(rest);
+                let lang: Vec<u8> = rest
+                    .iter()
+                    .copied()
+                    .skip_while(|b| *b == b' ')
+                    .take_while(u8::is_ascii_alphanumeric)
+                    .collect();
+                return match lang.as_slice() {
+                    b"PDF" => JobType::Pdf,
+                    b"POSTSCRIPT" => JobType::Postscript,
+                    _ => JobType::Pcl,
+                };
+            }
+            return JobType::Pcl;
+        }
+        if head.starts_with(b"\x1bE") {
+            return JobType::Pcl;
+        }
+        let ps = head.strip_prefix(b"\x04").unwrap_or(head);
+        if ps.starts_with(b"%!") {
+            return JobType::Postscript;
+        }
+        if find(&head[..head.len().min(1024)], b"%PDF-").is_some() {
+            return JobType::Pdf;
+        }
+        if head.is_empty() {
+            return JobType::Unknown;
+        }
+        let text = match std::str::from_utf8(head) {
+            Ok(t) => t,
+            // A multi-byte character cut at the end of the head is still text.
+            Err(e) if e.error_len().is_none() => {
+                std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(_) => return JobType::Unknown,
+        };
+        let controls = text
+            .chars()
+            .filter(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t' | '\x0c' | '\x1b'))
+            .count();
+        if text.contains('\0') || controls * 100 > text.chars().count().max(1) {
+            JobType::Unknown
+        } else {
+            JobType::Text
+        }
+    }
+}
+
+/// Makes a guest-supplied metadata value safe to show and log: control and format characters
+/// (including bidi overrides) become `?`, and it is cut to [`MAX_VALUE`] characters. The host
+/// never builds a path from metadata.
+pub fn sanitize(value: &str) -> String {
+    value
+        .chars()
+        .take(MAX_VALUE)
+        .map(|c| {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi || c == '\u{feff}' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,332 @@
+//! QGA's byte-level framing, sans-io: where one JSON text ends in a stream of concatenated texts,
+//! the 0xFF resynchronisation byte, and a bound on the size of one text; plus base64, the encoding
+//! of every byte buffer in the protocol (`buf-b64`, `input-data`, `out-data`).
+//!
+//! QGA texts are not newline-delimited: a client may send `{"execute":"guest-ping"}{"execute":...}`
+//! in one write, or one text over many writes, with any whitespace between. [`Framer`] finds the
+//! end of each text with a small structural scanner (nesting depth, strings and escapes) in one
+//! pass, so a large request that arrives in small pieces is scanned once, not re-parsed per piece;
+//! the complete text is then parsed once with serde_json. The same framer reads replies on the
+//! host side.
+
+use std::collections::VecDeque;
+
+/// The resynchronisation byte: never valid in JSON (nor in UTF-8). A client sends it before
+/// `guest-sync-delimited` to make the agent drop a partial request; the agent sends it before
+/// the reply to `guest-sync-delimited` so the client can drop a partial reply.
+pub const DELIMITER: u8 = 0xFF;
+
+/// What the framer found in the byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// One complete top-level JSON text (an object, an array, a string or a bare token such as
+    /// a number or garbage), not yet parsed.
+    Text(Vec<u8>),
+    /// A text grew beyond the limit; its bytes were dropped up to its end. `size` is how many
+    /// bytes it had.
+    TooLarge {
+        /// Bytes the dropped text had.
+        size: usize,
+    },
+    /// A [`DELIMITER`] byte; `dropped` bytes of an unfinished text before it were discarded.
+    Delimiter {
+        /// Bytes of a partial text dropped.
+        dropped: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Between texts: whitespace is skipped.
+    Between,
+    /// Inside an object or array.
+    Nested {
+        depth: u32,
+        in_string: bool,
+        escape: bool,
+    },
+    /// Inside a top-level string.
+    TopString { escape: bool },
+    /// Inside a top-level bare token (number, keyword, garbage).
+    Bare,
+}
+
+/// Splits a byte stream into JSON texts; see the module docs.
+#[derive(Debug)]
+pub struct Framer {
+    limit: usize,
+    scan: Scan,
+    buf: Vec<u8>,
+    /// Set while an oversized text is being skipped: its size so far.
+    skipping: Option<usize>,
+    out: VecDeque<Frame>,
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl Framer {
+    /// A framer that drops texts longer than `limit` bytes (reporting [`Frame::TooLarge`]).
+    pub fn new(limit: usize) -> Framer {
+        Framer {
+            limit,
+            scan: Scan::Between,
+            buf: Vec::new(),
+            skipping: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Bytes of an unfinished text held (at most the limit).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, if any.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        self.out.pop_front()
+    }
+
+    /// Feeds bytes; complete frames are then available from [`Framer::next_frame`].
+    pub fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let b = data[0];
+            if b == DELIMITER {
+                let dropped = self.skipping.take().unwrap_or(0) + self.buf.len();
+                self.buf.clear();
+                self.scan = Scan::Between;
+                self.out.push_back(Frame::Delimiter { dropped });
+                data = &data[1..];
+                continue;
+            }
+            match self.scan {
+                Scan::Between => {
+                    data = &data[1..];
+                    if is_space(b) {
+                        continue;
+                    }
+                    self.scan = match b {
+                        b'{' | b'[' => Scan::Nested {
+                            depth: 1,
+                            in_string: false,
+                            escape: false,
+                        },
+                        b'"' => Scan::TopString { escape: false },
+                        _ => Scan::Bare,
+                    };
+                    self.keep(&[b]);
+                }
+                Scan::Nested {
+                    in_string: true, ..
+                }
+                | Scan::TopString { .. } => {
+                    // Fast path through string contents: nothing matters but quotes, escapes
+                    // and the delimiter.
+                    let (mut escape, top) = match self.scan {
+                        Scan::Nested { escape, .. } => (escape, false),
+                        Scan::TopString { escape } => (escape, true),
+                        _ => unreachable!("matched above"),
+                    };
+                    let mut i = 0;
+                    let mut closed = false;
+                    while i < data.len() {
+                        let c = data[i];
+                        if escape {
+                            escape = false;
+                        } else if c == b'\\' {
+                            escape = true;
+                        } else if c == b'"' {
+                            closed = true;
+                            i += 1;
+                            break;
+                        } else if c == DELIMITER {
+                            break;
+                        } else {
+                            // Skip a run of ordinary bytes at once.
+                            let run = data[i..]
+                                .iter()
+                                .position(|&c| c == b'"' || c == b'\\' || c == DELIMITER)
+                                .unwrap_or(data.len() - i);
+                            i += run;
+                            continue;
+                        }
+                        i += 1;
+                    }
+                    self.keep(&data[..i]);
+                    data = &data[i..];
+                    self.scan = match (self.scan, closed, top) {
+                        (_, true, true) => {
+                            self.finish();
+                            Scan::Between
+                        }
+                        (Scan::Nested { depth, .. }, closed, false) => Scan::Nested {
+                            depth,
+                            in_string: !closed,
+                            escape,
+                        },
+                        (_, false, true) => Scan::TopString { escape },
+                        _ => unreachable!("string states only"),
+                    };
+                }
+                Scan::Nested {
+                    depth,
+                    in_string: false,
+                    ..
+                } => {
+                    data = &data[1..];
+                    self.keep(&[b]);
+                    let depth = match b {
+                        b'{' | b'[' => depth.saturating_add(1),
+                        b'}' | b']' => depth - 1,
+                        _ => depth,
+                    };
+                    self.scan = if depth == 0 {
+                        self.finish();
+                        Scan::Between
+                    } else {
+                        Scan::Nested {
+                            depth,
+                            in_string: b == b'"',
+                            escape: false,
+                        }
+                    };
+                }
+                Scan::Bare => {
+                    if is_space(b) || matches!(b, b'{' | b'[' | b'"') {
+                        // The token ended; this byte starts what follows.
+                        self.finish();
+                        self.scan = Scan::Between;
+                    } else {
+                        self.keep(&[b]);
+                        data = &data[1..];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends bytes of the current text, or counts them once it is over the limit.
+    fn keep(&mut self, bytes: &[u8]) {
+        if let Some(size) = &mut self.skipping {
+            *size += bytes.len();
+        } else if self.buf.len() + bytes.len() > self.limit {
+            self.skipping = Some(self.buf.len() + bytes.len());
+            self.buf = Vec::new(); // Give the memory back, not just the length.
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    fn finish(&mut self) {
+        match self.skipping.take() {
+            Some(size) => self.out.push_back(Frame::TooLarge { size }),
+            None => self
+                .out
+                .push_back(Frame::Text(std::mem::take(&mut self.buf))),
+        }
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    let mut chunks = data.chunks_exact(3);
+    for c in &mut chunks {
+        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+        out.extend_from_slice(&[
+            B64[(n >> 18) as usize & 63],
+            B64[(n >> 12) as usize & 63],
+            B64[(n >> 6) as usize & 63],
+            B64[n as usize & 63],
+        ]);
+    }
+    match *chunks.remainder() {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.extend_from_slice(&[B64[(n >> 18) as usize], B64[(n >> 12) as usize & 63]]);
+            out.extend_from_slice(b"==");
+        }
+        [a, b] => {
+            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
+            out.extend_from_slice(&[
+                B64[(n >> 18) as usize],
+                B64[(n >> 12) as usize & 63],
+                B64[(n >> 6) as usize & 63],
+                b'=',
+            ]);
+        }
+        _ => {}
+    }
+    // Every byte pushed is from the ASCII alphabet above.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Value of each base64 character, 0xFF for the others.
+const B64_VALUE: [u8; 256] = {
+    let mut t = [0xFFu8; 256];
+    let mut i = 0;
+    while i < 64 {
+        t[B64[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+fn b64_value(c: u8) -> Option<u32> {
+    match B64_VALUE[c as usize] {
+        0xFF => None,
+        v => Some(u32::from(v)),
+    }
+}
+
+/// Decodes standard base64; padding is optional, anything outside the alphabet (including
+/// whitespace) or bits left over in the last character make it invalid.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let body = match bytes {
+        [rest @ .., b'=', b'='] => rest,
+        [rest @ .., b'='] => rest,
+        _ => bytes,
+    };
+    if bytes.len() != body.len() && !bytes.len().is_multiple_of(4) {
+        return None; // Padding only completes a quantum.
+    }
+    let mut out = Vec::with_capacity(body.len() / 4 * 3 + 3);
+    let mut chunks = body.chunks_exact(4);
+    for c in &mut chunks {
+        let (a, b, c, d) = (
+            B64_VALUE[c[0] as usize],
+            B64_VALUE[c[1] as usize],
+            B64_VALUE[c[2] as usize],
+            B64_VALUE[c[3] as usize],
+        );
+        if (a | b | c | d) & 0xC0 != 0 {
+            return None; // 0xFF marks a character outside the alphabet.
+        }
+        let n = (u32::from(a) << 18) | (u32::from(b) << 12) | (u32::from(c) << 6) | u32::from(d);
+        out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8]);
+    }
+    match *chunks.remainder() {
+        [] => {}
+        [_] => return None,
+        [a, b] => {
+            let n = (b64_value(a)? << 18) | (b64_value(b)? << 12);
+            if n & 0xFFFF != 0 {
+                return None;
+            }
+            out.push((n >> 16) as u8);
+        }
+        [a, b, c] => {
+            let n = (b64_value(a)? << 18) | (b64_value(b)? << 12) | (b64_value(c)? << 6);
+            if n & 0xFF != 0 {
+                return None;
+            }
+            out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8]);
+        }
+        _ => unreachable!("chunks_exact(4) leaves at most 3"),
+    }
+    Some(out)
+}

@@ -1,0 +1,560 @@
+//! The guest half of the tty device, run by vstream-agent: one session per channel.
+//!
+//! The first message must be [`Start`]. The agent then runs the command (or the login shell) in a
+//! new session (`setsid`), so that the whole session can be hung up at once:
+//! - with `pty`: on a new pseudo-terminal that becomes its controlling terminal (`TIOCSCTTY`),
+//!   sized from `Start` and resized (`TIOCSWINSZ`, which signals `SIGWINCH`) on every `Resize`;
+//!   everything it shows comes back as `Stdout`;
+//! - without: on three pipes, so stdin, stdout and stderr stay separate and binary-clean;
+//!   `StdinEof` closes its stdin.
+//!
+//! When the command exits, its output is forwarded until every output stream ends (or stays
+//! silent for [`DRAIN_IDLE`], or has given [`DRAIN_MAX`] more bytes: a background process still
+//! holds it), then `Exit` is sent, the
+//! process group is hung up (`SIGHUP`, `SIGCONT`) and the channel closed. When the channel ends
+//! first (vstreamctl went away, the channel was reset, or the host broke the protocol) the
+//! process group is hung up at once and killed (`SIGKILL`) if the command still runs after
+//! [`KILL_GRACE`].
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustix::process::{Pid, Signal};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use vstream_link::ChannelStream;
+
+use super::{
+    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, WindowSize, CLASS,
+    HEADER_LEN, MAX_DATA, MAX_SIGNAL, READ_CHUNK,
+};
+use crate::{ServeFuture, Service};
+
+/// After the command exits, output streams silent this long are given up (a background process
+/// of the session holds them open).
+pub const DRAIN_IDLE: Duration = Duration::from_millis(250);
+
+/// After the command exits, the most output forwarded per stream: all that a pipe can hold
+/// (Linux's default `pipe-max-size`), so all that the command itself can have left unread; more
+/// comes from a process it left behind that keeps writing.
+pub const DRAIN_MAX: usize = 1024 * 1024;
+
+/// After a hang-up, how long the command may take to exit before its group is killed.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Messages queued for the channel (each at most [`MAX_DATA`] bytes).
+const OUT_QUEUE: usize = 8;
+
+/// `Stdin` payloads queued for the command while it does not read.
+const STDIN_QUEUE: usize = 8;
+
+/// The tty service: sessions on channels of class `tty`, name `""`.
+pub struct Tty;
+
+impl Service for Tty {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture {
+        Box::pin(async move {
+            if !name.is_empty() {
+                stream.reset(&format!(
+                    "tty has no {name:?} (its channels have an empty name)"
+                ));
+                return;
+            }
+            serve(stream).await;
+        })
+    }
+}
+
+/// Runs one session on `stream` (a channel, or any byte stream in tests) until it ends.
+pub async fn serve<S>(stream: S)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let writer = tokio::spawn(write_messages(wr, out_rx));
+    let mut dec = Decoder::<HostMsg>::new();
+    let mut buf = Box::new([0u8; READ_CHUNK]);
+    let start = match read_message(&mut rd, &mut dec, &mut buf).await {
+        Ok(Some(HostMsg::Start(start))) => Some(start),
+        Ok(Some(_)) => {
+            let _ = out
+                .send(GuestMsg::error("the first message must be Start"))
+                .await;
+            None
+        }
+        Ok(None) | Err(ReadError::Io(_)) => None,
+        Err(ReadError::Codec(e)) => {
+            let _ = out.send(GuestMsg::error(&format!("bad Start: {e}"))).await;
+            None
+        }
+    };
+    if let Some(start) = start {
+        tracing::debug!(command = ?start.command, pty = start.pty, "tty session starting");
+        match spawn(&start) {
+            Ok(session) => session.run(&mut rd, &mut dec, &mut buf, &out).await,
+            Err(failure) => {
+                let _ = out.send(GuestMsg::error(&failure.text)).await;
+                if let Some(exit) = failure.exit {
+                    let _ = out.send(GuestMsg::Exit(exit)).await;
+                }
+            }
+        }
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Encodes messages onto the channel in order; closes our direction when the queue ends.
+async fn write_messages<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<GuestMsg>) {
+    let mut frame = Vec::with_capacity(HEADER_LEN + MAX_DATA);
+    while let Some(msg) = rx.recv().await {
+        frame.clear();
+        if let Err(e) = msg.encode(&mut frame) {
+            tracing::warn!("tty: cannot encode a message: {e}");
+            continue;
+        }
+        if let Err(e) = w.write_all(&frame).await {
+            tracing::debug!("tty: channel write failed: {e}");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Why a command could not be started: text for the user, and the shell's status if the
+/// command itself (not the tty service) is at fault.
+struct SpawnFailure {
+    text: String,
+    exit: Option<Exit>,
+}
+
+/// Where `Stdin` goes.
+enum Input {
+    Pipe(ChildStdin),
+    Pty(Arc<PtyMaster>),
+}
+
+/// Where output comes from.
+enum Source {
+    Pipe(Box<dyn AsyncRead + Send + Unpin>),
+    Pty(Arc<PtyMaster>),
+}
+
+impl Source {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Pipe(r) => r.read(buf).await,
+            Source::Pty(m) => m.read(buf).await,
+        }
+    }
+}
+
+/// A started command.
+struct Session {
+    child: Child,
+    /// Its pid, which is also its process group and session id.
+    pid: Pid,
+    input: Input,
+    /// Output sources, and whether each is stderr.
+    outputs: Vec<(Source, bool)>,
+    pty: Option<Arc<PtyMaster>>,
+}
+
+/// How the channel's input ended before the command did.
+enum InputEnd {
+    /// The host closed or reset the channel.
+    Closed,
+    /// The host sent something invalid.
+    Broken(String),
+}
+
+impl Session {
+    async fn run<R: AsyncRead + Unpin>(
+        self,
+        rd: &mut R,
+        dec: &mut Decoder<HostMsg>,
+        buf: &mut [u8; READ_CHUNK],
+        out: &mpsc::Sender<GuestMsg>,
+    ) {
+        let Session {
+            mut child,
+            pid,
+            input,
+            outputs,
+            pty,
+        } = self;
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let mut pumps = JoinSet::new();
+        for (source, stderr) in outputs {
+            pumps.spawn(pump_output(source, stderr, out.clone(), exited_rx.clone()));
+        }
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        let feeder = tokio::spawn(feed_stdin(input, stdin_rx));
+        let host = handle_input(rd, dec, buf, stdin_tx, pty);
+        tokio::pin!(host);
+        tokio::select! {
+            end = &mut host => {
+                if let InputEnd::Broken(why) = end {
+                    tracing::warn!("tty: the host broke the protocol: {why}");
+                    // Not awaited: a host that also stopped reading must not delay the hang-up.
+                    let _ = out.try_send(GuestMsg::error(&why));
+                }
+                signal_running(pid, Signal::HUP);
+                signal_running(pid, Signal::CONT);
+                if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+                    signal_running(pid, Signal::KILL);
+                    let _ = child.wait().await;
+                }
+                tracing::debug!("tty session hung up by the host");
+            }
+            status = child.wait() => {
+                let _ = exited_tx.send(true);
+                // Keep applying resizes while the output drains; stop if the host goes away.
+                let drained = async { while pumps.join_next().await.is_some() {} };
+                tokio::select! {
+                    () = drained => {}
+                    _ = &mut host => {}
+                }
+                let _ = rustix::process::kill_process_group(pid, Signal::HUP);
+                let _ = rustix::process::kill_process_group(pid, Signal::CONT);
+                match status {
+                    Ok(status) => {
+                        let exit = exit_of(status);
+                        tracing::debug!(?exit, "tty session ended");
+                        let _ = out.send(GuestMsg::Exit(exit)).await;
+                    }
+                    Err(e) => {
+                        let text = format!("waiting for the command failed: {e}");
+                        let _ = out.send(GuestMsg::error(&text)).await;
+                    }
+                }
+            }
+        }
+        pumps.abort_all();
+        feeder.abort();
+    }
+}
+
+/// Signals the process group of a command not yet reaped, and the command itself (in case it
+/// has not reached `setsid` yet; its pid cannot be reused before it is reaped).
+fn signal_running(pid: Pid, sig: Signal) {
+    let _ = rustix::process::kill_process_group(pid, sig);
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+fn exit_of(status: std::process::ExitStatus) -> Exit {
+    let signal = status
+        .signal()
+        .and_then(|s| u8::try_from(s).ok())
+        .filter(|s| (1..=MAX_SIGNAL).contains(s));
+    match signal {
+        Some(s) => Exit::Signal(s),
+        None => Exit::Code(
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(255),
+        ),
+    }
+}
+
+/// Applies the host's messages until the channel ends.
+async fn handle_input<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    dec: &mut Decoder<HostMsg>,
+    buf: &mut [u8; READ_CHUNK],
+    stdin_tx: mpsc::Sender<Bytes>,
+    pty: Option<Arc<PtyMaster>>,
+) -> InputEnd {
+    let mut stdin = Some(stdin_tx);
+    loop {
+        match read_message(rd, dec, buf).await {
+            Ok(None) | Err(ReadError::Io(_)) => return InputEnd::Closed,
+            Err(ReadError::Codec(e)) => return InputEnd::Broken(e.to_string()),
+            Ok(Some(HostMsg::Start(_))) => return InputEnd::Broken("a second Start".into()),
+            Ok(Some(HostMsg::Stdin(data))) => match &stdin {
+                // A send fails when the command stopped reading its stdin: the bytes are dropped.
+                Some(tx) => {
+                    let _ = tx.send(data).await;
+                }
+                None => return InputEnd::Broken("Stdin after StdinEof".into()),
+            },
+            Ok(Some(HostMsg::StdinEof)) => {
+                if stdin.take().is_none() {
+                    return InputEnd::Broken("a second StdinEof".into());
+                }
+            }
+            Ok(Some(HostMsg::Resize(size))) => {
+                if let Some(master) = &pty {
+                    if let Err(e) = master.resize(size) {
+                        tracing::debug!("tty: resize failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued `Stdin` to the command. When the queue ends (`StdinEof`), dropping `input`
+/// closes a pipe (the command reads EOF); a pty stays open.
+async fn feed_stdin(mut input: Input, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(data) = rx.recv().await {
+        let written = match &mut input {
+            Input::Pipe(p) => p.write_all(&data).await,
+            Input::Pty(m) => m.write_all(&data).await,
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards one output source as `Stdout`/`Stderr` messages until it ends; once the command
+/// has exited, also when it stays silent for [`DRAIN_IDLE`] or has given [`DRAIN_MAX`] more
+/// bytes.
+async fn pump_output(
+    mut source: Source,
+    stderr: bool,
+    out: mpsc::Sender<GuestMsg>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; MAX_DATA];
+    // Bytes forwarded since the command exited, once it has.
+    let mut draining: Option<usize> = None;
+    loop {
+        let read = if draining.is_some_and(|n| n >= DRAIN_MAX) {
+            return;
+        } else if draining.is_some() {
+            match tokio::time::timeout(DRAIN_IDLE, source.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                r = source.read(&mut buf) => r,
+                // Changed, or the sender is gone: either way the command has exited.
+                _ = exited.changed() => {
+                    draining = Some(0);
+                    continue;
+                }
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(after) = &mut draining {
+            *after += n;
+        }
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        let msg = if stderr {
+            GuestMsg::Stderr(data)
+        } else {
+            GuestMsg::Stdout(data)
+        };
+        if out.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The login shell: `$SHELL`, else `/bin/sh`.
+fn login_shell() -> OsString {
+    std::env::var_os("SHELL")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into())
+}
+
+fn spawn(start: &Start) -> Result<Session, SpawnFailure> {
+    let (program, args) = match start.command.split_first() {
+        Some((program, args)) => (program.clone(), args.to_vec()),
+        None => (login_shell(), vec!["-l".into()]),
+    };
+    let mut cmd = Command::new(&program);
+    cmd.args(&args);
+    if start.term.is_empty() {
+        cmd.env_remove("TERM");
+    } else {
+        cmd.env("TERM", &start.term);
+    }
+    let home = std::env::var_os("HOME").filter(|h| Path::new(h).is_dir());
+    cmd.current_dir(home.as_deref().unwrap_or("/".as_ref()));
+    let cannot_run = |e: io::Error| SpawnFailure {
+        exit: Some(Exit::Code(if e.kind() == io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        })),
+        text: format!("cannot run {program:?}: {e}"),
+    };
+    if start.pty {
+        let (master, slave) = open_pty(start.size).map_err(|e| SpawnFailure {
+            text: format!("cannot open a pseudo-terminal: {e}"),
+            exit: None,
+        })?;
+        let master = PtyMaster::new(master).map_err(|e| SpawnFailure {
+            text: format!("cannot watch the pseudo-terminal: {e}"),
+            exit: None,
+        })?;
+        let slave = std::fs::File::from(slave);
+        let dup = |f: &std::fs::File| {
+            f.try_clone().map_err(|e| SpawnFailure {
+                text: format!("cannot duplicate the pseudo-terminal: {e}"),
+                exit: None,
+            })
+        };
+        cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe operations are allowed. It makes two raw system calls through rustix
+        // (setsid, then ioctl TIOCSCTTY on fd 0, which is the pty slave), allocates nothing,
+        // takes no locks and touches no state shared with other threads; errors become
+        // `io::Error::from_raw_os_error`, which does not allocate either.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(cannot_run)?;
+        // Our copies of the slave live in `cmd`: close them, so that reading the master ends
+        // (EIO) once the command and its children have closed the terminal.
+        drop(cmd);
+        let pid = child_pid(&child)?;
+        let master = Arc::new(master);
+        Ok(Session {
+            child,
+            pid,
+            input: Input::Pty(master.clone()),
+            outputs: vec![(Source::Pty(master.clone()), false)],
+            pty: Some(master),
+        })
+    } else {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: runs in the child between fork and exec; setsid is one raw system call through
+        // rustix, async-signal-safe, with no allocation and no locks.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(cannot_run)?;
+        let pid = child_pid(&child)?;
+        let missing = || SpawnFailure {
+            text: "the command's pipes are missing".into(),
+            exit: None,
+        };
+        let stdin = child.stdin.take().ok_or_else(missing)?;
+        let stdout = child.stdout.take().ok_or_else(missing)?;
+        let stderr = child.stderr.take().ok_or_else(missing)?;
+        Ok(Session {
+            child,
+            pid,
+            input: Input::Pipe(stdin),
+            outputs: vec![
+                (Source::Pipe(Box::new(stdout)), false),
+                (Source::Pipe(Box::new(stderr)), true),
+            ],
+            pty: None,
+        })
+    }
+}
+
+fn child_pid(child: &Child) -> Result<Pid, SpawnFailure> {
+    child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| SpawnFailure {
+            text: "the command has no pid".into(),
+            exit: None,
+        })
+}
+
+/// A new pseudo-terminal of `size`: (master, slave).
+fn open_pty(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::OpenptFlags;
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    // The slave straight from the master (Linux >= 4.13): no path lookup in /dev/pts.
+    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
+    rustix::termios::tcsetwinsize(&master, winsize(size))?;
+    Ok((master, slave))
+}
+
+fn winsize(size: WindowSize) -> rustix::termios::Winsize {
+    rustix::termios::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// The master side of a pseudo-terminal, non-blocking, read and written from different tasks.
+struct PtyMaster {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PtyMaster {
+    fn new(fd: OwnedFd) -> io::Result<PtyMaster> {
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        // SAFETY: `fd` is an open descriptor, owned from here on by the AsyncFd: it stays open
+        // until the AsyncFd is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(PtyMaster { fd })
+    }
+
+    /// Reads output; 0 once every slave descriptor is closed (the master then reads EIO).
+    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let result = ready.try_io(|fd| match rustix::io::read(fd.get_ref(), &mut *buf) {
+                Err(rustix::io::Errno::IO) => Ok(0),
+                r => r.map_err(io::Error::from),
+            });
+            if let Ok(r) = result {
+                return r;
+            }
+        }
+    }
+
+    /// Types `data` into the terminal.
+    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut ready = self.fd.writable().await?;
+            let result =
+                ready.try_io(|fd| rustix::io::write(fd.get_ref(), data).map_err(io::Error::from));
+            if let Ok(r) = result {
+                data = &data[r?..];
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the terminal size; the kernel signals `SIGWINCH` to its foreground process group.
+    fn resize(&self, size: WindowSize) -> io::Result<()> {
+        rustix::termios::tcsetwinsize(self.fd.get_ref(), winsize(size))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,546 @@
+//! Throughput of the multiplexer over one Unix socketpair against raw Unix socketpairs, in one
+//! run on this machine, so that the ratio mux/raw is meaningful (absolute MB/s are not).
+//!
+//! `cargo bench -p vstream-link --bench mux_vs_raw` runs everything (about a minute). Options
+//! after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5), `--only W`
+//! (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for profilers).
+//!
+//! Both paths run on a tokio multi-thread runtime with 2 workers (a fresh one per run, so that
+//! no run inherits where the previous one left its tasks), write with the same application
+//! write size through `write_all`, and read into the same 256 KiB buffer:
+//! - raw, 1 channel: one socketpair, one writer task, one reader task;
+//! - raw, 8 channels: 8 socketpairs written concurrently (8 writers, 8 readers);
+//! - mux: a host and a guest `Mux` joined by one socketpair; the guest opens 1 or 8 channels
+//!   and writes, the host reads. Both ends of the mux run in this process, so the mux's CPU
+//!   work of both machines shares the same 2 cores, as both ends of the raw socketpair do.
+//!
+//! Integrity, so that a broken path cannot look fast: the bytes written follow a position
+//! pattern (`offset % 251`); every read checks its first and last byte against its stream
+//! position, and every channel must deliver exactly the bytes written, then EOF.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::UnixStream;
+use vstream_link::Mux;
+use vstream_wire::{Config, LinkParams, Role};
+
+/// Reader buffer, the same for raw and mux.
+const READ_BUF: usize = 256 * 1024;
+/// Period of the byte pattern (prime, so that it never lines up with a write size).
+const PERIOD: u64 = 251;
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Clone, Copy)]
+struct Cell {
+    write: usize,
+    channels: usize,
+    /// Bytes the raw path transfers (split evenly over the channels).
+    raw_total: u64,
+    /// Bytes the mux transfers: more where it is much faster, so that every run lasts about
+    /// half a second or more (the ratio compares rates, not times).
+    mux_total: u64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Raw,
+    Mux,
+}
+
+/// One timed transfer.
+struct Sample {
+    elapsed: Duration,
+    /// Mux only: transport writes issued by the sending link.
+    link_writes: u64,
+    /// Mux only: bytes the sending link wrote (frames, headers, acks...).
+    link_bytes: u64,
+}
+
+fn main() {
+    let mut scale = 1.0f64;
+    let mut only: Option<usize> = None;
+    let mut paths = vec![Path::Raw, Path::Mux];
+    let mut repeats = 5usize;
+    let mut only_channels: Option<usize> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--scale" => scale = args.next().and_then(|v| v.parse().ok()).expect("--scale F"),
+            "--only" => only = Some(args.next().and_then(|v| v.parse().ok()).expect("--only N")),
+            // For profiling one path; the table then shows 0 for the other.
+            "--mux-only" => paths = vec![Path::Mux],
+            "--channels" => {
+                only_channels = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--channels N"),
+                )
+            }
+            "--repeats" => {
+                repeats = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--repeats N")
+            }
+            _ => {} // `cargo bench` passes `--bench`; filters are not supported.
+        }
+    }
+    let cells: Vec<Cell> = [
+        (64usize, 64 * MIB, 1024 * MIB),
+        (4096, 2048 * MIB, 2048 * MIB),
+        (65536, 8192 * MIB, 4096 * MIB),
+    ]
+    .into_iter()
+    .filter(|(w, _, _)| only.is_none_or(|o| o == *w))
+    .flat_map(|(write, raw, mux)| {
+        // A whole number of writes on every channel.
+        let unit = write as u64 * 8;
+        let bytes = |total: u64| ((total as f64 * scale) as u64 / unit).max(1) * unit;
+        [1, 8].map(|channels| Cell {
+            write,
+            channels,
+            raw_total: bytes(raw),
+            mux_total: bytes(mux),
+        })
+    })
+    .filter(|c| only_channels.is_none_or(|n| n == c.channels))
+    .collect();
+
+    println!("# vstream multiplexer vs raw Unix socketpair");
+    println!("date (UTC):   {}", utc_now());
+    println!(
+        "machine:      nproc {}, {}, kernel {}, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "?".into(), |s| s.trim().to_owned()),
+        load_average(),
+    );
+    let (memcpy, crc) = single_core_rates();
+    println!(
+        "one core:     memcpy {memcpy:.1} GB/s, CRC-32C {crc:.1} GB/s (64 KiB blocks, cache-warm)"
+    );
+    println!("runtime:      tokio multi-thread, 2 workers, a fresh one per run, for both paths");
+    println!(
+        "method:       median of {repeats} runs per cell, raw and mux alternating; \
+         MB/s = 10^6 payload bytes/s"
+    );
+    println!("spread:       (fastest - slowest) / median, over the runs of a cell");
+    println!(
+        "raw, 8 ch:    8 separate socketpairs written concurrently \
+         (mux, 8 ch: 8 channels on 1 socketpair)"
+    );
+    println!("B/link-write: payload+framing bytes per write(v) call of the sending mux link");
+    println!("integrity:    first/last byte of every read checked against its stream offset, exact byte count and EOF per channel");
+    println!();
+    println!(
+        "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>13}",
+        "write",
+        "ch",
+        "MiB",
+        "raw MB/s",
+        "spread",
+        "MiB",
+        "mux MB/s",
+        "spread",
+        "mux/raw",
+        "B/link-write"
+    );
+
+    let mut results = Vec::new();
+    for cell in &cells {
+        let mut raw = Vec::new();
+        let mut mux = Vec::new();
+        for _ in 0..repeats {
+            for &path in &paths {
+                // A fresh runtime per run, so that no run inherits the scheduler state (which
+                // worker holds which task) of the one before.
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let sample = rt.block_on(run(path, *cell));
+                match path {
+                    Path::Raw => raw.push(sample),
+                    Path::Mux => mux.push(sample),
+                }
+            }
+        }
+        let mbps = |total: u64| move |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+        let (r, r_spread, _) = summary(&raw, mbps(cell.raw_total));
+        let (m, m_spread, mid) = summary(&mux, mbps(cell.mux_total));
+        let per_write = mid
+            .and_then(|s| s.link_bytes.checked_div(s.link_writes))
+            .unwrap_or(0);
+        println!(
+            "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
+            size_label(cell.write),
+            cell.channels,
+            cell.raw_total / MIB,
+            r,
+            r_spread,
+            cell.mux_total / MIB,
+            m,
+            m_spread,
+            m / r,
+            per_write
+        );
+        let fastest = raw.iter().chain(&mux).map(|s| s.elapsed).min();
+        results.push((*cell, m / r, fastest.unwrap_or_default()));
+    }
+
+    println!();
+    let verdict = |write: usize, target: f64| {
+        let cells: Vec<_> = results
+            .iter()
+            .filter(|(c, _, _)| c.write == write)
+            .collect();
+        if cells.is_empty() {
+            return;
+        }
+        let met = cells.iter().all(|(_, ratio, _)| *ratio >= target);
+        let detail: Vec<String> = cells
+            .iter()
+            .map(|(c, ratio, _)| format!("{} ch {ratio:.2}x", c.channels))
+            .collect();
+        println!(
+            "target mux >= {target}x raw at {:>6}: {} ({})",
+            size_label(write),
+            if met { "MET" } else { "MISSED" },
+            detail.join(", ")
+        );
+    };
+    verdict(65536, 0.9);
+    verdict(64, 2.0);
+    println!("load average at the end: {}", load_average());
+    if let Some((c, _, t)) = results.iter().min_by_key(|(_, _, t)| *t) {
+        if *t < Duration::from_millis(500) {
+            println!(
+                "note: fastest run ({} x{} ch) took {:.0} ms; raise --scale for steadier figures",
+                size_label(c.write),
+                c.channels,
+                t.as_secs_f64() * 1e3
+            );
+        }
+    }
+}
+
+/// Median MB/s, spread in % of it, and the median sample (`NaN`s when there was no run).
+fn summary(v: &[Sample], mbps: impl Fn(Duration) -> f64) -> (f64, f64, Option<&Sample>) {
+    let mut sorted: Vec<&Sample> = v.iter().collect();
+    sorted.sort_by_key(|s| s.elapsed);
+    let Some(mid) = sorted.get(sorted.len() / 2).copied() else {
+        return (f64::NAN, f64::NAN, None);
+    };
+    let median = mbps(mid.elapsed);
+    let (fast, slow) = (sorted[0], sorted[sorted.len() - 1]);
+    let spread = (mbps(fast.elapsed) - mbps(slow.elapsed)) / median * 100.0;
+    (median, spread, Some(mid))
+}
+
+async fn run(path: Path, cell: Cell) -> Sample {
+    let res = match path {
+        Path::Raw => run_raw(cell).await,
+        Path::Mux => run_mux(cell).await,
+    };
+    res.unwrap_or_else(|e| {
+        panic!(
+            "{} {} x{}: {e}",
+            if path == Path::Raw { "raw" } else { "mux" },
+            cell.write,
+            cell.channels
+        )
+    })
+}
+
+async fn run_raw(cell: Cell) -> io::Result<Sample> {
+    let per = cell.raw_total / cell.channels as u64;
+    let pattern = Arc::new(pattern(cell.write));
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..cell.channels {
+        let (w, r) = UnixStream::pair()?;
+        writers.push(w);
+        readers.push(tokio::spawn(receive(r, per)));
+    }
+    let start = Instant::now();
+    let senders: Vec<_> = writers
+        .into_iter()
+        .map(|w| tokio::spawn(send(w, cell.write, per, pattern.clone())))
+        .collect();
+    for r in readers {
+        r.await.map_err(io::Error::other)??;
+    }
+    let elapsed = start.elapsed();
+    for s in senders {
+        s.await.map_err(io::Error::other)??;
+    }
+    Ok(Sample {
+        elapsed,
+        link_writes: 0,
+        link_bytes: 0,
+    })
+}
+
+async fn run_mux(cell: Cell) -> io::Result<Sample> {
+    let per = cell.mux_total / cell.channels as u64;
+    let pattern = Arc::new(pattern(cell.write));
+    let (host, mut incoming) = Mux::new(Config::new(Role::Host, "bench-host"), 0x1111);
+    let (guest, _none) = Mux::new(Config::new(Role::Guest, "bench-guest"), 0x2222);
+    let (a, b) = UnixStream::pair()?;
+    let writes = Arc::new(AtomicU64::new(0));
+    let b = CountWrites {
+        inner: b,
+        writes: writes.clone(),
+    };
+    let links = [
+        tokio::spawn({
+            let host = host.clone();
+            async move {
+                host.run_link(a, LinkParams::stream(0), "unix:pair", &[])
+                    .await
+            }
+        }),
+        tokio::spawn({
+            let guest = guest.clone();
+            async move {
+                guest
+                    .run_link(b, LinkParams::stream(0), "unix:pair", &[])
+                    .await
+            }
+        }),
+    ];
+    // The host's first read accepts each channel (OPEN_OK), which completes the guest's `open`.
+    let channels = cell.channels;
+    let acceptor = tokio::spawn(async move {
+        let mut readers = Vec::new();
+        for _ in 0..channels {
+            let inc = incoming
+                .recv()
+                .await
+                .ok_or_else(|| io::Error::other("host session ended"))?;
+            readers.push(tokio::spawn(receive(inc.stream, per)));
+        }
+        Ok::<_, io::Error>(readers)
+    });
+    let mut streams = Vec::new();
+    for k in 0..cell.channels {
+        streams.push(guest.open("bench", &format!("ch{k}")).await?);
+    }
+    let readers = acceptor.await.map_err(io::Error::other)??;
+    let bytes_before = guest_link_bytes(&guest);
+    let writes_before = writes.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let senders: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(send(s, cell.write, per, pattern.clone())))
+        .collect();
+    for r in readers {
+        r.await.map_err(io::Error::other)??;
+    }
+    let elapsed = start.elapsed();
+    for s in senders {
+        s.await.map_err(io::Error::other)??;
+    }
+    let sample = Sample {
+        elapsed,
+        link_writes: writes.load(Ordering::Relaxed) - writes_before,
+        link_bytes: guest_link_bytes(&guest) - bytes_before,
+    };
+    for l in links {
+        l.abort();
+    }
+    Ok(sample)
+}
+
+fn guest_link_bytes(m: &Mux) -> u64 {
+    m.status().links.iter().map(|l| l.bytes_out).sum()
+}
+
+/// `write + PERIOD` bytes of the position pattern: a write at stream offset `o` is the slice
+/// starting at `o % PERIOD`.
+fn pattern(write: usize) -> Vec<u8> {
+    (0..write as u64 + PERIOD)
+        .map(|i| (i % PERIOD) as u8)
+        .collect()
+}
+
+/// Writes `bytes` in application writes of `write` bytes, then closes the direction.
+async fn send<W: AsyncWrite + Unpin>(
+    mut w: W,
+    write: usize,
+    bytes: u64,
+    pattern: Arc<Vec<u8>>,
+) -> io::Result<W> {
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(write as u64) as usize;
+        let at = (sent % PERIOD) as usize;
+        w.write_all(&pattern[at..at + n]).await?;
+        sent += n as u64;
+    }
+    w.shutdown().await?;
+    // The stream is returned (not dropped) so the mux cannot discard anything early.
+    Ok(w)
+}
+
+/// Reads to EOF; checks the position pattern at both ends of every read and the total.
+async fn receive<R: AsyncRead + Unpin>(mut r: R, expected: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut got = 0u64;
+    loop {
+        let k = r.read(&mut buf).await?;
+        if k == 0 {
+            break;
+        }
+        let last = got + k as u64 - 1;
+        if u64::from(buf[0]) != got % PERIOD || u64::from(buf[k - 1]) != last % PERIOD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("corrupt or misordered data at offset {got} (read of {k} bytes)"),
+            ));
+        }
+        got += k as u64;
+    }
+    if got != expected {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("received {got} bytes, expected {expected}"),
+        ));
+    }
+    Ok(got)
+}
+
+/// Counts the write calls that reach the transport (each is one `write` syscall).
+struct CountWrites<S> {
+    inner: S,
+    writes: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountWrites<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn size_label(write: usize) -> String {
+    if write >= 1024 {
+        format!("{} KiB", write / 1024)
+    } else {
+        format!("{write} B")
+    }
+}
+
+/// The 1, 5 and 15 minute load averages: other work on this machine skews the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// GB/s of `memcpy` and of CRC-32C over 64 KiB on one core: the per-byte work the mux adds
+/// (two copies in each direction's application buffers, a CRC at each end) costs this much.
+fn single_core_rates() -> (f64, f64) {
+    let src = vec![0x5Au8; 64 * 1024];
+    let mut dst = vec![0u8; 64 * 1024];
+    let rate = |f: &mut dyn FnMut() -> u32| {
+        let (start, mut bytes, mut sink) = (Instant::now(), 0u64, 0u32);
+        while start.elapsed() < Duration::from_millis(200) {
+            for _ in 0..64 {
+                sink = sink.wrapping_add(f());
+                bytes += src.len() as u64;
+            }
+        }
+        std::hint::black_box(sink);
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    let memcpy = rate(&mut || {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        u32::from(std::hint::black_box(&dst)[7])
+    });
+    let crc = rate(&mut || crc32c::crc32c(std::hint::black_box(&src)));
+    (memcpy, crc)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Current UTC date and time, "YYYY-MM-DD HH:MM" (days-to-civil, H. Hinnant's algorithm).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
