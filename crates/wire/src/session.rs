@@ -316,6 +316,8 @@ pub struct LinkStats {
     pub bytes_out: u64,
     /// Decoder counters (frames, garbage, CRC errors, oversized).
     pub decode: frame::DecodeStats,
+    /// Our own HELLOs that came back (the line echoes); not an error.
+    pub echoed_hellos: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -795,6 +797,12 @@ impl Session {
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
+        if hello.my_session == self.my_session && hello.link == l.nonce {
+            // Our own HELLO came back: the line echoes (a guest tty not yet in raw mode).
+            // Ignore it; the real peer's HELLO follows once its end is set up.
+            l.stats.echoed_hellos += 1;
+            return;
+        }
         if hello.echo != l.nonce {
             l.hello_due = true; // The peer has not heard our HELLO yet.
         }

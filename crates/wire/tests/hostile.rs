@@ -247,3 +247,22 @@ fn acknowledging_the_future_is_an_error_not_a_crash() {
     )));
     assert!(s.link_is_up(link));
 }
+
+#[test]
+fn an_echoing_line_does_not_kill_the_link() {
+    // A guest tty with echo on sends our own HELLO back before the agent sets raw mode.
+    let (mut s, link, now) = host();
+    let mut ours = Vec::new();
+    s.poll_transmit(link, now, &mut ours, 1 << 16);
+    s.handle_input(link, &ours, now);
+    let ev = events(&mut s);
+    assert!(
+        ev.is_empty(),
+        "an echoed HELLO is neither an error nor a handshake: {ev:?}"
+    );
+    assert_eq!(s.link_stats(link).expect("link").echoed_hellos, 1);
+    // The real peer then completes the handshake on the same link.
+    let e = Evil::new();
+    s.handle_input(link, &e.wire, now);
+    assert!(s.link_is_up(link));
+}
