@@ -29,12 +29,19 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(base64_decode(&base64_encode(&bytes)), Some(bytes));
                 }
             }
-            let Ok(req) = Request::parse(&text) else { continue };
-            let Ok(cmd) = Command::parse(&req.execute, req.arguments) else { continue };
+            let Ok(req) = Request::parse(&text) else {
+                continue;
+            };
+            let Ok(cmd) = Command::parse(&req.execute, req.arguments) else {
+                continue;
+            };
             // What parses writes back to a request that parses to the same command.
             let wire = serde_json::to_vec(&cmd.to_request()).expect("encode");
             let again = Request::parse(&wire).expect("own request");
-            assert_eq!(Command::parse(&again.execute, again.arguments).as_ref(), Ok(&cmd));
+            assert_eq!(
+                Command::parse(&again.execute, again.arguments).as_ref(),
+                Ok(&cmd)
+            );
         }
     }
 });

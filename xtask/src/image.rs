@@ -76,8 +76,16 @@ pub const GUEST_MODULES: &[GuestModule] = &[
         why: "tun/tap network interfaces",
     },
     GuestModule {
+        name: "virtio_net",
+        why: "virtio-net NIC (the lab's user_net option: the fast path ppp is compared with)",
+    },
+    GuestModule {
         name: "uinput",
         why: "input device injection",
+    },
+    GuestModule {
+        name: "evdev",
+        why: "/dev/input/eventN nodes, read by the hid tests and desktops",
     },
     GuestModule {
         name: "8250",

@@ -111,6 +111,9 @@ pub struct LabOptions {
     /// Appended to the generated vstreamd config (TOML), e.g. a `[guest.printer]` table of
     /// the lab guest.
     pub extra_config: String,
+    /// Also give the guest a virtio-net NIC on QEMU's user-mode network (see
+    /// [`crate::qemu::QemuSpec::user_net`]).
+    pub user_net: bool,
 }
 
 impl Default for LabOptions {
@@ -126,6 +129,7 @@ impl Default for LabOptions {
             extra_kernel_args: Vec::new(),
             extra_qemu_args: Vec::new(),
             extra_config: String::new(),
+            user_net: false,
         }
     }
 }
@@ -499,6 +503,7 @@ impl Lab {
             vsock_cid: qemu::vhost_vsock_available().then(vsock_cid),
             extra_kernel_args: options.extra_kernel_args.clone(),
             extra_qemu_args: options.extra_qemu_args.clone(),
+            user_net: options.user_net,
         };
         let shared = Arc::new(LabShared {
             name: options.name.clone(),

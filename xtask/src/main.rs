@@ -113,20 +113,35 @@ fn bench_hid(args: &[String]) -> Result<()> {
         }
     }
     for (label, options) in [
-        ("virtio-serial port", LabOptions::virtio_port_only().named("bench-port")),
-        ("PCI 16550 at 115200 baud", LabOptions::pci_serial_only().named("bench-serial")),
+        (
+            "virtio-serial port",
+            LabOptions::virtio_port_only().named("bench-port"),
+        ),
+        (
+            "PCI 16550 at 115200 baud",
+            LabOptions::pci_serial_only().named("bench-serial"),
+        ),
     ] {
         let lab = Lab::boot(options)?;
-        lab.wait_for("the mux transport", std::time::Duration::from_secs(120), |s| {
-            lab.mux_transports_up(s)
-        })?;
+        lab.wait_for(
+            "the mux transport",
+            std::time::Duration::from_secs(120),
+            |s| lab.mux_transports_up(s),
+        )?;
         // The first probe creates the device (and waits for it to settle): warm up first.
         let warm = lab.ctl(["input", lab.name(), "latency", "--count", "20"])?;
         if !warm.status.success() {
             bail!("{}", String::from_utf8_lossy(&warm.stderr));
         }
         let n = count.to_string();
-        let out = lab.ctl(["input", lab.name(), "latency", "--count", n.as_str(), "--json"])?;
+        let out = lab.ctl([
+            "input",
+            lab.name(),
+            "latency",
+            "--count",
+            n.as_str(),
+            "--json",
+        ])?;
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr));
         }

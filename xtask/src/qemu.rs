@@ -10,6 +10,7 @@
 //! | ttyS4, PCI 16550 (mux)                | `pci-serial`                                 | `serial.sock`               |
 //! | hwrng                                 | `virtio-rng-pci`                             |                             |
 //! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
+//! | eth0, virtio-net (`user_net` only)    | `virtio-net-pci` + `-netdev user` (slirp)    | 10.0.2.2:P = 127.0.0.1:P    |
 //! | QMP (two monitors: vstreamd, the lab) | `-qmp unix:...`                              | `qmp.sock`, `qmp-lab.sock`  |
 //!
 //! Every chardev is a Unix socket server with `wait=off`: QEMU starts at once, and vstreamd connects
@@ -77,6 +78,9 @@ pub struct QemuSpec {
     pub extra_kernel_args: Vec<String>,
     /// More QEMU arguments, appended (devices added by later tests).
     pub extra_qemu_args: Vec<String>,
+    /// A virtio-net NIC on QEMU's user-mode network (slirp): the guest's `eth0`, with no
+    /// address until the test gives it one (10.0.2.15/24; 10.0.2.2 is the host's loopback).
+    pub user_net: bool,
 }
 
 fn check_path(path: &Path) -> Result<String> {
@@ -188,6 +192,13 @@ impl QemuSpec {
         }
 
         c.args(["-device", "virtio-rng-pci,id=rng0"]);
+        if self.user_net {
+            // No host forwards and no DNS the guest would use: the guest reaches the host's
+            // loopback at 10.0.2.2 (slirp connects to 127.0.0.1), and nothing else is routed
+            // unless the guest adds a default route.
+            c.args(["-netdev", "user,id=net0,ipv6=off"]);
+            c.args(["-device", "virtio-net-pci,netdev=net0,id=net0"]);
+        }
         if let Some(cid) = self.vsock_cid {
             c.arg("-device")
                 .arg(format!("vhost-vsock-pci,id=vsock0,guest-cid={cid}"));

@@ -21,8 +21,10 @@ use xtask::lab::{self, Lab, LabOptions};
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn up(lab: &Lab) {
-    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| lab.mux_transports_up(s))
-        .unwrap_or_else(|e| panic!("{e}"));
+    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| {
+        lab.mux_transports_up(s)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs `cmd` in the guest's shell on hvc0 and returns its output (between two markers).
@@ -50,7 +52,7 @@ fn bg(lab: &Lab, id: &str, cmd: &str) {
     sh(
         lab,
         &format!(
-            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} &"
+            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} & true"
         ),
     );
 }
@@ -63,7 +65,10 @@ fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String {
         if text.contains(needle) {
             return text;
         }
-        assert!(Instant::now() < deadline, "/tmp/{id}.out never showed {needle:?}: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "/tmp/{id}.out never showed {needle:?}: {text}"
+        );
         thread::sleep(Duration::from_millis(500));
     }
 }
@@ -78,26 +83,19 @@ fn ctl_ok(lab: &Lab, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Starts an evtest in the guest on the device `name`, writing to `file`, and waits until it
-/// listens.
-fn start_reader(lab: &Lab, name: &str, file: &str, reports: usize, timeout: u64) {
-    sh(
+/// Starts an evtest in the guest on the device `name` (output /tmp/ID.out) and waits until
+/// it listens.
+fn start_reader(lab: &Lab, name: &str, id: &str, reports: usize, timeout: u64) {
+    bg(
         lab,
-        &format!("vstream-agent evtest '{name}' --reports {reports} --timeout {timeout} > {file} 2>&1 &"),
+        id,
+        &format!("vstream-agent evtest '{name}' --reports {reports} --timeout {timeout}"),
     );
-    wait_file(lab, file, "listening on");
+    wait_out(lab, id, "listening on", Duration::from_secs(90));
 }
 
-fn wait_file(lab: &Lab, file: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let text = sh(lab, &format!("cat {file}"));
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{file} never showed {needle:?}: {text}");
-        thread::sleep(Duration::from_millis(300));
-    }
+fn wait_done(lab: &Lab, id: &str) -> String {
+    wait_out(lab, id, "DONE-rc=", Duration::from_secs(150))
 }
 
 /// The event lines of an evtest output (after its "listening" line, before "done").
@@ -128,11 +126,24 @@ fn typed_hi() -> Vec<String> {
     let k = |c: u16, v: i32| key(c, v);
     let mut lines = Vec::new();
     let reports: Vec<Vec<String>> = vec![
-        vec![k(42, 1)], vec![k(35, 1)], vec![k(35, 0)], vec![k(42, 0)],
-        vec![k(23, 1)], vec![k(23, 0)],
-        vec![k(42, 1)], vec![k(2, 1)], vec![k(2, 0)], vec![k(42, 0)],
-        vec![k(28, 1)], vec![k(28, 0)],
-        vec![k(29, 1)], vec![k(56, 1)], vec![k(60, 1)], vec![k(60, 0)], vec![k(56, 0)], vec![k(29, 0)],
+        vec![k(42, 1)],
+        vec![k(35, 1)],
+        vec![k(35, 0)],
+        vec![k(42, 0)],
+        vec![k(23, 1)],
+        vec![k(23, 0)],
+        vec![k(42, 1)],
+        vec![k(2, 1)],
+        vec![k(2, 0)],
+        vec![k(42, 0)],
+        vec![k(28, 1)],
+        vec![k(28, 0)],
+        vec![k(29, 1)],
+        vec![k(56, 1)],
+        vec![k(60, 1)],
+        vec![k(60, 0)],
+        vec![k(56, 0)],
+        vec![k(29, 0)],
     ];
     for r in reports {
         lines.extend(r);
@@ -146,7 +157,8 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
     if !lab::e2e_enabled("guest_evdev_readers_see_exactly_the_events_sent") {
         return;
     }
-    let dst = Lab::boot(LabOptions::virtio_port_only().named("dst")).unwrap_or_else(|e| panic!("{e}"));
+    let dst =
+        Lab::boot(LabOptions::virtio_port_only().named("dst")).unwrap_or_else(|e| panic!("{e}"));
     up(&dst);
 
     // Create the three devices (the first report of each kind creates it), then listen.
@@ -157,22 +169,25 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
     for n in ["vstream keyboard", "vstream mouse", "vstream tablet"] {
         assert!(devices.contains(n), "{n} missing in the guest: {devices}");
     }
-    start_reader(&dst, "vstream keyboard", "/tmp/kbd.txt", 18, 90);
-    start_reader(&dst, "vstream mouse", "/tmp/mouse.txt", 4, 90);
-    start_reader(&dst, "vstream tablet", "/tmp/tablet.txt", 4, 90);
+    start_reader(&dst, "vstream keyboard", "kbd", 18, 90);
+    start_reader(&dst, "vstream mouse", "mouse", 4, 90);
+    start_reader(&dst, "vstream tablet", "tablet", 4, 90);
 
     ctl_ok(&dst, &["input", "dst", "type", "Hi!\n"]);
     ctl_ok(&dst, &["input", "dst", "key", "ctrl+alt+f2"]);
     ctl_ok(&dst, &["input", "dst", "mouse", "move", "5", "-3"]);
     ctl_ok(&dst, &["input", "dst", "mouse", "click", "right"]);
     ctl_ok(&dst, &["input", "dst", "mouse", "wheel", "-1"]);
-    ctl_ok(&dst, &["input", "dst", "tablet", "0.25", "0.75", "--click", "left"]);
+    ctl_ok(
+        &dst,
+        &["input", "dst", "tablet", "0.25", "0.75", "--click", "left"],
+    );
     ctl_ok(&dst, &["input", "dst", "tablet", "1", "0"]);
 
-    let kbd = wait_file(&dst, "/tmp/kbd.txt", "done:");
+    let kbd = wait_done(&dst, "kbd");
     assert_eq!(events(&kbd), typed_hi(), "keyboard reader saw:\n{kbd}");
     assert!(kbd.contains("done: 18 reports"), "{kbd}");
-    let mouse = wait_file(&dst, "/tmp/mouse.txt", "done:");
+    let mouse = wait_done(&dst, "mouse");
     assert_eq!(
         events(&mouse),
         expect(&[
@@ -183,7 +198,7 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
         ]),
         "mouse reader saw:\n{mouse}"
     );
-    let tablet = wait_file(&dst, "/tmp/tablet.txt", "done:");
+    let tablet = wait_done(&dst, "tablet");
     assert_eq!(
         events(&tablet),
         expect(&[
@@ -196,7 +211,10 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
     );
 
     // Latency probes in the real guest: each report is read back from the evdev node.
-    let out = ctl_ok(&dst, &["input", "dst", "latency", "--count", "50", "--json"]);
+    let out = ctl_ok(
+        &dst,
+        &["input", "dst", "latency", "--count", "50", "--json"],
+    );
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("latency JSON");
     assert_eq!(v["seen"], 50, "{v}");
     eprintln!("hid latency in the dst guest (50 probes): {v}");
@@ -207,7 +225,10 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
     let src_opts = LabOptions {
         extra_qemu_args: vec![
             "-chardev".into(),
-            format!("socket,id=fwd,path={},server=on,wait=off", fwd_sock.display()),
+            format!(
+                "socket,id=fwd,path={},server=on,wait=off",
+                fwd_sock.display()
+            ),
             "-device".into(),
             "virtserialport,bus=vser0.0,chardev=fwd,id=fwdport,name=org.vstream.test.fwd".into(),
         ],
@@ -230,7 +251,7 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
     let mut to_dst = bridge.stdin.take().expect("stdin");
     let mut from_dst = bridge.stdout.take().expect("stdout");
     let mut port_r = port.try_clone().expect("clone");
-    let mut port_w = port;
+    let mut port_w = port.try_clone().expect("clone");
     let up_pump = thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut total = 0usize;
@@ -251,34 +272,47 @@ fn guest_evdev_readers_see_exactly_the_events_sent_and_forwarding_arrives_intact
         }
     });
 
-    start_reader(&dst, "vstream keyboard", "/tmp/fwd.txt", 8, 120);
-    sh(
+    start_reader(&dst, "vstream keyboard", "fwd", 8, 120);
+    bg(
         &src,
-        "vstream-agent hid-forward 'vstream keyboard' --grab --to keyboard=port:org.vstream.test.fwd > /tmp/fwd.log 2>&1 &",
+        "forwarder",
+        "VSTREAM_LOG=info vstream-agent hid-forward 'vstream keyboard' --grab --to keyboard=port:org.vstream.test.fwd",
     );
     // The forwarder has grabbed the device once it logged that it forwards.
-    wait_file(&src, "/tmp/fwd.log", "forwarding");
+    wait_out(&src, "forwarder", "forwarding", Duration::from_secs(60));
     thread::sleep(Duration::from_millis(500));
     // A second reader on the source sees nothing: the forwarder holds the grab.
-    sh(&src, "vstream-agent evtest 'vstream keyboard' --reports 1 --timeout 15 > /tmp/grab.txt 2>&1 &");
-    wait_file(&src, "/tmp/grab.txt", "listening on");
+    start_reader(&src, "vstream keyboard", "grab", 1, 15);
 
     ctl_ok(&src, &["input", "src", "type", "Ok\n"]);
-    let fwd = wait_file(&dst, "/tmp/fwd.txt", "done:");
+    let fwd = wait_done(&dst, "fwd");
     assert_eq!(
         events(&fwd),
         expect(&[
-            &["EV_KEY 42 1"], &["EV_KEY 24 1"], &["EV_KEY 24 0"], &["EV_KEY 42 0"],
-            &["EV_KEY 37 1"], &["EV_KEY 37 0"],
-            &["EV_KEY 28 1"], &["EV_KEY 28 0"],
+            &["EV_KEY 42 1"],
+            &["EV_KEY 24 1"],
+            &["EV_KEY 24 0"],
+            &["EV_KEY 42 0"],
+            &["EV_KEY 37 1"],
+            &["EV_KEY 37 0"],
+            &["EV_KEY 28 1"],
+            &["EV_KEY 28 0"],
         ]),
         "the dst reader saw, forwarded from src:\n{fwd}"
     );
-    let grabbed = wait_file(&src, "/tmp/grab.txt", "done:");
-    assert!(grabbed.contains("done: 0 reports"), "the source was not grabbed: {grabbed}");
+    let grabbed = wait_done(&src, "grab");
+    assert!(
+        grabbed.contains("done: 0 reports"),
+        "the source was not grabbed: {grabbed}"
+    );
     let _ = bridge.kill();
     let _ = bridge.wait();
-    assert!(up_pump.join().unwrap_or(0) > 0);
+    // The forwarder in src still holds the port open: end the pumps from this side.
+    let _ = port.shutdown(std::net::Shutdown::Both);
+    assert!(
+        up_pump.join().unwrap_or(0) > 0,
+        "nothing came through the forwarder's port"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

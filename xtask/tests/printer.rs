@@ -38,7 +38,7 @@ fn bg(lab: &Lab, id: &str, cmd: &str) {
     sh(
         lab,
         &format!(
-            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} &"
+            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} & true"
         ),
     );
 }
@@ -51,14 +51,23 @@ fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String {
         if text.contains(needle) {
             return text;
         }
-        assert!(Instant::now() < deadline, "/tmp/{id}.out never showed {needle:?}: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "/tmp/{id}.out never showed {needle:?}: {text}"
+        );
         thread::sleep(Duration::from_millis(500));
     }
 }
 
 fn jobs(lab: &Lab) -> Vec<serde_json::Value> {
-    let out = lab.ctl(["jobs", lab.name(), "--json"]).unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lab
+        .ctl(["jobs", lab.name(), "--json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .expect("jobs JSON")
         .as_array()
@@ -66,20 +75,30 @@ fn jobs(lab: &Lab) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-fn wait_jobs(lab: &Lab, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+fn wait_jobs(
+    lab: &Lab,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let j = jobs(lab);
         if pred(&j) {
             return j;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {j:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#?}"
+        );
         thread::sleep(Duration::from_millis(250));
     }
 }
 
 fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -89,7 +108,10 @@ fn sha256(path: &Path) -> String {
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -106,28 +128,41 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         ..LabOptions::virtio_port_only().named("printer")
     };
     let lab = Lab::boot(options).unwrap_or_else(|e| panic!("{e}"));
-    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| lab.mux_transports_up(s))
-        .unwrap_or_else(|e| panic!("{e}"));
+    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| {
+        lab.mux_transports_up(s)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let spool = lab.paths().state_dir.join("printer").join("spool");
 
     // 1. 50 MiB "PDF": header, random body, trailer; printed with busybox nc.
-    let made = sh(
+    bg(
         &lab,
-        "{ printf '%%PDF-1.4\\n'; head -c 52428800 /dev/urandom; printf '\\n%%%%EOF\\n'; } > /tmp/job.pdf; sha256sum /tmp/job.pdf; wc -c < /tmp/job.pdf",
-        Duration::from_secs(120),
+        "gen",
+        "{ printf '%%PDF-1.4\\n'; head -c 52428800 /dev/urandom; printf '\\n%%%%EOF\\n'; } > /tmp/job.pdf; sha256sum /tmp/job.pdf",
     );
-    let guest_sha = made.split_whitespace().next().unwrap_or_default().to_owned();
+    let made = wait_out(&lab, "gen", "DONE-rc=0", Duration::from_secs(180));
+    let guest_sha = made
+        .lines()
+        .find(|l| l.contains("/tmp/job.pdf"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned();
     assert_eq!(guest_sha.len(), 64, "{made}");
-    let printed = sh(
+    bg(
         &lab,
+        "print1",
         "t0=$(cut -d' ' -f1 /proc/uptime); nc 127.0.0.1 9100 < /tmp/job.pdf; echo rc=$?; t1=$(cut -d' ' -f1 /proc/uptime); echo elapsed $t0 $t1",
-        Duration::from_secs(300),
     );
+    let printed = wait_out(&lab, "print1", "DONE-rc=", Duration::from_secs(300));
     assert!(printed.contains("rc=0"), "{printed}");
     let times: Vec<f64> = printed
         .lines()
         .find_map(|l| l.trim().strip_prefix("elapsed "))
-        .map(|l| l.split_whitespace().filter_map(|t| t.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     if let [t0, t1] = times[..] {
         let secs = t1 - t0;
@@ -139,23 +174,38 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
     // nc returned: the agent closed the connection after the host's Done.
     assert_eq!(names(&spool), ["job-000001.pdf"]);
     let file = spool.join("job-000001.pdf");
-    assert_eq!(std::fs::metadata(&file).expect("job").len(), 52_428_800 + 9 + 7);
-    assert_eq!(sha256(&file), guest_sha, "the spooled job differs from the guest's file");
+    assert_eq!(
+        std::fs::metadata(&file).expect("job").len(),
+        52_428_800 + 9 + 7
+    );
+    assert_eq!(
+        sha256(&file),
+        guest_sha,
+        "the spooled job differs from the guest's file"
+    );
     let j = jobs(&lab);
-    assert_eq!((j[0]["state"].as_str(), j[0]["type"].as_str()), (Some("done"), Some("pdf")), "{j:#?}");
+    assert_eq!(
+        (j[0]["state"].as_str(), j[0]["type"].as_str()),
+        (Some("done"), Some("pdf")),
+        "{j:#?}"
+    );
     assert_eq!(j[0]["source"], "tcp-listen:127.0.0.1:9100");
 
     // 2. A job cut by killing the agent: kept as partial, reported as such.
-    sh(
+    bg(
         &lab,
-        "( { printf '%%!PS-Adobe-3.0\\n'; head -c 3000000 /dev/urandom; sleep 120; } | nc 127.0.0.1 9100; echo nc-ended >/tmp/cut.txt ) > /dev/null 2>&1 &",
-        Duration::from_secs(60),
+        "cut",
+        "{ printf '%%!PS-Adobe-3.0\\n'; head -c 3000000 /dev/urandom; sleep 120; } | nc 127.0.0.1 9100",
     );
     wait_jobs(&lab, "the cut job to be arriving", |j| {
-        j.iter().any(|j| j["id"] == 2 && j["state"] == "receiving" && j["size"].as_u64() >= Some(3_000_000))
+        j.iter().any(|j| {
+            j["id"] == 2 && j["state"] == "receiving" && j["size"].as_u64() >= Some(3_000_000)
+        })
     });
-    sh(&lab, "kill -9 $(cat /run/vstream-agent.pid)", Duration::from_secs(60));
-    let j = wait_jobs(&lab, "the cut job to be partial", |j| j.iter().any(|j| j["id"] == 2 && j["state"] == "partial"));
+    bg(&lab, "kill", "kill -9 $(cat /run/vstream-agent.pid)");
+    let j = wait_jobs(&lab, "the cut job to be partial", |j| {
+        j.iter().any(|j| j["id"] == 2 && j["state"] == "partial")
+    });
     let p = j.iter().find(|j| j["id"] == 2).expect("job 2");
     assert_eq!(p["file"], "job-000002.ps.partial");
     assert_eq!(p["type"], "postscript");
@@ -166,12 +216,17 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
     let guest = lab::guest_status(&status, "printer").expect("guest");
     assert_eq!(guest["printer"]["jobs"]["partial"], 1, "{guest:#}");
     let log = lab.daemon_log();
-    assert!(log.contains("print job cut: kept as partial"), "vstreamd did not report the cut job");
+    assert!(
+        log.contains("print job cut: kept as partial"),
+        "vstreamd did not report the cut job"
+    );
 
     // 3. Over quota (80 MB; 55 MB used): refused, the client's connection is closed, nothing
     // else in the spool is touched.
-    lab.wait_for("the restarted agent", UP_TIMEOUT, |s| lab.mux_transports_up(s))
-        .unwrap_or_else(|e| panic!("{e}"));
+    lab.wait_for("the restarted agent", UP_TIMEOUT, |s| {
+        lab.mux_transports_up(s)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let before: Vec<(String, u64, u64, i64)> = names(&spool)
         .into_iter()
         .map(|n| {
@@ -179,16 +234,23 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
             (n, m.ino(), m.len(), m.mtime())
         })
         .collect();
-    let refused = sh(
+    bg(
         &lab,
+        "big",
         "head -c 31457280 /dev/urandom > /tmp/big.bin; nc 127.0.0.1 9100 < /tmp/big.bin; echo nc-rc=$?",
-        Duration::from_secs(300),
     );
+    let refused = wait_out(&lab, "big", "DONE-rc=", Duration::from_secs(300));
+    eprintln!("the refused client: {refused}");
     assert!(refused.contains("nc-rc="), "{refused}");
-    let j = wait_jobs(&lab, "the refused job", |j| j.iter().any(|j| j["state"] == "refused"));
+    let j = wait_jobs(&lab, "the refused job", |j| {
+        j.iter().any(|j| j["state"] == "refused")
+    });
     let r = j.iter().find(|j| j["state"] == "refused").expect("refused");
     let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("spool quota exceeded for guest printer"), "{r}");
+    assert!(
+        reason.contains("spool quota exceeded for guest printer"),
+        "{r}"
+    );
     assert!(reason.contains(&format!("quota {QUOTA} bytes")), "{r}");
     let after: Vec<(String, u64, u64, i64)> = names(&spool)
         .into_iter()
@@ -202,11 +264,17 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
     // The agent logged the host's reason (its stderr goes to ttyS0).
     let deadline = Instant::now() + Duration::from_secs(30);
     while !lab.guest_console_log().contains("spool quota exceeded") {
-        assert!(Instant::now() < deadline, "the agent did not log the refusal");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not log the refusal"
+        );
         thread::sleep(Duration::from_millis(200));
     }
     let listing = lab.ctl(["jobs", "printer"]).expect("jobs");
     let text = String::from_utf8_lossy(&listing.stdout);
     eprintln!("{text}");
-    assert!(text.contains("done") && text.contains("partial") && text.contains("refused"), "{text}");
+    assert!(
+        text.contains("done") && text.contains("partial") && text.contains("refused"),
+        "{text}"
+    );
 }

@@ -191,7 +191,13 @@ fn make_file(path: &Path, len: usize) {
 }
 
 /// Copies `len` bytes host -> guest -> host through `guest`; checksums equal on both sides.
-fn cp_both_ways(lab: &Lab, guest: &str, dir: &Path, len: usize) -> (Duration, Duration) {
+fn cp_both_ways(
+    lab: &Lab,
+    guest: &str,
+    dir: &Path,
+    len: usize,
+    chunk: usize,
+) -> (Duration, Duration) {
     let src = dir.join(format!("{guest}.src"));
     let back = dir.join(format!("{guest}.back"));
     make_file(&src, len);
@@ -204,6 +210,8 @@ fn cp_both_ways(lab: &Lab, guest: &str, dir: &Path, len: usize) -> (Duration, Du
             "cp",
             src.to_str().expect("utf-8"),
             &format!("{guest}:{remote}"),
+            "--chunk",
+            &chunk.to_string(),
         ],
         limit,
     );
@@ -221,6 +229,8 @@ fn cp_both_ways(lab: &Lab, guest: &str, dir: &Path, len: usize) -> (Duration, Du
             "cp",
             &format!("{guest}:{remote}"),
             back.to_str().expect("utf-8"),
+            "--chunk",
+            &chunk.to_string(),
         ],
         limit,
     );
@@ -348,6 +358,7 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     }
     std::fs::create_dir_all(&p.state_dir).expect("state dir");
     std::fs::write(&p.config, config).expect("config");
+    let log = std::fs::File::create(&p.daemon_log).expect("log");
     let mut command = Command::new(paths::host_bin("vstreamd"));
     command
         .arg("--control")
@@ -358,8 +369,8 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
         .arg(&p.state_dir)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&p.daemon_log).expect("log"))
-        .stderr(std::fs::File::create(p.dir.join("vstreamd.stderr")).expect("log"));
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
     let _daemon = Guard(process::spawn(command).expect("vstreamd"));
     lab.wait_for("the agent's transport to be up", UP_TIMEOUT, |s| {
         lab.mux_transports_up(s)
@@ -388,9 +399,9 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     // Copies with equal checksums on both sides.
     let host_dir = dir.join("files");
     std::fs::create_dir_all(&host_dir).expect("dir");
-    cp_both_ways(&lab, "qga", &host_dir, BIG);
-    cp_both_ways(&lab, "qga-raw", &host_dir, 16 << 20);
-    cp_both_ways(&lab, "qga-ga", &host_dir, QEMU_GA_COPY);
+    cp_both_ways(&lab, "qga-ga", &host_dir, QEMU_GA_COPY, 64 << 10);
+    cp_both_ways(&lab, "qga", &host_dir, BIG, 1 << 20);
+    cp_both_ways(&lab, "qga-raw", &host_dir, 16 << 20, 1 << 20);
 
     // Time: the guest clock set to the host's (then within a second of it), and from the RTC.
     let out = ctl_ok(&lab, &["time-sync", "qga"], Duration::from_secs(60));

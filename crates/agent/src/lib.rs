@@ -1,24 +1,42 @@
 //! vstream-agent's settings: from its command line or, when it runs as a guest's helper
 //! started by init, from the kernel command line (`vstream.connect=ADDR`, repeatable,
-//! `vstream.name=NAME` and `vstream.qga=ADDR`).
+//! `vstream.name=NAME`, `vstream.qga=ADDR`, `vstream.random=0` to leave the kernel's entropy
+//! pool alone, and `vstream.watchdog=INTERVAL` to send watchdog heartbeats).
 #![deny(missing_docs)]
 
 use std::time::Duration;
 
+use vstream_devices::random::guest::{FeedSettings, Feeder, KernelPool};
+use vstream_devices::watchdog::guest::{GuestSettings as WatchdogSettings, Heartbeat};
 use vstream_link::{link_params, Mux};
 use vstream_transport::{Address, Endpoint};
 use vstream_wire::{Config, Role};
+
+/// The guest-initiated devices an agent runs besides its services.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Feed the kernel's entropy pool from the host (`random` device); needs `CAP_SYS_ADMIN`.
+    pub random: Option<FeedSettings>,
+    /// Send watchdog heartbeats (`watchdog` device).
+    pub watchdog: Option<WatchdogSettings>,
+}
 
 /// A running agent: one session with the host over any number of transports.
 pub struct Agent {
     mux: Mux,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl Agent {
     /// Starts serving the guest devices, keeping every transport connected (the first is
     /// preferred). Must be called inside a tokio runtime.
     pub fn start(name: &str, connect: Vec<Address>) -> Agent {
+        Agent::start_with(name, connect, AgentOptions::default())
+    }
+
+    /// [`Agent::start`], plus the guest-initiated devices of `options`.
+    pub fn start_with(name: &str, connect: Vec<Address>, options: AgentOptions) -> Agent {
         let (mux, incoming) = Mux::new(Config::new(Role::Guest, name), rand::random::<u64>() | 1);
         let mut tasks = vec![tokio::spawn(vstream_devices::dispatch(
             vstream_devices::guest_services(),
@@ -32,7 +50,33 @@ impl Agent {
                 prio as u32,
             )));
         }
-        Agent { mux, tasks }
+        if let Some(feed) = options.random {
+            match KernelPool::open() {
+                Ok(pool) => tasks.push(tokio::spawn(vstream_devices::random::guest::run_feeder(
+                    mux.clone(),
+                    Feeder::new(pool, feed),
+                ))),
+                Err(e) => tracing::warn!("random: not feeding the kernel's entropy pool: {e}"),
+            }
+        }
+        let heartbeat = options.watchdog.map(|w| {
+            tracing::info!(interval_ms = w.interval.as_millis() as u64, check = ?w.check, "watchdog heartbeats on");
+            Heartbeat::start(mux.clone(), w)
+        });
+        Agent {
+            mux,
+            tasks,
+            heartbeat,
+        }
+    }
+
+    /// A clean stop: disarms the watchdog (waiting for the host to confirm, a few seconds at
+    /// most), then stops everything. Dropping the agent instead stops without a disarm, as a
+    /// crash would.
+    pub async fn shutdown(mut self, reason: &str) {
+        if let Some(h) = self.heartbeat.take() {
+            h.disarm(reason).await;
+        }
     }
 
     /// The session with the host.
@@ -44,10 +88,11 @@ impl Agent {
     /// `tcp-listen:127.0.0.1:9100` or `unix-listen:/run/vstream/printer.sock`; each connection
     /// is one job, sent to the host's spool.
     pub fn serve_printer(&mut self, address: Address) {
-        self.tasks.push(tokio::spawn(vstream_devices::printer::guest::listen(
-            self.mux.clone(),
-            address,
-        )));
+        self.tasks
+            .push(tokio::spawn(vstream_devices::printer::guest::listen(
+                self.mux.clone(),
+                address,
+            )));
     }
 
     /// Also serves the QEMU guest agent protocol on a raw transport, e.g.
@@ -58,6 +103,16 @@ impl Agent {
         self.tasks
             .push(tokio::spawn(vstream_devices::qga::guest::serve_address(
                 agent, address,
+            )));
+    }
+
+    /// Also keeps the guest's PPP link up (pppd on a `ppp` channel, or on a raw transport), as
+    /// `settings` say; see docs/devices/ppp.md.
+    pub fn serve_ppp(&mut self, settings: vstream_devices::ppp::guest::Settings) {
+        self.tasks
+            .push(tokio::spawn(vstream_devices::ppp::guest::run(
+                self.mux.clone(),
+                settings,
             )));
     }
 }
@@ -110,7 +165,7 @@ fn log_change(last: &mut String, address: &Address, error: &str) {
 }
 
 /// What the agent was asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settings {
     /// Transports to keep connected, in order of preference.
     pub connect: Vec<Address>,
@@ -118,15 +173,15 @@ pub struct Settings {
     pub name: Option<String>,
     /// A raw transport on which to serve the QEMU guest agent protocol.
     pub qga: Option<Address>,
+    /// `Some(false)`: do not feed the kernel's entropy pool (`vstream.random=0`).
+    pub random: Option<bool>,
+    /// Watchdog heartbeat interval (`vstream.watchdog=500ms`).
+    pub watchdog_interval: Option<Duration>,
 }
 
 /// Reads `vstream.connect=`, `vstream.name=` and `vstream.qga=` from a kernel command line.
 pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
-    let mut s = Settings {
-        connect: Vec::new(),
-        name: None,
-        qga: None,
-    };
+    let mut s = Settings::default();
     for word in cmdline.split_ascii_whitespace() {
         if let Some(a) = word.strip_prefix("vstream.connect=") {
             s.connect
@@ -135,6 +190,19 @@ pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
             s.name = Some(n.to_owned());
         } else if let Some(a) = word.strip_prefix("vstream.qga=") {
             s.qga = Some(a.parse().map_err(|e| format!("vstream.qga={a}: {e}"))?);
+        } else if let Some(r) = word.strip_prefix("vstream.random=") {
+            s.random = Some(match r {
+                "1" | "on" | "yes" => true,
+                "0" | "off" | "no" => false,
+                _ => return Err(format!("vstream.random={r}: expected 0 or 1")),
+            });
+        } else if let Some(w) = word.strip_prefix("vstream.watchdog=") {
+            let d = vstream_devices::watchdog::parse_duration(w)
+                .map_err(|e| format!("vstream.watchdog={w}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!("vstream.watchdog={w}: the interval must not be 0"));
+            }
+            s.watchdog_interval = Some(d);
         }
     }
     Ok(s)
@@ -155,20 +223,52 @@ pub fn printer_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, String> 
     Ok(out)
 }
 
+/// The PPP link a kernel command line asks for: `vstream.ppp=on|off|ADDR` (the last one
+/// wins); `None` if it says nothing.
+pub fn ppp_mode(cmdline: &str) -> Result<Option<vstream_devices::ppp::guest::Mode>, String> {
+    let mut out = None;
+    for word in cmdline.split_ascii_whitespace() {
+        if let Some(m) = word.strip_prefix("vstream.ppp=") {
+            out = Some(m.parse().map_err(|e| format!("vstream.ppp={m}: {e}"))?);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
+    fn ppp_mode_from_the_kernel_command_line() {
+        use vstream_devices::ppp::guest::Mode;
+        assert_eq!(super::ppp_mode("quiet").expect("none"), None);
+        assert_eq!(
+            super::ppp_mode("vstream.ppp=off").expect("off"),
+            Some(Mode::Off)
+        );
+        let m = super::ppp_mode("vstream.ppp=off vstream.ppp=port:org.vstream.ppp").expect("port");
+        assert_eq!(
+            m.map(|m| m.to_string()).as_deref(),
+            Some("port:org.vstream.ppp")
+        );
+        assert!(super::ppp_mode("vstream.ppp=bogus:1").is_err());
+    }
+
+    #[test]
     fn printer_listeners_from_the_kernel_command_line() {
         assert_eq!(super::printer_listeners("quiet").expect("none"), None);
-        assert_eq!(super::printer_listeners("vstream.printer=off").expect("off"), Some(vec![]));
-        let l = super::printer_listeners("vstream.printer=tcp-listen:127.0.0.1:9101 vstream.printer=unix-listen:/run/p.sock")
-            .expect("two")
-            .expect("some");
+        assert_eq!(
+            super::printer_listeners("vstream.printer=off").expect("off"),
+            Some(vec![])
+        );
+        let l = super::printer_listeners(
+            "vstream.printer=tcp-listen:127.0.0.1:9101 vstream.printer=unix-listen:/run/p.sock",
+        )
+        .expect("two")
+        .expect("some");
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].to_string(), "tcp-listen:127.0.0.1:9101");
         assert!(super::printer_listeners("vstream.printer=bogus:1").is_err());
     }
-
 
     use super::*;
 
@@ -186,6 +286,17 @@ mod tests {
         assert_eq!(s.connect.len(), 2);
         assert_eq!(s.connect[0].to_string(), "port:org.vstream.0");
         assert!(matches!(&s.connect[1], Address::Serial(c) if c.baud == 115_200));
+    }
+
+    #[test]
+    fn reads_the_device_settings() {
+        let s = from_kernel_cmdline("vstream.random=0 vstream.watchdog=500ms").expect("parse");
+        assert_eq!(s.random, Some(false));
+        assert_eq!(s.watchdog_interval, Some(Duration::from_millis(500)));
+        let none = from_kernel_cmdline("quiet").expect("parse");
+        assert_eq!((none.random, none.watchdog_interval), (None, None));
+        assert!(from_kernel_cmdline("vstream.watchdog=0s").is_err());
+        assert!(from_kernel_cmdline("vstream.random=maybe").is_err());
     }
 
     #[test]

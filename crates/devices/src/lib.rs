@@ -9,16 +9,21 @@
 pub mod console;
 pub mod diag;
 pub mod hid;
+pub mod ppp;
 pub mod printer;
 pub mod qga;
+pub mod random;
 pub mod tty;
+pub mod watchdog;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use vstream_link::{ChannelStream, Incoming};
+use vstream_transport::Address;
 
 /// What a service runs per channel.
 pub type ServeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -29,6 +34,10 @@ pub trait Service: Send + Sync {
     fn class(&self) -> &'static str;
     /// Serves one channel named `name` until it ends.
     fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture;
+    /// The device's state for `vstreamctl status` (under `devices.CLASS`), if it has one.
+    fn status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The guest halves run by vstream-agent.
@@ -41,9 +50,76 @@ pub fn guest_services() -> Vec<Arc<dyn Service>> {
     ]
 }
 
+/// What a host half knows about the guest it serves (built by vstreamd per guest).
+pub struct HostContext {
+    /// The guest's name.
+    pub guest: String,
+    /// The guest's QMP socket, for actions on the virtual machine.
+    pub qmp: Option<Address>,
+    /// Where the guest's events go (`vstreamctl events`).
+    pub events: EventSink,
+    /// The guest's entropy budget, shared by its `random` channels and `random-raw` ports.
+    pub random: Arc<random::host::Limiter>,
+    /// `[guest.watchdog]`, if configured.
+    pub watchdog: Option<watchdog::Settings>,
+    /// `[guest.ppp]`, if configured.
+    pub ppp: Option<ppp::host::PppConfig>,
+}
+
 /// The host halves run by vstreamd for channels a guest opens.
-pub fn host_services() -> Vec<Arc<dyn Service>> {
-    vec![Arc::new(diag::Echo)]
+pub fn host_services(ctx: &HostContext) -> Vec<Arc<dyn Service>> {
+    vec![
+        Arc::new(diag::Echo),
+        Arc::new(random::host::Entropy::new(ctx)),
+        Arc::new(watchdog::host::WatchdogService::new(ctx)),
+        Arc::new(ppp::host::PppService::new(ctx)),
+    ]
+}
+
+/// Where host halves report events for `vstreamctl events` (docs/devices/events.md). Cheap to
+/// clone; sending never waits (a slow reader misses events and is told how many).
+#[derive(Clone)]
+pub struct EventSink {
+    guest: Arc<str>,
+    tx: broadcast::Sender<serde_json::Value>,
+}
+
+impl EventSink {
+    /// Events of `guest`, sent on `tx` (vstreamd's event channel).
+    pub fn new(guest: &str, tx: broadcast::Sender<serde_json::Value>) -> EventSink {
+        EventSink {
+            guest: guest.into(),
+            tx,
+        }
+    }
+
+    /// The guest these events are about.
+    pub fn guest(&self) -> &str {
+        &self.guest
+    }
+
+    /// Sends event `kind` with `fields` (a JSON object; anything else is put under `"data"`).
+    pub fn emit(&self, kind: &str, fields: serde_json::Value) {
+        let _ = self.tx.send(event(&self.guest, kind, fields));
+    }
+}
+
+/// One event as `vstreamctl events --json` prints it: `fields` plus `event` (the kind),
+/// `guest`, `time` (Unix seconds) and `time_ms` (Unix milliseconds).
+pub fn event(guest: &str, kind: &str, fields: serde_json::Value) -> serde_json::Value {
+    let mut v = match fields {
+        serde_json::Value::Object(map) => serde_json::Value::Object(map),
+        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+        other => serde_json::json!({ "data": other }),
+    };
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    v["event"] = kind.into();
+    v["guest"] = guest.into();
+    v["time"] = (ms / 1000).into();
+    v["time_ms"] = ms.into();
+    v
 }
 
 /// Hands each incoming channel to the service of its class; channels of unknown classes are

@@ -106,6 +106,13 @@ pub struct GuestConfig {
     /// `STATE_DIR/GUEST/spool`, 1 GiB).
     #[serde(default)]
     pub printer: PrinterConfig,
+    /// `[guest.random]`: the guest's entropy budget (docs/devices/random.md).
+    #[serde(default)]
+    pub random: vstream_devices::random::Settings,
+    /// `[guest.watchdog]`: without it the guest's watchdog is refused (docs/devices/watchdog.md).
+    pub watchdog: Option<vstream_devices::watchdog::Settings>,
+    /// The guest's PPP link (`[guest.ppp]`, docs/devices/ppp.md); none if absent.
+    pub ppp: Option<vstream_devices::ppp::host::PppConfig>,
 }
 
 /// `[guest.printer]`: where the guest's print jobs go.
@@ -149,6 +156,9 @@ pub enum TransportKind {
     /// qemu-ga behind it): `vstreamctl agent` and its verbs go there instead of to a `qga`
     /// channel of vstream-agent. At most one per guest.
     Qga,
+    /// vstreamd writes entropy into it within the guest's `[guest.random]` budget, e.g. a
+    /// virtio-serial port that the guest's `rngd -r /dev/vportNpM` reads.
+    RandomRaw,
 }
 
 /// `[[guest.transport]]`.
@@ -195,6 +205,20 @@ impl TransportConfig {
     }
 }
 
+impl GuestConfig {
+    /// Checks the device sections.
+    pub fn validate(&self) -> Result<(), String> {
+        self.random.validate()?;
+        if let Some(w) = &self.watchdog {
+            w.validate(self.qmp.is_some())?;
+        }
+        if let Some(p) = &self.ppp {
+            p.validate().map_err(|e| format!("[guest.ppp]: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -214,6 +238,8 @@ impl Config {
                     g.name
                 );
             }
+            g.validate()
+                .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
             if g.transport
                 .iter()
                 .filter(|t| t.kind == TransportKind::Qga)
@@ -249,6 +275,29 @@ mod tests {
     }
 
     #[test]
+    fn the_ppp_section_parses_and_is_checked() {
+        let text = include_str!("../../../docs/vstreamd.example.toml");
+        let cfg: Config = toml::from_str(text).expect("example config");
+        let ppp = cfg.guest[0]
+            .ppp
+            .as_ref()
+            .expect("[guest.ppp] in the example");
+        assert_eq!(ppp.remote.to_string(), "10.77.0.2");
+        assert_eq!(ppp.routes.len(), 1);
+        cfg.guest[0].validate().expect("the example is valid");
+        let bad: Config = toml::from_str(
+            "[[guest]]\nname = \"a\"\n[guest.ppp]\nlocal = \"10.0.0.1\"\nremote = \"10.0.0.2\"\nmtu = 64\n",
+        )
+        .expect("parses");
+        let e = bad.guest[0].validate().expect_err("mtu 64");
+        assert!(e.contains("[guest.ppp]") && e.contains("mtu"), "{e}");
+        assert!(toml::from_str::<Config>(
+            "[[guest]]\nname = \"a\"\n[guest.ppp]\nlocal = \"10.0.0.1\"\n"
+        )
+        .is_err());
+    }
+
+    #[test]
     fn a_qga_transport_parses() {
         let cfg: Config = toml::from_str(
             "[[guest]]\nname = \"a\"\n[[guest.transport]]\nkind = \"qga\"\naddress = \"unix:/run/qga.sock\"\n",
@@ -266,9 +315,43 @@ mod tests {
         let p = &cfg.guest[0].printer;
         assert_eq!(p.spool.as_deref(), Some(Path::new("/var/spool/a")));
         assert_eq!((p.quota_bytes, p.enabled, p.hook.len()), (1000, true, 2));
-        assert!(toml::from_str::<Config>("[[guest]]\nname = \"a\"\n[guest.printer]\nquota = 1\n").is_err());
+        assert!(
+            toml::from_str::<Config>("[[guest]]\nname = \"a\"\n[guest.printer]\nquota = 1\n")
+                .is_err()
+        );
         let d: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("default");
         assert_eq!(d.guest[0].printer.quota_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn device_sections_parse_and_are_checked() {
+        let text = include_str!("../../../docs/vstreamd.example.toml");
+        let cfg: Config = toml::from_str(text).expect("example config");
+        let g = &cfg.guest[0];
+        assert_eq!(g.random.rate, 65536);
+        let w = g.watchdog.as_ref().expect("the example has a watchdog");
+        assert_eq!(w.action, vstream_devices::watchdog::Action::Reset);
+        assert!(g.validate().is_ok());
+        assert!(g
+            .transport
+            .iter()
+            .any(|t| t.kind == TransportKind::RandomRaw));
+
+        let no_qmp: Config = toml::from_str(
+            "[[guest]]\nname = \"a\"\n[guest.watchdog]\ntimeout_ms = 1000\naction = \"reset\"\n",
+        )
+        .expect("parse");
+        let e = no_qmp.guest[0].validate().expect_err("reset needs qmp");
+        assert!(e.contains("qmp"), "{e}");
+        let defaults: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("parse");
+        assert!(defaults.guest[0].watchdog.is_none());
+        assert_eq!(
+            defaults.guest[0].random,
+            vstream_devices::random::Settings::default()
+        );
+        assert!(
+            toml::from_str::<Config>("[[guest]]\nname = \"a\"\n[guest.random]\nrat = 1\n").is_err()
+        );
     }
 
     #[test]

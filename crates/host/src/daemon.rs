@@ -15,7 +15,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use vstream_devices::console::{Console, ConsoleSettings};
 use vstream_devices::printer::host::{PrinterService, Spool, SpoolConfig};
-use vstream_link::{Mux, MuxStatus};
+use vstream_devices::random::host::Limiter;
+use vstream_devices::{EventSink, HostContext, Service};
+use vstream_link::{Mux, MuxEvent, MuxStatus};
 use vstream_transport::{Address, Endpoint};
 use vstream_wire::Role;
 
@@ -39,6 +41,8 @@ struct TransportState {
     connects: u64,
     errors: u64,
     last_error: Option<String>,
+    /// Bytes written by vstreamd itself (random-raw ports; mux transports show their link's).
+    bytes_out: u64,
 }
 
 impl TransportState {
@@ -53,6 +57,7 @@ impl TransportState {
             connects: 0,
             errors: 0,
             last_error: None,
+            bytes_out: 0,
         }
     }
 }
@@ -68,6 +73,20 @@ pub struct Guest {
     consoles: Vec<Arc<Console>>,
     /// The printer spool, if the guest has one.
     printer: Option<Arc<Spool>>,
+    /// The host halves of the devices (for their status).
+    services: Vec<Arc<dyn Service>>,
+    /// Where this guest's events go.
+    events: EventSink,
+    /// The guest's entropy budget (shared with its random-raw transports).
+    random: Arc<Limiter>,
+}
+
+/// The device sections of a guest's config (defaults for guests that announce themselves).
+#[derive(Debug, Clone, Default)]
+struct DeviceSettings {
+    random: vstream_devices::random::Settings,
+    watchdog: Option<vstream_devices::watchdog::Settings>,
+    ppp: Option<vstream_devices::ppp::host::PppConfig>,
 }
 
 impl Guest {
@@ -97,6 +116,24 @@ impl Guest {
         self.qmp.as_ref()
     }
 
+    /// Where this guest's events go (`vstreamctl events`); see docs/devices/events.md.
+    pub fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    /// Emits `transport-up` / `transport-down` for one of this guest's transports.
+    fn transport_event(&self, up: bool, kind: &str, name: &str, address: &str, detail: &str) {
+        let (event, key) = if up {
+            ("transport-up", "peer")
+        } else {
+            ("transport-down", "reason")
+        };
+        self.events.emit(
+            event,
+            json!({ "kind": kind, "transport": name, "address": address, key: detail }),
+        );
+    }
+
     fn status(&self) -> serde_json::Value {
         let mux: MuxStatus = self.mux.status();
         let mut transports: Vec<serde_json::Value> = Vec::new();
@@ -105,6 +142,8 @@ impl Guest {
             // Merge the live link's counters into the transport that carries it.
             // "up" means the handshake is done on a live link, not just a connected socket.
             match mux.links.iter().find(|l| l.transport == t.name) {
+                // Other kinds (random-raw) keep their own state.
+                _ if t.kind != "mux" => {}
                 Some(l) => {
                     v["state"] = json!(if l.up { "up" } else { "connecting" });
                     v["link"] = serde_json::to_value(l).unwrap_or_default();
@@ -122,6 +161,11 @@ impl Guest {
                 "errors": s.errors, "last_error": s.last_error, "log": s.log, "viewers": s.viewers,
             }));
         }
+        let devices: serde_json::Map<String, serde_json::Value> = self
+            .services
+            .iter()
+            .filter_map(|s| Some((s.class().to_owned(), s.status()?)))
+            .collect();
         json!({
             "name": self.name,
             "connected": self.mux.is_connected(),
@@ -130,6 +174,7 @@ impl Guest {
             "channels": mux.channels,
             "stats": mux.stats,
             "printer": self.printer.as_ref().map(|p| p.status()),
+            "devices": devices,
         })
     }
 }
@@ -170,11 +215,27 @@ impl Daemon {
         self.guests().get(name).cloned()
     }
 
+    /// Emits event `kind` about `guest` with `fields` (a JSON object) to every
+    /// `vstreamctl events` client: the way for device code in the daemon to report (the fields
+    /// `event`, `guest`, `time` and `time_ms` are added; see docs/devices/events.md). Host
+    /// halves of devices get the same through [`HostContext::events`].
+    pub fn emit(&self, guest: &str, kind: &str, fields: serde_json::Value) {
+        let _ = self
+            .events
+            .send(vstream_devices::event(guest, kind, fields));
+    }
+
+    /// An [`EventSink`] for `guest`'s events (it need not be a known guest).
+    pub fn event_sink(&self, guest: &str) -> EventSink {
+        EventSink::new(guest, self.events.clone())
+    }
+
     fn new_guest(
         self: &Arc<Self>,
         name: &str,
         qmp: Option<Address>,
         consoles: Vec<Arc<Console>>,
+        devices: DeviceSettings,
     ) -> Arc<Guest> {
         let cfg = self.limits.wire_config(Role::Host, name);
         let (mux, incoming) = Mux::new(cfg, rand::random::<u64>() | 1);
@@ -184,9 +245,17 @@ impl Daemon {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned();
-        let mut services = vstream_devices::host_services();
+        let ctx = HostContext {
+            guest: name.to_owned(),
+            qmp: qmp.clone(),
+            events: self.event_sink(name),
+            random: Arc::new(Limiter::new(devices.random)),
+            watchdog: devices.watchdog,
+            ppp: devices.ppp,
+        };
+        let mut services = vstream_devices::host_services(&ctx);
         services.push(Arc::new(PrinterService::new(name, printer.clone())));
-        tokio::spawn(vstream_devices::dispatch(services, incoming));
+        tokio::spawn(vstream_devices::dispatch(services.clone(), incoming));
         let guest = Arc::new(Guest {
             name: name.to_owned(),
             mux: mux.clone(),
@@ -195,25 +264,14 @@ impl Daemon {
             transports: Mutex::new(Vec::new()),
             consoles,
             printer,
+            services,
+            events: ctx.events.clone(),
+            random: ctx.random.clone(),
         });
-        // Forward the session's events, tagged with the guest.
-        let mut rx = mux.subscribe();
-        let events = self.events.clone();
-        let gname = name.to_owned();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        let mut v = serde_json::to_value(&ev).unwrap_or_default();
-                        v["guest"] = json!(gname);
-                        v["time"] = json!(now_secs());
-                        let _ = events.send(v);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
+        tokio::spawn(forward_mux_events(mux.clone(), ctx.events.clone()));
+        for console in &guest.consoles {
+            tokio::spawn(watch_console(Arc::downgrade(&guest), Arc::clone(console)));
+        }
         self.guests().insert(name.to_owned(), guest.clone());
         guest
     }
@@ -267,7 +325,12 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(g.name.clone(), spool);
         }
-        let guest = self.new_guest(&g.name, g.qmp.clone(), consoles);
+        let devices = DeviceSettings {
+            random: g.random,
+            watchdog: g.watchdog.clone(),
+            ppp: g.ppp.clone(),
+        };
+        let guest = self.new_guest(&g.name, g.qmp.clone(), consoles, devices);
         if let Some(t) = g.transport.iter().find(|t| t.kind == TransportKind::Qga) {
             let _ = guest.qga.set(t.address.clone());
         }
@@ -284,6 +347,18 @@ impl Daemon {
             ));
             // Priorities follow the config order: the first transport is preferred.
             tokio::spawn(run_transport(guest.clone(), t.clone(), idx, prio as u32));
+        }
+        for t in g
+            .transport
+            .iter()
+            .filter(|t| t.kind == TransportKind::RandomRaw)
+        {
+            let idx = guest.add_transport(TransportState::new(
+                "random-raw",
+                t.display_name(),
+                t.address.to_string(),
+            ));
+            tokio::spawn(run_random_raw(guest.clone(), t.clone(), idx));
         }
         Ok(())
     }
@@ -320,7 +395,9 @@ impl Daemon {
                 }
                 let guest = match daemon.guest(&hello.name) {
                     Some(g) => g,
-                    None => daemon.new_guest(&hello.name, None, Vec::new()),
+                    None => {
+                        daemon.new_guest(&hello.name, None, Vec::new(), DeviceSettings::default())
+                    }
                 };
                 let name = format!("{listen} <- {}", conn.peer);
                 let idx = guest.add_transport(TransportState::new(
@@ -334,9 +411,12 @@ impl Daemon {
                     t.peer = conn.peer.clone();
                     t.connects = 1;
                 });
+                let address = listen.to_string();
+                guest.transport_event(true, "mux", &name, &address, &conn.peer);
                 let params = link_params(&listen, None, 100);
                 let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
+                guest.transport_event(false, "mux", &name, &address, &reason);
                 // Accepted connections are not reconnected by us: forget them.
                 guest.transports().retain(|t| t.name != name);
             });
@@ -622,17 +702,195 @@ async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priori
             s.peer = conn.peer.clone();
             s.connects += 1;
         });
+        let address = t.address.to_string();
+        guest.transport_event(true, "mux", &name, &address, &conn.peer);
         let reason = guest
             .mux
             .run_link(conn.stream, t.link_params(priority), &name, &[])
             .await;
         tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
+        guest.transport_event(false, "mux", &name, &address, &reason);
         guest.update(idx, |s| {
             s.state = "down";
             s.since = now_secs();
             s.last_error = Some(reason);
         });
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Forwards the session's events, tagged with the guest, and derives `agent-up` (the first
+/// link of a session, or a new agent session: a link up that did not resume) and `agent-down`
+/// (no link left).
+async fn forward_mux_events(mux: Mux, events: EventSink) {
+    let mut rx = mux.subscribe();
+    let mut up_links = std::collections::BTreeSet::new();
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                events.emit("lagged", json!({ "missed": n, "source": "session" }));
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let mut fields = serde_json::to_value(&ev).unwrap_or_default();
+        let kind = fields["event"].as_str().unwrap_or("session").to_owned();
+        if let Some(o) = fields.as_object_mut() {
+            o.remove("event");
+        }
+        events.emit(&kind, fields);
+        match ev {
+            MuxEvent::LinkUp {
+                link,
+                transport,
+                peer,
+                resumed,
+            } => {
+                let first = up_links.is_empty();
+                up_links.insert(link);
+                if first || !resumed {
+                    let restarts = mux.status().stats.session_restarts;
+                    events.emit(
+                        "agent-up",
+                        json!({
+                            "peer": peer,
+                            "transport": transport,
+                            "new_session": !resumed,
+                            "session_restarts": restarts,
+                        }),
+                    );
+                }
+            }
+            MuxEvent::LinkDown {
+                link,
+                transport,
+                reason,
+            } if up_links.remove(&link) && up_links.is_empty() => {
+                events.emit(
+                    "agent-down",
+                    json!({ "transport": transport, "reason": reason }),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Emits `transport-up` / `transport-down` when a console's connection changes (consoles keep
+/// their own state; this samples it twice a second). Ends with the guest.
+async fn watch_console(guest: std::sync::Weak<Guest>, console: Arc<Console>) {
+    let mut was_up = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(g) = guest.upgrade() else {
+            return;
+        };
+        let s = console.status();
+        let up = s.state == "up";
+        if up != was_up {
+            let detail = if up {
+                s.peer.clone()
+            } else {
+                s.last_error.clone().unwrap_or_else(|| s.state.to_owned())
+            };
+            g.transport_event(up, "console", &s.name, &s.address, &detail);
+            was_up = up;
+        }
+    }
+}
+
+/// Keeps one random-raw transport connected and writes entropy into it within the guest's
+/// budget (docs/devices/random.md).
+async fn run_random_raw(guest: Arc<Guest>, t: TransportConfig, idx: usize) {
+    let name = t.display_name();
+    let address = t.address.to_string();
+    let mut backoff = Duration::from_millis(100);
+    let mut endpoint = loop {
+        match Endpoint::bind(t.address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                guest.update(idx, |s| {
+                    s.errors += 1;
+                    s.last_error = Some(e.to_string());
+                });
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    loop {
+        let conn = match endpoint.next().await {
+            Ok(c) => c,
+            Err(e) => {
+                guest.update(idx, |s| {
+                    s.errors += 1;
+                    s.last_error = Some(e.to_string());
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        guest.update(idx, |s| {
+            s.state = "up";
+            s.since = now_secs();
+            s.peer = conn.peer.clone();
+            s.connects += 1;
+        });
+        guest.transport_event(true, "random-raw", &name, &address, &conn.peer);
+        let mut stream = CountingWriter {
+            inner: conn.stream,
+            guest: &guest,
+            idx,
+        };
+        let error = vstream_devices::random::host::serve_raw(&mut stream, &guest.random).await;
+        let reason = error.to_string();
+        tracing::info!(guest = %guest.name, transport = %name, "random-raw transport down: {reason}");
+        guest.update(idx, |s| {
+            s.state = "down";
+            s.since = now_secs();
+            s.last_error = Some(reason.clone());
+        });
+        guest.transport_event(false, "random-raw", &name, &address, &reason);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Counts the bytes written to a random-raw transport into its status.
+struct CountingWriter<'a> {
+    inner: vstream_transport::BoxStream,
+    guest: &'a Guest,
+    idx: usize,
+}
+
+impl tokio::io::AsyncWrite for CountingWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let n = *n as u64;
+            self.guest.update(self.idx, |s| s.bytes_out += n);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

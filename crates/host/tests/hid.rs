@@ -83,7 +83,11 @@ struct RecSink(Kind, Recorder);
 
 impl Sink for RecSink {
     fn emit(&mut self, events: &[Event], probe: bool) -> std::io::Result<bool> {
-        self.1 .0.lock().expect("rec").push((self.0, events.to_vec()));
+        self.1
+             .0
+            .lock()
+            .expect("rec")
+            .push((self.0, events.to_vec()));
         Ok(probe)
     }
     fn node(&self) -> String {
@@ -113,7 +117,9 @@ fn fake_guest(name: &str, address: &str, rec: &Recorder) -> vstream_link::Mux {
     let m = mux.clone();
     tokio::spawn(async move {
         loop {
-            let mut ep = vstream_transport::Endpoint::bind(addr.clone()).await.expect("bind");
+            let mut ep = vstream_transport::Endpoint::bind(addr.clone())
+                .await
+                .expect("bind");
             if let Ok(c) = ep.next().await {
                 let params = vstream_link::link_params(&addr, None, 0);
                 m.run_link(c.stream, params, "test", &[]).await;
@@ -142,7 +148,11 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
         "[[guest]]\nname = \"g\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/g.sock\"\n",
     );
     let rec = Recorder::default();
-    let mux = fake_guest("g", &format!("unix:{}/g.sock", d.dir.path().display()), &rec);
+    let mux = fake_guest(
+        "g",
+        &format!("unix:{}/g.sock", d.dir.path().display()),
+        &rec,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !mux.is_connected() {
         assert!(Instant::now() < deadline, "guest not connected");
@@ -155,11 +165,20 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
     assert_eq!(
         rec.take(),
         [
-            k(shift, 1), k(35, 1), k(35, 0), k(shift, 0),
-            k(23, 1), k(23, 0),
-            k(shift, 1), k(key::N1, 1), k(key::N1, 0), k(shift, 0),
-            k(key::ENTER, 1), k(key::ENTER, 0),
-            k(key::TAB, 1), k(key::TAB, 0),
+            k(shift, 1),
+            k(35, 1),
+            k(35, 0),
+            k(shift, 0),
+            k(23, 1),
+            k(23, 0),
+            k(shift, 1),
+            k(key::N1, 1),
+            k(key::N1, 0),
+            k(shift, 0),
+            k(key::ENTER, 1),
+            k(key::ENTER, 0),
+            k(key::TAB, 1),
+            k(key::TAB, 0),
         ]
     );
 
@@ -167,9 +186,14 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
     assert_eq!(
         rec.take(),
         [
-            k(key::LEFTCTRL, 1), k(key::LEFTALT, 1), k(60, 1),
-            k(60, 0), k(key::LEFTALT, 0), k(key::LEFTCTRL, 0),
-            k(key::ENTER, 1), k(key::ENTER, 0),
+            k(key::LEFTCTRL, 1),
+            k(key::LEFTALT, 1),
+            k(60, 1),
+            k(60, 0),
+            k(key::LEFTALT, 0),
+            k(key::LEFTCTRL, 0),
+            k(key::ENTER, 1),
+            k(key::ENTER, 0),
         ]
     );
 
@@ -180,19 +204,32 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
     assert_eq!(
         rec.take(),
         [
-            (m, vec![Event::new(EV_REL, REL_X, 5), Event::new(EV_REL, REL_Y, -3)]),
+            (
+                m,
+                vec![Event::new(EV_REL, REL_X, 5), Event::new(EV_REL, REL_Y, -3)]
+            ),
             (m, vec![Event::new(EV_KEY, BTN_RIGHT, 1)]),
             (m, vec![Event::new(EV_KEY, BTN_RIGHT, 0)]),
             (m, vec![Event::new(EV_REL, REL_WHEEL, -1)]),
         ]
     );
 
-    ok(&ctl_async(&d.control, &["input", "g", "tablet", "0.25", "0.75", "--click", "left"]).await);
+    ok(&ctl_async(
+        &d.control,
+        &["input", "g", "tablet", "0.25", "0.75", "--click", "left"],
+    )
+    .await);
     let t = Kind::Tablet;
     assert_eq!(
         rec.take(),
         [
-            (t, vec![Event::new(EV_ABS, ABS_X, 8192), Event::new(EV_ABS, ABS_Y, 24575)]),
+            (
+                t,
+                vec![
+                    Event::new(EV_ABS, ABS_X, 8192),
+                    Event::new(EV_ABS, ABS_Y, 24575)
+                ]
+            ),
             (t, vec![Event::new(EV_KEY, BTN_LEFT, 1)]),
             (t, vec![Event::new(EV_KEY, BTN_LEFT, 0)]),
         ]
@@ -202,17 +239,25 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
     let out = ctl_async(&d.control, &["input", "g", "type", "naïve"]).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("character 'ï' (U+00EF) at position 2 has no key on a US keyboard"), "{err}");
+    assert!(
+        err.contains("character 'ï' (U+00EF) at position 2 has no key on a US keyboard"),
+        "{err}"
+    );
     let out = ctl_async(&d.control, &["input", "g", "tablet", "1.5", "0"]).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside 0.0 ..= 1.0"));
     let out = ctl_async(&d.control, &["input", "g", "key", "ctrl+nope"]).await;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" in \"ctrl+nope\" is not a key name"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("\"nope\" in \"ctrl+nope\" is not a key name"));
     let out = ctl_async(&d.control, &["input", "nobody", "key", "a"]).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("no guest named \"nobody\""));
     assert!(rec.take().is_empty());
 
     // The latency probe: every probe acknowledged as read back.
-    let out = ctl_async(&d.control, &["input", "g", "latency", "--count", "30", "--json"]).await;
+    let out = ctl_async(
+        &d.control,
+        &["input", "g", "latency", "--count", "30", "--json"],
+    )
+    .await;
     ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["count"], 30);
@@ -255,9 +300,15 @@ async fn forward_a_host_uinput_device() {
         "[[guest]]\nname = \"f\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/f.sock\"\n",
     );
     let rec = Recorder::default();
-    let _mux = fake_guest("f", &format!("unix:{}/f.sock", d.dir.path().display()), &rec);
+    let _mux = fake_guest(
+        "f",
+        &format!("unix:{}/f.sock", d.dir.path().display()),
+        &rec,
+    );
     let keys: evdev::AttributeSet<evdev::KeyCode> =
-        [evdev::KeyCode::KEY_A, evdev::KeyCode::KEY_LEFTSHIFT].into_iter().collect();
+        [evdev::KeyCode::KEY_A, evdev::KeyCode::KEY_LEFTSHIFT]
+            .into_iter()
+            .collect();
     let mut src = evdev::uinput::VirtualDevice::builder()
         .expect("uinput")
         .name("vstream test source")
@@ -281,7 +332,8 @@ async fn forward_a_host_uinput_device() {
         .expect("forward");
     std::thread::sleep(Duration::from_millis(1000));
     for (code, v) in [(42, 1), (30, 1), (30, 0), (42, 0)] {
-        src.emit(&[evdev::InputEvent::new(EV_KEY, code, v)]).expect("emit");
+        src.emit(&[evdev::InputEvent::new(EV_KEY, code, v)])
+            .expect("emit");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while rec.0.lock().expect("rec").len() < 4 {

@@ -68,7 +68,11 @@ async fn ctl(control: &Path, args: &[&str]) -> Output {
 
 async fn jobs(control: &Path, guest: &str) -> Vec<serde_json::Value> {
     let out = ctl(control, &["jobs", guest, "--json"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .expect("json")
         .as_array()
@@ -76,21 +80,32 @@ async fn jobs(control: &Path, guest: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-async fn wait_jobs(control: &Path, guest: &str, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+async fn wait_jobs(
+    control: &Path,
+    guest: &str,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let j = jobs(control, guest).await;
         if pred(&j) {
             return j;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {j:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -138,8 +153,12 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
     let dir = d.dir.path().to_owned();
     let spool = dir.join("spool");
     let socket = dir.join("printer.sock");
-    let connect: vstream_transport::Address = format!("unix:{}/p.sock", dir.display()).parse().expect("addr");
-    let listen: vstream_transport::Address = format!("unix-listen:{}", socket.display()).parse().expect("addr");
+    let connect: vstream_transport::Address = format!("unix:{}/p.sock", dir.display())
+        .parse()
+        .expect("addr");
+    let listen: vstream_transport::Address = format!("unix-listen:{}", socket.display())
+        .parse()
+        .expect("addr");
     let mut agent = Agent::start("p", vec![connect.clone()]);
     agent.serve_printer(listen.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,7 +174,10 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
     assert!(std::fs::read(spool.join("job-000001.pdf")).expect("job") == job);
     let j = jobs(&d.control, "p").await;
     assert_eq!(j.len(), 1);
-    assert_eq!((j[0]["state"].as_str(), j[0]["type"].as_str()), (Some("done"), Some("pdf")));
+    assert_eq!(
+        (j[0]["state"].as_str(), j[0]["type"].as_str()),
+        (Some("done"), Some("pdf"))
+    );
     assert_eq!(j[0]["size"], job.len());
     let hook_log = dir.join("hook.log");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -164,25 +186,37 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let line = std::fs::read_to_string(&hook_log).expect("hook log");
-    assert_eq!(line.trim(), format!("p 1 pdf {} pdf", spool.join("job-000001.pdf").display()));
+    assert_eq!(
+        line.trim(),
+        format!("p 1 pdf {} pdf", spool.join("job-000001.pdf").display())
+    );
 
     // 2. A job cut in the middle by an agent restart (a new session) ends as partial.
-    let mut s = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+    let mut s = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("connect");
     s.write_all(b"%!PS-Adobe-3.0\n").await.expect("write");
     s.write_all(&vec![b'x'; 200_000]).await.expect("write");
     wait_jobs(&d.control, "p", "job 2 receiving", |j| {
-        j.iter().any(|j| j["id"] == 2 && j["state"] == "receiving" && j["size"] == 200_015)
+        j.iter()
+            .any(|j| j["id"] == 2 && j["state"] == "receiving" && j["size"] == 200_015)
     })
     .await;
     drop(agent);
     drop(s);
     let mut agent = Agent::start("p", vec![connect]);
-    let j = wait_jobs(&d.control, "p", "job 2 partial", |j| j.iter().any(|j| j["id"] == 2 && j["state"] == "partial")).await;
+    let j = wait_jobs(&d.control, "p", "job 2 partial", |j| {
+        j.iter().any(|j| j["id"] == 2 && j["state"] == "partial")
+    })
+    .await;
     let p = j.iter().find(|j| j["id"] == 2).expect("job 2");
     assert_eq!(p["file"], "job-000002.ps.partial");
     assert_eq!(p["type"], "postscript");
     assert_eq!(p["size"], 200_015);
-    assert!(p["reason"].as_str().unwrap_or("").contains("restarted"), "{p}");
+    assert!(
+        p["reason"].as_str().unwrap_or("").contains("restarted"),
+        "{p}"
+    );
     assert_eq!(names(&spool), ["job-000001.pdf", "job-000002.ps.partial"]);
     let out = ctl(&d.control, &["status", "--json"]).await;
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
@@ -207,23 +241,39 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
     // The client sees its connection closed: a write error, or the end of the stream while it
     // waits for the agent to close; either way this returns instead of hanging.
     let closed = tokio::time::timeout(Duration::from_secs(30), print(&socket, &big)).await;
-    assert!(closed.is_ok(), "the agent did not close the refused client's connection");
-    let j = wait_jobs(&d.control, "p", "a refused job", |j| j.iter().any(|j| j["state"] == "refused")).await;
+    assert!(
+        closed.is_ok(),
+        "the agent did not close the refused client's connection"
+    );
+    let j = wait_jobs(&d.control, "p", "a refused job", |j| {
+        j.iter().any(|j| j["state"] == "refused")
+    })
+    .await;
     let refused = j.iter().find(|j| j["state"] == "refused").expect("refused");
     assert!(
-        refused["reason"].as_str().unwrap_or("").contains("spool quota exceeded for guest p"),
+        refused["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spool quota exceeded for guest p"),
         "{refused}"
     );
     assert_eq!(names(&spool), ["job-000001.pdf", "job-000002.ps.partial"]);
     for (n, m) in before {
         let now = std::fs::metadata(spool.join(&n)).expect("meta");
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((now.ino(), now.len(), now.mtime()), (m.ino(), m.len(), m.mtime()), "{n} was touched");
+        assert_eq!(
+            (now.ino(), now.len(), now.mtime()),
+            (m.ino(), m.len(), m.mtime()),
+            "{n} was touched"
+        );
     }
     assert!(std::fs::read(spool.join("job-000001.pdf")).expect("job") == job);
     let out = ctl(&d.control, &["jobs", "p"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("refused") && text.contains("partial") && text.contains("done"), "{text}");
+    assert!(
+        text.contains("refused") && text.contains("partial") && text.contains("done"),
+        "{text}"
+    );
     drop(agent);
 }
 
@@ -233,13 +283,24 @@ async fn hostile_job_metadata_cannot_make_the_host_write_outside_the_spool() {
     let dir = d.dir.path().to_owned();
     let spool = dir.join("spool");
     // A guest that speaks the printer protocol itself.
-    let (mux, _incoming) = vstream_link::Mux::new(vstream_wire::Config::new(vstream_wire::Role::Guest, "p"), 5);
-    let addr: vstream_transport::Address = format!("unix:{}/p.sock", dir.display()).parse().expect("addr");
+    let (mux, _incoming) =
+        vstream_link::Mux::new(vstream_wire::Config::new(vstream_wire::Role::Guest, "p"), 5);
+    let addr: vstream_transport::Address = format!("unix:{}/p.sock", dir.display())
+        .parse()
+        .expect("addr");
     let m = mux.clone();
     tokio::spawn(async move {
-        let mut ep = vstream_transport::Endpoint::bind(addr.clone()).await.expect("bind");
+        let mut ep = vstream_transport::Endpoint::bind(addr.clone())
+            .await
+            .expect("bind");
         let c = ep.next().await.expect("connect");
-        m.run_link(c.stream, vstream_link::link_params(&addr, None, 0), "t", &[]).await;
+        m.run_link(
+            c.stream,
+            vstream_link::link_params(&addr, None, 0),
+            "t",
+            &[],
+        )
+        .await;
     });
     let outside = dir.join("outside");
     let hostile = [
@@ -261,8 +322,14 @@ async fn hostile_job_metadata_cannot_make_the_host_write_outside_the_spool() {
             .collect();
         let mut chan = mux.open(CLASS, CHANNEL_NAME).await.expect("open");
         let body = b"%PDF-1.4\nhostile\n%%EOF\n";
-        for r in [Record::Job(meta), Record::Data(bytes::Bytes::from_static(body)), Record::End(body.len() as u64)] {
-            chan.write_all(&r.to_bytes().expect("encode")).await.expect("write");
+        for r in [
+            Record::Job(meta),
+            Record::Data(bytes::Bytes::from_static(body)),
+            Record::End(body.len() as u64),
+        ] {
+            chan.write_all(&r.to_bytes().expect("encode"))
+                .await
+                .expect("write");
         }
         chan.shutdown().await.expect("shutdown");
         let mut reply = Vec::new();
@@ -270,22 +337,32 @@ async fn hostile_job_metadata_cannot_make_the_host_write_outside_the_spool() {
         assert_eq!(names(&spool).len(), i + 1);
     }
     // A channel name and a bogus record stream are refused, not written.
-    let e = mux.open(CLASS, "../../outside").await.expect_err("bad name");
+    let e = mux
+        .open(CLASS, "../../outside")
+        .await
+        .expect_err("bad name");
     assert!(e.to_string().contains("printer has no"), "{e}");
     let mut chan = mux.open(CLASS, CHANNEL_NAME).await.expect("open");
-    chan.write_all(&[0x02, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+    chan.write_all(&[0x02, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .expect("write");
     let mut sink = Vec::new();
     let e = chan.read_to_end(&mut sink).await.expect_err("reset");
     assert!(e.to_string().contains("printer protocol error"), "{e}");
 
     for n in names(&spool) {
         assert!(
-            n.starts_with("job-") && n.ends_with(".pdf") && vstream_devices::printer::host::is_spool_name(&n),
+            n.starts_with("job-")
+                && n.ends_with(".pdf")
+                && vstream_devices::printer::host::is_spool_name(&n),
             "unexpected spool entry {n:?}"
         );
     }
     assert!(!outside.exists());
-    assert_eq!(names(&dir).iter().filter(|n| n.contains("outside")).count(), 0);
+    assert_eq!(
+        names(&dir).iter().filter(|n| n.contains("outside")).count(),
+        0
+    );
     let j = jobs(&d.control, "p").await;
     assert_eq!(j.len(), hostile.len());
     assert_eq!(j[6]["title"], "a?b");

@@ -531,7 +531,7 @@ address = "unix:DIR/qemu-ga.sock"
         .expect("ifs")
         .expect("reply");
     assert_eq!(names(&mine), names(&theirs));
-    let fs_points = |v: &Value| -> Vec<String> {
+    let fs_points = |v: &Value| -> std::collections::BTreeSet<String> {
         v.as_array()
             .expect("list")
             .iter()
@@ -543,7 +543,11 @@ address = "unix:DIR/qemu-ga.sock"
         .run("guest-get-fsinfo", Default::default())
         .expect("fsinfo")
         .expect("reply");
-    assert_eq!(fs_points(&mine), fs_points(&theirs));
+    assert_eq!(
+        fs_points(&mine),
+        fs_points(&theirs),
+        "the same file systems (qemu-ga lists them in reverse)"
+    );
 
     // 32 MiB both ways through qemu-ga.
     let src = dir.join("mid.src");

@@ -219,7 +219,12 @@ fn main() {
     };
     verdict(65536, 0.9);
     verdict(64, 2.0);
-    println!("load average at the end: {}", load_average());
+    let (memcpy, crc) = single_core_rates();
+    println!(
+        "at the end:   load average {}; one core: memcpy {memcpy:.1} GB/s, CRC-32C {crc:.1} GB/s \
+         (lower than at the start = other work competed for the cores)",
+        load_average()
+    );
     if let Some((c, _, t)) = results.iter().min_by_key(|(_, _, t)| *t) {
         if *t < Duration::from_millis(500) {
             println!(

@@ -731,9 +731,14 @@ impl AsyncWrite for ChannelStream {
 impl Drop for ChannelStream {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
+        if inner.epoch() != self.epoch {
+            // A stream of a replaced session: its id may already name a new channel, whose
+            // wakers and state must stay.
+            return;
+        }
         inner.wakers.remove(&self.id);
         inner.ended.remove(&self.id);
-        if inner.epoch() != self.epoch || !inner.session.has_channel(self.id) {
+        if !inner.session.has_channel(self.id) {
             return;
         }
         if self.pending_accept {

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use vstream_agent::{from_kernel_cmdline, Settings};
+use vstream_agent::{from_kernel_cmdline, AgentOptions, Settings};
+use vstream_devices::random::guest::FeedSettings;
+use vstream_devices::watchdog::guest::GuestSettings;
+use vstream_devices::watchdog::parse_duration;
 use vstream_transport::Address;
 
 /// The vstream guest agent.
@@ -31,6 +34,21 @@ struct Args {
     /// Do not accept print jobs.
     #[arg(long, conflicts_with = "printer")]
     no_printer: bool,
+    /// The PPP link: `on` (pppd on a `ppp` channel), `off`, or a transport such as
+    /// port:org.vstream.ppp (default: vstream.ppp= on the kernel command line, else `on` if
+    /// /usr/sbin/pppd exists).
+    #[arg(long)]
+    ppp: Option<vstream_devices::ppp::guest::Mode>,
+    /// Do not feed the kernel's entropy pool from the host (also `vstream.random=0`).
+    #[arg(long)]
+    no_random: bool,
+    /// Send watchdog heartbeats this often, e.g. 500ms, 2s (also `vstream.watchdog=`).
+    #[arg(long, value_parser = parse_interval)]
+    watchdog_interval: Option<std::time::Duration>,
+    /// Health check run by `sh -c` before each heartbeat: no heartbeat unless it exits 0 within
+    /// the interval.
+    #[arg(long, requires = "watchdog_interval")]
+    watchdog_check: Option<String>,
     /// Kernel command line to read settings from.
     #[arg(long, default_value = "/proc/cmdline", hide = true)]
     cmdline: PathBuf,
@@ -102,12 +120,15 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
                 let (k, a) = t
                     .split_once('=')
                     .ok_or_else(|| anyhow::anyhow!("--to {t}: expected KIND=ADDRESS"))?;
-                let kind = hid::Kind::from_name(k)
-                    .ok_or_else(|| anyhow::anyhow!("--to {t}: {k:?} is not keyboard, mouse or tablet"))?;
+                let kind = hid::Kind::from_name(k).ok_or_else(|| {
+                    anyhow::anyhow!("--to {t}: {k:?} is not keyboard, mouse or tablet")
+                })?;
                 let addr: Address = a.parse().map_err(|e| anyhow::anyhow!("--to {t}: {e}"))?;
                 targets.insert(kind, addr);
             }
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let open = |kind: hid::Kind| {
                     let addr = targets.get(&kind).cloned();
@@ -153,6 +174,8 @@ fn main() -> anyhow::Result<()> {
         connect: args.connect.clone(),
         name: args.name.clone(),
         qga: args.qga.clone(),
+        random: args.no_random.then_some(false),
+        watchdog_interval: args.watchdog_interval,
     };
     if settings.connect.is_empty() && settings.qga.is_none() {
         let text = std::fs::read_to_string(&args.cmdline).map_err(|e| {
@@ -165,6 +188,8 @@ fn main() -> anyhow::Result<()> {
         settings.connect = k.connect;
         settings.name = settings.name.or(k.name);
         settings.qga = k.qga;
+        settings.random = settings.random.or(k.random);
+        settings.watchdog_interval = settings.watchdog_interval.or(k.watchdog_interval);
     }
     if settings.connect.is_empty() && settings.qga.is_none() {
         anyhow::bail!("nothing to connect to: give --connect ADDR (or --qga ADDR) or vstream.connect= on the kernel command line");
@@ -179,6 +204,17 @@ fn main() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
             .unwrap_or_else(vstream_devices::printer::guest::default_listeners)
     };
+    let ppp = match args.ppp.clone() {
+        Some(mode) => mode,
+        None => {
+            use vstream_devices::ppp::guest::{Mode, Settings as PppSettings};
+            let text = std::fs::read_to_string(&args.cmdline).unwrap_or_default();
+            let has_pppd = PppSettings::new(Mode::Channel).pppd.exists();
+            vstream_agent::ppp_mode(&text)
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(if has_pppd { Mode::Channel } else { Mode::Off })
+        }
+    };
     let name = settings.name.unwrap_or_else(|| {
         rustix::system::uname()
             .nodename()
@@ -190,13 +226,21 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            let mut agent = vstream_agent::Agent::start(&name, settings.connect);
+            let options = AgentOptions {
+                random: (settings.random != Some(false)).then(FeedSettings::default),
+                watchdog: settings.watchdog_interval.map(|interval| GuestSettings {
+                    interval,
+                    check: args.watchdog_check.clone(),
+                }),
+            };
+            let mut agent = vstream_agent::Agent::start_with(&name, settings.connect, options);
             if let Some(qga) = settings.qga {
                 agent.serve_qga(qga);
             }
             for address in printer {
                 agent.serve_printer(address);
             }
+            agent.serve_ppp(vstream_devices::ppp::guest::Settings::new(ppp));
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
@@ -204,7 +248,15 @@ fn main() -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
             tracing::info!("vstream-agent stopping");
-            drop(agent);
+            agent.shutdown("vstream-agent stopped by a signal").await;
             Ok(())
         })
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() {
+        return Err("the interval must not be 0".into());
+    }
+    Ok(d)
 }

@@ -25,7 +25,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codes::*;
-use super::{keymap, Decoder, Event, Kind, Message, ABS_MAX, BUTTONS, MAX_EVENTS, REL_MAX, REL_MIN};
+use super::{
+    keymap, Decoder, Event, Kind, Message, ABS_MAX, BUTTONS, MAX_EVENTS, REL_MAX, REL_MIN,
+};
 
 /// A source axis range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +84,7 @@ impl SourceCaps {
             }
         }
         if let Some(rel) = dev.supported_relative_axes() {
-            caps.rel = rel
-                .iter()
-                .any(|a| [REL_X, REL_Y, REL_WHEEL].contains(&a.0));
+            caps.rel = rel.iter().any(|a| [REL_X, REL_Y, REL_WHEEL].contains(&a.0));
         }
         let mut x = None;
         let mut y = None;
@@ -172,11 +172,9 @@ impl Router {
             EV_KEY if BUTTONS.contains(&ev.code) => {
                 (0..=1).contains(&ev.value).then_some((pointer, ev))
             }
-            EV_KEY if ev.code == BTN_TOUCH && self.caps.absolute() && !self.caps.buttons => {
-                (0..=1)
-                    .contains(&ev.value)
-                    .then_some((Kind::Tablet, Event::new(EV_KEY, BTN_LEFT, ev.value)))
-            }
+            EV_KEY if ev.code == BTN_TOUCH && self.caps.absolute() && !self.caps.buttons => (0..=1)
+                .contains(&ev.value)
+                .then_some((Kind::Tablet, Event::new(EV_KEY, BTN_LEFT, ev.value))),
             EV_REL if [REL_X, REL_Y, REL_WHEEL].contains(&ev.code) => Some((
                 Kind::Mouse,
                 Event::new(EV_REL, ev.code, ev.value.clamp(REL_MIN, REL_MAX)),
@@ -317,7 +315,6 @@ where
         });
         writers.insert(*kind, w);
     }
-    tracing::info!(device = %path.display(), name = dev.name().unwrap_or("?"), ?kinds, "forwarding");
     if options.grab {
         let deadline = Instant::now() + options.release_wait;
         loop {
@@ -326,13 +323,17 @@ where
                 break;
             }
             if Instant::now() >= deadline {
-                tracing::warn!("keys still held after {:?}; grabbing anyway", options.release_wait);
+                tracing::warn!(
+                    "keys still held after {:?}; grabbing anyway",
+                    options.release_wait
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         dev.grab().map_err(ctx)?;
     }
+    tracing::info!(device = %path.display(), name = dev.name().unwrap_or("?"), ?kinds, grab = options.grab, "forwarding");
     let mut router = Router::new(caps);
     let mut events = dev.into_event_stream().map_err(ctx)?;
     let mut out = Vec::with_capacity(4096);

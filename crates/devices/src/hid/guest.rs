@@ -146,7 +146,9 @@ async fn serve_channel(kind: Kind, sink: SharedSink, mut stream: ChannelStream) 
         kind,
         node,
     };
-    stream.write_all(&ready.to_bytes().map_err(io::Error::other)?).await?;
+    stream
+        .write_all(&ready.to_bytes().map_err(io::Error::other)?)
+        .await?;
     let mut pressed: BTreeSet<u16> = BTreeSet::new();
     let result = replay(kind, &sink, &mut stream, &mut pressed).await;
     if !pressed.is_empty() {
@@ -184,9 +186,9 @@ async fn replay(
         }
         decoder.push(&buf[..n]);
         loop {
-            let msg = decoder
-                .next_message()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("hid/{kind}: {e}")))?;
+            let msg = decoder.next_message().map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("hid/{kind}: {e}"))
+            })?;
             let Some(msg) = msg else { break };
             let Message::Batch { seq, flags, events } = msg else {
                 return Err(io::Error::new(
@@ -225,7 +227,9 @@ async fn replay(
                     seq,
                     flags: if seen { FLAG_SEEN } else { 0 },
                 };
-                stream.write_all(&ack.to_bytes().map_err(io::Error::other)?).await?;
+                stream
+                    .write_all(&ack.to_bytes().map_err(io::Error::other)?)
+                    .await?;
             }
         }
     }
@@ -377,9 +381,12 @@ impl Sink for Uinput {
             .iter()
             .map(|e| evdev::InputEvent::new(e.type_, e.code, e.value))
             .collect();
-        self.device
-            .emit(&evs)
-            .map_err(|e| io::Error::new(e.kind(), format!("writing to the {} uinput device: {e}", self.kind)))?;
+        self.device.emit(&evs).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("writing to the {} uinput device: {e}", self.kind),
+            )
+        })?;
         if probe {
             self.read_back(events)
         } else {

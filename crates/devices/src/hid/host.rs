@@ -10,7 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codes::*;
 use super::keymap::{self, KeymapError};
-use super::{Decoder, Event, Kind, Message, ABS_MAX, FLAG_ACK, FLAG_PROBE, FLAG_SEEN, MAX_EVENTS, REL_MAX, REL_MIN};
+use super::{
+    Decoder, Event, Kind, Message, ABS_MAX, FLAG_ACK, FLAG_PROBE, FLAG_SEEN, MAX_EVENTS, REL_MAX,
+    REL_MIN,
+};
 
 /// A mouse or tablet button.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,11 +151,16 @@ impl Action {
             }
             Action::MouseClick(b) => Ok((
                 Kind::Mouse,
-                vec![vec![Event::key(b.code(), true)], vec![Event::key(b.code(), false)]],
+                vec![
+                    vec![Event::key(b.code(), true)],
+                    vec![Event::key(b.code(), false)],
+                ],
             )),
             Action::MouseWheel(n) => {
                 if *n == 0 {
-                    return Err(ActionError::Invalid("a wheel turn of 0 does nothing".into()));
+                    return Err(ActionError::Invalid(
+                        "a wheel turn of 0 does nothing".into(),
+                    ));
                 }
                 let out = rel_steps(i64::from(*n))
                     .into_iter()
@@ -163,7 +171,10 @@ impl Action {
             Action::Tablet { x, y, click } => {
                 let x = tablet_coordinate(*x, "x")?;
                 let y = tablet_coordinate(*y, "y")?;
-                let mut out = vec![vec![Event::new(EV_ABS, ABS_X, x), Event::new(EV_ABS, ABS_Y, y)]];
+                let mut out = vec![vec![
+                    Event::new(EV_ABS, ABS_X, x),
+                    Event::new(EV_ABS, ABS_Y, y),
+                ]];
                 if let Some(b) = click {
                     out.push(vec![Event::key(b.code(), true)]);
                     out.push(vec![Event::key(b.code(), false)]);
@@ -235,9 +246,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn wait_ack(&mut self, seq: u32) -> io::Result<u8> {
         let mut buf = [0u8; 512];
         loop {
-            while let Some(msg) = self.decoder.next_message().map_err(|e| bad(e.to_string()))? {
+            while let Some(msg) = self
+                .decoder
+                .next_message()
+                .map_err(|e| bad(e.to_string()))?
+            {
                 match msg {
-                    Message::Ready { version, kind, node } => {
+                    Message::Ready {
+                        version,
+                        kind,
+                        node,
+                    } => {
                         if version != super::VERSION {
                             return Err(bad(format!(
                                 "the guest speaks hid version {version}, this is version {}",
@@ -337,7 +356,9 @@ pub async fn latency<S: AsyncRead + AsyncWrite + Unpin>(
     for i in 0..count {
         let dx = if i % 2 == 0 { 1 } else { -1 };
         let t0 = Instant::now();
-        let seq = client.send(vec![Event::new(EV_REL, REL_X, dx)], FLAG_PROBE).await?;
+        let seq = client
+            .send(vec![Event::new(EV_REL, REL_X, dx)], FLAG_PROBE)
+            .await?;
         let flags = client.wait_ack(seq).await?;
         samples.push(t0.elapsed());
         if flags & FLAG_SEEN != 0 {
@@ -357,7 +378,11 @@ pub async fn latency<S: AsyncRead + AsyncWrite + Unpin>(
         p90_us: us(quantile(&samples, 0.90)),
         p99_us: us(quantile(&samples, 0.99)),
         max_us: samples.last().map_or(0, |d| us(*d)),
-        mean_us: if count == 0 { 0 } else { us(total / count as u32) },
+        mean_us: if count == 0 {
+            0
+        } else {
+            us(total / count as u32)
+        },
     })
 }
 

@@ -181,27 +181,44 @@ impl Kind {
                     Kind::Mouse | Kind::Tablet => BUTTONS.contains(&ev.code),
                 };
                 if !known {
-                    return Err(format!("key code {} is not a key of the {}", ev.code, self.name()));
+                    return Err(format!(
+                        "key code {} is not a key of the {}",
+                        ev.code,
+                        self.name()
+                    ));
                 }
                 // 2 is autorepeat, which only keyboards have.
                 (0..=1).contains(&ev.value) || (self == Kind::Keyboard && ev.value == 2)
             }
             (Kind::Mouse, EV_REL) => {
                 if ![REL_X, REL_Y, REL_WHEEL].contains(&ev.code) {
-                    return Err(format!("relative axis {} is not an axis of the mouse", ev.code));
+                    return Err(format!(
+                        "relative axis {} is not an axis of the mouse",
+                        ev.code
+                    ));
                 }
                 (REL_MIN..=REL_MAX).contains(&ev.value)
             }
             (Kind::Tablet, EV_ABS) => {
                 if ![ABS_X, ABS_Y].contains(&ev.code) {
-                    return Err(format!("absolute axis {} is not an axis of the tablet", ev.code));
+                    return Err(format!(
+                        "absolute axis {} is not an axis of the tablet",
+                        ev.code
+                    ));
                 }
                 (0..=ABS_MAX).contains(&ev.value)
             }
             (_, EV_SYN) => {
-                return Err("EV_SYN inside a batch (each batch ends with an implicit SYN_REPORT)".into())
+                return Err(
+                    "EV_SYN inside a batch (each batch ends with an implicit SYN_REPORT)".into(),
+                )
             }
-            (k, t) => return Err(format!("event type {t} is not supported by the {}", k.name())),
+            (k, t) => {
+                return Err(format!(
+                    "event type {t} is not supported by the {}",
+                    k.name()
+                ))
+            }
         };
         if ok {
             Ok(())
@@ -248,7 +265,13 @@ impl fmt::Display for Event {
             EV_REL => "EV_REL",
             EV_ABS => "EV_ABS",
             EV_MSC => "EV_MSC",
-            _ => return write!(f, "type {} code {} value {}", self.type_, self.code, self.value),
+            _ => {
+                return write!(
+                    f,
+                    "type {} code {} value {}",
+                    self.type_, self.code, self.value
+                )
+            }
         };
         write!(f, "{t} code {} value {}", self.code, self.value)
     }

@@ -83,8 +83,14 @@ fn bad_messages_are_errors_not_panics() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![0x07, 0, 0, 0], "unknown message type"),
         (vec![0x01, 0, 4, 0, 1, 2, 3, 4], "batch"),
-        (vec![0x01, 0, 13, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], "batch"),
-        (vec![0x01, 0x80, 12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], "flags"),
+        (
+            vec![0x01, 0, 13, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            "batch",
+        ),
+        (
+            vec![0x01, 0x80, 12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+            "flags",
+        ),
         (vec![0x01, 0, 0xff, 0xff], "largest message"),
         (vec![0x81, 0, 2, 0, 1, 9], "unknown device kind"),
         (vec![0x81, 0, 4, 0, 1, 1, b'/', b'.'], "ASCII letters"),
@@ -121,16 +127,29 @@ fn capabilities_are_checked() {
     assert!(Kind::Keyboard.allows(&k(key::ENTER, 1)).is_ok());
     assert!(Kind::Keyboard.allows(&k(key::ENTER, 2)).is_ok());
     assert!(Kind::Keyboard.allows(&k(BTN_LEFT, 1)).is_err());
-    assert!(Kind::Keyboard.allows(&k(116, 1)).is_err(), "KEY_POWER is not on the keyboard");
+    assert!(
+        Kind::Keyboard.allows(&k(116, 1)).is_err(),
+        "KEY_POWER is not on the keyboard"
+    );
     assert!(Kind::Keyboard.allows(&k(key::ENTER, 3)).is_err());
-    assert!(Kind::Mouse.allows(&Event::new(EV_REL, REL_WHEEL, -3)).is_ok());
-    assert!(Kind::Mouse.allows(&Event::new(EV_REL, REL_HWHEEL, 1)).is_err());
-    assert!(Kind::Mouse.allows(&Event::new(EV_REL, REL_X, 40_000)).is_err());
+    assert!(Kind::Mouse
+        .allows(&Event::new(EV_REL, REL_WHEEL, -3))
+        .is_ok());
+    assert!(Kind::Mouse
+        .allows(&Event::new(EV_REL, REL_HWHEEL, 1))
+        .is_err());
+    assert!(Kind::Mouse
+        .allows(&Event::new(EV_REL, REL_X, 40_000))
+        .is_err());
     assert!(Kind::Mouse.allows(&k(BTN_MIDDLE, 1)).is_ok());
     assert!(Kind::Mouse.allows(&k(BTN_LEFT, 2)).is_err());
     assert!(Kind::Mouse.allows(&Event::new(EV_ABS, ABS_X, 1)).is_err());
-    assert!(Kind::Tablet.allows(&Event::new(EV_ABS, ABS_Y, ABS_MAX)).is_ok());
-    assert!(Kind::Tablet.allows(&Event::new(EV_ABS, ABS_Y, ABS_MAX + 1)).is_err());
+    assert!(Kind::Tablet
+        .allows(&Event::new(EV_ABS, ABS_Y, ABS_MAX))
+        .is_ok());
+    assert!(Kind::Tablet
+        .allows(&Event::new(EV_ABS, ABS_Y, ABS_MAX + 1))
+        .is_err());
     assert!(Kind::Tablet.allows(&Event::new(EV_ABS, ABS_X, -1)).is_err());
     assert!(Kind::Tablet.allows(&Event::new(EV_REL, REL_X, 1)).is_err());
     let syn = Kind::Mouse.allows(&Event::new(EV_SYN, SYN_REPORT, 0));
@@ -140,19 +159,31 @@ fn capabilities_are_checked() {
 #[test]
 fn text_is_typed_with_the_us_layout() {
     let r = keymap::text_reports("aB!\n\t").expect("typeable");
-    let flat: Vec<Event> = r.iter().map(|b| {
-        assert_eq!(b.len(), 1, "one transition per report");
-        b[0]
-    }).collect();
+    let flat: Vec<Event> = r
+        .iter()
+        .map(|b| {
+            assert_eq!(b.len(), 1, "one transition per report");
+            b[0]
+        })
+        .collect();
     let shift = key::LEFTSHIFT;
     assert_eq!(
         flat,
         [
-            k(30, 1), k(30, 0),
-            k(shift, 1), k(48, 1), k(48, 0), k(shift, 0),
-            k(shift, 1), k(key::N1, 1), k(key::N1, 0), k(shift, 0),
-            k(key::ENTER, 1), k(key::ENTER, 0),
-            k(key::TAB, 1), k(key::TAB, 0),
+            k(30, 1),
+            k(30, 0),
+            k(shift, 1),
+            k(48, 1),
+            k(48, 0),
+            k(shift, 0),
+            k(shift, 1),
+            k(key::N1, 1),
+            k(key::N1, 0),
+            k(shift, 0),
+            k(key::ENTER, 1),
+            k(key::ENTER, 0),
+            k(key::TAB, 1),
+            k(key::TAB, 0),
         ]
     );
     // Every printable ASCII character has a key, and every key is on the guest keyboard.
@@ -163,7 +194,10 @@ fn text_is_typed_with_the_us_layout() {
     // CRLF is one Enter.
     assert_eq!(keymap::text_reports("\r\n").expect("crlf").len(), 2);
     let e = keymap::text_reports("ok é").expect_err("no key");
-    assert_eq!(e.to_string(), "character 'é' (U+00E9) at position 3 has no key on a US keyboard");
+    assert_eq!(
+        e.to_string(),
+        "character 'é' (U+00E9) at position 3 has no key on a US keyboard"
+    );
 }
 
 #[test]
@@ -183,10 +217,16 @@ fn combos_press_in_order_and_release_in_reverse() {
     );
     assert_eq!(keymap::parse_combo("f12").expect("f12"), [key::F12]);
     assert_eq!(keymap::parse_combo("f13").expect("f13"), [key::F13]);
-    assert_eq!(keymap::parse_combo("shift+/").expect("slash"), [key::LEFTSHIFT, key::SLASH]);
+    assert_eq!(
+        keymap::parse_combo("shift+/").expect("slash"),
+        [key::LEFTSHIFT, key::SLASH]
+    );
     assert!(keymap::parse_combo("ctrl+").is_err());
     assert!(keymap::parse_combo("f25").is_err());
-    assert!(keymap::parse_combo("ctrl+?").is_err(), "shifted symbols are not key names");
+    assert!(
+        keymap::parse_combo("ctrl+?").is_err(),
+        "shifted symbols are not key names"
+    );
     let e = keymap::parse_combo("ctrl+bogus").expect_err("unknown");
     assert!(e.to_string().contains("\"bogus\" in \"ctrl+bogus\""), "{e}");
     for code in keymap::keyboard_keys() {
@@ -201,7 +241,10 @@ fn pointer_actions() {
     assert_eq!(
         r,
         [
-            vec![Event::new(EV_REL, REL_X, 32767), Event::new(EV_REL, REL_Y, -3)],
+            vec![
+                Event::new(EV_REL, REL_X, 32767),
+                Event::new(EV_REL, REL_Y, -3)
+            ],
             vec![Event::new(EV_REL, REL_X, 40_000 - 32767)],
         ]
     );
@@ -219,13 +262,28 @@ fn pointer_actions() {
     assert_eq!(
         r,
         [
-            vec![Event::new(EV_ABS, ABS_X, 16384), Event::new(EV_ABS, ABS_Y, 32767)],
+            vec![
+                Event::new(EV_ABS, ABS_X, 16384),
+                Event::new(EV_ABS, ABS_Y, 32767)
+            ],
             vec![k(BTN_LEFT, 1)],
             vec![k(BTN_LEFT, 0)],
         ]
     );
-    assert!(Action::Tablet { x: 1.5, y: 0.0, click: None }.reports().is_err());
-    assert!(Action::Tablet { x: f64::NAN, y: 0.0, click: None }.reports().is_err());
+    assert!(Action::Tablet {
+        x: 1.5,
+        y: 0.0,
+        click: None
+    }
+    .reports()
+    .is_err());
+    assert!(Action::Tablet {
+        x: f64::NAN,
+        y: 0.0,
+        click: None
+    }
+    .reports()
+    .is_err());
     let (_, r) = Action::MouseWheel(-2).reports().expect("wheel");
     assert_eq!(r, [vec![Event::new(EV_REL, REL_WHEEL, -2)]]);
 }
@@ -252,7 +310,10 @@ fn router_keeps_report_boundaries_and_routes_by_capability() {
         out,
         [
             (Kind::Keyboard, vec![k(30, 1)]),
-            (Kind::Mouse, vec![Event::new(EV_REL, REL_X, 3), k(BTN_LEFT, 1)]),
+            (
+                Kind::Mouse,
+                vec![Event::new(EV_REL, REL_X, 3), k(BTN_LEFT, 1)]
+            ),
         ]
     );
     assert_eq!(r.stats.dropped, 2, "MSC_SCAN and REL_HWHEEL");
@@ -278,7 +339,13 @@ fn absolute_sources_are_scaled_to_the_tablet() {
         buttons: false,
         touch: true,
         rel: false,
-        abs: Some((AbsRange { min: 0, max: 4095 }, AbsRange { min: -100, max: 100 })),
+        abs: Some((
+            AbsRange { min: 0, max: 4095 },
+            AbsRange {
+                min: -100,
+                max: 100,
+            },
+        )),
     };
     assert_eq!(caps.kinds(), [Kind::Tablet]);
     let mut r = Router::new(caps);
@@ -300,7 +367,14 @@ fn absolute_sources_are_scaled_to_the_tablet() {
     );
     assert_eq!(AbsRange { min: 0, max: 0 }.scale(5), 0);
     assert_eq!(AbsRange { min: 10, max: 20 }.scale(-5), 0);
-    assert_eq!(AbsRange { min: i32::MIN, max: i32::MAX }.scale(i32::MAX), ABS_MAX);
+    assert_eq!(
+        AbsRange {
+            min: i32::MIN,
+            max: i32::MAX
+        }
+        .scale(i32::MAX),
+        ABS_MAX
+    );
 }
 
 /// Reports as written, with their device.
@@ -364,10 +438,18 @@ async fn the_guest_replays_batches_in_order_and_releases_held_keys() {
     let (_, reports) = Action::Type("Hi".into()).reports().expect("reports");
     c.send_all(reports.clone()).await.expect("sent and acked");
     assert_eq!(c.ready(), Some(&(Kind::Keyboard, "event0".to_owned())));
-    let got: Vec<Vec<Event>> = rec.reports.lock().expect("rec").iter().map(|(_, e)| e.clone()).collect();
+    let got: Vec<Vec<Event>> = rec
+        .reports
+        .lock()
+        .expect("rec")
+        .iter()
+        .map(|(_, e)| e.clone())
+        .collect();
     assert_eq!(got, reports);
     // Press ctrl and leave: the guest releases it when the channel closes.
-    c.send_all(vec![vec![k(key::LEFTCTRL, 1)]]).await.expect("press");
+    c.send_all(vec![vec![k(key::LEFTCTRL, 1)]])
+        .await
+        .expect("press");
     c.close().await.expect("close");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -375,7 +457,10 @@ async fn the_guest_replays_batches_in_order_and_releases_held_keys() {
         if last == Some((Kind::Keyboard, vec![k(key::LEFTCTRL, 0)])) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "ctrl was not released: {last:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ctrl was not released: {last:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
@@ -386,20 +471,29 @@ async fn the_guest_refuses_events_outside_its_capabilities() {
     let (host, _guest) = pair(&rec).await;
     let chan = host.open(CLASS, "mouse").await.expect("open");
     let mut c = Client::new(chan);
-    c.send_all(vec![vec![Event::new(EV_REL, REL_X, 1)]]).await.expect("ok batch");
-    c.send(vec![Event::new(EV_REL, REL_Y, 1), k(key::ENTER, 1)], FLAG_ACK)
+    c.send_all(vec![vec![Event::new(EV_REL, REL_X, 1)]])
         .await
-        .expect("write");
+        .expect("ok batch");
+    c.send(
+        vec![Event::new(EV_REL, REL_Y, 1), k(key::ENTER, 1)],
+        FLAG_ACK,
+    )
+    .await
+    .expect("write");
     let e = c.wait_ack(2).await.expect_err("refused");
     assert!(
-        e.to_string().contains("batch 2, event 1: key code 28 is not a key of the mouse"),
+        e.to_string()
+            .contains("batch 2, event 1: key code 28 is not a key of the mouse"),
         "{e}"
     );
     // Nothing of the bad batch was written.
     assert_eq!(rec.reports.lock().expect("rec").len(), 1);
     // Unknown device names are refused at open.
     let e = host.open(CLASS, "joystick").await.expect_err("no joystick");
-    assert!(e.to_string().contains("hid has no device \"joystick\""), "{e}");
+    assert!(
+        e.to_string().contains("hid has no device \"joystick\""),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -408,10 +502,18 @@ async fn probes_are_acknowledged_as_seen() {
     let (host, _guest) = pair(&rec).await;
     let chan = host.open(CLASS, "mouse").await.expect("open");
     let mut c = Client::new(chan);
-    let stats = host::latency(&mut c, 20, std::time::Duration::ZERO).await.expect("latency");
+    let stats = host::latency(&mut c, 20, std::time::Duration::ZERO)
+        .await
+        .expect("latency");
     assert_eq!(stats.count, 20);
     assert_eq!(stats.seen, 20);
     assert!(stats.p50_us <= stats.p99_us && stats.p99_us <= stats.max_us);
-    let xs: i32 = rec.reports.lock().expect("rec").iter().map(|(_, e)| e[0].value).sum();
+    let xs: i32 = rec
+        .reports
+        .lock()
+        .expect("rec")
+        .iter()
+        .map(|(_, e)| e[0].value)
+        .sum();
     assert_eq!(xs, 0, "probes alternate +1 and -1");
 }

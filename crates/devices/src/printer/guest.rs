@@ -60,7 +60,9 @@ pub async fn listen(mux: Mux, address: Address) {
                 tokio::spawn(async move {
                     let peer = conn.peer.clone();
                     match job(&mux, conn, &source).await {
-                        Ok(done) => tracing::info!(%source, %peer, "printer: job spooled on the host: {done}"),
+                        Ok(done) => {
+                            tracing::info!(%source, %peer, "printer: job spooled on the host: {done}")
+                        }
                         Err(e) => tracing::warn!(%source, %peer, "printer: job not spooled: {e}"),
                     }
                 });
@@ -79,7 +81,12 @@ pub async fn job(mux: &Mux, conn: Connection, source: &str) -> io::Result<String
     let mut client = conn.stream;
     let mut chan = tokio::time::timeout(OPEN_TIMEOUT, mux.open(CLASS, CHANNEL_NAME))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the host did not take the job within 30 s"))??;
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the host did not take the job within 30 s",
+            )
+        })??;
     let mut out = Vec::with_capacity(MAX_DATA + 16);
     let header = Record::Job(vec![
         ("version".into(), VERSION.to_string()),
@@ -122,13 +129,18 @@ pub async fn job(mux: &Mux, conn: Connection, source: &str) -> io::Result<String
         }
     }
     out.clear();
-    Record::End(total).encode(&mut out).map_err(io::Error::other)?;
+    Record::End(total)
+        .encode(&mut out)
+        .map_err(io::Error::other)?;
     chan.write_all(&out).await?;
     chan.shutdown().await?;
     // Wait for Done (or the reason the host did not keep the job).
     let mut dec = Decoder::new();
     loop {
-        if let Some(r) = dec.next_record().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))? {
+        if let Some(r) = dec
+            .next_record()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        {
             let _ = client.shutdown().await;
             return match r {
                 Record::Done(meta) => Ok(meta
@@ -136,7 +148,10 @@ pub async fn job(mux: &Mux, conn: Connection, source: &str) -> io::Result<String
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(" ")),
-                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected record from the host")),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unexpected record from the host",
+                )),
             };
         }
         let n = chan.read(&mut probe).await?;

@@ -144,8 +144,15 @@ enum Entry {
 }
 
 fn parse_name(name: &str) -> Option<Entry> {
-    let id = |s: &str| (s.len() >= 6 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten();
-    if let Some(rest) = name.strip_prefix(".job-").and_then(|r| r.strip_suffix(".tmp")) {
+    let id = |s: &str| {
+        (s.len() >= 6 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    if let Some(rest) = name
+        .strip_prefix(".job-")
+        .and_then(|r| r.strip_suffix(".tmp"))
+    {
         return id(rest).map(Entry::Temp);
     }
     let rest = name.strip_prefix("job-")?;
@@ -199,7 +206,9 @@ impl Spool {
         });
         let mut max_id = 0;
         for (name, size, mtime) in spool.scan()? {
-            let Some(entry) = parse_name(&name) else { continue };
+            let Some(entry) = parse_name(&name) else {
+                continue;
+            };
             match entry {
                 Entry::Temp(id) => {
                     max_id = max_id.max(id);
@@ -220,7 +229,11 @@ impl Spool {
                         reason: Some("vstreamd stopped while the job was arriving".into()),
                         hook: None,
                     };
-                    tracing::warn!(guest, id, "print job left incomplete by a previous vstreamd: kept as partial");
+                    tracing::warn!(
+                        guest,
+                        id,
+                        "print job left incomplete by a previous vstreamd: kept as partial"
+                    );
                     spool.report(&rec);
                     spool.lock().jobs.insert(id, rec);
                 }
@@ -258,7 +271,8 @@ impl Spool {
             let Ok(st) = rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
                 continue; // Removed meanwhile.
             };
-            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+            {
                 continue;
             }
             out.push((
@@ -298,9 +312,16 @@ impl Spool {
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        rustix::fs::renameat_with(&self.dir, from, &self.dir, to, RenameFlags::NOREPLACE)
-            .map_err(err_ctx(format!("spool {}: rename {from} to {to}", self.config.dir.display())))?;
-        rustix::fs::fsync(&self.dir).map_err(err_ctx(format!("spool {}: fsync", self.config.dir.display())))
+        rustix::fs::renameat_with(&self.dir, from, &self.dir, to, RenameFlags::NOREPLACE).map_err(
+            err_ctx(format!(
+                "spool {}: rename {from} to {to}",
+                self.config.dir.display()
+            )),
+        )?;
+        rustix::fs::fsync(&self.dir).map_err(err_ctx(format!(
+            "spool {}: fsync",
+            self.config.dir.display()
+        )))
     }
 
     /// Bytes in the spool now (files plus jobs in flight).
@@ -382,7 +403,11 @@ impl Spool {
 
     /// Starts a job: checks the quota, creates its temporary file.
     fn begin(&self, meta: &[(String, String)]) -> Result<(u64, std::fs::File), (u64, String)> {
-        let clean = |k: &str| Record::meta(meta, k).map(sanitize).filter(|v| !v.is_empty());
+        let clean = |k: &str| {
+            Record::meta(meta, k)
+                .map(sanitize)
+                .filter(|v| !v.is_empty())
+        };
         if let Err(e) = self.rescan() {
             tracing::warn!(guest = %self.guest, "{e}");
         }
@@ -617,7 +642,11 @@ enum Outcome {
     Refused(String),
 }
 
-async fn read_more(stream: &mut ChannelStream, dec: &mut Decoder, buf: &mut [u8]) -> Result<bool, String> {
+async fn read_more(
+    stream: &mut ChannelStream,
+    dec: &mut Decoder,
+    buf: &mut [u8],
+) -> Result<bool, String> {
     match stream.read(buf).await {
         Ok(0) => Ok(false),
         Ok(n) => {
@@ -637,7 +666,12 @@ pub async fn receive(spool: Arc<Spool>, mut stream: ChannelStream) {
         loop {
             match dec.next_record() {
                 Ok(Some(Record::Job(meta))) => return Ok(meta),
-                Ok(Some(other)) => return Err(format!("the first record must be job, got {}", record_name(&other))),
+                Ok(Some(other)) => {
+                    return Err(format!(
+                        "the first record must be job, got {}",
+                        record_name(&other)
+                    ))
+                }
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
@@ -746,7 +780,10 @@ pub async fn receive(spool: Arc<Spool>, mut stream: ChannelStream) {
             let done = Record::Done(vec![
                 ("id".into(), id.to_string()),
                 ("file".into(), rec.file.clone().unwrap_or_default()),
-                ("type".into(), rec.job_type.unwrap_or(JobType::Unknown).name().into()),
+                (
+                    "type".into(),
+                    rec.job_type.unwrap_or(JobType::Unknown).name().into(),
+                ),
                 ("size".into(), rec.size.to_string()),
             ]);
             if let Ok(bytes) = done.to_bytes() {

@@ -12,7 +12,10 @@ use super::*;
 #[test]
 fn records_round_trip_byte_by_byte() {
     let recs = vec![
-        Record::Job(vec![("version".into(), "1".into()), ("title".into(), "a=b c".into())]),
+        Record::Job(vec![
+            ("version".into(), "1".into()),
+            ("title".into(), "a=b c".into()),
+        ]),
         Record::Data(Bytes::from_static(b"%PDF-1.4\n")),
         Record::Data(Bytes::from(vec![7u8; MAX_DATA])),
         Record::End(9 + MAX_DATA as u64),
@@ -44,7 +47,10 @@ fn bad_records_are_errors() {
         (vec![0x02, 0xff, 0xff, 0xff, 0xff], "data record"),
         (vec![0x03, 4, 0, 0, 0, 1, 2, 3, 4], "end record of 4 bytes"),
         (vec![0x01, 1, 0x10, 0, 0], "job record of 4097 bytes"),
-        (vec![0x01, 3, 0, 0, 0, b'a', b'b', b'\n'], "malformed job metadata"),
+        (
+            vec![0x01, 3, 0, 0, 0, b'a', b'b', b'\n'],
+            "malformed job metadata",
+        ),
         (vec![0x01, 2, 0, 0, 0, 0xff, b'='], "malformed job metadata"),
     ] {
         let mut d = Decoder::new();
@@ -67,28 +73,53 @@ fn types_are_detected() {
     assert_eq!(JobType::detect(b"\x04%!PS"), JobType::Postscript);
     assert_eq!(JobType::detect(b"\x1bE\x1b&l0O"), JobType::Pcl);
     assert_eq!(
-        JobType::detect(b"\x1b%-12345X@PJL JOB NAME=\"x\"\r\n@PJL ENTER LANGUAGE = PDF\r\n%PDF-1.4"),
+        JobType::detect(
+            b"\x1b%-12345X@PJL JOB NAME=\"x\"\r\n@PJL ENTER LANGUAGE = PDF\r\n%PDF-1.4"
+        ),
         JobType::Pdf
     );
     assert_eq!(
         JobType::detect(b"\x1b%-12345X@PJL\r\n@pjl enter language=postscript\r\n%!"),
         JobType::Postscript
     );
-    assert_eq!(JobType::detect(b"\x1b%-12345X@PJL\r\n@PJL ENTER LANGUAGE=PCLXL\r\n"), JobType::Pcl);
-    assert_eq!(JobType::detect(b"\x1b%-12345X@PJL INFO STATUS\r\n"), JobType::Pcl);
-    assert_eq!(JobType::detect("Hello, wörld\r\n\x0cpage 2\n".as_bytes()), JobType::Text);
-    assert_eq!(JobType::detect(b"caf\xc3"), JobType::Text, "a cut character is still text");
+    assert_eq!(
+        JobType::detect(b"\x1b%-12345X@PJL\r\n@PJL ENTER LANGUAGE=PCLXL\r\n"),
+        JobType::Pcl
+    );
+    assert_eq!(
+        JobType::detect(b"\x1b%-12345X@PJL INFO STATUS\r\n"),
+        JobType::Pcl
+    );
+    assert_eq!(
+        JobType::detect("Hello, wörld\r\n\x0cpage 2\n".as_bytes()),
+        JobType::Text
+    );
+    assert_eq!(
+        JobType::detect(b"caf\xc3"),
+        JobType::Text,
+        "a cut character is still text"
+    );
     assert_eq!(JobType::detect(b"\x00\x01\x02binary"), JobType::Unknown);
     assert_eq!(JobType::detect(b"\xff\xfe\xfd"), JobType::Unknown);
     assert_eq!(JobType::detect(b""), JobType::Unknown);
-    for t in [JobType::Pdf, JobType::Postscript, JobType::Pcl, JobType::Text, JobType::Unknown] {
+    for t in [
+        JobType::Pdf,
+        JobType::Postscript,
+        JobType::Pcl,
+        JobType::Text,
+        JobType::Unknown,
+    ] {
         assert_eq!(JobType::from_extension(t.extension()), Some(t));
     }
 }
 
 #[test]
 fn metadata_is_sanitised() {
-    assert_eq!(sanitize("../../etc/passwd"), "../../etc/passwd", "shown, never a path");
+    assert_eq!(
+        sanitize("../../etc/passwd"),
+        "../../etc/passwd",
+        "shown, never a path"
+    );
     assert_eq!(sanitize("a\nb\0c\x1b[31m\u{202e}d"), "a?b?c?[31m?d");
     assert_eq!(sanitize(&"x".repeat(10_000)).chars().count(), MAX_VALUE);
 }
@@ -138,7 +169,10 @@ fn names(dir: &std::path::Path) -> Vec<String> {
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -147,7 +181,9 @@ async fn wait_for(what: &str, f: impl Fn() -> bool) {
 async fn send(guest: &vstream_link::Mux, recs: &[Record]) -> vstream_link::ChannelStream {
     let mut chan = guest.open(CLASS, CHANNEL_NAME).await.expect("open");
     for r in recs {
-        chan.write_all(&r.to_bytes().expect("encode")).await.expect("write");
+        chan.write_all(&r.to_bytes().expect("encode"))
+            .await
+            .expect("write");
     }
     chan
 }
@@ -157,26 +193,49 @@ async fn a_complete_job_is_renamed_only_after_its_end() {
     let dir = tempfile::tempdir().expect("tmp");
     let (sp, events) = spool(dir.path(), 1 << 30);
     let guest = pair(sp.clone()).await;
-    let body: Vec<u8> = b"%PDF-1.4\n".iter().copied().chain((0..200_000u32).map(|i| (i * 7) as u8)).collect();
-    let mut recs = vec![Record::Job(vec![("version".into(), "1".into()), ("title".into(), "t".into())])];
-    recs.extend(body.chunks(MAX_DATA).map(|c| Record::Data(Bytes::copy_from_slice(c))));
+    let body: Vec<u8> = b"%PDF-1.4\n"
+        .iter()
+        .copied()
+        .chain((0..200_000u32).map(|i| (i * 7) as u8))
+        .collect();
+    let mut recs = vec![Record::Job(vec![
+        ("version".into(), "1".into()),
+        ("title".into(), "t".into()),
+    ])];
+    recs.extend(
+        body.chunks(MAX_DATA)
+            .map(|c| Record::Data(Bytes::copy_from_slice(c))),
+    );
     let mut chan = send(&guest, &recs).await;
     // Everything sent but the End: only the temporary file exists.
-    wait_for("the data to arrive", || sp.used_bytes() == body.len() as u64).await;
+    wait_for("the data to arrive", || {
+        sp.used_bytes() == body.len() as u64
+    })
+    .await;
     assert_eq!(names(dir.path()), [".job-000001.tmp"]);
-    chan.write_all(&Record::End(body.len() as u64).to_bytes().expect("end")).await.expect("end");
+    chan.write_all(&Record::End(body.len() as u64).to_bytes().expect("end"))
+        .await
+        .expect("end");
     chan.shutdown().await.expect("shutdown");
     let mut reply = Vec::new();
     chan.read_to_end(&mut reply).await.expect("done");
     let mut dec = Decoder::new();
     dec.push(&reply);
-    let Some(Record::Done(meta)) = dec.next_record().expect("record") else { panic!("no done") };
+    let Some(Record::Done(meta)) = dec.next_record().expect("record") else {
+        panic!("no done")
+    };
     assert_eq!(Record::meta(&meta, "file"), Some("job-000001.pdf"));
     assert_eq!(Record::meta(&meta, "type"), Some("pdf"));
     assert_eq!(names(dir.path()), ["job-000001.pdf"]);
-    assert_eq!(std::fs::read(dir.path().join("job-000001.pdf")).expect("file"), body);
+    assert_eq!(
+        std::fs::read(dir.path().join("job-000001.pdf")).expect("file"),
+        body
+    );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("job-000001.pdf")).expect("meta").permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("job-000001.pdf"))
+        .expect("meta")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let jobs = sp.jobs().expect("jobs");
     assert_eq!(jobs.len(), 1);
@@ -202,23 +261,50 @@ async fn a_cut_job_is_kept_as_partial_and_reported() {
     .await;
     wait_for("data", || sp.used_bytes() == 11).await;
     chan.reset("client went away");
-    wait_for("the partial job", || names(dir.path()) == ["job-000001.ps.partial"]).await;
+    wait_for("the partial job", || {
+        names(dir.path()) == ["job-000001.ps.partial"]
+    })
+    .await;
     let jobs = sp.jobs().expect("jobs");
     assert_eq!(jobs[0].state, JobState::Partial);
     assert_eq!(jobs[0].size, 11);
-    assert!(jobs[0].reason.as_deref().unwrap_or("").contains("client went away"), "{jobs:?}");
-    wait_for("the event", || events.lock().expect("ev").iter().any(|e| e["state"] == "partial")).await;
+    assert!(
+        jobs[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("client went away"),
+        "{jobs:?}"
+    );
+    wait_for("the event", || {
+        events
+            .lock()
+            .expect("ev")
+            .iter()
+            .any(|e| e["state"] == "partial")
+    })
+    .await;
 
     // A lying End is a protocol error: partial, not done.
     let mut chan = send(
         &guest,
-        &[Record::Job(vec![]), Record::Data(Bytes::from_static(b"abc")), Record::End(4)],
+        &[
+            Record::Job(vec![]),
+            Record::Data(Bytes::from_static(b"abc")),
+            Record::End(4),
+        ],
     )
     .await;
     let mut sink = Vec::new();
     let e = chan.read_to_end(&mut sink).await.expect_err("reset");
-    assert!(e.to_string().contains("end record says 4 bytes, 3 arrived"), "{e}");
-    wait_for("second partial", || names(dir.path()).contains(&"job-000002.txt.partial".to_owned())).await;
+    assert!(
+        e.to_string().contains("end record says 4 bytes, 3 arrived"),
+        "{e}"
+    );
+    wait_for("second partial", || {
+        names(dir.path()).contains(&"job-000002.txt.partial".to_owned())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -238,15 +324,34 @@ async fn over_quota_jobs_are_refused_and_nothing_else_is_touched() {
     .await;
     let mut sink = Vec::new();
     let e = chan.read_to_end(&mut sink).await.expect_err("refused");
-    assert!(e.to_string().contains("spool quota exceeded for guest g"), "{e}");
-    wait_for("refusal", || sp.jobs().map(|j| j.iter().any(|j| j.state == JobState::Refused)).unwrap_or(false)).await;
+    assert!(
+        e.to_string().contains("spool quota exceeded for guest g"),
+        "{e}"
+    );
+    wait_for("refusal", || {
+        sp.jobs()
+            .map(|j| j.iter().any(|j| j.state == JobState::Refused))
+            .unwrap_or(false)
+    })
+    .await;
     assert_eq!(names(dir.path()), ["keep.me"]);
-    assert_eq!(std::fs::read(dir.path().join("keep.me")).expect("kept"), vec![1u8; 1000]);
-    assert!(events.lock().expect("ev").iter().any(|e| e["state"] == "refused"));
+    assert_eq!(
+        std::fs::read(dir.path().join("keep.me")).expect("kept"),
+        vec![1u8; 1000]
+    );
+    assert!(events
+        .lock()
+        .expect("ev")
+        .iter()
+        .any(|e| e["state"] == "refused"));
     // A job that fits still works, and then the spool is full: the next is refused at once.
     let mut chan = send(
         &guest,
-        &[Record::Job(vec![]), Record::Data(Bytes::from(vec![b'x'; 4000])), Record::End(4000)],
+        &[
+            Record::Job(vec![]),
+            Record::Data(Bytes::from(vec![b'x'; 4000])),
+            Record::End(4000),
+        ],
     )
     .await;
     chan.shutdown().await.expect("shutdown");
@@ -283,7 +388,11 @@ async fn hostile_metadata_never_names_a_file() {
         ];
         let mut chan = send(
             &guest,
-            &[Record::Job(meta), Record::Data(Bytes::from_static(b"%PDF-1.4\n%%EOF\n")), Record::End(15)],
+            &[
+                Record::Job(meta),
+                Record::Data(Bytes::from_static(b"%PDF-1.4\n%%EOF\n")),
+                Record::End(15),
+            ],
         )
         .await;
         chan.shutdown().await.expect("shutdown");
@@ -301,7 +410,9 @@ async fn hostile_metadata_never_names_a_file() {
     let jobs = sp.jobs().expect("jobs");
     assert_eq!(jobs[0].title.as_deref(), Some("../../../../tmp/pwned"));
     assert_eq!(jobs[6].title.as_deref(), Some("?fdp.exe"));
-    assert!(jobs.iter().all(|j| !j.source.as_deref().unwrap_or("").contains('\0')));
+    assert!(jobs
+        .iter()
+        .all(|j| !j.source.as_deref().unwrap_or("").contains('\0')));
 }
 
 #[test]
@@ -310,9 +421,15 @@ fn a_crash_leaves_partial_jobs_not_temporary_files() {
     std::fs::write(dir.path().join(".job-000007.tmp"), b"%PDF-1.4 half").expect("tmp");
     std::fs::write(dir.path().join("job-000003.pdf"), b"%PDF-1.4 whole").expect("done");
     let (sp, events) = spool(dir.path(), 1 << 20);
-    assert_eq!(names(dir.path()), ["job-000003.pdf", "job-000007.pdf.partial"]);
+    assert_eq!(
+        names(dir.path()),
+        ["job-000003.pdf", "job-000007.pdf.partial"]
+    );
     let jobs = sp.jobs().expect("jobs");
-    assert_eq!(jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(), [(3, JobState::Done), (7, JobState::Partial)]);
+    assert_eq!(
+        jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
+        [(3, JobState::Done), (7, JobState::Partial)]
+    );
     assert_eq!(events.lock().expect("ev").len(), 1);
     assert_eq!(sp.used_bytes(), 27);
 }

@@ -270,7 +270,7 @@ impl GuestAgent {
     fn info(&self) -> GuestAgentInfo {
         let frozen = self.is_frozen();
         GuestAgentInfo {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: AGENT_VERSION.to_owned(),
             supported_commands: COMMANDS
                 .iter()
                 .map(|c| GuestAgentCommandInfo {

@@ -25,8 +25,10 @@ pub const DEFAULT_CHUNK: usize = 1024 * 1024;
 /// Most stale replies skipped while synchronising before giving up.
 const MAX_STALE: usize = 1000;
 
-/// Requests a file copy keeps in flight: the guest works on one while the host encodes the
-/// next (replies come back in order, so they need no ids).
+/// Requests a file copy keeps in flight with vstream-agent: the guest works on one while the
+/// host encodes the next (replies come back in order, so they need no ids). Other agents get
+/// one at a time: qemu-ga 7.2 on a virtio-serial port loses requests that arrive while it is
+/// busy with a large one (seen in the lab: a reply missing, a write cut short).
 pub const PIPELINE: usize = 4;
 
 /// Why a call failed.
@@ -114,6 +116,7 @@ pub struct Client<S> {
     framer: Framer,
     buf: Vec<u8>,
     timeout: Duration,
+    pipeline: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -125,7 +128,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             framer: Framer::new(MAX_REPLY),
             buf: vec![0u8; 256 * 1024],
             timeout: Duration::from_secs(30),
+            pipeline: 1,
         }
+    }
+
+    /// Requests a copy keeps in flight (1 unless set, or found by
+    /// [`Client::detect_pipelining`]).
+    pub fn set_pipeline(&mut self, depth: usize) {
+        self.pipeline = depth.max(1);
+    }
+
+    /// Asks `guest-info` who the agent is: [`PIPELINE`] requests in flight for vstream-agent,
+    /// one for any other. Returns the depth chosen.
+    pub async fn detect_pipelining(&mut self) -> Result<usize, ClientError> {
+        let info = self.info().await?;
+        let ours = info.version.starts_with("vstream-agent ");
+        self.set_pipeline(if ours { PIPELINE } else { 1 });
+        Ok(self.pipeline)
     }
 
     /// How long one reply may take (default 30 s).
@@ -404,7 +423,7 @@ async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Copies `reader` into the guest file `path` (created or truncated), `chunk` bytes per
-/// `guest-file-write`, [`PIPELINE`] requests in flight; `progress` gets the bytes copied so
+/// `guest-file-write`, as many requests in flight as the client allows; `progress` gets the bytes copied so
 /// far. Returns the total.
 pub async fn copy_to_guest<S, R>(
     client: &mut Client<S>,
@@ -425,7 +444,7 @@ where
     let mut total = 0u64;
     let result: Result<(), ClientError> = async {
         loop {
-            while !input_done && in_flight.len() < PIPELINE {
+            while !input_done && in_flight.len() < client.pipeline {
                 let n = fill(&mut reader, &mut buf).await?;
                 if n == 0 {
                     input_done = true;
@@ -471,7 +490,7 @@ where
 }
 
 /// Copies the guest file `path` into `writer`, `chunk` bytes per `guest-file-read`,
-/// [`PIPELINE`] requests in flight; `progress` gets (bytes so far, file size if the guest could
+/// as many requests in flight as the client allows; `progress` gets (bytes so far, file size if the guest could
 /// tell it). Returns the total.
 pub async fn copy_from_guest<S, W>(
     client: &mut Client<S>,
@@ -500,7 +519,7 @@ where
         };
         let mut eof = false;
         loop {
-            while !eof && in_flight < PIPELINE {
+            while !eof && in_flight < client.pipeline {
                 let cmd = Command::FileRead {
                     handle,
                     count: Some(chunk as i64),

@@ -70,6 +70,10 @@ pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 /// truncated as above.
 pub const EXEC_OUTPUT_BUDGET: usize = 64 * 1024 * 1024;
 
+/// What vstream-agent's `guest-info` reports as its version. Its prefix tells a client that the
+/// agent takes pipelined requests (qemu-ga 7.2 on a virtio-serial port loses some).
+pub const AGENT_VERSION: &str = concat!("vstream-agent ", env!("CARGO_PKG_VERSION"));
+
 /// The error classes this agent sends (qemu-ga's own; a peer may send others).
 pub mod class {
     /// Anything but an unknown or disabled command.

@@ -529,7 +529,10 @@ fn sync_ping_info_and_unknown_commands() {
     assert_eq!(v["error"]["class"], "GenericError");
 
     let info: GuestAgentInfo = serde_json::from_value(ok(&f.agent, &Command::Info)).expect("info");
-    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        info.version,
+        format!("vstream-agent {}", env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(info.supported_commands.len(), COMMANDS.len());
     for c in &info.supported_commands {
         assert!(c.enabled, "{}", c.name);
@@ -1314,6 +1317,7 @@ async fn the_client_syncs_past_stale_replies_and_copies_files_both_ways() {
     tokio::spawn(serve(agent, server));
     let mut client = Client::new(client_end);
     client.sync().await.expect("sync");
+    assert_eq!(client.detect_pipelining().await.expect("info"), PIPELINE);
     client.call(&Command::Ping).await.expect("ping");
     assert!(matches!(
         client.call(&Command::FileClose { handle: 1 }).await,
@@ -1374,4 +1378,22 @@ async fn the_client_rejects_hostile_replies() {
     assert!(matches!(e, ClientError::Protocol(_)), "{e}");
     let e = against(b"   ").await;
     assert!(matches!(e, ClientError::Timeout(_)), "{e}");
+}
+
+#[tokio::test]
+async fn only_vstream_agent_gets_pipelined_requests() {
+    // A qemu-ga: one request at a time.
+    let (client_end, mut server) = tokio::io::duplex(1 << 16);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = server.read(&mut buf).await {
+            let reply = br#"{"return": {"version": "7.2.22", "supported_commands": []}}"#;
+            if n == 0 || server.write_all(reply).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = Client::new(client_end);
+    c.set_pipeline(9);
+    assert_eq!(c.detect_pipelining().await.expect("info"), 1);
 }

@@ -490,7 +490,7 @@ fn child_pid(child: &Child) -> Result<Pid, SpawnFailure> {
 }
 
 /// A new pseudo-terminal of `size`: (master, slave).
-fn open_pty(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_pty(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::pty::OpenptFlags;
     let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(flags)?;
@@ -512,12 +512,12 @@ fn winsize(size: WindowSize) -> rustix::termios::Winsize {
 }
 
 /// The master side of a pseudo-terminal, non-blocking, read and written from different tasks.
-struct PtyMaster {
+pub(crate) struct PtyMaster {
     fd: AsyncFd<OwnedFd>,
 }
 
 impl PtyMaster {
-    fn new(fd: OwnedFd) -> io::Result<PtyMaster> {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<PtyMaster> {
         rustix::io::ioctl_fionbio(&fd, true)?;
         // SAFETY: `fd` is an open descriptor, owned from here on by the AsyncFd: it stays open
         // until the AsyncFd is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
@@ -526,7 +526,7 @@ impl PtyMaster {
     }
 
     /// Reads output; 0 once every slave descriptor is closed (the master then reads EIO).
-    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut ready = self.fd.readable().await?;
             let result = ready.try_io(|fd| match rustix::io::read(fd.get_ref(), &mut *buf) {
@@ -540,7 +540,7 @@ impl PtyMaster {
     }
 
     /// Types `data` into the terminal.
-    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+    pub(crate) async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut ready = self.fd.writable().await?;
             let result =

@@ -539,6 +539,23 @@ fn render_status(status: &Value) -> String {
                 },
             ));
         }
+        if let Some(devices) = g["devices"].as_object() {
+            for (class, st) in devices {
+                let fields: Vec<String> = st
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(_, v)| !v.is_null())
+                            .map(|(k, v)| match v.as_str() {
+                                Some(s) => format!("{k}={s}"),
+                                None => format!("{k}={v}"),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push_str(&format!("  device   {class:<10} {}\n", fields.join(" ")));
+            }
+        }
         for c in g["channels"].as_array().unwrap_or(&empty) {
             out.push_str(&format!(
                 "  channel  {:>4} {}/{}  in {:>7}  out {:>7}\n",
@@ -559,6 +576,7 @@ fn render_event(ev: &Value) -> String {
         o.remove("event");
         o.remove("guest");
         o.remove("time");
+        o.remove("time_ms");
     }
     format!(
         "{} {} {}",
@@ -704,9 +722,18 @@ impl Progress {
 async fn qga_cp(control: &PathBuf, src: &str, dst: &str, chunk: usize) -> anyhow::Result<()> {
     use vstream_devices::qga::host::{copy_from_guest, copy_to_guest};
     let timeout = Duration::from_secs(60);
+    let connect = |guest: &str| {
+        let guest = guest.to_owned();
+        async move {
+            let mut client = qga_client(control, &guest, timeout).await?;
+            // Pipelined requests with vstream-agent only (see PIPELINE).
+            client.detect_pipelining().await?;
+            anyhow::Ok(client)
+        }
+    };
     match (remote_path(src), remote_path(dst)) {
         (None, Some((guest, path))) => {
-            let mut client = qga_client(control, guest, timeout).await?;
+            let mut client = connect(guest).await?;
             let (reader, total): (Box<dyn AsyncRead + Unpin>, Option<u64>) = if src == "-" {
                 (Box::new(tokio::io::stdin()), None)
             } else {
@@ -726,7 +753,7 @@ async fn qga_cp(control: &PathBuf, src: &str, dst: &str, chunk: usize) -> anyhow
             Ok(())
         }
         (Some((guest, path)), None) => {
-            let mut client = qga_client(control, guest, timeout).await?;
+            let mut client = connect(guest).await?;
             let mut progress = Progress::new(format!("{src} -> {dst}"));
             let (writer, tmp): (Box<dyn tokio::io::AsyncWrite + Unpin>, Option<PathBuf>) =
                 if dst == "-" {
@@ -837,7 +864,8 @@ async fn input(
             let open = |kind: Kind| hid_channel(control, guest, kind);
             let stop = async {
                 let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
                         Ok(t) => t,
                         Err(_) => return std::future::pending().await,
                     };
@@ -863,7 +891,9 @@ async fn input(
             return Ok(());
         }
         (Some(_), Some(_)) => bail!("--forward and an input action exclude each other"),
-        (None, None) => bail!("give an action (type, key, mouse, tablet, latency) or --forward DEVICE"),
+        (None, None) => {
+            bail!("give an action (type, key, mouse, tablet, latency) or --forward DEVICE")
+        }
         (None, Some(a)) => a,
     };
     let action = match action {
@@ -879,7 +909,11 @@ async fn input(
             y,
             click: click.as_deref().map(button).transpose()?,
         },
-        InputCmd::Latency { count, gap_ms, json } => {
+        InputCmd::Latency {
+            count,
+            gap_ms,
+            json,
+        } => {
             let chan = hid_channel(control, guest, Kind::Mouse).await?;
             let mut client = Client::new(chan);
             let stats = vstream_devices::hid::host::latency(
@@ -927,7 +961,10 @@ async fn jobs(control: &PathBuf, guest: &str, json: bool) -> anyhow::Result<()> 
         println!("{guest}: no print jobs");
         return Ok(());
     }
-    println!("{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  REASON", "ID", "STATE", "TYPE", "SIZE", "FILE");
+    println!(
+        "{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  REASON",
+        "ID", "STATE", "TYPE", "SIZE", "FILE"
+    );
     for j in list {
         println!(
             "{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  {}",

@@ -1,0 +1,690 @@
+//! The host half, run by vstreamd: terminates each guest's PPP link with the settings of its
+//! `[guest.ppp]` section ([`PppConfig`]).
+//!
+//! The link arrives as a `ppp` channel the agent opens ([`PppService`]) or, if the section names
+//! a `transport`, on that raw transport (a virtio-serial port's chardev socket, kept connected by
+//! [`keep_transport`]). One link per guest: a new channel replaces the link of an older one (an
+//! agent that restarted has a new session; the old link is dead anyway).
+//!
+//! Backends: `pppd` runs the configured pppd on a pseudo-terminal ([`super::pppd`]) with
+//! `LOCAL:REMOTE`, `mtu`/`mru`, `ifname` and the LCP echo settings, inside `netns` if set;
+//! `tun` terminates PPP in this process ([`super::proto`]) and hands the IP packets to a TUN
+//! device in `netns`. Either way the configured routes are added through the interface once IPCP
+//! is up (the kernel removes them with the interface).
+
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use vstream_link::ChannelStream;
+use vstream_transport::{Address, Endpoint as TransportEndpoint};
+
+use super::net::{netns_path, NetConfig, Tun};
+use super::pppd::{self, PppdCommand};
+use super::proto::{Endpoint, EndpointConfig, Event, MAX_MRU, MIN_MRU};
+use super::{CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS};
+use crate::{EventSink, HostContext, ServeFuture, Service};
+
+/// How the host end of the link is terminated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The configured pppd on a pseudo-terminal (needs the kernel's PPP driver, `/dev/ppp`).
+    #[default]
+    Pppd,
+    /// vstreamd itself speaks PPP and forwards IP packets to a TUN device (`/dev/net/tun`).
+    Tun,
+}
+
+/// An IPv4 route: `NET/PREFIX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Route {
+    /// The network.
+    pub net: Ipv4Addr,
+    /// The prefix length, 0-32.
+    pub prefix: u8,
+}
+
+impl TryFrom<String> for Route {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Route, String> {
+        let (net, prefix) = s.split_once('/').unwrap_or((&s, "32"));
+        let net: Ipv4Addr = net
+            .parse()
+            .map_err(|_| format!("route {s:?}: {net:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("route {s:?}: the prefix length must be 0-32"))?;
+        Ok(Route { net, prefix })
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+fn default_pppd() -> PathBuf {
+    PathBuf::from("/usr/sbin/pppd")
+}
+
+fn default_echo_interval() -> u32 {
+    5
+}
+
+fn default_echo_failures() -> u32 {
+    4
+}
+
+/// `[guest.ppp]`: the guest's PPP link (docs/devices/ppp.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PppConfig {
+    /// The host end's address.
+    pub local: Ipv4Addr,
+    /// The guest end's address (assigned to the guest through IPCP).
+    pub remote: Ipv4Addr,
+    /// MTU and MRU of the link, 128-16384.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// A network namespace for the host end: a name from `ip netns add` (in /run/netns) or a
+    /// path such as /proc/PID/ns/net. Default: vstreamd's own.
+    pub netns: Option<String>,
+    /// Routes to add on the host through the link once it is up, e.g. "10.78.0.0/24".
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// How the host end is terminated.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The pppd binary (backend `pppd`).
+    #[serde(default = "default_pppd")]
+    pub pppd: PathBuf,
+    /// More pppd options, appended to those vstreamd gives (backend `pppd`).
+    #[serde(default)]
+    pub options: Vec<String>,
+    /// The host interface's name (default `ppp-GUEST`, cut to 15 bytes).
+    pub interface: Option<String>,
+    /// Carry the link on this raw transport (e.g. the chardev socket of a virtio-serial port
+    /// the guest's agent bridges with `vstream.ppp=port:NAME`) instead of a `ppp` channel.
+    pub transport: Option<Address>,
+    /// Seconds between LCP echo requests (0: none).
+    #[serde(default = "default_echo_interval")]
+    pub echo_interval_secs: u32,
+    /// Unanswered echo requests after which the link is declared dead.
+    #[serde(default = "default_echo_failures")]
+    pub echo_failures: u32,
+}
+
+impl PppConfig {
+    /// Checks what serde cannot; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_MRU..=MAX_MRU).contains(&self.mtu) {
+            return Err(format!("mtu = {}: must be {MIN_MRU}-{MAX_MRU}", self.mtu));
+        }
+        if self.local == self.remote {
+            return Err(format!(
+                "local and remote are both {}: the two ends need different addresses",
+                self.local
+            ));
+        }
+        for a in [self.local, self.remote] {
+            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+                return Err(format!("{a} cannot be the address of a link end"));
+            }
+        }
+        if let Some(i) = &self.interface {
+            if i.is_empty() || i.len() > 15 || !i.bytes().all(ifname_byte) {
+                return Err(format!(
+                    "interface = {i:?}: 1-15 letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        if let Some(o) = self.options.iter().find(|o| o.contains(['\n', '\0'])) {
+            return Err(format!("options: {o:?} contains a newline or NUL"));
+        }
+        if self.echo_interval_secs > 0 && self.echo_failures == 0 {
+            return Err("echo_failures must be at least 1 when echo_interval_secs is set".into());
+        }
+        Ok(())
+    }
+
+    /// The host interface's name.
+    pub fn interface_name(&self, guest: &str) -> String {
+        match &self.interface {
+            Some(i) => i.clone(),
+            None => default_interface(guest),
+        }
+    }
+
+    fn netns_path(&self) -> Option<PathBuf> {
+        self.netns.as_deref().map(netns_path)
+    }
+
+    /// The pppd command line of the host end (after the device): the common options, the
+    /// addresses, MTU, interface name, echo settings, then the configured extras.
+    pub fn pppd_options(&self, guest: &str) -> Vec<String> {
+        let mut o: Vec<String> = COMMON_PPPD_OPTIONS.iter().map(|s| s.to_string()).collect();
+        o.push(format!("{}:{}", self.local, self.remote));
+        for (k, v) in [
+            ("mtu", self.mtu.to_string()),
+            ("mru", self.mtu.to_string()),
+            ("ifname", self.interface_name(guest)),
+            ("ipparam", format!("vstream:{guest}")),
+        ] {
+            o.push(k.into());
+            o.push(v);
+        }
+        o.push("nodefaultroute".into());
+        if self.echo_interval_secs > 0 {
+            o.push("lcp-echo-interval".into());
+            o.push(self.echo_interval_secs.to_string());
+            o.push("lcp-echo-failure".into());
+            o.push(self.echo_failures.to_string());
+        }
+        o.extend(self.options.iter().cloned());
+        o
+    }
+}
+
+fn ifname_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// `ppp-GUEST`, with bytes an interface name cannot hold replaced, cut to 15 bytes.
+pub fn default_interface(guest: &str) -> String {
+    let mut name: String = format!("ppp-{guest}")
+        .bytes()
+        .map(|b| if ifname_byte(b) { b as char } else { '_' })
+        .collect();
+    name.truncate(15);
+    name
+}
+
+/// What [`run_link`] reports while a link runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// IPCP is up: IP flows through `interface`.
+    Up {
+        /// The host interface.
+        interface: String,
+        /// The host end's address.
+        local: Ipv4Addr,
+        /// The guest end's address.
+        remote: Ipv4Addr,
+        /// The negotiated MTU, where known (the userspace endpoint knows it; pppd does not say).
+        mtu: Option<u16>,
+    },
+}
+
+/// The link's state, for `vstreamctl status` (`devices.ppp`).
+#[derive(Debug, Clone, Default)]
+struct LinkState {
+    state: &'static str,
+    since: u64,
+    interface: Option<String>,
+    links: u64,
+    last_end: Option<String>,
+}
+
+struct Shared {
+    guest: String,
+    config: Option<Arc<PppConfig>>,
+    events: EventSink,
+    state: Mutex<LinkState>,
+    /// The generation of the newest link; older links end when it changes.
+    current: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn set(&self, f: &dyn Fn(&mut LinkState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+    }
+
+    /// Runs one link on `stream`, keeping the status and the events up to date, until it ends
+    /// or a newer link replaces it. Only the newest link writes the status.
+    async fn run<S>(&self, config: &PppConfig, stream: S, on: &str)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let guest = &self.guest;
+        self.current.send_modify(|g| *g += 1);
+        let link = *self.current.borrow();
+        let mut newer = self.current.subscribe();
+        let set = |f: &dyn Fn(&mut LinkState)| {
+            if *self.current.borrow() == link {
+                self.set(f);
+            }
+        };
+        tracing::info!(%guest, link, backend = ?config.backend, on, "ppp: link starting");
+        set(&|st| {
+            st.state = "negotiating";
+            st.since = now_secs();
+            st.links = link;
+            st.interface = None;
+        });
+        let running = run_link(guest, config, stream, |ev| match ev {
+            LinkEvent::Up {
+                interface,
+                local,
+                remote,
+                mtu,
+            } => {
+                set(&|st| {
+                    st.state = "up";
+                    st.since = now_secs();
+                    st.interface = Some(interface.clone());
+                });
+                self.events.emit(
+                    "ppp-up",
+                    json!({"link": link, "interface": interface, "local": local.to_string(),
+                           "remote": remote.to_string(), "mtu": mtu}),
+                );
+            }
+        });
+        let replaced = async {
+            while newer.changed().await.is_ok() {
+                if *newer.borrow() != link {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        let why = tokio::select! {
+            why = running => why,
+            () = replaced => "replaced by a newer link".to_owned(),
+        };
+        tracing::info!(%guest, link, on, "ppp: link ended: {why}");
+        set(&|st| {
+            st.state = "down";
+            st.since = now_secs();
+            st.last_end = Some(why.clone());
+        });
+        self.events
+            .emit("ppp-down", json!({ "link": link, "reason": why }));
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The `ppp` service of one guest. If its `[guest.ppp]` names a `transport`, creating the
+/// service (inside a tokio runtime) also starts keeping the link up on that transport.
+pub struct PppService {
+    shared: Arc<Shared>,
+}
+
+impl PppService {
+    /// The service of the guest of `ctx`, with its `[guest.ppp]` section (if any).
+    pub fn new(ctx: &HostContext) -> PppService {
+        let shared = Arc::new(Shared {
+            guest: ctx.guest.clone(),
+            config: ctx.ppp.clone().map(Arc::new),
+            events: ctx.events.clone(),
+            state: Mutex::new(LinkState {
+                state: "down",
+                since: now_secs(),
+                ..LinkState::default()
+            }),
+            current: watch::channel(0).0,
+        });
+        let on_transport = shared
+            .config
+            .as_ref()
+            .is_some_and(|c| c.transport.is_some());
+        if on_transport {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(keep_transport(Arc::downgrade(&shared)));
+                }
+                Err(_) => tracing::warn!(
+                    guest = %shared.guest,
+                    "ppp: no runtime to keep the link's transport connected"
+                ),
+            }
+        }
+        PppService { shared }
+    }
+}
+
+impl Service for PppService {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let guest = &shared.guest;
+            if name != CHANNEL_NAME {
+                stream.reset(&format!(
+                    "ppp has no {name:?} (its channel has an empty name)"
+                ));
+                return;
+            }
+            let Some(config) = shared.config.clone() else {
+                stream.reset(&format!(
+                    "guest {guest:?} has no [guest.ppp] section in vstreamd's config: no PPP link"
+                ));
+                return;
+            };
+            if let Some(t) = &config.transport {
+                stream.reset(&format!(
+                    "guest {guest:?}'s PPP link is configured on transport {t}, not on a channel"
+                ));
+                return;
+            }
+            shared.run(&config, stream, "channel").await;
+        })
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let config = self.shared.config.as_ref()?;
+        let st = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(json!({
+            "state": st.state,
+            "since": st.since,
+            "backend": config.backend,
+            "on": config.transport.as_ref().map_or("channel".to_owned(), |t| t.to_string()),
+            "local": config.local.to_string(),
+            "remote": config.remote.to_string(),
+            "mtu": config.mtu,
+            "netns": config.netns,
+            "interface": st.interface.unwrap_or_else(|| config.interface_name(&self.shared.guest)),
+            "links": st.links,
+            "last_end": st.last_end,
+        }))
+    }
+}
+
+/// Keeps the guest's PPP link up on its configured transport: connects (or accepts), runs the
+/// link until it ends, and again after a pause; stops when the service is gone.
+async fn keep_transport(shared: Weak<Shared>) {
+    let Some((guest, config)) = shared
+        .upgrade()
+        .and_then(|s| Some((s.guest.clone(), s.config.clone()?)))
+    else {
+        return;
+    };
+    let Some(address) = config.transport.clone() else {
+        return;
+    };
+    let mut endpoint = loop {
+        match TransportEndpoint::bind(address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                tracing::warn!(%guest, %address, "ppp: cannot use the transport: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let on = address.to_string();
+    let mut pause = Duration::ZERO;
+    loop {
+        match endpoint.next().await {
+            Ok(conn) => {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let started = Instant::now();
+                shared.run(&config, conn.stream, &on).await;
+                pause = next_pause(pause, started.elapsed());
+            }
+            Err(e) => {
+                tracing::debug!(%guest, %address, "ppp: transport: {e}");
+                pause = next_pause(pause, Duration::ZERO);
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Backoff between links: 1 s after a link that lasted, doubling up to 60 s after links that
+/// fail at once (a pppd that cannot start, a peer that answers nothing).
+pub fn next_pause(previous: Duration, lasted: Duration) -> Duration {
+    if lasted >= Duration::from_secs(30) {
+        Duration::from_secs(1)
+    } else {
+        (previous * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// Runs one link on `stream` with the guest's settings until it ends; returns why. `report`
+/// hears when IP is up.
+pub async fn run_link<S>(
+    guest: &str,
+    config: &PppConfig,
+    stream: S,
+    report: impl FnMut(LinkEvent) + Send,
+) -> String
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let result = match config.backend {
+        Backend::Pppd => run_pppd(guest, config, stream, report).await,
+        Backend::Tun => {
+            let link = UserspaceLink {
+                label: guest.to_owned(),
+                local: config.local,
+                remote: config.remote,
+                mtu: config.mtu,
+                netns: config.netns_path(),
+                interface: config.interface_name(guest),
+                routes: config.routes.clone(),
+                echo_interval: Duration::from_secs(u64::from(config.echo_interval_secs)),
+                echo_failures: config.echo_failures,
+            };
+            run_userspace(&link, stream, report).await
+        }
+    };
+    result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+async fn run_pppd<S>(
+    guest: &str,
+    config: &PppConfig,
+    stream: S,
+    mut report: impl FnMut(LinkEvent) + Send,
+) -> io::Result<String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let netns = config.netns_path();
+    let routes = config.routes.clone();
+    // The socket for routes is made now, in the namespace, so the log callback only does ioctls.
+    let net = if routes.is_empty() {
+        None
+    } else {
+        let ns = netns.clone();
+        Some(tokio::task::spawn_blocking(move || NetConfig::open(ns.as_deref())).await??)
+    };
+    let cmd = PppdCommand {
+        program: config.pppd.clone(),
+        options: config.pppd_options(guest),
+        netns,
+    };
+    let mut interface = config.interface_name(guest);
+    let mut local = config.local;
+    let label = guest.to_owned();
+    let end = pppd::run(&cmd, stream, move |line| {
+        tracing::info!(guest = %label, "pppd: {line}");
+        // pppd's words once IPCP is up: "Using interface ppp0", "local  IP address A",
+        // "remote IP address B" (in that order).
+        if let Some(i) = line.strip_prefix("Using interface ") {
+            interface = i.trim().to_owned();
+        } else if let Some(a) = line.strip_prefix("local  IP address ") {
+            local = a.trim().parse().unwrap_or(local);
+        } else if let Some(a) = line.strip_prefix("remote IP address ") {
+            if let Some(net) = &net {
+                add_routes(&label, net, &interface, &routes);
+            }
+            report(LinkEvent::Up {
+                interface: interface.clone(),
+                local,
+                remote: a.trim().parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                mtu: None,
+            });
+        }
+    })
+    .await?;
+    Ok(end.to_string())
+}
+
+fn add_routes(guest: &str, net: &NetConfig, interface: &str, routes: &[Route]) {
+    for r in routes {
+        match net.add_route(interface, r.net, r.prefix) {
+            Ok(()) => tracing::info!(%guest, "ppp: route {r} via {interface}"),
+            Err(e) => tracing::warn!(%guest, "ppp: cannot add route {r} via {interface}: {e}"),
+        }
+    }
+}
+
+/// A link terminated in this process with a TUN device (backend `tun`; also the guest end of
+/// the host tests).
+#[derive(Debug, Clone)]
+pub struct UserspaceLink {
+    /// For logs.
+    pub label: String,
+    /// Our address.
+    pub local: Ipv4Addr,
+    /// The peer's address (given to it through IPCP).
+    pub remote: Ipv4Addr,
+    /// MTU and MRU.
+    pub mtu: u16,
+    /// The namespace of the TUN device.
+    pub netns: Option<PathBuf>,
+    /// The TUN device's name.
+    pub interface: String,
+    /// Routes through it once up.
+    pub routes: Vec<Route>,
+    /// LCP echo interval (zero: none).
+    pub echo_interval: Duration,
+    /// Unanswered echoes before the link is dead.
+    pub echo_failures: u32,
+}
+
+/// IP packets read from the TUN device per turn before the frames are written out.
+const TUN_BATCH: usize = 64;
+
+/// Runs a userspace PPP endpoint on `stream`, with its IP side on a new TUN device, until the
+/// link ends; returns why.
+pub async fn run_userspace<S>(
+    link: &UserspaceLink,
+    stream: S,
+    mut report: impl FnMut(LinkEvent) + Send,
+) -> io::Result<String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let ns = link.netns.clone();
+    let name = link.interface.clone();
+    let (tun, net) = tokio::task::spawn_blocking(move || {
+        let tun = Tun::create(ns.as_deref(), &name)?;
+        let net = NetConfig::open(ns.as_deref())?;
+        Ok::<_, io::Error>((tun, net))
+    })
+    .await??;
+    let mut cfg = EndpointConfig::new(link.local, link.remote, link.mtu, random_magic());
+    cfg.echo_interval = link.echo_interval;
+    cfg.echo_failures = link.echo_failures;
+    let mut ep = Endpoint::new(cfg, Instant::now());
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf = vec![0u8; 64 * 1024];
+    let mut packet = vec![0u8; usize::from(MAX_MRU)];
+    let mut out = Vec::new();
+    let label = &link.label;
+    loop {
+        ep.poll_transmit(&mut out);
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                return Ok(format!("writing the link failed: {e}"));
+            }
+            out.clear();
+        }
+        while let Some(ev) = ep.poll_event() {
+            match ev {
+                Event::Packet(p) => {
+                    if let Err(e) = tun.send(&p) {
+                        tracing::debug!(%label, "ppp: {}: {e}", tun.name());
+                    }
+                }
+                Event::Up { local, remote, mtu } => {
+                    net.configure_ptp(tun.name(), local, remote, mtu)?;
+                    tracing::info!(%label, interface = tun.name(), %local, %remote, mtu, "ppp: link up");
+                    add_routes(label, &net, tun.name(), &link.routes);
+                    report(LinkEvent::Up {
+                        interface: tun.name().to_owned(),
+                        local,
+                        remote,
+                        mtu: Some(mtu),
+                    });
+                }
+                Event::Down(why) => {
+                    ep.poll_transmit(&mut out);
+                    // The Terminate-Request, best effort.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                    let _ = wr.shutdown().await;
+                    return Ok(why);
+                }
+            }
+        }
+        let deadline = ep
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        tokio::select! {
+            n = rd.read(&mut inbuf) => match n {
+                Ok(0) => ep.close("the link's stream ended", Instant::now()),
+                Ok(n) => ep.handle_input(&inbuf[..n], Instant::now()),
+                Err(e) => ep.close(&format!("reading the link failed: {e}"), Instant::now()),
+            },
+            n = tun.recv(&mut packet), if ep.is_up() => {
+                let n = n?;
+                ep.send_ip(&packet[..n]);
+                // More packets already queued go out in the same write.
+                for _ in 1..TUN_BATCH {
+                    match tun.try_recv(&mut packet) {
+                        Some(n) => { ep.send_ip(&packet[..n]); }
+                        None => break,
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => ep.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+/// A magic number for LCP: random enough to tell two ends (and a looped-back line) apart.
+fn random_magic() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() as u32) | 1
+}

@@ -1,0 +1,50 @@
+//! Device: ppp. A slow-path IPv4 network between a guest and its host, made of nothing but a
+//! byte stream: PPP (RFC 1661) in async HDLC-like framing (RFC 1662), as `pppd` speaks it on a
+//! serial line.
+//!
+//! - The guest half ([`guest`], run by vstream-agent) runs Debian's `pppd` on a pseudo-terminal
+//!   and bridges the terminal to a channel of class `ppp` (name `""`) that it opens as soon as the
+//!   session is up, and again whenever the link ends (pppd exited, the host restarted, the agent
+//!   restarted). Or, with `vstream.ppp=port:NAME`, to a named virtio-serial port.
+//! - The host half ([`host`], run by vstreamd) accepts that channel if the guest has a
+//!   `[guest.ppp]` section in vstreamd's config (and refuses it with that reason otherwise),
+//!   and terminates the link with the addresses, MTU, routes and network namespace configured
+//!   there: with `pppd` on a pseudo-terminal ([`pppd`], backend `pppd`, the default), or in
+//!   userspace with a TUN device ([`proto`] and [`net`], backend `tun`) where the host kernel has
+//!   no PPP driver.
+//!
+//! The channel carries the PPP byte stream unchanged: no framing of ours, no handshake. pppd on
+//! each side negotiates the link (LCP), the addresses (IPCP: the host side assigns the guest's)
+//! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
+
+pub mod guest;
+pub mod host;
+pub mod net;
+pub mod pppd;
+pub mod proto;
+#[cfg(test)]
+mod tests;
+
+/// The device class.
+pub const CLASS: &str = "ppp";
+
+/// The channel name the agent opens.
+pub const CHANNEL_NAME: &str = "";
+
+/// The MRU and MTU ceiling the guest's pppd offers (pppd's maximum): the host's configured MTU
+/// then decides both directions.
+pub const GUEST_MRU: u16 = 16384;
+
+/// Options both pppd ends get: a pty is an 8-bit clean line without modem control lines, so no
+/// escaping of control characters, no carrier detection, no hardware flow control; no
+/// compression negotiation (the kernel modules are usually absent and the link is not the
+/// bottleneck); no authentication (the channel already belongs to this guest).
+pub const COMMON_PPPD_OPTIONS: &[&str] = &[
+    "nodetach",
+    "noauth",
+    "local",
+    "nocrtscts",
+    "asyncmap",
+    "0",
+    "noccp",
+];

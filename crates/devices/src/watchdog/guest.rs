@@ -1,0 +1,272 @@
+//! The guest half: heartbeats every interval, each gated by an optional health check, and a
+//! disarm on a clean stop.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use vstream_link::{ChannelStream, Mux};
+
+use super::{Decoder, GuestMsg, HostMsg, Message, CLASS, READ_CHUNK};
+
+/// How long a clean stop waits for the host to confirm the disarm.
+pub const DISARM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the agent was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSettings {
+    /// Time between heartbeats.
+    pub interval: Duration,
+    /// A command run by `sh -c` before each heartbeat; the heartbeat is sent only if it exits 0
+    /// within the interval.
+    pub check: Option<String>,
+}
+
+/// The running heartbeat task. [`Heartbeat::disarm`] stops it cleanly; dropping it stops it
+/// without a disarm (as a crash would).
+pub struct Heartbeat {
+    stop: Option<oneshot::Sender<(String, oneshot::Sender<bool>)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Starts sending heartbeats on `mux` (reopening the channel whenever it fails).
+    pub fn start(mux: Mux, settings: GuestSettings) -> Heartbeat {
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(run(mux, settings, rx));
+        Heartbeat {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Sends a disarm with `reason` and waits (at most [`DISARM_TIMEOUT`]) for the host to
+    /// confirm it; true if it did.
+    pub async fn disarm(mut self, reason: &str) -> bool {
+        let Some(stop) = self.stop.take() else {
+            return false;
+        };
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if stop.send((reason.to_owned(), ack_tx)).is_err() {
+            return false;
+        }
+        tokio::time::timeout(DISARM_TIMEOUT + Duration::from_millis(500), ack_rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type StopRx = oneshot::Receiver<(String, oneshot::Sender<bool>)>;
+
+enum Ended {
+    /// The channel failed: reopen.
+    Channel(String),
+    /// A clean stop happened.
+    Stopped,
+}
+
+async fn run(mux: Mux, settings: GuestSettings, mut stop: StopRx) {
+    let mut backoff = Duration::from_secs(1);
+    let mut last_error = String::new();
+    loop {
+        let opened = tokio::select! {
+            r = mux.open(CLASS, "") => r,
+            s = &mut stop => {
+                // Not connected: nothing armed on the host by this session; say so.
+                if let Ok((_, ack)) = s {
+                    let _ = ack.send(false);
+                }
+                return;
+            }
+        };
+        match opened {
+            Ok(stream) => {
+                backoff = Duration::from_secs(1);
+                last_error.clear();
+                match session(&mux, stream, &settings, &mut stop).await {
+                    Ended::Stopped => return,
+                    Ended::Channel(e) => tracing::info!("watchdog: channel ended ({e}); reopening"),
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_error {
+                    tracing::warn!("watchdog: cannot open the {CLASS} channel: {msg}; retrying");
+                    last_error = msg;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            s = &mut stop => {
+                if let Ok((_, ack)) = s {
+                    let _ = ack.send(false);
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn send(stream: &mut ChannelStream, msg: &GuestMsg) -> Result<(), Ended> {
+    stream
+        .write_all(&msg.to_bytes())
+        .await
+        .map_err(|e| Ended::Channel(e.to_string()))
+}
+
+async fn session(
+    mux: &Mux,
+    mut stream: ChannelStream,
+    settings: &GuestSettings,
+    stop: &mut StopRx,
+) -> Ended {
+    match session_inner(mux, &mut stream, settings, stop).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+async fn session_inner(
+    mux: &Mux,
+    stream: &mut ChannelStream,
+    settings: &GuestSettings,
+    stop: &mut StopRx,
+) -> Result<std::convert::Infallible, Ended> {
+    let interval_ms = settings.interval.as_millis().min(u128::from(u32::MAX)) as u32;
+    send(stream, &GuestMsg::Hello { interval_ms }).await?;
+    let mut decoder = Decoder::<HostMsg>::new();
+    let mut buf = [0u8; READ_CHUNK];
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                // Heartbeats queued while no link is up would arrive in a burst later and
+                // vouch for a past: send only what can go now.
+                if !mux.is_connected() {
+                    continue;
+                }
+                match run_check(settings).await {
+                    Ok(()) => {
+                        seq += 1;
+                        send(stream, &GuestMsg::Heartbeat { seq }).await?;
+                    }
+                    Err(detail) => {
+                        tracing::warn!("watchdog: health check failed, no heartbeat: {detail}");
+                        send(stream, &GuestMsg::CheckFailed { detail }).await?;
+                    }
+                }
+            }
+            n = stream.read(&mut buf) => {
+                let n = n.map_err(|e| Ended::Channel(e.to_string()))?;
+                if n == 0 {
+                    return Err(Ended::Channel("closed by the host".into()));
+                }
+                decoder.push(&buf[..n]).map_err(|e| Ended::Channel(e.to_string()))?;
+                while let Some(msg) = decoder.next_message().map_err(|e| Ended::Channel(e.to_string()))? {
+                    if let HostMsg::Armed { timeout_ms, pretimeout_ms } = msg {
+                        tracing::info!(interval_ms, timeout_ms, pretimeout_ms, "watchdog armed by the host");
+                    }
+                }
+            }
+            s = &mut *stop => {
+                let Ok((reason, ack)) = s else {
+                    return Err(Ended::Stopped);
+                };
+                let confirmed = disarm(stream, &mut decoder, &reason).await;
+                if confirmed {
+                    tracing::info!("watchdog disarmed ({reason})");
+                } else {
+                    tracing::warn!("watchdog: the host did not confirm the disarm");
+                }
+                let _ = ack.send(confirmed);
+                return Err(Ended::Stopped);
+            }
+        }
+    }
+}
+
+async fn disarm(stream: &mut ChannelStream, decoder: &mut Decoder<HostMsg>, reason: &str) -> bool {
+    let msg = GuestMsg::Disarm {
+        reason: reason.to_owned(),
+    };
+    let wait = async {
+        stream.write_all(&msg.to_bytes()).await.ok()?;
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            while let Some(m) = decoder.next_message().ok()? {
+                if m == HostMsg::Disarmed {
+                    return Some(());
+                }
+            }
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            decoder.push(&buf[..n]).ok()?;
+        }
+    };
+    matches!(
+        tokio::time::timeout(DISARM_TIMEOUT, wait).await,
+        Ok(Some(()))
+    )
+}
+
+/// Runs the health check, if any: `Ok` if it exits 0 within the interval.
+async fn run_check(settings: &GuestSettings) -> Result<(), String> {
+    let Some(check) = &settings.check else {
+        return Ok(());
+    };
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(check)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("{check:?}: {e}"))?;
+    let mut err = child.stderr.take();
+    let run = async {
+        let mut kept = Vec::new();
+        if let Some(p) = err.as_mut() {
+            let mut buf = [0u8; 512];
+            while let Ok(n) = p.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let room = 512usize.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+        (kept, child.wait().await)
+    };
+    match tokio::time::timeout(settings.interval, run).await {
+        Err(_) => Err(format!(
+            "{check:?} did not finish within {} ms",
+            settings.interval.as_millis()
+        )),
+        Ok((_, Err(e))) => Err(format!("{check:?}: {e}")),
+        Ok((_, Ok(st))) if st.success() => Ok(()),
+        Ok((stderr, Ok(st))) => {
+            let text = super::clean_text(&stderr);
+            let text = text.trim();
+            Err(if text.is_empty() {
+                format!("{check:?} {st}")
+            } else {
+                format!("{check:?} {st}: {text}")
+            })
+        }
+    }
+}
