@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use vstream_devices::console::{Console, ConsoleSettings};
@@ -548,18 +548,29 @@ impl Daemon {
                     }
                 };
                 write_line(&mut w, &Reply::ok()).await?;
-                let (mut cr, mut cw) = tokio::io::split(chan);
-                // Both directions until both ends are done; EOF is passed on as a half close.
-                let up = async {
-                    tokio::io::copy(&mut r, &mut cw).await?;
-                    cw.shutdown().await
+                // A terminal session is an event users watch for; other channels too, by class.
+                let (opened, closed) = if class == "tty" {
+                    ("shell-opened", "shell-closed")
+                } else {
+                    ("channel-opened", "channel-closed")
                 };
-                let down = async {
-                    tokio::io::copy(&mut cr, &mut w).await?;
-                    w.shutdown().await
-                };
-                let (a, b) = tokio::join!(up, down);
-                a.and(b)
+                let channel = chan.id();
+                let started = std::time::Instant::now();
+                self.emit(
+                    &guest,
+                    opened,
+                    json!({"class": class, "name": name, "channel": channel}),
+                );
+                let result = pipe(r, w, chan).await;
+                let mut fields = json!({
+                    "class": class, "name": name, "channel": channel,
+                    "duration_ms": started.elapsed().as_millis() as u64,
+                });
+                if let Err(e) = &result {
+                    fields["error"] = json!(e.to_string());
+                }
+                self.emit(&guest, closed, fields);
+                result
             }
             Request::Agent { guest } => {
                 let Some(g) = self.guest(&guest) else {
@@ -646,12 +657,12 @@ async fn qga_stream(g: &Guest) -> Result<vstream_transport::BoxStream, String> {
     }
 }
 
-/// Copies both ways between a control connection and a stream until both ends are done; EOF
-/// is passed on as a half close.
-async fn pipe(
+/// Joins a control connection to a stream, both directions until both ends are done; EOF is
+/// passed on as a half close.
+async fn pipe<S: AsyncRead + AsyncWrite>(
     mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut w: tokio::net::unix::OwnedWriteHalf,
-    stream: vstream_transport::BoxStream,
+    stream: S,
 ) -> io::Result<()> {
     let (mut sr, mut sw) = tokio::io::split(stream);
     let up = async {

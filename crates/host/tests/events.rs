@@ -176,14 +176,30 @@ address = "unix-listen:{d}/con.sock"
     let up = json.event("transport-up", |v| v["kind"] == "console").await;
     assert_eq!(up["transport"], "hvc0");
 
-    // Device code reports through the daemon (what the tty device does for shell sessions).
-    daemon.emit(
-        "g",
-        "shell-opened",
-        json!({ "session": 7, "command": "sh" }),
+    // A real shell session through vstreamctl: opened and closed, with its channel.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
+        .arg("--control")
+        .arg(&control)
+        .args(["exec", "g", "--", "sh", "-c", "exit 0"])
+        .output()
+        .await
+        .expect("vstreamctl exec");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let shell = json.event("shell-opened", |_| true).await;
-    assert_eq!(shell["session"], 7);
+    assert_eq!(shell["class"], "tty", "{shell}");
+    let channel = shell["channel"].clone();
+    let closed = json
+        .event("shell-closed", |v| v["channel"] == channel)
+        .await;
+    assert!(closed.get("error").is_none(), "{closed}");
+    // Device code reports through the daemon the same way.
+    daemon.emit("g", "probe-device", json!({ "session": 7 }));
+    let dev = json.event("probe-device", |_| true).await;
+    assert_eq!(dev["session"], 7);
     // Non-object fields are wrapped, not lost.
     daemon
         .guest("g")
