@@ -4,8 +4,9 @@
 #   ./x.sh setup   install the Debian packages the build and the QEMU lab need (only the missing ones)
 #   ./x.sh build   cargo build --workspace + the static guest agent
 #   ./x.sh demo    setup + build + `cargo xtask demo` (boots a guest, shows each device working)
-#   ./x.sh test    setup + build + `cargo test --workspace` (end-to-end tests included); arguments
-#                  replace --workspace, e.g. ./x.sh test -p xtask --test foundation -- --nocapture
+#   ./x.sh test    setup + build + `cargo test --workspace` (end-to-end tests included) + a short
+#                  run of every fuzz target; arguments replace all that with `cargo test ARGS`,
+#                  e.g. ./x.sh test -p xtask --test foundation -- --nocapture
 #
 # The end-to-end tests boot real guests. They never skip silently: without QEMU they fail, unless
 # VSTREAM_SKIP_E2E=1 is set, and then they (and this script) say loudly that they were skipped.
@@ -71,6 +72,30 @@ build() {
     build_agent
 }
 
+# Every parser's cargo-fuzz target, briefly (VSTREAM_FUZZ_SECONDS each, default 10): a smoke run
+# in CI; long runs are for people (`cd fuzz && cargo +nightly fuzz run TARGET`).
+fuzz_smoke() {
+    if ! cargo +nightly --version >/dev/null 2>&1; then
+        log "!!! no nightly toolchain: the fuzz smoke runs are SKIPPED (cargo-fuzz needs nightly)"
+        return
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        log "installing cargo-fuzz"
+        cargo install --locked cargo-fuzz
+    fi
+    local t log
+    log=$(mktemp)
+    for t in $(cargo +nightly fuzz list); do
+        log "fuzz smoke: $t (${VSTREAM_FUZZ_SECONDS:-10} s)"
+        if ! cargo +nightly fuzz run "$t" -- -max_total_time="${VSTREAM_FUZZ_SECONDS:-10}" >"$log" 2>&1; then
+            tail -n 40 "$log" >&2
+            die "fuzz target $t failed (its input is in fuzz/artifacts/$t)"
+        fi
+        grep -E '^Done [0-9]+ runs' "$log" | sed "s/^/  $t: /" >&2 || true
+    done
+    rm -f "$log"
+}
+
 skip_banner() {
     if [ "${VSTREAM_SKIP_E2E:-}" = 1 ]; then
         log "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
@@ -97,8 +122,12 @@ case "$cmd" in
         setup
         build
         skip_banner
-        if [ $# -eq 0 ]; then set -- --workspace; fi
-        cargo test "$@"
+        if [ $# -eq 0 ]; then
+            cargo test --workspace
+            fuzz_smoke
+        else
+            cargo test "$@"
+        fi
         skip_banner
         ;;
     help | -h | --help) usage ;;
