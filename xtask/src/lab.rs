@@ -26,6 +26,8 @@
 //! the directory), `VSTREAM_LAB_ACCEL=kvm|tcg`, `VSTREAM_SKIP_E2E=1` (see [`e2e_enabled`]), `RUST_LOG`
 //! (passed to vstreamd, default `debug`), plus the paths of [`crate::paths`].
 
+pub mod testing;
+
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -778,6 +780,16 @@ impl Lab {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.ctl_within(args, input, CTL_TIMEOUT)
+    }
+
+    /// Runs `vstreamctl --control <socket> ARGS` with `input` on its stdin (then EOF; the command
+    /// may exit without reading it all), at most `timeout`.
+    pub fn ctl_within<I, S>(&self, args: I, input: &[u8], timeout: Duration) -> io::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut command = self.ctl_command();
         command
             .args(args)
@@ -810,12 +822,12 @@ impl Lab {
             }
             buf
         });
-        let status = process::wait_timeout(&mut child, CTL_TIMEOUT)?;
+        let status = process::wait_timeout(&mut child, timeout)?;
         let Some(status) = status else {
             process::terminate(&mut child, Duration::from_millis(200));
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("{shown} did not finish within {} s", CTL_TIMEOUT.as_secs()),
+                format!("{shown} did not finish within {timeout:?}"),
             ));
         };
         let _ = in_writer.join();

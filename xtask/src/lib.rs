@@ -16,4 +16,5 @@ pub mod paths;
 pub mod process;
 pub mod pty;
 pub mod qemu;
+pub mod qga_lab;
 pub mod qmp;

@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, demo, image, paths};
 
+mod bench_qga;
+
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
 
@@ -19,6 +21,8 @@ tasks:
             [--name NAME] [--virtio-port-only | --pci-serial-only] [--no-daemon]
   bench-hid hid latency: host inject -> guest evdev read -> ack, p50/p99, per mux transport
             [--count N] (default 2000)
+  bench-qga vstream-agent vs qemu-ga in one guest: guest-ping latency, guest-file-read
+            throughput, resident memory; prints a table with ratios (bench-qga --help)
 
 ./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
 }
@@ -169,6 +173,7 @@ fn run() -> Result<()> {
         "demo" => demo::run(),
         "boot" => boot_task(&args[1..]),
         "bench-hid" => bench_hid(&args[1..]),
+        "bench-qga" => bench_qga::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())

@@ -14,8 +14,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use xtask::lab::testing::{self, bg, sh, wait_out};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,60 +28,8 @@ fn up(lab: &Lab) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Runs `cmd` in the guest's shell on hvc0 and returns its output (between two markers).
-/// Runs a short, idempotent command in the guest's shell on hvc0 and returns its output
-/// (between two markers). The console helper types the line again if its answer is slow, so
-/// anything that must run once goes through [`bg`].
-fn sh(lab: &Lab, cmd: &str) -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1000);
-    let n = N.fetch_add(2, std::sync::atomic::Ordering::SeqCst);
-    // The markers appear computed only in the output, never in the echo of the typed line.
-    let line = format!("echo B-$(({n}+1)); {cmd}; echo E-$(({n}+2))");
-    let (b, e) = (format!("B-{}", n + 1), format!("E-{}", n + 2));
-    let shown = lab
-        .console_roundtrip("hvc0", &line, &e, Duration::from_secs(120))
-        .unwrap_or_else(|err| panic!("{err}"));
-    let text = lab::strip_ansi(&shown);
-    let end = text.rfind(&e).unwrap_or(text.len());
-    let start = text[..end].rfind(&b).map(|i| i + b.len()).unwrap_or(0);
-    text[start.min(end)..end].trim().to_owned()
-}
-
-/// Starts `cmd` in the background in the guest, exactly once (a marker file guards against the
-/// line being typed twice); its output and then `DONE-rc=N` go to /tmp/ID.out.
-fn bg(lab: &Lab, id: &str, cmd: &str) {
-    sh(
-        lab,
-        &format!(
-            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} & true"
-        ),
-    );
-}
-
-/// Waits until /tmp/ID.out of a [`bg`] command contains `needle`; returns it.
-fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = sh(lab, &format!("cat /tmp/{id}.out"));
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/tmp/{id}.out never showed {needle:?}: {text}"
-        );
-        thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn ctl_ok(lab: &Lab, args: &[&str]) -> String {
-    let out = lab.ctl(args).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "vstreamctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testing::ctl_ok(lab, args, lab::CTL_TIMEOUT)
 }
 
 /// Starts an evtest in the guest on the device `name` (output /tmp/ID.out) and waits until

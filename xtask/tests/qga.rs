@@ -7,24 +7,20 @@
 //! | `qga-raw` | raw `qga` transport, virtio port `org.vstream.qga.0` | vstream-agent (`vstream.qga=`) |
 //! | `qga-ga` | raw `qga` transport, virtio port `org.qemu.guest_agent.0` | Debian's qemu-ga |
 //!
-//! The two extra virtio ports are added with `LabOptions::extra_qemu_args`; qemu-ga is started
-//! in the guest through vstream-agent's `guest-exec`; this test runs its own vstreamd (the
-//! lab's config plus the two raw transports) on the lab's control socket. Then the guest is
+//! The guest, its two extra virtio ports, vstreamd with the two raw transports and qemu-ga
+//! come from `xtask::qga_lab` (shared with `cargo xtask bench-qga`). Then the guest is
 //! rebooted and powered off through the agent. They never skip silently: without QEMU they
 //! fail, unless VSTREAM_SKIP_E2E=1 is set.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use xtask::lab::{self, Lab, LabOptions};
-use xtask::{paths, process};
-
-/// From QEMU's start to the agent's transport being up, under TCG.
-const UP_TIMEOUT: Duration = Duration::from_secs(120);
+use xtask::lab::testing::{self, ctl_ok};
+use xtask::lab::{self, Lab};
+use xtask::qga_lab::{QgaLab, UP_TIMEOUT};
 
 /// Size of the big copy through vstream-agent (the qemu-ga copy is smaller: its JSON lexer
 /// is slow under TCG).
@@ -33,49 +29,7 @@ const QEMU_GA_COPY: usize = 4 << 20;
 
 /// Runs `vstreamctl ARGS` (stdin empty) within `timeout`.
 fn ctl(lab: &Lab, args: &[&str], timeout: Duration) -> Output {
-    let mut command = lab.ctl_command();
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = process::spawn(command).expect("spawn vstreamctl");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stdout.read_to_end(&mut b);
-        b
-    });
-    let err = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stderr.read_to_end(&mut b);
-        b
-    });
-    let status = process::wait_timeout(&mut child, timeout).expect("wait");
-    let Some(status) = status else {
-        process::terminate(&mut child, Duration::from_millis(200));
-        lab.dump_logs("vstreamctl timed out");
-        panic!("vstreamctl {args:?} did not finish within {timeout:?}");
-    };
-    Output {
-        status,
-        stdout: out.join().expect("stdout"),
-        stderr: err.join().expect("stderr"),
-    }
-}
-
-fn ctl_ok(lab: &Lab, args: &[&str], timeout: Duration) -> String {
-    let out = ctl(lab, args, timeout);
-    if !out.status.success() {
-        lab.dump_logs("vstreamctl failed");
-        panic!(
-            "vstreamctl {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testing::ctl(lab, args, &[], timeout)
 }
 
 /// `vstreamctl agent GUEST JSON`: the reply object.
@@ -304,91 +258,23 @@ fn common_checks(lab: &Lab, guest: &str) {
     assert_eq!((code, out), (3, b"42\n".to_vec()), "{guest}");
 }
 
-/// Kills a child process when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        process::terminate(&mut self.0, Duration::from_millis(500));
-    }
-}
-
 #[test]
 fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     if !lab::e2e_enabled("qga_through_vstream_agent_and_qemu_ga_in_a_guest") {
         return;
     }
-    // The extra chardevs live in a directory of ours (the lab's own is made during boot).
-    let dir: PathBuf = std::env::temp_dir().join(format!("vstream-qga-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ga_sock = dir.join("ga.sock");
-    let raw_sock = dir.join("raw.sock");
-    let mut qemu_args = Vec::new();
-    for (id, sock, nr, name) in [
-        ("qgaga", &ga_sock, 2, "org.qemu.guest_agent.0"),
-        ("qgaraw", &raw_sock, 3, "org.vstream.qga.0"),
-    ] {
-        qemu_args.push("-chardev".to_owned());
-        qemu_args.push(format!(
-            "socket,id={id},path={},server=on,wait=off",
-            sock.display()
-        ));
-        qemu_args.push("-device".to_owned());
-        qemu_args.push(format!(
-            "virtserialport,bus=vser0.0,nr={nr},chardev={id},id={id},name={name}"
-        ));
-    }
-    let options = LabOptions {
-        memory_mib: 1024, // The 256 MiB copy lives in the guest's RAM (tmpfs).
-        start_daemon: false,
-        extra_qemu_args: qemu_args,
-        extra_kernel_args: vec!["vstream.qga=port:org.vstream.qga.0".to_owned()],
-        ..LabOptions::virtio_port_only().named("qga")
-    };
-    let lab = Lab::boot(options).expect("boot");
+    // The 256 MiB copy lives in the guest's RAM (tmpfs).
+    let qga = QgaLab::boot("qga", 1024).expect("boot");
+    let lab = &qga.lab;
+    let dir = qga.dir.clone();
 
-    // vstreamd: the lab's guest plus two guests reached through raw qga transports.
-    let p = lab.paths();
-    let mut config = lab::vstreamd_config("qga", &p.sockets);
-    for (name, sock) in [("qga-ga", &ga_sock), ("qga-raw", &raw_sock)] {
-        config.push_str(&format!(
-            "\n[[guest]]\nname = \"{name}\"\n[[guest.transport]]\nkind = \"qga\"\naddress = \"unix:{}\"\n",
-            sock.display()
-        ));
-    }
-    std::fs::create_dir_all(&p.state_dir).expect("state dir");
-    std::fs::write(&p.config, config).expect("config");
-    let log = std::fs::File::create(&p.daemon_log).expect("log");
-    let mut command = Command::new(paths::host_bin("vstreamd"));
-    command
-        .arg("--control")
-        .arg(&p.control)
-        .arg("--config")
-        .arg(&p.config)
-        .arg("--state-dir")
-        .arg(&p.state_dir)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    let _daemon = Guard(process::spawn(command).expect("vstreamd"));
-    lab.wait_for("the agent's transport to be up", UP_TIMEOUT, |s| {
-        lab.mux_transports_up(s)
-    })
-    .expect("agent up");
-
-    // qemu-ga, started through vstream-agent (busybox has no udev: find its port by name).
-    let start_qemu_ga = "for p in /sys/class/virtio-ports/*; do \
-         [ \"$(cat $p/name)\" = org.qemu.guest_agent.0 ] && \
-         exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/${p##*/} -d -f /run/qemu-ga.pid -t /run; \
-         done; exit 9";
-    let (code, _) = guest_exec(&lab, "qga", "sh", &["-c", start_qemu_ga]);
-    assert_eq!(code, 0, "qemu-ga did not start in the guest");
+    // qemu-ga, started through vstream-agent.
+    qga.start_qemu_ga().expect("qemu-ga");
 
     for guest in ["qga", "qga-raw", "qga-ga"] {
-        common_checks(&lab, guest);
+        common_checks(lab, guest);
     }
-    let info = ret(&lab, "qga-ga", json!({"execute": "guest-info"}));
+    let info = ret(lab, "qga-ga", json!({"execute": "guest-info"}));
     assert!(
         info["version"]
             .as_str()
@@ -399,14 +285,14 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     // Copies with equal checksums on both sides.
     let host_dir = dir.join("files");
     std::fs::create_dir_all(&host_dir).expect("dir");
-    cp_both_ways(&lab, "qga-ga", &host_dir, QEMU_GA_COPY, 64 << 10);
-    cp_both_ways(&lab, "qga", &host_dir, BIG, 1 << 20);
-    cp_both_ways(&lab, "qga-raw", &host_dir, 16 << 20, 1 << 20);
+    cp_both_ways(lab, "qga-ga", &host_dir, QEMU_GA_COPY, 64 << 10);
+    cp_both_ways(lab, "qga", &host_dir, BIG, 1 << 20);
+    cp_both_ways(lab, "qga-raw", &host_dir, 16 << 20, 1 << 20);
 
     // Time: the guest clock set to the host's (then within a second of it), and from the RTC.
-    let out = ctl_ok(&lab, &["time-sync", "qga"], Duration::from_secs(60));
+    let out = ctl_ok(lab, &["time-sync", "qga"], Duration::from_secs(60));
     assert!(out.starts_with("qga: clock was "), "{out}");
-    let guest_ns = ret(&lab, "qga", json!({"execute": "guest-get-time"}))
+    let guest_ns = ret(lab, "qga", json!({"execute": "guest-get-time"}))
         .as_i64()
         .expect("time");
     let host_ns = std::time::SystemTime::now()
@@ -418,7 +304,7 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
         "guest clock {guest_ns} vs host {host_ns} after time-sync"
     );
     assert_eq!(
-        ret(&lab, "qga-raw", json!({"execute": "guest-set-time"})),
+        ret(lab, "qga-raw", json!({"execute": "guest-set-time"})),
         json!({}),
         "hwclock --hctosys semantics through /dev/rtc0"
     );
@@ -429,7 +315,7 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
         .raw_console_log()
         .matches("vstream-lab: init done")
         .count();
-    ctl_ok(&lab, &["reboot", "qga"], Duration::from_secs(30));
+    ctl_ok(lab, &["reboot", "qga"], Duration::from_secs(30));
     let deadline = Instant::now() + UP_TIMEOUT;
     while lab
         .raw_console_log()
@@ -449,12 +335,12 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     })
     .expect("agent back");
     assert_eq!(
-        ret(&lab, "qga-raw", json!({"execute": "guest-ping"})),
+        ret(lab, "qga-raw", json!({"execute": "guest-ping"})),
         json!({})
     );
 
     // Power off through the raw port: QEMU exits.
-    ctl_ok(&lab, &["shutdown", "qga-raw"], Duration::from_secs(30));
+    ctl_ok(lab, &["shutdown", "qga-raw"], Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(60);
     while lab.is_running() {
         assert!(

@@ -4,17 +4,15 @@
 //! unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
-use std::thread;
 use std::time::{Duration, Instant};
 
+use xtask::lab::testing::ctl;
 use xtask::lab::{self, Lab, LabOptions};
-use xtask::process;
 use xtask::pty::PtyProcess;
 
 /// From QEMU's start to the agent's transport being up, under TCG.
@@ -35,44 +33,6 @@ fn shared_lab() -> &'static Lab {
     match lab {
         Ok(lab) => lab,
         Err(e) => panic!("the tty lab guest did not boot: {e}"),
-    }
-}
-
-/// Runs `vstreamctl ARGS` with `input` on its stdin (a pipe), within `timeout`.
-fn ctl(lab: &Lab, args: &[&str], input: &[u8], timeout: Duration) -> Output {
-    let mut command = lab.ctl_command();
-    command
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = process::spawn(command).expect("spawn vstreamctl");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let input = input.to_vec();
-    // The command may exit without reading all of its stdin: a broken pipe is fine.
-    let writer = thread::spawn(move || stdin.write_all(&input));
-    let out = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stdout.read_to_end(&mut b);
-        b
-    });
-    let err = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stderr.read_to_end(&mut b);
-        b
-    });
-    let status = process::wait_timeout(&mut child, timeout).expect("wait");
-    let Some(status) = status else {
-        process::terminate(&mut child, Duration::from_millis(200));
-        panic!("vstreamctl {args:?} did not finish within {timeout:?}");
-    };
-    let _ = writer.join();
-    Output {
-        status,
-        stdout: out.join().expect("stdout"),
-        stderr: err.join().expect("stderr"),
     }
 }
 

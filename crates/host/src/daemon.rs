@@ -680,6 +680,41 @@ async fn pipe<S: AsyncRead + AsyncWrite>(
 /// Keeps one configured mux transport connected, forever, with backoff.
 async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priority: u32) {
     let name = t.display_name();
+    let address = t.address.to_string();
+    let (guest, name, address, t) = (&guest, &name, &address, &t);
+    keep_transport(guest, t, idx, "mux", |conn| async move {
+        let reason = guest
+            .mux
+            .run_link(conn.stream, t.link_params(priority), name, &[])
+            .await;
+        tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
+        guest.transport_event(false, "mux", name, address, &reason);
+        guest.update(idx, |s| {
+            s.state = "down";
+            s.since = now_secs();
+            s.last_error = Some(reason);
+        });
+    })
+    .await
+}
+
+/// Keeps one configured transport's endpoint bound and accepting, forever. A failed bind is
+/// retried every second; a failed accept after a backoff (100 ms, doubling to 2 s, back to
+/// 100 ms on a connection); both count as errors in the transport's status. Each connection is
+/// marked up (status, and a `transport-up` event of `kind`) and handed to `serve`, which runs
+/// it and reports it down; the next accept follows after the backoff.
+async fn keep_transport<F, Fut>(
+    guest: &Guest,
+    t: &TransportConfig,
+    idx: usize,
+    kind: &str,
+    mut serve: F,
+) where
+    F: FnMut(vstream_transport::Connection) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let name = t.display_name();
+    let address = t.address.to_string();
     let mut backoff = Duration::from_millis(100);
     let mut endpoint = loop {
         match Endpoint::bind(t.address.clone()).await {
@@ -713,19 +748,8 @@ async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priori
             s.peer = conn.peer.clone();
             s.connects += 1;
         });
-        let address = t.address.to_string();
-        guest.transport_event(true, "mux", &name, &address, &conn.peer);
-        let reason = guest
-            .mux
-            .run_link(conn.stream, t.link_params(priority), &name, &[])
-            .await;
-        tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
-        guest.transport_event(false, "mux", &name, &address, &reason);
-        guest.update(idx, |s| {
-            s.state = "down";
-            s.since = now_secs();
-            s.last_error = Some(reason);
-        });
+        guest.transport_event(true, kind, &name, &address, &conn.peer);
+        serve(conn).await;
         tokio::time::sleep(backoff).await;
     }
 }
@@ -817,43 +841,11 @@ async fn watch_console(guest: std::sync::Weak<Guest>, console: Arc<Console>) {
 async fn run_random_raw(guest: Arc<Guest>, t: TransportConfig, idx: usize) {
     let name = t.display_name();
     let address = t.address.to_string();
-    let mut backoff = Duration::from_millis(100);
-    let mut endpoint = loop {
-        match Endpoint::bind(t.address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                guest.update(idx, |s| {
-                    s.errors += 1;
-                    s.last_error = Some(e.to_string());
-                });
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
-    loop {
-        let conn = match endpoint.next().await {
-            Ok(c) => c,
-            Err(e) => {
-                guest.update(idx, |s| {
-                    s.errors += 1;
-                    s.last_error = Some(e.to_string());
-                });
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        guest.update(idx, |s| {
-            s.state = "up";
-            s.since = now_secs();
-            s.peer = conn.peer.clone();
-            s.connects += 1;
-        });
-        guest.transport_event(true, "random-raw", &name, &address, &conn.peer);
+    let (guest, name, address) = (&guest, &name, &address);
+    keep_transport(guest, &t, idx, "random-raw", |conn| async move {
         let mut stream = CountingWriter {
             inner: conn.stream,
-            guest: &guest,
+            guest,
             idx,
         };
         let error = vstream_devices::random::host::serve_raw(&mut stream, &guest.random).await;
@@ -864,9 +856,9 @@ async fn run_random_raw(guest: Arc<Guest>, t: TransportConfig, idx: usize) {
             s.since = now_secs();
             s.last_error = Some(reason.clone());
         });
-        guest.transport_event(false, "random-raw", &name, &address, &reason);
-        tokio::time::sleep(backoff).await;
-    }
+        guest.transport_event(false, "random-raw", name, address, &reason);
+    })
+    .await
 }
 
 /// Counts the bytes written to a random-raw transport into its status.

@@ -2,106 +2,16 @@
 //! control socket, failover between two transports, and a hostile connection that must not
 //! disturb a good guest.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use vstream_agent::Agent;
 
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "vstreamd did not create its control socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-fn ctl(control: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vstreamctl");
-    let input = stdin.unwrap_or_default().to_vec();
-    let mut pipe = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut pipe, &input));
-    let out = child.wait_with_output().expect("vstreamctl");
-    writer.join().expect("writer").expect("stdin write");
-    out
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    let out = ctl(control, &["status", "--json"], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
-async fn wait_for(
-    control: &Path,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let c = control.to_owned();
-        let s = tokio::task::spawn_blocking(move || status(&c))
-            .await
-            .expect("status");
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{ctl_input_all_async, start_daemon, status};
 
 fn mux_states(s: &serde_json::Value) -> Vec<String> {
     s["guests"][0]["transports"]
@@ -135,31 +45,18 @@ async fn two_transports_status_echo_and_failover() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "control socket must be 0600");
 
-    let proxy = Proxy::start(d.dir.path().join("pa.sock"), d.dir.path().join("a.sock")).await;
-    let a = format!("unix:{}/pa.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
-    let b = format!("unix:{}/b.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
-    let agent = Agent::start("g", vec![a, b]);
-    let s = wait_for(&d.control, "both transports up", |s| {
-        mux_states(s) == ["up", "up"]
-    })
-    .await;
+    let proxy = Proxy::start(d.path("pa.sock"), d.path("a.sock")).await;
+    let agent = Agent::start("g", vec![d.unix("pa.sock"), d.unix("b.sock")]);
+    let s = d
+        .wait_for("both transports up", |s| mux_states(s) == ["up", "up"])
+        .await;
     assert_eq!(s["guests"][0]["peer"], "g");
 
     // A channel through vstreamctl: 4 MiB through the guest's echo service, unchanged.
     let data: Vec<u8> = (0..4 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let control = d.control.clone();
-    let input = data.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        ctl(&control, &["open", "g", "diag", "echo"], Some(&input))
-    })
-    .await
-    .expect("ctl");
+    let out = ctl_input_all_async(&d.control, &["open", "g", "diag", "echo"], &data).await;
     assert!(
         out.status.success(),
         "{}",
@@ -173,11 +70,7 @@ async fn two_transports_status_echo_and_failover() {
     );
 
     // A class nobody serves: a clear error, exit status 1.
-    let control = d.control.clone();
-    let out =
-        tokio::task::spawn_blocking(move || ctl(&control, &["open", "g", "nope", "x"], Some(b"")))
-            .await
-            .expect("ctl");
+    let out = ctl_input_all_async(&d.control, &["open", "g", "nope", "x"], b"").await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -278,15 +171,12 @@ async fn garbage_on_the_agent_listener_does_not_disturb_a_good_guest() {
 listen = ["unix-listen:DIR/agents.sock"]
 "#,
     );
-    let addr = format!("unix:{}/agents.sock", d.dir.path().display());
-    let agent = Agent::start("good", vec![addr.parse().expect("addr")]);
-    wait_for(&d.control, "good guest up", |s| {
-        s["guests"][0]["connected"] == true
-    })
-    .await;
+    let agent = Agent::start("good", vec![d.unix("agents.sock")]);
+    d.wait_for("good guest up", |s| s["guests"][0]["connected"] == true)
+        .await;
 
     // A hostile client: garbage, then a huge claimed frame, then nothing.
-    let mut evil = tokio::net::UnixStream::connect(d.dir.path().join("agents.sock"))
+    let mut evil = tokio::net::UnixStream::connect(d.path("agents.sock"))
         .await
         .expect("connect");
     let mut junk = b"GET / HTTP/1.0\r\n\r\n".to_vec();
@@ -313,16 +203,8 @@ listen = ["unix-listen:DIR/agents.sock"]
         "the hostile connection must not create a guest"
     );
     // The good guest still works end to end.
-    let control = d.control.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        ctl(
-            &control,
-            &["open", "good", "diag", "echo"],
-            Some(b"still here"),
-        )
-    })
-    .await
-    .expect("ctl");
+    let out =
+        ctl_input_all_async(&d.control, &["open", "good", "diag", "echo"], b"still here").await;
     assert_eq!(out.stdout, b"still here");
     drop(evil);
 }

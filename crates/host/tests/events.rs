@@ -2,6 +2,8 @@
 //! through `Daemon::emit`, the guest filter, JSON and human forms. The daemon runs in-process
 //! so the test can emit events itself.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -10,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vstream_agent::Agent;
-use vstream_host::config::Config;
-use vstream_host::daemon::Daemon;
+
+use common::{ctl_async, Options};
 
 struct Ctl {
     child: Child,
@@ -103,7 +105,7 @@ impl Ctl {
 }
 
 /// Emits probes until `ctl` shows one: then its subscription is live.
-async fn synchronise(daemon: &Daemon, ctl: &mut Ctl) {
+async fn synchronise(daemon: &vstream_host::daemon::Daemon, ctl: &mut Ctl) {
     let probe = async {
         loop {
             daemon.emit("g", "probe", json!({ "n": 1 }));
@@ -118,48 +120,32 @@ async fn synchronise(daemon: &Daemon, ctl: &mut Ctl) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_transport_link_and_device_events_reach_vstreamctl() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
+    let d = Options::config(
         r#"
 [[guest]]
 name = "g"
 [[guest.transport]]
 kind = "mux"
 name = "sock"
-address = "unix-listen:{d}/a.sock"
+address = "unix-listen:DIR/a.sock"
 [[guest.transport]]
 kind = "console"
 name = "hvc0"
-address = "unix-listen:{d}/con.sock"
+address = "unix-listen:DIR/con.sock"
 "#,
-        d = dir.path().display()
-    );
-    let path = dir.path().join("vstreamd.toml");
-    std::fs::write(&path, text).expect("config");
-    let cfg = Config::load(&path).expect("config loads");
-    let daemon = Daemon::start(&cfg, dir.path().join("state"))
-        .await
-        .expect("daemon");
-    let control = dir.path().join("control.sock");
-    let serving = daemon.clone();
-    let ctl_path = control.clone();
-    tokio::spawn(async move { serving.serve_control(&ctl_path).await });
-    while !control.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    )
+    .start_in_process()
+    .await;
+    let daemon = d.inner();
+    let control = d.control.clone();
 
     let mut json = Ctl::spawn(&control, &["events", "g", "--json"]);
-    synchronise(&daemon, &mut json).await;
+    synchronise(daemon, &mut json).await;
     // Another guest's events are filtered out (checked at the end).
     daemon.emit("other", "probe", json!({ "n": 2 }));
 
     // The agent connects: the transport, the link, the agent.
-    let agent = Agent::start(
-        "g",
-        vec![format!("unix:{}/a.sock", dir.path().display())
-            .parse()
-            .expect("addr")],
-    );
+    let agent = Agent::start("g", vec![d.unix("a.sock")]);
     let up = json.event("transport-up", |v| v["kind"] == "mux").await;
     assert_eq!(up["transport"], "sock", "{up}");
     assert_eq!(up["guest"], "g");
@@ -170,20 +156,14 @@ address = "unix-listen:{d}/con.sock"
     assert_eq!(agent_up["peer"], "g");
 
     // A console connection is a transport too.
-    let con = tokio::net::UnixStream::connect(dir.path().join("con.sock"))
+    let con = tokio::net::UnixStream::connect(d.path("con.sock"))
         .await
         .expect("console");
     let up = json.event("transport-up", |v| v["kind"] == "console").await;
     assert_eq!(up["transport"], "hvc0");
 
     // A real shell session through vstreamctl: opened and closed, with its channel.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(&control)
-        .args(["exec", "g", "--", "sh", "-c", "exit 0"])
-        .output()
-        .await
-        .expect("vstreamctl exec");
+    let out = ctl_async(&control, &["exec", "g", "--", "sh", "-c", "exit 0"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -222,7 +202,7 @@ address = "unix-listen:{d}/con.sock"
 
     // The human form: guest, event, the rest.
     let mut human = Ctl::spawn(&control, &["events"]);
-    synchronise(&daemon, &mut human).await;
+    synchronise(daemon, &mut human).await;
     daemon.emit("other", "watchdog-fired", json!({ "action": "reset" }));
     let line = human
         .expect("the human form", |l| l.starts_with("other watchdog-fired"))

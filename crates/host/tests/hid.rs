@@ -2,8 +2,10 @@
 //! would write to uinput (this host may have no /dev/uinput; the real devices are exercised in
 //! xtask/tests/hid.rs inside a guest).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,66 +14,7 @@ use vstream_devices::hid::guest::{Backend, Hid, Sink};
 use vstream_devices::hid::keymap::key;
 use vstream_devices::hid::{Event, Kind};
 
-struct Daemon {
-    child: std::process::Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "no control socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("vstreamctl")
-}
-
-async fn ctl_async(control: &Path, args: &[&str]) -> Output {
-    let control = control.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&control, &a)
-    })
-    .await
-    .expect("ctl")
-}
+use common::{ctl_async, start_daemon};
 
 /// Reports as written, with the device they went to.
 type Reports = Vec<(Kind, Vec<Event>)>;
@@ -148,11 +91,7 @@ async fn vstreamctl_input_sends_exactly_the_documented_reports() {
         "[[guest]]\nname = \"g\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/g.sock\"\n",
     );
     let rec = Recorder::default();
-    let mux = fake_guest(
-        "g",
-        &format!("unix:{}/g.sock", d.dir.path().display()),
-        &rec,
-    );
+    let mux = fake_guest("g", &d.unix::<String>("g.sock"), &rec);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !mux.is_connected() {
         assert!(Instant::now() < deadline, "guest not connected");
@@ -275,7 +214,7 @@ async fn a_guest_without_uinput_refuses_with_the_reason() {
     let d = start_daemon(
         "[[guest]]\nname = \"r\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/r.sock\"\n",
     );
-    let addr = format!("unix:{}/r.sock", d.dir.path().display());
+    let addr = d.unix::<String>("r.sock");
     let agent = vstream_agent::Agent::start("r", vec![addr.parse().expect("addr")]);
     let out = ctl_async(&d.control, &["input", "r", "type", "x"]).await;
     assert!(!out.status.success());
@@ -300,11 +239,7 @@ async fn forward_a_host_uinput_device() {
         "[[guest]]\nname = \"f\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/f.sock\"\n",
     );
     let rec = Recorder::default();
-    let _mux = fake_guest(
-        "f",
-        &format!("unix:{}/f.sock", d.dir.path().display()),
-        &rec,
-    );
+    let _mux = fake_guest("f", &d.unix::<String>("f.sock"), &rec);
     let keys: evdev::AttributeSet<evdev::KeyCode> =
         [evdev::KeyCode::KEY_A, evdev::KeyCode::KEY_LEFTSHIFT]
             .into_iter()

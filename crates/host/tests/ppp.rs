@@ -10,10 +10,12 @@
 //! `CONFIG_PPP` unset), so pppd cannot run at all; the real-guest test (xtask/tests/ppp.rs) runs
 //! Debian's pppd in the guest against vstreamd. Needs root (`ip netns add`, TUN devices).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -21,52 +23,7 @@ use vstream_agent::Agent;
 use vstream_devices::ppp::host::{run_userspace, UserspaceLink};
 use vstream_devices::ppp::net::{in_netns, netns_path};
 
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "vstreamd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("vstreamd.log")).unwrap_or_default()
-    }
-}
+use common::{Daemon, Options};
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -111,21 +68,6 @@ impl Drop for NetNs {
     }
 }
 
-fn ctl_status(control: &Path) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(["status", "--json"])
-        .output()
-        .expect("vstreamctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
 fn ppp_status(status: &Value, guest: &str) -> Value {
     status["guests"]
         .as_array()
@@ -135,23 +77,17 @@ fn ppp_status(status: &Value, guest: &str) -> Value {
 }
 
 async fn wait_for_state(d: &Daemon, state: &str, links: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let control = d.control.clone();
-        let s = tokio::task::spawn_blocking(move || ctl_status(&control))
-            .await
-            .expect("status");
-        let p = ppp_status(&s, "g");
-        if p["state"] == state && p["links"].as_u64() >= Some(links) {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ppp never became {state:?} (link {links}): {p:#}\nvstreamd log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = d
+        .wait_for_within(
+            &format!("ppp to become {state:?} (link {links})"),
+            Duration::from_secs(30),
+            |s| {
+                let p = ppp_status(s, "g");
+                p["state"] == state && p["links"].as_u64() >= Some(links)
+            },
+        )
+        .await;
+    ppp_status(&s, "g")
 }
 
 const CONFIG: &str = r#"
@@ -216,10 +152,10 @@ fn pattern(len: usize) -> Vec<u8> {
 async fn a_ppp_link_between_two_namespaces() {
     let host_ns = NetNs::new("h");
     let guest_ns = NetNs::new("g");
-    let d = start_daemon(&CONFIG.replace("NETNS", &host_ns.0));
-    let g = format!("unix:{}/g.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
+    let d = Options::config(&CONFIG.replace("NETNS", &host_ns.0))
+        .env("RUST_LOG", "info")
+        .start();
+    let g = d.unix("g.sock");
     let agent = Agent::start("g", vec![g]);
     let mut end = guest_end(&agent, &guest_ns);
     let up = wait_for_state(&d, "up", 1).await;
@@ -317,9 +253,7 @@ async fn a_ppp_link_between_two_namespaces() {
     );
 
     // A guest without [guest.ppp] is refused with the reason.
-    let n = format!("unix:{}/n.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
+    let n = d.unix("n.sock");
     let other = Agent::start("n", vec![n]);
     let refused = tokio::time::timeout(Duration::from_secs(15), other.mux().open("ppp", ""))
         .await
@@ -330,12 +264,7 @@ async fn a_ppp_link_between_two_namespaces() {
             .contains("guest \"n\" has no [guest.ppp] section"),
         "{e}"
     );
-    let s = tokio::task::spawn_blocking({
-        let c = d.control.clone();
-        move || ctl_status(&c)
-    })
-    .await
-    .expect("status");
+    let s = d.status().await;
     assert_eq!(ppp_status(&s, "n"), Value::Null);
     drop(other);
 
@@ -343,9 +272,7 @@ async fn a_ppp_link_between_two_namespaces() {
     drop(agent);
     end.abort();
     let _ = end.await;
-    let g = format!("unix:{}/g.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
+    let g = d.unix("g.sock");
     let agent = Agent::start("g", vec![g]);
     end = guest_end(&agent, &guest_ns);
     wait_for_state(&d, "up", 2).await;

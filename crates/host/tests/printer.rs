@@ -2,72 +2,19 @@
 //! spool: a complete job with its hook, a job cut by an agent restart, a job over quota, and
 //! hostile job metadata from a guest that speaks the protocol itself.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_agent::Agent;
 use vstream_devices::printer::{Record, CHANNEL_NAME, CLASS};
 
-struct Daemon {
-    child: std::process::Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "no control socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-async fn ctl(control: &Path, args: &[&str]) -> Output {
-    let control = control.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-            .arg("--control")
-            .arg(&control)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("vstreamctl")
-    })
-    .await
-    .expect("ctl")
-}
+use common::{ctl_async, start_daemon};
 
 async fn jobs(control: &Path, guest: &str) -> Vec<serde_json::Value> {
-    let out = ctl(control, &["jobs", guest, "--json"]).await;
+    let out = ctl_async(control, &["jobs", guest, "--json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -218,7 +165,7 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
         "{p}"
     );
     assert_eq!(names(&spool), ["job-000001.pdf", "job-000002.ps.partial"]);
-    let out = ctl(&d.control, &["status", "--json"]).await;
+    let out = ctl_async(&d.control, &["status", "--json"]).await;
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
     assert_eq!(st["guests"][0]["printer"]["jobs"]["partial"], 1);
 
@@ -268,7 +215,7 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
         );
     }
     assert!(std::fs::read(spool.join("job-000001.pdf")).expect("job") == job);
-    let out = ctl(&d.control, &["jobs", "p"]).await;
+    let out = ctl_async(&d.control, &["jobs", "p"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("refused") && text.contains("partial") && text.contains("done"),

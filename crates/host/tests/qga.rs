@@ -3,8 +3,10 @@
 //! a real qemu-ga behind a raw `qga` transport when it is installed. The same host-side checks
 //! run against every route; xtask/tests/qga.rs runs them in a real guest.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,77 +14,15 @@ use serde_json::{json, Value};
 use vstream_agent::Agent;
 use vstream_devices::qga::guest::{GuestAgent, Settings};
 
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "vstreamd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-/// Runs vstreamctl (in a blocking thread: the agent runs on this test's runtime).
-async fn ctl(control: &Path, args: &[&str]) -> Output {
-    let control = control.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-            .arg("--control")
-            .arg(&control)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("vstreamctl")
-    })
-    .await
-    .expect("join")
-}
+use common::{ctl_async, ok, start_daemon};
 
 async fn ctl_ok(control: &Path, args: &[&str]) -> String {
-    let out = ctl(control, args).await;
-    assert!(
-        out.status.success(),
-        "vstreamctl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    ok(args, ctl_async(control, args).await)
 }
 
 /// `vstreamctl agent GUEST JSON`: the reply object.
 async fn agent(control: &Path, guest: &str, cmd: Value) -> Value {
-    let out = ctl(control, &["agent", guest, &cmd.to_string()]).await;
+    let out = ctl_async(control, &["agent", guest, &cmd.to_string()]).await;
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{guest} {cmd}: {e}: {}\n{}",
@@ -164,24 +104,6 @@ fn test_global_agent() -> (Arc<GuestAgent>, PathBuf) {
     (agent, dir.join("shutdown.log"))
 }
 
-async fn wait_connected(control: &Path, guest: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = ctl_ok(control, &["status", "--json"]).await;
-        let s: Value = serde_json::from_str(&s).expect("status");
-        let up = s["guests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|g| g["name"] == guest && g["connected"] == true);
-        if up {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{guest} never connected: {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The checks every route must pass (vstream-agent by channel or raw socket, real qemu-ga).
 async fn common_checks(control: &Path, guest: &str, dir: &Path) {
     assert_eq!(
@@ -233,7 +155,7 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
         e["error"],
         json!({"class": "GenericError", "desc": "handle '987654' has not been found"})
     );
-    let out = ctl(control, &["agent", guest, "{not json"]).await;
+    let out = ctl_async(control, &["agent", guest, "{not json"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not JSON"));
 
@@ -290,7 +212,7 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
     )
     .await;
     assert_eq!(sha256(&src), sha256(&back));
-    let out = ctl(
+    let out = ctl_async(
         control,
         &["cp", &format!("{guest}:{}", remote.display()), "-"],
     )
@@ -299,7 +221,7 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
     assert!(out.stdout == std::fs::read(&src).expect("src"));
     // A missing guest file: an error naming it, and no partial file left behind.
     let missing = dir.join(format!("{guest}-missing.back"));
-    let out = ctl(
+    let out = ctl_async(
         control,
         &[
             "cp",
@@ -347,7 +269,7 @@ async fn vstream_agent_by_channel_and_raw_socket() {
             .parse()
             .expect("addr"),
     );
-    wait_connected(&d.control, "g").await;
+    d.wait_connected("g").await;
     for guest in ["g", "raw"] {
         common_checks(&d.control, guest, &dir).await;
     }
@@ -441,7 +363,7 @@ async fn vstream_agent_by_channel_and_raw_socket() {
     );
 
     // A guest that does not exist, and one without an agent: clear errors.
-    let out = ctl(
+    let out = ctl_async(
         &d.control,
         &["agent", "nope", r#"{"execute":"guest-ping"}"#],
     )

@@ -2,84 +2,17 @@
 //! 10 s, the bytes that reach the agent's feeder and the raw port pass FIPS 140-2 (rngtest), a
 //! turned-off device and bad requests are refused with their reason.
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_agent::Agent;
 use vstream_devices::random::guest::{Client, FeedError, FeedSettings, Feeder, Pool, PoolLevel};
 
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "vstreamd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(["status", "--json"])
-        .output()
-        .expect("vstreamctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
-async fn wait_connected(control: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let c = control.to_owned();
-        let s = tokio::task::spawn_blocking(move || status(&c))
-            .await
-            .expect("status");
-        if s["guests"][0]["connected"] == true {
-            return;
-        }
-        assert!(Instant::now() < deadline, "agent never connected: {s:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::{start_daemon, status, Daemon};
 
 fn guest_config(rate: u64, burst: u64, extra: &str) -> String {
     format!(
@@ -98,9 +31,7 @@ burst = {burst}
 }
 
 fn agent_for(d: &Daemon) -> Agent {
-    let a = format!("unix:{}/a.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
+    let a = d.unix("a.sock");
     Agent::start("g", vec![a])
 }
 
@@ -110,7 +41,7 @@ async fn the_guest_budget_holds_within_ten_percent_over_ten_seconds() {
     const BURST: u64 = 16_384;
     let d = start_daemon(&guest_config(RATE, BURST, ""));
     let agent = agent_for(&d);
-    wait_connected(&d.control).await;
+    d.wait_connected("g").await;
 
     // Two channels pull as fast as they may: the budget is the guest's, not the channel's.
     let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -256,7 +187,7 @@ async fn bytes_reaching_the_feeder_and_the_raw_port_pass_fips_140_2() {
     );
     let d = start_daemon(&guest_config(8 << 20, 1 << 20, &extra));
     let agent = agent_for(&d);
-    wait_connected(&d.control).await;
+    d.wait_connected("g").await;
 
     // The agent's guest half, with a capturing pool in place of the kernel's. rngtest first
     // reads 32 bits to seed its continuous-run test, then the blocks.
@@ -327,7 +258,7 @@ async fn bytes_reaching_the_feeder_and_the_raw_port_pass_fips_140_2() {
 async fn a_turned_off_device_and_bad_requests_are_refused_with_the_reason() {
     let d = start_daemon(&guest_config(0, 0, ""));
     let agent = agent_for(&d);
-    wait_connected(&d.control).await;
+    d.wait_connected("g").await;
     let e = Client::open(agent.mux(), "pool")
         .await
         .err()
@@ -338,7 +269,7 @@ async fn a_turned_off_device_and_bad_requests_are_refused_with_the_reason() {
 
     let d = start_daemon(&guest_config(65_536, 65_536, ""));
     let agent = agent_for(&d);
-    wait_connected(&d.control).await;
+    d.wait_connected("g").await;
     for (bad, why) in [
         (0u32.to_le_bytes(), "0 bytes"),
         ((1u32 << 20).to_le_bytes(), "at most 65536"),

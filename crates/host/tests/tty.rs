@@ -2,107 +2,35 @@
 //! in-process. Exit statuses, pipes (binary, 16 MiB), an interactive session on a real pty
 //! (raw mode, typing, resize, restore), and many sessions at once.
 
+mod common;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use vstream_agent::Agent;
 
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{ctl_input, ctl_input_async, Daemon, Options};
 
 /// vstreamd accepting agents on DIR/agents.sock, and an agent named `g` connected to it.
 async fn daemon_and_agent() -> (Daemon, Agent) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let agents = dir.path().join("agents.sock");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
+    let d = Options::new()
         .arg("--listen")
-        .arg(format!("unix-listen:{}", agents.display()))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let d = Daemon {
-        child,
-        control,
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.control.exists() || !agents.exists() {
-        assert!(Instant::now() < deadline, "vstreamd did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let addr = format!("unix:{}", agents.display());
-    let agent = Agent::start("g", vec![addr.parse().expect("address")]);
-    loop {
-        let control = d.control.clone();
-        let out = tokio::task::spawn_blocking(move || ctl(&control, &["status", "--json"], b""))
-            .await
-            .expect("status");
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if s["guests"][0]["connected"] == true {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not connect: {s}; vstreamd log:\n{}",
-            std::fs::read_to_string(d.dir.path().join("vstreamd.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (d, agent)
-}
-
-/// Runs vstreamctl with `stdin` on a pipe; collects stdout and stderr.
-fn ctl(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vstreamctl");
-    let input = stdin.to_vec();
-    let mut pipe = child.stdin.take().expect("stdin");
-    // The command may exit without reading all of stdin: a broken pipe is fine.
-    let writer = std::thread::spawn(move || pipe.write_all(&input));
-    let out = child.wait_with_output().expect("vstreamctl");
-    let _ = writer.join().expect("writer");
-    out
-}
-
-async fn ctl_async(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let control = control.to_owned();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let stdin = stdin.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&control, &args, &stdin)
+        .arg("unix-listen:DIR/agents.sock")
+        .wait_for_file("DIR/agents.sock")
+        .start();
+    let agent = Agent::start("g", vec![d.unix("agents.sock")]);
+    d.wait_for("the agent to connect", |s| {
+        s["guests"][0]["connected"] == true
     })
-    .await
-    .expect("ctl")
+    .await;
+    (d, agent)
 }
 
 fn status(out: &Output) -> i32 {
@@ -120,16 +48,16 @@ async fn exit_statuses_pipes_and_errors() {
     let (d, _agent) = daemon_and_agent().await;
     let c = &d.control;
 
-    let out = ctl_async(c, &["exec", "g", "--", "sh", "-c", "exit 7"], b"").await;
+    let out = ctl_input_async(c, &["exec", "g", "--", "sh", "-c", "exit 7"], b"").await;
     assert_eq!(status(&out), 7, "{}", String::from_utf8_lossy(&out.stderr));
-    let out = ctl_async(c, &["shell", "g", "--", "sh", "-c", "kill -9 $$"], b"").await;
+    let out = ctl_input_async(c, &["shell", "g", "--", "sh", "-c", "kill -9 $$"], b"").await;
     assert_eq!(status(&out), 137);
 
-    let out = ctl_async(c, &["shell", "g", "--", "cat"], b"x").await;
+    let out = ctl_input_async(c, &["shell", "g", "--", "cat"], b"x").await;
     assert_eq!(status(&out), 0);
     assert_eq!(out.stdout, b"x");
 
-    let out = ctl_async(
+    let out = ctl_input_async(
         c,
         &["exec", "g", "--", "sh", "-c", "echo out; echo err >&2"],
         b"",
@@ -139,7 +67,7 @@ async fn exit_statuses_pipes_and_errors() {
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
 
-    let out = ctl_async(c, &["exec", "g", "--", "/nonexistent/cmd"], b"").await;
+    let out = ctl_input_async(c, &["exec", "g", "--", "/nonexistent/cmd"], b"").await;
     assert_eq!(status(&out), 127);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -148,14 +76,14 @@ async fn exit_statuses_pipes_and_errors() {
     );
 
     // Without a terminal, -t still gives the command a pty; -T refuses one.
-    let out = ctl_async(c, &["shell", "g", "-t", "--", "tty"], b"").await;
+    let out = ctl_input_async(c, &["shell", "g", "-t", "--", "tty"], b"").await;
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("/dev/pts/"));
-    let out = ctl_async(c, &["shell", "g", "-T", "--", "tty"], b"").await;
+    let out = ctl_input_async(c, &["shell", "g", "-T", "--", "tty"], b"").await;
     assert_eq!(out.stdout, b"not a tty\n");
     assert_eq!(status(&out), 1);
 
     // A guest that does not exist: vstreamctl's own error, status 1.
-    let out = ctl_async(c, &["exec", "nope", "--", "true"], b"").await;
+    let out = ctl_input_async(c, &["exec", "nope", "--", "true"], b"").await;
     assert_eq!(status(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no guest named \"nope\""));
 }
@@ -166,7 +94,7 @@ async fn sixteen_mib_of_random_bytes_round_trip_through_cat() {
     let mut data = vec![0u8; 16 * 1024 * 1024];
     rand::rng().fill_bytes(&mut data);
     let t = Instant::now();
-    let out = ctl_async(&d.control, &["exec", "g", "--", "cat"], &data).await;
+    let out = ctl_input_async(&d.control, &["exec", "g", "--", "cat"], &data).await;
     let took = t.elapsed();
     assert_eq!(status(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout.len(), data.len());
@@ -189,7 +117,7 @@ async fn many_sessions_at_once() {
                 let input: Vec<u8> = (0..64 * 1024).map(|j| (i * 7 + j) as u8).collect();
                 let code = (i % 100).to_string();
                 let script = format!("cat; exit {code}");
-                let out = ctl(&control, &["exec", "g", "--", "sh", "-c", &script], &input);
+                let out = ctl_input(&control, &["exec", "g", "--", "sh", "-c", &script], &input);
                 (i, input, out)
             })
         })

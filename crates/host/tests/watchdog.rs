@@ -3,8 +3,9 @@
 //! disarm, the watchdog re-arms when the agent comes back, QMP actions reach the monitor, a
 //! failing health check withholds heartbeats.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,49 +15,11 @@ use vstream_agent::{Agent, AgentOptions};
 use vstream_devices::watchdog::guest::GuestSettings;
 use vstream_devices::watchdog::{GuestMsg, Message};
 
+use common::{start_daemon, status, Daemon};
+
 const TIMEOUT_MS: u64 = 1500;
 const PRETIMEOUT_MS: u64 = 500;
 const INTERVAL: Duration = Duration::from_millis(200);
-
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(config: &str) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config.replace("DIR", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("vstreamd.toml"), config).expect("config");
-    let control = dir.path().join("control.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .arg("--control")
-        .arg(&control)
-        .arg("--config")
-        .arg(dir.path().join("vstreamd.toml"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"))
-        .spawn()
-        .expect("spawn vstreamd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "vstreamd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child,
-        control,
-        dir,
-    }
-}
 
 fn config(action: &str, extra: &str) -> String {
     format!(
@@ -140,9 +103,7 @@ impl Events {
 }
 
 fn agent(d: &Daemon, check: Option<String>) -> Agent {
-    let a = format!("unix:{}/a.sock", d.dir.path().display())
-        .parse()
-        .expect("addr");
+    let a = d.unix("a.sock");
     Agent::start_with(
         "g",
         vec![a],
@@ -154,16 +115,6 @@ fn agent(d: &Daemon, check: Option<String>) -> Agent {
             }),
         },
     )
-}
-
-fn status(control: &Path) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
-        .arg("--control")
-        .arg(control)
-        .args(["status", "--json"])
-        .output()
-        .expect("vstreamctl");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +172,7 @@ async fn silence_fires_within_the_timeout_and_the_watchdog_rearms_when_the_agent
     assert_eq!(pre["event"], "watchdog-pretimeout");
     assert_eq!(fired["action"], "hook");
     assert_eq!(action["ok"], true, "{action}");
-    let hook = std::fs::read_to_string(d.dir.path().join("hook.out")).expect("hook ran");
+    let hook = std::fs::read_to_string(d.path("hook.out")).expect("hook ran");
     assert_eq!(hook, "fired g hook\n");
     // It fires once per silence.
     ev.none("watchdog-fired", Duration::from_millis(2 * TIMEOUT_MS))
@@ -237,7 +188,7 @@ async fn silence_fires_within_the_timeout_and_the_watchdog_rearms_when_the_agent
     drop(a);
     ev.next("watchdog-fired", Duration::from_secs(10)).await;
     ev.next("watchdog-action", Duration::from_secs(10)).await;
-    let hook = std::fs::read_to_string(d.dir.path().join("hook.out")).expect("hook ran");
+    let hook = std::fs::read_to_string(d.path("hook.out")).expect("hook ran");
     assert_eq!(hook.lines().count(), 2, "{hook}");
 }
 
@@ -264,12 +215,7 @@ async fn a_channel_closed_without_disarm_still_fires() {
     let d = start_daemon(&config("log", ""));
     let mut ev = Events::subscribe(&d.control).await;
     // An agent without heartbeats; the test speaks the protocol itself.
-    let a = Agent::start(
-        "g",
-        vec![format!("unix:{}/a.sock", d.dir.path().display())
-            .parse()
-            .expect("addr")],
-    );
+    let a = Agent::start("g", vec![d.unix("a.sock")]);
     let mut ch = a.mux().open("watchdog", "").await.expect("open");
     ch.write_all(&GuestMsg::Hello { interval_ms: 100 }.to_bytes())
         .await
@@ -330,7 +276,7 @@ async fn fake_qmp(path: PathBuf, fail: bool) -> mpsc::UnboundedReceiver<String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qmp_actions_reach_the_monitor_and_failures_are_reported() {
     let d = start_daemon(&config("reset", ""));
-    let mut qmp = fake_qmp(d.dir.path().join("qmp.sock"), false).await;
+    let mut qmp = fake_qmp(d.path("qmp.sock"), false).await;
     let mut ev = Events::subscribe(&d.control).await;
     let a = agent(&d, None);
     ev.next("watchdog-armed", Duration::from_secs(10)).await;
@@ -343,8 +289,8 @@ async fn qmp_actions_reach_the_monitor_and_failures_are_reported() {
     assert_eq!(qmp.recv().await.as_deref(), Some("system_reset"));
 
     // A monitor that refuses: the failure is an event, with QEMU's words.
-    std::fs::remove_file(d.dir.path().join("qmp.sock")).expect("rm");
-    let _qmp = fake_qmp(d.dir.path().join("qmp.sock"), true).await;
+    std::fs::remove_file(d.path("qmp.sock")).expect("rm");
+    let _qmp = fake_qmp(d.path("qmp.sock"), true).await;
     let a = agent(&d, None);
     ev.next("watchdog-armed", Duration::from_secs(10)).await;
     drop(a);
@@ -361,7 +307,7 @@ async fn qmp_actions_reach_the_monitor_and_failures_are_reported() {
     assert_eq!(s["guests"][0]["devices"]["watchdog"]["actions_failed"], 1);
 
     // No monitor at all: a clear error, quickly.
-    std::fs::remove_file(d.dir.path().join("qmp.sock")).expect("rm");
+    std::fs::remove_file(d.path("qmp.sock")).expect("rm");
     let a = agent(&d, None);
     ev.next("watchdog-armed", Duration::from_secs(10)).await;
     drop(a);
@@ -376,7 +322,7 @@ async fn qmp_actions_reach_the_monitor_and_failures_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_health_check_withholds_heartbeats() {
     let d = start_daemon(&config("log", ""));
-    let healthy = d.dir.path().join("healthy");
+    let healthy = d.path("healthy");
     std::fs::write(&healthy, b"").expect("touch");
     let mut ev = Events::subscribe(&d.control).await;
     let check = format!(
@@ -412,12 +358,7 @@ async fn a_guest_without_a_watchdog_section_is_refused_with_the_reason() {
     let d = start_daemon(
         "[[guest]]\nname = \"g\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/a.sock\"\n",
     );
-    let a = Agent::start(
-        "g",
-        vec![format!("unix:{}/a.sock", d.dir.path().display())
-            .parse()
-            .expect("addr")],
-    );
+    let a = Agent::start("g", vec![d.unix("a.sock")]);
     let e = a.mux().open("watchdog", "").await.expect_err("refused");
     assert!(e.to_string().contains("[guest.watchdog]"), "{e}");
     drop(a);

@@ -1,0 +1,365 @@
+//! The harness every host integration test shares: a vstreamd (a process running the built
+//! binary, or a daemon in this test's process) in a temporary directory, vstreamctl runs
+//! against its control socket, and polling of `vstreamctl status --json`.
+//!
+//! Config text, arguments and file names may say `DIR`: it stands for the daemon's directory.
+
+// Each test binary uses a subset of this module.
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long `wait_for` and friends poll before failing.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A running vstreamd in its own temporary directory: killed (or stopped serving) on drop.
+pub struct Daemon {
+    run: Run,
+    /// The control socket.
+    pub control: PathBuf,
+    /// The daemon's directory (`DIR`): config, state, log, and the tests' sockets.
+    pub dir: tempfile::TempDir,
+}
+
+enum Run {
+    Process(Child),
+    InProcess {
+        daemon: Arc<vstream_host::daemon::Daemon>,
+        serving: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        match &mut self.run {
+            Run::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess { serving, .. } => serving.abort(),
+        }
+    }
+}
+
+impl Daemon {
+    /// A path in the daemon's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `unix:DIR/NAME` parsed as an address (for `Agent::start`).
+    pub fn unix<T: FromStr>(&self, name: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        format!("unix:{}", self.path(name).display())
+            .parse()
+            .expect("address")
+    }
+
+    /// What vstreamd has logged so far (empty for an in-process daemon).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("vstreamd.log")).unwrap_or_default()
+    }
+
+    /// The in-process daemon, to emit events or reach its guests.
+    pub fn inner(&self) -> &Arc<vstream_host::daemon::Daemon> {
+        match &self.run {
+            Run::InProcess { daemon, .. } => daemon,
+            Run::Process(_) => panic!("vstreamd runs as a process"),
+        }
+    }
+
+    /// `vstreamctl status --json`, which must succeed.
+    pub async fn status(&self) -> Value {
+        status_async(&self.control).await
+    }
+
+    /// Polls the status until `pred` holds (for up to `WAIT`).
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_within(what, WAIT, pred).await
+    }
+
+    /// Polls the status until `pred` holds; on timeout shows the status and vstreamd's log.
+    pub async fn wait_for_within(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s:#}\nvstreamd log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until guest `guest` is connected.
+    pub async fn wait_connected(&self, guest: &str) -> Value {
+        self.wait_for(&format!("{guest} to connect"), |s| connected(s, guest))
+            .await
+    }
+}
+
+/// Whether `status` shows guest `guest` connected.
+pub fn connected(status: &Value, guest: &str) -> bool {
+    status["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|g| g["name"] == guest && g["connected"] == true)
+}
+
+/// How to start a daemon: `Options::config(TEXT).start()`, `Options::new().arg(..)...`.
+pub struct Options {
+    config: Option<String>,
+    state_dir: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    wait: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            config: None,
+            state_dir: "DIR/state".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            wait: Vec::new(),
+        }
+    }
+}
+
+/// vstreamd (a process) with this config text.
+pub fn start_daemon(config: &str) -> Daemon {
+    Options::config(config).start()
+}
+
+impl Options {
+    /// No config file.
+    pub fn new() -> Options {
+        Options::default()
+    }
+
+    /// Config text, written to `DIR/vstreamd.toml`.
+    pub fn config(text: &str) -> Options {
+        Options {
+            config: Some(text.into()),
+            ..Options::default()
+        }
+    }
+
+    /// The state directory (default `DIR/state`).
+    pub fn state_dir(mut self, path: &str) -> Options {
+        self.state_dir = path.into();
+        self
+    }
+
+    /// One more vstreamd argument.
+    pub fn arg(mut self, arg: &str) -> Options {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// An environment variable for vstreamd.
+    pub fn env(mut self, key: &str, value: &str) -> Options {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Another file (besides the control socket) that must exist before `start` returns.
+    pub fn wait_for_file(mut self, path: &str) -> Options {
+        self.wait.push(path.into());
+        self
+    }
+
+    /// Starts vstreamd as a process (stderr to `DIR/vstreamd.log`) and waits for its control
+    /// socket and the `wait_for_file` files.
+    pub fn start(self) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |s: &str| s.replace("DIR", &dir.path().display().to_string());
+        let control = dir.path().join("control.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vstreamd"));
+        cmd.arg("--control").arg(&control);
+        if let Some(text) = &self.config {
+            let path = dir.path().join("vstreamd.toml");
+            std::fs::write(&path, at(text)).expect("config");
+            cmd.arg("--config").arg(path);
+        }
+        cmd.arg("--state-dir")
+            .arg(at(&self.state_dir))
+            .args(self.args.iter().map(|a| OsString::from(at(a))))
+            .envs(self.env.iter().map(|(k, v)| (k, at(v))))
+            .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"));
+        let child = cmd.spawn().expect("spawn vstreamd");
+        let waits: Vec<PathBuf> = self.wait.iter().map(|w| PathBuf::from(at(w))).collect();
+        let d = Daemon {
+            run: Run::Process(child),
+            control,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.control.exists() || !waits.iter().all(|w| w.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "vstreamd did not start (no control socket or {waits:?}); its log:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// Starts the daemon in this process (`vstream_host::daemon::Daemon`) serving its control
+    /// socket; needs a config. Arguments and environment do not apply.
+    pub async fn start_in_process(self) -> Daemon {
+        assert!(
+            self.args.is_empty() && self.env.is_empty(),
+            "an in-process daemon takes no arguments or environment"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |s: &str| s.replace("DIR", &dir.path().display().to_string());
+        let path = dir.path().join("vstreamd.toml");
+        let text = self
+            .config
+            .as_deref()
+            .expect("an in-process daemon needs a config");
+        std::fs::write(&path, at(text)).expect("config");
+        let cfg = vstream_host::config::Config::load(&path).expect("config loads");
+        let daemon = vstream_host::daemon::Daemon::start(&cfg, at(&self.state_dir).into())
+            .await
+            .expect("daemon");
+        let control = dir.path().join("control.sock");
+        let serving = {
+            let daemon = daemon.clone();
+            let control = control.clone();
+            tokio::spawn(async move {
+                let _ = daemon.serve_control(&control).await;
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !control.exists() || !self.wait.iter().all(|w| Path::new(&at(w)).exists()) {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Daemon {
+            run: Run::InProcess { daemon, serving },
+            control,
+            dir,
+        }
+    }
+}
+
+fn vstreamctl(control: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vstreamctl"));
+    cmd.arg("--control").arg(control).args(args);
+    cmd
+}
+
+/// Runs vstreamctl with no stdin.
+pub fn ctl(control: &Path, args: &[&str]) -> Output {
+    vstreamctl(control, args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("vstreamctl")
+}
+
+/// Runs vstreamctl with `stdin` on a pipe; collects stdout and stderr. The command may exit
+/// without reading all of its input.
+pub fn ctl_input(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let (out, _written) = ctl_piped(control, args, stdin);
+    out
+}
+
+/// As `ctl_input`, and vstreamctl must read all of `stdin`.
+pub fn ctl_input_all(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let (out, written) = ctl_piped(control, args, stdin);
+    written.expect("stdin write");
+    out
+}
+
+fn ctl_piped(control: &Path, args: &[&str], stdin: &[u8]) -> (Output, std::io::Result<()>) {
+    let mut child = vstreamctl(control, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vstreamctl");
+    let input = stdin.to_vec();
+    let mut pipe = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || pipe.write_all(&input));
+    let out = child.wait_with_output().expect("vstreamctl");
+    (out, writer.join().expect("writer"))
+}
+
+/// Runs `f` on a blocking thread (the agent may run on this test's runtime).
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("join")
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+fn borrowed(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// `ctl` on a blocking thread.
+pub async fn ctl_async(control: &Path, args: &[&str]) -> Output {
+    let (control, args) = (control.to_owned(), owned(args));
+    blocking(move || ctl(&control, &borrowed(&args))).await
+}
+
+/// `ctl_input` on a blocking thread.
+pub async fn ctl_input_async(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let (control, args, stdin) = (control.to_owned(), owned(args), stdin.to_vec());
+    blocking(move || ctl_input(&control, &borrowed(&args), &stdin)).await
+}
+
+/// `ctl_input_all` on a blocking thread.
+pub async fn ctl_input_all_async(control: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let (control, args, stdin) = (control.to_owned(), owned(args), stdin.to_vec());
+    blocking(move || ctl_input_all(&control, &borrowed(&args), &stdin)).await
+}
+
+/// Asserts vstreamctl succeeded; its stdout.
+pub fn ok(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "vstreamctl {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `vstreamctl status --json`, which must succeed.
+pub fn status(control: &Path) -> Value {
+    let args = ["status", "--json"];
+    let out = ok(&args, ctl(control, &args));
+    serde_json::from_str(&out).expect("status JSON")
+}
+
+/// `status` on a blocking thread.
+pub async fn status_async(control: &Path) -> Value {
+    let control = control.to_owned();
+    blocking(move || status(&control)).await
+}

@@ -1,0 +1,78 @@
+//! Helpers the end-to-end tests (xtask/tests) share: they panic with the reason (and dump the
+//! lab's logs where that helps) instead of returning errors.
+
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{strip_ansi, Lab};
+
+/// Runs `vstreamctl ARGS` with `input` on its stdin within `timeout`; on a timeout dumps the
+/// lab's logs and panics.
+pub fn ctl(lab: &Lab, args: &[&str], input: &[u8], timeout: Duration) -> Output {
+    lab.ctl_within(args, input, timeout).unwrap_or_else(|e| {
+        lab.dump_logs("vstreamctl did not finish");
+        panic!("vstreamctl {args:?}: {e}")
+    })
+}
+
+/// Runs `vstreamctl ARGS` (stdin empty) within `timeout`; it must succeed (else the lab's logs
+/// are dumped). Its stdout.
+pub fn ctl_ok(lab: &Lab, args: &[&str], timeout: Duration) -> String {
+    let out = ctl(lab, args, &[], timeout);
+    if !out.status.success() {
+        lab.dump_logs("vstreamctl failed");
+        panic!(
+            "vstreamctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a short, idempotent command in the guest's shell on hvc0 and returns its output
+/// (between two markers). The console helper types the line again if its answer is slow, so
+/// anything that must run once goes through [`bg`].
+pub fn sh(lab: &Lab, cmd: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(1000);
+    let n = N.fetch_add(2, Ordering::SeqCst);
+    // The markers appear computed only in the output, never in the echo of the typed line.
+    let line = format!("echo B-$(({n}+1)); {cmd}; echo E-$(({n}+2))");
+    let (b, e) = (format!("B-{}", n + 1), format!("E-{}", n + 2));
+    let shown = lab
+        .console_roundtrip("hvc0", &line, &e, Duration::from_secs(120))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let text = strip_ansi(&shown);
+    let end = text.rfind(&e).unwrap_or(text.len());
+    let start = text[..end].rfind(&b).map(|i| i + b.len()).unwrap_or(0);
+    text[start.min(end)..end].trim().to_owned()
+}
+
+/// Starts `cmd` in the background in the guest, exactly once (a marker file guards against the
+/// line being typed twice); its output and then `DONE-rc=N` go to /tmp/ID.out.
+pub fn bg(lab: &Lab, id: &str, cmd: &str) {
+    sh(
+        lab,
+        &format!(
+            "[ -e /tmp/{id}.started ] || {{ touch /tmp/{id}.started; ( {cmd} ) > /tmp/{id}.out 2>&1; echo DONE-rc=$? >> /tmp/{id}.out; }} & true"
+        ),
+    );
+}
+
+/// Waits until /tmp/ID.out of a [`bg`] command contains `needle`; returns it.
+pub fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = sh(lab, &format!("cat /tmp/{id}.out"));
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/tmp/{id}.out never showed {needle:?}: {text}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
