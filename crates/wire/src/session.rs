@@ -829,9 +829,12 @@ impl Session {
             self.kill_link(link, reason);
             return;
         }
+        // The same peer incarnation (same session id) never lost its state, whatever its HELLO
+        // says of ours: a HELLO sent on a slow line before that peer learned our id (on another
+        // link) arrives with `your_session` 0 after the session is established, and must not
+        // be taken for a restart. A restarted peer always comes with a new id.
         let resumed = self.peer_session != 0
             && hello.my_session == self.peer_session
-            && hello.your_session == self.my_session
             && hello.caps & caps::RESUME != 0;
         if !resumed && self.peer_session != 0 {
             self.restart(link);

@@ -266,3 +266,36 @@ fn an_echoing_line_does_not_kill_the_link() {
     s.handle_input(link, &e.wire, now);
     assert!(s.link_is_up(link));
 }
+
+#[test]
+fn a_late_hello_from_before_the_session_was_known_is_not_a_restart() {
+    // The agent sent its HELLO on a slow serial line before it learned the host's session on
+    // the virtio port; it arrives after the session is up on the port.
+    let (mut s, port, now) = host();
+    let mut e = Evil::new();
+    e.open(1, 5000);
+    s.handle_input(port, &e.wire, now);
+    assert!(s.link_is_up(port));
+    let serial = s.add_link(vstream_wire::LinkParams::serial(1, 115_200), now);
+    let late = Hello {
+        version: 1,
+        role: Role::Guest,
+        caps: 1,
+        my_session: 42,
+        your_session: 0,
+        recv_next: 0,
+        max_frame: 65536,
+        link: 8,
+        echo: 0,
+        name: "evil".into(),
+    };
+    let mut wire = Vec::new();
+    encode(&mut wire, Kind::Hello as u8, 0, 0, 0, &late.encode());
+    s.handle_input(serial, &wire, now);
+    assert_eq!(s.stats().session_restarts, 0);
+    assert!(
+        s.link_is_up(port) && s.link_is_up(serial),
+        "both links stay up"
+    );
+    assert!(s.has_channel(1), "the session's channels survive");
+}
