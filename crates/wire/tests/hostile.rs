@@ -13,23 +13,31 @@ struct Evil {
     wire: Vec<u8>,
 }
 
+/// The hostile guest's HELLO (session 42) for the link with id `link`.
+fn hello_frame(link: u32) -> Vec<u8> {
+    let hello = Hello {
+        version: 1,
+        role: Role::Guest,
+        caps: 1,
+        my_session: 42,
+        your_session: 0,
+        recv_next: 0,
+        max_frame: 65536,
+        link,
+        echo: 0,
+        name: "evil".into(),
+    };
+    let mut wire = Vec::new();
+    encode(&mut wire, Kind::Hello as u8, 0, 0, 0, &hello.encode());
+    wire
+}
+
 impl Evil {
     fn new() -> Evil {
-        let hello = Hello {
-            version: 1,
-            role: Role::Guest,
-            caps: 1,
-            my_session: 42,
-            your_session: 0,
-            recv_next: 0,
-            max_frame: 65536,
-            link: 7,
-            echo: 0,
-            name: "evil".into(),
-        };
-        let mut wire = Vec::new();
-        encode(&mut wire, Kind::Hello as u8, 0, 0, 0, &hello.encode());
-        Evil { seq: 0, wire }
+        Evil {
+            seq: 0,
+            wire: hello_frame(7),
+        }
     }
 
     fn frame(&mut self, kind: Kind, channel: u32, payload: &[u8]) {
@@ -277,21 +285,8 @@ fn a_late_hello_from_before_the_session_was_known_is_not_a_restart() {
     s.handle_input(port, &e.wire, now);
     assert!(s.link_is_up(port));
     let serial = s.add_link(vstream_wire::LinkParams::serial(1, 115_200), now);
-    let late = Hello {
-        version: 1,
-        role: Role::Guest,
-        caps: 1,
-        my_session: 42,
-        your_session: 0,
-        recv_next: 0,
-        max_frame: 65536,
-        link: 8,
-        echo: 0,
-        name: "evil".into(),
-    };
-    let mut wire = Vec::new();
-    encode(&mut wire, Kind::Hello as u8, 0, 0, 0, &late.encode());
-    s.handle_input(serial, &wire, now);
+    // Same session id, your_session still 0: sent before the session was known.
+    s.handle_input(serial, &hello_frame(8), now);
     assert_eq!(s.stats().session_restarts, 0);
     assert!(
         s.link_is_up(port) && s.link_is_up(serial),
