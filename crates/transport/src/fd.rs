@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::address::Address;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// An async byte stream over one descriptor, or over a pair (one to read, one to write).
 pub(crate) struct FdStream {
@@ -223,6 +223,7 @@ impl InheritedFd {
         Ok(Connection {
             stream: Box::new(stream),
             peer,
+            identity: PeerIdentity::Opened,
         })
     }
 }
@@ -293,6 +294,7 @@ pub(crate) fn stdio(addr: &Address) -> io::Result<Connection> {
     Ok(Connection {
         stream: Box::new(stream),
         peer: "stdio".to_owned(),
+        identity: PeerIdentity::Opened,
     })
 }
 

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::address::Address;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// The longest answer line accepted, newline included.
 pub(crate) const MAX_ANSWER: usize = 64;
@@ -84,6 +84,7 @@ pub(crate) async fn connect_within(
     Ok(Connection {
         stream: Box::new(stream),
         peer: format!("{addr} (host port {host_port})"),
+        identity: PeerIdentity::Opened,
     })
 }
 

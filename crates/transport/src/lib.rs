@@ -53,6 +53,33 @@ pub use address::{Address, AddressError, SerialConfig, DEFAULT_BAUD, SYNTAX};
 pub(crate) use endpoint::with_context;
 pub use endpoint::Endpoint;
 
+/// What the kernel, not the peer, says about who is at the other end of a connection: the
+/// ground a guest's identity stands on (docs/THREAT-MODEL.md). Nothing in it was sent by the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// A peer that connected to a Unix socket we listen on: its credentials when it connected
+    /// (`SO_PEERCRED`).
+    Unix {
+        /// Effective user id.
+        uid: u32,
+        /// Effective group id.
+        gid: u32,
+        /// Process id, where the kernel gives one.
+        pid: Option<i32>,
+    },
+    /// A peer that connected over AF_VSOCK: its context id (which VM it is).
+    Vsock {
+        /// The peer's CID.
+        cid: u32,
+    },
+    /// A peer that connected over TCP: its address, which proves nothing by itself (a key
+    /// handshake does; docs/PROTOCOL.md, "Authentication").
+    Tcp(std::net::SocketAddr),
+    /// A connection this side made, or a device it opened (serial line, virtio-serial port,
+    /// inherited descriptor, stdio, in-process pair): the configured address is the proof.
+    Opened,
+}
+
 /// A byte stream in both directions; every transport's connections are one.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
@@ -68,12 +95,15 @@ pub struct Connection {
     /// Who is at the other end, for people: `unix:/run/x.sock (pid 42, uid 0)`,
     /// `tcp:127.0.0.1:5555`, `vsock:3:1234`, `/dev/ttyS1`, `port:NAME (/dev/vport0p1)`...
     pub peer: String,
+    /// Who is at the other end, as the kernel proves it.
+    pub identity: PeerIdentity,
 }
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("peer", &self.peer)
+            .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
 }
@@ -87,10 +117,12 @@ pub fn pair(capacity: usize) -> (Connection, Connection) {
         Connection {
             stream: Box::new(a),
             peer: "pair:b".to_owned(),
+            identity: PeerIdentity::Opened,
         },
         Connection {
             stream: Box::new(b),
             peer: "pair:a".to_owned(),
+            identity: PeerIdentity::Opened,
         },
     )
 }

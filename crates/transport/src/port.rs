@@ -31,7 +31,7 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::address::Address;
 use crate::fd::FdStream;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// How often a waiting endpoint looks whether the host side has connected.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -134,6 +134,7 @@ impl PortDevice {
         Ok(Connection {
             stream: Box::new(stream),
             peer: format!("{addr} ({})", path.display()),
+            identity: PeerIdentity::Opened,
         })
     }
 

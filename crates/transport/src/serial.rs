@@ -16,7 +16,7 @@ use rustix::termios::{
 
 use crate::address::{Address, SerialConfig};
 use crate::fd::FdStream;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// Opens and sets up the serial line `config` names.
 pub(crate) fn open(addr: &Address, config: &SerialConfig) -> io::Result<Connection> {
@@ -46,6 +46,7 @@ pub(crate) fn open(addr: &Address, config: &SerialConfig) -> io::Result<Connecti
     Ok(Connection {
         stream: Box::new(stream),
         peer: config.device.display().to_string(),
+        identity: PeerIdentity::Opened,
     })
 }
 

@@ -6,7 +6,7 @@ use std::io;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::address::Address;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// Connects to `host:port` (a name is resolved first; every address it has is tried in turn).
 pub(crate) async fn connect(addr: &Address, host: &str, port: u16) -> io::Result<Connection> {
@@ -18,6 +18,7 @@ pub(crate) async fn connect(addr: &Address, host: &str, port: u16) -> io::Result
     Ok(Connection {
         stream: Box::new(stream),
         peer,
+        identity: PeerIdentity::Opened,
     })
 }
 
@@ -57,6 +58,7 @@ pub(crate) async fn accept(addr: &Address, listener: &TcpListener) -> io::Result
     Ok(Connection {
         stream: Box::new(stream),
         peer: format!("tcp:{peer}"),
+        identity: PeerIdentity::Tcp(peer),
     })
 }
 

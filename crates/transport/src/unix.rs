@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::address::Address;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// How long probing an existing socket file may take before it counts as in use.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -25,6 +25,7 @@ pub(crate) async fn connect(addr: &Address, path: &Path) -> io::Result<Connectio
     Ok(Connection {
         stream: Box::new(stream),
         peer: addr.to_string(),
+        identity: PeerIdentity::Opened,
     })
 }
 
@@ -58,20 +59,26 @@ impl Listener {
             .accept()
             .await
             .map_err(with_context(addr, "cannot accept"))?;
-        let peer = match stream.peer_cred() {
-            Ok(cred) => match cred.pid() {
-                Some(pid) => format!(
-                    "unix:{} (pid {pid}, uid {})",
-                    self.path.display(),
-                    cred.uid()
-                ),
-                None => format!("unix:{} (uid {})", self.path.display(), cred.uid()),
-            },
-            Err(_) => format!("unix:{}", self.path.display()),
+        // Without credentials there is nothing to know the peer by: refuse rather than guess.
+        let cred = stream
+            .peer_cred()
+            .map_err(with_context(addr, "cannot read the peer's credentials"))?;
+        let peer = match cred.pid() {
+            Some(pid) => format!(
+                "unix:{} (pid {pid}, uid {})",
+                self.path.display(),
+                cred.uid()
+            ),
+            None => format!("unix:{} (uid {})", self.path.display(), cred.uid()),
         };
         Ok(Connection {
             stream: Box::new(stream),
             peer,
+            identity: PeerIdentity::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            },
         })
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
 use crate::address::Address;
-use crate::{with_context, Connection};
+use crate::{with_context, Connection, PeerIdentity};
 
 /// Connects to `cid:port`.
 pub(crate) async fn connect(addr: &Address, cid: u32, port: u32) -> io::Result<Connection> {
@@ -19,6 +19,7 @@ pub(crate) async fn connect(addr: &Address, cid: u32, port: u32) -> io::Result<C
     Ok(Connection {
         stream: Box::new(stream),
         peer: format!("vsock:{cid}:{port}"),
+        identity: PeerIdentity::Opened,
     })
 }
 
@@ -42,5 +43,6 @@ pub(crate) async fn accept(addr: &Address, listener: &VsockListener) -> io::Resu
     Ok(Connection {
         stream: Box::new(stream),
         peer: format!("vsock:{}:{}", peer.cid(), peer.port()),
+        identity: PeerIdentity::Vsock { cid: peer.cid() },
     })
 }

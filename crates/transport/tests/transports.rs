@@ -559,6 +559,7 @@ async fn fd_gives_its_socket_once() {
     let mut other = Connection {
         stream: Box::new(theirs),
         peer: "test".into(),
+        identity: vstream_transport::PeerIdentity::Opened,
     };
     exchange(&mut connection, &mut other, 300_000).await;
 

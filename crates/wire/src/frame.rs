@@ -44,6 +44,8 @@ pub enum Kind {
     Ack = 0x04,
     /// "I lost something": retransmit from the `ack` field on.
     Nack = 0x05,
+    /// "I will not accept this link": payload = UTF-8 reason. The receiver closes the link.
+    Refuse = 0x06,
     /// Open a channel: payload = class, name, receive window.
     Open = 0x10,
     /// Channel accepted: payload = receive window.
@@ -67,6 +69,7 @@ impl Kind {
             0x03 => Kind::Pong,
             0x04 => Kind::Ack,
             0x05 => Kind::Nack,
+            0x06 => Kind::Refuse,
             0x10 => Kind::Open,
             0x11 => Kind::OpenOk,
             0x12 => Kind::Data,

@@ -7,6 +7,7 @@
 //! (cuts, corruption, resume, flow control) is testable deterministically.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod frame;
 pub mod hello;
 pub mod session;

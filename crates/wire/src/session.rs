@@ -768,6 +768,12 @@ impl Session {
             }
             return;
         }
+        if h.kind == Kind::Refuse as u8 {
+            // Valid before the handshake too: it is how a peer says why it will not have us.
+            let reason = String::from_utf8_lossy(&frame.payload[..frame.payload.len().min(256)]);
+            self.kill_link(link, format!("refused by the peer: {reason}"));
+            return;
+        }
         if !up {
             return; // Nothing counts before the handshake (stale bytes from a previous peer).
         }
@@ -786,7 +792,7 @@ impl Session {
                     l.ping = None;
                 }
             }
-            Some(Kind::Ack) | Some(Kind::Hello) => {}
+            Some(Kind::Ack) | Some(Kind::Hello) | Some(Kind::Refuse) => {}
             Some(Kind::Nack) => self.handle_nack(h.ack),
             _ if Kind::is_sequenced(h.kind) => self.handle_sequenced(link, frame, now),
             _ => {} // Unknown link frame kinds are ignored (forward compatibility).

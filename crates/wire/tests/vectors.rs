@@ -34,3 +34,39 @@ fn ack_frame_vector() {
 fn crc32c_check_value() {
     assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
 }
+
+#[test]
+fn refuse_frame_vector() {
+    let mut out = Vec::new();
+    encode(&mut out, 0x06, 0, 0, 0, b"no");
+    assert_eq!(&out[..4], &[0xa9, 0x5c, 0x06, 0x00]);
+    assert_eq!(
+        hex(&out),
+        "a9 5c 06 00 00 00 00 00 00 00 00 00 00 00 00 00 02 00 00 00 ba 89 1e c4 6e 6f 18 6f f3 ba"
+    );
+}
+
+/// docs/PROTOCOL.md §9: key `0123456789abcdef0123456789abcdef`, name `lab`, connector nonce 32
+/// bytes of 01, acceptor nonce 32 bytes of 02.
+#[test]
+fn key_handshake_vectors() {
+    use vstream_wire::auth::{Claim, Key};
+    let key = Key::new(*b"0123456789abcdef0123456789abcdef").expect("key");
+    let (c, a) = ([1u8; 32], [2u8; 32]);
+    assert_eq!(
+        hex(&key.acceptor_proof("lab", &c, &a)).replace(' ', ""),
+        "d64bb06d844e566326afb8e67b9cbefc0811378c46692dd9a37b670a6e6973d6"
+    );
+    assert_eq!(
+        hex(&key.connector_proof("lab", &c, &a)).replace(' ', ""),
+        "09a5d0dc6c5d2bb9ca87b88df1cc050948b93b2dd3c837dfc6de79f50c84c75e"
+    );
+    let claim = Claim {
+        name: "lab".into(),
+        nonce: c,
+    };
+    assert_eq!(
+        hex(&claim.encode()[..12]),
+        "56 53 41 55 54 48 31 0a 03 6c 61 62"
+    );
+}
