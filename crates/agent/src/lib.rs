@@ -10,6 +10,7 @@ use vstream_devices::random::guest::{FeedSettings, Feeder, KernelPool};
 use vstream_devices::watchdog::guest::{GuestSettings as WatchdogSettings, Heartbeat};
 use vstream_link::{link_params, Mux};
 use vstream_transport::{Address, Endpoint};
+use vstream_wire::auth::Key;
 use vstream_wire::{Config, Role};
 
 /// The guest-initiated devices an agent runs besides its services.
@@ -19,6 +20,9 @@ pub struct AgentOptions {
     pub random: Option<FeedSettings>,
     /// Send watchdog heartbeats (`watchdog` device).
     pub watchdog: Option<WatchdogSettings>,
+    /// The guest's key: TCP links prove it in a key handshake (docs/PROTOCOL.md §9) before the
+    /// mux starts, in whichever direction they connect.
+    pub key: Option<Key>,
 }
 
 /// A running agent: one session with the host over any number of transports.
@@ -48,6 +52,7 @@ impl Agent {
                 mux.clone(),
                 address,
                 prio as u32,
+                (name.to_owned(), options.key.clone()),
             )));
         }
         if let Some(feed) = options.random {
@@ -126,7 +131,7 @@ impl Drop for Agent {
 }
 
 /// Keeps one transport connected forever, with backoff; errors are logged once per change.
-async fn keep_connected(mux: Mux, address: Address, priority: u32) {
+async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String, Option<Key>)) {
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
     let mut endpoint = loop {
@@ -145,9 +150,13 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32) {
                 backoff = Duration::from_millis(100);
                 last_error.clear();
                 tracing::info!(%address, peer = %conn.peer, "transport connected");
-                let reason = mux
-                    .run_link(conn.stream, params, &address.to_string(), &[])
-                    .await;
+                let reason = match prove(conn, &address, &who).await {
+                    Ok((stream, prefix)) => {
+                        mux.run_link(stream, params, &address.to_string(), &prefix)
+                            .await
+                    }
+                    Err(e) => e.to_string(),
+                };
                 tracing::info!(%address, "transport down: {reason}");
             }
             Err(e) => log_change(&mut last_error, &address, &e.to_string()),
@@ -155,6 +164,37 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Runs the key handshake on a TCP link when the agent has a key (as the connector on `tcp:`,
+/// as the acceptor on `tcp-listen:`); other links pass as they are. Returns the stream and the
+/// bytes read past the handshake.
+async fn prove(
+    conn: vstream_transport::Connection,
+    address: &Address,
+    (name, key): &(String, Option<Key>),
+) -> std::io::Result<(vstream_transport::BoxStream, Vec<u8>)> {
+    let mut stream = conn.stream;
+    let Some(key) = key else {
+        return Ok((stream, Vec::new()));
+    };
+    const T: Duration = Duration::from_secs(10);
+    let rest = match (address, conn.identity) {
+        (Address::Tcp { .. }, _) => {
+            vstream_link::auth::connector(&mut stream, name, key, rand::random(), T).await?
+        }
+        (_, vstream_transport::PeerIdentity::Tcp(_)) => {
+            let key_for = |n: &str| match n == name {
+                true => Ok(key.clone()),
+                false => Err(format!("this is guest {name:?}, not {n:?}")),
+            };
+            vstream_link::auth::acceptor(&mut stream, Vec::new(), key_for, rand::random(), T)
+                .await?
+                .1
+        }
+        _ => Vec::new(),
+    };
+    Ok((stream, rest))
 }
 
 fn log_change(last: &mut String, address: &Address, error: &str) {
@@ -177,6 +217,8 @@ pub struct Settings {
     pub random: Option<bool>,
     /// Watchdog heartbeat interval (`vstream.watchdog=500ms`).
     pub watchdog_interval: Option<Duration>,
+    /// The guest's key file for TCP links (`vstream.key_file=PATH`).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Reads `vstream.connect=`, `vstream.name=` and `vstream.qga=` from a kernel command line.
@@ -186,6 +228,8 @@ pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
         if let Some(a) = word.strip_prefix("vstream.connect=") {
             s.connect
                 .push(a.parse().map_err(|e| format!("vstream.connect={a}: {e}"))?);
+        } else if let Some(k) = word.strip_prefix("vstream.key_file=") {
+            s.key_file = Some(k.into());
         } else if let Some(n) = word.strip_prefix("vstream.name=") {
             s.name = Some(n.to_owned());
         } else if let Some(a) = word.strip_prefix("vstream.qga=") {

@@ -28,12 +28,43 @@ pub struct DaemonSection {
     pub control: Option<PathBuf>,
     /// Where console logs and spools go (the command line wins).
     pub state_dir: Option<PathBuf>,
-    /// Addresses where agents that announce their own name are accepted.
+    /// Shared listeners: addresses where the agents of many guests connect. Which guest a
+    /// connection is comes from what its transport proves (crates/host/src/identity.rs).
     #[serde(default)]
     pub listen: Vec<Address>,
+    /// `[daemon.announced]`: guests that are not configured but announce a name.
+    #[serde(default)]
+    pub announced: AnnouncedConfig,
+    /// Accept plain TCP (no key handshake) on shared listeners, trusting the announced name.
+    /// Only for networks where every peer is trusted.
+    #[serde(default)]
+    pub insecure_tcp: bool,
     /// Multiplexer limits.
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[daemon.announced]`: guests not in the config that connect to a shared listener and
+/// announce a name.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnouncedConfig {
+    /// Accept them at all (default false: only configured guests).
+    pub allow: bool,
+    /// The most at once; further names are refused.
+    pub max: usize,
+    /// Forgotten (session, status, name) this long after their last connection ended.
+    pub forget_after_secs: u64,
+}
+
+impl Default for AnnouncedConfig {
+    fn default() -> AnnouncedConfig {
+        AnnouncedConfig {
+            allow: false,
+            max: 64,
+            forget_after_secs: 600,
+        }
+    }
 }
 
 /// `[daemon.limits]`: bounds on what one guest can make the daemon buffer.
@@ -99,6 +130,17 @@ pub struct GuestConfig {
     pub name: String,
     /// The guest's QMP socket, for actions such as a watchdog reset.
     pub qmp: Option<Address>,
+    /// The guest's AF_VSOCK context id: vsock connections from this CID are this guest, and
+    /// from no other CID.
+    pub cid: Option<u32>,
+    /// Unix connections to a shared listener (and to the guest's own listening sockets) must
+    /// come from this user (`SO_PEERCRED`).
+    pub uid: Option<u32>,
+    /// ... and/or this group.
+    pub gid: Option<u32>,
+    /// The guest's key for TCP: a file of at least 16 bytes (trailing white space is ignored),
+    /// proven by both ends in a challenge-response, never sent (docs/PROTOCOL.md §9).
+    pub key_file: Option<PathBuf>,
     /// Ways to reach the guest.
     #[serde(default)]
     pub transport: Vec<TransportConfig>,
@@ -206,6 +248,15 @@ impl TransportConfig {
 }
 
 impl GuestConfig {
+    /// The guest's key, read from `key_file`, if it has one.
+    pub fn key(&self) -> Result<Option<vstream_wire::auth::Key>, String> {
+        self.key_file
+            .as_deref()
+            .map(vstream_link::auth::read_key_file)
+            .transpose()
+            .map_err(|e| e.to_string())
+    }
+
     /// Checks the device sections.
     pub fn validate(&self) -> Result<(), String> {
         self.random.validate()?;
@@ -227,7 +278,13 @@ impl Config {
         let cfg: Config =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let mut names = std::collections::HashSet::new();
+        let mut cids = std::collections::HashSet::new();
         for g in &cfg.guest {
+            if let Some(cid) = g.cid {
+                if !cids.insert(cid) {
+                    anyhow::bail!("{}: CID {cid} is given to two guests", path.display());
+                }
+            }
             if !names.insert(&g.name) {
                 anyhow::bail!("{}: guest {:?} is defined twice", path.display(), g.name);
             }
@@ -239,6 +296,8 @@ impl Config {
                 );
             }
             g.validate()
+                .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
+            g.key()
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
             if g.transport
                 .iter()

@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -17,17 +17,41 @@ use vstream_devices::console::{Console, ConsoleSettings};
 use vstream_devices::printer::host::{PrinterService, Spool, SpoolConfig};
 use vstream_devices::random::host::Limiter;
 use vstream_devices::{EventSink, HostContext, Service};
+use vstream_link::auth as link_auth;
 use vstream_link::{Mux, MuxEvent, MuxStatus};
-use vstream_transport::{Address, Endpoint};
+use vstream_transport::{Address, Endpoint, PeerIdentity};
+use vstream_wire::auth::{self, Key};
+use vstream_wire::frame::{encode, Kind};
 use vstream_wire::Role;
 
 use vstream_link::link_params;
 
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
 use crate::control::{read_line, write_line, Reply, Request};
+use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
 
 /// How long a new connection on a shared listener may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections on one shared listener that may be in their handshake at once (each may buffer
+/// up to 1 MiB while looking for its HELLO).
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Tells a connection why it is refused (a REFUSE frame, docs/PROTOCOL.md §2), then closes it.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: &str) {
+    let mut frame = Vec::new();
+    encode(&mut frame, Kind::Refuse as u8, 0, 0, 0, reason.as_bytes());
+    let send = async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    };
+    // A peer that does not read gets nothing more from us.
+    let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+}
 
 /// One configured or announced way to reach a guest.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +103,63 @@ pub struct Guest {
     events: EventSink,
     /// The guest's entropy budget (shared with its random-raw transports).
     random: Arc<Limiter>,
+    /// What proves a connection is this guest (configured guests).
+    rules: Rules,
+    /// The guest's key for TCP links.
+    key: Option<Key>,
+    /// Who owns the name of an announced guest; `None` for configured guests.
+    owner: Option<Owner>,
+    /// Connections refused because they claimed this guest without proving it.
+    refusals: Mutex<Refusals>,
+    /// When the last connection of an announced guest ended (it is forgotten some time later).
+    last_seen: Mutex<Instant>,
+    /// The guest's own tasks (session dispatch, event forwarding), ended when it is forgotten.
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// Refused claims to one guest (or, daemon-wide, to names no guest has).
+#[derive(Debug, Default, Clone, Serialize)]
+struct Refusals {
+    count: u64,
+    last: Option<String>,
+    #[serde(skip)]
+    log: Option<LogLimitSlot>,
+}
+
+/// Rate-limits the log lines of one kind of refusal.
+#[derive(Debug)]
+struct LogLimitSlot(LogLimit);
+
+impl Clone for LogLimitSlot {
+    fn clone(&self) -> Self {
+        LogLimitSlot(refusal_log_limit())
+    }
+}
+
+fn refusal_log_limit() -> LogLimit {
+    // A line a second per guest, bursts of 5: a stuck agent is seen, a flood is not logged.
+    LogLimit::new(Duration::from_secs(1), 5)
+}
+
+impl Refusals {
+    /// Counts one refusal and logs it unless that kind of line is over its rate.
+    fn record(&mut self, guest: &str, peer: &str, reason: &str) {
+        self.count += 1;
+        self.last = Some(format!("{peer}: {reason}"));
+        let limit = &mut self
+            .log
+            .get_or_insert_with(|| LogLimitSlot(refusal_log_limit()))
+            .0;
+        if let Some(suppressed) = limit.allow(Instant::now()) {
+            tracing::warn!(
+                guest,
+                peer,
+                suppressed,
+                total = self.count,
+                "refused a connection: {reason}"
+            );
+        }
+    }
 }
 
 /// The device sections of a guest's config (defaults for guests that announce themselves).
@@ -175,6 +256,8 @@ impl Guest {
             "stats": mux.stats,
             "printer": self.printer.as_ref().map(|p| p.status()),
             "devices": devices,
+            "owner": self.owner.map(|o| o.to_string()),
+            "refusals": lock(&self.refusals).clone(),
         })
     }
 }
@@ -187,18 +270,33 @@ pub struct Daemon {
     events: broadcast::Sender<serde_json::Value>,
     /// Printer spools of configured guests, by guest name.
     printers: Mutex<BTreeMap<String, Arc<Spool>>>,
+    /// Who may be which guest on shared listeners.
+    policy: Policy,
+    /// Refusals of names that no guest has.
+    refused_unknown: Mutex<Refusals>,
 }
 
 impl Daemon {
     /// Builds the daemon from its config and starts every configured transport.
     pub async fn start(cfg: &Config, state_dir: PathBuf) -> anyhow::Result<Arc<Daemon>> {
         let (events, _) = broadcast::channel(1024);
+        let policy = Policy {
+            guests: cfg
+                .guest
+                .iter()
+                .map(|g| (g.name.clone(), Rules::of(g)))
+                .collect(),
+            announced: cfg.daemon.announced.clone(),
+            insecure_tcp: cfg.daemon.insecure_tcp,
+        };
         let daemon = Arc::new(Daemon {
             guests: Mutex::new(BTreeMap::new()),
             limits: cfg.daemon.limits.clone(),
             state_dir,
             events,
             printers: Mutex::new(BTreeMap::new()),
+            policy,
+            refused_unknown: Mutex::new(Refusals::default()),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -230,12 +328,14 @@ impl Daemon {
         EventSink::new(guest, self.events.clone())
     }
 
+    /// A guest with its session and device halves running; the caller puts it in `guests`.
     fn new_guest(
         self: &Arc<Self>,
         name: &str,
         qmp: Option<Address>,
         consoles: Vec<Arc<Console>>,
         devices: DeviceSettings,
+        identity: (Rules, Option<Key>, Option<Owner>),
     ) -> Arc<Guest> {
         let cfg = self.limits.wire_config(Role::Host, name);
         let (mux, incoming) = Mux::new(cfg, rand::random::<u64>() | 1);
@@ -255,7 +355,9 @@ impl Daemon {
         };
         let mut services = vstream_devices::host_services(&ctx);
         services.push(Arc::new(PrinterService::new(name, printer.clone())));
-        tokio::spawn(vstream_devices::dispatch(services.clone(), incoming));
+        let dispatch = tokio::spawn(vstream_devices::dispatch(services.clone(), incoming));
+        let forward = tokio::spawn(forward_mux_events(mux.clone(), ctx.events.clone()));
+        let (rules, key, owner) = identity;
         let guest = Arc::new(Guest {
             name: name.to_owned(),
             mux: mux.clone(),
@@ -267,12 +369,16 @@ impl Daemon {
             services,
             events: ctx.events.clone(),
             random: ctx.random.clone(),
+            rules,
+            key,
+            owner,
+            refusals: Mutex::new(Refusals::default()),
+            last_seen: Mutex::new(Instant::now()),
+            tasks: vec![dispatch.abort_handle(), forward.abort_handle()],
         });
-        tokio::spawn(forward_mux_events(mux.clone(), ctx.events.clone()));
         for console in &guest.consoles {
             tokio::spawn(watch_console(Arc::downgrade(&guest), Arc::clone(console)));
         }
-        self.guests().insert(name.to_owned(), guest.clone());
         guest
     }
 
@@ -330,7 +436,17 @@ impl Daemon {
             watchdog: g.watchdog.clone(),
             ppp: g.ppp.clone(),
         };
-        let guest = self.new_guest(&g.name, g.qmp.clone(), consoles, devices);
+        let key = g
+            .key()
+            .map_err(|e| anyhow::anyhow!("guest {}: {e}", g.name))?;
+        let guest = self.new_guest(
+            &g.name,
+            g.qmp.clone(),
+            consoles,
+            devices,
+            (Rules::of(g), key, None),
+        );
+        self.guests().insert(g.name.clone(), guest.clone());
         if let Some(t) = g.transport.iter().find(|t| t.kind == TransportKind::Qga) {
             let _ = guest.qga.set(t.address.clone());
         }
@@ -346,7 +462,13 @@ impl Daemon {
                 t.address.to_string(),
             ));
             // Priorities follow the config order: the first transport is preferred.
-            tokio::spawn(run_transport(guest.clone(), t.clone(), idx, prio as u32));
+            tokio::spawn(run_transport(
+                guest.clone(),
+                t.clone(),
+                idx,
+                prio as u32,
+                self.policy.insecure_tcp,
+            ));
         }
         for t in g
             .transport
@@ -363,11 +485,20 @@ impl Daemon {
         Ok(())
     }
 
-    /// Accepts agents on `address`; each announces its guest name in its HELLO.
+    /// Accepts the agents of many guests on `address`. Which guest a connection is comes from
+    /// what its transport proves (crate::identity); a connection that cannot prove the guest it
+    /// claims is refused with a REFUSE frame giving the reason, and the guest it claimed sees
+    /// nothing of it.
     pub async fn listen(self: Arc<Self>, address: Address) -> io::Result<()> {
         let mut ep = Endpoint::bind(address.clone()).await?;
         tracing::info!(%address, "accepting agents");
+        // Connections that have not yet said who they are cost a buffer each: only so many at
+        // once; the rest wait in the kernel's backlog.
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         loop {
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let conn = match ep.next().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -379,27 +510,12 @@ impl Daemon {
             let daemon = self.clone();
             let listen = address.clone();
             tokio::spawn(async move {
-                let mut stream = conn.stream;
-                let (hello, prefix) = match vstream_link::read_hello(&mut stream, HELLO_TIMEOUT)
-                    .await
-                {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(peer = %conn.peer, "rejected connection on {listen}: {e}");
-                        return;
-                    }
-                };
-                if hello.name.is_empty() {
-                    tracing::warn!(peer = %conn.peer, "rejected an agent without a name on {listen}");
+                let peer = conn.peer.clone();
+                let Some((guest, stream, prefix)) = daemon.admit(conn, &listen).await else {
                     return;
-                }
-                let guest = match daemon.guest(&hello.name) {
-                    Some(g) => g,
-                    None => {
-                        daemon.new_guest(&hello.name, None, Vec::new(), DeviceSettings::default())
-                    }
                 };
-                let name = format!("{listen} <- {}", conn.peer);
+                drop(permit);
+                let name = format!("{listen} <- {peer}");
                 let idx = guest.add_transport(TransportState::new(
                     "mux",
                     name.clone(),
@@ -408,19 +524,154 @@ impl Daemon {
                 guest.update(idx, |t| {
                     t.state = "up";
                     t.since = now_secs();
-                    t.peer = conn.peer.clone();
+                    t.peer = peer.clone();
                     t.connects = 1;
                 });
                 let address = listen.to_string();
-                guest.transport_event(true, "mux", &name, &address, &conn.peer);
+                guest.transport_event(true, "mux", &name, &address, &peer);
                 let params = link_params(&listen, None, 100);
                 let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
                 guest.transport_event(false, "mux", &name, &address, &reason);
                 // Accepted connections are not reconnected by us: forget them.
                 guest.transports().retain(|t| t.name != name);
+                daemon.forget_later(&guest);
             });
         }
+    }
+
+    /// Runs the handshakes of a new connection on a shared listener and decides which guest it
+    /// is; `None` if it was refused (it has been told why) or went away.
+    async fn admit(
+        self: &Arc<Self>,
+        conn: vstream_transport::Connection,
+        listen: &Address,
+    ) -> Option<(Arc<Guest>, vstream_transport::BoxStream, Vec<u8>)> {
+        let mut stream = conn.stream;
+        let peer = conn.peer;
+        let mut proven = None;
+        let mut prefix = Vec::new();
+        if matches!(conn.identity, PeerIdentity::Tcp(_)) {
+            // One byte tells a key handshake from a mux frame.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut first)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            prefix.push(first[0]);
+            if first[0] == auth::MAGIC[0] {
+                let mut claimed = None;
+                let keys = |name: &str| {
+                    claimed = Some(name.to_owned());
+                    self.key_for(name)
+                };
+                let handshake =
+                    link_auth::acceptor(&mut stream, prefix, keys, rand::random(), HELLO_TIMEOUT)
+                        .await;
+                match handshake {
+                    Ok((name, rest)) => {
+                        proven = Some(name);
+                        prefix = rest;
+                    }
+                    Err(e) => {
+                        self.record_refusal(claimed.as_deref(), &peer, &e.to_string());
+                        return None;
+                    }
+                }
+            }
+        }
+        let (hello, prefix) =
+            match vstream_link::read_hello(&mut stream, prefix, HELLO_TIMEOUT).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(%peer, "no HELLO on {listen}: {e}");
+                    return None;
+                }
+            };
+        let admitted = {
+            let mut guests = self.guests();
+            let announced = guests.values().filter(|g| g.owner.is_some()).count();
+            let verdict = self.policy.admit(
+                &conn.identity,
+                &hello.name,
+                proven.as_deref(),
+                |n| guests.get(n).and_then(|g| g.owner),
+                announced,
+            );
+            match verdict {
+                Ok(Admission::Configured(name)) => guests
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| format!("guest {name:?} is configured but not running")),
+                Ok(Admission::Announced { name, owner }) => Ok(guests
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        self.new_guest(
+                            &name,
+                            None,
+                            Vec::new(),
+                            DeviceSettings::default(),
+                            (Rules::default(), None, Some(owner)),
+                        )
+                    })
+                    .clone()),
+                Err(reason) => Err(reason),
+            }
+        };
+        match admitted {
+            Ok(guest) => Some((guest, stream, prefix)),
+            Err(reason) => {
+                self.record_refusal(Some(&hello.name), &peer, &reason);
+                refuse(&mut stream, &reason).await;
+                None
+            }
+        }
+    }
+
+    /// The key of a configured guest, or why a key handshake for `name` is refused.
+    fn key_for(&self, name: &str) -> Result<Key, String> {
+        self.guest(name)
+            .and_then(|g| g.key.clone())
+            .ok_or_else(|| format!("no guest {name:?} has a key here"))
+    }
+
+    /// Counts and (rate-limited) logs a refused connection: on the guest it claimed if there is
+    /// one, else daemon-wide. The guest itself is not disturbed.
+    fn record_refusal(&self, claimed: Option<&str>, peer: &str, reason: &str) {
+        match claimed.and_then(|n| self.guest(n)) {
+            Some(g) => lock(&g.refusals).record(&g.name, peer, reason),
+            None => lock(&self.refused_unknown).record(claimed.unwrap_or("-"), peer, reason),
+        }
+    }
+
+    /// Forgets an announced guest `forget_after_secs` after its last connection ended, unless
+    /// another connection came meanwhile: its session, tasks and status go.
+    fn forget_later(self: &Arc<Self>, guest: &Arc<Guest>) {
+        if guest.owner.is_none() {
+            return;
+        }
+        *lock(&guest.last_seen) = Instant::now();
+        let after = Duration::from_secs(self.policy.announced.forget_after_secs);
+        let (daemon, guest) = (Arc::downgrade(self), Arc::downgrade(guest));
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let (Some(daemon), Some(guest)) = (daemon.upgrade(), guest.upgrade()) else {
+                return;
+            };
+            let mut guests = daemon.guests();
+            let idle = guest.transports().is_empty() && lock(&guest.last_seen).elapsed() >= after;
+            if idle
+                && guests
+                    .get(&guest.name)
+                    .is_some_and(|g| Arc::ptr_eq(g, &guest))
+            {
+                guests.remove(&guest.name);
+                for t in &guest.tasks {
+                    t.abort();
+                }
+                tracing::info!(guest = %guest.name, "forgot an announced guest");
+            }
+        });
     }
 
     /// Serves the control socket (mode 0600) forever.
@@ -462,9 +713,10 @@ impl Daemon {
         match req {
             Request::Status => {
                 let guests: Vec<_> = self.guests().values().map(|g| g.status()).collect();
+                let refused = lock(&self.refused_unknown).clone();
                 let reply = Reply {
                     ok: true,
-                    status: Some(json!({ "guests": guests })),
+                    status: Some(json!({ "guests": guests, "refused_unknown": refused })),
                     ..Reply::default()
                 };
                 write_line(&mut w, &reply).await
@@ -678,15 +930,30 @@ async fn pipe<S: AsyncRead + AsyncWrite>(
 }
 
 /// Keeps one configured mux transport connected, forever, with backoff.
-async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priority: u32) {
+async fn run_transport(
+    guest: Arc<Guest>,
+    t: TransportConfig,
+    idx: usize,
+    priority: u32,
+    insecure_tcp: bool,
+) {
     let name = t.display_name();
     let address = t.address.to_string();
     let (guest, name, address, t) = (&guest, &name, &address, &t);
     keep_transport(guest, t, idx, "mux", |conn| async move {
-        let reason = guest
-            .mux
-            .run_link(conn.stream, t.link_params(priority), name, &[])
-            .await;
+        let peer = conn.peer.clone();
+        let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
+            Ok((stream, prefix)) => {
+                guest
+                    .mux
+                    .run_link(stream, t.link_params(priority), name, &prefix)
+                    .await
+            }
+            Err(reason) => {
+                lock(&guest.refusals).record(&guest.name, &peer, &reason);
+                format!("refused: {reason}")
+            }
+        };
         tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
         guest.transport_event(false, "mux", name, address, &reason);
         guest.update(idx, |s| {
@@ -696,6 +963,61 @@ async fn run_transport(guest: Arc<Guest>, t: TransportConfig, idx: usize, priori
         });
     })
     .await
+}
+
+/// Checks that a connection on one of `guest`'s own transports is the guest (its `uid`, `gid`,
+/// `cid`; on TCP the key handshake, in whichever direction we connected) and returns the stream
+/// and the bytes read past the handshake. A refused connection has been told why.
+async fn prove_own(
+    guest: &Guest,
+    conn: vstream_transport::Connection,
+    address: &Address,
+    insecure_tcp: bool,
+) -> Result<(vstream_transport::BoxStream, Vec<u8>), String> {
+    let mut stream = conn.stream;
+    if let Err(reason) = guest.rules.admit_own(&guest.name, &conn.identity) {
+        refuse(&mut stream, &reason).await;
+        return Err(reason);
+    }
+    let accepted = matches!(conn.identity, PeerIdentity::Tcp(_));
+    let connected = matches!(address, Address::Tcp { .. });
+    if !accepted && !connected {
+        return Ok((stream, Vec::new()));
+    }
+    let handshake = match (&guest.key, accepted) {
+        (Some(key), true) => {
+            let key_for = |n: &str| match n == guest.name {
+                true => Ok(key.clone()),
+                false => Err(format!(
+                    "this transport is guest {:?}'s, not {n:?}'s",
+                    guest.name
+                )),
+            };
+            link_auth::acceptor(
+                &mut stream,
+                Vec::new(),
+                key_for,
+                rand::random(),
+                HELLO_TIMEOUT,
+            )
+            .await
+            .map(|(_, rest)| rest)
+        }
+        (Some(key), false) => {
+            link_auth::connector(&mut stream, &guest.name, key, rand::random(), HELLO_TIMEOUT).await
+        }
+        (None, _) if insecure_tcp => Ok(Vec::new()),
+        (None, _) => {
+            let reason = "plain TCP without a key is refused: give the guest a key_file, or set [daemon] insecure_tcp = true".to_owned();
+            if accepted {
+                refuse(&mut stream, &reason).await;
+            }
+            return Err(reason);
+        }
+    };
+    handshake
+        .map(|rest| (stream, rest))
+        .map_err(|e| e.to_string())
 }
 
 /// Keeps one configured transport's endpoint bound and accepting, forever. A failed bind is

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod identity;
 
 /// Default control socket path (also from `VSTREAM_CONTROL`).
 pub const DEFAULT_CONTROL: &str = "/run/vstream/control.sock";

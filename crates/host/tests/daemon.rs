@@ -169,6 +169,8 @@ async fn garbage_on_the_agent_listener_does_not_disturb_a_good_guest() {
         r#"
 [daemon]
 listen = ["unix-listen:DIR/agents.sock"]
+[daemon.announced]
+allow = true
 "#,
     );
     let agent = Agent::start("good", vec![d.unix("agents.sock")]);

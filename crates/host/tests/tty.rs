@@ -23,6 +23,7 @@ async fn daemon_and_agent() -> (Daemon, Agent) {
     let d = Options::new()
         .arg("--listen")
         .arg("unix-listen:DIR/agents.sock")
+        .arg("--allow-announced")
         .wait_for_file("DIR/agents.sock")
         .start();
     let agent = Agent::start("g", vec![d.unix("agents.sock")]);

@@ -113,6 +113,7 @@ fn agent(d: &Daemon, check: Option<String>) -> Agent {
                 interval: INTERVAL,
                 check,
             }),
+            ..AgentOptions::default()
         },
     )
 }

@@ -8,6 +8,8 @@
 //! never waits on the network.
 #![deny(missing_docs)]
 
+pub mod auth;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::pin::Pin;
@@ -527,17 +529,24 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, tx: &Transmit) -> 
     Ok(())
 }
 
-/// Reads from a fresh stream until the peer's HELLO arrives (or `timeout` passes). Returns the
-/// HELLO and every byte read, to be passed as `prefix` to [`Mux::run_link`].
+/// Reads from a fresh stream until the peer's HELLO arrives (or `timeout` passes); `prefix`
+/// holds bytes already read from it. Returns the HELLO and every byte read, to be passed as
+/// `prefix` to [`Mux::run_link`].
 pub async fn read_hello<R: AsyncRead + Unpin>(
     r: &mut R,
+    prefix: Vec<u8>,
     timeout: Duration,
 ) -> io::Result<(Hello, Vec<u8>)> {
     let mut decoder = Decoder::new(64 * 1024);
-    let mut seen = Vec::new();
+    decoder.push(&prefix);
+    let mut seen = prefix;
     let mut buf = [0u8; 4096];
     let fut = async {
         loop {
+            if let Some(hello) = peek_hello(&mut decoder) {
+                return hello
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
             let n = r.read(&mut buf).await?;
             if n == 0 {
                 return Err(io::Error::new(
@@ -553,10 +562,6 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
             }
             seen.extend_from_slice(&buf[..n]);
             decoder.push(&buf[..n]);
-            if let Some(hello) = peek_hello(&mut decoder) {
-                return hello
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
-            }
         }
     };
     let hello = tokio::time::timeout(timeout, fut)

@@ -39,6 +39,10 @@ struct Args {
     /// /usr/sbin/pppd exists).
     #[arg(long)]
     ppp: Option<vstream_devices::ppp::guest::Mode>,
+    /// The guest's key, for TCP links: a file of at least 16 bytes that vstreamd's config also
+    /// names (`key_file`); proven in a handshake, never sent (also `vstream.key_file=`).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
     /// Do not feed the kernel's entropy pool from the host (also `vstream.random=0`).
     #[arg(long)]
     no_random: bool,
@@ -190,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         qga: args.qga.clone(),
         random: args.no_random.then_some(false),
         watchdog_interval: args.watchdog_interval,
+        key_file: args.key_file.clone(),
     };
     if settings.connect.is_empty() && settings.qga.is_none() {
         let text = std::fs::read_to_string(&args.cmdline).map_err(|e| {
@@ -204,7 +209,12 @@ fn main() -> anyhow::Result<()> {
         settings.qga = k.qga;
         settings.random = settings.random.or(k.random);
         settings.watchdog_interval = settings.watchdog_interval.or(k.watchdog_interval);
+        settings.key_file = settings.key_file.or(k.key_file);
     }
+    let key = match &settings.key_file {
+        Some(path) => Some(vstream_link::auth::read_key_file(path)?),
+        None => None,
+    };
     if settings.connect.is_empty() && settings.qga.is_none() {
         anyhow::bail!("nothing to connect to: give --connect ADDR (or --qga ADDR) or vstream.connect= on the kernel command line");
     }
@@ -246,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                     interval,
                     check: args.watchdog_check.clone(),
                 }),
+                key,
             };
             let mut agent = vstream_agent::Agent::start_with(&name, settings.connect, options);
             if let Some(qga) = settings.qga {

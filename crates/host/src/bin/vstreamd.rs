@@ -14,9 +14,16 @@ struct Args {
     /// Control socket (mode 0600) for vstreamctl.
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
     control: PathBuf,
-    /// Accept agents that announce their own name here (repeatable), e.g. vsock-listen:5000.
+    /// A shared listener for the agents of many guests (repeatable), e.g. vsock-listen:5000.
+    /// Which guest a connection is comes from what its transport proves: the CID on vsock, the
+    /// peer's uid/gid on Unix sockets, the key handshake on TCP (docs/THREAT-MODEL.md).
     #[arg(long)]
     listen: Vec<Address>,
+    /// Also accept guests that are not in the config, by the name they announce (as
+    /// `[daemon.announced] allow = true`): each name is owned by the uid or CID that announced
+    /// it first.
+    #[arg(long)]
+    allow_announced: bool,
     /// TOML configuration (see docs/vstreamd.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -34,10 +41,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    cfg.daemon.announced.allow |= args.allow_announced;
     let state_dir = args
         .state_dir
         .clone()

@@ -65,6 +65,14 @@ impl Daemon {
             .expect("address")
     }
 
+    /// The vstreamd process's id.
+    pub fn pid(&self) -> u32 {
+        match &self.run {
+            Run::Process(child) => child.id(),
+            Run::InProcess { .. } => std::process::id(),
+        }
+    }
+
     /// What vstreamd has logged so far (empty for an in-process daemon).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.path("vstreamd.log")).unwrap_or_default()
