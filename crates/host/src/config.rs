@@ -414,6 +414,31 @@ mod tests {
     }
 
     #[test]
+    fn identity_settings_parse_and_are_checked() {
+        let text = include_str!("../../../docs/vstreamd.example.toml");
+        let cfg: Config = toml::from_str(text).expect("example config");
+        assert_eq!((cfg.guest[0].cid, cfg.guest[0].uid), (Some(3), Some(0)));
+        assert!(!cfg.daemon.announced.allow && !cfg.daemon.insecure_tcp);
+        assert_eq!(cfg.daemon.announced.max, 64);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |text: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).expect("write");
+            Config::load(&path)
+        };
+        let e = load("[[guest]]\nname = \"a\"\ncid = 3\n[[guest]]\nname = \"b\"\ncid = 3\n")
+            .expect_err("one CID, two guests");
+        assert!(e.to_string().contains("CID 3"), "{e}");
+        std::fs::write(dir.path().join("short.key"), "short\n").expect("key");
+        let e = load(&format!(
+            "[[guest]]\nname = \"a\"\nkey_file = \"{}\"\n",
+            dir.path().join("short.key").display()
+        ))
+        .expect_err("short key");
+        assert!(e.to_string().contains("at least 16 bytes"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<Config>("[[guest]]\nname = \"a\"\nbogus = 1\n").is_err());
     }

@@ -357,7 +357,10 @@ forget_after_secs = 1
     // new names a second get in.
     let accepted = 10_000 - refused;
     let bound = 4 * (started.elapsed().as_secs() + 2);
-    assert!(accepted <= bound, "{accepted} names accepted (bound {bound})");
+    assert!(
+        accepted <= bound,
+        "{accepted} names accepted (bound {bound})"
+    );
     let grown = rss().saturating_sub(start_rss);
     eprintln!(
         "10,000 random names in {:?}: {count} guests, vstreamd RSS {start_rss} kB -> +{grown} kB",
