@@ -187,6 +187,9 @@ pub struct Daemon {
     events: broadcast::Sender<serde_json::Value>,
     /// Printer spools of configured guests, by guest name.
     printers: Mutex<BTreeMap<String, Arc<Spool>>>,
+    /// Events of the start (print jobs a killed vstreamd left incomplete), from before anyone
+    /// could listen: every `events` client gets them first, marked `replayed`.
+    start_events: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Daemon {
@@ -199,6 +202,7 @@ impl Daemon {
             state_dir,
             events,
             printers: Mutex::new(BTreeMap::new()),
+            start_events: Default::default(),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -302,6 +306,8 @@ impl Daemon {
             let p = &g.printer;
             let events = self.events.clone();
             let gname = g.name.clone();
+            let opening = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let (at_start, still_opening) = (self.start_events.clone(), opening.clone());
             let spool = Spool::open(
                 &g.name,
                 SpoolConfig {
@@ -316,10 +322,16 @@ impl Daemon {
                 Arc::new(move |mut v| {
                     v["guest"] = json!(gname);
                     v["time"] = json!(now_secs());
-                    let _ = events.send(v);
+                    if still_opening.load(std::sync::atomic::Ordering::Relaxed) {
+                        v["replayed"] = json!(true);
+                        at_start.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+                    } else {
+                        let _ = events.send(v);
+                    }
                 }),
             )
             .map_err(|e| anyhow::anyhow!("guest {}: printer: {e}", g.name))?;
+            opening.store(false, std::sync::atomic::Ordering::Relaxed);
             self.printers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -611,6 +623,16 @@ impl Daemon {
             Request::Events { guest } => {
                 let mut rx = self.events.subscribe();
                 write_line(&mut w, &Reply::ok()).await?;
+                let replayed = self
+                    .start_events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for ev in replayed {
+                    if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
+                        write_line(&mut w, &ev).await?;
+                    }
+                }
                 loop {
                     match rx.recv().await {
                         Ok(ev) => {
