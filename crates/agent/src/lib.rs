@@ -130,6 +130,11 @@ impl Drop for Agent {
     }
 }
 
+/// Longest wait between two attempts to reach the host. Short, so that a guest is back within
+/// 2 s of a restarted vstreamd's start however long the daemon was gone; an attempt on a dead
+/// socket or an unconnected port costs next to nothing.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Keeps one transport connected forever, with backoff; errors are logged once per change.
 async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String, Option<Key>)) {
     let mut backoff = Duration::from_millis(100);
@@ -139,7 +144,7 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String,
             Ok(ep) => break ep,
             Err(e) => {
                 log_change(&mut last_error, &address, &e.to_string());
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(MAX_BACKOFF).await;
             }
         }
     };
@@ -162,7 +167,7 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String,
             Err(e) => log_change(&mut last_error, &address, &e.to_string()),
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

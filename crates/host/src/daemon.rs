@@ -274,6 +274,9 @@ pub struct Daemon {
     policy: Policy,
     /// Refusals of names that no guest has.
     refused_unknown: Mutex<Refusals>,
+    /// Events of the start (print jobs a killed vstreamd left incomplete), from before anyone
+    /// could listen: every `events` client gets them first, marked `replayed`.
+    start_events: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Daemon {
@@ -297,6 +300,7 @@ impl Daemon {
             printers: Mutex::new(BTreeMap::new()),
             policy,
             refused_unknown: Mutex::new(Refusals::default()),
+            start_events: Default::default(),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -408,6 +412,8 @@ impl Daemon {
             let p = &g.printer;
             let events = self.events.clone();
             let gname = g.name.clone();
+            let opening = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let (at_start, still_opening) = (self.start_events.clone(), opening.clone());
             let spool = Spool::open(
                 &g.name,
                 SpoolConfig {
@@ -422,10 +428,16 @@ impl Daemon {
                 Arc::new(move |mut v| {
                     v["guest"] = json!(gname);
                     v["time"] = json!(now_secs());
-                    let _ = events.send(v);
+                    if still_opening.load(std::sync::atomic::Ordering::Relaxed) {
+                        v["replayed"] = json!(true);
+                        at_start.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+                    } else {
+                        let _ = events.send(v);
+                    }
                 }),
             )
             .map_err(|e| anyhow::anyhow!("guest {}: printer: {e}", g.name))?;
+            opening.store(false, std::sync::atomic::Ordering::Relaxed);
             self.printers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -863,6 +875,16 @@ impl Daemon {
             Request::Events { guest } => {
                 let mut rx = self.events.subscribe();
                 write_line(&mut w, &Reply::ok()).await?;
+                let replayed = self
+                    .start_events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for ev in replayed {
+                    if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
+                        write_line(&mut w, &ev).await?;
+                    }
+                }
                 loop {
                     match rx.recv().await {
                         Ok(ev) => {

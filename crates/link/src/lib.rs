@@ -148,7 +148,10 @@ impl Inner {
                 }
                 Event::ChannelReset { id, code, reason } => {
                     let reason = format!("channel reset ({code:?}): {reason}");
-                    if code != ResetCode::SessionLost && code != ResetCode::Aborted {
+                    if code == ResetCode::SessionLost {
+                        // Expected after a peer restart, but each lost channel is said once.
+                        tracing::info!(peer = %shared.label, channel = id, "{reason}");
+                    } else if code != ResetCode::Aborted {
                         tracing::warn!(peer = %shared.label, channel = id, "{reason}");
                         let _ = self.events.send(MuxEvent::ChannelReset {
                             channel: id,

@@ -1,8 +1,9 @@
 //! A size-capped log file with rotation (`NAME.log`, `NAME.log.1` ... `NAME.log.KEEP`).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Appends bytes to a file and rotates it when it would grow past `max_bytes`.
 #[derive(Debug)]
@@ -12,6 +13,10 @@ pub struct RotatingLog {
     keep: usize,
     file: File,
     size: u64,
+    /// When the log was last written, if it was (by an earlier run: the file's mtime).
+    last_write: Option<SystemTime>,
+    /// Whether the last byte written ended a line (or nothing was written).
+    at_line_start: bool,
 }
 
 impl RotatingLog {
@@ -20,15 +25,39 @@ impl RotatingLog {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let size = meta.len();
+        let mut last = [b'\n'];
+        if size > 0 {
+            file.seek(SeekFrom::End(-1))?;
+            file.read_exact(&mut last)?;
+        }
         Ok(RotatingLog {
             path: path.to_owned(),
             max_bytes: max_bytes.max(1024),
             keep,
             file,
             size,
+            last_write: (size > 0).then(|| meta.modified().ok()).flatten(),
+            at_line_start: last[0] == b'\n',
         })
+    }
+
+    /// When the log was last written (by this run or, for a log that had content when it was
+    /// opened, by an earlier one).
+    pub fn last_write(&self) -> Option<SystemTime> {
+        self.last_write
+    }
+
+    /// Writes `line` on a line of its own (a note of ours amid the guest's output).
+    pub fn mark(&mut self, line: &str) -> io::Result<()> {
+        let sep = if self.at_line_start { "" } else { "\n" };
+        self.write(format!("{sep}{line}\n").as_bytes())
     }
 
     /// Appends `data`, rotating first if it would not fit.
@@ -38,6 +67,10 @@ impl RotatingLog {
         }
         self.file.write_all(data)?;
         self.size += data.len() as u64;
+        if let Some(last) = data.last() {
+            self.at_line_start = *last == b'\n';
+            self.last_write = Some(SystemTime::now());
+        }
         Ok(())
     }
 

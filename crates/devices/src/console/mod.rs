@@ -265,6 +265,9 @@ async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::R
             }
         }
     };
+    // Since when output may have gone uncaptured: the log's last write by an earlier vstreamd
+    // (stopped or killed), then each disconnection.
+    let mut interrupted = log.last_write();
     loop {
         let conn = match endpoint.next().await {
             Ok(c) => c,
@@ -276,6 +279,16 @@ async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::R
             }
         };
         backoff = Duration::from_millis(100);
+        if let Some(since) = interrupted.take() {
+            let line = format!(
+                "[vstreamd: console capture interrupted at {}, resumed at {}; output in between, if any, was not captured]",
+                utc(since),
+                utc(SystemTime::now())
+            );
+            if let Err(e) = log.mark(&line) {
+                tracing::warn!(console = %console.settings.name, "log write failed: {e}");
+            }
+        }
         tracing::info!(console = %console.settings.name, peer = %conn.peer, "console connected");
         console.set_connected(true, &conn.peer);
         let (mut r, mut w) = tokio::io::split(conn.stream);
@@ -312,9 +325,23 @@ async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::R
             }
         };
         tracing::info!(console = %console.settings.name, "console disconnected: {why}");
+        interrupted = Some(SystemTime::now());
         console.set_connected(false, "");
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (y, m, d) = crate::qga::guest::civil_from_days(secs.div_euclid(86_400));
+    let s = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 #[cfg(test)]
@@ -369,5 +396,43 @@ mod tests {
             console.attach(true).is_writer(),
             "the writer role is released on detach"
         );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_capture_continues_the_log_after_a_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("con.sock");
+        let log = dir.path().join("hvc0.log");
+        // What an earlier vstreamd captured before it was killed, mid-line.
+        std::fs::write(&log, b"boot ok\nhalf a li").expect("old log");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let console = Console::start(ConsoleSettings {
+            name: "hvc0".into(),
+            address: format!("unix:{}", sock.display()).parse().expect("address"),
+            log: log.clone(),
+            log_max_bytes: 1 << 20,
+            log_keep: 2,
+        })
+        .expect("start");
+        let (mut guest, _) = listener.accept().await.expect("accept");
+        let mut viewer = console.attach(false);
+        guest.write_all(b"after\n").await.expect("write");
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"after\n") {
+            if let Ok(Some(b)) = viewer.next_output().await {
+                seen.extend_from_slice(&b);
+            }
+        }
+        let text = String::from_utf8(std::fs::read(&log).expect("log")).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(&lines[..2], ["boot ok", "half a li"]);
+        assert!(
+            lines[2].starts_with("[vstreamd: console capture interrupted at ")
+                && lines[2].contains(" UTC, resumed at "),
+            "{text}"
+        );
+        assert_eq!(lines[3], "after");
+        assert_eq!(seen, b"after\n", "viewers see only the guest's output");
     }
 }

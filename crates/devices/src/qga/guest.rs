@@ -86,7 +86,7 @@ pub struct GuestAgent {
 }
 
 struct State {
-    files: BTreeMap<i64, Arc<Mutex<File>>>,
+    files: BTreeMap<i64, OpenFile>,
     next_handle: i64,
     procs: HashMap<i64, Arc<Proc>>,
     frozen: bool,
@@ -1502,6 +1502,56 @@ impl GuestAgent {
 // ---------------------------------------------------------------------------------------------
 // Files.
 
+/// An open handle. A file opened with mode `w` is written under a temporary name and renamed
+/// over its path by `guest-file-close` (`commit`), so that a copy cut short (the host gone, the
+/// channel reset) never looks complete under the final name.
+struct OpenFile {
+    file: Arc<Mutex<File>>,
+    commit: Option<Commit>,
+}
+
+/// Where a `w` handle's temporary file goes on `guest-file-close`.
+struct Commit {
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+/// The temporary name of handle `handle`'s file for `path`: next to it (so the rename stays
+/// within one file system), and saying what it is if a cut copy leaves it behind.
+fn partial_name(path: &Path, handle: i64) -> Option<PathBuf> {
+    let mut name = path.file_name()?.to_owned();
+    name.push(format!(".vstream-partial-{handle}"));
+    Some(path.with_file_name(name))
+}
+
+/// Opens `path` for mode `w` as a temporary file to be renamed over it on close; `None` when
+/// that cannot keep the meaning of writing to `path` (a symbolic link, a device, a FIFO, a file
+/// with other hard links) or the directory refuses a new file: then the caller opens `path`
+/// itself, as qemu-ga does.
+fn open_for_commit(path: &Path, handle: i64, opts: &OpenOptions) -> Option<(File, Commit)> {
+    use std::os::unix::fs::MetadataExt;
+    let existing = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => Some(m),
+        Ok(_) => return None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(_) => return None,
+    };
+    let temp = partial_name(path, handle)?;
+    let file = opts.open(&temp).ok()?;
+    if let Some(m) = existing {
+        // The replacement keeps the file's owner and permissions (best effort: only root
+        // may give a file away).
+        let _ = rustix::fs::fchown(
+            &file,
+            Some(rustix::fs::Uid::from_raw(m.uid())),
+            Some(rustix::fs::Gid::from_raw(m.gid())),
+        );
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777));
+    }
+    let path = path.to_owned();
+    Some((file, Commit { temp, path }))
+}
+
 /// open(2) options for an fopen(3) mode.
 fn open_options(mode: &str) -> Option<OpenOptions> {
     let mut o = OpenOptions::new();
@@ -1525,7 +1575,7 @@ impl GuestAgent {
         lock(&self.state)
             .files
             .get(&handle)
-            .cloned()
+            .map(|f| f.file.clone())
             .ok_or_else(|| QgaError::generic(format!("handle '{handle}' has not been found")))
     }
 
@@ -1538,31 +1588,64 @@ impl GuestAgent {
                 "too many open files ({MAX_OPEN_FILES}); close some with guest-file-close"
             )));
         }
-        let file = opts.open(path).map_err(|e| {
-            QgaError::generic(format!(
-                "failed to open file '{path}' (mode: '{mode}'): {}",
-                errstr(&e)
-            ))
-        })?;
+        // Taken before the open, for the temporary name; never reused, even if the open fails.
+        let handle = {
+            let mut st = lock(&self.state);
+            st.next_handle += 1;
+            st.next_handle - 1
+        };
+        let staged = matches!(mode, "w" | "wb")
+            .then(|| open_for_commit(Path::new(path), handle, &opts))
+            .flatten();
+        let (file, commit) = match staged {
+            Some((file, commit)) => (file, Some(commit)),
+            None => {
+                let file = opts.open(path).map_err(|e| {
+                    QgaError::generic(format!(
+                        "failed to open file '{path}' (mode: '{mode}'): {}",
+                        errstr(&e)
+                    ))
+                })?;
+                (file, None)
+            }
+        };
         let mut st = lock(&self.state);
         if st.files.len() >= MAX_OPEN_FILES {
+            if let Some(c) = commit {
+                let _ = std::fs::remove_file(c.temp);
+            }
             return Err(QgaError::generic(format!(
                 "too many open files ({MAX_OPEN_FILES}); close some with guest-file-close"
             )));
         }
-        let handle = st.next_handle;
-        st.next_handle += 1;
-        st.files.insert(handle, Arc::new(Mutex::new(file)));
+        st.files.insert(
+            handle,
+            OpenFile {
+                file: Arc::new(Mutex::new(file)),
+                commit,
+            },
+        );
         tracing::debug!(handle, path, mode, "guest-file-open");
         Ok(handle)
     }
 
     fn file_close(&self, handle: i64) -> Result<(), QgaError> {
-        lock(&self.state)
+        let open = lock(&self.state)
             .files
             .remove(&handle)
-            .map(drop)
-            .ok_or_else(|| QgaError::generic(format!("handle '{handle}' has not been found")))
+            .ok_or_else(|| QgaError::generic(format!("handle '{handle}' has not been found")))?;
+        let Some(c) = open.commit else {
+            return Ok(());
+        };
+        std::fs::rename(&c.temp, &c.path).map_err(|e| {
+            let _ = std::fs::remove_file(&c.temp);
+            QgaError::generic(format!(
+                "failed to close file '{}': cannot rename {} to it: {}",
+                c.path.display(),
+                c.temp.display(),
+                errstr(&e)
+            ))
+        })
     }
 
     fn file_read(&self, handle: i64, count: Option<i64>) -> Result<GuestFileRead, QgaError> {

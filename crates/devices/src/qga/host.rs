@@ -53,7 +53,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Guest(e) => write!(f, "guest agent error: {}", e.desc),
             ClientError::Protocol(e) => write!(f, "bad reply from the guest agent: {e}"),
             ClientError::Timeout(what) => write!(f, "no reply from the guest agent to {what}"),
-            ClientError::Closed => write!(f, "the guest agent closed the connection"),
+            ClientError::Closed => write!(f, "the connection to the guest agent ended"),
         }
     }
 }
@@ -406,11 +406,13 @@ async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> io::Resul
     Ok(n)
 }
 
-/// After a failure: collects the replies still due, then closes the handle (best effort).
+/// After a failure: collects the replies still due, then closes the handle (best effort) if
+/// `close`.
 async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Client<S>,
     handle: i64,
     in_flight: usize,
+    close: bool,
 ) {
     for _ in 0..in_flight {
         if let Err(ClientError::Io(_) | ClientError::Closed | ClientError::Timeout(_)) =
@@ -419,7 +421,9 @@ async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     }
-    let _ = client.file_close(handle).await;
+    if close {
+        let _ = client.file_close(handle).await;
+    }
 }
 
 /// Copies `reader` into the guest file `path` (created or truncated), `chunk` bytes per
@@ -483,7 +487,9 @@ where
             Ok(total)
         }
         Err(e) => {
-            abandon(client, handle, in_flight.len()).await;
+            // Not closed: vstream-agent puts a `w` file in place on guest-file-close, and this
+            // one is incomplete (it stays under a `.vstream-partial-N` name in the guest).
+            abandon(client, handle, in_flight.len(), false).await;
             Err(e)
         }
     }
@@ -566,7 +572,7 @@ where
             Ok(total)
         }
         Err(e) => {
-            abandon(client, handle, in_flight).await;
+            abandon(client, handle, in_flight, true).await;
             Err(e)
         }
     }

@@ -1045,6 +1045,81 @@ fn files_open_write_seek_read_close_with_checked_handles() {
 }
 
 #[test]
+fn a_file_written_with_mode_w_appears_whole_on_close_only() {
+    let f = fixture();
+    let path = f.dir.path().join("target.bin");
+    std::fs::write(&path, b"old content").expect("old");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let p = path.to_string_lossy().into_owned();
+    let open = |mode: &str| {
+        ok(
+            &f.agent,
+            &Command::FileOpen {
+                path: p.clone(),
+                mode: Some(mode.into()),
+            },
+        )
+        .as_i64()
+        .expect("handle")
+    };
+    let write = |h: i64, data: &[u8]| {
+        ok(
+            &f.agent,
+            &Command::FileWrite {
+                handle: h,
+                buf_b64: base64_encode(data),
+                count: None,
+            },
+        )
+    };
+    let partial = |h: i64| f.dir.path().join(format!("target.bin.vstream-partial-{h}"));
+
+    // A copy cut short (never closed): the final name keeps its old content, the data is
+    // under a name that says it is partial.
+    let cut = open("w");
+    write(cut, b"the first half of a ");
+    assert_eq!(std::fs::read(&path).expect("final"), b"old content");
+    assert_eq!(
+        std::fs::read(partial(cut)).expect("partial"),
+        b"the first half of a "
+    );
+
+    // A whole one: in place on close, with the file's mode.
+    let whole = open("wb");
+    write(whole, b"new content, all of it");
+    assert_eq!(std::fs::read(&path).expect("final"), b"old content");
+    ok(&f.agent, &Command::FileClose { handle: whole });
+    assert_eq!(
+        std::fs::read(&path).expect("final"),
+        b"new content, all of it"
+    );
+    let mode = std::fs::metadata(&path).expect("final").permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert!(!partial(whole).exists());
+    assert!(partial(cut).exists());
+
+    // Through a symbolic link: written in place, the link stays a link.
+    let link = f.dir.path().join("link");
+    std::os::unix::fs::symlink(&path, &link).expect("symlink");
+    let h = ok(
+        &f.agent,
+        &Command::FileOpen {
+            path: link.to_string_lossy().into_owned(),
+            mode: Some("w".into()),
+        },
+    )
+    .as_i64()
+    .expect("handle");
+    write(h, b"via the link");
+    assert_eq!(std::fs::read(&path).expect("final"), b"via the link");
+    ok(&f.agent, &Command::FileClose { handle: h });
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
 fn open_handles_and_read_counts_are_bounded() {
     let f = fixture();
     let path = f.dir.path().join("big");

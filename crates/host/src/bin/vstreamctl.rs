@@ -331,14 +331,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 class,
                 name: String::new(),
             };
+            let daemon = daemon_id(&args.control);
             let (r, w, _) = request(&args.control, &req).await?;
             let mode = match (tty, no_tty) {
                 (true, _) => PtyMode::Always,
                 (_, true) => PtyMode::Never,
                 _ => PtyMode::Auto,
             };
+            let status = run(&guest, r, w, command, mode).await;
             // Exits here: the runtime's blocking stdin reader cannot be cancelled.
-            std::process::exit(run(&guest, r, w, command, mode).await)
+            std::process::exit(explain_failure(&args.control, daemon, status).await)
         }
         Cmd::Exec { guest, command } => {
             use vstream_devices::tty::host::{run, PtyMode};
@@ -348,8 +350,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 class,
                 name: String::new(),
             };
+            let daemon = daemon_id(&args.control);
             let (r, w, _) = request(&args.control, &req).await?;
-            std::process::exit(run(&guest, r, w, command, PtyMode::Never).await)
+            let status = run(&guest, r, w, command, PtyMode::Never).await;
+            std::process::exit(explain_failure(&args.control, daemon, status).await)
         }
         Cmd::Events { guest, json } => {
             let (mut r, _w, _) = request(&args.control, &Request::Events { guest }).await?;
@@ -368,7 +372,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             timeout,
             pretty,
         } => qga_raw(&args.control, &guest, &command, timeout, pretty).await,
-        Cmd::Cp { src, dst, chunk } => qga_cp(&args.control, &src, &dst, chunk).await,
+        Cmd::Cp { src, dst, chunk } => {
+            let daemon = daemon_id(&args.control);
+            match qga_cp(&args.control, &src, &dst, chunk).await {
+                Err(e) => Err(match daemon_lost(&args.control, daemon).await {
+                    Some(why) => e.context(why),
+                    None => e,
+                }),
+                done => done,
+            }
+        }
         Cmd::Shutdown { guest, mode } => qga_shutdown(&args.control, &guest, &mode).await,
         Cmd::Reboot { guest } => qga_shutdown(&args.control, &guest, "reboot").await,
         Cmd::TimeSync { guest } => qga_time_sync(&args.control, &guest).await,
@@ -380,6 +393,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         } => input(&args.control, &guest, forward, grab, action).await,
         Cmd::Jobs { guest, json } => jobs(&args.control, &guest, json).await,
     }
+}
+
+/// Which vstreamd serves `control`: each one binds a new socket file, so a restarted daemon's
+/// socket has another inode.
+fn daemon_id(control: &PathBuf) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(control).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// After a failure: why, if vstreamd stopped or was replaced since it was `before` (whatever it
+/// carried for this command, a guest channel included, is gone with it).
+async fn daemon_lost(control: &PathBuf, before: Option<(u64, u64)>) -> Option<String> {
+    match UnixStream::connect(control).await {
+        Err(e) => Some(format!(
+            "vstreamd stopped during the command ({}: {e})",
+            control.display()
+        )),
+        Ok(_) if daemon_id(control) != before => {
+            Some("vstreamd restarted during the command; its channel to the guest is lost".into())
+        }
+        Ok(_) => None,
+    }
+}
+
+/// Adds the reason to a session that failed without a status of its own (exec, shell) when
+/// vstreamd went away under it; returns the status to exit with.
+async fn explain_failure(control: &PathBuf, before: Option<(u64, u64)>, status: i32) -> i32 {
+    if status == vstream_devices::tty::host::FAILURE_STATUS {
+        if let Some(why) = daemon_lost(control, before).await {
+            eprintln!("vstreamctl: {why}");
+        }
+    }
+    status
 }
 
 async fn copy_out<R: AsyncRead + Unpin>(mut r: R) -> anyhow::Result<()> {

@@ -30,7 +30,11 @@ pub struct Daemon {
 }
 
 enum Run {
-    Process(Child),
+    Process {
+        child: Child,
+        /// The arguments and environment it was started with, for `restart`.
+        cmd: (Vec<OsString>, Vec<(String, String)>),
+    },
     InProcess {
         daemon: Arc<vstream_host::daemon::Daemon>,
         serving: tokio::task::JoinHandle<()>,
@@ -40,7 +44,7 @@ enum Run {
 impl Drop for Daemon {
     fn drop(&mut self) {
         match &mut self.run {
-            Run::Process(child) => {
+            Run::Process { child, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -82,8 +86,31 @@ impl Daemon {
     pub fn inner(&self) -> &Arc<vstream_host::daemon::Daemon> {
         match &self.run {
             Run::InProcess { daemon, .. } => daemon,
-            Run::Process(_) => panic!("vstreamd runs as a process"),
+            Run::Process { .. } => panic!("vstreamd runs as a process"),
         }
+    }
+
+    /// Kills vstreamd with SIGKILL (a crash: no cleanup, its socket files stay) and reaps it.
+    pub fn kill9(&mut self) {
+        let Run::Process { child, .. } = &mut self.run else {
+            panic!("only a vstreamd process can be killed");
+        };
+        child.kill().expect("SIGKILL vstreamd");
+        child.wait().expect("reap vstreamd");
+    }
+
+    /// Starts vstreamd again as it was started, on the same directory (its log continues in
+    /// `DIR/vstreamd.log`); returns as soon as the process is spawned, so that the caller can
+    /// time what follows from the new daemon's start.
+    pub fn restart(&mut self) {
+        let Run::Process { child, cmd } = &mut self.run else {
+            panic!("only a vstreamd process can be restarted");
+        };
+        assert!(
+            child.try_wait().expect("vstreamd state").is_some(),
+            "vstreamd is still running"
+        );
+        *child = spawn_vstreamd(&cmd.0, &cmd.1, &self.dir.path().join("vstreamd.log"));
     }
 
     /// `vstreamctl status --json`, which must succeed.
@@ -204,22 +231,22 @@ impl Options {
         let dir = tempfile::tempdir().expect("tempdir");
         let at = |s: &str| s.replace("DIR", &dir.path().display().to_string());
         let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vstreamd"));
-        cmd.arg("--control").arg(&control);
+        let mut args: Vec<OsString> = vec!["--control".into(), control.clone().into()];
         if let Some(text) = &self.config {
             let path = dir.path().join("vstreamd.toml");
             std::fs::write(&path, at(text)).expect("config");
-            cmd.arg("--config").arg(path);
+            args.extend(["--config".into(), path.into()]);
         }
-        cmd.arg("--state-dir")
-            .arg(at(&self.state_dir))
-            .args(self.args.iter().map(|a| OsString::from(at(a))))
-            .envs(self.env.iter().map(|(k, v)| (k, at(v))))
-            .stderr(std::fs::File::create(dir.path().join("vstreamd.log")).expect("log"));
-        let child = cmd.spawn().expect("spawn vstreamd");
+        args.extend(["--state-dir".into(), at(&self.state_dir).into()]);
+        args.extend(self.args.iter().map(|a| OsString::from(at(a))));
+        let env: Vec<(String, String)> = self.env.iter().map(|(k, v)| (k.clone(), at(v))).collect();
+        let child = spawn_vstreamd(&args, &env, &dir.path().join("vstreamd.log"));
         let waits: Vec<PathBuf> = self.wait.iter().map(|w| PathBuf::from(at(w))).collect();
         let d = Daemon {
-            run: Run::Process(child),
+            run: Run::Process {
+                child,
+                cmd: (args, env),
+            },
             control,
             dir,
         };
@@ -273,6 +300,21 @@ impl Options {
             dir,
         }
     }
+}
+
+/// vstreamd with `args` and `env`, its stderr appended to `log`.
+fn spawn_vstreamd(args: &[OsString], env: &[(String, String)], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new(env!("CARGO_BIN_EXE_vstreamd"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(log)
+        .spawn()
+        .expect("spawn vstreamd")
 }
 
 fn vstreamctl(control: &Path, args: &[&str]) -> Command {
