@@ -41,7 +41,7 @@ impl Agent {
 
     /// [`Agent::start`], plus the guest-initiated devices of `options`.
     pub fn start_with(name: &str, connect: Vec<Address>, options: AgentOptions) -> Agent {
-        let (mux, incoming) = Mux::new(Config::new(Role::Guest, name), rand::random::<u64>() | 1);
+        let (mux, incoming) = Mux::new(Config::new(Role::Guest, name), vstream_link::session_id());
         let mut tasks = vec![tokio::spawn(vstream_devices::dispatch(
             vstream_devices::guest_services(),
             incoming,

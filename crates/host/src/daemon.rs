@@ -342,7 +342,7 @@ impl Daemon {
         identity: (Rules, Option<Key>, Option<Owner>),
     ) -> Arc<Guest> {
         let cfg = self.limits.wire_config(Role::Host, name);
-        let (mux, incoming) = Mux::new(cfg, rand::random::<u64>() | 1);
+        let (mux, incoming) = Mux::new(cfg, vstream_link::session_id());
         let printer = self
             .printers
             .lock()

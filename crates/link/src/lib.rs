@@ -573,6 +573,46 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
     Ok((hello, seen))
 }
 
+/// A new session id for [`Mux::new`]: non-zero, different for every session, and available at
+/// once, even early in a guest's boot.
+///
+/// A session id needs uniqueness, not secrecy: it tells a resumed session from a restarted peer,
+/// and the peer learns it in our first HELLO anyway. So it never waits for the kernel's CRNG,
+/// which in a guest without virtio-rng or RDRAND may stay uninitialised for a minute after boot
+/// (a blocking `getrandom` there held the agent up for 40 s): `getrandom(GRND_INSECURE)`
+/// (Linux 5.6 and later), else `GRND_NONBLOCK` (fails only while the CRNG is not ready), else a
+/// hash of the clock, the pid, a stack address and a per-process counter.
+pub fn session_id() -> u64 {
+    use rustix::rand::{getrandom, GetRandomFlags};
+    let mut buf = [0u8; 8];
+    let from_kernel = [GetRandomFlags::INSECURE, GetRandomFlags::NONBLOCK]
+        .into_iter()
+        .any(|flags| matches!(getrandom(&mut buf[..], flags), Ok(8)));
+    let id = if from_kernel {
+        u64::from_ne_bytes(buf)
+    } else {
+        fallback_session_id(&buf)
+    };
+    id.max(1)
+}
+
+/// The last resort of [`session_id`]: unique enough (a restarted process has a new pid or a
+/// later clock; ASLR moves the stack), never random.
+fn fallback_session_id(local: &[u8; 8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::hash::DefaultHasher::new();
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .hash(&mut h);
+    std::process::id().hash(&mut h);
+    (local.as_ptr() as usize).hash(&mut h);
+    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut h);
+    h.finish()
+}
+
 /// Link parameters for a transport address: serial lines (named as such, or declared with a
 /// `baud` because a socket stands for one, as QEMU's chardev of a 16550 does) get small frames
 /// and patient timers; everything else is a fast stream. Lower `priority` is preferred.
@@ -844,4 +884,20 @@ pub struct SessionCounters {
     pub session_restarts: u64,
     /// Retransmission timeouts.
     pub timeouts: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    #[test]
+    fn session_ids_are_non_zero_and_distinct_even_without_the_kernel() {
+        let ids: HashSet<u64> = (0..1000).map(|_| super::session_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(!ids.contains(&0));
+        let fallback: HashSet<u64> = (0..1000)
+            .map(|_| super::fallback_session_id(&[0; 8]))
+            .collect();
+        assert_eq!(fallback.len(), 1000, "the clock-and-pid ids repeat");
+    }
 }
