@@ -400,9 +400,9 @@ impl Mux {
                     deferred: st.deferred,
                     errors: by_kind(&st.errors),
                     errors_not_logged: by_kind(&st.suppressed),
+                    held_bytes: s.held_bytes(),
                 }
             },
-            held_bytes: s.held_bytes(),
         }
     }
 
@@ -846,8 +846,6 @@ pub struct MuxStatus {
     pub channels: Vec<ChannelStatus>,
     /// Counters.
     pub stats: SessionCounters,
-    /// Bytes the session holds because of the peer (bounded by `peer_buffer_limit`).
-    pub held_bytes: usize,
 }
 
 /// Status of one link.
@@ -925,6 +923,8 @@ pub struct SessionCounters {
     pub errors: BTreeMap<&'static str, u64>,
     /// Of those, the ones not logged (rate limit), by kind.
     pub errors_not_logged: BTreeMap<&'static str, u64>,
+    /// Bytes the session holds because of the peer now (bounded by `peer_buffer_limit`).
+    pub held_bytes: usize,
 }
 
 /// Non-zero counts by kind name.
