@@ -4,12 +4,14 @@
 //! - [`accel`]: KVM when it works, TCG otherwise;
 //! - [`qemu`]: the guest's devices and their host sockets;
 //! - [`lab`]: vstreamd + a QEMU guest for end-to-end tests (`xtask/tests/`);
-//! - [`demo`]: `cargo xtask demo`, one entry per device.
+//! - [`demo`]: `cargo xtask demo`, one entry per device;
+//! - [`hostile`]: a hostile guest beside a good one (`cargo xtask bench-hostile`).
 
 pub mod accel;
 pub mod cpio;
 pub mod demo;
 pub mod elf;
+pub mod hostile;
 pub mod image;
 pub mod lab;
 pub mod paths;

@@ -5,7 +5,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
-use xtask::{accel, demo, image, paths};
+use xtask::{accel, demo, hostile, image, paths};
 
 mod bench_qga;
 
@@ -23,6 +23,9 @@ tasks:
             [--count N] (default 2000)
   bench-qga vstream-agent vs qemu-ga in one guest: guest-ping latency, guest-file-read
             throughput, resident memory; prints a table with ratios (bench-qga --help)
+  bench-hostile  a hostile guest beside a good one (vstream-agent), no QEMU: vstreamd's
+            memory, log, the good guest's echo and stalls, status time, per attack
+            [--seconds N] (20) [--attack NAME]... (churn fill garbage crc-bomb credit-lie)
 
 ./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
 }
@@ -46,6 +49,53 @@ fn build_agent() -> Result<()> {
         bail!("the static agent build failed ({status})");
     }
     println!("{}", paths::agent_bin().display());
+    Ok(())
+}
+
+/// Builds vstreamd, vstreamctl and vstream-agent (release) and runs the hostile-guest benchmark.
+fn bench_hostile(args: &[String]) -> Result<()> {
+    let mut opts = hostile::Options {
+        duration: std::time::Duration::from_secs(20),
+        attacks: Vec::new(),
+        bin_dir: paths::target_dir().join("release"),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let s: f64 = it.next().context("--seconds needs a value")?.parse()?;
+                opts.duration = std::time::Duration::from_secs_f64(s);
+            }
+            "--attack" => {
+                let name = it.next().context("--attack needs a name")?;
+                let attack =
+                    hostile::Attack::parse(name).with_context(|| format!("no attack {name:?}"))?;
+                opts.attacks.push(attack);
+            }
+            other => bail!("bench-hostile: unknown option {other:?}\n\n{}", usage()),
+        }
+    }
+    if opts.attacks.is_empty() {
+        opts.attacks = hostile::Attack::ALL.to_vec();
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vstream-host",
+            "-p",
+            "vstream-agent",
+        ])
+        .current_dir(paths::workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building vstreamd and vstream-agent failed ({status})");
+    }
+    let report = hostile::run(&opts)?;
+    hostile::print(&report, &opts);
     Ok(())
 }
 
@@ -174,6 +224,7 @@ fn run() -> Result<()> {
         "boot" => boot_task(&args[1..]),
         "bench-hid" => bench_hid(&args[1..]),
         "bench-qga" => bench_qga::run(&args[1..]),
+        "bench-hostile" => bench_hostile(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())

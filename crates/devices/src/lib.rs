@@ -128,6 +128,8 @@ pub async fn dispatch(
     services: Vec<Arc<dyn Service>>,
     mut incoming: mpsc::UnboundedReceiver<Incoming>,
 ) {
+    // A guest can open channels of unknown classes in a loop: a few lines a second, then a count.
+    let mut refusals = vstream_wire::limit::ReportLimit::default();
     while let Some(inc) = incoming.recv().await {
         match services.iter().find(|s| s.class() == inc.class) {
             Some(s) => {
@@ -135,7 +137,13 @@ pub async fn dispatch(
                 tokio::spawn(s.serve(inc.name, inc.stream));
             }
             None => {
-                tracing::warn!(class = %inc.class, name = %inc.name, "no service for this class");
+                let (log, held) = refusals.check((), std::time::Instant::now());
+                if held > 0 {
+                    tracing::warn!("{held} more channels of unknown classes refused, not logged");
+                }
+                if log {
+                    tracing::warn!(class = %inc.class, name = %inc.name, "no service for this class");
+                }
                 inc.stream
                     .reset(&format!("no service for device class {:?}", inc.class));
             }

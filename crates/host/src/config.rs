@@ -79,7 +79,8 @@ pub struct Limits {
     pub max_frame: u32,
     /// Channels per guest.
     pub max_channels: usize,
-    /// Sum of receive windows per guest, bytes.
+    /// The most one guest can make the daemon hold, bytes: windows, send buffers,
+    /// unacknowledged data, queued control frames, decoder and spare buffers, all included.
     pub peer_buffer_limit: usize,
     /// Unacknowledged bytes kept for retransmission per guest.
     pub max_unacked: usize,
@@ -87,6 +88,9 @@ pub struct Limits {
     pub keepalive_interval_ms: u64,
     /// A link is declared dead after this much silence, milliseconds.
     pub keepalive_timeout_ms: u64,
+    /// A guest's session (its channels and buffers) is forgotten after this long without a
+    /// link, milliseconds.
+    pub resume_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -101,6 +105,7 @@ impl Default for Limits {
             max_unacked: d.max_unacked,
             keepalive_interval_ms: d.keepalive_interval.as_millis() as u64,
             keepalive_timeout_ms: d.keepalive_timeout.as_millis() as u64,
+            resume_timeout_ms: d.resume_timeout.as_millis() as u64,
         }
     }
 }
@@ -117,8 +122,24 @@ impl Limits {
             max_unacked: self.max_unacked,
             keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
             keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
+            resume_timeout: Duration::from_millis(self.resume_timeout_ms),
             ..WireConfig::new(role, name)
         }
+    }
+
+    /// Whether `peer_buffer_limit` leaves room for a few channels after its fixed parts.
+    fn validate(&self) -> Result<(), String> {
+        let cfg = self.wire_config(Role::Host, "");
+        // One link, and room for the channels every guest has (console, agent, devices).
+        let least = cfg.fixed_charge(1) + 16 * cfg.channel_charge();
+        if self.peer_buffer_limit < least {
+            return Err(format!(
+                "peer_buffer_limit = {} leaves no room for channels: with these windows, \
+                 buffers and max_unacked it must be at least {least}",
+                self.peer_buffer_limit
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -277,6 +298,10 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let cfg: Config =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.daemon
+            .limits
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: [daemon.limits]: {e}", path.display()))?;
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
         for g in &cfg.guest {

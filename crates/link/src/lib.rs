@@ -22,9 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use vstream_transport::Address;
 use vstream_wire::frame::Decoder;
+use vstream_wire::limit::ReportLimit;
 use vstream_wire::{
-    peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
-    Session, Transmit,
+    peek_hello, ChannelError, ChannelId, Config, ErrorKind, Event, Hello, LinkId, LinkParams, Recv,
+    ResetCode, Session, Transmit, MAX_INPUT,
 };
 
 /// Most bytes handed to a transport in one write: large enough to batch many small frames
@@ -105,11 +106,15 @@ struct Inner {
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     links: BTreeMap<LinkId, LinkEntry>,
     events: broadcast::Sender<MuxEvent>,
+    /// Which channel resets by the peer are logged (the session limits its own reports).
+    reset_logs: ReportLimit<u16>,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
     label: String,
+    /// Wakes the readers paused because the session wanted no input.
+    input: Notify,
 }
 
 impl Shared {
@@ -122,7 +127,14 @@ impl Shared {
 
 impl Inner {
     fn epoch(&self) -> u64 {
-        self.session.stats().session_restarts
+        self.session.epoch()
+    }
+
+    /// Logs the counts of channel-reset lines held back in intervals now over.
+    fn flush_reset_logs(&mut self, shared: &Shared) {
+        for (code, n) in self.reset_logs.flush(Instant::now()) {
+            tracing::warn!(peer = %shared.label, code, "{n} more channel resets not logged");
+        }
     }
 
     /// Hands session events to whoever waits for them.
@@ -148,11 +160,19 @@ impl Inner {
                 }
                 Event::ChannelReset { id, code, reason } => {
                     let reason = format!("channel reset ({code:?}): {reason}");
-                    if code == ResetCode::SessionLost {
+                    if code != ResetCode::Aborted {
+                        let (log, held) = self.reset_logs.check(code as u16, Instant::now());
+                        if held > 0 {
+                            tracing::warn!(peer = %shared.label, "{held} more channel resets not logged");
+                        }
                         // Expected after a peer restart, but each lost channel is said once.
-                        tracing::info!(peer = %shared.label, channel = id, "{reason}");
-                    } else if code != ResetCode::Aborted {
-                        tracing::warn!(peer = %shared.label, channel = id, "{reason}");
+                        if log && code == ResetCode::SessionLost {
+                            tracing::info!(peer = %shared.label, channel = id, "{reason}");
+                        } else if log {
+                            tracing::warn!(peer = %shared.label, channel = id, "{reason}");
+                        }
+                    }
+                    if code != ResetCode::SessionLost && code != ResetCode::Aborted {
                         let _ = self.events.send(MuxEvent::ChannelReset {
                             channel: id,
                             reason: reason.clone(),
@@ -216,6 +236,13 @@ impl Inner {
                         e.down.notify_one();
                     }
                 }
+                Event::ErrorsSuppressed { kind, count } => {
+                    tracing::warn!(
+                        peer = %shared.label,
+                        "{count} more protocol errors of kind {} not logged",
+                        kind.name()
+                    );
+                }
                 Event::ProtocolError { link, error } => {
                     let transport = link
                         .and_then(|l| self.links.get(&l))
@@ -274,10 +301,12 @@ impl Mux {
             incoming: Some(tx),
             links: BTreeMap::new(),
             events,
+            reset_logs: ReportLimit::default(),
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             label,
+            input: Notify::new(),
         });
         (Mux { shared }, rx)
     }
@@ -374,6 +403,11 @@ impl Mux {
                     channel_resets: st.channel_resets,
                     session_restarts: st.session_restarts,
                     timeouts: st.timeouts,
+                    expired: st.expired,
+                    deferred: st.deferred,
+                    errors: by_kind(&st.errors),
+                    errors_not_logged: by_kind(&st.suppressed),
+                    held_bytes: s.held_bytes(),
                 }
             },
         }
@@ -436,12 +470,61 @@ impl Mux {
         }
         inner.dispatch(&self.shared);
         inner.kick();
+        if inner.links.is_empty() {
+            tokio::spawn(self.clone().linger());
+        }
         reason
     }
 
-    async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
-        let mut buf = vec![0u8; 256 * 1024];
+    /// Runs the session's timers while it has no link (no link task does then): reports held
+    /// back, and the expiry that frees what a guest that went away left behind.
+    async fn linger(self) {
         loop {
+            let deadline = {
+                let inner = self.shared.lock();
+                if !inner.links.is_empty() {
+                    return; // A link came back; its timer runs the session.
+                }
+                match inner.session.poll_timeout() {
+                    Some(t) => t,
+                    None => return,
+                }
+            };
+            tokio::time::sleep_until(deadline.into()).await;
+            let mut inner = self.shared.lock();
+            if !inner.links.is_empty() {
+                return;
+            }
+            let expired = inner.session.stats().expired;
+            inner.session.handle_timeout(Instant::now());
+            inner.flush_reset_logs(&self.shared);
+            inner.dispatch(&self.shared);
+            if inner.session.stats().expired != expired {
+                drop(inner);
+                // Most of what the guest made us hold was freed just now.
+                release_freed_memory();
+            }
+        }
+    }
+
+    /// Waits until the session wants input: while a guest does not read what we send, we do
+    /// not read what it sends (see `Session::wants_input`).
+    async fn input_wanted(&self) {
+        loop {
+            let resumed = self.shared.input.notified();
+            let mut resumed = std::pin::pin!(resumed);
+            resumed.as_mut().enable();
+            if self.shared.lock().session.wants_input() {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
+        let mut buf = vec![0u8; MAX_INPUT];
+        loop {
+            self.input_wanted().await;
             let n = match r.read(&mut buf).await {
                 Ok(0) => return "closed by the peer".into(),
                 Ok(n) => n,
@@ -482,6 +565,9 @@ impl Mux {
                         .poll_transmit(link, now, &mut out, WRITE_BATCH);
                 }
                 inner.dispatch(&self.shared);
+                if inner.session.wants_input() {
+                    self.shared.input.notify_waiters();
+                }
             }
             if tx.is_empty() && out.is_empty() {
                 wake.notified().await;
@@ -508,6 +594,7 @@ impl Mux {
             tokio::time::sleep_until(deadline.into()).await;
             let mut inner = self.shared.lock();
             inner.session.handle_timeout(Instant::now());
+            inner.flush_reset_logs(&self.shared);
             inner.dispatch(&self.shared);
             inner.kick();
             if !inner.links.contains_key(&link) {
@@ -884,6 +971,50 @@ pub struct SessionCounters {
     pub session_restarts: u64,
     /// Retransmission timeouts.
     pub timeouts: u64,
+    /// Times the session was forgotten because the peer stayed away.
+    pub expired: u64,
+    /// Peer frames dropped unprocessed while our control queue was full.
+    pub deferred: u64,
+    /// Protocol errors by kind.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Of those, the ones not logged (rate limit), by kind.
+    pub errors_not_logged: BTreeMap<&'static str, u64>,
+    /// Bytes the session holds because of the peer now (bounded by `peer_buffer_limit`).
+    pub held_bytes: usize,
+}
+
+/// Gives the kernel back the free pages inside the allocator's heaps, not just at their top:
+/// buffers a guest made us allocate are spread among long-lived allocations, so without it
+/// most of them stayed resident after being freed.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Non-zero counts by kind name.
+fn by_kind(counts: &[u64; ErrorKind::ALL.len()]) -> BTreeMap<&'static str, u64> {
+    ErrorKind::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (k.name(), *n))
+        .collect()
+}
+
+/// Makes glibc give freed memory back to the kernel soon: large buffers come from mmap (freed
+/// at once), the heap is trimmed eagerly, and threads share two arenas instead of one each.
+/// Without it, what a burst (or a hostile guest) made a process allocate stayed resident after
+/// it was freed. Call at the start of `main`, before any thread exists.
+pub fn return_memory_eagerly() {
+    // SAFETY: mallopt only changes glibc allocator tunables; called at the start of main,
+    // before any other thread exists, with documented parameters and in-range values.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 #[cfg(test)]

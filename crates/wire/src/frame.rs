@@ -279,9 +279,9 @@ pub fn wire_len(payload_len: usize) -> usize {
 }
 
 /// Most memory a [`BufferPool`] keeps in spare buffers (but at least [`POOL_MIN_BUFFERS`]).
-const POOL_BYTES: usize = 4 << 20;
+pub(crate) const POOL_BYTES: usize = 4 << 20;
 /// Fewest spare buffers a [`BufferPool`] may keep, whatever their size.
-const POOL_MIN_BUFFERS: usize = 8;
+pub(crate) const POOL_MIN_BUFFERS: usize = 8;
 
 /// Frame-sized payload buffers, reused once their frames were read or acknowledged.
 ///
@@ -292,8 +292,8 @@ const POOL_MIN_BUFFERS: usize = 8;
 /// windows and frames in flight of all busy channels: dozens of buffers); eight buffers were
 /// not enough. Idle memory is bounded twice: at most [`POOL_BYTES`] are kept, and
 /// [`BufferPool::trim`] (called every few seconds by the session) frees what went unused since
-/// the previous call. Only payloads of at least half the size are pooled, so a pooled payload
-/// takes at most twice its length.
+/// the previous call. Only payloads of at least 7/8 of the size are pooled, so a pooled payload
+/// takes at most 8/7 of its length (what a guest can make us hold is counted in payload bytes).
 #[derive(Debug)]
 pub(crate) struct BufferPool {
     spare: Vec<BytesMut>,
@@ -329,7 +329,7 @@ impl BufferPool {
 
     /// `data` in a buffer of its own.
     pub(crate) fn copy(&mut self, data: &[u8]) -> Bytes {
-        if data.len() < self.size / 2 || data.len() > self.size {
+        if data.len() < self.size - self.size / 8 || data.len() > self.size {
             return Bytes::copy_from_slice(data);
         }
         let mut b = self.take();
@@ -362,6 +362,11 @@ impl BufferPool {
     #[cfg(test)]
     pub(crate) fn spare(&self) -> usize {
         self.spare.len()
+    }
+
+    /// Bytes held in spare buffers.
+    pub(crate) fn held(&self) -> usize {
+        self.spare.len() * self.size
     }
 }
 
@@ -447,13 +452,22 @@ pub struct DecodeStats {
 /// Finds frames in a byte stream; survives garbage, cuts and corruption.
 ///
 /// Memory is bounded: at most one frame (`limit` + overhead) plus one read is buffered, and an
-/// oversized frame is skipped without being buffered.
+/// oversized frame is skipped without being buffered. Work is bounded too: every input byte
+/// costs at most a few bytes of CRC, whatever the input (see [`Decoder::suspect`]).
 #[derive(Debug)]
 pub struct Decoder {
     buf: BytesMut,
     limit: u32,
-    /// Bytes of an oversized frame still to skip.
+    /// Bytes of an oversized frame (or of a suspect span, see below) still to skip.
     discard: usize,
+    /// Bytes from the start of `buf` to the end of the last frame whose payload CRC failed,
+    /// while the scan is inside it (0 otherwise). After a payload CRC failure the scan goes on
+    /// one byte further, because lost bytes may have moved the next frame inside the claimed
+    /// length; but a second failure inside that span skips to the further of the two claimed
+    /// ends. Without this, back-to-back genuine headers claiming 64 KiB with no payload made
+    /// the decoder CRC 64 KiB per 24 bytes of input; with it, failed checks cost at most twice
+    /// the bytes skipped.
+    suspect: usize,
     stats: DecodeStats,
 }
 
@@ -464,6 +478,7 @@ impl Decoder {
             buf: BytesMut::with_capacity(wire_len(limit.min(MAX_PAYLOAD_LIMIT) as usize)),
             limit: limit.min(MAX_PAYLOAD_LIMIT),
             discard: 0,
+            suspect: 0,
             stats: DecodeStats::default(),
         }
     }
@@ -481,6 +496,12 @@ impl Decoder {
             data = &data[n..];
         }
         self.buf.extend_from_slice(data);
+    }
+
+    /// Drops `n` bytes from the front of the buffer (the scan moves past them).
+    fn advance(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.suspect = self.suspect.saturating_sub(n);
     }
 
     /// Counters so far.
@@ -514,6 +535,7 @@ impl Decoder {
                 Start::Complete(header, total) => {
                     if let Some(frame) = self.verified(header, &input[..total], pool) {
                         *input = &input[total..];
+                        self.suspect = self.suspect.saturating_sub(total);
                         return Some(Ok(frame));
                     }
                 }
@@ -583,12 +605,12 @@ impl Iterator for Decoder {
                 // Keep a trailing first marker byte: it may be the start of a split marker.
                 let keep = usize::from(self.buf.last() == Some(&MAGIC[0]));
                 let skip = self.buf.len() - keep;
-                self.buf.advance(skip);
+                self.advance(skip);
                 return self.garbage(skip);
             }
         };
         if at > 0 {
-            self.buf.advance(at);
+            self.advance(at);
             return self.garbage(at);
         }
         let head = self.buf.get(..HEADER_LEN)?;
@@ -596,14 +618,14 @@ impl Iterator for Decoder {
         raw.copy_from_slice(head);
         let Some(header) = Header::parse(&raw) else {
             // Not a real header (or a garbled one): resynchronise one byte further on.
-            self.buf.advance(1);
+            self.advance(1);
             self.stats.crc_errors += 1;
             return Some(Err(DecodeError::BadHeader));
         };
         if header.len > self.limit {
             let total = wire_len(header.len as usize);
             let have = self.buf.len().min(total);
-            self.buf.advance(have);
+            self.advance(have);
             self.discard = total - have;
             self.stats.oversized += 1;
             return Some(Err(DecodeError::Oversized {
@@ -620,24 +642,38 @@ impl Iterator for Decoder {
         let t = &self.buf[end..total];
         let pcrc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         if crc32c::crc32c(&self.buf[HEADER_LEN..end]) != pcrc {
-            // The length may be wrong because bytes were lost inside the payload, so the next
-            // frame can start inside what we thought was this one: rescan from the next byte.
-            self.buf.advance(1);
             self.stats.crc_errors += 1;
-            return Some(Err(DecodeError::BadPayload {
+            let error = DecodeError::BadPayload {
                 kind: header.kind,
                 channel: header.channel,
                 seq: header.seq,
                 len: header.len,
-            }));
+            };
+            if self.suspect == 0 {
+                // The length may be wrong because bytes were lost inside the payload, so the
+                // next frame can start inside what we thought was this one: rescan from the
+                // next byte, but remember how far this frame claimed to reach.
+                self.suspect = total;
+                self.advance(1);
+            } else {
+                // A second failure inside a suspect span: skip both claimed frames.
+                let skip = self.suspect.max(total);
+                let have = self.buf.len().min(skip);
+                self.advance(have);
+                self.discard = skip - have;
+                self.suspect = 0;
+                self.stats.garbage_bytes += skip as u64;
+            }
+            return Some(Err(error));
         }
-        let mut frame = self.buf.split_to(total);
-        frame.advance(HEADER_LEN);
-        frame.truncate(header.len as usize);
+        let frame = self.buf.split_to(total);
+        self.suspect = self.suspect.saturating_sub(total);
         self.stats.frames += 1;
+        // A copy, not a view: a view would keep the whole read buffer alive for as long as
+        // the application leaves this (maybe one-byte) payload unread.
         Some(Ok(Frame {
             header,
-            payload: frame.freeze(),
+            payload: Bytes::copy_from_slice(&frame[HEADER_LEN..end]),
         }))
     }
 }
@@ -808,7 +844,7 @@ mod tests {
     #[test]
     fn buffer_pool_reuses_buffers_and_frees_what_idles() {
         let mut pool = BufferPool::new(1000);
-        let payloads: Vec<Bytes> = (0..20).map(|_| pool.copy(&[7u8; 600])).collect();
+        let payloads: Vec<Bytes> = (0..20).map(|_| pool.copy(&[7u8; 900])).collect();
         let last = payloads[19].as_ptr();
         assert_eq!(
             pool.copy(&[1u8; 10]).len(),
@@ -838,13 +874,67 @@ mod tests {
         pool.trim(); // None was needed during the last period.
         assert_eq!(pool.spare(), 0);
         pool.recycle(again);
-        let taken = pool.copy(&[2u8; 800]);
+        let taken = pool.copy(&[2u8; 900]);
         pool.recycle(taken);
         assert_eq!(pool.spare(), 1);
         pool.trim(); // Taken during the period: stays.
         assert_eq!(pool.spare(), 1);
         pool.trim();
         assert_eq!(pool.spare(), 0);
+    }
+
+    /// Back-to-back genuine headers claiming the largest payload, with none following: each
+    /// failed payload check costs up to `limit` bytes of CRC, so there must be about two per
+    /// `limit` bytes of input, not one per header (24 bytes) as before.
+    #[test]
+    fn crc_bomb_headers_cost_linear_work() {
+        let limit = 64 * 1024;
+        let mut header = Vec::new();
+        encode_header(&mut header, Kind::Data as u8, 1, 0, 0, limit);
+        let wire: Vec<u8> = header.iter().copied().cycle().take(64 * limit).collect();
+        for fast in [false, true] {
+            let mut d = Decoder::new(limit as u32);
+            let mut pool = BufferPool::new(limit);
+            let mut failed = 0;
+            for piece in wire.chunks(4096) {
+                if fast {
+                    let mut input = piece;
+                    while let Some(item) = d.next_from(&mut input, &mut pool) {
+                        failed += usize::from(matches!(item, Err(DecodeError::BadPayload { .. })));
+                    }
+                } else {
+                    d.push(piece);
+                    failed += d
+                        .by_ref()
+                        .filter(|r| matches!(r, Err(DecodeError::BadPayload { .. })))
+                        .count();
+                }
+            }
+            let checked = failed * limit;
+            assert!(
+                checked <= 2 * wire.len() + 2 * limit,
+                "{failed} failed payload checks ({checked} bytes of CRC) for {} bytes of input",
+                wire.len()
+            );
+            assert!(failed >= 64, "the bad frames are still reported: {failed}");
+        }
+    }
+
+    /// After a bombardment of bad frames, the decoder still finds the next good one.
+    #[test]
+    fn good_frame_after_crc_bomb_is_found() {
+        let limit = 4096;
+        let mut wire = Vec::new();
+        for _ in 0..500 {
+            encode_header(&mut wire, Kind::Data as u8, 1, 0, 0, limit);
+        }
+        wire.extend_from_slice(&[0u8; 4096 + 4]);
+        encode(&mut wire, Kind::Data as u8, 1, 9, 0, b"after the bomb");
+        let mut d = Decoder::new(limit as u32);
+        d.push(&wire);
+        let (ok, _) = frames(&mut d);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].payload, &b"after the bomb"[..]);
     }
 
     #[test]

@@ -10,11 +10,12 @@
 pub mod auth;
 pub mod frame;
 pub mod hello;
+pub mod limit;
 pub mod session;
 
 pub use frame::{DecodeError, Decoder, Frame, Kind, Transmit};
 pub use hello::{peek_hello, Hello, Role};
 pub use session::{
-    ChannelError, ChannelId, ChannelInfo, Config, Event, LinkId, LinkParams, LinkStats,
-    ProtocolError, Recv, ResetCode, Session, SessionStats,
+    ChannelError, ChannelId, ChannelInfo, Config, ErrorKind, Event, LinkId, LinkParams, LinkStats,
+    ProtocolError, Recv, ResetCode, Session, SessionStats, CONTROL_QUEUE_LIMIT, MAX_INPUT,
 };

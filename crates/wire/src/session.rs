@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, Kind, Sink, Transmit};
 use crate::hello::{caps, Hello, Role, VERSION};
+use crate::limit::ReportLimit;
 
 /// Identifies a link (one transport connection) within a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,10 +37,17 @@ pub struct Config {
     pub channel_send_buffer: usize,
     /// Most channels open at once.
     pub max_channels: usize,
-    /// Sum of the receive windows of all channels: the most this peer can make us buffer.
+    /// The most this peer can make us hold, all included: receive windows, send buffers,
+    /// unacknowledged frames, queued control frames, decoder buffers and spare buffers (see
+    /// [`Session::held_bytes`]). Fixed parts are set aside first ([`Config::fixed_charge`]);
+    /// each channel then takes [`Config::channel_charge`] of the rest, and a channel that does
+    /// not fit is refused (RESET Resource).
     pub peer_buffer_limit: usize,
     /// Most bytes of sent-but-unacknowledged frames kept for retransmission.
     pub max_unacked: usize,
+    /// Forget the session (channels, queues) once no link was up for this long: a peer that
+    /// went away must not pin what it made us buffer. A peer coming back later starts anew.
+    pub resume_timeout: Duration,
     /// Send a keepalive probe after this long without hearing from the peer on a link.
     pub keepalive_interval: Duration,
     /// Declare a link dead after this long without hearing from the peer.
@@ -60,9 +68,45 @@ impl Config {
             max_unacked: 16 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(15),
+            resume_timeout: Duration::from_secs(60),
         }
     }
+
+    /// What one channel takes from `peer_buffer_limit`: its receive window with a quarter more
+    /// for allocation slack (payloads are stored in buffers up to 8/7 of their size, small
+    /// ones coalesced), and its send buffer.
+    pub fn channel_charge(&self) -> usize {
+        let w = self.channel_window as usize;
+        w + w / 4 + self.channel_send_buffer
+    }
+
+    /// What `peer_buffer_limit` sets aside before any channel, with `links` transport
+    /// connections: the retransmission queue, the control queue, spare buffers and, per link,
+    /// a decoder's buffer (one frame plus one read of at most [`MAX_INPUT`] bytes).
+    pub fn fixed_charge(&self, links: usize) -> usize {
+        let frame = frame::wire_len(self.max_frame.min(frame::MAX_PAYLOAD_LIMIT) as usize);
+        self.max_unacked
+            + CONTROL_QUEUE_LIMIT
+            + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * frame)
+            + links.max(1) * (2 * frame + MAX_INPUT)
+    }
 }
+
+/// Most bytes of control frames (OPEN_OK, CREDIT, RESET...) queued for the peer. Beyond it the
+/// session takes no more input ([`Session::wants_input`]) until the peer reads: a peer that
+/// opens channels in a loop and never reads the refusals cannot make the queue grow.
+pub const CONTROL_QUEUE_LIMIT: usize = 64 * 1024;
+/// Largest `data` a caller should pass to [`Session::handle_input`] at once: its memory is
+/// counted in [`Config::fixed_charge`] (input not decoded while the control queue is full is
+/// kept in the decoder).
+pub const MAX_INPUT: usize = 256 * 1024;
+/// What a queued control frame costs beyond its wire bytes (queue entry, allocation).
+const CONTROL_ENTRY_OVERHEAD: usize = 64;
+/// Received payloads shorter than this are copied into a shared per-channel buffer, so that a
+/// window's worth of one-byte frames takes a window's worth of memory, not 50 times as much.
+const RX_SMALL: usize = 512;
+/// Capacity of those shared buffers.
+const RX_COALESCE: usize = 4096;
 
 /// Settings of one link, chosen by the caller from what the transport is.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +180,59 @@ impl ResetCode {
     }
 }
 
+/// Kinds of protocol violation, counted and rate-limited separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorKind {
+    /// Bytes that were not frames.
+    Garbage,
+    /// A header that failed its CRC.
+    BadHeader,
+    /// A payload that failed its CRC.
+    BadPayload,
+    /// A frame above the size limit.
+    Oversized,
+    /// A bad HELLO.
+    Hello,
+    /// A frame for a channel that never existed.
+    UnknownChannel,
+    /// DATA beyond credit.
+    CreditExceeded,
+    /// A malformed or out-of-place frame.
+    BadFrame,
+    /// An acknowledgement of something never sent.
+    BadAck,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order of [`SessionStats::errors`].
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Garbage,
+        ErrorKind::BadHeader,
+        ErrorKind::BadPayload,
+        ErrorKind::Oversized,
+        ErrorKind::Hello,
+        ErrorKind::UnknownChannel,
+        ErrorKind::CreditExceeded,
+        ErrorKind::BadFrame,
+        ErrorKind::BadAck,
+    ];
+
+    /// The name in status displays and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Garbage => "garbage",
+            ErrorKind::BadHeader => "bad-header",
+            ErrorKind::BadPayload => "bad-payload",
+            ErrorKind::Oversized => "oversized",
+            ErrorKind::Hello => "bad-hello",
+            ErrorKind::UnknownChannel => "unknown-channel",
+            ErrorKind::CreditExceeded => "credit-exceeded",
+            ErrorKind::BadFrame => "bad-frame",
+            ErrorKind::BadAck => "bad-ack",
+        }
+    }
+}
+
 /// A protocol violation, reported as an event; the session carries on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
@@ -179,6 +276,23 @@ pub enum ProtocolError {
         /// Our next sequence number.
         sent: u32,
     },
+}
+
+impl ProtocolError {
+    /// Its kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProtocolError::Decode(DecodeError::Garbage(_)) => ErrorKind::Garbage,
+            ProtocolError::Decode(DecodeError::BadHeader) => ErrorKind::BadHeader,
+            ProtocolError::Decode(DecodeError::BadPayload { .. }) => ErrorKind::BadPayload,
+            ProtocolError::Decode(DecodeError::Oversized { .. }) => ErrorKind::Oversized,
+            ProtocolError::Hello(_) => ErrorKind::Hello,
+            ProtocolError::UnknownChannel { .. } => ErrorKind::UnknownChannel,
+            ProtocolError::CreditExceeded { .. } => ErrorKind::CreditExceeded,
+            ProtocolError::BadFrame { .. } => ErrorKind::BadFrame,
+            ProtocolError::BadAck { .. } => ErrorKind::BadAck,
+        }
+    }
 }
 
 /// What happened; drained with [`Session::poll_event`].
@@ -227,11 +341,20 @@ pub enum Event {
         reason: String,
     },
     /// The peer broke the protocol; counted, logged by the caller, the session carries on.
+    /// At most [`crate::limit::REPORTS_PER_INTERVAL`] of a kind per second are reported;
+    /// the rest are counted and reported as [`Event::ErrorsSuppressed`].
     ProtocolError {
         /// Link it came from, if any.
         link: Option<LinkId>,
         /// The violation.
         error: ProtocolError,
+    },
+    /// This many violations of one kind were counted but not reported as events.
+    ErrorsSuppressed {
+        /// Their kind.
+        kind: ErrorKind,
+        /// How many.
+        count: u64,
     },
 }
 
@@ -299,6 +422,14 @@ pub struct SessionStats {
     pub out_of_order: u64,
     /// Protocol violations.
     pub protocol_errors: u64,
+    /// Protocol violations by kind (indexed like [`ErrorKind::ALL`]).
+    pub errors: [u64; ErrorKind::ALL.len()],
+    /// Of those, the ones not reported as events (rate limit), by kind.
+    pub suppressed: [u64; ErrorKind::ALL.len()],
+    /// Times the session was forgotten because no link came back within `resume_timeout`.
+    pub expired: u64,
+    /// Sequenced frames dropped unprocessed because the control queue was full.
+    pub deferred: u64,
     /// Channels reset because of an error (either side).
     pub channel_resets: u64,
     /// Times the peer started a new session and our channels were dropped.
@@ -371,6 +502,8 @@ struct Channel {
     fin_queued: bool,
     fin_sent: bool,
     rx: VecDeque<Bytes>,
+    /// Small payloads received after those in `rx`, coalesced (see [`RX_SMALL`]).
+    rx_tail: BytesMut,
     rx_len: usize,
     rx_received: u64,
     rx_granted: u64,
@@ -394,6 +527,7 @@ impl Channel {
             fin_queued: false,
             fin_sent: false,
             rx: VecDeque::new(),
+            rx_tail: BytesMut::new(),
             rx_len: 0,
             rx_received: 0,
             rx_granted: u64::from(window),
@@ -517,6 +651,8 @@ pub struct Session {
     last_progress: Instant,
     backoff: u32,
     control: VecDeque<(Kind, u32, Bytes)>,
+    /// What `control` holds, counted as in [`Session::held_bytes`].
+    control_bytes: usize,
 
     recv_next: u32,
     nack_at: Option<Instant>,
@@ -524,7 +660,8 @@ pub struct Session {
     channels: BTreeMap<ChannelId, Channel>,
     next_channel: ChannelId,
     peer_next_channel: ChannelId,
-    rx_windows: usize,
+    /// Sum of the channels' [`Config::channel_charge`].
+    charged: usize,
     rr_cursor: ChannelId,
     ping_nonce: u64,
 
@@ -534,6 +671,12 @@ pub struct Session {
     pool: BufferPool,
     /// When the pool last freed the buffers it did not need.
     pool_trimmed: Instant,
+    /// Which protocol errors are reported as events.
+    reports: ReportLimit<ErrorKind>,
+    /// The latest time the caller gave us.
+    now: Instant,
+    /// Since when no link has been up (None while one is).
+    alone_since: Option<Instant>,
 }
 
 impl Session {
@@ -560,20 +703,63 @@ impl Session {
             last_progress: now,
             backoff: 1,
             control: VecDeque::new(),
+            control_bytes: 0,
             recv_next: 0,
             nack_at: None,
             channels: BTreeMap::new(),
             next_channel: first_channel,
             peer_next_channel: peer_first,
-            rx_windows: 0,
+            charged: 0,
             rr_cursor: 0,
             ping_nonce: session_id,
             events: VecDeque::new(),
             stats: SessionStats::default(),
             pool: BufferPool::new(cfg.max_frame as usize),
             pool_trimmed: now,
+            reports: ReportLimit::default(),
+            now,
+            alone_since: Some(now),
             cfg,
         }
+    }
+
+    /// Bytes this session holds because of the peer: received and unread, queued to send,
+    /// sent and unacknowledged, queued control frames, decoder buffers and spare buffers.
+    /// Never more than `peer_buffer_limit` (a property the tests check).
+    pub fn held_bytes(&self) -> usize {
+        let channels: usize = self
+            .channels
+            .values()
+            .map(|ch| {
+                let rx: usize = ch.rx.iter().map(Bytes::len).sum();
+                rx + ch.rx_tail.capacity() + ch.send_buf.len()
+            })
+            .sum();
+        let decoders: usize = self.links.values().map(|l| l.decoder.buffered()).sum();
+        channels + self.unacked_bytes + self.control_bytes + decoders + self.pool.held()
+    }
+
+    /// Whether the caller should read more input now. False while the control queue is over
+    /// [`CONTROL_QUEUE_LIMIT`] and could be sent: then only the peer reading it can help, so
+    /// the caller stops reading until it has sent some (a guest that does not read is not
+    /// read from). While the queue cannot be sent (unacknowledged data at its limit), input
+    /// is wanted, for the acknowledgements in it; sequenced frames in it are then dropped
+    /// unprocessed (the peer retransmits them), so that nothing more is queued.
+    pub fn wants_input(&self) -> bool {
+        self.control_bytes < CONTROL_QUEUE_LIMIT || !self.control_can_drain()
+    }
+
+    fn control_can_drain(&self) -> bool {
+        self.active
+            .and_then(|a| self.links.get(&a))
+            .is_some_and(|l| self.inflight < l.params.max_inflight)
+            && self.unacked_bytes < self.cfg.max_unacked
+    }
+
+    /// Changes each time the session's channels are all dropped (the peer restarted, or the
+    /// session expired): a channel id from before names another channel now.
+    pub fn epoch(&self) -> u64 {
+        self.stats.session_restarts + self.stats.expired
     }
 
     /// The configuration in force.
@@ -667,6 +853,11 @@ impl Session {
             .filter(|(_, l)| l.state == LinkState::Up)
             .min_by_key(|(id, l)| (l.params.priority, **id))
             .map(|(id, _)| *id);
+        if best.is_none() {
+            self.alone_since.get_or_insert(self.now);
+        } else {
+            self.alone_since = None;
+        }
         if best != self.active {
             self.active = best;
             // The new link never carried what the old one had in flight: resend it all.
@@ -691,6 +882,7 @@ impl Session {
             return;
         }
         l.stats.bytes_in += data.len() as u64;
+        self.now = now;
         // `next_from` decodes the same frames as `push` + `next` with fewer copies.
         let mut input = data;
         loop {
@@ -726,8 +918,21 @@ impl Session {
 
     fn protocol_error(&mut self, link: Option<LinkId>, error: ProtocolError) {
         // Garbage is reported once per run of skipped bytes with its size in the decoder stats.
+        let kind = error.kind();
         self.stats.protocol_errors += 1;
-        self.events.push_back(Event::ProtocolError { link, error });
+        self.stats.errors[kind as usize] += 1;
+        let (report, suppressed) = self.reports.check(kind, self.now);
+        if suppressed > 0 {
+            self.events.push_back(Event::ErrorsSuppressed {
+                kind,
+                count: suppressed,
+            });
+        }
+        if report {
+            self.events.push_back(Event::ProtocolError { link, error });
+        } else {
+            self.stats.suppressed[kind as usize] += 1;
+        }
     }
 
     fn handle_oversized(&mut self, link: LinkId, header: frame::Header, len: u32, limit: u32) {
@@ -794,6 +999,10 @@ impl Session {
             }
             Some(Kind::Ack) | Some(Kind::Hello) | Some(Kind::Refuse) => {}
             Some(Kind::Nack) => self.handle_nack(h.ack),
+            _ if Kind::is_sequenced(h.kind) && self.control_bytes >= CONTROL_QUEUE_LIMIT => {
+                // Its answer could not be queued: not processed, not acknowledged.
+                self.stats.deferred += 1;
+            }
             _ if Kind::is_sequenced(h.kind) => self.handle_sequenced(link, frame, now),
             _ => {} // Unknown link frame kinds are ignored (forward compatibility).
         }
@@ -872,17 +1081,39 @@ impl Session {
     /// The peer started a new session: everything of the old one is gone.
     fn restart(&mut self, keep: LinkId) {
         self.stats.session_restarts += 1;
+        self.drop_state("the peer restarted; the session was replaced");
+        let others: Vec<LinkId> = self.links.keys().copied().filter(|l| *l != keep).collect();
+        for other in others {
+            self.kill_link(other, "superseded by a new peer session".into());
+        }
+    }
+
+    /// No link came back within `resume_timeout`: free everything the peer made us hold. We
+    /// take a new session id, so that a peer coming back sees a restart and does not resume.
+    fn expire(&mut self) {
+        self.stats.expired += 1;
+        self.drop_state("the peer went away; the session expired");
+        self.my_session = link_nonce(self.my_session, self.next_link) as u64
+            | (u64::from(link_nonce(self.my_session, !self.next_link)) << 32);
+        self.peer_session = 0;
+        self.alone_since = None;
+        self.pool.trim();
+        self.pool.trim();
+    }
+
+    fn drop_state(&mut self, reason: &str) {
         let ids: Vec<ChannelId> = self.channels.keys().copied().collect();
         for id in ids {
             self.events.push_back(Event::ChannelReset {
                 id,
                 code: ResetCode::SessionLost,
-                reason: "the peer restarted; the session was replaced".into(),
+                reason: reason.into(),
             });
         }
         self.channels.clear();
-        self.rx_windows = 0;
+        self.charged = 0;
         self.control.clear();
+        self.control_bytes = 0;
         self.unacked.clear();
         self.unacked_bytes = 0;
         self.resend = 0;
@@ -894,10 +1125,11 @@ impl Session {
             Role::Host => 1,
             Role::Guest => 2,
         };
-        let others: Vec<LinkId> = self.links.keys().copied().filter(|l| *l != keep).collect();
-        for other in others {
-            self.kill_link(other, "superseded by a new peer session".into());
-        }
+    }
+
+    /// Whether the peer made us hold anything.
+    fn holds_state(&self) -> bool {
+        !self.channels.is_empty() || !self.unacked.is_empty() || !self.control.is_empty()
     }
 
     fn handle_ack(&mut self, ack: u32, now: Instant) {
@@ -1065,11 +1297,12 @@ impl Session {
         if self.channels.len() >= self.cfg.max_channels {
             return Err("too many channels");
         }
-        let w = self.cfg.channel_window as usize;
-        if self.rx_windows + w > self.cfg.peer_buffer_limit {
+        let fixed = self.cfg.fixed_charge(self.links.len());
+        let charge = self.cfg.channel_charge();
+        if fixed + self.charged + charge > self.cfg.peer_buffer_limit {
             return Err("peer buffer limit reached");
         }
-        self.rx_windows += w;
+        self.charged += charge;
         Ok(())
     }
 
@@ -1123,7 +1356,21 @@ impl Session {
         }
         let was_empty = ch.rx_len == 0;
         ch.rx_len += payload.len();
-        ch.rx.push_back(payload);
+        if payload.len() < RX_SMALL {
+            if ch.rx_tail.capacity() - ch.rx_tail.len() < payload.len() {
+                if !ch.rx_tail.is_empty() {
+                    ch.rx.push_back(ch.rx_tail.split().freeze());
+                }
+                ch.rx_tail = BytesMut::with_capacity(RX_COALESCE);
+            }
+            ch.rx_tail.extend_from_slice(&payload);
+            self.pool.recycle(payload);
+        } else {
+            if !ch.rx_tail.is_empty() {
+                ch.rx.push_back(ch.rx_tail.split().freeze());
+            }
+            ch.rx.push_back(payload);
+        }
         if was_empty {
             self.events.push_back(Event::Readable(id));
         }
@@ -1180,9 +1427,7 @@ impl Session {
 
     fn remove_channel(&mut self, id: ChannelId) -> Option<Channel> {
         let ch = self.channels.remove(&id)?;
-        self.rx_windows = self
-            .rx_windows
-            .saturating_sub(self.cfg.channel_window as usize);
+        self.charged = self.charged.saturating_sub(self.cfg.channel_charge());
         Some(ch)
     }
 
@@ -1197,7 +1442,12 @@ impl Session {
         let mut p = Vec::with_capacity(2 + reason.len());
         p.extend_from_slice(&(code as u16).to_le_bytes());
         p.extend_from_slice(reason.as_bytes());
-        self.control.push_back((Kind::Reset, id, Bytes::from(p)));
+        self.push_control(Kind::Reset, id, Bytes::from(p));
+    }
+
+    fn push_control(&mut self, kind: Kind, id: ChannelId, payload: Bytes) {
+        self.control_bytes += frame::wire_len(payload.len()) + CONTROL_ENTRY_OVERHEAD;
+        self.control.push_back((kind, id, payload));
     }
 
     /// Resets a channel because of a peer error: tell the peer, tell the application.
@@ -1234,7 +1484,7 @@ impl Session {
         p.push(name.len() as u8);
         p.extend_from_slice(name.as_bytes());
         p.extend_from_slice(&self.cfg.channel_window.to_le_bytes());
-        self.control.push_back((Kind::Open, id, Bytes::from(p)));
+        self.push_control(Kind::Open, id, Bytes::from(p));
         Ok(id)
     }
 
@@ -1250,8 +1500,7 @@ impl Session {
         }
         ch.accepted = true;
         let w = self.cfg.channel_window.to_le_bytes();
-        self.control
-            .push_back((Kind::OpenOk, id, Bytes::copy_from_slice(&w)));
+        self.push_control(Kind::OpenOk, id, Bytes::copy_from_slice(&w));
         Ok(())
     }
 
@@ -1302,6 +1551,16 @@ impl Session {
                 front.advance(take);
             }
         }
+        if n < buf.len() && ch.rx.is_empty() && !ch.rx_tail.is_empty() {
+            let take = ch.rx_tail.len().min(buf.len() - n);
+            buf[n..n + take].copy_from_slice(&ch.rx_tail[..take]);
+            n += take;
+            if take == ch.rx_tail.len() {
+                ch.rx_tail = BytesMut::new(); // Frees it: an idle channel holds nothing.
+            } else {
+                ch.rx_tail.advance(take);
+            }
+        }
         if n == 0 {
             if ch.remote_fin && ch.rx_len == 0 {
                 ch.eof_read = true;
@@ -1317,8 +1576,7 @@ impl Session {
         if ch.rx_unreported >= window / 4 || (ch.rx_len == 0 && ch.rx_unreported >= window / 16) {
             let inc = std::mem::take(&mut ch.rx_unreported);
             ch.rx_granted += u64::from(inc);
-            self.control
-                .push_back((Kind::Credit, id, Bytes::copy_from_slice(&inc.to_le_bytes())));
+            self.push_control(Kind::Credit, id, Bytes::copy_from_slice(&inc.to_le_bytes()));
         }
         Ok(Recv::Data(n))
     }
@@ -1483,6 +1741,7 @@ impl Session {
         // Control frames, then data round-robin over channels with credit.
         while room(out, self.inflight) && self.unacked_bytes < self.cfg.max_unacked {
             if let Some((kind, ch, payload)) = self.control.pop_front() {
+                self.control_bytes -= frame::wire_len(payload.len()) + CONTROL_ENTRY_OVERHEAD;
                 self.push_new(out, kind, ch, payload, ack);
                 continue;
             }
@@ -1559,6 +1818,12 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t: Option<Instant> = None;
         let mut earliest = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(at) = self.reports.next_flush() {
+            earliest(at);
+        }
+        if let Some(since) = self.alone_since.filter(|_| self.holds_state()) {
+            earliest(since + self.cfg.resume_timeout);
+        }
         for l in self.links.values() {
             match l.state {
                 LinkState::Dead => {}
@@ -1586,6 +1851,18 @@ impl Session {
 
     /// Runs timers: keepalive, dead links, retransmission.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        for (kind, count) in self.reports.flush(now) {
+            self.events
+                .push_back(Event::ErrorsSuppressed { kind, count });
+        }
+        if self
+            .alone_since
+            .is_some_and(|t| now.duration_since(t) >= self.cfg.resume_timeout)
+            && self.holds_state()
+        {
+            self.expire();
+        }
         if now.duration_since(self.pool_trimmed) >= POOL_TRIM_INTERVAL {
             self.pool_trimmed = now;
             self.pool.trim();

@@ -5,11 +5,14 @@ use std::time::Instant;
 
 use vstream_wire::frame::{encode, Decoder};
 use vstream_wire::{
-    Config, Event, Hello, Kind, LinkParams, ProtocolError, Recv, ResetCode, Role, Session,
+    Config, ErrorKind, Event, Hello, Kind, LinkParams, ProtocolError, Recv, ResetCode, Role,
+    Session, CONTROL_QUEUE_LIMIT,
 };
 
 struct Evil {
     seq: u32,
+    /// The `ack` field of its frames.
+    ack: u32,
     wire: Vec<u8>,
 }
 
@@ -36,12 +39,20 @@ impl Evil {
     fn new() -> Evil {
         Evil {
             seq: 0,
+            ack: 0,
             wire: hello_frame(7),
         }
     }
 
     fn frame(&mut self, kind: Kind, channel: u32, payload: &[u8]) {
-        encode(&mut self.wire, kind as u8, channel, self.seq, 0, payload);
+        encode(
+            &mut self.wire,
+            kind as u8,
+            channel,
+            self.seq,
+            self.ack,
+            payload,
+        );
         self.seq += 1;
     }
 
@@ -293,4 +304,242 @@ fn a_late_hello_from_before_the_session_was_known_is_not_a_restart() {
         "both links stay up"
     );
     assert!(s.has_channel(1), "the session's channels survive");
+}
+
+/// A small host session whose limits a test can fill quickly.
+fn bounded_host(now: Instant) -> (Session, vstream_wire::LinkId) {
+    let mut cfg = Config::new(Role::Host, "host");
+    cfg.channel_window = 16 * 1024;
+    cfg.channel_send_buffer = 16 * 1024;
+    cfg.max_frame = 4096;
+    cfg.max_unacked = 64 * 1024;
+    cfg.peer_buffer_limit = cfg.fixed_charge(1) + 8 * cfg.channel_charge();
+    let mut s = Session::new(cfg, 99, now);
+    let link = s.add_link(LinkParams::stream(0), now);
+    (s, link)
+}
+
+/// Opens channels in a loop (each refused) and stops reading what we answer, though it
+/// acknowledges it: the refusals stop piling up once the control queue is full, because the
+/// session then asks for no more input until the guest reads.
+#[test]
+fn open_churn_from_a_peer_that_never_reads_is_bounded() {
+    let now = Instant::now();
+    let (mut s, link) = bounded_host(now);
+    let mut evil = Evil::new();
+    // The guest's socket takes this much, then the writer blocks.
+    let mut socket = Vec::new();
+    let mut ch = 1;
+    while ch < 200_000 && s.wants_input() {
+        for _ in 0..100 {
+            evil.open(ch, 1 << 20);
+            ch += 2;
+        }
+        evil.ack = s.stats().frames_sent as u32;
+        s.handle_input(link, &std::mem::take(&mut evil.wire), now);
+        while let Some(ev) = s.poll_event() {
+            if let Event::ChannelOpened { id, .. } = ev {
+                let _ = s.reset(id, ResetCode::Refused, "no service");
+            }
+        }
+        if socket.len() < 256 * 1024 {
+            s.poll_transmit(link, now, &mut socket, 64 * 1024);
+        }
+        assert!(s.held_bytes() <= s.config().peer_buffer_limit);
+    }
+    assert!(
+        !s.wants_input(),
+        "after {ch} opens the session still asks for input"
+    );
+    assert!(s.held_bytes() < 2 * CONTROL_QUEUE_LIMIT + 64 * 1024);
+    // Once the guest reads, the session wants input again.
+    let mut sink = Vec::new();
+    s.poll_transmit(link, now, &mut sink, 1 << 20);
+    assert!(s.wants_input(), "a reading guest is served again");
+}
+
+/// The same churn from a guest that reads everything but acknowledges nothing: the control
+/// queue cannot be sent (unacknowledged data at its limit), so input is still read (for the
+/// acknowledgements) but its sequenced frames are dropped: nothing grows.
+#[test]
+fn open_churn_from_a_peer_that_never_acknowledges_is_bounded() {
+    let now = Instant::now();
+    let (mut s, link) = bounded_host(now);
+    let mut evil = Evil::new();
+    let mut most = 0;
+    for round in 0..2000u32 {
+        for i in 0..100 {
+            evil.open(1 + 2 * (round * 100 + i), 1 << 20);
+        }
+        s.handle_input(link, &std::mem::take(&mut evil.wire), now);
+        while let Some(ev) = s.poll_event() {
+            if let Event::ChannelOpened { id, .. } = ev {
+                let _ = s.reset(id, ResetCode::Refused, "no service");
+            }
+        }
+        let mut read = Vec::new();
+        s.poll_transmit(link, now, &mut read, 1 << 20);
+        assert!(s.wants_input(), "acknowledgements can only come with input");
+        most = most.max(s.held_bytes());
+    }
+    assert!(s.stats().deferred > 0);
+    assert!(
+        most < 2 * CONTROL_QUEUE_LIMIT + s.config().max_unacked + 64 * 1024,
+        "{most} bytes held"
+    );
+}
+
+/// Whatever a guest sends (channels filled to credit, credit lies, never-acknowledged data,
+/// one-byte frames, garbage), while our application fills every send buffer and reads nothing,
+/// the session never holds more than `peer_buffer_limit`.
+#[test]
+fn a_hostile_guest_never_makes_the_session_hold_more_than_its_limit() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    for seed in 0..20 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let now = Instant::now();
+        let (mut s, link) = bounded_host(now);
+        let limit = s.config().peer_buffer_limit;
+        let mut evil = Evil::new();
+        let mut opened: Vec<(u32, u64)> = Vec::new();
+        let mut next = 1;
+        let mut most = 0;
+        for _ in 0..400 {
+            match rng.random_range(0..10) {
+                0 | 1 => {
+                    evil.open(next, u32::MAX);
+                    opened.push((next, 0));
+                    next += 2;
+                }
+                2..=5 if !opened.is_empty() => {
+                    let i = rng.random_range(0..opened.len());
+                    let (id, sent) = &mut opened[i];
+                    let room = (16 * 1024u64).saturating_sub(*sent);
+                    let len = [1, 7, 300, 600, 4096][rng.random_range(0..5)].min(room as usize);
+                    for _ in 0..rng.random_range(1..50) {
+                        if *sent + len as u64 > 16 * 1024 {
+                            break;
+                        }
+                        *sent += len as u64;
+                        let payload = vec![0x55; len];
+                        evil.frame(Kind::Data, *id, &payload);
+                    }
+                }
+                6 if !opened.is_empty() => {
+                    let id = opened[rng.random_range(0..opened.len())].0;
+                    evil.frame(Kind::Credit, id, &u32::MAX.to_le_bytes());
+                }
+                7 => evil
+                    .wire
+                    .extend((0..rng.random_range(1..2000)).map(|_| rng.random::<u8>())),
+                _ => {}
+            }
+            s.handle_input(link, &std::mem::take(&mut evil.wire), now);
+            while let Some(ev) = s.poll_event() {
+                if let Event::ChannelOpened { id, .. } = ev {
+                    s.accept(id).expect("accept");
+                }
+            }
+            let ids: Vec<u32> = s.channels().map(|c| c.id).collect();
+            for id in ids {
+                while s.send(id, &[0xAA; 8192]).unwrap_or(0) > 0 {}
+            }
+            // The guest takes everything we send and never acknowledges it.
+            let mut out = Vec::new();
+            s.poll_transmit(link, now, &mut out, 1 << 20);
+            most = most.max(s.held_bytes());
+            assert!(
+                most <= limit,
+                "seed {seed}: {most} bytes held, limit {limit}"
+            );
+        }
+        let channels = limit - s.config().fixed_charge(1);
+        assert!(
+            most > channels / 2,
+            "seed {seed}: the test filled too little ({most} of {channels})"
+        );
+    }
+}
+
+/// A guest that goes away leaves nothing behind once `resume_timeout` has passed.
+#[test]
+fn a_guest_that_went_away_is_forgotten_after_the_resume_timeout() {
+    let t0 = Instant::now();
+    let (mut s, link) = bounded_host(t0);
+    let mut evil = Evil::new();
+    for ch in [1, 3, 5] {
+        evil.open(ch, 1 << 20);
+        evil.frame(Kind::Data, ch, &[1; 4000]);
+    }
+    s.handle_input(link, &evil.wire, t0);
+    while let Some(ev) = s.poll_event() {
+        if let Event::ChannelOpened { id, .. } = ev {
+            s.accept(id).expect("accept");
+            s.send(id, &[2; 10_000]).expect("send");
+        }
+    }
+    let mut out = Vec::new();
+    s.poll_transmit(link, t0, &mut out, 1 << 20);
+    assert!(s.held_bytes() > 30_000);
+    s.remove_link(link);
+    let timeout = s.config().resume_timeout;
+    s.handle_timeout(t0 + timeout / 2);
+    assert_eq!(s.channels().count(), 3, "kept for a resume at first");
+    let expiry = s.poll_timeout().expect("a timer for the expiry");
+    assert!(expiry <= t0 + timeout);
+    s.handle_timeout(expiry);
+    assert_eq!(s.channels().count(), 0);
+    assert_eq!(s.held_bytes(), 0);
+    assert_eq!(s.stats().expired, 1);
+    let lost = events(&mut s)
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ChannelReset {
+                    code: ResetCode::SessionLost,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(lost, 3);
+}
+
+/// A flood of violations gives a few events per kind and second plus one count of the rest;
+/// every violation is counted in the stats.
+#[test]
+fn protocol_error_reports_are_rate_limited_per_kind() {
+    let t0 = Instant::now();
+    let (mut s, link) = bounded_host(t0);
+    s.handle_input(link, &hello_frame(7), t0);
+    let mut flood = Vec::new();
+    for i in 0..10_000u32 {
+        flood.extend_from_slice(&[0xA9, 0x5C]); // a marker with no header: bad-header
+        encode(&mut flood, Kind::Ack as u8, 0, 0, 1000 + i, &[]); // acknowledges the future
+    }
+    s.handle_input(link, &flood, t0);
+    let reported = |evs: &[Event], kind: ErrorKind| {
+        evs.iter()
+            .filter(|e| matches!(e, Event::ProtocolError { error, .. } if error.kind() == kind))
+            .count()
+    };
+    let evs = events(&mut s);
+    assert_eq!(reported(&evs, ErrorKind::BadHeader), 3);
+    assert_eq!(reported(&evs, ErrorKind::BadAck), 3);
+    let stats = s.stats();
+    assert_eq!(stats.errors[ErrorKind::BadHeader as usize], 10_000);
+    assert_eq!(stats.errors[ErrorKind::BadAck as usize], 10_000);
+    assert_eq!(stats.suppressed[ErrorKind::BadAck as usize], 9_997);
+    let flush = s.poll_timeout().expect("a timer for the summary");
+    s.handle_timeout(flush);
+    let evs = events(&mut s);
+    assert!(evs.contains(&Event::ErrorsSuppressed {
+        kind: ErrorKind::BadAck,
+        count: 9_997
+    }));
+    assert!(evs.contains(&Event::ErrorsSuppressed {
+        kind: ErrorKind::BadHeader,
+        count: 9_997
+    }));
 }

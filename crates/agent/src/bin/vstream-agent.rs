@@ -162,21 +162,10 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
     }
 }
 
-/// A guest agent should give memory back once a burst is over (a 16 MiB `guest-file-read`
-/// reply, a big exec capture): serve large buffers from mmap, which free returns to the kernel
-/// at once, trim the heap eagerly, and keep glibc from growing one arena per thread.
-fn limit_malloc_retention() {
-    // SAFETY: mallopt only changes glibc allocator tunables; it is called at the start of main,
-    // before any other thread exists, with documented parameters and in-range values.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
-    limit_malloc_retention();
+    // A guest agent should give memory back once a burst is over (a 16 MiB `guest-file-read`
+    // reply, a big exec capture).
+    vstream_link::return_memory_eagerly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")

@@ -33,6 +33,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // What a guest made us allocate must be given back when it is freed (see docs/THREAT-MODEL.md).
+    vstream_link::return_memory_eagerly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")
