@@ -186,14 +186,14 @@ async fn prove(
     const T: Duration = Duration::from_secs(10);
     let rest = match (address, conn.identity) {
         (Address::Tcp { .. }, _) => {
-            vstream_link::auth::connector(&mut stream, name, key, rand::random(), T).await?
+            vstream_link::auth::connector(&mut stream, name, key, T).await?
         }
         (_, vstream_transport::PeerIdentity::Tcp(_)) => {
             let key_for = |n: &str| match n == name {
                 true => Ok(key.clone()),
                 false => Err(format!("this is guest {name:?}, not {n:?}")),
             };
-            vstream_link::auth::acceptor(&mut stream, Vec::new(), key_for, rand::random(), T)
+            vstream_link::auth::acceptor(&mut stream, Vec::new(), key_for, T)
                 .await?
                 .1
         }

@@ -26,6 +26,9 @@ pub struct Config {
 pub struct DaemonSection {
     /// Control socket path (the command line wins).
     pub control: Option<PathBuf>,
+    /// A group (name or gid) whose members may watch through the control socket (status,
+    /// events, console logs) and do nothing else; the socket becomes 0660 with this group.
+    pub control_read_group: Option<crate::access::GroupRef>,
     /// Where console logs and spools go (the command line wins).
     pub state_dir: Option<PathBuf>,
     /// Shared listeners: addresses where the agents of many guests connect. Which guest a

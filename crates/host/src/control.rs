@@ -1,8 +1,20 @@
 //! The control socket protocol between vstreamctl and vstreamd.
 //!
-//! The client writes one JSON request on one line; the daemon answers with one JSON reply on
-//! one line. For `console` (attach), `open` and `agent`, the connection then carries raw bytes
-//! both ways; for `events` it carries one JSON event per line.
+//! The client writes one JSON request on one line (at most [`MAX_REQUEST`] bytes); the daemon
+//! answers with one JSON reply line. What follows depends on the request:
+//!
+//! - `status`: the reply says how many guests follow (`{"ok":true,"guests":N}`), then one line
+//!   per guest (its status object), then the daemon closes the connection. With `guest` set,
+//!   N is 1 (or the reply is an error naming the unknown guest). Nothing in the reply grows
+//!   with the fleet, so replies carry no length limit: a reader takes lines of any length
+//!   ([`read_reply`]); only requests, which come from clients, are bounded.
+//! - `console` (attach), `open` and `agent`: raw bytes both ways.
+//! - `events`: one JSON event per line.
+//!
+//! Who may ask what: the daemon reads every connection's peer credentials (SO_PEERCRED). The
+//! owner (root, and the daemon's own uid) may do everything; members of the optional read-only
+//! group (`[daemon] control_read_group`) may only watch (see [`Request::read_only`]); a refused
+//! request is answered with an error reply that says why.
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,8 +26,12 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Everything about every guest.
-    Status,
+    /// Every guest's status, one line each (or one guest's).
+    Status {
+        /// Only this guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
+    },
     /// A console: its tail, its log as it grows, or an interactive attach.
     Console {
         /// Guest name.
@@ -68,9 +84,12 @@ pub struct Reply {
     /// For console attach: whether this client may type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<bool>,
-    /// For status: the data.
+    /// For status: how many guest lines follow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    pub guests: Option<usize>,
+    /// For status: connections refused for names that no guest has (count and the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_unknown: Option<serde_json::Value>,
     /// For jobs: the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<serde_json::Value>,
@@ -95,9 +114,51 @@ impl Reply {
     }
 }
 
-/// Reads one JSON line of at most [`MAX_REQUEST`] bytes.
+impl Request {
+    /// The verb, as in error messages ("open needs the owner").
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Status { .. } => "status",
+            Request::Console { attach: true, .. } => "console attach",
+            Request::Console { .. } => "console",
+            Request::Open { .. } => "open",
+            Request::Agent { .. } => "agent",
+            Request::Jobs { .. } => "jobs",
+            Request::Events { .. } => "events",
+        }
+    }
+
+    /// Whether a member of the read-only group may make this request: it only watches (status,
+    /// events, console logs and following a console without typing). Channels (`open`: shells,
+    /// files, input), the guest agent and console input act on the guest; print jobs are the
+    /// guest user's documents.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Request::Status { .. } | Request::Events { .. } => true,
+            Request::Console { attach, .. } => !attach,
+            Request::Open { .. } | Request::Agent { .. } | Request::Jobs { .. } => false,
+        }
+    }
+}
+
+/// Reads one JSON request line of at most [`MAX_REQUEST`] bytes.
 pub async fn read_line<R: AsyncBufRead + Unpin, T: for<'de> Deserialize<'de>>(
     r: &mut R,
+) -> std::io::Result<T> {
+    read_bounded(r, Some(MAX_REQUEST)).await
+}
+
+/// Reads one JSON line of the daemon's (a reply, a guest's status, an event): of any length,
+/// since what the daemon says grows with its guests and the client trusts its daemon.
+pub async fn read_reply<R: AsyncBufRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> std::io::Result<T> {
+    read_bounded(r, None).await
+}
+
+async fn read_bounded<R: AsyncBufRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    limit: Option<usize>,
 ) -> std::io::Result<T> {
     let mut line = Vec::new();
     loop {
@@ -114,7 +175,7 @@ pub async fn read_line<R: AsyncBufRead + Unpin, T: for<'de> Deserialize<'de>>(
         };
         line.extend_from_slice(&buf[..take]);
         r.consume(take);
-        if line.len() > MAX_REQUEST {
+        if limit.is_some_and(|max| line.len() > max) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "line too long",
@@ -132,10 +193,17 @@ pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
     value: &T,
 ) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    line.push(b'\n');
+    let mut line = Vec::new();
+    push_line(&mut line, value)?;
     w.write_all(&line).await?;
     w.flush().await
+}
+
+/// Appends one JSON line to `out` (to batch many lines into one write).
+pub fn push_line<T: Serialize>(out: &mut Vec<u8>, value: &T) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    Ok(())
 }
 
 #[cfg(test)]
@@ -165,5 +233,32 @@ mod tests {
         assert!(read_line::<_, Request>(&mut &b"{\"op\":\"nope\"}\n"[..])
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn replies_have_no_length_limit() {
+        let big = serde_json::json!({ "name": "x".repeat(4 * MAX_REQUEST) });
+        let mut wire = Vec::new();
+        write_line(&mut wire, &big).await.expect("write");
+        assert!(read_line::<_, serde_json::Value>(&mut &wire[..])
+            .await
+            .is_err());
+        let back: serde_json::Value = read_reply(&mut &wire[..]).await.expect("read");
+        assert_eq!(back, big);
+    }
+
+    #[tokio::test]
+    async fn a_status_request_without_a_guest_is_the_old_one() {
+        let old: Request = read_line(&mut &b"{\"op\":\"status\"}\n"[..])
+            .await
+            .expect("read");
+        assert_eq!(old, Request::Status { guest: None });
+        assert!(old.read_only());
+        let open = Request::Open {
+            guest: "g".into(),
+            class: "tty".into(),
+            name: String::new(),
+        };
+        assert!(!open.read_only());
     }
 }

@@ -26,9 +26,13 @@ use vstream_wire::Role;
 
 use vstream_link::link_params;
 
+use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
-use crate::control::{read_line, write_line, Reply, Request};
+use crate::control::{push_line, read_line, write_line, Reply, Request};
 use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
+
+/// Bytes of guest status lines gathered before a write to a control connection.
+const STATUS_BATCH: usize = 64 * 1024;
 
 /// How long a new connection on a shared listener may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -277,6 +281,8 @@ pub struct Daemon {
     /// Events of the start (print jobs a killed vstreamd left incomplete), from before anyone
     /// could listen: every `events` client gets them first, marked `replayed`.
     start_events: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Who may use the control socket.
+    access: Access,
 }
 
 impl Daemon {
@@ -301,6 +307,8 @@ impl Daemon {
             policy,
             refused_unknown: Mutex::new(Refusals::default()),
             start_events: Default::default(),
+            access: Access::new(cfg.daemon.control_read_group.as_ref())
+                .map_err(|e| anyhow::anyhow!("[daemon] control_read_group: {e}"))?,
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -577,9 +585,7 @@ impl Daemon {
                     claimed = Some(name.to_owned());
                     self.key_for(name)
                 };
-                let handshake =
-                    link_auth::acceptor(&mut stream, prefix, keys, rand::random(), HELLO_TIMEOUT)
-                        .await;
+                let handshake = link_auth::acceptor(&mut stream, prefix, keys, HELLO_TIMEOUT).await;
                 match handshake {
                     Ok((name, rest)) => {
                         proven = Some(name);
@@ -686,7 +692,7 @@ impl Daemon {
         });
     }
 
-    /// Serves the control socket (mode 0600) forever.
+    /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group.
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -702,8 +708,14 @@ impl Daemon {
         let listener = UnixListener::bind(path);
         rustix::process::umask(old);
         let listener = listener?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        tracing::info!(path = %path.display(), "control socket ready");
+        // The group first, then the mode: the group never gets access to a socket it does not
+        // own yet.
+        if let Some(gid) = self.access.read_gid() {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        }
+        let mode = self.access.socket_mode();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "control socket ready");
         loop {
             let (stream, _) = listener.accept().await?;
             let daemon = self.clone();
@@ -716,22 +728,59 @@ impl Daemon {
     }
 
     async fn handle_control(self: Arc<Self>, stream: UnixStream) -> io::Result<()> {
+        let cred = stream.peer_cred()?;
+        let (uid, gid) = (cred.uid(), cred.gid());
         let (r, mut w) = stream.into_split();
         let mut r = BufReader::new(r);
         let req: Request = match read_line(&mut r).await {
             Ok(req) => req,
             Err(e) => return write_line(&mut w, &Reply::error(format!("bad request: {e}"))).await,
         };
+        let access = self.access.clone();
+        // Group membership may ask the group database (files, or a directory service).
+        let role = tokio::task::spawn_blocking(move || access.role(uid, gid))
+            .await
+            .map_err(io::Error::other)?;
+        if let Err(why) = role.and_then(|role| self.access.check(uid, role, &req)) {
+            tracing::info!(
+                uid,
+                gid,
+                request = req.verb(),
+                "control request refused: {why}"
+            );
+            return write_line(&mut w, &Reply::error(why)).await;
+        }
         match req {
-            Request::Status => {
-                let guests: Vec<_> = self.guests().values().map(|g| g.status()).collect();
-                let refused = lock(&self.refused_unknown).clone();
+            Request::Status { guest } => {
+                let guests: Vec<Arc<Guest>> = match &guest {
+                    None => self.guests().values().cloned().collect(),
+                    Some(name) => match self.guest(name) {
+                        Some(g) => vec![g],
+                        None => {
+                            let msg = format!("no guest named {name:?}");
+                            return write_line(&mut w, &Reply::error(msg)).await;
+                        }
+                    },
+                };
                 let reply = Reply {
                     ok: true,
-                    status: Some(json!({ "guests": guests, "refused_unknown": refused })),
+                    guests: Some(guests.len()),
+                    refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
                     ..Reply::default()
                 };
-                write_line(&mut w, &reply).await
+                write_line(&mut w, &reply).await?;
+                // One line per guest, written in batches: no line grows with the fleet, and a
+                // thousand guests take a few dozen writes.
+                let mut batch = Vec::with_capacity(STATUS_BATCH);
+                for g in guests {
+                    push_line(&mut batch, &g.status())?;
+                    if batch.len() >= STATUS_BATCH {
+                        w.write_all(&batch).await?;
+                        batch.clear();
+                    }
+                }
+                w.write_all(&batch).await?;
+                w.shutdown().await
             }
             Request::Console {
                 guest,
@@ -1015,18 +1064,12 @@ async fn prove_own(
                     guest.name
                 )),
             };
-            link_auth::acceptor(
-                &mut stream,
-                Vec::new(),
-                key_for,
-                rand::random(),
-                HELLO_TIMEOUT,
-            )
-            .await
-            .map(|(_, rest)| rest)
+            link_auth::acceptor(&mut stream, Vec::new(), key_for, HELLO_TIMEOUT)
+                .await
+                .map(|(_, rest)| rest)
         }
         (Some(key), false) => {
-            link_auth::connector(&mut stream, &guest.name, key, rand::random(), HELLO_TIMEOUT).await
+            link_auth::connector(&mut stream, &guest.name, key, HELLO_TIMEOUT).await
         }
         (None, _) if insecure_tcp => Ok(Vec::new()),
         (None, _) => {

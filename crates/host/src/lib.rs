@@ -2,6 +2,7 @@
 //! the guests' sessions, and the control socket between the two programs.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod daemon;

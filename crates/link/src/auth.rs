@@ -13,6 +13,22 @@ use vstream_wire::auth::{self, AuthError, Challenge, Claim, Key, NONCE_LEN, PROO
 /// more without completing one is not speaking the handshake.
 const MAX_MESSAGE: usize = auth::MAGIC.len() + 1 + auth::MAX_NAME + NONCE_LEN;
 
+/// A fresh nonce for the handshake, from the kernel's CRNG. Unlike session ids this waits for
+/// the CRNG to be ready: a predictable nonce would let a recorded handshake be replayed. Only
+/// links with a key pay that wait.
+pub fn nonce() -> io::Result<[u8; NONCE_LEN]> {
+    let mut buf = [0u8; NONCE_LEN];
+    let mut filled = 0;
+    while filled < NONCE_LEN {
+        match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(buf)
+}
+
 /// Reads a key file: at least 16 bytes, trailing white space ignored
 /// ([`Key::from_file_contents`]). Errors name the file.
 pub fn read_key_file(path: &std::path::Path) -> io::Result<Key> {
@@ -27,14 +43,13 @@ pub fn read_key_file(path: &std::path::Path) -> io::Result<Key> {
 }
 
 /// Proves to the acceptor that we hold `key` for `name`, after checking that it holds it too.
-/// `nonce` must be fresh (random) for every connection.
 pub async fn connector<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     name: &str,
     key: &Key,
-    nonce: [u8; NONCE_LEN],
     timeout: Duration,
 ) -> io::Result<Vec<u8>> {
+    let nonce = self::nonce()?;
     let exchange = async {
         stream
             .write_all(
@@ -73,13 +88,13 @@ pub async fn acceptor<S, F>(
     stream: &mut S,
     first: Vec<u8>,
     key_for: F,
-    nonce: [u8; NONCE_LEN],
     timeout: Duration,
 ) -> io::Result<(String, Vec<u8>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Result<Key, String>,
 {
+    let nonce = self::nonce()?;
     let exchange = async {
         let mut buf = first;
         let claim = read_message(stream, &mut buf, Claim::parse).await?;
@@ -191,16 +206,13 @@ mod tests {
                         Err("unknown".into())
                     }
                 },
-                [9; 32],
                 T,
             )
             .await;
             b.write_all(b"\xA9\x5Chello").await.expect("write");
             r
         });
-        let rest = connector(&mut a, "lab", &k, [8; 32], T)
-            .await
-            .expect("accepted");
+        let rest = connector(&mut a, "lab", &k, T).await.expect("accepted");
         let (name, left) = acc.await.expect("join").expect("accepted");
         assert_eq!(name, "lab");
         assert!(left.is_empty());
@@ -232,12 +244,11 @@ mod tests {
                             Err(format!("no guest {n:?} has a key"))
                         }
                     },
-                    [9; 32],
                     T,
                 )
                 .await
             });
-            let e = connector(&mut a, claimed, &key(theirs), [8; 32], T)
+            let e = connector(&mut a, claimed, &key(theirs), T)
                 .await
                 .expect_err("refused");
             assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
@@ -262,7 +273,7 @@ mod tests {
     async fn garbage_and_silence_end_the_handshake() {
         let (mut a, mut b) = tokio::io::duplex(4096);
         a.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("write");
-        let e = acceptor(&mut b, vec![], |_| Err("x".into()), [0; 32], T)
+        let e = acceptor(&mut b, vec![], |_| Err("x".into()), T)
             .await
             .expect_err("garbage");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
@@ -271,7 +282,6 @@ mod tests {
             &mut b,
             vec![],
             |_| Err("x".into()),
-            [0; 32],
             Duration::from_millis(50),
         )
         .await

@@ -1093,7 +1093,10 @@ fn a_file_written_with_mode_w_appears_whole_on_close_only() {
         std::fs::read(&path).expect("final"),
         b"new content, all of it"
     );
-    let mode = std::fs::metadata(&path).expect("final").permissions().mode();
+    let mode = std::fs::metadata(&path)
+        .expect("final")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o640);
     assert!(!partial(whole).exists());
     assert!(partial(cut).exists());

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use vstream_host::control::{read_line, write_line, Reply, Request};
+use vstream_host::control::{read_reply, write_line, Reply, Request};
 
 /// Talk to vstreamd: status, consoles, channels, events.
 #[derive(Parser, Debug)]
@@ -24,9 +24,13 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Guests, their transports (up/down, since when), channels, bytes, errors.
+    /// Every guest on one line each (state, transports, bytes, channels, errors), or one
+    /// guest in detail: its transports (up/down, since when), devices and channels.
     Status {
-        /// Machine-readable output.
+        /// Only this guest, in detail.
+        guest: Option<String>,
+        /// Machine-readable output: `{"guests":[...]}` (one guest per line), or with GUEST
+        /// that guest's object.
         #[arg(long)]
         json: bool,
     },
@@ -259,7 +263,7 @@ async fn request(
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     write_line(&mut w, req).await?;
-    let reply: Reply = read_line(&mut r)
+    let reply: Reply = read_reply(&mut r)
         .await
         .context("reading vstreamd's reply")?;
     if !reply.ok {
@@ -273,16 +277,7 @@ async fn request(
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Status { json } => {
-            let (_, _, reply) = request(&args.control, &Request::Status).await?;
-            let status = reply.status.unwrap_or_default();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", render_status(&status));
-            }
-            Ok(())
-        }
+        Cmd::Status { guest, json } => status(&args.control, guest, json).await,
         Cmd::Console {
             guest,
             name,
@@ -358,7 +353,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Events { guest, json } => {
             let (mut r, _w, _) = request(&args.control, &Request::Events { guest }).await?;
             loop {
-                let ev: Value = read_line(&mut r).await?;
+                let ev: Value = read_reply(&mut r).await?;
                 if json {
                     println!("{ev}");
                 } else {
@@ -538,80 +533,159 @@ fn bytes(v: &Value) -> String {
     }
 }
 
-fn render_status(status: &Value) -> String {
+/// `vstreamctl status [GUEST] [--json]`: prints the guests as their lines arrive.
+async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let one = guest.is_some();
+    let (mut r, _w, reply) = request(control, &Request::Status { guest }).await?;
+    let count = reply.guests.unwrap_or(0);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let refused = reply.refused_unknown.unwrap_or_default();
+    if json && !one {
+        writeln!(out, "{{\"refused_unknown\": {refused},")?;
+        writeln!(out, "\"guests\": [")?;
+    } else if !json && !one {
+        if count == 0 {
+            writeln!(out, "no guests")?;
+        } else {
+            writeln!(out, "{}", guest_row_header())?;
+        }
+    }
+    for i in 0..count {
+        let g: Value = read_reply(&mut r)
+            .await
+            .with_context(|| format!("vstreamd sent {i} of {count} guests"))?;
+        match (json, one) {
+            (true, true) => writeln!(out, "{}", serde_json::to_string_pretty(&g)?)?,
+            (true, false) => {
+                let sep = if i + 1 < count { "," } else { "" };
+                writeln!(out, "  {g}{sep}")?;
+            }
+            (false, true) => write!(out, "{}", render_guest(&g))?,
+            (false, false) => writeln!(out, "{}", guest_row(&g))?,
+        }
+    }
+    if json && !one {
+        writeln!(out, "]}}")?;
+    } else if !one && refused["count"].as_u64() > Some(0) {
+        writeln!(
+            out,
+            "refused {} connection(s) claiming names no guest has; last: {}",
+            refused["count"],
+            refused["last"].as_str().unwrap_or("-")
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn guest_row_header() -> String {
+    format!(
+        "{:<24} {:<12} {:<5} {:<24} {:>6} {:>8} {:>8} {:>5} {:>6}",
+        "GUEST", "STATE", "LINKS", "ACTIVE", "SINCE", "IN", "OUT", "CHANS", "ERRORS"
+    )
+}
+
+/// One guest on one line: its state, how many mux transports are up, the active one (and since
+/// when), bytes over all links, open channels, protocol errors plus channel resets.
+fn guest_row(g: &Value) -> String {
+    let empty = Vec::new();
+    let transports = g["transports"].as_array().unwrap_or(&empty);
+    let links: Vec<&Value> = transports.iter().filter(|t| t["kind"] == "mux").collect();
+    let up = links.iter().filter(|t| t["state"] == "up").count();
+    let active = links.iter().find(|t| t["active"] == true);
+    let sum = |key: &str| -> u64 { links.iter().filter_map(|t| t["link"][key].as_u64()).sum() };
+    let st = &g["stats"];
+    let errors =
+        st["protocol_errors"].as_u64().unwrap_or(0) + st["channel_resets"].as_u64().unwrap_or(0);
+    format!(
+        "{:<24} {:<12} {:<5} {:<24} {:>6} {:>8} {:>8} {:>5} {:>6}",
+        g["name"].as_str().unwrap_or("?"),
+        if g["connected"] == true {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        format!("{up}/{}", links.len()),
+        active.and_then(|t| t["name"].as_str()).unwrap_or("-"),
+        active.map_or_else(|| "-".to_owned(), |t| ago(t["since"].as_u64().unwrap_or(0))),
+        bytes(&Value::from(sum("bytes_in"))),
+        bytes(&Value::from(sum("bytes_out"))),
+        g["channels"].as_array().map_or(0, Vec::len),
+        errors,
+    )
+}
+
+/// One guest in detail: transports, devices, channels.
+fn render_guest(g: &Value) -> String {
     let mut out = String::new();
     let empty = Vec::new();
-    let guests = status["guests"].as_array().unwrap_or(&empty);
-    if guests.is_empty() {
-        out.push_str("no guests\n");
-    }
-    for g in guests {
-        let st = &g["stats"];
+    let st = &g["stats"];
+    out.push_str(&format!(
+        "{}  {}  errors: {} protocol, {} channel resets, {} retransmitted frames\n",
+        g["name"].as_str().unwrap_or("?"),
+        if g["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        st["protocol_errors"],
+        st["channel_resets"],
+        st["frames_retransmitted"],
+    ));
+    for t in g["transports"].as_array().unwrap_or(&empty) {
+        let (bin, bout) = if t["link"].is_object() {
+            (&t["link"]["bytes_in"], &t["link"]["bytes_out"])
+        } else {
+            (&t["bytes_in"], &t["bytes_out"])
+        };
         out.push_str(&format!(
-            "{}  {}  errors: {} protocol, {} channel resets, {} retransmitted frames\n",
-            g["name"].as_str().unwrap_or("?"),
-            if g["connected"].as_bool() == Some(true) {
-                "connected"
+            "  {:<8} {:<10} {:<11} {:<44} since {:>5}  in {:>7}  out {:>7}{}{}\n",
+            t["kind"].as_str().unwrap_or("?"),
+            t["state"].as_str().unwrap_or("?"),
+            t["name"].as_str().unwrap_or(""),
+            t["address"].as_str().unwrap_or(""),
+            ago(t["since"].as_u64().unwrap_or(0)),
+            bytes(bin),
+            bytes(bout),
+            if t["active"].as_bool() == Some(true) {
+                "  [active]"
             } else {
-                "disconnected"
+                ""
             },
-            st["protocol_errors"],
-            st["channel_resets"],
-            st["frames_retransmitted"],
+            match t["last_error"].as_str() {
+                Some(e) if t["state"] != "up" => format!("  ({e})"),
+                _ => String::new(),
+            },
         ));
-        for t in g["transports"].as_array().unwrap_or(&empty) {
-            let (bin, bout) = if t["link"].is_object() {
-                (&t["link"]["bytes_in"], &t["link"]["bytes_out"])
-            } else {
-                (&t["bytes_in"], &t["bytes_out"])
-            };
-            out.push_str(&format!(
-                "  {:<8} {:<10} {:<11} {:<44} since {:>5}  in {:>7}  out {:>7}{}{}\n",
-                t["kind"].as_str().unwrap_or("?"),
-                t["state"].as_str().unwrap_or("?"),
-                t["name"].as_str().unwrap_or(""),
-                t["address"].as_str().unwrap_or(""),
-                ago(t["since"].as_u64().unwrap_or(0)),
-                bytes(bin),
-                bytes(bout),
-                if t["active"].as_bool() == Some(true) {
-                    "  [active]"
-                } else {
-                    ""
-                },
-                match t["last_error"].as_str() {
-                    Some(e) if t["state"] != "up" => format!("  ({e})"),
-                    _ => String::new(),
-                },
-            ));
+    }
+    if let Some(devices) = g["devices"].as_object() {
+        for (class, st) in devices {
+            let fields: Vec<String> = st
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| match v.as_str() {
+                            Some(s) => format!("{k}={s}"),
+                            None => format!("{k}={v}"),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push_str(&format!("  device   {class:<10} {}\n", fields.join(" ")));
         }
-        if let Some(devices) = g["devices"].as_object() {
-            for (class, st) in devices {
-                let fields: Vec<String> = st
-                    .as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter(|(_, v)| !v.is_null())
-                            .map(|(k, v)| match v.as_str() {
-                                Some(s) => format!("{k}={s}"),
-                                None => format!("{k}={v}"),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push_str(&format!("  device   {class:<10} {}\n", fields.join(" ")));
-            }
-        }
-        for c in g["channels"].as_array().unwrap_or(&empty) {
-            out.push_str(&format!(
-                "  channel  {:>4} {}/{}  in {:>7}  out {:>7}\n",
-                c["id"],
-                c["class"].as_str().unwrap_or("?"),
-                c["name"].as_str().unwrap_or(""),
-                bytes(&c["bytes_in"]),
-                bytes(&c["bytes_out"]),
-            ));
-        }
+    }
+    for c in g["channels"].as_array().unwrap_or(&empty) {
+        out.push_str(&format!(
+            "  channel  {:>4} {}/{}  in {:>7}  out {:>7}\n",
+            c["id"],
+            c["class"].as_str().unwrap_or("?"),
+            c["name"].as_str().unwrap_or(""),
+            bytes(&c["bytes_in"]),
+            bytes(&c["bytes_out"]),
+        ));
     }
     out
 }

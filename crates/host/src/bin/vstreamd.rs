@@ -11,7 +11,7 @@ use vstream_transport::Address;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Control socket (mode 0600) for vstreamctl.
+    /// Control socket for vstreamctl (mode 0600; 0660 with `[daemon] control_read_group`).
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
     control: PathBuf,
     /// A shared listener for the agents of many guests (repeatable), e.g. vsock-listen:5000.

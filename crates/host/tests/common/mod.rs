@@ -72,7 +72,7 @@ impl Daemon {
     /// The vstreamd process's id.
     pub fn pid(&self) -> u32 {
         match &self.run {
-            Run::Process(child) => child.id(),
+            Run::Process { child, .. } => child.id(),
             Run::InProcess { .. } => std::process::id(),
         }
     }
@@ -329,6 +329,37 @@ pub fn ctl(control: &Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("vstreamctl")
+}
+
+/// Runs vstreamctl with no stdin as another user: uid `uid`, primary group `gid`, no
+/// supplementary groups (the tests run as root).
+pub fn ctl_as(control: &Path, uid: u32, gid: u32, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    vstreamctl(control, args)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("vstreamctl")
+}
+
+/// `ctl_as` on a blocking thread.
+pub async fn ctl_as_async(control: &Path, uid: u32, gid: u32, args: &[&str]) -> Output {
+    let (control, args) = (control.to_owned(), owned(args));
+    blocking(move || ctl_as(&control, uid, gid, &borrowed(&args))).await
+}
+
+/// vstreamctl as another user (see `ctl_as`) with stdout on a pipe, for commands that stream.
+pub fn spawn_ctl_as(control: &Path, uid: u32, gid: u32, args: &[&str]) -> Child {
+    use std::os::unix::process::CommandExt;
+    vstreamctl(control, args)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vstreamctl")
 }
 
 /// Runs vstreamctl with `stdin` on a pipe; collects stdout and stderr. The command may exit
