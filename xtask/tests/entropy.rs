@@ -42,6 +42,22 @@ fn seen_on_console(lab: &Lab, needle: &str, timeout: Duration) -> Instant {
     }
 }
 
+/// Polls vstreamd's status until the agent's mux session is up (handshake done, not merely a
+/// connected socket): how long after `since`.
+fn mux_session_up(lab: &Lab, since: Instant) -> Duration {
+    let deadline = since + UP_TIMEOUT;
+    loop {
+        if lab.status().is_ok_and(|s| lab.mux_transports_up(&s)) {
+            return since.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's mux session was not up within {UP_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Reads `count` bytes of `/dev/random` through the agent. Its `guest-file-open` opens with
 /// O_NONBLOCK, and the kernel refuses such a read with EAGAIN (0 bytes here) exactly while the
 /// CRNG is not initialised; once it is, the read returns bytes.
@@ -106,72 +122,79 @@ fn the_agent_answers_at_once_in_a_guest_whose_crng_is_not_initialised() {
     // From /init's line just before it starts the agent (seen within a few ms) to the agent's
     // answers to guest-sync-delimited and then guest-ping on the raw port.
     let started = seen_on_console(&lab, AGENT_START_MARKER, lab.options().boot_timeout);
-    let no_answer = |e: std::io::Error| -> ! {
-        panic!(
-            "no answer on the raw QGA port {:?} after the agent's start: {e}",
-            started.elapsed()
-        )
-    };
-    let mut conn = QgaConn::direct(&ga_sock).unwrap_or_else(|e| no_answer(e));
-    let pong = conn
-        .call(&json!({"execute": "guest-ping"}))
-        .unwrap_or_else(|e| no_answer(e));
-    let first_answer = started.elapsed();
-    let console_at_answer = lab.raw_console_log();
-    assert_eq!(pong, json!({}));
+    // The mux session's handshake with vstreamd, watched from the same start while the QGA
+    // checks run.
+    let (mut conn, mux_up, commands_done) = thread::scope(|scope| {
+        let mux_watch = scope.spawn(|| mux_session_up(&lab, started));
+        let no_answer = |e: std::io::Error| -> ! {
+            panic!(
+                "no answer on the raw QGA port {:?} after the agent's start: {e}",
+                started.elapsed()
+            )
+        };
+        let mut conn = QgaConn::direct(&ga_sock).unwrap_or_else(|e| no_answer(e));
+        let pong = conn
+            .call(&json!({"execute": "guest-ping"}))
+            .unwrap_or_else(|e| no_answer(e));
+        let first_answer = started.elapsed();
+        let console_at_answer = lab.raw_console_log();
+        assert_eq!(pong, json!({}));
 
-    // The CRNG was not initialised when the agent answered: the kernel had not said so, and it
-    // still refuses a non-blocking read of /dev/random (its readiness never goes back).
-    let crng_ready_at_answer = console_at_answer.contains(CRNG_DONE);
-    let random_bytes = dev_random_bytes(&mut conn);
-    let avail = entropy_avail(&mut conn);
-    eprintln!(
-        "entropy e2e ({} accelerator, -cpu qemu64, no virtio-rng): agent start -> guest-ping answered on \
-         {QGA_PORT} in {} ms; then /dev/random O_NONBLOCK read gave {random_bytes} bytes, entropy_avail {avail}",
-        lab.accel(),
-        first_answer.as_millis()
-    );
-    assert!(
-        first_answer < FIRST_ANSWER,
-        "the agent took {first_answer:?} from its start to answer guest-ping (at most {FIRST_ANSWER:?})"
-    );
-    assert!(
-        !crng_ready_at_answer,
-        "the kernel said {CRNG_DONE:?} before the agent answered: the test proves nothing"
-    );
-    assert_eq!(
-        random_bytes, 0,
-        "the guest's CRNG is initialised (entropy_avail {avail}): the test proves nothing"
-    );
+        // The CRNG was not initialised when the agent answered: the kernel had not said so, and it
+        // still refuses a non-blocking read of /dev/random (its readiness never goes back).
+        let crng_ready_at_answer = console_at_answer.contains(CRNG_DONE);
+        let random_bytes = dev_random_bytes(&mut conn);
+        let avail = entropy_avail(&mut conn);
+        eprintln!(
+            "entropy e2e ({} accelerator, -cpu qemu64, no virtio-rng): agent start -> guest-ping answered on \
+             {QGA_PORT} in {} ms; then /dev/random O_NONBLOCK read gave {random_bytes} bytes, entropy_avail {avail}",
+            lab.accel(),
+            first_answer.as_millis()
+        );
+        assert!(
+            first_answer < FIRST_ANSWER,
+            "the agent took {first_answer:?} from its start to answer guest-ping (at most {FIRST_ANSWER:?})"
+        );
+        assert!(
+            !crng_ready_at_answer,
+            "the kernel said {CRNG_DONE:?} before the agent answered: the test proves nothing"
+        );
+        assert_eq!(
+            random_bytes, 0,
+            "the guest's CRNG is initialised (entropy_avail {avail}): the test proves nothing"
+        );
 
-    // The same agent answers the usual QGA commands there, and its clock and files too.
-    qga_lab::check_common_commands(GUEST, GUEST, &mut |cmd| {
-        conn.request(cmd)
-            .unwrap_or_else(|e| panic!("{GUEST} {cmd}: {e}"))
+        // The same agent answers the usual QGA commands there, and its clock and files too.
+        qga_lab::check_common_commands(GUEST, GUEST, &mut |cmd| {
+            conn.request(cmd)
+                .unwrap_or_else(|e| panic!("{GUEST} {cmd}: {e}"))
+        });
+        let guest_ns = conn
+            .call(&json!({"execute": "guest-get-time"}))
+            .expect("guest-get-time")
+            .as_i64()
+            .expect("nanoseconds");
+        assert!(guest_ns > 0, "guest-get-time: {guest_ns}");
+        let uptime = conn.read_small("/proc/uptime").expect("/proc/uptime");
+        assert!(
+            String::from_utf8_lossy(&uptime)
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse::<f64>().ok())
+                .is_some_and(|s| s > 0.0),
+            "/proc/uptime through guest-file-read: {uptime:?}"
+        );
+        let commands_done = started.elapsed();
+
+        let mux_up = mux_watch.join().expect("the mux watcher panicked");
+        (conn, mux_up, commands_done)
     });
-    let guest_ns = conn
-        .call(&json!({"execute": "guest-get-time"}))
-        .expect("guest-get-time")
-        .as_i64()
-        .expect("nanoseconds");
-    assert!(guest_ns > 0, "guest-get-time: {guest_ns}");
-    let uptime = conn.read_small("/proc/uptime").expect("/proc/uptime");
     assert!(
-        String::from_utf8_lossy(&uptime)
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse::<f64>().ok())
-            .is_some_and(|s| s > 0.0),
-        "/proc/uptime through guest-file-read: {uptime:?}"
+        mux_up < FIRST_ANSWER,
+        "the agent's mux session was up {mux_up:?} after its start (at most {FIRST_ANSWER:?})"
     );
-    let commands_done = started.elapsed();
 
-    // Its mux session to vstreamd comes up too, and answers through a qga channel.
-    lab.wait_for("the agent's mux session", UP_TIMEOUT, |s| {
-        lab.mux_transports_up(s)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mux_up = started.elapsed();
+    // The session answers through a qga channel.
     let reply: Value = serde_json::from_str(&ctl_ok(
         &lab,
         &["agent", GUEST, r#"{"execute":"guest-ping"}"#],
