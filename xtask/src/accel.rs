@@ -39,13 +39,17 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// The QEMU arguments selecting this accelerator and a matching CPU model.
-    pub fn qemu_args(self) -> Vec<String> {
-        let args: [&str; 4] = match self {
-            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
-            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+    /// The QEMU arguments selecting this accelerator and a CPU model: `cpu`, else the one that
+    /// matches the accelerator (`host` under KVM, `max` under TCG; both have RDRAND).
+    pub fn qemu_args(self, cpu: Option<&str>) -> Vec<String> {
+        let (accel, default_cpu) = match self {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
         };
-        args.iter().map(|s| s.to_string()).collect()
+        ["-accel", accel, "-cpu", cpu.unwrap_or(default_cpu)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     fn parse(s: &str) -> Option<Self> {
@@ -206,7 +210,7 @@ fn probe_kvm(qemu: &Path, image: &GuestImage, dir: &Path) -> Result<Verdict> {
             "-no-user-config",
         ])
         .args(["-display", "none", "-no-reboot"])
-        .args(Accel::Kvm.qemu_args())
+        .args(Accel::Kvm.qemu_args(None))
         .arg("-kernel")
         .arg(&image.vmlinuz)
         .arg("-initrd")

@@ -31,6 +31,9 @@ pub const INIT_SCRIPT: &str = include_str!("guest/init.sh");
 /// The line `/init` prints to the kernel console once the guest is up.
 pub const INIT_DONE_MARKER: &str = "vstream-lab: init done";
 
+/// What `/init` logs (to the kernel log, hence ttyS0) just before it starts the agent.
+pub const AGENT_START_MARKER: &str = "vstream-lab: starting vstream-agent";
+
 /// A kernel module the lab's devices need. Dependencies come from `modules.dep`; a module built into the
 /// kernel needs nothing.
 #[derive(Debug, Clone, Copy)]

@@ -116,6 +116,12 @@ pub struct LabOptions {
     /// Also give the guest a virtio-net NIC on QEMU's user-mode network (see
     /// [`crate::qemu::QemuSpec::user_net`]).
     pub user_net: bool,
+    /// QEMU CPU model instead of the accelerator's default (`host` or `max`), e.g. `qemu64`
+    /// for a CPU without RDRAND.
+    pub cpu: Option<String>,
+    /// Give the guest a virtio-rng device. Without it and without RDRAND (see [`Self::cpu`])
+    /// the guest kernel's CRNG stays uninitialised long after boot, as on many real hosts.
+    pub virtio_rng: bool,
 }
 
 impl Default for LabOptions {
@@ -132,6 +138,8 @@ impl Default for LabOptions {
             extra_qemu_args: Vec::new(),
             extra_config: String::new(),
             user_net: false,
+            cpu: None,
+            virtio_rng: true,
         }
     }
 }
@@ -499,6 +507,8 @@ impl Lab {
             qemu: qemu_bin,
             image,
             accel: verdict.accel,
+            cpu: options.cpu.clone(),
+            virtio_rng: options.virtio_rng,
             name: options.name.clone(),
             memory_mib: options.memory_mib,
             sockets: paths.sockets.clone(),

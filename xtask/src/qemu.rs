@@ -8,7 +8,7 @@
 //! | hvc0, virtio console (shell)          | `virtio-serial-pci` + `virtconsole`          | `hvc0.sock`                 |
 //! | virtio port `org.vstream.0` (mux)     | `virtserialport name=org.vstream.0`          | `port.sock`                 |
 //! | ttyS4, PCI 16550 (mux)                | `pci-serial`                                 | `serial.sock`               |
-//! | hwrng                                 | `virtio-rng-pci`                             |                             |
+//! | hwrng (unless `virtio_rng` is off)    | `virtio-rng-pci`                             |                             |
 //! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
 //! | eth0, virtio-net (`user_net` only)    | `virtio-net-pci` + `-netdev user` (slirp)    | 10.0.2.2:P = 127.0.0.1:P    |
 //! | QMP (two monitors: vstreamd, the lab) | `-qmp unix:...`                              | `qmp.sock`, `qmp-lab.sock`  |
@@ -66,6 +66,10 @@ pub struct QemuSpec {
     pub image: GuestImage,
     /// KVM or TCG.
     pub accel: Accel,
+    /// CPU model instead of the accelerator's (e.g. `qemu64`: no RDRAND).
+    pub cpu: Option<String>,
+    /// A virtio-rng device (the guest kernel's hwrng, which seeds its CRNG at boot).
+    pub virtio_rng: bool,
     /// Guest name (`vstream.name=`, hostname).
     pub name: String,
     /// RAM in MiB.
@@ -107,6 +111,18 @@ fn socket_chardev(id: &str, path: &Path, logfile: Option<&Path>) -> Result<Strin
         arg.push_str(&format!(",logfile={}", check_path(log)?));
     }
     Ok(arg)
+}
+
+/// QEMU arguments (for [`QemuSpec::extra_qemu_args`]) of one more port `name` on the lab's
+/// virtio-serial bus, at port number `nr` (2 and up: 0 is hvc0, 1 the mux port), its host side a
+/// Unix socket server at `socket`.
+pub fn extra_virtio_port(id: &str, socket: &Path, nr: u32, name: &str) -> Result<Vec<String>> {
+    Ok(vec![
+        "-chardev".to_owned(),
+        socket_chardev(id, socket, None)?,
+        "-device".to_owned(),
+        format!("virtserialport,bus=vser0.0,nr={nr},chardev={id},id={id},name={name}"),
+    ])
 }
 
 impl QemuSpec {
@@ -158,7 +174,7 @@ impl QemuSpec {
             "none",
         ]);
         c.arg("-m").arg(self.memory_mib.to_string());
-        c.args(self.accel.qemu_args());
+        c.args(self.accel.qemu_args(self.cpu.as_deref()));
         c.arg("-kernel").arg(check_path(&self.image.vmlinuz)?);
         c.arg("-initrd").arg(check_path(&self.image.initramfs)?);
         c.arg("-append").arg(self.kernel_cmdline());
@@ -191,7 +207,9 @@ impl QemuSpec {
             c.args(["-device", "pci-serial,chardev=muxserial,id=muxserial"]);
         }
 
-        c.args(["-device", "virtio-rng-pci,id=rng0"]);
+        if self.virtio_rng {
+            c.args(["-device", "virtio-rng-pci,id=rng0"]);
+        }
         if self.user_net {
             // No host forwards and no DNS the guest would use: the guest reaches the host's
             // loopback at 10.0.2.2 (slirp connects to 127.0.0.1), and nothing else is routed

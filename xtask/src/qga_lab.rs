@@ -21,7 +21,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::lab::{self, Lab, LabOptions};
+use crate::qemu::extra_virtio_port;
 use crate::{paths, process};
+
+/// The virtio port QGA clients (libvirt, QEMU's own tools) use.
+pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
 
 /// From QEMU's start to the agent's transport being up, under TCG.
 pub const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -67,18 +71,10 @@ impl QgaLab {
         let raw_sock = dir.join("raw.sock");
         let mut qemu_args = Vec::new();
         for (id, sock, nr, port) in [
-            ("qgaga", &ga_sock, 2, "org.qemu.guest_agent.0"),
+            ("qgaga", &ga_sock, 2, QGA_PORT),
             ("qgaraw", &raw_sock, 3, "org.vstream.qga.0"),
         ] {
-            qemu_args.push("-chardev".to_owned());
-            qemu_args.push(format!(
-                "socket,id={id},path={},server=on,wait=off",
-                sock.display()
-            ));
-            qemu_args.push("-device".to_owned());
-            qemu_args.push(format!(
-                "virtserialport,bus=vser0.0,nr={nr},chardev={id},id={id},name={port}"
-            ));
+            qemu_args.extend(extra_virtio_port(id, sock, nr, port).map_err(io::Error::other)?);
         }
         let options = LabOptions {
             memory_mib,
@@ -235,6 +231,13 @@ impl QgaConn {
         Ok(serde_json::from_slice(&self.line[start..]).ok())
     }
 
+    /// Sends `request` and returns the whole reply object (`return` or `error`).
+    pub fn request(&mut self, request: &Value) -> io::Result<Value> {
+        self.send(request)?;
+        self.recv_raw()?
+            .ok_or_else(|| io::Error::other(format!("{request}: the reply is not JSON")))
+    }
+
     /// The next reply: its `return` value, or an error carrying the guest's error.
     pub fn recv(&mut self) -> io::Result<Value> {
         match self.recv_raw()? {
@@ -353,6 +356,109 @@ impl QgaConn {
         self.read_file(path, 64 << 10, 1, &mut out)?;
         Ok(out)
     }
+}
+
+/// Sends one QGA command and returns the whole reply object (`return` or `error`), through
+/// whichever route a test checks (`vstreamctl agent`, a [`QgaConn`]).
+pub type Request<'a> = dyn FnMut(&Value) -> Value + 'a;
+
+/// The `return` value of the reply to `cmd`; panics with the reply if it is an error.
+pub fn expect_return(guest: &str, request: &mut Request<'_>, cmd: Value) -> Value {
+    let reply = request(&cmd);
+    match reply.get("return") {
+        Some(v) => v.clone(),
+        None => panic!("{guest} {cmd}: {reply}"),
+    }
+}
+
+/// Runs a program in the guest with `guest-exec` and polls `guest-exec-status` (at most 120 s):
+/// its exit code and stdout. Panics on an error reply.
+pub fn exec_via(
+    guest: &str,
+    request: &mut Request<'_>,
+    path: &str,
+    args: &[&str],
+) -> (i64, Vec<u8>) {
+    let started = expect_return(
+        guest,
+        request,
+        json!({"execute": "guest-exec", "arguments": {
+            "path": path, "arg": args, "capture-output": true}}),
+    );
+    let pid = started["pid"].as_i64().expect("pid");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = expect_return(
+            guest,
+            request,
+            json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+        );
+        if st["exited"] == true {
+            let out = st["out-data"].as_str().map_or_else(Vec::new, |s| {
+                base64_decode(s.as_bytes()).expect("out-data is base64")
+            });
+            return (st["exitcode"].as_i64().unwrap_or(-1), out);
+        }
+        assert!(Instant::now() < deadline, "{guest}: {path} never finished");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The QGA checks every route into a guest passes (`xtask/tests/qga.rs`, and
+/// `xtask/tests/entropy.rs` in a guest without entropy): ping, sync, info, host name, OS info,
+/// network interfaces, the errors of an unknown command and of a bad handle, and `guest-exec`
+/// with its output and exit code. `host_name` is the guest's. Panics with the command and the
+/// reply that were wrong.
+pub fn check_common_commands(guest: &str, host_name: &str, request: &mut Request<'_>) {
+    assert_eq!(
+        expect_return(guest, request, json!({"execute": "guest-ping"})),
+        json!({})
+    );
+    assert_eq!(
+        expect_return(
+            guest,
+            request,
+            json!({"execute": "guest-sync", "arguments": {"id": 4_242_424_242i64}})
+        ),
+        json!(4_242_424_242i64)
+    );
+    let info = expect_return(guest, request, json!({"execute": "guest-info"}));
+    assert!(info["supported_commands"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .any(|c| c["name"] == "guest-file-open"));
+    let host = expect_return(guest, request, json!({"execute": "guest-get-host-name"}));
+    assert_eq!(host["host-name"], host_name, "{guest}");
+    let os = expect_return(guest, request, json!({"execute": "guest-get-osinfo"}));
+    assert_eq!(os["machine"], "x86_64", "{guest}: {os}");
+    assert!(
+        os["kernel-release"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("6.1.")),
+        "{guest}: {os}"
+    );
+    let ifs = expect_return(
+        guest,
+        request,
+        json!({"execute": "guest-network-get-interfaces"}),
+    );
+    assert!(
+        ifs.as_array()
+            .expect("list")
+            .iter()
+            .any(|i| i["name"] == "lo"),
+        "{guest}: {ifs}"
+    );
+    let e = request(&json!({"execute": "guest-no-such-command"}));
+    assert_eq!(e["error"]["class"], "CommandNotFound", "{guest}: {e}");
+    let e = request(&json!({"execute": "guest-file-close", "arguments": {"handle": 31_337}}));
+    assert_eq!(
+        e["error"]["desc"], "handle '31337' has not been found",
+        "{guest}: {e}"
+    );
+    let (code, out) = exec_via(guest, request, "sh", &["-c", "echo $((6 * 7)); exit 3"]);
+    assert_eq!((code, out), (3, b"42\n".to_vec()), "{guest}");
 }
 
 /// One `guest-file-read` reply line: `(count, eof)`; its `buf-b64` goes to `sink`.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use xtask::lab::testing::{self, ctl_ok};
 use xtask::lab::{self, Lab};
-use xtask::qga_lab::{QgaLab, UP_TIMEOUT};
+use xtask::qga_lab::{self, QgaLab, UP_TIMEOUT};
 
 /// Size of the big copy through vstream-agent (the qemu-ga copy is smaller: its JSON lexer
 /// is slow under TCG).
@@ -62,51 +62,7 @@ fn ret(lab: &Lab, guest: &str, cmd: Value) -> Value {
 
 /// Runs a program in the guest through `guest-exec`; its exit code and stdout.
 fn guest_exec(lab: &Lab, guest: &str, path: &str, args: &[&str]) -> (i64, Vec<u8>) {
-    let pid = ret(
-        lab,
-        guest,
-        json!({"execute": "guest-exec", "arguments": {
-            "path": path, "arg": args, "capture-output": true}}),
-    )["pid"]
-        .as_i64()
-        .expect("pid");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let st = ret(
-            lab,
-            guest,
-            json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
-        );
-        if st["exited"] == true {
-            let out = st["out-data"].as_str().map(decode_b64).unwrap_or_default();
-            return (st["exitcode"].as_i64().unwrap_or(-1), out);
-        }
-        assert!(Instant::now() < deadline, "{guest}: {path} never finished");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn decode_b64(s: &str) -> Vec<u8> {
-    let v = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let body: Vec<u8> = s.bytes().filter(|c| *c != b'=').collect();
-    let mut out = Vec::new();
-    for q in body.chunks(4) {
-        let n = q
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, c)| n | (v(*c) << (18 - 6 * i)));
-        out.extend_from_slice(&n.to_be_bytes()[1..q.len()]);
-    }
-    out
+    qga_lab::exec_via(guest, &mut |cmd| agent(lab, guest, cmd), path, args)
 }
 
 fn sha256_host(path: &Path) -> String {
@@ -204,60 +160,6 @@ fn cp_both_ways(
     (up, down)
 }
 
-/// The checks every route passes.
-fn common_checks(lab: &Lab, guest: &str) {
-    assert_eq!(ret(lab, guest, json!({"execute": "guest-ping"})), json!({}));
-    assert_eq!(
-        ret(
-            lab,
-            guest,
-            json!({"execute": "guest-sync", "arguments": {"id": 4_242_424_242i64}})
-        ),
-        json!(4_242_424_242i64)
-    );
-    let info = ret(lab, guest, json!({"execute": "guest-info"}));
-    assert!(info["supported_commands"]
-        .as_array()
-        .expect("commands")
-        .iter()
-        .any(|c| c["name"] == "guest-file-open"));
-    let host = ret(lab, guest, json!({"execute": "guest-get-host-name"}));
-    assert_eq!(host["host-name"], "qga", "{guest}");
-    let os = ret(lab, guest, json!({"execute": "guest-get-osinfo"}));
-    assert_eq!(os["machine"], "x86_64", "{guest}: {os}");
-    assert!(
-        os["kernel-release"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("6.1.")),
-        "{guest}: {os}"
-    );
-    let ifs = ret(
-        lab,
-        guest,
-        json!({"execute": "guest-network-get-interfaces"}),
-    );
-    assert!(
-        ifs.as_array()
-            .expect("list")
-            .iter()
-            .any(|i| i["name"] == "lo"),
-        "{guest}: {ifs}"
-    );
-    let e = agent(lab, guest, &json!({"execute": "guest-no-such-command"}));
-    assert_eq!(e["error"]["class"], "CommandNotFound", "{guest}: {e}");
-    let e = agent(
-        lab,
-        guest,
-        &json!({"execute": "guest-file-close", "arguments": {"handle": 31_337}}),
-    );
-    assert_eq!(
-        e["error"]["desc"], "handle '31337' has not been found",
-        "{guest}: {e}"
-    );
-    let (code, out) = guest_exec(lab, guest, "sh", &["-c", "echo $((6 * 7)); exit 3"]);
-    assert_eq!((code, out), (3, b"42\n".to_vec()), "{guest}");
-}
-
 #[test]
 fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     if !lab::e2e_enabled("qga_through_vstream_agent_and_qemu_ga_in_a_guest") {
@@ -272,7 +174,7 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     qga.start_qemu_ga().expect("qemu-ga");
 
     for guest in ["qga", "qga-raw", "qga-ga"] {
-        common_checks(lab, guest);
+        qga_lab::check_common_commands(guest, "qga", &mut |cmd| agent(lab, guest, cmd));
     }
     let info = ret(lab, "qga-ga", json!({"execute": "guest-info"}));
     assert!(

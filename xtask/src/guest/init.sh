@@ -114,6 +114,8 @@ agent_loop() {
             log "vstream-agent: /bin/vstream-agent is missing"
             return
         fi
+        # Logged before the start: the lab times the agent's first answers from this line.
+        log "starting vstream-agent"
         NO_COLOR=1 /bin/vstream-agent </dev/null >/dev/ttyS0 2>&1 &
         pid=$!
         echo "$pid" >/run/vstream-agent.pid
