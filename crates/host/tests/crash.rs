@@ -249,6 +249,17 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
     assert_eq!(partial_in.len(), 1, "{partial_in:?}");
     assert!(partial_in[0].1 < BIG as u64, "{partial_in:?}");
 
+    // While no vstreamd runs, a command says that it cannot reach one (not that it was lost).
+    let args = ["cp", src.to_str().expect("utf-8"), into_guest.as_str()];
+    let out = ctl_async(&d.control, &args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cannot reach vstreamd")
+            && !err.contains("during the command"),
+        "{err}"
+    );
+
     // A new vstreamd: the guest is back within 2 s of its start, on both transports.
     d.restart();
     let back = time_until(&d, "the guest back on both transports", both_up).await;

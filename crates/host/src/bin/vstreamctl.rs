@@ -250,12 +250,9 @@ async fn request(
     tokio::net::unix::OwnedWriteHalf,
     Reply,
 )> {
-    let stream = UnixStream::connect(control).await.with_context(|| {
-        format!(
-            "cannot reach vstreamd at {} (is it running? --control / VSTREAM_CONTROL)",
-            control.display()
-        )
-    })?;
+    let stream = UnixStream::connect(control)
+        .await
+        .with_context(|| Unreachable(control.clone()))?;
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     write_line(&mut w, req).await?;
@@ -375,6 +372,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Cp { src, dst, chunk } => {
             let daemon = daemon_id(&args.control);
             match qga_cp(&args.control, &src, &dst, chunk).await {
+                Err(e) if e.downcast_ref::<Unreachable>().is_some() => Err(e),
                 Err(e) => Err(match daemon_lost(&args.control, daemon).await {
                     Some(why) => e.context(why),
                     None => e,
@@ -392,6 +390,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             action,
         } => input(&args.control, &guest, forward, grab, action).await,
         Cmd::Jobs { guest, json } => jobs(&args.control, &guest, json).await,
+    }
+}
+
+/// vstreamd did not answer at the start of a command (the error's context, so that a command
+/// can tell this from losing vstreamd midway).
+#[derive(Debug)]
+struct Unreachable(PathBuf);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot reach vstreamd at {} (is it running? --control / VSTREAM_CONTROL)",
+            self.0.display()
+        )
     }
 }
 
