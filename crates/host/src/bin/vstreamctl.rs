@@ -418,15 +418,23 @@ fn daemon_id(control: &PathBuf) -> Option<(u64, u64)> {
 /// After a failure: why, if vstreamd stopped or was replaced since it was `before` (whatever it
 /// carried for this command, a guest channel included, is gone with it).
 async fn daemon_lost(control: &PathBuf, before: Option<(u64, u64)>) -> Option<String> {
-    match UnixStream::connect(control).await {
-        Err(e) => Some(format!(
-            "vstreamd stopped during the command ({}: {e})",
+    // A request, not just a connect: a dying daemon's listening socket may still take a
+    // connection that nobody will ever accept.
+    let probe = request(control, &Request::Status);
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Err(_) => Some(format!(
+            "vstreamd at {} stopped answering during the command",
             control.display()
         )),
-        Ok(_) if daemon_id(control) != before => {
+        Ok(Err(e)) => Some(format!(
+            "vstreamd stopped during the command ({}: {})",
+            control.display(),
+            e.root_cause()
+        )),
+        Ok(Ok(_)) if daemon_id(control) != before => {
             Some("vstreamd restarted during the command; its channel to the guest is lost".into())
         }
-        Ok(_) => None,
+        Ok(Ok(_)) => None,
     }
 }
 
