@@ -569,7 +569,11 @@ impl Lab {
         config.push_str(&self.options.extra_config);
         fs::write(&p.config, config)?;
         let bin = paths::host_bin("vstreamd");
-        let log = File::create(&p.daemon_log)?;
+        // Appended: a restarted vstreamd's log follows the one it replaces.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&p.daemon_log)?;
         let mut command = Command::new(&bin);
         command
             .arg("--control")
@@ -1028,6 +1032,26 @@ impl Lab {
     /// Prints the tail of the guest console and of the vstreamd log to stderr.
     pub fn dump_logs(&self, why: &str) {
         eprint!("{}", self.shared.report(why));
+    }
+
+    /// Kills vstreamd with SIGKILL, as a crash would (no cleanup: its sockets stay), and reaps it.
+    pub fn kill_daemon(&self) -> io::Result<()> {
+        let mut guard = self
+            .daemon
+            .lock()
+            .map_err(|_| io::Error::other("lab lock poisoned"))?;
+        let mut child = guard
+            .take()
+            .ok_or_else(|| io::Error::other("vstreamd is not running"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts vstreamd again after [`Lab::kill_daemon`], with the same config and state
+    /// directory; returns once its control socket accepts a connection.
+    pub fn restart_daemon(&self) -> io::Result<()> {
+        self.start_daemon()
     }
 
     /// Stops the guest (QMP `quit`) and vstreamd (SIGTERM), then removes the directory. Unlike a drop,

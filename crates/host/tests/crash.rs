@@ -108,9 +108,14 @@ fn both_up(s: &serde_json::Value) -> bool {
     g["connected"] == true && up == 2
 }
 
-/// Polls until `pred` holds on a status vstreamd gives (it may not answer yet); the time taken.
-async fn time_until(d: &Daemon, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Duration {
-    let start = Instant::now();
+/// Polls until `pred` holds on a status vstreamd gives (it may not answer yet); the time since
+/// `start`.
+async fn time_until(
+    d: &Daemon,
+    start: Instant,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
     loop {
         let control = d.control.clone();
         let s = common::blocking(move || try_status(&control)).await;
@@ -169,7 +174,7 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
     // QEMU's side of the console: a listening chardev socket that vstreamd connects to.
     let console = tokio::net::UnixListener::bind(d.path("hvc0.sock")).expect("console socket");
     let _agent = start_agent(&d);
-    time_until(&d, "the guest on both transports", both_up).await;
+    time_until(&d, Instant::now(), "the guest on both transports", both_up).await;
     let (mut con, _) = console.accept().await.expect("console connection");
     con.write_all(b"Linux version 6.1 booting\n")
         .await
@@ -249,9 +254,21 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
     assert_eq!(partial_in.len(), 1, "{partial_in:?}");
     assert!(partial_in[0].1 < BIG as u64, "{partial_in:?}");
 
+    // While no vstreamd runs, a command says that it cannot reach one (not that it was lost).
+    let args = ["cp", src.to_str().expect("utf-8"), into_guest.as_str()];
+    let out = ctl_async(&d.control, &args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cannot reach vstreamd")
+            && !err.contains("during the command"),
+        "{err}"
+    );
+
     // A new vstreamd: the guest is back within 2 s of its start, on both transports.
+    let restarted = Instant::now();
     d.restart();
-    let back = time_until(&d, "the guest back on both transports", both_up).await;
+    let back = time_until(&d, restarted, "the guest back on both transports", both_up).await;
     println!(
         "crash: guest back on both transports {} ms after the new vstreamd's start",
         back.as_millis()
@@ -333,7 +350,7 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
         agent_log.contains("the peer restarted"),
         "agent log:\n{agent_log}"
     );
-    time_until(&d, "heartbeats to the new vstreamd", |s| {
+    time_until(&d, Instant::now(), "heartbeats to the new vstreamd", |s| {
         let w = &s["guests"][0]["devices"]["watchdog"];
         w["state"] == "armed" && w["heartbeats"].as_u64().unwrap_or(0) > 0
     })

@@ -1537,7 +1537,17 @@ fn open_for_commit(path: &Path, handle: i64, opts: &OpenOptions) -> Option<(File
         Err(_) => return None,
     };
     let temp = partial_name(path, handle)?;
-    let file = opts.open(&temp).ok()?;
+    // Created exclusively, so a name planted in a shared directory (a symbolic link to some
+    // other file) is never followed; a leftover of an earlier agent is replaced.
+    let mut excl = opts.clone();
+    excl.create_new(true);
+    let file = match excl.open(&temp) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&temp).ok()?;
+            excl.open(&temp).ok()?
+        }
+        r => r.ok()?,
+    };
     if let Some(m) = existing {
         // The replacement keeps the file's owner and permissions (best effort: only root
         // may give a file away).

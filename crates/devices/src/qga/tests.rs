@@ -1101,6 +1101,17 @@ fn a_file_written_with_mode_w_appears_whole_on_close_only() {
     assert!(!partial(whole).exists());
     assert!(partial(cut).exists());
 
+    // A link planted under the next temporary name is not followed: it is replaced.
+    let victim = f.dir.path().join("victim");
+    std::fs::write(&victim, b"precious").expect("victim");
+    let next = whole + 1;
+    std::os::unix::fs::symlink(&victim, partial(next)).expect("plant");
+    assert_eq!(open("w"), next);
+    write(next, b"x");
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+    ok(&f.agent, &Command::FileClose { handle: next });
+    assert_eq!(std::fs::read(&path).expect("final"), b"x");
+
     // Through a symbolic link: written in place, the link stays a link.
     let link = f.dir.path().join("link");
     std::os::unix::fs::symlink(&path, &link).expect("symlink");

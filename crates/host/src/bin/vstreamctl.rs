@@ -254,12 +254,9 @@ async fn request(
     tokio::net::unix::OwnedWriteHalf,
     Reply,
 )> {
-    let stream = UnixStream::connect(control).await.with_context(|| {
-        format!(
-            "cannot reach vstreamd at {} (is it running? --control / VSTREAM_CONTROL)",
-            control.display()
-        )
-    })?;
+    let stream = UnixStream::connect(control)
+        .await
+        .with_context(|| Unreachable(control.clone()))?;
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     write_line(&mut w, req).await?;
@@ -370,6 +367,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Cp { src, dst, chunk } => {
             let daemon = daemon_id(&args.control);
             match qga_cp(&args.control, &src, &dst, chunk).await {
+                Err(e) if e.downcast_ref::<Unreachable>().is_some() => Err(e),
                 Err(e) => Err(match daemon_lost(&args.control, daemon).await {
                     Some(why) => e.context(why),
                     None => e,
@@ -390,6 +388,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// vstreamd did not answer at the start of a command (the error's context, so that a command
+/// can tell this from losing vstreamd midway).
+#[derive(Debug)]
+struct Unreachable(PathBuf);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot reach vstreamd at {} (is it running? --control / VSTREAM_CONTROL)",
+            self.0.display()
+        )
+    }
+}
+
 /// Which vstreamd serves `control`: each one binds a new socket file, so a restarted daemon's
 /// socket has another inode.
 fn daemon_id(control: &PathBuf) -> Option<(u64, u64)> {
@@ -400,15 +413,23 @@ fn daemon_id(control: &PathBuf) -> Option<(u64, u64)> {
 /// After a failure: why, if vstreamd stopped or was replaced since it was `before` (whatever it
 /// carried for this command, a guest channel included, is gone with it).
 async fn daemon_lost(control: &PathBuf, before: Option<(u64, u64)>) -> Option<String> {
-    match UnixStream::connect(control).await {
-        Err(e) => Some(format!(
-            "vstreamd stopped during the command ({}: {e})",
+    // A request, not just a connect: a dying daemon's listening socket may still take a
+    // connection that nobody will ever accept.
+    let probe = request(control, &Request::Status);
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Err(_) => Some(format!(
+            "vstreamd at {} stopped answering during the command",
             control.display()
         )),
-        Ok(_) if daemon_id(control) != before => {
+        Ok(Err(e)) => Some(format!(
+            "vstreamd stopped during the command ({}: {})",
+            control.display(),
+            e.root_cause()
+        )),
+        Ok(Ok(_)) if daemon_id(control) != before => {
             Some("vstreamd restarted during the command; its channel to the guest is lost".into())
         }
-        Ok(_) => None,
+        Ok(Ok(_)) => None,
     }
 }
 
