@@ -29,6 +29,14 @@ use vstream_wire::{
 /// into one syscall, small enough to keep latency of other links' acknowledgements low.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// A link's first read buffer: an idle link only carries keepalives, and a daemon holds
+/// thousands of them. A read that fills the buffer makes it four times larger, up to
+/// [`READ_MAX`], so a bulk transfer reaches large reads within three reads.
+const READ_MIN: usize = 4 * 1024;
+
+/// Largest read buffer of a link.
+const READ_MAX: usize = 256 * 1024;
+
 /// A channel the peer opened, waiting for the application.
 pub struct Incoming {
     /// The stream.
@@ -82,6 +90,8 @@ struct LinkEntry {
     up: bool,
     since: SystemTime,
     wake: Arc<Notify>,
+    /// Wakes the link's timer when the session needs it sooner than it sleeps.
+    timer: Arc<Notify>,
     down: Arc<Notify>,
     down_reason: Option<String>,
 }
@@ -103,6 +113,8 @@ struct Inner {
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     links: BTreeMap<LinkId, LinkEntry>,
     events: broadcast::Sender<MuxEvent>,
+    /// The deadline the link timers sleep until (`None`: until woken).
+    timer_at: Option<Instant>,
 }
 
 struct Shared {
@@ -241,9 +253,25 @@ impl Inner {
     }
 
     /// Wakes every link's writer: something may be ready to send.
-    fn kick(&self) {
+    fn kick(&mut self) {
         for e in self.links.values() {
             e.wake.notify_one();
+        }
+        self.rearm();
+    }
+
+    /// Wakes the link timers if the session's next deadline is now earlier than the one they
+    /// sleep until (a retransmission after new data, a new link's handshake): timers sleep
+    /// exactly until the next deadline, and an idle session wakes only for its keepalives.
+    fn rearm(&mut self) {
+        let Some(next) = self.session.poll_timeout() else {
+            return;
+        };
+        if self.timer_at.is_none_or(|at| next < at) {
+            self.timer_at = Some(next);
+            for e in self.links.values() {
+                e.timer.notify_one();
+            }
         }
     }
 }
@@ -269,6 +297,7 @@ impl Mux {
             incoming: Some(tx),
             links: BTreeMap::new(),
             events,
+            timer_at: None,
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
@@ -386,11 +415,12 @@ impl Mux {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
-        let (link, wake, down) = {
+        let (link, wake, down, timer) = {
             let mut inner = self.shared.lock();
             let link = inner.session.add_link(params, Instant::now());
             let wake = Arc::new(Notify::new());
             let down = Arc::new(Notify::new());
+            let timer = Arc::new(Notify::new());
             inner.links.insert(
                 link,
                 LinkEntry {
@@ -398,6 +428,7 @@ impl Mux {
                     up: false,
                     since: SystemTime::now(),
                     wake: wake.clone(),
+                    timer: timer.clone(),
                     down: down.clone(),
                     down_reason: None,
                 },
@@ -406,13 +437,13 @@ impl Mux {
                 inner.session.handle_input(link, prefix, Instant::now());
                 inner.dispatch(&self.shared);
             }
-            (link, wake, down)
+            (link, wake, down, timer)
         };
         let (mut r, mut w) = tokio::io::split(stream);
         let reason = tokio::select! {
             e = self.reader(link, &mut r) => e,
             e = self.writer(link, &mut w, &wake) => e,
-            e = self.timer(link) => e,
+            e = self.timer(link, &timer) => e,
             () = down.notified() => {
                 self.shared.lock().links.get(&link).and_then(|e| e.down_reason.clone())
                     .unwrap_or_else(|| "link closed".into())
@@ -435,17 +466,22 @@ impl Mux {
     }
 
     async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; READ_MIN];
         loop {
             let n = match r.read(&mut buf).await {
                 Ok(0) => return "closed by the peer".into(),
                 Ok(n) => n,
                 Err(e) => return format!("read failed: {e}"),
             };
-            let mut inner = self.shared.lock();
-            inner.session.handle_input(link, &buf[..n], Instant::now());
-            inner.dispatch(&self.shared);
-            inner.kick();
+            {
+                let mut inner = self.shared.lock();
+                inner.session.handle_input(link, &buf[..n], Instant::now());
+                inner.dispatch(&self.shared);
+                inner.kick();
+            }
+            if n == buf.len() && buf.len() < READ_MAX {
+                buf.resize((buf.len() * 4).min(READ_MAX), 0);
+            }
         }
     }
 
@@ -477,6 +513,8 @@ impl Mux {
                         .poll_transmit(link, now, &mut out, WRITE_BATCH);
                 }
                 inner.dispatch(&self.shared);
+                // What was just sent may need a retransmission timer.
+                inner.rearm();
             }
             if tx.is_empty() && out.is_empty() {
                 wake.notified().await;
@@ -496,11 +534,26 @@ impl Mux {
         }
     }
 
-    async fn timer(&self, link: LinkId) -> String {
+    /// Runs the session's timers: sleeps until the next deadline, or until [`Inner::rearm`]
+    /// says there is an earlier one (never polls).
+    async fn timer(&self, link: LinkId, rearmed: &Notify) -> String {
         loop {
-            let deadline = self.shared.lock().session.poll_timeout();
-            let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            tokio::time::sleep_until(deadline.into()).await;
+            let deadline = {
+                let mut inner = self.shared.lock();
+                let next = inner.session.poll_timeout();
+                inner.timer_at = next;
+                next
+            };
+            match deadline {
+                Some(at) => tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = rearmed.notified() => continue,
+                },
+                None => {
+                    rearmed.notified().await;
+                    continue;
+                }
+            }
             let mut inner = self.shared.lock();
             inner.session.handle_timeout(Instant::now());
             inner.dispatch(&self.shared);
