@@ -8,6 +8,7 @@ use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, demo, image, paths};
 
 mod bench_qga;
+mod bench_scale;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -23,6 +24,8 @@ tasks:
             [--count N] (default 2000)
   bench-qga vstream-agent vs qemu-ga in one guest: guest-ping latency, guest-file-read
             throughput, resident memory; prints a table with ratios (bench-qga --help)
+  bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
+            per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
 ./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
 }
@@ -174,6 +177,7 @@ fn run() -> Result<()> {
         "boot" => boot_task(&args[1..]),
         "bench-hid" => bench_hid(&args[1..]),
         "bench-qga" => bench_qga::run(&args[1..]),
+        "bench-scale" => bench_scale::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
