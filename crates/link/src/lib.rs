@@ -287,7 +287,9 @@ impl Mux {
     pub fn new(cfg: Config, session_id: u64) -> (Mux, mpsc::UnboundedReceiver<Incoming>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let label = cfg.name.clone();
-        let (events, _) = broadcast::channel(256);
+        // Lifecycle events are rare and their one reader (vstreamd's forwarder) is always
+        // waiting; every slot is allocated up front, for each of thousands of sessions.
+        let (events, _) = broadcast::channel(64);
         let inner = Inner {
             session: Session::new(cfg, session_id, Instant::now()),
             wakers: HashMap::new(),
