@@ -277,7 +277,16 @@ async fn request(
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Status { guest, json } => status(&args.control, guest, json).await,
+        Cmd::Status { guest, json } => match status(&args.control, guest, json).await {
+            // `vstreamctl status | head`: the reader has all it wanted.
+            Err(e)
+                if e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::BrokenPipe) =>
+            {
+                Ok(())
+            }
+            r => r,
+        },
         Cmd::Console {
             guest,
             name,
