@@ -8,6 +8,7 @@ use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, demo, hostile, image, paths};
 
 mod bench_qga;
+mod bench_scale;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -26,6 +27,8 @@ tasks:
   bench-hostile  a hostile guest beside a good one (vstream-agent), no QEMU: vstreamd's
             memory, log, the good guest's echo and stalls, status time, per attack
             [--seconds N] (20) [--attack NAME]... (churn fill garbage crc-bomb credit-lie)
+  bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
+            per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
 ./x.sh setup installs the Debian packages the lab needs; ./x.sh test runs everything."
 }
@@ -225,6 +228,7 @@ fn run() -> Result<()> {
         "bench-hid" => bench_hid(&args[1..]),
         "bench-qga" => bench_qga::run(&args[1..]),
         "bench-hostile" => bench_hostile(&args[1..]),
+        "bench-scale" => bench_scale::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())

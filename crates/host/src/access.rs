@@ -91,10 +91,15 @@ impl Access {
         }
     }
 
+    /// Whether `uid` owns the daemon (root, or the daemon's own uid).
+    pub fn is_owner(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.owner
+    }
+
     /// The role of a peer with these credentials, or why it has none. May consult the group
-    /// database (blocking).
+    /// database (blocking) unless the peer [is the owner](Access::is_owner).
     pub fn role(&self, uid: u32, gid: u32) -> Result<Role, String> {
-        if uid == 0 || uid == self.owner {
+        if self.is_owner(uid) {
             return Ok(Role::Owner);
         }
         match &self.read_group {

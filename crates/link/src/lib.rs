@@ -80,12 +80,19 @@ pub enum MuxEvent {
     },
 }
 
+/// A link's first read buffer: an idle link only carries keepalives, and a daemon holds
+/// thousands of them. A read that fills the buffer makes it four times larger, up to
+/// [`MAX_INPUT`] (what the session takes in one piece), so a bulk transfer reaches large reads within three reads.
+const READ_MIN: usize = 4 * 1024;
+
 struct LinkEntry {
     transport: String,
     up: bool,
     since: SystemTime,
     wake: Arc<Notify>,
     down: Arc<Notify>,
+    /// Wakes the link's timer when the session needs it sooner than it sleeps.
+    timer: Arc<Notify>,
     down_reason: Option<String>,
 }
 
@@ -108,6 +115,8 @@ struct Inner {
     events: broadcast::Sender<MuxEvent>,
     /// Which channel resets by the peer are logged (the session limits its own reports).
     reset_logs: ReportLimit<u16>,
+    /// The deadline the link timers sleep until (`None`: until woken).
+    timer_at: Option<Instant>,
 }
 
 struct Shared {
@@ -273,9 +282,25 @@ impl Inner {
     }
 
     /// Wakes every link's writer: something may be ready to send.
-    fn kick(&self) {
+    fn kick(&mut self) {
         for e in self.links.values() {
             e.wake.notify_one();
+        }
+        self.rearm();
+    }
+
+    /// Wakes the link timers if the session's next deadline is now earlier than the one they
+    /// sleep until (a retransmission after new data, a new link's handshake): timers sleep
+    /// exactly until the next deadline, and an idle session wakes only for its keepalives.
+    fn rearm(&mut self) {
+        let Some(next) = self.session.poll_timeout() else {
+            return;
+        };
+        if self.timer_at.is_none_or(|at| next < at) {
+            self.timer_at = Some(next);
+            for e in self.links.values() {
+                e.timer.notify_one();
+            }
         }
     }
 }
@@ -291,7 +316,9 @@ impl Mux {
     pub fn new(cfg: Config, session_id: u64) -> (Mux, mpsc::UnboundedReceiver<Incoming>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let label = cfg.name.clone();
-        let (events, _) = broadcast::channel(256);
+        // Lifecycle events are rare and their one reader (vstreamd's forwarder) is always
+        // waiting; every slot is allocated up front, for each of thousands of sessions.
+        let (events, _) = broadcast::channel(64);
         let inner = Inner {
             session: Session::new(cfg, session_id, Instant::now()),
             wakers: HashMap::new(),
@@ -302,6 +329,7 @@ impl Mux {
             links: BTreeMap::new(),
             events,
             reset_logs: ReportLimit::default(),
+            timer_at: None,
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
@@ -425,11 +453,12 @@ impl Mux {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
-        let (link, wake, down) = {
+        let (link, wake, down, timer) = {
             let mut inner = self.shared.lock();
             let link = inner.session.add_link(params, Instant::now());
             let wake = Arc::new(Notify::new());
             let down = Arc::new(Notify::new());
+            let timer = Arc::new(Notify::new());
             inner.links.insert(
                 link,
                 LinkEntry {
@@ -438,6 +467,7 @@ impl Mux {
                     since: SystemTime::now(),
                     wake: wake.clone(),
                     down: down.clone(),
+                    timer: timer.clone(),
                     down_reason: None,
                 },
             );
@@ -445,13 +475,13 @@ impl Mux {
                 inner.session.handle_input(link, prefix, Instant::now());
                 inner.dispatch(&self.shared);
             }
-            (link, wake, down)
+            (link, wake, down, timer)
         };
         let (mut r, mut w) = tokio::io::split(stream);
         let reason = tokio::select! {
             e = self.reader(link, &mut r) => e,
             e = self.writer(link, &mut w, &wake) => e,
-            e = self.timer(link) => e,
+            e = self.timer(link, &timer) => e,
             () = down.notified() => {
                 self.shared.lock().links.get(&link).and_then(|e| e.down_reason.clone())
                     .unwrap_or_else(|| "link closed".into())
@@ -522,7 +552,7 @@ impl Mux {
     }
 
     async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
-        let mut buf = vec![0u8; MAX_INPUT];
+        let mut buf = vec![0u8; READ_MIN];
         loop {
             self.input_wanted().await;
             let n = match r.read(&mut buf).await {
@@ -530,10 +560,15 @@ impl Mux {
                 Ok(n) => n,
                 Err(e) => return format!("read failed: {e}"),
             };
-            let mut inner = self.shared.lock();
-            inner.session.handle_input(link, &buf[..n], Instant::now());
-            inner.dispatch(&self.shared);
-            inner.kick();
+            {
+                let mut inner = self.shared.lock();
+                inner.session.handle_input(link, &buf[..n], Instant::now());
+                inner.dispatch(&self.shared);
+                inner.kick();
+            }
+            if n == buf.len() && buf.len() < MAX_INPUT {
+                buf.resize((buf.len() * 4).min(MAX_INPUT), 0);
+            }
         }
     }
 
@@ -568,6 +603,8 @@ impl Mux {
                 if inner.session.wants_input() {
                     self.shared.input.notify_waiters();
                 }
+                // What was just sent may need a retransmission timer.
+                inner.rearm();
             }
             if tx.is_empty() && out.is_empty() {
                 wake.notified().await;
@@ -587,11 +624,26 @@ impl Mux {
         }
     }
 
-    async fn timer(&self, link: LinkId) -> String {
+    /// Runs the session's timers: sleeps until the next deadline, or until [`Inner::rearm`]
+    /// says there is an earlier one (never polls).
+    async fn timer(&self, link: LinkId, rearmed: &Notify) -> String {
         loop {
-            let deadline = self.shared.lock().session.poll_timeout();
-            let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            tokio::time::sleep_until(deadline.into()).await;
+            let deadline = {
+                let mut inner = self.shared.lock();
+                let next = inner.session.poll_timeout();
+                inner.timer_at = next;
+                next
+            };
+            match deadline {
+                Some(at) => tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = rearmed.notified() => continue,
+                },
+                None => {
+                    rearmed.notified().await;
+                    continue;
+                }
+            }
             let mut inner = self.shared.lock();
             inner.session.handle_timeout(Instant::now());
             inner.flush_reset_logs(&self.shared);

@@ -475,7 +475,9 @@ impl Decoder {
     /// A decoder accepting payloads up to `limit` bytes (clamped to [`MAX_PAYLOAD_LIMIT`]).
     pub fn new(limit: u32) -> Decoder {
         Decoder {
-            buf: BytesMut::with_capacity(wire_len(limit.min(MAX_PAYLOAD_LIMIT) as usize)),
+            // Empty until a frame arrives split across reads (whole frames are decoded straight
+            // from the input): a daemon holds one decoder per link, thousands of them idle.
+            buf: BytesMut::new(),
             limit: limit.min(MAX_PAYLOAD_LIMIT),
             discard: 0,
             suspect: 0,

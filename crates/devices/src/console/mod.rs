@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use vstream_transport::{Address, Endpoint};
 
 pub use self::log::RotatingLog;
@@ -61,6 +61,8 @@ pub struct Console {
     state: Mutex<State>,
     output: broadcast::Sender<Bytes>,
     input: mpsc::Sender<Bytes>,
+    /// Whether the console's stream is connected, for whoever waits for a change.
+    up: watch::Sender<bool>,
 }
 
 /// What `vstreamctl status` shows of a console.
@@ -113,6 +115,7 @@ impl Console {
             }),
             output,
             input,
+            up: watch::Sender::new(false),
         });
         tokio::spawn(capture(console.clone(), log, input_rx));
         Ok(console)
@@ -168,6 +171,12 @@ impl Console {
         }
     }
 
+    /// Follows the console's connection: `true` while its stream is connected. Waiting on it
+    /// costs nothing until the state changes.
+    pub fn watch_up(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
     /// Status for `vstreamctl status`.
     pub fn status(&self) -> ConsoleStatus {
         let st = self.lock();
@@ -190,10 +199,14 @@ impl Console {
     }
 
     fn set_connected(&self, connected: bool, peer: &str) {
-        let mut st = self.lock();
-        st.connected = connected;
-        st.since = SystemTime::now();
-        st.peer = peer.to_owned();
+        {
+            let mut st = self.lock();
+            st.connected = connected;
+            st.since = SystemTime::now();
+            st.peer = peer.to_owned();
+        }
+        // After the state: a watcher woken by this sees the new status.
+        self.up.send_replace(connected);
     }
 
     fn record_error(&self, e: &io::Error) {

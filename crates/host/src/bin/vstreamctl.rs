@@ -274,7 +274,16 @@ async fn request(
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Status { guest, json } => status(&args.control, guest, json).await,
+        Cmd::Status { guest, json } => match status(&args.control, guest, json).await {
+            // `vstreamctl status | head`: the reader has all it wanted.
+            Err(e)
+                if e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::BrokenPipe) =>
+            {
+                Ok(())
+            }
+            r => r,
+        },
         Cmd::Console {
             guest,
             name,
@@ -415,7 +424,7 @@ fn daemon_id(control: &PathBuf) -> Option<(u64, u64)> {
 async fn daemon_lost(control: &PathBuf, before: Option<(u64, u64)>) -> Option<String> {
     // A request, not just a connect: a dying daemon's listening socket may still take a
     // connection that nobody will ever accept.
-    let probe = request(control, &Request::Status);
+    let probe = request(control, &Request::Status { guest: None });
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Err(_) => Some(format!(
             "vstreamd at {} stopped answering during the command",

@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    raise_fd_limit();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -75,6 +76,20 @@ fn main() -> anyhow::Result<()> {
                 _ = sigterm() => Ok(()),
             }
         })
+}
+
+/// Every guest holds descriptors (its transports' listeners and connections, console logs):
+/// the usual soft limit of 1024 would stop a daemon at a few hundred guests, so take the hard
+/// limit, as servers do.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+        }
+    }
 }
 
 async fn sigterm() {
