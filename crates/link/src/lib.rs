@@ -27,8 +27,9 @@ use vstream_wire::{
 };
 
 /// Most bytes handed to a transport in one write: large enough to batch many small frames
-/// into one syscall, small enough to keep latency of other links' acknowledgements low.
-const WRITE_BATCH: usize = 256 * 1024;
+/// into one syscall, small enough to keep latency of other links' acknowledgements low (and
+/// counted in what a guest can make us hold).
+const WRITE_BATCH: usize = MAX_INPUT;
 
 /// A channel the peer opened, waiting for the application.
 pub struct Incoming {

@@ -82,13 +82,14 @@ impl Config {
 
     /// What `peer_buffer_limit` sets aside before any channel, with `links` transport
     /// connections: the retransmission queue, the control queue, spare buffers and, per link,
-    /// a decoder's buffer (one frame plus one read of at most [`MAX_INPUT`] bytes).
+    /// a decoder's buffer (one frame plus one read of at most [`MAX_INPUT`] bytes) and one
+    /// write batch of at most [`MAX_INPUT`] bytes being written.
     pub fn fixed_charge(&self, links: usize) -> usize {
         let frame = frame::wire_len(self.max_frame.min(frame::MAX_PAYLOAD_LIMIT) as usize);
         self.max_unacked
             + CONTROL_QUEUE_LIMIT
             + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * frame)
-            + links.max(1) * (2 * frame + MAX_INPUT)
+            + links.max(1) * (2 * frame + 2 * MAX_INPUT)
     }
 }
 
@@ -96,9 +97,8 @@ impl Config {
 /// session takes no more input ([`Session::wants_input`]) until the peer reads: a peer that
 /// opens channels in a loop and never reads the refusals cannot make the queue grow.
 pub const CONTROL_QUEUE_LIMIT: usize = 64 * 1024;
-/// Largest `data` a caller should pass to [`Session::handle_input`] at once: its memory is
-/// counted in [`Config::fixed_charge`] (input not decoded while the control queue is full is
-/// kept in the decoder).
+/// Largest `data` a caller should pass to [`Session::handle_input`] at once, and largest batch
+/// it should take from `poll_transmit`: both are counted in [`Config::fixed_charge`].
 pub const MAX_INPUT: usize = 256 * 1024;
 /// What a queued control frame costs beyond its wire bytes (queue entry, allocation).
 const CONTROL_ENTRY_OVERHEAD: usize = 64;
