@@ -1816,7 +1816,10 @@ impl Session {
             earliest(at);
         }
         if let Some(since) = self.alone_since.filter(|_| self.holds_state()) {
-            earliest(since + self.cfg.resume_timeout);
+            // A configured "never" must not overflow the clock.
+            if let Some(at) = since.checked_add(self.cfg.resume_timeout) {
+                earliest(at);
+            }
         }
         for l in self.links.values() {
             match l.state {
