@@ -742,9 +742,10 @@ impl Session {
     /// Whether the caller should read more input now. False while the control queue is over
     /// [`CONTROL_QUEUE_LIMIT`] and could be sent: then only the peer reading it can help, so
     /// the caller stops reading until it has sent some (a guest that does not read is not
-    /// read from). While the queue cannot be sent (unacknowledged data at its limit), input
-    /// is wanted, for the acknowledgements in it; sequenced frames in it are then dropped
-    /// unprocessed (the peer retransmits them), so that nothing more is queued.
+    /// read from), and then calls [`Session::handle_input`] (with no data if need be) to
+    /// decode what was left undecoded. While the queue cannot be sent (unacknowledged data at
+    /// its limit), input is wanted, for the acknowledgements in it; sequenced frames in it are
+    /// then dropped unprocessed (the peer retransmits them), so that nothing more is queued.
     pub fn wants_input(&self) -> bool {
         self.control_bytes < CONTROL_QUEUE_LIMIT || !self.control_can_drain()
     }
@@ -886,10 +887,17 @@ impl Session {
         // `next_from` decodes the same frames as `push` + `next` with fewer copies.
         let mut input = data;
         loop {
+            let pause = self.control_bytes >= CONTROL_QUEUE_LIMIT && self.control_can_drain();
             let Some(l) = self.links.get_mut(&link) else {
                 return;
             };
             if l.state == LinkState::Dead {
+                return;
+            }
+            if pause {
+                // The rest waits until the peer reads our replies: kept, undecoded, in the
+                // decoder (one read), and decoded by the next call, even with no new input.
+                l.decoder.push(input);
                 return;
             }
             let Some(item) = l.decoder.next_from(&mut input, &mut self.pool) else {
