@@ -1129,9 +1129,11 @@ impl Session {
         };
     }
 
-    /// Whether the peer made us hold anything.
+    /// Whether a peer that was there made us hold anything. (Before any peer came, what the
+    /// application queued waits for the first one, however long.)
     fn holds_state(&self) -> bool {
-        !self.channels.is_empty() || !self.unacked.is_empty() || !self.control.is_empty()
+        self.peer_session != 0
+            && (!self.channels.is_empty() || !self.unacked.is_empty() || !self.control.is_empty())
     }
 
     fn handle_ack(&mut self, ack: u32, now: Instant) {

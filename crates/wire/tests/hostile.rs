@@ -575,3 +575,16 @@ fn protocol_error_reports_are_rate_limited_per_kind() {
         count: 9_997
     }));
 }
+
+/// What the application queued before any guest came waits for the first one, however long.
+#[test]
+fn nothing_expires_before_a_guest_was_ever_there() {
+    let t0 = Instant::now();
+    let (mut s, link) = bounded_host(t0);
+    let id = s.open_channel("diag", "echo").expect("open");
+    let later = t0 + 10 * s.config().resume_timeout;
+    s.remove_link(link);
+    s.handle_timeout(later);
+    assert!(s.has_channel(id));
+    assert_eq!(s.stats().expired, 0);
+}
