@@ -297,7 +297,11 @@ impl Rig {
                     stall = stall.max(last.elapsed());
                     last = Instant::now();
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -571,7 +575,11 @@ impl Peer {
                 Ok(0) => return false,
                 Ok(n) => at += n,
                 // vstreamd does not read: exactly what some attacks want. Keep trying.
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
                 Err(_) => return false,
             }
         }

@@ -36,6 +36,14 @@ fn a_hostile_guest_costs_bounded_memory_and_log_and_does_not_starve_a_good_one()
             f.hostile_bytes > 0,
             "{name}: the hostile guest sent nothing"
         );
+        if f.attack == Attack::Churn {
+            // It does not read our refusals, so we stop reading it: it cannot write much.
+            assert!(
+                f.hostile_bytes < 16 << 20,
+                "churn: vstreamd kept reading a guest that does not read ({} bytes)",
+                f.hostile_bytes
+            );
+        }
         // Not starved: the good guest's echo moved at a tenth of its speed beside a busy core
         // (debug build, shared machine), and never stopped for long.
         assert!(

@@ -385,6 +385,23 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_buffer_limit_with_no_room_for_channels_is_refused() {
+        let dir = std::env::temp_dir().join(format!("vstream-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("vstreamd.toml");
+        std::fs::write(&path, "[daemon.limits]\npeer_buffer_limit = 16777216\n").expect("write");
+        let e = Config::load(&path).expect_err("16 MiB is less than max_unacked alone");
+        assert!(e.to_string().contains("peer_buffer_limit"), "{e}");
+        let example = include_str!("../../../docs/vstreamd.example.toml");
+        let cfg: Config = toml::from_str(example).expect("example config");
+        cfg.daemon
+            .limits
+            .validate()
+            .expect("the example's limits fit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_qga_transport_parses() {
         let cfg: Config = toml::from_str(
             "[[guest]]\nname = \"a\"\n[[guest.transport]]\nkind = \"qga\"\naddress = \"unix:/run/qga.sock\"\n",

@@ -29,8 +29,9 @@ use vstream_wire::{
 };
 
 /// Most bytes handed to a transport in one write: large enough to batch many small frames
-/// into one syscall, small enough to keep latency of other links' acknowledgements low.
-const WRITE_BATCH: usize = 256 * 1024;
+/// into one syscall, small enough to keep latency of other links' acknowledgements low (and
+/// counted in what a guest can make us hold).
+const WRITE_BATCH: usize = MAX_INPUT;
 
 /// A channel the peer opened, waiting for the application.
 pub struct Incoming {
@@ -538,23 +539,32 @@ impl Mux {
     }
 
     /// Waits until the session wants input: while a guest does not read what we send, we do
-    /// not read what it sends (see `Session::wants_input`).
-    async fn input_wanted(&self) {
+    /// not read what it sends (see `Session::wants_input`). Returns whether it waited.
+    async fn input_wanted(&self) -> bool {
+        let mut waited = false;
         loop {
             let resumed = self.shared.input.notified();
             let mut resumed = std::pin::pin!(resumed);
             resumed.as_mut().enable();
             if self.shared.lock().session.wants_input() {
-                return;
+                return waited;
             }
             resumed.await;
+            waited = true;
         }
     }
 
     async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
         let mut buf = vec![0u8; READ_MIN];
         loop {
-            self.input_wanted().await;
+            if self.input_wanted().await {
+                // Decode what was left undecoded when the session paused.
+                let mut inner = self.shared.lock();
+                inner.session.handle_input(link, &[], Instant::now());
+                inner.dispatch(&self.shared);
+                inner.kick();
+                continue;
+            }
             let n = match r.read(&mut buf).await {
                 Ok(0) => return "closed by the peer".into(),
                 Ok(n) => n,

@@ -82,13 +82,14 @@ impl Config {
 
     /// What `peer_buffer_limit` sets aside before any channel, with `links` transport
     /// connections: the retransmission queue, the control queue, spare buffers and, per link,
-    /// a decoder's buffer (one frame plus one read of at most [`MAX_INPUT`] bytes).
+    /// a decoder's buffer (one frame plus one read of at most [`MAX_INPUT`] bytes) and one
+    /// write batch of at most [`MAX_INPUT`] bytes being written.
     pub fn fixed_charge(&self, links: usize) -> usize {
         let frame = frame::wire_len(self.max_frame.min(frame::MAX_PAYLOAD_LIMIT) as usize);
         self.max_unacked
             + CONTROL_QUEUE_LIMIT
             + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * frame)
-            + links.max(1) * (2 * frame + MAX_INPUT)
+            + links.max(1) * (2 * frame + 2 * MAX_INPUT)
     }
 }
 
@@ -96,9 +97,8 @@ impl Config {
 /// session takes no more input ([`Session::wants_input`]) until the peer reads: a peer that
 /// opens channels in a loop and never reads the refusals cannot make the queue grow.
 pub const CONTROL_QUEUE_LIMIT: usize = 64 * 1024;
-/// Largest `data` a caller should pass to [`Session::handle_input`] at once: its memory is
-/// counted in [`Config::fixed_charge`] (input not decoded while the control queue is full is
-/// kept in the decoder).
+/// Largest `data` a caller should pass to [`Session::handle_input`] at once, and largest batch
+/// it should take from `poll_transmit`: both are counted in [`Config::fixed_charge`].
 pub const MAX_INPUT: usize = 256 * 1024;
 /// What a queued control frame costs beyond its wire bytes (queue entry, allocation).
 const CONTROL_ENTRY_OVERHEAD: usize = 64;
@@ -742,9 +742,10 @@ impl Session {
     /// Whether the caller should read more input now. False while the control queue is over
     /// [`CONTROL_QUEUE_LIMIT`] and could be sent: then only the peer reading it can help, so
     /// the caller stops reading until it has sent some (a guest that does not read is not
-    /// read from). While the queue cannot be sent (unacknowledged data at its limit), input
-    /// is wanted, for the acknowledgements in it; sequenced frames in it are then dropped
-    /// unprocessed (the peer retransmits them), so that nothing more is queued.
+    /// read from), and then calls [`Session::handle_input`] (with no data if need be) to
+    /// decode what was left undecoded. While the queue cannot be sent (unacknowledged data at
+    /// its limit), input is wanted, for the acknowledgements in it; sequenced frames in it are
+    /// then dropped unprocessed (the peer retransmits them), so that nothing more is queued.
     pub fn wants_input(&self) -> bool {
         self.control_bytes < CONTROL_QUEUE_LIMIT || !self.control_can_drain()
     }
@@ -886,10 +887,17 @@ impl Session {
         // `next_from` decodes the same frames as `push` + `next` with fewer copies.
         let mut input = data;
         loop {
+            let pause = self.control_bytes >= CONTROL_QUEUE_LIMIT && self.control_can_drain();
             let Some(l) = self.links.get_mut(&link) else {
                 return;
             };
             if l.state == LinkState::Dead {
+                return;
+            }
+            if pause {
+                // The rest waits until the peer reads our replies: kept, undecoded, in the
+                // decoder (one read), and decoded by the next call, even with no new input.
+                l.decoder.push(input);
                 return;
             }
             let Some(item) = l.decoder.next_from(&mut input, &mut self.pool) else {
@@ -1127,9 +1135,11 @@ impl Session {
         };
     }
 
-    /// Whether the peer made us hold anything.
+    /// Whether a peer that was there made us hold anything. (Before any peer came, what the
+    /// application queued waits for the first one, however long.)
     fn holds_state(&self) -> bool {
-        !self.channels.is_empty() || !self.unacked.is_empty() || !self.control.is_empty()
+        self.peer_session != 0
+            && (!self.channels.is_empty() || !self.unacked.is_empty() || !self.control.is_empty())
     }
 
     fn handle_ack(&mut self, ack: u32, now: Instant) {
@@ -1822,7 +1832,10 @@ impl Session {
             earliest(at);
         }
         if let Some(since) = self.alone_since.filter(|_| self.holds_state()) {
-            earliest(since + self.cfg.resume_timeout);
+            // A configured "never" must not overflow the clock.
+            if let Some(at) = since.checked_add(self.cfg.resume_timeout) {
+                earliest(at);
+            }
         }
         for l in self.links.values() {
             match l.state {
