@@ -119,7 +119,51 @@ pub struct Guest {
     last_seen: Mutex<Instant>,
     /// The guest's own tasks (session dispatch, event forwarding), ended when it is forgotten.
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Held off after its links were dropped for protocol violations.
+    hold_off: Mutex<HoldOff>,
 }
+
+/// Back-off for a guest whose links keep being dropped for protocol violations
+/// (`vstream_link::MAX_VIOLATIONS`): no connection of it is taken until `until`.
+#[derive(Debug, Default)]
+struct HoldOff {
+    until: Option<Instant>,
+    last: Duration,
+    drops: u64,
+}
+
+impl HoldOff {
+    /// The first hold-off; each drop within [`HOLD_OFF_MEMORY`] of the last one doubles it, up
+    /// to [`HOLD_OFF_MAX`].
+    const FIRST: Duration = Duration::from_secs(5);
+
+    /// Counts a link dropped for violations; returns how long the guest is held off.
+    fn penalize(&mut self, now: Instant) -> Duration {
+        let recent = self
+            .until
+            .is_some_and(|u| now.saturating_duration_since(u) < HOLD_OFF_MEMORY);
+        self.last = if recent {
+            (self.last * 2).min(HOLD_OFF_MAX)
+        } else {
+            HoldOff::FIRST
+        };
+        self.until = Some(now + self.last);
+        self.drops += 1;
+        self.last
+    }
+
+    /// How long the guest is still held off.
+    fn remaining(&self, now: Instant) -> Option<Duration> {
+        self.until
+            .map(|u| u.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+}
+
+/// A guest whose links were dropped for violations this long ago starts afresh.
+const HOLD_OFF_MEMORY: Duration = Duration::from_secs(600);
+/// The longest hold-off.
+const HOLD_OFF_MAX: Duration = Duration::from_secs(300);
 
 /// Refused claims to one guest (or, daemon-wide, to names no guest has).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -219,8 +263,28 @@ impl Guest {
         );
     }
 
+    /// After one of this guest's links ended with `reason`: if it was dropped for protocol
+    /// violations, the guest is held off (no connection of it is taken) for a while.
+    fn link_ended(&self, reason: &str) {
+        if !reason.starts_with(vstream_link::DROPPED_FOR_VIOLATIONS) {
+            return;
+        }
+        let wait = lock(&self.hold_off).penalize(Instant::now());
+        tracing::warn!(guest = %self.name, "held off for {} s: {reason}", wait.as_secs());
+        self.events.emit(
+            "held-off",
+            json!({ "reason": reason, "seconds": wait.as_secs() }),
+        );
+    }
+
+    /// How long this guest is still held off, if it is.
+    fn held_off(&self) -> Option<Duration> {
+        lock(&self.hold_off).remaining(Instant::now())
+    }
+
     fn status(&self) -> serde_json::Value {
         let mux: MuxStatus = self.mux.status();
+        let hold_off = lock(&self.hold_off);
         let mut transports: Vec<serde_json::Value> = Vec::new();
         for t in self.transports().iter() {
             let mut v = serde_json::to_value(t).unwrap_or_default();
@@ -261,6 +325,10 @@ impl Guest {
             "printer": self.printer.as_ref().map(|p| p.status()),
             "devices": devices,
             "owner": self.owner.map(|o| o.to_string()),
+            "held_off": {
+                "drops": hold_off.drops,
+                "remaining_ms": hold_off.remaining(Instant::now()).map(|d| d.as_millis() as u64),
+            },
             "refusals": lock(&self.refusals).clone(),
         })
     }
@@ -387,6 +455,7 @@ impl Daemon {
             refusals: Mutex::new(Refusals::default()),
             last_seen: Mutex::new(Instant::now()),
             tasks: vec![dispatch.abort_handle(), forward.abort_handle()],
+            hold_off: Mutex::new(HoldOff::default()),
         });
         for console in &guest.consoles {
             tokio::spawn(watch_console(Arc::downgrade(&guest), Arc::clone(console)));
@@ -552,6 +621,7 @@ impl Daemon {
                 let params = link_params(&listen, None, 100);
                 let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
+                guest.link_ended(&reason);
                 guest.transport_event(false, "mux", &name, &address, &reason);
                 // Accepted connections are not reconnected by us: forget them.
                 guest.transports().retain(|t| t.name != name);
@@ -636,6 +706,14 @@ impl Daemon {
                 Err(reason) => Err(reason),
             }
         };
+        let admitted = admitted.and_then(|g| match g.held_off() {
+            Some(d) => Err(format!(
+                "guest {:?} is held off for {} s more: its links were dropped for protocol violations",
+                g.name,
+                d.as_secs() + 1
+            )),
+            None => Ok(g),
+        });
         match admitted {
             Ok(guest) => Some((guest, stream, prefix)),
             Err(reason) => {
@@ -1019,10 +1097,12 @@ async fn run_transport(
         let peer = conn.peer.clone();
         let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
             Ok((stream, prefix)) => {
-                guest
+                let reason = guest
                     .mux
                     .run_link(stream, t.link_params(priority), name, &prefix)
-                    .await
+                    .await;
+                guest.link_ended(&reason);
+                reason
             }
             Err(reason) => {
                 lock(&guest.refusals).record(&guest.name, &peer, &reason);
@@ -1120,6 +1200,10 @@ async fn keep_transport<F, Fut>(
         }
     };
     loop {
+        // A guest held off for protocol violations is neither accepted nor connected to.
+        if let Some(wait) = guest.held_off() {
+            tokio::time::sleep(wait).await;
+        }
         let conn = match endpoint.next().await {
             Ok(c) => c,
             Err(e) => {

@@ -377,3 +377,91 @@ forget_after_secs = 1
     })
     .await;
 }
+
+/// A guest that completes the handshake (a sans-io session of our own, driven by hand) and then
+/// sends frames whose payload checksums are all wrong.
+fn violate_over_unix(path: &Path, name: &str, frames: usize) -> std::io::Result<()> {
+    use vstream_wire::{Config, LinkParams, Session};
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let t0 = Instant::now();
+    let mut session = Session::new(Config::new(Role::Guest, name), 7, t0);
+    let link = session.add_link(LinkParams::stream(0), t0);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !session.is_connected() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no handshake");
+        out.clear();
+        session.poll_transmit(link, Instant::now(), &mut out, 64 * 1024);
+        s.write_all(&out)?;
+        match s.read(&mut buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => session.handle_input(link, &buf[..n], Instant::now()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut bad = Vec::new();
+    for i in 0..frames {
+        encode(
+            &mut bad,
+            Kind::Data as u8,
+            1,
+            i as u32,
+            0,
+            b"bad payload checksum",
+        );
+        let last = bad.len() - 1;
+        bad[last] ^= 0xFF;
+    }
+    // The daemon closes the link part way: a write may then fail.
+    let _ = s.write_all(&bad);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_keeps_violating_the_protocol_is_dropped_and_held_off() {
+    let d = Options::config(
+        r#"
+[daemon]
+listen = ["unix-listen:DIR/agents.sock"]
+[daemon.announced]
+allow = true
+"#,
+    )
+    .wait_for_file("DIR/agents.sock")
+    .start();
+    let sock = d.path("agents.sock");
+    let frames = usize::try_from(vstream_link::MAX_VIOLATIONS).expect("fits") * 2;
+    let s2 = sock.clone();
+    tokio::task::spawn_blocking(move || violate_over_unix(&s2, "evil", frames))
+        .await
+        .expect("join")
+        .expect("handshake");
+    let s = d
+        .wait_for("the violator to be held off", |s| {
+            s["guests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| g["name"] == "evil" && g["held_off"]["drops"] == 1)
+        })
+        .await;
+    let g = guest(&s, "evil");
+    assert_eq!(g["connected"], false, "{g:#}");
+    let remaining = g["held_off"]["remaining_ms"]
+        .as_u64()
+        .expect("held off now");
+    assert!(remaining > 0 && remaining <= 5000, "{remaining} ms");
+    // Coming back at once is refused, with the reason.
+    let r = claim_over_unix_as(0, &sock, "evil").expect("refused while held off");
+    assert!(
+        r.contains("held off") && r.contains("protocol violations"),
+        "{r}"
+    );
+    assert!(
+        d.log().contains("too many protocol violations"),
+        "{}",
+        d.log()
+    );
+}

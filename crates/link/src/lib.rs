@@ -86,6 +86,51 @@ pub enum MuxEvent {
 /// [`MAX_INPUT`] (what the session takes in one piece), so a bulk transfer reaches large reads within three reads.
 const READ_MIN: usize = 4 * 1024;
 
+/// A link whose peer commits more protocol violations than this within
+/// [`VIOLATION_WINDOW`] is closed (the reason starts with [`DROPPED_FOR_VIOLATIONS`]): a noisy
+/// serial line at 115200 baud carries about 11 KB a second and does not come near it, a hostile
+/// peer makes a violation per frame, a million a second.
+pub const MAX_VIOLATIONS: u64 = 1000;
+
+/// See [`MAX_VIOLATIONS`].
+pub const VIOLATION_WINDOW: Duration = Duration::from_secs(10);
+
+/// How the reason of a link closed for [`MAX_VIOLATIONS`] starts, so that its owner can hold
+/// the peer off.
+pub const DROPPED_FOR_VIOLATIONS: &str = "too many protocol violations";
+
+/// Counts one link's violations over [`VIOLATION_WINDOW`].
+#[derive(Debug)]
+struct ViolationBudget {
+    since: Instant,
+    count: u64,
+}
+
+impl ViolationBudget {
+    fn new(now: Instant) -> ViolationBudget {
+        ViolationBudget {
+            since: now,
+            count: 0,
+        }
+    }
+
+    /// Adds `n` violations at `now`; the reason to close the link once over the budget.
+    fn add(&mut self, n: u64, now: Instant) -> Option<String> {
+        if now.duration_since(self.since) > VIOLATION_WINDOW {
+            *self = ViolationBudget::new(now);
+        }
+        self.count += n;
+        (self.count > MAX_VIOLATIONS).then(|| {
+            format!(
+                "{DROPPED_FOR_VIOLATIONS}: {} in {} ms (at most {MAX_VIOLATIONS} in {} s)",
+                self.count,
+                now.duration_since(self.since).as_millis(),
+                VIOLATION_WINDOW.as_secs()
+            )
+        })
+    }
+}
+
 struct LinkEntry {
     transport: String,
     up: bool,
@@ -556,25 +601,29 @@ impl Mux {
 
     async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
         let mut buf = vec![0u8; READ_MIN];
+        let mut budget = ViolationBudget::new(Instant::now());
         loop {
-            if self.input_wanted().await {
-                // Decode what was left undecoded when the session paused.
-                let mut inner = self.shared.lock();
-                inner.session.handle_input(link, &[], Instant::now());
-                inner.dispatch(&self.shared);
-                inner.kick();
-                continue;
-            }
-            let n = match r.read(&mut buf).await {
-                Ok(0) => return "closed by the peer".into(),
-                Ok(n) => n,
-                Err(e) => return format!("read failed: {e}"),
+            // Decode what was left undecoded when the session paused, or what comes next.
+            let n = if self.input_wanted().await {
+                0
+            } else {
+                match r.read(&mut buf).await {
+                    Ok(0) => return "closed by the peer".into(),
+                    Ok(n) => n,
+                    Err(e) => return format!("read failed: {e}"),
+                }
             };
             {
                 let mut inner = self.shared.lock();
-                inner.session.handle_input(link, &buf[..n], Instant::now());
+                let now = Instant::now();
+                let before = inner.session.stats().protocol_errors;
+                inner.session.handle_input(link, &buf[..n], now);
+                let committed = inner.session.stats().protocol_errors.saturating_sub(before);
                 inner.dispatch(&self.shared);
                 inner.kick();
+                if let Some(reason) = budget.add(committed, now) {
+                    return reason;
+                }
             }
             if n == buf.len() && buf.len() < MAX_INPUT {
                 buf.resize((buf.len() * 4).min(MAX_INPUT), 0);
@@ -1082,6 +1131,24 @@ pub fn return_memory_eagerly() {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+
+    #[test]
+    fn a_link_over_its_violation_budget_is_closed_and_the_budget_renews() {
+        use super::{ViolationBudget, MAX_VIOLATIONS, VIOLATION_WINDOW};
+        let t0 = std::time::Instant::now();
+        let mut b = ViolationBudget::new(t0);
+        assert_eq!(b.add(MAX_VIOLATIONS, t0), None);
+        let reason = b.add(1, t0).expect("over the budget");
+        assert!(
+            reason.starts_with(super::DROPPED_FOR_VIOLATIONS),
+            "{reason}"
+        );
+        // A noisy line spreads its errors out: a new window starts afresh.
+        let mut b = ViolationBudget::new(t0);
+        let later = t0 + VIOLATION_WINDOW + std::time::Duration::from_millis(1);
+        assert_eq!(b.add(MAX_VIOLATIONS, t0), None);
+        assert_eq!(b.add(MAX_VIOLATIONS, later), None);
+    }
 
     #[test]
     fn session_ids_are_non_zero_and_distinct_even_without_the_kernel() {
