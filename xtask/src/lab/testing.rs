@@ -1,7 +1,8 @@
 //! Helpers the end-to-end tests (xtask/tests) share: they panic with the reason (and dump the
 //! lab's logs where that helps) instead of returning errors.
 
-use std::process::Output;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -74,5 +75,55 @@ pub fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String 
             "/tmp/{id}.out never showed {needle:?}: {text}"
         );
         thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The SHA-256 of a host file, hex (`sha256sum`).
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `vstreamctl jobs GUEST --json`: the guest's print jobs.
+pub fn print_jobs(lab: &Lab) -> Vec<serde_json::Value> {
+    let out = lab
+        .ctl(["jobs", lab.name(), "--json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("jobs JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls [`print_jobs`] (at most 120 s) until `pred` holds; returns the jobs then.
+pub fn wait_print_jobs(
+    lab: &Lab,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = print_jobs(lab);
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#?}"
+        );
+        thread::sleep(Duration::from_millis(250));
     }
 }
