@@ -249,6 +249,11 @@ impl LabPaths {
         }
     }
 
+    /// Where vstreamd spools the print jobs of guest `guest`.
+    pub fn spool_dir(&self, guest: &str) -> PathBuf {
+        self.state_dir.join(guest).join("spool")
+    }
+
     /// Where vstreamd records console `name` of guest `guest`.
     pub fn console_log(&self, guest: &str, name: &str) -> PathBuf {
         self.state_dir.join(guest).join(format!("{name}.log"))

@@ -40,7 +40,7 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         lab.mux_transports_up(s)
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let spool = lab.paths().state_dir.join("printer").join("spool");
+    let spool = lab.paths().spool_dir("printer");
 
     // 1. 50 MiB "PDF": header, random body, trailer; printed with busybox nc.
     bg(

@@ -13,13 +13,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use xtask::lab::testing::{ctl, ctl_ok, sh, sha256_file, wait_print_jobs};
-use xtask::lab::{self, guest_status, Lab, LabOptions};
-use xtask::qemu::HYBRID_VSOCK_CID;
+use xtask::lab::testing::{bg, ctl, ctl_ok, sh, sha256_file, wait_print_jobs};
+use xtask::lab::{self, guest_status, transport_state, Lab, LabOptions};
+use xtask::qemu::{HYBRID_VSOCK_CID, VSOCK_MUX_PORT};
 use xtask::qga_lab::{self, QgaConn};
 
 /// From QEMU's start to both vsock transports being up, under TCG.
@@ -29,6 +29,9 @@ const UP_TIMEOUT: Duration = Duration::from_secs(180);
 const QGA_VSOCK_PORT: u32 = 6000;
 
 const GUEST: &str = "vsock";
+
+/// The test that cuts a link runs alone (write); the others share the guest (read).
+static GATE: RwLock<()> = RwLock::new(());
 
 fn shared_lab() -> &'static Lab {
     static LAB: OnceLock<Result<Lab, String>> = OnceLock::new();
@@ -70,11 +73,13 @@ fn digest_of(output: &str, path: &str) -> String {
 }
 
 #[test]
-fn the_mux_runs_over_vsock_only_both_ways() {
-    if !lab::e2e_enabled("the_mux_runs_over_vsock_only_both_ways") {
+fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
+    if !lab::e2e_enabled("the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone") {
         return;
     }
     let lab = shared_lab();
+    // It cuts a link: the other tests wait.
+    let _alone = GATE.write().unwrap_or_else(|e| e.into_inner());
     assert_eq!(lab.vsock_cid(), Some(HYBRID_VSOCK_CID));
     let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
     let guest = guest_status(&status, GUEST).expect("the guest in status");
@@ -103,6 +108,19 @@ fn the_mux_runs_over_vsock_only_both_ways() {
         [(listen.as_str(), "up"), (connect.as_str(), "up")],
         "{guest:#}"
     );
+    // Each link finished its handshake on frames that crossed it intact.
+    for t in guest["transports"].as_array().expect("transports") {
+        if t["kind"] != "mux" {
+            continue;
+        }
+        let link = &t["link"];
+        eprintln!(
+            "vsock: {} active={} bytes_in={} bytes_out={} frames_in={}",
+            t["address"], t["active"], link["bytes_in"], link["bytes_out"], link["frames_in"]
+        );
+        assert!(link["frames_in"].as_u64() > Some(0), "{t:#}");
+        assert_eq!(link["crc_errors"], 0, "{t:#}");
+    }
     // The guest's side: its agent was told only vsock addresses, and the kernel's virtio
     // vsock transport is there.
     let cmdline = lab.kernel_cmdline();
@@ -119,6 +137,46 @@ fn the_mux_runs_over_vsock_only_both_ways() {
     );
     let drivers = exec(lab, "ls /sys/bus/virtio/drivers/");
     assert!(drivers.contains("vmw_vsock_virtio_transport"), "{drivers}");
+
+    // Then the host-initiated direction alone carries the session: unlinking vstreamd's
+    // listening path leaves its live link but makes the backend's connections for host port
+    // 5000 fail, so a restarted agent is reached only through `CONNECT 5001`.
+    let link_id = |s: &Value, address: &str| -> Option<u64> {
+        guest_status(s, GUEST)?["transports"]
+            .as_array()?
+            .iter()
+            .find(|t| t["address"] == address)?["link"]["id"]
+            .as_u64()
+    };
+    let before = link_id(&status, &connect).expect("the hvsock link");
+    std::fs::remove_file(hybrid.host_port(VSOCK_MUX_PORT)).expect("unlink the _5000 path");
+    bg(lab, "kill-agent", "kill -9 $(cat /run/vstream-agent.pid)");
+    lab.wait_for("the session back over hvsock alone", UP_TIMEOUT, |s| {
+        transport_state(s, GUEST, &connect) == Some("up")
+            && link_id(s, &connect).is_some_and(|id| id != before)
+            && transport_state(s, GUEST, &listen) != Some("up")
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    round_trip_4_mib(lab, "hvsock-only");
+    let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
+    let guest = guest_status(&status, GUEST).expect("the guest in status");
+    let hvsock = guest["transports"]
+        .as_array()
+        .expect("transports")
+        .iter()
+        .find(|t| t["address"] == connect.as_str())
+        .expect("the hvsock transport");
+    assert_eq!(hvsock["active"], true, "{guest:#}");
+    assert!(
+        hvsock["link"]["bytes_in"].as_u64() >= Some(4 << 20)
+            && hvsock["link"]["bytes_out"].as_u64() >= Some(4 << 20),
+        "the 4 MiB did not cross the hvsock link: {hvsock:#}"
+    );
+    assert_ne!(
+        transport_state(&status, GUEST, &listen),
+        Some("up"),
+        "{guest:#}"
+    );
 }
 
 #[test]
@@ -127,6 +185,7 @@ fn the_consoles_still_work_beside_a_vsock_session() {
         return;
     }
     let lab = shared_lab();
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // hvc0 is its own chardev: a typed line comes back computed.
     assert_eq!(
         sh(lab, "echo $((6 * 7))-$(hostname)"),
@@ -137,15 +196,9 @@ fn the_consoles_still_work_beside_a_vsock_session() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[test]
-fn exec_moves_4_mib_through_cat_intact() {
-    if !lab::e2e_enabled("exec_moves_4_mib_through_cat_intact") {
-        return;
-    }
-    let lab = shared_lab();
-    let t = Duration::from_secs(60);
-    let out = ctl(lab, &["exec", GUEST, "--", "sh", "-c", "exit 7"], b"", t);
-    assert_eq!(out.status.code(), Some(7));
+/// Sends 4 MiB through `tee` in the guest and back with `vstreamctl exec`; the guest hashes
+/// what it received, so both directions are checked. Returns how long it took.
+fn round_trip_4_mib(lab: &Lab, tag: &str) -> Duration {
     // xorshift64*: incompressible, reproducible bytes.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let data: Vec<u8> = (0..4 * 1024 * 1024 / 8)
@@ -156,8 +209,8 @@ fn exec_moves_4_mib_through_cat_intact() {
             x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()
         })
         .collect();
+    let guest_file = format!("/tmp/{tag}.bin");
     let started = Instant::now();
-    // The guest hashes what it received and sends it back: both directions are checked.
     let out = ctl(
         lab,
         &[
@@ -166,7 +219,7 @@ fn exec_moves_4_mib_through_cat_intact() {
             "--",
             "sh",
             "-c",
-            "tee /tmp/in.bin; sha256sum /tmp/in.bin >&2",
+            &format!("tee {guest_file}; sha256sum {guest_file} >&2"),
         ],
         &data,
         Duration::from_secs(300),
@@ -178,18 +231,31 @@ fn exec_moves_4_mib_through_cat_intact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let host_dir = lab.paths().dir.join("exec-sent.bin");
-    std::fs::write(&host_dir, &data).expect("write");
-    let sent = sha256_file(&host_dir);
-    let guest = digest_of(&String::from_utf8_lossy(&out.stderr), "/tmp/in.bin");
-    assert_eq!(guest, sent, "the guest received other bytes");
+    let sent = lab.paths().dir.join(format!("{tag}.bin"));
+    std::fs::write(&sent, &data).expect("write");
+    let guest = digest_of(&String::from_utf8_lossy(&out.stderr), &guest_file);
+    assert_eq!(guest, sha256_file(&sent), "the guest received other bytes");
     assert_eq!(out.stdout.len(), data.len());
     assert!(out.stdout == data, "the bytes came back changed");
     eprintln!(
-        "vsock: 4 MiB through tee in the guest ({}) and back: {took:?}, {:.2} MiB/s each way",
+        "vsock ({tag}): 4 MiB through tee in the guest ({}) and back: {took:?}, {:.2} MiB/s each way",
         lab.accel(),
         4.0 / took.as_secs_f64()
     );
+    took
+}
+
+#[test]
+fn exec_moves_4_mib_through_cat_intact() {
+    if !lab::e2e_enabled("exec_moves_4_mib_through_cat_intact") {
+        return;
+    }
+    let lab = shared_lab();
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
+    let t = Duration::from_secs(60);
+    let out = ctl(lab, &["exec", GUEST, "--", "sh", "-c", "exit 7"], b"", t);
+    assert_eq!(out.status.code(), Some(7));
+    round_trip_4_mib(lab, "exec");
 }
 
 #[test]
@@ -198,6 +264,7 @@ fn qga_through_the_mux_pings_and_reads_a_file() {
         return;
     }
     let lab = shared_lab();
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let ping = ctl_ok(
         lab,
         &["agent", GUEST, r#"{"execute":"guest-ping"}"#],
@@ -235,6 +302,7 @@ fn a_print_job_lands_in_the_spool_intact() {
         return;
     }
     let lab = shared_lab();
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let printed = exec(
         lab,
         "{ printf '%%PDF-1.4\\n'; head -c 2097152 /dev/urandom; printf '\\n%%%%EOF\\n'; } > /tmp/job.pdf \
@@ -249,9 +317,7 @@ fn a_print_job_lands_in_the_spool_intact() {
     assert_eq!(job["source"], "tcp-listen:127.0.0.1:9100", "{job}");
     let file = lab
         .paths()
-        .state_dir
-        .join("printer")
-        .join("spool")
+        .spool_dir(GUEST)
         .join(job["file"].as_str().expect("file"));
     assert_eq!(
         std::fs::metadata(&file).expect("the spooled job").len(),
@@ -296,6 +362,7 @@ fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket() {
         return;
     }
     let lab = shared_lab();
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // Nobody listens on 6001 in the guest: the backend hangs up without an answer.
     let (_closed, answer) = hybrid_connect(lab, QGA_VSOCK_PORT + 1);
     assert_eq!(answer, "", "CONNECT to a port without a listener");
