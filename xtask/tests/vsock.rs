@@ -7,17 +7,19 @@
 //!
 //! Checked over it: the consoles (separate chardevs, still there), exec with 4 MiB through `cat`,
 //! QGA on a mux channel, a print job landing in the spool, and a host program talking to a guest
-//! listener (the agent's raw QGA on `vsock-listen:6000`) through the hybrid socket's `CONNECT`.
-//! One guest for all of them. They never skip silently: without QEMU or vhost-device-vsock they
+//! listener (the agent's raw QGA on `vsock-listen:6000`) through the hybrid socket's `CONNECT`,
+//! and the session going on over `hvsock:` alone. One guest for all of them, plus one for PPP
+//! over the vsock session (root: a network namespace). They never skip silently: without QEMU or vhost-device-vsock they
 //! fail, unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use xtask::lab::testing::{bg, ctl, ctl_ok, sh, sha256_file, wait_print_jobs};
+use xtask::lab::testing::{bg, ctl, ctl_ok, receive_one, sh, sha256_file, wait_print_jobs, NetNs};
 use xtask::lab::{self, guest_status, transport_state, Lab, LabOptions};
 use xtask::qemu::{HYBRID_VSOCK_CID, VSOCK_MUX_PORT};
 use xtask::qga_lab::{self, QgaConn};
@@ -53,11 +55,11 @@ fn shared_lab() -> &'static Lab {
     }
 }
 
-/// `vstreamctl exec vsock -- sh -c SCRIPT`; it must exit 0. Its stdout.
+/// `vstreamctl exec GUEST -- sh -c SCRIPT`; it must exit 0. Its stdout.
 fn exec(lab: &Lab, script: &str) -> String {
     ctl_ok(
         lab,
-        &["exec", GUEST, "--", "sh", "-c", script],
+        &["exec", lab.name(), "--", "sh", "-c", script],
         Duration::from_secs(120),
     )
 }
@@ -384,4 +386,54 @@ fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket() {
         .read_small("/tmp/hybrid.txt")
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(text, b"over the hybrid socket\n");
+}
+
+/// PPP over a session that runs over vsock only: pppd in the guest on a `ppp` channel, the host
+/// end in a network namespace (backend `tun`, as in ppp.rs; needs root). Its own guest, so that
+/// the shared one keeps no network namespace alive.
+#[test]
+fn ppp_runs_over_the_vsock_session() {
+    if !lab::e2e_enabled("ppp_runs_over_the_vsock_session") {
+        return;
+    }
+    let ns = NetNs::new("vsock");
+    let options = LabOptions {
+        extra_config: format!(
+            "\n[guest.ppp]\nlocal = \"10.78.0.1\"\nremote = \"10.78.0.2\"\nmtu = 1500\n\
+             backend = \"tun\"\nnetns = \"{}\"\n",
+            ns.0
+        ),
+        ..LabOptions::vsock_only().named("vsockppp")
+    };
+    let lab = Lab::boot(options).unwrap_or_else(|e| panic!("{e}"));
+    lab.wait_for("the PPP link to be up over vsock", UP_TIMEOUT, |s| {
+        lab.mux_transports_up(s)
+            && guest_status(s, lab.name()).is_some_and(|g| g["devices"]["ppp"]["state"] == "up")
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ping = exec(&lab, "ping -c 5 -i 0.2 10.78.0.1");
+    assert!(ping.contains("5 packets received"), "{ping}");
+
+    let made = exec(
+        &lab,
+        "head -c 4194304 /dev/urandom > /tmp/blob && sha256sum /tmp/blob",
+    );
+    let want = digest_of(&made, "/tmp/blob");
+    let listener = ns.listen(Ipv4Addr::new(10, 78, 0, 1));
+    let port = listener.local_addr().expect("port").port();
+    let rx = receive_one(listener);
+    exec(&lab, &format!("nc 10.78.0.1 {port} < /tmp/blob"));
+    let (got, took) = rx.join().expect("receiver");
+    assert_eq!(got.len(), 4 << 20, "bytes through ppp");
+    let local = lab.paths().dir.join("ppp-blob.bin");
+    std::fs::write(&local, &got).expect("write");
+    assert_eq!(sha256_file(&local), want, "the bytes through ppp changed");
+    eprintln!(
+        "vsock: 4 MiB guest -> host TCP through ppp over vsock ({}): {took:.2?}, {:.2} MiB/s; {}",
+        lab.accel(),
+        4.0 / took.as_secs_f64(),
+        ping.lines()
+            .find(|l| l.contains("round-trip"))
+            .unwrap_or("")
+    );
 }

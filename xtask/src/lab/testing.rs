@@ -1,6 +1,10 @@
 //! Helpers the end-to-end tests (xtask/tests) share: they panic with the reason (and dump the
 //! lab's logs where that helps) instead of returning errors.
 
+use std::fs::File;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -126,4 +130,67 @@ pub fn wait_print_jobs(
         );
         thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A network namespace made with `ip netns add` (needs root), deleted on drop: where vstreamd's
+/// PPP backend puts the host end of a guest's link in the ppp tests.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    /// `ip netns add vs-ppp-TAG-PID`.
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vs-ppp-{tag}-{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "`ip netns add {name}` failed: {} (the test needs root)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        NetNs(name)
+    }
+
+    /// Runs `cmd` inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// A listening TCP socket made inside the namespace (a socket keeps its namespace).
+    pub fn listen(&self, addr: Ipv4Addr) -> TcpListener {
+        let file = File::open(format!("/run/netns/{}", self.0)).expect("open the namespace");
+        thread::spawn(move || {
+            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
+            // namespace type; it moves only this short-lived thread into the namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            TcpListener::bind((addr, 0)).expect("bind in the namespace")
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Accepts one connection on `listener` and reads it to the end, on a thread; returns the bytes
+/// and the time from the connection to the end.
+pub fn receive_one(listener: TcpListener) -> thread::JoinHandle<(Vec<u8>, Duration)> {
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let start = Instant::now();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        (got, start.elapsed())
+    })
 }
