@@ -436,4 +436,5 @@ fn ppp_runs_over_the_vsock_session() {
             .find(|l| l.contains("round-trip"))
             .unwrap_or("")
     );
+    lab.shutdown().unwrap_or_else(|e| panic!("{e}"));
 }
