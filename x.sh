@@ -2,6 +2,7 @@
 # vstream's entry point for developers and CI.
 #
 #   ./x.sh setup   install the Debian packages the build and the QEMU lab need (only the missing ones)
+#                  and vhost-device-vsock 0.3.0 with cargo install (unless that version is there)
 #   ./x.sh build   cargo build --workspace + the static guest agent
 #   ./x.sh demo    setup + build + `cargo xtask demo` (boots a guest, shows each device working)
 #   ./x.sh test    setup + build + `cargo test --workspace` (end-to-end tests included) + a short
@@ -47,7 +48,7 @@ as_root() {
     fi
 }
 
-setup() {
+setup_apt() {
     local missing=() pkg status
     for pkg in "${APT_PACKAGES[@]}"; do
         status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
@@ -60,6 +61,28 @@ setup() {
     log "setup: installing ${missing[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# rust-vmm's vhost-device-vsock: the vsock backend of the lab's vsock guests (QEMU's
+# vhost-user-vsock-pci; this host needs no /dev/vhost-vsock). Pinned: the tests know its
+# command line (xtask/src/paths.rs has the same version).
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+
+setup_vhost_device_vsock() {
+    local bin have
+    bin=$(command -v vhost-device-vsock || echo "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock")
+    have=$("$bin" --version 2>/dev/null || true)
+    if [ "$have" = "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION" ]; then
+        log "setup: vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION present"
+        return
+    fi
+    log "setup: installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION (found: ${have:-none})"
+    cargo install --locked vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
+}
+
+setup() {
+    setup_apt
+    setup_vhost_device_vsock
 }
 
 build_agent() {
@@ -105,7 +128,7 @@ skip_banner() {
 }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd=${1:-help}

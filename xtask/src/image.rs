@@ -64,7 +64,7 @@ pub const GUEST_MODULES: &[GuestModule] = &[
     },
     GuestModule {
         name: "vmw_vsock_virtio_transport",
-        why: "vsock over virtio (vhost-vsock on the host)",
+        why: "vsock over virtio (vhost-vsock, or vhost-device-vsock behind vhost-user-vsock-pci)",
     },
     GuestModule {
         name: "ppp_generic",

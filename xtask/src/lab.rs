@@ -44,7 +44,10 @@ use serde_json::Value;
 use crate::accel::{self, Accel, Verdict};
 use crate::image::{self, GuestImage, INIT_DONE_MARKER};
 use crate::pty::PtyProcess;
-use crate::qemu::{self, GuestSockets, QemuSpec, PCI_SERIAL_TTY};
+use crate::qemu::{
+    self, GuestSockets, HybridVsockSockets, QemuSpec, HYBRID_VSOCK_CID, PCI_SERIAL_TTY,
+    VSOCK_LISTEN_PORT, VSOCK_MUX_PORT,
+};
 use crate::{paths, process, qmp};
 
 /// Default hard timeout of a test binary that boots labs.
@@ -89,6 +92,21 @@ pub fn e2e_enabled(test: &str) -> bool {
     !skip
 }
 
+/// The guest's vsock device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabVsock {
+    /// In-kernel vhost-vsock when the host has `/dev/vhost-vsock` (nothing carries the mux
+    /// over it), else none.
+    #[default]
+    None,
+    /// QEMU's `vhost-user-vsock-pci` served by rust-vmm's vhost-device-vsock (started by the
+    /// lab, CID [`HYBRID_VSOCK_CID`]) with its hybrid Unix-socket backend. The mux runs over it
+    /// both ways: the agent connects to `vsock:2:5000` (vstreamd listens on
+    /// `unix-listen:<uds>_5000`) and listens on `vsock-listen:5001` (vstreamd connects with
+    /// `hvsock:<uds>:5001`).
+    VhostDeviceVsock,
+}
+
 /// How a lab guest is wired.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -122,6 +140,8 @@ pub struct LabOptions {
     /// Give the guest a virtio-rng device. Without it and without RDRAND (see [`Self::cpu`])
     /// the guest kernel's CRNG stays uninitialised long after boot, as on many real hosts.
     pub virtio_rng: bool,
+    /// The guest's vsock device, and whether the mux runs over it.
+    pub vsock: LabVsock,
 }
 
 impl Default for LabOptions {
@@ -140,6 +160,7 @@ impl Default for LabOptions {
             user_net: false,
             cpu: None,
             virtio_rng: true,
+            vsock: LabVsock::None,
         }
     }
 }
@@ -157,6 +178,16 @@ impl LabOptions {
     pub fn pci_serial_only() -> Self {
         Self {
             virtio_port: false,
+            ..Self::default()
+        }
+    }
+
+    /// The mux over vsock only (vhost-device-vsock, both directions).
+    pub fn vsock_only() -> Self {
+        Self {
+            virtio_port: false,
+            pci_serial: false,
+            vsock: LabVsock::VhostDeviceVsock,
             ..Self::default()
         }
     }
@@ -183,6 +214,8 @@ pub struct LabPaths {
     pub daemon_log: PathBuf,
     /// QEMU's stdout and stderr.
     pub qemu_log: PathBuf,
+    /// vhost-device-vsock's stdout and stderr (with [`LabVsock::VhostDeviceVsock`]).
+    pub vsock_backend_log: PathBuf,
     /// The guest's chardev and QMP sockets, and QEMU's ttyS0 logfile.
     pub sockets: GuestSockets,
 }
@@ -195,6 +228,12 @@ impl LabPaths {
             ttys0_logfile: dir.join("ttyS0.raw.log"),
             mux_port: options.virtio_port.then(|| dir.join("port.sock")),
             mux_serial: options.pci_serial.then(|| dir.join("serial.sock")),
+            hybrid_vsock: (options.vsock == LabVsock::VhostDeviceVsock).then(|| {
+                HybridVsockSockets {
+                    vhost_user: dir.join("vhost-user-vsock.sock"),
+                    uds: dir.join("vsock.sock"),
+                }
+            }),
             qmp_daemon: dir.join("qmp.sock"),
             qmp_lab: dir.join("qmp-lab.sock"),
         };
@@ -204,9 +243,15 @@ impl LabPaths {
             state_dir: dir.join("state"),
             daemon_log: dir.join("vstreamd.log"),
             qemu_log: dir.join("qemu.log"),
+            vsock_backend_log: dir.join("vhost-device-vsock.log"),
             sockets,
             dir,
         }
+    }
+
+    /// Where vstreamd spools the print jobs of guest `guest`.
+    pub fn spool_dir(&self, guest: &str) -> PathBuf {
+        self.state_dir.join(guest).join("spool")
     }
 
     /// Where vstreamd records console `name` of guest `guest`.
@@ -237,7 +282,7 @@ pub fn vstreamd_config(guest: &str, sockets: &GuestSockets) -> String {
         toml_string(guest),
         unix(&sockets.qmp_daemon)
     );
-    let mut transport = |kind: &str, name: Option<&str>, path: &Path| {
+    let mut transport = |kind: &str, name: Option<&str>, address: String| {
         out.push_str(&format!(
             "\n[[guest.transport]]\nkind = {}\n",
             toml_string(kind)
@@ -245,16 +290,36 @@ pub fn vstreamd_config(guest: &str, sockets: &GuestSockets) -> String {
         if let Some(name) = name {
             out.push_str(&format!("name = {}\n", toml_string(name)));
         }
-        out.push_str(&format!("address = {}\n", unix(path)));
+        out.push_str(&format!("address = {address}\n"));
     };
-    if let Some(port) = &sockets.mux_port {
-        transport("mux", None, port);
+    for address in mux_addresses(sockets) {
+        transport("mux", None, toml_string(&address));
     }
-    if let Some(serial) = &sockets.mux_serial {
-        transport("mux", None, serial);
+    transport("console", Some("hvc0"), unix(&sockets.hvc0));
+    transport("console", Some("ttyS0"), unix(&sockets.ttys0));
+    out
+}
+
+/// The addresses of a guest's mux transports as vstreamd's config and status have them. Over
+/// vhost-device-vsock these are a per-guest listener on the hybrid socket's `_<port>` path (the
+/// path is the guest's identity: its peer is the backend process, whatever the guest) and the
+/// hybrid socket itself.
+pub fn mux_addresses(sockets: &GuestSockets) -> Vec<String> {
+    let mut out: Vec<String> = [&sockets.mux_port, &sockets.mux_serial]
+        .into_iter()
+        .flatten()
+        .map(|p| format!("unix:{}", p.display()))
+        .collect();
+    if let Some(hybrid) = &sockets.hybrid_vsock {
+        out.push(format!(
+            "unix-listen:{}",
+            hybrid.host_port(VSOCK_MUX_PORT).display()
+        ));
+        out.push(format!(
+            "hvsock:{}:{VSOCK_LISTEN_PORT}",
+            hybrid.uds.display()
+        ));
     }
-    transport("console", Some("hvc0"), &sockets.hvc0);
-    transport("console", Some("ttyS0"), &sockets.ttys0);
     out
 }
 
@@ -353,6 +418,14 @@ impl LabShared {
             p.daemon_log.display()
         ));
         out.push_str(&tail(&p.daemon_log, TAIL_LINES));
+        let backend = fs::read_to_string(&p.vsock_backend_log).unwrap_or_default();
+        if !backend.trim().is_empty() {
+            out.push_str(&format!(
+                "---- vhost-device-vsock output ({}) ----\n",
+                p.vsock_backend_log.display()
+            ));
+            out.push_str(&tail(&p.vsock_backend_log, 20));
+        }
         let qemu = fs::read_to_string(&p.qemu_log).unwrap_or_default();
         if !qemu.trim().is_empty() {
             out.push_str(&format!(
@@ -473,6 +546,7 @@ pub struct Lab {
     verdict: Verdict,
     spec: QemuSpec,
     daemon: Mutex<Option<Child>>,
+    vsock_backend: Mutex<Option<Child>>,
     qemu: Mutex<Option<Child>>,
     qmp_lock: Mutex<()>,
     shared: Arc<LabShared>,
@@ -512,7 +586,10 @@ impl Lab {
             name: options.name.clone(),
             memory_mib: options.memory_mib,
             sockets: paths.sockets.clone(),
-            vsock_cid: qemu::vhost_vsock_available().then(vsock_cid),
+            vsock_cid: match options.vsock {
+                LabVsock::VhostDeviceVsock => Some(HYBRID_VSOCK_CID),
+                LabVsock::None => qemu::vhost_vsock_available().then(vsock_cid),
+            },
             extra_kernel_args: options.extra_kernel_args.clone(),
             extra_qemu_args: options.extra_qemu_args.clone(),
             user_net: options.user_net,
@@ -532,6 +609,7 @@ impl Lab {
             verdict,
             spec,
             daemon: Mutex::new(None),
+            vsock_backend: Mutex::new(None),
             qemu: Mutex::new(None),
             qmp_lock: Mutex::new(()),
             shared,
@@ -554,6 +632,9 @@ impl Lab {
     fn start(&self) -> io::Result<()> {
         if self.options.start_daemon {
             self.start_daemon()?;
+        }
+        if let Some(hybrid) = &self.paths.sockets.hybrid_vsock {
+            self.start_vsock_backend(hybrid)?;
         }
         self.start_qemu()?;
         if self.options.wait_for_init {
@@ -612,6 +693,67 @@ impl Lab {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("vstreamd did not open {} within 30 s", p.control.display()),
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts vhost-device-vsock with only the hybrid Unix-socket backend (`uds-path`: nothing
+    /// is forwarded to the host's own vsock) and waits for its vhost-user socket, which QEMU
+    /// needs at start.
+    fn start_vsock_backend(&self, hybrid: &HybridVsockSockets) -> io::Result<()> {
+        let bin = paths::vhost_device_vsock().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "vhost-device-vsock not found (in PATH or $CARGO_HOME/bin): run ./x.sh setup, \
+                     which installs version {}",
+                    paths::VHOST_DEVICE_VSOCK_VERSION
+                ),
+            )
+        })?;
+        let log = File::create(&self.paths.vsock_backend_log)?;
+        let mut command = Command::new(&bin);
+        command
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={HYBRID_VSOCK_CID},socket={},uds-path={}",
+                hybrid.vhost_user.display(),
+                hybrid.uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let child = process::spawn(command)?;
+        *self
+            .vsock_backend
+            .lock()
+            .map_err(|_| io::Error::other("lab lock poisoned"))? = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if hybrid.vhost_user.exists() {
+                return Ok(());
+            }
+            if let Some(status) = self.child_exited(&self.vsock_backend)? {
+                return Err(io::Error::other(format!(
+                    "{} exited ({status}) before opening {}; its output:\n{}",
+                    bin.display(),
+                    hybrid.vhost_user.display(),
+                    tail(&self.paths.vsock_backend_log, 30)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} did not open {} within 30 s",
+                        bin.display(),
+                        hybrid.vhost_user.display()
+                    ),
                 ));
             }
             thread::sleep(Duration::from_millis(50));
@@ -751,7 +893,7 @@ impl Lab {
         &self.spec.image
     }
 
-    /// The vsock CID of the guest, if it has a vhost-vsock device.
+    /// The vsock CID of the guest, if it has a vhost-vsock or vhost-user-vsock device.
     pub fn vsock_cid(&self) -> Option<u32> {
         self.spec.vsock_cid
     }
@@ -761,14 +903,10 @@ impl Lab {
         self.boot_time.lock().ok().and_then(|t| *t)
     }
 
-    /// The addresses of the mux transports, as in vstreamd's config and status (`unix:PATH`).
+    /// The addresses of the mux transports, as in vstreamd's config and status (see
+    /// [`mux_addresses`]).
     pub fn mux_addresses(&self) -> Vec<String> {
-        let s = &self.paths.sockets;
-        [&s.mux_port, &s.mux_serial]
-            .into_iter()
-            .flatten()
-            .map(|p| format!("unix:{}", p.display()))
-            .collect()
+        mux_addresses(&self.paths.sockets)
     }
 
     /// A `vstreamctl --control <socket>` command, for callers that run it themselves (e.g. on a pty).
@@ -1072,7 +1210,7 @@ impl Lab {
     }
 
     fn stop_children(&self) {
-        for slot in [&self.qemu, &self.daemon] {
+        for slot in [&self.qemu, &self.vsock_backend, &self.daemon] {
             if let Ok(mut guard) = slot.lock() {
                 if let Some(mut child) = guard.take() {
                     process::terminate(&mut child, Duration::from_secs(3));
@@ -1157,6 +1295,20 @@ mod tests {
         let only_serial = vstreamd_config("g", &sockets(Path::new("/t"), false, true));
         assert!(!only_serial.contains("port.sock"));
         assert!(only_serial.contains("serial.sock"));
+    }
+
+    #[test]
+    fn a_vsock_guest_has_both_hybrid_transports_and_no_other_mux() {
+        let sockets = LabPaths::new(PathBuf::from("/tmp/v"), &LabOptions::vsock_only()).sockets;
+        let cfg = vstreamd_config("v", &sockets);
+        let expected = "[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:/tmp/v/vsock.sock_5000\"\n\n\
+[[guest.transport]]\nkind = \"mux\"\naddress = \"hvsock:/tmp/v/vsock.sock:5001\"\n\n\
+[[guest.transport]]\nkind = \"console\"";
+        assert!(cfg.contains(expected), "{cfg}");
+        assert!(
+            !cfg.contains("port.sock") && !cfg.contains("serial.sock"),
+            "{cfg}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `CARGO_TARGET_DIR`  | `<workspace>/target`                                             |
 //! | `VSTREAM_BIN_DIR`   | `<target>/debug` (where `vstreamd` and `vstreamctl` are found)   |
 //! | `VSTREAM_AGENT`     | `<target>/x86_64-unknown-linux-gnu/release/vstream-agent`        |
+//! | `VSTREAM_VHOST_DEVICE_VSOCK` | `vhost-device-vsock` in `PATH`, else `$CARGO_HOME/bin` (`./x.sh setup` installs it) |
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,24 @@ pub fn agent_bin() -> PathBuf {
             .join(AGENT_TARGET)
             .join("release")
             .join("vstream-agent")
+    })
+}
+
+/// The version of vhost-device-vsock the lab is tested with (`./x.sh setup` installs it).
+pub const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+
+/// rust-vmm's vhost-device-vsock, the vsock backend of [`crate::lab::LabVsock::VhostDeviceVsock`].
+/// `cargo install` puts it in `$CARGO_HOME/bin`, which is not always in `PATH`.
+pub fn vhost_device_vsock() -> Option<PathBuf> {
+    const NAME: &str = "vhost-device-vsock";
+    if let Some(p) = env_path("VSTREAM_VHOST_DEVICE_VSOCK") {
+        return Some(absolute(p));
+    }
+    which(NAME).or_else(|| {
+        let cargo_home =
+            env_path("CARGO_HOME").or_else(|| env_path("HOME").map(|h| h.join(".cargo")))?;
+        let candidate = cargo_home.join("bin").join(NAME);
+        is_executable(&candidate).then_some(candidate)
     })
 }
 

@@ -10,6 +10,7 @@
 //! | ttyS4, PCI 16550 (mux)                | `pci-serial`                                 | `serial.sock`               |
 //! | hwrng (unless `virtio_rng` is off)    | `virtio-rng-pci`                             |                             |
 //! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
+//! | vsock (`LabVsock::VhostDeviceVsock`)  | `vhost-user-vsock-pci` + shared memfd RAM    | vhost-device-vsock's `vsock.sock` (hybrid) |
 //! | eth0, virtio-net (`user_net` only)    | `virtio-net-pci` + `-netdev user` (slirp)    | 10.0.2.2:P = 127.0.0.1:P    |
 //! | QMP (two monitors: vstreamd, the lab) | `-qmp unix:...`                              | `qmp.sock`, `qmp-lab.sock`  |
 //!
@@ -38,6 +39,18 @@ pub const MUX_PORT_NAME: &str = "org.vstream.0";
 /// Baud rate of the PCI serial line.
 pub const SERIAL_BAUD: u32 = 115_200;
 
+/// The guest's CID behind vhost-device-vsock. Each backend process has its own CIDs, so every
+/// lab guest can be 3.
+pub const HYBRID_VSOCK_CID: u32 = 3;
+
+/// The host vsock port the agent connects to over vhost-device-vsock (`vsock:2:5000`); vstreamd
+/// listens on the hybrid socket's `<path>_5000`.
+pub const VSOCK_MUX_PORT: u32 = 5000;
+
+/// The guest vsock port the agent listens on (`vsock-listen:5001`); vstreamd reaches it with
+/// `hvsock:<path>:5001`.
+pub const VSOCK_LISTEN_PORT: u32 = 5001;
+
 /// Where a guest's sockets and logs are (all in the lab's temporary directory).
 #[derive(Debug, Clone)]
 pub struct GuestSockets {
@@ -51,10 +64,32 @@ pub struct GuestSockets {
     pub mux_port: Option<PathBuf>,
     /// Host side of the PCI 16550, if attached.
     pub mux_serial: Option<PathBuf>,
+    /// vhost-device-vsock, if attached: its vhost-user socket (QEMU connects) and its hybrid
+    /// vsock socket (host programs connect).
+    pub hybrid_vsock: Option<HybridVsockSockets>,
     /// QMP monitor for vstreamd.
     pub qmp_daemon: PathBuf,
     /// QMP monitor for the lab harness.
     pub qmp_lab: PathBuf,
+}
+
+/// The two sockets of a vhost-device-vsock backend.
+#[derive(Debug, Clone)]
+pub struct HybridVsockSockets {
+    /// vhost-user control socket (the backend listens, QEMU connects).
+    pub vhost_user: PathBuf,
+    /// Hybrid vsock socket: `CONNECT <port>` reaches a guest listener; the guest's connections
+    /// to host port P arrive at `<uds>_<P>`.
+    pub uds: PathBuf,
+}
+
+impl HybridVsockSockets {
+    /// Where the guest's connections to host port `port` arrive (a host program listens there).
+    pub fn host_port(&self, port: u32) -> PathBuf {
+        let mut path = self.uds.clone().into_os_string();
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
+    }
 }
 
 /// Everything that decides the QEMU command line.
@@ -76,7 +111,7 @@ pub struct QemuSpec {
     pub memory_mib: u32,
     /// Sockets and logs.
     pub sockets: GuestSockets,
-    /// vsock CID when a vhost-vsock device is attached.
+    /// vsock CID when a vhost-vsock or vhost-user-vsock device is attached.
     pub vsock_cid: Option<u32>,
     /// More kernel arguments, appended.
     pub extra_kernel_args: Vec<String>,
@@ -134,6 +169,10 @@ impl QemuSpec {
         }
         if self.sockets.mux_serial.is_some() {
             out.push(format!("serial:/dev/{PCI_SERIAL_TTY},baud={SERIAL_BAUD}"));
+        }
+        if self.sockets.hybrid_vsock.is_some() {
+            out.push(format!("vsock:2:{VSOCK_MUX_PORT}"));
+            out.push(format!("vsock-listen:{VSOCK_LISTEN_PORT}"));
         }
         out
     }
@@ -217,7 +256,20 @@ impl QemuSpec {
             c.args(["-netdev", "user,id=net0,ipv6=off"]);
             c.args(["-device", "virtio-net-pci,netdev=net0,id=net0"]);
         }
-        if let Some(cid) = self.vsock_cid {
+        if let Some(hybrid) = &s.hybrid_vsock {
+            // vhost-user needs guest RAM the backend can map: a shared memfd as the only NUMA
+            // node. The CID is the backend's (QEMU 7.2's device has no guest-cid property).
+            c.arg("-object").arg(format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                self.memory_mib
+            ));
+            c.args(["-numa", "node,memdev=mem"]);
+            c.arg("-chardev").arg(format!(
+                "socket,id=vsockchr,path={}",
+                check_path(&hybrid.vhost_user)?
+            ));
+            c.args(["-device", "vhost-user-vsock-pci,chardev=vsockchr,id=vsock0"]);
+        } else if let Some(cid) = self.vsock_cid {
             c.arg("-device")
                 .arg(format!("vhost-vsock-pci,id=vsock0,guest-cid={cid}"));
         }

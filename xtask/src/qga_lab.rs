@@ -169,7 +169,13 @@ impl QgaConn {
 
     /// A raw QGA stream on a QEMU chardev socket (one client at a time).
     pub fn direct(sock: &Path) -> io::Result<QgaConn> {
-        let mut conn = QgaConn::new(UnixStream::connect(sock)?)?;
+        QgaConn::over(UnixStream::connect(sock)?)
+    }
+
+    /// A raw QGA stream on a connected socket (e.g. one a hybrid vsock `CONNECT` opened),
+    /// synchronised.
+    pub fn over(stream: UnixStream) -> io::Result<QgaConn> {
+        let mut conn = QgaConn::new(stream)?;
         conn.sync()?;
         Ok(conn)
     }

@@ -11,16 +11,15 @@
 //! (`ip netns add`, TUN devices, `setns`). Never skips silently: without QEMU it fails, unless
 //! VSTREAM_SKIP_E2E=1 is set.
 
-use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::fd::AsRawFd;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+use xtask::lab::testing::{receive_one, NetNs};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -28,54 +27,6 @@ const SIZE: usize = 16 * 1024 * 1024;
 
 /// One guest at a time: the throughput figures must not share the two cores with another guest.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
-
-/// A network namespace made with `ip netns add`, deleted on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> NetNs {
-        let name = format!("vs-ppp-{tag}-{}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "`ip netns add {name}` failed: {} (the test needs root)",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        NetNs(name)
-    }
-
-    fn exec(&self, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
-            .output()
-            .expect("run ip netns exec")
-    }
-
-    /// A listening TCP socket made inside the namespace (a socket keeps its namespace).
-    fn listen(&self, addr: Ipv4Addr) -> TcpListener {
-        let file = File::open(format!("/run/netns/{}", self.0)).expect("open the namespace");
-        thread::spawn(move || {
-            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
-            // namespace type; it moves only this short-lived thread into the namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns: {}", std::io::Error::last_os_error());
-            }
-            TcpListener::bind((addr, 0)).expect("bind in the namespace")
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 fn exec(lab: &Lab, script: &str) -> String {
     let out = lab
@@ -115,23 +66,11 @@ fn sha256(data: &[u8]) -> String {
         .to_owned()
 }
 
-/// Accepts one connection on `listener`, reads it to the end; returns the bytes and the time
-/// from the connection to the end.
-fn receive(listener: TcpListener) -> thread::JoinHandle<(Vec<u8>, Duration)> {
-    thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let start = Instant::now();
-        let mut got = Vec::with_capacity(SIZE);
-        s.read_to_end(&mut got).expect("read");
-        (got, start.elapsed())
-    })
-}
-
 /// Sends the guest's /tmp/blob to HOST:PORT with busybox nc; returns what the host received and
 /// how long it took.
 fn transfer(lab: &Lab, listener: TcpListener, host: &str) -> (Vec<u8>, Duration) {
     let port = listener.local_addr().expect("port").port();
-    let rx = receive(listener);
+    let rx = receive_one(listener);
     exec(lab, &format!("nc {host} {port} < /tmp/blob"));
     rx.join().expect("receiver")
 }

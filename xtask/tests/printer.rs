@@ -5,62 +5,14 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use xtask::lab::testing::{bg, wait_out};
+use xtask::lab::testing::{bg, print_jobs, sha256_file, wait_out, wait_print_jobs};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 const QUOTA: u64 = 80_000_000;
-
-fn jobs(lab: &Lab) -> Vec<serde_json::Value> {
-    let out = lab
-        .ctl(["jobs", lab.name(), "--json"])
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .expect("jobs JSON")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn wait_jobs(
-    lab: &Lab,
-    what: &str,
-    pred: impl Fn(&[serde_json::Value]) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = jobs(lab);
-        if pred(&j) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {j:#?}"
-        );
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -88,7 +40,7 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         lab.mux_transports_up(s)
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let spool = lab.paths().state_dir.join("printer").join("spool");
+    let spool = lab.paths().spool_dir("printer");
 
     // 1. 50 MiB "PDF": header, random body, trailer; printed with busybox nc.
     bg(
@@ -135,11 +87,11 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         52_428_800 + 9 + 7
     );
     assert_eq!(
-        sha256(&file),
+        sha256_file(&file),
         guest_sha,
         "the spooled job differs from the guest's file"
     );
-    let j = jobs(&lab);
+    let j = print_jobs(&lab);
     assert_eq!(
         (j[0]["state"].as_str(), j[0]["type"].as_str()),
         (Some("done"), Some("pdf")),
@@ -153,13 +105,13 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         "cut",
         "{ printf '%%!PS-Adobe-3.0\\n'; head -c 3000000 /dev/urandom; sleep 120; } | nc 127.0.0.1 9100",
     );
-    wait_jobs(&lab, "the cut job to be arriving", |j| {
+    wait_print_jobs(&lab, "the cut job to be arriving", |j| {
         j.iter().any(|j| {
             j["id"] == 2 && j["state"] == "receiving" && j["size"].as_u64() >= Some(3_000_000)
         })
     });
     bg(&lab, "kill", "kill -9 $(cat /run/vstream-agent.pid)");
-    let j = wait_jobs(&lab, "the cut job to be partial", |j| {
+    let j = wait_print_jobs(&lab, "the cut job to be partial", |j| {
         j.iter().any(|j| j["id"] == 2 && j["state"] == "partial")
     });
     let p = j.iter().find(|j| j["id"] == 2).expect("job 2");
@@ -198,7 +150,7 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
     let refused = wait_out(&lab, "big", "DONE-rc=", Duration::from_secs(300));
     eprintln!("the refused client: {refused}");
     assert!(refused.contains("nc-rc="), "{refused}");
-    let j = wait_jobs(&lab, "the refused job", |j| {
+    let j = wait_print_jobs(&lab, "the refused job", |j| {
         j.iter().any(|j| j["state"] == "refused")
     });
     let r = j.iter().find(|j| j["state"] == "refused").expect("refused");
@@ -216,7 +168,7 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
         })
         .collect();
     assert_eq!(after, before, "the refused job touched the spool");
-    assert_eq!(sha256(&file), guest_sha);
+    assert_eq!(sha256_file(&file), guest_sha);
     // The agent logged the host's reason (its stderr goes to ttyS0).
     let deadline = Instant::now() + Duration::from_secs(30);
     while !lab.guest_console_log().contains("spool quota exceeded") {

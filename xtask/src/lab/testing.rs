@@ -1,7 +1,12 @@
 //! Helpers the end-to-end tests (xtask/tests) share: they panic with the reason (and dump the
 //! lab's logs where that helps) instead of returning errors.
 
-use std::process::Output;
+use std::fs::File;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -75,4 +80,117 @@ pub fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String 
         );
         thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The SHA-256 of a host file, hex (`sha256sum`).
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `vstreamctl jobs GUEST --json`: the guest's print jobs.
+pub fn print_jobs(lab: &Lab) -> Vec<serde_json::Value> {
+    let out = lab
+        .ctl(["jobs", lab.name(), "--json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("jobs JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls [`print_jobs`] (at most 120 s) until `pred` holds; returns the jobs then.
+pub fn wait_print_jobs(
+    lab: &Lab,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = print_jobs(lab);
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#?}"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A network namespace made with `ip netns add` (needs root), deleted on drop: where vstreamd's
+/// PPP backend puts the host end of a guest's link in the ppp tests.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    /// `ip netns add vs-ppp-TAG-PID`.
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vs-ppp-{tag}-{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "`ip netns add {name}` failed: {} (the test needs root)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        NetNs(name)
+    }
+
+    /// Runs `cmd` inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// A listening TCP socket made inside the namespace (a socket keeps its namespace).
+    pub fn listen(&self, addr: Ipv4Addr) -> TcpListener {
+        let file = File::open(format!("/run/netns/{}", self.0)).expect("open the namespace");
+        thread::spawn(move || {
+            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
+            // namespace type; it moves only this short-lived thread into the namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            TcpListener::bind((addr, 0)).expect("bind in the namespace")
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Accepts one connection on `listener` and reads it to the end, on a thread; returns the bytes
+/// and the time from the connection to the end.
+pub fn receive_one(listener: TcpListener) -> thread::JoinHandle<(Vec<u8>, Duration)> {
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let start = Instant::now();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        (got, start.elapsed())
+    })
 }
