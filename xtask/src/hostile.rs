@@ -62,6 +62,11 @@ impl Attack {
         }
     }
 
+    /// The hostile guest that runs this attack.
+    fn guest(self) -> String {
+        format!("evil-{}", self.name())
+    }
+
     /// The attack called `name`.
     pub fn parse(name: &str) -> Option<Attack> {
         Attack::ALL.into_iter().find(|a| a.name() == name)
@@ -123,22 +128,23 @@ pub struct Report {
     pub attacks: Vec<Figures>,
 }
 
-/// The good guest's config and the hostile guest's, each on its own mux transport.
-const CONFIG: &str = r#"[daemon.limits]
-resume_timeout_ms = 2000
-
-[[guest]]
-name = "good"
-[[guest.transport]]
-kind = "mux"
-address = "unix-listen:DIR/good.sock"
-
-[[guest]]
-name = "evil"
-[[guest.transport]]
-kind = "mux"
-address = "unix-listen:DIR/evil.sock"
-"#;
+/// The good guest's config and one hostile guest per attack (`evil-ATTACK`), each on its own
+/// mux transport: a guest whose links are dropped for protocol violations is held off for a
+/// while, which must not spill over into the next attack's figures.
+fn config_text() -> String {
+    let mut text = String::from(
+        "[daemon.limits]\nresume_timeout_ms = 2000\n\n[[guest]]\nname = \"good\"\n\
+         [[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:DIR/good.sock\"\n",
+    );
+    for a in Attack::ALL {
+        let name = a.guest();
+        text.push_str(&format!(
+            "\n[[guest]]\nname = \"{name}\"\n[[guest.transport]]\nkind = \"mux\"\n\
+             address = \"unix-listen:DIR/{name}.sock\"\n"
+        ));
+    }
+    text
+}
 
 /// vstreamd, the good agent and their directory; both processes are ended on drop.
 struct Rig {
@@ -170,7 +176,7 @@ impl Rig {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let config = dir.join("vstreamd.toml");
-        fs::write(&config, CONFIG.replace("DIR", &dir.display().to_string()))?;
+        fs::write(&config, config_text().replace("DIR", &dir.display().to_string()))?;
         let mut cmd = Command::new(bin_dir.join("vstreamd"));
         cmd.arg("--config")
             .arg(&config)
@@ -183,8 +189,9 @@ impl Rig {
             .stderr(fs::File::create(dir.join("vstreamd.log"))?);
         let daemon = process::spawn(cmd)?;
         wait_until(Duration::from_secs(10), "vstreamd's sockets", || {
-            ["control.sock", "good.sock", "evil.sock"]
-                .iter()
+            ["control.sock".to_owned(), "good.sock".to_owned()]
+                .into_iter()
+                .chain(Attack::ALL.iter().map(|a| format!("{}.sock", a.guest())))
                 .all(|s| dir.join(s).exists())
         })?;
         let mut cmd = Command::new(bin_dir.join("vstream-agent"));
@@ -234,13 +241,12 @@ impl Rig {
         Ok((reply, r))
     }
 
+    /// One guest's status: the reply line, then the guest's own line.
     fn guest(&self, name: &str) -> Option<Value> {
-        let (reply, _) = self.request(&json!({"op": "status"})).ok()?;
-        reply["status"]["guests"]
-            .as_array()?
-            .iter()
-            .find(|g| g["name"] == name)
-            .cloned()
+        let (_, mut r) = self.request(&json!({"op": "status", "guest": name})).ok()?;
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
     }
 
     /// Time of one real `vstreamctl status --json`.
@@ -368,7 +374,7 @@ fn run_attack(rig: &Rig, attack: Attack, duration: Duration) -> Result<Figures> 
     let sent = Arc::new(Mutex::new(0u64));
     let hostile = {
         let (stop, sent) = (stop.clone(), sent.clone());
-        let sock = rig.dir.join("evil.sock");
+        let sock = rig.dir.join(format!("{}.sock", attack.guest()));
         thread::spawn(move || hostile_guest(&sock, attack, &stop, &sent))
     };
     let watch_stop = Arc::new(AtomicBool::new(false));
@@ -409,7 +415,7 @@ fn run_attack(rig: &Rig, attack: Attack, duration: Duration) -> Result<Figures> 
     let mut rss_after = rig.rss();
     let deadline = Instant::now() + Duration::from_secs(10);
     let evil_gone = |rig: &Rig| {
-        rig.guest("evil").is_some_and(|g| {
+        rig.guest(&attack.guest()).is_some_and(|g| {
             g["connected"] == false
                 && g["channels"].as_array().is_some_and(Vec::is_empty)
                 && g["stats"]["held_bytes"] == 0
@@ -495,8 +501,8 @@ struct Peer {
 }
 
 impl Peer {
-    /// Connects and completes the handshake as guest `evil` (session `session`).
-    fn connect(sock: &Path, session: u64) -> io::Result<Peer> {
+    /// Connects and completes the handshake as guest `name` (session `session`).
+    fn connect(sock: &Path, name: &str, session: u64) -> io::Result<Peer> {
         let mut stream = UnixStream::connect(sock)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut d = Decoder::new(MAX_PAYLOAD_LIMIT);
@@ -524,7 +530,7 @@ impl Peer {
             max_frame: 64 * 1024,
             link: 0x5EED_0001,
             echo: host.link,
-            name: "evil".into(),
+            name: name.into(),
         };
         let mut out = Vec::new();
         encode(&mut out, Kind::Hello as u8, 0, 0, 0, &hello.encode());
@@ -605,7 +611,7 @@ fn hostile_guest(sock: &Path, attack: Attack, stop: &AtomicBool, sent: &Mutex<u6
     let mut session = 0xE711_0000_0000_0000 | (u64::from(attack as u8) << 32);
     while !stop.load(Ordering::Relaxed) {
         session += 1;
-        let Ok(mut peer) = Peer::connect(sock, session) else {
+        let Ok(mut peer) = Peer::connect(sock, &attack.guest(), session) else {
             thread::sleep(Duration::from_millis(50));
             continue;
         };
