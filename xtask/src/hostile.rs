@@ -176,7 +176,10 @@ impl Rig {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let config = dir.join("vstreamd.toml");
-        fs::write(&config, config_text().replace("DIR", &dir.display().to_string()))?;
+        fs::write(
+            &config,
+            config_text().replace("DIR", &dir.display().to_string()),
+        )?;
         let mut cmd = Command::new(bin_dir.join("vstreamd"));
         cmd.arg("--config")
             .arg(&config)

@@ -7,7 +7,7 @@ use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use vstream_wire::auth::{self, AuthError, Challenge, Claim, Key, NONCE_LEN, PROOF_LEN};
+use vstream_wire::auth::{self, AuthError, Challenge, Claim, Key, Side, NONCE_LEN, PROOF_LEN};
 
 /// The most bytes a handshake message can take (a CLAIM with a 64-byte name); a peer that sends
 /// more without completing one is not speaking the handshake.
@@ -65,11 +65,11 @@ pub async fn connector<S: AsyncRead + AsyncWrite + Unpin>(
             Challenge::Accept { nonce, proof } => (nonce, proof),
             Challenge::Refuse(reason) => return Err(auth_error(AuthError::Refused(reason))),
         };
-        if !key.verify_acceptor(name, &nonce, &peer_nonce, &proof) {
+        if !key.verify(Side::Acceptor, name, &nonce, &peer_nonce, &proof) {
             return Err(auth_error(AuthError::WrongKey));
         }
         stream
-            .write_all(&key.connector_proof(name, &nonce, &peer_nonce))
+            .write_all(&key.proof(Side::Connector, name, &nonce, &peer_nonce))
             .await?;
         stream.flush().await?;
         match read_message(stream, &mut buf, auth::parse_verdict).await? {
@@ -107,7 +107,7 @@ where
                 return Err(auth_error(AuthError::Refused(reason)));
             }
         };
-        let proof = key.acceptor_proof(&claim.name, &claim.nonce, &nonce);
+        let proof = key.proof(Side::Acceptor, &claim.name, &claim.nonce, &nonce);
         stream
             .write_all(&Challenge::Accept { nonce, proof }.encode())
             .await?;
@@ -120,7 +120,13 @@ where
             }))
         })
         .await?;
-        if !key.verify_connector(&claim.name, &claim.nonce, &nonce, &response) {
+        if !key.verify(
+            Side::Connector,
+            &claim.name,
+            &claim.nonce,
+            &nonce,
+            &response,
+        ) {
             // Say no more than that: the connector learns nothing about the key.
             stream
                 .write_all(&auth::encode_verdict(Some("wrong key")))

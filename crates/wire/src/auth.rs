@@ -68,9 +68,9 @@ impl Key {
         Key::new(&contents[..end])
     }
 
-    fn proof(
+    fn mac(
         &self,
-        label: &[u8],
+        side: Side,
         name: &str,
         nonce_c: &[u8; NONCE_LEN],
         nonce_a: &[u8; NONCE_LEN],
@@ -80,7 +80,7 @@ impl Key {
             Ok(mac) => mac,
             Err(_) => unreachable!("HMAC takes keys of any length"),
         };
-        mac.update(label);
+        mac.update(side.label());
         mac.update(&[name.len() as u8]);
         mac.update(name.as_bytes());
         mac.update(nonce_c);
@@ -88,56 +88,50 @@ impl Key {
         mac
     }
 
-    /// The acceptor's proof.
-    pub fn acceptor_proof(
+    /// `side`'s proof for `name` and the two nonces.
+    pub fn proof(
         &self,
+        side: Side,
         name: &str,
         nonce_c: &[u8; NONCE_LEN],
         nonce_a: &[u8; NONCE_LEN],
     ) -> [u8; PROOF_LEN] {
-        self.proof(LABEL_ACCEPTOR, name, nonce_c, nonce_a)
+        self.mac(side, name, nonce_c, nonce_a)
             .finalize()
             .into_bytes()
             .into()
     }
 
-    /// The connector's proof.
-    pub fn connector_proof(
+    /// Checks `side`'s proof in constant time.
+    pub fn verify(
         &self,
-        name: &str,
-        nonce_c: &[u8; NONCE_LEN],
-        nonce_a: &[u8; NONCE_LEN],
-    ) -> [u8; PROOF_LEN] {
-        self.proof(LABEL_CONNECTOR, name, nonce_c, nonce_a)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-
-    /// Checks the acceptor's proof in constant time.
-    pub fn verify_acceptor(
-        &self,
+        side: Side,
         name: &str,
         nonce_c: &[u8; NONCE_LEN],
         nonce_a: &[u8; NONCE_LEN],
         proof: &[u8; PROOF_LEN],
     ) -> bool {
-        self.proof(LABEL_ACCEPTOR, name, nonce_c, nonce_a)
+        self.mac(side, name, nonce_c, nonce_a)
             .verify_slice(proof)
             .is_ok()
     }
+}
 
-    /// Checks the connector's proof in constant time.
-    pub fn verify_connector(
-        &self,
-        name: &str,
-        nonce_c: &[u8; NONCE_LEN],
-        nonce_a: &[u8; NONCE_LEN],
-        proof: &[u8; PROOF_LEN],
-    ) -> bool {
-        self.proof(LABEL_CONNECTOR, name, nonce_c, nonce_a)
-            .verify_slice(proof)
-            .is_ok()
+/// Which end of the handshake a proof is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The side that connected.
+    Connector,
+    /// The side that accepted.
+    Acceptor,
+}
+
+impl Side {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Side::Acceptor => LABEL_ACCEPTOR,
+            Side::Connector => LABEL_CONNECTOR,
+        }
     }
 }
 
@@ -331,14 +325,14 @@ mod tests {
     fn proofs_verify_only_with_the_same_key_name_and_nonces() {
         let k = key();
         let (c, a) = ([1; NONCE_LEN], [2; NONCE_LEN]);
-        let p = k.acceptor_proof("lab", &c, &a);
-        assert!(k.verify_acceptor("lab", &c, &a, &p));
-        assert!(!k.verify_acceptor("lab2", &c, &a, &p));
-        assert!(!k.verify_acceptor("lab", &a, &c, &p));
+        let p = k.proof(Side::Acceptor, "lab", &c, &a);
+        assert!(k.verify(Side::Acceptor, "lab", &c, &a, &p));
+        assert!(!k.verify(Side::Acceptor, "lab2", &c, &a, &p));
+        assert!(!k.verify(Side::Acceptor, "lab", &a, &c, &p));
         // A proof is never valid in the other direction (no reflection).
-        assert!(!k.verify_connector("lab", &c, &a, &p));
+        assert!(!k.verify(Side::Connector, "lab", &c, &a, &p));
         let other = Key::new(*b"another key of 16+ bytes").expect("key");
-        assert!(!other.verify_acceptor("lab", &c, &a, &p));
+        assert!(!other.verify(Side::Acceptor, "lab", &c, &a, &p));
     }
 
     #[test]

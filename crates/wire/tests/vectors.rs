@@ -50,15 +50,15 @@ fn refuse_frame_vector() {
 /// bytes of 01, acceptor nonce 32 bytes of 02.
 #[test]
 fn key_handshake_vectors() {
-    use vstream_wire::auth::{Claim, Key};
+    use vstream_wire::auth::{Claim, Key, Side};
     let key = Key::new(*b"0123456789abcdef0123456789abcdef").expect("key");
     let (c, a) = ([1u8; 32], [2u8; 32]);
     assert_eq!(
-        hex(&key.acceptor_proof("lab", &c, &a)).replace(' ', ""),
+        hex(&key.proof(Side::Acceptor, "lab", &c, &a)).replace(' ', ""),
         "d64bb06d844e566326afb8e67b9cbefc0811378c46692dd9a37b670a6e6973d6"
     );
     assert_eq!(
-        hex(&key.connector_proof("lab", &c, &a)).replace(' ', ""),
+        hex(&key.proof(Side::Connector, "lab", &c, &a)).replace(' ', ""),
         "09a5d0dc6c5d2bb9ca87b88df1cc050948b93b2dd3c837dfc6de79f50c84c75e"
     );
     let claim = Claim {
