@@ -47,17 +47,7 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        let mut num = |name: &str| -> Result<usize> {
-            let v: usize = it
-                .next()
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()
-                .with_context(|| name.to_owned())?;
-            if v == 0 {
-                bail!("{name} must be at least 1");
-            }
-            Ok(v)
-        };
+        let mut num = |name: &str| crate::positive_arg(&mut it, name);
         match arg.as_str() {
             "--count" => o.count = num("--count")?,
             "--repeats" => o.repeats = num("--repeats")?,

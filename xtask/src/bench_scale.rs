@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use xtask::{paths, process};
+use xtask::process;
 
 struct Options {
     guests: usize,
@@ -38,17 +38,7 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        let mut num = |name: &str| -> Result<usize> {
-            let v: usize = it
-                .next()
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()
-                .with_context(|| name.to_owned())?;
-            if v == 0 {
-                bail!("{name} must be at least 1");
-            }
-            Ok(v)
-        };
+        let mut num = |name: &str| crate::positive_arg(&mut it, name);
         match arg.as_str() {
             "--guests" => o.guests = num("--guests")?,
             "--batch" => o.batch = num("--batch")?,
@@ -62,27 +52,6 @@ fn parse(args: &[String]) -> Result<Options> {
         }
     }
     Ok(o)
-}
-
-/// The release builds of vstreamd, vstreamctl and vstream-agent (what users run).
-fn build() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vstream-host",
-            "-p",
-            "vstream-agent",
-        ])
-        .current_dir(paths::workspace_root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("the release build failed ({status})");
-    }
-    Ok(paths::target_dir().join("release"))
 }
 
 /// A process of ours, killed (its whole group) on drop.
@@ -201,7 +170,7 @@ impl Pick {
 
 pub fn run(args: &[String]) -> Result<()> {
     let o = parse(args)?;
-    let bin = build()?;
+    let bin = crate::release_build()?;
     let dir = std::env::temp_dir().join(format!("vstream-bench-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = bench(&o, &bin, &dir);

@@ -81,22 +81,7 @@ fn bench_hostile(args: &[String]) -> Result<()> {
     if opts.attacks.is_empty() {
         opts.attacks = hostile::Attack::ALL.to_vec();
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vstream-host",
-            "-p",
-            "vstream-agent",
-        ])
-        .current_dir(paths::workspace_root())
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("building vstreamd and vstream-agent failed ({status})");
-    }
+    opts.bin_dir = release_build()?;
     let report = hostile::run(&opts)?;
     hostile::print(&report, &opts);
     Ok(())
@@ -245,4 +230,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds vstreamd, vstreamctl and vstream-agent as users run them (release) for a benchmark;
+/// returns their directory.
+fn release_build() -> Result<std::path::PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vstream-host",
+            "-p",
+            "vstream-agent",
+        ])
+        .current_dir(paths::workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("the release build of vstreamd and vstream-agent failed ({status})");
+    }
+    Ok(paths::target_dir().join("release"))
+}
+
+/// A benchmark option's value: the next argument, a number of at least 1.
+fn positive_arg(it: &mut std::slice::Iter<'_, String>, name: &str) -> Result<usize> {
+    let v: usize = it
+        .next()
+        .with_context(|| format!("{name} needs a value"))?
+        .parse()
+        .with_context(|| name.to_owned())?;
+    if v == 0 {
+        bail!("{name} must be at least 1");
+    }
+    Ok(v)
 }

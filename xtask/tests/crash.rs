@@ -12,26 +12,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xtask::lab::testing::{ctl_ok, sh};
+use xtask::lab::testing::{self, ctl_ok, sh};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 const BIG: usize = 64 << 20;
 /// The copy is cut once this much of it went through vstreamd.
 const CUT_AFTER: u64 = 4 << 20;
-
-fn make_file(path: &Path, len: usize) {
-    let mut data = Vec::with_capacity(len);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while data.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(len);
-    std::fs::write(path, data).expect("write");
-}
 
 fn sha256_host(path: &Path) -> String {
     let out = Command::new("sha256sum")
@@ -158,7 +145,7 @@ fn a_killed_vstreamd_during_copies_in_a_guest() {
     let dir = lab.paths().dir.join("files");
     std::fs::create_dir_all(&dir).expect("dir");
     let src = dir.join("big.src");
-    make_file(&src, BIG);
+    testing::write_random_file(&src, BIG);
     let sum = sha256_host(&src);
     let src_arg = src.to_str().expect("utf-8");
     let remote = format!("{name}:/tmp/big.bin");

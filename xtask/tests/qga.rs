@@ -87,19 +87,6 @@ fn sha256_guest(lab: &Lab, guest: &str, path: &str) -> String {
         .to_owned()
 }
 
-fn make_file(path: &Path, len: usize) {
-    let mut data = Vec::with_capacity(len);
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    while data.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(len);
-    std::fs::write(path, data).expect("write");
-}
-
 /// Copies `len` bytes host -> guest -> host through `guest`; checksums equal on both sides.
 fn cp_both_ways(
     lab: &Lab,
@@ -110,7 +97,7 @@ fn cp_both_ways(
 ) -> (Duration, Duration) {
     let src = dir.join(format!("{guest}.src"));
     let back = dir.join(format!("{guest}.back"));
-    make_file(&src, len);
+    testing::write_random_file(&src, len);
     let remote = format!("/tmp/{guest}.bin");
     let limit = Duration::from_secs(600);
     let t = Instant::now();

@@ -13,6 +13,20 @@ use std::time::{Duration, Instant};
 
 use super::{strip_ansi, Lab};
 
+/// Writes a file of `len` pseudo-random bytes (xorshift: incompressible, the same every run).
+pub fn write_random_file(path: &Path, len: usize) {
+    let mut data = Vec::with_capacity(len);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(path, data).expect("write");
+}
+
 /// Runs `vstreamctl ARGS` with `input` on its stdin within `timeout`; on a timeout dumps the
 /// lab's logs and panics.
 pub fn ctl(lab: &Lab, args: &[&str], input: &[u8], timeout: Duration) -> Output {
