@@ -5,7 +5,8 @@
 #                  and vhost-device-vsock 0.3.0 with cargo install (unless that version is there)
 #   ./x.sh build   cargo build --workspace + the static guest agent
 #   ./x.sh demo    setup + build + `cargo xtask demo` (boots a guest, shows each device working)
-#   ./x.sh test    setup + build + `cargo test --workspace` (end-to-end tests included) + a short
+#   ./x.sh test    setup + build + cargo fmt --check + cargo clippy -D warnings + `cargo test
+#                  --workspace` (end-to-end tests included) + a short
 #                  run of every fuzz target; arguments replace all that with `cargo test ARGS`,
 #                  e.g. ./x.sh test -p xtask --test foundation -- --nocapture
 #
@@ -119,6 +120,18 @@ fuzz_smoke() {
     rm -f "$log"
 }
 
+# Formatting and every clippy lint (the workspace denies undocumented unsafe blocks) before
+# the tests: hygiene that is not enforced is not kept.
+lint() {
+    if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+        log "installing the clippy and rustfmt components"
+        rustup component add clippy rustfmt
+    fi
+    log "lint: cargo fmt --check, cargo clippy -D warnings"
+    cargo fmt --all -- --check || die "cargo fmt --check: run cargo fmt --all"
+    cargo clippy --workspace --all-targets -- -D warnings
+}
+
 skip_banner() {
     if [ "${VSTREAM_SKIP_E2E:-}" = 1 ]; then
         log "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
@@ -128,7 +141,7 @@ skip_banner() {
 }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd=${1:-help}
@@ -146,6 +159,7 @@ case "$cmd" in
         build
         skip_banner
         if [ $# -eq 0 ]; then
+            lint
             cargo test --workspace
             fuzz_smoke
         else
