@@ -117,6 +117,8 @@ pub struct Guest {
     refusals: Mutex<Refusals>,
     /// When the last connection of an announced guest ended (it is forgotten some time later).
     last_seen: Mutex<Instant>,
+    /// Whether a timer to forget it runs.
+    forget_pending: std::sync::atomic::AtomicBool,
     /// The guest's own tasks (session dispatch, event forwarding), ended when it is forgotten.
     tasks: Vec<tokio::task::AbortHandle>,
     /// Held off after its links were dropped for protocol violations.
@@ -454,6 +456,7 @@ impl Daemon {
             owner,
             refusals: Mutex::new(Refusals::default()),
             last_seen: Mutex::new(Instant::now()),
+            forget_pending: std::sync::atomic::AtomicBool::new(false),
             tasks: vec![dispatch.abort_handle(), forward.abort_handle()],
             hold_off: Mutex::new(HoldOff::default()),
         });
@@ -747,25 +750,47 @@ impl Daemon {
             return;
         }
         *lock(&guest.last_seen) = Instant::now();
+        // One timer per guest however often it reconnects: it sleeps again while connections
+        // keep ending later.
+        if guest
+            .forget_pending
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         let after = Duration::from_secs(self.policy.announced.forget_after_secs);
         let (daemon, guest) = (Arc::downgrade(self), Arc::downgrade(guest));
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let (Some(daemon), Some(guest)) = (daemon.upgrade(), guest.upgrade()) else {
-                return;
-            };
-            let mut guests = daemon.guests();
-            let idle = guest.transports().is_empty() && lock(&guest.last_seen).elapsed() >= after;
-            if idle
-                && guests
+            loop {
+                let Some(due) = guest.upgrade().map(|g| *lock(&g.last_seen) + after) else {
+                    return;
+                };
+                tokio::time::sleep_until(due.into()).await;
+                let (Some(daemon), Some(guest)) = (daemon.upgrade(), guest.upgrade()) else {
+                    return;
+                };
+                let mut guests = daemon.guests();
+                if !guest.transports().is_empty() {
+                    // Connected again: the end of that connection arms the timer anew.
+                    guest
+                        .forget_pending
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    return;
+                }
+                if lock(&guest.last_seen).elapsed() < after {
+                    continue;
+                }
+                if guests
                     .get(&guest.name)
                     .is_some_and(|g| Arc::ptr_eq(g, &guest))
-            {
-                guests.remove(&guest.name);
-                for t in &guest.tasks {
-                    t.abort();
+                {
+                    guests.remove(&guest.name);
+                    for t in &guest.tasks {
+                        t.abort();
+                    }
+                    tracing::info!(guest = %guest.name, "forgot an announced guest");
                 }
-                tracing::info!(guest = %guest.name, "forgot an announced guest");
+                return;
             }
         });
     }
