@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     // Colours in the log only on a terminal (not in a log file or the journal), and never with
     // NO_COLOR set (no-color.org).
     let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")
