@@ -83,7 +83,7 @@ fn completions_and_man_pages_know_every_subcommand() {
 }
 
 #[test]
-fn a_usage_error_exits_2() {
+fn usage_errors_exit_2_other_errors_1() {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
         .args(["jobs"])
         .output()

@@ -595,7 +595,8 @@ fn bytes(v: &Value) -> String {
     }
 }
 
-/// `vstreamctl status [GUEST] [--json]`: prints the guests as their lines arrive.
+/// `vstreamctl status [GUEST] [--json]`: JSON is printed as the guests arrive, the table once
+/// all are in.
 async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let one = guest.is_some();
