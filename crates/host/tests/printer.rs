@@ -9,43 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_agent::Agent;
-use vstream_devices::printer::{Record, CHANNEL_NAME, CLASS};
+use vstream_devices::printer::{CHANNEL_NAME, CLASS};
 
-use common::{ctl_async, start_daemon};
-
-async fn jobs(control: &Path, guest: &str) -> Vec<serde_json::Value> {
-    let out = ctl_async(control, &["jobs", guest, "--json"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .expect("json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-async fn wait_jobs(
-    control: &Path,
-    guest: &str,
-    what: &str,
-    pred: impl Fn(&[serde_json::Value]) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let j = jobs(control, guest).await;
-        if pred(&j) {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {j:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{ctl_async, jobs, raw_guest, raw_print, start_daemon, wait_jobs};
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -230,25 +196,7 @@ async fn hostile_job_metadata_cannot_make_the_host_write_outside_the_spool() {
     let dir = d.dir.path().to_owned();
     let spool = dir.join("spool");
     // A guest that speaks the printer protocol itself.
-    let (mux, _incoming) =
-        vstream_link::Mux::new(vstream_wire::Config::new(vstream_wire::Role::Guest, "p"), 5);
-    let addr: vstream_transport::Address = format!("unix:{}/p.sock", dir.display())
-        .parse()
-        .expect("addr");
-    let m = mux.clone();
-    tokio::spawn(async move {
-        let mut ep = vstream_transport::Endpoint::bind(addr.clone())
-            .await
-            .expect("bind");
-        let c = ep.next().await.expect("connect");
-        m.run_link(
-            c.stream,
-            vstream_link::link_params(&addr, None, 0),
-            "t",
-            &[],
-        )
-        .await;
-    });
+    let (mux, _incoming) = raw_guest(&d, "p", "p.sock");
     let outside = dir.join("outside");
     let hostile = [
         format!("{}", outside.display()),
@@ -267,20 +215,7 @@ async fn hostile_job_metadata_cannot_make_the_host_write_outside_the_spool() {
             .iter()
             .map(|k| (k.to_string(), h.clone()))
             .collect();
-        let mut chan = mux.open(CLASS, CHANNEL_NAME).await.expect("open");
-        let body = b"%PDF-1.4\nhostile\n%%EOF\n";
-        for r in [
-            Record::Job(meta),
-            Record::Data(bytes::Bytes::from_static(body)),
-            Record::End(body.len() as u64),
-        ] {
-            chan.write_all(&r.to_bytes().expect("encode"))
-                .await
-                .expect("write");
-        }
-        chan.shutdown().await.expect("shutdown");
-        let mut reply = Vec::new();
-        chan.read_to_end(&mut reply).await.expect("done");
+        raw_print(&mux, meta, b"%PDF-1.4\nhostile\n%%EOF\n").await;
         assert_eq!(names(&spool).len(), i + 1);
     }
     // A channel name and a bogus record stream are refused, not written.

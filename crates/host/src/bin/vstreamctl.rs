@@ -5,15 +5,27 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use vstream_host::control::{read_reply, write_line, Reply, Request};
 
+/// Exit codes, in `--help` and the man page; README.md repeats them.
+const EXIT_CODES: &str = "\
+Exit status:
+  0        success
+  1        an error (vstreamd unreachable, unknown guest, refused request, ...)
+  2        usage error (bad arguments)
+  exec, shell:
+    N      the remote command's status (128+N if signal N killed it)
+    128+N  vstreamctl itself ended by signal N (SIGHUP, SIGINT, SIGQUIT, SIGTERM);
+           141 if its output was closed
+    255    the session failed, e.g. vstreamd went away (the reason is on stderr)";
+
 /// Talk to vstreamd: status, consoles, channels, events.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vstreamctl", version, after_help = EXIT_CODES)]
 struct Args {
     /// vstreamd's control socket.
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
@@ -154,6 +166,19 @@ enum Cmd {
         /// One JSON array.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script, e.g. `vstreamctl completions bash >
+    /// /etc/bash_completion.d/vstreamctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for vstreamctl and each of its subcommands (vstreamctl.1,
+    /// vstreamctl-status.1, ...) into DIR.
+    Man {
+        /// Where the pages go.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -394,6 +419,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             action,
         } => input(&args.control, &guest, forward, grab, action).await,
         Cmd::Jobs { guest, json } => jobs(&args.control, &guest, json).await,
+        Cmd::Completions { shell } => {
+            let mut out = std::io::stdout();
+            clap_complete::generate(shell, &mut Args::command(), "vstreamctl", &mut out);
+            Ok(())
+        }
+        Cmd::Man { dir } => clap_mangen::generate_to(Args::command(), &dir)
+            .with_context(|| format!("writing man pages to {}", dir.display())),
     }
 }
 
@@ -563,7 +595,8 @@ fn bytes(v: &Value) -> String {
     }
 }
 
-/// `vstreamctl status [GUEST] [--json]`: prints the guests as their lines arrive.
+/// `vstreamctl status [GUEST] [--json]`: JSON is printed as the guests arrive, the table once
+/// all are in.
 async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let one = guest.is_some();
@@ -572,15 +605,13 @@ async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow:
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let refused = reply.refused_unknown.unwrap_or_default();
+    // The table is printed whole, once every row is in: its columns fit the widest cell.
+    let mut rows = vec![GUEST_ROW_HEADER.map(String::from).to_vec()];
     if json && !one {
         writeln!(out, "{{\"refused_unknown\": {refused},")?;
         writeln!(out, "\"guests\": [")?;
-    } else if !json && !one {
-        if count == 0 {
-            writeln!(out, "no guests")?;
-        } else {
-            writeln!(out, "{}", guest_row_header())?;
-        }
+    } else if !json && !one && count == 0 {
+        writeln!(out, "no guests")?;
     }
     for i in 0..count {
         let g: Value = read_reply(&mut r)
@@ -593,8 +624,11 @@ async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow:
                 writeln!(out, "  {g}{sep}")?;
             }
             (false, true) => write!(out, "{}", render_guest(&g))?,
-            (false, false) => writeln!(out, "{}", guest_row(&g))?,
+            (false, false) => rows.push(guest_row(&g)),
         }
+    }
+    if rows.len() > 1 {
+        write!(out, "{}", table(&GUEST_ROW_ALIGN, &rows))?;
     }
     if json && !one {
         writeln!(out, "]}}")?;
@@ -610,16 +644,57 @@ async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow:
     Ok(())
 }
 
-fn guest_row_header() -> String {
-    format!(
-        "{:<24} {:<12} {:<5} {:<24} {:>6} {:>8} {:>8} {:>5} {:>6}",
-        "GUEST", "STATE", "LINKS", "ACTIVE", "SINCE", "IN", "OUT", "CHANS", "ERRORS"
-    )
+/// How a column's cells sit in its width.
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
 }
+
+/// `rows` (a header first, if any) as lines whose columns line up whatever the cells' widths:
+/// each column as wide as its widest cell, two spaces apart, no trailing blanks.
+fn table(align: &[Align], rows: &[Vec<String>]) -> String {
+    let len = |cell: &String| cell.chars().count();
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(widths[i] - len(cell));
+            match align.get(i).copied().unwrap_or(Align::Left) {
+                Align::Left => line.extend([cell.as_str(), &pad]),
+                Align::Right => line.extend([&pad, cell.as_str()]),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+const GUEST_ROW_HEADER: [&str; 9] = [
+    "GUEST", "STATE", "LINKS", "ACTIVE", "SINCE", "IN", "OUT", "CHANS", "ERRORS",
+];
+const GUEST_ROW_ALIGN: [Align; 9] = {
+    use Align::{Left as L, Right as R};
+    [L, L, L, L, R, R, R, R, R]
+};
 
 /// One guest on one line: its state, how many mux transports are up, the active one (and since
 /// when), bytes over all links, open channels, protocol errors plus channel resets.
-fn guest_row(g: &Value) -> String {
+fn guest_row(g: &Value) -> Vec<String> {
     let empty = Vec::new();
     let transports = g["transports"].as_array().unwrap_or(&empty);
     let links: Vec<&Value> = transports.iter().filter(|t| t["kind"] == "mux").collect();
@@ -629,22 +704,25 @@ fn guest_row(g: &Value) -> String {
     let st = &g["stats"];
     let errors =
         st["protocol_errors"].as_u64().unwrap_or(0) + st["channel_resets"].as_u64().unwrap_or(0);
-    format!(
-        "{:<24} {:<12} {:<5} {:<24} {:>6} {:>8} {:>8} {:>5} {:>6}",
-        g["name"].as_str().unwrap_or("?"),
+    vec![
+        g["name"].as_str().unwrap_or("?").to_owned(),
         if g["connected"] == true {
             "connected"
         } else {
             "disconnected"
-        },
+        }
+        .to_owned(),
         format!("{up}/{}", links.len()),
-        active.and_then(|t| t["name"].as_str()).unwrap_or("-"),
+        active
+            .and_then(|t| t["name"].as_str())
+            .unwrap_or("-")
+            .to_owned(),
         active.map_or_else(|| "-".to_owned(), |t| ago(t["since"].as_u64().unwrap_or(0))),
         bytes(&Value::from(sum("bytes_in"))),
         bytes(&Value::from(sum("bytes_out"))),
-        g["channels"].as_array().map_or(0, Vec::len),
-        errors,
-    )
+        g["channels"].as_array().map_or(0, Vec::len).to_string(),
+        errors.to_string(),
+    ]
 }
 
 /// One guest in detail: transports, devices, channels.
@@ -664,32 +742,50 @@ fn render_guest(g: &Value) -> String {
         st["channel_resets"],
         st["frames_retransmitted"],
     ));
-    for t in g["transports"].as_array().unwrap_or(&empty) {
-        let (bin, bout) = if t["link"].is_object() {
-            (&t["link"]["bytes_in"], &t["link"]["bytes_out"])
-        } else {
-            (&t["bytes_in"], &t["bytes_out"])
-        };
-        out.push_str(&format!(
-            "  {:<8} {:<10} {:<11} {:<44} since {:>5}  in {:>7}  out {:>7}{}{}\n",
-            t["kind"].as_str().unwrap_or("?"),
-            t["state"].as_str().unwrap_or("?"),
-            t["name"].as_str().unwrap_or(""),
-            t["address"].as_str().unwrap_or(""),
-            ago(t["since"].as_u64().unwrap_or(0)),
-            bytes(bin),
-            bytes(bout),
-            if t["active"].as_bool() == Some(true) {
-                "  [active]"
+    use Align::{Left as L, Right as R};
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    let transports: Vec<Vec<String>> = g["transports"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|t| {
+            let (bin, bout) = if t["link"].is_object() {
+                (&t["link"]["bytes_in"], &t["link"]["bytes_out"])
             } else {
-                ""
-            },
-            match t["last_error"].as_str() {
-                Some(e) if t["state"] != "up" => format!("  ({e})"),
-                _ => String::new(),
-            },
-        ));
-    }
+                (&t["bytes_in"], &t["bytes_out"])
+            };
+            let mut notes = Vec::new();
+            if t["active"].as_bool() == Some(true) {
+                notes.push("[active]".to_owned());
+            }
+            if let Some(e) = t["last_error"].as_str().filter(|_| t["state"] != "up") {
+                notes.push(format!("({e})"));
+            }
+            vec![
+                text(&t["kind"]),
+                text(&t["state"]),
+                t["name"].as_str().unwrap_or("").to_owned(),
+                t["address"].as_str().unwrap_or("").to_owned(),
+                "since".into(),
+                ago(t["since"].as_u64().unwrap_or(0)),
+                "in".into(),
+                bytes(bin),
+                "out".into(),
+                bytes(bout),
+                notes.join("  "),
+            ]
+        })
+        .collect();
+    let indent = |lines: String| {
+        lines
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    };
+    out.push_str(&indent(table(
+        &[L, L, L, L, L, R, L, R, L, R, L],
+        &transports,
+    )));
     if let Some(devices) = g["devices"].as_object() {
         for (class, st) in devices {
             let fields: Vec<String> = st
@@ -707,16 +803,23 @@ fn render_guest(g: &Value) -> String {
             out.push_str(&format!("  device   {class:<10} {}\n", fields.join(" ")));
         }
     }
-    for c in g["channels"].as_array().unwrap_or(&empty) {
-        out.push_str(&format!(
-            "  channel  {:>4} {}/{}  in {:>7}  out {:>7}\n",
-            c["id"],
-            c["class"].as_str().unwrap_or("?"),
-            c["name"].as_str().unwrap_or(""),
-            bytes(&c["bytes_in"]),
-            bytes(&c["bytes_out"]),
-        ));
-    }
+    let channels: Vec<Vec<String>> = g["channels"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|c| {
+            vec![
+                "channel".into(),
+                c["id"].to_string(),
+                format!("{}/{}", text(&c["class"]), c["name"].as_str().unwrap_or("")),
+                "in".into(),
+                bytes(&c["bytes_in"]),
+                "out".into(),
+                bytes(&c["bytes_out"]),
+            ]
+        })
+        .collect();
+    out.push_str(&indent(table(&[L, R, L, L, R, L, R], &channels)));
     out
 }
 
@@ -1111,20 +1214,21 @@ async fn jobs(control: &PathBuf, guest: &str, json: bool) -> anyhow::Result<()> 
         println!("{guest}: no print jobs");
         return Ok(());
     }
-    println!(
-        "{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  REASON",
-        "ID", "STATE", "TYPE", "SIZE", "FILE"
-    );
+    let header = ["ID", "STATE", "TYPE", "SIZE", "FILE", "TITLE", "REASON"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    let text = |v: &Value, none: &str| v.as_str().unwrap_or(none).to_owned();
     for j in list {
-        println!(
-            "{:>6}  {:<9}  {:<10}  {:>8}  {:<26}  {}",
-            j["id"],
-            j["state"].as_str().unwrap_or("?"),
-            j["type"].as_str().unwrap_or("-"),
+        rows.push(vec![
+            j["id"].to_string(),
+            text(&j["state"], "?"),
+            text(&j["type"], "-"),
             bytes(&j["size"]),
-            j["file"].as_str().unwrap_or("-"),
-            j["reason"].as_str().unwrap_or(""),
-        );
+            text(&j["file"], "-"),
+            text(&j["title"], "-"),
+            text(&j["reason"], ""),
+        ]);
     }
+    use Align::{Left as L, Right as R};
+    print!("{}", table(&[R, L, L, R, L, L, L], &rows));
     Ok(())
 }

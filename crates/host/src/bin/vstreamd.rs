@@ -1,15 +1,16 @@
 //! vstreamd: the host daemon.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vstream_host::config::Config;
 use vstream_host::daemon::Daemon;
 use vstream_transport::Address;
 
 /// The vstream host daemon: sessions with guests' agents, consoles, devices.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "vstreamd", version)]
 struct Args {
     /// Control socket for vstreamctl (mode 0600; 0660 with `[daemon] control_read_group`).
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
@@ -30,19 +31,39 @@ struct Args {
     /// Where console logs and spools go.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Print a shell completion script and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Write the man page (vstreamd.1) into DIR and exit.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    man: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     // What a guest made us allocate must be given back when it is freed (see docs/THREAT-MODEL.md).
     vstream_link::return_memory_eagerly();
+    let args = Args::parse();
+    if let Some(shell) = args.completions {
+        let mut out = std::io::stdout();
+        clap_complete::generate(shell, &mut Args::command(), "vstreamd", &mut out);
+        return Ok(());
+    }
+    if let Some(dir) = &args.man {
+        return clap_mangen::generate_to(Args::command(), dir)
+            .map_err(|e| anyhow::anyhow!("writing the man page to {}: {e}", dir.display()));
+    }
+    // Colours in the log only on a terminal (not in a log file or the journal), and never with
+    // NO_COLOR set (no-color.org).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
     raise_fd_limit();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,

@@ -444,3 +444,92 @@ pub async fn status_async(control: &Path) -> Value {
     let control = control.to_owned();
     blocking(move || status(&control)).await
 }
+
+/// A guest that speaks the protocol itself instead of running the agent, for tests that send
+/// what the agent would not: a mux announcing `name`, connected to `unix:DIR/SOCKET`; keep the
+/// receiver of incoming channels alive as long as the guest.
+pub fn raw_guest(
+    d: &Daemon,
+    name: &str,
+    socket: &str,
+) -> (
+    vstream_link::Mux,
+    tokio::sync::mpsc::UnboundedReceiver<vstream_link::Incoming>,
+) {
+    let (mux, incoming) = vstream_link::Mux::new(
+        vstream_wire::Config::new(vstream_wire::Role::Guest, name),
+        5,
+    );
+    let addr: vstream_transport::Address = d.unix(socket);
+    let m = mux.clone();
+    tokio::spawn(async move {
+        let mut ep = vstream_transport::Endpoint::bind(addr.clone())
+            .await
+            .expect("bind");
+        let c = ep.next().await.expect("connect");
+        m.run_link(
+            c.stream,
+            vstream_link::link_params(&addr, None, 0),
+            "t",
+            &[],
+        )
+        .await;
+    });
+    (mux, incoming)
+}
+
+/// Prints one job from a `raw_guest`, with metadata `meta` (title, source, ...) and body
+/// `body`, and waits until the host has taken it.
+pub async fn raw_print(mux: &vstream_link::Mux, meta: Vec<(String, String)>, body: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vstream_devices::printer::{Record, CHANNEL_NAME, CLASS};
+    let mut chan = mux.open(CLASS, CHANNEL_NAME).await.expect("open");
+    for r in [
+        Record::Job(meta),
+        Record::Data(bytes::Bytes::copy_from_slice(body)),
+        Record::End(body.len() as u64),
+    ] {
+        chan.write_all(&r.to_bytes().expect("encode"))
+            .await
+            .expect("write");
+    }
+    chan.shutdown().await.expect("shutdown");
+    let mut reply = Vec::new();
+    chan.read_to_end(&mut reply).await.expect("done");
+}
+
+/// `vstreamctl jobs GUEST --json`, which must succeed.
+pub async fn jobs(control: &Path, guest: &str) -> Vec<serde_json::Value> {
+    let out = ctl_async(control, &["jobs", guest, "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls `jobs` until `pred` holds (for up to 20 s).
+pub async fn wait_jobs(
+    control: &Path,
+    guest: &str,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = jobs(control, guest).await;
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
