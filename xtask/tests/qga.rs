@@ -65,18 +65,6 @@ fn guest_exec(lab: &Lab, guest: &str, path: &str, args: &[&str]) -> (i64, Vec<u8
     qga_lab::exec_via(guest, &mut |cmd| agent(lab, guest, cmd), path, args)
 }
 
-fn sha256_host(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
 fn sha256_guest(lab: &Lab, guest: &str, path: &str) -> String {
     let (code, out) = guest_exec(lab, guest, "sha256sum", &[path]);
     assert_eq!(code, 0, "sha256sum {path} in the guest");
@@ -113,7 +101,7 @@ fn cp_both_ways(
         limit,
     );
     let up = t.elapsed();
-    let sum = sha256_host(&src);
+    let sum = testing::sha256_file(&src);
     assert_eq!(
         sha256_guest(lab, guest, &remote),
         sum,
@@ -132,7 +120,11 @@ fn cp_both_ways(
         limit,
     );
     let down = t.elapsed();
-    assert_eq!(sha256_host(&back), sum, "{guest}: back on the host");
+    assert_eq!(
+        testing::sha256_file(&back),
+        sum,
+        "{guest}: back on the host"
+    );
     let _ = guest_exec(lab, guest, "rm", &["-f", &remote]);
     let _ = std::fs::remove_file(&src);
     let _ = std::fs::remove_file(&back);

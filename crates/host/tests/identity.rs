@@ -127,6 +127,15 @@ async fn claim_with_a_forged_proof(port: u16, name: &str) -> Option<String> {
     }
 }
 
+/// Lets any uid reach the daemon's shared socket (its directory too): only the credentials the
+/// kernel reports may then stop a connection. Returns the socket's path.
+fn open_to_everyone(d: &common::Daemon) -> std::path::PathBuf {
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sock = d.path("agents.sock");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    sock
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
@@ -164,10 +173,7 @@ key_file = "{}"
     ))
     .wait_for_file("DIR/agents.sock")
     .start();
-    // Let another uid reach the shared socket: only its credentials may stop it.
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let sock = d.path("agents.sock");
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sock = open_to_everyone(&d);
 
     let _agent = Agent::start("good", vec![d.unix("agents.sock")]);
     d.wait_connected("good").await;
@@ -314,9 +320,7 @@ forget_after_secs = 1
     )
     .wait_for_file("DIR/agents.sock")
     .start();
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let sock = d.path("agents.sock");
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sock = open_to_everyone(&d);
     let agent = Agent::start("mine", vec![d.unix("agents.sock")]);
     d.wait_connected("mine").await;
     assert_eq!(guest(&d.status().await, "mine")["owner"], "uid 0");
