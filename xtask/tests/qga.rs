@@ -13,7 +13,7 @@
 //! fail, unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
