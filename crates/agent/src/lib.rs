@@ -135,6 +135,11 @@ impl Drop for Agent {
 /// socket or an unconnected port costs next to nothing.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
+/// How long a transport waits after the host refused it (REFUSE, or a key handshake it lost):
+/// the host's mind changes only with its config or a hold-off, so retrying twice a second only
+/// fills both logs.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Keeps one transport connected forever, with backoff; errors are logged once per change.
 async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String, Option<Key>)) {
     let mut backoff = Duration::from_millis(100);
@@ -153,15 +158,27 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String,
         match endpoint.next().await {
             Ok(conn) => {
                 backoff = Duration::from_millis(100);
-                last_error.clear();
                 tracing::info!(%address, peer = %conn.peer, "transport connected");
-                let reason = match prove(conn, &address, &who).await {
+                let (reason, refused) = match prove(conn, &address, &who).await {
                     Ok((stream, prefix)) => {
-                        mux.run_link(stream, params, &address.to_string(), &prefix)
-                            .await
+                        let reason = mux
+                            .run_link(stream, params, &address.to_string(), &prefix)
+                            .await;
+                        let refused = reason.starts_with(vstream_wire::REFUSED_BY_PEER);
+                        (reason, refused)
                     }
-                    Err(e) => e.to_string(),
+                    Err(e) => (
+                        e.to_string(),
+                        e.kind() == std::io::ErrorKind::PermissionDenied,
+                    ),
                 };
+                if refused {
+                    // Said once while the same refusal repeats.
+                    log_change(&mut last_error, &address, &reason);
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
+                    continue;
+                }
+                last_error.clear();
                 tracing::info!(%address, "transport down: {reason}");
             }
             Err(e) => log_change(&mut last_error, &address, &e.to_string()),

@@ -469,3 +469,21 @@ allow = true
         d.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_agent_waits_before_it_tries_again() {
+    let d = Options::config("[daemon]\nlisten = [\"unix-listen:DIR/agents.sock\"]\n")
+        .wait_for_file("DIR/agents.sock")
+        .start();
+    let _agent = Agent::start("stranger", vec![d.unix("agents.sock")]);
+    d.wait_for("the first refusal", |s| {
+        s["refused_unknown"]["count"].as_u64() >= Some(1)
+    })
+    .await;
+    // It retries a transport that fails every 500 ms, but one the host refused only after 5 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = d.status().await;
+    assert_eq!(s["refused_unknown"]["count"], 1, "{s:#}");
+    let last = s["refused_unknown"]["last"].as_str().expect("last");
+    assert!(last.contains("allow is false"), "{last}");
+}

@@ -524,15 +524,21 @@ impl Mux {
             (link, wake, down, timer)
         };
         let (mut r, mut w) = tokio::io::split(stream);
-        let reason = tokio::select! {
+        let ended = tokio::select! {
             e = self.reader(link, &mut r) => e,
             e = self.writer(link, &mut w, &wake) => e,
             e = self.timer(link, &timer) => e,
-            () = down.notified() => {
-                self.shared.lock().links.get(&link).and_then(|e| e.down_reason.clone())
-                    .unwrap_or_else(|| "link closed".into())
-            }
+            () = down.notified() => "link closed".into(),
         };
+        // Why the session closed the link (a REFUSE, a bad HELLO...) says more than the end of
+        // file that may race with it.
+        let reason = self
+            .shared
+            .lock()
+            .links
+            .get(&link)
+            .and_then(|e| e.down_reason.clone())
+            .unwrap_or(ended);
         let _ = w.shutdown().await;
         let mut inner = self.shared.lock();
         inner.session.remove_link(link);

@@ -100,6 +100,9 @@ pub const CONTROL_QUEUE_LIMIT: usize = 64 * 1024;
 /// Largest `data` a caller should pass to [`Session::handle_input`] at once, and largest batch
 /// it should take from `poll_transmit`: both are counted in [`Config::fixed_charge`].
 pub const MAX_INPUT: usize = 256 * 1024;
+
+/// How the reason of a link the peer refused (a REFUSE frame) starts.
+pub const REFUSED_BY_PEER: &str = "refused by the peer";
 /// What a queued control frame costs beyond its wire bytes (queue entry, allocation).
 const CONTROL_ENTRY_OVERHEAD: usize = 64;
 /// Received payloads shorter than this are copied into a shared per-channel buffer, so that a
@@ -984,7 +987,7 @@ impl Session {
         if h.kind == Kind::Refuse as u8 {
             // Valid before the handshake too: it is how a peer says why it will not have us.
             let reason = String::from_utf8_lossy(&frame.payload[..frame.payload.len().min(256)]);
-            self.kill_link(link, format!("refused by the peer: {reason}"));
+            self.kill_link(link, format!("{REFUSED_BY_PEER}: {reason}"));
             return;
         }
         if !up {
