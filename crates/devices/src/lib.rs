@@ -8,6 +8,7 @@
 
 pub mod console;
 pub mod diag;
+pub mod fastnet;
 pub mod hid;
 pub mod ppp;
 pub mod printer;

@@ -1,0 +1,588 @@
+//! Unit tests of the fastnet rings: the documented test vectors, round trips with wrap-around,
+//! two threads with real doorbells, and a hostile peer's writes (errors, never panics or reads
+//! outside the segment).
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::ring::*;
+
+const SMALL: Layout = Layout {
+    segment_size: 4096 + 2 * 4096,
+    ring_size: 4096,
+    max_packet: 1500,
+};
+
+type Pair = (Arc<Segment>, Producer<Arc<Segment>>, Consumer<Arc<Segment>>);
+
+fn pair(layout: Layout, dir: Direction) -> Pair {
+    let seg = Arc::new(Segment::heap(layout.segment_size as usize));
+    layout.initialize(&seg).expect("initialize");
+    assert_eq!(Layout::read(&seg).expect("read back"), layout);
+    (
+        seg.clone(),
+        Producer::new(seg.clone(), layout, dir),
+        Consumer::new(seg, layout, dir),
+    )
+}
+
+fn packet(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize * 31 + i * 7) as u8)
+        .collect()
+}
+
+fn dump(seg: &Segment, off: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    seg.read(off, &mut v);
+    v
+}
+
+/// The hex blocks under `<!-- vector: NAME -->` in docs/devices/fastnet.md: lines of
+/// `OFFSET: BYTES`, offsets and bytes in hex.
+fn doc_vector(name: &str) -> Vec<(usize, Vec<u8>)> {
+    let doc = include_str!("../../../../docs/devices/fastnet.md");
+    let marker = format!("<!-- vector: {name} -->");
+    let start = doc.find(&marker).unwrap_or_else(|| panic!("no {marker}"));
+    let block = doc[start..]
+        .split("```")
+        .nth(1)
+        .expect("a code block after the marker");
+    block
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (off, bytes) = l.split_once(':').expect("OFFSET: BYTES");
+            let off = usize::from_str_radix(off.trim(), 16).expect("hex offset");
+            let bytes = bytes
+                .split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+                .collect();
+            (off, bytes)
+        })
+        .collect()
+}
+
+fn assert_vector(seg: &Segment, name: &str) {
+    let v = doc_vector(name);
+    assert!(!v.is_empty(), "vector {name} is empty");
+    for (off, bytes) in v {
+        assert_eq!(
+            dump(seg, off, bytes.len()),
+            bytes,
+            "vector {name}: bytes at {off:#x}"
+        );
+    }
+}
+
+#[test]
+fn documented_test_vectors() {
+    let seg = Arc::new(Segment::heap(SMALL.segment_size as usize));
+    SMALL.initialize(&seg).unwrap();
+    assert_vector(&seg, "header");
+
+    let mut tx = Producer::new(seg.clone(), SMALL, Direction::GuestToHost);
+    let mut rx = Consumer::new(seg.clone(), SMALL, Direction::GuestToHost);
+    assert!(tx.push(b"hello").unwrap());
+    assert!(tx.push(&[0xab; 8]).unwrap());
+    assert_eq!(tx.publish(), Doorbell::Ring, "a fresh consumer waits at 0");
+    assert_vector(&seg, "two-packets");
+
+    let mut buf = vec![0; 1500];
+    assert!(rx.prepare_sleep().is_ok_and(|sleep| !sleep));
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(5));
+    assert_eq!(&buf[..5], b"hello");
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(8));
+    assert_eq!(rx.recv(&mut buf).unwrap(), None);
+    assert_eq!(
+        rx.release(),
+        Doorbell::Ring,
+        "cons_event starts at 0: the first release rings"
+    );
+    assert_eq!(rx.prepare_sleep(), Ok(true));
+    assert_vector(&seg, "consumed");
+
+    // Three records of 1352 bytes end 8 bytes short of the data area's end: the next packet
+    // pads those 8 bytes and starts again at offset 0.
+    for _ in 0..3 {
+        assert!(tx.push(&[1; 1344]).unwrap());
+    }
+    assert_eq!(tx.publish(), Doorbell::Ring, "the consumer said it sleeps");
+    assert_eq!(rx.refresh(), Ok(3 * 1352));
+    for _ in 0..3 {
+        assert_eq!(rx.recv(&mut buf).unwrap(), Some(1344));
+    }
+    let _ = rx.release();
+    assert!(tx.push(&[0x5a; 3]).unwrap());
+    let _ = tx.publish();
+    assert_vector(&seg, "wrapped");
+    assert_eq!(
+        rx.refresh(),
+        Ok(8 + 16),
+        "the padding record and the packet"
+    );
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(3));
+    assert_eq!(&buf[..3], &[0x5a; 3]);
+}
+
+#[test]
+fn need_event_is_virtio_vring_need_event() {
+    assert!(need_event(0, 8, 0));
+    assert!(need_event(7, 8, 0));
+    assert!(
+        !need_event(8, 8, 0),
+        "the event index itself is not yet passed"
+    );
+    assert!(!need_event(100, 8, 0));
+    assert!(need_event(u32::MAX - 7, 8, u32::MAX - 7), "across the wrap");
+}
+
+#[test]
+fn round_trip_with_wrap_around_and_padding() {
+    let (seg, tx, rx) = pair(SMALL, Direction::HostToGuest);
+    // Start 100 KiB before the 32-bit indexes wrap (the ring wraps about 60 times on the way).
+    let start = 0u32.wrapping_sub(100 << 10);
+    for line in [
+        Direction::HostToGuest.producer_line(),
+        Direction::HostToGuest.consumer_line(),
+    ] {
+        seg.store_u64(
+            line,
+            u64::from(start) | u64::from(start) << 32,
+            Ordering::Relaxed,
+        );
+    }
+    let (mut tx, mut rx) = (tx.starting_at(start), rx.starting_at(start));
+    let mut buf = vec![0; 1500];
+    let mut next = 0u32;
+    let mut got = 0u32;
+    for round in 0..2000u32 {
+        let len = (round as usize * 97) % 1501;
+        if !tx.push(&packet(next, len)).unwrap() {
+            let _ = tx.publish();
+            while let Some(n) = rx.recv(&mut buf).unwrap() {
+                assert_eq!(&buf[..n], &packet(got, n)[..], "packet {got}");
+                got += 1;
+            }
+            let _ = rx.release();
+            rx.refresh().unwrap();
+            while let Some(n) = rx.recv(&mut buf).unwrap() {
+                assert_eq!(&buf[..n], &packet(got, n)[..], "packet {got}");
+                got += 1;
+            }
+            let _ = rx.release();
+            assert!(tx.push(&packet(next, len)).unwrap(), "room after a drain");
+        }
+        next += 1;
+        if round % 3 == 0 {
+            let _ = tx.publish();
+            rx.refresh().unwrap();
+        }
+    }
+    let _ = tx.publish();
+    rx.refresh().unwrap();
+    while let Some(n) = rx.recv(&mut buf).unwrap() {
+        assert_eq!(&buf[..n], &packet(got, n)[..], "packet {got}");
+        got += 1;
+    }
+    assert_eq!(got, next);
+}
+
+#[test]
+fn a_full_ring_refuses_then_rings_the_waiting_producer() {
+    let (_, mut tx, mut rx) = pair(SMALL, Direction::GuestToHost);
+    let mut pushed = 0;
+    while tx.push(&[7; 1000]).unwrap() {
+        pushed += 1;
+    }
+    assert_eq!(pushed, 4, "4 records of 1008 bytes fit 4096");
+    let _ = tx.publish();
+    assert_eq!(tx.prepare_wait(), Ok(true), "nothing freed yet: sleep");
+    rx.refresh().unwrap();
+    let mut buf = vec![0; 1500];
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(1000));
+    assert_eq!(rx.release(), Doorbell::Ring, "the producer asked");
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(1000));
+    assert_eq!(rx.release(), Doorbell::Quiet, "one doorbell per wait");
+    assert!(tx.push(&[7; 1000]).unwrap());
+}
+
+/// Two threads, random packet sizes, doorbells over a channel as the session would carry them.
+/// A lost wake-up shows as a timeout, a wrong byte as a mismatch.
+fn two_threads(layout: Layout, sizes: Vec<usize>, batch: usize) -> (u64, u64) {
+    let (_, mut tx, mut rx) = pair(layout, Direction::GuestToHost);
+    let (to_consumer, consumer_bell) = mpsc::channel::<()>();
+    let (to_producer, producer_bell) = mpsc::channel::<()>();
+    let expected = sizes.clone();
+    let wait = Duration::from_secs(10);
+    let consumer = std::thread::spawn(move || {
+        let mut buf = vec![0; layout.max_packet as usize];
+        let mut rung = 0u64;
+        let mut i = 0;
+        while i < expected.len() {
+            rx.refresh().unwrap();
+            while let Some(n) = rx.recv(&mut buf).unwrap() {
+                assert_eq!(&buf[..n], &packet(i as u32, expected[i])[..], "packet {i}");
+                i += 1;
+            }
+            if rx.release() == Doorbell::Ring {
+                rung += 1;
+                let _ = to_producer.send(());
+            }
+            if i < expected.len() && rx.prepare_sleep().unwrap() {
+                consumer_bell
+                    .recv_timeout(wait)
+                    .expect("consumer woken (lost doorbell?)");
+            }
+        }
+        rung
+    });
+    let mut rung = 0u64;
+    for (i, &len) in sizes.iter().enumerate() {
+        let p = packet(i as u32, len);
+        loop {
+            if tx.push(&p).unwrap() {
+                break;
+            }
+            if tx.publish() == Doorbell::Ring {
+                rung += 1;
+                let _ = to_consumer.send(());
+            }
+            if tx.prepare_wait().unwrap() {
+                producer_bell
+                    .recv_timeout(wait)
+                    .expect("producer woken (lost doorbell?)");
+            }
+        }
+        if (i + 1) % batch == 0 && tx.publish() == Doorbell::Ring {
+            rung += 1;
+            let _ = to_consumer.send(());
+        }
+    }
+    if tx.publish() == Doorbell::Ring {
+        rung += 1;
+        let _ = to_consumer.send(());
+    }
+    (rung, consumer.join().expect("consumer thread"))
+}
+
+#[test]
+fn two_threads_bulk_rings_few_doorbells() {
+    let layout = Layout::for_segment(1 << 20, 9000).unwrap();
+    let n = 200_000;
+    let (producer_rang, consumer_rang) = two_threads(layout, vec![64; n], 64);
+    // A doorbell only when a side went to sleep: far fewer than one per packet or per batch.
+    assert!(
+        producer_rang + consumer_rang < (n / 64) as u64,
+        "{producer_rang} + {consumer_rang} doorbells for {n} packets"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn two_threads_random_sizes(
+        sizes in prop::collection::vec(0usize..=1500, 1..3000),
+        batch in 1usize..40,
+    ) {
+        two_threads(SMALL, sizes, batch);
+    }
+
+    /// A hostile peer writes anything anywhere between the operations of both sides: every
+    /// call returns (an error or a value), nothing panics, nothing is read outside the segment
+    /// (the segment's own bounds check would panic), and a packet delivered before the first
+    /// corruption is intact.
+    #[test]
+    fn corruption_gives_errors_not_panics(
+        ops in prop::collection::vec((0u8..6, 0usize..12288, any::<u64>()), 1..400),
+    ) {
+        let (mem, mut tx, mut rx) = pair(SMALL, Direction::HostToGuest);
+        let mut buf = vec![0; 1500];
+        let mut clean = true;
+        let mut sent = 0u32;
+        let mut got = 0u32;
+        for (op, off, value) in ops {
+            let r = match op {
+                0 => tx.push(&packet(sent, (value % 1501) as usize)).map(|ok| { sent += u32::from(ok); }),
+                1 => { let _ = tx.publish(); Ok(()) }
+                2 => rx.refresh().map(drop),
+                3 => rx.recv(&mut buf).map(|r| {
+                    if let (Some(n), true) = (r, clean) {
+                        assert_eq!(&buf[..n], &packet(got, n)[..]);
+                        got += 1;
+                    }
+                }),
+                4 => { let _ = rx.release(); rx.prepare_sleep().map(drop) }
+                _ => {
+                    clean = false;
+                    let off = off & !7;
+                    mem.store_u64(off, value, Ordering::Relaxed);
+                    Ok(())
+                }
+            };
+            if r.is_err() {
+                prop_assert!(!clean, "error without corruption: {r:?}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Ring 1 with `prod` and one record header written by a hostile producer, then what the
+/// consumer says.
+fn consume_hostile(start: u32, prod: u32, header: Option<(u32, u32)>) -> RingError {
+    let (seg, _, rx) = pair(SMALL, Direction::GuestToHost);
+    let dir = Direction::GuestToHost;
+    let mut rx = rx.starting_at(start);
+    if let Some((len, kind)) = header {
+        let at = dir.data_offset(SMALL.ring_size) + (start % SMALL.ring_size) as usize;
+        seg.store_u64(
+            at,
+            u64::from(len) | u64::from(kind) << 32,
+            Ordering::Relaxed,
+        );
+    }
+    seg.store_u32(dir.producer_line(), prod, Ordering::Release);
+    let mut buf = vec![0; 1500];
+    match rx.refresh() {
+        Err(e) => e,
+        Ok(_) => match rx.recv(&mut buf) {
+            Err(e) => e,
+            Ok(r) => panic!("start {start} prod {prod} {header:?}: {r:?}, not an error"),
+        },
+    }
+}
+
+fn why(e: &RingError) -> &'static str {
+    match e {
+        RingError::BadProducerIndex { why, .. }
+        | RingError::BadConsumerIndex { why, .. }
+        | RingError::BadRecord { why, .. }
+        | RingError::BadHeader { why, .. } => why,
+        _ => "",
+    }
+}
+
+#[test]
+fn hostile_producer_index_and_records_are_link_errors() {
+    // (consumer index, producer index, record header (len, kind), expected rule)
+    type Case = (u32, u32, Option<(u32, u32)>, &'static str);
+    let cases: &[Case] = &[
+        (0, 5, None, "not a multiple of 8"),
+        (0, 4096 + 8, None, "more than a ring ahead"),
+        (0, u32::MAX - 7, None, "more than a ring ahead"),
+        (0, 2048, Some((1501, KIND_PACKET)), "longer than max_packet"),
+        (
+            0,
+            2048,
+            Some((u32::MAX, KIND_PACKET)),
+            "longer than max_packet",
+        ),
+        (
+            0,
+            16,
+            Some((100, KIND_PACKET)),
+            "runs past the producer index",
+        ),
+        (
+            4088,
+            4088 + 1032,
+            Some((1024, KIND_PACKET)),
+            "runs past the end of the data area",
+        ),
+        (
+            4080,
+            4080 + 64,
+            Some((0, KIND_PAD)),
+            "padding must reach the end of the data area",
+        ),
+        (
+            0,
+            64,
+            Some((4088, KIND_PAD)),
+            "padding runs past the producer index",
+        ),
+        (0, 64, Some((8, 7)), "unknown kind"),
+    ];
+    for &(start, prod, header, expected) in cases {
+        let e = consume_hostile(start, prod, header);
+        assert_eq!(
+            why(&e),
+            expected,
+            "start {start} prod {prod} {header:?}: {e}"
+        );
+        assert!(e.to_string().contains("guest-to-host ring"), "{e}");
+    }
+}
+
+#[test]
+fn a_producer_index_that_moves_backwards_is_an_error() {
+    let (seg, mut tx, mut rx) = pair(SMALL, Direction::HostToGuest);
+    tx.push(&[1; 100]).unwrap();
+    tx.push(&[2; 100]).unwrap();
+    let _ = tx.publish();
+    assert_eq!(rx.refresh(), Ok(2 * 112));
+    seg.store_u32(
+        Direction::HostToGuest.producer_line(),
+        112,
+        Ordering::Relaxed,
+    );
+    assert_eq!(why(&rx.refresh().unwrap_err()), "moved backwards");
+}
+
+#[test]
+fn hostile_consumer_index_is_an_error_for_the_producer() {
+    for (cons, expected) in [
+        (12, "not a multiple of 8"),
+        (8192, "moved backwards or past the published producer index"),
+        (
+            u32::MAX - 7,
+            "moved backwards or past the published producer index",
+        ),
+    ] {
+        let (seg, mut tx, _) = pair(SMALL, Direction::GuestToHost);
+        while tx.push(&[9; 1000]).unwrap() {}
+        let _ = tx.publish();
+        seg.store_u32(
+            Direction::GuestToHost.consumer_line(),
+            cons,
+            Ordering::Relaxed,
+        );
+        let e = tx.push(&[9; 1000]).unwrap_err();
+        assert_eq!(why(&e), expected, "cons {cons}: {e}");
+    }
+}
+
+#[test]
+fn a_header_changed_under_traffic_is_an_error() {
+    let (seg, mut tx, mut rx) = pair(SMALL, Direction::HostToGuest);
+    tx.push(b"x").unwrap();
+    let _ = tx.publish();
+    seg.store_u32(8, 2, Ordering::Relaxed);
+    assert_eq!(
+        rx.refresh(),
+        Err(RingError::HeaderChanged {
+            magic: MAGIC,
+            version: 2
+        })
+    );
+}
+
+#[test]
+fn bad_headers_are_refused_when_attaching() {
+    let fresh = || {
+        let seg = Segment::heap(SMALL.segment_size as usize);
+        SMALL.initialize(&seg).unwrap();
+        seg
+    };
+    let seg = fresh();
+    seg.store_u64(0, 0x1234, Ordering::Relaxed);
+    assert_eq!(
+        Layout::read(&seg),
+        Err(RingError::BadMagic { found: 0x1234 })
+    );
+    let seg = fresh();
+    seg.store_u32(8, 9, Ordering::Relaxed);
+    assert_eq!(Layout::read(&seg), Err(RingError::BadVersion { found: 9 }));
+    for (off, value, field) in [
+        (12, 1u32, "flags"),
+        (24, 6000, "ring_size"),
+        (24, 2048, "ring_size"),
+        (24, 8192, "segment_size"),
+        (28, 0, "max_packet"),
+        (28, 2041, "max_packet"),
+    ] {
+        let seg = fresh();
+        seg.store_u32(off, value, Ordering::Relaxed);
+        match Layout::read(&seg) {
+            Err(RingError::BadHeader { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field} = {value}: {other:?}"),
+        }
+    }
+    let seg = fresh();
+    seg.store_u64(16, 1 << 40, Ordering::Relaxed);
+    assert!(matches!(
+        Layout::read(&seg),
+        Err(RingError::SegmentTooSmall { .. })
+    ));
+    assert!(matches!(
+        Layout::read(&Segment::heap(100)),
+        Err(RingError::SegmentTooSmall { .. })
+    ));
+}
+
+/// A segment whose data-area words turn to garbage once they have been read: a consumer that
+/// read a record header or payload twice (check, then use) would see the garbage.
+struct PoisonAfterRead(Segment);
+
+impl PoisonAfterRead {
+    fn poison(&self, off: usize, len: usize) {
+        if off >= DATA_OFFSET {
+            self.0.write(off, &vec![0xff; len]);
+        }
+    }
+}
+
+impl Memory for PoisonAfterRead {
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
+        let v = self.0.load_u32(off, order);
+        self.poison(off, 4);
+        v
+    }
+    fn load_u64(&self, off: usize, order: Ordering) -> u64 {
+        let v = self.0.load_u64(off, order);
+        self.poison(off, 8);
+        v
+    }
+    fn store_u32(&self, off: usize, value: u32, order: Ordering) {
+        self.0.store_u32(off, value, order)
+    }
+    fn store_u64(&self, off: usize, value: u64, order: Ordering) {
+        self.0.store_u64(off, value, order)
+    }
+    fn read(&self, off: usize, dst: &mut [u8]) {
+        self.0.read(off, dst);
+        self.poison(off, dst.len());
+    }
+    fn write(&self, off: usize, src: &[u8]) {
+        self.0.write(off, src)
+    }
+}
+
+#[test]
+fn the_consumer_reads_each_record_once() {
+    let seg = Arc::new(PoisonAfterRead(Segment::heap(SMALL.segment_size as usize)));
+    SMALL.initialize(&seg).unwrap();
+    let dir = Direction::HostToGuest;
+    let mut tx = Producer::new(seg.clone(), SMALL, dir);
+    let mut rx = Consumer::new(seg, SMALL, dir);
+    let mut buf = vec![0; 1500];
+    let mut got = 0;
+    for i in 0..500u32 {
+        let len = (i as usize * 131) % 1501;
+        while !tx.push(&packet(i, len)).unwrap() {
+            let _ = tx.publish();
+            rx.refresh().unwrap();
+            while let Some(n) = rx.recv(&mut buf).unwrap() {
+                assert_eq!(&buf[..n], &packet(got, n)[..], "packet {got}");
+                got += 1;
+            }
+            let _ = rx.release();
+        }
+    }
+    let _ = tx.publish();
+    rx.refresh().unwrap();
+    while let Some(n) = rx.recv(&mut buf).unwrap() {
+        assert_eq!(&buf[..n], &packet(got, n)[..], "packet {got}");
+        got += 1;
+    }
+    assert_eq!(got, 500);
+}
