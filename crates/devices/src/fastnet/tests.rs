@@ -586,3 +586,143 @@ fn the_consumer_reads_each_record_once() {
     }
     assert_eq!(got, 500);
 }
+
+fn setup() -> super::Setup {
+    super::Setup {
+        version: super::PROTOCOL_VERSION,
+        segment_size: SMALL.segment_size,
+        // With the Ethernet and vnet headers, within SMALL's max_packet of 1500.
+        mtu: 1400,
+        guest_mac: "52:54:00:12:34:56".into(),
+        host_mac: "52:54:00:12:34:57".into(),
+        guest_address: Some("10.9.0.2/24".into()),
+        vnet_hdr: true,
+    }
+}
+
+#[test]
+fn channel_messages_round_trip_split_anywhere() {
+    use super::*;
+    let host = vec![
+        HostMsg::Setup(setup()),
+        HostMsg::Doorbell,
+        HostMsg::Packet(Bytes::from(vec![0x11; MAX_PACKET as usize])),
+        HostMsg::Reset("guest-to-host ring: bad".into()),
+    ];
+    let guest = vec![
+        GuestMsg::Ready(Ready {
+            mode: Mode::Channel,
+            reason: Some("no ivshmem device".into()),
+        }),
+        GuestMsg::Doorbell,
+        GuestMsg::Packet(Bytes::from_static(b"\x00frame")),
+        GuestMsg::Reset("x".into()),
+    ];
+    fn round_trip<M: Message + PartialEq + std::fmt::Debug>(msgs: &[M]) {
+        let mut wire = Vec::new();
+        for m in msgs {
+            m.encode(&mut wire).unwrap();
+        }
+        let mut dec = Decoder::<M>::new();
+        let mut out = Vec::new();
+        for chunk in wire.chunks(4093) {
+            dec.push(chunk).unwrap();
+            while let Some(m) = dec.next_message().unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, msgs);
+    }
+    round_trip(&host);
+    round_trip(&guest);
+    let mut wire = Vec::new();
+    GuestMsg::Doorbell.encode(&mut wire).unwrap();
+    assert_eq!(wire, [0x82, 0, 0, 0, 0], "a doorbell is 5 bytes");
+}
+
+#[test]
+fn hostile_channel_messages_are_refused_before_buffering() {
+    use super::*;
+    let mut dec = Decoder::<GuestMsg>::new();
+    dec.push(&[0x83, 0x41, 0x00, 0x01, 0x00]).unwrap();
+    assert!(matches!(
+        dec.next_message(),
+        Err(CodecError::TooLong { kind: "Packet", .. })
+    ));
+    let mut dec = Decoder::<GuestMsg>::new();
+    dec.push(&[0x01, 0, 0, 0, 0]).unwrap();
+    assert_eq!(
+        dec.next_message(),
+        Err(CodecError::UnknownType(0x01)),
+        "Setup is the host's"
+    );
+    let mut dec = Decoder::<GuestMsg>::new();
+    dec.push(&[0x82, 1, 0, 0, 0, 9]).unwrap();
+    assert!(matches!(
+        dec.next_message(),
+        Err(CodecError::TooLong { .. })
+    ));
+    let mut dec = Decoder::<GuestMsg>::new();
+    dec.push(&[0x81, 2, 0, 0, 0, b'{', b'x']).unwrap();
+    assert!(matches!(
+        dec.next_message(),
+        Err(CodecError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn the_mode_falls_back_to_the_channel_with_a_reason() {
+    use super::*;
+    let seg = Segment::heap(SMALL.segment_size as usize);
+    SMALL.initialize(&seg).unwrap();
+    let ok = choose_mode(
+        &setup(),
+        Found::Segment(SMALL.segment_size, Layout::read(&seg)),
+    );
+    assert_eq!(
+        ok,
+        Ready {
+            mode: Mode::SharedMemory,
+            reason: None
+        }
+    );
+    let cases = [
+        (
+            Setup {
+                segment_size: 0,
+                ..setup()
+            },
+            Found::Segment(SMALL.segment_size, Layout::read(&seg)),
+            "offers no shared segment",
+        ),
+        (
+            setup(),
+            Found::Nothing("no ivshmem device 1af4:1110".into()),
+            "no ivshmem",
+        ),
+        (
+            setup(),
+            Found::Segment(1 << 20, Layout::read(&seg)),
+            "has 1048576 bytes, the host mapped 12288",
+        ),
+        (
+            setup(),
+            Found::Segment(SMALL.segment_size, Err(RingError::BadMagic { found: 0 })),
+            "segment magic",
+        ),
+        (
+            Setup {
+                mtu: 9000,
+                ..setup()
+            },
+            Found::Segment(SMALL.segment_size, Layout::read(&seg)),
+            "too small for MTU 9000",
+        ),
+    ];
+    for (s, found, reason) in cases {
+        let r = choose_mode(&s, found);
+        assert_eq!(r.mode, Mode::Channel);
+        let got = r.reason.unwrap();
+        assert!(got.contains(reason), "{got:?} lacks {reason:?}");
+    }
+}

@@ -203,6 +203,8 @@ pub trait Message: Sized {
     fn decode(kind: u8, payload: Bytes) -> Result<Self, CodecError>;
     /// Appends the framed message to `out`; fails (appending nothing) if it breaks a limit.
     fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError>;
+    /// The name of message type `kind`, for errors.
+    fn kind_name(kind: u8) -> &'static str;
 }
 
 fn kind_name(kind: u8) -> &'static str {
@@ -220,11 +222,23 @@ fn kind_name(kind: u8) -> &'static str {
 }
 
 fn put_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8], max: usize) -> Result<(), CodecError> {
+    put_named_frame(out, kind, kind_name(kind), payload, max)
+}
+
+/// Appends one frame (type byte, u32 LE length, payload) to `out`, or fails with `name` if the
+/// payload is longer than `max`: the framing [`Decoder`] splits, for other devices' messages.
+pub fn put_named_frame(
+    out: &mut Vec<u8>,
+    kind: u8,
+    name: &'static str,
+    payload: &[u8],
+    max: usize,
+) -> Result<(), CodecError> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|_| payload.len() <= max)
         .ok_or(CodecError::TooLong {
-            kind: kind_name(kind),
+            kind: name,
             len: payload.len(),
             max,
         })?;
@@ -374,6 +388,10 @@ fn decode_start(payload: Bytes) -> Result<Start, CodecError> {
 }
 
 impl Message for HostMsg {
+    fn kind_name(kind: u8) -> &'static str {
+        kind_name(kind)
+    }
+
     const MAX_PAYLOAD: usize = MAX_START;
 
     fn max_payload(kind: u8) -> Result<usize, CodecError> {
@@ -417,6 +435,10 @@ impl Message for HostMsg {
 }
 
 impl Message for GuestMsg {
+    fn kind_name(kind: u8) -> &'static str {
+        kind_name(kind)
+    }
+
     const MAX_PAYLOAD: usize = MAX_DATA;
 
     fn max_payload(kind: u8) -> Result<usize, CodecError> {
@@ -529,7 +551,7 @@ impl<M: Message> Decoder<M> {
         let max = M::max_payload(kind)?;
         if len > max {
             return Err(CodecError::TooLong {
-                kind: kind_name(kind),
+                kind: M::kind_name(kind),
                 len,
                 max,
             });
