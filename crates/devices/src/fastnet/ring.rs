@@ -8,7 +8,6 @@
 //! segment either (the peer can overwrite it): it keeps the index in a local and only stores it.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -196,7 +195,12 @@ pub trait Memory {
     fn write(&self, off: usize, src: &[u8]);
 }
 
-impl<M: Memory + ?Sized> Memory for Arc<M> {
+/// A reference or an `Arc` to memory is memory (both ends of a ring share one segment).
+impl<T> Memory for T
+where
+    T: std::ops::Deref,
+    T::Target: Memory,
+{
     fn size(&self) -> usize {
         (**self).size()
     }
@@ -257,17 +261,61 @@ impl Segment {
         }
     }
 
-    /// A segment over a mapping of `size` bytes at `ptr`, unmapped when dropped.
-    ///
-    /// # Safety
-    /// `ptr` must be the start of a live, page-aligned, readable and writable shared mapping of
-    /// exactly `size` bytes (from `mmap`) that nothing else unmaps.
-    pub unsafe fn from_mapping(ptr: *mut u8, size: usize) -> Segment {
-        Segment {
-            ptr,
-            size,
+    /// Creates (or truncates) the file at `path` with `size` zero bytes and maps it shared:
+    /// the host's segment, a file in /dev/shm that QEMU's `memory-backend-file,share=on` maps
+    /// too. Mode 0600: only vstreamd and the VMM's user (the same) reach it.
+    pub fn create_file(path: &std::path::Path, size: u64) -> std::io::Result<Segment> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        file.set_len(size)?;
+        Segment::map(&file, size)
+    }
+
+    /// Maps the whole of an existing file shared: the guest's `resource2` of the ivshmem PCI
+    /// device (the BAR's size is the file's size), or the host's segment file again.
+    pub fn open_file(path: &std::path::Path) -> std::io::Result<Segment> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Segment::map(&file, size)
+    }
+
+    fn map(file: &std::fs::File, size: u64) -> std::io::Result<Segment> {
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|&n| n >= DATA_OFFSET)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a segment of {size} bytes cannot hold the layout"),
+                )
+            })?;
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        // SAFETY: a new shared mapping at an address the kernel picks, of a file opened
+        // read-write; it aliases no Rust object. The segment owns it and unmaps it once.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        Ok(Segment {
+            ptr: ptr.cast(),
+            size: len,
             owner: Owner::Mapping,
-        }
+        })
     }
 
     fn check(&self, off: usize, len: usize, align: usize) {
@@ -285,8 +333,8 @@ impl Drop for Segment {
             // SAFETY: allocated in `heap` with this layout, freed once.
             Owner::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr, layout) },
             Owner::Mapping => {
-                // SAFETY: the caller of `from_mapping` promised a mapping of `size` bytes that
-                // only this segment unmaps; nothing borrows it past the segment's life.
+                // SAFETY: `map` made this mapping of `size` bytes and only this segment unmaps
+                // it; nothing borrows it past the segment's life (accesses are copies).
                 if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.cast(), self.size) } {
                     tracing::warn!("fastnet: munmap of the segment failed: {e}");
                 }

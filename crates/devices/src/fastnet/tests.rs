@@ -726,3 +726,38 @@ fn the_mode_falls_back_to_the_channel_with_a_reason() {
         assert!(got.contains(reason), "{got:?} lacks {reason:?}");
     }
 }
+
+/// The host's segment file mapped twice, as vstreamd and QEMU (for the guest) map it: packets
+/// pushed through one mapping arrive through the other, and a guest mapping that is too small
+/// is refused.
+#[test]
+fn two_mappings_of_one_segment_file() {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let path = dir.path().join("guest.fastnet");
+    let layout = Layout::for_segment(1 << 20, 9000).unwrap();
+    assert_eq!(
+        layout.ring_size,
+        256 << 10,
+        "the largest power of two that fits"
+    );
+    let host = Segment::create_file(&path, layout.segment_size).unwrap();
+    layout.initialize(&host).unwrap();
+    let guest = Segment::open_file(&path).unwrap();
+    assert_eq!(Layout::read(&guest), Ok(layout));
+    let mut tx = Producer::new(&guest, layout, Direction::GuestToHost);
+    let mut rx = Consumer::new(&host, layout, Direction::GuestToHost);
+    for i in 0..10 {
+        assert!(tx.push(&packet(i, 9000)).unwrap());
+    }
+    let _ = tx.publish();
+    rx.refresh().unwrap();
+    let mut buf = vec![0; 9000];
+    for i in 0..10 {
+        assert_eq!(rx.recv(&mut buf).unwrap(), Some(9000));
+        assert_eq!(buf, packet(i, 9000));
+    }
+    std::fs::write(dir.path().join("tiny"), [0u8; 100]).unwrap();
+    assert!(Segment::open_file(&dir.path().join("tiny")).is_err());
+}
