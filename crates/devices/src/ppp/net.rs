@@ -236,8 +236,9 @@ impl NetConfig {
     }
 }
 
-/// A TUN device (IPv4 packets, no packet information header), non-blocking. The interface
-/// disappears when this is dropped.
+/// A TUN device (IPv4 packets, no packet information header) or another kind from
+/// [`Tun::create_with`] (fastnet's TAP), non-blocking. The interface disappears when this is
+/// dropped.
 #[derive(Debug)]
 pub struct Tun {
     fd: AsyncFd<OwnedFd>,
@@ -247,6 +248,20 @@ pub struct Tun {
 impl Tun {
     /// Creates interface `name` in the namespace at `ns` (the daemon's own if `None`).
     pub fn create(ns: Option<&Path>, name: &str) -> io::Result<Tun> {
+        Tun::create_with(ns, name, libc::IFF_TUN | libc::IFF_NO_PI, |_| Ok(()))
+    }
+
+    /// Creates interface `name` in the namespace at `ns` with the `TUNSETIFF` `flags`, then
+    /// runs `configure` on the descriptor (more ioctls) before it becomes non-blocking.
+    pub fn create_with<F>(
+        ns: Option<&Path>,
+        name: &str,
+        flags: libc::c_int,
+        configure: F,
+    ) -> io::Result<Tun>
+    where
+        F: FnOnce(&OwnedFd) -> io::Result<()> + Send + 'static,
+    {
         ifreq(name)?;
         let owned = name.to_owned();
         let fd = in_netns(ns, move || {
@@ -257,7 +272,7 @@ impl Tun {
                 .open("/dev/net/tun")
                 .map_err(|e| io::Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
             let fd = OwnedFd::from(file);
-            req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+            req.ifr_ifru.ifru_flags = flags as libc::c_short;
             // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is, valid and
             // exclusively borrowed for the call; `fd` is an open /dev/net/tun descriptor.
             if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut _) } != 0 {
@@ -267,6 +282,7 @@ impl Tun {
                     format!("creating TUN interface {owned}: {e}"),
                 ));
             }
+            configure(&fd)?;
             Ok(fd)
         })?;
         rustix::io::ioctl_fionbio(&fd, true)?;
