@@ -925,3 +925,164 @@ async fn tap_with_vnet_headers_carries_frames_both_ways() {
     );
     assert_eq!(&frame[32..38], &me, "target MAC");
 }
+
+fn arp_request(me: [u8; 6]) -> Vec<u8> {
+    let mut req = vec![0u8; super::tap::VNET_HDR_LEN];
+    req.extend_from_slice(&[0xff; 6]);
+    req.extend_from_slice(&me);
+    req.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    req.extend_from_slice(&me);
+    req.extend_from_slice(&[10, 77, 0, 2]);
+    req.extend_from_slice(&[0; 6]);
+    req.extend_from_slice(&[10, 77, 0, 1]);
+    req
+}
+
+fn is_arp_reply(p: &[u8]) -> bool {
+    let f = &p[super::tap::VNET_HDR_LEN..];
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == [10, 77, 0, 1]
+}
+
+/// vstreamd's end in a fresh namespace with a real TAP; the test plays the guest on the other
+/// end of the channel (a byte pipe), in `mode`, and asks the host's kernel for its MAC (ARP).
+struct FakeGuest {
+    io: tokio::io::DuplexStream,
+    dec: super::Decoder<super::HostMsg>,
+    buf: Vec<u8>,
+}
+
+impl FakeGuest {
+    async fn next(&mut self) -> super::HostMsg {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(m) = self.dec.next_message().unwrap() {
+                return m;
+            }
+            let n = self.io.read(&mut self.buf).await.unwrap();
+            assert!(n > 0, "the host ended the channel");
+            self.dec.push(&self.buf[..n]).unwrap();
+        }
+    }
+}
+
+async fn host_end_answers_arp(mode: super::Mode) {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    let ns = Netns::new(&format!("vs-fastnet-{mode:?}"));
+    let path = crate::ppp::net::netns_path(&ns.0);
+    let tap = tap::create(Some(&path), "fnh0").expect("create the TAP (root?)");
+    ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "fnh0"]);
+    ip(&["-n", &ns.0, "link", "set", "fnh0", "up"]);
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let seg = Arc::new(Segment::create_file(&dir.path().join("g"), 1 << 20).unwrap());
+    let s = Setup {
+        segment_size: 1 << 20,
+        ..setup()
+    };
+    let (host_side, guest) = tokio::io::duplex(1 << 20);
+    let host = tokio::spawn(async move {
+        let mut stats = host::Stats::default();
+        let r = host::run(host_side, &tap, s, Some(seg), &mut stats).await;
+        (r, stats)
+    });
+    let mut g = FakeGuest {
+        io: guest,
+        dec: Decoder::new(),
+        buf: vec![0; 1 << 16],
+    };
+    let HostMsg::Setup(got) = g.next().await else {
+        panic!("Setup first")
+    };
+    let me = [0x52, 0x54, 0, 1, 2, 3];
+    let mut out = Vec::new();
+    GuestMsg::Ready(Ready { mode, reason: None })
+        .encode(&mut out)
+        .unwrap();
+    match mode {
+        Mode::Channel => {
+            GuestMsg::Packet(arp_request(me).into())
+                .encode(&mut out)
+                .unwrap();
+            g.io.write_all(&out).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let HostMsg::Packet(p) = g.next().await {
+                        if is_arp_reply(&p) {
+                            return p;
+                        }
+                    }
+                }
+            })
+            .await
+            .expect("ARP reply on the channel");
+            assert_eq!(&reply[12..18], &me);
+        }
+        Mode::SharedMemory => {
+            let gseg = Segment::open_file(&dir.path().join("g")).unwrap();
+            g.io.write_all(&out).await.unwrap();
+            // The host initialised the header before it sent Setup.
+            let layout = Layout::read(&gseg).unwrap();
+            assert_eq!(layout.segment_size, got.segment_size);
+            let mut tx = Producer::new(&gseg, layout, Direction::GuestToHost);
+            let mut rx = Consumer::new(&gseg, layout, Direction::HostToGuest);
+            assert!(tx.push(&arp_request(me)).unwrap());
+            if tx.publish() == Doorbell::Ring {
+                out.clear();
+                GuestMsg::Doorbell.encode(&mut out).unwrap();
+                g.io.write_all(&out).await.unwrap();
+            }
+            let mut p = vec![0u8; layout.max_packet as usize];
+            let reply = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    assert_eq!(g.next().await, HostMsg::Doorbell);
+                    rx.refresh().unwrap();
+                    while let Some(n) = rx.recv(&mut p).unwrap() {
+                        if is_arp_reply(&p[..n]) {
+                            return p[..n].to_vec();
+                        }
+                    }
+                    let _ = rx.release();
+                    assert!(rx.prepare_sleep().unwrap());
+                }
+            })
+            .await
+            .expect("ARP reply in the ring, after a doorbell");
+            assert_eq!(&reply[12..18], &me);
+            // A hostile guest: its producer index jumps beyond the ring.
+            gseg.store_u32(Direction::GuestToHost.producer_line(), 3, Ordering::Release);
+            out.clear();
+            GuestMsg::Doorbell.encode(&mut out).unwrap();
+            g.io.write_all(&out).await.unwrap();
+            let reset = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let HostMsg::Reset(why) = g.next().await {
+                        return why;
+                    }
+                }
+            })
+            .await
+            .expect("a Reset with the reason");
+            assert!(
+                reset.contains("guest-to-host ring: producer index 3"),
+                "{reset}"
+            );
+            let (r, stats) = host.await.unwrap();
+            assert!(matches!(r, Err(host::LinkError::Ring(_))), "{r:?}");
+            assert!(stats.packets_in >= 1 && stats.packets_out >= 1, "{stats:?}");
+            return;
+        }
+    }
+    host.abort();
+}
+
+#[tokio::test]
+async fn host_end_channel_mode_moves_frames_between_tap_and_channel() {
+    host_end_answers_arp(super::Mode::Channel).await;
+}
+
+#[tokio::test]
+async fn host_end_shared_memory_moves_frames_with_doorbells_and_resets_on_a_bad_index() {
+    host_end_answers_arp(super::Mode::SharedMemory).await;
+}

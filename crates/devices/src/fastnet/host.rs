@@ -1,0 +1,244 @@
+//! The host's end of a fastnet link: sends the setup, learns the guest's mode, then moves
+//! packets between the host TAP and the guest, through the segment's rings (doorbells on the
+//! channel) or on the channel itself. A bad index, length or header in the segment ends this
+//! link with a `Reset` naming the fault; the daemon and its other guests go on.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::ring::{Consumer, Direction, Doorbell, Layout, Memory, Producer, RingError, Segment};
+use super::{Decoder, GuestMsg, HostMsg, Message, Mode, Setup, MAX_PACKET};
+use crate::ppp::net::Tun;
+
+/// Packets taken from the TAP per batch before the producer index is published.
+const BATCH: usize = 64;
+
+/// How a link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The segment broke a rule (the guest was told with a `Reset`).
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    /// The channel carried something that is not a fastnet message.
+    #[error("fastnet channel: {0}")]
+    Codec(#[from] super::CodecError),
+    /// The guest reset the link.
+    #[error("the guest reset the link: {0}")]
+    GuestReset(String),
+    /// The channel or the TAP failed, or the channel ended.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counters for `vstreamctl status` and the benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Packets to the guest.
+    pub packets_out: u64,
+    /// Packets from the guest.
+    pub packets_in: u64,
+    /// Doorbells sent to the guest.
+    pub doorbells_out: u64,
+    /// Doorbells received.
+    pub doorbells_in: u64,
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, msg: &HostMsg) -> Result<(), LinkError> {
+    let mut out = Vec::new();
+    msg.encode(&mut out)?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+async fn next<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    dec: &mut Decoder<GuestMsg>,
+    buf: &mut [u8],
+) -> Result<GuestMsg, LinkError> {
+    loop {
+        if let Some(m) = dec.next_message()? {
+            return Ok(m);
+        }
+        let n = stream.read(buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        dec.push(&buf[..n])?;
+    }
+}
+
+/// Runs one link on `stream` (the guest's `fastnet` channel): `setup` first, then packets
+/// between `tap` and the guest until an error. `segment` is the host's mapping of the segment
+/// offered in `setup` (initialised here), if any.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    tap: &Tun,
+    setup: Setup,
+    segment: Option<Arc<Segment>>,
+    stats: &mut Stats,
+) -> Result<(), LinkError> {
+    let layout = match &segment {
+        Some(seg) => {
+            let layout = Layout::for_segment(seg.size() as u64, MAX_PACKET)?;
+            layout.initialize(seg)?;
+            Some(layout)
+        }
+        None => None,
+    };
+    send(&mut stream, &HostMsg::Setup(setup)).await?;
+    let mut dec = Decoder::<GuestMsg>::new();
+    let mut rbuf = vec![0u8; crate::tty::READ_CHUNK];
+    let ready = loop {
+        match next(&mut stream, &mut dec, &mut rbuf).await? {
+            GuestMsg::Ready(r) => break r,
+            GuestMsg::Reset(why) => return Err(LinkError::GuestReset(why)),
+            _ => {}
+        }
+    };
+    match (ready.mode, segment, layout) {
+        (Mode::SharedMemory, Some(seg), Some(layout)) => {
+            let result = rings(&mut stream, tap, seg, layout, dec, &mut rbuf, stats).await;
+            if let Err(LinkError::Ring(e)) = &result {
+                // Best effort: the guest learns why before the channel goes.
+                let _ = send(&mut stream, &HostMsg::Reset(e.to_string())).await;
+            }
+            result
+        }
+        (Mode::SharedMemory, ..) => Err(LinkError::GuestReset(
+            "the guest chose shared memory, but the host offered no segment".into(),
+        )),
+        (Mode::Channel, ..) => channel(&mut stream, tap, dec, &mut rbuf, stats).await,
+    }
+}
+
+async fn channel<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    tap: &Tun,
+    mut dec: Decoder<GuestMsg>,
+    rbuf: &mut [u8],
+    stats: &mut Stats,
+) -> Result<(), LinkError> {
+    let mut pkt = vec![0u8; MAX_PACKET as usize];
+    let mut out = Vec::new();
+    loop {
+        while let Some(m) = dec.next_message()? {
+            match m {
+                GuestMsg::Packet(p) => {
+                    stats.packets_in += 1;
+                    tap.send(&p)?;
+                }
+                GuestMsg::Reset(why) => return Err(LinkError::GuestReset(why)),
+                GuestMsg::Ready(_) | GuestMsg::Doorbell => {}
+            }
+        }
+        tokio::select! {
+            n = stream.read(rbuf) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                dec.push(&rbuf[..n])?;
+            }
+            n = tap.recv(&mut pkt) => {
+                let n = n?;
+                out.clear();
+                HostMsg::Packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
+                // More queued frames go in the same write.
+                while let Some(n) = tap.try_recv(&mut pkt) {
+                    HostMsg::Packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
+                    stats.packets_out += 1;
+                }
+                stats.packets_out += 1;
+                stream.write_all(&out).await?;
+            }
+        }
+    }
+}
+
+async fn rings<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    tap: &Tun,
+    seg: Arc<Segment>,
+    layout: Layout,
+    mut dec: Decoder<GuestMsg>,
+    rbuf: &mut [u8],
+    stats: &mut Stats,
+) -> Result<(), LinkError> {
+    let mut tx = Producer::new(seg.clone(), layout, Direction::HostToGuest);
+    let mut rx = Consumer::new(seg, layout, Direction::GuestToHost);
+    let mut pkt = vec![0u8; layout.max_packet as usize];
+    let mut from_guest = vec![0u8; layout.max_packet as usize];
+    // A packet read from the TAP (in `pkt`) that did not fit: the TAP is not read until it does.
+    let mut held: Option<usize> = None;
+    loop {
+        // Take everything the guest published, then say we sleep (or go round again).
+        loop {
+            rx.refresh()?;
+            while let Some(n) = rx.recv(&mut from_guest)? {
+                stats.packets_in += 1;
+                tap.send(&from_guest[..n])?;
+            }
+            if rx.release() == Doorbell::Ring {
+                stats.doorbells_out += 1;
+                send(stream, &HostMsg::Doorbell).await?;
+            }
+            if rx.prepare_sleep()? {
+                break;
+            }
+        }
+        // A held packet goes first, once the guest freed space.
+        if let Some(n) = held {
+            if tx.push(&pkt[..n])? {
+                held = None;
+                stats.packets_out += 1;
+                if tx.publish() == Doorbell::Ring {
+                    stats.doorbells_out += 1;
+                    send(stream, &HostMsg::Doorbell).await?;
+                }
+            } else if !tx.prepare_wait()? {
+                continue;
+            }
+        }
+        while let Some(m) = dec.next_message()? {
+            match m {
+                GuestMsg::Doorbell => stats.doorbells_in += 1,
+                GuestMsg::Reset(why) => return Err(LinkError::GuestReset(why)),
+                GuestMsg::Ready(_) | GuestMsg::Packet(_) => {}
+            }
+        }
+        tokio::select! {
+            n = stream.read(rbuf) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                dec.push(&rbuf[..n])?;
+            }
+            n = tap.recv(&mut pkt), if held.is_none() => {
+                let mut n = n?;
+                let mut batch = 0;
+                loop {
+                    if !tx.push(&pkt[..n])? {
+                        held = Some(n);
+                        let _ = tx.prepare_wait()?;
+                        break;
+                    }
+                    stats.packets_out += 1;
+                    batch += 1;
+                    if batch == BATCH {
+                        break;
+                    }
+                    match tap.try_recv(&mut pkt) {
+                        Some(m) => n = m,
+                        None => break,
+                    }
+                }
+                if tx.publish() == Doorbell::Ring {
+                    stats.doorbells_out += 1;
+                    send(stream, &HostMsg::Doorbell).await?;
+                }
+            }
+        }
+    }
+}
