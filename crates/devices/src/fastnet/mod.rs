@@ -3,6 +3,7 @@
 //!
 //! - [`ring`]: the segment's layout and its two single-producer/single-consumer packet rings
 //!   (host-to-guest and guest-to-host), sans-io and safe against a hostile peer.
+//! - [`guest`]: the agent's end (so far: finding the ivshmem segment).
 //! - [`host`]: vstreamd's end of a link, between the host TAP and the guest.
 //! - [`tap`]: the TAP interface with vnet headers and offloads that each end attaches.
 //! - This module: the messages of the `fastnet` channel (setup, the answer, doorbells, and the
@@ -12,6 +13,7 @@
 //!
 //! See docs/devices/fastnet.md for the layout, the ordering rules and the doorbell protocol.
 
+pub mod guest;
 pub mod host;
 pub mod ring;
 pub mod tap;

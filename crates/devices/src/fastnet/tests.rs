@@ -1086,3 +1086,42 @@ async fn host_end_channel_mode_moves_frames_between_tap_and_channel() {
 async fn host_end_shared_memory_moves_frames_with_doorbells_and_resets_on_a_bad_index() {
     host_end_answers_arp(super::Mode::SharedMemory).await;
 }
+
+/// The agent's search for the segment, on a directory laid out as /sys/bus/pci/devices (a
+/// virtio-net device, an ivshmem device whose resource2 is a real segment file) and on a tree
+/// without the device.
+#[test]
+fn the_guest_finds_the_ivshmem_bar_by_pci_id() {
+    use super::{choose_mode, guest, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let dev = |addr: &str, vendor: &str, device: &str| {
+        let d = dir.path().join(addr);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("vendor"), format!("{vendor}\n")).unwrap();
+        std::fs::write(d.join("device"), format!("{device}\n")).unwrap();
+        d
+    };
+    dev("0000:00:02.0", "0x1af4", "0x1000");
+    let (found, seg) = guest::find_segment(dir.path());
+    assert!(seg.is_none());
+    let ready = choose_mode(&setup(), found);
+    assert_eq!(ready.mode, Mode::Channel);
+    assert!(ready
+        .reason
+        .unwrap()
+        .contains("no ivshmem-plain device (PCI 1af4:1110)"));
+
+    let d = dev("0000:00:05.0", "0x1af4", "0x1110");
+    let host = Segment::create_file(&d.join("resource2"), SMALL.segment_size).unwrap();
+    SMALL.initialize(&host).unwrap();
+    assert_eq!(guest::ivshmem_bars(dir.path()), vec![d.join("resource2")]);
+    let (found, seg) = guest::find_segment(dir.path());
+    assert!(seg.is_some());
+    assert_eq!(
+        choose_mode(&setup(), found),
+        super::Ready {
+            mode: Mode::SharedMemory,
+            reason: None
+        }
+    );
+}
