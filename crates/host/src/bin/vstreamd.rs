@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = sigterm() => Ok(()),
+                () = upgrade_on_hangup(daemon.clone()) => Ok(()),
             }
         })
 }
@@ -110,6 +111,19 @@ fn raise_fd_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, limit) {
             tracing::warn!("cannot raise the open-file limit: {e}");
         }
+    }
+}
+
+/// SIGHUP (what `systemctl reload` sends with `ExecReload=/bin/kill -HUP $MAINPID`): a live
+/// upgrade to the binary at the path vstreamd was started from. A failed one is logged and
+/// this daemon goes on.
+async fn upgrade_on_hangup(daemon: std::sync::Arc<Daemon>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return std::future::pending().await;
+    };
+    while hangups.recv().await.is_some() {
+        let Err(_logged) = daemon.upgrade(None, None).await;
     }
 }
 
