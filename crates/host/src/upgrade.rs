@@ -235,9 +235,17 @@ struct Inherited {
     control: Option<OwnedFd>,
     reply: Option<OwnedFd>,
     sessions: HashMap<String, Vec<u8>>,
-    bridges: Vec<(BridgeState, OwnedFd, Vec<u8>, Vec<u8>)>,
+    bridges: Vec<Carried>,
     /// Bridges whose guest session is restored, with their channel.
-    ready: Vec<(BridgeState, OwnedFd, Vec<u8>, Vec<u8>, ChannelStream)>,
+    ready: Vec<(Carried, ChannelStream)>,
+}
+
+/// A bridge taken over: its state, its client's connection, the bytes it held.
+struct Carried {
+    state: BridgeState,
+    fd: OwnedFd,
+    up: Vec<u8>,
+    down: Vec<u8>,
 }
 
 /// The daemon's side of live upgrades (one per daemon).
@@ -313,14 +321,12 @@ impl Handover {
         let state = inh.sessions.remove(name)?;
         let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut inh.bridges)
             .into_iter()
-            .partition(|b| b.0.guest == name);
+            .partition(|b| b.state.guest == name);
         inh.bridges = others;
-        let claimed: Vec<ChannelId> = mine.iter().map(|b| b.0.channel).collect();
+        let claimed: Vec<ChannelId> = mine.iter().map(|b| b.state.channel).collect();
         match Mux::restore(cfg, &state, &claimed) {
             Ok((mux, rx, streams)) => {
-                for ((b, fd, up, down), chan) in mine.into_iter().zip(streams) {
-                    inh.ready.push((b, fd, up, down, chan));
-                }
+                inh.ready.extend(mine.into_iter().zip(streams));
                 Some((mux, rx))
             }
             Err(e) => {
@@ -346,16 +352,22 @@ impl Handover {
                 inh.requested_ms,
             )
         };
-        for (b, _, _, _) in &left {
-            tracing::warn!(guest = %b.guest, channel = b.channel, "a bridged connection's guest did not come back; closed");
+        for b in &left {
+            let (guest, channel) = (&b.state.guest, b.state.channel);
+            tracing::warn!(
+                guest,
+                channel,
+                "a bridged connection's guest did not come back; closed"
+            );
         }
-        for (b, fd, up, down, chan) in ready {
-            let std = std::os::unix::net::UnixStream::from(fd);
+        for (b, chan) in ready {
+            let std = std::os::unix::net::UnixStream::from(b.fd);
             std.set_nonblocking(true)?;
             let (r, w) = UnixStream::from_std(std)?.into_split();
-            let [up_eof, up_closed, down_eof, down_closed] = b.flags;
+            let [up_eof, up_closed, down_eof, down_closed] = b.state.flags;
+            let (up, down) = (b.up, b.down);
             let pump = Pump {
-                guest: b.guest,
+                guest: b.state.guest,
                 r,
                 w,
                 chan,
@@ -654,7 +666,12 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
             anyhow::bail!("upgrade state: descriptor {} is not a socket", b.fd);
         }
         let (up, down) = (bytes(b.up)?, bytes(b.down)?);
-        inh.bridges.push((b, fd, up, down));
+        inh.bridges.push(Carried {
+            state: b,
+            fd,
+            up,
+            down,
+        });
     }
     Ok(inh)
 }
