@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -30,7 +29,7 @@ use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
 use crate::control::{push_line, read_line, write_line, Reply, Request};
 use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
-use crate::upgrade::{Handover, Pump};
+use crate::upgrade::{ConsoleView, Handover, Pump};
 
 /// Bytes of guest status lines gathered before a write to a control connection.
 const STATUS_BATCH: usize = 64 * 1024;
@@ -805,7 +804,12 @@ impl Daemon {
     /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group. A
     /// successor of a live upgrade serves the socket it inherited.
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
-        let listener = match self.handover.take_control()? {
+        let consoles = |guest: &str, name: &str| {
+            let g = self.guest(guest)?;
+            let found = g.consoles.iter().find(|c| c.name() == name);
+            found.cloned()
+        };
+        let listener = match self.handover.take_control(consoles)? {
             Some(l) => l,
             None => self.bind_control(path)?,
         };
@@ -957,7 +961,7 @@ impl Daemon {
                     .await;
                 };
                 // Subscribe before reading the tail so nothing falls between the two.
-                let mut viewer = console.attach(attach);
+                let viewer = console.attach(attach);
                 let reply = Reply {
                     ok: true,
                     writer: Some(viewer.is_writer()),
@@ -970,24 +974,15 @@ impl Daemon {
                 if !follow && !attach {
                     return w.shutdown().await;
                 }
-                let mut input = vec![0u8; 4096];
-                loop {
-                    tokio::select! {
-                        out = viewer.next_output() => match out {
-                            Ok(Some(b)) => w.write_all(&b).await?,
-                            Ok(None) => w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
-                            Err(_) => return Ok(()),
-                        },
-                        n = r.read(&mut input), if attach => match n? {
-                            0 => return Ok(()),
-                            n => {
-                                if viewer.is_writer() {
-                                    viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
-                                }
-                            }
-                        },
-                    }
-                }
+                let watch = ConsoleView {
+                    guest,
+                    console,
+                    viewer,
+                    r,
+                    w,
+                    attach,
+                };
+                self.handover.view(watch).await
             }
             Request::Open { guest, class, name } => {
                 let Some(g) = self.guest(&guest) else {

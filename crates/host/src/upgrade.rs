@@ -21,11 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch, Notify};
+use vstream_devices::console::{Console, Viewer};
 use vstream_link::{ChannelStream, Incoming, Mux};
 use vstream_wire::{ChannelId, Config};
 
@@ -192,11 +195,75 @@ impl Pump {
     }
 }
 
-/// Bridges known to the handover: how many run, and the stopped ones.
+/// A console viewer's connection (`vstreamctl console`, following or attached).
+pub struct ConsoleView {
+    /// Guest name.
+    pub guest: String,
+    /// The console.
+    pub console: Arc<Console>,
+    /// Its viewer.
+    pub viewer: Viewer,
+    /// The client's side (typed bytes, when attached).
+    pub r: BufReader<OwnedReadHalf>,
+    /// Where the output goes.
+    pub w: OwnedWriteHalf,
+    /// Whether the client types.
+    pub attach: bool,
+}
+
+impl ConsoleView {
+    /// Sends output (and takes typed input) until the client or the console is done (`None`)
+    /// or `stop` is set (the view, to be carried or resumed). Stops only between two chunks.
+    async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<ConsoleView>> {
+        let mut input = vec![0u8; 4096];
+        loop {
+            // The guard `wait_for` returns must not live across the awaits below.
+            let stopped = async {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::select! {
+                biased;
+                () = stopped => return Ok(Some(self)),
+                out = self.viewer.next_output() => match out {
+                    Ok(Some(b)) => self.w.write_all(&b).await?,
+                    Ok(None) => self.w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
+                    Err(_) => return Ok(None),
+                },
+                n = self.r.read(&mut input), if self.attach => match n? {
+                    0 => return Ok(None),
+                    n => {
+                        if self.viewer.is_writer() {
+                            self.viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A stopped connection, waiting for the exec (or to go on if it fails).
+enum Parked {
+    Pump(Pump),
+    View(ConsoleView),
+}
+
+/// Bridges and viewers known to the handover: how many run, and the stopped ones.
 #[derive(Default)]
 struct Bridges {
     active: usize,
-    parked: Vec<(Pump, oneshot::Sender<Pump>)>,
+    parked: Vec<(Parked, oneshot::Sender<Parked>)>,
+}
+
+/// A console viewer's carried state.
+#[derive(Debug, Serialize, Deserialize)]
+struct ViewState {
+    guest: String,
+    console: String,
+    fd: RawFd,
+    attach: bool,
+    /// Typed bytes read from the client, not yet handled.
+    typed: Blob,
 }
 
 /// A bridge's carried state.
@@ -226,6 +293,7 @@ struct State {
     reply: Option<RawFd>,
     sessions: Vec<(String, Blob)>,
     bridges: Vec<BridgeState>,
+    views: Vec<ViewState>,
 }
 
 /// What a successor took over and has not yet put back to work.
@@ -238,6 +306,7 @@ struct Inherited {
     bridges: Vec<Carried>,
     /// Bridges whose guest session is restored, with their channel.
     ready: Vec<(Carried, ChannelStream)>,
+    views: Vec<(ViewState, OwnedFd, Vec<u8>)>,
 }
 
 /// A bridge taken over: its state, its client's connection, the bytes it held.
@@ -341,17 +410,47 @@ impl Handover {
 
     /// For a successor: the inherited control listener. Also puts the inherited bridges back
     /// to work and answers the client that asked for the upgrade.
-    pub fn take_control(self: &Arc<Self>) -> io::Result<Option<tokio::net::UnixListener>> {
-        let (control, reply, ready, left, requested) = {
+    /// `consoles` finds a guest's console by name, for the carried viewers.
+    pub fn take_control(
+        self: &Arc<Self>,
+        consoles: impl Fn(&str, &str) -> Option<Arc<Console>>,
+    ) -> io::Result<Option<tokio::net::UnixListener>> {
+        let (control, reply, ready, left, views, requested) = {
             let mut inh = lock(&self.inherited);
             (
                 inh.control.take(),
                 inh.reply.take(),
                 std::mem::take(&mut inh.ready),
                 std::mem::take(&mut inh.bridges),
+                std::mem::take(&mut inh.views),
                 inh.requested_ms,
             )
         };
+        for (v, fd, typed) in views {
+            let Some(console) = consoles(&v.guest, &v.console) else {
+                tracing::warn!(guest = %v.guest, console = %v.console, "a console viewer's console is gone; closed");
+                continue;
+            };
+            let (r, w) = unix_stream(fd)?.into_split();
+            let viewer = console.attach(v.attach);
+            let me = self.clone();
+            tokio::spawn(async move {
+                if !typed.is_empty() && viewer.is_writer() {
+                    let _ = viewer.type_bytes(Bytes::from(typed)).await;
+                }
+                let view = ConsoleView {
+                    guest: v.guest,
+                    console,
+                    viewer,
+                    r: BufReader::new(r),
+                    w,
+                    attach: v.attach,
+                };
+                if let Err(e) = me.view(view).await {
+                    tracing::debug!("console viewer after the upgrade: {e}");
+                }
+            });
+        }
         for b in &left {
             let (guest, channel) = (&b.state.guest, b.state.channel);
             tracing::warn!(
@@ -361,9 +460,7 @@ impl Handover {
             );
         }
         for (b, chan) in ready {
-            let std = std::os::unix::net::UnixStream::from(b.fd);
-            std.set_nonblocking(true)?;
-            let (r, w) = UnixStream::from_std(std)?.into_split();
+            let (r, w) = unix_stream(b.fd)?.into_split();
             let [up_eof, up_closed, down_eof, down_closed] = b.state.flags;
             let (up, down) = (b.up, b.down);
             let pump = Pump {
@@ -428,19 +525,33 @@ impl Handover {
 
     /// Runs a bridge (a control connection joined to a channel) until either end is done;
     /// across upgrades if need be.
-    pub async fn bridge(self: &Arc<Self>, mut pump: Pump) -> io::Result<()> {
+    pub async fn bridge(self: &Arc<Self>, pump: Pump) -> io::Result<()> {
+        self.carry(Parked::Pump(pump)).await
+    }
+
+    /// Runs a console viewer until the client or the console is done; across upgrades if
+    /// need be.
+    pub async fn view(self: &Arc<Self>, view: ConsoleView) -> io::Result<()> {
+        self.carry(Parked::View(view)).await
+    }
+
+    async fn carry(&self, mut conn: Parked) -> io::Result<()> {
         lock(&self.bridges).active += 1;
         let _count = ActiveBridge(self);
         let mut stop = self.stop.subscribe();
         loop {
-            let Some(stopped) = pump.run(&mut stop).await? else {
+            let stopped = match conn {
+                Parked::Pump(p) => p.run(&mut stop).await?.map(Parked::Pump),
+                Parked::View(v) => v.run(&mut stop).await?.map(Parked::View),
+            };
+            let Some(stopped) = stopped else {
                 return Ok(());
             };
             let (tx, rx) = oneshot::channel();
             lock(&self.bridges).parked.push((stopped, tx));
             self.changed.notify_waiters();
             match rx.await {
-                Ok(back) => pump = back, // The upgrade failed: go on.
+                Ok(back) => conn = back, // The upgrade failed: go on.
                 Err(_) => return Ok(()),
             }
         }
@@ -521,22 +632,34 @@ impl Handover {
             .collect();
         let mut keep: Vec<RawFd> = control.into_iter().collect();
         keep.extend(reply.map(|r| r.as_raw_fd()));
-        let carried: Vec<BridgeState> = bridges
-            .parked
-            .iter()
-            .map(|(p, _)| {
-                let fd = p.r.as_ref().as_raw_fd();
-                keep.push(fd);
-                BridgeState {
-                    guest: p.guest.clone(),
-                    fd,
-                    channel: p.chan.id(),
-                    up: blob(&p.up),
-                    down: blob(&p.down),
-                    flags: [p.up_eof, p.up_closed, p.down_eof, p.down_closed],
+        let (mut carried, mut views) = (Vec::new(), Vec::new());
+        for (parked, _) in &bridges.parked {
+            match parked {
+                Parked::Pump(p) => {
+                    let fd = p.r.as_ref().as_raw_fd();
+                    keep.push(fd);
+                    carried.push(BridgeState {
+                        guest: p.guest.clone(),
+                        fd,
+                        channel: p.chan.id(),
+                        up: blob(&p.up),
+                        down: blob(&p.down),
+                        flags: [p.up_eof, p.up_closed, p.down_eof, p.down_closed],
+                    });
                 }
-            })
-            .collect();
+                Parked::View(v) => {
+                    let fd = v.r.get_ref().as_ref().as_raw_fd();
+                    keep.push(fd);
+                    views.push(ViewState {
+                        guest: v.guest.clone(),
+                        console: v.console.name().to_owned(),
+                        fd,
+                        attach: v.attach,
+                        typed: blob(v.r.buffer()),
+                    });
+                }
+            }
+        }
         let state = State {
             generation: self.info().generation,
             requested_ms: requested,
@@ -544,6 +667,7 @@ impl Handover {
             reply: reply.map(|r| r.as_raw_fd()),
             sessions,
             bridges: carried,
+            views,
         };
         let memfd = write_state(&state, &blobs).map_err(|e| format!("writing the state: {e}"))?;
         keep.push(memfd.as_raw_fd());
@@ -611,6 +735,23 @@ fn adopt_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// [`adopt_fd`] for a descriptor that must be a socket.
+fn adopt_socket(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    let owned = adopt_fd(fd)?;
+    let mode = rustix::fs::fstat(&owned)?.st_mode;
+    if rustix::fs::FileType::from_raw_mode(mode) != rustix::fs::FileType::Socket {
+        anyhow::bail!("upgrade state: descriptor {fd} is not a socket");
+    }
+    Ok(owned)
+}
+
+/// A carried connection, for tokio.
+fn unix_stream(fd: OwnedFd) -> io::Result<UnixStream> {
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)?;
+    UnixStream::from_std(std)
+}
+
 /// Reads and checks the state file: its header and its byte strings.
 fn read_state(mut file: std::fs::File) -> anyhow::Result<(State, Vec<u8>)> {
     let mut head = [0u8; 16];
@@ -644,6 +785,7 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
     };
     let mut fds: Vec<RawFd> = state.control.into_iter().chain(state.reply).collect();
     fds.extend(state.bridges.iter().map(|b| b.fd));
+    fds.extend(state.views.iter().map(|v| v.fd));
     let mut seen = fds.clone();
     seen.sort_unstable();
     seen.dedup();
@@ -659,12 +801,13 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
     for (name, b) in state.sessions {
         inh.sessions.insert(name, bytes(b)?);
     }
+    for v in state.views {
+        let fd = adopt_socket(v.fd)?;
+        let typed = bytes(v.typed)?;
+        inh.views.push((v, fd, typed));
+    }
     for b in state.bridges {
-        let fd = adopt_fd(b.fd)?;
-        let mode = rustix::fs::fstat(&fd)?.st_mode;
-        if rustix::fs::FileType::from_raw_mode(mode) != rustix::fs::FileType::Socket {
-            anyhow::bail!("upgrade state: descriptor {} is not a socket", b.fd);
-        }
+        let fd = adopt_socket(b.fd)?;
         let (up, down) = (bytes(b.up)?, bytes(b.down)?);
         inh.bridges.push(Carried {
             state: b,

@@ -27,6 +27,10 @@ address = "unix-listen:DIR/up.sock"
 [[guest.transport]]
 kind = "mux"
 address = "unix:DIR/down.sock"
+[[guest.transport]]
+kind = "console"
+name = "hvc0"
+address = "unix:DIR/hvc0.sock"
 "#;
 
 /// Size of each copy: large enough to be in flight during the upgrade.
@@ -153,6 +157,35 @@ impl Echo {
     }
 }
 
+/// QEMU's side of a console: accepts vstreamd's connection (again after it goes) and writes
+/// `line N` every 5 ms; the last N written.
+fn console_guest(listener: std::os::unix::net::UnixListener) -> Arc<std::sync::atomic::AtomicU64> {
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let written = last.clone();
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            loop {
+                n += 1;
+                if conn.write_all(format!("line {n}\n").as_bytes()).is_err() {
+                    break;
+                }
+                written.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    last
+}
+
+/// The numbers of the `line N` a console viewer printed.
+fn viewed_lines(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("line ")?.trim().parse().ok())
+        .collect()
+}
+
 fn session_restarts(s: &serde_json::Value) -> u64 {
     s["guests"][0]["stats"]["session_restarts"]
         .as_u64()
@@ -185,7 +218,15 @@ async fn copying(d: &Daemon, name: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes() {
-    let d = Options::config(CONFIG).start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let console = std::os::unix::net::UnixListener::bind(dir.path().join("hvc0.sock"))
+        .expect("console socket");
+    let d = Options::config(&CONFIG.replace(
+        "DIR/hvc0.sock",
+        &dir.path().join("hvc0.sock").display().to_string(),
+    ))
+    .start();
+    let written = console_guest(console);
     let _agent = start_agent(&d);
     let before = d.wait_connected("g").await;
     let pid = before["daemon"]["pid"].as_u64().expect("pid");
@@ -217,6 +258,13 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
         &["open", "g", "diag", "echo"],
         2,
     );
+    let mut viewer = spawn_ctl(&d.control, &["console", "g", "--follow"], Stdio::null());
+    let mut viewer_out = viewer.stdout.take().expect("viewer stdout");
+    let viewed = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = viewer_out.read_to_string(&mut text);
+        text
+    });
     copying(&d, "in-guest.bin", 4 << 20).await;
     copying(&d, "on-host.bin", 4 << 20).await;
 
@@ -233,6 +281,7 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
     assert_eq!(s["daemon"]["generation"], 0, "{s:#}");
 
     // The upgrade itself, to the same binary.
+    let before_upgrade = written.load(Ordering::Relaxed);
     let asked = Instant::now();
     let args = ["daemon", "upgrade"];
     let said = ok(&args, ctl_async(&d.control, &args).await);
@@ -277,6 +326,35 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
         "upgrade: longest pause seen by the echoes: exec cat {} ms, diag echo {} ms",
         gap_cat.as_millis(),
         gap_echo.as_millis()
+    );
+
+    // The console viewer is still attached: it prints what the guest writes after the
+    // upgrade, in order, with nothing twice. (The console's own connection is not carried:
+    // lines the guest wrote while it was reconnected are counted, not required.)
+    let after = written.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        viewer.try_wait().expect("viewer").is_none(),
+        "the console viewer ended"
+    );
+    viewer.kill().expect("kill viewer");
+    let _ = viewer.wait();
+    let lines = viewed_lines(&viewed.join().expect("viewer"));
+    assert!(
+        lines.windows(2).all(|w| w[0] < w[1]),
+        "out of order or twice: {lines:?}"
+    );
+    assert!(
+        lines.first().is_some_and(|f| *f <= before_upgrade)
+            && lines.last().is_some_and(|l| *l > after),
+        "the viewer saw {:?}..{:?}, the upgrade was at line {before_upgrade}, over at {after}",
+        lines.first(),
+        lines.last()
+    );
+    let missing = (lines[0]..=lines[lines.len() - 1]).count() - lines.len();
+    println!(
+        "upgrade: the console viewer missed {missing} of {} lines",
+        lines.len() + missing
     );
 
     // The session was resumed, not restarted; the same pid runs the next generation; and a
