@@ -243,6 +243,13 @@ mod tests {
         assert_eq!(back, req);
     }
 
+    #[test]
+    fn only_the_owner_may_upgrade_the_daemon() {
+        let req = Request::Upgrade { binary: None };
+        assert!(!req.read_only());
+        assert_eq!(req.verb(), "daemon upgrade");
+    }
+
     #[tokio::test]
     async fn oversized_and_malformed_lines_are_errors() {
         let long = vec![b'x'; MAX_REQUEST + 10];

@@ -381,7 +381,7 @@ impl Daemon {
             start_events: Default::default(),
             access: Access::new(cfg.daemon.control_read_group.as_ref())
                 .map_err(|e| anyhow::anyhow!("[daemon] control_read_group: {e}"))?,
-            handover: Handover::from_env()?,
+            handover: Handover::from_env(),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;

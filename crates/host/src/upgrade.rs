@@ -333,7 +333,7 @@ pub struct Handover {
 
 impl Handover {
     /// A first daemon's handover, or a successor's from the state named by [`STATE_ENV`].
-    pub fn from_env() -> anyhow::Result<Arc<Handover>> {
+    pub fn from_env() -> Arc<Handover> {
         let binary = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
         let mut info = DaemonInfo {
             pid: std::process::id(),
@@ -345,23 +345,28 @@ impl Handover {
         let mut inherited = Inherited::default();
         if let Some(fd) = std::env::var_os(STATE_ENV) {
             std::env::remove_var(STATE_ENV);
-            let fd: RawFd = fd
-                .to_str()
-                .and_then(|s| s.parse().ok())
-                .filter(|fd| *fd > 2)
-                .ok_or_else(|| anyhow::anyhow!("{STATE_ENV}: not a descriptor number"))?;
-            let file = std::fs::File::from(adopt_fd(fd)?);
-            let (state, blobs) = read_state(file)?;
-            info.generation = state.generation + 1;
-            inherited = take_over(state, &blobs)?;
-            tracing::info!(
-                generation = info.generation,
-                sessions = inherited.sessions.len(),
-                bridges = inherited.bridges.len(),
-                "took over from the previous vstreamd"
-            );
+            // A state that does not check out is refused whole: the guests start new sessions
+            // and the control socket is bound afresh, but the daemon serves.
+            let taken = read_state(&fd).and_then(|(state, blobs)| {
+                let generation = state.generation + 1;
+                take_over(state, &blobs).map(|inh| (generation, inh))
+            });
+            match taken {
+                Ok((generation, inh)) => {
+                    info.generation = generation;
+                    inherited = inh;
+                    tracing::info!(
+                        generation,
+                        sessions = inherited.sessions.len(),
+                        bridges = inherited.bridges.len(),
+                        viewers = inherited.views.len(),
+                        "took over from the previous vstreamd"
+                    );
+                }
+                Err(e) => tracing::error!("upgrade state refused, starting afresh: {e}"),
+            }
         }
-        Ok(Arc::new(Handover {
+        Arc::new(Handover {
             stop: watch::channel(false).0,
             bridges: Mutex::default(),
             changed: Notify::new(),
@@ -370,7 +375,7 @@ impl Handover {
             info: Mutex::new(info),
             control: Mutex::new(None),
             inherited: Mutex::new(inherited),
-        }))
+        })
     }
 
     /// This daemon's identity, for status.
@@ -752,8 +757,13 @@ fn unix_stream(fd: OwnedFd) -> io::Result<UnixStream> {
     UnixStream::from_std(std)
 }
 
-/// Reads and checks the state file: its header and its byte strings.
-fn read_state(mut file: std::fs::File) -> anyhow::Result<(State, Vec<u8>)> {
+/// Reads and checks the state file named by [`STATE_ENV`]: its header and its byte strings.
+fn read_state(fd: &std::ffi::OsStr) -> anyhow::Result<(State, Vec<u8>)> {
+    let fd: RawFd = fd
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{STATE_ENV}: not a descriptor number"))?;
+    let mut file = std::fs::File::from(adopt_fd(fd)?);
     let mut head = [0u8; 16];
     file.read_exact(&mut head)
         .map_err(|e| anyhow::anyhow!("upgrade state: {e}"))?;

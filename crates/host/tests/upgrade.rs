@@ -374,3 +374,19 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
         d.log()
     );
 }
+
+#[tokio::test]
+async fn a_state_that_does_not_check_out_is_refused_and_the_daemon_serves() {
+    for state in ["999", "not a number"] {
+        let d = Options::new()
+            .env(vstream_host::upgrade::STATE_ENV, state)
+            .start();
+        let s = d.status().await;
+        assert_eq!(s["daemon"]["generation"], 0, "{s:#}");
+        assert!(
+            d.log().contains("upgrade state refused, starting afresh"),
+            "{}",
+            d.log()
+        );
+    }
+}
