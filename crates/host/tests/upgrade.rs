@@ -390,3 +390,19 @@ async fn a_state_that_does_not_check_out_is_refused_and_the_daemon_serves() {
         );
     }
 }
+
+/// What `systemctl reload` does with `ExecReload=/bin/kill -HUP $MAINPID`.
+#[tokio::test]
+async fn sighup_upgrades_in_place() {
+    let d = Options::new().start();
+    let pid = d.pid().to_string();
+    let sent = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let s = d
+        .wait_for("generation 1", |s| s["daemon"]["generation"] == 1)
+        .await;
+    assert_eq!(s["daemon"]["pid"].to_string(), pid);
+}

@@ -81,6 +81,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
+            // Before anything is served: a SIGHUP must never find the default action (exit).
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let daemon = Daemon::start(&cfg, state_dir).await?;
             for address in listen {
                 let d = daemon.clone();
@@ -95,7 +97,7 @@ fn main() -> anyhow::Result<()> {
                 r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = sigterm() => Ok(()),
-                () = upgrade_on_hangup(daemon.clone()) => Ok(()),
+                () = upgrade_on_hangup(daemon.clone(), hangups.ok()) => Ok(()),
             }
         })
 }
@@ -117,9 +119,11 @@ fn raise_fd_limit() {
 /// SIGHUP (what `systemctl reload` sends with `ExecReload=/bin/kill -HUP $MAINPID`): a live
 /// upgrade to the binary at the path vstreamd was started from. A failed one is logged and
 /// this daemon goes on.
-async fn upgrade_on_hangup(daemon: std::sync::Arc<Daemon>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+async fn upgrade_on_hangup(
+    daemon: std::sync::Arc<Daemon>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hangups) = hangups else {
         return std::future::pending().await;
     };
     while hangups.recv().await.is_some() {
