@@ -797,6 +797,20 @@ impl Daemon {
 
     /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group.
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
+        let listener = self.bind_control(path)?;
+        self.serve_control_on(listener).await
+    }
+
+    /// How many guests the daemon knows, and how many of them are connected (systemd's
+    /// `STATUS=` line).
+    pub fn guest_counts(&self) -> (usize, usize) {
+        let guests = self.guests();
+        let connected = guests.values().filter(|g| g.mux.is_connected()).count();
+        (guests.len(), connected)
+    }
+
+    /// Binds the control socket at `path`: mode 0600, or 0660 owned by the read-only group.
+    pub fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -819,6 +833,12 @@ impl Daemon {
         let mode = self.access.socket_mode();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "control socket ready");
+        Ok(listener)
+    }
+
+    /// Serves control connections on `listener` forever: one bound by [`Self::bind_control`], or
+    /// one systemd passed (socket activation; its unit sets the mode and group).
+    pub async fn serve_control_on(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let daemon = self.clone();
