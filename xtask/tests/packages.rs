@@ -242,7 +242,7 @@ fn the_lab_image_runs_the_packaged_agent() {
     let manifest = fs::read_to_string(xtask::image::image_dir().join("manifest.txt")).unwrap();
     let line = manifest
         .lines()
-        .find(|l| l.starts_with("file /usr/bin/vstream-agent "))
+        .find(|l| l.starts_with("file usr/bin/vstream-agent "))
         .unwrap_or_else(|| panic!("no /usr/bin/vstream-agent in the image: {manifest}"));
     let unpacked = xtask::image::image_dir().join("agent-package/usr/bin/vstream-agent");
     assert!(
