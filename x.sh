@@ -118,8 +118,9 @@ deb() {
     log "building the Debian packages (release vstreamd, vstreamctl; the static agent)"
     cargo build --release -p vstream-host --bins
     build_agent
-    local debs
-    mapfile -t debs < <(cargo xtask deb)
+    local out debs
+    out=$(cargo xtask deb) # a failed build stops here (set -e), not in lintian
+    mapfile -t debs <<<"$out"
     log "lintian ${debs[*]}"
     lintian --fail-on error --tag-display-limit 0 "${debs[@]}" || die "lintian found errors in the packages"
 }
