@@ -368,7 +368,8 @@ pub fn build_host_package(bin_dir: &Path) -> Result<PathBuf> {
          history and many viewers, terminal sessions, QGA-compatible management,\n \
          entropy, watchdog, input, printer and PPP. vstreamctl is its command line.\n \
          .\n \
-         Sessions survive a transport cut and a daemon restart.\n"
+         Sessions survive a transport cut; after a daemon restart every guest is\n \
+         back within seconds.\n"
     ))
 }
 
