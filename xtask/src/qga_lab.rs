@@ -531,7 +531,7 @@ pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
         }
         t
     };
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() / 4 * 3);

@@ -801,18 +801,35 @@ impl Daemon {
         });
     }
 
-    /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group. A
-    /// successor of a live upgrade serves the socket it inherited.
+    /// Serves the control socket forever (see [`Self::control_listener`]).
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
+        let listener = self.control_listener(None, path)?;
+        self.serve_control_on(listener).await
+    }
+
+    /// The control listener: the one a live upgrade's predecessor handed over, else the one
+    /// systemd passed (`activated`; its unit sets the mode and group), else one bound at `path`.
+    pub fn control_listener(
+        &self,
+        activated: Option<UnixListener>,
+        path: &Path,
+    ) -> io::Result<UnixListener> {
         let consoles = |guest: &str, name: &str| {
             let g = self.guest(guest)?;
             let found = g.consoles.iter().find(|c| c.name() == name);
             found.cloned()
         };
-        let listener = match self.handover.take_control(consoles)? {
-            Some(l) => l,
-            None => self.bind_control(path)?,
-        };
+        if let Some(listener) = self.handover.take_control(consoles)? {
+            return Ok(listener);
+        }
+        match activated {
+            Some(listener) => Ok(listener),
+            None => self.bind_control(path),
+        }
+    }
+
+    /// Serves control connections on `listener` forever.
+    pub async fn serve_control_on(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
         self.handover
             .serving_control(std::os::fd::AsFd::as_fd(&listener));
         loop {
@@ -831,7 +848,16 @@ impl Daemon {
         }
     }
 
-    fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
+    /// How many guests the daemon knows, and how many of them are connected (systemd's
+    /// `STATUS=` line).
+    pub fn guest_counts(&self) -> (usize, usize) {
+        let guests = self.guests();
+        let connected = guests.values().filter(|g| g.mux.is_connected()).count();
+        (guests.len(), connected)
+    }
+
+    /// Binds the control socket at `path`: mode 0600, or 0660 owned by the read-only group.
+    pub fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
