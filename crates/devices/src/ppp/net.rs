@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use tokio::io::unix::AsyncFd;
 
 /// Where `ip netns add NAME` puts a namespace.
@@ -46,16 +47,17 @@ where
     std::thread::Builder::new()
         .name("ppp-netns".into())
         .spawn(move || {
-            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
-            // namespace type; it changes only this thread's network namespace, and this thread
-            // ends when `f` returns, so no other code ever runs in the namespace by accident.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot enter network namespace {shown}: {e}"),
-                ));
-            }
+            // Only this thread enters the namespace, and it ends when `f` returns, so no other
+            // code ever runs in the namespace by accident.
+            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network)).map_err(
+                |e| {
+                    let e = io::Error::from(e);
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot enter network namespace {shown}: {e}"),
+                    )
+                },
+            )?;
             f()
         })?
         .join()
