@@ -40,42 +40,15 @@ pub(crate) fn parse_net_dev(text: &str) -> HashMap<String, GuestNetworkInterface
     out
 }
 
-/// Frees the getifaddrs list when dropped.
-pub(super) struct IfAddrs(*mut libc::ifaddrs);
-
-impl Drop for IfAddrs {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from a successful getifaddrs and is freed once.
-        unsafe { libc::freeifaddrs(self.0) }
-    }
-}
-
 pub(super) fn interfaces() -> Result<Vec<GuestNetworkInterface>, QgaError> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs stores a list head in `head`; it is freed by IfAddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(QgaError::io(
-            "getifaddrs failed",
-            &io::Error::last_os_error(),
-        ));
-    }
-    let list = IfAddrs(head);
+    let list = nix::ifaddrs::getifaddrs()
+        .map_err(|e| QgaError::io("getifaddrs failed", &io::Error::from(e)))?;
     let stats = read_text(Path::new("/proc/net/dev"), 1024 * 1024)
         .map(|t| parse_net_dev(&t))
         .unwrap_or_default();
     let mut out: Vec<GuestNetworkInterface> = Vec::new();
-    let mut cur = list.0;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list, valid until `list` is dropped below.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
+    for ifa in list {
+        let name = ifa.interface_name;
         let idx = match out.iter().position(|i| i.name == name) {
             Some(i) => i,
             None => {
@@ -89,65 +62,46 @@ pub(super) fn interfaces() -> Result<Vec<GuestNetworkInterface>, QgaError> {
             }
         };
         let iface = &mut out[idx];
-        if ifa.ifa_addr.is_null() {
+        let Some(addr) = ifa.address else {
             continue;
-        }
-        // SAFETY: ifa_addr points to a sockaddr at least as large as its family's type, as
-        // getifaddrs guarantees for AF_PACKET, AF_INET and AF_INET6; netmask likewise.
-        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-        let addr = match family {
-            libc::AF_PACKET => {
-                // SAFETY: see above: an AF_PACKET address is a sockaddr_ll.
-                let ll = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_ll) };
-                let n = usize::from(ll.sll_halen).min(ll.sll_addr.len());
-                if n > 0 {
-                    iface.hardware_address = Some(
-                        ll.sll_addr[..n]
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<Vec<_>>()
-                            .join(":"),
-                    );
-                }
-                None
-            }
-            libc::AF_INET => {
-                // SAFETY: see above: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                let prefix = if ifa.ifa_netmask.is_null() {
-                    32
-                } else {
-                    // SAFETY: the netmask has the address's family.
-                    let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
-                    prefix_len(&m.sin_addr.s_addr.to_ne_bytes())
-                };
-                Some(GuestIpAddress {
-                    ip_address: ip.to_string(),
-                    ip_address_type: "ipv4".into(),
-                    prefix,
-                })
-            }
-            libc::AF_INET6 => {
-                // SAFETY: see above: an AF_INET6 address is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                let prefix = if ifa.ifa_netmask.is_null() {
-                    128
-                } else {
-                    // SAFETY: the netmask has the address's family.
-                    let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
-                    prefix_len(&m.sin6_addr.s6_addr)
-                };
-                Some(GuestIpAddress {
-                    ip_address: ip.to_string(),
-                    ip_address_type: "ipv6".into(),
-                    prefix,
-                })
-            }
-            _ => None,
         };
-        if let Some(a) = addr {
+        let netmask = ifa.netmask;
+        let ip = if let Some(ll) = addr.as_link_addr() {
+            let n = ll.halen().min(6);
+            if let Some(mac) = ll.addr().filter(|_| n > 0) {
+                iface.hardware_address = Some(
+                    mac[..n]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            }
+            None
+        } else if let Some(sin) = addr.as_sockaddr_in() {
+            let prefix = netmask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map_or(32, |m| prefix_len(&m.ip().octets()));
+            Some(GuestIpAddress {
+                ip_address: sin.ip().to_string(),
+                ip_address_type: "ipv4".into(),
+                prefix,
+            })
+        } else if let Some(sin6) = addr.as_sockaddr_in6() {
+            let prefix = netmask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in6())
+                .map_or(128, |m| prefix_len(&m.ip().octets()));
+            Some(GuestIpAddress {
+                ip_address: sin6.ip().to_string(),
+                ip_address_type: "ipv6".into(),
+                prefix,
+            })
+        } else {
+            None
+        };
+        if let Some(a) = ip {
             iface.ip_addresses.get_or_insert_with(Vec::new).push(a);
         }
     }
