@@ -22,6 +22,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::ioctl::{ioctl, Getter, Opcode};
 use rustix::process::{Pid, Signal};
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -86,11 +87,15 @@ const LDISC_WAIT: Duration = Duration::from_secs(10);
 async fn wait_for_ppp_ldisc(probe: &OwnedFd) {
     let deadline = tokio::time::Instant::now() + LDISC_WAIT;
     while tokio::time::Instant::now() < deadline {
-        let mut ldisc: libc::c_int = 0;
-        // SAFETY: TIOCGETD writes one int through the pointer, which points to `ldisc`, alive
-        // for the call; `probe` is an open terminal descriptor.
-        let r = unsafe { libc::ioctl(probe.as_raw_fd(), libc::TIOCGETD, &mut ldisc as *mut _) };
-        if r != 0 || ldisc == N_PPP {
+        // SAFETY: TIOCGETD writes one int, the Getter's output type; `probe` is an open
+        // terminal descriptor.
+        let ldisc = unsafe {
+            ioctl(
+                probe,
+                Getter::<{ libc::TIOCGETD as Opcode }, libc::c_int>::new(),
+            )
+        };
+        if ldisc.is_err() || ldisc == Ok(N_PPP) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
