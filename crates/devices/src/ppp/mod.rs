@@ -18,8 +18,10 @@
 //! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
 
 pub mod guest;
+mod hdlc;
 pub mod host;
 pub mod net;
+mod packet;
 pub mod pppd;
 pub mod proto;
 #[cfg(test)]
