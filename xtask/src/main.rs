@@ -5,7 +5,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
-use xtask::{accel, demo, hostile, image, paths};
+use xtask::{accel, deb, demo, hostile, image, paths};
 
 mod bench_qga;
 mod bench_scale;
@@ -16,6 +16,8 @@ fn usage() -> &'static str {
 tasks:
   image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
   agent     build the static guest agent (target/x86_64-unknown-linux-gnu/release/vstream-agent)
+  deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
+            binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
   demo      boot a guest and show each device working, then shut it down
   boot      boot a guest (vstreamd + QEMU) and keep it until Enter or Ctrl-C
@@ -52,6 +54,21 @@ fn build_agent() -> Result<()> {
         bail!("the static agent build failed ({status})");
     }
     println!("{}", paths::agent_bin().display());
+    Ok(())
+}
+
+fn deb_task(args: &[String]) -> Result<()> {
+    let mut bin_dir = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--bin-dir" => bin_dir = Some(it.next().context("--bin-dir needs a value")?.into()),
+            other => bail!("deb: unknown option {other:?}\n\n{}", usage()),
+        }
+    }
+    for deb in deb::build_all(bin_dir)? {
+        println!("{}", deb.display());
+    }
     Ok(())
 }
 
@@ -207,6 +224,7 @@ fn run() -> Result<()> {
     match task.as_str() {
         "image" => image_task(),
         "agent" => build_agent(),
+        "deb" => deb_task(&args[1..]),
         "accel" => accel_task(),
         "demo" => demo::run(),
         "boot" => boot_task(&args[1..]),

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xtask::lab::testing::{self, ctl_ok, sh};
+use xtask::lab::testing::{self, ctl_ok, qga_bytes, sh};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,21 +31,6 @@ fn sha256_host(path: &Path) -> String {
         .next()
         .expect("digest")
         .to_owned()
-}
-
-/// Bytes (received, sent) by vstreamd on the guest's `qga` channels.
-fn qga_bytes(lab: &Lab, status: &Value) -> (u64, u64) {
-    lab::guest_status(status, lab.name())
-        .and_then(|g| g["channels"].as_array())
-        .into_iter()
-        .flatten()
-        .filter(|c| c["class"] == "qga")
-        .fold((0, 0), |(i, o), c| {
-            (
-                i + c["bytes_in"].as_u64().unwrap_or(0),
-                o + c["bytes_out"].as_u64().unwrap_or(0),
-            )
-        })
 }
 
 fn connected(lab: &Lab, status: &Value) -> bool {

@@ -6,6 +6,8 @@
 //! its folder and one line in [`guest_services`] or [`host_services`].
 #![deny(missing_docs)]
 
+pub mod channel;
+pub mod civil;
 pub mod console;
 pub mod diag;
 pub mod fastnet;
@@ -14,7 +16,10 @@ pub mod ppp;
 pub mod printer;
 pub mod qga;
 pub mod random;
+pub mod record;
+pub mod term;
 pub mod tty;
+pub mod tun;
 pub mod watchdog;
 
 use std::future::Future;
@@ -149,5 +154,53 @@ pub async fn dispatch(
                     .reset(&format!("no service for device class {:?}", inc.class));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Devices share code through the crate's shared modules (record, term, channel, civil, tun),
+    /// never through each other: no `crate::<device>::` path in another device's folder.
+    #[test]
+    fn no_device_imports_another() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let devices: Vec<String> = std::fs::read_dir(&src)
+            .expect("src")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.is_dir())
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert!(devices.len() >= 9, "{devices:?}");
+        let mut found = Vec::new();
+        for device in &devices {
+            let mut files = Vec::new();
+            let mut dirs = vec![src.join(device)];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(dir).expect("device folder") {
+                    let path = entry.expect("entry").path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else {
+                        files.push(path);
+                    }
+                }
+            }
+            for path in files {
+                let text = std::fs::read_to_string(&path).expect("source");
+                for other in devices.iter().filter(|o| *o != device) {
+                    for needle in [format!("crate::{other}::"), format!("crate::{other};")] {
+                        if text.contains(&needle) {
+                            found.push(format!("{}: {needle}", path.display()));
+                        }
+                    }
+                }
+                if text.contains("super::super::") {
+                    found.push(format!("{}: super::super::", path.display()));
+                }
+            }
+        }
+        assert!(found.is_empty(), "devices import each other: {found:#?}");
     }
 }

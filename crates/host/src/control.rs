@@ -10,6 +10,7 @@
 //!   ([`read_reply`]); only requests, which come from clients, are bounded.
 //! - `console` (attach), `open` and `agent`: raw bytes both ways.
 //! - `events`: one JSON event per line.
+//! - `upgrade`: one reply line, written by the successor daemon (or an error by this one).
 //!
 //! Who may ask what: the daemon reads every connection's peer credentials (SO_PEERCRED). The
 //! owner (root, and the daemon's own uid) may do everything; members of the optional read-only
@@ -71,6 +72,14 @@ pub enum Request {
         /// Only this guest's.
         guest: Option<String>,
     },
+    /// Hand everything to a new vstreamd exec'd in place (`binary`, default: the path this one
+    /// was started from). The reply comes from the successor (`daemon`), or is an error from
+    /// this daemon, which then goes on serving.
+    Upgrade {
+        /// The binary to run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// The first reply line.
@@ -93,6 +102,10 @@ pub struct Reply {
     /// For jobs: the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<serde_json::Value>,
+    /// For status and upgrade: the daemon's pid, version and generation
+    /// ([`crate::upgrade::DaemonInfo`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -125,6 +138,7 @@ impl Request {
             Request::Agent { .. } => "agent",
             Request::Jobs { .. } => "jobs",
             Request::Events { .. } => "events",
+            Request::Upgrade { .. } => "daemon upgrade",
         }
     }
 
@@ -136,7 +150,10 @@ impl Request {
         match self {
             Request::Status { .. } | Request::Events { .. } => true,
             Request::Console { attach, .. } => !attach,
-            Request::Open { .. } | Request::Agent { .. } | Request::Jobs { .. } => false,
+            Request::Open { .. }
+            | Request::Agent { .. }
+            | Request::Jobs { .. }
+            | Request::Upgrade { .. } => false,
         }
     }
 }
@@ -224,6 +241,13 @@ mod tests {
         assert!(wire.starts_with(br#"{"op":"console","guest":"lab""#));
         let back: Request = read_line(&mut &wire[..]).await.expect("read");
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn only_the_owner_may_upgrade_the_daemon() {
+        let req = Request::Upgrade { binary: None };
+        assert!(!req.read_only());
+        assert_eq!(req.verb(), "daemon upgrade");
     }
 
     #[tokio::test]

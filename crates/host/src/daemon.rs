@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -30,6 +29,7 @@ use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
 use crate::control::{push_line, read_line, write_line, Reply, Request};
 use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
+use crate::upgrade::{ConsoleView, Handover, Pump};
 
 /// Bytes of guest status lines gathered before a write to a control connection.
 const STATUS_BATCH: usize = 64 * 1024;
@@ -353,6 +353,8 @@ pub struct Daemon {
     start_events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Who may use the control socket.
     access: Access,
+    /// Live upgrades: what this daemon took over, and what it hands over.
+    handover: Arc<Handover>,
 }
 
 impl Daemon {
@@ -379,6 +381,7 @@ impl Daemon {
             start_events: Default::default(),
             access: Access::new(cfg.daemon.control_read_group.as_ref())
                 .map_err(|e| anyhow::anyhow!("[daemon] control_read_group: {e}"))?,
+            handover: Handover::from_env(),
         });
         for g in &cfg.guest {
             daemon.add_configured_guest(g)?;
@@ -420,7 +423,10 @@ impl Daemon {
         identity: (Rules, Option<Key>, Option<Owner>),
     ) -> Arc<Guest> {
         let cfg = self.limits.wire_config(Role::Host, name);
-        let (mux, incoming) = Mux::new(cfg, vstream_link::session_id());
+        let (mux, incoming) = self
+            .handover
+            .restore_session(name, cfg.clone())
+            .unwrap_or_else(|| Mux::new(cfg, vstream_link::session_id()));
         let printer = self
             .printers
             .lock()
@@ -795,8 +801,63 @@ impl Daemon {
         });
     }
 
-    /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group.
+    /// Serves the control socket forever (see [`Self::control_listener`]).
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
+        let listener = self.control_listener(None, path)?;
+        self.serve_control_on(listener).await
+    }
+
+    /// The control listener: the one a live upgrade's predecessor handed over, else the one
+    /// systemd passed (`activated`; its unit sets the mode and group), else one bound at `path`.
+    pub fn control_listener(
+        &self,
+        activated: Option<UnixListener>,
+        path: &Path,
+    ) -> io::Result<UnixListener> {
+        let consoles = |guest: &str, name: &str| {
+            let g = self.guest(guest)?;
+            let found = g.consoles.iter().find(|c| c.name() == name);
+            found.cloned()
+        };
+        if let Some(listener) = self.handover.take_control(consoles)? {
+            return Ok(listener);
+        }
+        match activated {
+            Some(listener) => Ok(listener),
+            None => self.bind_control(path),
+        }
+    }
+
+    /// Serves control connections on `listener` forever.
+    pub async fn serve_control_on(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        self.handover
+            .serving_control(std::os::fd::AsFd::as_fd(&listener));
+        loop {
+            self.handover.wait_until_open().await;
+            let stream = tokio::select! {
+                r = listener.accept() => r?.0,
+                // Clients wait in the backlog for whichever daemon serves next.
+                () = self.handover.closing() => continue,
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = daemon.handle_control(stream).await {
+                    tracing::debug!("control connection: {e}");
+                }
+            });
+        }
+    }
+
+    /// How many guests the daemon knows, and how many of them are connected (systemd's
+    /// `STATUS=` line).
+    pub fn guest_counts(&self) -> (usize, usize) {
+        let guests = self.guests();
+        let connected = guests.values().filter(|g| g.mux.is_connected()).count();
+        (guests.len(), connected)
+    }
+
+    /// Binds the control socket at `path`: mode 0600, or 0660 owned by the read-only group.
+    pub fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -819,15 +880,25 @@ impl Daemon {
         let mode = self.access.socket_mode();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "control socket ready");
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let daemon = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = daemon.handle_control(stream).await {
-                    tracing::debug!("control connection: {e}");
-                }
-            });
-        }
+        Ok(listener)
+    }
+
+    /// Hands everything to a new vstreamd (see crate::upgrade); returns only if that failed,
+    /// and then this daemon goes on serving. `reply` is the requester's connection, which the
+    /// successor answers.
+    pub async fn upgrade(
+        &self,
+        binary: Option<PathBuf>,
+        reply: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<std::convert::Infallible, String> {
+        // Announced guests are not carried: their names and owners live only here.
+        let sessions = self
+            .guests()
+            .values()
+            .filter(|g| g.owner.is_none())
+            .map(|g| (g.name.clone(), g.mux.clone()))
+            .collect();
+        self.handover.upgrade(sessions, binary, reply).await
     }
 
     async fn handle_control(self: Arc<Self>, stream: UnixStream) -> io::Result<()> {
@@ -873,6 +944,7 @@ impl Daemon {
                     ok: true,
                     guests: Some(guests.len()),
                     refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
+                    daemon: Some(json!(self.handover.info())),
                     ..Reply::default()
                 };
                 write_line(&mut w, &reply).await?;
@@ -915,7 +987,7 @@ impl Daemon {
                     .await;
                 };
                 // Subscribe before reading the tail so nothing falls between the two.
-                let mut viewer = console.attach(attach);
+                let viewer = console.attach(attach);
                 let reply = Reply {
                     ok: true,
                     writer: Some(viewer.is_writer()),
@@ -928,24 +1000,15 @@ impl Daemon {
                 if !follow && !attach {
                     return w.shutdown().await;
                 }
-                let mut input = vec![0u8; 4096];
-                loop {
-                    tokio::select! {
-                        out = viewer.next_output() => match out {
-                            Ok(Some(b)) => w.write_all(&b).await?,
-                            Ok(None) => w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
-                            Err(_) => return Ok(()),
-                        },
-                        n = r.read(&mut input), if attach => match n? {
-                            0 => return Ok(()),
-                            n => {
-                                if viewer.is_writer() {
-                                    viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
-                                }
-                            }
-                        },
-                    }
-                }
+                let watch = ConsoleView {
+                    guest,
+                    console,
+                    viewer,
+                    r,
+                    w,
+                    attach,
+                };
+                self.handover.view(watch).await
             }
             Request::Open { guest, class, name } => {
                 let Some(g) = self.guest(&guest) else {
@@ -981,7 +1044,7 @@ impl Daemon {
                     opened,
                     json!({"class": class, "name": name, "channel": channel}),
                 );
-                let result = pipe(r, w, chan).await;
+                let result = self.handover.bridge(Pump::new(&guest, r, w, chan)).await;
                 let mut fields = json!({
                     "class": class, "name": name, "channel": channel,
                     "duration_ms": started.elapsed().as_millis() as u64,
@@ -998,12 +1061,22 @@ impl Daemon {
                         .await;
                 };
                 match qga_stream(&g).await {
-                    Ok(stream) => {
+                    Ok(QgaStream::Raw(stream)) => {
                         write_line(&mut w, &Reply::ok()).await?;
                         pipe(r, w, stream).await
                     }
+                    // A channel of vstream-agent: carried across live upgrades.
+                    Ok(QgaStream::Channel(chan)) => {
+                        write_line(&mut w, &Reply::ok()).await?;
+                        self.handover.bridge(Pump::new(&guest, r, w, chan)).await
+                    }
                     Err(e) => write_line(&mut w, &Reply::error(format!("{guest}: {e}"))).await,
                 }
+            }
+            Request::Upgrade { binary } => {
+                let reply = std::os::fd::AsFd::as_fd(w.as_ref());
+                let Err(e) = self.upgrade(binary, Some(reply)).await;
+                write_line(&mut w, &Reply::error(format!("upgrade: {e}"))).await
             }
             Request::Jobs { guest } => {
                 let Some(g) = self.guest(&guest) else {
@@ -1059,15 +1132,23 @@ impl Daemon {
     }
 }
 
+/// A QGA byte stream to a guest.
+enum QgaStream {
+    /// Its raw `qga` transport (a real qemu-ga).
+    Raw(vstream_transport::BoxStream),
+    /// A `qga` channel of vstream-agent.
+    Channel(vstream_link::ChannelStream),
+}
+
 /// A QGA byte stream to a guest: its raw `qga` transport if configured (a real qemu-ga), else
 /// a `qga` channel of vstream-agent.
-async fn qga_stream(g: &Guest) -> Result<vstream_transport::BoxStream, String> {
+async fn qga_stream(g: &Guest) -> Result<QgaStream, String> {
     let wait = Duration::from_secs(30);
     match g.qga.get() {
         Some(address) => {
             let connect = async { Endpoint::bind(address.clone()).await?.next().await };
             match tokio::time::timeout(wait, connect).await {
-                Ok(Ok(c)) => Ok(c.stream),
+                Ok(Ok(c)) => Ok(QgaStream::Raw(c.stream)),
                 Ok(Err(e)) => Err(format!("qga transport: {e}")),
                 Err(_) => Err(format!(
                     "qga transport {address}: no connection within 30 s"
@@ -1077,7 +1158,7 @@ async fn qga_stream(g: &Guest) -> Result<vstream_transport::BoxStream, String> {
         None => {
             let class = vstream_devices::qga::CLASS;
             match tokio::time::timeout(wait, g.mux.open(class, "")).await {
-                Ok(Ok(c)) => Ok(Box::new(c)),
+                Ok(Ok(c)) => Ok(QgaStream::Channel(c)),
                 Ok(Err(e)) => Err(format!("{class}: {e}")),
                 Err(_) => Err(format!(
                     "{class}: no answer within 30 s (is the agent connected?)"

@@ -7,6 +7,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod identity;
+pub mod systemd;
+pub mod upgrade;
 
 /// Default control socket path (also from `VSTREAM_CONTROL`).
 pub const DEFAULT_CONTROL: &str = "/run/vstream/control.sock";

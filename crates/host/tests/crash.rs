@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{ctl, ctl_async, ok, Daemon, Options};
+use common::{agent_binary, ctl, ctl_async, ok, AgentProcess, Daemon, Options};
 
 const CONFIG: &str = r#"
 [[guest]]
@@ -37,39 +37,6 @@ action = "log"
 
 /// Size of the files copied: large enough that the copies are in flight when vstreamd dies.
 const BIG: usize = 64 * 1024 * 1024;
-
-/// The vstream-agent binary, built next to vstreamd (cargo builds only this package's
-/// binaries for its tests; this is a no-op when the agent is up to date).
-fn agent_binary() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_vstreamd"))
-        .parent()
-        .expect("target dir");
-    let mut build = Command::new(env!("CARGO"));
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "vstream-agent",
-        "--bin",
-        "vstream-agent",
-    ]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cargo build -p vstream-agent");
-    assert!(status.success(), "cargo build -p vstream-agent failed");
-    dir.join("vstream-agent")
-}
-
-/// A vstream-agent process (killed on drop), logging to `DIR/agent.log`.
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start_agent(d: &Daemon) -> AgentProcess {
     let arg = |name: &str| d.path(name).display().to_string();

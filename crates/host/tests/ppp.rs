@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vstream_agent::Agent;
 use vstream_devices::ppp::host::{run_userspace, UserspaceLink};
-use vstream_devices::ppp::net::{in_netns, netns_path};
+use vstream_devices::tun::{in_netns, netns_path};
 
 use common::{Daemon, Options};
 

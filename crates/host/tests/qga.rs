@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use vstream_agent::Agent;
 use vstream_devices::qga::guest::{GuestAgent, Settings};
 
-use common::{ctl_async, ok, start_daemon};
+use common::{ctl_async, ok, sha256, start_daemon};
 
 async fn ctl_ok(control: &Path, args: &[&str]) -> String {
     ok(args, ctl_async(control, args).await)
@@ -44,19 +44,6 @@ async fn ret(control: &Path, guest: &str, cmd: Value) -> Value {
         .get("return")
         .cloned()
         .unwrap_or_else(|| panic!("{guest} {cmd}: {reply}"))
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
 }
 
 /// A file of `len` pseudo-random bytes.

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use vstream_agent::{Agent, AgentOptions};
 use vstream_devices::watchdog::guest::GuestSettings;
-use vstream_devices::watchdog::{GuestMsg, Message};
+use vstream_devices::watchdog::GuestMsg;
 
 use common::{start_daemon, status, Daemon};
 

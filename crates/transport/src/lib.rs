@@ -40,6 +40,7 @@ mod endpoint;
 mod fd;
 mod hvsock;
 mod port;
+mod retry;
 mod serial;
 mod tcp;
 mod unix;
@@ -52,6 +53,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub use address::{Address, AddressError, SerialConfig, DEFAULT_BAUD, SYNTAX};
 pub(crate) use endpoint::with_context;
 pub use endpoint::Endpoint;
+pub use retry::{bind_retrying, Backoff};
 
 /// What the kernel, not the peer, says about who is at the other end of a connection: the
 /// ground a guest's identity stands on (docs/THREAT-MODEL.md). Nothing in it was sent by the peer.

@@ -17,6 +17,6 @@ pub use frame::{DecodeError, Decoder, Frame, Kind, Transmit};
 pub use hello::{peek_hello, Hello, Role};
 pub use session::{
     ChannelError, ChannelId, ChannelInfo, Config, ErrorKind, Event, LinkId, LinkParams, LinkStats,
-    ProtocolError, Recv, ResetCode, Session, SessionStats, CONTROL_QUEUE_LIMIT, MAX_INPUT,
-    REFUSED_BY_PEER,
+    ProtocolError, Recv, ResetCode, Session, SessionStats, SnapshotError, CONTROL_QUEUE_LIMIT,
+    MAX_INPUT, REFUSED_BY_PEER,
 };

@@ -15,6 +15,9 @@ use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, Kind, Sink, Tr
 use crate::hello::{caps, Hello, Role, VERSION};
 use crate::limit::ReportLimit;
 
+mod snapshot;
+pub use snapshot::SnapshotError;
+
 /// Identifies a link (one transport connection) within a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LinkId(pub u32);

@@ -153,6 +153,35 @@ impl Sim {
         self.add_link();
     }
 
+    /// Replaces one side's session by a restore of its snapshot (a live upgrade of that
+    /// process): its links go away with it, bytes in flight are lost, and a new link follows.
+    fn upgrade(&mut self, guest_side: bool) {
+        self.drain_events();
+        let side = if guest_side {
+            &mut self.guest
+        } else {
+            &mut self.host
+        };
+        let state = side.snapshot();
+        let restored = Session::restore(side.config().clone(), &state, self.now).expect("restore");
+        assert_eq!(
+            restored.snapshot(),
+            state,
+            "a restore keeps every byte of the state"
+        );
+        *side = restored;
+        // The restored session has no link; the peer's links die with the old process.
+        for l in std::mem::take(&mut self.links) {
+            let peer = if guest_side {
+                &mut self.host
+            } else {
+                &mut self.guest
+            };
+            peer.remove_link(if guest_side { l.host } else { l.guest });
+        }
+        self.add_link();
+    }
+
     fn step(&mut self) {
         // Guest writes (the writer side in these tests), host reads.
         for k in 0..self.writers.len() {
@@ -430,8 +459,94 @@ fn vectored_transmit_sends_the_same_bytes() {
     }
 }
 
+/// Snapshot and restore at random points of a transfer (either side, as a live upgrade of
+/// vstreamd or of an agent would): every byte arrives exactly once and in order, and the
+/// session resumes instead of restarting.
+fn run_with_upgrades(seed: u64, channels: usize, bytes: u64, upgrades: &[(usize, bool)]) {
+    let mut sim = Sim::new(
+        seed,
+        channels,
+        bytes,
+        Faults::default(),
+        LinkParams::stream(0),
+    );
+    let mut steps = 0;
+    for &(at, guest_side) in upgrades {
+        while steps < at && !sim.done() {
+            sim.step();
+            steps += 1;
+        }
+        sim.upgrade(guest_side);
+    }
+    sim.run(200_000, vec![]);
+    assert!(sim.resets.is_empty(), "{:?}", sim.resets);
+    assert_eq!(sim.host.stats().session_restarts, 0);
+    assert_eq!(sim.guest.stats().session_restarts, 0);
+    assert!(sim.readers.iter().all(|r| r.got == bytes && r.eof));
+}
+
+#[test]
+fn snapshots_mid_transfer_lose_and_repeat_nothing() {
+    let upgrades: Vec<(usize, bool)> = (0..40).map(|i| (i * 7 + 3, i % 3 == 0)).collect();
+    run_with_upgrades(21, 4, 3_000_000, &upgrades);
+}
+
+#[test]
+fn a_damaged_or_foreign_snapshot_is_refused_with_a_reason() {
+    let mut sim = Sim::new(23, 3, 1_000_000, Faults::default(), LinkParams::stream(0));
+    for _ in 0..30 {
+        sim.step();
+    }
+    sim.drain_events();
+    let cfg = sim.guest.config().clone();
+    let state = sim.guest.snapshot();
+    assert!(state.len() > 16 * 1024, "the snapshot holds queued data");
+    let now = sim.now;
+    // Every truncation is an error, never a panic or a short session.
+    for len in (0..state.len()).step_by(97).chain([state.len() - 1]) {
+        assert!(
+            Session::restore(cfg.clone(), &state[..len], now).is_err(),
+            "{len}"
+        );
+    }
+    let mut longer = state.clone();
+    longer.push(0);
+    let e = Session::restore(cfg.clone(), &longer, now).expect_err("trailing byte");
+    assert!(e.to_string().contains("after the end"), "{e}");
+    // Flipped bytes: an error or a session within the limits, never a panic.
+    let mut rng = StdRng::seed_from_u64(5);
+    for _ in 0..2_000 {
+        let mut bad = state.clone();
+        let at = rng.random_range(0..bad.len().min(4096));
+        bad[at] ^= 1 << rng.random_range(0..8);
+        if let Ok(s) = Session::restore(cfg.clone(), &bad, now) {
+            assert!(s.held_bytes() <= cfg.peer_buffer_limit);
+        }
+    }
+    // The other role's state, and limits the queued data does not fit.
+    let host = Config::new(Role::Host, "host");
+    let e = Session::restore(host, &state, now).expect_err("role");
+    assert!(e.to_string().contains("role"), "{e}");
+    let mut small = cfg.clone();
+    small.max_channels = 2;
+    let e = Session::restore(small, &state, now).expect_err("limits");
+    assert!(e.to_string().contains("3 entries, at most 2"), "{e}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn snapshots_at_random_points(
+        seed in any::<u64>(),
+        channels in 1usize..6,
+        bytes in 1u64..400_000,
+        upgrades in proptest::collection::vec((0usize..300, any::<bool>()), 1..6),
+    ) {
+        let mut upgrades = upgrades;
+        upgrades.sort_unstable();
+        run_with_upgrades(seed, channels, bytes, &upgrades);
+    }
 
     #[test]
     fn random_cuts_corruption_and_interleavings(

@@ -208,3 +208,18 @@ pub fn receive_one(listener: TcpListener) -> thread::JoinHandle<(Vec<u8>, Durati
         (got, start.elapsed())
     })
 }
+
+/// Bytes (received, sent) by vstreamd on the guest's `qga` channels.
+pub fn qga_bytes(lab: &Lab, status: &serde_json::Value) -> (u64, u64) {
+    super::guest_status(status, lab.name())
+        .and_then(|g| g["channels"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|c| c["class"] == "qga")
+        .fold((0, 0), |(i, o), c| {
+            (
+                i + c["bytes_in"].as_u64().unwrap_or(0),
+                o + c["bytes_out"].as_u64().unwrap_or(0),
+            )
+        })
+}

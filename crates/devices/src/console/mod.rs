@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
-use vstream_transport::{Address, Endpoint};
+use vstream_transport::{bind_retrying, Address, Backoff};
 
 pub use self::log::RotatingLog;
 
@@ -268,16 +268,11 @@ impl Drop for Viewer {
 
 async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::Receiver<Bytes>) {
     let address = console.settings.address.clone();
-    let mut backoff = Duration::from_millis(100);
-    let mut endpoint = loop {
-        match Endpoint::bind(address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                console.record_error(&e);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut endpoint = bind_retrying(&address, Duration::from_secs(1), |e| {
+        console.record_error(e)
+    })
+    .await;
     // Since when output may have gone uncaptured: the log's last write by an earlier vstreamd
     // (stopped or killed), then each disconnection.
     let mut interrupted = log.last_write();
@@ -286,12 +281,11 @@ async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::R
             Ok(c) => c,
             Err(e) => {
                 console.record_error(&e);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         if let Some(since) = interrupted.take() {
             let line = format!(
                 "[vstreamd: console capture interrupted at {}, resumed at {}; output in between, if any, was not captured]",
@@ -340,14 +334,14 @@ async fn capture(console: Arc<Console>, mut log: RotatingLog, mut input: mpsc::R
         tracing::info!(console = %console.settings.name, "console disconnected: {why}");
         interrupted = Some(SystemTime::now());
         console.set_connected(false, "");
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(backoff.current()).await;
     }
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC`.
 fn utc(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (y, m, d) = crate::qga::guest::civil_from_days(secs.div_euclid(86_400));
+    let (y, m, d) = crate::civil::civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::ring::{Consumer, Direction, Doorbell, Layout, Memory, Producer, RingError, Segment};
-use super::{Decoder, GuestMsg, HostMsg, Message, Mode, Setup, MAX_PACKET};
-use crate::ppp::net::Tun;
+use super::{read_message, Decoder, GuestMsg, HostMsg, Message, Mode, Setup, MAX_PACKET};
+use super::{ReadError, RecordError, READ_CHUNK};
+use crate::tun::Tun;
 
 /// Packets taken from the TAP per batch before the producer index is published.
 const BATCH: usize = 64;
@@ -22,7 +23,7 @@ pub enum LinkError {
     Ring(#[from] RingError),
     /// The channel carried something that is not a fastnet message.
     #[error("fastnet channel: {0}")]
-    Codec(#[from] super::CodecError),
+    Codec(#[from] RecordError),
     /// The guest reset the link.
     #[error("the guest reset the link: {0}")]
     GuestReset(String),
@@ -56,15 +57,12 @@ async fn next<S: AsyncRead + Unpin>(
     dec: &mut Decoder<GuestMsg>,
     buf: &mut [u8],
 ) -> Result<GuestMsg, LinkError> {
-    loop {
-        if let Some(m) = dec.next_message()? {
-            return Ok(m);
-        }
-        let n = stream.read(buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
-        dec.push(&buf[..n])?;
+    match read_message(stream, dec, buf).await {
+        Ok(Some(m)) => Ok(m),
+        // The guest ends a link with a `Reset`, never by closing the channel.
+        Ok(None) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+        Err(ReadError::Io(e)) => Err(e.into()),
+        Err(ReadError::Record(e)) => Err(e.into()),
     }
 }
 
@@ -88,7 +86,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     send(&mut stream, &HostMsg::Setup(setup)).await?;
     let mut dec = Decoder::<GuestMsg>::new();
-    let mut rbuf = vec![0u8; crate::tty::READ_CHUNK];
+    let mut rbuf = vec![0u8; READ_CHUNK];
     let ready = loop {
         match next(&mut stream, &mut dec, &mut rbuf).await? {
             GuestMsg::Ready(r) => break r,

@@ -7,8 +7,8 @@
 //! - [`host`]: vstreamd's end of a link, between the host TAP and the guest.
 //! - [`tap`]: the TAP interface with vnet headers and offloads that each end attaches.
 //! - This module: the messages of the `fastnet` channel (setup, the answer, doorbells, and the
-//!   packets themselves in channel-only mode), framed as the tty device frames its messages
-//!   (type byte, u32 LE length, payload; [`crate::tty::Decoder`] splits them), and the choice
+//!   packets themselves in channel-only mode) as records of the shared codec
+//!   ([`crate::record`], [`record::Layout::Long`]: type byte, u32 LE length, payload), and the choice
 //!   between the two modes.
 //!
 //! See docs/devices/fastnet.md for the layout, the ordering rules and the doorbell protocol.
@@ -23,8 +23,8 @@ mod tests;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::tty::put_named_frame;
-pub use crate::tty::{CodecError, Decoder, Message};
+use crate::record::{self, put, Limit};
+pub use crate::record::{read_message, Decoder, Message, ReadError, RecordError};
 
 /// The device class.
 pub const CLASS: &str = "fastnet";
@@ -38,6 +38,9 @@ pub const MAX_PACKET: u32 = 65536 + 64;
 
 /// Largest `Setup`, `Ready` or `Reset` payload.
 pub const MAX_CONTROL: usize = 4096;
+
+/// Largest slice the drivers hand to [`Decoder::push`] at once (their read buffer).
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Message type bytes: host to guest with the high bit clear, guest to host set.
 mod kind {
@@ -76,6 +79,8 @@ pub struct Setup {
     /// The host interface's MAC address.
     pub host_mac: String,
     /// The guest's IPv4 address and prefix (`10.0.0.2/24`), if the host assigns one.
+    // Left out when absent: a decoded message never re-encodes longer than it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_address: Option<String>,
     /// Packets start with a 12-byte `virtio_net_hdr_v1` and may be up to 64 KiB GSO frames
     /// with partial checksums (TAP `IFF_VNET_HDR` and `TUNSETOFFLOAD` on both ends).
@@ -89,6 +94,7 @@ pub struct Ready {
     /// The mode both sides now use.
     pub mode: Mode,
     /// Why shared memory was not used, for the host's log and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
@@ -119,118 +125,111 @@ pub enum GuestMsg {
     Reset(String),
 }
 
-fn name(kind: u8) -> &'static str {
+/// The limits of every type, either direction.
+fn limit(kind: u8) -> Result<Limit, RecordError> {
     match kind {
-        kind::SETUP => "Setup",
-        kind::DOORBELL | kind::GUEST_DOORBELL => "Doorbell",
-        kind::PACKET | kind::GUEST_PACKET => "Packet",
-        kind::RESET | kind::GUEST_RESET => "Reset",
-        kind::READY => "Ready",
-        _ => "unknown",
+        kind::SETUP => Ok(Limit::range("Setup", 0, MAX_CONTROL)),
+        kind::READY => Ok(Limit::range("Ready", 0, MAX_CONTROL)),
+        kind::DOORBELL | kind::GUEST_DOORBELL => Ok(Limit::exactly("Doorbell", 0)),
+        kind::PACKET | kind::GUEST_PACKET => Ok(Limit::range("Packet", 0, MAX_PACKET as usize)),
+        kind::RESET | kind::GUEST_RESET => Ok(Limit::range("Reset", 0, MAX_CONTROL)),
+        other => Err(RecordError::UnknownType(other)),
     }
 }
 
-fn max_payload(kind: u8) -> Result<usize, CodecError> {
-    match kind {
-        kind::SETUP | kind::READY | kind::RESET | kind::GUEST_RESET => Ok(MAX_CONTROL),
-        kind::DOORBELL | kind::GUEST_DOORBELL => Ok(0),
-        kind::PACKET | kind::GUEST_PACKET => Ok(MAX_PACKET as usize),
-        other => Err(CodecError::UnknownType(other)),
-    }
-}
-
-fn json<T: serde::de::DeserializeOwned>(kind: u8, payload: &[u8]) -> Result<T, CodecError> {
-    serde_json::from_slice(payload).map_err(|_| CodecError::Malformed {
-        kind: name(kind),
+fn json<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    payload: &[u8],
+) -> Result<T, RecordError> {
+    serde_json::from_slice(payload).map_err(|_| RecordError::Malformed {
+        kind,
         what: "not the JSON object docs/devices/fastnet.md describes",
     })
 }
 
-fn text(kind: u8, payload: &[u8]) -> Result<String, CodecError> {
-    String::from_utf8(payload.to_vec()).map_err(|_| CodecError::Malformed {
-        kind: name(kind),
+fn text(payload: &[u8]) -> Result<String, RecordError> {
+    String::from_utf8(payload.to_vec()).map_err(|_| RecordError::Malformed {
+        kind: "Reset",
         what: "reason is not UTF-8",
     })
 }
 
-fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) -> Result<(), CodecError> {
-    put_named_frame(out, kind, name(kind), payload, max_payload(kind)?)
-}
-
-fn frame_json(out: &mut Vec<u8>, kind: u8, value: &impl Serialize) -> Result<(), CodecError> {
+fn put_json<M: Message>(
+    out: &mut Vec<u8>,
+    kind: u8,
+    value: &impl Serialize,
+) -> Result<(), RecordError> {
     let body = serde_json::to_vec(value).expect("plain structs serialize");
-    frame(out, kind, &body)
+    put::<M>(out, kind, 0, &body)
 }
 
 /// Packets are not checked further: they go to a TAP device as they are, and the kernel parses
 /// them (as it does a packet from any NIC).
 impl Message for HostMsg {
+    const LAYOUT: record::Layout = record::Layout::Long;
     const MAX_PAYLOAD: usize = MAX_PACKET as usize;
+    const READ_CHUNK: usize = READ_CHUNK;
 
-    fn max_payload(kind: u8) -> Result<usize, CodecError> {
+    fn limit(kind: u8) -> Result<Limit, RecordError> {
         match kind {
-            kind::SETUP | kind::DOORBELL | kind::PACKET | kind::RESET => max_payload(kind),
-            other => Err(CodecError::UnknownType(other)),
+            kind::SETUP | kind::DOORBELL | kind::PACKET | kind::RESET => limit(kind),
+            other => Err(RecordError::UnknownType(other)),
         }
     }
 
-    fn decode(kind: u8, payload: Bytes) -> Result<HostMsg, CodecError> {
+    fn decode(kind: u8, _flags: u8, payload: Bytes) -> Result<HostMsg, RecordError> {
         match kind {
-            kind::SETUP => Ok(HostMsg::Setup(json(kind, &payload)?)),
+            kind::SETUP => Ok(HostMsg::Setup(json("Setup", &payload)?)),
             kind::DOORBELL => Ok(HostMsg::Doorbell),
             kind::PACKET => Ok(HostMsg::Packet(payload)),
-            kind::RESET => Ok(HostMsg::Reset(text(kind, &payload)?)),
-            other => Err(CodecError::UnknownType(other)),
+            kind::RESET => Ok(HostMsg::Reset(text(&payload)?)),
+            other => Err(RecordError::UnknownType(other)),
         }
     }
 
-    fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let put = |out: &mut Vec<u8>, kind, payload: &[u8]| put::<HostMsg>(out, kind, 0, payload);
         match self {
-            HostMsg::Setup(s) => frame_json(out, kind::SETUP, s),
-            HostMsg::Doorbell => frame(out, kind::DOORBELL, &[]),
-            HostMsg::Packet(p) => frame(out, kind::PACKET, p),
-            HostMsg::Reset(r) => frame(out, kind::RESET, r.as_bytes()),
+            HostMsg::Setup(s) => put_json::<HostMsg>(out, kind::SETUP, s),
+            HostMsg::Doorbell => put(out, kind::DOORBELL, &[]),
+            HostMsg::Packet(p) => put(out, kind::PACKET, p),
+            HostMsg::Reset(r) => put(out, kind::RESET, r.as_bytes()),
         }
-    }
-
-    fn kind_name(kind: u8) -> &'static str {
-        name(kind)
     }
 }
 
 impl Message for GuestMsg {
+    const LAYOUT: record::Layout = record::Layout::Long;
     const MAX_PAYLOAD: usize = MAX_PACKET as usize;
+    const READ_CHUNK: usize = READ_CHUNK;
 
-    fn max_payload(kind: u8) -> Result<usize, CodecError> {
+    fn limit(kind: u8) -> Result<Limit, RecordError> {
         match kind {
             kind::READY | kind::GUEST_DOORBELL | kind::GUEST_PACKET | kind::GUEST_RESET => {
-                max_payload(kind)
+                limit(kind)
             }
-            other => Err(CodecError::UnknownType(other)),
+            other => Err(RecordError::UnknownType(other)),
         }
     }
 
-    fn decode(kind: u8, payload: Bytes) -> Result<GuestMsg, CodecError> {
+    fn decode(kind: u8, _flags: u8, payload: Bytes) -> Result<GuestMsg, RecordError> {
         match kind {
-            kind::READY => Ok(GuestMsg::Ready(json(kind, &payload)?)),
+            kind::READY => Ok(GuestMsg::Ready(json("Ready", &payload)?)),
             kind::GUEST_DOORBELL => Ok(GuestMsg::Doorbell),
             kind::GUEST_PACKET => Ok(GuestMsg::Packet(payload)),
-            kind::GUEST_RESET => Ok(GuestMsg::Reset(text(kind, &payload)?)),
-            other => Err(CodecError::UnknownType(other)),
+            kind::GUEST_RESET => Ok(GuestMsg::Reset(text(&payload)?)),
+            other => Err(RecordError::UnknownType(other)),
         }
     }
 
-    fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let put = |out: &mut Vec<u8>, kind, payload: &[u8]| put::<GuestMsg>(out, kind, 0, payload);
         match self {
-            GuestMsg::Ready(r) => frame_json(out, kind::READY, r),
-            GuestMsg::Doorbell => frame(out, kind::GUEST_DOORBELL, &[]),
-            GuestMsg::Packet(p) => frame(out, kind::GUEST_PACKET, p),
-            GuestMsg::Reset(r) => frame(out, kind::GUEST_RESET, r.as_bytes()),
+            GuestMsg::Ready(r) => put_json::<GuestMsg>(out, kind::READY, r),
+            GuestMsg::Doorbell => put(out, kind::GUEST_DOORBELL, &[]),
+            GuestMsg::Packet(p) => put(out, kind::GUEST_PACKET, p),
+            GuestMsg::Reset(r) => put(out, kind::GUEST_RESET, r.as_bytes()),
         }
-    }
-
-    fn kind_name(kind: u8) -> &'static str {
-        name(kind)
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use crate::ppp::net::Tun;
+use crate::tun::Tun;
 
 /// Bytes of `struct virtio_net_hdr_v1` before each frame.
 pub const VNET_HDR_LEN: usize = 12;

@@ -640,6 +640,33 @@ fn channel_messages_round_trip_split_anywhere() {
     assert_eq!(wire, [0x82, 0, 0, 0, 0], "a doorbell is 5 bytes");
 }
 
+/// A `Ready` at the size limit that leaves `reason` out (allowed, docs/devices/fastnet.md)
+/// decodes, and its encoding is no longer than what came: the records fuzz target re-encodes
+/// every decoded message and needs that.
+#[test]
+fn a_ready_without_its_null_reason_re_encodes_within_the_limit() {
+    use super::*;
+    let mut body = br#"{"mode":"channel"}"#.to_vec();
+    body.resize(MAX_CONTROL, b' ');
+    let mut wire = vec![0x81];
+    wire.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    wire.extend_from_slice(&body);
+    let mut dec = Decoder::<GuestMsg>::new();
+    dec.push(&wire).unwrap();
+    let m = dec.next_message().unwrap().unwrap();
+    assert_eq!(
+        m,
+        GuestMsg::Ready(Ready {
+            mode: Mode::Channel,
+            reason: None
+        })
+    );
+    assert_eq!(
+        m.to_bytes().unwrap(),
+        b"\x81\x12\0\0\0{\"mode\":\"channel\"}"
+    );
+}
+
 #[test]
 fn hostile_channel_messages_are_refused_before_buffering() {
     use super::*;
@@ -647,26 +674,26 @@ fn hostile_channel_messages_are_refused_before_buffering() {
     dec.push(&[0x83, 0x41, 0x00, 0x01, 0x00]).unwrap();
     assert!(matches!(
         dec.next_message(),
-        Err(CodecError::TooLong { kind: "Packet", .. })
+        Err(RecordError::TooLong { kind: "Packet", .. })
     ));
     let mut dec = Decoder::<GuestMsg>::new();
     dec.push(&[0x01, 0, 0, 0, 0]).unwrap();
     assert_eq!(
         dec.next_message(),
-        Err(CodecError::UnknownType(0x01)),
+        Err(RecordError::UnknownType(0x01)),
         "Setup is the host's"
     );
     let mut dec = Decoder::<GuestMsg>::new();
     dec.push(&[0x82, 1, 0, 0, 0, 9]).unwrap();
     assert!(matches!(
         dec.next_message(),
-        Err(CodecError::TooLong { .. })
+        Err(RecordError::TooLong { .. })
     ));
     let mut dec = Decoder::<GuestMsg>::new();
     dec.push(&[0x81, 2, 0, 0, 0, b'{', b'x']).unwrap();
     assert!(matches!(
         dec.next_message(),
-        Err(CodecError::Malformed { .. })
+        Err(RecordError::Malformed { .. })
     ));
 }
 
@@ -886,7 +913,7 @@ fn ip(args: &[&str]) {
 async fn tap_with_vnet_headers_carries_frames_both_ways() {
     use super::tap::{self, VNET_HDR_LEN};
     let ns = Netns::new("vs-fastnet-tap");
-    let path = crate::ppp::net::netns_path(&ns.0);
+    let path = crate::tun::netns_path(&ns.0);
     let tap = tap::create(Some(&path), "fnt0").expect("create the TAP (root?)");
     ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "fnt0"]);
     ip(&["-n", &ns.0, "link", "set", "fnt0", "up"]);
@@ -969,7 +996,7 @@ async fn host_end_answers_arp(mode: super::Mode) {
     use super::*;
     use tokio::io::AsyncWriteExt;
     let ns = Netns::new(&format!("vs-fastnet-{mode:?}"));
-    let path = crate::ppp::net::netns_path(&ns.0);
+    let path = crate::tun::netns_path(&ns.0);
     let tap = tap::create(Some(&path), "fnh0").expect("create the TAP (root?)");
     ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "fnh0"]);
     ip(&["-n", &ns.0, "link", "set", "fnh0", "up"]);

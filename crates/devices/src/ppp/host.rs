@@ -24,12 +24,13 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vstream_link::ChannelStream;
-use vstream_transport::{Address, Endpoint as TransportEndpoint};
+use vstream_transport::{bind_retrying, Address, Backoff};
 
-use super::net::{netns_path, NetConfig, Tun};
+use super::net::NetConfig;
 use super::pppd::{self, PppdCommand};
 use super::proto::{Endpoint, EndpointConfig, Event, MAX_MRU, MIN_MRU};
 use super::{CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS};
+use crate::tun::{netns_path, Tun};
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
 /// How the host end of the link is terminated.
@@ -433,44 +434,43 @@ async fn keep_transport(shared: Weak<Shared>) {
     let Some(address) = config.transport.clone() else {
         return;
     };
-    let mut endpoint = loop {
-        match TransportEndpoint::bind(address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                tracing::warn!(%guest, %address, "ppp: cannot use the transport: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
+    let mut endpoint = bind_retrying(&address, Duration::from_secs(5), |e| {
+        tracing::warn!(%guest, %address, "ppp: cannot use the transport: {e}; retrying");
+    })
+    .await;
     let on = address.to_string();
-    let mut pause = Duration::ZERO;
+    let mut backoff = link_backoff();
     loop {
-        match endpoint.next().await {
+        let pause = match endpoint.next().await {
             Ok(conn) => {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
                 let started = Instant::now();
                 shared.run(&config, conn.stream, &on).await;
-                pause = next_pause(pause, started.elapsed());
+                next_pause(&mut backoff, started.elapsed())
             }
             Err(e) => {
                 tracing::debug!(%guest, %address, "ppp: transport: {e}");
-                pause = next_pause(pause, Duration::ZERO);
+                next_pause(&mut backoff, Duration::ZERO)
             }
-        }
+        };
         tokio::time::sleep(pause).await;
     }
 }
 
 /// Backoff between links: 1 s after a link that lasted, doubling up to 60 s after links that
 /// fail at once (a pppd that cannot start, a peer that answers nothing).
-pub fn next_pause(previous: Duration, lasted: Duration) -> Duration {
+pub fn link_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The pause after a link that lasted `lasted`: a link of 30 s or more starts the backoff over.
+pub fn next_pause(backoff: &mut Backoff, lasted: Duration) -> Duration {
     if lasted >= Duration::from_secs(30) {
-        Duration::from_secs(1)
-    } else {
-        (previous * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        backoff.reset();
     }
+    backoff.next_pause()
 }
 
 /// Runs one link on `stream` with the guest's settings until it ends; returns why. `report`

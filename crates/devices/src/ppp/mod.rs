@@ -10,7 +10,7 @@
 //!   `[guest.ppp]` section in vstreamd's config (and refuses it with that reason otherwise),
 //!   and terminates the link with the addresses, MTU, routes and network namespace configured
 //!   there: with `pppd` on a pseudo-terminal ([`pppd`], backend `pppd`, the default), or in
-//!   userspace with a TUN device ([`proto`] and [`net`], backend `tun`) where the host kernel has
+//!   userspace with a TUN device ([`proto`], [`net`] and [`crate::tun`], backend `tun`) where the host kernel has
 //!   no PPP driver.
 //!
 //! The channel carries the PPP byte stream unchanged: no framing of ours, no handshake. pppd on
@@ -18,8 +18,10 @@
 //! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
 
 pub mod guest;
+mod hdlc;
 pub mod host;
 pub mod net;
+mod packet;
 pub mod pppd;
 pub mod proto;
 #[cfg(test)]

@@ -1,83 +1,14 @@
-//! Host networking for the PPP link: network namespaces, a TUN device for the userspace
-//! endpoint, interface addresses and routes. Everything is done with ioctls on descriptors
-//! created inside the target namespace, so nothing depends on iproute2.
-//!
-//! A descriptor keeps the namespace it was created in: a socket made in namespace N configures
-//! the interfaces and routes of N, and `/dev/net/tun` opened in N makes its device in N. So the
-//! few calls that create descriptors run on a short-lived thread that has joined N (`setns`
-//! changes only the calling thread's namespace), and the rest of the daemon never leaves its own.
+//! Host networking for the PPP link: interface addresses and routes, set with ioctls on a
+//! socket created inside the target namespace (so nothing depends on iproute2). The namespaces
+//! and the TUN device are in [`crate::tun`], shared with fastnet.
 
-use std::fs::File;
 use std::io;
 use std::mem;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
-use tokio::io::unix::AsyncFd;
-
-/// Where `ip netns add NAME` puts a namespace.
-pub const NETNS_DIR: &str = "/run/netns";
-
-/// The file of a network namespace: `NAME` is looked up in [`NETNS_DIR`], a path is used as is
-/// (e.g. `/proc/PID/ns/net`).
-pub fn netns_path(name: &str) -> PathBuf {
-    if name.contains('/') {
-        PathBuf::from(name)
-    } else {
-        Path::new(NETNS_DIR).join(name)
-    }
-}
-
-/// Runs `f` on a new thread that has joined the network namespace at `ns` (or on the calling
-/// thread if `None`). Descriptors `f` creates belong to that namespace.
-pub fn in_netns<T, F>(ns: Option<&Path>, f: F) -> io::Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> io::Result<T> + Send + 'static,
-{
-    let Some(ns) = ns else {
-        return f();
-    };
-    let file = File::open(ns).map_err(|e| {
-        io::Error::new(e.kind(), format!("network namespace {}: {e}", ns.display()))
-    })?;
-    let shown = ns.display().to_string();
-    std::thread::Builder::new()
-        .name("ppp-netns".into())
-        .spawn(move || {
-            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
-            // namespace type; it changes only this thread's network namespace, and this thread
-            // ends when `f` returns, so no other code ever runs in the namespace by accident.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot enter network namespace {shown}: {e}"),
-                ));
-            }
-            f()
-        })?
-        .join()
-        .map_err(|_| io::Error::other("the namespace thread panicked"))?
-}
-
-/// `struct ifreq` with `name` filled in.
-fn ifreq(name: &str) -> io::Result<libc::ifreq> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name:?} is not a valid interface name (1-15 bytes)"),
-        ));
-    }
-    // SAFETY: ifreq is plain old data (arrays, integers, a union of such and a raw pointer);
-    // all zeroes is a valid value of it.
-    let mut req: libc::ifreq = unsafe { mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    Ok(req)
-}
+use crate::tun::{ifreq, in_netns};
 
 fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
@@ -105,13 +36,13 @@ fn ifreq_ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> i
 }
 
 fn udp_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket takes three integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    Ok(socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A socket in some network namespace, for configuring its interfaces and routes.
@@ -233,99 +164,5 @@ impl NetConfig {
             ));
         }
         Ok(())
-    }
-}
-
-/// A TUN device (IPv4 packets, no packet information header) or another kind from
-/// [`Tun::create_with`] (fastnet's TAP), non-blocking. The interface disappears when this is
-/// dropped.
-#[derive(Debug)]
-pub struct Tun {
-    fd: AsyncFd<OwnedFd>,
-    name: String,
-}
-
-impl Tun {
-    /// Creates interface `name` in the namespace at `ns` (the daemon's own if `None`).
-    pub fn create(ns: Option<&Path>, name: &str) -> io::Result<Tun> {
-        Tun::create_with(ns, name, libc::IFF_TUN | libc::IFF_NO_PI, |_| Ok(()))
-    }
-
-    /// Creates interface `name` in the namespace at `ns` with the `TUNSETIFF` `flags`, then
-    /// runs `configure` on the descriptor (more ioctls) before it becomes non-blocking.
-    pub fn create_with<F>(
-        ns: Option<&Path>,
-        name: &str,
-        flags: libc::c_int,
-        configure: F,
-    ) -> io::Result<Tun>
-    where
-        F: FnOnce(&OwnedFd) -> io::Result<()> + Send + 'static,
-    {
-        ifreq(name)?;
-        let owned = name.to_owned();
-        let fd = in_netns(ns, move || {
-            let mut req = ifreq(&owned)?;
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .map_err(|e| io::Error::new(e.kind(), format!("/dev/net/tun: {e}")))?;
-            let fd = OwnedFd::from(file);
-            req.ifr_ifru.ifru_flags = flags as libc::c_short;
-            // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is, valid and
-            // exclusively borrowed for the call; `fd` is an open /dev/net/tun descriptor.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut _) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("creating TUN interface {owned}: {e}"),
-                ));
-            }
-            configure(&fd)?;
-            Ok(fd)
-        })?;
-        rustix::io::ioctl_fionbio(&fd, true)?;
-        // SAFETY: `fd` is an open descriptor, owned from here on by the AsyncFd: it stays open
-        // until the AsyncFd is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(Tun {
-            fd,
-            name: name.to_owned(),
-        })
-    }
-
-    /// The interface name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Reads one packet the host's network stack sends through the interface.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut ready = self.fd.readable().await?;
-            if let Ok(r) = ready.try_io(|fd| {
-                rustix::io::read(fd.get_ref().as_fd(), &mut *buf).map_err(io::Error::from)
-            }) {
-                return r;
-            }
-        }
-    }
-
-    /// Reads one packet if one is queued, without waiting.
-    pub fn try_recv(&self, buf: &mut [u8]) -> Option<usize> {
-        match rustix::io::read(self.fd.get_ref(), buf) {
-            Ok(n) if n > 0 => Some(n),
-            _ => None,
-        }
-    }
-
-    /// Hands one packet to the host's network stack. A full queue drops it, as a congested
-    /// link would (TCP will send it again).
-    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        match rustix::io::write(self.fd.get_ref(), packet) {
-            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
     }
 }

@@ -137,7 +137,7 @@ where
         let mut got = 0;
         while got < REQUEST_LEN {
             // Cancel-safe reads, polled again now and then (see `read_repoll`).
-            match crate::watchdog::host::read_repoll(r, &mut raw[got..]).await? {
+            match crate::channel::read_repoll(r, &mut raw[got..]).await? {
                 0 if got == 0 => return Ok(()),
                 0 => {
                     return Err(io::Error::new(

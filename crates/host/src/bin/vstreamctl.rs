@@ -117,6 +117,11 @@ enum Cmd {
         #[arg(long)]
         pretty: bool,
     },
+    /// vstreamd itself.
+    Daemon {
+        #[command(subcommand)]
+        cmd: DaemonCmd,
+    },
     /// Copy a file to or from a guest through its agent: `cp FILE GUEST:PATH` or
     /// `cp GUEST:PATH FILE` (`-` is stdin or stdout).
     Cp {
@@ -271,6 +276,40 @@ fn main() {
     }
 }
 
+#[derive(Subcommand, Debug)]
+enum DaemonCmd {
+    /// Live upgrade: vstreamd execs BINARY (default: the path it was started from, so a
+    /// binary replaced on disk is the new version) and hands it the guests' sessions, the
+    /// control socket and the running shells, copies and `open` channels, which go on after a
+    /// pause. Waits for the new daemon and prints its pid (the same: it runs in place),
+    /// version and generation. If the new binary cannot start, the old daemon goes on and
+    /// this fails with the reason. `systemctl reload` does the same with SIGHUP.
+    Upgrade {
+        /// The binary to run instead of the one vstreamd was started from.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+}
+
+/// `vstreamctl daemon upgrade`: the reply comes from the successor, on the same connection.
+async fn upgrade(control: &PathBuf, binary: Option<PathBuf>) -> anyhow::Result<()> {
+    // The daemon may run in another directory.
+    let binary = binary
+        .map(|b| std::path::absolute(&b).with_context(|| format!("{}", b.display())))
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let (_, _, reply) = request(control, &Request::Upgrade { binary }).await?;
+    let d = reply.daemon.unwrap_or_default();
+    println!(
+        "vstreamd upgraded: pid {}, version {}, generation {} ({} ms)",
+        d["pid"],
+        d["version"].as_str().unwrap_or("?"),
+        d["generation"],
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
 async fn request(
     control: &PathBuf,
     req: &Request,
@@ -398,6 +437,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             timeout,
             pretty,
         } => qga_raw(&args.control, &guest, &command, timeout, pretty).await,
+        Cmd::Daemon {
+            cmd: DaemonCmd::Upgrade { binary },
+        } => upgrade(&args.control, binary).await,
         Cmd::Cp { src, dst, chunk } => {
             let daemon = daemon_id(&args.control);
             match qga_cp(&args.control, &src, &dst, chunk).await {
@@ -608,7 +650,9 @@ async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> anyhow:
     // The table is printed whole, once every row is in: its columns fit the widest cell.
     let mut rows = vec![GUEST_ROW_HEADER.map(String::from).to_vec()];
     if json && !one {
-        writeln!(out, "{{\"refused_unknown\": {refused},")?;
+        let daemon = reply.daemon.unwrap_or_default();
+        writeln!(out, "{{\"daemon\": {daemon},")?;
+        writeln!(out, "\"refused_unknown\": {refused},")?;
         writeln!(out, "\"guests\": [")?;
     } else if !json && !one && count == 0 {
         writeln!(out, "no guests")?;

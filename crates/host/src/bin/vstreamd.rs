@@ -13,6 +13,7 @@ use vstream_transport::Address;
 #[command(name = "vstreamd", version)]
 struct Args {
     /// Control socket for vstreamctl (mode 0600; 0660 with `[daemon] control_read_group`).
+    /// Unused when systemd passes the socket (vstreamd.socket, LISTEN_FDS).
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
     control: PathBuf,
     /// A shared listener for the agents of many guests (repeatable), e.g. vsock-listen:5000.
@@ -65,6 +66,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();
+    // Before the runtime's threads exist: these take variables out of the environment.
+    let activated = vstream_host::systemd::control_listener();
+    let notifier = vstream_host::systemd::Notifier::from_env();
+    let watchdog = vstream_host::systemd::watchdog_period();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -81,6 +86,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
+            // Before anything is served: a SIGHUP must never find the default action (exit).
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let daemon = Daemon::start(&cfg, state_dir).await?;
             for address in listen {
                 let d = daemon.clone();
@@ -90,11 +97,26 @@ fn main() -> anyhow::Result<()> {
                     }
                 });
             }
-            let control = daemon.clone().serve_control(&args.control);
+            let activated = match activated {
+                Some(listener) => {
+                    tracing::info!("control socket passed by systemd");
+                    listener.set_nonblocking(true)?;
+                    Some(tokio::net::UnixListener::from_std(listener)?)
+                }
+                None => None,
+            };
+            let listener = daemon
+                .control_listener(activated, &args.control)
+                .map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display()))?;
+            if let Some(notifier) = notifier {
+                tokio::spawn(vstream_host::systemd::report(notifier, daemon.clone(), watchdog));
+            }
+            let control = daemon.clone().serve_control_on(listener);
             tokio::select! {
                 r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = sigterm() => Ok(()),
+                () = upgrade_on_hangup(daemon.clone(), hangups.ok()) => Ok(()),
             }
         })
 }
@@ -110,6 +132,21 @@ fn raise_fd_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, limit) {
             tracing::warn!("cannot raise the open-file limit: {e}");
         }
+    }
+}
+
+/// SIGHUP (what `systemctl reload` sends with `ExecReload=/bin/kill -HUP $MAINPID`): a live
+/// upgrade to the binary at the path vstreamd was started from. A failed one is logged and
+/// this daemon goes on.
+async fn upgrade_on_hangup(
+    daemon: std::sync::Arc<Daemon>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
+    let Some(mut hangups) = hangups else {
+        return std::future::pending().await;
+    };
+    while hangups.recv().await.is_some() {
+        let Err(_logged) = daemon.upgrade(None, None).await;
     }
 }
 

@@ -533,3 +533,50 @@ pub async fn wait_jobs(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The vstream-agent binary, built next to vstreamd (cargo builds only this package's
+/// binaries for its tests; this is a no-op when the agent is up to date).
+pub fn agent_binary() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_vstreamd"))
+        .parent()
+        .expect("target dir");
+    let mut build = Command::new(env!("CARGO"));
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "vstream-agent",
+        "--bin",
+        "vstream-agent",
+    ]);
+    if dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo build -p vstream-agent");
+    assert!(status.success(), "cargo build -p vstream-agent failed");
+    dir.join("vstream-agent")
+}
+
+/// A vstream-agent process (killed on drop), logging to `DIR/agent.log`.
+pub struct AgentProcess(pub Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The SHA-256 of a file, by sha256sum.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}

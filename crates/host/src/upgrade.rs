@@ -1,0 +1,830 @@
+//! Live upgrade: vstreamd hands its control socket, the control connections bridged to guest
+//! channels (shells, `open`, `cp`) and every configured guest's session to its successor, a
+//! new vstreamd exec'd in the same process (same pid, so a service manager's `$MAINPID`
+//! stays right). See docs/ARCHITECTURE.md, "Live upgrade".
+//!
+//! Order: the control socket stops accepting (new clients wait in its backlog); every bridge
+//! stops at a point where it holds no byte that is not in its carried state; every guest's
+//! session is frozen and written down; the state goes into a memfd; the descriptors to keep
+//! lose FD_CLOEXEC; then `exec`. Guest links are not carried: they close with the old process
+//! and the agents resume the same session on their next link, as after any transport cut
+//! (nothing is lost: unacknowledged frames are in the state). If `exec` fails, the frozen
+//! sessions and the stopped bridges simply go on: an upgrade never loses a session.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, watch, Notify};
+use vstream_devices::console::{Console, Viewer};
+use vstream_link::{ChannelStream, Incoming, Mux};
+use vstream_wire::{ChannelId, Config};
+
+use crate::control::{push_line, Reply};
+
+/// The environment variable that names the state's memfd in the successor.
+pub const STATE_ENV: &str = "VSTREAMD_UPGRADE_FD";
+
+/// First bytes of the state; the last one is the format version.
+const MAGIC: &[u8; 8] = b"VSUPGR\0\x01";
+
+/// Largest header (the JSON part) of a state accepted.
+const MAX_HEADER: usize = 16 * 1024 * 1024;
+
+/// How long the bridges may take to stop before the upgrade is given up.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A bridge's read size in each direction.
+const PUMP_BUF: usize = 64 * 1024;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What this daemon says about itself (status, and the answer to `daemon upgrade`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaemonInfo {
+    /// Process id (the same after an upgrade: the successor is exec'd in place).
+    pub pid: u32,
+    /// The binary's version.
+    pub version: String,
+    /// Upgrades since the daemon was first started.
+    pub generation: u64,
+    /// Unix milliseconds when this generation started.
+    pub started_ms: u64,
+    /// For a successor: milliseconds from the upgrade request until it served again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_ms: Option<u64>,
+}
+
+/// One control connection joined to a guest channel: moves bytes both ways, and can stop at
+/// any await point with every byte it holds in `up` or `down` (so a stopped pump, carried
+/// to the successor, loses and repeats nothing).
+pub struct Pump {
+    guest: String,
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+    chan: ChannelStream,
+    /// From the client, not yet taken by the channel.
+    up: Vec<u8>,
+    /// From the channel, not yet written to the client.
+    down: Vec<u8>,
+    /// The client ended its direction / the channel was told.
+    up_eof: bool,
+    up_closed: bool,
+    /// The channel ended its direction / the client was told.
+    down_eof: bool,
+    down_closed: bool,
+}
+
+impl Pump {
+    /// A pump for a control connection (whose reader may already hold client bytes) and a
+    /// channel.
+    pub fn new(
+        guest: &str,
+        r: BufReader<OwnedReadHalf>,
+        w: OwnedWriteHalf,
+        chan: ChannelStream,
+    ) -> Pump {
+        Pump {
+            guest: guest.to_owned(),
+            up: r.buffer().to_vec(),
+            r: r.into_inner(),
+            w,
+            chan,
+            down: Vec::new(),
+            up_eof: false,
+            up_closed: false,
+            down_eof: false,
+            down_closed: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.up_closed && self.down_closed
+    }
+
+    /// Does every step that is ready now; all state changes happen here, inside one poll, so
+    /// dropping the future between polls is always clean. Ready when the pump is done.
+    fn poll_pump(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<()>> {
+        loop {
+            let mut progressed = false;
+            if self.up.is_empty() && !self.up_eof {
+                let mut rb = ReadBuf::new(buf);
+                if let Poll::Ready(r) = Pin::new(&mut self.r).poll_read(cx, &mut rb) {
+                    r?;
+                    self.up_eof = rb.filled().is_empty();
+                    self.up.extend_from_slice(rb.filled());
+                    progressed = true;
+                }
+            }
+            if !self.up.is_empty() {
+                if let Poll::Ready(n) = Pin::new(&mut self.chan).poll_write(cx, &self.up) {
+                    let n = n?;
+                    self.up.drain(..n);
+                    progressed = true;
+                }
+            } else if self.up_eof && !self.up_closed {
+                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_shutdown(cx) {
+                    r?;
+                    self.up_closed = true;
+                    progressed = true;
+                }
+            }
+            if self.down.is_empty() && !self.down_eof {
+                let mut rb = ReadBuf::new(buf);
+                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_read(cx, &mut rb) {
+                    r?;
+                    self.down_eof = rb.filled().is_empty();
+                    self.down.extend_from_slice(rb.filled());
+                    progressed = true;
+                }
+            }
+            if !self.down.is_empty() {
+                if let Poll::Ready(n) = Pin::new(&mut self.w).poll_write(cx, &self.down) {
+                    let n = n?;
+                    self.down.drain(..n);
+                    progressed = true;
+                }
+            } else if self.down_eof && !self.down_closed {
+                if let Poll::Ready(r) = Pin::new(&mut self.w).poll_shutdown(cx) {
+                    r?;
+                    self.down_closed = true;
+                    progressed = true;
+                }
+            }
+            if self.done() {
+                return Poll::Ready(Ok(()));
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Runs until done (`None`) or until `stop` is set (the pump, to be carried or resumed).
+    async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<Pump>> {
+        let mut buf = vec![0u8; PUMP_BUF];
+        let stopped = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => true,
+            done = std::future::poll_fn(|cx| self.poll_pump(cx, &mut buf)) => {
+                done?;
+                false
+            }
+        };
+        Ok(stopped.then_some(self))
+    }
+}
+
+/// A console viewer's connection (`vstreamctl console`, following or attached).
+pub struct ConsoleView {
+    /// Guest name.
+    pub guest: String,
+    /// The console.
+    pub console: Arc<Console>,
+    /// Its viewer.
+    pub viewer: Viewer,
+    /// The client's side (typed bytes, when attached).
+    pub r: BufReader<OwnedReadHalf>,
+    /// Where the output goes.
+    pub w: OwnedWriteHalf,
+    /// Whether the client types.
+    pub attach: bool,
+}
+
+impl ConsoleView {
+    /// Sends output (and takes typed input) until the client or the console is done (`None`)
+    /// or `stop` is set (the view, to be carried or resumed). Stops only between two chunks.
+    async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<ConsoleView>> {
+        let mut input = vec![0u8; 4096];
+        loop {
+            // The guard `wait_for` returns must not live across the awaits below.
+            let stopped = async {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::select! {
+                biased;
+                () = stopped => return Ok(Some(self)),
+                out = self.viewer.next_output() => match out {
+                    Ok(Some(b)) => self.w.write_all(&b).await?,
+                    Ok(None) => self.w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
+                    Err(_) => return Ok(None),
+                },
+                n = self.r.read(&mut input), if self.attach => match n? {
+                    0 => return Ok(None),
+                    n => {
+                        if self.viewer.is_writer() {
+                            self.viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A stopped connection, waiting for the exec (or to go on if it fails).
+enum Parked {
+    Pump(Pump),
+    View(ConsoleView),
+}
+
+/// Bridges and viewers known to the handover: how many run, and the stopped ones.
+#[derive(Default)]
+struct Bridges {
+    active: usize,
+    parked: Vec<(Parked, oneshot::Sender<Parked>)>,
+}
+
+/// A console viewer's carried state.
+#[derive(Debug, Serialize, Deserialize)]
+struct ViewState {
+    guest: String,
+    console: String,
+    fd: RawFd,
+    attach: bool,
+    /// Typed bytes read from the client, not yet handled.
+    typed: Blob,
+}
+
+/// A bridge's carried state.
+#[derive(Debug, Serialize, Deserialize)]
+struct BridgeState {
+    guest: String,
+    fd: RawFd,
+    channel: ChannelId,
+    up: Blob,
+    down: Blob,
+    flags: [bool; 4],
+}
+
+/// Where a byte string lies in the state, after the header.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Blob {
+    at: u64,
+    len: u64,
+}
+
+/// The state handed to the successor (the header of the memfd; byte strings follow it).
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    generation: u64,
+    requested_ms: u64,
+    control: Option<RawFd>,
+    reply: Option<RawFd>,
+    sessions: Vec<(String, Blob)>,
+    bridges: Vec<BridgeState>,
+    views: Vec<ViewState>,
+}
+
+/// What a successor took over and has not yet put back to work.
+#[derive(Default)]
+struct Inherited {
+    requested_ms: u64,
+    control: Option<OwnedFd>,
+    reply: Option<OwnedFd>,
+    sessions: HashMap<String, Vec<u8>>,
+    bridges: Vec<Carried>,
+    /// Bridges whose guest session is restored, with their channel.
+    ready: Vec<(Carried, ChannelStream)>,
+    views: Vec<(ViewState, OwnedFd, Vec<u8>)>,
+}
+
+/// A bridge taken over: its state, its client's connection, the bytes it held.
+struct Carried {
+    state: BridgeState,
+    fd: OwnedFd,
+    up: Vec<u8>,
+    down: Vec<u8>,
+}
+
+/// The daemon's side of live upgrades (one per daemon).
+pub struct Handover {
+    stop: watch::Sender<bool>,
+    bridges: Mutex<Bridges>,
+    changed: Notify,
+    running: tokio::sync::Mutex<()>,
+    /// The path vstreamd was started from: exec'ing it again runs a binary replaced on disk.
+    binary: PathBuf,
+    info: Mutex<DaemonInfo>,
+    /// The control listener's descriptor while it is served.
+    control: Mutex<Option<RawFd>>,
+    inherited: Mutex<Inherited>,
+}
+
+impl Handover {
+    /// A first daemon's handover, or a successor's from the state named by [`STATE_ENV`].
+    pub fn from_env() -> Arc<Handover> {
+        let binary = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        let mut info = DaemonInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            generation: 0,
+            started_ms: now_ms(),
+            handover_ms: None,
+        };
+        let mut inherited = Inherited::default();
+        if let Some(fd) = std::env::var_os(STATE_ENV) {
+            std::env::remove_var(STATE_ENV);
+            // A state that does not check out is refused whole: the guests start new sessions
+            // and the control socket is bound afresh, but the daemon serves.
+            let taken = read_state(&fd).and_then(|(state, blobs)| {
+                let generation = state.generation + 1;
+                take_over(state, &blobs).map(|inh| (generation, inh))
+            });
+            match taken {
+                Ok((generation, inh)) => {
+                    info.generation = generation;
+                    inherited = inh;
+                    tracing::info!(
+                        generation,
+                        sessions = inherited.sessions.len(),
+                        bridges = inherited.bridges.len(),
+                        viewers = inherited.views.len(),
+                        "took over from the previous vstreamd"
+                    );
+                }
+                Err(e) => tracing::error!("upgrade state refused, starting afresh: {e}"),
+            }
+        }
+        Arc::new(Handover {
+            stop: watch::channel(false).0,
+            bridges: Mutex::default(),
+            changed: Notify::new(),
+            running: tokio::sync::Mutex::new(()),
+            binary,
+            info: Mutex::new(info),
+            control: Mutex::new(None),
+            inherited: Mutex::new(inherited),
+        })
+    }
+
+    /// This daemon's identity, for status.
+    pub fn info(&self) -> DaemonInfo {
+        lock(&self.info).clone()
+    }
+
+    /// The session of guest `name` as the predecessor left it (with the channels of its
+    /// bridges), or `None` for a new one. A state that does not restore is logged and the
+    /// guest starts a new session (its agent sees a restart, nothing worse).
+    pub fn restore_session(
+        &self,
+        name: &str,
+        cfg: Config,
+    ) -> Option<(Mux, tokio::sync::mpsc::UnboundedReceiver<Incoming>)> {
+        let mut inh = lock(&self.inherited);
+        let state = inh.sessions.remove(name)?;
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut inh.bridges)
+            .into_iter()
+            .partition(|b| b.state.guest == name);
+        inh.bridges = others;
+        let claimed: Vec<ChannelId> = mine.iter().map(|b| b.state.channel).collect();
+        match Mux::restore(cfg, &state, &claimed) {
+            Ok((mux, rx, streams)) => {
+                inh.ready.extend(mine.into_iter().zip(streams));
+                Some((mux, rx))
+            }
+            Err(e) => {
+                tracing::error!(
+                    guest = name,
+                    "cannot resume the session after the upgrade: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    /// For a successor: the inherited control listener. Also puts the inherited bridges back
+    /// to work and answers the client that asked for the upgrade.
+    /// `consoles` finds a guest's console by name, for the carried viewers.
+    pub fn take_control(
+        self: &Arc<Self>,
+        consoles: impl Fn(&str, &str) -> Option<Arc<Console>>,
+    ) -> io::Result<Option<tokio::net::UnixListener>> {
+        let (control, reply, ready, left, views, requested) = {
+            let mut inh = lock(&self.inherited);
+            (
+                inh.control.take(),
+                inh.reply.take(),
+                std::mem::take(&mut inh.ready),
+                std::mem::take(&mut inh.bridges),
+                std::mem::take(&mut inh.views),
+                inh.requested_ms,
+            )
+        };
+        for (v, fd, typed) in views {
+            let Some(console) = consoles(&v.guest, &v.console) else {
+                tracing::warn!(guest = %v.guest, console = %v.console, "a console viewer's console is gone; closed");
+                continue;
+            };
+            let (r, w) = unix_stream(fd)?.into_split();
+            let viewer = console.attach(v.attach);
+            let me = self.clone();
+            tokio::spawn(async move {
+                if !typed.is_empty() && viewer.is_writer() {
+                    let _ = viewer.type_bytes(Bytes::from(typed)).await;
+                }
+                let view = ConsoleView {
+                    guest: v.guest,
+                    console,
+                    viewer,
+                    r: BufReader::new(r),
+                    w,
+                    attach: v.attach,
+                };
+                if let Err(e) = me.view(view).await {
+                    tracing::debug!("console viewer after the upgrade: {e}");
+                }
+            });
+        }
+        for b in &left {
+            let (guest, channel) = (&b.state.guest, b.state.channel);
+            tracing::warn!(
+                guest,
+                channel,
+                "a bridged connection's guest did not come back; closed"
+            );
+        }
+        for (b, chan) in ready {
+            let (r, w) = unix_stream(b.fd)?.into_split();
+            let [up_eof, up_closed, down_eof, down_closed] = b.state.flags;
+            let (up, down) = (b.up, b.down);
+            let pump = Pump {
+                guest: b.state.guest,
+                r,
+                w,
+                chan,
+                up,
+                down,
+                up_eof,
+                up_closed,
+                down_eof,
+                down_closed,
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.bridge(pump).await {
+                    tracing::debug!("bridged connection after the upgrade: {e}");
+                }
+            });
+        }
+        if requested > 0 {
+            lock(&self.info).handover_ms = Some(now_ms().saturating_sub(requested));
+        }
+        if let Some(fd) = reply {
+            let mut line = Vec::new();
+            let reply = Reply {
+                daemon: Some(serde_json::to_value(self.info()).unwrap_or_default()),
+                ..Reply::ok()
+            };
+            push_line(&mut line, &reply)?;
+            // A client that went away does not hold the successor up.
+            let mut s = std::os::unix::net::UnixStream::from(fd);
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = s.write_all(&line);
+        }
+        let Some(fd) = control else {
+            return Ok(None);
+        };
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(std).map(Some)
+    }
+
+    /// Notes the control listener being served (it is handed over).
+    pub fn serving_control(&self, fd: BorrowedFd<'_>) {
+        *lock(&self.control) = Some(fd.as_raw_fd());
+    }
+
+    /// Waits while an upgrade is under way (the control socket takes no client meanwhile:
+    /// they wait in its backlog for whichever daemon serves next).
+    pub async fn wait_until_open(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| !*s).await;
+    }
+
+    /// Resolves when an upgrade starts.
+    pub async fn closing(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Runs a bridge (a control connection joined to a channel) until either end is done;
+    /// across upgrades if need be.
+    pub async fn bridge(self: &Arc<Self>, pump: Pump) -> io::Result<()> {
+        self.carry(Parked::Pump(pump)).await
+    }
+
+    /// Runs a console viewer until the client or the console is done; across upgrades if
+    /// need be.
+    pub async fn view(self: &Arc<Self>, view: ConsoleView) -> io::Result<()> {
+        self.carry(Parked::View(view)).await
+    }
+
+    async fn carry(&self, mut conn: Parked) -> io::Result<()> {
+        lock(&self.bridges).active += 1;
+        let _count = ActiveBridge(self);
+        let mut stop = self.stop.subscribe();
+        loop {
+            let stopped = match conn {
+                Parked::Pump(p) => p.run(&mut stop).await?.map(Parked::Pump),
+                Parked::View(v) => v.run(&mut stop).await?.map(Parked::View),
+            };
+            let Some(stopped) = stopped else {
+                return Ok(());
+            };
+            let (tx, rx) = oneshot::channel();
+            lock(&self.bridges).parked.push((stopped, tx));
+            self.changed.notify_waiters();
+            match rx.await {
+                Ok(back) => conn = back, // The upgrade failed: go on.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Hands everything to a new vstreamd (`binary`, or the path this one was started from).
+    /// Returns only if that failed; then everything goes on as before.
+    pub async fn upgrade(
+        &self,
+        sessions: Vec<(String, Mux)>,
+        binary: Option<PathBuf>,
+        reply: Option<BorrowedFd<'_>>,
+    ) -> Result<std::convert::Infallible, String> {
+        let _one = self.running.lock().await;
+        let requested = now_ms();
+        let binary = binary.unwrap_or_else(|| self.binary.clone());
+        tracing::info!(binary = %binary.display(), "upgrade: handing over");
+        self.stop.send_replace(true);
+        let parked = self.quiesce().await;
+        let result = match parked {
+            Ok(()) => self.exec(&sessions, &binary, reply, requested),
+            Err(e) => Err(e),
+        };
+        // Still here: the upgrade failed. Everything goes on.
+        self.stop.send_replace(false);
+        let parked = std::mem::take(&mut lock(&self.bridges).parked);
+        for (pump, tx) in parked {
+            let _ = tx.send(pump);
+        }
+        let e = result.err().unwrap_or_default();
+        tracing::error!("upgrade failed, this vstreamd goes on serving: {e}");
+        Err(e)
+    }
+
+    /// Waits until every bridge has stopped.
+    async fn quiesce(&self) -> Result<(), String> {
+        let all_parked = async {
+            loop {
+                let changed = self.changed.notified();
+                {
+                    let b = lock(&self.bridges);
+                    if b.parked.len() >= b.active {
+                        return;
+                    }
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(QUIESCE_TIMEOUT, all_parked)
+            .await
+            .map_err(|_| "a bridged connection did not stop within 5 s".to_owned())
+    }
+
+    /// Freezes the sessions, writes the state, and execs. Returns only on failure.
+    fn exec(
+        &self,
+        sessions: &[(String, Mux)],
+        binary: &PathBuf,
+        reply: Option<BorrowedFd<'_>>,
+        requested: u64,
+    ) -> Result<std::convert::Infallible, String> {
+        let bridges = lock(&self.bridges);
+        let control = *lock(&self.control);
+        // From here to exec nothing moves a byte of any guest: the sessions are locked.
+        let mut frozen: Vec<_> = sessions.iter().map(|(n, m)| (n, m.freeze())).collect();
+        let mut blobs = Vec::new();
+        let mut blob = |bytes: &[u8]| {
+            let b = Blob {
+                at: blobs.len() as u64,
+                len: bytes.len() as u64,
+            };
+            blobs.extend_from_slice(bytes);
+            b
+        };
+        let sessions: Vec<(String, Blob)> = frozen
+            .iter_mut()
+            .map(|(n, f)| ((*n).clone(), blob(&f.snapshot())))
+            .collect();
+        let mut keep: Vec<RawFd> = control.into_iter().collect();
+        keep.extend(reply.map(|r| r.as_raw_fd()));
+        let (mut carried, mut views) = (Vec::new(), Vec::new());
+        for (parked, _) in &bridges.parked {
+            match parked {
+                Parked::Pump(p) => {
+                    let fd = p.r.as_ref().as_raw_fd();
+                    keep.push(fd);
+                    carried.push(BridgeState {
+                        guest: p.guest.clone(),
+                        fd,
+                        channel: p.chan.id(),
+                        up: blob(&p.up),
+                        down: blob(&p.down),
+                        flags: [p.up_eof, p.up_closed, p.down_eof, p.down_closed],
+                    });
+                }
+                Parked::View(v) => {
+                    let fd = v.r.get_ref().as_ref().as_raw_fd();
+                    keep.push(fd);
+                    views.push(ViewState {
+                        guest: v.guest.clone(),
+                        console: v.console.name().to_owned(),
+                        fd,
+                        attach: v.attach,
+                        typed: blob(v.r.buffer()),
+                    });
+                }
+            }
+        }
+        let state = State {
+            generation: self.info().generation,
+            requested_ms: requested,
+            control,
+            reply: reply.map(|r| r.as_raw_fd()),
+            sessions,
+            bridges: carried,
+            views,
+        };
+        let memfd = write_state(&state, &blobs).map_err(|e| format!("writing the state: {e}"))?;
+        keep.push(memfd.as_raw_fd());
+        let inherit = |on: bool| {
+            for fd in &keep {
+                // SAFETY: every descriptor in `keep` is open and owned by a live object here
+                // (the control listener, the requester's and the parked bridges' sockets, the
+                // memfd); only its close-on-exec flag changes.
+                let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
+                let flags = if on {
+                    rustix::io::FdFlags::empty()
+                } else {
+                    rustix::io::FdFlags::CLOEXEC
+                };
+                let _ = rustix::io::fcntl_setfd(fd, flags);
+            }
+        };
+        inherit(true);
+        let err = std::process::Command::new(binary)
+            .args(std::env::args_os().skip(1))
+            .env(STATE_ENV, memfd.as_raw_fd().to_string())
+            .exec();
+        inherit(false);
+        drop(frozen);
+        Err(format!("cannot run {}: {err}", binary.display()))
+    }
+}
+
+/// Counts a running bridge while it lives.
+struct ActiveBridge<'a>(&'a Handover);
+
+impl Drop for ActiveBridge<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.bridges).active -= 1;
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// The state in a new memfd (inherited across exec: no close-on-exec).
+fn write_state(state: &State, blobs: &[u8]) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create("vstreamd-upgrade", rustix::fs::MemfdFlags::empty())?;
+    let header = serde_json::to_vec(state).map_err(io::Error::other)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(MAGIC)?;
+    file.write_all(&(header.len() as u64).to_le_bytes())?;
+    file.write_all(&header)?;
+    file.write_all(blobs)?;
+    file.rewind()?;
+    Ok(file.into())
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is open and not one
+/// already taken; it is made close-on-exec again.
+fn adopt_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    if fd <= 2 {
+        anyhow::bail!("descriptor {fd} cannot be inherited state");
+    }
+    // SAFETY: only to ask whether the number is open; no ownership is taken here.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed)
+        .map_err(|e| anyhow::anyhow!("inherited descriptor {fd}: {e}"))?;
+    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC)?;
+    // SAFETY: the descriptor is open (checked above), was passed to this process by its
+    // predecessor for exactly this use, and the caller checked that no other object owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// [`adopt_fd`] for a descriptor that must be a socket.
+fn adopt_socket(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    let owned = adopt_fd(fd)?;
+    let mode = rustix::fs::fstat(&owned)?.st_mode;
+    if rustix::fs::FileType::from_raw_mode(mode) != rustix::fs::FileType::Socket {
+        anyhow::bail!("upgrade state: descriptor {fd} is not a socket");
+    }
+    Ok(owned)
+}
+
+/// A carried connection, for tokio.
+fn unix_stream(fd: OwnedFd) -> io::Result<UnixStream> {
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)?;
+    UnixStream::from_std(std)
+}
+
+/// Reads and checks the state file named by [`STATE_ENV`]: its header and its byte strings.
+fn read_state(fd: &std::ffi::OsStr) -> anyhow::Result<(State, Vec<u8>)> {
+    let fd: RawFd = fd
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{STATE_ENV}: not a descriptor number"))?;
+    let mut file = std::fs::File::from(adopt_fd(fd)?);
+    let mut head = [0u8; 16];
+    file.read_exact(&mut head)
+        .map_err(|e| anyhow::anyhow!("upgrade state: {e}"))?;
+    if &head[..8] != MAGIC {
+        anyhow::bail!("upgrade state: not a state of this version");
+    }
+    let len = u64::from_le_bytes(head[8..].try_into()?);
+    if len > MAX_HEADER as u64 {
+        anyhow::bail!("upgrade state: header of {len} bytes (at most {MAX_HEADER})");
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| anyhow::anyhow!("upgrade state: header: {e}"))?;
+    let state: State = serde_json::from_slice(&header)
+        .map_err(|e| anyhow::anyhow!("upgrade state: header: {e}"))?;
+    let mut blobs = Vec::new();
+    file.read_to_end(&mut blobs)?;
+    Ok((state, blobs))
+}
+
+/// Checks a state against itself (byte strings inside the file, each descriptor once) and
+/// takes its descriptors.
+fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
+    let bytes = |b: Blob| -> anyhow::Result<Vec<u8>> {
+        b.at.checked_add(b.len)
+            .filter(|end| *end <= blobs.len() as u64)
+            .map(|end| blobs[b.at as usize..end as usize].to_vec())
+            .ok_or_else(|| anyhow::anyhow!("upgrade state: a byte string lies outside it"))
+    };
+    let mut fds: Vec<RawFd> = state.control.into_iter().chain(state.reply).collect();
+    fds.extend(state.bridges.iter().map(|b| b.fd));
+    fds.extend(state.views.iter().map(|v| v.fd));
+    let mut seen = fds.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != fds.len() {
+        anyhow::bail!("upgrade state: a descriptor is named twice");
+    }
+    let mut inh = Inherited {
+        requested_ms: state.requested_ms,
+        control: state.control.map(adopt_fd).transpose()?,
+        reply: state.reply.map(adopt_fd).transpose()?,
+        ..Inherited::default()
+    };
+    for (name, b) in state.sessions {
+        inh.sessions.insert(name, bytes(b)?);
+    }
+    for v in state.views {
+        let fd = adopt_socket(v.fd)?;
+        let typed = bytes(v.typed)?;
+        inh.views.push((v, fd, typed));
+    }
+    for b in state.bridges {
+        let fd = adopt_socket(b.fd)?;
+        let (up, down) = (bytes(b.up)?, bytes(b.down)?);
+        inh.bridges.push(Carried {
+            state: b,
+            fd,
+            up,
+            down,
+        });
+    }
+    Ok(inh)
+}
