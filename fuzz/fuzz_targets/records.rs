@@ -1,14 +1,14 @@
-//! The shared record codec with every device's record set (hid, printer, tty and watchdog, both
-//! directions) on arbitrary bytes split at arbitrary points: errors, never panics; memory within
-//! the decoder's bound; every decoded record encodes to bytes that decode and encode back to the
-//! same bytes (to the very bytes it came from where decoding keeps everything: hid, printer,
-//! tty). The per-device checks that ride on decoded data run too: hid's capability check,
+//! The shared record codec with every device's record set (fastnet, hid, printer, tty and
+//! watchdog, both directions) on arbitrary bytes split at arbitrary points: errors, never panics;
+//! memory within the decoder's bound; every decoded record encodes to bytes that decode and
+//! encode back to the same bytes (to the very bytes it came from where decoding keeps
+//! everything: hid, printer, tty). The per-device checks that ride on decoded data run too: hid's capability check,
 //! printer job type detection and metadata sanitising, the random device's request parser.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use vstream_devices::random::{Request, MAX_REQUEST, REQUEST_LEN};
 use vstream_devices::record::{Decoder, Message};
-use vstream_devices::{hid, printer, tty, watchdog};
+use vstream_devices::{fastnet, hid, printer, tty, watchdog};
 
 /// How much of a record survives decoding.
 #[derive(Clone, Copy, PartialEq)]
@@ -16,7 +16,7 @@ enum Kept {
     /// Everything: re-encoding gives the input bytes back.
     Bytes,
     /// Its meaning: re-decoding its encoding gives an equal record (printer metadata drops
-    /// empty lines).
+    /// empty lines, fastnet's JSON its spacing).
     Record,
     /// Its second encoding only (watchdog texts are cleaned, then cut to fit).
     Encoding,
@@ -82,6 +82,8 @@ fuzz_target!(|data: &[u8]| {
     run::<printer::Record>(rest, step, Kept::Record);
     run::<tty::HostMsg>(rest, step, Kept::Bytes);
     run::<tty::GuestMsg>(rest, step, Kept::Bytes);
+    run::<fastnet::HostMsg>(rest, step, Kept::Record);
+    run::<fastnet::GuestMsg>(rest, step, Kept::Record);
     run::<watchdog::GuestMsg>(rest, step, Kept::Encoding);
     run::<watchdog::HostMsg>(rest, step, Kept::Bytes);
     for c in rest.chunks_exact(REQUEST_LEN) {
