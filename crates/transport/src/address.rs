@@ -622,7 +622,12 @@ mod tests {
 
     #[test]
     fn listeners_are_the_listen_forms() {
-        let listeners = ["unix-listen:/x", "tcp-listen:[::]:1", "vsock-listen:1"];
+        let listeners = [
+            "unix-listen:/x",
+            "tcp-listen:[::]:1",
+            "vsock-listen:1",
+            "vhost-user-vsock:/x,cid=3,port=1",
+        ];
         let others = [
             "unix:/x",
             "tcp:a:1",
@@ -639,6 +644,24 @@ mod tests {
         for text in others {
             assert!(!parse(text).is_listener(), "{text}");
         }
+    }
+
+    #[test]
+    fn a_vhost_user_vsock_address_round_trips() {
+        let text = "vhost-user-vsock:/run/g/vhost.sock,cid=3,port=5000,uds=/run/g/vsock.sock";
+        let address = parse(text);
+        assert_eq!(
+            address,
+            Address::VhostUserVsock(VhostVsockConfig {
+                socket: "/run/g/vhost.sock".into(),
+                cid: 3,
+                port: 5000,
+                uds: Some("/run/g/vsock.sock".into()),
+            })
+        );
+        assert_eq!(address.to_string(), text);
+        let bare = "vhost-user-vsock:/v.sock,cid=7,port=1";
+        assert_eq!(parse(bare).to_string(), bare);
     }
 
     #[test]
@@ -675,6 +698,32 @@ mod tests {
             ("hvsock:/run/v.sock:", "PORT is missing", "hvsock:PATH:PORT"),
             ("hvsock::52", "path is empty", "hvsock:PATH:PORT"),
             ("hvsock:52", "missing ':PORT'", "hvsock:PATH:PORT"),
+            (
+                "vhost-user-vsock:,cid=3,port=1",
+                "socket path is empty",
+                "cid=N",
+            ),
+            (
+                "vhost-user-vsock:/v,port=1",
+                "cid=N is missing",
+                "SOCKET,cid=N",
+            ),
+            ("vhost-user-vsock:/v,cid=3", "port=N is missing", "port=N"),
+            (
+                "vhost-user-vsock:/v,cid=2,port=1",
+                "not a guest CID",
+                "CID 3",
+            ),
+            (
+                "vhost-user-vsock:/v,cid=3,cid=4,port=1",
+                "cid given twice",
+                "cid=N",
+            ),
+            (
+                "vhost-user-vsock:/v,cid=3,port=1,x=1",
+                "unknown option",
+                "uds=PATH",
+            ),
             ("serial:", "device is empty", "serial:DEVICE"),
             ("serial:,baud=9600", "device is empty", "serial:DEVICE"),
             (

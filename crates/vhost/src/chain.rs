@@ -282,3 +282,169 @@ impl<'a> Vq<'a> {
         self.used
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Rig, INDIRECT, MEM_SIZE, NEXT, WRITE};
+
+    const A: u64 = 0x20_0000;
+
+    fn one(rig: &mut Rig) -> Result<Chain, ChainError> {
+        let mut got = rig.pop_all(0);
+        assert_eq!(got.len(), 1, "{got:?}");
+        got.remove(0)
+    }
+
+    #[test]
+    fn a_well_formed_chain_is_read_and_written() {
+        let mut rig = Rig::new(1, 16);
+        rig.mem.write_slice(b"hello", GuestAddress(A)).unwrap();
+        rig.write_desc(0, 0, A, 5, NEXT, 1);
+        rig.write_desc(0, 1, A + 0x100, 8, WRITE, 0);
+        rig.make_available(0, 0);
+        let chain = one(&mut rig).expect("chain");
+        assert_eq!(chain.read_all(&rig.mem, 64).unwrap(), b"hello");
+        assert_eq!(chain.writable_len(), 8);
+        assert_eq!(chain.write(&rig.mem, &[b"ab", b"cdef"]).unwrap(), 6);
+        let mut back = [0; 6];
+        rig.mem
+            .read_slice(&mut back, GuestAddress(A + 0x100))
+            .unwrap();
+        assert_eq!(&back, b"abcdef");
+        assert_eq!(
+            chain.write(&rig.mem, &[b"123456789"]),
+            Err(ChainError::Write),
+            "more than the buffers hold is an error, not an overrun"
+        );
+        assert_eq!(
+            chain.read_all(&rig.mem, 4),
+            Err(ChainError::TooLong { len: 5, max: 4 })
+        );
+    }
+
+    /// Each malformed chain is refused with its reason, returned to the guest with length 0,
+    /// and the queue goes on with the next chain.
+    #[test]
+    fn malformed_chains_are_refused_returned_and_the_queue_goes_on() {
+        let cases: Vec<(&str, Vec<(u64, u32, u16, u16)>, ChainError)> = vec![
+            (
+                "loop",
+                vec![(A, 8, NEXT, 1), (A, 8, NEXT, 0)],
+                ChainError::Loop { size: 16 },
+            ),
+            (
+                "self loop",
+                vec![(A, 8, NEXT, 0)],
+                ChainError::Loop { size: 16 },
+            ),
+            (
+                "next beyond the queue",
+                vec![(A, 8, NEXT, 200)],
+                ChainError::IndexOutOfRange {
+                    index: 200,
+                    size: 16,
+                },
+            ),
+            (
+                "outside memory",
+                vec![(MEM_SIZE, 8, 0, 0)],
+                ChainError::OutsideMemory {
+                    addr: MEM_SIZE,
+                    len: 8,
+                },
+            ),
+            (
+                "straddles the end of memory",
+                vec![(MEM_SIZE - 4, 8, 0, 0)],
+                ChainError::OutsideMemory {
+                    addr: MEM_SIZE - 4,
+                    len: 8,
+                },
+            ),
+            (
+                "addr + len overflows",
+                vec![(u64::MAX - 2, 8, 0, 0)],
+                ChainError::OutsideMemory {
+                    addr: u64::MAX - 2,
+                    len: 8,
+                },
+            ),
+            (
+                "readable after writable",
+                vec![(A, 8, WRITE | NEXT, 1), (A + 64, 8, 0, 0)],
+                ChainError::ReadableAfterWritable,
+            ),
+            ("indirect", vec![(A, 32, INDIRECT, 0)], ChainError::Indirect),
+        ];
+        for (what, descs, error) in cases {
+            let mut rig = Rig::new(1, 16);
+            for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+                rig.write_desc(0, i as u16, *addr, *len, *flags, *next);
+            }
+            rig.make_available(0, 0);
+            // A good chain after the bad one.
+            rig.write_desc(0, 10, A + 0x1000, 4, 0, 0);
+            rig.make_available(0, 10);
+            let got = rig.pop_all(0);
+            assert_eq!(got.len(), 2, "{what}: {got:?}");
+            assert_eq!(got[0], Err(error), "{what}");
+            assert!(got[1].is_ok(), "{what}: the next chain is still served");
+            assert_eq!(
+                rig.take_used(0),
+                vec![(0, 0)],
+                "{what}: returned, not leaked"
+            );
+            assert!(!rig.broken, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_head_index_beyond_the_queue_is_refused() {
+        let mut rig = Rig::new(1, 16);
+        rig.make_available(0, 999);
+        assert_eq!(
+            one(&mut rig),
+            Err(ChainError::IndexOutOfRange {
+                index: 999,
+                size: 16
+            })
+        );
+    }
+
+    #[test]
+    fn zero_length_descriptors_carry_nothing_and_overlapping_ones_are_harmless() {
+        let mut rig = Rig::new(1, 16);
+        rig.mem.write_slice(b"abcd", GuestAddress(A)).unwrap();
+        rig.write_desc(0, 0, A, 0, NEXT, 1);
+        rig.write_desc(0, 1, A, 4, NEXT, 2);
+        // Overlaps the readable one: what was read was copied first.
+        rig.write_desc(0, 2, A + 2, 4, WRITE | NEXT, 3);
+        rig.write_desc(0, 3, u64::MAX, 0, WRITE, 0);
+        rig.make_available(0, 0);
+        let chain = one(&mut rig).expect("chain");
+        assert_eq!(chain.readable.len(), 1);
+        assert_eq!(
+            chain.writable.len(),
+            1,
+            "zero-length descriptors are skipped"
+        );
+        let bytes = chain.read_all(&rig.mem, 64).unwrap();
+        chain.write(&rig.mem, &[b"WXYZ"]).unwrap();
+        assert_eq!(bytes, b"abcd");
+    }
+
+    #[test]
+    fn an_avail_index_jumping_ahead_marks_the_device_needs_reset() {
+        let mut rig = Rig::new(1, 16);
+        rig.write_desc(0, 0, A, 4, 0, 0);
+        rig.make_available(0, 0);
+        rig.set_avail_idx(0, 1000);
+        assert!(rig.pop_all(0).is_empty());
+        assert!(rig.broken, "NEEDS_RESET");
+        // Nothing more is touched until a reset, even once the index is sane again.
+        rig.set_avail_idx(0, 1);
+        assert!(rig.pop_all(0).is_empty());
+        assert!(rig.take_used(0).is_empty());
+    }
+}

@@ -16,6 +16,8 @@
 
 mod chain;
 mod server;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use chain::{Chain, ChainError, Region, Vq};
 pub use server::{serve, Server};

@@ -9,6 +9,8 @@
 
 pub mod device;
 pub mod packet;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
