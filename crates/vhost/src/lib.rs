@@ -54,6 +54,7 @@ pub trait Device: Send + 'static {
     }
     /// The driver reset the device, or the VMM went away: drop all state tied to the guest.
     fn reset(&mut self);
-    /// Handles `event`; `queues[n]` is queue `n`.
+    /// Handles `event`; `queues[n]` is queue `n`. `queues` is empty for a [`Event::Backend`]
+    /// that comes before the VMM gave the guest's memory.
     fn handle(&mut self, event: Event, queues: &mut [Vq<'_>]);
 }

@@ -216,8 +216,12 @@ impl<D: Device> VhostUserBackend for Backend<D> {
             Event::Queue(usize::from(device_event))
         };
         let Some(atomic) = &inner.mem else {
-            // No memory table yet: nothing can be read, and the kick is not lost (the driver's
-            // buffers stay available).
+            // No memory table yet: no queue can be touched (a kick is not lost: the driver's
+            // buffers stay available), but the device's own sources are drained, or the
+            // worker would wake up for them again and again.
+            if event == Event::Backend {
+                inner.device.handle(event, &mut []);
+            }
             return Ok(());
         };
         let mem = atomic.memory();

@@ -689,7 +689,9 @@ impl VsockDevice {
             }
             Ok(n) => {
                 conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                // The data's header tells the guest fwd_cnt: no separate update needed.
                 conn.told_fwd_cnt = conn.fwd_cnt;
+                conn.owe.credit_update = false;
                 let conn = &self.conns[&token];
                 let h = self.header(conn, Op::Rw, n as u32, 0);
                 let written = chain.write(mem, &[&h.encode(), &self.scratch[..n]]).ok();
@@ -765,12 +767,11 @@ impl Device for VsockDevice {
     }
 
     fn handle(&mut self, event: Event, queues: &mut [Vq<'_>]) {
-        if queues.len() <= TX {
-            return;
-        }
         match event {
+            // Host sockets are served even before the guest's memory is known (no queues then):
+            // their readiness is remembered for when the guest has buffers.
             Event::Backend => self.on_backend(),
-            Event::Queue(TX) => {
+            Event::Queue(TX) if queues.len() > TX => {
                 let tx = &mut queues[TX];
                 while let Some(chain) = tx.pop() {
                     let chain = match chain {
@@ -794,6 +795,8 @@ impl Device for VsockDevice {
             // RX: buffers arrived; event queue: nothing to do (no transport reset events).
             Event::Queue(_) => {}
         }
-        self.fill_rx(&mut queues[RX]);
+        if let Some(rx) = queues.get_mut(RX) {
+            self.fill_rx(rx);
+        }
     }
 }
