@@ -40,6 +40,7 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
     let listener = Listener::new(path, true)
         .map_err(|e| io::Error::other(format!("{}: cannot listen: {e}", path.display())))?;
     let backend = Backend {
+        queues: device.num_queues(),
         inner: Arc::new(Mutex::new(Inner {
             device,
             mem: None,
@@ -97,6 +98,9 @@ impl<D: Device> Inner<D> {
 
 /// vhost-user-backend's view of a [`Device`].
 struct Backend<D> {
+    /// Fixed for the device's life; kept here because vhost-user-backend asks for it while
+    /// the device is locked.
+    queues: usize,
     inner: Arc<Mutex<Inner<D>>>,
     exit: Arc<EventFd>,
 }
@@ -104,6 +108,7 @@ struct Backend<D> {
 impl<D> Clone for Backend<D> {
     fn clone(&self) -> Self {
         Backend {
+            queues: self.queues,
             inner: self.inner.clone(),
             exit: self.exit.clone(),
         }
@@ -124,13 +129,12 @@ impl<D: Device> Backend<D> {
         )
         .map_err(|e| e.to_string())?;
         let token = self.backend_token();
-        if let Some(handler) = daemon.get_epoll_handlers().first() {
-            let inner = self.inner();
-            if let Some(fd) = inner.device.backend_fd() {
-                handler
-                    .register_listener(fd.as_raw_fd(), EventSet::IN, token)
-                    .map_err(|e| e.to_string())?;
-            }
+        // Not registered while the device is locked: registering asks the backend questions.
+        let fd = self.inner().device.backend_fd().map(|fd| fd.as_raw_fd());
+        if let (Some(handler), Some(fd)) = (daemon.get_epoll_handlers().first(), fd) {
+            handler
+                .register_listener(fd, EventSet::IN, token)
+                .map_err(|e| e.to_string())?;
         }
         daemon.start(listener).map_err(|e| e.to_string())?;
         let result = daemon.wait();
@@ -147,7 +151,7 @@ impl<D: Device> Backend<D> {
 
     /// The epoll token of the device's own descriptor: past the queues and the exit event.
     fn backend_token(&self) -> u64 {
-        self.inner().device.num_queues() as u64 + 1
+        self.queues as u64 + 1
     }
 }
 
@@ -156,7 +160,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        self.inner().device.num_queues()
+        self.queues
     }
 
     fn max_queue_size(&self) -> usize {
