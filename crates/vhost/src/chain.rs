@@ -327,7 +327,9 @@ mod tests {
     /// and the queue goes on with the next chain.
     #[test]
     fn malformed_chains_are_refused_returned_and_the_queue_goes_on() {
-        let cases: Vec<(&str, Vec<(u64, u32, u16, u16)>, ChainError)> = vec![
+        /// addr, len, flags, next
+        type Desc = (u64, u32, u16, u16);
+        let cases: Vec<(&str, Vec<Desc>, ChainError)> = vec![
             (
                 "loop",
                 vec![(A, 8, NEXT, 1), (A, 8, NEXT, 0)],

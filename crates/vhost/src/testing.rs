@@ -165,12 +165,13 @@ impl Rig {
     /// Pops every chain queue `q` offers, as a device would.
     pub fn pop_all(&mut self, q: usize) -> Vec<Result<crate::Chain, crate::ChainError>> {
         let mut broken = self.broken;
-        let mut vq = Vq::new(&mut self.queues[q], &self.mem, &mut broken);
         let mut out = Vec::new();
-        while let Some(c) = vq.pop() {
-            out.push(c);
+        {
+            let mut vq = Vq::new(&mut self.queues[q], &self.mem, &mut broken);
+            while let Some(c) = vq.pop() {
+                out.push(c);
+            }
         }
-        drop(vq);
         self.broken = broken;
         out
     }
