@@ -925,6 +925,16 @@ impl Lab {
         &self.spec.image
     }
 
+    /// The process that serves the guest's vsock device: vhost-device-vsock, or vstreamd.
+    pub fn vsock_backend_pid(&self) -> Option<u32> {
+        let slot = match self.options.vsock {
+            LabVsock::VhostDeviceVsock => &self.vsock_backend,
+            LabVsock::Vstreamd => &self.daemon,
+            LabVsock::None => return None,
+        };
+        slot.lock().ok()?.as_ref().map(Child::id)
+    }
+
     /// The vsock CID of the guest, if it has a vhost-vsock or vhost-user-vsock device.
     pub fn vsock_cid(&self) -> Option<u32> {
         self.spec.vsock_cid

@@ -9,6 +9,7 @@ use xtask::{accel, demo, hostile, image, paths};
 
 mod bench_qga;
 mod bench_scale;
+mod bench_vsock;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -27,6 +28,9 @@ tasks:
   bench-hostile  a hostile guest beside a good one (vstream-agent), no QEMU: vstreamd's
             memory, log, the good guest's echo and stalls, status time, per attack
             [--seconds N] (20) [--attack NAME]... (churn fill garbage crc-bomb credit-lie)
+  bench-vsock vstreamd's own virtio-vsock device vs vhost-device-vsock, same guest: guest->host
+            and host->guest, 4 KiB and 64 KiB writes, MiB/s and backend CPU s/GiB, ratios last
+            (bench-vsock --mib N)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -214,6 +218,7 @@ fn run() -> Result<()> {
         "bench-qga" => bench_qga::run(&args[1..]),
         "bench-hostile" => bench_hostile(&args[1..]),
         "bench-scale" => bench_scale::run(&args[1..]),
+        "bench-vsock" => bench_vsock::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
