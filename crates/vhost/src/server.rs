@@ -46,7 +46,6 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
             mem: None,
             broken: false,
         })),
-        exit: Arc::new(EventFd::new(libc_efd_nonblock())?),
     };
     let (name, owned) = (name.to_owned(), path.to_owned());
     std::thread::Builder::new()
@@ -78,10 +77,8 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
     })
 }
 
-fn libc_efd_nonblock() -> i32 {
-    // EFD_NONBLOCK == O_NONBLOCK on Linux; vmm-sys-util takes the raw flag.
-    0o4000
-}
+/// `EFD_NONBLOCK` (`O_NONBLOCK` on Linux); vmm-sys-util takes the raw flag.
+const EFD_NONBLOCK: i32 = 0o4000;
 
 struct Inner<D> {
     device: D,
@@ -102,7 +99,6 @@ struct Backend<D> {
     /// the device is locked.
     queues: usize,
     inner: Arc<Mutex<Inner<D>>>,
-    exit: Arc<EventFd>,
 }
 
 impl<D> Clone for Backend<D> {
@@ -110,7 +106,6 @@ impl<D> Clone for Backend<D> {
         Backend {
             queues: self.queues,
             inner: self.inner.clone(),
-            exit: self.exit.clone(),
         }
     }
 }
@@ -201,7 +196,9 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<EventFd> {
-        self.exit.try_clone().ok()
+        // A fresh one for each VMM connection's worker: a shared one would still be signalled
+        // from the last connection and stop the next worker at once.
+        EventFd::new(EFD_NONBLOCK).ok()
     }
 
     fn handle_event(
