@@ -152,7 +152,8 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let bytes = mib << 20;
     // Release builds of vstreamd and vstreamctl: vhost-device-vsock is a release build too.
-    let bin = crate::release_build()?;
+    // (The guest's agent is the image's static build.)
+    let bin = crate::release_build_of(&["vstream-host"])?;
     std::env::set_var("VSTREAM_BIN_DIR", &bin);
     let backends = [
         ("vstreamd", LabVsock::Vstreamd),

@@ -240,21 +240,23 @@ fn main() -> ExitCode {
 /// Builds vstreamd, vstreamctl and vstream-agent as users run them (release) for a benchmark;
 /// returns their directory.
 fn release_build() -> Result<std::path::PathBuf> {
+    release_build_of(&["vstream-host", "vstream-agent"])
+}
+
+/// Builds `packages` in release; returns the directory of their binaries.
+fn release_build_of(packages: &[&str]) -> Result<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vstream-host",
-            "-p",
-            "vstream-agent",
-        ])
+    let mut command = Command::new(cargo);
+    command.args(["build", "--release"]);
+    for p in packages {
+        command.args(["-p", p]);
+    }
+    let status = command
         .current_dir(paths::workspace_root())
         .status()
         .context("running cargo")?;
     if !status.success() {
-        bail!("the release build of vstreamd and vstream-agent failed ({status})");
+        bail!("the release build of {packages:?} failed ({status})");
     }
     Ok(paths::target_dir().join("release"))
 }
