@@ -327,6 +327,26 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
             g.key()
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
+            for t in &g.transport {
+                if let Address::VhostUserVsock(v) = &t.address {
+                    // The device's CID is the guest's identity on it: one CID, one guest.
+                    match g.cid {
+                        Some(cid) if cid != v.cid => anyhow::bail!(
+                            "{}: guest {:?} is CID {cid} but its transport {} gives CID {}",
+                            path.display(),
+                            g.name,
+                            t.address,
+                            v.cid
+                        ),
+                        None if !cids.insert(v.cid) => anyhow::bail!(
+                            "{}: CID {} is given to two guests",
+                            path.display(),
+                            v.cid
+                        ),
+                        _ => {}
+                    }
+                }
+            }
             if g.transport
                 .iter()
                 .filter(|t| t.kind == TransportKind::Qga)
@@ -481,6 +501,29 @@ mod tests {
         ))
         .expect_err("short key");
         assert!(e.to_string().contains("at least 16 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_vhost_user_vsock_transport_must_carry_the_guests_cid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |text: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).expect("write");
+            Config::load(&path)
+        };
+        let guest = |cid: &str, address_cid: u32| {
+            format!(
+                "[[guest]]\nname = \"a\"\n{cid}[[guest.transport]]\nkind = \"mux\"\n\
+                 address = \"vhost-user-vsock:/run/a.sock,cid={address_cid},port=5000\"\n"
+            )
+        };
+        load(&guest("cid = 3\n", 3)).expect("the same CID");
+        load(&guest("", 3)).expect("the guest's CID from its device");
+        let e = load(&guest("cid = 3\n", 4)).expect_err("another CID");
+        assert!(e.to_string().contains("gives CID 4"), "{e}");
+        let two = format!("{}\n[[guest]]\nname = \"b\"\ncid = 3\n", guest("", 3));
+        let e = load(&two).expect_err("two guests, one CID");
+        assert!(e.to_string().contains("CID 3"), "{e}");
     }
 
     #[test]
