@@ -6,6 +6,7 @@ pub mod access;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod error;
 pub mod identity;
 
 /// Default control socket path (also from `VSTREAM_CONTROL`).

@@ -5,6 +5,7 @@
 //! The guest half is the guest kernel's own console driver: nothing of ours runs in the guest,
 //! so a console works even when the agent does not.
 
+pub mod device;
 mod log;
 
 use std::collections::VecDeque;

@@ -15,6 +15,7 @@
 //!
 //! Message: `u8 type`, `u8 flags`, `u16 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod forward;
 pub mod guest;
 pub mod host;

@@ -15,6 +15,7 @@
 //!
 //! Record: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 #[cfg(test)]

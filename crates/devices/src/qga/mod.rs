@@ -28,6 +28,7 @@
 //! Layout: `codec.rs` frames bytes (sans-io), this file has the messages and their parsing
 //! (sans-io), `guest.rs` runs the commands, `host.rs` is the client.
 
+pub mod device;
 pub mod codec;
 pub mod guest;
 pub mod host;

@@ -11,6 +11,7 @@
 //!
 //! Frame: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 #[cfg(test)]

@@ -317,13 +317,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             linger,
         } => {
             let interactive = tail.is_none() && !follow;
-            let req = Request::Console {
-                guest,
-                name,
-                tail,
-                follow,
-                attach: interactive,
-            };
+            let req = Request::device(
+                "console",
+                &guest,
+                serde_json::json!({ "name": name, "tail": tail, "follow": follow, "attach": interactive }),
+            );
             let (r, w, reply) = request(&args.control, &req).await?;
             if !interactive {
                 return copy_out(r).await;
@@ -851,9 +849,7 @@ async fn qga_client(
     guest: &str,
     timeout: Duration,
 ) -> anyhow::Result<QgaClient> {
-    let req = Request::Agent {
-        guest: guest.to_owned(),
-    };
+    let req = Request::device("agent", guest, Value::Null);
     let (r, w, _) = request(control, &req).await?;
     let mut client = vstream_devices::qga::host::Client::new(tokio::io::join(r, w));
     client.set_timeout(timeout);
@@ -1199,11 +1195,9 @@ async fn input(
 }
 
 async fn jobs(control: &PathBuf, guest: &str, json: bool) -> anyhow::Result<()> {
-    let req = Request::Jobs {
-        guest: guest.to_owned(),
-    };
+    let req = Request::device("jobs", guest, Value::Null);
     let (_, _, reply) = request(control, &req).await?;
-    let jobs = reply.jobs.unwrap_or_default();
+    let jobs = reply.device.get("jobs").cloned().unwrap_or_default();
     if json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
         return Ok(());
