@@ -79,7 +79,11 @@ impl Agent {
 
     /// Also starts the tasks that `options` ask of device `class`'s guest half (e.g. one more
     /// print-job listener), besides those the agent started with.
-    pub fn start_device<T: std::any::Any + Send + Sync>(&mut self, class: &'static str, options: T) {
+    pub fn start_device<T: std::any::Any + Send + Sync>(
+        &mut self,
+        class: &'static str,
+        options: T,
+    ) {
         let mut devices = GuestOptions::default();
         devices.set(class, options);
         if let Some(d) = registry().get(class) {
@@ -227,7 +231,7 @@ mod tests {
     #[test]
     fn reads_repeated_connects_and_the_name() {
         let s = from_kernel_cmdline(
-            "console=ttyS0 vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab vstream.key_file=/etc/k",
+            "root=/dev/vda vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab vstream.key_file=/etc/k",
         )
         .expect("parse");
         assert_eq!(s.name.as_deref(), Some("lab"));

@@ -9,6 +9,7 @@
 //! [`registry::registry`]; see docs/ARCHITECTURE.md.
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod console;
 pub mod diag;
 pub mod hid;

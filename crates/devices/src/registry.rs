@@ -23,6 +23,9 @@ use crate::{EventSink, ServeFuture, Service};
 /// A future a device hands to the daemon, the agent or the command line.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A vstreamctl verb's future (vstreamctl runs one at a time, on one thread).
+pub type VerbFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<i32>> + 'a>>;
+
 /// A `[guest.CLASS]` section, or a device option, that is wrong: the message says which key and
 /// why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -280,12 +283,35 @@ pub trait Control: Sync {
     fn lost(&self) -> BoxFuture<'_, Option<String>>;
 }
 
+/// vstreamd did not answer at the start of a command (the error's context, so that a command
+/// can tell this from losing vstreamd midway).
+#[derive(Debug)]
+pub struct Unreachable(pub PathBuf);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot reach vstreamd at {} (is it running? --control / VSTREAM_CONTROL)",
+            self.0.display()
+        )
+    }
+}
+
 /// What vstreamctl's verbs of a device get.
 pub struct VerbContext<'a> {
-    /// The verb's parsed arguments.
+    /// vstreamctl's parsed command line; its subcommand is the verb.
     pub matches: &'a clap::ArgMatches,
     /// The way to vstreamd.
     pub control: &'a dyn Control,
+}
+
+impl VerbContext<'_> {
+    /// Opens a channel of `class` named `name` on `guest` through vstreamd (`open`).
+    pub async fn open(&self, guest: &str, class: &str, name: &str) -> anyhow::Result<BoxStream> {
+        let req = serde_json::json!({ "op": "open", "guest": guest, "class": class, "name": name });
+        Ok(self.control.call(req).await?.1)
+    }
 }
 
 /// Everything the rest of the system needs to know about one device.
@@ -379,8 +405,9 @@ pub trait Device: Send + Sync {
         Vec::new()
     }
 
-    /// Runs verb `name` (one of [`Device::verbs`]); returns the process's exit status.
-    fn run_verb<'a>(&'a self, _name: &'a str, _ctx: VerbContext<'a>) -> BoxFuture<'a, anyhow::Result<i32>> {
+    /// Runs verb `ctx.matches.subcommand()` (one of [`Device::verbs`]); returns the process's
+    /// exit status.
+    fn run_verb<'a>(&'a self, _ctx: VerbContext<'a>) -> VerbFuture<'a> {
         Box::pin(async { anyhow::bail!("no such verb") })
     }
 }
@@ -506,4 +533,12 @@ where
     };
     let (x, y) = tokio::join!(up, down);
     x.and(y)
+}
+
+/// The commands of a derived [`clap::Subcommand`] enum, for [`Device::verbs`].
+pub fn verbs_of<S: clap::Subcommand>() -> Vec<clap::Command> {
+    S::augment_subcommands(clap::Command::new("verbs"))
+        .get_subcommands()
+        .cloned()
+        .collect()
 }

@@ -235,7 +235,11 @@ impl<'de> Deserialize<'de> for TransportKind {
             return Ok(TransportKind::Raw(kind));
         }
         let known: Vec<&str> = std::iter::once("mux")
-            .chain(registry().iter().flat_map(|d| d.raw_kinds().iter().copied()))
+            .chain(
+                registry()
+                    .iter()
+                    .flat_map(|d| d.raw_kinds().iter().copied()),
+            )
             .collect();
         Err(serde::de::Error::custom(format!(
             "unknown transport kind {kind:?}, expected one of {}",
@@ -457,7 +461,8 @@ mod tests {
                 .is_err()
         );
         let d: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("default");
-        let p: Option<vstream_devices::printer::device::PrinterConfig> = section(&d.guest[0], "printer");
+        let p: Option<vstream_devices::printer::device::PrinterConfig> =
+            section(&d.guest[0], "printer");
         assert_eq!(p.unwrap_or_default().quota_bytes, 1 << 30);
     }
 
@@ -472,10 +477,7 @@ mod tests {
             section(g, "watchdog").expect("the example has a watchdog");
         assert_eq!(w.action, vstream_devices::watchdog::Action::Reset);
         assert!(g.validate().is_ok());
-        assert!(g
-            .transport
-            .iter()
-            .any(|t| t.kind == raw("random-raw")));
+        assert!(g.transport.iter().any(|t| t.kind == raw("random-raw")));
 
         let no_qmp: Config = toml::from_str(
             "[[guest]]\nname = \"a\"\n[guest.watchdog]\ntimeout_ms = 1000\naction = \"reset\"\n",
@@ -484,10 +486,14 @@ mod tests {
         let e = no_qmp.guest[0].validate().expect_err("reset needs qmp");
         assert!(e.to_string().contains("qmp"), "{e}");
         let defaults: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("parse");
-        let w: Option<vstream_devices::watchdog::Settings> = section(&defaults.guest[0], "watchdog");
+        let w: Option<vstream_devices::watchdog::Settings> =
+            section(&defaults.guest[0], "watchdog");
         assert!(w.is_none());
         let r: Option<vstream_devices::random::Settings> = section(&defaults.guest[0], "random");
-        assert_eq!(r.unwrap_or_default(), vstream_devices::random::Settings::default());
+        assert_eq!(
+            r.unwrap_or_default(),
+            vstream_devices::random::Settings::default()
+        );
         assert!(
             toml::from_str::<Config>("[[guest]]\nname = \"a\"\n[guest.random]\nrat = 1\n").is_err()
         );

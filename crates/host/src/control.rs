@@ -274,7 +274,10 @@ mod tests {
         let mut wire = Vec::new();
         write_line(&mut wire, &req).await.expect("write");
         let line: serde_json::Value = serde_json::from_slice(&wire).expect("json");
-        assert_eq!((&line["op"], &line["guest"]), (&"console".into(), &"lab".into()));
+        assert_eq!(
+            (&line["op"], &line["guest"]),
+            (&"console".into(), &"lab".into())
+        );
         let back: Request = read_line(&mut &wire[..]).await.expect("read");
         assert_eq!(back, req);
     }

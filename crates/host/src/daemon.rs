@@ -26,8 +26,8 @@ use vstream_link::link_params;
 
 use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
-use crate::error::StartError;
 use crate::control::{push_line, read_line, write_line, Reply, Request};
+use crate::error::StartError;
 use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
 
 /// Bytes of guest status lines gathered before a write to a control connection.
@@ -369,17 +369,25 @@ impl Daemon {
                 start_events: events.replayed(self.start_events.clone()),
                 state_dir: cfg.map(|_| self.state_dir.join(name)),
                 section: cfg.and_then(|g| g.devices.get(class).cloned()),
-                transports: cfg.map(|g| g.raw_transports(dev.as_ref())).unwrap_or_default(),
+                transports: cfg
+                    .map(|g| g.raw_transports(dev.as_ref()))
+                    .unwrap_or_default(),
             };
             let half = dev.host(&ctx).map_err(|e| StartError::Device {
                 guest: name.to_owned(),
                 error: e,
             })?;
             services.extend(half.services);
-            tasks.extend(half.tasks.into_iter().map(|t| tokio::spawn(t).abort_handle()));
+            tasks.extend(
+                half.tasks
+                    .into_iter()
+                    .map(|t| tokio::spawn(t).abort_handle()),
+            );
             devices.push((class, half.state));
         }
-        tasks.push(tokio::spawn(vstream_devices::dispatch(services.clone(), incoming)).abort_handle());
+        tasks.push(
+            tokio::spawn(vstream_devices::dispatch(services.clone(), incoming)).abort_handle(),
+        );
         tasks.push(tokio::spawn(forward_mux_events(mux.clone(), events.clone())).abort_handle());
         let (rules, key, owner) = identity;
         Ok(Arc::new(Guest {
@@ -479,7 +487,9 @@ impl Daemon {
                 let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
                 guest.link_ended(&reason);
-                guest.events.transport(false, "mux", &name, &address, &reason);
+                guest
+                    .events
+                    .transport(false, "mux", &name, &address, &reason);
                 // Accepted connections are not reconnected by us: forget them.
                 guest.transports().retain(|t| t.name != name);
                 daemon.forget_later(&guest);
@@ -858,25 +868,29 @@ async fn run_transport(
         events: &guest.events,
     };
     let (guest, name, t, kept) = (&guest, &name, &t, &kept);
-    keep(kept, || guest.held_off(), |conn| async move {
-        let peer = conn.peer.clone();
-        let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
-            Ok((stream, prefix)) => {
-                let reason = guest
-                    .mux
-                    .run_link(stream, t.link_params(priority), name, &prefix)
-                    .await;
-                guest.link_ended(&reason);
-                reason
-            }
-            Err(reason) => {
-                lock(&guest.refusals).record(&guest.name, &peer, &reason);
-                format!("refused: {reason}")
-            }
-        };
-        tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
-        kept.down(&reason);
-    })
+    keep(
+        kept,
+        || guest.held_off(),
+        |conn| async move {
+            let peer = conn.peer.clone();
+            let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
+                Ok((stream, prefix)) => {
+                    let reason = guest
+                        .mux
+                        .run_link(stream, t.link_params(priority), name, &prefix)
+                        .await;
+                    guest.link_ended(&reason);
+                    reason
+                }
+                Err(reason) => {
+                    lock(&guest.refusals).record(&guest.name, &peer, &reason);
+                    format!("refused: {reason}")
+                }
+            };
+            tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
+            kept.down(&reason);
+        },
+    )
     .await
 }
 

@@ -74,7 +74,8 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(devices)
     };
-    let standalone = |devices: &GuestOptions| registry().iter().any(|d| d.serves_without_connect(devices));
+    let standalone =
+        |devices: &GuestOptions| registry().iter().any(|d| d.serves_without_connect(devices));
     let from_kernel = settings.connect.is_empty() && !standalone(&options("", false)?);
     let cmdline = std::fs::read_to_string(&args.cmdline);
     if from_kernel {
@@ -96,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     if settings.connect.is_empty() && !standalone(&devices) {
-        anyhow::bail!("nothing to connect to: give --connect ADDR (or a device's own transport, e.g. --qga ADDR) or vstream.connect= on the kernel command line");
+        anyhow::bail!("nothing to connect to: give --connect ADDR (or a device's own transport) or vstream.connect= on the kernel command line");
     }
     let name = settings.name.unwrap_or_else(|| {
         rustix::system::uname()

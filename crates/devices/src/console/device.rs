@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Console, ConsoleSettings};
 use crate::registry::{
-    ControlConn, Device, HostContext, HostHalf, HostState, SettingsError, TransportStatus,
+    verbs_of, ControlConn, Device, HostContext, HostHalf, HostState, SettingsError,
+    TransportStatus, VerbContext,
 };
 use crate::ServeFuture;
 
@@ -53,7 +54,10 @@ impl Device for ConsoleDevice {
                 (Some(log), _) => log.clone(),
                 (None, Some(dir)) => dir.join(format!("{}.log", t.name)),
                 (None, None) => {
-                    return Err(SettingsError::new(CLASS, format!("{}: no log file", t.name)))
+                    return Err(SettingsError::new(
+                        CLASS,
+                        format!("{}: no log file", t.name),
+                    ))
                 }
             };
             let console = Console::start(ConsoleSettings {
@@ -79,6 +83,14 @@ impl Device for ConsoleDevice {
 
     fn control_ops(&self) -> &'static [&'static str] {
         &[CLASS]
+    }
+
+    fn verbs(&self) -> Vec<clap::Command> {
+        verbs_of::<super::verbs::Verb>()
+    }
+
+    fn run_verb<'a>(&'a self, ctx: VerbContext<'a>) -> crate::registry::VerbFuture<'a> {
+        Box::pin(super::verbs::run(ctx))
     }
 
     fn control_access(&self, op: &str, request: &Value) -> (String, bool) {
@@ -169,7 +181,9 @@ async fn serve(
         let have: Vec<_> = consoles.iter().map(|c| c.name().to_owned()).collect();
         let (guest, name) = (&req.guest, &req.name);
         return conn
-            .refuse(format!("guest {guest:?} has no console {name:?} (has {have:?})"))
+            .refuse(format!(
+                "guest {guest:?} has no console {name:?} (has {have:?})"
+            ))
             .await;
     };
     // Subscribe before reading the tail so nothing falls between the two.

@@ -7,6 +7,7 @@
 
 pub mod device;
 mod log;
+pub mod verbs;
 
 use std::collections::VecDeque;
 use std::io;

@@ -23,6 +23,17 @@ impl Device for HidDevice {
         }
     }
 
+    fn verbs(&self) -> Vec<clap::Command> {
+        crate::registry::verbs_of::<super::verbs::Verb>()
+    }
+
+    fn run_verb<'a>(
+        &'a self,
+        ctx: crate::registry::VerbContext<'a>,
+    ) -> crate::registry::VerbFuture<'a> {
+        Box::pin(super::verbs::run(ctx))
+    }
+
     fn agent_tools(&self) -> Vec<clap::Command> {
         use clap::{value_parser, Arg, ArgAction, Command};
         vec![
@@ -51,14 +62,19 @@ impl Device for HidDevice {
                 super::guest::evtest(
                     &device,
                     m.get_one::<usize>("reports").copied().unwrap_or(1_000_000),
-                    std::time::Duration::from_secs(m.get_one::<u64>("timeout").copied().unwrap_or(60)),
+                    std::time::Duration::from_secs(
+                        m.get_one::<u64>("timeout").copied().unwrap_or(60),
+                    ),
                     grab,
                     &mut out,
                 )?;
                 Ok(())
             }
             _ => {
-                let to: Vec<String> = m.get_many::<String>("to").map(|v| v.cloned().collect()).unwrap_or_default();
+                let to: Vec<String> = m
+                    .get_many::<String>("to")
+                    .map(|v| v.cloned().collect())
+                    .unwrap_or_default();
                 forward_tool(device, grab, to)
             }
         }
@@ -80,9 +96,8 @@ fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<(
         let (k, a) = t
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("--to {t}: expected KIND=ADDRESS"))?;
-        let kind = Kind::from_name(k).ok_or_else(|| {
-            anyhow::anyhow!("--to {t}: {k:?} is not keyboard, mouse or tablet")
-        })?;
+        let kind = Kind::from_name(k)
+            .ok_or_else(|| anyhow::anyhow!("--to {t}: {k:?} is not keyboard, mouse or tablet"))?;
         let addr: Address = a.parse().map_err(|e| anyhow::anyhow!("--to {t}: {e}"))?;
         targets.insert(kind, addr);
     }
@@ -115,4 +130,3 @@ fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<(
         Ok(())
     })
 }
-

@@ -22,6 +22,7 @@ pub mod host;
 pub mod keymap;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use std::fmt;
 

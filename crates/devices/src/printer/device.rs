@@ -87,6 +87,17 @@ impl Device for PrinterDevice {
         })
     }
 
+    fn verbs(&self) -> Vec<clap::Command> {
+        crate::registry::verbs_of::<super::verbs::Verb>()
+    }
+
+    fn run_verb<'a>(
+        &'a self,
+        ctx: crate::registry::VerbContext<'a>,
+    ) -> crate::registry::VerbFuture<'a> {
+        Box::pin(super::verbs::run(ctx))
+    }
+
     fn control_ops(&self) -> &'static [&'static str] {
         &[JOBS_OP]
     }
@@ -182,7 +193,9 @@ pub fn kernel_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, SettingsE
         let list = out.get_or_insert_with(Vec::new);
         if a != "off" {
             let addr = a.parse();
-            list.push(addr.map_err(|e| SettingsError::new(CLASS, format!("vstream.printer={a}: {e}")))?);
+            list.push(
+                addr.map_err(|e| SettingsError::new(CLASS, format!("vstream.printer={a}: {e}")))?,
+            );
         }
     }
     Ok(out)

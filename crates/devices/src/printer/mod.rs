@@ -20,6 +20,7 @@ pub mod guest;
 pub mod host;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde::Serialize;

@@ -60,6 +60,17 @@ impl Device for QgaDevice {
         })
     }
 
+    fn verbs(&self) -> Vec<clap::Command> {
+        crate::registry::verbs_of::<super::verbs::Verb>()
+    }
+
+    fn run_verb<'a>(
+        &'a self,
+        ctx: crate::registry::VerbContext<'a>,
+    ) -> crate::registry::VerbFuture<'a> {
+        Box::pin(super::verbs::run(ctx))
+    }
+
     fn control_ops(&self) -> &'static [&'static str] {
         &[AGENT_OP]
     }
@@ -80,7 +91,9 @@ impl Device for QgaDevice {
         if args.from_kernel && port.is_none() {
             for a in cmdline_values(args.cmdline, "qga") {
                 let addr = a.parse();
-                port = Some(addr.map_err(|e| SettingsError::new(CLASS, format!("vstream.qga={a}: {e}")))?);
+                port = Some(
+                    addr.map_err(|e| SettingsError::new(CLASS, format!("vstream.qga={a}: {e}")))?,
+                );
             }
         }
         if let Some(p) = port {
@@ -98,7 +111,9 @@ impl Device for QgaDevice {
             services: vec![Arc::new(QgaService::global())],
             tasks: options
                 .get::<RawPort>(CLASS)
-                .map(|p| -> ServeFuture { Box::pin(serve_address(GuestAgent::global(), p.0.clone())) })
+                .map(|p| -> ServeFuture {
+                    Box::pin(serve_address(GuestAgent::global(), p.0.clone()))
+                })
                 .into_iter()
                 .collect(),
             on_stop: None,

@@ -28,12 +28,13 @@
 //! Layout: `codec.rs` frames bytes (sans-io), this file has the messages and their parsing
 //! (sans-io), `guest.rs` runs the commands, `host.rs` is the client.
 
-pub mod device;
 pub mod codec;
+pub mod device;
 pub mod guest;
 pub mod host;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};

@@ -351,12 +351,13 @@ pub fn escape_controls(text: &str) -> String {
 }
 
 /// The local terminal in raw mode for the life of the value.
-struct RawMode {
+pub struct RawMode {
     saved: rustix::termios::Termios,
 }
 
 impl RawMode {
-    fn enter() -> io::Result<RawMode> {
+    /// Puts the terminal on stdin in raw mode.
+    pub fn enter() -> io::Result<RawMode> {
         let stdin = rustix::stdio::stdin();
         let saved = rustix::termios::tcgetattr(stdin)?;
         let mut raw = saved.clone();

@@ -16,6 +16,7 @@ pub mod guest;
 pub mod host;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use std::ffi::{OsStr, OsString};
 use std::marker::PhantomData;

@@ -68,13 +68,15 @@ impl Device for WatchdogDevice {
         args: &AgentArgs<'_>,
         options: &mut GuestOptions,
     ) -> Result<(), SettingsError> {
-        let mut interval = args.matches.get_one::<Duration>("watchdog-interval").copied();
+        let mut interval = args
+            .matches
+            .get_one::<Duration>("watchdog-interval")
+            .copied();
         if args.from_kernel && interval.is_none() {
             if let Some(w) = cmdline_values(args.cmdline, "watchdog").last() {
-                interval = Some(
-                    parse_interval(w)
-                        .map_err(|e| SettingsError::new(CLASS, format!("vstream.watchdog={w}: {e}")))?,
-                );
+                interval = Some(parse_interval(w).map_err(|e| {
+                    SettingsError::new(CLASS, format!("vstream.watchdog={w}: {e}"))
+                })?);
             }
         }
         if let Some(interval) = interval {
