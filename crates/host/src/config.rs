@@ -134,19 +134,31 @@ impl Limits {
     }
 
     /// Whether `peer_buffer_limit` leaves room for a few channels after its fixed parts.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), NoRoomForChannels> {
         let cfg = self.wire_config(Role::Host, "");
         // One link, and room for the channels every guest has (console, agent, devices).
         let least = cfg.fixed_charge(1) + 16 * cfg.channel_charge();
         if self.peer_buffer_limit < least {
-            return Err(format!(
-                "peer_buffer_limit = {} leaves no room for channels: with these windows, \
-                 buffers and max_unacked it must be at least {least}",
-                self.peer_buffer_limit
-            ));
+            return Err(NoRoomForChannels {
+                limit: self.peer_buffer_limit,
+                least,
+            });
         }
         Ok(())
     }
+}
+
+/// `[daemon.limits]` whose `peer_buffer_limit` leaves no room for channels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "peer_buffer_limit = {limit} leaves no room for channels: with these windows, buffers and \
+     max_unacked it must be at least {least}"
+)]
+pub struct NoRoomForChannels {
+    /// The configured limit.
+    pub limit: usize,
+    /// The least that fits one link and a few channels.
+    pub least: usize,
 }
 
 /// `[[guest]]`.
@@ -294,12 +306,11 @@ impl TransportConfig {
 
 impl GuestConfig {
     /// The guest's key, read from `key_file`, if it has one.
-    pub fn key(&self) -> Result<Option<vstream_wire::auth::Key>, String> {
+    pub fn key(&self) -> std::io::Result<Option<vstream_wire::auth::Key>> {
         self.key_file
             .as_deref()
             .map(vstream_link::auth::read_key_file)
             .transpose()
-            .map_err(|e| e.to_string())
     }
 
     /// The guest's transports of `device`'s raw kinds.

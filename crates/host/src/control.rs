@@ -1,4 +1,5 @@
-//! The control socket protocol between vstreamctl and vstreamd.
+//! The control socket protocol between vstreamctl and vstreamd (docs/CONTROL.md, for other
+//! tools that speak it).
 //!
 //! The client writes one JSON request on one line (at most [`MAX_REQUEST`] bytes); the daemon
 //! answers with one JSON reply line. What follows depends on the request:
@@ -8,7 +9,9 @@
 //!   N is 1 (or the reply is an error naming the unknown guest). Nothing in the reply grows
 //!   with the fleet, so replies carry no length limit: a reader takes lines of any length
 //!   ([`read_reply`]); only requests, which come from clients, are bounded.
-//! - `console` (attach), `open` and `agent`: raw bytes both ways.
+//! - `open`: raw bytes both ways.
+//! - a device's op (`console`, `agent`, `jobs`...): the device's host half answers and may
+//!   turn the connection into raw bytes.
 //! - `events`: one JSON event per line.
 //!
 //! Who may ask what: the daemon reads every connection's peer credentials (SO_PEERCRED). The

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 use vstream_devices::keep::{keep, now_secs, Kept, Slot};
@@ -714,128 +715,159 @@ impl Daemon {
                 request = req.verb(),
                 "control request refused: {why}"
             );
-            return write_line(&mut w, &Reply::error(why)).await;
+            return write_line(&mut w, &Reply::error(why.to_string())).await;
         }
         match req {
-            Request::Status { guest } => {
-                let guests: Vec<Arc<Guest>> = match &guest {
-                    None => self.guests().values().cloned().collect(),
-                    Some(name) => match self.guest(name) {
-                        Some(g) => vec![g],
-                        None => {
-                            let msg = format!("no guest named {name:?}");
-                            return write_line(&mut w, &Reply::error(msg)).await;
-                        }
-                    },
-                };
-                let reply = Reply {
-                    ok: true,
-                    guests: Some(guests.len()),
-                    refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
-                    ..Reply::default()
-                };
-                write_line(&mut w, &reply).await?;
-                // One line per guest, written in batches: no line grows with the fleet, and a
-                // thousand guests take a few dozen writes.
-                let mut batch = Vec::with_capacity(STATUS_BATCH);
-                for g in guests {
-                    push_line(&mut batch, &g.status())?;
-                    if batch.len() >= STATUS_BATCH {
-                        w.write_all(&batch).await?;
-                        batch.clear();
-                    }
-                }
-                w.write_all(&batch).await?;
-                w.shutdown().await
-            }
+            Request::Status { guest } => self.control_status(guest, w).await,
             Request::Device { op, guest, request } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                let Some(state) = registry()
-                    .owner_of_op(&op)
-                    .and_then(|d| g.devices.iter().find(|(c, _)| *c == d.class()))
-                    .map(|(_, s)| s.clone())
-                else {
-                    return write_line(&mut w, &Reply::error(format!("no device serves {op:?}")))
-                        .await;
-                };
-                let conn = ControlConn {
-                    stream: Box::new(tokio::io::join(r, w)),
-                };
-                state.control(&op, request, conn).await;
-                Ok(())
+                self.control_device(op, guest, request, r, w).await
             }
             Request::Open { guest, class, name } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                let opened =
-                    tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
-                let chan = match opened {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        return write_line(&mut w, &Reply::error(format!("{guest}: {class}/{name}: {e}"))).await
-                    }
-                    Err(_) => {
-                        return write_line(
-                            &mut w,
-                            &Reply::error(format!("{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)")),
-                        )
-                        .await
-                    }
-                };
-                write_line(&mut w, &Reply::ok()).await?;
-                // Users watch for channels opened on a guest; a device may name its own events.
-                let (opened, closed) = registry()
-                    .get(&class)
-                    .map_or(("channel-opened", "channel-closed"), |d| d.channel_events());
-                let channel = chan.id();
-                let started = std::time::Instant::now();
-                self.emit(
-                    &guest,
-                    opened,
-                    json!({"class": class, "name": name, "channel": channel}),
-                );
-                let result = pipe(tokio::io::join(r, w), chan).await;
-                let mut fields = json!({
-                    "class": class, "name": name, "channel": channel,
-                    "duration_ms": started.elapsed().as_millis() as u64,
-                });
-                if let Err(e) = &result {
-                    fields["error"] = json!(e.to_string());
-                }
-                self.emit(&guest, closed, fields);
-                result
+                self.control_open(guest, class, name, r, w).await
             }
-            Request::Events { guest } => {
-                let mut rx = self.events.subscribe();
-                write_line(&mut w, &Reply::ok()).await?;
-                let replayed = self
-                    .start_events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                for ev in replayed {
+            Request::Events { guest } => self.control_events(guest, w).await,
+        }
+    }
+
+    /// `status`: a count line, then one line per guest.
+    async fn control_status(&self, guest: Option<String>, mut w: OwnedWriteHalf) -> io::Result<()> {
+        let guests: Vec<Arc<Guest>> = match &guest {
+            None => self.guests().values().cloned().collect(),
+            Some(name) => match self.guest(name) {
+                Some(g) => vec![g],
+                None => {
+                    let msg = format!("no guest named {name:?}");
+                    return write_line(&mut w, &Reply::error(msg)).await;
+                }
+            },
+        };
+        let reply = Reply {
+            ok: true,
+            guests: Some(guests.len()),
+            refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
+            ..Reply::default()
+        };
+        write_line(&mut w, &reply).await?;
+        // One line per guest, written in batches: no line grows with the fleet, and a
+        // thousand guests take a few dozen writes.
+        let mut batch = Vec::with_capacity(STATUS_BATCH);
+        for g in guests {
+            push_line(&mut batch, &g.status())?;
+            if batch.len() >= STATUS_BATCH {
+                w.write_all(&batch).await?;
+                batch.clear();
+            }
+        }
+        w.write_all(&batch).await?;
+        w.shutdown().await
+    }
+
+    /// A device's op: the guest's host half of that device answers.
+    async fn control_device(
+        &self,
+        op: String,
+        guest: String,
+        request: serde_json::Value,
+        r: BufReader<OwnedReadHalf>,
+        mut w: OwnedWriteHalf,
+    ) -> io::Result<()> {
+        let Some(g) = self.guest(&guest) else {
+            return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}"))).await;
+        };
+        let Some(state) = registry()
+            .owner_of_op(&op)
+            .and_then(|d| g.devices.iter().find(|(c, _)| *c == d.class()))
+            .map(|(_, s)| s.clone())
+        else {
+            return write_line(&mut w, &Reply::error(format!("no device serves {op:?}"))).await;
+        };
+        let conn = ControlConn {
+            stream: Box::new(tokio::io::join(r, w)),
+        };
+        state.control(&op, request, conn).await;
+        Ok(())
+    }
+
+    /// `open`: the connection becomes a channel's byte stream.
+    async fn control_open(
+        &self,
+        guest: String,
+        class: String,
+        name: String,
+        r: BufReader<OwnedReadHalf>,
+        mut w: OwnedWriteHalf,
+    ) -> io::Result<()> {
+        let Some(g) = self.guest(&guest) else {
+            return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}"))).await;
+        };
+        let opened = tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
+        let chan =
+            match opened {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return write_line(
+                        &mut w,
+                        &Reply::error(format!("{guest}: {class}/{name}: {e}")),
+                    )
+                    .await
+                }
+                Err(_) => return write_line(
+                    &mut w,
+                    &Reply::error(format!(
+                        "{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)"
+                    )),
+                )
+                .await,
+            };
+        write_line(&mut w, &Reply::ok()).await?;
+        // Users watch for channels opened on a guest; a device may name its own events.
+        let (opened, closed) = registry()
+            .get(&class)
+            .map_or(("channel-opened", "channel-closed"), |d| d.channel_events());
+        let channel = chan.id();
+        let started = std::time::Instant::now();
+        self.emit(
+            &guest,
+            opened,
+            json!({"class": class, "name": name, "channel": channel}),
+        );
+        let result = pipe(tokio::io::join(r, w), chan).await;
+        let mut fields = json!({
+            "class": class, "name": name, "channel": channel,
+            "duration_ms": started.elapsed().as_millis() as u64,
+        });
+        if let Err(e) = &result {
+            fields["error"] = json!(e.to_string());
+        }
+        self.emit(&guest, closed, fields);
+        result
+    }
+
+    /// `events`: the events of the start, then each event as it comes.
+    async fn control_events(&self, guest: Option<String>, mut w: OwnedWriteHalf) -> io::Result<()> {
+        let mut rx = self.events.subscribe();
+        write_line(&mut w, &Reply::ok()).await?;
+        let replayed = self
+            .start_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for ev in replayed {
+            if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
+                write_line(&mut w, &ev).await?;
+            }
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
                     if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
                         write_line(&mut w, &ev).await?;
                     }
                 }
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) => {
-                            if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
-                                write_line(&mut w, &ev).await?;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            write_line(&mut w, &json!({"event": "lagged", "missed": n})).await?
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                    }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    write_line(&mut w, &json!({"event": "lagged", "missed": n})).await?
                 }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
     }

@@ -19,6 +19,6 @@ pub enum StartError {
         /// The guest.
         guest: String,
         /// What is wrong with it.
-        error: String,
+        error: std::io::Error,
     },
 }

@@ -10,10 +10,11 @@ const DEVICES: [&str; 8] = [
 ];
 
 /// The sources that must name no device (paths from the workspace root).
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     "crates/host/src/daemon.rs",
     "crates/host/src/bin/vstreamd.rs",
-    "crates/host/src/bin/vstreamctl.rs",
+    "crates/host/src/bin/vstreamctl/main.rs",
+    "crates/host/src/bin/vstreamctl/status.rs",
     "crates/agent/src/bin/vstream-agent.rs",
     "crates/agent/src/lib.rs",
 ];
