@@ -81,8 +81,8 @@ impl Device for RandomDevice {
         args: &AgentArgs<'_>,
         options: &mut GuestOptions,
     ) -> Result<(), SettingsError> {
-        let mut on = (!args.matches.get_flag("no-random")).then_some(true);
-        if args.from_kernel && on.is_some() {
+        let mut on = args.matches.get_flag("no-random").then_some(false);
+        if args.from_kernel && on.is_none() {
             if let Some(r) = cmdline_values(args.cmdline, "random").last() {
                 on = Some(feed_word(r)?);
             }
