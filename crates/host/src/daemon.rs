@@ -801,24 +801,25 @@ impl Daemon {
             return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}"))).await;
         };
         let opened = tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
-        let chan =
-            match opened {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return write_line(
-                        &mut w,
-                        &Reply::error(format!("{guest}: {class}/{name}: {e}")),
-                    )
-                    .await
-                }
-                Err(_) => return write_line(
+        let chan = match opened {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return write_line(
+                    &mut w,
+                    &Reply::error(format!("{guest}: {class}/{name}: {e}")),
+                )
+                .await
+            }
+            Err(_) => {
+                return write_line(
                     &mut w,
                     &Reply::error(format!(
                         "{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)"
                     )),
                 )
-                .await,
-            };
+                .await
+            }
+        };
         write_line(&mut w, &Reply::ok()).await?;
         // Users watch for channels opened on a guest; a device may name its own events.
         let (opened, closed) = registry()

@@ -209,4 +209,3 @@ fn render_guest(g: &Value) -> String {
     out.push_str(&indent(table(&[L, R, L, L, R, L, R], &channels)));
     out
 }
-
