@@ -44,6 +44,7 @@ impl Device for PppDevice {
 
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![clap::Arg::new("ppp")
+                .value_name("PPP")
             .long("ppp")
             .value_parser(|s: &str| s.parse::<Mode>())
             .help("The PPP link: `on` (pppd on a `ppp` channel), `off`, or a transport such as port:org.vstream.ppp (default: vstream.ppp= on the kernel command line, else `on` if /usr/sbin/pppd exists)")]

@@ -105,6 +105,7 @@ impl Device for PrinterDevice {
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![
             clap::Arg::new("printer")
+                .value_name("PRINTER")
                 .long("printer")
                 .action(ArgAction::Append)
                 .value_parser(|s: &str| s.parse::<Address>())

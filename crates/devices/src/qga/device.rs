@@ -77,6 +77,7 @@ impl Device for QgaDevice {
 
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![clap::Arg::new("qga")
+                .value_name("QGA")
             .long("qga")
             .value_parser(|s: &str| s.parse::<Address>())
             .help("Also serve the QEMU guest agent protocol here, for existing QGA clients, e.g. port:org.qemu.guest_agent.0 (default: vstream.qga= when settings come from the kernel command line)")]

@@ -53,10 +53,12 @@ impl Device for WatchdogDevice {
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![
             clap::Arg::new("watchdog-interval")
+                .value_name("WATCHDOG_INTERVAL")
                 .long("watchdog-interval")
                 .value_parser(parse_interval)
                 .help("Send watchdog heartbeats this often, e.g. 500ms, 2s (also `vstream.watchdog=`)"),
             clap::Arg::new("watchdog-check")
+                .value_name("WATCHDOG_CHECK")
                 .long("watchdog-check")
                 .requires("watchdog-interval")
                 .help("Health check run by `sh -c` before each heartbeat: no heartbeat unless it exits 0 within the interval"),

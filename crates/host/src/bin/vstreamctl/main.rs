@@ -84,9 +84,12 @@ enum Cmd {
 
 /// vstreamctl's command line: its own verbs, and each device's (`Device::verbs`).
 fn command() -> clap::Command {
-    registry()
-        .iter()
-        .fold(Args::command(), |cmd, d| cmd.subcommands(d.verbs()))
+    // In --help: vstreamctl's own verbs, the devices' in registry order, then the helpers.
+    let verbs = registry().iter().flat_map(|d| d.verbs());
+    let cmd = Args::command().subcommands(verbs.enumerate().map(|(i, v)| v.display_order(10 + i)));
+    ["completions", "man"].into_iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |c| c.display_order(1000))
+    })
 }
 
 fn main() {
