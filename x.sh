@@ -31,7 +31,7 @@ APT_PACKAGES=(
     rng-tools5        # guest tool: rngd
     qemu-guest-agent  # guest tool: qemu-ga
     iproute2          # ip, for the network devices' tests
-    socat             # talking to chardev sockets by hand
+    socat             # talking to chardev sockets by hand; guest tool for bench-vsock
     tmux              # driving terminals by hand
     dpkg-dev          # dpkg-shlibdeps: the host package's Depends
     lintian           # checks the packages (./x.sh deb)

@@ -129,6 +129,13 @@ pub const GUEST_TOOLS: &[GuestTool] = &[
         apt_package: "qemu-guest-agent",
     },
     GuestTool {
+        // Raw AF_VSOCK streams for bench-vsock (nothing of vstream's in the data path).
+        name: "socat",
+        host_path: "/usr/bin/socat",
+        guest_path: "/usr/bin/socat",
+        apt_package: "socat",
+    },
+    GuestTool {
         name: "rngd",
         host_path: "/usr/sbin/rngd",
         guest_path: "/usr/sbin/rngd",

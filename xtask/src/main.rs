@@ -9,6 +9,7 @@ use xtask::{accel, deb, demo, hostile, image, paths};
 
 mod bench_qga;
 mod bench_scale;
+mod bench_vsock;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -29,6 +30,9 @@ tasks:
   bench-hostile  a hostile guest beside a good one (vstream-agent), no QEMU: vstreamd's
             memory, log, the good guest's echo and stalls, status time, per attack
             [--seconds N] (20) [--attack NAME]... (churn fill garbage crc-bomb credit-lie)
+  bench-vsock vstreamd's own virtio-vsock device vs vhost-device-vsock, same guest: guest->host
+            and host->guest, 4 KiB and 64 KiB writes, MiB/s and backend CPU s/GiB, ratios last
+            (bench-vsock --mib N)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -232,6 +236,7 @@ fn run() -> Result<()> {
         "bench-qga" => bench_qga::run(&args[1..]),
         "bench-hostile" => bench_hostile(&args[1..]),
         "bench-scale" => bench_scale::run(&args[1..]),
+        "bench-vsock" => bench_vsock::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
@@ -253,21 +258,23 @@ fn main() -> ExitCode {
 /// Builds vstreamd, vstreamctl and vstream-agent as users run them (release) for a benchmark;
 /// returns their directory.
 fn release_build() -> Result<std::path::PathBuf> {
+    release_build_of(&["vstream-host", "vstream-agent"])
+}
+
+/// Builds `packages` in release; returns the directory of their binaries.
+fn release_build_of(packages: &[&str]) -> Result<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vstream-host",
-            "-p",
-            "vstream-agent",
-        ])
+    let mut command = Command::new(cargo);
+    command.args(["build", "--release"]);
+    for p in packages {
+        command.args(["-p", p]);
+    }
+    let status = command
         .current_dir(paths::workspace_root())
         .status()
         .context("running cargo")?;
     if !status.success() {
-        bail!("the release build of vstreamd and vstream-agent failed ({status})");
+        bail!("the release build of {packages:?} failed ({status})");
     }
     Ok(paths::target_dir().join("release"))
 }

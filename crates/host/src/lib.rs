@@ -6,6 +6,7 @@ pub mod access;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod error;
 pub mod identity;
 pub mod systemd;
 pub mod upgrade;

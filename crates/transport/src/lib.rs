@@ -44,13 +44,14 @@ mod retry;
 mod serial;
 mod tcp;
 mod unix;
+pub mod vhost_vsock;
 mod vsock;
 
 use std::fmt;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use address::{Address, AddressError, SerialConfig, DEFAULT_BAUD, SYNTAX};
+pub use address::{Address, AddressError, SerialConfig, VhostVsockConfig, DEFAULT_BAUD, SYNTAX};
 pub(crate) use endpoint::with_context;
 pub use endpoint::Endpoint;
 pub use retry::{bind_retrying, Backoff};

@@ -5,7 +5,9 @@
 //! The guest half is the guest kernel's own console driver: nothing of ours runs in the guest,
 //! so a console works even when the agent does not.
 
+pub mod device;
 mod log;
+pub mod verbs;
 
 use std::collections::VecDeque;
 use std::io;

@@ -16,12 +16,14 @@
 //!
 //! Message: `u8 type`, `u8 flags`, `u16 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod forward;
 pub mod guest;
 pub mod host;
 pub mod keymap;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use std::fmt;
 

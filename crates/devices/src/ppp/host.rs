@@ -336,10 +336,10 @@ pub struct PppService {
 
 impl PppService {
     /// The service of the guest of `ctx`, with its `[guest.ppp]` section (if any).
-    pub fn new(ctx: &HostContext) -> PppService {
+    pub fn new(ctx: &HostContext, config: Option<PppConfig>) -> PppService {
         let shared = Arc::new(Shared {
             guest: ctx.guest.clone(),
-            config: ctx.ppp.clone().map(Arc::new),
+            config: config.map(Arc::new),
             events: ctx.events.clone(),
             state: Mutex::new(LinkState {
                 state: "down",

@@ -16,11 +16,13 @@
 //!
 //! Record: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 mod spool;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use bytes::Bytes;
 use serde::Serialize;

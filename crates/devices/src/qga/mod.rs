@@ -30,11 +30,13 @@
 
 pub mod codec;
 mod command;
+pub mod device;
 pub mod guest;
 pub mod host;
 mod replies;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};

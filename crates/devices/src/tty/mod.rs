@@ -11,10 +11,12 @@
 //!
 //! Frame: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};

@@ -329,9 +329,10 @@ pub struct WatchdogService {
 }
 
 impl WatchdogService {
-    /// The watchdog of the guest of `ctx` (refuses channels if it has no `[guest.watchdog]`).
-    pub fn new(ctx: &HostContext) -> WatchdogService {
-        let shared = ctx.watchdog.clone().map(|settings| {
+    /// The watchdog of the guest of `ctx` with its `[guest.watchdog]` (without one it refuses
+    /// channels).
+    pub fn new(ctx: &HostContext, settings: Option<Settings>) -> WatchdogService {
+        let shared = settings.map(|settings| {
             Arc::new(Shared {
                 guest: ctx.guest.clone(),
                 qmp: ctx.qmp.clone(),

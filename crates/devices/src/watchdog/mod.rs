@@ -15,6 +15,7 @@
 //! Frame: `u8 type`, `u16 length` (little-endian), `length` bytes of payload (at most
 //! [`MAX_PAYLOAD`]).
 
+pub mod device;
 pub mod guest;
 pub mod host;
 pub mod qmp;
