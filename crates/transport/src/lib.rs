@@ -46,6 +46,7 @@ mod unix;
 mod vsock;
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -81,9 +82,34 @@ pub enum PeerIdentity {
 }
 
 /// A byte stream in both directions; every transport's connections are one.
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The one descriptor the stream reads and writes, if it has one: what a live upgrade
+    /// keeps open across `exec` so that the connection outlives the process (see
+    /// [`Connection::adopt`]). `None` for in-process streams and for stdio (two descriptors).
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+impl Stream for tokio::net::UnixStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio_vsock::VsockStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio::io::DuplexStream {}
 
 /// A connection's stream, whatever the transport.
 pub type BoxStream = Box<dyn Stream>;
