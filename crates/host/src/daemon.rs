@@ -484,14 +484,17 @@ impl Daemon {
                 .log
                 .clone()
                 .unwrap_or_else(|| self.state_dir.join(&g.name).join(format!("{name}.log")));
-            let console = Console::start(ConsoleSettings {
+            let carried = self.handover.take_console(&g.name, &name);
+            let settings = ConsoleSettings {
                 name,
                 address: t.address.clone(),
                 log,
                 log_max_bytes: t.log_max_bytes,
                 log_keep: t.log_keep,
-            })
-            .map_err(|e| anyhow::anyhow!("guest {}: console {}: {e}", g.name, t.display_name()))?;
+            };
+            let console = Console::start(settings, carried).map_err(|e| {
+                anyhow::anyhow!("guest {}: console {}: {e}", g.name, t.display_name())
+            })?;
             consoles.push(console);
         }
         if g.printer.enabled {
@@ -870,7 +873,7 @@ impl Daemon {
             .guests()
             .values()
             .filter(|g| g.owner.is_none())
-            .map(|g| (g.name.clone(), g.mux.clone()))
+            .map(|g| (g.name.clone(), g.mux.clone(), g.consoles.clone()))
             .collect();
         self.handover.upgrade(sessions, binary, reply).await
     }
@@ -981,6 +984,7 @@ impl Daemon {
                     r,
                     w,
                     attach,
+                    pending: Vec::new(),
                 };
                 self.handover.view(watch).await
             }
