@@ -356,18 +356,21 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
         "upgrade: the console viewer missed {missing} of {} lines",
         lines.len() + missing
     );
+    let gaps: Vec<_> = lines.windows(2).filter(|w| w[1] != w[0] + 1).collect();
     assert_eq!(
         missing, 0,
-        "the console viewer missed lines across the upgrade: {lines:?}"
+        "the console viewer skipped lines between {gaps:?}"
     );
     // The log holds every line from the first, and no mark of an interrupted capture.
     let log = std::fs::read_to_string(d.path("state/g/hvc0.log")).expect("console log");
     assert!(!log.contains("capture interrupted"), "{log}");
     let complete = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
     let logged = viewed_lines(complete);
+    let first_wrong = logged.iter().zip(1..).find(|(n, i)| **n != *i);
     assert!(
-        logged.iter().zip(1..).all(|(n, i)| *n == i) && logged.len() as u64 >= after,
-        "the console log is not every line from 1 to at least {after}: {logged:?}"
+        first_wrong.is_none() && logged.len() as u64 >= after,
+        "the console log is not every line from 1 to at least {after}: first wrong (line, place) {first_wrong:?} of {}",
+        logged.len()
     );
 
     // The session was resumed, not restarted; the same pid runs the next generation; and a
