@@ -31,10 +31,17 @@ fn spawn(lab: &Lab, args: &[&str]) -> Child {
         .expect("spawn vstreamctl")
 }
 
-/// The numbers of the `tick-N` lines a console viewer printed.
+/// The numbers of the `tick-N` lines a console viewer printed. Anywhere in a line: the echo of
+/// commands typed into the same console interleaves with them (`echotick-582`).
 fn ticks(text: &str) -> Vec<u64> {
-    text.split(|c: char| c.is_whitespace())
-        .filter_map(|w| w.strip_prefix("tick-")?.parse().ok())
+    text.split("tick-")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..digits].parse().ok()
+        })
         .collect()
 }
 
