@@ -4,9 +4,10 @@
 #   ./x.sh setup   install the Debian packages the build and the QEMU lab need (only the missing ones)
 #                  and vhost-device-vsock 0.3.0 with cargo install (unless that version is there)
 #   ./x.sh build   cargo build --workspace + the static guest agent
+#   ./x.sh deb     the Debian packages vstream and vstream-agent (build/deb/), checked by lintian
 #   ./x.sh demo    setup + build + `cargo xtask demo` (boots a guest, shows each device working)
-#   ./x.sh test    setup + build + cargo fmt --check + cargo clippy -D warnings + `cargo test
-#                  --workspace` (end-to-end tests included) + a short
+#   ./x.sh test    setup + build + cargo fmt --check + cargo clippy -D warnings + deb + `cargo
+#                  test --workspace` (end-to-end tests included) + a short
 #                  run of every fuzz target; arguments replace all that with `cargo test ARGS`,
 #                  e.g. ./x.sh test -p xtask --test foundation -- --nocapture
 #
@@ -30,14 +31,30 @@ APT_PACKAGES=(
     rng-tools5        # guest tool: rngd
     qemu-guest-agent  # guest tool: qemu-ga
     iproute2          # ip, for the network devices' tests
-    socat             # talking to chardev sockets by hand
+    socat             # talking to chardev sockets by hand; guest tool for bench-vsock
     tmux              # driving terminals by hand
+    dpkg-dev          # dpkg-shlibdeps: the host package's Depends
+    lintian           # checks the packages (./x.sh deb)
+    systemd           # systemd-analyze verify on the units (packaging/)
 )
 
 AGENT_TARGET=x86_64-unknown-linux-gnu
 
 log() { printf 'x.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# The toolchain the workspace declares (rust-version in Cargo.toml), checked first so that a
+# missing or old one is one clear line instead of an error deep in a build.
+need_cargo() {
+    local want have
+    want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: vstream needs Rust $want or newer (install it with rustup)"
+    have=$(cargo --version | sed -n 's/^cargo \([0-9][0-9.]*\).*/\1/p')
+    if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -n 1)" != "$want" ]; then
+        die "cargo $have is too old: vstream needs Rust $want or newer (rustup update stable)"
+    fi
+}
 
 as_root() {
     if [ "$(id -u)" = 0 ]; then
@@ -96,6 +113,18 @@ build() {
     build_agent
 }
 
+# Both packages from release binaries, then lintian: no error may remain (warnings are printed).
+deb() {
+    log "building the Debian packages (release vstreamd, vstreamctl; the static agent)"
+    cargo build --release -p vstream-host --bins
+    build_agent
+    local out debs
+    out=$(cargo xtask deb) # a failed build stops here (set -e), not in lintian
+    mapfile -t debs <<<"$out"
+    log "lintian ${debs[*]}"
+    lintian --fail-on error --tag-display-limit 0 "${debs[@]}" || die "lintian found errors in the packages"
+}
+
 # Every parser's cargo-fuzz target, briefly (VSTREAM_FUZZ_SECONDS each, default 10): a smoke run
 # in CI; long runs are for people (`cd fuzz && cargo +nightly fuzz run TARGET`).
 fuzz_smoke() {
@@ -141,14 +170,22 @@ skip_banner() {
 }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
+    help | -h | --help) ;;
+    *) need_cargo ;;
+esac
+case "$cmd" in
     setup) setup ;;
     build) build ;;
+    deb)
+        setup_apt
+        deb
+        ;;
     demo)
         setup
         build
@@ -160,6 +197,7 @@ case "$cmd" in
         skip_banner
         if [ $# -eq 0 ]; then
             lint
+            deb
             cargo test --workspace
             fuzz_smoke
         else

@@ -1,7 +1,8 @@
 //! The guest image: `build/guest/vmlinuz` and `build/guest/initramfs.cpio.gz`.
 //!
 //! The kernel is Debian's (`linux-image-amd64`, newest 6.1 in `/boot`); the initramfs holds busybox, the
-//! modules the lab's devices need (with their dependencies), the static `vstream-agent`, the guest tools
+//! modules the lab's devices need (with their dependencies), the static `vstream-agent` as the
+//! `vstream-agent` Debian package installs it (built and unpacked by [`crate::deb`]), the guest tools
 //! of [`GUEST_TOOLS`] with their shared libraries, and the `/init` script of `guest/init.sh`.
 //!
 //! The image is rebuilt only when an input changed: every input (its path, size and mtime, or the hash of
@@ -23,7 +24,7 @@ use crate::elf::{self, Linkage};
 use crate::paths;
 
 /// Bumped when the image layout changes in a way the manifest does not see.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// The guest's `/init`.
 pub const INIT_SCRIPT: &str = include_str!("guest/init.sh");
@@ -126,6 +127,13 @@ pub const GUEST_TOOLS: &[GuestTool] = &[
         host_path: "/usr/sbin/qemu-ga",
         guest_path: "/usr/sbin/qemu-ga",
         apt_package: "qemu-guest-agent",
+    },
+    GuestTool {
+        // Raw AF_VSOCK streams for bench-vsock (nothing of vstream's in the data path).
+        name: "socat",
+        host_path: "/usr/bin/socat",
+        guest_path: "/usr/bin/socat",
+        apt_package: "socat",
     },
     GuestTool {
         name: "rngd",
@@ -521,14 +529,7 @@ fn guest_tree(kernel: &Kernel, agent: &Path) -> Result<Tree> {
         }
     }
 
-    // The agent.
-    if !agent.is_file() {
-        bail!(
-            "the guest agent {} is missing: build it with `cargo xtask agent` (or ./x.sh build), \
-             or point VSTREAM_AGENT at a static binary",
-            agent.display()
-        );
-    }
+    // The agent, as its package installs it.
     let linkage = elf::linkage(agent)?;
     if !linkage.is_static() {
         bail!(
@@ -539,7 +540,7 @@ fn guest_tree(kernel: &Kernel, agent: &Path) -> Result<Tree> {
             paths::AGENT_TARGET
         );
     }
-    tree.host_file("/bin/vstream-agent", 0o755, agent);
+    tree.host_file("/usr/bin/vstream-agent", 0o755, agent);
 
     tree.bytes("/etc/passwd", 0o644, ETC_PASSWD);
     tree.bytes("/etc/group", 0o644, ETC_GROUP);
@@ -553,7 +554,8 @@ fn guest_tree(kernel: &Kernel, agent: &Path) -> Result<Tree> {
     Ok(tree)
 }
 
-fn file_stamp(path: &Path) -> String {
+/// A file's path, size and mtime: a changed stamp means a changed input.
+pub fn file_stamp(path: &Path) -> String {
     match fs::metadata(path) {
         Ok(m) => {
             let mtime = m
@@ -670,26 +672,22 @@ fn write_initramfs(tree: &Tree, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Strips debug info from the agent into `stage` (smaller image, faster boot under TCG; the symbol table
-/// stays, so backtraces keep their names). Falls back to the original if `strip` is not there.
-fn stripped_agent(agent: &Path, stage: &Path) -> PathBuf {
-    let Some(strip) = paths::which("strip") else {
-        return agent.to_path_buf();
-    };
-    let ok = Command::new(strip)
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(stage)
-        .arg(agent)
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        stage.to_path_buf()
-    } else {
-        agent.to_path_buf()
+/// The agent the image gets: `usr/bin/vstream-agent` of the `vstream-agent` package (built from
+/// [`paths::agent_bin`], stripped) unpacked with `dpkg-deb -x` into `dir/agent-package`, so every
+/// lab guest runs what the package installs.
+fn packaged_agent(dir: &Path) -> Result<PathBuf> {
+    let agent = paths::agent_bin();
+    if !agent.is_file() {
+        bail!(
+            "the guest agent {} is missing: build it with `cargo xtask agent` (or ./x.sh build), \
+             or point VSTREAM_AGENT at a static binary",
+            agent.display()
+        );
     }
+    let deb = crate::deb::agent_package(&agent)?;
+    let unpacked = dir.join("agent-package");
+    crate::deb::unpack(&deb, &unpacked)?;
+    Ok(unpacked.join("usr/bin/vstream-agent"))
 }
 
 /// The directory of the guest image.
@@ -704,8 +702,8 @@ pub fn ensure_image() -> Result<GuestImage> {
     let _lock = FileLock::exclusive(&dir.join(".lock"))?;
 
     let kernel = find_kernel()?;
-    let agent = paths::agent_bin();
-    let mut tree = guest_tree(&kernel, &agent)?;
+    let agent = packaged_agent(&dir)?;
+    let tree = guest_tree(&kernel, &agent)?;
     let manifest = manifest(&kernel, &tree);
 
     let vmlinuz = dir.join("vmlinuz");
@@ -724,9 +722,6 @@ pub fn ensure_image() -> Result<GuestImage> {
     let started = Instant::now();
     // A half-written image must not look up to date.
     let _ = fs::remove_file(&manifest_path);
-    let stage = dir.join("vstream-agent.stripped");
-    let agent_in_image = stripped_agent(&agent, &stage);
-    tree.host_file("/bin/vstream-agent", 0o755, &agent_in_image);
 
     let vmlinuz_tmp = dir.join("vmlinuz.tmp");
     fs::copy(&kernel.vmlinuz, &vmlinuz_tmp).with_context(|| {

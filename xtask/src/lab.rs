@@ -105,6 +105,10 @@ pub enum LabVsock {
     /// `unix-listen:<uds>_5000`) and listens on `vsock-listen:5001` (vstreamd connects with
     /// `hvsock:<uds>:5001`).
     VhostDeviceVsock,
+    /// The same QEMU device served by vstreamd itself (`vhost-user-vsock:` transport, CID
+    /// [`HYBRID_VSOCK_CID`]): the agent's `vsock:2:5000` ends in vstreamd directly, and
+    /// `hvsock:<uds>:5001` goes through vstreamd's own hybrid socket.
+    Vstreamd,
 }
 
 /// How a lab guest is wired.
@@ -228,11 +232,10 @@ impl LabPaths {
             ttys0_logfile: dir.join("ttyS0.raw.log"),
             mux_port: options.virtio_port.then(|| dir.join("port.sock")),
             mux_serial: options.pci_serial.then(|| dir.join("serial.sock")),
-            hybrid_vsock: (options.vsock == LabVsock::VhostDeviceVsock).then(|| {
-                HybridVsockSockets {
-                    vhost_user: dir.join("vhost-user-vsock.sock"),
-                    uds: dir.join("vsock.sock"),
-                }
+            hybrid_vsock: (options.vsock != LabVsock::None).then(|| HybridVsockSockets {
+                vstreamd: options.vsock == LabVsock::Vstreamd,
+                vhost_user: dir.join("vhost-user-vsock.sock"),
+                uds: dir.join("vsock.sock"),
             }),
             qmp_daemon: dir.join("qmp.sock"),
             qmp_lab: dir.join("qmp-lab.sock"),
@@ -311,10 +314,18 @@ pub fn mux_addresses(sockets: &GuestSockets) -> Vec<String> {
         .map(|p| format!("unix:{}", p.display()))
         .collect();
     if let Some(hybrid) = &sockets.hybrid_vsock {
-        out.push(format!(
-            "unix-listen:{}",
-            hybrid.host_port(VSOCK_MUX_PORT).display()
-        ));
+        if hybrid.vstreamd {
+            out.push(format!(
+                "vhost-user-vsock:{},cid={HYBRID_VSOCK_CID},port={VSOCK_MUX_PORT},uds={}",
+                hybrid.vhost_user.display(),
+                hybrid.uds.display()
+            ));
+        } else {
+            out.push(format!(
+                "unix-listen:{}",
+                hybrid.host_port(VSOCK_MUX_PORT).display()
+            ));
+        }
         out.push(format!(
             "hvsock:{}:{VSOCK_LISTEN_PORT}",
             hybrid.uds.display()
@@ -587,7 +598,7 @@ impl Lab {
             memory_mib: options.memory_mib,
             sockets: paths.sockets.clone(),
             vsock_cid: match options.vsock {
-                LabVsock::VhostDeviceVsock => Some(HYBRID_VSOCK_CID),
+                LabVsock::VhostDeviceVsock | LabVsock::Vstreamd => Some(HYBRID_VSOCK_CID),
                 LabVsock::None => qemu::vhost_vsock_available().then(vsock_cid),
             },
             extra_kernel_args: options.extra_kernel_args.clone(),
@@ -633,8 +644,10 @@ impl Lab {
         if self.options.start_daemon {
             self.start_daemon()?;
         }
-        if let Some(hybrid) = &self.paths.sockets.hybrid_vsock {
-            self.start_vsock_backend(hybrid)?;
+        match &self.paths.sockets.hybrid_vsock {
+            Some(hybrid) if hybrid.vstreamd => self.wait_for_vhost_user(hybrid)?,
+            Some(hybrid) => self.start_vsock_backend(hybrid)?,
+            None => {}
         }
         self.start_qemu()?;
         if self.options.wait_for_init {
@@ -697,6 +710,25 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits for vstreamd's vhost-user vsock socket, which QEMU needs at start.
+    fn wait_for_vhost_user(&self, hybrid: &HybridVsockSockets) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !hybrid.vhost_user.exists() {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "vstreamd did not open {} within 30 s; its log:\n{}",
+                        hybrid.vhost_user.display(),
+                        tail(&self.paths.daemon_log, 30)
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Starts vhost-device-vsock with only the hybrid Unix-socket backend (`uds-path`: nothing
@@ -891,6 +923,16 @@ impl Lab {
     /// The image the guest booted.
     pub fn image(&self) -> &GuestImage {
         &self.spec.image
+    }
+
+    /// The process that serves the guest's vsock device: vhost-device-vsock, or vstreamd.
+    pub fn vsock_backend_pid(&self) -> Option<u32> {
+        let slot = match self.options.vsock {
+            LabVsock::VhostDeviceVsock => &self.vsock_backend,
+            LabVsock::Vstreamd => &self.daemon,
+            LabVsock::None => return None,
+        };
+        slot.lock().ok()?.as_ref().map(Child::id)
     }
 
     /// The vsock CID of the guest, if it has a vhost-vsock or vhost-user-vsock device.
@@ -1308,6 +1350,23 @@ mod tests {
         assert!(
             !cfg.contains("port.sock") && !cfg.contains("serial.sock"),
             "{cfg}"
+        );
+    }
+
+    #[test]
+    fn a_guest_served_by_vstreamd_has_its_device_as_transport() {
+        let options = LabOptions {
+            vsock: LabVsock::Vstreamd,
+            ..LabOptions::vsock_only()
+        };
+        let sockets = LabPaths::new(PathBuf::from("/tmp/v"), &options).sockets;
+        let cfg = vstreamd_config("v", &sockets);
+        let expected = "[[guest.transport]]\nkind = \"mux\"\naddress = \"vhost-user-vsock:/tmp/v/vhost-user-vsock.sock,cid=3,port=5000,uds=/tmp/v/vsock.sock\"\n\n\
+[[guest.transport]]\nkind = \"mux\"\naddress = \"hvsock:/tmp/v/vsock.sock:5001\"\n\n";
+        assert!(cfg.contains(expected), "{cfg}");
+        assert!(
+            !cfg.contains("_5000"),
+            "no listener of vhost-device-vsock's: {cfg}"
         );
     }
 

@@ -1,6 +1,7 @@
 //! vstream's developer tasks and its real-guest lab.
 //!
 //! - [`image`]: the guest kernel and initramfs (`cargo xtask image`);
+//! - [`deb`]: the Debian packages (`cargo xtask deb`), the agent's also the lab's;
 //! - [`accel`]: KVM when it works, TCG otherwise;
 //! - [`qemu`]: the guest's devices and their host sockets;
 //! - [`lab`]: vstreamd + a QEMU guest for end-to-end tests (`xtask/tests/`);
@@ -9,6 +10,7 @@
 
 pub mod accel;
 pub mod cpio;
+pub mod deb;
 pub mod demo;
 pub mod elf;
 pub mod hostile;

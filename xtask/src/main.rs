@@ -5,10 +5,11 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
-use xtask::{accel, demo, hostile, image, paths};
+use xtask::{accel, deb, demo, hostile, image, paths};
 
 mod bench_qga;
 mod bench_scale;
+mod bench_vsock;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -16,6 +17,8 @@ fn usage() -> &'static str {
 tasks:
   image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
   agent     build the static guest agent (target/x86_64-unknown-linux-gnu/release/vstream-agent)
+  deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
+            binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
   demo      boot a guest and show each device working, then shut it down
   boot      boot a guest (vstreamd + QEMU) and keep it until Enter or Ctrl-C
@@ -27,6 +30,9 @@ tasks:
   bench-hostile  a hostile guest beside a good one (vstream-agent), no QEMU: vstreamd's
             memory, log, the good guest's echo and stalls, status time, per attack
             [--seconds N] (20) [--attack NAME]... (churn fill garbage crc-bomb credit-lie)
+  bench-vsock vstreamd's own virtio-vsock device vs vhost-device-vsock, same guest: guest->host
+            and host->guest, 4 KiB and 64 KiB writes, MiB/s and backend CPU s/GiB, ratios last
+            (bench-vsock --mib N)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -52,6 +58,21 @@ fn build_agent() -> Result<()> {
         bail!("the static agent build failed ({status})");
     }
     println!("{}", paths::agent_bin().display());
+    Ok(())
+}
+
+fn deb_task(args: &[String]) -> Result<()> {
+    let mut bin_dir = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--bin-dir" => bin_dir = Some(it.next().context("--bin-dir needs a value")?.into()),
+            other => bail!("deb: unknown option {other:?}\n\n{}", usage()),
+        }
+    }
+    for deb in deb::build_all(bin_dir)? {
+        println!("{}", deb.display());
+    }
     Ok(())
 }
 
@@ -207,6 +228,7 @@ fn run() -> Result<()> {
     match task.as_str() {
         "image" => image_task(),
         "agent" => build_agent(),
+        "deb" => deb_task(&args[1..]),
         "accel" => accel_task(),
         "demo" => demo::run(),
         "boot" => boot_task(&args[1..]),
@@ -214,6 +236,7 @@ fn run() -> Result<()> {
         "bench-qga" => bench_qga::run(&args[1..]),
         "bench-hostile" => bench_hostile(&args[1..]),
         "bench-scale" => bench_scale::run(&args[1..]),
+        "bench-vsock" => bench_vsock::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
@@ -235,21 +258,23 @@ fn main() -> ExitCode {
 /// Builds vstreamd, vstreamctl and vstream-agent as users run them (release) for a benchmark;
 /// returns their directory.
 fn release_build() -> Result<std::path::PathBuf> {
+    release_build_of(&["vstream-host", "vstream-agent"])
+}
+
+/// Builds `packages` in release; returns the directory of their binaries.
+fn release_build_of(packages: &[&str]) -> Result<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vstream-host",
-            "-p",
-            "vstream-agent",
-        ])
+    let mut command = Command::new(cargo);
+    command.args(["build", "--release"]);
+    for p in packages {
+        command.args(["-p", p]);
+    }
+    let status = command
         .current_dir(paths::workspace_root())
         .status()
         .context("running cargo")?;
     if !status.success() {
-        bail!("the release build of vstreamd and vstream-agent failed ({status})");
+        bail!("the release build of {packages:?} failed ({status})");
     }
     Ok(paths::target_dir().join("release"))
 }

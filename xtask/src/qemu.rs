@@ -73,9 +73,12 @@ pub struct GuestSockets {
     pub qmp_lab: PathBuf,
 }
 
-/// The two sockets of a vhost-device-vsock backend.
+/// The two sockets of a vhost-user vsock backend (vhost-device-vsock, or vstreamd's own).
 #[derive(Debug, Clone)]
 pub struct HybridVsockSockets {
+    /// vstreamd serves the device itself (its `vhost-user-vsock:` transport) instead of
+    /// vhost-device-vsock.
+    pub vstreamd: bool,
     /// vhost-user control socket (the backend listens, QEMU connects).
     pub vhost_user: PathBuf,
     /// Hybrid vsock socket: `CONNECT <port>` reaches a guest listener; the guest's connections

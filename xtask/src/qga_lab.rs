@@ -520,52 +520,8 @@ fn file_read_reply(
 
 /// Standard base64 (with padding) to bytes; `None` if malformed.
 pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
-    const BAD: u8 = 0xFF;
-    const TABLE: [u8; 256] = {
-        let mut t = [BAD; 256];
-        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut i = 0;
-        while i < 64 {
-            t[alphabet[i] as usize] = i as u8;
-            i += 1;
-        }
-        t
-    };
-    if s.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let body_end = s.len().saturating_sub(4);
-    for q in s[..body_end].chunks_exact(4) {
-        let (a, b, c, d) = (
-            TABLE[q[0] as usize],
-            TABLE[q[1] as usize],
-            TABLE[q[2] as usize],
-            TABLE[q[3] as usize],
-        );
-        // Valid digits are < 64; BAD (0xFF) sets the top bits.
-        if (a | b | c | d) & 0xC0 != 0 {
-            return None;
-        }
-        let n = u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6 | u32::from(d);
-        out.extend_from_slice(&n.to_be_bytes()[1..]);
-    }
-    if let Some(q) = s.get(body_end..).filter(|q| q.len() == 4) {
-        let pad = q.iter().rev().take_while(|c| **c == b'=').count();
-        if pad > 2 {
-            return None;
-        }
-        let mut n = 0u32;
-        for (i, c) in q[..4 - pad].iter().enumerate() {
-            let v = TABLE[*c as usize];
-            if v == BAD {
-                return None;
-            }
-            n |= u32::from(v) << (18 - 6 * i);
-        }
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    Some(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 #[cfg(test)]

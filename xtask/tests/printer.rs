@@ -122,7 +122,10 @@ fn a_50_mib_pdf_arrives_whole_a_cut_job_is_partial_and_the_quota_refuses() {
     assert_eq!(names(&spool), ["job-000001.pdf", "job-000002.ps.partial"]);
     let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
     let guest = lab::guest_status(&status, "printer").expect("guest");
-    assert_eq!(guest["printer"]["jobs"]["partial"], 1, "{guest:#}");
+    assert_eq!(
+        guest["devices"]["printer"]["jobs"]["partial"], 1,
+        "{guest:#}"
+    );
     let log = lab.daemon_log();
     assert!(
         log.contains("print job cut: kept as partial"),

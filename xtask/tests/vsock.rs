@@ -1,6 +1,7 @@
-//! End-to-end tests of AF_VSOCK in a real guest, the host side served by a peer vstream did not
-//! write: QEMU's `vhost-user-vsock-pci` with rust-vmm's vhost-device-vsock (hybrid Unix-socket
-//! backend, `./x.sh setup` installs it). The guest has no virtio-serial mux port and no PCI
+//! End-to-end tests of AF_VSOCK in a real guest, run twice: the host side served by a peer
+//! vstream did not write (QEMU's `vhost-user-vsock-pci` with rust-vmm's vhost-device-vsock,
+//! hybrid Unix-socket backend, `./x.sh setup` installs it; tests `vhost_device_vsock::*`), and
+//! by vstreamd itself (its `vhost-user-vsock:` transport; tests `vstreamd::*`). The guest has no virtio-serial mux port and no PCI
 //! serial: the mux session runs over vsock only, both ways at once (the agent connects to
 //! `vsock:2:5000`, which vstreamd accepts on `unix-listen:<uds>_5000`, and listens on
 //! `vsock-listen:5001`, which vstreamd reaches with `hvsock:<uds>:5001`).
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use xtask::lab::testing::{bg, ctl, ctl_ok, receive_one, sh, sha256_file, wait_print_jobs, NetNs};
-use xtask::lab::{self, guest_status, transport_state, Lab, LabOptions};
+use xtask::lab::{guest_status, transport_state, Lab, LabOptions, LabVsock};
 use xtask::qemu::{HYBRID_VSOCK_CID, VSOCK_MUX_PORT};
 use xtask::qga_lab::{self, QgaConn};
 
@@ -30,17 +31,25 @@ const UP_TIMEOUT: Duration = Duration::from_secs(180);
 /// The guest port of the agent's raw QGA listener (`vstream.qga=vsock-listen:6000`).
 const QGA_VSOCK_PORT: u32 = 6000;
 
-const GUEST: &str = "vsock";
+/// The guest's name with each backend.
+fn guest_name(backend: LabVsock) -> &'static str {
+    match backend {
+        LabVsock::Vstreamd => "vsockd",
+        _ => "vsock",
+    }
+}
 
 /// The test that cuts a link runs alone (write); the others share the guest (read).
 static GATE: RwLock<()> = RwLock::new(());
 
-fn shared_lab() -> &'static Lab {
-    static LAB: OnceLock<Result<Lab, String>> = OnceLock::new();
-    let lab = LAB.get_or_init(|| {
+fn shared_lab(backend: LabVsock) -> &'static Lab {
+    static LABS: [OnceLock<Result<Lab, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let slot = &LABS[usize::from(backend == LabVsock::Vstreamd)];
+    let lab = slot.get_or_init(|| {
         let options = LabOptions {
             extra_kernel_args: vec![format!("vstream.qga=vsock-listen:{QGA_VSOCK_PORT}")],
-            ..LabOptions::vsock_only().named(GUEST)
+            vsock: backend,
+            ..LabOptions::vsock_only().named(guest_name(backend))
         };
         let lab = Lab::boot(options).map_err(|e| e.to_string())?;
         lab.wait_for("both vsock transports to be up", UP_TIMEOUT, |s| {
@@ -55,7 +64,7 @@ fn shared_lab() -> &'static Lab {
     }
 }
 
-/// `vstreamctl exec GUEST -- sh -c SCRIPT`; it must exit 0. Its stdout.
+/// `vstreamctl exec lab.name() -- sh -c SCRIPT`; it must exit 0. Its stdout.
 fn exec(lab: &Lab, script: &str) -> String {
     ctl_ok(
         lab,
@@ -74,17 +83,13 @@ fn digest_of(output: &str, path: &str) -> String {
         .to_owned()
 }
 
-#[test]
-fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
-    if !lab::e2e_enabled("the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone") {
-        return;
-    }
-    let lab = shared_lab();
+fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone(backend: LabVsock) {
+    let lab = shared_lab(backend);
     // It cuts a link: the other tests wait.
     let _alone = GATE.write().unwrap_or_else(|e| e.into_inner());
     assert_eq!(lab.vsock_cid(), Some(HYBRID_VSOCK_CID));
     let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
-    let guest = guest_status(&status, GUEST).expect("the guest in status");
+    let guest = guest_status(&status, lab.name()).expect("the guest in status");
     let mux: Vec<(&str, &str)> = guest["transports"]
         .as_array()
         .expect("transports")
@@ -103,7 +108,9 @@ fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
         .hybrid_vsock
         .clone()
         .expect("a hybrid vsock socket");
-    let listen = format!("unix-listen:{}_5000", hybrid.uds.display());
+    // vhost-device-vsock: `unix-listen:<uds>_5000`; vstreamd's own device:
+    // `vhost-user-vsock:...,port=5000,uds=<uds>`.
+    let listen = lab.mux_addresses()[0].clone();
     let connect = format!("hvsock:{}:5001", hybrid.uds.display());
     assert_eq!(
         mux,
@@ -140,11 +147,14 @@ fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
     let drivers = exec(lab, "ls /sys/bus/virtio/drivers/");
     assert!(drivers.contains("vmw_vsock_virtio_transport"), "{drivers}");
 
+    if backend == LabVsock::Vstreamd {
+        return agent_restarts_over_vstreamds_device(lab, &listen, &connect);
+    }
     // Then the host-initiated direction alone carries the session: unlinking vstreamd's
     // listening path leaves its live link but makes the backend's connections for host port
     // 5000 fail, so a restarted agent is reached only through `CONNECT 5001`.
     let link_id = |s: &Value, address: &str| -> Option<u64> {
-        guest_status(s, GUEST)?["transports"]
+        guest_status(s, lab.name())?["transports"]
             .as_array()?
             .iter()
             .find(|t| t["address"] == address)?["link"]["id"]
@@ -154,14 +164,14 @@ fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
     std::fs::remove_file(hybrid.host_port(VSOCK_MUX_PORT)).expect("unlink the _5000 path");
     bg(lab, "kill-agent", "kill -9 $(cat /run/vstream-agent.pid)");
     lab.wait_for("the session back over hvsock alone", UP_TIMEOUT, |s| {
-        transport_state(s, GUEST, &connect) == Some("up")
+        transport_state(s, lab.name(), &connect) == Some("up")
             && link_id(s, &connect).is_some_and(|id| id != before)
-            && transport_state(s, GUEST, &listen) != Some("up")
+            && transport_state(s, lab.name(), &listen) != Some("up")
     })
     .unwrap_or_else(|e| panic!("{e}"));
     round_trip_4_mib(lab, "hvsock-only");
     let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
-    let guest = guest_status(&status, GUEST).expect("the guest in status");
+    let guest = guest_status(&status, lab.name()).expect("the guest in status");
     let hvsock = guest["transports"]
         .as_array()
         .expect("transports")
@@ -175,23 +185,61 @@ fn the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone() {
         "the 4 MiB did not cross the hvsock link: {hvsock:#}"
     );
     assert_ne!(
-        transport_state(&status, GUEST, &listen),
+        transport_state(&status, lab.name(), &listen),
         Some("up"),
         "{guest:#}"
     );
 }
 
-#[test]
-fn the_consoles_still_work_beside_a_vsock_session() {
-    if !lab::e2e_enabled("the_consoles_still_work_beside_a_vsock_session") {
-        return;
-    }
-    let lab = shared_lab();
+/// With vstreamd as the device: the guest's connection is known by the device's CID, and a
+/// killed agent (its sockets reset by the guest kernel) comes back over both directions and
+/// moves 4 MiB each way.
+fn agent_restarts_over_vstreamds_device(lab: &Lab, listen: &str, connect: &str) {
+    let link_id = |s: &Value, address: &str| -> Option<u64> {
+        guest_status(s, lab.name())?["transports"]
+            .as_array()?
+            .iter()
+            .find(|t| t["address"] == address)?["link"]["id"]
+            .as_u64()
+    };
+    let status = lab.status().unwrap_or_else(|e| panic!("{e}"));
+    let guest = guest_status(&status, lab.name()).expect("the guest in status");
+    let device = guest["transports"]
+        .as_array()
+        .expect("transports")
+        .iter()
+        .find(|t| t["address"] == listen)
+        .expect("the vhost-user-vsock transport");
+    let peer = device["peer"].as_str().unwrap_or("");
+    assert!(
+        peer.starts_with(&format!("vsock:{HYBRID_VSOCK_CID}:")),
+        "the peer is the device's CID: {device:#}"
+    );
+    let before = (
+        link_id(&status, listen).expect("the device's link"),
+        link_id(&status, connect).expect("the hvsock link"),
+    );
+    bg(lab, "kill-agent", "kill -9 $(cat /run/vstream-agent.pid)");
+    lab.wait_for(
+        "both links back after the agent restarted",
+        UP_TIMEOUT,
+        |s| {
+            lab.mux_transports_up(s)
+                && link_id(s, listen).is_some_and(|id| id != before.0)
+                && link_id(s, connect).is_some_and(|id| id != before.1)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    round_trip_4_mib(lab, "vstreamd-device");
+}
+
+fn the_consoles_still_work_beside_a_vsock_session(backend: LabVsock) {
+    let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // hvc0 is its own chardev: a typed line comes back computed.
     assert_eq!(
         sh(lab, "echo $((6 * 7))-$(hostname)"),
-        format!("42-{GUEST}")
+        format!("42-{}", lab.name())
     );
     // ttyS0 (kernel console) is recorded by vstreamd.
     lab.wait_for_console("ttyS0", "vstream-lab: init done", Duration::from_secs(30))
@@ -217,7 +265,7 @@ fn round_trip_4_mib(lab: &Lab, tag: &str) -> Duration {
         lab,
         &[
             "exec",
-            GUEST,
+            lab.name(),
             "--",
             "sh",
             "-c",
@@ -247,29 +295,26 @@ fn round_trip_4_mib(lab: &Lab, tag: &str) -> Duration {
     took
 }
 
-#[test]
-fn exec_moves_4_mib_through_cat_intact() {
-    if !lab::e2e_enabled("exec_moves_4_mib_through_cat_intact") {
-        return;
-    }
-    let lab = shared_lab();
+fn exec_moves_4_mib_through_cat_intact(backend: LabVsock) {
+    let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let t = Duration::from_secs(60);
-    let out = ctl(lab, &["exec", GUEST, "--", "sh", "-c", "exit 7"], b"", t);
+    let out = ctl(
+        lab,
+        &["exec", lab.name(), "--", "sh", "-c", "exit 7"],
+        b"",
+        t,
+    );
     assert_eq!(out.status.code(), Some(7));
     round_trip_4_mib(lab, "exec");
 }
 
-#[test]
-fn qga_through_the_mux_pings_and_reads_a_file() {
-    if !lab::e2e_enabled("qga_through_the_mux_pings_and_reads_a_file") {
-        return;
-    }
-    let lab = shared_lab();
+fn qga_through_the_mux_pings_and_reads_a_file(backend: LabVsock) {
+    let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let ping = ctl_ok(
         lab,
-        &["agent", GUEST, r#"{"execute":"guest-ping"}"#],
+        &["agent", lab.name(), r#"{"execute":"guest-ping"}"#],
         Duration::from_secs(60),
     );
     let reply: Value = serde_json::from_str(&ping).expect("a JSON reply");
@@ -281,7 +326,7 @@ fn qga_through_the_mux_pings_and_reads_a_file() {
     );
     let want = digest_of(&made, "/tmp/qga.bin");
     let mut conn =
-        QgaConn::via_control(&lab.paths().control, GUEST).unwrap_or_else(|e| panic!("{e}"));
+        QgaConn::via_control(&lab.paths().control, lab.name()).unwrap_or_else(|e| panic!("{e}"));
     let mut data = Vec::new();
     conn.read_file("/tmp/qga.bin", 64 << 10, 4, &mut data)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -293,17 +338,13 @@ fn qga_through_the_mux_pings_and_reads_a_file() {
         want,
         "guest-file-read changed the bytes"
     );
-    qga_lab::check_common_commands(GUEST, GUEST, &mut |cmd| {
+    qga_lab::check_common_commands(lab.name(), lab.name(), &mut |cmd| {
         conn.request(cmd).unwrap_or_else(|e| panic!("{cmd}: {e}"))
     });
 }
 
-#[test]
-fn a_print_job_lands_in_the_spool_intact() {
-    if !lab::e2e_enabled("a_print_job_lands_in_the_spool_intact") {
-        return;
-    }
-    let lab = shared_lab();
+fn a_print_job_lands_in_the_spool_intact(backend: LabVsock) {
+    let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let printed = exec(
         lab,
@@ -319,7 +360,7 @@ fn a_print_job_lands_in_the_spool_intact() {
     assert_eq!(job["source"], "tcp-listen:127.0.0.1:9100", "{job}");
     let file = lab
         .paths()
-        .spool_dir(GUEST)
+        .spool_dir(lab.name())
         .join(job["file"].as_str().expect("file"));
     assert_eq!(
         std::fs::metadata(&file).expect("the spooled job").len(),
@@ -358,12 +399,8 @@ fn hybrid_connect(lab: &Lab, port: u32) -> (UnixStream, String) {
     (stream, String::from_utf8_lossy(&answer).into_owned())
 }
 
-#[test]
-fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket() {
-    if !lab::e2e_enabled("a_host_program_reaches_a_guest_listener_through_the_hybrid_socket") {
-        return;
-    }
-    let lab = shared_lab();
+fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket(backend: LabVsock) {
+    let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // Nobody listens on 6001 in the guest: the backend hangs up without an answer.
     let (_closed, answer) = hybrid_connect(lab, QGA_VSOCK_PORT + 1);
@@ -386,24 +423,44 @@ fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket() {
         .read_small("/tmp/hybrid.txt")
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(text, b"over the hybrid socket\n");
+    // 4 MiB from the guest through the hybrid socket, checked end to end.
+    let made = exec(
+        lab,
+        "head -c 4194304 /dev/urandom > /tmp/hybrid.bin && sha256sum /tmp/hybrid.bin",
+    );
+    let want = digest_of(&made, "/tmp/hybrid.bin");
+    let started = Instant::now();
+    let mut data = Vec::new();
+    conn.read_file("/tmp/hybrid.bin", 1 << 20, 4, &mut data)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let took = started.elapsed();
+    assert_eq!(data.len(), 4 << 20);
+    let local = lab.paths().dir.join("hybrid.bin");
+    std::fs::write(&local, &data).expect("write");
+    assert_eq!(
+        sha256_file(&local),
+        want,
+        "the bytes through the hybrid socket changed"
+    );
+    eprintln!(
+        "vsock: 4 MiB guest-file-read through the hybrid socket (base64, {}): {took:.2?}",
+        lab.accel()
+    );
 }
 
 /// PPP over a session that runs over vsock only: pppd in the guest on a `ppp` channel, the host
 /// end in a network namespace (backend `tun`, as in ppp.rs; needs root). Its own guest, so that
 /// the shared one keeps no network namespace alive.
-#[test]
-fn ppp_runs_over_the_vsock_session() {
-    if !lab::e2e_enabled("ppp_runs_over_the_vsock_session") {
-        return;
-    }
-    let ns = NetNs::new("vsock");
+fn ppp_runs_over_the_vsock_session(backend: LabVsock) {
+    let ns = NetNs::new(guest_name(backend));
     let options = LabOptions {
         extra_config: format!(
             "\n[guest.ppp]\nlocal = \"10.78.0.1\"\nremote = \"10.78.0.2\"\nmtu = 1500\n\
              backend = \"tun\"\nnetns = \"{}\"\n",
             ns.0
         ),
-        ..LabOptions::vsock_only().named("vsockppp")
+        vsock: backend,
+        ..LabOptions::vsock_only().named(&format!("{}ppp", guest_name(backend)))
     };
     let lab = Lab::boot(options).unwrap_or_else(|e| panic!("{e}"));
     lab.wait_for("the PPP link to be up over vsock", UP_TIMEOUT, |s| {
@@ -438,3 +495,40 @@ fn ppp_runs_over_the_vsock_session() {
     );
     lab.shutdown().unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Every test above, once per backend: `vhost_device_vsock::NAME` (rust-vmm's backend) and
+/// `vstreamd::NAME` (vstreamd serves the device itself).
+macro_rules! on_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod vhost_device_vsock {
+            $(
+                #[test]
+                fn $test() {
+                    if xtask::lab::e2e_enabled(stringify!($test)) {
+                        super::$test(xtask::lab::LabVsock::VhostDeviceVsock);
+                    }
+                }
+            )*
+        }
+        mod vstreamd {
+            $(
+                #[test]
+                fn $test() {
+                    if xtask::lab::e2e_enabled(stringify!($test)) {
+                        super::$test(xtask::lab::LabVsock::Vstreamd);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_each_backend!(
+    the_mux_runs_over_vsock_both_ways_and_over_hvsock_alone,
+    the_consoles_still_work_beside_a_vsock_session,
+    exec_moves_4_mib_through_cat_intact,
+    qga_through_the_mux_pings_and_reads_a_file,
+    a_print_job_lands_in_the_spool_intact,
+    a_host_program_reaches_a_guest_listener_through_the_hybrid_socket,
+    ppp_runs_over_the_vsock_session,
+);

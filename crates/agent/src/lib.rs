@@ -1,25 +1,24 @@
 //! vstream-agent's settings: from its command line or, when it runs as a guest's helper
 //! started by init, from the kernel command line (`vstream.connect=ADDR`, repeatable,
-//! `vstream.name=NAME`, `vstream.qga=ADDR`, `vstream.random=0` to leave the kernel's entropy
-//! pool alone, and `vstream.watchdog=INTERVAL` to send watchdog heartbeats).
+//! `vstream.name=NAME`, `vstream.key_file=PATH`, and each device's own `vstream.KEY=` words,
+//! see `vstream_devices::registry::Device::agent_options`).
 #![deny(missing_docs)]
 
 use std::time::Duration;
 
-use vstream_devices::random::guest::{FeedSettings, Feeder, KernelPool};
-use vstream_devices::watchdog::guest::{GuestSettings as WatchdogSettings, Heartbeat};
+use vstream_devices::registry::{registry, GuestOptions};
+use vstream_devices::ServeFuture;
 use vstream_link::{link_params, Mux};
 use vstream_transport::{Address, Endpoint};
 use vstream_wire::auth::Key;
 use vstream_wire::{Config, Role};
 
-/// The guest-initiated devices an agent runs besides its services.
+/// What an agent runs besides the devices' services.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
-    /// Feed the kernel's entropy pool from the host (`random` device); needs `CAP_SYS_ADMIN`.
-    pub random: Option<FeedSettings>,
-    /// Send watchdog heartbeats (`watchdog` device).
-    pub watchdog: Option<WatchdogSettings>,
+    /// Each device's guest options (e.g. heartbeats, listeners); a device without any starts
+    /// only its services.
+    pub devices: GuestOptions,
     /// The guest's key: TCP links prove it in a key handshake (docs/PROTOCOL.md §9) before the
     /// mux starts, in whichever direction they connect.
     pub key: Option<Key>,
@@ -29,7 +28,7 @@ pub struct AgentOptions {
 pub struct Agent {
     mux: Mux,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    heartbeat: Option<Heartbeat>,
+    on_stop: Option<Box<dyn FnOnce(String) -> ServeFuture + Send>>,
 }
 
 impl Agent {
@@ -39,11 +38,12 @@ impl Agent {
         Agent::start_with(name, connect, AgentOptions::default())
     }
 
-    /// [`Agent::start`], plus the guest-initiated devices of `options`.
+    /// [`Agent::start`], plus what the devices' guest options ask for.
     pub fn start_with(name: &str, connect: Vec<Address>, options: AgentOptions) -> Agent {
         let (mux, incoming) = Mux::new(Config::new(Role::Guest, name), vstream_link::session_id());
+        let half = registry().start_guest(&mux, &options.devices);
         let mut tasks = vec![tokio::spawn(vstream_devices::dispatch(
-            vstream_devices::guest_services(),
+            half.services,
             incoming,
         ))];
         tracing::info!(%name, "vstream-agent starting");
@@ -55,32 +55,20 @@ impl Agent {
                 (name.to_owned(), options.key.clone()),
             )));
         }
-        if let Some(feed) = options.random {
-            match KernelPool::open() {
-                Ok(pool) => tasks.push(tokio::spawn(vstream_devices::random::guest::run_feeder(
-                    mux.clone(),
-                    Feeder::new(pool, feed),
-                ))),
-                Err(e) => tracing::warn!("random: not feeding the kernel's entropy pool: {e}"),
-            }
-        }
-        let heartbeat = options.watchdog.map(|w| {
-            tracing::info!(interval_ms = w.interval.as_millis() as u64, check = ?w.check, "watchdog heartbeats on");
-            Heartbeat::start(mux.clone(), w)
-        });
+        tasks.extend(half.tasks.into_iter().map(tokio::spawn));
         Agent {
             mux,
             tasks,
-            heartbeat,
+            on_stop: half.on_stop,
         }
     }
 
-    /// A clean stop: disarms the watchdog (waiting for the host to confirm, a few seconds at
-    /// most), then stops everything. Dropping the agent instead stops without a disarm, as a
-    /// crash would.
+    /// A clean stop: tells the devices why (a watchdog disarms, waiting for the host to confirm,
+    /// a few seconds at most), then stops everything. Dropping the agent instead stops without
+    /// that, as a crash would.
     pub async fn shutdown(mut self, reason: &str) {
-        if let Some(h) = self.heartbeat.take() {
-            h.disarm(reason).await;
+        if let Some(stop) = self.on_stop.take() {
+            stop(reason.to_owned()).await;
         }
     }
 
@@ -89,36 +77,19 @@ impl Agent {
         &self.mux
     }
 
-    /// Also accepts raw print jobs (AppSocket/JetDirect) on a listening address, e.g.
-    /// `tcp-listen:127.0.0.1:9100` or `unix-listen:/run/vstream/printer.sock`; each connection
-    /// is one job, sent to the host's spool.
-    pub fn serve_printer(&mut self, address: Address) {
-        self.tasks
-            .push(tokio::spawn(vstream_devices::printer::guest::listen(
-                self.mux.clone(),
-                address,
-            )));
-    }
-
-    /// Also serves the QEMU guest agent protocol on a raw transport, e.g.
-    /// `port:org.qemu.guest_agent.0`, for existing QGA clients (same state as the `qga`
-    /// channels).
-    pub fn serve_qga(&mut self, address: Address) {
-        let agent = vstream_devices::qga::guest::GuestAgent::global();
-        self.tasks
-            .push(tokio::spawn(vstream_devices::qga::guest::serve_address(
-                agent, address,
-            )));
-    }
-
-    /// Also keeps the guest's PPP link up (pppd on a `ppp` channel, or on a raw transport), as
-    /// `settings` say; see docs/devices/ppp.md.
-    pub fn serve_ppp(&mut self, settings: vstream_devices::ppp::guest::Settings) {
-        self.tasks
-            .push(tokio::spawn(vstream_devices::ppp::guest::run(
-                self.mux.clone(),
-                settings,
-            )));
+    /// Also starts the tasks that `options` ask of device `class`'s guest half (e.g. one more
+    /// print-job listener), besides those the agent started with.
+    pub fn start_device<T: std::any::Any + Send + Sync>(
+        &mut self,
+        class: &'static str,
+        options: T,
+    ) {
+        let mut devices = GuestOptions::default();
+        devices.set(class, options);
+        if let Some(d) = registry().get(class) {
+            let half = d.guest(&self.mux, &devices);
+            self.tasks.extend(half.tasks.into_iter().map(tokio::spawn));
+        }
     }
 }
 
@@ -233,17 +204,11 @@ pub struct Settings {
     pub connect: Vec<Address>,
     /// The guest name announced to the host.
     pub name: Option<String>,
-    /// A raw transport on which to serve the QEMU guest agent protocol.
-    pub qga: Option<Address>,
-    /// `Some(false)`: do not feed the kernel's entropy pool (`vstream.random=0`).
-    pub random: Option<bool>,
-    /// Watchdog heartbeat interval (`vstream.watchdog=500ms`).
-    pub watchdog_interval: Option<Duration>,
     /// The guest's key file for TCP links (`vstream.key_file=PATH`).
     pub key_file: Option<std::path::PathBuf>,
 }
 
-/// Reads `vstream.connect=`, `vstream.name=` and `vstream.qga=` from a kernel command line.
+/// Reads `vstream.connect=`, `vstream.name=` and `vstream.key_file=` from a kernel command line.
 pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
     let mut s = Settings::default();
     for word in cmdline.split_ascii_whitespace() {
@@ -254,115 +219,26 @@ pub fn from_kernel_cmdline(cmdline: &str) -> Result<Settings, String> {
             s.key_file = Some(k.into());
         } else if let Some(n) = word.strip_prefix("vstream.name=") {
             s.name = Some(n.to_owned());
-        } else if let Some(a) = word.strip_prefix("vstream.qga=") {
-            s.qga = Some(a.parse().map_err(|e| format!("vstream.qga={a}: {e}"))?);
-        } else if let Some(r) = word.strip_prefix("vstream.random=") {
-            s.random = Some(match r {
-                "1" | "on" | "yes" => true,
-                "0" | "off" | "no" => false,
-                _ => return Err(format!("vstream.random={r}: expected 0 or 1")),
-            });
-        } else if let Some(w) = word.strip_prefix("vstream.watchdog=") {
-            let d = vstream_devices::watchdog::parse_duration(w)
-                .map_err(|e| format!("vstream.watchdog={w}: {e}"))?;
-            if d.is_zero() {
-                return Err(format!("vstream.watchdog={w}: the interval must not be 0"));
-            }
-            s.watchdog_interval = Some(d);
         }
     }
     Ok(s)
 }
 
-/// The printer listeners a kernel command line asks for: `vstream.printer=ADDR` (repeatable)
-/// or `vstream.printer=off`; `None` if it says nothing (then the defaults apply).
-pub fn printer_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, String> {
-    let mut out: Option<Vec<Address>> = None;
-    for word in cmdline.split_ascii_whitespace() {
-        if let Some(a) = word.strip_prefix("vstream.printer=") {
-            let list = out.get_or_insert_with(Vec::new);
-            if a != "off" {
-                list.push(a.parse().map_err(|e| format!("vstream.printer={a}: {e}"))?);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The PPP link a kernel command line asks for: `vstream.ppp=on|off|ADDR` (the last one
-/// wins); `None` if it says nothing.
-pub fn ppp_mode(cmdline: &str) -> Result<Option<vstream_devices::ppp::guest::Mode>, String> {
-    let mut out = None;
-    for word in cmdline.split_ascii_whitespace() {
-        if let Some(m) = word.strip_prefix("vstream.ppp=") {
-            out = Some(m.parse().map_err(|e| format!("vstream.ppp={m}: {e}"))?);
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn ppp_mode_from_the_kernel_command_line() {
-        use vstream_devices::ppp::guest::Mode;
-        assert_eq!(super::ppp_mode("quiet").expect("none"), None);
-        assert_eq!(
-            super::ppp_mode("vstream.ppp=off").expect("off"),
-            Some(Mode::Off)
-        );
-        let m = super::ppp_mode("vstream.ppp=off vstream.ppp=port:org.vstream.ppp").expect("port");
-        assert_eq!(
-            m.map(|m| m.to_string()).as_deref(),
-            Some("port:org.vstream.ppp")
-        );
-        assert!(super::ppp_mode("vstream.ppp=bogus:1").is_err());
-    }
-
-    #[test]
-    fn printer_listeners_from_the_kernel_command_line() {
-        assert_eq!(super::printer_listeners("quiet").expect("none"), None);
-        assert_eq!(
-            super::printer_listeners("vstream.printer=off").expect("off"),
-            Some(vec![])
-        );
-        let l = super::printer_listeners(
-            "vstream.printer=tcp-listen:127.0.0.1:9101 vstream.printer=unix-listen:/run/p.sock",
-        )
-        .expect("two")
-        .expect("some");
-        assert_eq!(l.len(), 2);
-        assert_eq!(l[0].to_string(), "tcp-listen:127.0.0.1:9101");
-        assert!(super::printer_listeners("vstream.printer=bogus:1").is_err());
-    }
-
     use super::*;
 
     #[test]
     fn reads_repeated_connects_and_the_name() {
         let s = from_kernel_cmdline(
-            "console=ttyS0 vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab vstream.qga=port:org.qemu.guest_agent.0",
+            "root=/dev/vda vstream.connect=port:org.vstream.0 quiet vstream.connect=serial:/dev/ttyS4,baud=115200 vstream.name=lab vstream.key_file=/etc/k",
         )
         .expect("parse");
         assert_eq!(s.name.as_deref(), Some("lab"));
-        assert_eq!(
-            s.qga.map(|a| a.to_string()).as_deref(),
-            Some("port:org.qemu.guest_agent.0")
-        );
+        assert_eq!(s.key_file, Some("/etc/k".into()));
         assert_eq!(s.connect.len(), 2);
         assert_eq!(s.connect[0].to_string(), "port:org.vstream.0");
         assert!(matches!(&s.connect[1], Address::Serial(c) if c.baud == 115_200));
-    }
-
-    #[test]
-    fn reads_the_device_settings() {
-        let s = from_kernel_cmdline("vstream.random=0 vstream.watchdog=500ms").expect("parse");
-        assert_eq!(s.random, Some(false));
-        assert_eq!(s.watchdog_interval, Some(Duration::from_millis(500)));
-        let none = from_kernel_cmdline("quiet").expect("parse");
-        assert_eq!((none.random, none.watchdog_interval), (None, None));
-        assert!(from_kernel_cmdline("vstream.watchdog=0s").is_err());
-        assert!(from_kernel_cmdline("vstream.random=maybe").is_err());
     }
 
     #[test]

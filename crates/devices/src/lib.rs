@@ -1,18 +1,28 @@
 //! The vstream devices. Each device is one folder with its messages, its host half (run by
 //! vstreamd) and its guest half (run by vstream-agent); see docs/devices/.
 //!
-//! Devices reached through the multiplexer implement [`Service`]: a peer opens a channel of the
-//! device's class and the service gets the channel's byte stream. Adding a device means adding
-//! its folder and one line in [`guest_services`] or [`host_services`].
+//! Each device declares everything the rest of the system needs in one [`registry::Device`]
+//! value (`device.rs` in its folder): its class, its `[guest.CLASS]` settings, its host half,
+//! its guest half, its vstreamctl verbs. Devices reached through the multiplexer implement
+//! [`Service`]: a peer opens a channel of the device's class and the service gets the channel's
+//! byte stream. Adding a device means adding its folder and one line in
+//! [`registry::registry`]; see docs/ARCHITECTURE.md.
 #![deny(missing_docs)]
 
+pub mod channel;
+pub mod civil;
+pub mod cli;
 pub mod console;
 pub mod diag;
 pub mod hid;
+pub mod keep;
 pub mod ppp;
 pub mod printer;
 pub mod qga;
 pub mod random;
+pub mod record;
+pub mod registry;
+pub mod term;
 pub mod tty;
 pub mod watchdog;
 
@@ -23,7 +33,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
 use vstream_link::{ChannelStream, Incoming};
-use vstream_transport::Address;
+
+pub use registry::{registry, Device, HostContext};
 
 /// What a service runs per channel.
 pub type ServeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -40,48 +51,15 @@ pub trait Service: Send + Sync {
     }
 }
 
-/// The guest halves run by vstream-agent.
-pub fn guest_services() -> Vec<Arc<dyn Service>> {
-    vec![
-        Arc::new(diag::Echo),
-        Arc::new(hid::guest::Hid::uinput()),
-        Arc::new(tty::guest::Tty),
-        Arc::new(qga::QgaService::global()),
-    ]
-}
-
-/// What a host half knows about the guest it serves (built by vstreamd per guest).
-pub struct HostContext {
-    /// The guest's name.
-    pub guest: String,
-    /// The guest's QMP socket, for actions on the virtual machine.
-    pub qmp: Option<Address>,
-    /// Where the guest's events go (`vstreamctl events`).
-    pub events: EventSink,
-    /// The guest's entropy budget, shared by its `random` channels and `random-raw` ports.
-    pub random: Arc<random::host::Limiter>,
-    /// `[guest.watchdog]`, if configured.
-    pub watchdog: Option<watchdog::Settings>,
-    /// `[guest.ppp]`, if configured.
-    pub ppp: Option<ppp::host::PppConfig>,
-}
-
-/// The host halves run by vstreamd for channels a guest opens.
-pub fn host_services(ctx: &HostContext) -> Vec<Arc<dyn Service>> {
-    vec![
-        Arc::new(diag::Echo),
-        Arc::new(random::host::Entropy::new(ctx)),
-        Arc::new(watchdog::host::WatchdogService::new(ctx)),
-        Arc::new(ppp::host::PppService::new(ctx)),
-    ]
-}
-
 /// Where host halves report events for `vstreamctl events` (docs/devices/events.md). Cheap to
 /// clone; sending never waits (a slow reader misses events and is told how many).
 #[derive(Clone)]
 pub struct EventSink {
     guest: Arc<str>,
     tx: broadcast::Sender<serde_json::Value>,
+    /// While set: events kept for every `events` client to get first, marked `replayed` (events
+    /// of vstreamd's start, from before anyone could listen).
+    replay: Option<Arc<std::sync::Mutex<Vec<serde_json::Value>>>>,
 }
 
 impl EventSink {
@@ -90,6 +68,16 @@ impl EventSink {
         EventSink {
             guest: guest.into(),
             tx,
+            replay: None,
+        }
+    }
+
+    /// The same sink, but keeping its events in `log` (marked `replayed`) instead of sending
+    /// them: for what a device reports while vstreamd starts.
+    pub fn replayed(&self, log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>) -> EventSink {
+        EventSink {
+            replay: Some(log),
+            ..self.clone()
         }
     }
 
@@ -100,7 +88,30 @@ impl EventSink {
 
     /// Sends event `kind` with `fields` (a JSON object; anything else is put under `"data"`).
     pub fn emit(&self, kind: &str, fields: serde_json::Value) {
-        let _ = self.tx.send(event(&self.guest, kind, fields));
+        let mut ev = event(&self.guest, kind, fields);
+        match &self.replay {
+            Some(log) => {
+                ev["replayed"] = true.into();
+                log.lock().unwrap_or_else(|e| e.into_inner()).push(ev);
+            }
+            None => {
+                let _ = self.tx.send(ev);
+            }
+        }
+    }
+
+    /// Emits `transport-up` (with the peer) or `transport-down` (with the reason) for one of
+    /// the guest's transports.
+    pub fn transport(&self, up: bool, kind: &str, name: &str, address: &str, detail: &str) {
+        let (event, key) = if up {
+            ("transport-up", "peer")
+        } else {
+            ("transport-down", "reason")
+        };
+        self.emit(
+            event,
+            serde_json::json!({ "kind": kind, "transport": name, "address": address, key: detail }),
+        );
     }
 }
 
@@ -148,5 +159,53 @@ pub async fn dispatch(
                     .reset(&format!("no service for device class {:?}", inc.class));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Devices share code through the crate's shared modules (record, term, channel, civil),
+    /// never through each other: no `crate::<device>::` path in another device's folder.
+    #[test]
+    fn no_device_imports_another() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let devices: Vec<String> = std::fs::read_dir(&src)
+            .expect("src")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.is_dir())
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert!(devices.len() >= 9, "{devices:?}");
+        let mut found = Vec::new();
+        for device in &devices {
+            let mut files = Vec::new();
+            let mut dirs = vec![src.join(device)];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(dir).expect("device folder") {
+                    let path = entry.expect("entry").path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else {
+                        files.push(path);
+                    }
+                }
+            }
+            for path in files {
+                let text = std::fs::read_to_string(&path).expect("source");
+                for other in devices.iter().filter(|o| *o != device) {
+                    for needle in [format!("crate::{other}::"), format!("crate::{other};")] {
+                        if text.contains(&needle) {
+                            found.push(format!("{}: {needle}", path.display()));
+                        }
+                    }
+                }
+                if text.contains("super::super::") {
+                    found.push(format!("{}: super::super::", path.display()));
+                }
+            }
+        }
+        assert!(found.is_empty(), "devices import each other: {found:#?}");
     }
 }

@@ -98,37 +98,70 @@ impl Access {
 
     /// The role of a peer with these credentials, or why it has none. May consult the group
     /// database (blocking) unless the peer [is the owner](Access::is_owner).
-    pub fn role(&self, uid: u32, gid: u32) -> Result<Role, String> {
+    pub fn role(&self, uid: u32, gid: u32) -> Result<Role, Refused> {
         if self.is_owner(uid) {
             return Ok(Role::Owner);
         }
+        let owner = self.owner;
         match &self.read_group {
             Some((group, _)) if gid == *group || is_member(uid, *group) => Ok(Role::ReadOnly),
-            Some((_, name)) => Err(format!(
-                "uid {uid} is neither the owner (uid {}) nor in the read-only group {name}",
-                self.owner
-            )),
-            None => Err(format!(
-                "uid {uid} is not the owner (uid {}) and no read-only group is configured",
-                self.owner
-            )),
+            Some((_, name)) => Err(Refused::NotInGroup {
+                uid,
+                owner,
+                group: name.clone(),
+            }),
+            None => Err(Refused::NoGroup { uid, owner }),
         }
     }
 
     /// Whether a peer with `role` may make `req`; if not, why.
-    pub fn check(&self, uid: u32, role: Role, req: &Request) -> Result<(), String> {
+    pub fn check(&self, uid: u32, role: Role, req: &Request) -> Result<(), Refused> {
         match role {
             Role::Owner => Ok(()),
             Role::ReadOnly if req.read_only() => Ok(()),
             Role::ReadOnly => {
                 let group = self.read_group.as_ref().map_or("", |(_, n)| n.as_str());
-                Err(format!(
-                    "uid {uid} is in the read-only group {group}; {} needs the owner",
-                    req.verb()
-                ))
+                Err(Refused::NeedsOwner {
+                    uid,
+                    group: group.to_owned(),
+                    verb: req.verb(),
+                })
             }
         }
     }
+}
+
+/// Why a control request is refused (the error reply's text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Not the owner, and not in the configured read-only group.
+    #[error("uid {uid} is neither the owner (uid {owner}) nor in the read-only group {group}")]
+    NotInGroup {
+        /// The peer.
+        uid: u32,
+        /// The owner's uid.
+        owner: u32,
+        /// The read-only group.
+        group: String,
+    },
+    /// Not the owner, and there is no read-only group.
+    #[error("uid {uid} is not the owner (uid {owner}) and no read-only group is configured")]
+    NoGroup {
+        /// The peer.
+        uid: u32,
+        /// The owner's uid.
+        owner: u32,
+    },
+    /// A read-only member asked for something that acts on a guest.
+    #[error("uid {uid} is in the read-only group {group}; {verb} needs the owner")]
+    NeedsOwner {
+        /// The peer.
+        uid: u32,
+        /// The read-only group.
+        group: String,
+        /// What it asked for.
+        verb: String,
+    },
 }
 
 /// Whether the user with `uid` is listed as a member of group `gid`.
@@ -161,14 +194,18 @@ mod tests {
         assert_eq!(a.role(0, 0), Ok(Role::Owner));
         assert_eq!(a.role(a.owner, 12345), Ok(Role::Owner));
         assert_eq!(a.role(64_998, 64_999), Ok(Role::ReadOnly));
-        let refused = a.role(64_997, 64_997).expect_err("not in the group");
+        let refused = a
+            .role(64_997, 64_997)
+            .expect_err("not in the group")
+            .to_string();
         assert!(
             refused.contains("uid 64997 is neither the owner"),
             "{refused}"
         );
         let why = a
             .check(64_998, Role::ReadOnly, &open())
-            .expect_err("open is not read-only");
+            .expect_err("open is not read-only")
+            .to_string();
         assert!(
             why.starts_with("uid 64998 is in the read-only group"),
             "{why}"

@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use vstream_devices::registry::{registry, Device, GuestFacts, RawTransport, SettingsError};
 use vstream_link::link_params;
 use vstream_transport::Address;
 use vstream_wire::{Config as WireConfig, LinkParams, Role};
@@ -131,24 +134,35 @@ impl Limits {
     }
 
     /// Whether `peer_buffer_limit` leaves room for a few channels after its fixed parts.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), NoRoomForChannels> {
         let cfg = self.wire_config(Role::Host, "");
         // One link, and room for the channels every guest has (console, agent, devices).
         let least = cfg.fixed_charge(1) + 16 * cfg.channel_charge();
         if self.peer_buffer_limit < least {
-            return Err(format!(
-                "peer_buffer_limit = {} leaves no room for channels: with these windows, \
-                 buffers and max_unacked it must be at least {least}",
-                self.peer_buffer_limit
-            ));
+            return Err(NoRoomForChannels {
+                limit: self.peer_buffer_limit,
+                least,
+            });
         }
         Ok(())
     }
 }
 
+/// `[daemon.limits]` whose `peer_buffer_limit` leaves no room for channels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "peer_buffer_limit = {limit} leaves no room for channels: with these windows, buffers and \
+     max_unacked it must be at least {least}"
+)]
+pub struct NoRoomForChannels {
+    /// The configured limit.
+    pub limit: usize,
+    /// The least that fits one link and a few channels.
+    pub least: usize,
+}
+
 /// `[[guest]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct GuestConfig {
     /// The guest's name (what its agent announces).
     pub name: String,
@@ -166,65 +180,84 @@ pub struct GuestConfig {
     /// proven by both ends in a challenge-response, never sent (docs/PROTOCOL.md §9).
     pub key_file: Option<PathBuf>,
     /// Ways to reach the guest.
-    #[serde(default)]
     pub transport: Vec<TransportConfig>,
-    /// The guest's printer spool (`[guest.printer]`; default: enabled, in
-    /// `STATE_DIR/GUEST/spool`, 1 GiB).
-    #[serde(default)]
-    pub printer: PrinterConfig,
-    /// `[guest.random]`: the guest's entropy budget (docs/devices/random.md).
-    #[serde(default)]
-    pub random: vstream_devices::random::Settings,
-    /// `[guest.watchdog]`: without it the guest's watchdog is refused (docs/devices/watchdog.md).
-    pub watchdog: Option<vstream_devices::watchdog::Settings>,
-    /// The guest's PPP link (`[guest.ppp]`, docs/devices/ppp.md); none if absent.
-    pub ppp: Option<vstream_devices::ppp::host::PppConfig>,
+    /// The devices' `[guest.CLASS]` sections, by class, as parsed (each device reads its own
+    /// typed settings from its section; docs/devices/CLASS.md).
+    pub devices: BTreeMap<String, serde_json::Value>,
 }
 
-/// `[guest.printer]`: where the guest's print jobs go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrinterConfig {
-    /// Accept print jobs from this guest.
-    pub enabled: bool,
-    /// Spool directory (default `STATE_DIR/GUEST/spool`).
-    pub spool: Option<PathBuf>,
-    /// Most bytes the spool may hold; further jobs are refused.
-    pub quota_bytes: u64,
-    /// Program and arguments run after each finished job; the job file's path and its type
-    /// are appended (and set in `VSTREAM_JOB_FILE`, `VSTREAM_JOB_TYPE`, ...).
-    pub hook: Vec<String>,
-    /// The hook is killed after this many seconds.
-    pub hook_timeout_secs: u64,
+/// The keys of `[[guest]]` that are not device sections.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestKeys {
+    name: String,
+    qmp: Option<Address>,
+    cid: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    transport: Vec<TransportConfig>,
 }
 
-impl Default for PrinterConfig {
-    fn default() -> PrinterConfig {
-        PrinterConfig {
-            enabled: true,
-            spool: None,
-            quota_bytes: 1 << 30,
-            hook: Vec::new(),
-            hook_timeout_secs: 60,
+impl<'de> Deserialize<'de> for GuestConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<GuestConfig, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let mut devices = BTreeMap::new();
+        for dev in registry().iter() {
+            let Some(section) = table.remove(dev.class()) else {
+                continue;
+            };
+            let section = serde_json::to_value(section).map_err(D::Error::custom)?;
+            dev.check(Some(&section), None).map_err(D::Error::custom)?;
+            devices.insert(dev.class().to_owned(), section);
         }
+        let keys = GuestKeys::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(GuestConfig {
+            name: keys.name,
+            qmp: keys.qmp,
+            cid: keys.cid,
+            uid: keys.uid,
+            gid: keys.gid,
+            key_file: keys.key_file,
+            transport: keys.transport,
+            devices,
+        })
     }
 }
 
 /// What a transport carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportKind {
     /// The multiplexer (to vstream-agent).
     Mux,
-    /// A raw console stream (captured and logged).
-    Console,
-    /// A raw QEMU guest agent stream (e.g. the chardev of `org.qemu.guest_agent.0` with a real
-    /// qemu-ga behind it): `vstreamctl agent` and its verbs go there instead of to a `qga`
-    /// channel of vstream-agent. At most one per guest.
-    Qga,
-    /// vstreamd writes entropy into it within the guest's `[guest.random]` budget, e.g. a
-    /// virtio-serial port that the guest's `rngd -r /dev/vportNpM` reads.
-    RandomRaw,
+    /// A raw stream owned by a device (`Device::raw_kinds`: a console, a real qemu-ga, an
+    /// entropy port...).
+    Raw(String),
+}
+
+impl<'de> Deserialize<'de> for TransportKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TransportKind, D::Error> {
+        let kind = String::deserialize(d)?;
+        if kind == "mux" {
+            return Ok(TransportKind::Mux);
+        }
+        if registry().owner_of_kind(&kind).is_some() {
+            return Ok(TransportKind::Raw(kind));
+        }
+        let known: Vec<&str> = std::iter::once("mux")
+            .chain(
+                registry()
+                    .iter()
+                    .flat_map(|d| d.raw_kinds().iter().copied()),
+            )
+            .collect();
+        Err(serde::de::Error::custom(format!(
+            "unknown transport kind {kind:?}, expected one of {}",
+            known.join(", ")
+        )))
+    }
 }
 
 /// `[[guest.transport]]`.
@@ -273,22 +306,40 @@ impl TransportConfig {
 
 impl GuestConfig {
     /// The guest's key, read from `key_file`, if it has one.
-    pub fn key(&self) -> Result<Option<vstream_wire::auth::Key>, String> {
+    pub fn key(&self) -> std::io::Result<Option<vstream_wire::auth::Key>> {
         self.key_file
             .as_deref()
             .map(vstream_link::auth::read_key_file)
             .transpose()
-            .map_err(|e| e.to_string())
     }
 
-    /// Checks the device sections.
-    pub fn validate(&self) -> Result<(), String> {
-        self.random.validate()?;
-        if let Some(w) = &self.watchdog {
-            w.validate(self.qmp.is_some())?;
-        }
-        if let Some(p) = &self.ppp {
-            p.validate().map_err(|e| format!("[guest.ppp]: {e}"))?;
+    /// The guest's transports of `device`'s raw kinds.
+    pub fn raw_transports(&self, device: &dyn Device) -> Vec<RawTransport> {
+        self.transport
+            .iter()
+            .filter(|t| matches!(&t.kind, TransportKind::Raw(k) if device.raw_kinds().contains(&k.as_str())))
+            .map(|t| RawTransport {
+                kind: match &t.kind {
+                    TransportKind::Raw(k) => k.clone(),
+                    TransportKind::Mux => "mux".into(),
+                },
+                name: t.display_name(),
+                address: t.address.clone(),
+                log: t.log.clone(),
+                log_max_bytes: t.log_max_bytes,
+                log_keep: t.log_keep,
+            })
+            .collect()
+    }
+
+    /// Checks the device sections against the rest of the guest's config.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        for dev in registry().iter() {
+            let facts = GuestFacts {
+                has_qmp: self.qmp.is_some(),
+                transports: self.raw_transports(dev.as_ref()),
+            };
+            dev.check(self.devices.get(dev.class()), Some(&facts))?;
         }
         Ok(())
     }
@@ -327,17 +378,25 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
             g.key()
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
-            if g.transport
-                .iter()
-                .filter(|t| t.kind == TransportKind::Qga)
-                .count()
-                > 1
-            {
-                anyhow::bail!(
-                    "{}: guest {:?} has more than one qga transport",
-                    path.display(),
-                    g.name
-                );
+            for t in &g.transport {
+                if let Address::VhostUserVsock(v) = &t.address {
+                    // The device's CID is the guest's identity on it: one CID, one guest.
+                    match g.cid {
+                        Some(cid) if cid != v.cid => anyhow::bail!(
+                            "{}: guest {:?} is CID {cid} but its transport {} gives CID {}",
+                            path.display(),
+                            g.name,
+                            t.address,
+                            v.cid
+                        ),
+                        None if !cids.insert(v.cid) => anyhow::bail!(
+                            "{}: CID {} is given to two guests",
+                            path.display(),
+                            v.cid
+                        ),
+                        _ => {}
+                    }
+                }
             }
         }
         Ok(cfg)
@@ -348,6 +407,15 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `g`'s `[guest.CLASS]` as the device reads it.
+    fn section<T: serde::de::DeserializeOwned>(g: &GuestConfig, class: &'static str) -> Option<T> {
+        vstream_devices::registry::section(class, g.devices.get(class)).expect("a valid section")
+    }
+
+    fn raw(kind: &str) -> TransportKind {
+        TransportKind::Raw(kind.into())
+    }
+
     #[test]
     fn the_documented_example_parses() {
         let text = include_str!("../../../docs/vstreamd.example.toml");
@@ -357,7 +425,7 @@ mod tests {
         assert!(cfg.guest[0]
             .transport
             .iter()
-            .any(|t| t.kind == TransportKind::Console));
+            .any(|t| t.kind == raw("console")));
         assert_eq!(cfg.daemon.limits.channel_window, 256 * 1024);
     }
 
@@ -365,10 +433,8 @@ mod tests {
     fn the_ppp_section_parses_and_is_checked() {
         let text = include_str!("../../../docs/vstreamd.example.toml");
         let cfg: Config = toml::from_str(text).expect("example config");
-        let ppp = cfg.guest[0]
-            .ppp
-            .as_ref()
-            .expect("[guest.ppp] in the example");
+        let ppp: vstream_devices::ppp::host::PppConfig =
+            section(&cfg.guest[0], "ppp").expect("[guest.ppp] in the example");
         assert_eq!(ppp.remote.to_string(), "10.77.0.2");
         assert_eq!(ppp.routes.len(), 1);
         cfg.guest[0].validate().expect("the example is valid");
@@ -377,6 +443,7 @@ mod tests {
         )
         .expect("parses");
         let e = bad.guest[0].validate().expect_err("mtu 64");
+        let e = e.to_string();
         assert!(e.contains("[guest.ppp]") && e.contains("mtu"), "{e}");
         assert!(toml::from_str::<Config>(
             "[[guest]]\nname = \"a\"\n[guest.ppp]\nlocal = \"10.0.0.1\"\n"
@@ -407,7 +474,7 @@ mod tests {
             "[[guest]]\nname = \"a\"\n[[guest.transport]]\nkind = \"qga\"\naddress = \"unix:/run/qga.sock\"\n",
         )
         .expect("qga transport");
-        assert_eq!(cfg.guest[0].transport[0].kind, TransportKind::Qga);
+        assert_eq!(cfg.guest[0].transport[0].kind, raw("qga"));
     }
 
     #[test]
@@ -416,7 +483,8 @@ mod tests {
             "[[guest]]\nname = \"a\"\n[guest.printer]\nspool = \"/var/spool/a\"\nquota_bytes = 1000\nhook = [\"/bin/echo\", \"x\"]\n",
         )
         .expect("printer");
-        let p = &cfg.guest[0].printer;
+        let p: vstream_devices::printer::device::PrinterConfig =
+            section(&cfg.guest[0], "printer").expect("printer");
         assert_eq!(p.spool.as_deref(), Some(Path::new("/var/spool/a")));
         assert_eq!((p.quota_bytes, p.enabled, p.hook.len()), (1000, true, 2));
         assert!(
@@ -424,7 +492,9 @@ mod tests {
                 .is_err()
         );
         let d: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("default");
-        assert_eq!(d.guest[0].printer.quota_bytes, 1 << 30);
+        let p: Option<vstream_devices::printer::device::PrinterConfig> =
+            section(&d.guest[0], "printer");
+        assert_eq!(p.unwrap_or_default().quota_bytes, 1 << 30);
     }
 
     #[test]
@@ -432,25 +502,27 @@ mod tests {
         let text = include_str!("../../../docs/vstreamd.example.toml");
         let cfg: Config = toml::from_str(text).expect("example config");
         let g = &cfg.guest[0];
-        assert_eq!(g.random.rate, 65536);
-        let w = g.watchdog.as_ref().expect("the example has a watchdog");
+        let r: vstream_devices::random::Settings = section(g, "random").expect("random");
+        assert_eq!(r.rate, 65536);
+        let w: vstream_devices::watchdog::Settings =
+            section(g, "watchdog").expect("the example has a watchdog");
         assert_eq!(w.action, vstream_devices::watchdog::Action::Reset);
         assert!(g.validate().is_ok());
-        assert!(g
-            .transport
-            .iter()
-            .any(|t| t.kind == TransportKind::RandomRaw));
+        assert!(g.transport.iter().any(|t| t.kind == raw("random-raw")));
 
         let no_qmp: Config = toml::from_str(
             "[[guest]]\nname = \"a\"\n[guest.watchdog]\ntimeout_ms = 1000\naction = \"reset\"\n",
         )
         .expect("parse");
         let e = no_qmp.guest[0].validate().expect_err("reset needs qmp");
-        assert!(e.contains("qmp"), "{e}");
+        assert!(e.to_string().contains("qmp"), "{e}");
         let defaults: Config = toml::from_str("[[guest]]\nname = \"a\"\n").expect("parse");
-        assert!(defaults.guest[0].watchdog.is_none());
+        let w: Option<vstream_devices::watchdog::Settings> =
+            section(&defaults.guest[0], "watchdog");
+        assert!(w.is_none());
+        let r: Option<vstream_devices::random::Settings> = section(&defaults.guest[0], "random");
         assert_eq!(
-            defaults.guest[0].random,
+            r.unwrap_or_default(),
             vstream_devices::random::Settings::default()
         );
         assert!(
@@ -481,6 +553,29 @@ mod tests {
         ))
         .expect_err("short key");
         assert!(e.to_string().contains("at least 16 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_vhost_user_vsock_transport_must_carry_the_guests_cid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |text: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).expect("write");
+            Config::load(&path)
+        };
+        let guest = |cid: &str, address_cid: u32| {
+            format!(
+                "[[guest]]\nname = \"a\"\n{cid}[[guest.transport]]\nkind = \"mux\"\n\
+                 address = \"vhost-user-vsock:/run/a.sock,cid={address_cid},port=5000\"\n"
+            )
+        };
+        load(&guest("cid = 3\n", 3)).expect("the same CID");
+        load(&guest("", 3)).expect("the guest's CID from its device");
+        let e = load(&guest("cid = 3\n", 4)).expect_err("another CID");
+        assert!(e.to_string().contains("gives CID 4"), "{e}");
+        let two = format!("{}\n[[guest]]\nname = \"b\"\ncid = 3\n", guest("", 3));
+        let e = load(&two).expect_err("two guests, one CID");
+        assert!(e.to_string().contains("CID 3"), "{e}");
     }
 
     #[test]

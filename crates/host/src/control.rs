@@ -1,4 +1,5 @@
-//! The control socket protocol between vstreamctl and vstreamd.
+//! The control socket protocol between vstreamctl and vstreamd (docs/CONTROL.md, for other
+//! tools that speak it).
 //!
 //! The client writes one JSON request on one line (at most [`MAX_REQUEST`] bytes); the daemon
 //! answers with one JSON reply line. What follows depends on the request:
@@ -8,7 +9,9 @@
 //!   N is 1 (or the reply is an error naming the unknown guest). Nothing in the reply grows
 //!   with the fleet, so replies carry no length limit: a reader takes lines of any length
 //!   ([`read_reply`]); only requests, which come from clients, are bounded.
-//! - `console` (attach), `open` and `agent`: raw bytes both ways.
+//! - `open`: raw bytes both ways.
+//! - a device's op (`console`, `agent`, `jobs`...): the device's host half answers and may
+//!   turn the connection into raw bytes.
 //! - `events`: one JSON event per line.
 //! - `upgrade`: one reply line, written by the successor daemon (or an error by this one).
 //!
@@ -23,28 +26,14 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 /// Longest request line accepted (the control socket is 0600, but still: bounded).
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-/// A request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
+/// A request: the daemon's own ops, or a device's (`Device::control_ops`, e.g. a console's
+/// log or the guest agent), which the daemon hands to the device's host half.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Every guest's status, one line each (or one guest's).
     Status {
         /// Only this guest.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         guest: Option<String>,
-    },
-    /// A console: its tail, its log as it grows, or an interactive attach.
-    Console {
-        /// Guest name.
-        guest: String,
-        /// Console name (default: the guest's first console).
-        name: Option<String>,
-        /// Send the last N lines first.
-        tail: Option<usize>,
-        /// Keep sending output.
-        follow: bool,
-        /// Also accept input (one writer at a time).
-        attach: bool,
     },
     /// Open a channel to a guest service and turn this connection into its byte stream.
     Open {
@@ -54,18 +43,6 @@ pub enum Request {
         class: String,
         /// Name within the class.
         name: String,
-    },
-    /// Turn this connection into a raw QEMU guest agent stream to a guest: its `qga` transport
-    /// (a real qemu-ga) if it has one, else a `qga` channel of vstream-agent. The client speaks
-    /// QGA itself (see `vstream_devices::qga::host`).
-    Agent {
-        /// Guest name.
-        guest: String,
-    },
-    /// The print jobs in a guest's spool (reply: `jobs`).
-    Jobs {
-        /// Guest name.
-        guest: String,
     },
     /// Stream lifecycle events.
     Events {
@@ -77,9 +54,91 @@ pub enum Request {
     /// this daemon, which then goes on serving.
     Upgrade {
         /// The binary to run.
+        binary: Option<std::path::PathBuf>,
+    },
+    /// An op of a device's: the whole request object, with `op` and `guest`.
+    Device {
+        /// The op.
+        op: String,
+        /// Guest name.
+        guest: String,
+        /// The request object (the device reads its own fields).
+        request: serde_json::Value,
+    },
+}
+
+/// The daemon's own requests, as they are on the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+enum Own {
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
+    },
+    Open {
+        guest: String,
+        class: String,
+        name: String,
+    },
+    Events {
+        guest: Option<String>,
+    },
+    Upgrade {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<std::path::PathBuf>,
     },
+}
+
+impl Serialize for Request {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.clone() {
+            Request::Status { guest } => Own::Status { guest }.serialize(s),
+            Request::Open { guest, class, name } => Own::Open { guest, class, name }.serialize(s),
+            Request::Events { guest } => Own::Events { guest }.serialize(s),
+            Request::Upgrade { binary } => Own::Upgrade { binary }.serialize(s),
+            Request::Device { request, .. } => request.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Request, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        let op = v.get("op").and_then(|o| o.as_str()).unwrap_or_default();
+        if vstream_devices::registry().owner_of_op(op).is_none() {
+            return Ok(match Own::deserialize(v).map_err(D::Error::custom)? {
+                Own::Status { guest } => Request::Status { guest },
+                Own::Open { guest, class, name } => Request::Open { guest, class, name },
+                Own::Events { guest } => Request::Events { guest },
+                Own::Upgrade { binary } => Request::Upgrade { binary },
+            });
+        }
+        let guest = v.get("guest").and_then(|g| g.as_str());
+        let guest = guest.ok_or_else(|| D::Error::custom(format!("{op}: no guest")))?;
+        Ok(Request::Device {
+            op: op.to_owned(),
+            guest: guest.to_owned(),
+            request: v,
+        })
+    }
+}
+
+impl Request {
+    /// A device's request: `fields` (an object) plus `op` and `guest`.
+    pub fn device(op: &str, guest: &str, fields: serde_json::Value) -> Request {
+        let mut request = match fields {
+            serde_json::Value::Object(m) => m,
+            _ => Default::default(),
+        };
+        request.insert("op".into(), op.into());
+        request.insert("guest".into(), guest.into());
+        Request::Device {
+            op: op.to_owned(),
+            guest: guest.to_owned(),
+            request: request.into(),
+        }
+    }
 }
 
 /// The first reply line.
@@ -99,13 +158,13 @@ pub struct Reply {
     /// For status: connections refused for names that no guest has (count and the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_unknown: Option<serde_json::Value>,
-    /// For jobs: the list.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<serde_json::Value>,
     /// For status and upgrade: the daemon's pid, version and generation
     /// ([`crate::upgrade::DaemonInfo`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<serde_json::Value>,
+    /// What a device's op adds to its reply (e.g. the list of print jobs).
+    #[serde(flatten)]
+    pub device: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Reply {
@@ -129,32 +188,32 @@ impl Reply {
 
 impl Request {
     /// The verb, as in error messages ("open needs the owner").
-    pub fn verb(&self) -> &'static str {
+    pub fn verb(&self) -> String {
         match self {
-            Request::Status { .. } => "status",
-            Request::Console { attach: true, .. } => "console attach",
-            Request::Console { .. } => "console",
-            Request::Open { .. } => "open",
-            Request::Agent { .. } => "agent",
-            Request::Jobs { .. } => "jobs",
-            Request::Events { .. } => "events",
-            Request::Upgrade { .. } => "daemon upgrade",
+            Request::Status { .. } => "status".into(),
+            Request::Open { .. } => "open".into(),
+            Request::Events { .. } => "events".into(),
+            Request::Upgrade { .. } => "daemon upgrade".into(),
+            Request::Device { op, request, .. } => device_access(op, request).0,
         }
     }
 
     /// Whether a member of the read-only group may make this request: it only watches (status,
-    /// events, console logs and following a console without typing). Channels (`open`: shells,
-    /// files, input), the guest agent and console input act on the guest; print jobs are the
-    /// guest user's documents.
+    /// events, and what a device says only watches, such as a console's log). Channels
+    /// (`open`: shells, files, input) act on the guest.
     pub fn read_only(&self) -> bool {
         match self {
             Request::Status { .. } | Request::Events { .. } => true,
-            Request::Console { attach, .. } => !attach,
-            Request::Open { .. }
-            | Request::Agent { .. }
-            | Request::Jobs { .. }
-            | Request::Upgrade { .. } => false,
+            Request::Open { .. } | Request::Upgrade { .. } => false,
+            Request::Device { op, request, .. } => device_access(op, request).1,
         }
+    }
+}
+
+fn device_access(op: &str, request: &serde_json::Value) -> (String, bool) {
+    match vstream_devices::registry().owner_of_op(op) {
+        Some(d) => d.control_access(op, request),
+        None => (op.to_owned(), false),
     }
 }
 
@@ -229,16 +288,18 @@ mod tests {
 
     #[tokio::test]
     async fn requests_round_trip_as_json_lines() {
-        let req = Request::Console {
-            guest: "lab".into(),
-            name: Some("hvc0".into()),
-            tail: Some(10),
-            follow: true,
-            attach: false,
-        };
+        let req = Request::device(
+            "console",
+            "lab",
+            serde_json::json!({ "name": "hvc0", "tail": 10, "follow": true, "attach": false }),
+        );
         let mut wire = Vec::new();
         write_line(&mut wire, &req).await.expect("write");
-        assert!(wire.starts_with(br#"{"op":"console","guest":"lab""#));
+        let line: serde_json::Value = serde_json::from_slice(&wire).expect("json");
+        assert_eq!(
+            (&line["op"], &line["guest"]),
+            (&"console".into(), &"lab".into())
+        );
         let back: Request = read_line(&mut &wire[..]).await.expect("read");
         assert_eq!(back, req);
     }

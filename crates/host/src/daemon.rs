@@ -5,16 +5,16 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
-use vstream_devices::console::{Console, ConsoleSettings};
-use vstream_devices::printer::host::{PrinterService, Spool, SpoolConfig};
-use vstream_devices::random::host::Limiter;
+use vstream_devices::keep::{keep, now_secs, Kept, Slot};
+use vstream_devices::registry::{registry, ControlConn, HostState, TransportStatus};
 use vstream_devices::{EventSink, HostContext, Service};
 use vstream_link::auth as link_auth;
 use vstream_link::{Mux, MuxEvent, MuxStatus};
@@ -28,8 +28,9 @@ use vstream_link::link_params;
 use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportConfig, TransportKind};
 use crate::control::{push_line, read_line, write_line, Reply, Request};
+use crate::error::StartError;
 use crate::identity::{Admission, LogLimit, Owner, Policy, Rules};
-use crate::upgrade::{ConsoleView, Handover, Pump};
+use crate::upgrade::{Handover, Pump};
 
 /// Bytes of guest status lines gathered before a write to a control connection.
 const STATUS_BATCH: usize = 64 * 1024;
@@ -57,56 +58,19 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
 }
 
-/// One configured or announced way to reach a guest.
-#[derive(Debug, Clone, Serialize)]
-struct TransportState {
-    kind: &'static str,
-    name: String,
-    address: String,
-    state: &'static str,
-    since: u64,
-    peer: String,
-    connects: u64,
-    errors: u64,
-    last_error: Option<String>,
-    /// Bytes written by vstreamd itself (random-raw ports; mux transports show their link's).
-    bytes_out: u64,
-}
-
-impl TransportState {
-    fn new(kind: &'static str, name: String, address: String) -> TransportState {
-        TransportState {
-            kind,
-            name,
-            address,
-            state: "down",
-            since: now_secs(),
-            peer: String::new(),
-            connects: 0,
-            errors: 0,
-            last_error: None,
-            bytes_out: 0,
-        }
-    }
-}
-
-/// A guest: one multiplexer session, any number of transports, its consoles.
+/// A guest: one multiplexer session, any number of transports, its devices' host halves.
 pub struct Guest {
     name: String,
     mux: Mux,
     qmp: Option<Address>,
-    /// Raw QGA transport (a real qemu-ga), if configured.
-    qga: std::sync::OnceLock<Address>,
-    transports: Mutex<Vec<TransportState>>,
-    consoles: Vec<Arc<Console>>,
-    /// The printer spool, if the guest has one.
-    printer: Option<Arc<Spool>>,
-    /// The host halves of the devices (for their status).
+    /// Its mux transports.
+    transports: Mutex<Vec<TransportStatus>>,
+    /// The devices' channel services (for their status).
     services: Vec<Arc<dyn Service>>,
+    /// The devices' running host halves, by class (status, raw transports, control ops).
+    devices: Vec<(&'static str, Arc<dyn HostState>)>,
     /// Where this guest's events go.
     events: EventSink,
-    /// The guest's entropy budget (shared with its random-raw transports).
-    random: Arc<Limiter>,
     /// What proves a connection is this guest (configured guests).
     rules: Rules,
     /// The guest's key for TCP links.
@@ -212,26 +176,18 @@ impl Refusals {
     }
 }
 
-/// The device sections of a guest's config (defaults for guests that announce themselves).
-#[derive(Debug, Clone, Default)]
-struct DeviceSettings {
-    random: vstream_devices::random::Settings,
-    watchdog: Option<vstream_devices::watchdog::Settings>,
-    ppp: Option<vstream_devices::ppp::host::PppConfig>,
-}
-
 impl Guest {
-    fn transports(&self) -> MutexGuard<'_, Vec<TransportState>> {
+    fn transports(&self) -> MutexGuard<'_, Vec<TransportStatus>> {
         self.transports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, idx: usize, f: impl FnOnce(&mut TransportState)) {
+    fn update(&self, idx: usize, f: impl FnOnce(&mut TransportStatus)) {
         if let Some(t) = self.transports().get_mut(idx) {
             f(t);
         }
     }
 
-    fn add_transport(&self, t: TransportState) -> usize {
+    fn add_transport(&self, t: TransportStatus) -> usize {
         let mut ts = self.transports();
         ts.push(t);
         ts.len() - 1
@@ -250,19 +206,6 @@ impl Guest {
     /// Where this guest's events go (`vstreamctl events`); see docs/devices/events.md.
     pub fn events(&self) -> &EventSink {
         &self.events
-    }
-
-    /// Emits `transport-up` / `transport-down` for one of this guest's transports.
-    fn transport_event(&self, up: bool, kind: &str, name: &str, address: &str, detail: &str) {
-        let (event, key) = if up {
-            ("transport-up", "peer")
-        } else {
-            ("transport-down", "reason")
-        };
-        self.events.emit(
-            event,
-            json!({ "kind": kind, "transport": name, "address": address, key: detail }),
-        );
     }
 
     /// After one of this guest's links ended with `reason`: if it was dropped for protocol
@@ -293,8 +236,6 @@ impl Guest {
             // Merge the live link's counters into the transport that carries it.
             // "up" means the handshake is done on a live link, not just a connected socket.
             match mux.links.iter().find(|l| l.transport == t.name) {
-                // Other kinds (random-raw) keep their own state.
-                _ if t.kind != "mux" => {}
                 Some(l) => {
                     v["state"] = json!(if l.up { "up" } else { "connecting" });
                     v["link"] = serde_json::to_value(l).unwrap_or_default();
@@ -304,18 +245,19 @@ impl Guest {
             }
             transports.push(v);
         }
-        for c in &self.consoles {
-            let s = c.status();
-            transports.push(json!({
-                "kind": "console", "name": s.name, "address": s.address, "state": s.state,
-                "since": s.since, "peer": s.peer, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
-                "errors": s.errors, "last_error": s.last_error, "log": s.log, "viewers": s.viewers,
-            }));
+        // The devices' raw transports keep their own state.
+        for (_, d) in &self.devices {
+            transports.extend(d.transports().iter().map(|t| json!(t)));
         }
         let devices: serde_json::Map<String, serde_json::Value> = self
             .services
             .iter()
             .filter_map(|s| Some((s.class().to_owned(), s.status()?)))
+            .chain(
+                self.devices
+                    .iter()
+                    .filter_map(|(class, d)| Some(((*class).to_owned(), d.status()?))),
+            )
             .collect();
         json!({
             "name": self.name,
@@ -324,7 +266,6 @@ impl Guest {
             "transports": transports,
             "channels": mux.channels,
             "stats": mux.stats,
-            "printer": self.printer.as_ref().map(|p| p.status()),
             "devices": devices,
             "owner": self.owner.map(|o| o.to_string()),
             "held_off": {
@@ -342,14 +283,12 @@ pub struct Daemon {
     limits: Limits,
     state_dir: PathBuf,
     events: broadcast::Sender<serde_json::Value>,
-    /// Printer spools of configured guests, by guest name.
-    printers: Mutex<BTreeMap<String, Arc<Spool>>>,
     /// Who may be which guest on shared listeners.
     policy: Policy,
     /// Refusals of names that no guest has.
     refused_unknown: Mutex<Refusals>,
-    /// Events of the start (print jobs a killed vstreamd left incomplete), from before anyone
-    /// could listen: every `events` client gets them first, marked `replayed`.
+    /// Events of the start (what devices report while they start, e.g. print jobs a killed
+    /// vstreamd left incomplete), from before anyone could listen: every `events` client gets them first, marked `replayed`.
     start_events: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Who may use the control socket.
     access: Access,
@@ -375,7 +314,6 @@ impl Daemon {
             limits: cfg.daemon.limits.clone(),
             state_dir,
             events,
-            printers: Mutex::new(BTreeMap::new()),
             policy,
             refused_unknown: Mutex::new(Refusals::default()),
             start_events: Default::default(),
@@ -413,151 +351,90 @@ impl Daemon {
         EventSink::new(guest, self.events.clone())
     }
 
-    /// A guest with its session and device halves running; the caller puts it in `guests`.
+    /// A guest with its session and device halves running (as `cfg` says, for a configured
+    /// guest); the caller puts it in `guests`.
     fn new_guest(
         self: &Arc<Self>,
         name: &str,
-        qmp: Option<Address>,
-        consoles: Vec<Arc<Console>>,
-        devices: DeviceSettings,
+        cfg: Option<&GuestConfig>,
         identity: (Rules, Option<Key>, Option<Owner>),
-    ) -> Arc<Guest> {
-        let cfg = self.limits.wire_config(Role::Host, name);
+    ) -> Result<Arc<Guest>, StartError> {
+        let limits = self.limits.wire_config(Role::Host, name);
         let (mux, incoming) = self
             .handover
-            .restore_session(name, cfg.clone())
-            .unwrap_or_else(|| Mux::new(cfg, vstream_link::session_id()));
-        let printer = self
-            .printers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned();
-        let ctx = HostContext {
-            guest: name.to_owned(),
-            qmp: qmp.clone(),
-            events: self.event_sink(name),
-            random: Arc::new(Limiter::new(devices.random)),
-            watchdog: devices.watchdog,
-            ppp: devices.ppp,
-        };
-        let mut services = vstream_devices::host_services(&ctx);
-        services.push(Arc::new(PrinterService::new(name, printer.clone())));
-        let dispatch = tokio::spawn(vstream_devices::dispatch(services.clone(), incoming));
-        let forward = tokio::spawn(forward_mux_events(mux.clone(), ctx.events.clone()));
+            .restore_session(name, limits.clone())
+            .unwrap_or_else(|| Mux::new(limits, vstream_link::session_id()));
+        let qmp = cfg.and_then(|g| g.qmp.clone());
+        let events = self.event_sink(name);
+        let (mut services, mut devices, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+        for dev in registry().iter() {
+            let class = dev.class();
+            let ctx = HostContext {
+                guest: name.to_owned(),
+                qmp: qmp.clone(),
+                mux: mux.clone(),
+                events: events.clone(),
+                start_events: events.replayed(self.start_events.clone()),
+                state_dir: cfg.map(|_| self.state_dir.join(name)),
+                section: cfg.and_then(|g| g.devices.get(class).cloned()),
+                transports: cfg
+                    .map(|g| g.raw_transports(dev.as_ref()))
+                    .unwrap_or_default(),
+                carried_console: {
+                    let (handover, guest) = (self.handover.clone(), name.to_owned());
+                    Arc::new(move |which: &str| handover.take_console(&guest, which))
+                },
+            };
+            let half = dev.host(&ctx).map_err(|e| StartError::Device {
+                guest: name.to_owned(),
+                error: e,
+            })?;
+            services.extend(half.services);
+            tasks.extend(
+                half.tasks
+                    .into_iter()
+                    .map(|t| tokio::spawn(t).abort_handle()),
+            );
+            devices.push((class, half.state));
+        }
+        tasks.push(
+            tokio::spawn(vstream_devices::dispatch(services.clone(), incoming)).abort_handle(),
+        );
+        tasks.push(tokio::spawn(forward_mux_events(mux.clone(), events.clone())).abort_handle());
         let (rules, key, owner) = identity;
-        let guest = Arc::new(Guest {
+        Ok(Arc::new(Guest {
             name: name.to_owned(),
-            mux: mux.clone(),
+            mux,
             qmp,
-            qga: std::sync::OnceLock::new(),
             transports: Mutex::new(Vec::new()),
-            consoles,
-            printer,
             services,
-            events: ctx.events.clone(),
-            random: ctx.random.clone(),
+            devices,
+            events,
             rules,
             key,
             owner,
             refusals: Mutex::new(Refusals::default()),
             last_seen: Mutex::new(Instant::now()),
             forget_pending: std::sync::atomic::AtomicBool::new(false),
-            tasks: vec![dispatch.abort_handle(), forward.abort_handle()],
+            tasks,
             hold_off: Mutex::new(HoldOff::default()),
-        });
-        for console in &guest.consoles {
-            tokio::spawn(watch_console(Arc::downgrade(&guest), Arc::clone(console)));
-        }
-        guest
+        }))
     }
 
-    fn add_configured_guest(self: &Arc<Self>, g: &GuestConfig) -> anyhow::Result<()> {
-        let mut consoles = Vec::new();
-        for t in g
-            .transport
-            .iter()
-            .filter(|t| t.kind == TransportKind::Console)
-        {
-            let name = t.display_name();
-            let log = t
-                .log
-                .clone()
-                .unwrap_or_else(|| self.state_dir.join(&g.name).join(format!("{name}.log")));
-            let carried = self.handover.take_console(&g.name, &name);
-            let settings = ConsoleSettings {
-                name,
-                address: t.address.clone(),
-                log,
-                log_max_bytes: t.log_max_bytes,
-                log_keep: t.log_keep,
-            };
-            let console = Console::start(settings, carried).map_err(|e| {
-                anyhow::anyhow!("guest {}: console {}: {e}", g.name, t.display_name())
-            })?;
-            consoles.push(console);
-        }
-        if g.printer.enabled {
-            let p = &g.printer;
-            let events = self.events.clone();
-            let gname = g.name.clone();
-            let opening = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            let (at_start, still_opening) = (self.start_events.clone(), opening.clone());
-            let spool = Spool::open(
-                &g.name,
-                SpoolConfig {
-                    dir: p
-                        .spool
-                        .clone()
-                        .unwrap_or_else(|| self.state_dir.join(&g.name).join("spool")),
-                    quota_bytes: p.quota_bytes,
-                    hook: p.hook.clone(),
-                    hook_timeout: Duration::from_secs(p.hook_timeout_secs),
-                },
-                Arc::new(move |mut v| {
-                    v["guest"] = json!(gname);
-                    v["time"] = json!(now_secs());
-                    if still_opening.load(std::sync::atomic::Ordering::Relaxed) {
-                        v["replayed"] = json!(true);
-                        at_start.lock().unwrap_or_else(|e| e.into_inner()).push(v);
-                    } else {
-                        let _ = events.send(v);
-                    }
-                }),
-            )
-            .map_err(|e| anyhow::anyhow!("guest {}: printer: {e}", g.name))?;
-            opening.store(false, std::sync::atomic::Ordering::Relaxed);
-            self.printers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(g.name.clone(), spool);
-        }
-        let devices = DeviceSettings {
-            random: g.random,
-            watchdog: g.watchdog.clone(),
-            ppp: g.ppp.clone(),
-        };
-        let key = g
-            .key()
-            .map_err(|e| anyhow::anyhow!("guest {}: {e}", g.name))?;
-        let guest = self.new_guest(
-            &g.name,
-            g.qmp.clone(),
-            consoles,
-            devices,
-            (Rules::of(g), key, None),
-        );
+    fn add_configured_guest(self: &Arc<Self>, g: &GuestConfig) -> Result<(), StartError> {
+        let key = g.key().map_err(|e| StartError::Key {
+            guest: g.name.clone(),
+            error: e,
+        })?;
+        let guest = self.new_guest(&g.name, Some(g), (Rules::of(g), key, None))?;
         self.guests().insert(g.name.clone(), guest.clone());
-        if let Some(t) = g.transport.iter().find(|t| t.kind == TransportKind::Qga) {
-            let _ = guest.qga.set(t.address.clone());
-        }
         for (prio, t) in g
             .transport
             .iter()
             .filter(|t| t.kind == TransportKind::Mux)
             .enumerate()
         {
-            let idx = guest.add_transport(TransportState::new(
+            let idx = guest.add_transport(TransportStatus::new(
                 "mux",
                 t.display_name(),
                 t.address.to_string(),
@@ -570,18 +447,6 @@ impl Daemon {
                 prio as u32,
                 self.policy.insecure_tcp,
             ));
-        }
-        for t in g
-            .transport
-            .iter()
-            .filter(|t| t.kind == TransportKind::RandomRaw)
-        {
-            let idx = guest.add_transport(TransportState::new(
-                "random-raw",
-                t.display_name(),
-                t.address.to_string(),
-            ));
-            tokio::spawn(run_random_raw(guest.clone(), t.clone(), idx));
         }
         Ok(())
     }
@@ -617,24 +482,26 @@ impl Daemon {
                 };
                 drop(permit);
                 let name = format!("{listen} <- {peer}");
-                let idx = guest.add_transport(TransportState::new(
+                let idx = guest.add_transport(TransportStatus::new(
                     "mux",
                     name.clone(),
                     listen.to_string(),
                 ));
                 guest.update(idx, |t| {
-                    t.state = "up";
+                    t.state = "up".into();
                     t.since = now_secs();
                     t.peer = peer.clone();
                     t.connects = 1;
                 });
                 let address = listen.to_string();
-                guest.transport_event(true, "mux", &name, &address, &peer);
+                guest.events.transport(true, "mux", &name, &address, &peer);
                 let params = link_params(&listen, None, 100);
                 let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
                 guest.link_ended(&reason);
-                guest.transport_event(false, "mux", &name, &address, &reason);
+                guest
+                    .events
+                    .transport(false, "mux", &name, &address, &reason);
                 // Accepted connections are not reconnected by us: forget them.
                 guest.transports().retain(|t| t.name != name);
                 daemon.forget_later(&guest);
@@ -703,18 +570,13 @@ impl Daemon {
                     .get(&name)
                     .cloned()
                     .ok_or_else(|| format!("guest {name:?} is configured but not running")),
-                Ok(Admission::Announced { name, owner }) => Ok(guests
-                    .entry(name.clone())
-                    .or_insert_with(|| {
-                        self.new_guest(
-                            &name,
-                            None,
-                            Vec::new(),
-                            DeviceSettings::default(),
-                            (Rules::default(), None, Some(owner)),
-                        )
-                    })
-                    .clone()),
+                Ok(Admission::Announced { name, owner }) => match guests.get(&name) {
+                    Some(g) => Ok(g.clone()),
+                    None => self
+                        .new_guest(&name, None, (Rules::default(), None, Some(owner)))
+                        .map(|g| guests.entry(name).or_insert(g).clone())
+                        .map_err(|e| e.to_string()),
+                },
                 Err(reason) => Err(reason),
             }
         };
@@ -804,18 +666,35 @@ impl Daemon {
         });
     }
 
-    /// Serves the control socket forever: mode 0600, or 0660 owned by the read-only group. A
-    /// successor of a live upgrade serves the socket it inherited.
+    /// Serves the control socket forever (see [`Self::control_listener`]).
     pub async fn serve_control(self: Arc<Self>, path: &Path) -> io::Result<()> {
+        let listener = self.control_listener(None, path)?;
+        self.serve_control_on(listener).await
+    }
+
+    /// The control listener: the one a live upgrade's predecessor handed over, else the one
+    /// systemd passed (`activated`; its unit sets the mode and group), else one bound at `path`.
+    pub fn control_listener(
+        &self,
+        activated: Option<UnixListener>,
+        path: &Path,
+    ) -> io::Result<UnixListener> {
         let consoles = |guest: &str, name: &str| {
             let g = self.guest(guest)?;
-            let found = g.consoles.iter().find(|c| c.name() == name);
-            found.cloned()
+            let consoles = g.devices.iter().flat_map(|(_, d)| d.consoles());
+            consoles.into_iter().find(|c| c.name() == name)
         };
-        let listener = match self.handover.take_control(consoles)? {
-            Some(l) => l,
-            None => self.bind_control(path)?,
-        };
+        if let Some(listener) = self.handover.take_control(consoles)? {
+            return Ok(listener);
+        }
+        match activated {
+            Some(listener) => Ok(listener),
+            None => self.bind_control(path),
+        }
+    }
+
+    /// Serves control connections on `listener` forever.
+    pub async fn serve_control_on(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
         self.handover
             .serving_control(std::os::fd::AsFd::as_fd(&listener));
         loop {
@@ -834,7 +713,16 @@ impl Daemon {
         }
     }
 
-    fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
+    /// How many guests the daemon knows, and how many of them are connected (systemd's
+    /// `STATUS=` line).
+    pub fn guest_counts(&self) -> (usize, usize) {
+        let guests = self.guests();
+        let connected = guests.values().filter(|g| g.mux.is_connected()).count();
+        (guests.len(), connected)
+    }
+
+    /// Binds the control socket at `path`: mode 0600, or 0660 owned by the read-only group.
+    pub fn bind_control(&self, path: &Path) -> io::Result<UnixListener> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -873,7 +761,10 @@ impl Daemon {
             .guests()
             .values()
             .filter(|g| g.owner.is_none())
-            .map(|g| (g.name.clone(), g.mux.clone(), g.consoles.clone()))
+            .map(|g| {
+                let consoles = g.devices.iter().flat_map(|(_, d)| d.consoles());
+                (g.name.clone(), g.mux.clone(), consoles.collect())
+            })
             .collect();
         self.handover.upgrade(sessions, binary, reply).await
     }
@@ -903,267 +794,177 @@ impl Daemon {
                 request = req.verb(),
                 "control request refused: {why}"
             );
-            return write_line(&mut w, &Reply::error(why)).await;
+            return write_line(&mut w, &Reply::error(why.to_string())).await;
         }
         match req {
-            Request::Status { guest } => {
-                let guests: Vec<Arc<Guest>> = match &guest {
-                    None => self.guests().values().cloned().collect(),
-                    Some(name) => match self.guest(name) {
-                        Some(g) => vec![g],
-                        None => {
-                            let msg = format!("no guest named {name:?}");
-                            return write_line(&mut w, &Reply::error(msg)).await;
-                        }
-                    },
-                };
-                let reply = Reply {
-                    ok: true,
-                    guests: Some(guests.len()),
-                    refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
-                    daemon: Some(json!(self.handover.info())),
-                    ..Reply::default()
-                };
-                write_line(&mut w, &reply).await?;
-                // One line per guest, written in batches: no line grows with the fleet, and a
-                // thousand guests take a few dozen writes.
-                let mut batch = Vec::with_capacity(STATUS_BATCH);
-                for g in guests {
-                    push_line(&mut batch, &g.status())?;
-                    if batch.len() >= STATUS_BATCH {
-                        w.write_all(&batch).await?;
-                        batch.clear();
-                    }
-                }
-                w.write_all(&batch).await?;
-                w.shutdown().await
-            }
-            Request::Console {
-                guest,
-                name,
-                tail,
-                follow,
-                attach,
-            } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                let console = match &name {
-                    Some(n) => g.consoles.iter().find(|c| c.name() == n),
-                    None => g.consoles.first(),
-                };
-                let Some(console) = console.cloned() else {
-                    let have: Vec<_> = g.consoles.iter().map(|c| c.name().to_owned()).collect();
-                    return write_line(
-                        &mut w,
-                        &Reply::error(format!(
-                            "guest {guest:?} has no console {name:?} (has {have:?})"
-                        )),
-                    )
-                    .await;
-                };
-                // Subscribe before reading the tail so nothing falls between the two.
-                let viewer = console.attach(attach);
-                let reply = Reply {
-                    ok: true,
-                    writer: Some(viewer.is_writer()),
-                    ..Reply::default()
-                };
-                write_line(&mut w, &reply).await?;
-                if let Some(n) = tail {
-                    w.write_all(&console.tail(n)).await?;
-                }
-                if !follow && !attach {
-                    return w.shutdown().await;
-                }
-                let watch = ConsoleView {
-                    guest,
-                    console,
-                    viewer,
-                    r,
-                    w,
-                    attach,
-                    pending: Vec::new(),
-                };
-                self.handover.view(watch).await
+            Request::Status { guest } => self.control_status(guest, w).await,
+            Request::Device { op, guest, request } => {
+                self.control_device(op, guest, request, r, w).await
             }
             Request::Open { guest, class, name } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                let opened =
-                    tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
-                let chan = match opened {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        return write_line(&mut w, &Reply::error(format!("{guest}: {class}/{name}: {e}"))).await
-                    }
-                    Err(_) => {
-                        return write_line(
-                            &mut w,
-                            &Reply::error(format!("{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)")),
-                        )
-                        .await
-                    }
-                };
-                write_line(&mut w, &Reply::ok()).await?;
-                // A terminal session is an event users watch for; other channels too, by class.
-                let (opened, closed) = if class == "tty" {
-                    ("shell-opened", "shell-closed")
-                } else {
-                    ("channel-opened", "channel-closed")
-                };
-                let channel = chan.id();
-                let started = std::time::Instant::now();
-                self.emit(
-                    &guest,
-                    opened,
-                    json!({"class": class, "name": name, "channel": channel}),
-                );
-                let result = self.handover.bridge(Pump::new(&guest, r, w, chan)).await;
-                let mut fields = json!({
-                    "class": class, "name": name, "channel": channel,
-                    "duration_ms": started.elapsed().as_millis() as u64,
-                });
-                if let Err(e) = &result {
-                    fields["error"] = json!(e.to_string());
-                }
-                self.emit(&guest, closed, fields);
-                result
+                self.control_open(guest, class, name, r, w).await
             }
-            Request::Agent { guest } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                match qga_stream(&g).await {
-                    Ok(QgaStream::Raw(stream)) => {
-                        write_line(&mut w, &Reply::ok()).await?;
-                        pipe(r, w, stream).await
-                    }
-                    // A channel of vstream-agent: carried across live upgrades.
-                    Ok(QgaStream::Channel(chan)) => {
-                        write_line(&mut w, &Reply::ok()).await?;
-                        self.handover.bridge(Pump::new(&guest, r, w, chan)).await
-                    }
-                    Err(e) => write_line(&mut w, &Reply::error(format!("{guest}: {e}"))).await,
-                }
-            }
+            Request::Events { guest } => self.control_events(guest, w).await,
             Request::Upgrade { binary } => {
                 let reply = std::os::fd::AsFd::as_fd(w.as_ref());
                 let Err(e) = self.upgrade(binary, Some(reply)).await;
                 write_line(&mut w, &Reply::error(format!("upgrade: {e}"))).await
             }
-            Request::Jobs { guest } => {
-                let Some(g) = self.guest(&guest) else {
-                    return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}")))
-                        .await;
-                };
-                let Some(spool) = g.printer.clone() else {
-                    return write_line(
-                        &mut w,
-                        &Reply::error(format!("guest {guest:?} has no printer spool")),
-                    )
-                    .await;
-                };
-                let reply = match tokio::task::spawn_blocking(move || spool.jobs()).await {
-                    Ok(Ok(jobs)) => Reply {
-                        ok: true,
-                        jobs: Some(serde_json::to_value(jobs).unwrap_or_default()),
-                        ..Reply::default()
-                    },
-                    Ok(Err(e)) => Reply::error(format!("{guest}: printer spool: {e}")),
-                    Err(e) => Reply::error(format!("{guest}: printer spool: {e}")),
-                };
-                write_line(&mut w, &reply).await
+        }
+    }
+
+    /// `status`: a count line, then one line per guest.
+    async fn control_status(&self, guest: Option<String>, mut w: OwnedWriteHalf) -> io::Result<()> {
+        let guests: Vec<Arc<Guest>> = match &guest {
+            None => self.guests().values().cloned().collect(),
+            Some(name) => match self.guest(name) {
+                Some(g) => vec![g],
+                None => {
+                    let msg = format!("no guest named {name:?}");
+                    return write_line(&mut w, &Reply::error(msg)).await;
+                }
+            },
+        };
+        let reply = Reply {
+            ok: true,
+            guests: Some(guests.len()),
+            refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
+            daemon: Some(json!(self.handover.info())),
+            ..Reply::default()
+        };
+        write_line(&mut w, &reply).await?;
+        // One line per guest, written in batches: no line grows with the fleet, and a
+        // thousand guests take a few dozen writes.
+        let mut batch = Vec::with_capacity(STATUS_BATCH);
+        for g in guests {
+            push_line(&mut batch, &g.status())?;
+            if batch.len() >= STATUS_BATCH {
+                w.write_all(&batch).await?;
+                batch.clear();
             }
-            Request::Events { guest } => {
-                let mut rx = self.events.subscribe();
-                write_line(&mut w, &Reply::ok()).await?;
-                let replayed = self
-                    .start_events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                for ev in replayed {
+        }
+        w.write_all(&batch).await?;
+        w.shutdown().await
+    }
+
+    /// A device's op: the guest's host half of that device answers.
+    async fn control_device(
+        &self,
+        op: String,
+        guest: String,
+        request: serde_json::Value,
+        r: BufReader<OwnedReadHalf>,
+        mut w: OwnedWriteHalf,
+    ) -> io::Result<()> {
+        let Some(g) = self.guest(&guest) else {
+            return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}"))).await;
+        };
+        let Some(state) = registry()
+            .owner_of_op(&op)
+            .and_then(|d| g.devices.iter().find(|(c, _)| *c == d.class()))
+            .map(|(_, s)| s.clone())
+        else {
+            return write_line(&mut w, &Reply::error(format!("no device serves {op:?}"))).await;
+        };
+        let carry = Arc::new(crate::upgrade::Carry(self.handover.clone()));
+        let conn = ControlConn::new(&guest, r, w, carry);
+        state.control(&op, request, conn).await;
+        Ok(())
+    }
+
+    /// `open`: the connection becomes a channel's byte stream.
+    async fn control_open(
+        &self,
+        guest: String,
+        class: String,
+        name: String,
+        r: BufReader<OwnedReadHalf>,
+        mut w: OwnedWriteHalf,
+    ) -> io::Result<()> {
+        let Some(g) = self.guest(&guest) else {
+            return write_line(&mut w, &Reply::error(format!("no guest named {guest:?}"))).await;
+        };
+        let opened = tokio::time::timeout(Duration::from_secs(30), g.mux.open(&class, &name)).await;
+        let chan = match opened {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return write_line(
+                    &mut w,
+                    &Reply::error(format!("{guest}: {class}/{name}: {e}")),
+                )
+                .await
+            }
+            Err(_) => {
+                return write_line(
+                    &mut w,
+                    &Reply::error(format!(
+                        "{guest}: {class}/{name}: no answer within 30 s (is the agent connected?)"
+                    )),
+                )
+                .await
+            }
+        };
+        write_line(&mut w, &Reply::ok()).await?;
+        // Users watch for channels opened on a guest; a device may name its own events.
+        let (opened, closed) = registry()
+            .get(&class)
+            .map_or(("channel-opened", "channel-closed"), |d| d.channel_events());
+        let channel = chan.id();
+        let started = std::time::Instant::now();
+        self.emit(
+            &guest,
+            opened,
+            json!({"class": class, "name": name, "channel": channel}),
+        );
+        let result = self.handover.bridge(Pump::new(&guest, r, w, chan)).await;
+        let mut fields = json!({
+            "class": class, "name": name, "channel": channel,
+            "duration_ms": started.elapsed().as_millis() as u64,
+        });
+        if let Err(e) = &result {
+            fields["error"] = json!(e.to_string());
+        }
+        self.emit(&guest, closed, fields);
+        result
+    }
+
+    /// `events`: the events of the start, then each event as it comes.
+    async fn control_events(&self, guest: Option<String>, mut w: OwnedWriteHalf) -> io::Result<()> {
+        let mut rx = self.events.subscribe();
+        write_line(&mut w, &Reply::ok()).await?;
+        let replayed = self
+            .start_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for ev in replayed {
+            if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
+                write_line(&mut w, &ev).await?;
+            }
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
                     if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
                         write_line(&mut w, &ev).await?;
                     }
                 }
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) => {
-                            if guest.as_deref().is_none_or(|g| ev["guest"] == g) {
-                                write_line(&mut w, &ev).await?;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            write_line(&mut w, &json!({"event": "lagged", "missed": n})).await?
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                    }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    write_line(&mut w, &json!({"event": "lagged", "missed": n})).await?
                 }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
     }
 }
 
-/// A QGA byte stream to a guest.
-enum QgaStream {
-    /// Its raw `qga` transport (a real qemu-ga).
-    Raw(vstream_transport::BoxStream),
-    /// A `qga` channel of vstream-agent.
-    Channel(vstream_link::ChannelStream),
-}
+/// One of a guest's mux transports, as a place for its state.
+struct GuestSlot<'a>(&'a Guest, usize);
 
-/// A QGA byte stream to a guest: its raw `qga` transport if configured (a real qemu-ga), else
-/// a `qga` channel of vstream-agent.
-async fn qga_stream(g: &Guest) -> Result<QgaStream, String> {
-    let wait = Duration::from_secs(30);
-    match g.qga.get() {
-        Some(address) => {
-            let connect = async { Endpoint::bind(address.clone()).await?.next().await };
-            match tokio::time::timeout(wait, connect).await {
-                Ok(Ok(c)) => Ok(QgaStream::Raw(c.stream)),
-                Ok(Err(e)) => Err(format!("qga transport: {e}")),
-                Err(_) => Err(format!(
-                    "qga transport {address}: no connection within 30 s"
-                )),
-            }
-        }
-        None => {
-            let class = vstream_devices::qga::CLASS;
-            match tokio::time::timeout(wait, g.mux.open(class, "")).await {
-                Ok(Ok(c)) => Ok(QgaStream::Channel(c)),
-                Ok(Err(e)) => Err(format!("{class}: {e}")),
-                Err(_) => Err(format!(
-                    "{class}: no answer within 30 s (is the agent connected?)"
-                )),
-            }
-        }
+impl Slot for GuestSlot<'_> {
+    fn update(&self, f: &mut dyn FnMut(&mut TransportStatus)) {
+        self.0.update(self.1, f);
     }
-}
-
-/// Joins a control connection to a stream, both directions until both ends are done; EOF is
-/// passed on as a half close.
-async fn pipe<S: AsyncRead + AsyncWrite>(
-    mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    mut w: tokio::net::unix::OwnedWriteHalf,
-    stream: S,
-) -> io::Result<()> {
-    let (mut sr, mut sw) = tokio::io::split(stream);
-    let up = async {
-        tokio::io::copy(&mut r, &mut sw).await?;
-        sw.shutdown().await
-    };
-    let down = async {
-        tokio::io::copy(&mut sr, &mut w).await?;
-        w.shutdown().await
-    };
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
 }
 
 /// Keeps one configured mux transport connected, forever, with backoff.
@@ -1175,32 +976,38 @@ async fn run_transport(
     insecure_tcp: bool,
 ) {
     let name = t.display_name();
-    let address = t.address.to_string();
-    let (guest, name, address, t) = (&guest, &name, &address, &t);
-    keep_transport(guest, t, idx, "mux", |conn| async move {
-        let peer = conn.peer.clone();
-        let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
-            Ok((stream, prefix)) => {
-                let reason = guest
-                    .mux
-                    .run_link(stream, t.link_params(priority), name, &prefix)
-                    .await;
-                guest.link_ended(&reason);
-                reason
-            }
-            Err(reason) => {
-                lock(&guest.refusals).record(&guest.name, &peer, &reason);
-                format!("refused: {reason}")
-            }
-        };
-        tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
-        guest.transport_event(false, "mux", name, address, &reason);
-        guest.update(idx, |s| {
-            s.state = "down";
-            s.since = now_secs();
-            s.last_error = Some(reason);
-        });
-    })
+    let slot = GuestSlot(&guest, idx);
+    let kept = Kept {
+        kind: "mux",
+        name: &name,
+        address: &t.address,
+        slot: &slot,
+        events: &guest.events,
+    };
+    let (guest, name, t, kept) = (&guest, &name, &t, &kept);
+    keep(
+        kept,
+        || guest.held_off(),
+        |conn| async move {
+            let peer = conn.peer.clone();
+            let reason = match prove_own(guest, conn, &t.address, insecure_tcp).await {
+                Ok((stream, prefix)) => {
+                    let reason = guest
+                        .mux
+                        .run_link(stream, t.link_params(priority), name, &prefix)
+                        .await;
+                    guest.link_ended(&reason);
+                    reason
+                }
+                Err(reason) => {
+                    lock(&guest.refusals).record(&guest.name, &peer, &reason);
+                    format!("refused: {reason}")
+                }
+            };
+            tracing::info!(guest = %guest.name, transport = %name, "transport down: {reason}");
+            kept.down(&reason);
+        },
+    )
     .await
 }
 
@@ -1251,66 +1058,6 @@ async fn prove_own(
     handshake
         .map(|rest| (stream, rest))
         .map_err(|e| e.to_string())
-}
-
-/// Keeps one configured transport's endpoint bound and accepting, forever. A failed bind is
-/// retried every second; a failed accept after a backoff (100 ms, doubling to 2 s, back to
-/// 100 ms on a connection); both count as errors in the transport's status. Each connection is
-/// marked up (status, and a `transport-up` event of `kind`) and handed to `serve`, which runs
-/// it and reports it down; the next accept follows after the backoff.
-async fn keep_transport<F, Fut>(
-    guest: &Guest,
-    t: &TransportConfig,
-    idx: usize,
-    kind: &str,
-    mut serve: F,
-) where
-    F: FnMut(vstream_transport::Connection) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let name = t.display_name();
-    let address = t.address.to_string();
-    let mut backoff = Duration::from_millis(100);
-    let mut endpoint = loop {
-        match Endpoint::bind(t.address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                guest.update(idx, |s| {
-                    s.errors += 1;
-                    s.last_error = Some(e.to_string());
-                });
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
-    loop {
-        // A guest held off for protocol violations is neither accepted nor connected to.
-        if let Some(wait) = guest.held_off() {
-            tokio::time::sleep(wait).await;
-        }
-        let conn = match endpoint.next().await {
-            Ok(c) => c,
-            Err(e) => {
-                guest.update(idx, |s| {
-                    s.errors += 1;
-                    s.last_error = Some(e.to_string());
-                });
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        guest.update(idx, |s| {
-            s.state = "up";
-            s.since = now_secs();
-            s.peer = conn.peer.clone();
-            s.connects += 1;
-        });
-        guest.transport_event(true, kind, &name, &address, &conn.peer);
-        serve(conn).await;
-        tokio::time::sleep(backoff).await;
-    }
 }
 
 /// Forwards the session's events, tagged with the guest, and derives `agent-up` (the first
@@ -1369,94 +1116,4 @@ async fn forward_mux_events(mux: Mux, events: EventSink) {
             _ => {}
         }
     }
-}
-
-/// Emits `transport-up` / `transport-down` when a console's connection changes (consoles keep
-/// their own state; this sleeps until it changes). Ends with the guest.
-async fn watch_console(guest: std::sync::Weak<Guest>, console: Arc<Console>) {
-    let mut was_up = false;
-    let mut changes = console.watch_up();
-    while changes.changed().await.is_ok() {
-        let up = *changes.borrow_and_update();
-        let Some(g) = guest.upgrade() else {
-            return;
-        };
-        let s = console.status();
-        if up != was_up {
-            let detail = if up {
-                s.peer.clone()
-            } else {
-                s.last_error.clone().unwrap_or_else(|| s.state.to_owned())
-            };
-            g.transport_event(up, "console", &s.name, &s.address, &detail);
-            was_up = up;
-        }
-    }
-}
-
-/// Keeps one random-raw transport connected and writes entropy into it within the guest's
-/// budget (docs/devices/random.md).
-async fn run_random_raw(guest: Arc<Guest>, t: TransportConfig, idx: usize) {
-    let name = t.display_name();
-    let address = t.address.to_string();
-    let (guest, name, address) = (&guest, &name, &address);
-    keep_transport(guest, &t, idx, "random-raw", |conn| async move {
-        let mut stream = CountingWriter {
-            inner: conn.stream,
-            guest,
-            idx,
-        };
-        let error = vstream_devices::random::host::serve_raw(&mut stream, &guest.random).await;
-        let reason = error.to_string();
-        tracing::info!(guest = %guest.name, transport = %name, "random-raw transport down: {reason}");
-        guest.update(idx, |s| {
-            s.state = "down";
-            s.since = now_secs();
-            s.last_error = Some(reason.clone());
-        });
-        guest.transport_event(false, "random-raw", name, address, &reason);
-    })
-    .await
-}
-
-/// Counts the bytes written to a random-raw transport into its status.
-struct CountingWriter<'a> {
-    inner: vstream_transport::BoxStream,
-    guest: &'a Guest,
-    idx: usize,
-}
-
-impl tokio::io::AsyncWrite for CountingWriter<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            let n = *n as u64;
-            self.guest.update(self.idx, |s| s.bytes_out += n);
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

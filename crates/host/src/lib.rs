@@ -6,7 +6,9 @@ pub mod access;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod error;
 pub mod identity;
+pub mod systemd;
 pub mod upgrade;
 
 /// Default control socket path (also from `VSTREAM_CONTROL`).

@@ -944,3 +944,41 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
     }
     Ok(inh)
 }
+
+/// Runs the connections devices hand back ([`vstream_devices::registry::ControlConn::bridge`],
+/// [`view`](vstream_devices::registry::ControlConn::view)) through the handover, so that a
+/// live upgrade carries them.
+pub struct Carry(pub Arc<Handover>);
+
+impl vstream_devices::registry::Carrier for Carry {
+    fn bridge(
+        &self,
+        guest: &str,
+        r: BufReader<OwnedReadHalf>,
+        w: OwnedWriteHalf,
+        chan: ChannelStream,
+    ) -> vstream_devices::registry::CarryFuture {
+        let (handover, pump) = (self.0.clone(), Pump::new(guest, r, w, chan));
+        Box::pin(async move { handover.bridge(pump).await })
+    }
+
+    fn view(
+        &self,
+        guest: &str,
+        view: vstream_devices::registry::ConsoleViewer,
+        r: BufReader<OwnedReadHalf>,
+        w: OwnedWriteHalf,
+    ) -> vstream_devices::registry::CarryFuture {
+        let handover = self.0.clone();
+        let view = ConsoleView {
+            guest: guest.to_owned(),
+            console: view.console,
+            viewer: view.viewer,
+            r,
+            w,
+            attach: view.attach,
+            pending: Vec::new(),
+        };
+        Box::pin(async move { handover.view(view).await })
+    }
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_agent::Agent;
-use vstream_devices::printer::{CHANNEL_NAME, CLASS};
+use vstream_devices::printer::device::Listeners;
+use vstream_devices::printer::{self, CHANNEL_NAME, CLASS};
 
 use common::{ctl_async, jobs, raw_guest, raw_print, start_daemon, wait_jobs};
 
@@ -73,7 +74,7 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
         .parse()
         .expect("addr");
     let mut agent = Agent::start("p", vec![connect.clone()]);
-    agent.serve_printer(listen.clone());
+    agent.start_device(printer::CLASS, Listeners(vec![listen.clone()]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(socket.exists() && agent.mux().is_connected()) {
         assert!(Instant::now() < deadline, "agent not ready");
@@ -133,11 +134,11 @@ async fn jobs_arrive_whole_cut_jobs_are_partial_and_the_quota_holds() {
     assert_eq!(names(&spool), ["job-000001.pdf", "job-000002.ps.partial"]);
     let out = ctl_async(&d.control, &["status", "--json"]).await;
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
-    assert_eq!(st["guests"][0]["printer"]["jobs"]["partial"], 1);
+    assert_eq!(st["guests"][0]["devices"]["printer"]["jobs"]["partial"], 1);
 
     // 3. Over quota: refused, the client's connection is closed, nothing else touched.
     std::fs::remove_file(&socket).ok();
-    agent.serve_printer(listen);
+    agent.start_device(printer::CLASS, Listeners(vec![listen]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(socket.exists() && agent.mux().is_connected()) {
         assert!(Instant::now() < deadline, "agent not ready again");

@@ -251,10 +251,13 @@ async fn vstream_agent_by_channel_and_raw_socket() {
             .parse()
             .expect("addr")],
     );
-    a.serve_qga(
-        format!("unix-listen:{}/vqga.sock", dir.display())
-            .parse()
-            .expect("addr"),
+    a.start_device(
+        vstream_devices::qga::CLASS,
+        vstream_devices::qga::device::RawPort(
+            format!("unix-listen:{}/vqga.sock", dir.display())
+                .parse()
+                .expect("addr"),
+        ),
     );
     d.wait_connected("g").await;
     for guest in ["g", "raw"] {

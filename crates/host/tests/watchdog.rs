@@ -12,8 +12,9 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use vstream_agent::{Agent, AgentOptions};
+use vstream_devices::registry::GuestOptions;
 use vstream_devices::watchdog::guest::GuestSettings;
-use vstream_devices::watchdog::{GuestMsg, Message};
+use vstream_devices::watchdog::GuestMsg;
 
 use common::{start_daemon, status, Daemon};
 
@@ -108,11 +109,17 @@ fn agent(d: &Daemon, check: Option<String>) -> Agent {
         "g",
         vec![a],
         AgentOptions {
-            random: None,
-            watchdog: Some(GuestSettings {
-                interval: INTERVAL,
-                check,
-            }),
+            devices: {
+                let mut o = GuestOptions::default();
+                o.set(
+                    vstream_devices::watchdog::CLASS,
+                    GuestSettings {
+                        interval: INTERVAL,
+                        check,
+                    },
+                );
+                o
+            },
             ..AgentOptions::default()
         },
     )

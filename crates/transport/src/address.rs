@@ -11,7 +11,8 @@ use std::str::FromStr;
 
 /// Every address form, for error messages.
 pub const SYNTAX: &str = "unix:PATH, unix-listen:PATH, tcp:HOST:PORT, tcp-listen:HOST:PORT, \
-vsock:CID:PORT, vsock-listen:PORT, hvsock:PATH:PORT, serial:DEVICE[,baud=N][,rtscts], port:NAME, \
+vsock:CID:PORT, vsock-listen:PORT, hvsock:PATH:PORT, \
+vhost-user-vsock:SOCKET,cid=N,port=N[,uds=PATH], serial:DEVICE[,baud=N][,rtscts], port:NAME, \
 fd:N or stdio";
 
 /// The baud rate a serial line gets when its address names none.
@@ -28,6 +29,7 @@ pub const DEFAULT_BAUD: u32 = 115_200;
 /// | `vsock:CID:PORT` | connect over AF_VSOCK (CID 2 is the host, 1 this machine) |
 /// | `vsock-listen:PORT` | listen on AF_VSOCK on every CID |
 /// | `hvsock:PATH:PORT` | Firecracker / Cloud Hypervisor hybrid vsock: the VMM's Unix socket PATH, guest port PORT |
+/// | `vhost-user-vsock:SOCKET,cid=N,port=N[,uds=PATH]` | vstreamd is the guest's virtio-vsock device (vhost-user on SOCKET); guest connections to vsock port `port` are the connections; `uds=` adds a hybrid socket for host programs |
 /// | `serial:DEVICE[,baud=N][,rtscts]` | a serial line in raw 8N1 mode, 115200 baud unless told |
 /// | `port:NAME` | the virtio-serial port named NAME (guest side) |
 /// | `fd:N` | descriptor N, inherited from the parent (socket, tty, pipe) |
@@ -71,6 +73,9 @@ pub enum Address {
         /// The vsock port the guest listens on.
         port: u32,
     },
+    /// `vhost-user-vsock:SOCKET,cid=N,port=N[,uds=PATH]`: vstreamd serves the guest's
+    /// virtio-vsock device itself over vhost-user; see [`VhostVsockConfig`].
+    VhostUserVsock(VhostVsockConfig),
     /// `serial:DEVICE[,baud=N][,rtscts]`: a serial line.
     Serial(SerialConfig),
     /// `port:NAME`: a virtio-serial port, found by its name.
@@ -104,6 +109,21 @@ impl SerialConfig {
     }
 }
 
+/// A virtio-vsock device served by vstream over vhost-user (`vhost-user-vsock:` addresses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VhostVsockConfig {
+    /// The vhost-user socket the VMM connects to (QEMU `-chardev socket,path=`).
+    pub socket: PathBuf,
+    /// The guest's CID (the device tells the guest; it is the guest's identity on this device).
+    pub cid: u32,
+    /// The vsock port on the host (CID 2) where the guest's agent connects: those connections
+    /// are this transport's connections.
+    pub port: u32,
+    /// The hybrid socket for host programs (`CONNECT <port>\n`; guest connections to other
+    /// ports go to `<uds>_<port>`), as Firecracker and Cloud Hypervisor have it.
+    pub uds: Option<PathBuf>,
+}
+
 /// Why a string is not an [`Address`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
@@ -132,11 +152,14 @@ pub enum AddressError {
 
 impl Address {
     /// True for the forms that wait for peers to connect (`unix-listen`, `tcp-listen`,
-    /// `vsock-listen`); false for those that connect out or open a device or descriptor.
+    /// `vsock-listen`, `vhost-user-vsock`); false for those that connect out or open a device or descriptor.
     pub fn is_listener(&self) -> bool {
         matches!(
             self,
-            Address::UnixListen(_) | Address::TcpListen { .. } | Address::VsockListen { .. }
+            Address::UnixListen(_)
+                | Address::TcpListen { .. }
+                | Address::VsockListen { .. }
+                | Address::VhostUserVsock(_)
         )
     }
 }
@@ -152,6 +175,7 @@ mod expect {
     pub const VSOCK_LISTEN: &str = "vsock-listen:PORT (a decimal 32-bit number)";
     pub const HVSOCK: &str = "hvsock:PATH:PORT (PORT a decimal 32-bit number)";
     pub const SERIAL: &str = "serial:DEVICE[,baud=N][,rtscts]";
+    pub const VHOST_VSOCK: &str = "vhost-user-vsock:SOCKET,cid=N,port=N[,uds=PATH] (CID 3 or more)";
     pub const PORT: &str = "port:NAME (a virtio-serial port name, without '/')";
     pub const FD: &str = "fd:N (a descriptor number, 0 or more)";
 }
@@ -223,6 +247,9 @@ impl FromStr for Address {
                     port,
                 })
             }
+            "vhost-user-vsock" => parse_vhost_vsock(rest)
+                .map(Address::VhostUserVsock)
+                .map_err(|p| invalid(p, expect::VHOST_VSOCK)),
             "serial" => parse_serial(rest)
                 .map(Address::Serial)
                 .map_err(|p| invalid(p, expect::SERIAL)),
@@ -326,6 +353,43 @@ fn parse_serial(text: &str) -> Result<SerialConfig, String> {
     Ok(config)
 }
 
+/// Parses `SOCKET,cid=N,port=N[,uds=PATH]`.
+fn parse_vhost_vsock(text: &str) -> Result<VhostVsockConfig, String> {
+    let mut parts = text.split(',');
+    let socket = parts.next().unwrap_or_default();
+    if socket.is_empty() {
+        return Err("the socket path is empty".into());
+    }
+    let (mut cid, mut port, mut uds) = (None, None, None);
+    for option in parts {
+        let (key, value) = option.split_once('=').unwrap_or((option, ""));
+        let slot_taken = match key {
+            "cid" => cid.replace(parse_number::<u32>(value, "cid")?).is_some(),
+            "port" => port.replace(parse_number::<u32>(value, "port")?).is_some(),
+            "uds" if !value.is_empty() => uds.replace(PathBuf::from(value)).is_some(),
+            _ => {
+                return Err(format!(
+                    "unknown option {option:?} (the options are cid=N, port=N and uds=PATH)"
+                ))
+            }
+        };
+        if slot_taken {
+            return Err(format!("{key} given twice"));
+        }
+    }
+    let cid = cid.ok_or("cid=N is missing")?;
+    // 0-2 are the hypervisor, loopback and the host; u32::MAX is "any".
+    if cid < 3 || cid == u32::MAX {
+        return Err(format!("cid {cid} is not a guest CID"));
+    }
+    Ok(VhostVsockConfig {
+        socket: PathBuf::from(socket),
+        cid,
+        port: port.ok_or("port=N is missing")?,
+        uds,
+    })
+}
+
 /// Writes `host:port`, bracketing an IPv6 literal.
 fn fmt_host_port(f: &mut fmt::Formatter<'_>, host: &str, port: u16) -> fmt::Result {
     if host.contains(':') {
@@ -351,6 +415,19 @@ impl fmt::Display for Address {
             Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Address::VsockListen { port } => write!(f, "vsock-listen:{port}"),
             Address::HybridVsock { path, port } => write!(f, "hvsock:{}:{port}", path.display()),
+            Address::VhostUserVsock(c) => {
+                write!(
+                    f,
+                    "vhost-user-vsock:{},cid={},port={}",
+                    c.socket.display(),
+                    c.cid,
+                    c.port
+                )?;
+                if let Some(uds) = &c.uds {
+                    write!(f, ",uds={}", uds.display())?;
+                }
+                Ok(())
+            }
             Address::Serial(config) => {
                 write!(f, "serial:{}", config.device.display())?;
                 if config.baud != DEFAULT_BAUD {
@@ -545,7 +622,12 @@ mod tests {
 
     #[test]
     fn listeners_are_the_listen_forms() {
-        let listeners = ["unix-listen:/x", "tcp-listen:[::]:1", "vsock-listen:1"];
+        let listeners = [
+            "unix-listen:/x",
+            "tcp-listen:[::]:1",
+            "vsock-listen:1",
+            "vhost-user-vsock:/x,cid=3,port=1",
+        ];
         let others = [
             "unix:/x",
             "tcp:a:1",
@@ -562,6 +644,24 @@ mod tests {
         for text in others {
             assert!(!parse(text).is_listener(), "{text}");
         }
+    }
+
+    #[test]
+    fn a_vhost_user_vsock_address_round_trips() {
+        let text = "vhost-user-vsock:/run/g/vhost.sock,cid=3,port=5000,uds=/run/g/vsock.sock";
+        let address = parse(text);
+        assert_eq!(
+            address,
+            Address::VhostUserVsock(VhostVsockConfig {
+                socket: "/run/g/vhost.sock".into(),
+                cid: 3,
+                port: 5000,
+                uds: Some("/run/g/vsock.sock".into()),
+            })
+        );
+        assert_eq!(address.to_string(), text);
+        let bare = "vhost-user-vsock:/v.sock,cid=7,port=1";
+        assert_eq!(parse(bare).to_string(), bare);
     }
 
     #[test]
@@ -598,6 +698,32 @@ mod tests {
             ("hvsock:/run/v.sock:", "PORT is missing", "hvsock:PATH:PORT"),
             ("hvsock::52", "path is empty", "hvsock:PATH:PORT"),
             ("hvsock:52", "missing ':PORT'", "hvsock:PATH:PORT"),
+            (
+                "vhost-user-vsock:,cid=3,port=1",
+                "socket path is empty",
+                "cid=N",
+            ),
+            (
+                "vhost-user-vsock:/v,port=1",
+                "cid=N is missing",
+                "SOCKET,cid=N",
+            ),
+            ("vhost-user-vsock:/v,cid=3", "port=N is missing", "port=N"),
+            (
+                "vhost-user-vsock:/v,cid=2,port=1",
+                "not a guest CID",
+                "CID 3",
+            ),
+            (
+                "vhost-user-vsock:/v,cid=3,cid=4,port=1",
+                "cid given twice",
+                "cid=N",
+            ),
+            (
+                "vhost-user-vsock:/v,cid=3,port=1,x=1",
+                "unknown option",
+                "uds=PATH",
+            ),
             ("serial:", "device is empty", "serial:DEVICE"),
             ("serial:,baud=9600", "device is empty", "serial:DEVICE"),
             (

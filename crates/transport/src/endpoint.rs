@@ -20,6 +20,7 @@ use crate::{fd, hvsock, serial, tcp, unix, vsock, Connection};
 /// | --- | --- | --- |
 /// | `unix:`, `tcp:`, `vsock:`, `hvsock:` | nothing | one connection attempt, no retry (the caller has its own backoff) |
 /// | `unix-listen:`, `tcp-listen:`, `vsock-listen:` | binds and listens | accepts one connection |
+/// | `vhost-user-vsock:` | serves the device (vhost-user socket, hybrid socket) | accepts one guest connection to the mux port |
 /// | `serial:` | nothing | opens and sets up the tty afresh |
 /// | `port:` | nothing | opens the virtio-serial port and waits until the host side is connected (see below) |
 /// | `fd:N` | takes ownership of descriptor N (fails if it is not open) | the first call hands it out, later calls fail |
@@ -49,6 +50,7 @@ enum State {
     AcceptUnix(unix::Listener),
     AcceptTcp(TcpListener),
     AcceptVsock(VsockListener),
+    ServeVhostVsock(crate::vhost_vsock::VhostVsock),
     Inherited(InheritedFd),
     Stdio { used: bool },
 }
@@ -97,6 +99,10 @@ impl Endpoint {
                 let (listener, bound) = vsock::bind(&addr, *port)?;
                 (bound, State::AcceptVsock(listener))
             }
+            Address::VhostUserVsock(config) => (
+                addr.clone(),
+                State::ServeVhostVsock(crate::vhost_vsock::bind(&addr, config)?),
+            ),
             Address::Fd(number) => (
                 addr.clone(),
                 State::Inherited(InheritedFd::claim(&addr, *number)?),
@@ -123,6 +129,7 @@ impl Endpoint {
             State::AcceptUnix(listener) => listener.accept(address).await?,
             State::AcceptTcp(listener) => tcp::accept(address, listener).await?,
             State::AcceptVsock(listener) => vsock::accept(address, listener).await?,
+            State::ServeVhostVsock(device) => device.accept(address).await?,
             State::Inherited(inherited) => inherited.take(address)?,
             State::Stdio { used } => {
                 if *used {

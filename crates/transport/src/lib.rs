@@ -40,9 +40,11 @@ mod endpoint;
 mod fd;
 mod hvsock;
 mod port;
+mod retry;
 mod serial;
 mod tcp;
 mod unix;
+pub mod vhost_vsock;
 mod vsock;
 
 use std::fmt;
@@ -50,9 +52,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use address::{Address, AddressError, SerialConfig, DEFAULT_BAUD, SYNTAX};
+pub use address::{Address, AddressError, SerialConfig, VhostVsockConfig, DEFAULT_BAUD, SYNTAX};
 pub(crate) use endpoint::with_context;
 pub use endpoint::Endpoint;
+pub use retry::{bind_retrying, Backoff};
 
 /// What the kernel, not the peer, says about who is at the other end of a connection: the
 /// ground a guest's identity stands on (docs/THREAT-MODEL.md). Nothing in it was sent by the peer.
@@ -110,6 +113,15 @@ impl Stream for tokio_vsock::VsockStream {
 }
 
 impl Stream for tokio::io::DuplexStream {}
+
+/// Two halves joined (e.g. a control connection after its request line): two descriptors, or
+/// none, so nothing a live upgrade could keep as one.
+impl<R, W> Stream for tokio::io::Join<R, W>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+}
 
 /// A connection's stream, whatever the transport.
 pub type BoxStream = Box<dyn Stream>;

@@ -110,13 +110,13 @@ agent_loop() {
             log "vstream-agent: not started while /run/vstream-agent.norespawn exists"
             while [ -e /run/vstream-agent.norespawn ]; do sleep 1; done
         fi
-        if [ ! -x /bin/vstream-agent ]; then
-            log "vstream-agent: /bin/vstream-agent is missing"
+        if [ ! -x /usr/bin/vstream-agent ]; then
+            log "vstream-agent: /usr/bin/vstream-agent is missing"
             return
         fi
         # Logged before the start: the lab times the agent's first answers from this line.
         log "starting vstream-agent"
-        NO_COLOR=1 /bin/vstream-agent </dev/null >/dev/ttyS0 2>&1 &
+        NO_COLOR=1 /usr/bin/vstream-agent </dev/null >/dev/ttyS0 2>&1 &
         pid=$!
         echo "$pid" >/run/vstream-agent.pid
         log "vstream-agent started (pid $pid)"

@@ -10,7 +10,9 @@
 //! The guest half is the guest kernel's own console driver: nothing of ours runs in the guest,
 //! so a console works even when the agent does not.
 
+pub mod device;
 mod log;
+pub mod verbs;
 
 use std::collections::VecDeque;
 use std::io;
@@ -518,7 +520,7 @@ async fn park(console: &Console, fd: Option<BorrowedFd<'_>>, reply: oneshot::Sen
 /// `YYYY-MM-DD HH:MM:SS UTC`.
 fn utc(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (y, m, d) = crate::qga::guest::civil_from_days(secs.div_euclid(86_400));
+    let (y, m, d) = crate::civil::civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",

@@ -3,6 +3,8 @@
 //! benchmarks and `vstreamctl open GUEST diag echo` when debugging a transport; the agent can
 //! probe the host the same way.
 
+pub mod device;
+
 use tokio::io::AsyncWriteExt;
 use vstream_link::ChannelStream;
 

@@ -28,6 +28,7 @@ use super::codes::*;
 use super::{
     keymap, Decoder, Event, Kind, Message, ABS_MAX, BUTTONS, MAX_EVENTS, REL_MAX, REL_MIN,
 };
+use crate::record::Message as _;
 
 /// A source axis range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +258,9 @@ async fn watch<R: AsyncRead + Unpin>(kind: Kind, mut r: R) -> String {
         match r.read(&mut buf).await {
             Ok(0) => return format!("the guest closed the {kind} channel"),
             Ok(n) => {
-                dec.push(&buf[..n]);
+                if let Err(e) = dec.push(&buf[..n]) {
+                    return format!("{kind} channel: {e}");
+                }
                 loop {
                     match dec.next_message() {
                         Ok(Some(Message::Ready { node, .. })) => {

@@ -19,6 +19,7 @@ use vstream_link::ChannelStream;
 
 use super::codes::*;
 use super::{Decoder, Event, Kind, Message, ABS_MAX, FLAG_ACK, FLAG_PROBE, FLAG_SEEN, VERSION};
+use crate::record::Message as _;
 use crate::{ServeFuture, Service};
 
 /// How long a new device is left alone before its first events, so that udev and desktop
@@ -176,7 +177,7 @@ async fn replay(
     pressed: &mut BTreeSet<u16>,
 ) -> io::Result<()> {
     let mut decoder = Decoder::new();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; super::READ_CHUNK];
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
@@ -184,7 +185,9 @@ async fn replay(
                 .finish()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
         }
-        decoder.push(&buf[..n]);
+        decoder
+            .push(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("hid/{kind}: {e}")))?;
         loop {
             let msg = decoder.next_message().map_err(|e| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("hid/{kind}: {e}"))

@@ -14,6 +14,7 @@ use super::{
     Decoder, Event, Kind, Message, ABS_MAX, FLAG_ACK, FLAG_PROBE, FLAG_SEEN, MAX_EVENTS, REL_MAX,
     REL_MIN,
 };
+use crate::record::Message as _;
 
 /// A mouse or tablet button.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +280,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     "the guest closed the channel before acknowledging",
                 ));
             }
-            self.decoder.push(&buf[..n]);
+            self.decoder
+                .push(&buf[..n])
+                .map_err(|e| bad(e.to_string()))?;
         }
     }
 

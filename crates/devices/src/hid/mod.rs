@@ -10,19 +10,27 @@
 //! on anything else.
 //!
 //! The wire format is specified in docs/devices/hid.md; this module is its reference
-//! implementation: the messages and a sans-io [`Decoder`] whose buffer is bounded by one
-//! message ([`HEADER_LEN`] + [`MAX_PAYLOAD`]).
+//! implementation: the messages, framed by the shared record codec ([`crate::record`]): a
+//! sans-io [`Decoder`] that holds at most one partial message ([`HEADER_LEN`] + [`MAX_PAYLOAD`])
+//! plus one read ([`READ_CHUNK`]).
 //!
 //! Message: `u8 type`, `u8 flags`, `u16 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod forward;
 pub mod guest;
 pub mod host;
 pub mod keymap;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
 use std::fmt;
+
+use bytes::Bytes;
+
+use crate::record::{self, Layout, Limit};
+pub use crate::record::{Message as _, RecordError};
 
 /// The device class.
 pub const CLASS: &str = "hid";
@@ -31,7 +39,10 @@ pub const CLASS: &str = "hid";
 pub const VERSION: u8 = 1;
 
 /// Bytes of a message header: type, flags, length.
-pub const HEADER_LEN: usize = 4;
+pub const HEADER_LEN: usize = Layout::ShortWithFlags.header_len();
+
+/// Largest slice the drivers read at once.
+pub const READ_CHUNK: usize = 4096;
 
 /// Most events in one batch (one evdev report, `SYN_REPORT` not counted).
 pub const MAX_EVENTS: usize = 64;
@@ -307,47 +318,96 @@ pub enum Message {
     },
 }
 
-/// Why bytes are not a valid message stream, or a message cannot be encoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodecError {
-    /// A type byte that is not a message.
-    #[error("unknown message type 0x{0:02x}")]
-    UnknownType(u8),
-    /// A payload of the wrong size for its type.
-    #[error("{kind} message with a {len}-byte payload: {what}")]
-    BadLength {
-        /// Message type.
-        kind: &'static str,
-        /// Length found.
-        len: usize,
-        /// What was expected.
-        what: &'static str,
-    },
-    /// Flags this message type does not define.
-    #[error("{kind} message with unknown flags 0x{flags:02x}")]
-    BadFlags {
-        /// Message type.
-        kind: &'static str,
-        /// The flags.
-        flags: u8,
-    },
-    /// A field with an impossible value.
-    #[error("malformed {kind} message: {what}")]
-    Malformed {
-        /// Message type.
-        kind: &'static str,
-        /// What is wrong.
-        what: String,
-    },
-    /// The stream ended in the middle of a message.
-    #[error("the stream ended inside a message ({0} bytes of it received)")]
-    Truncated(usize),
-}
+impl record::Message for Message {
+    const LAYOUT: Layout = Layout::ShortWithFlags;
+    const MAX_PAYLOAD: usize = MAX_PAYLOAD;
+    const READ_CHUNK: usize = READ_CHUNK;
 
-impl Message {
-    /// Appends the encoded message to `out`. Fails for a batch of 0 or more than
-    /// [`MAX_EVENTS`] events, or a node name longer than [`MAX_NODE`].
-    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn limit(k: u8) -> Result<Limit, RecordError> {
+        Ok(match k {
+            kind::BATCH => Limit::range("batch", 4 + EVENT_LEN, MAX_PAYLOAD),
+            kind::READY => Limit::range("ready", 2, 2 + MAX_NODE),
+            kind::ACK => Limit::exactly("ack", 4),
+            other => return Err(RecordError::UnknownType(other)),
+        })
+    }
+
+    fn decode(kind_byte: u8, flags: u8, p: Bytes) -> Result<Message, RecordError> {
+        let seq = |p: &[u8]| -> Result<u32, RecordError> {
+            let b = p.get(..4).ok_or(RecordError::Malformed {
+                kind: "message",
+                what: "no sequence number",
+            })?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match kind_byte {
+            kind::BATCH => {
+                if flags & !(FLAG_ACK | FLAG_PROBE) != 0 {
+                    return Err(RecordError::BadFlags {
+                        kind: "batch",
+                        flags,
+                    });
+                }
+                let seq = seq(&p)?;
+                let events = p[4..].chunks_exact(EVENT_LEN);
+                if !events.remainder().is_empty() || events.len() == 0 {
+                    return Err(RecordError::Malformed {
+                        kind: "batch",
+                        what: "not 4 + 8 * N bytes with N from 1 to 64",
+                    });
+                }
+                let events = events
+                    .map(|c| Event {
+                        type_: u16::from_le_bytes([c[0], c[1]]),
+                        code: u16::from_le_bytes([c[2], c[3]]),
+                        value: i32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                    })
+                    .collect();
+                Ok(Message::Batch { seq, flags, events })
+            }
+            kind::READY => {
+                if flags != 0 {
+                    return Err(RecordError::BadFlags {
+                        kind: "ready",
+                        flags,
+                    });
+                }
+                let malformed = |what| RecordError::Malformed {
+                    kind: "ready",
+                    what,
+                };
+                let [version, k] = p
+                    .get(..2)
+                    .and_then(|h| <[u8; 2]>::try_from(h).ok())
+                    .ok_or(malformed("too short"))?;
+                let node = &p[2..];
+                let k = Kind::from_number(k).ok_or(malformed("unknown device kind"))?;
+                if !node.iter().all(u8::is_ascii_alphanumeric) {
+                    return Err(malformed("the node name is not ASCII letters and digits"));
+                }
+                Ok(Message::Ready {
+                    version,
+                    kind: k,
+                    // Checked ASCII above.
+                    node: String::from_utf8_lossy(node).into_owned(),
+                })
+            }
+            kind::ACK => {
+                if flags & !FLAG_SEEN != 0 {
+                    return Err(RecordError::BadFlags { kind: "ack", flags });
+                }
+                Ok(Message::Ack {
+                    seq: u32::from_le_bytes(record::fixed("ack", &p)?),
+                    flags,
+                })
+            }
+            other => Err(RecordError::UnknownType(other)),
+        }
+    }
+
+    /// Fails for a batch of 0 or more than [`MAX_EVENTS`] events, or a node name longer than
+    /// [`MAX_NODE`].
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let (kind, flags) = match self {
             Message::Batch { flags, .. } => (kind::BATCH, *flags),
             Message::Ready { .. } => (kind::READY, 0),
@@ -356,15 +416,9 @@ impl Message {
         let mut payload = Vec::with_capacity(MAX_PAYLOAD);
         match self {
             Message::Batch { seq, events, .. } => {
-                if events.is_empty() || events.len() > MAX_EVENTS {
-                    return Err(CodecError::BadLength {
-                        kind: "batch",
-                        len: 4 + events.len() * EVENT_LEN,
-                        what: "a batch has 1 to 64 events",
-                    });
-                }
                 payload.extend_from_slice(&seq.to_le_bytes());
-                for e in events {
+                // A batch over MAX_EVENTS is refused by the length check in `put`.
+                for e in events.iter().take(MAX_EVENTS + 1) {
                     payload.extend_from_slice(&e.type_.to_le_bytes());
                     payload.extend_from_slice(&e.code.to_le_bytes());
                     payload.extend_from_slice(&e.value.to_le_bytes());
@@ -375,177 +429,15 @@ impl Message {
                 kind: k,
                 node,
             } => {
-                if node.len() > MAX_NODE {
-                    return Err(CodecError::BadLength {
-                        kind: "ready",
-                        len: 2 + node.len(),
-                        what: "the node name has at most 32 bytes",
-                    });
-                }
                 payload.push(*version);
                 payload.push(k.number());
                 payload.extend_from_slice(node.as_bytes());
             }
             Message::Ack { seq, .. } => payload.extend_from_slice(&seq.to_le_bytes()),
         }
-        out.push(kind);
-        out.push(flags);
-        // Bounded by MAX_PAYLOAD (< 65536) above.
-        out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(())
-    }
-
-    /// The encoded message.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        let mut out = Vec::new();
-        self.encode(&mut out)?;
-        Ok(out)
-    }
-
-    fn decode(kind_byte: u8, flags: u8, p: &[u8]) -> Result<Message, CodecError> {
-        let u32_at = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
-        match kind_byte {
-            kind::BATCH => {
-                if flags & !(FLAG_ACK | FLAG_PROBE) != 0 {
-                    return Err(CodecError::BadFlags {
-                        kind: "batch",
-                        flags,
-                    });
-                }
-                if p.len() < 4 + EVENT_LEN
-                    || p.len() > MAX_PAYLOAD
-                    || !p[4..].chunks_exact(EVENT_LEN).remainder().is_empty()
-                {
-                    return Err(CodecError::BadLength {
-                        kind: "batch",
-                        len: p.len(),
-                        what: "4 + 8 * N bytes with N from 1 to 64",
-                    });
-                }
-                let events = p[4..]
-                    .chunks_exact(EVENT_LEN)
-                    .map(|c| Event {
-                        type_: u16::from_le_bytes([c[0], c[1]]),
-                        code: u16::from_le_bytes([c[2], c[3]]),
-                        value: i32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-                    })
-                    .collect();
-                Ok(Message::Batch {
-                    seq: u32_at(0),
-                    flags,
-                    events,
-                })
-            }
-            kind::READY => {
-                if flags != 0 {
-                    return Err(CodecError::BadFlags {
-                        kind: "ready",
-                        flags,
-                    });
-                }
-                if p.len() < 2 || p.len() > 2 + MAX_NODE {
-                    return Err(CodecError::BadLength {
-                        kind: "ready",
-                        len: p.len(),
-                        what: "2 to 34 bytes",
-                    });
-                }
-                let k = Kind::from_number(p[1]).ok_or_else(|| CodecError::Malformed {
-                    kind: "ready",
-                    what: format!("unknown device kind {}", p[1]),
-                })?;
-                let node = &p[2..];
-                if !node.iter().all(u8::is_ascii_alphanumeric) {
-                    return Err(CodecError::Malformed {
-                        kind: "ready",
-                        what: "the node name is not ASCII letters and digits".into(),
-                    });
-                }
-                Ok(Message::Ready {
-                    version: p[0],
-                    kind: k,
-                    // Checked ASCII above.
-                    node: String::from_utf8_lossy(node).into_owned(),
-                })
-            }
-            kind::ACK => {
-                if flags & !FLAG_SEEN != 0 {
-                    return Err(CodecError::BadFlags { kind: "ack", flags });
-                }
-                if p.len() != 4 {
-                    return Err(CodecError::BadLength {
-                        kind: "ack",
-                        len: p.len(),
-                        what: "exactly 4 bytes",
-                    });
-                }
-                Ok(Message::Ack {
-                    seq: u32_at(0),
-                    flags,
-                })
-            }
-            other => Err(CodecError::UnknownType(other)),
-        }
+        record::put::<Message>(out, kind, flags, &payload)
     }
 }
 
-/// Sans-io decoder: bytes in ([`Decoder::push`]), messages out ([`Decoder::next_message`]).
-/// It never holds more than one message's worth of bytes beyond what was pushed; a bad header
-/// is an error at once, before its payload arrives.
-#[derive(Debug, Default)]
-pub struct Decoder {
-    buf: Vec<u8>,
-}
-
-impl Decoder {
-    /// An empty decoder.
-    pub fn new() -> Decoder {
-        Decoder::default()
-    }
-
-    /// Adds received bytes. Callers push at most what they read in one call (a bounded
-    /// buffer) and drain with [`Decoder::next_message`] before the next push.
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete message, `None` if more bytes are needed.
-    pub fn next_message(&mut self) -> Result<Option<Message>, CodecError> {
-        if self.buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let (k, flags) = (self.buf[0], self.buf[1]);
-        let len = usize::from(u16::from_le_bytes([self.buf[2], self.buf[3]]));
-        if !matches!(k, kind::BATCH | kind::READY | kind::ACK) {
-            return Err(CodecError::UnknownType(k));
-        }
-        if len > MAX_PAYLOAD {
-            return Err(CodecError::BadLength {
-                kind: "any",
-                len,
-                what: "longer than the largest message (516 bytes)",
-            });
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        let msg = Message::decode(k, flags, &self.buf[HEADER_LEN..HEADER_LEN + len]);
-        self.buf.drain(..HEADER_LEN + len);
-        msg.map(Some)
-    }
-
-    /// Call at end of stream: an error if a message was cut.
-    pub fn finish(&self) -> Result<(), CodecError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(CodecError::Truncated(self.buf.len()))
-        }
-    }
-
-    /// Bytes held.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-}
+/// The decoder of a `hid` channel (both directions).
+pub type Decoder = record::Decoder<Message>;

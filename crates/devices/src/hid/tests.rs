@@ -45,7 +45,7 @@ fn messages_round_trip() {
     let mut dec = Decoder::new();
     let mut out = Vec::new();
     for b in &wire {
-        dec.push(std::slice::from_ref(b));
+        dec.push(std::slice::from_ref(b)).expect("push");
         while let Some(m) = dec.next_message().expect("decode") {
             out.push(m);
         }
@@ -81,7 +81,7 @@ fn the_wire_format_is_the_documented_one() {
 #[test]
 fn bad_messages_are_errors_not_panics() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (vec![0x07, 0, 0, 0], "unknown message type"),
+        (vec![0x07, 0, 0, 0], "unknown record type"),
         (vec![0x01, 0, 4, 0, 1, 2, 3, 4], "batch"),
         (
             vec![0x01, 0, 13, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -91,14 +91,14 @@ fn bad_messages_are_errors_not_panics() {
             vec![0x01, 0x80, 12, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
             "flags",
         ),
-        (vec![0x01, 0, 0xff, 0xff], "largest message"),
+        (vec![0x01, 0, 0xff, 0xff], "exceeds its limit"),
         (vec![0x81, 0, 2, 0, 1, 9], "unknown device kind"),
         (vec![0x81, 0, 4, 0, 1, 1, b'/', b'.'], "ASCII letters"),
         (vec![0x82, 0, 3, 0, 1, 2, 3], "exactly 4"),
     ];
     for (bytes, want) in cases {
         let mut d = Decoder::new();
-        d.push(&bytes);
+        d.push(&bytes).expect("push");
         let e = d.next_message().expect_err("must fail");
         assert!(e.to_string().contains(want), "{bytes:?}: {e}");
     }
@@ -117,9 +117,9 @@ fn bad_messages_are_errors_not_panics() {
     assert!(empty.to_bytes().is_err());
     // A cut message is reported at the end of the stream.
     let mut d = Decoder::new();
-    d.push(&[0x82, 0, 4, 0, 1]);
+    d.push(&[0x82, 0, 4, 0, 1]).expect("push");
     assert_eq!(d.next_message().expect("partial"), None);
-    assert_eq!(d.finish(), Err(CodecError::Truncated(5)));
+    assert_eq!(d.finish(), Err(RecordError::Truncated(5)));
 }
 
 #[test]

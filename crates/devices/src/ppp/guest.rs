@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use vstream_link::{Mux, MuxEvent};
-use vstream_transport::{Address, Endpoint};
+use vstream_transport::{bind_retrying, Address};
 
-use super::host::next_pause;
+use super::host::{link_backoff, next_pause};
 use super::pppd::{self, PppdCommand};
 use super::{CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS, GUEST_MRU};
 
@@ -129,7 +129,7 @@ pub async fn run(mux: Mux, settings: Settings) {
 
 async fn run_on_channels(mux: Mux, settings: &Settings) {
     let mut events = mux.subscribe();
-    let mut pause = Duration::ZERO;
+    let mut backoff = link_backoff();
     let mut refused = String::new();
     loop {
         // Only events from now on tell of a new session.
@@ -144,8 +144,7 @@ async fn run_on_channels(mux: Mux, settings: &Settings) {
                 let started = Instant::now();
                 let why = run_link(settings, channel).await;
                 tracing::info!("ppp: link ended: {why}");
-                pause = next_pause(pause, started.elapsed());
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(next_pause(&mut backoff, started.elapsed())).await;
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 let why = e.to_string();
@@ -181,30 +180,25 @@ async fn wait_for_new_session(events: &mut broadcast::Receiver<MuxEvent>, limit:
 }
 
 async fn run_on_transport(address: Address, settings: &Settings) {
-    let mut endpoint = loop {
-        match Endpoint::bind(address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                tracing::warn!(%address, "ppp: cannot use the transport: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
-    let mut pause = Duration::ZERO;
+    let mut endpoint = bind_retrying(&address, Duration::from_secs(5), |e| {
+        tracing::warn!(%address, "ppp: cannot use the transport: {e}; retrying");
+    })
+    .await;
+    let mut backoff = link_backoff();
     loop {
-        match endpoint.next().await {
+        let pause = match endpoint.next().await {
             Ok(conn) => {
                 tracing::info!(%address, "ppp: link starting on a transport");
                 let started = Instant::now();
                 let why = run_link(settings, conn.stream).await;
                 tracing::info!(%address, "ppp: link ended: {why}");
-                pause = next_pause(pause, started.elapsed());
+                next_pause(&mut backoff, started.elapsed())
             }
             Err(e) => {
                 tracing::debug!(%address, "ppp: transport: {e}");
-                pause = next_pause(pause, Duration::ZERO);
+                next_pause(&mut backoff, Duration::ZERO)
             }
-        }
+        };
         tokio::time::sleep(pause).await;
     }
 }

@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vstream_link::ChannelStream;
-use vstream_transport::{Address, Endpoint as TransportEndpoint};
+use vstream_transport::{bind_retrying, Address, Backoff};
 
 use super::net::{netns_path, NetConfig, Tun};
 use super::pppd::{self, PppdCommand};
@@ -335,10 +335,10 @@ pub struct PppService {
 
 impl PppService {
     /// The service of the guest of `ctx`, with its `[guest.ppp]` section (if any).
-    pub fn new(ctx: &HostContext) -> PppService {
+    pub fn new(ctx: &HostContext, config: Option<PppConfig>) -> PppService {
         let shared = Arc::new(Shared {
             guest: ctx.guest.clone(),
-            config: ctx.ppp.clone().map(Arc::new),
+            config: config.map(Arc::new),
             events: ctx.events.clone(),
             state: Mutex::new(LinkState {
                 state: "down",
@@ -433,44 +433,43 @@ async fn keep_transport(shared: Weak<Shared>) {
     let Some(address) = config.transport.clone() else {
         return;
     };
-    let mut endpoint = loop {
-        match TransportEndpoint::bind(address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                tracing::warn!(%guest, %address, "ppp: cannot use the transport: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
+    let mut endpoint = bind_retrying(&address, Duration::from_secs(5), |e| {
+        tracing::warn!(%guest, %address, "ppp: cannot use the transport: {e}; retrying");
+    })
+    .await;
     let on = address.to_string();
-    let mut pause = Duration::ZERO;
+    let mut backoff = link_backoff();
     loop {
-        match endpoint.next().await {
+        let pause = match endpoint.next().await {
             Ok(conn) => {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
                 let started = Instant::now();
                 shared.run(&config, conn.stream, &on).await;
-                pause = next_pause(pause, started.elapsed());
+                next_pause(&mut backoff, started.elapsed())
             }
             Err(e) => {
                 tracing::debug!(%guest, %address, "ppp: transport: {e}");
-                pause = next_pause(pause, Duration::ZERO);
+                next_pause(&mut backoff, Duration::ZERO)
             }
-        }
+        };
         tokio::time::sleep(pause).await;
     }
 }
 
 /// Backoff between links: 1 s after a link that lasted, doubling up to 60 s after links that
 /// fail at once (a pppd that cannot start, a peer that answers nothing).
-pub fn next_pause(previous: Duration, lasted: Duration) -> Duration {
+pub fn link_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The pause after a link that lasted `lasted`: a link of 30 s or more starts the backoff over.
+pub fn next_pause(backoff: &mut Backoff, lasted: Duration) -> Duration {
     if lasted >= Duration::from_secs(30) {
-        Duration::from_secs(1)
-    } else {
-        (previous * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        backoff.reset();
     }
+    backoff.next_pause()
 }
 
 /// Runs one link on `stream` with the guest's settings until it ends; returns why. `report`

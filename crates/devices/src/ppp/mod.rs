@@ -17,9 +17,12 @@
 //! each side negotiates the link (LCP), the addresses (IPCP: the host side assigns the guest's)
 //! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
 
+pub mod device;
 pub mod guest;
+mod hdlc;
 pub mod host;
 pub mod net;
+mod packet;
 pub mod pppd;
 pub mod proto;
 #[cfg(test)]

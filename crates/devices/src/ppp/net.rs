@@ -11,9 +11,10 @@ use std::fs::File;
 use std::io;
 use std::mem;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use tokio::io::unix::AsyncFd;
 
 /// Where `ip netns add NAME` puts a namespace.
@@ -46,16 +47,17 @@ where
     std::thread::Builder::new()
         .name("ppp-netns".into())
         .spawn(move || {
-            // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
-            // namespace type; it changes only this thread's network namespace, and this thread
-            // ends when `f` returns, so no other code ever runs in the namespace by accident.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot enter network namespace {shown}: {e}"),
-                ));
-            }
+            // Only this thread enters the namespace, and it ends when `f` returns, so no other
+            // code ever runs in the namespace by accident.
+            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network)).map_err(
+                |e| {
+                    let e = io::Error::from(e);
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot enter network namespace {shown}: {e}"),
+                    )
+                },
+            )?;
             f()
         })?
         .join()
@@ -105,13 +107,13 @@ fn ifreq_ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> i
 }
 
 fn udp_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket takes three integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    Ok(socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A socket in some network namespace, for configuring its interfaces and routes.

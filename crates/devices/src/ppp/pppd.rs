@@ -15,19 +15,20 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::ioctl::{ioctl, Getter, Opcode};
 use rustix::process::{Pid, Signal};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::tty::guest::{open_pty, PtyMaster};
-use crate::tty::WindowSize;
+use crate::term::{open_pty, PtyMaster, WindowSize};
 
 /// How long pppd may take to exit after a hang-up and `SIGTERM` before it is killed.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -86,11 +87,15 @@ const LDISC_WAIT: Duration = Duration::from_secs(10);
 async fn wait_for_ppp_ldisc(probe: &OwnedFd) {
     let deadline = tokio::time::Instant::now() + LDISC_WAIT;
     while tokio::time::Instant::now() < deadline {
-        let mut ldisc: libc::c_int = 0;
-        // SAFETY: TIOCGETD writes one int through the pointer, which points to `ldisc`, alive
-        // for the call; `probe` is an open terminal descriptor.
-        let r = unsafe { libc::ioctl(probe.as_raw_fd(), libc::TIOCGETD, &mut ldisc as *mut _) };
-        if r != 0 || ldisc == N_PPP {
+        // SAFETY: TIOCGETD writes one int, the Getter's output type; `probe` is an open
+        // terminal descriptor.
+        let ldisc = unsafe {
+            ioctl(
+                probe,
+                Getter::<{ libc::TIOCGETD as Opcode }, libc::c_int>::new(),
+            )
+        };
+        if ldisc.is_err() || ldisc == Ok(N_PPP) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -127,15 +132,15 @@ fn spawn(cmd: &PppdCommand) -> io::Result<(Pppd, tokio::process::ChildStdout)> {
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // calls are allowed: setsid and setns are raw system calls (no allocation, no locks), and
     // `ns_fd` is a descriptor opened above and kept open by `netns` until after the spawn (it is
-    // close-on-exec, so pppd does not inherit it). Errors become `io::Error::last_os_error` /
-    // `from_raw_os_error`, which do not allocate.
+    // close-on-exec, so pppd does not inherit it). Errors become `io::Error::from_raw_os_error`,
+    // which does not allocate.
     unsafe {
         c.pre_exec(move || {
             rustix::process::setsid()?;
             if let Some(fd) = ns_fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                // SAFETY: `fd` stays open in the child until exec (see above).
+                let fd = BorrowedFd::borrow_raw(fd);
+                move_into_link_name_space(fd, Some(LinkNameSpaceType::Network))?;
             }
             Ok(())
         });

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::guest::{guest_pppd_options, Mode};
-use super::host::{default_interface, next_pause, Backend, PppConfig, Route};
+use super::host::{default_interface, link_backoff, next_pause, Backend, PppConfig, Route};
 use super::proto::{
     encode_frame, protocol, Deframer, Endpoint, EndpointConfig, Event, Frame, FrameError,
 };
@@ -517,15 +517,14 @@ fn guest_settings() {
 
 #[test]
 fn failing_links_back_off() {
-    let mut p = Duration::ZERO;
+    let mut b = link_backoff();
     let mut seen = Vec::new();
     for _ in 0..8 {
-        p = next_pause(p, Duration::from_secs(1));
-        seen.push(p.as_secs());
+        seen.push(next_pause(&mut b, Duration::from_secs(1)).as_secs());
     }
     assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60]);
     assert_eq!(
-        next_pause(p, Duration::from_secs(600)),
+        next_pause(&mut b, Duration::from_secs(600)),
         Duration::from_secs(1)
     );
 }

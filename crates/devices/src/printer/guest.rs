@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_link::Mux;
-use vstream_transport::{Address, Connection, Endpoint};
+use vstream_transport::{bind_retrying, Address, Connection};
 
-use super::{Decoder, Record, CHANNEL_NAME, CLASS, MAX_DATA, VERSION};
+use super::{Decoder, Message, Record, CHANNEL_NAME, CLASS, MAX_DATA, VERSION};
 
 /// Where the agent listens by default: raw printing on TCP 9100 of the loopback interface, and
 /// a Unix socket.
@@ -31,20 +31,19 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts print jobs on `address` forever (binding retried every 5 s until it works).
 pub async fn listen(mux: Mux, address: Address) {
-    let mut endpoint = loop {
+    let make_dir = || {
         if let Address::UnixListen(path) = &address {
             if let Some(dir) = path.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
         }
-        match Endpoint::bind(address.clone()).await {
-            Ok(ep) => break ep,
-            Err(e) => {
-                tracing::warn!(%address, "printer: cannot listen: {e}; retrying in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
     };
+    make_dir();
+    let mut endpoint = bind_retrying(&address, Duration::from_secs(5), |e| {
+        tracing::warn!(%address, "printer: cannot listen: {e}; retrying in 5 s");
+        make_dir();
+    })
+    .await;
     if let Address::UnixListen(path) = &address {
         // Any local user may print, as with a printer's socket.
         use std::os::unix::fs::PermissionsExt;
@@ -138,7 +137,7 @@ pub async fn job(mux: &Mux, conn: Connection, source: &str) -> io::Result<String
     let mut dec = Decoder::new();
     loop {
         if let Some(r) = dec
-            .next_record()
+            .next_message()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
         {
             let _ = client.shutdown().await;
@@ -161,6 +160,7 @@ pub async fn job(mux: &Mux, conn: Connection, source: &str) -> io::Result<String
                 "the host closed the job's channel without confirming it",
             ));
         }
-        dec.push(&probe[..n]);
+        dec.push(&probe[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     }
 }

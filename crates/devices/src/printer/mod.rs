@@ -11,17 +11,24 @@
 //! `job-NNNNNN.EXT.partial` and reported; it is never passed off as complete.
 //!
 //! The wire format is specified in docs/devices/printer.md; this module is its reference
-//! implementation: the records and a sans-io [`Decoder`] bounded by one record.
+//! implementation: the records, framed by the shared record codec ([`crate::record`]): a
+//! sans-io [`Decoder`] bounded by one partial record plus one read.
 //!
 //! Record: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
+pub mod device;
 pub mod guest;
 pub mod host;
+mod spool;
 #[cfg(test)]
 mod tests;
+pub mod verbs;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Serialize;
+
+use crate::record::{fixed, put, Layout, Limit};
+pub use crate::record::{Message, RecordError};
 
 /// The device class.
 pub const CLASS: &str = "printer";
@@ -33,10 +40,13 @@ pub const CHANNEL_NAME: &str = "job";
 pub const VERSION: u32 = 1;
 
 /// Bytes of a record header.
-pub const HEADER_LEN: usize = 5;
+pub const HEADER_LEN: usize = Layout::Long.header_len();
 
 /// Largest `Data` payload.
 pub const MAX_DATA: usize = 64 * 1024;
+
+/// Largest slice the drivers read at once.
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Largest `Job` or `Done` payload.
 pub const MAX_META: usize = 4096;
@@ -68,30 +78,6 @@ pub enum Record {
     Done(Vec<(String, String)>),
 }
 
-/// Why bytes are not a valid record stream.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodecError {
-    /// A type byte that is not a record.
-    #[error("unknown record type 0x{0:02x}")]
-    UnknownType(u8),
-    /// A length outside the limits of its type.
-    #[error("{kind} record of {len} bytes (allowed: {allowed})")]
-    BadLength {
-        /// Record type.
-        kind: &'static str,
-        /// Length found.
-        len: usize,
-        /// What is allowed.
-        allowed: &'static str,
-    },
-    /// Metadata that is not `key=value` lines of UTF-8.
-    #[error("malformed {0} metadata: not UTF-8 key=value lines")]
-    BadMeta(&'static str),
-    /// The stream ended inside a record.
-    #[error("the stream ended inside a record ({0} bytes of it received)")]
-    Truncated(usize),
-}
-
 fn meta_bytes(meta: &[(String, String)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (k, v) in meta {
@@ -103,8 +89,12 @@ fn meta_bytes(meta: &[(String, String)]) -> Vec<u8> {
     out
 }
 
-fn parse_meta(kind: &'static str, p: &[u8]) -> Result<Vec<(String, String)>, CodecError> {
-    let text = std::str::from_utf8(p).map_err(|_| CodecError::BadMeta(kind))?;
+fn parse_meta(kind: &'static str, p: &[u8]) -> Result<Vec<(String, String)>, RecordError> {
+    let bad = RecordError::Malformed {
+        kind,
+        what: "not UTF-8 key=value lines",
+    };
+    let text = std::str::from_utf8(p).map_err(|_| bad.clone())?;
     // Split on '\n' only (not `lines()`, which also eats a '\r'), so that decoding and
     // encoding are inverse.
     text.split('\n')
@@ -112,33 +102,15 @@ fn parse_meta(kind: &'static str, p: &[u8]) -> Result<Vec<(String, String)>, Cod
         .map(|l| {
             l.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or(CodecError::BadMeta(kind))
+                .ok_or_else(|| bad.clone())
         })
         .collect()
 }
 
 impl Record {
-    /// Appends the encoded record to `out`; fails if a payload is over its limit.
-    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        let (k, payload): (u8, std::borrow::Cow<'_, [u8]>) = match self {
-            Record::Job(m) => (kind::JOB, meta_bytes(m).into()),
-            Record::Data(d) => (kind::DATA, d.as_ref().into()),
-            Record::End(n) => (kind::END, n.to_le_bytes().to_vec().into()),
-            Record::Done(m) => (kind::DONE, meta_bytes(m).into()),
-        };
-        check_len(k, payload.len())?;
-        out.push(k);
-        // Bounded by check_len (<= MAX_DATA).
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(())
-    }
-
-    /// The encoded record.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
-        let mut out = Vec::new();
-        self.encode(&mut out)?;
-        Ok(out)
+    /// The encoded record (also without [`Message`] in scope, for callers outside the crate).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, RecordError> {
+        Message::to_bytes(self)
     }
 
     /// A metadata value by key.
@@ -147,79 +119,44 @@ impl Record {
     }
 }
 
-fn check_len(k: u8, len: usize) -> Result<(), CodecError> {
-    let (name, ok, allowed) = match k {
-        kind::JOB => ("job", len <= MAX_META, "0 to 4096"),
-        kind::DATA => ("data", (1..=MAX_DATA).contains(&len), "1 to 65536"),
-        kind::END => ("end", len == 8, "exactly 8"),
-        kind::DONE => ("done", len <= MAX_META, "0 to 4096"),
-        other => return Err(CodecError::UnknownType(other)),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(CodecError::BadLength {
-            kind: name,
-            len,
-            allowed,
+impl Message for Record {
+    const LAYOUT: Layout = Layout::Long;
+    const MAX_PAYLOAD: usize = MAX_DATA;
+    const READ_CHUNK: usize = READ_CHUNK;
+
+    fn limit(k: u8) -> Result<Limit, RecordError> {
+        Ok(match k {
+            kind::JOB => Limit::range("job", 0, MAX_META),
+            kind::DATA => Limit::range("data", 1, MAX_DATA),
+            kind::END => Limit::exactly("end", 8),
+            kind::DONE => Limit::range("done", 0, MAX_META),
+            other => return Err(RecordError::UnknownType(other)),
         })
     }
-}
 
-/// Sans-io decoder: bytes in, records out; holds at most one record plus what was pushed, and
-/// rejects a bad header before its payload arrives.
-#[derive(Debug, Default)]
-pub struct Decoder {
-    buf: BytesMut,
-}
-
-impl Decoder {
-    /// An empty decoder.
-    pub fn new() -> Decoder {
-        Decoder::default()
-    }
-
-    /// Adds received bytes (callers push one read at a time and drain before the next).
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete record, `None` if more bytes are needed.
-    pub fn next_record(&mut self) -> Result<Option<Record>, CodecError> {
-        if self.buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let k = self.buf[0];
-        let len32 = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        let len = usize::try_from(len32).unwrap_or(usize::MAX);
-        check_len(k, len)?;
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        self.buf.advance(HEADER_LEN);
-        let p = self.buf.split_to(len).freeze();
-        Ok(Some(match k {
-            kind::JOB => Record::Job(parse_meta("job", &p)?),
+    fn decode(k: u8, _flags: u8, p: Bytes) -> Result<Record, RecordError> {
+        Ok(match k {
+            kind::JOB => Record::Job(parse_meta("job metadata", &p)?),
             kind::DATA => Record::Data(p),
-            kind::END => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&p);
-                Record::End(u64::from_le_bytes(b))
-            }
-            kind::DONE => Record::Done(parse_meta("done", &p)?),
-            other => return Err(CodecError::UnknownType(other)),
-        }))
+            kind::END => Record::End(u64::from_le_bytes(fixed("end", &p)?)),
+            kind::DONE => Record::Done(parse_meta("done metadata", &p)?),
+            other => return Err(RecordError::UnknownType(other)),
+        })
     }
 
-    /// Call at end of stream: an error if a record was cut.
-    pub fn finish(&self) -> Result<(), CodecError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(CodecError::Truncated(self.buf.len()))
-        }
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let (k, payload): (u8, std::borrow::Cow<'_, [u8]>) = match self {
+            Record::Job(m) => (kind::JOB, meta_bytes(m).into()),
+            Record::Data(d) => (kind::DATA, d.as_ref().into()),
+            Record::End(n) => (kind::END, n.to_le_bytes().to_vec().into()),
+            Record::Done(m) => (kind::DONE, meta_bytes(m).into()),
+        };
+        put::<Record>(out, k, 0, &payload)
     }
 }
+
+/// The decoder of a `printer` channel (both directions).
+pub type Decoder = crate::record::Decoder<Record>;
 
 /// What a job is, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

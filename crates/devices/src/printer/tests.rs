@@ -29,8 +29,8 @@ fn records_round_trip_byte_by_byte() {
     let mut dec = Decoder::new();
     let mut out = Vec::new();
     for chunk in wire.chunks(7) {
-        dec.push(chunk);
-        while let Some(r) = dec.next_record().expect("decode") {
+        dec.push(chunk).expect("push");
+        while let Some(r) = dec.next_message().expect("decode") {
             out.push(r);
         }
     }
@@ -54,15 +54,15 @@ fn bad_records_are_errors() {
         (vec![0x01, 2, 0, 0, 0, 0xff, b'='], "malformed job metadata"),
     ] {
         let mut d = Decoder::new();
-        d.push(&bytes);
-        let e = d.next_record().expect_err("must fail");
+        d.push(&bytes).expect("push");
+        let e = d.next_message().expect_err("must fail");
         assert!(e.to_string().contains(want), "{bytes:?}: {e}");
     }
     assert!(Record::Data(Bytes::new()).to_bytes().is_err());
     let mut d = Decoder::new();
-    d.push(&[0x02, 3, 0, 0, 0, 1]);
-    assert_eq!(d.next_record().expect("partial"), None);
-    assert_eq!(d.finish(), Err(CodecError::Truncated(6)));
+    d.push(&[0x02, 3, 0, 0, 0, 1]).expect("push");
+    assert_eq!(d.next_message().expect("partial"), None);
+    assert_eq!(d.finish(), Err(RecordError::Truncated(6)));
 }
 
 #[test]
@@ -220,8 +220,8 @@ async fn a_complete_job_is_renamed_only_after_its_end() {
     let mut reply = Vec::new();
     chan.read_to_end(&mut reply).await.expect("done");
     let mut dec = Decoder::new();
-    dec.push(&reply);
-    let Some(Record::Done(meta)) = dec.next_record().expect("record") else {
+    dec.push(&reply).expect("push");
+    let Some(Record::Done(meta)) = dec.next_message().expect("record") else {
         panic!("no done")
     };
     assert_eq!(Record::meta(&meta, "file"), Some("job-000001.pdf"));

@@ -11,6 +11,10 @@
 
 use std::collections::VecDeque;
 
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+
 /// The resynchronisation byte: never valid in JSON (nor in UTF-8). A client sends it before
 /// `guest-sync-delimited` to make the agent drop a partial request; the agent sends it before
 /// the reply to `guest-sync-delimited` so the client can drop a partial reply.
@@ -228,105 +232,25 @@ impl Framer {
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// Standard base64 with padding on output; on input padding is optional, but a padded text
+/// must come in whole quanta and no bits may be left over in the last character (as qemu-ga).
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Standard base64 with padding.
 pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    let mut chunks = data.chunks_exact(3);
-    for c in &mut chunks {
-        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
-        out.extend_from_slice(&[
-            B64[(n >> 18) as usize & 63],
-            B64[(n >> 12) as usize & 63],
-            B64[(n >> 6) as usize & 63],
-            B64[n as usize & 63],
-        ]);
-    }
-    match *chunks.remainder() {
-        [a] => {
-            let n = u32::from(a) << 16;
-            out.extend_from_slice(&[B64[(n >> 18) as usize], B64[(n >> 12) as usize & 63]]);
-            out.extend_from_slice(b"==");
-        }
-        [a, b] => {
-            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
-            out.extend_from_slice(&[
-                B64[(n >> 18) as usize],
-                B64[(n >> 12) as usize & 63],
-                B64[(n >> 6) as usize & 63],
-                b'=',
-            ]);
-        }
-        _ => {}
-    }
-    // Every byte pushed is from the ASCII alphabet above.
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// Value of each base64 character, 0xFF for the others.
-const B64_VALUE: [u8; 256] = {
-    let mut t = [0xFFu8; 256];
-    let mut i = 0;
-    while i < 64 {
-        t[B64[i] as usize] = i as u8;
-        i += 1;
-    }
-    t
-};
-
-fn b64_value(c: u8) -> Option<u32> {
-    match B64_VALUE[c as usize] {
-        0xFF => None,
-        v => Some(u32::from(v)),
-    }
+    B64.encode(data)
 }
 
 /// Decodes standard base64; padding is optional, anything outside the alphabet (including
 /// whitespace) or bits left over in the last character make it invalid.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let body = match bytes {
-        [rest @ .., b'=', b'='] => rest,
-        [rest @ .., b'='] => rest,
-        _ => bytes,
-    };
-    if bytes.len() != body.len() && !bytes.len().is_multiple_of(4) {
+    if text.ends_with('=') && !text.len().is_multiple_of(4) {
         return None; // Padding only completes a quantum.
     }
-    let mut out = Vec::with_capacity(body.len() / 4 * 3 + 3);
-    let mut chunks = body.chunks_exact(4);
-    for c in &mut chunks {
-        let (a, b, c, d) = (
-            B64_VALUE[c[0] as usize],
-            B64_VALUE[c[1] as usize],
-            B64_VALUE[c[2] as usize],
-            B64_VALUE[c[3] as usize],
-        );
-        if (a | b | c | d) & 0xC0 != 0 {
-            return None; // 0xFF marks a character outside the alphabet.
-        }
-        let n = (u32::from(a) << 18) | (u32::from(b) << 12) | (u32::from(c) << 6) | u32::from(d);
-        out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8]);
-    }
-    match *chunks.remainder() {
-        [] => {}
-        [_] => return None,
-        [a, b] => {
-            let n = (b64_value(a)? << 18) | (b64_value(b)? << 12);
-            if n & 0xFFFF != 0 {
-                return None;
-            }
-            out.push((n >> 16) as u8);
-        }
-        [a, b, c] => {
-            let n = (b64_value(a)? << 18) | (b64_value(b)? << 12) | (b64_value(c)? << 6);
-            if n & 0xFF != 0 {
-                return None;
-            }
-            out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8]);
-        }
-        _ => unreachable!("chunks_exact(4) leaves at most 3"),
-    }
-    Some(out)
+    B64.decode(text).ok()
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::guest::*;
 use super::host::*;
 use super::*;
+use crate::civil::civil_from_days;
 
 fn frames(f: &mut Framer) -> Vec<Frame> {
     std::iter::from_fn(|| f.next_frame()).collect()

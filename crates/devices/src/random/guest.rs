@@ -24,7 +24,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use vstream_link::{ChannelStream, Mux};
 
+use vstream_transport::Backoff;
+
 use super::{Request, CLASS, MAX_REQUEST, POOL_CHANNEL};
+use crate::channel::{open_with_backoff, REOPEN_PAUSE};
 
 /// A `random` channel: ask for bytes, get them.
 pub struct Client {
@@ -91,7 +94,8 @@ pub trait Pool: Send {
 }
 
 /// `_IOW('R', 0x03, int[2])`.
-const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
+const RNDADDENTROPY: rustix::ioctl::Opcode =
+    rustix::ioctl::opcode::write::<[libc::c_int; 2]>(b'R', 0x03);
 
 /// Most bytes one `RNDADDENTROPY` carries here (the kernel takes any size; this bounds the
 /// stack buffer).
@@ -170,7 +174,7 @@ impl Pool for KernelPool {
             let rc = unsafe {
                 libc::ioctl(
                     self.dev.get_ref().as_raw_fd(),
-                    RNDADDENTROPY,
+                    RNDADDENTROPY as libc::Ioctl,
                     &info as *const RandPoolInfo,
                 )
             };
@@ -360,29 +364,17 @@ async fn sleep_or_never(d: Option<Duration>) {
 /// Keeps `feeder` fed through channels of `mux`, reopening them when they fail; returns when the
 /// pool fails (logged).
 pub async fn run_feeder<P: Pool>(mux: Mux, mut feeder: Feeder<P>) {
-    let mut backoff = Duration::from_secs(1);
-    let mut last_error = String::new();
+    // The first failure waits 2 s, doubling to 60 s; a channel that ended is reopened after 1 s.
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
     loop {
-        match Client::open(&mux, POOL_CHANNEL).await {
-            Ok(mut client) => match feeder.run(&mut client).await {
-                FeedError::Pool(e) => {
-                    tracing::error!("random: cannot feed the kernel's entropy pool: {e}; stopping");
-                    return;
-                }
-                FeedError::Channel(e) => {
-                    backoff = Duration::from_secs(1);
-                    tracing::info!("random: channel ended ({e}); reopening");
-                }
-            },
-            Err(e) => {
-                let msg = e.to_string();
-                if msg != last_error {
-                    tracing::warn!("random: cannot open the {CLASS} channel: {msg}; retrying");
-                    last_error = msg;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+        let stream = open_with_backoff(&mux, CLASS, POOL_CHANNEL, &mut backoff).await;
+        match feeder.run(&mut Client { stream }).await {
+            FeedError::Pool(e) => {
+                tracing::error!("random: cannot feed the kernel's entropy pool: {e}; stopping");
+                return;
             }
+            FeedError::Channel(e) => tracing::info!("random: channel ended ({e}); reopening"),
         }
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(REOPEN_PAUSE).await;
     }
 }

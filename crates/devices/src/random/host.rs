@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use vstream_link::ChannelStream;
 
 use super::{Request, Settings, TokenBucket, REQUEST_LEN};
-use crate::{HostContext, ServeFuture, Service};
+use crate::{ServeFuture, Service};
 
 /// Most bytes generated and written at once (the largest buffer a guest makes us hold).
 pub const CHUNK: usize = 16 * 1024;
@@ -137,7 +137,7 @@ where
         let mut got = 0;
         while got < REQUEST_LEN {
             // Cancel-safe reads, polled again now and then (see `read_repoll`).
-            match crate::watchdog::host::read_repoll(r, &mut raw[got..]).await? {
+            match crate::channel::read_repoll(r, &mut raw[got..]).await? {
                 0 if got == 0 => return Ok(()),
                 0 => {
                     return Err(io::Error::new(
@@ -183,11 +183,11 @@ pub struct Entropy {
 }
 
 impl Entropy {
-    /// The service of the guest of `ctx`, drawing from its limiter.
-    pub fn new(ctx: &HostContext) -> Entropy {
+    /// The service of `guest`, drawing from its limiter.
+    pub fn new(guest: &str, limiter: Arc<Limiter>) -> Entropy {
         Entropy {
-            guest: ctx.guest.clone(),
-            limiter: ctx.random.clone(),
+            guest: guest.to_owned(),
+            limiter,
         }
     }
 }

@@ -16,6 +16,7 @@
 //! The protocol and the budget are sans-io here ([`Request`], [`TokenBucket`]); [`host`] and
 //! [`guest`] only move bytes.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 #[cfg(test)]

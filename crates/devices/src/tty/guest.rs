@@ -18,7 +18,6 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -27,7 +26,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rustix::process::{Pid, Signal};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, watch};
@@ -35,9 +33,10 @@ use tokio::task::JoinSet;
 use vstream_link::ChannelStream;
 
 use super::{
-    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, WindowSize, CLASS,
-    HEADER_LEN, MAX_DATA, MAX_SIGNAL, READ_CHUNK,
+    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, CLASS, HEADER_LEN,
+    MAX_DATA, MAX_SIGNAL, READ_CHUNK,
 };
+use crate::term::{open_pty, PtyMaster};
 use crate::{ServeFuture, Service};
 
 /// After the command exits, output streams silent this long are given up (a background process
@@ -89,7 +88,7 @@ where
     let writer = tokio::spawn(write_messages(wr, out_rx));
     let mut dec = Decoder::<HostMsg>::new();
     let mut buf = Box::new([0u8; READ_CHUNK]);
-    let start = match read_message(&mut rd, &mut dec, &mut buf).await {
+    let start = match read_message(&mut rd, &mut dec, &mut buf[..]).await {
         Ok(Some(HostMsg::Start(start))) => Some(start),
         Ok(Some(_)) => {
             let _ = out
@@ -98,7 +97,7 @@ where
             None
         }
         Ok(None) | Err(ReadError::Io(_)) => None,
-        Err(ReadError::Codec(e)) => {
+        Err(ReadError::Record(e)) => {
             let _ = out.send(GuestMsg::error(&format!("bad Start: {e}"))).await;
             None
         }
@@ -285,7 +284,7 @@ async fn handle_input<R: AsyncRead + Unpin>(
     loop {
         match read_message(rd, dec, buf).await {
             Ok(None) | Err(ReadError::Io(_)) => return InputEnd::Closed,
-            Err(ReadError::Codec(e)) => return InputEnd::Broken(e.to_string()),
+            Err(ReadError::Record(e)) => return InputEnd::Broken(e.to_string()),
             Ok(Some(HostMsg::Start(_))) => return InputEnd::Broken("a second Start".into()),
             Ok(Some(HostMsg::Stdin(data))) => match &stdin {
                 // A send fails when the command stopped reading its stdin: the bytes are dropped.
@@ -487,74 +486,4 @@ fn child_pid(child: &Child) -> Result<Pid, SpawnFailure> {
             text: "the command has no pid".into(),
             exit: None,
         })
-}
-
-/// A new pseudo-terminal of `size`: (master, slave).
-pub(crate) fn open_pty(size: WindowSize) -> io::Result<(OwnedFd, OwnedFd)> {
-    use rustix::pty::OpenptFlags;
-    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = rustix::pty::openpt(flags)?;
-    rustix::pty::grantpt(&master)?;
-    rustix::pty::unlockpt(&master)?;
-    // The slave straight from the master (Linux >= 4.13): no path lookup in /dev/pts.
-    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
-    rustix::termios::tcsetwinsize(&master, winsize(size))?;
-    Ok((master, slave))
-}
-
-fn winsize(size: WindowSize) -> rustix::termios::Winsize {
-    rustix::termios::Winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
-
-/// The master side of a pseudo-terminal, non-blocking, read and written from different tasks.
-pub(crate) struct PtyMaster {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl PtyMaster {
-    pub(crate) fn new(fd: OwnedFd) -> io::Result<PtyMaster> {
-        rustix::io::ioctl_fionbio(&fd, true)?;
-        // SAFETY: `fd` is an open descriptor, owned from here on by the AsyncFd: it stays open
-        // until the AsyncFd is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(PtyMaster { fd })
-    }
-
-    /// Reads output; 0 once every slave descriptor is closed (the master then reads EIO).
-    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut ready = self.fd.readable().await?;
-            let result = ready.try_io(|fd| match rustix::io::read(fd.get_ref(), &mut *buf) {
-                Err(rustix::io::Errno::IO) => Ok(0),
-                r => r.map_err(io::Error::from),
-            });
-            if let Ok(r) = result {
-                return r;
-            }
-        }
-    }
-
-    /// Types `data` into the terminal.
-    pub(crate) async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let mut ready = self.fd.writable().await?;
-            let result =
-                ready.try_io(|fd| rustix::io::write(fd.get_ref(), data).map_err(io::Error::from));
-            if let Ok(r) = result {
-                data = &data[r?..];
-            }
-        }
-        Ok(())
-    }
-
-    /// Sets the terminal size; the kernel signals `SIGWINCH` to its foreground process group.
-    fn resize(&self, size: WindowSize) -> io::Result<()> {
-        rustix::termios::tcsetwinsize(self.fd.get_ref(), winsize(size))?;
-        Ok(())
-    }
 }

@@ -14,8 +14,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::term::RawMode;
+
 use super::{
-    read_message, CodecError, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start,
+    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, RecordError, Start,
     WindowSize, MAX_DATA, READ_CHUNK,
 };
 
@@ -44,13 +46,13 @@ pub enum PtyMode {
 pub enum SessionError {
     /// The command line breaks a protocol limit.
     #[error("cannot send the command: {0}")]
-    Command(CodecError),
+    Command(RecordError),
     /// The connection to vstreamd (and the channel behind it) failed.
     #[error("connection lost: {0}")]
     Connection(io::Error),
     /// The guest sent bytes that are not valid tty messages.
     #[error("the guest broke the tty protocol: {0}")]
-    Protocol(CodecError),
+    Protocol(RecordError),
     /// The guest closed the channel without an `Exit`.
     #[error("the session ended without an exit status")]
     NoExit,
@@ -173,7 +175,7 @@ where
     let mut dec = Decoder::<GuestMsg>::new();
     let mut buf = Box::new([0u8; READ_CHUNK]);
     loop {
-        match read_message(&mut r, &mut dec, &mut buf).await {
+        match read_message(&mut r, &mut dec, &mut buf[..]).await {
             Ok(Some(GuestMsg::Stdout(data))) => write_flush(&mut stdout, &data).await?,
             Ok(Some(GuestMsg::Stderr(data))) => write_flush(&mut stderr, &data).await?,
             Ok(Some(GuestMsg::Exit(exit))) => return Ok(exit),
@@ -184,7 +186,7 @@ where
             }
             Ok(None) => return Err(SessionError::NoExit),
             Err(ReadError::Io(e)) => return Err(SessionError::Connection(e)),
-            Err(ReadError::Codec(e)) => return Err(SessionError::Protocol(e)),
+            Err(ReadError::Record(e)) => return Err(SessionError::Protocol(e)),
         }
     }
 }
@@ -348,30 +350,4 @@ pub fn escape_controls(text: &str) -> String {
             }
         })
         .collect()
-}
-
-/// The local terminal in raw mode for the life of the value.
-struct RawMode {
-    saved: rustix::termios::Termios,
-}
-
-impl RawMode {
-    fn enter() -> io::Result<RawMode> {
-        let stdin = rustix::stdio::stdin();
-        let saved = rustix::termios::tcgetattr(stdin)?;
-        let mut raw = saved.clone();
-        raw.make_raw();
-        rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw)?;
-        Ok(RawMode { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = rustix::termios::tcsetattr(
-            rustix::stdio::stdin(),
-            rustix::termios::OptionalActions::Now,
-            &self.saved,
-        );
-    }
 }

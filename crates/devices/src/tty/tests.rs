@@ -30,7 +30,7 @@ fn encode_all<M: Message>(msgs: &[M]) -> Vec<u8> {
     out
 }
 
-fn decode_all<M: Message>(bytes: &[u8], chunk: usize) -> Result<Vec<M>, CodecError> {
+fn decode_all<M: Message>(bytes: &[u8], chunk: usize) -> Result<Vec<M>, RecordError> {
     let mut dec = Decoder::<M>::new();
     let mut msgs = Vec::new();
     for part in bytes.chunks(chunk.max(1)) {
@@ -124,7 +124,7 @@ fn an_oversized_length_fails_at_the_header_before_any_payload() {
         .expect("push");
     assert_eq!(
         dec.next_message(),
-        Err(CodecError::TooLong {
+        Err(RecordError::TooLong {
             kind: "Stdout",
             len: MAX_DATA + 1,
             max: MAX_DATA
@@ -135,7 +135,7 @@ fn an_oversized_length_fails_at_the_header_before_any_payload() {
     dec.push(&[0x01, 0xff, 0xff, 0xff, 0xff]).expect("push");
     assert!(matches!(
         dec.next_message(),
-        Err(CodecError::TooLong { .. })
+        Err(RecordError::TooLong { .. })
     ));
     assert_eq!(dec.buffered(), HEADER_LEN);
 }
@@ -147,49 +147,49 @@ fn malformed_messages_are_distinct_errors() {
     // Types of the other direction, and unknown ones.
     assert_eq!(
         guest(&[0x02, 0, 0, 0, 0]),
-        Err(CodecError::UnknownType(0x02))
+        Err(RecordError::UnknownType(0x02))
     );
     assert_eq!(
         host(&[0x81, 0, 0, 0, 0]),
-        Err(CodecError::UnknownType(0x81))
+        Err(RecordError::UnknownType(0x81))
     );
     assert_eq!(
         host(&[0x7f, 0, 0, 0, 0]),
-        Err(CodecError::UnknownType(0x7f))
+        Err(RecordError::UnknownType(0x7f))
     );
     // Fixed sizes.
     assert!(matches!(
         host(&[0x04, 5, 0, 0, 0, 1, 2, 3, 4, 5]),
-        Err(CodecError::TooLong { kind: "Resize", .. })
+        Err(RecordError::TooLong { kind: "Resize", .. })
     ));
     assert!(matches!(
         host(&[0x04, 2, 0, 0, 0, 1, 2]),
-        Err(CodecError::WrongLength { kind: "Resize", .. })
+        Err(RecordError::WrongLength { kind: "Resize", .. })
     ));
     assert!(matches!(
         host(&[0x03, 1, 0, 0, 0, 0]),
-        Err(CodecError::TooLong {
+        Err(RecordError::TooLong {
             kind: "StdinEof",
             ..
         })
     ));
     assert!(matches!(
         guest(&[0x83, 1, 0, 0, 0, 0]),
-        Err(CodecError::WrongLength { kind: "Exit", .. })
+        Err(RecordError::WrongLength { kind: "Exit", .. })
     ));
     // Exit values.
     for bad in [[1u8, 0], [1, MAX_SIGNAL + 1], [2, 0]] {
         let mut m = vec![0x83, 2, 0, 0, 0];
         m.extend_from_slice(&bad);
         assert!(
-            matches!(guest(&m), Err(CodecError::Malformed { kind: "Exit", .. })),
+            matches!(guest(&m), Err(RecordError::Malformed { kind: "Exit", .. })),
             "{bad:?}"
         );
     }
     // Error text must be UTF-8.
     assert!(matches!(
         guest(&[0x84, 2, 0, 0, 0, 0xc3, 0x28]),
-        Err(CodecError::Malformed { kind: "Error", .. })
+        Err(RecordError::Malformed { kind: "Error", .. })
     ));
     // Start: flags, truncation, NUL, trailing bytes, TERM limit.
     let mut good = Vec::new();
@@ -207,7 +207,7 @@ fn malformed_messages_are_distinct_errors() {
     flags[0] = 0x02;
     assert!(matches!(
         host(&frame(&flags)),
-        Err(CodecError::Malformed {
+        Err(RecordError::Malformed {
             what: "unknown flags",
             ..
         })
@@ -216,7 +216,7 @@ fn malformed_messages_are_distinct_errors() {
         assert!(
             matches!(
                 host(&frame(&payload[..cut])),
-                Err(CodecError::Malformed { kind: "Start", .. })
+                Err(RecordError::Malformed { kind: "Start", .. })
             ),
             "cut at {cut}"
         );
@@ -225,7 +225,7 @@ fn malformed_messages_are_distinct_errors() {
     *nul.last_mut().expect("byte") = 0;
     assert!(matches!(
         host(&frame(&nul)),
-        Err(CodecError::Malformed {
+        Err(RecordError::Malformed {
             what: "a string contains NUL",
             ..
         })
@@ -234,7 +234,7 @@ fn malformed_messages_are_distinct_errors() {
     trailing.push(0);
     assert!(matches!(
         host(&frame(&trailing)),
-        Err(CodecError::Malformed {
+        Err(RecordError::Malformed {
             what: "bytes after the last argument",
             ..
         })
@@ -245,7 +245,7 @@ fn malformed_messages_are_distinct_errors() {
     long_term.extend_from_slice(&[0, 0]);
     assert!(matches!(
         host(&frame(&long_term)),
-        Err(CodecError::TooLong {
+        Err(RecordError::TooLong {
             kind: "TERM in Start",
             ..
         })
@@ -254,7 +254,7 @@ fn malformed_messages_are_distinct_errors() {
     let count = [0, 24, 0, 80, 0, 0, 0, 0xff, 0xff];
     assert!(matches!(
         host(&frame(&count)),
-        Err(CodecError::Malformed { kind: "Start", .. })
+        Err(RecordError::Malformed { kind: "Start", .. })
     ));
 }
 
@@ -264,7 +264,7 @@ fn a_stream_cut_inside_a_message_is_truncated_not_clean() {
     for cut in 1..bytes.len() {
         assert_eq!(
             decode_all::<GuestMsg>(&bytes[..cut], 2),
-            Err(CodecError::Truncated(cut))
+            Err(RecordError::Truncated(cut))
         );
     }
     assert_eq!(decode_all::<GuestMsg>(&[], 1), Ok(vec![]));
@@ -279,7 +279,7 @@ fn the_decoder_refuses_to_buffer_past_its_bound() {
     dec.push(&big[..limit - 1]).expect("under the bound");
     assert_eq!(
         dec.push(&big[..2]),
-        Err(CodecError::Overflow {
+        Err(RecordError::Overflow {
             buffered: limit - 1,
             pushed: 2,
             limit
@@ -293,11 +293,11 @@ fn encoding_checks_the_limits() {
     let too_big = Bytes::from(vec![0u8; MAX_DATA + 1]);
     assert!(matches!(
         GuestMsg::Stdout(too_big.clone()).encode(&mut out),
-        Err(CodecError::TooLong { kind: "Stdout", .. })
+        Err(RecordError::TooLong { kind: "Stdout", .. })
     ));
     assert!(matches!(
         HostMsg::Stdin(too_big).encode(&mut out),
-        Err(CodecError::TooLong { kind: "Stdin", .. })
+        Err(RecordError::TooLong { kind: "Stdin", .. })
     ));
     assert!(GuestMsg::Exit(Exit::Signal(0)).encode(&mut out).is_err());
     let huge_arg = OsString::from("x".repeat(MAX_START));
@@ -307,7 +307,7 @@ fn encoding_checks_the_limits() {
     };
     assert!(matches!(
         HostMsg::Start(s).encode(&mut out),
-        Err(CodecError::TooLong { kind: "Start", .. })
+        Err(RecordError::TooLong { kind: "Start", .. })
     ));
     let s = Start {
         command: vec![OsString::from("a\0b")],
@@ -627,7 +627,9 @@ fn alive(pid: i32) -> bool {
 
 async fn read_guest_msg(r: &mut DuplexStream, dec: &mut Decoder<GuestMsg>) -> Option<GuestMsg> {
     let mut buf = Box::new([0u8; READ_CHUNK]);
-    read_message(r, dec, &mut buf).await.expect("valid stream")
+    read_message(r, dec, &mut buf[..])
+        .await
+        .expect("valid stream")
 }
 
 #[tokio::test]
@@ -678,7 +680,7 @@ async fn closing_the_channel_kills_the_process_group() {
 async fn a_host_that_breaks_the_protocol_gets_an_error_and_the_end() {
     let cases: [(&[u8], &str); 3] = [
         (&[0x02, 1, 0, 0, 0, b'x'], "the first message must be Start"),
-        (&[0x7e, 0, 0, 0, 0], "unknown message type 0x7e"),
+        (&[0x7e, 0, 0, 0, 0], "unknown record type 0x7e"),
         (&[0x01, 0xff, 0xff, 0xff, 0x7f], "exceeds its limit"),
     ];
     for (bytes, expected) in cases {
@@ -747,7 +749,7 @@ async fn a_hostile_guest_gets_an_error_not_a_panic_or_a_buffer() {
     assert!(
         matches!(
             r.result,
-            Err(SessionError::Protocol(CodecError::TooLong { .. }))
+            Err(SessionError::Protocol(RecordError::TooLong { .. }))
         ),
         "{r:?}"
     );
@@ -755,7 +757,7 @@ async fn a_hostile_guest_gets_an_error_not_a_panic_or_a_buffer() {
     assert!(
         matches!(
             r.result,
-            Err(SessionError::Protocol(CodecError::UnknownType(1)))
+            Err(SessionError::Protocol(RecordError::UnknownType(1)))
         ),
         "{r:?}"
     );
@@ -763,7 +765,7 @@ async fn a_hostile_guest_gets_an_error_not_a_panic_or_a_buffer() {
     assert!(
         matches!(
             r.result,
-            Err(SessionError::Protocol(CodecError::Malformed { .. }))
+            Err(SessionError::Protocol(RecordError::Malformed { .. }))
         ),
         "{r:?}"
     );
@@ -775,7 +777,7 @@ async fn a_hostile_guest_gets_an_error_not_a_panic_or_a_buffer() {
     assert!(
         matches!(
             r.result,
-            Err(SessionError::Protocol(CodecError::Truncated(6)))
+            Err(SessionError::Protocol(RecordError::Truncated(6)))
         ),
         "{r:?}"
     );

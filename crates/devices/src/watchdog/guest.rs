@@ -8,7 +8,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use vstream_link::{ChannelStream, Mux};
 
-use super::{Decoder, GuestMsg, HostMsg, Message, CLASS, READ_CHUNK};
+use vstream_transport::Backoff;
+
+use super::{Decoder, GuestMsg, HostMsg, CLASS, READ_CHUNK};
+use crate::channel::{open_with_backoff, REOPEN_PAUSE};
 
 /// How long a clean stop waits for the host to confirm the disarm.
 pub const DISARM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -75,11 +78,11 @@ enum Ended {
 }
 
 async fn run(mux: Mux, settings: GuestSettings, mut stop: StopRx) {
-    let mut backoff = Duration::from_secs(1);
-    let mut last_error = String::new();
+    // The first failure waits 2 s, doubling to 30 s; a channel that ended is reopened after 1 s.
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(30));
     loop {
-        let opened = tokio::select! {
-            r = mux.open(CLASS, "") => r,
+        let stream = tokio::select! {
+            s = open_with_backoff(&mux, CLASS, "", &mut backoff) => s,
             s = &mut stop => {
                 // Not connected: nothing armed on the host by this session; say so.
                 if let Ok((_, ack)) = s {
@@ -88,26 +91,12 @@ async fn run(mux: Mux, settings: GuestSettings, mut stop: StopRx) {
                 return;
             }
         };
-        match opened {
-            Ok(stream) => {
-                backoff = Duration::from_secs(1);
-                last_error.clear();
-                match session(&mux, stream, &settings, &mut stop).await {
-                    Ended::Stopped => return,
-                    Ended::Channel(e) => tracing::info!("watchdog: channel ended ({e}); reopening"),
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if msg != last_error {
-                    tracing::warn!("watchdog: cannot open the {CLASS} channel: {msg}; retrying");
-                    last_error = msg;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+        match session(&mux, stream, &settings, &mut stop).await {
+            Ended::Stopped => return,
+            Ended::Channel(e) => tracing::info!("watchdog: channel ended ({e}); reopening"),
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(REOPEN_PAUSE) => {}
             s = &mut stop => {
                 if let Ok((_, ack)) = s {
                     let _ = ack.send(false);

@@ -13,8 +13,9 @@ use vstream_link::ChannelStream;
 use vstream_transport::Address;
 
 use super::{
-    qmp, Action, Decoder, Expiry, GuestMsg, HostMsg, Message, Phase, Settings, Watchdog, READ_CHUNK,
+    qmp, Action, Decoder, Expiry, GuestMsg, HostMsg, Phase, Settings, Watchdog, READ_CHUNK,
 };
+use crate::channel::read_repoll;
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
 /// How long a QMP action may take.
@@ -305,24 +306,6 @@ async fn run_hook(
     (start.elapsed(), outcome)
 }
 
-/// How often a read of a channel is polled again without a wake-up.
-pub(crate) const REPOLL: Duration = Duration::from_secs(1);
-
-/// `read`, polled again every [`REPOLL`]: a wake-up lost by the stream must not leave a
-/// watchdog deaf. (vstream-link's `ChannelStream::drop` removes the wakers registered under
-/// its channel id even when the stream belongs to a replaced session and a new channel of the
-/// new session reuses the id; the read here is cancel-safe.)
-pub(crate) async fn read_repoll<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    loop {
-        if let Ok(result) = tokio::time::timeout(REPOLL, r.read(buf)).await {
-            return result;
-        }
-    }
-}
-
 /// Reads a pipe to its end, keeping the first [`HOOK_OUTPUT`] bytes.
 async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
     let mut kept = Vec::new();
@@ -346,9 +329,10 @@ pub struct WatchdogService {
 }
 
 impl WatchdogService {
-    /// The watchdog of the guest of `ctx` (refuses channels if it has no `[guest.watchdog]`).
-    pub fn new(ctx: &HostContext) -> WatchdogService {
-        let shared = ctx.watchdog.clone().map(|settings| {
+    /// The watchdog of the guest of `ctx` with its `[guest.watchdog]` (without one it refuses
+    /// channels).
+    pub fn new(ctx: &HostContext, settings: Option<Settings>) -> WatchdogService {
+        let shared = settings.map(|settings| {
             Arc::new(Shared {
                 guest: ctx.guest.clone(),
                 qmp: ctx.qmp.clone(),

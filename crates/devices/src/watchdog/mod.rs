@@ -15,23 +15,26 @@
 //! Frame: `u8 type`, `u16 length` (little-endian), `length` bytes of payload (at most
 //! [`MAX_PAYLOAD`]).
 
+pub mod device;
 pub mod guest;
 pub mod host;
 pub mod qmp;
 #[cfg(test)]
 mod tests;
 
-use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The device class.
 pub const CLASS: &str = "watchdog";
 
+use crate::record::{fixed, put, Layout, Limit};
+pub use crate::record::{Decoder, Message, RecordError};
+
 /// Bytes of a frame header.
-pub const HEADER_LEN: usize = 3;
+pub const HEADER_LEN: usize = Layout::Short.header_len();
 
 /// Largest payload of any message.
 pub const MAX_PAYLOAD: usize = 1024;
@@ -49,30 +52,6 @@ mod kind {
     pub const DISARM: u8 = 0x04;
     pub const ARMED: u8 = 0x81;
     pub const DISARMED: u8 = 0x82;
-}
-
-/// Why bytes are not a valid message stream.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodecError {
-    /// A type byte this direction does not carry.
-    #[error("unknown watchdog message type 0x{0:02x}")]
-    UnknownType(u8),
-    /// A length above [`MAX_PAYLOAD`].
-    #[error("watchdog message of {0} bytes (at most {MAX_PAYLOAD})")]
-    TooLong(usize),
-    /// A fixed-size message with the wrong length.
-    #[error("watchdog {kind} message of {len} bytes (expected {expected})")]
-    BadLength {
-        /// Message type.
-        kind: &'static str,
-        /// Length found.
-        len: usize,
-        /// Length of that type.
-        expected: usize,
-    },
-    /// More than [`READ_CHUNK`] bytes pushed at once.
-    #[error("{0} bytes pushed at once (at most {READ_CHUNK})")]
-    Overflow(usize),
 }
 
 /// Guest to host.
@@ -114,27 +93,6 @@ pub enum HostMsg {
     Disarmed,
 }
 
-/// A message of one direction.
-pub trait Message: Sized {
-    /// Decodes the payload of a message of type `kind`.
-    fn decode(kind: u8, payload: &[u8]) -> Result<Self, CodecError>;
-    /// Appends the whole frame to `out`.
-    fn encode(&self, out: &mut Vec<u8>);
-    /// Encodes into a new buffer.
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.encode(&mut out);
-        out
-    }
-}
-
-fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = payload.len().min(MAX_PAYLOAD);
-    out.push(kind);
-    out.extend_from_slice(&(len as u16).to_le_bytes());
-    out.extend_from_slice(&payload[..len]);
-}
-
 /// Text from the peer, safe to log: lossy UTF-8 with control characters replaced.
 pub fn clean_text(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload)
@@ -152,62 +110,102 @@ fn truncated(text: &str) -> &[u8] {
     &text.as_bytes()[..end]
 }
 
-fn fixed<const N: usize>(kind: &'static str, payload: &[u8]) -> Result<[u8; N], CodecError> {
-    payload.try_into().map_err(|_| CodecError::BadLength {
-        kind,
-        len: payload.len(),
-        expected: N,
-    })
+impl GuestMsg {
+    /// The encoded message (watchdog messages always encode: texts are cut to fit).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        infallible(self)
+    }
+}
+
+impl HostMsg {
+    /// The encoded message (host messages have fixed sizes, so they always encode).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        infallible(self)
+    }
+}
+
+fn infallible<M: Message>(m: &M) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Cannot fail: every type has a fixed size or a text cut to MAX_PAYLOAD by `truncated`.
+    let _ = m.encode(&mut out);
+    out
 }
 
 impl Message for GuestMsg {
-    fn decode(k: u8, payload: &[u8]) -> Result<GuestMsg, CodecError> {
+    const LAYOUT: Layout = Layout::Short;
+    const MAX_PAYLOAD: usize = MAX_PAYLOAD;
+    const READ_CHUNK: usize = READ_CHUNK;
+
+    fn limit(k: u8) -> Result<Limit, RecordError> {
         Ok(match k {
-            kind::HELLO => GuestMsg::Hello {
-                interval_ms: u32::from_le_bytes(fixed("hello", payload)?),
-            },
-            kind::HEARTBEAT => GuestMsg::Heartbeat {
-                seq: u64::from_le_bytes(fixed("heartbeat", payload)?),
-            },
-            kind::CHECK_FAILED => GuestMsg::CheckFailed {
-                detail: clean_text(payload),
-            },
-            kind::DISARM => GuestMsg::Disarm {
-                reason: clean_text(payload),
-            },
-            other => return Err(CodecError::UnknownType(other)),
+            kind::HELLO => Limit::exactly("hello", 4),
+            kind::HEARTBEAT => Limit::exactly("heartbeat", 8),
+            kind::CHECK_FAILED => Limit::range("check-failed", 0, MAX_PAYLOAD),
+            kind::DISARM => Limit::range("disarm", 0, MAX_PAYLOAD),
+            other => return Err(RecordError::UnknownType(other)),
         })
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    fn decode(k: u8, _flags: u8, payload: Bytes) -> Result<GuestMsg, RecordError> {
+        Ok(match k {
+            kind::HELLO => GuestMsg::Hello {
+                interval_ms: u32::from_le_bytes(fixed("hello", &payload)?),
+            },
+            kind::HEARTBEAT => GuestMsg::Heartbeat {
+                seq: u64::from_le_bytes(fixed("heartbeat", &payload)?),
+            },
+            kind::CHECK_FAILED => GuestMsg::CheckFailed {
+                detail: clean_text(&payload),
+            },
+            kind::DISARM => GuestMsg::Disarm {
+                reason: clean_text(&payload),
+            },
+            other => return Err(RecordError::UnknownType(other)),
+        })
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let put = |out: &mut Vec<u8>, kind, payload: &[u8]| put::<GuestMsg>(out, kind, 0, payload);
         match self {
-            GuestMsg::Hello { interval_ms } => frame(out, kind::HELLO, &interval_ms.to_le_bytes()),
-            GuestMsg::Heartbeat { seq } => frame(out, kind::HEARTBEAT, &seq.to_le_bytes()),
-            GuestMsg::CheckFailed { detail } => frame(out, kind::CHECK_FAILED, truncated(detail)),
-            GuestMsg::Disarm { reason } => frame(out, kind::DISARM, truncated(reason)),
+            GuestMsg::Hello { interval_ms } => put(out, kind::HELLO, &interval_ms.to_le_bytes()),
+            GuestMsg::Heartbeat { seq } => put(out, kind::HEARTBEAT, &seq.to_le_bytes()),
+            GuestMsg::CheckFailed { detail } => put(out, kind::CHECK_FAILED, truncated(detail)),
+            GuestMsg::Disarm { reason } => put(out, kind::DISARM, truncated(reason)),
         }
     }
 }
 
 impl Message for HostMsg {
-    fn decode(k: u8, payload: &[u8]) -> Result<HostMsg, CodecError> {
+    const LAYOUT: Layout = Layout::Short;
+    const MAX_PAYLOAD: usize = MAX_PAYLOAD;
+    const READ_CHUNK: usize = READ_CHUNK;
+
+    fn limit(k: u8) -> Result<Limit, RecordError> {
+        Ok(match k {
+            kind::ARMED => Limit::exactly("armed", 8),
+            kind::DISARMED => Limit::exactly("disarmed", 0),
+            other => return Err(RecordError::UnknownType(other)),
+        })
+    }
+
+    fn decode(k: u8, _flags: u8, payload: Bytes) -> Result<HostMsg, RecordError> {
         Ok(match k {
             kind::ARMED => {
-                let b: [u8; 8] = fixed("armed", payload)?;
+                let b: [u8; 8] = fixed("armed", &payload)?;
                 HostMsg::Armed {
                     timeout_ms: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                     pretimeout_ms: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
                 }
             }
             kind::DISARMED => {
-                let _: [u8; 0] = fixed("disarmed", payload)?;
+                let _: [u8; 0] = fixed("disarmed", &payload)?;
                 HostMsg::Disarmed
             }
-            other => return Err(CodecError::UnknownType(other)),
+            other => return Err(RecordError::UnknownType(other)),
         })
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         match self {
             HostMsg::Armed {
                 timeout_ms,
@@ -216,65 +214,10 @@ impl Message for HostMsg {
                 let mut p = [0u8; 8];
                 p[..4].copy_from_slice(&timeout_ms.to_le_bytes());
                 p[4..].copy_from_slice(&pretimeout_ms.to_le_bytes());
-                frame(out, kind::ARMED, &p);
+                put::<HostMsg>(out, kind::ARMED, 0, &p)
             }
-            HostMsg::Disarmed => frame(out, kind::DISARMED, &[]),
+            HostMsg::Disarmed => put::<HostMsg>(out, kind::DISARMED, 0, &[]),
         }
-    }
-}
-
-/// Splits a byte stream into messages. Holds at most one partial frame plus one pushed chunk.
-pub struct Decoder<M> {
-    buf: BytesMut,
-    _m: PhantomData<M>,
-}
-
-impl<M: Message> Default for Decoder<M> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<M: Message> Decoder<M> {
-    /// An empty decoder.
-    pub fn new() -> Decoder<M> {
-        Decoder {
-            buf: BytesMut::new(),
-            _m: PhantomData,
-        }
-    }
-
-    /// Appends bytes read from the stream (at most [`READ_CHUNK`] at once; drain with
-    /// [`Decoder::next_message`] in between).
-    pub fn push(&mut self, data: &[u8]) -> Result<(), CodecError> {
-        if data.len() > READ_CHUNK {
-            return Err(CodecError::Overflow(data.len()));
-        }
-        self.buf.extend_from_slice(data);
-        Ok(())
-    }
-
-    /// The next complete message, if any.
-    pub fn next_message(&mut self) -> Result<Option<M>, CodecError> {
-        if self.buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let k = self.buf[0];
-        let len = usize::from(u16::from_le_bytes([self.buf[1], self.buf[2]]));
-        if len > MAX_PAYLOAD {
-            return Err(CodecError::TooLong(len));
-        }
-        if self.buf.len() < HEADER_LEN + len {
-            return Ok(None);
-        }
-        let msg = M::decode(k, &self.buf[HEADER_LEN..HEADER_LEN + len]);
-        self.buf.advance(HEADER_LEN + len);
-        msg.map(Some)
-    }
-
-    /// Bytes held.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
     }
 }
 

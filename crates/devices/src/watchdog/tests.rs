@@ -21,7 +21,7 @@ fn messages_round_trip_in_both_directions() {
     ];
     let mut wire = Vec::new();
     for m in &guest {
-        m.encode(&mut wire);
+        m.encode(&mut wire).expect("encode");
     }
     // Fed one byte at a time: every split point works.
     let mut d = Decoder::<GuestMsg>::new();
@@ -55,17 +55,24 @@ fn messages_round_trip_in_both_directions() {
 fn hostile_frames_are_errors_not_panics() {
     let mut d = Decoder::<GuestMsg>::new();
     d.push(&[0x7f, 0, 0]).expect("push");
-    assert_eq!(d.next_message(), Err(CodecError::UnknownType(0x7f)));
+    assert_eq!(d.next_message(), Err(RecordError::UnknownType(0x7f)));
 
     let mut d = Decoder::<GuestMsg>::new();
     d.push(&[0x04, 0xff, 0xff]).expect("push");
-    assert_eq!(d.next_message(), Err(CodecError::TooLong(0xffff)));
+    assert_eq!(
+        d.next_message(),
+        Err(RecordError::TooLong {
+            kind: "disarm",
+            len: 0xffff,
+            max: MAX_PAYLOAD
+        })
+    );
 
     let mut d = Decoder::<GuestMsg>::new();
     d.push(&[0x02, 3, 0, 1, 2, 3]).expect("push");
     assert!(matches!(
         d.next_message(),
-        Err(CodecError::BadLength {
+        Err(RecordError::WrongLength {
             kind: "heartbeat",
             len: 3,
             expected: 8
@@ -75,12 +82,19 @@ fn hostile_frames_are_errors_not_panics() {
     // A host message type is not a guest message.
     let mut d = Decoder::<GuestMsg>::new();
     d.push(&HostMsg::Disarmed.to_bytes()).expect("push");
-    assert_eq!(d.next_message(), Err(CodecError::UnknownType(0x82)));
+    assert_eq!(d.next_message(), Err(RecordError::UnknownType(0x82)));
 
+    // At most one partial frame plus one read is held.
     let mut d = Decoder::<GuestMsg>::new();
+    let limit = Decoder::<GuestMsg>::LIMIT;
+    assert_eq!(limit, HEADER_LEN + MAX_PAYLOAD + READ_CHUNK);
     assert_eq!(
-        d.push(&[0; READ_CHUNK + 1]),
-        Err(CodecError::Overflow(READ_CHUNK + 1))
+        d.push(&vec![0; limit + 1]),
+        Err(RecordError::Overflow {
+            buffered: 0,
+            pushed: limit + 1,
+            limit
+        })
     );
 
     // Text is cleaned: no escape sequences reach logs.

@@ -13,6 +13,7 @@ use vstream_transport::Address;
 #[command(name = "vstreamd", version)]
 struct Args {
     /// Control socket for vstreamctl (mode 0600; 0660 with `[daemon] control_read_group`).
+    /// Unused when systemd passes the socket (vstreamd.socket, LISTEN_FDS).
     #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
     control: PathBuf,
     /// A shared listener for the agents of many guests (repeatable), e.g. vsock-listen:5000.
@@ -65,6 +66,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();
+    // Before the runtime's threads exist: these take variables out of the environment.
+    let activated = vstream_host::systemd::control_listener();
+    let notifier = vstream_host::systemd::Notifier::from_env();
+    let service_watchdog = vstream_host::systemd::watchdog_period();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -92,7 +97,21 @@ fn main() -> anyhow::Result<()> {
                     }
                 });
             }
-            let control = daemon.clone().serve_control(&args.control);
+            let activated = match activated {
+                Some(listener) => {
+                    tracing::info!("control socket passed by systemd");
+                    listener.set_nonblocking(true)?;
+                    Some(tokio::net::UnixListener::from_std(listener)?)
+                }
+                None => None,
+            };
+            let listener = daemon
+                .control_listener(activated, &args.control)
+                .map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display()))?;
+            if let Some(notifier) = notifier {
+                tokio::spawn(vstream_host::systemd::report(notifier, daemon.clone(), service_watchdog));
+            }
+            let control = daemon.clone().serve_control_on(listener);
             tokio::select! {
                 r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
                 _ = tokio::signal::ctrl_c() => Ok(()),

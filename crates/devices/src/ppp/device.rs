@@ -1,0 +1,90 @@
+//! The ppp device's descriptor: `[guest.ppp]` (none: no link), the host half's `ppp` service,
+//! the guest half's pppd (`--ppp`, `vstream.ppp=`).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use vstream_link::Mux;
+
+use super::guest::{run, Mode, Settings};
+use super::host::{PppConfig, PppService};
+use super::CLASS;
+use crate::registry::{
+    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
+    HostHalf, SettingsError,
+};
+
+/// `ppp`.
+pub struct PppDevice;
+
+fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
+    let s: Option<PppConfig> = section(CLASS, s)?;
+    if let Some(s) = &s {
+        s.validate().map_err(|e| SettingsError::new(CLASS, e))?;
+    }
+    Ok(s)
+}
+
+impl Device for PppDevice {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
+        match guest {
+            None => section::<PppConfig>(CLASS, s).map(drop),
+            Some(_) => settings(s).map(drop),
+        }
+    }
+
+    fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
+        let s = settings(ctx.section.as_ref())?;
+        Ok(HostHalf::services(vec![Arc::new(PppService::new(ctx, s))]))
+    }
+
+    fn agent_args(&self) -> Vec<clap::Arg> {
+        vec![clap::Arg::new("ppp")
+                .value_name("PPP")
+            .long("ppp")
+            .value_parser(|s: &str| s.parse::<Mode>())
+            .help("The PPP link: `on` (pppd on a `ppp` channel), `off`, or a transport such as port:org.vstream.ppp (default: vstream.ppp= on the kernel command line, else `on` if /usr/sbin/pppd exists)")]
+    }
+
+    fn agent_options(
+        &self,
+        args: &AgentArgs<'_>,
+        options: &mut GuestOptions,
+    ) -> Result<(), SettingsError> {
+        let mode = match args.matches.get_one::<Mode>("ppp") {
+            Some(m) => m.clone(),
+            None => match kernel_mode(args.cmdline)? {
+                Some(m) => m,
+                None if Settings::new(Mode::Channel).pppd.exists() => Mode::Channel,
+                None => Mode::Off,
+            },
+        };
+        options.set(CLASS, Settings::new(mode));
+        Ok(())
+    }
+
+    fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
+        let Some(s) = options.get::<Settings>(CLASS) else {
+            return GuestHalf::default();
+        };
+        GuestHalf {
+            tasks: vec![Box::pin(run(mux.clone(), s.clone()))],
+            ..GuestHalf::default()
+        }
+    }
+}
+
+/// The PPP link a kernel command line asks for: `vstream.ppp=on|off|ADDR` (the last one
+/// wins); `None` if it says nothing.
+pub fn kernel_mode(cmdline: &str) -> Result<Option<Mode>, SettingsError> {
+    let mut out = None;
+    for m in cmdline_values(cmdline, "ppp") {
+        let mode = m.parse();
+        out = Some(mode.map_err(|e| SettingsError::new(CLASS, format!("vstream.ppp={m}: {e}")))?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,439 @@
+//! The guest half: runs QGA commands for vstream-agent, on mux channels of class `qga` and on a
+//! raw stream such as the virtio-serial port `org.qemu.guest_agent.0`.
+//!
+//! [`GuestAgent::handle_text`] is the whole protocol for one request text, synchronous and
+//! testable without sockets; [`serve`] moves bytes between a stream and it (one request at a
+//! time per stream, each in a blocking-pool thread so a slow disk never stalls the runtime);
+//! [`serve_address`] keeps a raw transport served forever.
+
+mod exec;
+mod file;
+mod fs;
+mod network;
+mod ssh;
+mod system;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CStr, OsStr};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use vstream_link::ChannelStream;
+use vstream_transport::{Address, Endpoint};
+
+use self::{exec::*, file::*};
+pub(crate) use self::{network::*, system::*};
+// Parsers the tests reach through `guest::*`.
+#[cfg(test)]
+pub(crate) use self::{fs::*, ssh::*};
+use super::*;
+use crate::civil::civil_from_days;
+use crate::{ServeFuture, Service};
+
+/// Where the agent looks for things, and how it powers off. [`Settings::default`] is the real
+/// system; tests point the files elsewhere.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// When set, `guest-shutdown` runs `PROGRAM MODE` (`powerdown`, `reboot` or `halt`) instead
+    /// of shutting the system down itself: for containers and tests, where the agent must not
+    /// power off the machine it shares. From `VSTREAM_QGA_SHUTDOWN_COMMAND`.
+    pub shutdown_command: Option<PathBuf>,
+    /// The user database (`guest-ssh-*`).
+    pub passwd: PathBuf,
+    /// The login records (`guest-get-users`).
+    pub utmp: PathBuf,
+    /// os-release(5) files, the first readable one is used.
+    pub os_release: Vec<PathBuf>,
+    /// The mount table (`guest-get-fsinfo`, `guest-fsfreeze-*`).
+    pub mountinfo: PathBuf,
+    /// Real-time clock devices, the first present one is used (`guest-set-time`).
+    pub rtc: Vec<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            shutdown_command: None,
+            passwd: "/etc/passwd".into(),
+            utmp: "/var/run/utmp".into(),
+            os_release: vec!["/etc/os-release".into(), "/usr/lib/os-release".into()],
+            mountinfo: "/proc/self/mountinfo".into(),
+            rtc: vec!["/dev/rtc0".into(), "/dev/rtc".into()],
+        }
+    }
+}
+
+impl Settings {
+    /// The defaults, with `VSTREAM_QGA_SHUTDOWN_COMMAND` if set.
+    pub fn from_env() -> Settings {
+        Settings {
+            shutdown_command: std::env::var_os("VSTREAM_QGA_SHUTDOWN_COMMAND")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            ..Settings::default()
+        }
+    }
+}
+
+/// The agent's state, shared by every connection: open files, started processes, freeze state.
+pub struct GuestAgent {
+    settings: Settings,
+    state: Mutex<State>,
+    /// Captured exec output held, for all processes (bounded by [`EXEC_OUTPUT_BUDGET`]).
+    captured: Arc<AtomicUsize>,
+    /// Held while freezing or thawing.
+    freezing: Mutex<()>,
+}
+
+struct State {
+    files: BTreeMap<i64, OpenFile>,
+    next_handle: i64,
+    procs: HashMap<i64, Arc<Proc>>,
+    frozen: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in one command must not take the agent down for the others.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `strerror` text of an I/O error, without Rust's " (os error N)" suffix (qemu-ga's wording).
+fn errstr(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+fn to_value<T: Serialize>(v: T) -> Result<Option<Value>, QgaError> {
+    serde_json::to_value(v)
+        .map(Some)
+        .map_err(|e| QgaError::generic(format!("cannot encode the reply: {e}")))
+}
+
+/// Reads at most `limit` bytes of a file.
+fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn read_text(path: &Path, limit: u64) -> io::Result<String> {
+    read_bounded(path, limit).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+impl GuestAgent {
+    /// An agent with these settings (one per process is the rule; see [`GuestAgent::global`]).
+    pub fn new(settings: Settings) -> GuestAgent {
+        GuestAgent {
+            settings,
+            state: Mutex::new(State {
+                files: BTreeMap::new(),
+                next_handle: 1000,
+                procs: HashMap::new(),
+                frozen: false,
+            }),
+            captured: Arc::new(AtomicUsize::new(0)),
+            freezing: Mutex::new(()),
+        }
+    }
+
+    /// The process-wide agent (settings from the environment), shared by the mux service and
+    /// the raw port, as qemu-ga shares its state between clients.
+    pub fn global() -> Arc<GuestAgent> {
+        GuestAgent::global_with(Settings::from_env)
+    }
+
+    /// The process-wide agent, made with `settings` if this is the first use (an embedding
+    /// program or a test that must not let `guest-shutdown` power the machine off calls this
+    /// before anything else; check [`GuestAgent::settings`] to be sure).
+    pub fn global_with(settings: impl FnOnce() -> Settings) -> Arc<GuestAgent> {
+        static GLOBAL: OnceLock<Arc<GuestAgent>> = OnceLock::new();
+        GLOBAL
+            .get_or_init(|| Arc::new(GuestAgent::new(settings())))
+            .clone()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Whether file systems were frozen by this agent.
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.state).frozen
+    }
+
+    /// Answers one request text: the reply bytes (with the 0xFF prefix for
+    /// `guest-sync-delimited` and a final newline), or `None` when the command sends no reply.
+    pub fn handle_text(&self, text: &[u8]) -> Option<Vec<u8>> {
+        let (id, result, delimited) = match Request::parse(text) {
+            Err((id, e)) => (id, Err(e), false),
+            Ok(req) => {
+                let delimited = req.execute == "guest-sync-delimited";
+                match self.run(&req.execute, req.arguments) {
+                    Ok(None) => return None,
+                    Ok(Some(v)) => (req.id, Ok(v), delimited),
+                    Err(e) => (req.id, Err(e), false),
+                }
+            }
+        };
+        Some(encode_reply(&reply(id, result), delimited))
+    }
+
+    /// Runs one command by name: `Ok(None)` means no reply is due.
+    pub fn run(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+    ) -> Result<Option<Value>, QgaError> {
+        let Some(spec) = command_spec(name) else {
+            return Err(QgaError::command_not_found(name));
+        };
+        if !spec.allowed_frozen && self.is_frozen() {
+            return Err(QgaError::disabled(name, "the agent is in frozen state"));
+        }
+        let cmd = Command::parse(name, arguments)?;
+        self.execute(cmd)
+    }
+
+    /// Runs a parsed command.
+    pub fn execute(&self, cmd: Command) -> Result<Option<Value>, QgaError> {
+        match cmd {
+            Command::Sync { id } | Command::SyncDelimited { id } => to_value(id),
+            Command::Ping => to_value(Map::new()),
+            Command::Info => to_value(self.info()),
+            Command::Shutdown { mode } => self.shutdown(mode).map(|()| None),
+            Command::GetTime => to_value(get_time()?),
+            Command::SetTime { time } => {
+                self.set_time(time)?;
+                to_value(Map::new())
+            }
+            Command::GetOsinfo => to_value(self.osinfo()),
+            Command::GetHostName => to_value(GuestHostName {
+                host_name: uname_field(rustix::system::Uname::nodename),
+            }),
+            Command::GetTimezone => to_value(timezone()),
+            Command::GetUsers => to_value(self.users()?),
+            Command::GetLoad => to_value(load()?),
+            Command::GetVcpus => to_value(vcpus()?),
+            Command::NetworkGetInterfaces => to_value(interfaces()?),
+            Command::GetFsinfo => to_value(self.fsinfo()?),
+            Command::FsfreezeStatus => to_value(if self.is_frozen() { "frozen" } else { "thawed" }),
+            Command::FsfreezeFreeze => to_value(self.freeze(None)?),
+            Command::FsfreezeFreezeList { mountpoints } => {
+                to_value(self.freeze(Some(mountpoints.unwrap_or_default()))?)
+            }
+            Command::FsfreezeThaw => to_value(self.thaw()?),
+            Command::Exec(args) => to_value(self.exec(args)?),
+            Command::ExecStatus { pid } => to_value(self.exec_status(pid)?),
+            Command::FileOpen { path, mode } => to_value(self.file_open(&path, mode.as_deref())?),
+            Command::FileClose { handle } => {
+                self.file_close(handle)?;
+                to_value(Map::new())
+            }
+            Command::FileRead { handle, count } => to_value(self.file_read(handle, count)?),
+            Command::FileWrite {
+                handle,
+                buf_b64,
+                count,
+            } => to_value(self.file_write(handle, &buf_b64, count)?),
+            Command::FileSeek {
+                handle,
+                offset,
+                whence,
+            } => to_value(self.file_seek(handle, offset, whence)?),
+            Command::FileFlush { handle } => {
+                self.file(handle)?;
+                // Writes go straight to the kernel: there is no user-space buffer to flush.
+                to_value(Map::new())
+            }
+            Command::SshGetAuthorizedKeys { username } => to_value(GuestAuthorizedKeys {
+                keys: self.ssh_keys(&username)?.1,
+            }),
+            Command::SshAddAuthorizedKeys {
+                username,
+                keys,
+                reset,
+            } => {
+                self.ssh_add(&username, &keys, reset)?;
+                to_value(Map::new())
+            }
+            Command::SshRemoveAuthorizedKeys { username, keys } => {
+                self.ssh_remove(&username, &keys)?;
+                to_value(Map::new())
+            }
+        }
+    }
+
+    fn info(&self) -> GuestAgentInfo {
+        let frozen = self.is_frozen();
+        GuestAgentInfo {
+            version: AGENT_VERSION.to_owned(),
+            supported_commands: COMMANDS
+                .iter()
+                .map(|c| GuestAgentCommandInfo {
+                    name: c.name.to_owned(),
+                    enabled: !frozen || c.allowed_frozen,
+                    success_response: c.success_response,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The bytes of a reply: 0xFF first if `delimited`, the JSON, a newline.
+pub fn encode_reply(value: &Value, delimited: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if delimited {
+        out.push(DELIMITER);
+    }
+    // Serializing a Value into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, value);
+    out.push(b'\n');
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving.
+
+/// Serves QGA on one byte stream until the peer closes it: requests in, replies out, in order.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: Arc<GuestAgent>,
+    stream: S,
+) -> io::Result<()> {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let mut framer = Framer::new(MAX_REQUEST);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        framer.push(&buf[..n]);
+        while let Some(frame) = framer.next_frame() {
+            let out = match frame {
+                Frame::Text(text) => {
+                    let a = agent.clone();
+                    match tokio::task::spawn_blocking(move || a.handle_text(&text)).await {
+                        Ok(reply) => reply,
+                        Err(e) => Some(encode_reply(
+                            &reply(None, Err(QgaError::generic(format!("internal error: {e}")))),
+                            false,
+                        )),
+                    }
+                }
+                Frame::TooLarge { size } => Some(encode_reply(
+                    &reply(
+                        None,
+                        Err(QgaError::generic(format!(
+                            "request too large: {size} bytes (at most {MAX_REQUEST})"
+                        ))),
+                    ),
+                    false,
+                )),
+                Frame::Delimiter { .. } => None,
+            };
+            if let Some(out) = out {
+                w.write_all(&out).await?;
+                w.flush().await?;
+            }
+        }
+    }
+}
+
+/// The guest half as a mux service (class `qga`).
+pub struct QgaService {
+    agent: Arc<GuestAgent>,
+}
+
+impl QgaService {
+    /// Serves channels with this agent.
+    pub fn new(agent: Arc<GuestAgent>) -> QgaService {
+        QgaService { agent }
+    }
+
+    /// Serves channels with the process-wide agent ([`GuestAgent::global`]).
+    pub fn global() -> QgaService {
+        QgaService::new(GuestAgent::global())
+    }
+}
+
+impl Service for QgaService {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture {
+        let agent = self.agent.clone();
+        Box::pin(async move {
+            if let Err(e) = serve(agent, stream).await {
+                tracing::debug!(channel = %name, "qga channel ended: {e}");
+            }
+        })
+    }
+}
+
+/// Serves QGA on a raw transport forever (`vstream-agent --qga ADDR`): a device such as
+/// `port:org.qemu.guest_agent.0` is reopened after each client; listeners accept clients
+/// concurrently. Errors are logged once per change and retried.
+pub async fn serve_address(agent: Arc<GuestAgent>, address: Address) {
+    let listener = matches!(
+        address,
+        Address::UnixListen(_) | Address::TcpListen { .. } | Address::VsockListen { .. }
+    );
+    let mut last_error = String::new();
+    let mut note = |e: &io::Error| {
+        let e = e.to_string();
+        if e != last_error {
+            tracing::warn!(%address, "qga: {e}");
+            last_error = e;
+        }
+    };
+    let mut endpoint = loop {
+        match Endpoint::bind(address.clone()).await {
+            Ok(ep) => break ep,
+            Err(e) => {
+                note(&e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    tracing::info!(%address, "serving QGA");
+    loop {
+        match endpoint.next().await {
+            Ok(conn) => {
+                tracing::debug!(%address, peer = %conn.peer, "qga client");
+                let a = agent.clone();
+                let job = async move {
+                    if let Err(e) = serve(a, conn.stream).await {
+                        tracing::debug!("qga client ended: {e}");
+                    }
+                };
+                if listener {
+                    tokio::spawn(job);
+                } else {
+                    job.await;
+                    // A device reports end of file while the host side is closed; do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Err(e) => {
+                note(&e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The tty device's descriptor: the guest half's terminal sessions; `shell-opened` and
+//! `shell-closed` events when vstreamd opens one.
+
+use std::sync::Arc;
+
+use vstream_link::Mux;
+
+use super::CLASS;
+use crate::registry::{Device, GuestHalf, GuestOptions};
+
+/// `tty`.
+pub struct TtyDevice;
+
+impl Device for TtyDevice {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn verbs(&self) -> Vec<clap::Command> {
+        crate::registry::verbs_of::<super::verbs::Verb>()
+    }
+
+    fn run_verb<'a>(
+        &'a self,
+        ctx: crate::registry::VerbContext<'a>,
+    ) -> crate::registry::VerbFuture<'a> {
+        Box::pin(super::verbs::run(ctx))
+    }
+
+    // A terminal session is an event users watch for.
+    fn channel_events(&self) -> (&'static str, &'static str) {
+        ("shell-opened", "shell-closed")
+    }
+
+    fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
+        GuestHalf {
+            services: vec![Arc::new(super::guest::Tty)],
+            ..GuestHalf::default()
+        }
+    }
+}
