@@ -2,7 +2,7 @@
 //! of a 256 MiB `vstreamctl cp` into the guest, while `vstreamctl exec GUEST -- cat` echoes
 //! random data and `vstreamctl console GUEST --follow` watches hvc0. The copy must complete
 //! with the same sha256 in the guest, the echo must return exactly what was sent, the console
-//! viewer must go on (in order, nothing twice), the guest's session must be resumed (no
+//! viewer must go on (every tick, in order, nothing twice; no marker in the console log), the guest's session must be resumed (no
 //! restart), and commands must work afterwards. Before it, an upgrade to a binary that cannot
 //! run must fail with the reason and disturb nothing.
 
@@ -31,10 +31,17 @@ fn spawn(lab: &Lab, args: &[&str]) -> Child {
         .expect("spawn vstreamctl")
 }
 
-/// The numbers of the `tick-N` lines a console viewer printed.
+/// The numbers of the `tick-N` lines a console viewer printed. Anywhere in a line: the echo of
+/// commands typed into the same console interleaves with them (`echotick-582`).
 fn ticks(text: &str) -> Vec<u64> {
-    text.split(|c: char| c.is_whitespace())
-        .filter_map(|w| w.strip_prefix("tick-")?.parse().ok())
+    text.split("tick-")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..digits].parse().ok()
+        })
         .collect()
 }
 
@@ -128,7 +135,8 @@ fn a_live_upgrade_during_a_copy_a_shell_and_a_console_viewer() {
     // The upgrade.
     let status = lab.status().expect("status");
     let pid = status["daemon"]["pid"].as_u64().expect("pid");
-    let at_tick = ticks(&lab.console_log("hvc0")).last().copied().unwrap_or(0);
+    let log_before = lab.console_log("hvc0");
+    let at_tick = ticks(&log_before).last().copied().unwrap_or(0);
     let asked = Instant::now();
     let said = ctl_ok(&lab, &["daemon", "upgrade"], Duration::from_secs(60));
     let answered = asked.elapsed();
@@ -205,6 +213,12 @@ fn a_live_upgrade_during_a_copy_a_shell_and_a_console_viewer() {
         "upgrade e2e: the console viewer missed {missing} of {} ticks",
         seen.len() + missing
     );
+    let gaps: Vec<_> = seen.windows(2).filter(|w| w[1] != w[0] + 1).collect();
+    assert_eq!(missing, 0, "the viewer skipped ticks between {gaps:?}");
+    // The console's connection was carried: the log got no mark of an interrupted capture.
+    let marks = |log: &str| log.matches("console capture interrupted").count();
+    let log_after = lab.console_log("hvc0");
+    assert_eq!(marks(&log_after), marks(&log_before), "{log_after}");
 
     // Resumed, not restarted; the same pid at the next generation; the shell works.
     let status = lab.status().expect("status");

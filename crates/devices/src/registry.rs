@@ -69,6 +69,9 @@ pub struct GuestFacts {
     pub transports: Vec<RawTransport>,
 }
 
+/// See [`HostContext::carried_console`].
+pub type TakeCarried = Arc<dyn Fn(&str) -> Option<crate::console::Carried> + Send + Sync>;
+
 /// One `[[guest.transport]]` of a kind a device owns (not `mux`).
 #[derive(Debug, Clone)]
 pub struct RawTransport {
@@ -107,6 +110,9 @@ pub struct HostContext {
     pub section: Option<Value>,
     /// The guest's transports of the device's raw kinds.
     pub transports: Vec<RawTransport>,
+    /// The connection of one of the guest's consoles (by name) that a live upgrade's
+    /// predecessor handed over, if any: the console adopts it instead of connecting.
+    pub carried_console: TakeCarried,
 }
 
 /// A raw transport's line in `vstreamctl status` (a `mux` transport's has the link's counters

@@ -39,6 +39,7 @@ fn start(
                 .then(|| section.clone())
                 .flatten(),
             transports: Vec::new(),
+            carried_console: Arc::new(|_: &str| None),
         };
         let half = d.host(&ctx).expect("host half");
         services.extend(half.services);

@@ -380,6 +380,10 @@ impl Daemon {
                 transports: cfg
                     .map(|g| g.raw_transports(dev.as_ref()))
                     .unwrap_or_default(),
+                carried_console: {
+                    let (handover, guest) = (self.handover.clone(), name.to_owned());
+                    Arc::new(move |which: &str| handover.take_console(&guest, which))
+                },
             };
             let half = dev.host(&ctx).map_err(|e| StartError::Device {
                 guest: name.to_owned(),
@@ -757,7 +761,10 @@ impl Daemon {
             .guests()
             .values()
             .filter(|g| g.owner.is_none())
-            .map(|g| (g.name.clone(), g.mux.clone()))
+            .map(|g| {
+                let consoles = g.devices.iter().flat_map(|(_, d)| d.consoles());
+                (g.name.clone(), g.mux.clone(), consoles.collect())
+            })
             .collect();
         self.handover.upgrade(sessions, binary, reply).await
     }

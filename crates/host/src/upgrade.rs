@@ -1,15 +1,18 @@
 //! Live upgrade: vstreamd hands its control socket, the control connections bridged to guest
-//! channels (shells, `open`, `cp`) and every configured guest's session to its successor, a
-//! new vstreamd exec'd in the same process (same pid, so a service manager's `$MAINPID`
-//! stays right). See docs/ARCHITECTURE.md, "Live upgrade".
+//! channels (shells, `open`, `cp`), console viewers, the consoles' own connections and every
+//! configured guest's session to its successor, a new vstreamd exec'd in the same process
+//! (same pid, so a service manager's `$MAINPID` stays right). See docs/ARCHITECTURE.md,
+//! "Live upgrade".
 //!
 //! Order: the control socket stops accepting (new clients wait in its backlog); every bridge
-//! stops at a point where it holds no byte that is not in its carried state; every guest's
-//! session is frozen and written down; the state goes into a memfd; the descriptors to keep
-//! lose FD_CLOEXEC; then `exec`. Guest links are not carried: they close with the old process
-//! and the agents resume the same session on their next link, as after any transport cut
-//! (nothing is lost: unacknowledged frames are in the state). If `exec` fails, the frozen
-//! sessions and the stopped bridges simply go on: an upgrade never loses a session.
+//! and viewer stops at a point where it holds no byte that is not in its carried state; every
+//! console's capture stops between two reads (then what viewers have not yet been sent is
+//! taken from their queues into their state); every guest's session is frozen and written
+//! down; the state goes into a memfd; the descriptors to keep lose FD_CLOEXEC; then `exec`.
+//! Guest links are not carried: they close with the old process and the agents resume the
+//! same session on their next link, as after any transport cut (nothing is lost:
+//! unacknowledged frames are in the state). If `exec` fails, the frozen sessions and consoles
+//! and the stopped bridges simply go on: an upgrade never loses a session.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};
@@ -28,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch, Notify};
-use vstream_devices::console::{Console, Viewer};
+use vstream_devices::console::{Carried as CarriedConsole, Console, Frozen, Position, Viewer};
 use vstream_link::{ChannelStream, Incoming, Mux};
 use vstream_wire::{ChannelId, Config};
 
@@ -48,6 +51,9 @@ const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A bridge's read size in each direction.
 const PUMP_BUF: usize = 64 * 1024;
+
+/// What a console viewer is shown where output was skipped because it read too slowly.
+const SKIPPED: &[u8] = b"\r\n[vstream: output skipped, viewer too slow]\r\n";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -209,6 +215,8 @@ pub struct ConsoleView {
     pub w: OwnedWriteHalf,
     /// Whether the client types.
     pub attach: bool,
+    /// Output taken from the viewer's queue for an upgrade, not yet written to the client.
+    pub pending: Vec<u8>,
 }
 
 impl ConsoleView {
@@ -216,6 +224,9 @@ impl ConsoleView {
     /// or `stop` is set (the view, to be carried or resumed). Stops only between two chunks.
     async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<ConsoleView>> {
         let mut input = vec![0u8; 4096];
+        if !self.pending.is_empty() {
+            self.w.write_all(&std::mem::take(&mut self.pending)).await?;
+        }
         loop {
             // The guard `wait_for` returns must not live across the awaits below.
             let stopped = async {
@@ -226,7 +237,7 @@ impl ConsoleView {
                 () = stopped => return Ok(Some(self)),
                 out = self.viewer.next_output() => match out {
                     Ok(Some(b)) => self.w.write_all(&b).await?,
-                    Ok(None) => self.w.write_all(b"\r\n[vstream: output skipped, viewer too slow]\r\n").await?,
+                    Ok(None) => self.w.write_all(SKIPPED).await?,
                     Err(_) => return Ok(None),
                 },
                 n = self.r.read(&mut input), if self.attach => match n? {
@@ -264,6 +275,19 @@ struct ViewState {
     attach: bool,
     /// Typed bytes read from the client, not yet handled.
     typed: Blob,
+    /// Output not yet written to the client.
+    #[serde(default)]
+    pending: Blob,
+}
+
+/// A console's carried capture: its connection and where it stood.
+#[derive(Debug, Serialize, Deserialize)]
+struct ConsoleState {
+    guest: String,
+    console: String,
+    fd: RawFd,
+    position: Position,
+    tail: Blob,
 }
 
 /// A bridge's carried state.
@@ -278,7 +302,7 @@ struct BridgeState {
 }
 
 /// Where a byte string lies in the state, after the header.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct Blob {
     at: u64,
     len: u64,
@@ -294,6 +318,9 @@ struct State {
     sessions: Vec<(String, Blob)>,
     bridges: Vec<BridgeState>,
     views: Vec<ViewState>,
+    /// Connected consoles (a predecessor without this field carried none).
+    #[serde(default)]
+    consoles: Vec<ConsoleState>,
 }
 
 /// What a successor took over and has not yet put back to work.
@@ -306,7 +333,12 @@ struct Inherited {
     bridges: Vec<Carried>,
     /// Bridges whose guest session is restored, with their channel.
     ready: Vec<(Carried, ChannelStream)>,
-    views: Vec<(ViewState, OwnedFd, Vec<u8>)>,
+    /// Viewers: their state, connection, typed bytes and pending output.
+    views: Vec<(ViewState, OwnedFd, Vec<u8>, Vec<u8>)>,
+    /// Consoles' connections, until their console starts: state, descriptor, tail.
+    consoles: Vec<(ConsoleState, OwnedFd, Vec<u8>)>,
+    /// Hold the adopted consoles' captures until the carried viewers are attached.
+    console_gates: Vec<oneshot::Sender<()>>,
 }
 
 /// A bridge taken over: its state, its client's connection, the bytes it held.
@@ -360,6 +392,7 @@ impl Handover {
                         sessions = inherited.sessions.len(),
                         bridges = inherited.bridges.len(),
                         viewers = inherited.views.len(),
+                        consoles = inherited.consoles.len(),
                         "took over from the previous vstreamd"
                     );
                 }
@@ -413,6 +446,26 @@ impl Handover {
         }
     }
 
+    /// The connection of guest `guest`'s console `name` as the predecessor left it, or `None`
+    /// (the console connects afresh). Its capture waits for [`Handover::take_control`] to
+    /// attach the carried viewers first.
+    pub fn take_console(&self, guest: &str, name: &str) -> Option<CarriedConsole> {
+        let mut inh = lock(&self.inherited);
+        let at = inh
+            .consoles
+            .iter()
+            .position(|(c, _, _)| c.guest == guest && c.console == name)?;
+        let (state, fd, tail) = inh.consoles.swap_remove(at);
+        let (gate, go) = oneshot::channel();
+        inh.console_gates.push(gate);
+        Some(CarriedConsole {
+            fd,
+            position: state.position,
+            tail,
+            go,
+        })
+    }
+
     /// For a successor: the inherited control listener. Also puts the inherited bridges back
     /// to work and answers the client that asked for the upgrade.
     /// `consoles` finds a guest's console by name, for the carried viewers.
@@ -422,6 +475,9 @@ impl Handover {
     ) -> io::Result<Option<tokio::net::UnixListener>> {
         let (control, reply, ready, left, views, requested) = {
             let mut inh = lock(&self.inherited);
+            for (c, _, _) in std::mem::take(&mut inh.consoles) {
+                tracing::warn!(guest = %c.guest, console = %c.console, "a carried console is no longer configured; its connection is closed");
+            }
             (
                 inh.control.take(),
                 inh.reply.take(),
@@ -431,7 +487,10 @@ impl Handover {
                 inh.requested_ms,
             )
         };
-        for (v, fd, typed) in views {
+        // Dropped after the loop below has attached every carried viewer: only then do the
+        // adopted consoles read again, so that no viewer misses a byte.
+        let gates = std::mem::take(&mut lock(&self.inherited).console_gates);
+        for (v, fd, typed, pending) in views {
             let Some(console) = consoles(&v.guest, &v.console) else {
                 tracing::warn!(guest = %v.guest, console = %v.console, "a console viewer's console is gone; closed");
                 continue;
@@ -450,12 +509,14 @@ impl Handover {
                     r: BufReader::new(r),
                     w,
                     attach: v.attach,
+                    pending,
                 };
                 if let Err(e) = me.view(view).await {
                     tracing::debug!("console viewer after the upgrade: {e}");
                 }
             });
         }
+        drop(gates);
         for b in &left {
             let (guest, channel) = (&b.state.guest, b.state.channel);
             tracing::warn!(
@@ -562,11 +623,12 @@ impl Handover {
         }
     }
 
-    /// Hands everything to a new vstreamd (`binary`, or the path this one was started from).
-    /// Returns only if that failed; then everything goes on as before.
+    /// Hands everything to a new vstreamd (`binary`, or the path this one was started from):
+    /// each guest's session and consoles. Returns only if that failed; then everything goes
+    /// on as before.
     pub async fn upgrade(
         &self,
-        sessions: Vec<(String, Mux)>,
+        sessions: Vec<(String, Mux, Vec<Arc<Console>>)>,
         binary: Option<PathBuf>,
         reply: Option<BorrowedFd<'_>>,
     ) -> Result<std::convert::Infallible, String> {
@@ -576,11 +638,17 @@ impl Handover {
         tracing::info!(binary = %binary.display(), "upgrade: handing over");
         self.stop.send_replace(true);
         let parked = self.quiesce().await;
-        let result = match parked {
-            Ok(()) => self.exec(&sessions, &binary, reply, requested),
+        // After the viewers: none of them types into a console once it is frozen.
+        let frozen = match parked {
+            Ok(()) => freeze_consoles(&sessions).await,
             Err(e) => Err(e),
         };
-        // Still here: the upgrade failed. Everything goes on.
+        let result = match &frozen {
+            Ok(consoles) => self.exec(&sessions, consoles, &binary, reply, requested),
+            Err(e) => Err(e.clone()),
+        };
+        // Still here: the upgrade failed. Everything goes on, the consoles first.
+        drop(frozen);
         self.stop.send_replace(false);
         let parked = std::mem::take(&mut lock(&self.bridges).parked);
         for (pump, tx) in parked {
@@ -613,15 +681,17 @@ impl Handover {
     /// Freezes the sessions, writes the state, and execs. Returns only on failure.
     fn exec(
         &self,
-        sessions: &[(String, Mux)],
+        sessions: &[(String, Mux, Vec<Arc<Console>>)],
+        consoles: &[(String, String, Frozen)],
         binary: &PathBuf,
         reply: Option<BorrowedFd<'_>>,
         requested: u64,
     ) -> Result<std::convert::Infallible, String> {
-        let bridges = lock(&self.bridges);
+        let mut bridges = lock(&self.bridges);
         let control = *lock(&self.control);
-        // From here to exec nothing moves a byte of any guest: the sessions are locked.
-        let mut frozen: Vec<_> = sessions.iter().map(|(n, m)| (n, m.freeze())).collect();
+        // From here to exec nothing moves a byte of any guest: the sessions are locked and the
+        // consoles frozen.
+        let mut frozen: Vec<_> = sessions.iter().map(|(n, m, _)| (n, m.freeze())).collect();
         let mut blobs = Vec::new();
         let mut blob = |bytes: &[u8]| {
             let b = Blob {
@@ -638,7 +708,7 @@ impl Handover {
         let mut keep: Vec<RawFd> = control.into_iter().collect();
         keep.extend(reply.map(|r| r.as_raw_fd()));
         let (mut carried, mut views) = (Vec::new(), Vec::new());
-        for (parked, _) in &bridges.parked {
+        for (parked, _) in &mut bridges.parked {
             match parked {
                 Parked::Pump(p) => {
                     let fd = p.r.as_ref().as_raw_fd();
@@ -653,6 +723,11 @@ impl Handover {
                     });
                 }
                 Parked::View(v) => {
+                    // What its console sent it before freezing; nothing more comes.
+                    while let Some(out) = v.viewer.try_next_output() {
+                        v.pending
+                            .extend_from_slice(out.as_deref().unwrap_or(SKIPPED));
+                    }
                     let fd = v.r.get_ref().as_ref().as_raw_fd();
                     keep.push(fd);
                     views.push(ViewState {
@@ -661,9 +736,23 @@ impl Handover {
                         fd,
                         attach: v.attach,
                         typed: blob(v.r.buffer()),
+                        pending: blob(&v.pending),
                     });
                 }
             }
+        }
+        let mut carried_consoles = Vec::new();
+        for (guest, console, f) in consoles {
+            // A console without a connection to keep connects afresh in the successor.
+            let Some(fd) = &f.fd else { continue };
+            keep.push(fd.as_raw_fd());
+            carried_consoles.push(ConsoleState {
+                guest: guest.clone(),
+                console: console.clone(),
+                fd: fd.as_raw_fd(),
+                position: f.position.clone(),
+                tail: blob(&f.tail),
+            });
         }
         let state = State {
             generation: self.info().generation,
@@ -673,6 +762,7 @@ impl Handover {
             sessions,
             bridges: carried,
             views,
+            consoles: carried_consoles,
         };
         let memfd = write_state(&state, &blobs).map_err(|e| format!("writing the state: {e}"))?;
         keep.push(memfd.as_raw_fd());
@@ -680,7 +770,7 @@ impl Handover {
             for fd in &keep {
                 // SAFETY: every descriptor in `keep` is open and owned by a live object here
                 // (the control listener, the requester's and the parked bridges' sockets, the
-                // memfd); only its close-on-exec flag changes.
+                // frozen consoles' duplicates, the memfd); only its close-on-exec flag changes.
                 let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
                 let flags = if on {
                     rustix::io::FdFlags::empty()
@@ -699,6 +789,25 @@ impl Handover {
         drop(frozen);
         Err(format!("cannot run {}: {err}", binary.display()))
     }
+}
+
+/// Stops every console's capture (see [`Console::freeze`]).
+async fn freeze_consoles(
+    sessions: &[(String, Mux, Vec<Arc<Console>>)],
+) -> Result<Vec<(String, String, Frozen)>, String> {
+    let all = async {
+        let mut frozen = Vec::new();
+        for (guest, _, consoles) in sessions {
+            for c in consoles {
+                let f = c.freeze().await.map_err(|e| e.to_string())?;
+                frozen.push((guest.clone(), c.name().to_owned(), f));
+            }
+        }
+        Ok(frozen)
+    };
+    tokio::time::timeout(QUIESCE_TIMEOUT, all)
+        .await
+        .map_err(|_| "a console's capture did not stop within 5 s".to_owned())?
 }
 
 /// Counts a running bridge while it lives.
@@ -796,6 +905,7 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
     let mut fds: Vec<RawFd> = state.control.into_iter().chain(state.reply).collect();
     fds.extend(state.bridges.iter().map(|b| b.fd));
     fds.extend(state.views.iter().map(|v| v.fd));
+    fds.extend(state.consoles.iter().map(|c| c.fd));
     let mut seen = fds.clone();
     seen.sort_unstable();
     seen.dedup();
@@ -813,8 +923,14 @@ fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
     }
     for v in state.views {
         let fd = adopt_socket(v.fd)?;
-        let typed = bytes(v.typed)?;
-        inh.views.push((v, fd, typed));
+        let (typed, pending) = (bytes(v.typed)?, bytes(v.pending)?);
+        inh.views.push((v, fd, typed, pending));
+    }
+    for c in state.consoles {
+        // A socket, a tty or a port device: any descriptor a console's transport reads.
+        let fd = adopt_fd(c.fd)?;
+        let tail = bytes(c.tail)?;
+        inh.consoles.push((c, fd, tail));
     }
     for b in state.bridges {
         let fd = adopt_socket(b.fd)?;
@@ -861,6 +977,7 @@ impl vstream_devices::registry::Carrier for Carry {
             r,
             w,
             attach: view.attach,
+            pending: Vec::new(),
         };
         Box::pin(async move { handover.view(view).await })
     }

@@ -328,9 +328,9 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
         gap_echo.as_millis()
     );
 
-    // The console viewer is still attached: it prints what the guest writes after the
-    // upgrade, in order, with nothing twice. (The console's own connection is not carried:
-    // lines the guest wrote while it was reconnected are counted, not required.)
+    // The console viewer is still attached: it prints every line the guest writes, across the
+    // upgrade, in order, with nothing twice and nothing missing (the console's own connection
+    // is carried, not reconnected).
     let after = written.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -355,6 +355,22 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
     println!(
         "upgrade: the console viewer missed {missing} of {} lines",
         lines.len() + missing
+    );
+    let gaps: Vec<_> = lines.windows(2).filter(|w| w[1] != w[0] + 1).collect();
+    assert_eq!(
+        missing, 0,
+        "the console viewer skipped lines between {gaps:?}"
+    );
+    // The log holds every line from the first, and no mark of an interrupted capture.
+    let log = std::fs::read_to_string(d.path("state/g/hvc0.log")).expect("console log");
+    assert!(!log.contains("capture interrupted"), "{log}");
+    let complete = &log[..log.rfind('\n').map_or(0, |end| end + 1)];
+    let logged = viewed_lines(complete);
+    let first_wrong = logged.iter().zip(1..).find(|(n, i)| **n != *i);
+    assert!(
+        first_wrong.is_none() && logged.len() as u64 >= after,
+        "the console log is not every line from 1 to at least {after}: first wrong (line, place) {first_wrong:?} of {}",
+        logged.len()
     );
 
     // The session was resumed, not restarted; the same pid runs the next generation; and a

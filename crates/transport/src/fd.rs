@@ -46,6 +46,30 @@ impl FdStream {
     }
 }
 
+impl crate::Stream for FdStream {
+    fn descriptor(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // A pair (stdio) is two descriptors: not one connection to hand on.
+        match self.write {
+            None => Some(self.read.get_ref().as_fd()),
+            Some(_) => None,
+        }
+    }
+}
+
+impl Connection {
+    /// A connection over `fd`, a stream's [`descriptor`](crate::Stream::descriptor) that an
+    /// earlier vstreamd kept open across `exec` (a live upgrade): the connection goes on where
+    /// it was, without reconnecting. Works for sockets, ttys and virtio-serial ports alike.
+    pub fn adopt(fd: OwnedFd, peer: String) -> io::Result<Connection> {
+        // A tty's hang-up reads as EIO: the end of the stream, as for a serial line opened here.
+        Ok(Connection {
+            stream: Box::new(FdStream::new(fd, true)?),
+            peer,
+            identity: PeerIdentity::Opened,
+        })
+    }
+}
+
 /// Sets `O_NONBLOCK` on `fd` and registers it with the tokio reactor.
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     set_nonblocking(&fd)?;

@@ -48,6 +48,7 @@ pub mod vhost_vsock;
 mod vsock;
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -84,9 +85,43 @@ pub enum PeerIdentity {
 }
 
 /// A byte stream in both directions; every transport's connections are one.
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The one descriptor the stream reads and writes, if it has one: what a live upgrade
+    /// keeps open across `exec` so that the connection outlives the process (see
+    /// [`Connection::adopt`]). `None` for in-process streams and for stdio (two descriptors).
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+impl Stream for tokio::net::UnixStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio_vsock::VsockStream {
+    fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio::io::DuplexStream {}
+
+/// Two halves joined (e.g. a control connection after its request line): two descriptors, or
+/// none, so nothing a live upgrade could keep as one.
+impl<R, W> Stream for tokio::io::Join<R, W>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+}
 
 /// A connection's stream, whatever the transport.
 pub type BoxStream = Box<dyn Stream>;

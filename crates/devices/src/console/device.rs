@@ -59,14 +59,16 @@ impl Device for ConsoleDevice {
                     ))
                 }
             };
-            let console = Console::start(ConsoleSettings {
+            let settings = ConsoleSettings {
                 name: t.name.clone(),
                 address: t.address.clone(),
                 log,
                 log_max_bytes: t.log_max_bytes,
                 log_keep: t.log_keep,
-            })
-            .map_err(|e| SettingsError::new(CLASS, format!("{}: {e}", t.name)))?;
+            };
+            let carried = (ctx.carried_console)(&t.name);
+            let console = Console::start(settings, carried)
+                .map_err(|e| SettingsError::new(CLASS, format!("{}: {e}", t.name)))?;
             consoles.push(console);
         }
         let tasks = consoles

@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     // Before the runtime's threads exist: these take variables out of the environment.
     let activated = vstream_host::systemd::control_listener();
     let notifier = vstream_host::systemd::Notifier::from_env();
-    let watchdog = vstream_host::systemd::watchdog_period();
+    let service_watchdog = vstream_host::systemd::watchdog_period();
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
                 .control_listener(activated, &args.control)
                 .map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display()))?;
             if let Some(notifier) = notifier {
-                tokio::spawn(vstream_host::systemd::report(notifier, daemon.clone(), watchdog));
+                tokio::spawn(vstream_host::systemd::report(notifier, daemon.clone(), service_watchdog));
             }
             let control = daemon.clone().serve_control_on(listener);
             tokio::select! {
