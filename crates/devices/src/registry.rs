@@ -624,6 +624,24 @@ where
     x.and(y)
 }
 
+/// [`Device::verbs`] and [`Device::run_verb`] of a device whose verbs are a module's `Verb`
+/// enum and `run` function (the shape of every device's `verbs.rs`): `verbs_in!(super::verbs);`
+macro_rules! verbs_in {
+    ($($module:tt)+) => {
+        fn verbs(&self) -> Vec<clap::Command> {
+            $crate::registry::verbs_of::<$($module)+::Verb>()
+        }
+
+        fn run_verb<'a>(
+            &'a self,
+            ctx: $crate::registry::VerbContext<'a>,
+        ) -> $crate::registry::VerbFuture<'a> {
+            Box::pin($($module)+::run(ctx))
+        }
+    };
+}
+pub(crate) use verbs_in;
+
 /// The commands of a derived [`clap::Subcommand`] enum, for [`Device::verbs`].
 pub fn verbs_of<S: clap::Subcommand>() -> Vec<clap::Command> {
     S::augment_subcommands(clap::Command::new("verbs"))

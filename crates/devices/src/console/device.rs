@@ -9,8 +9,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Console, ConsoleSettings};
 use crate::registry::{
-    verbs_of, ConsoleViewer, ControlConn, Device, HostContext, HostHalf, HostState, SettingsError,
-    TransportStatus, VerbContext,
+    ConsoleViewer, ControlConn, Device, HostContext, HostHalf, HostState, SettingsError,
+    TransportStatus,
 };
 use crate::ServeFuture;
 
@@ -86,13 +86,7 @@ impl Device for ConsoleDevice {
         &[CLASS]
     }
 
-    fn verbs(&self) -> Vec<clap::Command> {
-        verbs_of::<super::verbs::Verb>()
-    }
-
-    fn run_verb<'a>(&'a self, ctx: VerbContext<'a>) -> crate::registry::VerbFuture<'a> {
-        Box::pin(super::verbs::run(ctx))
-    }
+    crate::registry::verbs_in!(super::verbs);
 
     fn control_access(&self, op: &str, request: &Value) -> (String, bool) {
         match request["attach"] == true {

@@ -23,16 +23,7 @@ impl Device for HidDevice {
         }
     }
 
-    fn verbs(&self) -> Vec<clap::Command> {
-        crate::registry::verbs_of::<super::verbs::Verb>()
-    }
-
-    fn run_verb<'a>(
-        &'a self,
-        ctx: crate::registry::VerbContext<'a>,
-    ) -> crate::registry::VerbFuture<'a> {
-        Box::pin(super::verbs::run(ctx))
-    }
+    crate::registry::verbs_in!(super::verbs);
 
     fn agent_tools(&self) -> Vec<clap::Command> {
         use clap::{value_parser, Arg, ArgAction, Command};

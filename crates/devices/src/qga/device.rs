@@ -60,16 +60,7 @@ impl Device for QgaDevice {
         })
     }
 
-    fn verbs(&self) -> Vec<clap::Command> {
-        crate::registry::verbs_of::<super::verbs::Verb>()
-    }
-
-    fn run_verb<'a>(
-        &'a self,
-        ctx: crate::registry::VerbContext<'a>,
-    ) -> crate::registry::VerbFuture<'a> {
-        Box::pin(super::verbs::run(ctx))
-    }
+    crate::registry::verbs_in!(super::verbs);
 
     fn control_ops(&self) -> &'static [&'static str] {
         &[AGENT_OP]

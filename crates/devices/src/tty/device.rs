@@ -16,16 +16,7 @@ impl Device for TtyDevice {
         CLASS
     }
 
-    fn verbs(&self) -> Vec<clap::Command> {
-        crate::registry::verbs_of::<super::verbs::Verb>()
-    }
-
-    fn run_verb<'a>(
-        &'a self,
-        ctx: crate::registry::VerbContext<'a>,
-    ) -> crate::registry::VerbFuture<'a> {
-        Box::pin(super::verbs::run(ctx))
-    }
+    crate::registry::verbs_in!(super::verbs);
 
     // A terminal session is an event users watch for.
     fn channel_events(&self) -> (&'static str, &'static str) {
