@@ -449,6 +449,7 @@ impl Mux {
                         crc_errors: st.decode.crc_errors,
                         garbage_bytes: st.decode.garbage_bytes,
                         oversized: st.decode.oversized,
+                        payload_crc: !s.link_skips_payload_crc(*id),
                     }
                 })
                 .collect(),
@@ -1151,6 +1152,8 @@ pub struct LinkStatus {
     pub garbage_bytes: u64,
     /// Frames above the size limit.
     pub oversized: u64,
+    /// Frames carry a payload CRC (false once both sides agreed to leave it out).
+    pub payload_crc: bool,
 }
 
 /// Status of one channel.
