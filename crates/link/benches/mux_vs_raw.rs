@@ -13,6 +13,8 @@
 //! - mux: a host and a guest `Mux` joined by one socketpair; the guest opens 1 or 8 channels
 //!   and writes, the host reads. Both ends of the mux run in this process, so the mux's CPU
 //!   work of both machines shares the same 2 cores, as both ends of the raw socketpair do.
+//!   Twice: with the payload CRC (the link parameters of a virtio-serial port) and without
+//!   (those of a Unix socket, which negotiate it away; checked after every run).
 //!
 //! Integrity, so that a broken path cannot look fast: the bytes written follow a position
 //! pattern (`offset % 251`); every read checks its first and last byte against its stream
@@ -50,7 +52,10 @@ struct Cell {
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Raw,
+    /// The mux with the payload CRC.
     Mux,
+    /// The mux on a link that negotiated the payload CRC away.
+    MuxNoCrc,
 }
 
 /// One timed transfer.
@@ -65,7 +70,7 @@ struct Sample {
 fn main() {
     let mut scale = 1.0f64;
     let mut only: Option<usize> = None;
-    let mut paths = vec![Path::Raw, Path::Mux];
+    let mut paths = vec![Path::Raw, Path::Mux, Path::MuxNoCrc];
     let mut repeats = 5usize;
     let mut only_channels: Option<usize> = None;
     let mut args = std::env::args().skip(1);
@@ -74,7 +79,13 @@ fn main() {
             "--scale" => scale = args.next().and_then(|v| v.parse().ok()).expect("--scale F"),
             "--only" => only = Some(args.next().and_then(|v| v.parse().ok()).expect("--only N")),
             // For profiling one path; the table then shows 0 for the other.
-            "--mux-only" => paths = vec![Path::Mux],
+            "--mux-only" => paths.retain(|p| *p != Path::Raw),
+            // One payload-CRC mode only.
+            "--crc" => match args.next().as_deref() {
+                Some("on") => paths.retain(|p| *p != Path::MuxNoCrc),
+                Some("off") => paths.retain(|p| *p != Path::Mux),
+                _ => panic!("--crc on|off"),
+            },
             "--channels" => {
                 only_channels = Some(
                     args.next()
@@ -128,7 +139,7 @@ fn main() {
     );
     println!("runtime:      tokio multi-thread, 2 workers, a fresh one per run, for both paths");
     println!(
-        "method:       median of {repeats} runs per cell, raw and mux alternating; \
+        "method:       median of {repeats} runs per cell, raw, mux with and without CRC alternating; \
          MB/s = 10^6 payload bytes/s"
     );
     println!("spread:       (fastest - slowest) / median, over the runs of a cell");
@@ -139,17 +150,22 @@ fn main() {
     println!("B/link-write: payload+framing bytes per write(v) call of the sending mux link");
     println!("integrity:    first/last byte of every read checked against its stream offset, exact byte count and EOF per channel");
     println!();
+    println!("crc / no crc: the mux with the payload CRC / on a link that negotiated it away");
+    println!();
     println!(
-        "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>13}",
+        "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>13}",
         "write",
         "ch",
         "MiB",
         "raw MB/s",
         "spread",
         "MiB",
-        "mux MB/s",
+        "crc MB/s",
         "spread",
-        "mux/raw",
+        "crc/raw",
+        "no-crc",
+        "spread",
+        "no/raw",
         "B/link-write"
     );
 
@@ -157,6 +173,7 @@ fn main() {
     for cell in &cells {
         let mut raw = Vec::new();
         let mut mux = Vec::new();
+        let mut nocrc = Vec::new();
         for _ in 0..repeats {
             for &path in &paths {
                 // A fresh runtime per run, so that no run inherits the scheduler state (which
@@ -170,17 +187,20 @@ fn main() {
                 match path {
                     Path::Raw => raw.push(sample),
                     Path::Mux => mux.push(sample),
+                    Path::MuxNoCrc => nocrc.push(sample),
                 }
             }
         }
         let mbps = |total: u64| move |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
         let (r, r_spread, _) = summary(&raw, mbps(cell.raw_total));
         let (m, m_spread, mid) = summary(&mux, mbps(cell.mux_total));
+        let (n, n_spread, n_mid) = summary(&nocrc, mbps(cell.mux_total));
         let per_write = mid
+            .or(n_mid)
             .and_then(|s| s.link_bytes.checked_div(s.link_writes))
             .unwrap_or(0);
         println!(
-            "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
+            "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
             size_label(cell.write),
             cell.channels,
             cell.raw_total / MIB,
@@ -190,42 +210,55 @@ fn main() {
             m,
             m_spread,
             m / r,
+            n,
+            n_spread,
+            n / r,
             per_write
         );
-        let fastest = raw.iter().chain(&mux).map(|s| s.elapsed).min();
-        results.push((*cell, m / r, fastest.unwrap_or_default()));
+        let fastest = raw
+            .iter()
+            .chain(&mux)
+            .chain(&nocrc)
+            .map(|s| s.elapsed)
+            .min();
+        results.push((*cell, m / r, n / r, fastest.unwrap_or_default()));
     }
 
     println!();
-    let verdict = |write: usize, target: f64| {
-        let cells: Vec<_> = results
+    let verdict = |write: usize, target: f64, crc: bool| {
+        let cells: Vec<(usize, f64)> = results
             .iter()
-            .filter(|(c, _, _)| c.write == write)
+            .filter(|(c, _, _, _)| c.write == write)
+            .map(|(c, with, without, _)| (c.channels, if crc { *with } else { *without }))
+            .filter(|(_, ratio)| !ratio.is_nan())
             .collect();
         if cells.is_empty() {
             return;
         }
-        let met = cells.iter().all(|(_, ratio, _)| *ratio >= target);
+        let met = cells.iter().all(|(_, ratio)| *ratio >= target);
         let detail: Vec<String> = cells
             .iter()
-            .map(|(c, ratio, _)| format!("{} ch {ratio:.2}x", c.channels))
+            .map(|(channels, ratio)| format!("{channels} ch {ratio:.2}x"))
             .collect();
         println!(
-            "target mux >= {target}x raw at {:>6}: {} ({})",
+            "target mux >= {target}x raw at {:>6}, payload CRC {}: {} ({})",
             size_label(write),
+            if crc { "on " } else { "off" },
             if met { "MET" } else { "MISSED" },
             detail.join(", ")
         );
     };
-    verdict(65536, 0.9);
-    verdict(64, 2.0);
+    for crc in [true, false] {
+        verdict(65536, 0.9, crc);
+        verdict(64, 2.0, crc);
+    }
     let (memcpy, crc) = single_core_rates();
     println!(
         "at the end:   load average {}; one core: memcpy {memcpy:.1} GB/s, CRC-32C {crc:.1} GB/s \
          (lower than at the start = other work competed for the cores)",
         load_average()
     );
-    if let Some((c, _, t)) = results.iter().min_by_key(|(_, _, t)| *t) {
+    if let Some((c, _, _, t)) = results.iter().min_by_key(|(_, _, _, t)| *t) {
         if *t < Duration::from_millis(500) {
             println!(
                 "note: fastest run ({} x{} ch) took {:.0} ms; raise --scale for steadier figures",
@@ -253,12 +286,17 @@ fn summary(v: &[Sample], mbps: impl Fn(Duration) -> f64) -> (f64, f64, Option<&S
 async fn run(path: Path, cell: Cell) -> Sample {
     let res = match path {
         Path::Raw => run_raw(cell).await,
-        Path::Mux => run_mux(cell).await,
+        Path::Mux => run_mux(cell, LinkParams::stream(0)).await,
+        Path::MuxNoCrc => run_mux(cell, LinkParams::socket(0)).await,
     };
     res.unwrap_or_else(|e| {
         panic!(
             "{} {} x{}: {e}",
-            if path == Path::Raw { "raw" } else { "mux" },
+            match path {
+                Path::Raw => "raw",
+                Path::Mux => "mux",
+                Path::MuxNoCrc => "mux without payload CRC",
+            },
             cell.write,
             cell.channels
         )
@@ -294,7 +332,7 @@ async fn run_raw(cell: Cell) -> io::Result<Sample> {
     })
 }
 
-async fn run_mux(cell: Cell) -> io::Result<Sample> {
+async fn run_mux(cell: Cell, params: LinkParams) -> io::Result<Sample> {
     let per = cell.mux_total / cell.channels as u64;
     let pattern = Arc::new(pattern(cell.write));
     let (host, mut incoming) = Mux::new(Config::new(Role::Host, "bench-host"), 0x1111);
@@ -308,18 +346,11 @@ async fn run_mux(cell: Cell) -> io::Result<Sample> {
     let links = [
         tokio::spawn({
             let host = host.clone();
-            async move {
-                host.run_link(a, LinkParams::stream(0), "unix:pair", &[])
-                    .await
-            }
+            async move { host.run_link(a, params, "unix:pair", &[]).await }
         }),
         tokio::spawn({
             let guest = guest.clone();
-            async move {
-                guest
-                    .run_link(b, LinkParams::stream(0), "unix:pair", &[])
-                    .await
-            }
+            async move { guest.run_link(b, params, "unix:pair", &[]).await }
         }),
     ];
     // The host's first read accepts each channel (OPEN_OK), which completes the guest's `open`.
@@ -353,6 +384,17 @@ async fn run_mux(cell: Cell) -> io::Result<Sample> {
     let elapsed = start.elapsed();
     for s in senders {
         s.await.map_err(io::Error::other)??;
+    }
+    // The mode measured is the mode asked for.
+    if guest
+        .status()
+        .links
+        .iter()
+        .any(|l| l.payload_crc == params.checksummed)
+    {
+        return Err(io::Error::other(
+            "the link did not negotiate the payload-CRC mode asked for",
+        ));
     }
     let sample = Sample {
         elapsed,

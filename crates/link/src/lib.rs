@@ -449,6 +449,7 @@ impl Mux {
                         crc_errors: st.decode.crc_errors,
                         garbage_bytes: st.decode.garbage_bytes,
                         oversized: st.decode.oversized,
+                        payload_crc: !s.link_skips_payload_crc(*id),
                     }
                 })
                 .collect(),
@@ -912,12 +913,26 @@ fn fallback_session_id(local: &[u8; 8]) -> u64 {
 
 /// Link parameters for a transport address: serial lines (named as such, or declared with a
 /// `baud` because a socket stands for one, as QEMU's chardev of a 16550 does) get small frames
-/// and patient timers; everything else is a fast stream. Lower `priority` is preferred.
+/// and patient timers; everything else is a fast stream. Sockets and vsock check integrity
+/// themselves, so they offer to leave out the payload CRC; virtio-serial ports (which lose
+/// bytes when the guest's driver resets), inherited descriptors and stdio (of unknown kind)
+/// keep it. Lower `priority` is preferred.
 pub fn link_params(address: &Address, baud: Option<u32>, priority: u32) -> LinkParams {
     match (address, baud) {
         (Address::Serial(s), _) => LinkParams::serial(priority, s.baud),
         (_, Some(b)) => LinkParams::serial(priority, b),
-        _ => LinkParams::stream(priority),
+        (
+            Address::Unix(_)
+            | Address::UnixListen(_)
+            | Address::Tcp { .. }
+            | Address::TcpListen { .. }
+            | Address::Vsock { .. }
+            | Address::VsockListen { .. }
+            | Address::HybridVsock { .. }
+            | Address::VhostUserVsock(_),
+            None,
+        ) => LinkParams::socket(priority),
+        (Address::Port(_) | Address::Fd(_) | Address::Stdio, None) => LinkParams::stream(priority),
     }
 }
 
@@ -1137,6 +1152,8 @@ pub struct LinkStatus {
     pub garbage_bytes: u64,
     /// Frames above the size limit.
     pub oversized: u64,
+    /// Frames carry a payload CRC (false once both sides agreed to leave it out).
+    pub payload_crc: bool,
 }
 
 /// Status of one channel.

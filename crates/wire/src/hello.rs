@@ -11,6 +11,9 @@ pub const MAX_NAME: usize = 64;
 pub mod caps {
     /// The sender keeps unacknowledged frames and can resume a session on a new link.
     pub const RESUME: u32 = 1 << 0;
+    /// The sender's transport for this link checks integrity itself (a socket, vsock): if both
+    /// HELLOs on a link carry it, frames on that link leave out the payload CRC.
+    pub const NO_PAYLOAD_CRC: u32 = 1 << 1;
 }
 
 /// Which end of the line a peer is. Channel ids opened by the host are even, by the guest odd.

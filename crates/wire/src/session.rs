@@ -126,16 +126,32 @@ pub struct LinkParams {
     pub max_inflight: usize,
     /// Retransmission timeout: resend everything unacknowledged after this long without progress.
     pub rto: Duration,
+    /// The transport delivers every byte once, in order and checked (a Unix or TCP socket,
+    /// vsock): we offer to leave out the payload CRC on this link
+    /// ([`crate::hello::caps::NO_PAYLOAD_CRC`]). Never for serial lines or virtio-serial
+    /// ports, which lose bytes when a guest's driver resets.
+    pub checksummed: bool,
 }
 
 impl LinkParams {
-    /// A fast, reliable byte stream (socket, virtio-serial port).
+    /// A fast byte stream that may still lose or garble bytes (a virtio-serial port, a
+    /// descriptor of unknown kind).
     pub fn stream(priority: u32) -> LinkParams {
         LinkParams {
             priority,
             frame_size: 64 * 1024,
             max_inflight: 8 * 1024 * 1024,
             rto: Duration::from_secs(2),
+            checksummed: false,
+        }
+    }
+
+    /// A fast stream whose transport checks integrity itself (Unix or TCP socket, vsock): as
+    /// [`LinkParams::stream`], and the payload CRC is left out if the peer agrees.
+    pub fn socket(priority: u32) -> LinkParams {
+        LinkParams {
+            checksummed: true,
+            ..LinkParams::stream(priority)
         }
     }
 
@@ -151,6 +167,7 @@ impl LinkParams {
             rto: Duration::from_millis(
                 (3000 * inflight as u64 / u64::from(bytes_per_sec)).max(1000),
             ),
+            checksummed: false,
         }
     }
 }
@@ -482,6 +499,8 @@ struct Link {
     pong: Option<u64>,
     ack_due: bool,
     nack_due: bool,
+    /// Header flags of the frames we send once up ([`frame::flags::NO_PCRC`] if negotiated).
+    flags: u8,
     peer: String,
     stats: LinkStats,
 }
@@ -802,6 +821,13 @@ impl Session {
         })
     }
 
+    /// Whether frames on `link` leave out the payload CRC (both sides offered it; §3).
+    pub fn link_skips_payload_crc(&self, link: LinkId) -> bool {
+        self.links
+            .get(&link)
+            .is_some_and(|l| l.flags & frame::flags::NO_PCRC != 0)
+    }
+
     /// Whether the link completed its handshake and is alive.
     pub fn link_is_up(&self, link: LinkId) -> bool {
         self.links
@@ -830,6 +856,7 @@ impl Session {
                 pong: None,
                 ack_due: false,
                 nack_due: false,
+                flags: 0,
                 peer: String::new(),
                 stats: LinkStats::default(),
             },
@@ -1076,6 +1103,11 @@ impl Session {
         if let Some(l) = self.links.get_mut(&link) {
             l.state = LinkState::Up;
             l.frame_size = l.frame_size.min(hello.max_frame).max(1);
+            // Both sides decide alike: each offered it from its own transport's kind. Our HELLO
+            // precedes our first flagged frame on this byte stream, so the peer has decided too.
+            let no_pcrc = l.params.checksummed && hello.caps & caps::NO_PAYLOAD_CRC != 0;
+            l.decoder.set_no_pcrc(no_pcrc);
+            l.flags = if no_pcrc { frame::flags::NO_PCRC } else { 0 };
             l.peer = hello.name.clone();
             l.ack_due = true;
         }
@@ -1684,7 +1716,12 @@ impl Session {
             let hello = Hello {
                 version: VERSION,
                 role: self.cfg.role,
-                caps: caps::RESUME,
+                caps: caps::RESUME
+                    | if l.params.checksummed {
+                        caps::NO_PAYLOAD_CRC
+                    } else {
+                        0
+                    },
                 my_session: self.my_session,
                 your_session: self.peer_session,
                 recv_next: self.recv_next,
@@ -1693,30 +1730,39 @@ impl Session {
                 echo: l.peer_nonce,
                 name: self.cfg.name.clone(),
             };
-            out.small(Kind::Hello as u8, 0, 0, 0, &hello.encode());
+            // Always with its CRC: the peer may have restarted and forgotten the negotiation.
+            out.small(0, Kind::Hello as u8, 0, 0, 0, &hello.encode());
         }
         if l.state != LinkState::Up {
             return self.account(link, out.encoded() - start);
         }
+        let flags = l.flags;
         if let Some(nonce) = l.pong.take() {
-            out.small(Kind::Pong as u8, 0, 0, ack, &nonce.to_le_bytes());
+            out.small(flags, Kind::Pong as u8, 0, 0, ack, &nonce.to_le_bytes());
         }
         if l.ping.is_none() && now.duration_since(l.last_rx) >= self.cfg.keepalive_interval {
             self.ping_nonce = self.ping_nonce.wrapping_add(1);
             l.ping = Some((self.ping_nonce, now));
-            out.small(Kind::Ping as u8, 0, 0, ack, &self.ping_nonce.to_le_bytes());
+            out.small(
+                flags,
+                Kind::Ping as u8,
+                0,
+                0,
+                ack,
+                &self.ping_nonce.to_le_bytes(),
+            );
         }
         if std::mem::take(&mut l.nack_due) {
-            out.small(Kind::Nack as u8, 0, 0, ack, &[]);
+            out.small(flags, Kind::Nack as u8, 0, 0, ack, &[]);
         }
         let frame_size = l.frame_size as usize;
         let max_inflight = l.params.max_inflight;
         let had_ack_due = std::mem::take(&mut l.ack_due);
         if self.active == Some(link) {
-            self.transmit_sequenced(out, start, max, frame_size, max_inflight, now);
+            self.transmit_sequenced(out, flags, start, max, frame_size, max_inflight, now);
         }
         if had_ack_due && out.encoded() == start {
-            out.small(Kind::Ack as u8, 0, 0, ack, &[]);
+            out.small(flags, Kind::Ack as u8, 0, 0, ack, &[]);
         }
         self.account(link, out.encoded() - start)
     }
@@ -1728,9 +1774,11 @@ impl Session {
         n
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn transmit_sequenced<S: Sink>(
         &mut self,
         out: &mut S,
+        flags: u8,
         start: usize,
         max: usize,
         frame_size: usize,
@@ -1743,7 +1791,7 @@ impl Session {
         // Retransmissions first, in order.
         while self.resend < self.unacked.len() && room(out, self.inflight) {
             let s = &self.unacked[self.resend];
-            out.frame(s.kind as u8, s.channel, s.seq, ack, &s.payload);
+            out.frame(flags, s.kind as u8, s.channel, s.seq, ack, &s.payload);
             self.inflight += frame::wire_len(s.payload.len());
             self.resend += 1;
             self.stats.frames_retransmitted += 1;
@@ -1758,10 +1806,10 @@ impl Session {
         while room(out, self.inflight) && self.unacked_bytes < self.cfg.max_unacked {
             if let Some((kind, ch, payload)) = self.control.pop_front() {
                 self.control_bytes -= frame::wire_len(payload.len()) + CONTROL_ENTRY_OVERHEAD;
-                self.push_new(out, kind, ch, payload, ack);
+                self.push_new(out, flags, kind, ch, payload, ack);
                 continue;
             }
-            if !self.next_data_frame(out, frame_size, ack) {
+            if !self.next_data_frame(out, flags, frame_size, ack) {
                 break;
             }
         }
@@ -1770,6 +1818,7 @@ impl Session {
     fn push_new<S: Sink>(
         &mut self,
         out: &mut S,
+        flags: u8,
         kind: Kind,
         channel: u32,
         payload: Bytes,
@@ -1777,7 +1826,7 @@ impl Session {
     ) {
         let seq = self.send_next;
         self.send_next = self.send_next.wrapping_add(1);
-        out.frame(kind as u8, channel, seq, ack, &payload);
+        out.frame(flags, kind as u8, channel, seq, ack, &payload);
         let len = frame::wire_len(payload.len());
         self.unacked_bytes += len;
         self.inflight += len;
@@ -1792,7 +1841,13 @@ impl Session {
     }
 
     /// Sends one DATA (or CLOSE) frame from the next channel that has something to send.
-    fn next_data_frame<S: Sink>(&mut self, out: &mut S, frame_size: usize, ack: u32) -> bool {
+    fn next_data_frame<S: Sink>(
+        &mut self,
+        out: &mut S,
+        flags: u8,
+        frame_size: usize,
+        ack: u32,
+    ) -> bool {
         let pick = self
             .channels
             .range(self.rr_cursor..)
@@ -1810,7 +1865,7 @@ impl Session {
         };
         if ch.send_buf.is_empty() {
             ch.fin_sent = true;
-            self.push_new(out, Kind::Close, id, Bytes::new(), ack);
+            self.push_new(out, flags, Kind::Close, id, Bytes::new(), ack);
             self.maybe_finish(id);
             return true;
         }
@@ -1824,7 +1879,7 @@ impl Session {
         if was_full {
             self.events.push_back(Event::Writable(id));
         }
-        self.push_new(out, Kind::Data, id, payload, ack);
+        self.push_new(out, flags, Kind::Data, id, payload, ack);
         true
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use vstream_wire::frame::{encode, Decoder, HEADER_LEN};
+use vstream_wire::frame::{encode, flags, Decoder, HEADER_LEN};
 use vstream_wire::hello::{caps, HelloError};
 use vstream_wire::{
     ChannelError, Config, DecodeError, Event, Frame, Hello, Kind, LinkId, LinkParams,
@@ -45,9 +45,14 @@ fn decode_all(wire: &[u8]) -> Vec<Frame> {
 
 impl Peer {
     fn new() -> Peer {
+        Peer::on(LinkParams::stream(0))
+    }
+
+    /// A peer on a link of the given kind.
+    fn on(params: LinkParams) -> Peer {
         let now = Instant::now();
         let mut host = Session::new(Config::new(Role::Host, "h"), 99, now);
-        let link = host.add_link(LinkParams::stream(0), now);
+        let link = host.add_link(params, now);
         Peer {
             host,
             link,
@@ -387,4 +392,75 @@ fn open_names_reach_255_bytes_and_reset_reasons_may_be_empty() {
             reason: String::new()
         }]
     );
+}
+
+/// §3 NO_PAYLOAD_CRC: offered only on transports that check integrity; used only when both
+/// HELLOs carry it. A peer without the bit (any implementation before it) gets frames with
+/// their payload CRC, which its decoder checks as always.
+#[test]
+fn payload_crc_is_left_out_only_when_both_offer_it() {
+    let caps_of = |p: &mut Peer| Hello::decode(&p.transmit()[0].payload).expect("HELLO").caps;
+    // A virtio-serial port does not offer it.
+    assert_eq!(caps_of(&mut Peer::new()) & caps::NO_PAYLOAD_CRC, 0);
+
+    for (host_params, guest_caps, expect) in [
+        (LinkParams::socket(0), caps::RESUME, false), // an old guest
+        (
+            LinkParams::socket(0),
+            caps::RESUME | caps::NO_PAYLOAD_CRC,
+            true,
+        ),
+        (
+            LinkParams::stream(0),
+            caps::RESUME | caps::NO_PAYLOAD_CRC,
+            false,
+        ), // a port
+    ] {
+        let mut p = Peer::on(host_params);
+        let sent = p.transmit();
+        let host = Hello::decode(&sent[0].payload).expect("host HELLO");
+        assert_eq!(
+            host.caps & caps::NO_PAYLOAD_CRC != 0,
+            host_params.checksummed
+        );
+        p.hello(&Hello {
+            caps: guest_caps,
+            echo: host.link,
+            ..guest_hello(42, 7, 0)
+        });
+        assert!(p.host.link_is_up(p.link));
+        assert_eq!(p.host.link_skips_payload_crc(p.link), expect);
+        p.host.open_channel("diag", "echo").expect("open");
+        let read = |p: &mut Peer| {
+            let mut out = Vec::new();
+            p.host.poll_transmit(p.link, p.now, &mut out, 1 << 20);
+            let mut d = Decoder::new(1 << 20);
+            d.set_no_pcrc(expect);
+            d.push(&out);
+            let frames: Vec<Frame> = d.by_ref().map(|r| r.expect("sound")).collect();
+            (out, frames)
+        };
+        let (out, frames) = read(&mut p);
+        assert_eq!(kinds(&frames), [Kind::Open as u8]);
+        if expect {
+            assert_eq!(frames[0].header.flags, flags::NO_PCRC);
+            assert_eq!(out[out.len() - 4..], [0; 4], "pcrc is present and 0");
+        } else {
+            // Exactly what a decoder that knows nothing of the mode accepts.
+            assert_eq!(frames[0].header.flags, 0);
+            assert_eq!(decode_all(&out).len(), 1);
+        }
+        // The peer's frames in the negotiated mode are accepted and answered.
+        let mut wire = Vec::new();
+        let f = if expect { flags::NO_PCRC } else { 0 };
+        vstream_wire::frame::encode_flagged(&mut wire, f, Kind::Ping as u8, 0, 0, 0, &[9; 8]);
+        p.host.handle_input(p.link, &wire, p.now);
+        assert_eq!(
+            p.host.link_stats(p.link).expect("link").decode.crc_errors,
+            0
+        );
+        let (_, frames) = read(&mut p);
+        assert_eq!(kinds(&frames), [Kind::Pong as u8]);
+        assert_eq!(&frames[0].payload[..], &[9; 8]);
+    }
 }

@@ -11,6 +11,12 @@ use vstream_wire::{
     ChannelId, Config, Event, LinkId, LinkParams, Recv, ResetCode, Role, Session, Transmit,
 };
 
+/// A fast stream in both payload-CRC modes: kept (a virtio-serial port) and negotiated away
+/// (a socket). Tests of fault-free links run in both.
+fn both_modes() -> [LinkParams; 2] {
+    [LinkParams::stream(0), LinkParams::socket(0)]
+}
+
 /// Deterministic content of channel `k` at offset `i`.
 fn byte_at(k: usize, i: u64) -> u8 {
     let x = i.wrapping_mul(0x9E37_79B9).wrapping_add(k as u64 * 7919);
@@ -244,6 +250,14 @@ impl Sim {
         self.host.handle_timeout(self.now);
         self.guest.handle_timeout(self.now);
         self.drain_events();
+        // Both sides offer the same here, so an up link leaves the CRC out iff they offered it.
+        for l in &self.links {
+            for (s, id) in [(&self.host, l.host), (&self.guest, l.guest)] {
+                if s.link_is_up(id) {
+                    assert_eq!(s.link_skips_payload_crc(id), self.params.checksummed);
+                }
+            }
+        }
     }
 
     fn deliver_chunk(&mut self, i: usize, h2g: bool) -> Vec<u8> {
@@ -324,10 +338,14 @@ impl Sim {
 
 #[test]
 fn clean_transfer_many_channels() {
-    let mut sim = Sim::new(1, 8, 300_000, Faults::default(), LinkParams::stream(0));
-    sim.run(5_000, vec![]);
-    assert!(sim.resets.is_empty(), "{:?}", sim.resets);
-    assert_eq!(sim.host.stats().frames_retransmitted, 0);
+    for params in both_modes() {
+        let mut sim = Sim::new(1, 8, 300_000, Faults::default(), params);
+        sim.run(5_000, vec![]);
+        assert!(sim.resets.is_empty(), "{:?}", sim.resets);
+        assert_eq!(sim.host.stats().frames_retransmitted, 0);
+        let decode = sim.host.link_stats(sim.links[0].host).expect("link").decode;
+        assert_eq!(decode.crc_errors, 0, "{params:?}");
+    }
 }
 
 #[test]
@@ -336,15 +354,17 @@ fn one_hundred_cuts_at_random_offsets() {
     let mut cuts: Vec<usize> = (0..100).map(|_| rng.random_range(0..700)).collect();
     cuts.sort_unstable();
     let last_cut = *cuts.last().expect("100 cuts");
-    let mut sim = Sim::new(7, 4, 8_000_000, Faults::default(), LinkParams::stream(0));
-    let finished = sim.run(20_000, cuts);
-    assert!(
-        finished > last_cut,
-        "every cut must land mid-transfer ({finished} <= {last_cut})"
-    );
-    assert!(sim.guest.stats().frames_retransmitted > 0);
-    assert!(sim.resets.is_empty(), "{:?}", sim.resets);
-    assert!(sim.host.stats().session_restarts == 0 && sim.guest.stats().session_restarts == 0);
+    for params in both_modes() {
+        let mut sim = Sim::new(7, 4, 8_000_000, Faults::default(), params);
+        let finished = sim.run(20_000, cuts.clone());
+        assert!(
+            finished > last_cut,
+            "every cut must land mid-transfer ({finished} <= {last_cut})"
+        );
+        assert!(sim.guest.stats().frames_retransmitted > 0);
+        assert!(sim.resets.is_empty(), "{:?}", sim.resets);
+        assert!(sim.host.stats().session_restarts == 0 && sim.guest.stats().session_restarts == 0);
+    }
 }
 
 #[test]
@@ -395,26 +415,28 @@ fn stalled_reader_does_not_block_other_channels() {
 
 #[test]
 fn peer_restart_resets_channels_instead_of_resuming() {
-    let mut sim = Sim::new(9, 1, 100_000_000, Faults::default(), LinkParams::stream(0));
-    for _ in 0..5 {
-        sim.step();
+    for params in both_modes() {
+        let mut sim = Sim::new(9, 1, 100_000_000, Faults::default(), params);
+        for _ in 0..5 {
+            sim.step();
+        }
+        // The guest process restarts: a brand-new session with another id.
+        let mut gc = Config::new(Role::Guest, "guest");
+        gc.channel_window = 48 * 1024;
+        sim.guest = Session::new(gc, 0xDEAD_BEEF, sim.now);
+        for l in std::mem::take(&mut sim.links) {
+            sim.host.remove_link(l.host);
+        }
+        sim.add_link();
+        for _ in 0..20 {
+            sim.step();
+        }
+        assert_eq!(sim.host.stats().session_restarts, 1);
+        assert!(sim
+            .resets
+            .iter()
+            .any(|(_, code, _)| *code == ResetCode::SessionLost));
     }
-    // The guest process restarts: a brand-new session with another id.
-    let mut gc = Config::new(Role::Guest, "guest");
-    gc.channel_window = 48 * 1024;
-    sim.guest = Session::new(gc, 0xDEAD_BEEF, sim.now);
-    for l in std::mem::take(&mut sim.links) {
-        sim.host.remove_link(l.host);
-    }
-    sim.add_link();
-    for _ in 0..20 {
-        sim.step();
-    }
-    assert_eq!(sim.host.stats().session_restarts, 1);
-    assert!(sim
-        .resets
-        .iter()
-        .any(|(_, code, _)| *code == ResetCode::SessionLost));
 }
 
 /// `poll_transmit_vectored` only saves a copy: the same run (same cuts, same faults) puts the
@@ -432,6 +454,14 @@ fn vectored_transmit_sends_the_same_bytes() {
             3_000_000,
             Faults::default(),
             LinkParams::stream(0),
+            vec![3, 40, 41, 90],
+        ),
+        (
+            13,
+            4,
+            3_000_000,
+            Faults::default(),
+            LinkParams::socket(0),
             vec![3, 40, 41, 90],
         ),
         (
@@ -462,14 +492,14 @@ fn vectored_transmit_sends_the_same_bytes() {
 /// Snapshot and restore at random points of a transfer (either side, as a live upgrade of
 /// vstreamd or of an agent would): every byte arrives exactly once and in order, and the
 /// session resumes instead of restarting.
-fn run_with_upgrades(seed: u64, channels: usize, bytes: u64, upgrades: &[(usize, bool)]) {
-    let mut sim = Sim::new(
-        seed,
-        channels,
-        bytes,
-        Faults::default(),
-        LinkParams::stream(0),
-    );
+fn run_with_upgrades(
+    seed: u64,
+    channels: usize,
+    bytes: u64,
+    upgrades: &[(usize, bool)],
+    params: LinkParams,
+) {
+    let mut sim = Sim::new(seed, channels, bytes, Faults::default(), params);
     let mut steps = 0;
     for &(at, guest_side) in upgrades {
         while steps < at && !sim.done() {
@@ -488,7 +518,9 @@ fn run_with_upgrades(seed: u64, channels: usize, bytes: u64, upgrades: &[(usize,
 #[test]
 fn snapshots_mid_transfer_lose_and_repeat_nothing() {
     let upgrades: Vec<(usize, bool)> = (0..40).map(|i| (i * 7 + 3, i % 3 == 0)).collect();
-    run_with_upgrades(21, 4, 3_000_000, &upgrades);
+    for params in both_modes() {
+        run_with_upgrades(21, 4, 3_000_000, &upgrades, params);
+    }
 }
 
 #[test]
@@ -542,10 +574,12 @@ proptest! {
         channels in 1usize..6,
         bytes in 1u64..400_000,
         upgrades in proptest::collection::vec((0usize..300, any::<bool>()), 1..6),
+        socket in any::<bool>(),
     ) {
         let mut upgrades = upgrades;
         upgrades.sort_unstable();
-        run_with_upgrades(seed, channels, bytes, &upgrades);
+        let params = if socket { LinkParams::socket(0) } else { LinkParams::stream(0) };
+        run_with_upgrades(seed, channels, bytes, &upgrades, params);
     }
 
     #[test]
@@ -556,11 +590,16 @@ proptest! {
         cuts in proptest::collection::vec(0usize..600, 0..6),
         flip in 0.0f64..0.1,
         drop in 0.0f64..0.1,
-        serial in any::<bool>(),
+        kind in 0u8..3,
         vectored in any::<bool>(),
     ) {
-        let params = if serial { LinkParams::serial(0, 921_600) } else { LinkParams::stream(0) };
-        let mut sim = Sim::new(seed, channels, bytes, Faults { flip, drop }, params);
+        // A socket does not garble bytes (that is why it may leave the CRC out): no faults there.
+        let (params, faults) = match kind {
+            0 => (LinkParams::serial(0, 921_600), Faults { flip, drop }),
+            1 => (LinkParams::stream(0), Faults { flip, drop }),
+            _ => (LinkParams::socket(0), Faults::default()),
+        };
+        let mut sim = Sim::new(seed, channels, bytes, faults, params);
         sim.vectored = vectored;
         sim.run(200_000, cuts);
         prop_assert!(sim.resets.is_empty(), "{:?}", sim.resets);

@@ -1,7 +1,7 @@
 //! The test vectors printed in docs/PROTOCOL.md: a second implementation can check its
 //! encoder against the same bytes.
 
-use vstream_wire::frame::encode;
+use vstream_wire::frame::{encode, encode_flagged, flags, DecodeError, Decoder};
 
 fn hex(b: &[u8]) -> String {
     b.iter()
@@ -18,6 +18,42 @@ fn data_frame_vector() {
         hex(&out),
         "a9 5c 12 00 01 00 00 00 07 00 00 00 03 00 00 00 02 00 00 00 a1 05 37 b0 68 69 c2 d9 9d f5"
     );
+}
+
+/// The same DATA frame on a link that negotiated NO_PAYLOAD_CRC (§3): flags 01, a new `hcrc`,
+/// `pcrc` 0.
+const DATA_NO_PCRC: &str =
+    "a9 5c 12 01 01 00 00 00 07 00 00 00 03 00 00 00 02 00 00 00 fe d9 d3 ef 68 69 00 00 00 00";
+
+#[test]
+fn data_frame_without_payload_crc_vector() {
+    let mut out = Vec::new();
+    encode_flagged(&mut out, flags::NO_PCRC, 0x12, 1, 7, 3, b"hi");
+    assert_eq!(hex(&out), DATA_NO_PCRC);
+
+    // A receiver that negotiated the mode takes it as it is.
+    let mut d = Decoder::new(1024);
+    d.set_no_pcrc(true);
+    d.push(&out);
+    let frame = d.next().expect("a frame").expect("sound");
+    assert_eq!((frame.header.flags, &frame.payload[..]), (1, &b"hi"[..]));
+
+    // One that did not (an old peer, or a serial line) checks it and drops it: the zero is no
+    // CRC of "hi". That is why the mode is used only when both sides offered it.
+    let mut d = Decoder::new(1024);
+    d.push(&out);
+    assert!(matches!(
+        d.next(),
+        Some(Err(DecodeError::BadPayload { .. }))
+    ));
+
+    // Flagged frames still carry a header CRC: a flipped header bit is caught in both modes.
+    let mut bad = out.clone();
+    bad[16] ^= 1;
+    let mut d = Decoder::new(1024);
+    d.set_no_pcrc(true);
+    d.push(&bad);
+    assert!(matches!(d.next(), Some(Err(DecodeError::BadHeader))));
 }
 
 #[test]

@@ -5,14 +5,14 @@
 //! ```text
 //! 0  magic   2  A9 5C
 //! 2  kind    1
-//! 3  flags   1  (0; receivers ignore unknown bits)
+//! 3  flags   1  bit 0 NO_PCRC (negotiated, see [`flags`]); receivers ignore unknown bits
 //! 4  channel 4
 //! 8  seq     4  sequence number of a sequenced frame, 0 otherwise
 //! 12 ack     4  next sequence number the sender expects from its peer
 //! 16 len     4  payload length
 //! 20 hcrc    4  CRC-32C of bytes 0..20
 //! 24 payload len bytes
-//! .. pcrc    4  CRC-32C of the payload
+//! .. pcrc    4  CRC-32C of the payload, or 0 with NO_PCRC
 //! ```
 //!
 //! The header has its own CRC so that a garbled length can never make the decoder wait for
@@ -28,6 +28,14 @@ pub const HEADER_LEN: usize = 24;
 pub const TRAILER_LEN: usize = 4;
 /// Largest payload any implementation may be asked to accept (the negotiated limit is lower).
 pub const MAX_PAYLOAD_LIMIT: u32 = 1 << 20;
+
+/// Header flag bits.
+pub mod flags {
+    /// The `pcrc` field is 0 and carries no CRC: the link's transport checks integrity and
+    /// both sides offered [`crate::hello::caps::NO_PAYLOAD_CRC`] on it. The field stays in
+    /// place so that a frame's length, and resynchronisation, are the same in both modes.
+    pub const NO_PCRC: u8 = 1 << 0;
+}
 
 /// What a frame means. Kinds below 0x10 are link frames (per transport connection, not
 /// sequenced); kinds from 0x10 are session frames (sequenced, acknowledged, retransmitted).
@@ -131,15 +139,29 @@ pub struct Frame {
 
 /// Appends one encoded frame to `out`.
 pub fn encode(out: &mut Vec<u8>, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) {
+    encode_flagged(out, 0, kind, channel, seq, ack, payload);
+}
+
+/// [`encode`] with header `flags` ([`flags::NO_PCRC`] leaves the payload CRC out).
+pub fn encode_flagged(
+    out: &mut Vec<u8>,
+    flags: u8,
+    kind: u8,
+    channel: u32,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) {
     out.reserve(HEADER_LEN + payload.len() + TRAILER_LEN);
-    encode_header(out, kind, channel, seq, ack, payload.len());
+    encode_header(out, flags, kind, channel, seq, ack, payload.len());
     out.extend_from_slice(payload);
-    encode_trailer(out, payload);
+    encode_trailer(out, flags, payload);
 }
 
 /// Appends the header of a frame with a payload of `payload_len` bytes.
 fn encode_header(
     out: &mut Vec<u8>,
+    flags: u8,
     kind: u8,
     channel: u32,
     seq: u32,
@@ -151,7 +173,7 @@ fn encode_header(
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(kind);
-    out.push(0);
+    out.push(flags);
     out.extend_from_slice(&channel.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&ack.to_le_bytes());
@@ -161,8 +183,13 @@ fn encode_header(
 }
 
 /// Appends the trailer (payload CRC) of a frame.
-fn encode_trailer(out: &mut Vec<u8>, payload: &[u8]) {
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+fn encode_trailer(out: &mut Vec<u8>, flags: u8, payload: &[u8]) {
+    let pcrc = if flags & flags::NO_PCRC != 0 {
+        0
+    } else {
+        crc32c::crc32c(payload)
+    };
+    out.extend_from_slice(&pcrc.to_le_bytes());
 }
 
 /// Payloads at least this large are not copied into a [`Transmit`] but written from where they
@@ -182,14 +209,30 @@ pub struct Transmit {
 }
 
 impl Transmit {
-    /// Appends one encoded frame.
-    pub fn encode(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes) {
+    /// Appends one encoded frame with header `flags`.
+    pub fn encode(
+        &mut self,
+        flags: u8,
+        kind: u8,
+        channel: u32,
+        seq: u32,
+        ack: u32,
+        payload: &Bytes,
+    ) {
         if payload.len() < SHARE_MIN {
-            encode(&mut self.inline, kind, channel, seq, ack, payload);
+            encode_flagged(&mut self.inline, flags, kind, channel, seq, ack, payload);
         } else {
-            encode_header(&mut self.inline, kind, channel, seq, ack, payload.len());
+            encode_header(
+                &mut self.inline,
+                flags,
+                kind,
+                channel,
+                seq,
+                ack,
+                payload.len(),
+            );
             self.shared.push((self.inline.len(), payload.clone()));
-            encode_trailer(&mut self.inline, payload);
+            encode_trailer(&mut self.inline, flags, payload);
         }
         self.len += wire_len(payload.len());
     }
@@ -243,20 +286,20 @@ pub(crate) trait Sink {
     /// Bytes added so far.
     fn encoded(&self) -> usize;
     /// Appends one frame whose payload is already shared.
-    fn frame(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes);
+    fn frame(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes);
     /// Appends one link frame with a small payload.
-    fn small(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]);
+    fn small(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]);
 }
 
 impl Sink for Vec<u8> {
     fn encoded(&self) -> usize {
         self.len()
     }
-    fn frame(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes) {
-        encode(self, kind, channel, seq, ack, payload);
+    fn frame(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes) {
+        encode_flagged(self, flags, kind, channel, seq, ack, payload);
     }
-    fn small(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) {
-        encode(self, kind, channel, seq, ack, payload);
+    fn small(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) {
+        encode_flagged(self, flags, kind, channel, seq, ack, payload);
     }
 }
 
@@ -264,11 +307,11 @@ impl Sink for Transmit {
     fn encoded(&self) -> usize {
         self.len
     }
-    fn frame(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes) {
-        self.encode(kind, channel, seq, ack, payload);
+    fn frame(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &Bytes) {
+        self.encode(flags, kind, channel, seq, ack, payload);
     }
-    fn small(&mut self, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) {
-        encode(&mut self.inline, kind, channel, seq, ack, payload);
+    fn small(&mut self, flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) {
+        encode_flagged(&mut self.inline, flags, kind, channel, seq, ack, payload);
         self.len += wire_len(payload.len());
     }
 }
@@ -468,6 +511,8 @@ pub struct Decoder {
     /// the decoder CRC 64 KiB per 24 bytes of input; with it, failed checks cost at most twice
     /// the bytes skipped.
     suspect: usize,
+    /// Whether frames flagged [`flags::NO_PCRC`] are accepted unchecked (negotiated per link).
+    no_pcrc: bool,
     stats: DecodeStats,
 }
 
@@ -481,6 +526,7 @@ impl Decoder {
             limit: limit.min(MAX_PAYLOAD_LIMIT),
             discard: 0,
             suspect: 0,
+            no_pcrc: false,
             stats: DecodeStats::default(),
         }
     }
@@ -488,6 +534,22 @@ impl Decoder {
     /// Changes the payload limit (after a handshake negotiated it).
     pub fn set_limit(&mut self, limit: u32) {
         self.limit = limit.min(MAX_PAYLOAD_LIMIT);
+    }
+
+    /// Accepts (or, with `false`, stops accepting) frames flagged [`flags::NO_PCRC`] without a
+    /// payload check. Only for a link whose handshake negotiated it: elsewhere such a frame is
+    /// checked like any other, and its zero `pcrc` fails unless the payload is empty.
+    pub fn set_no_pcrc(&mut self, on: bool) {
+        self.no_pcrc = on;
+    }
+
+    /// Whether the payload of `header`'s frame is sound: `trailer` is its `pcrc` field.
+    fn payload_ok(&self, header: &Header, payload: &[u8], trailer: &[u8]) -> bool {
+        let pcrc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+        if self.no_pcrc && header.flags & flags::NO_PCRC != 0 && pcrc == 0 {
+            return true;
+        }
+        crc32c::crc32c(payload) == pcrc
     }
 
     /// Feeds received bytes.
@@ -574,8 +636,11 @@ impl Decoder {
     /// The frame, if its payload CRC matches.
     fn verified(&mut self, header: Header, frame: &[u8], pool: &mut BufferPool) -> Option<Frame> {
         let end = HEADER_LEN + header.len as usize;
-        let t = &frame[end..end + TRAILER_LEN];
-        if crc32c::crc32c(&frame[HEADER_LEN..end]) != u32::from_le_bytes([t[0], t[1], t[2], t[3]]) {
+        if !self.payload_ok(
+            &header,
+            &frame[HEADER_LEN..end],
+            &frame[end..end + TRAILER_LEN],
+        ) {
             return None;
         }
         self.stats.frames += 1;
@@ -641,9 +706,7 @@ impl Iterator for Decoder {
             return None;
         }
         let end = HEADER_LEN + header.len as usize;
-        let t = &self.buf[end..total];
-        let pcrc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
-        if crc32c::crc32c(&self.buf[HEADER_LEN..end]) != pcrc {
+        if !self.payload_ok(&header, &self.buf[HEADER_LEN..end], &self.buf[end..total]) {
             self.stats.crc_errors += 1;
             let error = DecodeError::BadPayload {
                 kind: header.kind,

@@ -208,7 +208,7 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
 fn crc_bomb_headers_cost_linear_work() {
     let limit = 64 * 1024;
     let mut header = Vec::new();
-    encode_header(&mut header, Kind::Data as u8, 1, 0, 0, limit);
+    encode_header(&mut header, 0, Kind::Data as u8, 1, 0, 0, limit);
     let wire: Vec<u8> = header.iter().copied().cycle().take(64 * limit).collect();
     for fast in [false, true] {
         let mut d = Decoder::new(limit as u32);
@@ -244,7 +244,7 @@ fn good_frame_after_crc_bomb_is_found() {
     let limit = 4096;
     let mut wire = Vec::new();
     for _ in 0..500 {
-        encode_header(&mut wire, Kind::Data as u8, 1, 0, 0, limit);
+        encode_header(&mut wire, 0, Kind::Data as u8, 1, 0, 0, limit);
     }
     wire.extend_from_slice(&[0u8; 4096 + 4]);
     encode(&mut wire, Kind::Data as u8, 1, 9, 0, b"after the bomb");
