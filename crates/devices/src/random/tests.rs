@@ -227,7 +227,7 @@ mod virtio_rng {
     fn the_rate_is_respected_without_spinning() {
         const RATE: u64 = 64 * 1024;
         const BURST: u64 = 4096;
-        let mut rig = Rig::new(1, 256).with_event_idx();
+        let mut rig = Rig::new(1, 16).with_event_idx();
         let mut dev = device(RATE, BURST);
         let start = Instant::now();
         for _ in 0..8 {
