@@ -1,11 +1,10 @@
-//! A guest driver in a test: guest memory, queues laid out by virtio-queue's `MockSplitQueue`,
+//! A guest driver in a test: guest memory, queues laid out as a driver would,
 //! and hand-written descriptors, so that tests can offer anything a hostile driver could.
 
 use std::collections::HashMap;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -54,13 +53,20 @@ impl Rig {
         let mut layout = Vec::new();
         let mut qs = Vec::new();
         for q in 0..queues {
-            let mock = MockSplitQueue::create(&mem, GuestAddress(q as u64 * 0x4000), size);
-            qs.push(mock.create_queue::<Queue>().expect("queue"));
-            layout.push(Layout {
-                desc: mock.desc_table_addr().0,
-                avail: mock.avail_addr().0,
-                used: mock.used_addr().0,
-            });
+            // Laid out here, not by `MockSplitQueue`: virtio-queue 0.16's mock puts the used
+            // ring `size` bytes after the avail ring's start, over the avail ring's upper
+            // slots, so a driver that goes round the ring reads used.idx as a head.
+            let desc = q as u64 * 0x4000;
+            let avail = desc + 16 * u64::from(size);
+            let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+            let mut queue = Queue::new(size).expect("queue");
+            queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+            queue.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+            queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+            queue.set_ready(true);
+            assert!(queue.is_valid(&mem), "queue layout");
+            qs.push(queue);
+            layout.push(Layout { desc, avail, used });
         }
         Rig {
             mem,

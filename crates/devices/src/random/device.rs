@@ -6,14 +6,16 @@ use std::sync::{Arc, Mutex};
 use clap::ArgAction;
 use serde_json::Value;
 use vstream_link::Mux;
+use vstream_transport::Address;
 
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
 use super::host::{serve_raw, Entropy, Limiter};
+use super::vhost::RngDevice;
 use super::{Settings, CLASS};
-use crate::keep::{keep, Kept, Slot};
+use crate::keep::{keep, now_secs, Kept, Slot};
 use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, HostState, SettingsError, TransportStatus,
+    HostHalf, HostState, RawTransport, SettingsError, TransportStatus,
 };
 use crate::ServeFuture;
 
@@ -23,6 +25,24 @@ pub struct RandomDevice;
 /// The raw transport kind: vstreamd writes entropy into it within the budget, e.g. a
 /// virtio-serial port that the guest's `rngd -r /dev/vportNpM` reads.
 pub const RAW_KIND: &str = "random-raw";
+
+/// The virtio-rng kind: vstreamd serves the guest's `vhost-user-rng` device on the
+/// `unix-listen:` socket the VMM connects to.
+pub const VHOST_KIND: &str = "random-vhost-user";
+
+/// The vhost-user socket of a `random-vhost-user` transport.
+fn vhost_socket(t: &RawTransport) -> Result<&std::path::Path, SettingsError> {
+    match &t.address {
+        Address::UnixListen(path) => Ok(path),
+        other => Err(SettingsError::new(
+            CLASS,
+            format!(
+                "transport {:?} of kind {VHOST_KIND}: expected a unix-listen: address (the socket the VMM connects to), not {other}",
+                t.name
+            ),
+        )),
+    }
+}
 
 fn settings(s: Option<&Value>) -> Result<Settings, SettingsError> {
     let s: Settings = section(CLASS, s)?.unwrap_or_default();
@@ -36,13 +56,18 @@ impl Device for RandomDevice {
     }
 
     fn raw_kinds(&self) -> &'static [&'static str] {
-        &[RAW_KIND]
+        &[RAW_KIND, VHOST_KIND]
     }
 
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match guest {
             None => section::<Settings>(CLASS, s).map(drop),
-            Some(_) => settings(s).map(drop),
+            Some(g) => {
+                for t in g.transports.iter().filter(|t| t.kind == VHOST_KIND) {
+                    vhost_socket(t)?;
+                }
+                settings(s).map(drop)
+            }
         }
     }
 
@@ -54,14 +79,36 @@ impl Device for RandomDevice {
                 .transports
                 .iter()
                 .map(|t| {
-                    let s = TransportStatus::new(RAW_KIND, t.name.clone(), t.address.to_string());
+                    let s = TransportStatus::new(&t.kind, t.name.clone(), t.address.to_string());
                     Mutex::new(s)
                 })
                 .collect(),
+            vhost: Mutex::new(Vec::new()),
         });
-        let tasks = (0..ctx.transports.len())
-            .map(|i| -> ServeFuture { Box::pin(run_raw(ctx.clone(), state.clone(), i)) })
-            .collect();
+        let mut vhost = Vec::new();
+        let mut tasks: Vec<ServeFuture> = Vec::new();
+        for (i, t) in ctx.transports.iter().enumerate() {
+            if t.kind != VHOST_KIND {
+                tasks.push(Box::pin(run_raw(ctx.clone(), state.clone(), i)));
+                continue;
+            }
+            // Served from now on, one VMM connection after another, on a thread of its own.
+            let path = vhost_socket(t)?;
+            let failed = |e: std::io::Error| {
+                SettingsError::new(CLASS, format!("transport {:?}: {e}", t.name))
+            };
+            let device = RngDevice::new(limiter.clone()).map_err(failed)?;
+            vhost.push(vstream_vhost::serve("rng", path, device).map_err(failed)?);
+            state.raw[i].update(&mut |s| {
+                s.state = "listening".into();
+                s.since = now_secs();
+            });
+        }
+        state
+            .vhost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(vhost);
         Ok(HostHalf {
             services: vec![Arc::new(Entropy::new(&ctx.guest, limiter))],
             tasks,
@@ -128,6 +175,8 @@ pub fn feed_word(r: &str) -> Result<bool, SettingsError> {
 struct RandomState {
     limiter: Arc<Limiter>,
     raw: Vec<Mutex<TransportStatus>>,
+    /// The served virtio-rng devices.
+    vhost: Mutex<Vec<vstream_vhost::Server>>,
 }
 
 impl HostState for RandomState {

@@ -20,12 +20,24 @@ pub const CHUNK: usize = 16 * 1024;
 /// budget sends a few 1 KiB writes a second rather than thousands of tiny ones.
 const MIN_GRANT: u64 = 1024;
 
+/// What the budget allows now ([`Limiter::try_grant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// These many bytes, taken.
+    Now(u64),
+    /// Nothing yet; enough after this long.
+    After(std::time::Duration),
+    /// Never: the budget is 0.
+    Never,
+}
+
 /// One guest's entropy budget and counters, shared by its channels and raw ports.
 pub struct Limiter {
     settings: Settings,
     bucket: Mutex<TokenBucket>,
     channel_bytes: AtomicU64,
     raw_bytes: AtomicU64,
+    vhost_bytes: AtomicU64,
     requests: AtomicU64,
     refused: AtomicU64,
 }
@@ -42,6 +54,7 @@ impl Limiter {
             )),
             channel_bytes: AtomicU64::new(0),
             raw_bytes: AtomicU64::new(0),
+            vhost_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -52,26 +65,38 @@ impl Limiter {
         self.settings
     }
 
+    /// Takes some of `want` bytes (at least `min(want, 1 KiB)`) if the budget has them now;
+    /// otherwise says how long until it does, or that it never will (a budget of 0).
+    pub fn try_grant(&self, want: u64) -> Grant {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match b.wait(now, want.min(MIN_GRANT)) {
+            None => Grant::Never,
+            Some(d) if d.is_zero() => Grant::Now(b.take(now, want)),
+            Some(d) => Grant::After(d),
+        }
+    }
+
     /// Waits until some of `want` bytes (at least `min(want, 1 KiB)`) fit the budget, takes
     /// them and returns how many. Fails if the budget is 0.
     pub async fn grant(&self, want: u64) -> io::Result<u64> {
         loop {
-            let wait = {
-                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                match b.wait(now, want.min(MIN_GRANT)) {
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            "the random device is off for this guest (rate = 0)",
-                        ))
-                    }
-                    Some(d) if d.is_zero() => return Ok(b.take(now, want)),
-                    Some(d) => d,
+            match self.try_grant(want) {
+                Grant::Now(n) => return Ok(n),
+                Grant::After(d) => tokio::time::sleep(d).await,
+                Grant::Never => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the random device is off for this guest (rate = 0)",
+                    ))
                 }
-            };
-            tokio::time::sleep(wait).await;
+            }
         }
+    }
+
+    /// Counts bytes handed to the guest's virtio-rng device.
+    pub fn count_vhost(&self, n: u64) {
+        self.vhost_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counters and budget, for `vstreamctl status`.
@@ -81,6 +106,7 @@ impl Limiter {
             "burst": self.settings.burst,
             "channel_bytes": self.channel_bytes.load(Ordering::Relaxed),
             "raw_bytes": self.raw_bytes.load(Ordering::Relaxed),
+            "vhost_bytes": self.vhost_bytes.load(Ordering::Relaxed),
             "requests": self.requests.load(Ordering::Relaxed),
             "refused": self.refused.load(Ordering::Relaxed),
         })

@@ -21,6 +21,7 @@ pub mod guest;
 pub mod host;
 #[cfg(test)]
 mod tests;
+pub mod vhost;
 
 use std::time::{Duration, Instant};
 
