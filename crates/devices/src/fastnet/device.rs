@@ -135,8 +135,9 @@ impl Device for FastnetDevice {
                 .map(str::to_owned),
         };
         if let Some(n) = &name {
-            crate::tun::ifreq(n)
-                .map_err(|e| SettingsError::new(CLASS, format!("--fastnet: {e}")))?;
+            crate::tun::ifreq(n).map_err(|e| {
+                SettingsError::new(CLASS, format!("--fastnet / vstream.fastnet=: {e}"))
+            })?;
         }
         options.set(CLASS, Interface(name));
         Ok(())
