@@ -521,6 +521,7 @@ impl Registry {
                 Arc::new(crate::random::device::RandomDevice),
                 Arc::new(crate::watchdog::device::WatchdogDevice),
                 Arc::new(crate::ppp::device::PppDevice),
+                Arc::new(crate::fastnet::device::FastnetDevice),
             ],
         }
     }

@@ -212,3 +212,52 @@ fn reads_the_device_settings_from_the_kernel_command_line() {
     assert_eq!(w.interval, std::time::Duration::from_secs(2));
     assert!(agent_options(&["--watchdog-interval", "0s"], "").is_err());
 }
+
+#[test]
+fn fastnet_interface_from_the_agent_and_kernel_command_lines() {
+    use vstream_devices::fastnet::device::Interface;
+    let name = |args: &[&str], cmdline: &str| {
+        agent_options(args, cmdline).map(|o| {
+            o.get::<Interface>(vstream_devices::fastnet::CLASS)
+                .and_then(|i| i.0.clone())
+        })
+    };
+    assert_eq!(name(&[], "quiet"), Ok(None));
+    assert_eq!(name(&[], "vstream.fastnet=fn0"), Ok(Some("fn0".into())));
+    assert_eq!(
+        name(&[], "vstream.fastnet=fn0 vstream.fastnet=off"),
+        Ok(None)
+    );
+    assert_eq!(
+        name(&["--fastnet", "eth9"], "vstream.fastnet=fn0"),
+        Ok(Some("eth9".into()))
+    );
+    let e = name(&[], "vstream.fastnet=a/b").expect_err("a bad name");
+    assert!(
+        e.starts_with("[guest.fastnet]: --fastnet / vstream.fastnet=:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fastnet_section_is_checked() {
+    let d = registry().get("fastnet").expect("fastnet registered");
+    assert!(d.check(None, None).is_ok());
+    assert!(d
+        .check(
+            Some(&json!({ "tap": "vsfn0", "guest_address": "10.0.0.2/24" })),
+            None
+        )
+        .is_ok());
+    let e = d
+        .check(Some(&json!({ "tap": "vsfn0", "mode": "shm" })), None)
+        .expect_err("shm is not wired yet");
+    assert!(e.to_string().contains("not available yet"), "{e}");
+    let e = d
+        .check(Some(&json!({ "tap": "much-too-long-name" })), None)
+        .expect_err("a bad TAP name");
+    assert!(e.to_string().starts_with("[guest.fastnet]: tap:"), "{e}");
+    assert!(d
+        .check(Some(&json!({ "tap": "t", "mtu": 10 })), None)
+        .is_err());
+}

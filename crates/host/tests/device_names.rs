@@ -5,8 +5,8 @@
 use std::path::Path;
 
 /// The device names that must not appear in the programs' own code.
-const DEVICES: [&str; 8] = [
-    "printer", "random", "watchdog", "ppp", "hid", "qga", "tty", "console",
+const DEVICES: [&str; 9] = [
+    "printer", "random", "watchdog", "ppp", "hid", "qga", "tty", "console", "fastnet",
 ];
 
 /// The sources that must name no device (paths from the workspace root).

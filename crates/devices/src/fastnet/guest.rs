@@ -1,11 +1,16 @@
-//! The guest's end of a fastnet link (so far: finding the segment). QEMU's `ivshmem-plain`
+//! The guest's end of a fastnet link: finding the segment, and the link itself in
+//! channel-only mode (a guest TAP whose packets go on the channel). QEMU's `ivshmem-plain`
 //! device is PCI 1af4:1110; its BAR 2 is the shared segment, which the agent maps through
 //! sysfs (`resource2`) with no kernel driver.
 
 use std::path::{Path, PathBuf};
 
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::host::{pump, LinkError, Stats};
 use super::ring::{Layout, Segment};
-use super::Found;
+use super::{read_message, Decoder, Found, GuestMsg, HostMsg, Message, Mode, ReadError, Ready};
+use super::{Setup, PROTOCOL_VERSION, READ_CHUNK};
 
 /// Where the kernel lists PCI devices.
 pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -60,4 +65,105 @@ pub fn find_segment(devices: &Path) -> (Found, Option<Segment>) {
             None,
         ),
     }
+}
+
+/// Runs one link on `stream` (a `fastnet` channel the agent opened): waits for the host's
+/// `Setup`, creates TAP `ifname` with the address and MTU it gives, answers `Ready` and moves
+/// packets until an error or the host's reset.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    ifname: &str,
+    stats: &mut Stats,
+) -> Result<(), LinkError> {
+    let mut dec = Decoder::<HostMsg>::new();
+    let mut rbuf = vec![0u8; READ_CHUNK];
+    let setup = loop {
+        match read_message(&mut stream, &mut dec, &mut rbuf).await {
+            Ok(Some(HostMsg::Setup(s))) => break s,
+            Ok(Some(HostMsg::Reset(why))) => return Err(LinkError::HostReset(why)),
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Err(ReadError::Io(e)) => return Err(e.into()),
+            Err(ReadError::Record(e)) => return Err(e.into()),
+        }
+    };
+    if setup.version != PROTOCOL_VERSION || !setup.vnet_hdr {
+        let why = format!(
+            "this agent speaks version {PROTOCOL_VERSION} with vnet headers; the host sent version {} (vnet_hdr {})",
+            setup.version, setup.vnet_hdr
+        );
+        send(&mut stream, &GuestMsg::Reset(why.clone())).await?;
+        return Err(LinkError::GuestReset(why));
+    }
+    let tap = super::tap::create(None, ifname)?;
+    configure(ifname, &setup).await?;
+    // The guest's ring loop is not written yet: a segment the host offers is declined.
+    let reason =
+        (setup.segment_size != 0).then(|| "this agent runs channel-only links so far".to_owned());
+    send(
+        &mut stream,
+        &GuestMsg::Ready(Ready {
+            mode: Mode::Channel,
+            reason,
+        }),
+    )
+    .await?;
+    let from_host = |m| match m {
+        HostMsg::Packet(p) => Ok(Some(p)),
+        HostMsg::Reset(why) => Err(LinkError::HostReset(why)),
+        HostMsg::Setup(_) | HostMsg::Doorbell => Ok(None),
+    };
+    pump(
+        &mut stream,
+        &tap,
+        dec,
+        &mut rbuf,
+        from_host,
+        GuestMsg::Packet,
+        stats,
+    )
+    .await
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, msg: &GuestMsg) -> Result<(), LinkError> {
+    let mut out = Vec::new();
+    msg.encode(&mut out)?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// Sets the interface's MAC, MTU and address from `setup` and brings it up, with `ip` (the
+/// guest's iproute2 or busybox applet): values from the host are passed as arguments, never
+/// through a shell.
+async fn configure(ifname: &str, setup: &Setup) -> std::io::Result<()> {
+    let mtu = setup.mtu.to_string();
+    let mut steps: Vec<Vec<&str>> = vec![vec![
+        "link",
+        "set",
+        "dev",
+        ifname,
+        "address",
+        &setup.guest_mac,
+        "mtu",
+        &mtu,
+        "up",
+    ]];
+    if let Some(addr) = &setup.guest_address {
+        steps.push(vec!["addr", "add", addr, "dev", ifname]);
+    }
+    for args in steps {
+        let out = tokio::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("running ip: {e}")))?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
 }

@@ -27,6 +27,9 @@ pub enum LinkError {
     /// The guest reset the link.
     #[error("the guest reset the link: {0}")]
     GuestReset(String),
+    /// The host reset the link (the guest's end).
+    #[error("the host reset the link: {0}")]
+    HostReset(String),
     /// The channel or the TAP failed, or the channel ended.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -113,21 +116,42 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 async fn channel<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     tap: &Tun,
-    mut dec: Decoder<GuestMsg>,
+    dec: Decoder<GuestMsg>,
     rbuf: &mut [u8],
     stats: &mut Stats,
 ) -> Result<(), LinkError> {
+    let from_guest = |m| match m {
+        GuestMsg::Packet(p) => Ok(Some(p)),
+        GuestMsg::Reset(why) => Err(LinkError::GuestReset(why)),
+        GuestMsg::Ready(_) | GuestMsg::Doorbell => Ok(None),
+    };
+    pump(stream, tap, dec, rbuf, from_guest, HostMsg::Packet, stats).await
+}
+
+/// Channel-only mode at either end: packets from the peer (what `packet_of` finds in its
+/// messages) go to `tap`, packets from `tap` go to the peer as `packet` messages, until an
+/// error or the peer's reset.
+pub(super) async fn pump<S, In, Out>(
+    stream: &mut S,
+    tap: &Tun,
+    mut dec: Decoder<In>,
+    rbuf: &mut [u8],
+    packet_of: impl Fn(In) -> Result<Option<bytes::Bytes>, LinkError>,
+    packet: impl Fn(bytes::Bytes) -> Out,
+    stats: &mut Stats,
+) -> Result<(), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    In: Message,
+    Out: Message,
+{
     let mut pkt = vec![0u8; MAX_PACKET as usize];
     let mut out = Vec::new();
     loop {
         while let Some(m) = dec.next_message()? {
-            match m {
-                GuestMsg::Packet(p) => {
-                    stats.packets_in += 1;
-                    tap.send(&p)?;
-                }
-                GuestMsg::Reset(why) => return Err(LinkError::GuestReset(why)),
-                GuestMsg::Ready(_) | GuestMsg::Doorbell => {}
+            if let Some(p) = packet_of(m)? {
+                stats.packets_in += 1;
+                tap.send(&p)?;
             }
         }
         tokio::select! {
@@ -141,10 +165,10 @@ async fn channel<S: AsyncRead + AsyncWrite + Unpin>(
             n = tap.recv(&mut pkt) => {
                 let n = n?;
                 out.clear();
-                HostMsg::Packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
+                packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
                 // More queued frames go in the same write.
                 while let Some(n) = tap.try_recv(&mut pkt) {
-                    HostMsg::Packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
+                    packet(bytes::Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
                     stats.packets_out += 1;
                 }
                 stats.packets_out += 1;

@@ -13,6 +13,7 @@
 //!
 //! See docs/devices/fastnet.md for the layout, the ordering rules and the doorbell protocol.
 
+pub mod device;
 pub mod guest;
 pub mod host;
 pub mod ring;
@@ -28,6 +29,9 @@ pub use crate::record::{read_message, Decoder, Message, ReadError, RecordError};
 
 /// The device class.
 pub const CLASS: &str = "fastnet";
+
+/// The name of the link's channel (one per guest).
+pub const CHANNEL_NAME: &str = "link";
 
 /// The channel protocol's version (in [`Setup`]).
 pub const PROTOCOL_VERSION: u32 = 1;

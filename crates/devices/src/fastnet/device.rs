@@ -1,0 +1,213 @@
+//! The fastnet device's descriptor: `[guest.fastnet]` (the host TAP, the guest's address and
+//! MTU, the mode), the host half serving the guest's `fastnet` channel, the guest half's link
+//! (`--fastnet IFNAME`, `vstream.fastnet=IFNAME`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+use vstream_link::{ChannelStream, Mux};
+
+use super::host::Stats;
+use super::{Setup, CHANNEL_NAME, CLASS, PROTOCOL_VERSION};
+use crate::registry::{
+    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
+    HostHalf, SettingsError,
+};
+use crate::tun::netns_path;
+use crate::{ServeFuture, Service};
+
+/// `fastnet`.
+pub struct FastnetDevice;
+
+/// How a link carries its packets (`mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModeSetting {
+    /// Shared memory when the guest has the segment, else the channel.
+    #[default]
+    Auto,
+    /// Always on the channel.
+    Channel,
+    /// Shared memory only.
+    Shm,
+}
+
+/// `[guest.fastnet]`: the guest's network link (absent: none).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastnetConfig {
+    /// The host's TAP interface (created, or attached if it exists as a persistent TAP with
+    /// vnet headers, e.g. `ip tuntap add dev NAME mode tap vnet_hdr`, already addressed).
+    pub tap: String,
+    /// The network namespace of the TAP (a name under /run/netns or a path); vstreamd's own if
+    /// absent.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// The guest interface's IPv4 address and prefix, e.g. `10.0.0.2/24`.
+    #[serde(default)]
+    pub guest_address: Option<String>,
+    /// The guest interface's MAC address.
+    #[serde(default = "default_mac")]
+    pub guest_mac: String,
+    /// MTU of both interfaces.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// `auto`, `channel` or `shm`.
+    #[serde(default)]
+    pub mode: ModeSetting,
+    /// The shared segment's file (an `ivshmem-plain` device's memory backend).
+    #[serde(default)]
+    pub segment: Option<PathBuf>,
+}
+
+fn default_mac() -> String {
+    // Locally administered, unicast.
+    "02:76:73:00:00:02".into()
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+impl FastnetConfig {
+    fn validate(&self) -> Result<(), SettingsError> {
+        crate::tun::ifreq(&self.tap).map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
+        if !(68..=65535 - 14).contains(&self.mtu) {
+            return Err(SettingsError::new(CLASS, "mtu: 68 to 65521"));
+        }
+        if self.mode == ModeSetting::Shm || self.segment.is_some() {
+            // The host's ring loop exists (host.rs) but vstreamd does not map a segment yet.
+            return Err(SettingsError::new(
+                CLASS,
+                "shared memory mode (mode = \"shm\", segment) is not available yet; use mode = \"channel\" or \"auto\" without a segment",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The agent's interface name for the link (`None`: no link).
+#[derive(Debug, Clone)]
+pub struct Interface(pub Option<String>);
+
+impl Device for FastnetDevice {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
+        match section::<FastnetConfig>(CLASS, s)? {
+            Some(c) => c.validate(),
+            None => Ok(()),
+        }
+    }
+
+    fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
+        let Some(config) = section::<FastnetConfig>(CLASS, ctx.section.as_ref())? else {
+            return Ok(HostHalf::services(Vec::new()));
+        };
+        config.validate()?;
+        Ok(HostHalf::services(vec![Arc::new(FastnetService {
+            guest: ctx.guest.clone(),
+            config,
+        })]))
+    }
+
+    fn agent_args(&self) -> Vec<clap::Arg> {
+        vec![clap::Arg::new("fastnet")
+            .long("fastnet")
+            .value_name("IFNAME")
+            .help("Open the host's fastnet link as TAP interface IFNAME (default: vstream.fastnet=IFNAME on the kernel command line, else no link)")]
+    }
+
+    fn agent_options(
+        &self,
+        args: &AgentArgs<'_>,
+        options: &mut GuestOptions,
+    ) -> Result<(), SettingsError> {
+        let name = match args.matches.get_one::<String>("fastnet") {
+            Some(n) => Some(n.clone()),
+            None => cmdline_values(args.cmdline, "fastnet")
+                .last()
+                .filter(|v| *v != "off")
+                .map(str::to_owned),
+        };
+        if let Some(n) = &name {
+            crate::tun::ifreq(n).map_err(|e| {
+                SettingsError::new(CLASS, format!("--fastnet / vstream.fastnet=: {e}"))
+            })?;
+        }
+        options.set(CLASS, Interface(name));
+        Ok(())
+    }
+
+    fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
+        let Some(Interface(Some(ifname))) = options.get::<Interface>(CLASS).cloned() else {
+            return GuestHalf::default();
+        };
+        let mux = mux.clone();
+        let task: ServeFuture = Box::pin(async move {
+            let chan = match mux.open(CLASS, CHANNEL_NAME).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("fastnet: the host refused the link: {e}");
+                    return;
+                }
+            };
+            let mut stats = Stats::default();
+            match super::guest::run(chan, &ifname, &mut stats).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(%ifname, ?stats, "fastnet: link ended: {e}"),
+            }
+        });
+        GuestHalf {
+            tasks: vec![task],
+            ..GuestHalf::default()
+        }
+    }
+}
+
+/// Serves the guest's link: one at a time, on the configured TAP.
+struct FastnetService {
+    guest: String,
+    config: FastnetConfig,
+}
+
+impl Service for FastnetService {
+    fn class(&self) -> &'static str {
+        CLASS
+    }
+
+    fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture {
+        if name != CHANNEL_NAME {
+            stream.reset(&format!("fastnet has no {name:?} (only {CHANNEL_NAME:?})"));
+            return Box::pin(async {});
+        }
+        let (guest, c) = (self.guest.clone(), self.config.clone());
+        Box::pin(async move {
+            let ns = c.netns.as_deref().map(netns_path);
+            let tap = match super::tap::create(ns.as_deref(), &c.tap) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%guest, "fastnet: TAP {}: {e}", c.tap);
+                    stream.reset(&format!("the host cannot open its TAP: {e}"));
+                    return;
+                }
+            };
+            let setup = Setup {
+                version: PROTOCOL_VERSION,
+                segment_size: 0,
+                mtu: c.mtu,
+                guest_mac: c.guest_mac.clone(),
+                host_mac: String::new(),
+                guest_address: c.guest_address.clone(),
+                vnet_hdr: true,
+            };
+            let mut stats = Stats::default();
+            let r = super::host::run(stream, &tap, setup, None, &mut stats).await;
+            tracing::info!(%guest, tap = %c.tap, ?stats, "fastnet: link ended: {r:?}");
+        })
+    }
+}
