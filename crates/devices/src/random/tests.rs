@@ -127,9 +127,9 @@ mod virtio_rng {
     use vstream_vhost::testing::{Rig, MEM_SIZE, NEXT, WRITE};
     use vstream_vhost::{Device, Event};
 
-    use super::super::host::Limiter;
-    use super::super::vhost::RngDevice;
-    use super::super::Settings;
+    use crate::random::host::Limiter;
+    use crate::random::vhost::RngDevice;
+    use crate::random::Settings;
 
     fn device(rate: u64, burst: u64) -> RngDevice {
         RngDevice::new(Arc::new(Limiter::new(Settings { rate, burst }))).expect("device")
