@@ -8,13 +8,12 @@
 //! Needs root (`ip netns add`, TAP devices, `setns`). Never skips silently: without QEMU it
 //! fails, unless VSTREAM_SKIP_E2E=1 is set.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+
 use std::thread;
 use std::time::{Duration, Instant};
 
-use xtask::lab::testing::{receive_one, NetNs};
+use xtask::lab::testing::{self, receive_one, NetNs};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,24 +43,6 @@ fn ns_ok(ns: &NetNs, cmd: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let data = data.to_vec();
-    let writer = thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().expect("sha256sum");
-    writer.join().expect("writer").expect("write");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[test]
@@ -131,7 +112,11 @@ fn fastnet_channel_link_in_a_real_guest() {
     exec(&lab, &format!("nc 10.78.0.1 {port} < /tmp/blob"));
     let (got, took) = rx.join().expect("receiver");
     assert_eq!(got.len(), SIZE, "bytes through fastnet");
-    assert_eq!(sha256(&got), sum, "the bytes through fastnet changed");
+    assert_eq!(
+        testing::sha256(&got),
+        sum,
+        "the bytes through fastnet changed"
+    );
     eprintln!(
         "\n16 MiB guest -> host over TCP, fastnet channel-only mode on virtio-serial ({} accelerator): \
          {took:.2?} = {:.1} MiB/s\n  ping guest -> host: {rtt}\n",

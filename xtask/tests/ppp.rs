@@ -11,15 +11,12 @@
 //! (`ip netns add`, TUN devices, `setns`). Never skips silently: without QEMU it fails, unless
 //! VSTREAM_SKIP_E2E=1 is set.
 
-use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::thread;
 use std::time::Duration;
 
 use serde_json::Value;
-use xtask::lab::testing::{receive_one, NetNs};
+use xtask::lab::testing::{self, receive_one, NetNs};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -46,24 +43,6 @@ fn ppp_status(lab: &Lab, status: &Value) -> Value {
     lab::guest_status(status, lab.name())
         .map(|g| g["devices"]["ppp"].clone())
         .unwrap_or(Value::Null)
-}
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let data = data.to_vec();
-    let writer = thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().expect("sha256sum");
-    writer.join().expect("writer").expect("write");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// Sends the guest's /tmp/blob to HOST:PORT with busybox nc; returns what the host received and
@@ -137,7 +116,7 @@ fn ppp_link_in_a_real_guest() {
 
     let (got, ppp_time) = transfer(&lab, ns.listen(Ipv4Addr::new(10, 77, 0, 1)), "10.77.0.1");
     assert_eq!(got.len(), SIZE, "bytes through ppp");
-    assert_eq!(sha256(&got), sum, "the bytes through ppp changed");
+    assert_eq!(testing::sha256(&got), sum, "the bytes through ppp changed");
 
     exec(
         &lab,
@@ -152,7 +131,11 @@ fn ppp_link_in_a_real_guest() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
     let (got, net_time) = transfer(&lab, listener, "10.0.2.2");
     assert_eq!(got.len(), SIZE, "bytes through virtio-net");
-    assert_eq!(sha256(&got), sum, "the bytes through virtio-net changed");
+    assert_eq!(
+        testing::sha256(&got),
+        sum,
+        "the bytes through virtio-net changed"
+    );
 
     let (ppp_rate, net_rate) = (mib_s(ppp_time), mib_s(net_time));
     eprintln!(

@@ -96,6 +96,25 @@ pub fn wait_out(lab: &Lab, id: &str, needle: &str, timeout: Duration) -> String 
     }
 }
 
+/// The SHA-256 of bytes, hex (`sha256sum`).
+pub fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = data.to_vec();
+    let writer = thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = child.wait_with_output().expect("sha256sum");
+    writer.join().expect("writer").expect("write");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// The SHA-256 of a host file, hex (`sha256sum`).
 pub fn sha256_file(path: &Path) -> String {
     let out = Command::new("sha256sum")
