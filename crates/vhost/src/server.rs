@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::{
+    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -77,6 +79,20 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
     })
 }
 
+/// Why one VMM connection ended badly (the server goes on with the next one).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    /// vhost-user-backend could not be set up for the connection.
+    #[error("cannot set up the vhost-user daemon: {0}")]
+    Setup(DaemonError),
+    /// The device's own descriptor could not be watched.
+    #[error("cannot watch the device's descriptor: {0}")]
+    Watch(io::Error),
+    /// The VMM sent something the protocol does not allow (the connection is dropped).
+    #[error("{0}")]
+    Protocol(DaemonError),
+}
+
 /// `EFD_NONBLOCK` (`O_NONBLOCK` on Linux); vmm-sys-util takes the raw flag.
 const EFD_NONBLOCK: i32 = 0o4000;
 
@@ -116,31 +132,33 @@ impl<D: Device> Backend<D> {
     }
 
     /// Serves one VMM connection to its end.
-    fn serve_one(&self, name: &str, listener: Listener) -> Result<(), String> {
+    fn serve_one(&self, name: &str, listener: Listener) -> Result<(), ConnectionError> {
         let mut daemon = VhostUserDaemon::new(
             name.to_owned(),
             self.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectionError::Setup)?;
         let token = self.backend_token();
         // Not registered while the device is locked: registering asks the backend questions.
         let fd = self.inner().device.backend_fd().map(|fd| fd.as_raw_fd());
         if let (Some(handler), Some(fd)) = (daemon.get_epoll_handlers().first(), fd) {
             handler
                 .register_listener(fd, EventSet::IN, token)
-                .map_err(|e| e.to_string())?;
+                .map_err(ConnectionError::Watch)?;
         }
-        daemon.start(listener).map_err(|e| e.to_string())?;
+        daemon.start(listener).map_err(ConnectionError::Setup)?;
         let result = daemon.wait();
         // The worker threads end with the connection.
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
         match result {
-            Ok(()) => Ok(()),
-            Err(e) if e.to_string().contains("disconnect") => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                ProtocolError::Disconnected | ProtocolError::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(ConnectionError::Protocol(e)),
         }
     }
 
