@@ -1,7 +1,8 @@
 //! The one server loop: rust-vmm's vhost-user-backend around any [`Device`].
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,9 +38,12 @@ impl Server {
 
 /// Listens for the VMM on `path` (a stale socket file is replaced) and serves `device` on a
 /// thread of its own, one VMM connection after another; the device is reset between them.
-/// Binding errors are returned here; later ones are logged and retried every second.
+/// Binding errors are returned here. One listening socket serves every connection, so a VMM
+/// that connects while another is served waits in its backlog instead of being refused or
+/// reset (vhost's own `Listener` unlinks its path once it has accepted one connection).
 pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server> {
-    let listener = Listener::new(path, true)
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::other(format!("{}: cannot listen: {e}", path.display())))?;
     let backend = Backend {
         queues: device.num_queues(),
@@ -52,27 +56,29 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
     let (name, owned) = (name.to_owned(), path.to_owned());
     std::thread::Builder::new()
         .name(format!("vhost-{name}"))
-        .spawn(move || {
-            let mut listener = Some(listener);
-            loop {
-                let l = match listener.take() {
-                    Some(l) => l,
-                    None => match Listener::new(&owned, true) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(path = %owned.display(), "cannot listen: {e}");
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                    },
-                };
-                if let Err(e) = backend.serve_one(&name, l) {
+        .spawn(move || loop {
+            let result = match listener.as_fd().try_clone_to_owned() {
+                Ok(fd) => {
+                    // SAFETY: `fd` is a fresh duplicate of the listening socket, owned by nothing
+                    // else; the `Listener` takes it over (with no path, so it unlinks nothing).
+                    let one = unsafe { Listener::from_raw_fd(fd.into_raw_fd()) };
+                    backend.serve_one(&name, one)
+                }
+                Err(e) => Err(ConnectionError::Watch(e)),
+            };
+            match result {
+                Ok(()) => tracing::info!(path = %owned.display(), "VMM disconnected; device reset"),
+                // The VMM broke the protocol: it is dropped, and the next one is served at once.
+                Err(e @ ConnectionError::Protocol(_)) => {
+                    tracing::warn!(path = %owned.display(), "VMM dropped: {e}; device reset")
+                }
+                // Setting up may fail again at once: do not spin.
+                Err(e) => {
                     tracing::warn!(path = %owned.display(), "vhost-user connection failed: {e}");
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                backend.inner().reset();
-                tracing::info!(path = %owned.display(), "VMM disconnected; device reset");
             }
+            backend.inner().reset();
         })?;
     Ok(Server {
         path: path.to_owned(),
@@ -85,8 +91,8 @@ enum ConnectionError {
     /// vhost-user-backend could not be set up for the connection.
     #[error("cannot set up the vhost-user daemon: {0}")]
     Setup(DaemonError),
-    /// The device's own descriptor could not be watched.
-    #[error("cannot watch the device's descriptor: {0}")]
+    /// A descriptor for the connection or the device's own could not be made or watched.
+    #[error("cannot set up a descriptor: {0}")]
     Watch(io::Error),
     /// The VMM sent something the protocol does not allow (the connection is dropped).
     #[error("{0}")]
