@@ -266,6 +266,12 @@ impl<D: Device> VhostUserBackend for Backend<D> {
             broken |= flags.iter().any(|b| *b);
             used
         };
+        if broken && !inner.broken {
+            // Said once, loudly: the driver is not told (vhost 0.14's backend can neither set
+            // the status register nor send CONFIG_CHANGE_MSG), so its own timeouts and this
+            // line are what show the device stopped.
+            tracing::error!("the driver broke a queue; device needs a reset, queues left alone");
+        }
         inner.broken = broken;
         for (guard, used) in guards.iter_mut().zip(used) {
             // Event index: interrupt only when the driver asked to be told about this entry.
