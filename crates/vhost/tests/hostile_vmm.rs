@@ -13,7 +13,9 @@ use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
-use vstream_vhost::{Device, Event, Vq};
+
+mod common;
+use common::{Fixed, FEATURE};
 
 /// The system allocator, remembering the largest single request: a server that trusted a
 /// header's size field would ask for gigabytes here.
@@ -50,23 +52,6 @@ static ALLOCATOR: Largest = Largest;
 
 /// Set by the panic hook: a panic on the server's threads would not fail the test by itself.
 static PANICKED: AtomicBool = AtomicBool::new(false);
-
-/// A device with a recognisable feature bit.
-struct Fixed;
-
-impl Device for Fixed {
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn features(&self) -> u64 {
-        1 << 5
-    }
-    fn config(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    fn reset(&mut self) {}
-    fn handle(&mut self, _event: Event, _queues: &mut [Vq<'_>]) {}
-}
 
 /// A vhost-user header: request code, flags (version 1 unless told), claimed body size.
 fn header(code: u32, flags: u32, size: u32) -> Vec<u8> {
@@ -277,7 +262,7 @@ fn a_hostile_vmm_is_dropped_and_the_next_one_is_served() {
         let features = good
             .get_features()
             .unwrap_or_else(|e| panic!("{what}: get_features: {e}"));
-        assert_ne!(features & (1 << 5), 0, "{what}: the next VMM is served");
+        assert_ne!(features & FEATURE, 0, "{what}: the next VMM is served");
     }
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(
