@@ -254,8 +254,8 @@ fn a_hostile_vmm_is_dropped_and_the_next_one_is_served() {
                 "{what}: the server closed the descriptors it was sent"
             );
         }
-        // The next VMM, a well-behaved one, is served.
-        // At once: the listening socket stays open between connections.
+        // The next VMM, a well-behaved one, is served at once (the listening socket stays open
+        // between connections).
         let good = Frontend::connect(&path, 2).unwrap_or_else(|e| panic!("{what}: connect: {e}"));
         good.set_owner()
             .unwrap_or_else(|e| panic!("{what}: set_owner: {e}"));
