@@ -144,10 +144,80 @@ pub enum AddressError {
         /// The whole input.
         input: String,
         /// What is wrong with it.
-        problem: String,
+        problem: AddressProblem,
         /// The syntax this transport expects.
         expected: &'static str,
     },
+}
+
+/// What is wrong with the part of an address after its transport's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressProblem {
+    /// A required part (a path, a device, a name) is empty.
+    #[error("the {0} is empty")]
+    Empty(&'static str),
+    /// A required part is missing.
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    /// `HOST` without `:PORT`.
+    #[error("missing ':PORT'")]
+    MissingPort,
+    /// `vsock:` without the `:` between its two numbers.
+    #[error("missing ':' between CID and PORT")]
+    MissingCidColon,
+    /// A number that is not made of decimal digits.
+    #[error("{what} {text:?} is not a decimal number")]
+    NotDecimal {
+        /// Which number.
+        what: &'static str,
+        /// What came.
+        text: String,
+    },
+    /// A number too large for its field.
+    #[error("{what} {text} is out of range")]
+    OutOfRange {
+        /// Which number.
+        what: &'static str,
+        /// What came.
+        text: String,
+    },
+    /// An unbracketed host with a `:` in it.
+    #[error("too many ':' (write an IPv6 address in brackets, e.g. [::1]:5555)")]
+    TooManyColons,
+    /// `[` without `]`.
+    #[error("'[' without a closing ']'")]
+    UnclosedBracket,
+    /// A bracketed host that is not an IPv6 literal.
+    #[error("[{0}] is not an IPv6 address")]
+    NotIpv6(String),
+    /// A path or a bracketed host not followed by `:PORT`.
+    #[error("missing ':PORT' after {0}")]
+    MissingPortAfter(String),
+    /// An empty host.
+    #[error("the host is empty (use 0.0.0.0 or [::] for every address)")]
+    EmptyHost,
+    /// A port name that would name another file.
+    #[error("{0:?} is not a port name (it would name another file)")]
+    NotPortName(String),
+    /// `baud=0`.
+    #[error("baud must be more than 0")]
+    ZeroBaud,
+    /// An option given twice.
+    #[error("{0} given twice")]
+    Twice(String),
+    /// An option the transport does not have.
+    #[error("unknown {kind} {option:?} (the options are {known})")]
+    UnknownOption {
+        /// "option" or "serial option".
+        kind: &'static str,
+        /// What came.
+        option: String,
+        /// The options there are.
+        known: &'static str,
+    },
+    /// A CID that is not a guest's.
+    #[error("cid {0} is not a guest CID")]
+    NotGuestCid(u32),
 }
 
 impl Address {
@@ -190,7 +260,7 @@ impl FromStr for Address {
         if input == "stdio" {
             return Ok(Address::Stdio);
         }
-        let invalid = |problem: String, expected: &'static str| AddressError::Invalid {
+        let invalid = |problem: AddressProblem, expected: &'static str| AddressError::Invalid {
             input: input.to_owned(),
             problem,
             expected,
@@ -203,7 +273,7 @@ impl FromStr for Address {
         };
         let path = |expected: &'static str| {
             if rest.is_empty() {
-                Err(invalid("the path is empty".into(), expected))
+                Err(invalid(AddressProblem::Empty("path"), expected))
             } else {
                 Ok(PathBuf::from(rest))
             }
@@ -222,9 +292,9 @@ impl FromStr for Address {
                 Ok(Address::TcpListen { host, port })
             }
             "vsock" => {
-                let (cid, port) = rest.split_once(':').ok_or_else(|| {
-                    invalid("missing ':' between CID and PORT".into(), expect::VSOCK)
-                })?;
+                let (cid, port) = rest
+                    .split_once(':')
+                    .ok_or_else(|| invalid(AddressProblem::MissingCidColon, expect::VSOCK))?;
                 let cid = parse_number(cid, "CID").map_err(|p| invalid(p, expect::VSOCK))?;
                 let port = parse_number(port, "PORT").map_err(|p| invalid(p, expect::VSOCK))?;
                 Ok(Address::Vsock { cid, port })
@@ -236,10 +306,13 @@ impl FromStr for Address {
             }
             "hvsock" => {
                 let (path, port) = rest.rsplit_once(':').ok_or_else(|| {
-                    invalid("missing ':PORT' after the path".into(), expect::HVSOCK)
+                    invalid(
+                        AddressProblem::MissingPortAfter("the path".into()),
+                        expect::HVSOCK,
+                    )
                 })?;
                 if path.is_empty() {
-                    return Err(invalid("the path is empty".into(), expect::HVSOCK));
+                    return Err(invalid(AddressProblem::Empty("path"), expect::HVSOCK));
                 }
                 let port = parse_number(port, "PORT").map_err(|p| invalid(p, expect::HVSOCK))?;
                 Ok(Address::HybridVsock {
@@ -255,10 +328,10 @@ impl FromStr for Address {
                 .map_err(|p| invalid(p, expect::SERIAL)),
             "port" => {
                 if rest.is_empty() {
-                    Err(invalid("the port name is empty".into(), expect::PORT))
+                    Err(invalid(AddressProblem::Empty("port name"), expect::PORT))
                 } else if rest.contains('/') || rest == "." || rest == ".." {
                     Err(invalid(
-                        format!("{rest:?} is not a port name (it would name another file)"),
+                        AddressProblem::NotPortName(rest.to_owned()),
                         expect::PORT,
                     ))
                 } else {
@@ -278,87 +351,88 @@ impl FromStr for Address {
 }
 
 /// Parses a decimal number made of ASCII digits only (no sign, no spaces).
-fn parse_number<T: FromStr>(text: &str, what: &str) -> Result<T, String> {
+fn parse_number<T: FromStr>(text: &str, what: &'static str) -> Result<T, AddressProblem> {
     if text.is_empty() {
-        return Err(format!("{what} is missing"));
+        return Err(AddressProblem::Missing(what));
     }
+    let text = text.to_owned();
     if !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{what} {text:?} is not a decimal number"));
+        return Err(AddressProblem::NotDecimal { what, text });
     }
     text.parse()
-        .map_err(|_| format!("{what} {text} is out of range"))
+        .map_err(|_| AddressProblem::OutOfRange { what, text })
 }
 
 /// Parses `HOST:PORT` where HOST is a name, an IPv4 address or a bracketed IPv6 literal.
 /// The host is returned without brackets.
-fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+fn parse_host_port(text: &str) -> Result<(String, u16), AddressProblem> {
     let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
         let (host, after) = bracketed
             .split_once(']')
-            .ok_or_else(|| "'[' without a closing ']'".to_owned())?;
+            .ok_or(AddressProblem::UnclosedBracket)?;
         if !host.contains(':') {
-            return Err(format!("[{host}] is not an IPv6 address"));
+            return Err(AddressProblem::NotIpv6(host.to_owned()));
         }
         let port = after
             .strip_prefix(':')
-            .ok_or_else(|| format!("missing ':PORT' after [{host}]"))?;
+            .ok_or_else(|| AddressProblem::MissingPortAfter(format!("[{host}]")))?;
         (host, port)
     } else {
-        let (host, port) = text
-            .split_once(':')
-            .ok_or_else(|| "missing ':PORT'".to_owned())?;
+        let (host, port) = text.split_once(':').ok_or(AddressProblem::MissingPort)?;
         if port.contains(':') {
-            return Err("too many ':' (write an IPv6 address in brackets, e.g. [::1]:5555)".into());
+            return Err(AddressProblem::TooManyColons);
         }
         (host, port)
     };
     if host.is_empty() {
-        return Err("the host is empty (use 0.0.0.0 or [::] for every address)".into());
+        return Err(AddressProblem::EmptyHost);
     }
     let port = parse_number(port, "PORT")?;
     Ok((host.to_owned(), port))
 }
 
 /// Parses `DEVICE[,baud=N][,rtscts]`.
-fn parse_serial(text: &str) -> Result<SerialConfig, String> {
+fn parse_serial(text: &str) -> Result<SerialConfig, AddressProblem> {
     let mut parts = text.split(',');
     let device = parts.next().unwrap_or_default();
     if device.is_empty() {
-        return Err("the device is empty".into());
+        return Err(AddressProblem::Empty("device"));
     }
     let mut config = SerialConfig::new(device);
     let (mut saw_baud, mut saw_rtscts) = (false, false);
     for option in parts {
         if let Some(value) = option.strip_prefix("baud=") {
             if saw_baud {
-                return Err("baud given twice".into());
+                return Err(AddressProblem::Twice("baud".into()));
             }
             saw_baud = true;
             config.baud = parse_number(value, "baud")?;
             if config.baud == 0 {
-                return Err("baud must be more than 0".into());
+                return Err(AddressProblem::ZeroBaud);
             }
         } else if option == "rtscts" {
             if saw_rtscts {
-                return Err("rtscts given twice".into());
+                return Err(AddressProblem::Twice("rtscts".into()));
             }
             saw_rtscts = true;
             config.rtscts = true;
         } else {
-            return Err(format!(
-                "unknown serial option {option:?} (the options are baud=N and rtscts)"
-            ));
+            return Err(AddressProblem::UnknownOption {
+                kind: "serial option",
+                option: option.to_owned(),
+                known: "baud=N and rtscts",
+            });
         }
     }
     Ok(config)
 }
 
 /// Parses `SOCKET,cid=N,port=N[,uds=PATH]`.
-fn parse_vhost_vsock(text: &str) -> Result<VhostVsockConfig, String> {
+fn parse_vhost_vsock(text: &str) -> Result<VhostVsockConfig, AddressProblem> {
     let mut parts = text.split(',');
     let socket = parts.next().unwrap_or_default();
     if socket.is_empty() {
-        return Err("the socket path is empty".into());
+        return Err(AddressProblem::Empty("socket path"));
     }
     let (mut cid, mut port, mut uds) = (None, None, None);
     for option in parts {
@@ -368,24 +442,26 @@ fn parse_vhost_vsock(text: &str) -> Result<VhostVsockConfig, String> {
             "port" => port.replace(parse_number::<u32>(value, "port")?).is_some(),
             "uds" if !value.is_empty() => uds.replace(PathBuf::from(value)).is_some(),
             _ => {
-                return Err(format!(
-                    "unknown option {option:?} (the options are cid=N, port=N and uds=PATH)"
-                ))
+                return Err(AddressProblem::UnknownOption {
+                    kind: "option",
+                    option: option.to_owned(),
+                    known: "cid=N, port=N and uds=PATH",
+                })
             }
         };
         if slot_taken {
-            return Err(format!("{key} given twice"));
+            return Err(AddressProblem::Twice(key.to_owned()));
         }
     }
-    let cid = cid.ok_or("cid=N is missing")?;
+    let cid = cid.ok_or(AddressProblem::Missing("cid=N"))?;
     // 0-2 are the hypervisor, loopback and the host; u32::MAX is "any".
     if cid < 3 || cid == u32::MAX {
-        return Err(format!("cid {cid} is not a guest CID"));
+        return Err(AddressProblem::NotGuestCid(cid));
     }
     Ok(VhostVsockConfig {
         socket: PathBuf::from(socket),
         cid,
-        port: port.ok_or("port=N is missing")?,
+        port: port.ok_or(AddressProblem::Missing("port=N"))?,
         uds,
     })
 }
@@ -461,338 +537,4 @@ impl serde::Serialize for Address {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Address {
-        match text.parse() {
-            Ok(address) => address,
-            Err(e) => panic!("{text:?} should parse: {e}"),
-        }
-    }
-
-    fn parse_err(text: &str) -> AddressError {
-        match text.parse::<Address>() {
-            Ok(address) => panic!("{text:?} should not parse, got {address:?}"),
-            Err(e) => e,
-        }
-    }
-
-    #[test]
-    fn parses_every_form() {
-        let cases: Vec<(&str, Address)> = vec![
-            (
-                "unix:/run/vstream.sock",
-                Address::Unix("/run/vstream.sock".into()),
-            ),
-            (
-                "unix:relative/x:y.sock",
-                Address::Unix("relative/x:y.sock".into()),
-            ),
-            (
-                "unix-listen:/tmp/a b",
-                Address::UnixListen("/tmp/a b".into()),
-            ),
-            (
-                "tcp:127.0.0.1:5555",
-                Address::Tcp {
-                    host: "127.0.0.1".into(),
-                    port: 5555,
-                },
-            ),
-            (
-                "tcp:example.org:0",
-                Address::Tcp {
-                    host: "example.org".into(),
-                    port: 0,
-                },
-            ),
-            (
-                "tcp:[::1]:65535",
-                Address::Tcp {
-                    host: "::1".into(),
-                    port: 65535,
-                },
-            ),
-            (
-                "tcp-listen:0.0.0.0:7000",
-                Address::TcpListen {
-                    host: "0.0.0.0".into(),
-                    port: 7000,
-                },
-            ),
-            (
-                "tcp-listen:[::]:7000",
-                Address::TcpListen {
-                    host: "::".into(),
-                    port: 7000,
-                },
-            ),
-            ("vsock:3:1234", Address::Vsock { cid: 3, port: 1234 }),
-            (
-                "vsock:4294967295:1",
-                Address::Vsock {
-                    cid: u32::MAX,
-                    port: 1,
-                },
-            ),
-            ("vsock-listen:1234", Address::VsockListen { port: 1234 }),
-            (
-                "hvsock:/run/fc/v.sock:52",
-                Address::HybridVsock {
-                    path: "/run/fc/v.sock".into(),
-                    port: 52,
-                },
-            ),
-            (
-                "hvsock:/odd:path/v.sock:52",
-                Address::HybridVsock {
-                    path: "/odd:path/v.sock".into(),
-                    port: 52,
-                },
-            ),
-            (
-                "serial:/dev/ttyS1",
-                Address::Serial(SerialConfig::new("/dev/ttyS1")),
-            ),
-            (
-                "serial:/dev/ttyUSB0,baud=9600",
-                Address::Serial(SerialConfig {
-                    device: "/dev/ttyUSB0".into(),
-                    baud: 9600,
-                    rtscts: false,
-                }),
-            ),
-            (
-                "serial:/dev/ttyUSB0,rtscts,baud=3000000",
-                Address::Serial(SerialConfig {
-                    device: "/dev/ttyUSB0".into(),
-                    baud: 3_000_000,
-                    rtscts: true,
-                }),
-            ),
-            ("port:org.vstream.0", Address::Port("org.vstream.0".into())),
-            ("fd:0", Address::Fd(0)),
-            ("fd:17", Address::Fd(17)),
-            ("stdio", Address::Stdio),
-        ];
-        for (text, expected) in cases {
-            assert_eq!(parse(text), expected, "parsing {text:?}");
-        }
-    }
-
-    #[test]
-    fn display_round_trips() {
-        let canonical = [
-            "unix:/run/vstream.sock",
-            "unix-listen:/tmp/a b",
-            "tcp:127.0.0.1:5555",
-            "tcp:[::1]:5555",
-            "tcp:[fe80::1%eth0]:22",
-            "tcp-listen:[::]:0",
-            "tcp-listen:localhost:80",
-            "vsock:2:1024",
-            "vsock-listen:4294967295",
-            "hvsock:/odd:path/v.sock:52",
-            "serial:/dev/ttyS1",
-            "serial:/dev/ttyS1,baud=9600",
-            "serial:/dev/ttyS1,rtscts",
-            "serial:/dev/ttyS1,baud=921600,rtscts",
-            "port:org.qemu.guest_agent.0",
-            "fd:3",
-            "stdio",
-        ];
-        for text in canonical {
-            let address = parse(text);
-            assert_eq!(address.to_string(), text, "display of {address:?}");
-            assert_eq!(parse(&address.to_string()), address);
-        }
-        // Non-canonical spellings print canonically and still mean the same thing.
-        let serial = parse("serial:/dev/ttyS1,rtscts,baud=115200");
-        assert_eq!(serial.to_string(), "serial:/dev/ttyS1,rtscts");
-        assert_eq!(parse(&serial.to_string()), serial);
-        // Built by hand, with the host unbracketed as the enum keeps it.
-        let built = Address::TcpListen {
-            host: "::1".into(),
-            port: 9,
-        };
-        assert_eq!(built.to_string(), "tcp-listen:[::1]:9");
-        assert_eq!(parse(&built.to_string()), built);
-    }
-
-    #[test]
-    fn listeners_are_the_listen_forms() {
-        let listeners = [
-            "unix-listen:/x",
-            "tcp-listen:[::]:1",
-            "vsock-listen:1",
-            "vhost-user-vsock:/x,cid=3,port=1",
-        ];
-        let others = [
-            "unix:/x",
-            "tcp:a:1",
-            "vsock:2:1",
-            "hvsock:/x:1",
-            "serial:/dev/ttyS0",
-            "port:p",
-            "fd:3",
-            "stdio",
-        ];
-        for text in listeners {
-            assert!(parse(text).is_listener(), "{text}");
-        }
-        for text in others {
-            assert!(!parse(text).is_listener(), "{text}");
-        }
-    }
-
-    #[test]
-    fn a_vhost_user_vsock_address_round_trips() {
-        let text = "vhost-user-vsock:/run/g/vhost.sock,cid=3,port=5000,uds=/run/g/vsock.sock";
-        let address = parse(text);
-        assert_eq!(
-            address,
-            Address::VhostUserVsock(VhostVsockConfig {
-                socket: "/run/g/vhost.sock".into(),
-                cid: 3,
-                port: 5000,
-                uds: Some("/run/g/vsock.sock".into()),
-            })
-        );
-        assert_eq!(address.to_string(), text);
-        let bare = "vhost-user-vsock:/v.sock,cid=7,port=1";
-        assert_eq!(parse(bare).to_string(), bare);
-    }
-
-    #[test]
-    fn bad_inputs_name_the_input_and_the_syntax() {
-        // (input, a piece of the problem, a piece of the expected syntax)
-        let cases = [
-            ("unix:", "path is empty", "unix:PATH"),
-            ("unix-listen:", "path is empty", "unix-listen:PATH"),
-            ("tcp:localhost", "missing ':PORT'", "tcp:HOST:PORT"),
-            ("tcp::80", "host is empty", "tcp:HOST:PORT"),
-            ("tcp:host:", "PORT is missing", "tcp:HOST:PORT"),
-            ("tcp:host:http", "not a decimal number", "tcp:HOST:PORT"),
-            ("tcp:host:+80", "not a decimal number", "tcp:HOST:PORT"),
-            ("tcp:host:65536", "out of range", "tcp:HOST:PORT"),
-            ("tcp:::1:80", "too many ':'", "[IPv6]"),
-            ("tcp:[::1:80", "without a closing ']'", "tcp:HOST:PORT"),
-            ("tcp:[::1]80", "missing ':PORT'", "tcp:HOST:PORT"),
-            ("tcp:[host]:80", "not an IPv6 address", "tcp:HOST:PORT"),
-            (
-                "tcp-listen:0.0.0.0",
-                "missing ':PORT'",
-                "tcp-listen:HOST:PORT",
-            ),
-            ("vsock:3", "missing ':'", "vsock:CID:PORT"),
-            ("vsock:-1:5", "not a decimal number", "vsock:CID:PORT"),
-            ("vsock:3:4294967296", "out of range", "vsock:CID:PORT"),
-            ("vsock-listen:", "PORT is missing", "vsock-listen:PORT"),
-            (
-                "vsock-listen:x",
-                "not a decimal number",
-                "vsock-listen:PORT",
-            ),
-            ("hvsock:/run/v.sock", "missing ':PORT'", "hvsock:PATH:PORT"),
-            ("hvsock:/run/v.sock:", "PORT is missing", "hvsock:PATH:PORT"),
-            ("hvsock::52", "path is empty", "hvsock:PATH:PORT"),
-            ("hvsock:52", "missing ':PORT'", "hvsock:PATH:PORT"),
-            (
-                "vhost-user-vsock:,cid=3,port=1",
-                "socket path is empty",
-                "cid=N",
-            ),
-            (
-                "vhost-user-vsock:/v,port=1",
-                "cid=N is missing",
-                "SOCKET,cid=N",
-            ),
-            ("vhost-user-vsock:/v,cid=3", "port=N is missing", "port=N"),
-            (
-                "vhost-user-vsock:/v,cid=2,port=1",
-                "not a guest CID",
-                "CID 3",
-            ),
-            (
-                "vhost-user-vsock:/v,cid=3,cid=4,port=1",
-                "cid given twice",
-                "cid=N",
-            ),
-            (
-                "vhost-user-vsock:/v,cid=3,port=1,x=1",
-                "unknown option",
-                "uds=PATH",
-            ),
-            ("serial:", "device is empty", "serial:DEVICE"),
-            ("serial:,baud=9600", "device is empty", "serial:DEVICE"),
-            (
-                "serial:/dev/ttyS0,baud=fast",
-                "not a decimal number",
-                "serial:DEVICE",
-            ),
-            ("serial:/dev/ttyS0,baud=0", "more than 0", "serial:DEVICE"),
-            (
-                "serial:/dev/ttyS0,baud=1,baud=2",
-                "baud given twice",
-                "serial:DEVICE",
-            ),
-            (
-                "serial:/dev/ttyS0,rtscts,rtscts",
-                "rtscts given twice",
-                "serial:DEVICE",
-            ),
-            (
-                "serial:/dev/ttyS0,parity=even",
-                "unknown serial option",
-                "[,baud=N][,rtscts]",
-            ),
-            (
-                "serial:/dev/ttyS0,",
-                "unknown serial option \"\"",
-                "serial:DEVICE",
-            ),
-            ("port:", "name is empty", "port:NAME"),
-            ("port:../../etc/passwd", "not a port name", "port:NAME"),
-            ("port:..", "not a port name", "port:NAME"),
-            ("fd:", "N is missing", "fd:N"),
-            ("fd:-1", "not a decimal number", "fd:N"),
-            ("fd:99999999999", "out of range", "fd:N"),
-        ];
-        for (input, problem, expected) in cases {
-            let error = parse_err(input);
-            let message = error.to_string();
-            assert!(
-                matches!(error, AddressError::Invalid { .. }),
-                "{input:?} gave {error:?}"
-            );
-            assert!(message.contains(&format!("{input:?}")), "{message}");
-            assert!(message.contains(problem), "{input:?}: {message}");
-            assert!(message.contains(expected), "{input:?}: {message}");
-        }
-    }
-
-    #[test]
-    fn unknown_and_empty_inputs_list_every_form() {
-        assert_eq!(parse_err(""), AddressError::Empty);
-        assert!(parse_err("").to_string().contains(SYNTAX));
-        for (input, kind) in [
-            ("udp:1.2.3.4:5", "udp"),
-            ("/dev/ttyS0", "/dev/ttyS0"),
-            ("Unix:/x", "Unix"),
-            ("stdio:", "stdio"),
-        ] {
-            let error = parse_err(input);
-            assert_eq!(
-                error,
-                AddressError::UnknownKind {
-                    input: input.into(),
-                    kind: kind.into()
-                }
-            );
-            let message = error.to_string();
-            assert!(message.contains(&format!("{input:?}")), "{message}");
-            assert!(message.contains(SYNTAX), "{message}");
-        }
-    }
-}
+mod tests;

@@ -52,7 +52,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use address::{Address, AddressError, SerialConfig, VhostVsockConfig, DEFAULT_BAUD, SYNTAX};
+pub use address::{
+    Address, AddressError, AddressProblem, SerialConfig, VhostVsockConfig, DEFAULT_BAUD, SYNTAX,
+};
 pub(crate) use endpoint::with_context;
 pub use endpoint::Endpoint;
 pub use retry::{bind_retrying, Backoff};

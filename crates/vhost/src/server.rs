@@ -1,14 +1,17 @@
 //! The one server loop: rust-vmm's vhost-user-backend around any [`Device`].
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::{
+    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -35,9 +38,12 @@ impl Server {
 
 /// Listens for the VMM on `path` (a stale socket file is replaced) and serves `device` on a
 /// thread of its own, one VMM connection after another; the device is reset between them.
-/// Binding errors are returned here; later ones are logged and retried every second.
+/// Binding errors are returned here. One listening socket serves every connection, so a VMM
+/// that connects while another is served waits in its backlog instead of being refused or
+/// reset (vhost's own `Listener` unlinks its path once it has accepted one connection).
 pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server> {
-    let listener = Listener::new(path, true)
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::other(format!("{}: cannot listen: {e}", path.display())))?;
     let backend = Backend {
         queues: device.num_queues(),
@@ -50,31 +56,47 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
     let (name, owned) = (name.to_owned(), path.to_owned());
     std::thread::Builder::new()
         .name(format!("vhost-{name}"))
-        .spawn(move || {
-            let mut listener = Some(listener);
-            loop {
-                let l = match listener.take() {
-                    Some(l) => l,
-                    None => match Listener::new(&owned, true) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(path = %owned.display(), "cannot listen: {e}");
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                    },
-                };
-                if let Err(e) = backend.serve_one(&name, l) {
+        .spawn(move || loop {
+            let result = match listener.as_fd().try_clone_to_owned() {
+                Ok(fd) => {
+                    // SAFETY: `fd` is a fresh duplicate of the listening socket, owned by nothing
+                    // else; the `Listener` takes it over (with no path, so it unlinks nothing).
+                    let one = unsafe { Listener::from_raw_fd(fd.into_raw_fd()) };
+                    backend.serve_one(&name, one)
+                }
+                Err(e) => Err(ConnectionError::Watch(e)),
+            };
+            match result {
+                Ok(()) => tracing::info!(path = %owned.display(), "VMM disconnected; device reset"),
+                // The VMM broke the protocol: it is dropped, and the next one is served at once.
+                Err(e @ ConnectionError::Protocol(_)) => {
+                    tracing::warn!(path = %owned.display(), "VMM dropped: {e}; device reset")
+                }
+                // Setting up may fail again at once: do not spin.
+                Err(e) => {
                     tracing::warn!(path = %owned.display(), "vhost-user connection failed: {e}");
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                backend.inner().reset();
-                tracing::info!(path = %owned.display(), "VMM disconnected; device reset");
             }
+            backend.inner().reset();
         })?;
     Ok(Server {
         path: path.to_owned(),
     })
+}
+
+/// Why one VMM connection ended badly (the server goes on with the next one).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    /// vhost-user-backend could not be set up for the connection.
+    #[error("cannot set up the vhost-user daemon: {0}")]
+    Setup(DaemonError),
+    /// A descriptor for the connection or the device's own could not be made or watched.
+    #[error("cannot set up a descriptor: {0}")]
+    Watch(io::Error),
+    /// The VMM sent something the protocol does not allow (the connection is dropped).
+    #[error("{0}")]
+    Protocol(DaemonError),
 }
 
 /// `EFD_NONBLOCK` (`O_NONBLOCK` on Linux); vmm-sys-util takes the raw flag.
@@ -116,31 +138,33 @@ impl<D: Device> Backend<D> {
     }
 
     /// Serves one VMM connection to its end.
-    fn serve_one(&self, name: &str, listener: Listener) -> Result<(), String> {
+    fn serve_one(&self, name: &str, listener: Listener) -> Result<(), ConnectionError> {
         let mut daemon = VhostUserDaemon::new(
             name.to_owned(),
             self.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectionError::Setup)?;
         let token = self.backend_token();
         // Not registered while the device is locked: registering asks the backend questions.
         let fd = self.inner().device.backend_fd().map(|fd| fd.as_raw_fd());
         if let (Some(handler), Some(fd)) = (daemon.get_epoll_handlers().first(), fd) {
             handler
                 .register_listener(fd, EventSet::IN, token)
-                .map_err(|e| e.to_string())?;
+                .map_err(ConnectionError::Watch)?;
         }
-        daemon.start(listener).map_err(|e| e.to_string())?;
+        daemon.start(listener).map_err(ConnectionError::Setup)?;
         let result = daemon.wait();
         // The worker threads end with the connection.
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
         match result {
-            Ok(()) => Ok(()),
-            Err(e) if e.to_string().contains("disconnect") => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                ProtocolError::Disconnected | ProtocolError::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(ConnectionError::Protocol(e)),
         }
     }
 
@@ -242,6 +266,12 @@ impl<D: Device> VhostUserBackend for Backend<D> {
             broken |= flags.iter().any(|b| *b);
             used
         };
+        if broken && !inner.broken {
+            // Said once, loudly: the driver is not told (vhost 0.14's backend can neither set
+            // the status register nor send CONFIG_CHANGE_MSG), so its own timeouts and this
+            // line are what show the device stopped.
+            tracing::error!("the driver broke a queue; device needs a reset, queues left alone");
+        }
         inner.broken = broken;
         for (guard, used) in guards.iter_mut().zip(used) {
             // Event index: interrupt only when the driver asked to be told about this entry.

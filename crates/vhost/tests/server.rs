@@ -4,24 +4,9 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use vstream_vhost::{Device, Event, Vq};
 
-/// A device with a recognisable feature bit.
-struct Fixed;
-
-impl Device for Fixed {
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn features(&self) -> u64 {
-        1 << 5
-    }
-    fn config(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    fn reset(&mut self) {}
-    fn handle(&mut self, _event: Event, _queues: &mut [Vq<'_>]) {}
-}
+mod common;
+use common::{Fixed, FEATURE};
 
 fn connect(path: &std::path::Path) -> Frontend {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -45,7 +30,7 @@ fn a_vmm_that_comes_back_is_served_again() {
         let mut vmm = connect(&path);
         vmm.set_owner().expect("set_owner");
         let features = vmm.get_features().expect("get_features");
-        assert_ne!(features & (1 << 5), 0, "round {round}: device feature");
+        assert_ne!(features & FEATURE, 0, "round {round}: device feature");
         assert_ne!(features & (1 << 32), 0, "round {round}: VERSION_1");
         let protocol = vmm.get_protocol_features().expect("protocol features");
         vmm.set_protocol_features(protocol)

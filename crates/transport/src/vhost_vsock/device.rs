@@ -13,10 +13,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use rustix::event::epoll;
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use tokio::sync::mpsc;
 use vstream_vhost::{Chain, Device, Event, Vq};
 
+use super::conn::{Conn, Owe, State};
+use super::hybrid::{connect_port, parse_connect, Handshake};
 use super::packet::{
     self, Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
@@ -32,9 +33,6 @@ pub const MAX_HANDSHAKES: usize = 16;
 /// RSTs waiting for RX buffers (answers to packets for unknown connections); more are dropped
 /// (the guest's connect then times out).
 pub const MAX_RESETS: usize = 256;
-/// A credit update is sent once the guest has not been told about this many consumed bytes
-/// (and on request): not after every read, yet the guest never waits for credit it could have.
-const CREDIT_UPDATE_AFTER: u32 = BUF_ALLOC / 4;
 /// The longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 /// First host port given to a hybrid-socket client (as Firecracker does).
@@ -43,126 +41,6 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 const RX: usize = 0;
 const TX: usize = 1;
 const LISTENER: u64 = 0;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// We sent REQUEST for a hybrid-socket client; waiting for RESPONSE or RST.
-    Connecting,
-    Established,
-}
-
-/// One vsock connection.
-struct Conn {
-    stream: UnixStream,
-    host_port: u32,
-    guest_port: u32,
-    state: State,
-    /// Guest bytes the host socket did not take yet (at most BUF_ALLOC: the guest's credit).
-    pending: VecDeque<u8>,
-    /// Bytes received from the guest, written to the host socket, and last told to the guest.
-    rx_cnt: u32,
-    fwd_cnt: u32,
-    told_fwd_cnt: u32,
-    /// Bytes sent to the guest, and the guest's last buf_alloc / fwd_cnt.
-    tx_cnt: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// The host socket had data when last looked at (edge triggered: remembered).
-    readable: bool,
-    host_eof: bool,
-    guest_sent_all: bool,
-    asked_credit: bool,
-    /// Control packets owed to the guest.
-    owe: Owe,
-    in_ready: bool,
-    in_control: bool,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Owe {
-    request: bool,
-    response: bool,
-    shutdown: bool,
-    credit_update: bool,
-    credit_request: bool,
-    rst: bool,
-}
-
-impl Owe {
-    fn any(&self) -> bool {
-        self.request
-            || self.response
-            || self.shutdown
-            || self.credit_update
-            || self.credit_request
-            || self.rst
-    }
-}
-
-impl Conn {
-    fn new(stream: UnixStream, host_port: u32, guest_port: u32, state: State) -> Conn {
-        Conn {
-            stream,
-            host_port,
-            guest_port,
-            state,
-            pending: VecDeque::new(),
-            rx_cnt: 0,
-            fwd_cnt: 0,
-            told_fwd_cnt: 0,
-            tx_cnt: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            readable: false,
-            host_eof: false,
-            guest_sent_all: false,
-            asked_credit: false,
-            owe: Owe::default(),
-            in_ready: false,
-            in_control: false,
-        }
-    }
-
-    /// What the guest lets us send now.
-    fn credit(&self) -> u32 {
-        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
-
-    fn wants_to_send(&self) -> bool {
-        self.state == State::Established && self.readable && !self.host_eof && self.credit() > 0
-    }
-
-    /// Writes pending guest bytes to the host socket; `Err` if the host side is gone.
-    fn flush(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
-            match self.stream.write(front) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.pending.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if self.pending.is_empty() && self.guest_sent_all {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
-        }
-        if self.fwd_cnt.wrapping_sub(self.told_fwd_cnt) >= CREDIT_UPDATE_AFTER {
-            self.owe.credit_update = true;
-        }
-        Ok(())
-    }
-}
-
-/// A hybrid-socket client that has not said which guest port it wants.
-struct Handshake {
-    stream: UnixStream,
-    line: Vec<u8>,
-}
 
 /// Counters, for tests and status.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -712,31 +590,6 @@ impl VsockDevice {
             }
         }
     }
-}
-
-/// `CONNECT <port>` (the newline already removed).
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?;
-    let port = text.strip_prefix("CONNECT ")?.trim_end_matches('\r');
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
-}
-
-/// Connects to `<uds>_<port>` without blocking (a full backlog is a refusal, not a stall of
-/// every other connection).
-fn connect_port(uds: &std::path::Path, port: u32) -> io::Result<UnixStream> {
-    let mut path = uds.as_os_str().to_owned();
-    path.push(format!("_{port}"));
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(PathBuf::from(path))?)?;
-    Ok(UnixStream::from(fd))
 }
 
 impl Device for VsockDevice {

@@ -7,7 +7,9 @@
 //! the socket its device is served on, never by anything the guest says. Host programs reach
 //! guest ports through the hybrid socket, as with Firecracker and Cloud Hypervisor.
 
+mod conn;
 pub mod device;
+mod hybrid;
 pub mod packet;
 #[cfg(test)]
 mod tests;

@@ -384,3 +384,20 @@ fn floods_of_connects_leave_the_device_bounded() {
     }
     assert_eq!(g.dev.connections(), MAX_CONNECTIONS);
 }
+
+/// Wrong direction on the RX queue: a buffer the device can only read cannot take a packet; it
+/// is returned empty and counted, and the next, writable, buffer carries the packet.
+#[test]
+fn a_read_only_rx_buffer_is_returned_empty_and_the_next_one_is_used() {
+    let mut g = guest();
+    let read_only = g.rig.add_readable(RX, &[0; RX_BUF as usize]);
+    g.rig.run(&mut g.dev, Event::Queue(RX));
+    // A packet for the guest: the RST for an unknown port.
+    g.send(header(Op::Request, 1, 77, 0), b"");
+    assert_eq!(g.rig.take_used(RX), vec![(read_only, 0)]);
+    assert_eq!(g.dev.counters().malformed, 1);
+    g.give_rx(1);
+    let got = g.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.op, Op::Rst as u16);
+}
