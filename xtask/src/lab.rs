@@ -146,6 +146,12 @@ pub struct LabOptions {
     pub virtio_rng: bool,
     /// The guest's vsock device, and whether the mux runs over it.
     pub vsock: LabVsock,
+    /// Give the guest a `vhost-user-rng-pci` device served by vstreamd (a `random-vhost-user`
+    /// transport named `hwrng`, drawing from the guest's `[guest.random]` budget).
+    pub vhost_rng: bool,
+    /// Give the guest a `vhost-user-input-pci` keyboard served by vstreamd (a `hid-vhost-user`
+    /// transport named `keyboard`): `vstreamctl input` reaches it with no agent.
+    pub vhost_input: bool,
 }
 
 impl Default for LabOptions {
@@ -165,6 +171,8 @@ impl Default for LabOptions {
             cpu: None,
             virtio_rng: true,
             vsock: LabVsock::None,
+            vhost_rng: false,
+            vhost_input: false,
         }
     }
 }
@@ -237,6 +245,8 @@ impl LabPaths {
                 vhost_user: dir.join("vhost-user-vsock.sock"),
                 uds: dir.join("vsock.sock"),
             }),
+            vhost_rng: options.vhost_rng.then(|| dir.join("rng.sock")),
+            vhost_keyboard: options.vhost_input.then(|| dir.join("keyboard.sock")),
             qmp_daemon: dir.join("qmp.sock"),
             qmp_lab: dir.join("qmp-lab.sock"),
         };
@@ -300,6 +310,14 @@ pub fn vstreamd_config(guest: &str, sockets: &GuestSockets) -> String {
     }
     transport("console", Some("hvc0"), unix(&sockets.hvc0));
     transport("console", Some("ttyS0"), unix(&sockets.ttys0));
+    if let Some(rng) = &sockets.vhost_rng {
+        let address = toml_string(&format!("unix-listen:{}", rng.display()));
+        transport("random-vhost-user", Some("hwrng"), address);
+    }
+    if let Some(kbd) = &sockets.vhost_keyboard {
+        let address = toml_string(&format!("unix-listen:{}", kbd.display()));
+        transport("hid-vhost-user", Some("keyboard"), address);
+    }
     out
 }
 
@@ -644,8 +662,12 @@ impl Lab {
         if self.options.start_daemon {
             self.start_daemon()?;
         }
+        let s = &self.paths.sockets;
+        for socket in [&s.vhost_rng, &s.vhost_keyboard].into_iter().flatten() {
+            self.wait_for_vhost_user(socket)?;
+        }
         match &self.paths.sockets.hybrid_vsock {
-            Some(hybrid) if hybrid.vstreamd => self.wait_for_vhost_user(hybrid)?,
+            Some(hybrid) if hybrid.vstreamd => self.wait_for_vhost_user(&hybrid.vhost_user)?,
             Some(hybrid) => self.start_vsock_backend(hybrid)?,
             None => {}
         }
@@ -712,16 +734,16 @@ impl Lab {
         }
     }
 
-    /// Waits for vstreamd's vhost-user vsock socket, which QEMU needs at start.
-    fn wait_for_vhost_user(&self, hybrid: &HybridVsockSockets) -> io::Result<()> {
+    /// Waits for one of vstreamd's vhost-user sockets, which QEMU needs at start.
+    fn wait_for_vhost_user(&self, socket: &Path) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !hybrid.vhost_user.exists() {
+        while !socket.exists() {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "vstreamd did not open {} within 30 s; its log:\n{}",
-                        hybrid.vhost_user.display(),
+                        socket.display(),
                         tail(&self.paths.daemon_log, 30)
                     ),
                 ));
@@ -1368,6 +1390,18 @@ mod tests {
             !cfg.contains("_5000"),
             "no listener of vhost-device-vsock's: {cfg}"
         );
+    }
+
+    #[test]
+    fn a_vhost_rng_guest_has_its_random_vhost_user_transport() {
+        let options = LabOptions {
+            vhost_rng: true,
+            ..LabOptions::default()
+        };
+        let sockets = LabPaths::new(PathBuf::from("/tmp/r"), &options).sockets;
+        let cfg = vstreamd_config("r", &sockets);
+        let expected = "[[guest.transport]]\nkind = \"random-vhost-user\"\nname = \"hwrng\"\naddress = \"unix-listen:/tmp/r/rng.sock\"\n";
+        assert!(cfg.ends_with(expected), "{cfg}");
     }
 
     #[test]
