@@ -150,7 +150,8 @@ pub struct LabOptions {
     /// transport named `hwrng`, drawing from the guest's `[guest.random]` budget).
     pub vhost_rng: bool,
     /// Give the guest a `vhost-user-input-pci` keyboard served by vstreamd (a `hid-vhost-user`
-    /// transport named `keyboard`): `vstreamctl input` reaches it with no agent.
+    /// transport named `keyboard`): `vstreamctl input` reaches it with no agent. QEMU 7.2's
+    /// device needs KVM (under TCG QEMU exits: "vhost initialization failed: requires kvm").
     pub vhost_input: bool,
 }
 

@@ -574,6 +574,19 @@ mod virtio_input {
         Event::new(EV_SYN, SYN_REPORT, 0)
     }
 
+    /// The events the device wrote into the eventq buffers it returned since last asked.
+    fn delivered(rig: &mut Rig) -> Vec<Event> {
+        rig.take_written(EVENTQ).iter().map(|b| decode(b)).collect()
+    }
+
+    /// `reports` as the driver sees them: each closed by its SYN_REPORT.
+    fn with_syns(reports: &[Vec<Event>]) -> Vec<Event> {
+        reports
+            .iter()
+            .flat_map(|r| r.iter().copied().chain([syn()]))
+            .collect()
+    }
+
     fn offer(rig: &mut Rig, n: usize) {
         for _ in 0..n {
             rig.add_writable(EVENTQ, EVENT_LEN as u32);
@@ -668,18 +681,13 @@ mod virtio_input {
         }
         offer(&mut rig, 16);
         rig.run(&mut dev, Kick::Backend);
-        let got: Vec<Event> = rig.take_written(EVENTQ).iter().map(|b| decode(b)).collect();
-        let want: Vec<Event> = reports
-            .iter()
-            .flat_map(|r| r.iter().copied().chain([syn()]))
-            .collect();
-        assert_eq!(got, want);
+        let got = delivered(&mut rig);
+        assert_eq!(got, with_syns(&reports));
         assert_eq!(inj.status()["reports_delivered"], 4);
         // The rest of the buffers stay with the device for the next reports.
         inj.emit(&[k(2, 1)], false).expect("queued");
         rig.run(&mut dev, Kick::Backend);
-        let got: Vec<Event> = rig.take_written(EVENTQ).iter().map(|b| decode(b)).collect();
-        assert_eq!(got, [k(2, 1), syn()]);
+        assert_eq!(delivered(&mut rig), [k(2, 1), syn()]);
         assert!(!rig.broken);
     }
 
@@ -708,7 +716,7 @@ mod virtio_input {
         while got.len() < accepted as usize * 3 {
             offer(&mut rig, 30);
             rig.run(&mut dev, Kick::Queue(EVENTQ));
-            got.extend(rig.take_written(EVENTQ).iter().map(|b| decode(b)));
+            got.extend(delivered(&mut rig));
         }
         let want: Vec<Event> = (1..=accepted)
             .flat_map(|i| report(i).into_iter().chain([syn()]))
@@ -827,12 +835,8 @@ mod virtio_input {
         });
         offer(&mut rig, 32);
         rig.run(&mut dev, Kick::Backend);
-        let got: Vec<Event> = rig.take_written(EVENTQ).iter().map(|b| decode(b)).collect();
-        let want: Vec<Event> = reports
-            .iter()
-            .flat_map(|r| r.iter().copied().chain([syn()]))
-            .collect();
-        assert_eq!(got, want);
+        let got = delivered(&mut rig);
+        assert_eq!(got, with_syns(&reports));
         assert!(got.contains(&k(key::LEFTSHIFT, 1)), "{got:?}");
     }
 }
