@@ -3,10 +3,10 @@
 //! own `virtio_rng` driver as the peer, and `/dev/hwrng` delivering the guest's configured
 //! budget. Never skipped silently: without QEMU it fails, unless VSTREAM_SKIP_E2E=1 is set.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::lab::testing::exec_sh;
 use xtask::lab::{self, guest_status, Lab, LabOptions};
 
 /// From QEMU's start to the agent's transport being up, under TCG.
@@ -18,20 +18,6 @@ const UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// budget is set well below that: what limits the guest is then the budget, not the guest.
 const RATE: u64 = 4096;
 const BURST: u64 = 4096;
-
-fn exec(lab: &Lab, script: &str) -> Output {
-    let out = lab
-        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
-        .unwrap_or_else(|e| panic!("vstreamctl exec: {e}"));
-    assert!(
-        out.status.success(),
-        "`{script}` in the guest failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn random_status(lab: &Lab) -> (Value, Value) {
     let s = lab.status().unwrap_or_else(|e| panic!("{e}"));
@@ -76,11 +62,10 @@ fn the_guests_hwrng_is_vstreamds_virtio_rng_at_the_configured_rate() {
     assert_eq!(transport["state"], "listening", "{transport}");
 
     // 1. The guest kernel's hwrng is the virtio_rng device, and the only one.
-    let out = exec(
+    let text = exec_sh(
         &lab,
         "cat /sys/class/misc/hw_random/rng_current /sys/class/misc/hw_random/rng_available",
     );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut lines = text.lines();
     let current = lines.next().unwrap_or_default().trim().to_owned();
     let available = lines.next().unwrap_or_default().trim().to_owned();
@@ -93,7 +78,7 @@ fn the_guests_hwrng_is_vstreamds_virtio_rng_at_the_configured_rate() {
     //    `timeout` loses at most one request. The guest's clock times it.
     let before = vhost_bytes(&lab);
     let t0 = Instant::now();
-    let out = exec(
+    let text = exec_sh(
         &lab,
         &format!(
             "dd if=/dev/hwrng of=/dev/null bs=64 count={} 2>/dev/null; \
@@ -105,7 +90,6 @@ fn the_guests_hwrng_is_vstreamds_virtio_rng_at_the_configured_rate() {
     );
     let host_secs = t0.elapsed().as_secs_f64();
     let host_bytes = vhost_bytes(&lab) - before;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let fields: Vec<f64> = text
         .split_whitespace()
         .map(|f| {
