@@ -88,6 +88,10 @@ pub const GUEST_MODULES: &[GuestModule] = &[
         why: "input device injection",
     },
     GuestModule {
+        name: "virtio_input",
+        why: "virtio-input devices (vstreamd's vhost-user-input keyboard, mouse, tablet)",
+    },
+    GuestModule {
         name: "evdev",
         why: "/dev/input/eventN nodes, read by the hid tests and desktops",
     },

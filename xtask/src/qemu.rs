@@ -9,6 +9,8 @@
 //! | virtio port `org.vstream.0` (mux)     | `virtserialport name=org.vstream.0`          | `port.sock`                 |
 //! | ttyS4, PCI 16550 (mux)                | `pci-serial`                                 | `serial.sock`               |
 //! | hwrng (unless `virtio_rng` is off)    | `virtio-rng-pci`                             |                             |
+//! | hwrng (`LabOptions::vhost_rng`)       | `vhost-user-rng-pci` + shared memfd RAM      | vstreamd's `rng.sock`       |
+//! | keyboard (`LabOptions::vhost_input`)  | `vhost-user-input-pci` + shared memfd RAM    | vstreamd's `keyboard.sock`  |
 //! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
 //! | vsock (`LabVsock::VhostDeviceVsock`)  | `vhost-user-vsock-pci` + shared memfd RAM    | vhost-device-vsock's `vsock.sock` (hybrid) |
 //! | eth0, virtio-net (`user_net` only)    | `virtio-net-pci` + `-netdev user` (slirp)    | 10.0.2.2:P = 127.0.0.1:P    |
@@ -67,6 +69,10 @@ pub struct GuestSockets {
     /// vhost-device-vsock, if attached: its vhost-user socket (QEMU connects) and its hybrid
     /// vsock socket (host programs connect).
     pub hybrid_vsock: Option<HybridVsockSockets>,
+    /// vstreamd's vhost-user-rng socket (a `random-vhost-user` transport), if attached.
+    pub vhost_rng: Option<PathBuf>,
+    /// vstreamd's vhost-user-input keyboard socket (a `hid-vhost-user` transport), if attached.
+    pub vhost_keyboard: Option<PathBuf>,
     /// QMP monitor for vstreamd.
     pub qmp_daemon: PathBuf,
     /// QMP monitor for the lab harness.
@@ -259,14 +265,36 @@ impl QemuSpec {
             c.args(["-netdev", "user,id=net0,ipv6=off"]);
             c.args(["-device", "virtio-net-pci,netdev=net0,id=net0"]);
         }
-        if let Some(hybrid) = &s.hybrid_vsock {
+        if s.hybrid_vsock.is_some() || s.vhost_rng.is_some() || s.vhost_keyboard.is_some() {
             // vhost-user needs guest RAM the backend can map: a shared memfd as the only NUMA
-            // node. The CID is the backend's (QEMU 7.2's device has no guest-cid property).
+            // node.
             c.arg("-object").arg(format!(
                 "memory-backend-memfd,id=mem,size={}M,share=on",
                 self.memory_mib
             ));
             c.args(["-numa", "node,memdev=mem"]);
+        }
+        if let Some(rng) = &s.vhost_rng {
+            c.arg("-chardev")
+                .arg(format!("socket,id=vhostrng,path={}", check_path(rng)?));
+            // QEMU 7.2's vhost-user-rng hands the backend every feature the guest acked, not
+            // only those the backend offered: the two the backend does not offer are turned off.
+            c.args([
+                "-device",
+                "vhost-user-rng-pci,chardev=vhostrng,id=vhostrng,indirect_desc=off,queue_reset=off",
+            ]);
+        }
+        if let Some(kbd) = &s.vhost_keyboard {
+            c.arg("-chardev")
+                .arg(format!("socket,id=vhostkbd,path={}", check_path(kbd)?));
+            // As vhost-user-rng: QEMU 7.2 passes the guest's features through unfiltered.
+            c.args([
+                "-device",
+                "vhost-user-input-pci,chardev=vhostkbd,id=vhostkbd,indirect_desc=off,queue_reset=off",
+            ]);
+        }
+        if let Some(hybrid) = &s.hybrid_vsock {
+            // The CID is the backend's (QEMU 7.2's device has no guest-cid property).
             c.arg("-chardev").arg(format!(
                 "socket,id=vsockchr,path={}",
                 check_path(&hybrid.vhost_user)?

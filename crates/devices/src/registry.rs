@@ -9,7 +9,7 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -87,6 +87,23 @@ pub struct RawTransport {
     pub log_max_bytes: u64,
     /// Rotated logs kept.
     pub log_keep: usize,
+}
+
+impl RawTransport {
+    /// The socket of a vhost-user transport (its `unix-listen:` address, where the VMM
+    /// connects); `class` names the device in the error.
+    pub fn vhost_user_socket(&self, class: &'static str) -> Result<&Path, SettingsError> {
+        match &self.address {
+            Address::UnixListen(path) => Ok(path),
+            other => Err(SettingsError::new(
+                class,
+                format!(
+                    "transport {:?} of kind {}: expected a unix-listen: address (the socket the VMM connects to), not {other}",
+                    self.name, self.kind
+                ),
+            )),
+        }
+    }
 }
 
 /// What a host half knows about the guest it serves (built by vstreamd per guest).

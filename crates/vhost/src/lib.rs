@@ -46,6 +46,10 @@ pub trait Device: Send + 'static {
     }
     /// The device's configuration space.
     fn config(&self) -> Vec<u8>;
+    /// The driver wrote `data` at `offset` of the configuration space (the VMM forwards it
+    /// with VHOST_USER_SET_CONFIG; virtio-input's driver selects what to read this way).
+    /// Unchecked guest values: the device keeps only the fields it knows. Ignored by default.
+    fn set_config(&mut self, _offset: u32, _data: &[u8]) {}
     /// A descriptor that becomes readable when the device has work of its own (an epoll
     /// descriptor of host sockets, an eventfd); it must not stay readable once handled (edge
     /// triggered sources, or drained in [`Device::handle`]), or the worker would spin.

@@ -214,6 +214,11 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         }
     }
 
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.inner().device.set_config(offset, buf);
+        Ok(())
+    }
+
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         self.inner().mem = Some(mem);
         Ok(())

@@ -3,6 +3,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,8 +104,12 @@ impl Lab {
         if self.options.start_daemon {
             self.start_daemon()?;
         }
+        let s = &self.paths.sockets;
+        for socket in [&s.vhost_rng, &s.vhost_keyboard].into_iter().flatten() {
+            self.wait_for_vhost_user(socket)?;
+        }
         match &self.paths.sockets.hybrid_vsock {
-            Some(hybrid) if hybrid.vstreamd => self.wait_for_vhost_user(hybrid)?,
+            Some(hybrid) if hybrid.vstreamd => self.wait_for_vhost_user(&hybrid.vhost_user)?,
             Some(hybrid) => self.start_vsock_backend(hybrid)?,
             None => {}
         }
@@ -171,16 +176,16 @@ impl Lab {
         }
     }
 
-    /// Waits for vstreamd's vhost-user vsock socket, which QEMU needs at start.
-    fn wait_for_vhost_user(&self, hybrid: &HybridVsockSockets) -> io::Result<()> {
+    /// Waits for one of vstreamd's vhost-user sockets, which QEMU needs at start.
+    fn wait_for_vhost_user(&self, socket: &Path) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !hybrid.vhost_user.exists() {
+        while !socket.exists() {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "vstreamd did not open {} within 30 s; its log:\n{}",
-                        hybrid.vhost_user.display(),
+                        socket.display(),
                         tail(&self.paths.daemon_log, 30)
                     ),
                 ));

@@ -63,6 +63,13 @@ pub struct LabOptions {
     pub virtio_rng: bool,
     /// The guest's vsock device, and whether the mux runs over it.
     pub vsock: LabVsock,
+    /// Give the guest a `vhost-user-rng-pci` device served by vstreamd (a `random-vhost-user`
+    /// transport named `hwrng`, drawing from the guest's `[guest.random]` budget).
+    pub vhost_rng: bool,
+    /// Give the guest a `vhost-user-input-pci` keyboard served by vstreamd (a `hid-vhost-user`
+    /// transport named `keyboard`): `vstreamctl input` reaches it with no agent. QEMU 7.2's
+    /// device needs KVM (under TCG QEMU exits: "vhost initialization failed: requires kvm").
+    pub vhost_input: bool,
 }
 
 impl Default for LabOptions {
@@ -82,6 +89,8 @@ impl Default for LabOptions {
             cpu: None,
             virtio_rng: true,
             vsock: LabVsock::None,
+            vhost_rng: false,
+            vhost_input: false,
         }
     }
 }
@@ -154,6 +163,8 @@ impl LabPaths {
                 vhost_user: dir.join("vhost-user-vsock.sock"),
                 uds: dir.join("vsock.sock"),
             }),
+            vhost_rng: options.vhost_rng.then(|| dir.join("rng.sock")),
+            vhost_keyboard: options.vhost_input.then(|| dir.join("keyboard.sock")),
             qmp_daemon: dir.join("qmp.sock"),
             qmp_lab: dir.join("qmp-lab.sock"),
         };
@@ -217,6 +228,14 @@ pub fn vstreamd_config(guest: &str, sockets: &GuestSockets) -> String {
     }
     transport("console", Some("hvc0"), unix(&sockets.hvc0));
     transport("console", Some("ttyS0"), unix(&sockets.ttys0));
+    if let Some(rng) = &sockets.vhost_rng {
+        let address = toml_string(&format!("unix-listen:{}", rng.display()));
+        transport("random-vhost-user", Some("hwrng"), address);
+    }
+    if let Some(kbd) = &sockets.vhost_keyboard {
+        let address = toml_string(&format!("unix-listen:{}", kbd.display()));
+        transport("hid-vhost-user", Some("keyboard"), address);
+    }
     out
 }
 
@@ -293,6 +312,18 @@ mod tests {
             !cfg.contains("port.sock") && !cfg.contains("serial.sock"),
             "{cfg}"
         );
+    }
+
+    #[test]
+    fn a_vhost_rng_guest_has_its_random_vhost_user_transport() {
+        let options = LabOptions {
+            vhost_rng: true,
+            ..LabOptions::default()
+        };
+        let sockets = LabPaths::new(PathBuf::from("/tmp/r"), &options).sockets;
+        let cfg = vstreamd_config("r", &sockets);
+        let expected = "[[guest.transport]]\nkind = \"random-vhost-user\"\nname = \"hwrng\"\naddress = \"unix-listen:/tmp/r/rng.sock\"\n";
+        assert!(cfg.ends_with(expected), "{cfg}");
     }
 
     #[test]

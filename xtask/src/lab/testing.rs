@@ -51,6 +51,22 @@ pub fn ctl_ok(lab: &Lab, args: &[&str], timeout: Duration) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `sh -c SCRIPT` in the guest through the agent (`vstreamctl exec`); it must succeed.
+/// Its stdout.
+pub fn exec_sh(lab: &Lab, script: &str) -> String {
+    let out = lab
+        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
+        .unwrap_or_else(|e| panic!("vstreamctl exec: {e}"));
+    assert!(
+        out.status.success(),
+        "`{script}` in the guest failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs a short, idempotent command in the guest's shell on hvc0 and returns its output
 /// (between two markers). The console helper types the line again if its answer is slow, so
 /// anything that must run once goes through [`bg`].

@@ -1,19 +1,115 @@
-//! The hid device's descriptor: the guest half's virtual keyboard, mouse and tablet (uinput).
+//! The hid device's descriptor: the guest half's virtual keyboard, mouse and tablet (uinput),
+//! and the host half's virtio-input devices (vhost-user, [`super::vhost`]) that reach a guest
+//! with no agent.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use serde_json::{json, Value};
 use vstream_link::Mux;
 
-use super::CLASS;
-use crate::registry::{Device, GuestHalf, GuestOptions};
+use super::guest::SharedSink;
+use super::vhost::{Injector, InputDevice};
+use super::{Kind, CLASS};
+use crate::keep::now_secs;
+use crate::registry::{
+    ControlConn, Device, GuestFacts, GuestHalf, GuestOptions, HostContext, HostHalf, HostState,
+    RawTransport, SettingsError, TransportStatus,
+};
+use crate::ServeFuture;
 
 /// `hid`.
 pub struct HidDevice;
 
+/// The virtio-input kind: vstreamd serves the guest's `vhost-user-input` device of the
+/// transport's name (`keyboard`, `mouse` or `tablet`) on the `unix-listen:` socket the VMM
+/// connects to.
+pub const VHOST_KIND: &str = "hid-vhost-user";
+
+/// The control op of `vstreamctl input`: `{"op":"input","guest":G,"kind":"keyboard"}` makes
+/// the connection the host end of the hid protocol for that device: vstreamd's own
+/// virtio-input device if the guest has one of that kind, else the agent's `hid` channel.
+pub const INPUT_OP: &str = "input";
+
+/// The device kind of a `hid-vhost-user` transport: its name.
+fn vhost_kind(t: &RawTransport) -> Result<Kind, SettingsError> {
+    Kind::from_name(&t.name).ok_or_else(|| {
+        SettingsError::new(
+            CLASS,
+            format!(
+                "transport {:?} of kind {VHOST_KIND}: its name must be the device, keyboard, mouse or tablet",
+                t.name
+            ),
+        )
+    })
+}
+
 impl Device for HidDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    fn raw_kinds(&self) -> &'static [&'static str] {
+        &[VHOST_KIND]
+    }
+
+    fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
+        if s.is_some() {
+            return Err(SettingsError::new(CLASS, "this device has no settings"));
+        }
+        let mut seen = Vec::new();
+        for t in guest.map(|g| g.transports.as_slice()).unwrap_or_default() {
+            t.vhost_user_socket(CLASS)?;
+            let kind = vhost_kind(t)?;
+            if seen.contains(&kind) {
+                return Err(SettingsError::new(
+                    CLASS,
+                    format!("two {VHOST_KIND} transports named {kind:?}: one device of each kind"),
+                ));
+            }
+            seen.push(kind);
+        }
+        Ok(())
+    }
+
+    fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
+        let mut devices = BTreeMap::new();
+        let mut transports = Vec::new();
+        let mut servers = Vec::new();
+        for t in &ctx.transports {
+            let kind = vhost_kind(t)?;
+            let path = t.vhost_user_socket(CLASS)?;
+            let failed = |e: std::io::Error| {
+                SettingsError::new(CLASS, format!("transport {:?}: {e}", t.name))
+            };
+            let (device, injector) = InputDevice::new(kind).map_err(failed)?;
+            // Served from now on, one VMM connection after another, on a thread of its own.
+            servers.push(
+                vstream_vhost::serve(&format!("input-{kind}"), path, device).map_err(failed)?,
+            );
+            let mut status = TransportStatus::new(&t.kind, t.name.clone(), t.address.to_string());
+            status.state = "listening".into();
+            status.since = now_secs();
+            transports.push(Mutex::new(status));
+            let sink: SharedSink = Arc::new(Mutex::new(Box::new(injector.clone())));
+            devices.insert(kind, (injector, sink));
+        }
+        Ok(HostHalf {
+            services: Vec::new(),
+            tasks: Vec::new(),
+            state: Arc::new(HidState {
+                mux: ctx.mux.clone(),
+                devices,
+                transports,
+                _servers: servers,
+            }),
+        })
+    }
+
+    fn control_ops(&self) -> &'static [&'static str] {
+        &[INPUT_OP]
     }
 
     fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
@@ -120,4 +216,84 @@ fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<(
         eprintln!("forwarded: {stats:?}");
         Ok(())
     })
+}
+
+/// The host half of one guest: its virtio-input devices, if any.
+struct HidState {
+    mux: Mux,
+    devices: BTreeMap<Kind, (Injector, SharedSink)>,
+    transports: Vec<Mutex<TransportStatus>>,
+    /// Served for the guest's life.
+    _servers: Vec<vstream_vhost::Server>,
+}
+
+impl HostState for HidState {
+    fn status(&self) -> Option<Value> {
+        if self.devices.is_empty() {
+            return None;
+        }
+        let devices: serde_json::Map<String, Value> = self
+            .devices
+            .values()
+            .map(|(i, _)| (i.kind().name().to_owned(), i.status()))
+            .collect();
+        Some(json!({ "virtio_input": devices }))
+    }
+
+    fn transports(&self) -> Vec<TransportStatus> {
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    fn control(&self, _op: &str, request: Value, mut conn: ControlConn) -> ServeFuture {
+        let guest = request["guest"].as_str().unwrap_or("?").to_owned();
+        let kind = request["kind"].as_str().and_then(Kind::from_name);
+        let vhost = kind
+            .and_then(|k| self.devices.get(&k))
+            .map(|(_, s)| s.clone());
+        let mux = self.mux.clone();
+        Box::pin(async move {
+            let Some(kind) = kind else {
+                let _ = conn
+                    .refuse(format!(
+                        "{guest}: {:?} is not keyboard, mouse or tablet",
+                        request["kind"]
+                    ))
+                    .await;
+                return;
+            };
+            if let Some(sink) = vhost {
+                // vstreamd's own virtio-input device: the guest's driver is the peer.
+                if conn.reply(json!({ "via": VHOST_KIND })).await.is_ok() {
+                    let mut stream = conn.into_stream();
+                    if let Err(e) = super::guest::serve_stream(kind, &sink, &mut stream).await {
+                        tracing::info!(%guest, %kind, "virtio-input injection ended: {e}");
+                    }
+                }
+                return;
+            }
+            // The agent's uinput device, over its hid channel (carried across live upgrades).
+            let opened =
+                tokio::time::timeout(Duration::from_secs(30), mux.open(CLASS, kind.name())).await;
+            match opened {
+                Ok(Ok(chan)) => {
+                    if conn.reply(json!({ "via": "agent" })).await.is_ok() {
+                        let _ = conn.bridge(chan).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    let _ = conn.refuse(format!("{guest}: {CLASS}/{kind}: {e}")).await;
+                }
+                Err(_) => {
+                    let _ = conn
+                        .refuse(format!(
+                            "{guest}: {CLASS}/{kind}: no answer from the guest's agent within 30 s, and vstreamd serves no virtio-input {kind} for it"
+                        ))
+                        .await;
+                }
+            }
+        })
+    }
 }

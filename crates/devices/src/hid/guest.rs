@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use vstream_link::ChannelStream;
 
 use super::codes::*;
@@ -54,7 +54,8 @@ impl Backend for UinputBackend {
     }
 }
 
-type SharedSink = Arc<Mutex<Box<dyn Sink>>>;
+/// A device shared by the channels of its kind.
+pub type SharedSink = Arc<Mutex<Box<dyn Sink>>>;
 
 /// The hid service of the agent.
 pub struct Hid {
@@ -139,28 +140,10 @@ impl Service for Hid {
     }
 }
 
-/// Serves one channel: `Ready`, then batches until the host closes; releases what it pressed.
+/// Serves one channel: [`serve_stream`], then a reset with the reason if the host broke the
+/// protocol.
 async fn serve_channel(kind: Kind, sink: SharedSink, mut stream: ChannelStream) -> io::Result<()> {
-    let node = lock(&sink).node();
-    let ready = Message::Ready {
-        version: VERSION,
-        kind,
-        node,
-    };
-    stream
-        .write_all(&ready.to_bytes().map_err(io::Error::other)?)
-        .await?;
-    let mut pressed: BTreeSet<u16> = BTreeSet::new();
-    let result = replay(kind, &sink, &mut stream, &mut pressed).await;
-    if !pressed.is_empty() {
-        let release: Vec<Event> = pressed.iter().map(|k| Event::key(*k, false)).collect();
-        tracing::info!(%kind, keys = ?pressed, "hid channel ended with keys pressed: releasing them");
-        for part in release.chunks(super::MAX_EVENTS) {
-            if let Err(e) = lock(&sink).emit(part, false) {
-                tracing::warn!(%kind, "releasing keys: {e}");
-            }
-        }
-    }
+    let result = serve_stream(kind, &sink, &mut stream).await;
     if let Err(e) = &result {
         if e.kind() == io::ErrorKind::InvalidData {
             stream.reset(&e.to_string());
@@ -170,10 +153,41 @@ async fn serve_channel(kind: Kind, sink: SharedSink, mut stream: ChannelStream) 
     result
 }
 
-async fn replay(
+/// Serves the guest's end of the hid protocol on `stream` into `sink`: `Ready`, then batches
+/// until the host closes; releases what it pressed. Used by the agent's channels and by
+/// vstreamd for the virtio-input devices it serves itself.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     kind: Kind,
     sink: &SharedSink,
-    stream: &mut ChannelStream,
+    stream: &mut S,
+) -> io::Result<()> {
+    let node = lock(sink).node();
+    let ready = Message::Ready {
+        version: VERSION,
+        kind,
+        node,
+    };
+    stream
+        .write_all(&ready.to_bytes().map_err(io::Error::other)?)
+        .await?;
+    let mut pressed: BTreeSet<u16> = BTreeSet::new();
+    let result = replay(kind, sink, stream, &mut pressed).await;
+    if !pressed.is_empty() {
+        let release: Vec<Event> = pressed.iter().map(|k| Event::key(*k, false)).collect();
+        tracing::info!(%kind, keys = ?pressed, "hid channel ended with keys pressed: releasing them");
+        for part in release.chunks(super::MAX_EVENTS) {
+            if let Err(e) = lock(sink).emit(part, false) {
+                tracing::warn!(%kind, "releasing keys: {e}");
+            }
+        }
+    }
+    result
+}
+
+async fn replay<S: AsyncRead + AsyncWrite + Unpin>(
+    kind: Kind,
+    sink: &SharedSink,
+    stream: &mut S,
     pressed: &mut BTreeSet<u16>,
 ) -> io::Result<()> {
     let mut decoder = Decoder::new();
@@ -255,36 +269,27 @@ impl Uinput {
         };
         let open = |e: io::Error| io::Error::new(e.kind(), format!("/dev/uinput: {e}"));
         let keys: AttributeSet<KeyCode> = kind.keys().into_iter().map(KeyCode::new).collect();
-        let product = match kind {
-            Kind::Keyboard => 1,
-            Kind::Mouse => 2,
-            Kind::Tablet => 3,
-        };
+        let [bus, vendor, product, version] = kind.input_id();
         let mut b = evdev::uinput::VirtualDevice::builder()
             .map_err(open)?
             .name(kind.device_name())
-            .input_id(InputId::new(BusType::BUS_VIRTUAL, 0x5653, product, 1))
+            .input_id(InputId::new(BusType(bus), vendor, product, version))
             .with_keys(&keys)?;
-        match kind {
-            Kind::Keyboard => {}
-            Kind::Mouse => {
-                let axes: AttributeSet<RelativeAxisCode> = [
-                    RelativeAxisCode::REL_X,
-                    RelativeAxisCode::REL_Y,
-                    RelativeAxisCode::REL_WHEEL,
-                ]
-                .into_iter()
+        if !kind.rel_axes().is_empty() {
+            let axes: AttributeSet<RelativeAxisCode> = kind
+                .rel_axes()
+                .iter()
+                .map(|a| RelativeAxisCode(*a))
                 .collect();
-                b = b.with_relative_axes(&axes)?;
-            }
-            Kind::Tablet => {
-                for axis in [AbsoluteAxisCode::ABS_X, AbsoluteAxisCode::ABS_Y] {
-                    let info = AbsInfo::new(0, 0, ABS_MAX, 0, 0, 0);
-                    b = b.with_absolute_axis(&UinputAbsSetup::new(axis, info))?;
-                }
-                let props: AttributeSet<PropType> = [PropType::POINTER].into_iter().collect();
-                b = b.with_properties(&props)?;
-            }
+            b = b.with_relative_axes(&axes)?;
+        }
+        for axis in kind.abs_axes() {
+            let info = AbsInfo::new(0, 0, ABS_MAX, 0, 0, 0);
+            b = b.with_absolute_axis(&UinputAbsSetup::new(AbsoluteAxisCode(*axis), info))?;
+        }
+        if !kind.props().is_empty() {
+            let props: AttributeSet<PropType> = kind.props().iter().map(|p| PropType(*p)).collect();
+            b = b.with_properties(&props)?;
         }
         let mut device = b.build()?;
         // The kernel creates the node asynchronously (devtmpfs); wait for it.

@@ -24,6 +24,7 @@ pub mod keymap;
 #[cfg(test)]
 mod tests;
 pub mod verbs;
+pub mod vhost;
 
 use std::fmt;
 
@@ -102,6 +103,16 @@ pub mod codes {
     pub const BTN_TOUCH: u16 = 0x14a;
     /// The device is a pointer (not a touchscreen).
     pub const INPUT_PROP_POINTER: u16 = 0x00;
+    /// LEDs (keyboards; the guest sets them).
+    pub const EV_LED: u16 = 0x11;
+    /// Num Lock LED.
+    pub const LED_NUML: u16 = 0x00;
+    /// Caps Lock LED.
+    pub const LED_CAPSL: u16 = 0x01;
+    /// Scroll Lock LED.
+    pub const LED_SCROLLL: u16 = 0x02;
+    /// `BUS_VIRTUAL` (linux/input.h).
+    pub const BUS_VIRTUAL: u16 = 0x06;
 }
 
 use codes::*;
@@ -183,6 +194,36 @@ impl Kind {
         }
     }
 
+    /// The `EV_REL` axes of the device.
+    pub fn rel_axes(self) -> &'static [u16] {
+        match self {
+            Kind::Mouse => &[REL_X, REL_Y, REL_WHEEL],
+            Kind::Keyboard | Kind::Tablet => &[],
+        }
+    }
+
+    /// The `EV_ABS` axes of the device, each 0 ..= [`ABS_MAX`].
+    pub fn abs_axes(self) -> &'static [u16] {
+        match self {
+            Kind::Tablet => &[ABS_X, ABS_Y],
+            Kind::Keyboard | Kind::Mouse => &[],
+        }
+    }
+
+    /// The `INPUT_PROP_*` bits of the device (a tablet is a pointer, not a touchscreen).
+    pub fn props(self) -> &'static [u16] {
+        match self {
+            Kind::Tablet => &[INPUT_PROP_POINTER],
+            Kind::Keyboard | Kind::Mouse => &[],
+        }
+    }
+
+    /// The device's identity, `struct input_id`: bus type (`BUS_VIRTUAL`), vendor, product
+    /// (one per kind), version.
+    pub fn input_id(self) -> [u16; 4] {
+        [BUS_VIRTUAL, 0x5653, u16::from(self.number()), 1]
+    }
+
     /// Whether the device has this capability and the value is in range; `Err` says why not.
     pub fn allows(self, ev: &Event) -> Result<(), String> {
         let ok = match (self, ev.type_) {
@@ -202,7 +243,7 @@ impl Kind {
                 (0..=1).contains(&ev.value) || (self == Kind::Keyboard && ev.value == 2)
             }
             (Kind::Mouse, EV_REL) => {
-                if ![REL_X, REL_Y, REL_WHEEL].contains(&ev.code) {
+                if !self.rel_axes().contains(&ev.code) {
                     return Err(format!(
                         "relative axis {} is not an axis of the mouse",
                         ev.code
@@ -211,7 +252,7 @@ impl Kind {
                 (REL_MIN..=REL_MAX).contains(&ev.value)
             }
             (Kind::Tablet, EV_ABS) => {
-                if ![ABS_X, ABS_Y].contains(&ev.code) {
+                if !self.abs_axes().contains(&ev.code) {
                     return Err(format!(
                         "absolute axis {} is not an axis of the tablet",
                         ev.code

@@ -110,14 +110,19 @@ pub enum MouseCmd {
     },
 }
 
-/// A `hid` channel to `guest` through vstreamd.
+/// The host end of the hid protocol for `guest`'s `kind` device, through vstreamd.
 async fn hid_channel(
     ctx: &VerbContext<'_>,
     guest: &str,
     kind: super::Kind,
 ) -> std::io::Result<BoxStream> {
-    ctx.open(guest, super::CLASS, kind.name())
+    // vstreamd answers with its own virtio-input device of that kind, or the agent's channel.
+    let req =
+        serde_json::json!({ "op": super::device::INPUT_OP, "guest": guest, "kind": kind.name() });
+    ctx.control
+        .call(req)
         .await
+        .map(|(_, stream)| stream)
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 

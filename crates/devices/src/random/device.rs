@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use clap::ArgAction;
 use serde_json::Value;
 use vstream_link::Mux;
-use vstream_transport::Address;
 
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
 use super::host::{serve_raw, Entropy, Limiter};
@@ -15,7 +14,7 @@ use super::{Settings, CLASS};
 use crate::keep::{keep, now_secs, Kept, Slot};
 use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, HostState, RawTransport, SettingsError, TransportStatus,
+    HostHalf, HostState, SettingsError, TransportStatus,
 };
 use crate::ServeFuture;
 
@@ -29,20 +28,6 @@ pub const RAW_KIND: &str = "random-raw";
 /// The virtio-rng kind: vstreamd serves the guest's `vhost-user-rng` device on the
 /// `unix-listen:` socket the VMM connects to.
 pub const VHOST_KIND: &str = "random-vhost-user";
-
-/// The vhost-user socket of a `random-vhost-user` transport.
-fn vhost_socket(t: &RawTransport) -> Result<&std::path::Path, SettingsError> {
-    match &t.address {
-        Address::UnixListen(path) => Ok(path),
-        other => Err(SettingsError::new(
-            CLASS,
-            format!(
-                "transport {:?} of kind {VHOST_KIND}: expected a unix-listen: address (the socket the VMM connects to), not {other}",
-                t.name
-            ),
-        )),
-    }
-}
 
 fn settings(s: Option<&Value>) -> Result<Settings, SettingsError> {
     let s: Settings = section(CLASS, s)?.unwrap_or_default();
@@ -64,7 +49,7 @@ impl Device for RandomDevice {
             None => section::<Settings>(CLASS, s).map(drop),
             Some(g) => {
                 for t in g.transports.iter().filter(|t| t.kind == VHOST_KIND) {
-                    vhost_socket(t)?;
+                    t.vhost_user_socket(CLASS)?;
                 }
                 settings(s).map(drop)
             }
@@ -93,7 +78,7 @@ impl Device for RandomDevice {
                 continue;
             }
             // Served from now on, one VMM connection after another, on a thread of its own.
-            let path = vhost_socket(t)?;
+            let path = t.vhost_user_socket(CLASS)?;
             let failed = |e: std::io::Error| {
                 SettingsError::new(CLASS, format!("transport {:?}: {e}", t.name))
             };
