@@ -6,11 +6,11 @@
 //!
 //! QEMU 7.2's `vhost-user-input-pci` needs KVM (it refuses to start with "vhost initialization
 //! failed: requires kvm": its vhost-user backend object wants KVM ioeventfds, unlike
-//! vhost-user-rng and vhost-user-vsock). On a host without KVM the test says so loudly and
-//! stops there; the device itself is tested without a guest in
-//! `crates/devices/src/hid/tests.rs` (`virtio_input`).
+//! vhost-user-rng and vhost-user-vsock). So the test is `#[ignore]`d, which cargo reports as
+//! such rather than as a pass: run it on a KVM host with `cargo test -p xtask --test
+//! vhost_input -- --ignored`, where it fails if KVM is missing. The device itself is tested
+//! without a guest in `crates/devices/src/hid/tests.rs` (`virtio_input`).
 
-use std::io::Write;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,23 +42,20 @@ fn parse_events(od: &str) -> Vec<(u16, u16, i32)> {
 }
 
 #[test]
+#[ignore = "needs KVM: QEMU 7.2's vhost-user-input-pci refuses to start under TCG"]
 fn vstreamctl_input_types_into_the_guests_virtio_keyboard_with_no_agent() {
     if !lab::e2e_enabled("vstreamctl_input_types_into_the_guests_virtio_keyboard_with_no_agent") {
         return;
     }
     let image = xtask::image::ensure_image().unwrap_or_else(|e| panic!("{e:#}"));
     let verdict = xtask::accel::detect(&image).unwrap_or_else(|e| panic!("{e:#}"));
-    if verdict.accel != Accel::Kvm {
-        // Written to the stderr handle directly, past the test harness's capture.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!! vhost-user-input-pci needs KVM and this host has {} ({}): the virtio \
-             keyboard end-to-end test was NOT RUN !!!!!!!!\n",
-            verdict.accel,
-            verdict.reason
-        );
-        return;
-    }
+    assert_eq!(
+        verdict.accel,
+        Accel::Kvm,
+        "vhost-user-input-pci needs KVM and this host has {} ({})",
+        verdict.accel,
+        verdict.reason
+    );
     // No mux transport at all: nothing carries an agent session, so whatever reaches the
     // guest goes through the virtio-input device.
     let options = LabOptions {
