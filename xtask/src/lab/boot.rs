@@ -121,28 +121,15 @@ impl Lab {
         let mut config = vstreamd_config(&self.options.name, &p.sockets);
         config.push_str(&self.options.extra_config);
         fs::write(&p.config, config)?;
-        let bin = paths::host_bin("vstreamd");
         // Appended: a restarted vstreamd's log follows the one it replaces.
         let log = File::options()
             .create(true)
             .append(true)
             .open(&p.daemon_log)?;
-        let mut command = Command::new(&bin);
-        command
-            .arg("--control")
-            .arg(&p.control)
-            .arg("--config")
-            .arg(&p.config)
-            .arg("--state-dir")
-            .arg(&p.state_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let mut command = p.vstreamd_command(log)?;
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "debug");
         }
-        // Its log is a file: no colour codes.
-        command.env("NO_COLOR", "1");
         let child = process::spawn(command)?;
         *self
             .daemon
