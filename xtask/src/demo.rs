@@ -312,20 +312,6 @@ fn first_word(text: &str) -> Result<String> {
     Ok(word.to_owned())
 }
 
-/// Incompressible, reproducible bytes (xorshift64).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut data = Vec::with_capacity(len + 8);
-    while data.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(len);
-    data
-}
-
 fn device_status(status: &Value, guest: &str, device: &str) -> Value {
     guest_status(status, guest).map_or(Value::Null, |g| g["devices"][device].clone())
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use super::{ctl_ok, demo_host, first_word, guest_sh, pseudo_random, sha256_host};
+use super::{ctl_ok, demo_host, first_word, guest_sh, sha256_host};
+use crate::lab::testing::pseudo_random;
 use crate::lab::Lab;
 
 /// `vstreamctl agent lab JSON`: the `return` of the reply.

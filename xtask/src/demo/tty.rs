@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 
-use super::{ctl, pseudo_random};
+use super::ctl;
+use crate::lab::testing::pseudo_random;
 use crate::lab::Lab;
 
 pub(super) fn demo(lab: &Lab) -> Result<String> {
