@@ -3,6 +3,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,32 +131,15 @@ impl Lab {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "debug");
         }
-        let child = process::spawn(command)?;
-        *self
-            .daemon
-            .lock()
-            .map_err(|_| io::Error::other("lab lock poisoned"))? = Some(child);
-
         // Ready when the control socket accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if p.control.exists() && UnixStream::connect(&p.control).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child_exited(&self.daemon)? {
-                return Err(io::Error::other(format!(
-                    "vstreamd exited ({status}) before opening its control socket; its log:\n{}",
-                    tail(&p.daemon_log, 30)
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("vstreamd did not open {} within 30 s", p.control.display()),
-                ));
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.start_child(
+            &self.daemon,
+            command,
+            "vstreamd",
+            &p.control,
+            &p.daemon_log,
+            || p.control.exists() && UnixStream::connect(&p.control).is_ok(),
+        )
     }
 
     /// Waits for vstreamd's vhost-user vsock socket, which QEMU needs at start.
@@ -206,32 +190,47 @@ impl Lab {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        self.start_child(
+            &self.vsock_backend,
+            command,
+            &bin.display().to_string(),
+            &hybrid.vhost_user,
+            &self.paths.vsock_backend_log,
+            || hybrid.vhost_user.exists(),
+        )
+    }
+
+    /// Spawns `command` as the child of `slot` and waits up to 30 s until `ready` (it opened
+    /// `opens`). `name` and the tail of `log` (its output) tell what failed.
+    fn start_child(
+        &self,
+        slot: &Mutex<Option<Child>>,
+        command: Command,
+        name: &str,
+        opens: &Path,
+        log: &Path,
+        ready: impl Fn() -> bool,
+    ) -> io::Result<()> {
         let child = process::spawn(command)?;
-        *self
-            .vsock_backend
+        *slot
             .lock()
             .map_err(|_| io::Error::other("lab lock poisoned"))? = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if hybrid.vhost_user.exists() {
+            if ready() {
                 return Ok(());
             }
-            if let Some(status) = self.child_exited(&self.vsock_backend)? {
+            if let Some(status) = self.child_exited(slot)? {
                 return Err(io::Error::other(format!(
-                    "{} exited ({status}) before opening {}; its output:\n{}",
-                    bin.display(),
-                    hybrid.vhost_user.display(),
-                    tail(&self.paths.vsock_backend_log, 30)
+                    "{name} exited ({status}) before opening {}; its output:\n{}",
+                    opens.display(),
+                    tail(log, 30)
                 )));
             }
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!(
-                        "{} did not open {} within 30 s",
-                        bin.display(),
-                        hybrid.vhost_user.display()
-                    ),
+                    format!("{name} did not open {} within 30 s", opens.display()),
                 ));
             }
             thread::sleep(Duration::from_millis(50));
