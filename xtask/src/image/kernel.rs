@@ -9,6 +9,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cpio::Source;
+use crate::deb;
 
 /// The Debian kernel the guest boots.
 #[derive(Debug, Clone)]
@@ -201,19 +202,8 @@ pub(super) fn module_source(host: &Path) -> Result<Source> {
     let name = host.to_string_lossy();
     for (suffix, tool) in MODULE_COMPRESSION {
         if name.ends_with(suffix) {
-            let out = Command::new(tool)
-                .arg("-dc")
-                .arg(host)
-                .output()
-                .with_context(|| format!("running {tool} -dc {}", host.display()))?;
-            if !out.status.success() {
-                bail!(
-                    "{tool} -dc {} failed: {}",
-                    host.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            return Ok(Source::Bytes(out.stdout));
+            let out = deb::run(Command::new(tool).arg("-dc").arg(host))?;
+            return Ok(Source::Bytes(out));
         }
     }
     Ok(Source::Host(host.to_path_buf()))

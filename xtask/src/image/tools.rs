@@ -5,6 +5,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::deb;
 use crate::elf::{self, Linkage};
 use crate::paths;
 
@@ -40,18 +41,8 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let Linkage::Dynamic { interpreter } = linkage else {
         return Ok(Vec::new());
     };
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .with_context(|| format!("running ldd {}", binary.display()))?;
-    if !out.status.success() {
-        bail!(
-            "ldd {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let mut libs = parse_ldd(&String::from_utf8_lossy(&out.stdout))
+    let out = deb::run(Command::new("ldd").arg(binary))?;
+    let mut libs = parse_ldd(&String::from_utf8_lossy(&out))
         .with_context(|| format!("shared libraries of {}", binary.display()))?;
     let interpreter = PathBuf::from(interpreter);
     if !libs.contains(&interpreter) {
