@@ -392,20 +392,11 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let (vp50, gp50) = (lat(&vs_lat, |l| l.p50), lat(&ga_lat, |l| l.p50));
     row("guest-ping p50", vp50, gp50, "us", "<= 0.5x");
-    row(
-        "guest-ping p99",
-        lat(&vs_lat, |l| l.p99),
-        lat(&ga_lat, |l| l.p99),
-        "us",
-        "",
-    );
-    row(
-        "guest-ping mean",
-        lat(&vs_lat, |l| l.mean),
-        lat(&ga_lat, |l| l.mean),
-        "us",
-        "",
-    );
+    let tail = |name: &str, f: fn(&Lat) -> f64| {
+        row(name, lat(&vs_lat, f), lat(&ga_lat, f), "us", "");
+    };
+    tail("guest-ping p99", |l| l.p99);
+    tail("guest-ping mean", |l| l.mean);
     row1(
         &format!(
             "read, {} MiB/read, 1 in flight (like for like)",

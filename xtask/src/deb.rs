@@ -44,8 +44,9 @@ fn packaging_file(name: &str) -> Result<Vec<u8>> {
     fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Runs `cmd`, failing with its stderr.
-fn run(cmd: &mut Command) -> Result<Vec<u8>> {
+/// Runs `cmd` to its end (stdin empty): its stdout, or an error with its stderr. The image
+/// build uses it too.
+pub(crate) fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

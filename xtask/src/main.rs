@@ -20,7 +20,7 @@ tasks:
   deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
             binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
-  demo      boot a guest and show each device working, then shut it down
+  demo      boot a guest and show each device working, then shut it down (demo --help lists them)
   boot      boot a guest (vstreamd + QEMU) and keep it until Enter or Ctrl-C
             [--name NAME] [--virtio-port-only | --pci-serial-only] [--no-daemon]
   bench-hid hid latency: host inject -> guest evdev read -> ack, p50/p99, per mux transport
@@ -219,6 +219,21 @@ fn bench_hid(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask demo [--help]`: `--help` lists the demos instead of booting a guest.
+fn demo_task(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        None => demo::run(),
+        Some("-h" | "--help") => {
+            println!("usage: cargo xtask demo\n\nboots a guest and runs, in order:");
+            for d in demo::DEVICE_DEMOS {
+                println!("  {:<15} {}", d.name, d.what);
+            }
+            Ok(())
+        }
+        Some(other) => bail!("demo takes no arguments, got {other:?} (cargo xtask demo --help)"),
+    }
+}
+
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
@@ -230,7 +245,7 @@ fn run() -> Result<()> {
         "agent" => build_agent(),
         "deb" => deb_task(&args[1..]),
         "accel" => accel_task(),
-        "demo" => demo::run(),
+        "demo" => demo_task(&args[1..]),
         "boot" => boot_task(&args[1..]),
         "bench-hid" => bench_hid(&args[1..]),
         "bench-qga" => bench_qga::run(&args[1..]),

@@ -14,15 +14,15 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::lab::{self, Lab, LabOptions};
+use crate::process;
 use crate::qemu::extra_virtio_port;
-use crate::{paths, process};
 
 /// The virtio port QGA clients (libvirt, QEMU's own tools) use.
 pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
@@ -97,19 +97,7 @@ impl QgaLab {
         std::fs::create_dir_all(&p.state_dir)?;
         std::fs::write(&p.config, config)?;
         let log = std::fs::File::create(&p.daemon_log)?;
-        let mut command = Command::new(paths::host_bin("vstreamd"));
-        command
-            .arg("--control")
-            .arg(&p.control)
-            .arg("--config")
-            .arg(&p.config)
-            .arg("--state-dir")
-            .arg(&p.state_dir)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let daemon = Guard(process::spawn(command)?);
+        let daemon = Guard(process::spawn(p.vstreamd_command(log)?)?);
         lab.wait_for("the agent's transport to be up", UP_TIMEOUT, |s| {
             lab.mux_transports_up(s)
         })?;

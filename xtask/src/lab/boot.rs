@@ -126,54 +126,24 @@ impl Lab {
         let mut config = vstreamd_config(&self.options.name, &p.sockets);
         config.push_str(&self.options.extra_config);
         fs::write(&p.config, config)?;
-        let bin = paths::host_bin("vstreamd");
         // Appended: a restarted vstreamd's log follows the one it replaces.
         let log = File::options()
             .create(true)
             .append(true)
             .open(&p.daemon_log)?;
-        let mut command = Command::new(&bin);
-        command
-            .arg("--control")
-            .arg(&p.control)
-            .arg("--config")
-            .arg(&p.config)
-            .arg("--state-dir")
-            .arg(&p.state_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let mut command = p.vstreamd_command(log)?;
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "debug");
         }
-        // Its log is a file: no colour codes.
-        command.env("NO_COLOR", "1");
-        let child = process::spawn(command)?;
-        *self
-            .daemon
-            .lock()
-            .map_err(|_| io::Error::other("lab lock poisoned"))? = Some(child);
-
         // Ready when the control socket accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if p.control.exists() && UnixStream::connect(&p.control).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child_exited(&self.daemon)? {
-                return Err(io::Error::other(format!(
-                    "vstreamd exited ({status}) before opening its control socket; its log:\n{}",
-                    tail(&p.daemon_log, 30)
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("vstreamd did not open {} within 30 s", p.control.display()),
-                ));
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.start_child(
+            &self.daemon,
+            command,
+            "vstreamd",
+            &p.control,
+            &p.daemon_log,
+            || p.control.exists() && UnixStream::connect(&p.control).is_ok(),
+        )
     }
 
     /// Waits for one of vstreamd's vhost-user sockets, which QEMU needs at start.
@@ -224,32 +194,47 @@ impl Lab {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        self.start_child(
+            &self.vsock_backend,
+            command,
+            &bin.display().to_string(),
+            &hybrid.vhost_user,
+            &self.paths.vsock_backend_log,
+            || hybrid.vhost_user.exists(),
+        )
+    }
+
+    /// Spawns `command` as the child of `slot` and waits up to 30 s until `ready` (it opened
+    /// `opens`). `name` and the tail of `log` (its output) tell what failed.
+    fn start_child(
+        &self,
+        slot: &Mutex<Option<Child>>,
+        command: Command,
+        name: &str,
+        opens: &Path,
+        log: &Path,
+        ready: impl Fn() -> bool,
+    ) -> io::Result<()> {
         let child = process::spawn(command)?;
-        *self
-            .vsock_backend
+        *slot
             .lock()
             .map_err(|_| io::Error::other("lab lock poisoned"))? = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if hybrid.vhost_user.exists() {
+            if ready() {
                 return Ok(());
             }
-            if let Some(status) = self.child_exited(&self.vsock_backend)? {
+            if let Some(status) = self.child_exited(slot)? {
                 return Err(io::Error::other(format!(
-                    "{} exited ({status}) before opening {}; its output:\n{}",
-                    bin.display(),
-                    hybrid.vhost_user.display(),
-                    tail(&self.paths.vsock_backend_log, 30)
+                    "{name} exited ({status}) before opening {}; its output:\n{}",
+                    opens.display(),
+                    tail(log, 30)
                 )));
             }
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!(
-                        "{} did not open {} within 30 s",
-                        bin.display(),
-                        hybrid.vhost_user.display()
-                    ),
+                    format!("{name} did not open {} within 30 s", opens.display()),
                 ));
             }
             thread::sleep(Duration::from_millis(50));

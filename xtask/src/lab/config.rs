@@ -1,11 +1,16 @@
 //! How a lab guest is wired: its options, its files and the vstreamd config that serves it.
 
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::qemu::{
     GuestSockets, HybridVsockSockets, HYBRID_VSOCK_CID, VSOCK_LISTEN_PORT, VSOCK_MUX_PORT,
 };
+
+use crate::paths;
 
 use super::{env_secs, DEFAULT_BOOT_TIMEOUT};
 
@@ -188,6 +193,24 @@ impl LabPaths {
     /// Where vstreamd records console `name` of guest `guest`.
     pub fn console_log(&self, guest: &str, name: &str) -> PathBuf {
         self.state_dir.join(guest).join(format!("{name}.log"))
+    }
+
+    /// `vstreamd` with this lab's control socket, config and state directory; its stdout and
+    /// stderr go to `log`, without colour codes (the log is a file).
+    pub fn vstreamd_command(&self, log: File) -> io::Result<Command> {
+        let mut command = Command::new(paths::host_bin("vstreamd"));
+        command
+            .arg("--control")
+            .arg(&self.control)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        Ok(command)
     }
 }
 

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use super::{strip_ansi, Lab};
 
-/// Writes a file of `len` pseudo-random bytes (xorshift: incompressible, the same every run).
-pub fn write_random_file(path: &Path, len: usize) {
-    let mut data = Vec::with_capacity(len);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+/// `len` incompressible bytes (xorshift64), the same for the same `seed` every run.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(len + 8);
     while data.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
@@ -24,7 +24,12 @@ pub fn write_random_file(path: &Path, len: usize) {
         data.extend_from_slice(&x.to_le_bytes());
     }
     data.truncate(len);
-    std::fs::write(path, data).expect("write");
+    data
+}
+
+/// Writes a file of `len` pseudo-random bytes (see [`pseudo_random`]).
+pub fn write_random_file(path: &Path, len: usize) {
+    std::fs::write(path, pseudo_random(len, 0x9E37_79B9_7F4A_7C15)).expect("write");
 }
 
 /// Runs `vstreamctl ARGS` with `input` on its stdin within `timeout`; on a timeout dumps the
