@@ -1091,7 +1091,7 @@ async fn forward_mux_events(mux: Mux, events: EventSink) {
                 let first = up_links.is_empty();
                 up_links.insert(link);
                 if first || !resumed {
-                    let restarts = mux.status().stats.session_restarts;
+                    let restarts = mux.status().stats.session.session_restarts;
                     events.emit(
                         "agent-up",
                         json!({

@@ -17,7 +17,7 @@ mod upgrade;
 
 pub use driver::read_hello;
 use shared::{Inner, LinkEntry, Shared, ViolationBudget, Wakers};
-pub use status::{ChannelStatus, LinkStatus, MuxStatus, SessionCounters};
+pub use status::{LinkStatus, MuxStatus, SessionCounters};
 pub use stream::ChannelStream;
 pub use upgrade::Frozen;
 
@@ -35,8 +35,8 @@ use vstream_transport::Address;
 use vstream_wire::frame::Decoder;
 use vstream_wire::limit::ReportLimit;
 use vstream_wire::{
-    peek_hello, ChannelError, ChannelId, Config, ErrorKind, Event, Hello, LinkId, LinkParams, Recv,
-    ResetCode, Session, SnapshotError, Transmit, MAX_INPUT,
+    peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
+    Session, SnapshotError, Transmit, MAX_INPUT,
 };
 
 /// A channel the peer opened, waiting for the application.

@@ -179,8 +179,11 @@ impl LinkParams {
         }
     }
 }
-/// Session counters.
+
+/// Session counters. With the `serde` feature they serialize as `vstreamctl status` shows
+/// them: the per-kind arrays as maps of the non-zero counts by kind name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SessionStats {
     /// Sequenced frames sent for the first time.
     pub frames_sent: u64,
@@ -195,8 +198,13 @@ pub struct SessionStats {
     /// Protocol violations.
     pub protocol_errors: u64,
     /// Protocol violations by kind (indexed like [`ErrorKind::ALL`]).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "by_kind"))]
     pub errors: [u64; ErrorKind::ALL.len()],
     /// Of those, the ones not reported as events (rate limit), by kind.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "errors_not_logged", serialize_with = "by_kind")
+    )]
     pub suppressed: [u64; ErrorKind::ALL.len()],
     /// Times the session was forgotten because no link came back within `resume_timeout`.
     pub expired: u64,
@@ -210,14 +218,32 @@ pub struct SessionStats {
     pub timeouts: u64,
 }
 
-/// Per-link counters.
+/// Non-zero counts by kind name.
+#[cfg(feature = "serde")]
+fn by_kind<S: serde::Serializer>(
+    counts: &[u64; ErrorKind::ALL.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let named: BTreeMap<&str, u64> = ErrorKind::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (k.name(), *n))
+        .collect();
+    s.collect_map(named)
+}
+
+/// Per-link counters. With the `serde` feature they serialize flat (the decoder's counters
+/// beside the byte counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LinkStats {
     /// Bytes received from the transport.
     pub bytes_in: u64,
     /// Bytes handed to the transport.
     pub bytes_out: u64,
     /// Decoder counters (frames, garbage, CRC errors, oversized).
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub decode: frame::DecodeStats,
     /// Our own HELLOs that came back (the line echoes); not an error.
     pub echoed_hellos: u64,

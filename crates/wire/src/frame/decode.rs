@@ -70,8 +70,10 @@ pub enum DecodeError {
 
 /// Counters kept by a decoder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DecodeStats {
     /// Frames delivered.
+    #[cfg_attr(feature = "serde", serde(rename = "frames_in"))]
     pub frames: u64,
     /// Bytes skipped while looking for a frame.
     pub garbage_bytes: u64,

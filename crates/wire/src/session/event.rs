@@ -242,6 +242,7 @@ pub enum Recv {
 
 /// Per-channel facts for status displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ChannelInfo {
     /// Channel id.
     pub id: ChannelId,
