@@ -13,6 +13,44 @@ const WRITE_BATCH: usize = MAX_INPUT;
 /// [`MAX_INPUT`] (what the session takes in one piece), so a bulk transfer reaches large reads within three reads.
 const READ_MIN: usize = 4 * 1024;
 
+/// Why a link ended ([`Mux::run_link`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkEnded {
+    /// The peer closed the stream.
+    #[error("closed by the peer")]
+    ClosedByPeer,
+    /// Reading from the transport failed.
+    #[error("read failed: {0}")]
+    Read(#[source] io::Error),
+    /// Writing to the transport failed.
+    #[error("write failed: {0}")]
+    Write(#[source] io::Error),
+    /// Flushing the transport failed.
+    #[error("flush failed: {0}")]
+    Flush(#[source] io::Error),
+    /// The peer committed more than [`MAX_VIOLATIONS`] protocol violations within
+    /// [`VIOLATION_WINDOW`]; the message starts with [`DROPPED_FOR_VIOLATIONS`].
+    #[error(
+        "{DROPPED_FOR_VIOLATIONS}: {count} in {elapsed_ms} ms (at most {MAX_VIOLATIONS} in {window} s)",
+        window = VIOLATION_WINDOW.as_secs()
+    )]
+    Violations {
+        /// Violations counted in the current window.
+        count: u64,
+        /// Since the window began.
+        elapsed_ms: u128,
+    },
+    /// The session closed the link (the peer refused it, a bad HELLO...); the session's words.
+    #[error("{0}")]
+    Session(String),
+    /// Closed on our side.
+    #[error("link closed")]
+    Closed,
+    /// The session no longer has the link.
+    #[error("link removed")]
+    Removed,
+}
+
 impl Mux {
     /// Runs one link over `stream` until it ends; returns why it ended. `prefix` holds bytes
     /// already read from the stream (see [`read_hello`]).
@@ -22,7 +60,7 @@ impl Mux {
         params: LinkParams,
         transport: &str,
         prefix: &[u8],
-    ) -> String
+    ) -> LinkEnded
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
@@ -55,7 +93,7 @@ impl Mux {
             e = self.reader(link, &mut r) => e,
             e = self.writer(link, &mut w, &wake) => e,
             e = self.timer(link, &timer) => e,
-            () = down.notified() => "link closed".into(),
+            () = down.notified() => LinkEnded::Closed,
         };
         // Why the session closed the link (a REFUSE, a bad HELLO...) says more than the end of
         // file that may race with it.
@@ -65,7 +103,7 @@ impl Mux {
             .links
             .get(&link)
             .and_then(|e| e.down_reason.clone())
-            .unwrap_or(ended);
+            .map_or(ended, LinkEnded::Session);
         let _ = w.shutdown().await;
         let mut inner = self.shared.lock();
         inner.session.remove_link(link);
@@ -74,7 +112,7 @@ impl Mux {
             let _ = inner.events.send(MuxEvent::LinkDown {
                 link: link.0,
                 transport: e.transport,
-                reason: reason.clone(),
+                reason: reason.to_string(),
             });
         }
         inner.dispatch(&self.shared);
@@ -132,7 +170,7 @@ impl Mux {
         }
     }
 
-    async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> String {
+    async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> LinkEnded {
         let mut buf = vec![0u8; READ_MIN];
         let mut budget = ViolationBudget::new(Instant::now());
         loop {
@@ -141,9 +179,9 @@ impl Mux {
                 0
             } else {
                 match r.read(&mut buf).await {
-                    Ok(0) => return "closed by the peer".into(),
+                    Ok(0) => return LinkEnded::ClosedByPeer,
                     Ok(n) => n,
-                    Err(e) => return format!("read failed: {e}"),
+                    Err(e) => return LinkEnded::Read(e),
                 }
             };
             {
@@ -169,7 +207,7 @@ impl Mux {
         link: LinkId,
         w: &mut W,
         wake: &Notify,
-    ) -> String {
+    ) -> LinkEnded {
         // Where the transport takes vectored writes (sockets), large payloads go to the kernel
         // straight from the session's queues: one copy fewer, and the lock is held only to
         // encode headers. A bulk transfer spent a twentieth of its CPU time in that copy.
@@ -208,17 +246,17 @@ impl Mux {
                 w.write_all(&out).await
             };
             if let Err(e) = written {
-                return format!("write failed: {e}");
+                return LinkEnded::Write(e);
             }
             if let Err(e) = w.flush().await {
-                return format!("flush failed: {e}");
+                return LinkEnded::Flush(e);
             }
         }
     }
 
     /// Runs the session's timers: sleeps until the next deadline, or until [`Inner::rearm`]
     /// says there is an earlier one (never polls).
-    async fn timer(&self, link: LinkId, rearmed: &Notify) -> String {
+    async fn timer(&self, link: LinkId, rearmed: &Notify) -> LinkEnded {
         loop {
             let deadline = {
                 let mut inner = self.shared.lock();
@@ -242,7 +280,7 @@ impl Mux {
             inner.dispatch(&self.shared);
             inner.kick();
             if !inner.links.contains_key(&link) {
-                return "link removed".into();
+                return LinkEnded::Removed;
             }
         }
     }

@@ -19,18 +19,14 @@ impl ViolationBudget {
     }
 
     /// Adds `n` violations at `now`; the reason to close the link once over the budget.
-    pub(crate) fn add(&mut self, n: u64, now: Instant) -> Option<String> {
+    pub(crate) fn add(&mut self, n: u64, now: Instant) -> Option<LinkEnded> {
         if now.duration_since(self.since) > VIOLATION_WINDOW {
             *self = ViolationBudget::new(now);
         }
         self.count += n;
-        (self.count > MAX_VIOLATIONS).then(|| {
-            format!(
-                "{DROPPED_FOR_VIOLATIONS}: {} in {} ms (at most {MAX_VIOLATIONS} in {} s)",
-                self.count,
-                now.duration_since(self.since).as_millis(),
-                VIOLATION_WINDOW.as_secs()
-            )
+        (self.count > MAX_VIOLATIONS).then(|| LinkEnded::Violations {
+            count: self.count,
+            elapsed_ms: now.duration_since(self.since).as_millis(),
         })
     }
 }
