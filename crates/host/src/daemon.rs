@@ -496,7 +496,11 @@ impl Daemon {
                 let address = listen.to_string();
                 guest.events.transport(true, "mux", &name, &address, &peer);
                 let params = link_params(&listen, None, 100);
-                let reason = guest.mux.run_link(stream, params, &name, &prefix).await.to_string();
+                let reason = guest
+                    .mux
+                    .run_link(stream, params, &name, &prefix)
+                    .await
+                    .to_string();
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
                 guest.link_ended(&reason);
                 guest
