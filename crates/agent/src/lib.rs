@@ -134,7 +134,8 @@ async fn keep_connected(mux: Mux, address: Address, priority: u32, who: (String,
                     Ok((stream, prefix)) => {
                         let reason = mux
                             .run_link(stream, params, &address.to_string(), &prefix)
-                            .await;
+                            .await
+                            .to_string();
                         let refused = reason.starts_with(vstream_wire::REFUSED_BY_PEER);
                         (reason, refused)
                     }

@@ -496,7 +496,11 @@ impl Daemon {
                 let address = listen.to_string();
                 guest.events.transport(true, "mux", &name, &address, &peer);
                 let params = link_params(&listen, None, 100);
-                let reason = guest.mux.run_link(stream, params, &name, &prefix).await;
+                let reason = guest
+                    .mux
+                    .run_link(stream, params, &name, &prefix)
+                    .await
+                    .to_string();
                 tracing::info!(guest = %guest.name, transport = %name, "agent connection ended: {reason}");
                 guest.link_ended(&reason);
                 guest
@@ -995,7 +999,8 @@ async fn run_transport(
                     let reason = guest
                         .mux
                         .run_link(stream, t.link_params(priority), name, &prefix)
-                        .await;
+                        .await
+                        .to_string();
                     guest.link_ended(&reason);
                     reason
                 }
@@ -1091,7 +1096,7 @@ async fn forward_mux_events(mux: Mux, events: EventSink) {
                 let first = up_links.is_empty();
                 up_links.insert(link);
                 if first || !resumed {
-                    let restarts = mux.status().stats.session_restarts;
+                    let restarts = mux.status().stats.session.session_restarts;
                     events.emit(
                         "agent-up",
                         json!({

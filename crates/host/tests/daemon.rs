@@ -114,7 +114,10 @@ async fn two_transports_status_echo_and_failover() {
         payload.len()
     );
     let st = mux.status();
-    assert_eq!(st.stats.session_restarts, 0, "cuts must resume the session");
+    assert_eq!(
+        st.stats.session.session_restarts, 0,
+        "cuts must resume the session"
+    );
     assert!(proxy.cuts() >= 1);
     drop(agent);
 }

@@ -408,7 +408,7 @@ async fn run_mux(cell: Cell, params: LinkParams) -> io::Result<Sample> {
 }
 
 fn guest_link_bytes(m: &Mux) -> u64 {
-    m.status().links.iter().map(|l| l.bytes_out).sum()
+    m.status().links.iter().map(|l| l.stats.bytes_out).sum()
 }
 
 /// `write + PERIOD` bytes of the position pattern: a write at stream offset `o` is the slice

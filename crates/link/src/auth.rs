@@ -81,10 +81,10 @@ pub async fn connector<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Checks that the connector holds the key of the guest it names. `first` holds bytes already
-/// read from the stream (the start of the CLAIM); `key_for` gives the named guest's key, or the
-/// reason to refuse, which the connector is told. Returns the proven name and the bytes read
+/// read from the stream (the start of the CLAIM); `key_for` gives the named guest's key, or why
+/// not (an error whose message the connector is told). Returns the proven name and the bytes read
 /// past the handshake.
-pub async fn acceptor<S, F>(
+pub async fn acceptor<S, F, E>(
     stream: &mut S,
     first: Vec<u8>,
     key_for: F,
@@ -92,7 +92,8 @@ pub async fn acceptor<S, F>(
 ) -> io::Result<(String, Vec<u8>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce(&str) -> Result<Key, String>,
+    F: FnOnce(&str) -> Result<Key, E>,
+    E: std::fmt::Display,
 {
     let nonce = self::nonce()?;
     let exchange = async {
@@ -101,6 +102,7 @@ where
         let key = match key_for(&claim.name) {
             Ok(key) => key,
             Err(reason) => {
+                let reason = reason.to_string();
                 stream
                     .write_all(&Challenge::Refuse(reason.clone()).encode())
                     .await?;
@@ -209,7 +211,7 @@ mod tests {
                     if n == "lab" {
                         Ok(k2)
                     } else {
-                        Err("unknown".into())
+                        Err("unknown")
                     }
                 },
                 T,
@@ -279,19 +281,14 @@ mod tests {
     async fn garbage_and_silence_end_the_handshake() {
         let (mut a, mut b) = tokio::io::duplex(4096);
         a.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("write");
-        let e = acceptor(&mut b, vec![], |_| Err("x".into()), T)
+        let e = acceptor(&mut b, vec![], |_| Err("x"), T)
             .await
             .expect_err("garbage");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         let (_a, mut b) = tokio::io::duplex(4096);
-        let e = acceptor(
-            &mut b,
-            vec![],
-            |_| Err("x".into()),
-            Duration::from_millis(50),
-        )
-        .await
-        .expect_err("silence");
+        let e = acceptor(&mut b, vec![], |_| Err("x"), Duration::from_millis(50))
+            .await
+            .expect_err("silence");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -47,7 +47,7 @@ async fn payload_crc_on(host: LinkParams, guest: LinkParams) -> (bool, bool) {
         let st = m.status();
         assert_eq!(st.links.len(), 1);
         assert!(st.links[0].up);
-        assert_eq!(st.links[0].crc_errors, 0);
+        assert_eq!(st.links[0].stats.decode.crc_errors, 0);
         st.links[0].payload_crc
     };
     let out = (crc(&h), crc(&g));

@@ -155,12 +155,12 @@ async fn transfer_with_cuts(per_channel: u64, cuts: usize, seed: u64) {
         guest.status().stats
     );
     assert_eq!(
-        st.stats.session_restarts, 0,
+        st.stats.session.session_restarts, 0,
         "every cut must resume, never restart"
     );
     if cuts > 0 {
         assert!(
-            guest.status().stats.frames_retransmitted > 0,
+            guest.status().stats.session.frames_retransmitted > 0,
             "cuts mid-transfer must cause retransmissions"
         );
     }

@@ -1,0 +1,335 @@
+//! The decoder: finds frames in a byte stream again after garbage, bounded by a length limit.
+
+use super::*;
+
+/// How a byte sequence begins, for [`Decoder::next_from`].
+enum Start {
+    /// A marker, a header whose CRC matches and a length within the limit; the whole frame
+    /// (`.1` bytes) is there.
+    Complete(Header, usize),
+    /// Such a frame (or at least the marker) has begun; this many more bytes complete it (or
+    /// its header).
+    Incomplete(usize),
+    /// Anything else (empty, garbage, a bad header, an oversized frame).
+    Unclean,
+}
+
+fn start_of(b: &[u8], limit: u32) -> Start {
+    if b.len() < MAGIC.len() || b[..2] != MAGIC {
+        return Start::Unclean;
+    }
+    let Some(head) = b.first_chunk::<HEADER_LEN>() else {
+        return Start::Incomplete(HEADER_LEN - b.len());
+    };
+    match Header::parse(head) {
+        Some(h) if h.len <= limit => {
+            let total = wire_len(h.len as usize);
+            match total.checked_sub(b.len()) {
+                Some(need) if need > 0 => Start::Incomplete(need),
+                _ => Start::Complete(h, total),
+            }
+        }
+        _ => Start::Unclean,
+    }
+}
+
+/// Something the decoder had to throw away. None of these stop the decoder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Bytes that were not part of any frame were skipped.
+    #[error("skipped {0} bytes of garbage before a frame")]
+    Garbage(usize),
+    /// A header failed its CRC; the decoder resynchronised at the next marker.
+    #[error("frame header failed its CRC")]
+    BadHeader,
+    /// A payload failed its CRC; the frame was dropped.
+    #[error(
+        "payload of a {kind:#04x} frame (channel {channel}, seq {seq}, {len} bytes) failed its CRC"
+    )]
+    BadPayload {
+        /// Kind byte.
+        kind: u8,
+        /// Channel.
+        channel: u32,
+        /// Sequence number.
+        seq: u32,
+        /// Claimed length.
+        len: u32,
+    },
+    /// A well-formed header announced a payload above the limit; its bytes are skipped.
+    #[error("frame of {len} bytes on channel {} exceeds the limit of {limit} bytes", header.channel)]
+    Oversized {
+        /// The header (its CRC matched, so the peer really sent this).
+        header: Header,
+        /// The announced length.
+        len: u32,
+        /// The limit in force.
+        limit: u32,
+    },
+}
+
+/// Counters kept by a decoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct DecodeStats {
+    /// Frames delivered.
+    #[cfg_attr(feature = "serde", serde(rename = "frames_in"))]
+    pub frames: u64,
+    /// Bytes skipped while looking for a frame.
+    pub garbage_bytes: u64,
+    /// Headers or payloads that failed their CRC.
+    pub crc_errors: u64,
+    /// Frames above the size limit.
+    pub oversized: u64,
+}
+
+/// Finds frames in a byte stream; survives garbage, cuts and corruption.
+///
+/// Memory is bounded: at most one frame (`limit` + overhead) plus one read is buffered, and an
+/// oversized frame is skipped without being buffered. Work is bounded too: every input byte
+/// costs at most a few bytes of CRC, whatever the input (see [`Decoder::suspect`]).
+#[derive(Debug)]
+pub struct Decoder {
+    buf: BytesMut,
+    limit: u32,
+    /// Bytes of an oversized frame (or of a suspect span, see below) still to skip.
+    discard: usize,
+    /// Bytes from the start of `buf` to the end of the last frame whose payload CRC failed,
+    /// while the scan is inside it (0 otherwise). After a payload CRC failure the scan goes on
+    /// one byte further, because lost bytes may have moved the next frame inside the claimed
+    /// length; but a second failure inside that span skips to the further of the two claimed
+    /// ends. Without this, back-to-back genuine headers claiming 64 KiB with no payload made
+    /// the decoder CRC 64 KiB per 24 bytes of input; with it, failed checks cost at most twice
+    /// the bytes skipped.
+    suspect: usize,
+    /// Whether frames flagged [`flags::NO_PCRC`] are accepted unchecked (negotiated per link).
+    no_pcrc: bool,
+    stats: DecodeStats,
+}
+
+impl Decoder {
+    /// A decoder accepting payloads up to `limit` bytes (clamped to [`MAX_PAYLOAD_LIMIT`]).
+    pub fn new(limit: u32) -> Decoder {
+        Decoder {
+            // Empty until a frame arrives split across reads (whole frames are decoded straight
+            // from the input): a daemon holds one decoder per link, thousands of them idle.
+            buf: BytesMut::new(),
+            limit: limit.min(MAX_PAYLOAD_LIMIT),
+            discard: 0,
+            suspect: 0,
+            no_pcrc: false,
+            stats: DecodeStats::default(),
+        }
+    }
+
+    /// Changes the payload limit (after a handshake negotiated it).
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit.min(MAX_PAYLOAD_LIMIT);
+    }
+
+    /// Accepts (or, with `false`, stops accepting) frames flagged [`flags::NO_PCRC`] without a
+    /// payload check. Only for a link whose handshake negotiated it: elsewhere such a frame is
+    /// checked like any other, and its zero `pcrc` fails unless the payload is empty.
+    pub fn set_no_pcrc(&mut self, on: bool) {
+        self.no_pcrc = on;
+    }
+
+    /// Whether the payload of `header`'s frame is sound: `trailer` is its `pcrc` field.
+    fn payload_ok(&self, header: &Header, payload: &[u8], trailer: &[u8]) -> bool {
+        let pcrc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+        if self.no_pcrc && header.flags & flags::NO_PCRC != 0 && pcrc == 0 {
+            return true;
+        }
+        crc32c::crc32c(payload) == pcrc
+    }
+
+    /// Feeds received bytes.
+    pub fn push(&mut self, mut data: &[u8]) {
+        if self.discard > 0 {
+            let n = self.discard.min(data.len());
+            self.discard -= n;
+            data = &data[n..];
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Drops `n` bytes from the front of the buffer (the scan moves past them).
+    fn advance(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.suspect = self.suspect.saturating_sub(n);
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> DecodeStats {
+        self.stats
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Decodes from the buffered bytes followed by `input`, consuming `input` as it goes: calling
+    /// this until it returns `None` yields exactly what `push(input)` and then draining the
+    /// iterator would, and leaves `input` empty.
+    ///
+    /// It exists for speed. `push` copies everything into the buffer, and since delivered frames
+    /// keep views into it, the next `push` had to move the buffer to a fresh allocation (copying
+    /// and page-faulting) almost every time. Here a sound frame at the start of `input` is taken
+    /// straight from it (its payload copied once into an allocation of its own), and a frame
+    /// split across two reads is completed with only the bytes it lacks. Anything unusual
+    /// (garbage, a bad CRC, an oversized frame) falls back to `push` + `next`, so
+    /// resynchronisation and every counter behave exactly as before.
+    pub(crate) fn next_from(
+        &mut self,
+        input: &mut &[u8],
+        pool: &mut BufferPool,
+    ) -> Option<Result<Frame, DecodeError>> {
+        if self.discard == 0 && self.buf.is_empty() {
+            match start_of(input, self.limit) {
+                Start::Complete(header, total) => {
+                    if let Some(frame) = self.verified(header, &input[..total], pool) {
+                        *input = &input[total..];
+                        self.suspect = self.suspect.saturating_sub(total);
+                        return Some(Ok(frame));
+                    }
+                }
+                Start::Incomplete(_) => {
+                    self.buf.extend_from_slice(input);
+                    *input = &[];
+                    return None;
+                }
+                Start::Unclean => {}
+            }
+        } else if self.discard == 0 {
+            // The buffer starts with a sound header: what `next` does then depends on that
+            // frame's own bytes only, so adding just the bytes it lacks changes nothing.
+            while let Start::Incomplete(need) = start_of(&self.buf, self.limit) {
+                let k = need.min(input.len());
+                self.buf.extend_from_slice(&input[..k]);
+                *input = &input[k..];
+                if k < need {
+                    return None;
+                }
+            }
+            if let Start::Complete(..) = start_of(&self.buf, self.limit) {
+                return self.next();
+            }
+        }
+        // The general case, on the whole stream as `push` would have buffered it.
+        if !input.is_empty() {
+            self.push(input);
+            *input = &[];
+        }
+        self.next()
+    }
+
+    /// The frame, if its payload CRC matches.
+    fn verified(&mut self, header: Header, frame: &[u8], pool: &mut BufferPool) -> Option<Frame> {
+        let end = HEADER_LEN + header.len as usize;
+        if !self.payload_ok(
+            &header,
+            &frame[HEADER_LEN..end],
+            &frame[end..end + TRAILER_LEN],
+        ) {
+            return None;
+        }
+        self.stats.frames += 1;
+        Some(Frame {
+            header,
+            payload: pool.copy(&frame[HEADER_LEN..end]),
+        })
+    }
+
+    fn garbage(&mut self, n: usize) -> Option<Result<Frame, DecodeError>> {
+        if n == 0 {
+            return None;
+        }
+        self.stats.garbage_bytes += n as u64;
+        Some(Err(DecodeError::Garbage(n)))
+    }
+}
+
+impl Iterator for Decoder {
+    type Item = Result<Frame, DecodeError>;
+
+    /// The next frame, or what was thrown away on the way to it; `None` when more input is
+    /// needed (the iterator resumes after the next `push`).
+    fn next(&mut self) -> Option<Result<Frame, DecodeError>> {
+        // Find the marker; everything before it is garbage.
+        let at = match self.buf.windows(2).position(|w| w == MAGIC) {
+            Some(at) => at,
+            None => {
+                // Keep a trailing first marker byte: it may be the start of a split marker.
+                let keep = usize::from(self.buf.last() == Some(&MAGIC[0]));
+                let skip = self.buf.len() - keep;
+                self.advance(skip);
+                return self.garbage(skip);
+            }
+        };
+        if at > 0 {
+            self.advance(at);
+            return self.garbage(at);
+        }
+        let head = self.buf.get(..HEADER_LEN)?;
+        let mut raw = [0u8; HEADER_LEN];
+        raw.copy_from_slice(head);
+        let Some(header) = Header::parse(&raw) else {
+            // Not a real header (or a garbled one): resynchronise one byte further on.
+            self.advance(1);
+            self.stats.crc_errors += 1;
+            return Some(Err(DecodeError::BadHeader));
+        };
+        if header.len > self.limit {
+            let total = wire_len(header.len as usize);
+            let have = self.buf.len().min(total);
+            self.advance(have);
+            self.discard = total - have;
+            self.stats.oversized += 1;
+            return Some(Err(DecodeError::Oversized {
+                header,
+                len: header.len,
+                limit: self.limit,
+            }));
+        }
+        let total = wire_len(header.len as usize);
+        if self.buf.len() < total {
+            return None;
+        }
+        let end = HEADER_LEN + header.len as usize;
+        if !self.payload_ok(&header, &self.buf[HEADER_LEN..end], &self.buf[end..total]) {
+            self.stats.crc_errors += 1;
+            let error = DecodeError::BadPayload {
+                kind: header.kind,
+                channel: header.channel,
+                seq: header.seq,
+                len: header.len,
+            };
+            if self.suspect == 0 {
+                // The length may be wrong because bytes were lost inside the payload, so the
+                // next frame can start inside what we thought was this one: rescan from the
+                // next byte, but remember how far this frame claimed to reach.
+                self.suspect = total;
+                self.advance(1);
+            } else {
+                // A second failure inside a suspect span: skip both claimed frames.
+                let skip = self.suspect.max(total);
+                let have = self.buf.len().min(skip);
+                self.advance(have);
+                self.discard = skip - have;
+                self.suspect = 0;
+                self.stats.garbage_bytes += skip as u64;
+            }
+            return Some(Err(error));
+        }
+        let frame = self.buf.split_to(total);
+        self.suspect = self.suspect.saturating_sub(total);
+        self.stats.frames += 1;
+        // A copy, not a view: a view would keep the whole read buffer alive for as long as
+        // the application leaves this (maybe one-byte) payload unread.
+        Some(Ok(Frame {
+            header,
+            payload: Bytes::copy_from_slice(&frame[HEADER_LEN..end]),
+        }))
+    }
+}
