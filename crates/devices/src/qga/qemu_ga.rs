@@ -340,7 +340,7 @@ pub fn from_matches(
     let last = |id: &str| {
         matches
             .get_many::<String>(id)
-            .and_then(|v| v.last().cloned())
+            .and_then(|mut v| v.next_back().cloned())
     };
     let mut config = QemuGaConfig::default();
     let given = last(ID_CONFIG);

@@ -1270,7 +1270,24 @@ fn ssh_keys_are_added_listed_and_removed_with_the_right_modes() {
         ),
         json!({"keys": [k1]})
     );
-    for bad in ["", "# comment", "ssh-rsa AAAA\nssh-rsa BBBB", "nospace"] {
+    // An empty key, as virsh set-user-sshkeys sends after its file's last newline, is taken
+    // (qemu-ga takes it) and adds nothing.
+    ok(
+        &f.agent,
+        &Command::SshAddAuthorizedKeys {
+            username: user(),
+            keys: vec![k1.clone(), String::new()],
+            reset: false,
+        },
+    );
+    assert_eq!(
+        ok(
+            &f.agent,
+            &Command::SshGetAuthorizedKeys { username: user() }
+        ),
+        json!({"keys": [k1]})
+    );
+    for bad in ["\n", "# comment", "ssh-rsa AAAA\nssh-rsa BBBB", "nospace"] {
         let e = call(
             &f.agent,
             &Command::SshAddAuthorizedKeys {

@@ -205,8 +205,9 @@ impl GuestAgent {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| match e.kind() {
+                // qemu-ga's words (it looks for chpasswd too).
                 io::ErrorKind::NotFound => {
-                    QgaError::generic("cannot find 'chpasswd' program in PATH")
+                    QgaError::generic("cannot find 'passwd' program in PATH")
                 }
                 _ => QgaError::io("chpasswd", &e),
             })?;
