@@ -36,6 +36,9 @@ APT_PACKAGES=(
     dpkg-dev          # dpkg-shlibdeps: the host package's Depends
     lintian           # checks the packages (./x.sh deb)
     systemd           # systemd-analyze verify on the units (packaging/)
+    libvirt-daemon             # libvirtd and virtlogd: the libvirt test (xtask/tests/libvirt.rs)
+    libvirt-clients            # virsh, for the same test
+    libvirt-daemon-driver-qemu # libvirt's QEMU driver (TCG domains), for the same test
 )
 
 AGENT_TARGET=x86_64-unknown-linux-gnu
@@ -98,8 +101,25 @@ setup_vhost_device_vsock() {
     cargo install --locked vhost-device-vsock --version "$VHOST_DEVICE_VSOCK_VERSION"
 }
 
+# libvirt's QEMU driver as the libvirt test needs it on a machine without systemd (a container):
+# the user its packages would create, QEMU run as root with no security driver and no
+# relabelling, and the log directory. The test starts virtlogd and libvirtd if they are not up.
+setup_libvirt() {
+    local conf=/etc/libvirt/qemu.conf
+    getent group libvirt-qemu >/dev/null || as_root groupadd --system libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null ||
+        as_root useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+    as_root mkdir -p /var/log/libvirt/qemu
+    if ! grep -qs '^security_driver = "none"' "$conf"; then
+        log "setup: $conf: QEMU as root, no security driver, no dynamic ownership"
+        printf '%s\n' 'user = "root"' 'group = "root"' 'security_driver = "none"' 'dynamic_ownership = 0' |
+            as_root tee -a "$conf" >/dev/null
+    fi
+}
+
 setup() {
     setup_apt
+    setup_libvirt
     setup_vhost_device_vsock
 }
 

@@ -491,6 +491,13 @@ pub trait Device: Send + Sync {
         false
     }
 
+    /// Process set-up these agent options ask for, done before the agent starts any thread (a
+    /// pid file, becoming a daemon, a log file); `Break` when they asked only for output (a
+    /// configuration dump) and the agent should exit.
+    fn agent_prepare(&self, _options: &GuestOptions) -> anyhow::Result<std::ops::ControlFlow<()>> {
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
+
     /// Hidden vstream-agent subcommands: helpers for tests and diagnosis.
     fn agent_tools(&self) -> Vec<clap::Command> {
         Vec::new()

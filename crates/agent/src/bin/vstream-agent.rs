@@ -92,6 +92,11 @@ fn main() -> anyhow::Result<()> {
     }
     // Devices read the kernel command line too (their `vstream.KEY=` words).
     let devices = options(cmdline.as_deref().unwrap_or_default(), from_kernel)?;
+    for d in registry().iter() {
+        if d.agent_prepare(&devices)?.is_break() {
+            return Ok(());
+        }
+    }
     let key = match &settings.key_file {
         Some(path) => Some(vstream_link::auth::read_key_file(path)?),
         None => None,

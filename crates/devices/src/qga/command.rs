@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::QgaError;
+use super::{GuestLogicalProcessor, GuestMemoryBlock, QgaError};
 
 /// What `guest-info` says about a command, and whether it may run while frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,19 @@ pub enum Command {
     GetUsers,
     GetLoad,
     GetVcpus,
+    SetVcpus {
+        vcpus: Vec<GuestLogicalProcessor>,
+    },
+    GetMemoryBlocks,
+    SetMemoryBlocks {
+        blocks: Vec<GuestMemoryBlock>,
+    },
+    GetMemoryBlockInfo,
+    SetUserPassword {
+        username: String,
+        password: String,
+        crypted: bool,
+    },
     NetworkGetInterfaces,
     GetFsinfo,
     FsfreezeStatus,
@@ -118,6 +131,10 @@ pub enum Command {
         mountpoints: Option<Vec<String>>,
     },
     FsfreezeThaw,
+    Fstrim {
+        minimum: Option<i64>,
+    },
+    GetDisks,
     Exec(ExecArgs),
     ExecStatus {
         pid: i64,
@@ -238,6 +255,27 @@ impl Args {
         self.required(name, Args::opt_str_list)
     }
 
+    fn bool(&mut self, name: &str) -> Result<bool, QgaError> {
+        self.required(name, Args::opt_bool)
+    }
+
+    /// A required array of QGA objects (struct members kebab-case).
+    fn objects<T: serde::de::DeserializeOwned>(&mut self, name: &str) -> Result<Vec<T>, QgaError> {
+        match self.take(name) {
+            None => Err(QgaError::generic(format!("Parameter '{name}' is missing"))),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    serde_json::from_value(v).map_err(|e| {
+                        QgaError::generic(format!("Invalid parameter '{name}[{i}]': {e}"))
+                    })
+                })
+                .collect(),
+            Some(_) => Err(type_error(name, "array")),
+        }
+    }
+
     fn finish(self) -> Result<(), QgaError> {
         match self.0.keys().next() {
             None => Ok(()),
@@ -297,6 +335,14 @@ impl Command {
             Command::SshRemoveAuthorizedKeys { username, keys } => {
                 json!({ "username": username, "keys": keys })
             }
+            Command::SetVcpus { vcpus } => json!({ "vcpus": vcpus }),
+            Command::Fstrim { minimum } => json!({ "minimum": minimum }),
+            Command::SetMemoryBlocks { blocks } => json!({ "mem-blks": blocks }),
+            Command::SetUserPassword {
+                username,
+                password,
+                crypted,
+            } => json!({ "username": username, "password": password, "crypted": crypted }),
             _ => return None,
         };
         // Absent optional members are left out rather than sent as null (older qemu-ga
@@ -381,6 +427,20 @@ commands! {
     "guest-get-users" => GetUsers, frozen: false, reply: true, |a| Command::GetUsers;
     "guest-get-load" => GetLoad, frozen: false, reply: true, |a| Command::GetLoad;
     "guest-get-vcpus" => GetVcpus, frozen: false, reply: true, |a| Command::GetVcpus;
+    "guest-set-vcpus" => SetVcpus, frozen: false, reply: true,
+        |a| Command::SetVcpus { vcpus: a.objects("vcpus")? };
+    "guest-get-memory-blocks" => GetMemoryBlocks, frozen: false, reply: true,
+        |a| Command::GetMemoryBlocks;
+    "guest-set-memory-blocks" => SetMemoryBlocks, frozen: false, reply: true,
+        |a| Command::SetMemoryBlocks { blocks: a.objects("mem-blks")? };
+    "guest-get-memory-block-info" => GetMemoryBlockInfo, frozen: false, reply: true,
+        |a| Command::GetMemoryBlockInfo;
+    "guest-set-user-password" => SetUserPassword, frozen: false, reply: true,
+        |a| Command::SetUserPassword {
+            username: a.str("username")?,
+            password: a.str("password")?,
+            crypted: a.bool("crypted")?,
+        };
     "guest-network-get-interfaces" => NetworkGetInterfaces, frozen: false, reply: true,
         |a| Command::NetworkGetInterfaces;
     "guest-get-fsinfo" => GetFsinfo, frozen: false, reply: true, |a| Command::GetFsinfo;
@@ -391,6 +451,9 @@ commands! {
     "guest-fsfreeze-freeze-list" => FsfreezeFreezeList, frozen: false, reply: true,
         |a| Command::FsfreezeFreezeList { mountpoints: a.opt_str_list("mountpoints")? };
     "guest-fsfreeze-thaw" => FsfreezeThaw, frozen: true, reply: true, |a| Command::FsfreezeThaw;
+    "guest-fstrim" => Fstrim, frozen: false, reply: true,
+        |a| Command::Fstrim { minimum: a.opt_int("minimum")? };
+    "guest-get-disks" => GetDisks, frozen: false, reply: true, |a| Command::GetDisks;
     "guest-exec" => Exec, frozen: false, reply: true, |a| parse_exec(a)?;
     "guest-exec-status" => ExecStatus, frozen: false, reply: true,
         |a| Command::ExecStatus { pid: a.int("pid")? };

@@ -2,6 +2,8 @@
 //! raw transport with `--qga`), the host half's `agent` control op (to a `qga` transport with a
 //! real qemu-ga behind it if the guest has one, else to a `qga` channel of vstream-agent).
 
+use std::ops::ControlFlow;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +11,8 @@ use serde_json::Value;
 use vstream_link::Mux;
 use vstream_transport::{Address, BoxStream, Endpoint};
 
-use super::guest::{serve_address, GuestAgent, QgaService};
-use super::CLASS;
+use super::guest::{serve_address, GuestAgent, QgaService, Settings};
+use super::{qemu_ga, QemuGaConfig, CLASS};
 use crate::registry::{
     cmdline_values, AgentArgs, ControlConn, Device, GuestFacts, GuestHalf, GuestOptions,
     HostContext, HostHalf, HostState, SettingsError,
@@ -67,11 +69,13 @@ impl Device for QgaDevice {
     }
 
     fn agent_args(&self) -> Vec<clap::Arg> {
-        vec![clap::Arg::new("qga")
-                .value_name("QGA")
+        let mut args = vec![clap::Arg::new("qga")
+            .value_name("QGA")
             .long("qga")
             .value_parser(|s: &str| s.parse::<Address>())
-            .help("Also serve the QEMU guest agent protocol here, for existing QGA clients, e.g. port:org.qemu.guest_agent.0 (default: vstream.qga= when settings come from the kernel command line)")]
+            .help("Also serve the QEMU guest agent protocol here, for existing QGA clients, e.g. port:org.qemu.guest_agent.0 (default: vstream.qga= when settings come from the kernel command line)")];
+        args.extend(qemu_ga::args());
+        args
     }
 
     fn agent_options(
@@ -88,6 +92,16 @@ impl Device for QgaDevice {
                 );
             }
         }
+        let program = std::env::args_os().next();
+        if qemu_ga::wanted(args.matches, program.as_deref()) {
+            let conf_env = std::env::var("QGA_CONF").ok().filter(|v| !v.is_empty());
+            let config = qemu_ga::from_matches(args.matches, conf_env.as_deref(), read_conf)
+                .map_err(|e| SettingsError::new(CLASS, e))?;
+            if port.is_none() {
+                port = Some(config.address().map_err(|e| SettingsError::new(CLASS, e))?);
+            }
+            options.set(QEMU_GA, config);
+        }
         if let Some(p) = port {
             options.set(CLASS, RawPort(p));
         }
@@ -98,19 +112,89 @@ impl Device for QgaDevice {
         options.get::<RawPort>(CLASS).is_some()
     }
 
+    fn agent_prepare(&self, options: &GuestOptions) -> anyhow::Result<ControlFlow<()>> {
+        match options.get::<QemuGaConfig>(QEMU_GA) {
+            Some(config) => prepare_as_qemu_ga(config),
+            None => Ok(ControlFlow::Continue(())),
+        }
+    }
+
     fn guest(&self, _mux: &Mux, options: &GuestOptions) -> GuestHalf {
+        let config = options.get::<QemuGaConfig>(QEMU_GA);
+        let agent = GuestAgent::global_with(|| Settings {
+            filter: config.map(QemuGaConfig::filter).unwrap_or_default(),
+            fsfreeze_hook: config.and_then(|c| c.fsfreeze_hook.as_ref().map(PathBuf::from)),
+            ..Settings::from_env()
+        });
         GuestHalf {
-            services: vec![Arc::new(QgaService::global())],
+            services: vec![Arc::new(QgaService::new(agent.clone()))],
             tasks: options
                 .get::<RawPort>(CLASS)
-                .map(|p| -> ServeFuture {
-                    Box::pin(serve_address(GuestAgent::global(), p.0.clone()))
-                })
+                .map(|p| -> ServeFuture { Box::pin(serve_address(agent, p.0.clone())) })
                 .into_iter()
                 .collect(),
             on_stop: None,
         }
     }
+}
+
+/// Where the agent keeps its qemu-ga configuration among the [`GuestOptions`] (next to
+/// [`RawPort`] under [`CLASS`]).
+const QEMU_GA: &str = "qga/qemu-ga";
+
+/// A configuration file's text, `None` if there is none.
+fn read_conf(path: &str) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What qemu-ga does before it serves: answer `-D` or `-b help`, move its log, become a daemon,
+/// take its pid file (locked, so a second agent on the same file refuses to start).
+fn prepare_as_qemu_ga(config: &QemuGaConfig) -> anyhow::Result<ControlFlow<()>> {
+    use std::io::Write;
+    if config.list_rpcs {
+        for c in super::COMMANDS {
+            println!("{}", c.name);
+        }
+        return Ok(ControlFlow::Break(()));
+    }
+    if config.dump_conf {
+        let text = config.dump().map_err(anyhow::Error::msg)?;
+        std::io::stdout().write_all(text.as_bytes())?;
+        return Ok(ControlFlow::Break(()));
+    }
+    if let Some(path) = &config.logfile {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("Error opening logfile {path}: {e}"))?;
+        rustix::stdio::dup2_stderr(&log)?;
+    }
+    if config.daemonize {
+        // Keeps stderr when a log file took its place (daemon(3) would point it at /dev/null).
+        nix::unistd::daemon(false, config.logfile.is_some())
+            .map_err(|e| anyhow::anyhow!("failed to daemonize: {e}"))?;
+    }
+    let mut pidfile = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&config.pidfile)
+        .map_err(|e| anyhow::anyhow!("failed to open pid file {}: {e}", config.pidfile))?;
+    rustix::fs::flock(
+        &pidfile,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .map_err(|e| anyhow::anyhow!("Cannot lock pid file {}: {e}", config.pidfile))?;
+    pidfile.set_len(0)?;
+    writeln!(pidfile, "{}", std::process::id())?;
+    // The lock lasts as long as the process: the file stays open until it exits.
+    std::mem::forget(pidfile);
+    Ok(ControlFlow::Continue(()))
 }
 
 struct QgaHost {

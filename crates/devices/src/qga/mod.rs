@@ -33,6 +33,7 @@ mod command;
 pub mod device;
 pub mod guest;
 pub mod host;
+pub mod qemu_ga;
 mod replies;
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,7 @@ use serde_json::{json, Map, Value};
 pub use codec::{base64_decode, base64_encode, Frame, Framer, DELIMITER};
 pub use command::*;
 pub use guest::QgaService;
+pub use qemu_ga::{CommandFilter, QemuGaConfig};
 pub use replies::*;
 
 /// The device class of the multiplexer channels served by the guest half.

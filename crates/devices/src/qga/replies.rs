@@ -166,6 +166,53 @@ pub struct GuestLogicalProcessor {
     pub can_offline: Option<bool>,
 }
 
+/// One memory block in `guest-get-memory-blocks`, and what `guest-set-memory-blocks` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestMemoryBlock {
+    /// Its number (`/sys/devices/system/memory/memoryN`).
+    pub phys_index: i64,
+    /// Online.
+    pub online: bool,
+    /// Can be taken offline (ignored in requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_offline: Option<bool>,
+}
+
+/// What became of one block in `guest-set-memory-blocks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryBlockResponse {
+    /// Done (or already so).
+    Success,
+    /// No such block.
+    NotFound,
+    /// The block cannot go offline.
+    OperationNotSupported,
+    /// The kernel refused; `error-code` says why.
+    OperationFailed,
+}
+
+/// One block's answer in `guest-set-memory-blocks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestMemoryBlockResponse {
+    /// The block.
+    pub phys_index: i64,
+    /// What became of it.
+    pub response: MemoryBlockResponse,
+    /// The errno of a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i64>,
+}
+
+/// `guest-get-memory-block-info`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMemoryBlockInfo {
+    /// Bytes per memory block.
+    pub size: u64,
+}
+
 /// One interface in `guest-network-get-interfaces`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -254,6 +301,48 @@ pub struct GuestDiskAddress {
     /// Device node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<String>,
+}
+
+/// One block device in `guest-get-disks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestDiskInfo {
+    /// `/dev/NAME`.
+    pub name: String,
+    /// A partition (of the disk in `dependencies`).
+    pub partition: bool,
+    /// The devices it is made of (device-mapper, md), or a partition's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<Vec<String>>,
+    /// Where the disk is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<GuestDiskAddress>,
+    /// A device-mapper name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+}
+
+/// `guest-fstrim`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFilesystemTrimResponse {
+    /// One result per disk file system.
+    pub paths: Vec<GuestFilesystemTrimResult>,
+}
+
+/// One file system in `guest-fstrim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFilesystemTrimResult {
+    /// Mount point.
+    pub path: String,
+    /// Bytes trimmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trimmed: Option<u64>,
+    /// The minimum extent asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A PCI address.

@@ -304,6 +304,31 @@ fn every_command_round_trips_through_its_request() {
             username: "u".into(),
             keys: vec![],
         },
+        Command::SetVcpus {
+            vcpus: vec![GuestLogicalProcessor {
+                logical_id: 1,
+                online: false,
+                can_offline: None,
+            }],
+        },
+        Command::GetMemoryBlocks,
+        Command::SetMemoryBlocks {
+            blocks: vec![GuestMemoryBlock {
+                phys_index: 3,
+                online: true,
+                can_offline: Some(true),
+            }],
+        },
+        Command::GetMemoryBlockInfo,
+        Command::SetUserPassword {
+            username: "u".into(),
+            password: "cHc=".into(),
+            crypted: false,
+        },
+        Command::Fstrim {
+            minimum: Some(4096),
+        },
+        Command::GetDisks,
     ];
     let names: Vec<&str> = cmds.iter().map(Command::name).collect();
     for spec in COMMANDS {
@@ -1245,7 +1270,24 @@ fn ssh_keys_are_added_listed_and_removed_with_the_right_modes() {
         ),
         json!({"keys": [k1]})
     );
-    for bad in ["", "# comment", "ssh-rsa AAAA\nssh-rsa BBBB", "nospace"] {
+    // An empty key, as virsh set-user-sshkeys sends after its file's last newline, is taken
+    // (qemu-ga takes it) and adds nothing.
+    ok(
+        &f.agent,
+        &Command::SshAddAuthorizedKeys {
+            username: user(),
+            keys: vec![k1.clone(), String::new()],
+            reset: false,
+        },
+    );
+    assert_eq!(
+        ok(
+            &f.agent,
+            &Command::SshGetAuthorizedKeys { username: user() }
+        ),
+        json!({"keys": [k1]})
+    );
+    for bad in ["\n", "# comment", "ssh-rsa AAAA\nssh-rsa BBBB", "nospace"] {
         let e = call(
             &f.agent,
             &Command::SshAddAuthorizedKeys {
@@ -1486,4 +1528,452 @@ async fn only_vstream_agent_gets_pipelined_requests() {
     let mut c = Client::new(client_end);
     c.set_pipeline(9);
     assert_eq!(c.detect_pipelining().await.expect("info"), 1);
+}
+
+// ---- qemu-ga's command line, configuration file and block/allow lists ------------------------
+
+/// qemu-ga's options as vstream-agent parses them (`argv` without the program name).
+fn qemu_ga_matches(argv: &[&str]) -> clap::ArgMatches {
+    clap::Command::new("vstream-agent")
+        .args(qemu_ga::args())
+        .try_get_matches_from(std::iter::once("vstream-agent").chain(argv.iter().copied()))
+        .expect("qemu-ga options")
+}
+
+/// The configuration from `argv` and a file system holding only `files`.
+fn qemu_ga_config(
+    argv: &[&str],
+    conf_env: Option<&str>,
+    files: &[(&str, &str)],
+) -> Result<QemuGaConfig, String> {
+    let read = |path: &str| {
+        Ok(files
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, t)| (*t).to_owned()))
+    };
+    qemu_ga::from_matches(&qemu_ga_matches(argv), conf_env, read)
+}
+
+#[test]
+fn qemu_ga_defaults_dump_as_debian_qemu_ga_does() {
+    // `/usr/sbin/qemu-ga -D` (Debian 12, qemu-ga 7.2) with no configuration file.
+    let want = "[general]\ndaemon=false\nmethod=virtio-serial\n\
+                path=/dev/virtio-ports/org.qemu.guest_agent.0\npidfile=/var/run/qemu-ga.pid\n\
+                statedir=/var/run\nverbose=false\nretry-path=false\nblock-rpcs=\n";
+    let c = qemu_ga_config(&["-D"], None, &[]).expect("defaults");
+    assert!(c.dump_conf);
+    assert_eq!(c.dump().expect("dump"), want);
+    assert_eq!(
+        c.address().expect("address").to_string(),
+        "port:org.qemu.guest_agent.0"
+    );
+    assert!(qemu_ga::wanted(&qemu_ga_matches(&["-D"]), None));
+    assert!(!qemu_ga::wanted(
+        &qemu_ga_matches(&[]),
+        Some("/usr/bin/vstream-agent".as_ref())
+    ));
+    assert!(qemu_ga::wanted(
+        &qemu_ga_matches(&[]),
+        Some("/usr/sbin/qemu-ga".as_ref())
+    ));
+}
+
+#[test]
+fn qemu_ga_options_dump_as_debian_qemu_ga_does() {
+    // `qemu-ga -b guest-ping,guest-info -F -v -d -m unix-listen -p /tmp/x.sock -t /tmp
+    // -f /tmp/p.pid -l /tmp/l.log -r -D`: its list comes out reversed, as qemu-ga's does.
+    let argv = [
+        "-b",
+        "guest-ping,guest-info",
+        "-F",
+        "-v",
+        "-d",
+        "-m",
+        "unix-listen",
+        "-p",
+        "/tmp/x.sock",
+        "-t",
+        "/tmp",
+        "-f",
+        "/tmp/p.pid",
+        "-l",
+        "/tmp/l.log",
+        "-r",
+        "-D",
+    ];
+    let want = "[general]\ndaemon=true\nmethod=unix-listen\npath=/tmp/x.sock\nlogfile=/tmp/l.log\n\
+                pidfile=/tmp/p.pid\nfsfreeze-hook=/etc/qemu/fsfreeze-hook\nstatedir=/tmp\n\
+                verbose=true\nretry-path=true\nblock-rpcs=guest-info,guest-ping\n";
+    let c = qemu_ga_config(&argv, None, &[]).expect("options");
+    assert_eq!(c.dump().expect("dump"), want);
+    assert_eq!(
+        c.address().expect("address").to_string(),
+        "unix-listen:/tmp/x.sock"
+    );
+    let long = qemu_ga_config(
+        &[
+            "--method=vsock-listen",
+            "--path=3:1234",
+            "--fsfreeze-hook=/h",
+            "--block-rpcs=a",
+        ],
+        None,
+        &[],
+    )
+    .expect("long options");
+    assert_eq!(
+        long.address().expect("vsock").to_string(),
+        "vsock-listen:1234"
+    );
+    assert_eq!(long.fsfreeze_hook.as_deref(), Some("/h"));
+    assert!(!long.list_rpcs);
+    assert!(
+        qemu_ga_config(&["-b", "help"], None, &[])
+            .expect("help")
+            .list_rpcs
+    );
+    // qemu-ga: no default path but for the two serial methods.
+    assert_eq!(
+        qemu_ga_config(&["-m", "unix-listen"], None, &[]).unwrap_err(),
+        "must specify a path for this channel"
+    );
+    let isa = qemu_ga_config(&["-m", "isa-serial"], None, &[]).expect("isa");
+    assert_eq!(
+        isa.address().expect("serial").to_string(),
+        "serial:/dev/ttyS0,baud=38400"
+    );
+    let bogus = qemu_ga_config(&["-m", "bogus", "-p", "/x"], None, &[]).expect("parsed");
+    assert_eq!(
+        bogus.address().unwrap_err(),
+        "invalid channel method: bogus"
+    );
+}
+
+#[test]
+fn qemu_ga_reads_its_configuration_file_and_the_command_line_wins() {
+    let conf = "# qemu-ga\n[general]\ndaemon=true\nmethod=unix-listen\npath=/run/ga.sock\n\
+                block-rpcs=guest-exec,guest-file-open\nverbose=1\n[other]\nmethod=ignored\n";
+    // The default file, `$QGA_CONF`, then `-c`.
+    for (argv, env, path) in [
+        (&[][..], None, qemu_ga::DEFAULT_CONF),
+        (&[][..], Some("/env.conf"), "/env.conf"),
+        (&["-c", "/given.conf"][..], Some("/env.conf"), "/given.conf"),
+    ] {
+        let c = qemu_ga_config(argv, env, &[(path, conf)]).expect("config");
+        assert!(c.daemonize && c.verbose, "{path}");
+        assert_eq!(
+            c.address().expect("address").to_string(),
+            "unix-listen:/run/ga.sock"
+        );
+        assert_eq!(c.block_rpcs, ["guest-file-open", "guest-exec"]);
+    }
+    let c = qemu_ga_config(
+        &[
+            "-m",
+            "virtio-serial",
+            "-p",
+            "/dev/virtio-ports/x",
+            "-b",
+            "guest-ping",
+        ],
+        None,
+        &[(qemu_ga::DEFAULT_CONF, conf)],
+    )
+    .expect("config");
+    assert_eq!(c.address().expect("address").to_string(), "port:x");
+    assert_eq!(
+        c.block_rpcs,
+        ["guest-file-open", "guest-exec", "guest-ping"]
+    );
+    // A missing default file is no error; a missing `-c` file and a bad file are, with glib's words.
+    assert!(qemu_ga_config(&["-c", "/none"], None, &[])
+        .unwrap_err()
+        .contains("/none"));
+    for (text, error) in [
+        ("[general]\nverbose=yes\n", "Key file contains key “verbose” which has a value that cannot be interpreted."),
+        ("garbage\n", "Key file contains line “garbage” which is not a key-value pair, group, or comment"),
+        ("method=x\n", "Key file does not start with a group"),
+        ("[general]\nblock-rpcs=a\nallow-rpcs=b\n", "wrong config, using 'block-rpcs' and 'allow-rpcs' keys at the same time is not allowed"),
+    ] {
+        assert_eq!(
+            qemu_ga_config(&[], Some("/c"), &[("/c", text)]).unwrap_err(),
+            format!("error loading configuration from path: /c, {error}")
+        );
+    }
+}
+
+#[test]
+fn blocked_and_not_allowed_commands_answer_as_qemu_ga_does() {
+    let blocked = |filter: CommandFilter| {
+        GuestAgent::new(Settings {
+            filter,
+            ..Settings::default()
+        })
+    };
+    let info_enabled = |agent: &GuestAgent, name: &str| {
+        let info: GuestAgentInfo = serde_json::from_value(ok(agent, &Command::Info)).expect("info");
+        info.supported_commands
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.enabled)
+            .expect("listed")
+    };
+    let disabled = |agent: &GuestAgent, name: &str| {
+        let (reply, _) = call_raw(agent, &format!(r#"{{"execute":"{name}"}}"#)).expect("reply");
+        assert_eq!(
+            reply,
+            json!({"error": {"class": "CommandNotFound", "desc": format!("Command {name} has been disabled")}}),
+            "{name}"
+        );
+    };
+    let config =
+        qemu_ga_config(&["-b", "guest-get-time,guest-get-host-name"], None, &[]).expect("b");
+    let agent = blocked(config.filter());
+    disabled(&agent, "guest-get-time");
+    disabled(&agent, "guest-get-host-name");
+    assert!(!info_enabled(&agent, "guest-get-time"));
+    assert!(info_enabled(&agent, "guest-ping"));
+    ok(&agent, &Command::Ping);
+    // Unknown stays unknown.
+    let (reply, _) = call_raw(&agent, r#"{"execute":"guest-nope"}"#).expect("reply");
+    assert_eq!(
+        reply["error"]["desc"],
+        "The command guest-nope has not been found"
+    );
+
+    // An allow list disables everything else; the block list wins over it.
+    let config = qemu_ga_config(
+        &[
+            "-a",
+            "guest-ping,guest-info,guest-get-time",
+            "-b",
+            "guest-get-time",
+        ],
+        None,
+        &[],
+    )
+    .expect("a");
+    let agent = blocked(config.filter());
+    ok(&agent, &Command::Ping);
+    assert!(info_enabled(&agent, "guest-info"));
+    disabled(&agent, "guest-get-time");
+    disabled(&agent, "guest-get-osinfo");
+    assert!(!info_enabled(&agent, "guest-get-osinfo"));
+}
+
+// ---- memory blocks, CPUs and passwords -------------------------------------------------------
+
+/// An agent over a fake sysfs: memory blocks 0 (online, removable), 1 (offline, removable),
+/// 2 (online, no `removable` file); 256 MiB blocks; cpu0 (no `online` file) and cpu1 (online).
+fn sysfs_fixture() -> (GuestAgent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = dir.path().join("devices/system/memory");
+    for (n, state, removable) in [
+        (0, "online", Some("1")),
+        (1, "offline", Some("1")),
+        (2, "online", None),
+    ] {
+        let b = mem.join(format!("memory{n}"));
+        std::fs::create_dir_all(&b).expect("mkdir");
+        std::fs::write(b.join("state"), format!("{state}\n")).expect("state");
+        if let Some(r) = removable {
+            std::fs::write(b.join("removable"), format!("{r}\n")).expect("removable");
+        }
+    }
+    std::fs::write(mem.join("block_size_bytes"), "10000000\n").expect("size");
+    std::fs::create_dir_all(mem.join("power")).expect("not a block");
+    let cpu = dir.path().join("devices/system/cpu");
+    std::fs::create_dir_all(cpu.join("cpu0")).expect("cpu0");
+    std::fs::create_dir_all(cpu.join("cpu1")).expect("cpu1");
+    std::fs::write(cpu.join("cpu1/online"), "1\n").expect("online");
+    let agent = GuestAgent::new(Settings {
+        sysfs: dir.path().to_owned(),
+        ..Settings::default()
+    });
+    (agent, dir)
+}
+
+#[test]
+fn memory_blocks_are_read_and_set_through_sysfs() {
+    let (agent, dir) = sysfs_fixture();
+    let blocks = ok(&agent, &Command::GetMemoryBlocks);
+    assert_eq!(
+        blocks,
+        json!([
+            {"phys-index": 0, "online": true, "can-offline": true},
+            {"phys-index": 1, "online": false, "can-offline": true},
+            {"phys-index": 2, "online": true, "can-offline": false},
+        ])
+    );
+    assert_eq!(
+        ok(&agent, &Command::GetMemoryBlockInfo),
+        json!({"size": 256u64 << 20})
+    );
+    let set = |index, online| GuestMemoryBlock {
+        phys_index: index,
+        online,
+        can_offline: None,
+    };
+    let (reply, _) = call_raw(
+        &agent,
+        &json!({"execute": "guest-set-memory-blocks", "arguments": {"mem-blks": [
+            set(1, true), set(0, true), set(2, false), set(7, true)
+        ]}})
+        .to_string(),
+    )
+    .expect("reply");
+    let r = &reply["return"];
+    assert_eq!(r[0], json!({"phys-index": 1, "response": "success"}));
+    assert_eq!(r[1], json!({"phys-index": 0, "response": "success"}));
+    assert_eq!(
+        r[2],
+        json!({"phys-index": 2, "response": "operation-not-supported"})
+    );
+    assert_eq!(r[3]["response"], "not-found");
+    assert_eq!(r[3]["error-code"], libc::ENOENT);
+    let state = std::fs::read_to_string(dir.path().join("devices/system/memory/memory1/state"));
+    assert_eq!(state.expect("state"), "online");
+    let (reply, _) = call_raw(
+        &agent,
+        r#"{"execute":"guest-set-memory-blocks","arguments":{"mem-blks":[{"online":true}]}}"#,
+    )
+    .expect("reply");
+    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+    // No sysfs memory directory: qemu-ga's error, not CommandNotFound.
+    let empty = GuestAgent::new(Settings {
+        sysfs: dir.path().join("none"),
+        ..Settings::default()
+    });
+    let e = call(&empty, &Command::GetMemoryBlocks).unwrap_err();
+    assert_eq!(e.class, "GenericError");
+    assert!(e.desc.starts_with("Can't open directory"), "{e}");
+}
+
+#[test]
+fn vcpus_are_set_in_order_until_the_first_failure() {
+    let (agent, dir) = sysfs_fixture();
+    let cpu = |id, online| GuestLogicalProcessor {
+        logical_id: id,
+        online,
+        can_offline: None,
+    };
+    assert_eq!(
+        ok(&agent, &Command::GetVcpus),
+        json!([
+            {"logical-id": 0, "online": true, "can-offline": false},
+            {"logical-id": 1, "online": true, "can-offline": true},
+        ])
+    );
+    let done = ok(
+        &agent,
+        &Command::SetVcpus {
+            vcpus: vec![cpu(1, false), cpu(0, false), cpu(1, true)],
+        },
+    );
+    assert_eq!(done, json!(1), "stops at cpu0, which cannot go offline");
+    let online = std::fs::read_to_string(dir.path().join("devices/system/cpu/cpu1/online"));
+    assert_eq!(online.expect("online"), "0");
+    let e = call(
+        &agent,
+        &Command::SetVcpus {
+            vcpus: vec![cpu(0, false)],
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.desc, "logical processor #0 can't be offlined");
+    assert!(call(&agent, &Command::SetVcpus { vcpus: vec![] }).is_err());
+}
+
+#[test]
+fn set_user_password_refuses_what_chpasswd_cannot_take() {
+    let f = fixture();
+    for (user, password, want) in [
+        ("root", "!!", "Base64 data is not valid"),
+        (
+            "root",
+            &base64_encode(b"a\nb")[..],
+            "forbidden characters in raw password",
+        ),
+        (
+            "a:b",
+            &base64_encode(b"pw")[..],
+            "forbidden characters in user name",
+        ),
+    ] {
+        let e = call(
+            &f.agent,
+            &Command::SetUserPassword {
+                username: user.into(),
+                password: password.into(),
+                crypted: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.desc, want);
+    }
+}
+
+#[test]
+fn disks_and_their_partitions_come_from_sys_block() {
+    let (agent, dir) = sysfs_fixture();
+    let block = dir.path().join("block");
+    std::fs::create_dir_all(block.join("vda/vda1")).expect("vda1");
+    std::fs::write(block.join("vda/vda1/partition"), "1\n").expect("partition");
+    std::fs::create_dir_all(block.join("dm-0/slaves/vda1")).expect("slaves");
+    std::fs::create_dir_all(block.join("dm-0/dm")).expect("dm");
+    std::fs::write(block.join("dm-0/dm/name"), "vg-root\n").expect("dm name");
+    assert_eq!(
+        ok(&agent, &Command::GetDisks),
+        json!([
+            {"name": "/dev/dm-0", "partition": false, "dependencies": ["/dev/vda1"], "alias": "vg-root"},
+            {"name": "/dev/vda", "partition": false, "dependencies": []},
+            {"name": "/dev/vda1", "partition": true, "dependencies": ["/dev/vda"]},
+        ])
+    );
+    // No disk file system here to trim: an empty list, as qemu-ga answers.
+    let f = fixture();
+    let mountinfo = f.dir.path().join("mountinfo");
+    std::fs::write(&mountinfo, "22 1 0:21 / /proc rw - proc proc rw\n").expect("mountinfo");
+    let agent = GuestAgent::new(Settings {
+        mountinfo,
+        ..Settings::default()
+    });
+    assert_eq!(
+        ok(&agent, &Command::Fstrim { minimum: None }),
+        json!({"paths": []})
+    );
+}
+
+#[test]
+fn the_fsfreeze_hook_runs_around_freeze_and_thaw() {
+    let f = fixture();
+    let log = f.dir.path().join("hook.log");
+    let hook = f.dir.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", log.display()),
+    )
+    .expect("hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mountinfo = f.dir.path().join("mountinfo");
+    std::fs::write(&mountinfo, "22 1 0:21 / /proc rw - proc proc rw\n").expect("mountinfo");
+    let agent = GuestAgent::new(Settings {
+        mountinfo: mountinfo.clone(),
+        fsfreeze_hook: Some(hook),
+        ..Settings::default()
+    });
+    assert_eq!(ok(&agent, &Command::FsfreezeFreeze), json!(0));
+    assert_eq!(ok(&agent, &Command::FsfreezeThaw), json!(0));
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("log"),
+        "freeze\nthaw\n"
+    );
+    let failing = GuestAgent::new(Settings {
+        mountinfo,
+        fsfreeze_hook: Some("/bin/false".into()),
+        ..Settings::default()
+    });
+    let e = call(&failing, &Command::FsfreezeFreeze).unwrap_err();
+    assert_eq!(e.desc, "fsfreeze hook has failed with status 1");
 }

@@ -239,6 +239,7 @@ impl GuestAgent {
                 "The command guest-fsfreeze-freeze has been disabled: file systems are already frozen",
             ));
         }
+        self.fsfreeze_hook("freeze")?;
         let mounts = self.mounts()?;
         let mut frozen: Vec<String> = Vec::new();
         for m in mounts.iter().rev() {
@@ -274,6 +275,96 @@ impl GuestAgent {
         Ok(frozen.len() as i64)
     }
 
+    /// FITRIM on every disk file system, each one's outcome reported as qemu-ga does.
+    pub(super) fn fstrim(
+        &self,
+        minimum: Option<i64>,
+    ) -> Result<GuestFilesystemTrimResponse, QgaError> {
+        let minimum = u64::try_from(minimum.unwrap_or(0))
+            .map_err(|_| QgaError::invalid_value("minimum", "a non-negative size"))?;
+        let mut paths = Vec::new();
+        for m in self.mounts()? {
+            let mut r = GuestFilesystemTrimResult {
+                path: m.mountpoint.clone(),
+                trimmed: None,
+                minimum: None,
+                error: None,
+            };
+            match fitrim(&m.mountpoint, minimum) {
+                Ok(trimmed) => {
+                    r.trimmed = Some(trimmed);
+                    r.minimum = Some(minimum);
+                }
+                // Not supported by this file system: no error, nothing trimmed (qemu-ga).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)
+                    ) => {}
+                Err(e) => r.error = Some(format!("failed to trim: {}", errstr(&e))),
+            }
+            paths.push(r);
+        }
+        Ok(GuestFilesystemTrimResponse { paths })
+    }
+
+    /// The block devices (`/sys/block`) with their partitions, as `guest-get-disks` lists them.
+    pub(super) fn disks(&self) -> Result<Vec<GuestDiskInfo>, QgaError> {
+        let block = self.settings.sysfs.join("block");
+        let mut names: Vec<String> = match std::fs::read_dir(&block) {
+            Ok(d) => d
+                .flatten()
+                .take(4096)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(e) => return Err(QgaError::io(block.display(), &e)),
+        };
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let sys = std::fs::canonicalize(block.join(&name)).unwrap_or(block.join(&name));
+            let dependencies: Vec<String> = match std::fs::read_dir(sys.join("slaves")) {
+                Ok(d) => d
+                    .flatten()
+                    .take(64)
+                    .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let alias = read_text(&sys.join("dm/name"), 256)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty());
+            let mut address = Vec::new();
+            disks_of(&sys, 0, &mut address);
+            let dev = format!("/dev/{name}");
+            out.push(GuestDiskInfo {
+                name: dev.clone(),
+                partition: false,
+                dependencies: Some(dependencies),
+                address: address.into_iter().next(),
+                alias,
+            });
+            let mut parts: Vec<String> = std::fs::read_dir(&sys)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join("partition").exists())
+                .take(256)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            parts.sort();
+            out.extend(parts.into_iter().map(|p| GuestDiskInfo {
+                name: format!("/dev/{p}"),
+                partition: true,
+                dependencies: Some(vec![dev.clone()]),
+                address: None,
+                alias: None,
+            }));
+        }
+        Ok(out)
+    }
+
     /// FITHAW on every disk file system (frozen by us or not, as qemu-ga: a restarted agent
     /// can still thaw); returns how many were thawed.
     pub(super) fn thaw(&self) -> Result<i64, QgaError> {
@@ -285,7 +376,31 @@ impl GuestAgent {
             }
         }
         lock(&self.state).frozen = false;
+        self.fsfreeze_hook("thaw")?;
         Ok(count)
+    }
+
+    /// Runs qemu-ga's fsfreeze hook (`-F`), if one is set, with `freeze` or `thaw`.
+    fn fsfreeze_hook(&self, arg: &str) -> Result<(), QgaError> {
+        let Some(hook) = &self.settings.fsfreeze_hook else {
+            return Ok(());
+        };
+        let status = std::process::Command::new(hook)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|_| {
+                QgaError::generic(format!("can't access fsfreeze hook '{}'", hook.display()))
+            })?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(QgaError::generic(format!(
+            "fsfreeze hook has failed with status {}",
+            status.code().unwrap_or(-1)
+        )))
     }
 }
 
@@ -294,11 +409,40 @@ pub(super) const FIFREEZE: Opcode = opcode::read_write::<libc::c_int>(b'X', 119)
 /// Thaws it (`_IOWR('X', 120, int)`).
 pub(super) const FITHAW: Opcode = opcode::read_write::<libc::c_int>(b'X', 120);
 
-pub(super) fn fs_ioctl<const REQUEST: Opcode>(mountpoint: &str) -> io::Result<()> {
-    let dir = OpenOptions::new()
+/// Discards unused blocks (`_IOWR('X', 121, struct fstrim_range)`).
+const FITRIM: Opcode = opcode::read_write::<FstrimRange>(b'X', 121);
+
+/// linux/fs.h `struct fstrim_range`.
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+fn open_mountpoint(mountpoint: &str) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(mountpoint)?;
+        .open(mountpoint)
+}
+
+/// FITRIM on the whole file system: the bytes trimmed.
+fn fitrim(mountpoint: &str, minimum: u64) -> io::Result<u64> {
+    let dir = open_mountpoint(mountpoint)?;
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: minimum,
+    };
+    // SAFETY: FITRIM takes a pointer to a struct fstrim_range, which FstrimRange lays out
+    // (repr(C), three u64); the fd is an open directory.
+    unsafe { ioctl(&dir, Updater::<FITRIM, FstrimRange>::new(&mut range)) }?;
+    Ok(range.len)
+}
+
+pub(super) fn fs_ioctl<const REQUEST: Opcode>(mountpoint: &str) -> io::Result<()> {
+    let dir = open_mountpoint(mountpoint)?;
     let mut arg: libc::c_int = 0;
     // SAFETY: FIFREEZE and FITHAW (the only REQUESTs) take a pointer to an int; the fd is an
     // open directory.

@@ -9,6 +9,7 @@
 mod exec;
 mod file;
 mod fs;
+mod memory;
 mod network;
 mod ssh;
 mod system;
@@ -59,6 +60,12 @@ pub struct Settings {
     pub mountinfo: PathBuf,
     /// Real-time clock devices, the first present one is used (`guest-set-time`).
     pub rtc: Vec<PathBuf>,
+    /// Commands disabled by qemu-ga's block and allow lists.
+    pub filter: CommandFilter,
+    /// Where sysfs is mounted (`guest-get-vcpus`, the memory blocks, the disks).
+    pub sysfs: PathBuf,
+    /// qemu-ga's fsfreeze hook: run with `freeze` before a freeze and `thaw` after a thaw.
+    pub fsfreeze_hook: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -70,18 +77,28 @@ impl Default for Settings {
             os_release: vec!["/etc/os-release".into(), "/usr/lib/os-release".into()],
             mountinfo: "/proc/self/mountinfo".into(),
             rtc: vec!["/dev/rtc0".into(), "/dev/rtc".into()],
+            filter: CommandFilter::default(),
+            sysfs: "/sys".into(),
+            fsfreeze_hook: None,
         }
     }
 }
 
 impl Settings {
-    /// The defaults, with `VSTREAM_QGA_SHUTDOWN_COMMAND` if set.
+    /// The defaults, with `VSTREAM_QGA_SHUTDOWN_COMMAND` if set, and qemu-ga's
+    /// `QGA_OS_RELEASE` (the os-release file `guest-get-osinfo` reads).
     pub fn from_env() -> Settings {
+        let defaults = Settings::default();
+        let os_release = match std::env::var_os("QGA_OS_RELEASE").filter(|v| !v.is_empty()) {
+            Some(path) => vec![PathBuf::from(path)],
+            None => defaults.os_release.clone(),
+        };
         Settings {
             shutdown_command: std::env::var_os("VSTREAM_QGA_SHUTDOWN_COMMAND")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
-            ..Settings::default()
+            os_release,
+            ..defaults
         }
     }
 }
@@ -202,6 +219,7 @@ impl GuestAgent {
         let Some(spec) = command_spec(name) else {
             return Err(QgaError::command_not_found(name));
         };
+        self.settings.filter.check(name)?;
         if !spec.allowed_frozen && self.is_frozen() {
             return Err(QgaError::disabled(name, "the agent is in frozen state"));
         }
@@ -228,7 +246,19 @@ impl GuestAgent {
             Command::GetTimezone => to_value(timezone()),
             Command::GetUsers => to_value(self.users()?),
             Command::GetLoad => to_value(load()?),
-            Command::GetVcpus => to_value(vcpus()?),
+            Command::GetVcpus => to_value(self.vcpus()?),
+            Command::SetVcpus { vcpus } => to_value(self.set_vcpus(&vcpus)?),
+            Command::GetMemoryBlocks => to_value(self.memory_blocks()?),
+            Command::SetMemoryBlocks { blocks } => to_value(self.set_memory_blocks(blocks)),
+            Command::GetMemoryBlockInfo => to_value(self.memory_block_info()?),
+            Command::SetUserPassword {
+                username,
+                password,
+                crypted,
+            } => {
+                self.set_user_password(&username, &password, crypted)?;
+                to_value(Map::new())
+            }
             Command::NetworkGetInterfaces => to_value(interfaces()?),
             Command::GetFsinfo => to_value(self.fsinfo()?),
             Command::FsfreezeStatus => to_value(if self.is_frozen() { "frozen" } else { "thawed" }),
@@ -237,6 +267,8 @@ impl GuestAgent {
                 to_value(self.freeze(Some(mountpoints.unwrap_or_default()))?)
             }
             Command::FsfreezeThaw => to_value(self.thaw()?),
+            Command::Fstrim { minimum } => to_value(self.fstrim(minimum)?),
+            Command::GetDisks => to_value(self.disks()?),
             Command::Exec(args) => to_value(self.exec(args)?),
             Command::ExecStatus { pid } => to_value(self.exec_status(pid)?),
             Command::FileOpen { path, mode } => to_value(self.file_open(&path, mode.as_deref())?),
@@ -286,7 +318,7 @@ impl GuestAgent {
                 .iter()
                 .map(|c| GuestAgentCommandInfo {
                     name: c.name.to_owned(),
-                    enabled: !frozen || c.allowed_frozen,
+                    enabled: self.settings.filter.allows(c.name) && (!frozen || c.allowed_frozen),
                     success_response: c.success_response,
                 })
                 .collect(),

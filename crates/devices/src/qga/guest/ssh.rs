@@ -28,7 +28,12 @@ pub(crate) fn parse_passwd(text: &str, user: &str) -> Option<Passwd> {
 
 pub(super) fn check_key(key: &str) -> Result<(), QgaError> {
     let k = key.trim();
-    if k.is_empty() || k.starts_with('#') || key.contains(['\n', '\r', '\0']) || !k.contains(' ') {
+    // virsh set-user-sshkeys sends an empty key after its file's last newline; qemu-ga takes it
+    // (and we add nothing for it).
+    if k.is_empty() && !key.contains(['\n', '\r', '\0']) {
+        return Ok(());
+    }
+    if k.starts_with('#') || key.contains(['\n', '\r', '\0']) || !k.contains(' ') {
         return Err(QgaError::generic(format!(
             "invalid OpenSSH public key: '{key}'"
         )));
@@ -75,7 +80,7 @@ impl GuestAgent {
         }
         for k in keys {
             let k = k.trim().to_owned();
-            if !have.contains(&k) {
+            if !k.is_empty() && !have.contains(&k) {
                 have.push(k);
             }
         }

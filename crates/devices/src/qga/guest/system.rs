@@ -422,34 +422,6 @@ pub(super) fn load() -> Result<GuestLoadAverage, QgaError> {
         .ok_or_else(|| QgaError::generic(format!("cannot parse /proc/loadavg: {text:?}")))
 }
 
-pub(super) fn vcpus() -> Result<Vec<GuestLogicalProcessor>, QgaError> {
-    let dir = Path::new("/sys/devices/system/cpu");
-    let entries = std::fs::read_dir(dir).map_err(|e| QgaError::io(dir.display(), &e))?;
-    let mut cpus = Vec::new();
-    for entry in entries.flatten().take(65_536) {
-        let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("cpu"))
-            .and_then(|n| n.parse::<i64>().ok())
-        else {
-            continue;
-        };
-        let online_file = entry.path().join("online");
-        let (online, can_offline) = match read_text(&online_file, 16) {
-            Ok(s) => (s.trim() == "1", true),
-            Err(_) => (true, false), // cpu0 often has no "online": it cannot go offline.
-        };
-        cpus.push(GuestLogicalProcessor {
-            logical_id: id,
-            online,
-            can_offline: Some(can_offline),
-        });
-    }
-    cpus.sort_by_key(|c| c.logical_id);
-    Ok(cpus)
-}
-
 impl GuestAgent {
     pub(super) fn osinfo(&self) -> GuestOsInfo {
         let mut info = GuestOsInfo {

@@ -1,0 +1,311 @@
+//! vstream-agent as a drop-in for qemu-ga under a real libvirtd: one TCG domain (the lab's kernel
+//! and initramfs, a `<channel type='unix'>` on `org.qemu.guest_agent.0`) is booted twice, once
+//! with Debian's qemu-ga on that port and once with vstream-agent started by the very same
+//! command line (under the name `qemu-ga`). Every agent-backed virsh command runs against both;
+//! the two columns are printed side by side, and vstream-agent must answer every command that
+//! qemu-ga answers.
+//!
+//! Needs libvirt-daemon, libvirt-clients and libvirt-daemon-driver-qemu (`./x.sh setup` installs
+//! them and prepares libvirt for a container: see x.sh) and root. virtlogd and libvirtd are
+//! started here when they are not running. Never skips silently: without them it fails, unless
+//! VSTREAM_SKIP_E2E=1 is set.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use xtask::image::{ensure_image, INIT_DONE_MARKER};
+use xtask::lab;
+use xtask::qga_lab::QGA_PORT;
+
+const URI: &str = "qemu:///system";
+/// Boot to `/init`'s marker, under TCG on a loaded machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// From the start line typed on hvc0 to the first answered `guest-ping`.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
+/// One virsh command.
+const VIRSH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// qemu-ga's start line in the lab (xtask::qga_lab::START_QEMU_GA's options), with `{}` for the
+/// program.
+const START_LINE: &str = "{} -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -d -f /run/qemu-ga.pid -t /run";
+
+/// `virsh ARGS` (within [`VIRSH_TIMEOUT`]).
+fn virsh(args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(VIRSH_TIMEOUT.as_secs().to_string())
+        .arg("virsh")
+        .args(["-c", URI])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+/// virtlogd and libvirtd, started unless libvirtd already answers.
+fn ensure_libvirtd() {
+    if virsh(&["version"]).status.success() {
+        return;
+    }
+    for daemon in ["virtlogd", "libvirtd"] {
+        let status = Command::new(daemon).arg("-d").status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "{daemon} -d: {status:?} (./x.sh setup installs and prepares libvirt)"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !virsh(&["version"]).status.success() {
+        assert!(Instant::now() < deadline, "libvirtd does not answer");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A transient domain, destroyed when dropped.
+struct Domain {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+    }
+}
+
+impl Domain {
+    /// Boots the lab's image under libvirt and waits for `/init`.
+    fn boot(tag: &str) -> Domain {
+        let image = ensure_image().expect("guest image");
+        let name = format!("vstream-libvirt-{tag}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("domain dir");
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 console=hvc0 panic=-1 printk.devkmsg=on vstream.name={tag}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{dir}/ttyS0.log'/><target port='0'/></serial>
+    <console type='unix'><source mode='bind' path='{dir}/hvc0.sock'/><target type='virtio' port='0'/></console>
+    <channel type='unix'>
+      <source mode='bind' path='{dir}/qga.sock'/>
+      <target type='virtio' name='{QGA_PORT}'/>
+    </channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+            kernel = image.vmlinuz.display(),
+            initrd = image.initramfs.display(),
+            dir = dir.display(),
+        );
+        let file = dir.join("domain.xml");
+        std::fs::write(&file, xml).expect("domain xml");
+        let out = virsh(&["create", &file.to_string_lossy()]);
+        assert!(out.status.success(), "virsh create: {}", text(&out));
+        let domain = Domain { name, dir };
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while !domain.serial_log().contains(INIT_DONE_MARKER) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {INIT_DONE_MARKER:?} within {BOOT_TIMEOUT:?}:\n{}",
+                domain.name,
+                domain.serial_log()
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+        domain
+    }
+
+    fn serial_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ttyS0.log")).unwrap_or_default()
+    }
+
+    /// Types a line into the guest's shell on hvc0.
+    fn type_line(&self, line: &str) {
+        let mut hvc0 = UnixStream::connect(self.dir.join("hvc0.sock")).expect("hvc0");
+        hvc0.write_all(format!("{line}\r").as_bytes())
+            .expect("type");
+        // Let the shell read it before the connection goes.
+        hvc0.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        let _ = hvc0.read(&mut [0u8; 4096]);
+    }
+
+    /// Starts an agent with `program` and waits for libvirt to reach it.
+    fn start_agent(&self, program: &str) {
+        // The image's own vstream-agent has nothing to connect to here: keep it from respawning.
+        let start = START_LINE.replace("{}", program);
+        self.type_line(&format!("touch /run/vstream-agent.norespawn; {start}"));
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let out = virsh(&[
+                "qemu-agent-command",
+                &self.name,
+                r#"{"execute":"guest-ping"}"#,
+            ]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{program}: no answer to guest-ping within {AGENT_TIMEOUT:?}: {}\n{}",
+                text(&out),
+                self.serial_log()
+            );
+            thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The agent-backed virsh commands of Debian 12's virsh (9.0), `{}` for the domain and `{keys}`
+/// for a file of SSH keys, in the order they run (the ones that change the guest last).
+const COMMANDS: &[&str] = &[
+    r#"qemu-agent-command {} {"execute":"guest-ping"}"#,
+    r#"qemu-agent-command {} {"execute":"guest-get-memory-block-info"}"#,
+    r#"qemu-agent-command {} {"execute":"guest-get-memory-blocks"}"#,
+    "domtime {}",
+    "domtime {} --pretty",
+    "domhostname {} --source agent",
+    "domifaddr {} --source agent",
+    "domfsinfo {}",
+    "guestinfo {}",
+    "guestinfo {} --user",
+    "guestinfo {} --os",
+    "guestinfo {} --timezone",
+    "guestinfo {} --hostname",
+    "guestinfo {} --filesystem",
+    "guestinfo {} --disk",
+    "guestinfo {} --interface",
+    "guestvcpus {}",
+    "get-user-sshkeys {} root",
+    "set-user-sshkeys {} root --file {keys}",
+    "set-user-sshkeys {} root --remove --file {keys}",
+    "domfsfreeze {}",
+    "domfsthaw {}",
+    "domfstrim {}",
+    "domtime {} --now",
+    "domtime {} --sync",
+    "guestvcpus {} --cpulist 1 --disable",
+    "guestvcpus {} --cpulist 1 --enable",
+    "setvcpus {} 1 --guest",
+    "set-user-password {} root vstream-secret",
+    "shutdown {} --mode agent",
+];
+
+/// One command's result: whether virsh succeeded, and its first line of output.
+struct Answer {
+    ok: bool,
+    line: String,
+}
+
+/// Boots the domain with `program` as the agent and runs every command.
+fn run_all(tag: &str, program: &str) -> Vec<Answer> {
+    let domain = Domain::boot(tag);
+    let keys = domain.dir.join("authorized_keys");
+    std::fs::write(
+        &keys,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJwzn1rOkPyP7vJv1D6lnd5qi4Bq0jRrHUQM3Qx0nKwD lab\n",
+    )
+    .expect("keys file");
+    domain.start_agent(program);
+    COMMANDS
+        .iter()
+        .map(|c| {
+            let line = c
+                .replace("{keys}", &keys.to_string_lossy())
+                .replace("{}", &domain.name);
+            let args: Vec<&str> = match line.split_once(' ') {
+                // The JSON argument of qemu-agent-command is one word.
+                Some((cmd, rest)) if cmd == "qemu-agent-command" => {
+                    let (dom, json) = rest.split_once(' ').expect("json");
+                    vec![cmd, dom, json]
+                }
+                _ => line.split_whitespace().collect(),
+            };
+            let out = virsh(&args);
+            let all = text(&out);
+            let first = all
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("---"))
+                .unwrap_or("")
+                .to_owned();
+            eprintln!("[{tag}] virsh {c}: {}", all.trim_end());
+            Answer {
+                ok: out.status.success(),
+                line: first,
+            }
+        })
+        .collect()
+}
+
+fn cell(a: &Answer) -> String {
+    let mut line: String = a.line.chars().take(44).collect();
+    if a.line.chars().count() > 44 {
+        line.push('…');
+    }
+    format!("{} {line}", if a.ok { "ok  " } else { "FAIL" })
+}
+
+#[test]
+fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
+    if !lab::e2e_enabled("libvirt") {
+        return;
+    }
+    ensure_libvirtd();
+    let agent = Path::new("/usr/bin/vstream-agent");
+    let qemu_ga = run_all("qemu-ga", "/usr/sbin/qemu-ga");
+    // The same command line, with vstream-agent under qemu-ga's name.
+    let link = format!("ln -sf {} /run/qemu-ga && /run/qemu-ga", agent.display());
+    let vstream = run_all("vstream", &link);
+
+    println!(
+        "\n{:<44} | {:<50} | vstream-agent",
+        "virsh (domain elided)", "Debian qemu-ga 7.2"
+    );
+    println!("{}", "-".repeat(160));
+    let mut missing = Vec::new();
+    for ((cmd, q), v) in COMMANDS.iter().zip(&qemu_ga).zip(&vstream) {
+        let cmd = cmd
+            .replace("{} ", "")
+            .replace(" {}", "")
+            .replace("{keys}", "KEYS");
+        println!("{cmd:<44} | {:<50} | {}", cell(q), cell(v));
+        if q.ok && !v.ok {
+            missing.push(cmd);
+        }
+    }
+    let answered = |col: &[Answer]| col.iter().filter(|a| a.ok).count();
+    println!(
+        "answered: qemu-ga {}/{n}, vstream-agent {}/{n}",
+        answered(&qemu_ga),
+        answered(&vstream),
+        n = COMMANDS.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "vstream-agent failed where qemu-ga answered: {missing:?}"
+    );
+}
