@@ -1,12 +1,17 @@
 //! The hid device's descriptor: the guest half's virtual keyboard, mouse and tablet (uinput).
 
+#[cfg(feature = "guest")]
 use std::path::PathBuf;
+#[cfg(feature = "guest")]
 use std::sync::Arc;
 
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
 use super::CLASS;
-use crate::registry::{Device, GuestHalf, GuestOptions};
+use crate::registry::Device;
+#[cfg(feature = "guest")]
+use crate::registry::{GuestHalf, GuestOptions};
 
 /// `hid`.
 pub struct HidDevice;
@@ -16,6 +21,7 @@ impl Device for HidDevice {
         CLASS
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
         GuestHalf {
             services: vec![Arc::new(super::guest::Hid::uinput())],
@@ -23,8 +29,10 @@ impl Device for HidDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
+    #[cfg(feature = "guest")]
     fn agent_tools(&self) -> Vec<clap::Command> {
         use clap::{value_parser, Arg, ArgAction, Command};
         vec![
@@ -44,6 +52,7 @@ impl Device for HidDevice {
         ]
     }
 
+    #[cfg(feature = "guest")]
     fn run_agent_tool(&self, name: &str, m: &clap::ArgMatches) -> anyhow::Result<()> {
         let device = m.get_one::<String>("device").cloned().unwrap_or_default();
         let grab = m.get_flag("grab");
@@ -72,6 +81,7 @@ impl Device for HidDevice {
     }
 }
 
+#[cfg(feature = "guest")]
 /// `vstream-agent hid-forward`: forwards an evdev device into streams at transport addresses.
 fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<()> {
     use super::{forward, Kind};

@@ -31,11 +31,14 @@
 pub mod codec;
 mod command;
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 mod replies;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod verbs;
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,7 @@ use serde_json::{json, Map, Value};
 
 pub use codec::{base64_decode, base64_encode, Frame, Framer, DELIMITER};
 pub use command::*;
+#[cfg(feature = "guest")]
 pub use guest::QgaService;
 pub use replies::*;
 
