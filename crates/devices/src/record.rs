@@ -170,6 +170,10 @@ pub enum RecordError {
     Truncated(usize),
 }
 
+/// The read buffer of the devices that move bulk data (terminal output, print jobs): 64 KiB
+/// per read keeps syscalls few without holding much per channel.
+pub const BULK_READ_CHUNK: usize = 64 * 1024;
+
 /// The records of one direction of one device.
 pub trait Message: Sized {
     /// The header layout.

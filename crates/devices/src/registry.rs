@@ -69,6 +69,7 @@ pub struct GuestFacts {
     pub transports: Vec<RawTransport>,
 }
 
+#[cfg(feature = "host")]
 /// See [`HostContext::carried_console`].
 pub type TakeCarried = Arc<dyn Fn(&str) -> Option<crate::console::Carried> + Send + Sync>;
 
@@ -127,6 +128,7 @@ pub struct HostContext {
     pub section: Option<Value>,
     /// The guest's transports of the device's raw kinds.
     pub transports: Vec<RawTransport>,
+    #[cfg(feature = "host")]
     /// The connection of one of the guest's consoles (by name) that a live upgrade's
     /// predecessor handed over, if any: the console adopts it instead of connecting.
     pub carried_console: TakeCarried,
@@ -190,6 +192,7 @@ pub trait Carrier: Send + Sync {
         w: OwnedWriteHalf,
         chan: ChannelStream,
     ) -> CarryFuture;
+    #[cfg(feature = "host")]
     /// Sends a console's output to the client (and, `attach`ed, its typing to the console)
     /// until either is done.
     fn view(
@@ -201,6 +204,7 @@ pub trait Carrier: Send + Sync {
     ) -> CarryFuture;
 }
 
+#[cfg(feature = "host")]
 /// A console viewer that [`Carrier::view`] serves.
 pub struct ConsoleViewer {
     /// The console.
@@ -260,6 +264,7 @@ impl ControlConn {
         self.carrier.bridge(&self.guest, self.r, self.w, chan).await
     }
 
+    #[cfg(feature = "host")]
     /// Serves a console viewer (carried across a live upgrade).
     pub async fn view(self, view: ConsoleViewer) -> std::io::Result<()> {
         self.carrier.view(&self.guest, view, self.r, self.w).await
@@ -284,6 +289,7 @@ pub trait HostState: Send + Sync {
     fn transports(&self) -> Vec<TransportStatus> {
         Vec::new()
     }
+    #[cfg(feature = "host")]
     /// The guest's consoles this device captures (a live upgrade finds the console of a
     /// carried viewer here).
     fn consoles(&self) -> Vec<Arc<crate::console::Console>> {
@@ -649,6 +655,7 @@ where
     x.and(y)
 }
 
+#[cfg(feature = "host")]
 /// [`Device::verbs`] and [`Device::run_verb`] of a device whose verbs are a module's `Verb`
 /// enum and `run` function (the shape of every device's `verbs.rs`): `verbs_in!(super::verbs);`
 macro_rules! verbs_in {
@@ -665,6 +672,7 @@ macro_rules! verbs_in {
         }
     };
 }
+#[cfg(feature = "host")]
 pub(crate) use verbs_in;
 
 /// The commands of a derived [`clap::Subcommand`] enum, for [`Device::verbs`].

@@ -1,17 +1,23 @@
 //! The console device's descriptor: `console` transports captured by the host half (logs,
 //! viewers, `transport-up`/`-down` events), the `console` control op, the `console` verb.
 
+#[cfg(feature = "host")]
 use std::sync::Arc;
 
 use serde::Deserialize;
+#[cfg(feature = "host")]
 use serde_json::{json, Value};
+#[cfg(feature = "host")]
 use tokio::io::AsyncWriteExt;
 
+#[cfg(feature = "host")]
 use super::{Console, ConsoleSettings};
+use crate::registry::Device;
+#[cfg(feature = "host")]
 use crate::registry::{
-    ConsoleViewer, ControlConn, Device, HostContext, HostHalf, HostState, SettingsError,
-    TransportStatus,
+    ConsoleViewer, ControlConn, HostContext, HostHalf, HostState, SettingsError, TransportStatus,
 };
+#[cfg(feature = "host")]
 use crate::ServeFuture;
 
 /// `console`.
@@ -46,6 +52,7 @@ impl Device for ConsoleDevice {
         &[CLASS]
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let mut consoles = Vec::new();
         for t in &ctx.transports {
@@ -82,12 +89,15 @@ impl Device for ConsoleDevice {
         })
     }
 
+    #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {
         &[CLASS]
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
+    #[cfg(feature = "host")]
     fn control_access(&self, op: &str, request: &Value) -> (String, bool) {
         match request["attach"] == true {
             true => (format!("{op} attach"), false),
@@ -96,6 +106,7 @@ impl Device for ConsoleDevice {
     }
 }
 
+#[cfg(feature = "host")]
 /// Emits `transport-up` / `transport-down` when a console's connection changes (consoles keep
 /// their own state; this sleeps until it changes).
 async fn watch(events: crate::EventSink, console: Arc<Console>) {
@@ -116,8 +127,10 @@ async fn watch(events: crate::EventSink, console: Arc<Console>) {
     }
 }
 
+#[cfg(feature = "host")]
 struct Consoles(Vec<Arc<Console>>);
 
+#[cfg(feature = "host")]
 impl HostState for Consoles {
     fn consoles(&self) -> Vec<Arc<Console>> {
         self.0.clone()
@@ -166,6 +179,7 @@ impl HostState for Consoles {
     }
 }
 
+#[cfg(feature = "host")]
 /// Serves one viewer: the tail, then output as it comes and (attached) input.
 async fn serve(
     consoles: &[Arc<Console>],

@@ -2,10 +2,15 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
 use super::Echo;
-use crate::registry::{Device, GuestHalf, GuestOptions, HostContext, HostHalf, SettingsError};
+use crate::registry::Device;
+#[cfg(feature = "guest")]
+use crate::registry::{GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{HostContext, HostHalf, SettingsError};
 
 /// `diag`.
 pub struct Diag;
@@ -15,10 +20,12 @@ impl Device for Diag {
         "diag"
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, _ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         Ok(HostHalf::services(vec![Arc::new(Echo)]))
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
         GuestHalf {
             services: vec![Arc::new(Echo)],

@@ -2,22 +2,38 @@
 //! and the host half's virtio-input devices (vhost-user, [`super::vhost`]) that reach a guest
 //! with no agent.
 
+#[cfg(feature = "host")]
 use std::collections::BTreeMap;
+#[cfg(feature = "guest")]
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(feature = "host")]
+use std::sync::Mutex;
+#[cfg(feature = "host")]
 use std::time::Duration;
 
+#[cfg(feature = "host")]
 use serde_json::{json, Value};
 use vstream_link::Mux;
 
+#[cfg(feature = "host")]
 use super::guest::SharedSink;
+#[cfg(feature = "host")]
 use super::vhost::{Injector, InputDevice};
-use super::{Kind, CLASS};
+#[cfg(feature = "host")]
+use super::Kind;
+use super::CLASS;
+#[cfg(feature = "host")]
 use crate::keep::now_secs;
+use crate::registry::Device;
+#[cfg(feature = "host")]
 use crate::registry::{
-    ControlConn, Device, GuestFacts, GuestHalf, GuestOptions, HostContext, HostHalf, HostState,
-    RawTransport, SettingsError, TransportStatus,
+    ControlConn, GuestFacts, HostContext, HostHalf, HostState, RawTransport, SettingsError,
+    TransportStatus,
 };
+#[cfg(feature = "guest")]
+use crate::registry::{GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
 use crate::ServeFuture;
 
 /// `hid`.
@@ -33,6 +49,7 @@ pub const VHOST_KIND: &str = "hid-vhost-user";
 /// virtio-input device if the guest has one of that kind, else the agent's `hid` channel.
 pub const INPUT_OP: &str = "input";
 
+#[cfg(feature = "host")]
 /// The device kind of a `hid-vhost-user` transport: its name.
 fn vhost_kind(t: &RawTransport) -> Result<Kind, SettingsError> {
     Kind::from_name(&t.name).ok_or_else(|| {
@@ -55,6 +72,7 @@ impl Device for HidDevice {
         &[VHOST_KIND]
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         if s.is_some() {
             return Err(SettingsError::new(CLASS, "this device has no settings"));
@@ -74,6 +92,7 @@ impl Device for HidDevice {
         Ok(())
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let mut devices = BTreeMap::new();
         let mut transports = Vec::new();
@@ -108,10 +127,12 @@ impl Device for HidDevice {
         })
     }
 
+    #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {
         &[INPUT_OP]
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
         GuestHalf {
             services: vec![Arc::new(super::guest::Hid::uinput())],
@@ -119,8 +140,10 @@ impl Device for HidDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
+    #[cfg(feature = "guest")]
     fn agent_tools(&self) -> Vec<clap::Command> {
         use clap::{value_parser, Arg, ArgAction, Command};
         vec![
@@ -140,6 +163,7 @@ impl Device for HidDevice {
         ]
     }
 
+    #[cfg(feature = "guest")]
     fn run_agent_tool(&self, name: &str, m: &clap::ArgMatches) -> anyhow::Result<()> {
         let device = m.get_one::<String>("device").cloned().unwrap_or_default();
         let grab = m.get_flag("grab");
@@ -168,6 +192,7 @@ impl Device for HidDevice {
     }
 }
 
+#[cfg(feature = "guest")]
 /// `vstream-agent hid-forward`: forwards an evdev device into streams at transport addresses.
 fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<()> {
     use super::{forward, Kind};
@@ -219,6 +244,7 @@ fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<(
 }
 
 /// The host half of one guest: its virtio-input devices, if any.
+#[cfg(feature = "host")]
 struct HidState {
     mux: Mux,
     devices: BTreeMap<Kind, (Injector, SharedSink)>,
@@ -227,6 +253,7 @@ struct HidState {
     _servers: Vec<vstream_vhost::Server>,
 }
 
+#[cfg(feature = "host")]
 impl HostState for HidState {
     fn status(&self) -> Option<Value> {
         if self.devices.is_empty() {

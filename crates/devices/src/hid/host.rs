@@ -39,16 +39,21 @@ impl Button {
 }
 
 impl std::str::FromStr for Button {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Button, String> {
+    type Err = NotAButton;
+    fn from_str(s: &str) -> Result<Button, NotAButton> {
         match s.to_ascii_lowercase().as_str() {
             "left" => Ok(Button::Left),
             "right" => Ok(Button::Right),
             "middle" => Ok(Button::Middle),
-            _ => Err(format!("{s:?} is not a button (left, right or middle)")),
+            _ => Err(NotAButton(s.to_owned())),
         }
     }
 }
+
+/// A mouse button name that is none of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a button (left, right or middle)")]
+pub struct NotAButton(pub String);
 
 /// What `vstreamctl input` was asked to do (other than forwarding).
 #[derive(Debug, Clone, PartialEq)]

@@ -18,12 +18,17 @@
 
 pub mod device;
 pub mod forward;
+// The host half's virtio-input devices serve the same protocol as the agent ([`guest::serve_stream`]).
+#[cfg(any(feature = "guest", feature = "host"))]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 pub mod keymap;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod verbs;
+#[cfg(feature = "host")]
 pub mod vhost;
 
 use std::fmt;
@@ -225,7 +230,7 @@ impl Kind {
     }
 
     /// Whether the device has this capability and the value is in range; `Err` says why not.
-    pub fn allows(self, ev: &Event) -> Result<(), String> {
+    pub fn allows(self, ev: &Event) -> Result<(), NotAllowed> {
         let ok = match (self, ev.type_) {
             (_, EV_KEY) => {
                 let known = match self {
@@ -233,51 +238,55 @@ impl Kind {
                     Kind::Mouse | Kind::Tablet => BUTTONS.contains(&ev.code),
                 };
                 if !known {
-                    return Err(format!(
-                        "key code {} is not a key of the {}",
-                        ev.code,
-                        self.name()
-                    ));
+                    return Err(NotAllowed::Key(ev.code, self));
                 }
                 // 2 is autorepeat, which only keyboards have.
                 (0..=1).contains(&ev.value) || (self == Kind::Keyboard && ev.value == 2)
             }
             (Kind::Mouse, EV_REL) => {
                 if !self.rel_axes().contains(&ev.code) {
-                    return Err(format!(
-                        "relative axis {} is not an axis of the mouse",
-                        ev.code
-                    ));
+                    return Err(NotAllowed::RelativeAxis(ev.code));
                 }
                 (REL_MIN..=REL_MAX).contains(&ev.value)
             }
             (Kind::Tablet, EV_ABS) => {
                 if !self.abs_axes().contains(&ev.code) {
-                    return Err(format!(
-                        "absolute axis {} is not an axis of the tablet",
-                        ev.code
-                    ));
+                    return Err(NotAllowed::AbsoluteAxis(ev.code));
                 }
                 (0..=ABS_MAX).contains(&ev.value)
             }
-            (_, EV_SYN) => {
-                return Err(
-                    "EV_SYN inside a batch (each batch ends with an implicit SYN_REPORT)".into(),
-                )
-            }
-            (k, t) => {
-                return Err(format!(
-                    "event type {t} is not supported by the {}",
-                    k.name()
-                ))
-            }
+            (_, EV_SYN) => return Err(NotAllowed::Syn),
+            (k, t) => return Err(NotAllowed::Type(t, k)),
         };
         if ok {
             Ok(())
         } else {
-            Err(format!("value {} out of range for {ev}", ev.value))
+            Err(NotAllowed::Value(*ev))
         }
     }
+}
+
+/// Why a device kind refuses an event ([`Kind::allows`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAllowed {
+    /// A key or button the device does not have.
+    #[error("key code {0} is not a key of the {1}")]
+    Key(u16, Kind),
+    /// A relative axis other than the mouse's.
+    #[error("relative axis {0} is not an axis of the mouse")]
+    RelativeAxis(u16),
+    /// An absolute axis other than the tablet's.
+    #[error("absolute axis {0} is not an axis of the tablet")]
+    AbsoluteAxis(u16),
+    /// A SYN event: batches end with an implicit one.
+    #[error("EV_SYN inside a batch (each batch ends with an implicit SYN_REPORT)")]
+    Syn,
+    /// An event type the device does not take.
+    #[error("event type {0} is not supported by the {1}")]
+    Type(u16, Kind),
+    /// A value out of the capability's range.
+    #[error("value {value} out of range for {0}", value = .0.value)]
+    Value(Event),
 }
 
 impl fmt::Display for Kind {

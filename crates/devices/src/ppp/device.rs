@@ -1,22 +1,29 @@
 //! The ppp device's descriptor: `[guest.ppp]` (none: no link), the host half's `ppp` service,
 //! the guest half's pppd (`--ppp`, `vstream.ppp=`).
 
+#[cfg(feature = "host")]
 use std::sync::Arc;
 
+#[cfg(feature = "host")]
 use serde_json::Value;
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
+#[cfg(feature = "guest")]
 use super::guest::{run, Mode, Settings};
+#[cfg(feature = "host")]
 use super::host::{PppConfig, PppService};
 use super::CLASS;
-use crate::registry::{
-    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, SettingsError,
-};
+#[cfg(feature = "guest")]
+use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{section, GuestFacts, HostContext, HostHalf};
+use crate::registry::{Device, SettingsError};
 
 /// `ppp`.
 pub struct PppDevice;
 
+#[cfg(feature = "host")]
 fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
     let s: Option<PppConfig> = section(CLASS, s)?;
     if let Some(s) = &s {
@@ -30,6 +37,7 @@ impl Device for PppDevice {
         CLASS
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match guest {
             None => section::<PppConfig>(CLASS, s).map(drop),
@@ -37,11 +45,13 @@ impl Device for PppDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let s = settings(ctx.section.as_ref())?;
         Ok(HostHalf::services(vec![Arc::new(PppService::new(ctx, s))]))
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![clap::Arg::new("ppp")
                 .value_name("PPP")
@@ -50,6 +60,7 @@ impl Device for PppDevice {
             .help("The PPP link: `on` (pppd on a `ppp` channel), `off`, or a transport such as port:org.vstream.ppp (default: vstream.ppp= on the kernel command line, else `on` if /usr/sbin/pppd exists)")]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -67,6 +78,7 @@ impl Device for PppDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let Some(s) = options.get::<Settings>(CLASS) else {
             return GuestHalf::default();
@@ -78,6 +90,7 @@ impl Device for PppDevice {
     }
 }
 
+#[cfg(feature = "guest")]
 /// The PPP link a kernel command line asks for: `vstream.ppp=on|off|ADDR` (the last one
 /// wins); `None` if it says nothing.
 pub fn kernel_mode(cmdline: &str) -> Result<Option<Mode>, SettingsError> {

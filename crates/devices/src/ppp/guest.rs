@@ -22,9 +22,8 @@ use tokio::sync::broadcast;
 use vstream_link::{Mux, MuxEvent};
 use vstream_transport::{bind_retrying, Address};
 
-use super::host::{link_backoff, next_pause};
 use super::pppd::{self, PppdCommand};
-use super::{CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS, GUEST_MRU};
+use super::{link_backoff, next_pause, CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS, GUEST_MRU};
 
 /// Where the guest's PPP link runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,19 +37,24 @@ pub enum Mode {
 }
 
 impl FromStr for Mode {
-    type Err = String;
+    type Err = NotAMode;
 
-    fn from_str(s: &str) -> Result<Mode, String> {
+    fn from_str(s: &str) -> Result<Mode, NotAMode> {
         match s {
             "off" => Ok(Mode::Off),
             "on" | "channel" => Ok(Mode::Channel),
             a => a
                 .parse()
                 .map(Mode::Transport)
-                .map_err(|e| format!("{a:?} is not on, off, channel or a transport address: {e}")),
+                .map_err(|e| NotAMode(a.to_owned(), e.to_string())),
         }
     }
 }
+
+/// A `--ppp` / `vstream.ppp=` value that is none of the modes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not on, off, channel or a transport address: {1}")]
+pub struct NotAMode(pub String, pub String);
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -24,12 +24,12 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vstream_link::ChannelStream;
-use vstream_transport::{bind_retrying, Address, Backoff};
+use vstream_transport::{bind_retrying, Address};
 
 use super::net::NetConfig;
 use super::pppd::{self, PppdCommand};
 use super::proto::{Endpoint, EndpointConfig, Event, MAX_MRU, MIN_MRU};
-use super::{CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS};
+use super::{link_backoff, next_pause, CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS};
 use crate::tun::{netns_path, Tun};
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
@@ -55,20 +55,49 @@ pub struct Route {
 }
 
 impl TryFrom<String> for Route {
-    type Error = String;
+    type Error = InvalidConfig;
 
-    fn try_from(s: String) -> Result<Route, String> {
+    fn try_from(s: String) -> Result<Route, InvalidConfig> {
         let (net, prefix) = s.split_once('/').unwrap_or((&s, "32"));
-        let net: Ipv4Addr = net
-            .parse()
-            .map_err(|_| format!("route {s:?}: {net:?} is not an IPv4 address"))?;
+        let Ok(net) = net.parse::<Ipv4Addr>() else {
+            return Err(InvalidConfig::RouteAddress(s.clone(), net.to_owned()));
+        };
         let prefix: u8 = prefix
             .parse()
             .ok()
             .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("route {s:?}: the prefix length must be 0-32"))?;
+            .ok_or(InvalidConfig::RoutePrefix(s.clone()))?;
         Ok(Route { net, prefix })
     }
+}
+
+/// A `[guest.ppp]` value that is wrong; the message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidConfig {
+    /// A route whose network is not an IPv4 address.
+    #[error("route {0:?}: {1:?} is not an IPv4 address")]
+    RouteAddress(String, String),
+    /// A route with a prefix length over 32.
+    #[error("route {0:?}: the prefix length must be 0-32")]
+    RoutePrefix(String),
+    /// An MTU pppd would not take.
+    #[error("mtu = {0}: must be {MIN_MRU}-{MAX_MRU}")]
+    Mtu(u16),
+    /// Both ends with one address.
+    #[error("local and remote are both {0}: the two ends need different addresses")]
+    SameAddress(Ipv4Addr),
+    /// An address no link end can have.
+    #[error("{0} cannot be the address of a link end")]
+    Address(Ipv4Addr),
+    /// An interface name the kernel would refuse.
+    #[error("interface = {0:?}: 1-15 letters, digits, '-', '_' or '.'")]
+    Interface(String),
+    /// An option that would break pppd's options file.
+    #[error("options: {0:?} contains a newline or NUL")]
+    Option(String),
+    /// Echoes that could never declare the link dead.
+    #[error("echo_failures must be at least 1 when echo_interval_secs is set")]
+    EchoFailures,
 }
 
 impl fmt::Display for Route {
@@ -134,33 +163,28 @@ pub struct PppConfig {
 
 impl PppConfig {
     /// Checks what serde cannot; the error names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         if !(MIN_MRU..=MAX_MRU).contains(&self.mtu) {
-            return Err(format!("mtu = {}: must be {MIN_MRU}-{MAX_MRU}", self.mtu));
+            return Err(InvalidConfig::Mtu(self.mtu));
         }
         if self.local == self.remote {
-            return Err(format!(
-                "local and remote are both {}: the two ends need different addresses",
-                self.local
-            ));
+            return Err(InvalidConfig::SameAddress(self.local));
         }
         for a in [self.local, self.remote] {
             if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
-                return Err(format!("{a} cannot be the address of a link end"));
+                return Err(InvalidConfig::Address(a));
             }
         }
         if let Some(i) = &self.interface {
             if i.is_empty() || i.len() > 15 || !i.bytes().all(ifname_byte) {
-                return Err(format!(
-                    "interface = {i:?}: 1-15 letters, digits, '-', '_' or '.'"
-                ));
+                return Err(InvalidConfig::Interface(i.clone()));
             }
         }
         if let Some(o) = self.options.iter().find(|o| o.contains(['\n', '\0'])) {
-            return Err(format!("options: {o:?} contains a newline or NUL"));
+            return Err(InvalidConfig::Option(o.clone()));
         }
         if self.echo_interval_secs > 0 && self.echo_failures == 0 {
-            return Err("echo_failures must be at least 1 when echo_interval_secs is set".into());
+            return Err(InvalidConfig::EchoFailures);
         }
         Ok(())
     }
@@ -260,10 +284,7 @@ impl Shared {
 
     /// Runs one link on `stream`, keeping the status and the events up to date, until it ends
     /// or a newer link replaces it. Only the newest link writes the status.
-    async fn run<S>(&self, config: &PppConfig, stream: S, on: &str)
-    where
-        S: AsyncRead + AsyncWrite + Send + Unpin,
-    {
+    async fn run(&self, config: &PppConfig, stream: impl LinkStream, on: &str) {
         let guest = &self.guest;
         self.current.send_modify(|g| *g += 1);
         let link = *self.current.borrow();
@@ -459,31 +480,18 @@ async fn keep_transport(shared: Weak<Shared>) {
     }
 }
 
-/// Backoff between links: 1 s after a link that lasted, doubling up to 60 s after links that
-/// fail at once (a pppd that cannot start, a peer that answers nothing).
-pub fn link_backoff() -> Backoff {
-    Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
-}
-
-/// The pause after a link that lasted `lasted`: a link of 30 s or more starts the backoff over.
-pub fn next_pause(backoff: &mut Backoff, lasted: Duration) -> Duration {
-    if lasted >= Duration::from_secs(30) {
-        backoff.reset();
-    }
-    backoff.next_pause()
-}
+/// What a PPP link runs over: a channel, a raw transport, a test's pipe.
+pub trait LinkStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> LinkStream for S {}
 
 /// Runs one link on `stream` with the guest's settings until it ends; returns why. `report`
 /// hears when IP is up.
-pub async fn run_link<S>(
+pub async fn run_link(
     guest: &str,
     config: &PppConfig,
-    stream: S,
+    stream: impl LinkStream,
     report: impl FnMut(LinkEvent) + Send,
-) -> String
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+) -> String {
     let result = match config.backend {
         Backend::Pppd => run_pppd(guest, config, stream, report).await,
         Backend::Tun => {
@@ -504,15 +512,12 @@ where
     result.unwrap_or_else(|e| format!("error: {e}"))
 }
 
-async fn run_pppd<S>(
+async fn run_pppd(
     guest: &str,
     config: &PppConfig,
-    stream: S,
+    stream: impl LinkStream,
     mut report: impl FnMut(LinkEvent) + Send,
-) -> io::Result<String>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+) -> io::Result<String> {
     let netns = config.netns_path();
     let routes = config.routes.clone();
     // The socket for routes is made now, in the namespace, so the log callback only does ioctls.
@@ -592,14 +597,11 @@ const TUN_BATCH: usize = 64;
 
 /// Runs a userspace PPP endpoint on `stream`, with its IP side on a new TUN device, until the
 /// link ends; returns why.
-pub async fn run_userspace<S>(
+pub async fn run_userspace(
     link: &UserspaceLink,
-    stream: S,
+    stream: impl LinkStream,
     mut report: impl FnMut(LinkEvent) + Send,
-) -> io::Result<String>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+) -> io::Result<String> {
     let ns = link.netns.clone();
     let name = link.interface.clone();
     let (tun, net) = tokio::task::spawn_blocking(move || {

@@ -18,15 +18,25 @@
 //! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 mod hdlc;
+#[cfg(feature = "host")]
 pub mod host;
+#[cfg(feature = "host")]
 pub mod net;
+#[cfg(feature = "host")]
 mod packet;
 pub mod pppd;
+#[cfg(feature = "host")]
 pub mod proto;
 #[cfg(test)]
 mod tests;
+
+use std::time::Duration;
+
+use vstream_transport::Backoff;
 
 /// The device class.
 pub const CLASS: &str = "ppp";
@@ -51,3 +61,17 @@ pub const COMMON_PPPD_OPTIONS: &[&str] = &[
     "0",
     "noccp",
 ];
+
+/// Backoff between links: 1 s after a link that lasted, doubling up to 60 s after links that
+/// fail at once (a pppd that cannot start, a peer that answers nothing).
+pub fn link_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The pause after a link that lasted `lasted`: a link of 30 s or more starts the backoff over.
+pub fn next_pause(backoff: &mut Backoff, lasted: Duration) -> Duration {
+    if lasted >= Duration::from_secs(30) {
+        backoff.reset();
+    }
+    backoff.next_pause()
+}

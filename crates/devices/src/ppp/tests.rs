@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::guest::{guest_pppd_options, Mode};
-use super::host::{default_interface, link_backoff, next_pause, Backend, PppConfig, Route};
+use super::host::{default_interface, Backend, PppConfig, Route};
 use super::proto::{
     encode_frame, protocol, Deframer, Endpoint, EndpointConfig, Event, Frame, FrameError,
 };
+use super::{link_backoff, next_pause};
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -409,7 +410,7 @@ proptest! {
 fn config(extra: &str) -> Result<PppConfig, String> {
     let text = format!("local = \"10.77.0.1\"\nremote = \"10.77.0.2\"\n{extra}");
     let c: PppConfig = toml_like(&text)?;
-    c.validate()?;
+    c.validate().map_err(|e| e.to_string())?;
     Ok(c)
 }
 

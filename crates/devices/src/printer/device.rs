@@ -2,23 +2,32 @@
 //! `jobs` control op, the guest half's AppSocket listeners (`--printer`, `vstream.printer=`).
 
 use std::path::PathBuf;
+#[cfg(feature = "host")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "host")]
 use std::sync::Arc;
+#[cfg(feature = "host")]
 use std::time::Duration;
 
+#[cfg(feature = "guest")]
 use clap::ArgAction;
 use serde::Deserialize;
+#[cfg(feature = "host")]
 use serde_json::{json, Value};
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 use vstream_transport::Address;
 
+#[cfg(feature = "guest")]
 use super::guest::{default_listeners, listen};
+#[cfg(feature = "host")]
 use super::host::{PrinterService, Spool, SpoolConfig};
 use super::CLASS;
-use crate::registry::{
-    cmdline_values, section, AgentArgs, ControlConn, Device, GuestFacts, GuestHalf, GuestOptions,
-    HostContext, HostHalf, HostState, SettingsError,
-};
+#[cfg(feature = "guest")]
+use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{section, ControlConn, GuestFacts, HostContext, HostHalf, HostState};
+use crate::registry::{Device, SettingsError};
 use crate::ServeFuture;
 
 /// `printer`.
@@ -66,10 +75,12 @@ impl Device for PrinterDevice {
         CLASS
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         section::<PrinterConfig>(CLASS, s).map(drop)
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let p: PrinterConfig = section(CLASS, ctx.section.as_ref())?.unwrap_or_default();
         // Guests that announced themselves get no spool on this host.
@@ -87,12 +98,15 @@ impl Device for PrinterDevice {
         })
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
+    #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {
         &[JOBS_OP]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![
             clap::Arg::new("printer")
@@ -109,6 +123,7 @@ impl Device for PrinterDevice {
         ]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -130,6 +145,7 @@ impl Device for PrinterDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let listeners = options.get::<Listeners>(CLASS).map_or(&[][..], |l| &l.0);
         GuestHalf {
@@ -142,6 +158,7 @@ impl Device for PrinterDevice {
     }
 }
 
+#[cfg(feature = "host")]
 /// Opens the guest's spool; the jobs a killed vstreamd left incomplete are reported as events
 /// of the start.
 fn open_spool(
@@ -177,6 +194,7 @@ fn open_spool(
     Ok(spool)
 }
 
+#[cfg(feature = "guest")]
 /// The printer listeners a kernel command line asks for: `vstream.printer=ADDR` (repeatable)
 /// or `vstream.printer=off`; `None` if it says nothing (then the defaults apply).
 pub fn kernel_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, SettingsError> {
@@ -193,11 +211,13 @@ pub fn kernel_listeners(cmdline: &str) -> Result<Option<Vec<Address>>, SettingsE
     Ok(out)
 }
 
+#[cfg(feature = "host")]
 struct PrinterState {
     guest: String,
     spool: Option<Arc<Spool>>,
 }
 
+#[cfg(feature = "host")]
 impl HostState for PrinterState {
     fn status(&self) -> Option<Value> {
         self.spool.as_ref().map(|s| s.status())

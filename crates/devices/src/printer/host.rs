@@ -72,18 +72,29 @@ enum Outcome {
     Refused(String),
 }
 
+/// Why a job's bytes stopped coming.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The channel failed.
+    #[error("channel: {0}")]
+    Channel(#[from] std::io::Error),
+    /// The guest sent what is no record.
+    #[error(transparent)]
+    Record(#[from] super::RecordError),
+}
+
+/// Reads more of the job into `dec`: `false` at the channel's end.
 async fn read_more(
     stream: &mut ChannelStream,
     dec: &mut Decoder,
     buf: &mut [u8],
-) -> Result<bool, String> {
-    match stream.read(buf).await {
-        Ok(0) => Ok(false),
-        Ok(n) => {
-            dec.push(&buf[..n]).map_err(|e| e.to_string())?;
+) -> Result<bool, ReadError> {
+    match stream.read(buf).await? {
+        0 => Ok(false),
+        n => {
+            dec.push(&buf[..n])?;
             Ok(true)
         }
-        Err(e) => Err(format!("channel: {e}")),
     }
 }
 
@@ -108,7 +119,7 @@ pub async fn receive(spool: Arc<Spool>, mut stream: ChannelStream) {
             match read_more(&mut stream, &mut dec, &mut buf).await {
                 Ok(true) => {}
                 Ok(false) => return Err("the channel ended before the job record".to_owned()),
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.to_string()),
             }
         }
     })
@@ -157,14 +168,14 @@ pub async fn receive(spool: Arc<Spool>, mut stream: ChannelStream) {
                         "the channel ended after {received} bytes without an end record"
                     ))
                 }
-                Err(e) => break Outcome::Cut(e),
+                Err(e) => break Outcome::Cut(e.to_string()),
             },
             Err(e) => break Outcome::Cut(format!("protocol error: {e}")),
         };
         match rec {
             Record::Data(d) => {
                 if let Err(why) = spool.reserve(id, d.len() as u64) {
-                    break Outcome::Refused(why);
+                    break Outcome::Refused(why.to_string());
                 }
                 if head.len() < HEAD_LEN {
                     let take = (HEAD_LEN - head.len()).min(d.len());

@@ -17,11 +17,15 @@
 //! Record: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
+#[cfg(feature = "host")]
 mod spool;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod verbs;
 
 use bytes::Bytes;
@@ -46,7 +50,7 @@ pub const HEADER_LEN: usize = Layout::Long.header_len();
 pub const MAX_DATA: usize = 64 * 1024;
 
 /// Largest slice the drivers read at once.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub use crate::record::BULK_READ_CHUNK as READ_CHUNK;
 
 /// Largest `Job` or `Done` payload.
 pub const MAX_META: usize = 4096;

@@ -76,6 +76,22 @@ pub struct JobRecord {
     pub hook: Option<String>,
 }
 
+/// A job refused because the spool would grow past its quota.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spool quota exceeded for guest {guest}: job {id} would bring the spool to {would_be} bytes, quota {quota} bytes; job refused (after {after} bytes)")]
+pub struct QuotaExceeded {
+    /// The guest.
+    pub guest: String,
+    /// The job.
+    pub id: u64,
+    /// The spool's size with this job's next bytes.
+    pub would_be: u64,
+    /// The quota.
+    pub quota: u64,
+    /// Bytes of the job already taken.
+    pub after: u64,
+}
+
 /// Receives spool events (`print-job`) as JSON, for vstreamd's event stream.
 pub type EventSink = Arc<dyn Fn(serde_json::Value) + Send + Sync>;
 
@@ -452,17 +468,17 @@ impl Spool {
     }
 
     /// Accounts `n` more bytes of job `id`; `Err` if that would exceed the quota.
-    pub(super) fn reserve(&self, id: u64, n: u64) -> Result<(), String> {
+    pub(super) fn reserve(&self, id: u64, n: u64) -> Result<(), QuotaExceeded> {
         let mut st = self.lock();
         let used = st.settled_bytes + st.inflight.values().sum::<u64>();
         if used + n > self.config.quota_bytes {
-            let job = st.inflight.get(&id).copied().unwrap_or(0);
-            return Err(format!(
-                "spool quota exceeded for guest {}: job {id} would bring the spool to {} bytes, quota {} bytes; job refused",
-                self.guest,
-                used + n,
-                self.config.quota_bytes
-            ) + &format!(" (after {job} bytes)"));
+            return Err(QuotaExceeded {
+                guest: self.guest.clone(),
+                id,
+                would_be: used + n,
+                quota: self.config.quota_bytes,
+                after: st.inflight.get(&id).copied().unwrap_or(0),
+            });
         }
         *st.inflight.entry(id).or_insert(0) += n;
         Ok(())

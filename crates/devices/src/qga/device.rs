@@ -2,21 +2,31 @@
 //! raw transport with `--qga`), the host half's `agent` control op (to a `qga` transport with a
 //! real qemu-ga behind it if the guest has one, else to a `qga` channel of vstream-agent).
 
+#[cfg(feature = "guest")]
 use std::ops::ControlFlow;
+#[cfg(feature = "guest")]
 use std::path::PathBuf;
 use std::sync::Arc;
+#[cfg(feature = "host")]
 use std::time::Duration;
 
+#[cfg(feature = "host")]
 use serde_json::Value;
 use vstream_link::Mux;
-use vstream_transport::{Address, BoxStream, Endpoint};
+use vstream_transport::Address;
+#[cfg(feature = "host")]
+use vstream_transport::{BoxStream, Endpoint};
 
+#[cfg(feature = "guest")]
 use super::guest::{serve_address, GuestAgent, QgaService, Settings};
-use super::{qemu_ga, QemuGaConfig, CLASS};
-use crate::registry::{
-    cmdline_values, AgentArgs, ControlConn, Device, GuestFacts, GuestHalf, GuestOptions,
-    HostContext, HostHalf, HostState, SettingsError,
-};
+use super::CLASS;
+#[cfg(feature = "guest")]
+use super::{qemu_ga, QemuGaConfig};
+#[cfg(feature = "guest")]
+use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{ControlConn, GuestFacts, HostContext, HostHalf, HostState};
+use crate::registry::{Device, SettingsError};
 use crate::ServeFuture;
 
 /// `qga`.
@@ -41,6 +51,7 @@ impl Device for QgaDevice {
         &[CLASS]
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         if s.is_some() {
             return Err(SettingsError::new(CLASS, "this device has no settings"));
@@ -51,6 +62,7 @@ impl Device for QgaDevice {
         Ok(())
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         Ok(HostHalf {
             services: Vec::new(),
@@ -62,12 +74,15 @@ impl Device for QgaDevice {
         })
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
+    #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {
         &[AGENT_OP]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         let mut args = vec![clap::Arg::new("qga")
             .value_name("QGA")
@@ -78,6 +93,7 @@ impl Device for QgaDevice {
         args
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -108,10 +124,12 @@ impl Device for QgaDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn serves_without_connect(&self, options: &GuestOptions) -> bool {
         options.get::<RawPort>(CLASS).is_some()
     }
 
+    #[cfg(feature = "guest")]
     fn agent_prepare(&self, options: &GuestOptions) -> anyhow::Result<ControlFlow<()>> {
         match options.get::<QemuGaConfig>(QEMU_GA) {
             Some(config) => prepare_as_qemu_ga(config),
@@ -119,6 +137,7 @@ impl Device for QgaDevice {
         }
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, _mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let config = options.get::<QemuGaConfig>(QEMU_GA);
         let agent = GuestAgent::global_with(|| Settings {
@@ -138,10 +157,12 @@ impl Device for QgaDevice {
     }
 }
 
+#[cfg(feature = "guest")]
 /// Where the agent keeps its qemu-ga configuration among the [`GuestOptions`] (next to
 /// [`RawPort`] under [`CLASS`]).
 const QEMU_GA: &str = "qga/qemu-ga";
 
+#[cfg(feature = "guest")]
 /// A configuration file's text, `None` if there is none.
 fn read_conf(path: &str) -> std::io::Result<Option<String>> {
     match std::fs::read_to_string(path) {
@@ -151,6 +172,7 @@ fn read_conf(path: &str) -> std::io::Result<Option<String>> {
     }
 }
 
+#[cfg(feature = "guest")]
 /// What qemu-ga does before it serves: answer `-D` or `-b help`, move its log, become a daemon,
 /// take its pid file (locked, so a second agent on the same file refuses to start).
 fn prepare_as_qemu_ga(config: &QemuGaConfig) -> anyhow::Result<ControlFlow<()>> {
@@ -197,11 +219,13 @@ fn prepare_as_qemu_ga(config: &QemuGaConfig) -> anyhow::Result<ControlFlow<()>> 
     Ok(ControlFlow::Continue(()))
 }
 
+#[cfg(feature = "host")]
 struct QgaHost {
     raw: Option<Address>,
     mux: Mux,
 }
 
+#[cfg(feature = "host")]
 impl HostState for QgaHost {
     fn control(&self, _op: &str, request: Value, mut conn: ControlConn) -> ServeFuture {
         let (raw, mux) = (self.raw.clone(), self.mux.clone());
@@ -227,6 +251,7 @@ impl HostState for QgaHost {
     }
 }
 
+#[cfg(feature = "host")]
 /// A QGA byte stream to a guest.
 enum QgaStream {
     /// Its raw `qga` transport (a real qemu-ga).
@@ -235,27 +260,42 @@ enum QgaStream {
     Channel(vstream_link::ChannelStream),
 }
 
+#[cfg(feature = "host")]
 /// A QGA byte stream to a guest: its raw `qga` transport if configured (a real qemu-ga), else
 /// a `qga` channel of vstream-agent.
-async fn qga_stream(raw: Option<Address>, mux: &Mux) -> Result<QgaStream, String> {
+async fn qga_stream(raw: Option<Address>, mux: &Mux) -> Result<QgaStream, Unreached> {
     let wait = Duration::from_secs(30);
     match raw {
         Some(address) => {
             let connect = async { Endpoint::bind(address.clone()).await?.next().await };
             match tokio::time::timeout(wait, connect).await {
                 Ok(Ok(c)) => Ok(QgaStream::Raw(c.stream)),
-                Ok(Err(e)) => Err(format!("qga transport: {e}")),
-                Err(_) => Err(format!(
-                    "qga transport {address}: no connection within 30 s"
-                )),
+                Ok(Err(e)) => Err(Unreached::Transport(e)),
+                Err(_) => Err(Unreached::TransportTimeout(address)),
             }
         }
         None => match tokio::time::timeout(wait, mux.open(CLASS, "")).await {
             Ok(Ok(c)) => Ok(QgaStream::Channel(c)),
-            Ok(Err(e)) => Err(format!("{CLASS}: {e}")),
-            Err(_) => Err(format!(
-                "{CLASS}: no answer within 30 s (is the agent connected?)"
-            )),
+            Ok(Err(e)) => Err(Unreached::Channel(e)),
+            Err(_) => Err(Unreached::ChannelTimeout),
         },
     }
+}
+
+/// Why there is no QGA stream to a guest.
+#[cfg(feature = "host")]
+#[derive(Debug, thiserror::Error)]
+enum Unreached {
+    /// Its `qga` transport failed.
+    #[error("qga transport: {0}")]
+    Transport(std::io::Error),
+    /// Nothing answered on its `qga` transport.
+    #[error("qga transport {0}: no connection within 30 s")]
+    TransportTimeout(Address),
+    /// The agent refused the channel, or the session ended.
+    #[error("{CLASS}: {0}")]
+    Channel(std::io::Error),
+    /// The agent did not answer.
+    #[error("{CLASS}: no answer within 30 s (is the agent connected?)")]
+    ChannelTimeout,
 }

@@ -338,17 +338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 count: Some(count as i64),
             })
             .await?;
-        let data = base64_decode(&r.buf_b64).ok_or_else(|| {
-            ClientError::Protocol("guest-file-read: buf-b64 is not base64".into())
-        })?;
-        if data.len() as u64 != r.count || data.len() > count {
-            return Err(ClientError::Protocol(format!(
-                "guest-file-read: asked for at most {count} bytes, got {} claiming {}",
-                data.len(),
-                r.count
-            )));
-        }
-        Ok((data, r.eof))
+        Ok((read_data(&r, count)?, r.eof))
     }
 
     /// `guest-file-write`: bytes written (at most `data.len()`).
@@ -388,6 +378,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await?;
         Ok(s.position)
     }
+}
+
+/// The bytes of a `guest-file-read` reply to a read of at most `count`: valid base64 whose
+/// length is the one the guest claims and no more than was asked for.
+fn read_data(r: &GuestFileRead, count: usize) -> Result<Vec<u8>, ClientError> {
+    let data = base64_decode(&r.buf_b64)
+        .ok_or_else(|| ClientError::Protocol("guest-file-read: buf-b64 is not base64".into()))?;
+    if data.len() as u64 != r.count || data.len() > count {
+        return Err(ClientError::Protocol(format!(
+            "guest-file-read: asked for at most {count} bytes, got {} claiming {}",
+            data.len(),
+            r.count
+        )));
+    }
+    Ok(data)
 }
 
 fn decode<T: DeserializeOwned>(what: &str, v: Value) -> Result<T, ClientError> {
@@ -541,16 +546,7 @@ where
                 client.next_reply("guest-file-read").await?,
             )?;
             in_flight -= 1;
-            let data = base64_decode(&r.buf_b64).ok_or_else(|| {
-                ClientError::Protocol("guest-file-read: buf-b64 is not base64".into())
-            })?;
-            if data.len() as u64 != r.count || data.len() > chunk {
-                return Err(ClientError::Protocol(format!(
-                    "guest-file-read: asked for at most {chunk} bytes, got {} claiming {}",
-                    data.len(),
-                    r.count
-                )));
-            }
+            let data = read_data(&r, chunk)?;
             // Replies come in file order, so data after an end of file (a growing file) is
             // still the next data.
             writer.write_all(&data).await?;

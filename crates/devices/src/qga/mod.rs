@@ -31,12 +31,15 @@
 pub mod codec;
 mod command;
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 pub mod qemu_ga;
 mod replies;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod verbs;
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +47,7 @@ use serde_json::{json, Map, Value};
 
 pub use codec::{base64_decode, base64_encode, Frame, Framer, DELIMITER};
 pub use command::*;
+#[cfg(feature = "guest")]
 pub use guest::QgaService;
 pub use qemu_ga::{CommandFilter, QemuGaConfig};
 pub use replies::*;

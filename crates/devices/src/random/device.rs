@@ -1,21 +1,33 @@
 //! The random device's descriptor: the guest's entropy budget (`[guest.random]`), the `random`
 //! channels and `random-raw` ports of the host half, the kernel-pool feeder of the guest half.
 
+#[cfg(feature = "host")]
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "guest")]
 use clap::ArgAction;
+#[cfg(feature = "host")]
 use serde_json::Value;
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
+#[cfg(feature = "guest")]
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
+#[cfg(feature = "host")]
 use super::host::{serve_raw, Entropy, Limiter};
+#[cfg(feature = "host")]
 use super::vhost::RngDevice;
-use super::{Settings, CLASS};
+#[cfg(feature = "host")]
+use super::Settings;
+use super::CLASS;
+#[cfg(feature = "host")]
 use crate::keep::{keep, now_secs, Kept, Slot};
-use crate::registry::{
-    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, HostState, SettingsError, TransportStatus,
-};
+#[cfg(feature = "guest")]
+use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState, TransportStatus};
+use crate::registry::{Device, SettingsError};
+#[cfg(feature = "host")]
 use crate::ServeFuture;
 
 /// `random`.
@@ -29,6 +41,7 @@ pub const RAW_KIND: &str = "random-raw";
 /// `unix-listen:` socket the VMM connects to.
 pub const VHOST_KIND: &str = "random-vhost-user";
 
+#[cfg(feature = "host")]
 fn settings(s: Option<&Value>) -> Result<Settings, SettingsError> {
     let s: Settings = section(CLASS, s)?.unwrap_or_default();
     s.validate().map_err(|e| SettingsError::new(CLASS, e))?;
@@ -44,6 +57,7 @@ impl Device for RandomDevice {
         &[RAW_KIND, VHOST_KIND]
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match guest {
             None => section::<Settings>(CLASS, s).map(drop),
@@ -56,6 +70,7 @@ impl Device for RandomDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let limiter = Arc::new(Limiter::new(settings(ctx.section.as_ref())?));
         let state = Arc::new(RandomState {
@@ -101,6 +116,7 @@ impl Device for RandomDevice {
         })
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![clap::Arg::new("no-random")
             .long("no-random")
@@ -108,6 +124,7 @@ impl Device for RandomDevice {
             .help("Do not feed the kernel's entropy pool from the host (also `vstream.random=0`)")]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -125,6 +142,7 @@ impl Device for RandomDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let Some(feed) = options.get::<FeedSettings>(CLASS) else {
             return GuestHalf::default();
@@ -145,6 +163,7 @@ impl Device for RandomDevice {
     }
 }
 
+#[cfg(feature = "guest")]
 /// `vstream.random=`: whether to feed the kernel's pool.
 pub fn feed_word(r: &str) -> Result<bool, SettingsError> {
     match r {
@@ -157,6 +176,7 @@ pub fn feed_word(r: &str) -> Result<bool, SettingsError> {
     }
 }
 
+#[cfg(feature = "host")]
 struct RandomState {
     limiter: Arc<Limiter>,
     raw: Vec<Mutex<TransportStatus>>,
@@ -164,6 +184,7 @@ struct RandomState {
     vhost: Mutex<Vec<vstream_vhost::Server>>,
 }
 
+#[cfg(feature = "host")]
 impl HostState for RandomState {
     fn transports(&self) -> Vec<TransportStatus> {
         self.raw
@@ -173,6 +194,7 @@ impl HostState for RandomState {
     }
 }
 
+#[cfg(feature = "host")]
 /// Keeps one random-raw transport connected and writes entropy into it within the guest's
 /// budget (docs/devices/random.md).
 async fn run_raw(ctx: HostContext, state: Arc<RandomState>, i: usize) {
@@ -199,12 +221,14 @@ async fn run_raw(ctx: HostContext, state: Arc<RandomState>, i: usize) {
     .await
 }
 
+#[cfg(feature = "host")]
 /// Counts the bytes written to a random-raw transport into its status.
 struct CountingWriter<'a> {
     inner: vstream_transport::BoxStream,
     slot: &'a Mutex<TransportStatus>,
 }
 
+#[cfg(feature = "host")]
 impl tokio::io::AsyncWrite for CountingWriter<'_> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,

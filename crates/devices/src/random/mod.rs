@@ -17,10 +17,13 @@
 //! [`guest`] only move bytes.
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod vhost;
 
 use std::time::{Duration, Instant};
@@ -94,6 +97,20 @@ pub struct Settings {
     pub burst: u64,
 }
 
+/// Beyond this the f64 token arithmetic loses whole bytes; nobody needs 1 TB/s of entropy.
+const MAX_RATE: u64 = 1 << 40;
+
+/// `[guest.random]` values that cannot work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSettings {
+    /// A rate without a bucket to spend it from.
+    #[error("random.burst must be at least 1 byte when random.rate is not 0")]
+    NoBurst,
+    /// More than the token arithmetic holds exactly.
+    #[error("random.rate and random.burst must be at most {MAX_RATE} bytes")]
+    TooLarge,
+}
+
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
@@ -105,16 +122,12 @@ impl Default for Settings {
 
 impl Settings {
     /// Checks the values; the error says which key is wrong and why.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSettings> {
         if self.rate > 0 && self.burst == 0 {
-            return Err("random.burst must be at least 1 byte when random.rate is not 0".into());
+            return Err(InvalidSettings::NoBurst);
         }
-        // Beyond this the f64 token arithmetic loses whole bytes; nobody needs 1 TB/s of entropy.
-        const MAX: u64 = 1 << 40;
-        if self.rate > MAX || self.burst > MAX {
-            return Err(format!(
-                "random.rate and random.burst must be at most {MAX} bytes"
-            ));
+        if self.rate > MAX_RATE || self.burst > MAX_RATE {
+            return Err(InvalidSettings::TooLarge);
         }
         Ok(())
     }

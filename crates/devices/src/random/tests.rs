@@ -68,7 +68,11 @@ fn settings_defaults_and_validation() {
     let off = Settings { rate: 0, burst: 0 };
     assert!(off.validate().is_ok() && !off.enabled());
     let bad = Settings { rate: 10, burst: 0 };
-    assert!(bad.validate().unwrap_err().contains("random.burst"));
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("random.burst"));
 }
 
 #[test]

@@ -1,12 +1,16 @@
 //! The tty device's descriptor: the guest half's terminal sessions; `shell-opened` and
 //! `shell-closed` events when vstreamd opens one.
 
+#[cfg(feature = "guest")]
 use std::sync::Arc;
 
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
 use super::CLASS;
-use crate::registry::{Device, GuestHalf, GuestOptions};
+use crate::registry::Device;
+#[cfg(feature = "guest")]
+use crate::registry::{GuestHalf, GuestOptions};
 
 /// `tty`.
 pub struct TtyDevice;
@@ -16,13 +20,16 @@ impl Device for TtyDevice {
         CLASS
     }
 
+    #[cfg(feature = "host")]
     crate::registry::verbs_in!(super::verbs);
 
     // A terminal session is an event users watch for.
+    #[cfg(feature = "host")]
     fn channel_events(&self) -> (&'static str, &'static str) {
         ("shell-opened", "shell-closed")
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, _mux: &Mux, _options: &GuestOptions) -> GuestHalf {
         GuestHalf {
             services: vec![Arc::new(super::guest::Tty)],

@@ -12,10 +12,13 @@
 //! Frame: `u8 type`, `u32 length` (little-endian), `length` bytes of payload.
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "host")]
 pub mod verbs;
 
 use std::ffi::{OsStr, OsString};
@@ -49,7 +52,7 @@ pub const MAX_ERROR: usize = 4096;
 pub const MAX_SIGNAL: u8 = 64;
 
 /// Largest slice the drivers hand to [`Decoder::push`] at once (their read buffer).
-pub const READ_CHUNK: usize = 64 * 1024;
+pub use crate::record::BULK_READ_CHUNK as READ_CHUNK;
 
 /// Message type bytes. Host-to-guest types have the high bit clear, guest-to-host types set.
 mod kind {

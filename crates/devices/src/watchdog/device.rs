@@ -1,23 +1,36 @@
 //! The watchdog device's descriptor: `[guest.watchdog]` (without it the guest's watchdog is
 //! refused), the host half's watchdog service, the guest half's heartbeats.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(feature = "guest")]
+use std::sync::Mutex;
+#[cfg(feature = "guest")]
 use std::time::Duration;
 
+#[cfg(feature = "host")]
 use serde_json::Value;
+#[cfg(feature = "guest")]
 use vstream_link::Mux;
 
+#[cfg(feature = "guest")]
 use super::guest::{GuestSettings, Heartbeat};
+#[cfg(feature = "host")]
 use super::host::WatchdogService;
-use super::{parse_duration, Settings, CLASS};
-use crate::registry::{
-    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, SettingsError,
-};
+#[cfg(feature = "host")]
+use super::Settings;
+use super::CLASS;
+#[cfg(feature = "guest")]
+use super::{parse_duration, WatchdogError};
+#[cfg(feature = "guest")]
+use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::registry::{section, GuestFacts, HostContext, HostHalf};
+use crate::registry::{Device, SettingsError};
 
 /// `watchdog`.
 pub struct WatchdogDevice;
 
+#[cfg(feature = "host")]
 fn settings(s: Option<&Value>, guest: &GuestFacts) -> Result<Option<Settings>, SettingsError> {
     let s: Option<Settings> = section(CLASS, s)?;
     if let Some(s) = &s {
@@ -32,6 +45,7 @@ impl Device for WatchdogDevice {
         CLASS
     }
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match guest {
             None => section::<Settings>(CLASS, s).map(drop),
@@ -39,6 +53,7 @@ impl Device for WatchdogDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let facts = GuestFacts {
             has_qmp: ctx.qmp.is_some(),
@@ -50,6 +65,7 @@ impl Device for WatchdogDevice {
         ))]))
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![
             clap::Arg::new("watchdog-interval")
@@ -65,6 +81,7 @@ impl Device for WatchdogDevice {
         ]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -88,6 +105,7 @@ impl Device for WatchdogDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let Some(w) = options.get::<GuestSettings>(CLASS) else {
             return GuestHalf::default();
@@ -111,10 +129,11 @@ impl Device for WatchdogDevice {
 }
 
 /// A heartbeat interval: a duration that is not 0.
-pub fn parse_interval(text: &str) -> Result<Duration, String> {
+#[cfg(feature = "guest")]
+pub fn parse_interval(text: &str) -> Result<Duration, WatchdogError> {
     let d = parse_duration(text)?;
     if d.is_zero() {
-        return Err("the interval must not be 0".into());
+        return Err(WatchdogError::ZeroInterval);
     }
     Ok(d)
 }

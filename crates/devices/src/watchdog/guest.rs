@@ -152,7 +152,8 @@ async fn session_inner(
                         seq += 1;
                         send(stream, &GuestMsg::Heartbeat { seq }).await?;
                     }
-                    Err(detail) => {
+                    Err(e) => {
+                        let detail = e.to_string();
                         tracing::warn!("watchdog: health check failed, no heartbeat: {detail}");
                         send(stream, &GuestMsg::CheckFailed { detail }).await?;
                     }
@@ -213,8 +214,26 @@ async fn disarm(stream: &mut ChannelStream, decoder: &mut Decoder<HostMsg>, reas
     )
 }
 
+/// Why the health check vouched for nothing.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    /// It could not be started or waited for.
+    #[error("{0:?}: {1}")]
+    Run(String, std::io::Error),
+    /// It ran past the heartbeat interval.
+    #[error("{0:?} did not finish within {1} ms")]
+    TooLong(String, u128),
+    /// It exited with a failure; `said` is its stderr, cleaned (with a leading ": ").
+    #[error("{check:?} {status}{said}")]
+    Exit {
+        check: String,
+        status: std::process::ExitStatus,
+        said: String,
+    },
+}
+
 /// Runs the health check, if any: `Ok` if it exits 0 within the interval.
-async fn run_check(settings: &GuestSettings) -> Result<(), String> {
+async fn run_check(settings: &GuestSettings) -> Result<(), CheckFailed> {
     let Some(check) = &settings.check else {
         return Ok(());
     };
@@ -225,7 +244,9 @@ async fn run_check(settings: &GuestSettings) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("{check:?}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CheckFailed::Run(check.clone(), e))?;
     let mut err = child.stderr.take();
     let run = async {
         let mut kept = Vec::new();
@@ -242,20 +263,16 @@ async fn run_check(settings: &GuestSettings) -> Result<(), String> {
         (kept, child.wait().await)
     };
     match tokio::time::timeout(settings.interval, run).await {
-        Err(_) => Err(format!(
-            "{check:?} did not finish within {} ms",
-            settings.interval.as_millis()
+        Err(_) => Err(CheckFailed::TooLong(
+            check.clone(),
+            settings.interval.as_millis(),
         )),
-        Ok((_, Err(e))) => Err(format!("{check:?}: {e}")),
+        Ok((_, Err(e))) => Err(CheckFailed::Run(check.clone(), e)),
         Ok((_, Ok(st))) if st.success() => Ok(()),
-        Ok((stderr, Ok(st))) => {
-            let text = super::clean_text(&stderr);
-            let text = text.trim();
-            Err(if text.is_empty() {
-                format!("{check:?} {st}")
-            } else {
-                format!("{check:?} {st}: {text}")
-            })
-        }
+        Ok((stderr, Ok(status))) => Err(CheckFailed::Exit {
+            check: check.clone(),
+            status,
+            said: super::said(&stderr),
+        }),
     }
 }

@@ -221,7 +221,37 @@ async fn run_actions(shared: Arc<Shared>, since: Duration) {
     }
 }
 
-async fn report(shared: &Shared, action: &str, result: (Duration, Result<String, String>)) {
+/// Why a watchdog action failed.
+#[derive(Debug, thiserror::Error)]
+enum ActionFailed {
+    /// A QMP action on a guest without a QMP socket.
+    #[error("{command}: guest {guest:?} has no qmp address")]
+    NoQmp {
+        command: &'static str,
+        guest: String,
+    },
+    /// QEMU did not do it.
+    #[error(transparent)]
+    Qmp(std::io::Error),
+    /// The hook could not be started or waited for.
+    #[error("hook {0:?}: {1}")]
+    Hook(String, std::io::Error),
+    /// The hook ran too long.
+    #[error("hook {0:?} still running after {secs} s; killed", secs = HOOK_TIMEOUT.as_secs())]
+    HookTooLong(String),
+    /// The hook exited with a failure; `said` is its output, cleaned (with a leading ": ").
+    #[error("hook {hook:?} {status}{said}")]
+    HookExit {
+        hook: String,
+        status: std::process::ExitStatus,
+        said: String,
+    },
+}
+
+/// What an action did, or why it failed, and how long it took.
+type Outcome = (Duration, Result<String, ActionFailed>);
+
+async fn report(shared: &Shared, action: &str, result: Outcome) {
     let (took, outcome) = result;
     let took_ms = took.as_millis() as u64;
     match &outcome {
@@ -238,35 +268,31 @@ async fn report(shared: &Shared, action: &str, result: (Duration, Result<String,
         json!({
             "action": action,
             "ok": outcome.is_ok(),
-            "detail": match &outcome { Ok(d) | Err(d) => d },
+            "detail": match &outcome { Ok(d) => d.clone(), Err(e) => e.to_string() },
             "took_ms": took_ms,
         }),
     );
 }
 
-async fn run_action(shared: &Shared, action: Action) -> (Duration, Result<String, String>) {
+async fn run_action(shared: &Shared, action: Action) -> Outcome {
     let start = Instant::now();
     let outcome = match action.qmp_command() {
         None => Ok("logged".to_owned()),
         Some(command) => match &shared.qmp {
-            None => Err(format!(
-                "{command}: guest {:?} has no qmp address",
-                shared.guest
-            )),
+            None => Err(ActionFailed::NoQmp {
+                command,
+                guest: shared.guest.clone(),
+            }),
             Some(address) => qmp::execute(address, command, None, QMP_TIMEOUT)
                 .await
                 .map(|_| format!("QMP {command} done"))
-                .map_err(|e| e.to_string()),
+                .map_err(ActionFailed::Qmp),
         },
     };
     (start.elapsed(), outcome)
 }
 
-async fn run_hook(
-    shared: &Shared,
-    hook: &str,
-    since: Duration,
-) -> (Duration, Result<String, String>) {
+async fn run_hook(shared: &Shared, hook: &str, since: Duration) -> Outcome {
     let start = Instant::now();
     let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.arg("-c")
@@ -279,27 +305,23 @@ async fn run_hook(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let outcome = async {
-        let mut child = cmd.spawn().map_err(|e| format!("hook {hook:?}: {e}"))?;
+        let failed = |e| ActionFailed::Hook(hook.to_owned(), e);
+        let mut child = cmd.spawn().map_err(failed)?;
         let (out, err) = (child.stdout.take(), child.stderr.take());
         let run = async { tokio::join!(read_bounded(out), read_bounded(err), child.wait()) };
-        let (o, e, status) = tokio::time::timeout(HOOK_TIMEOUT, run).await.map_err(|_| {
-            format!(
-                "hook {hook:?} still running after {} s; killed",
-                HOOK_TIMEOUT.as_secs()
-            )
-        })?;
-        let status = status.map_err(|e| format!("hook {hook:?}: {e}"))?;
-        let text = super::clean_text(&[o, e].concat());
-        let text = text.trim();
-        let said = if text.is_empty() {
-            String::new()
-        } else {
-            format!(": {text}")
-        };
+        let (o, e, status) = tokio::time::timeout(HOOK_TIMEOUT, run)
+            .await
+            .map_err(|_| ActionFailed::HookTooLong(hook.to_owned()))?;
+        let status = status.map_err(failed)?;
+        let said = super::said(&[o, e].concat());
         if status.success() {
             Ok(format!("hook exited 0{said}"))
         } else {
-            Err(format!("hook {hook:?} {status}{said}"))
+            Err(ActionFailed::HookExit {
+                hook: hook.to_owned(),
+                status,
+                said,
+            })
         }
     }
     .await;

@@ -16,8 +16,11 @@
 //! [`MAX_PAYLOAD`]).
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
+#[cfg(feature = "host")]
 pub mod qmp;
 #[cfg(test)]
 mod tests;
@@ -99,6 +102,15 @@ pub fn clean_text(payload: &[u8]) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// What a command printed, for a one-line report: `": TEXT"` (cleaned, trimmed), or nothing.
+fn said(output: &[u8]) -> String {
+    let text = clean_text(output);
+    match text.trim() {
+        "" => String::new(),
+        t => format!(": {t}"),
+    }
 }
 
 /// The first `MAX_PAYLOAD` bytes of `text`, cut on a character boundary.
@@ -302,30 +314,22 @@ impl Default for Settings {
 
 impl Settings {
     /// Checks the values; `has_qmp` says whether the guest has a `qmp` address.
-    pub fn validate(&self, has_qmp: bool) -> Result<(), String> {
+    pub fn validate(&self, has_qmp: bool) -> Result<(), WatchdogError> {
         if self.timeout_ms < MIN_TIMEOUT.as_millis() as u64 || self.timeout_ms > u64::from(u32::MAX)
         {
-            return Err(format!(
-                "watchdog.timeout_ms = {} (must be {}..={})",
-                self.timeout_ms,
-                MIN_TIMEOUT.as_millis(),
-                u32::MAX
-            ));
+            return Err(WatchdogError::Timeout(self.timeout_ms));
         }
         if self.pretimeout_ms >= self.timeout_ms {
-            return Err(format!(
-                "watchdog.pretimeout_ms = {} must be below timeout_ms = {}",
-                self.pretimeout_ms, self.timeout_ms
-            ));
+            return Err(WatchdogError::Pretimeout {
+                pretimeout_ms: self.pretimeout_ms,
+                timeout_ms: self.timeout_ms,
+            });
         }
         if self.action == Action::Hook && self.hook.as_deref().is_none_or(|h| h.trim().is_empty()) {
-            return Err("watchdog.action = \"hook\" needs watchdog.hook = \"COMMAND\"".into());
+            return Err(WatchdogError::NoHook);
         }
         if self.action.qmp_command().is_some() && !has_qmp {
-            return Err(format!(
-                "watchdog.action = \"{}\" needs the guest's qmp = \"unix:PATH\"",
-                self.action.as_str()
-            ));
+            return Err(WatchdogError::NeedsQmp(self.action.as_str()));
         }
         Ok(())
     }
@@ -489,8 +493,36 @@ impl Watchdog {
     }
 }
 
+/// A `[guest.watchdog]` value that is wrong, or a duration or interval that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchdogError {
+    /// `timeout_ms` out of range.
+    #[error("watchdog.timeout_ms = {0} (must be {min}..={max})", min = MIN_TIMEOUT.as_millis(), max = u32::MAX)]
+    Timeout(u64),
+    /// A pre-timeout that would never come first.
+    #[error("watchdog.pretimeout_ms = {pretimeout_ms} must be below timeout_ms = {timeout_ms}")]
+    Pretimeout {
+        /// The configured pre-timeout.
+        pretimeout_ms: u64,
+        /// The configured timeout.
+        timeout_ms: u64,
+    },
+    /// `action = "hook"` without a hook.
+    #[error("watchdog.action = \"hook\" needs watchdog.hook = \"COMMAND\"")]
+    NoHook,
+    /// An action done through QMP on a guest without a QMP socket.
+    #[error("watchdog.action = \"{0}\" needs the guest's qmp = \"unix:PATH\"")]
+    NeedsQmp(&'static str),
+    /// Not a duration.
+    #[error("{0:?} is not a duration (e.g. 500ms, 2s, 1m)")]
+    NotADuration(String),
+    /// A heartbeat interval of 0.
+    #[error("the interval must not be 0")]
+    ZeroInterval,
+}
+
 /// Parses a duration such as `500ms`, `2s`, `1.5s`, `1m`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, WatchdogError> {
     let t = text.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1e-3)
@@ -504,9 +536,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let v: f64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+        .map_err(|_| WatchdogError::NotADuration(text.to_owned()))?;
     if !v.is_finite() || v < 0.0 || v * scale > 86_400.0 * 365.0 {
-        return Err(format!("{text:?} is not a duration (e.g. 500ms, 2s, 1m)"));
+        return Err(WatchdogError::NotADuration(text.to_owned()));
     }
     Ok(Duration::from_secs_f64(v * scale))
 }

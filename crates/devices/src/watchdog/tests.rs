@@ -212,23 +212,35 @@ fn settings_validation_names_the_key() {
         hook: None,
     };
     assert!(ok.validate(true).is_ok());
-    assert!(ok.validate(false).unwrap_err().contains("qmp"));
+    assert!(ok.validate(false).unwrap_err().to_string().contains("qmp"));
     let pre = Settings {
         pretimeout_ms: 3000,
         ..ok.clone()
     };
-    assert!(pre.validate(true).unwrap_err().contains("pretimeout_ms"));
+    assert!(pre
+        .validate(true)
+        .unwrap_err()
+        .to_string()
+        .contains("pretimeout_ms"));
     let short = Settings {
         timeout_ms: 10,
         pretimeout_ms: 0,
         ..ok.clone()
     };
-    assert!(short.validate(true).unwrap_err().contains("timeout_ms"));
+    assert!(short
+        .validate(true)
+        .unwrap_err()
+        .to_string()
+        .contains("timeout_ms"));
     let hook = Settings {
         action: Action::Hook,
         ..ok.clone()
     };
-    assert!(hook.validate(false).unwrap_err().contains("watchdog.hook"));
+    assert!(hook
+        .validate(false)
+        .unwrap_err()
+        .to_string()
+        .contains("watchdog.hook"));
     let hook = Settings {
         hook: Some("logger fired".into()),
         ..hook

@@ -13,9 +13,10 @@ use vstream_transport::Address;
 #[command(name = "vstreamd", version)]
 struct Args {
     /// Control socket for vstreamctl (mode 0600; 0660 with `[daemon] control_read_group`).
-    /// Unused when systemd passes the socket (vstreamd.socket, LISTEN_FDS).
-    #[arg(long, env = "VSTREAM_CONTROL", default_value = vstream_host::DEFAULT_CONTROL)]
-    control: PathBuf,
+    /// Unused when systemd passes the socket (vstreamd.socket, LISTEN_FDS). Default: `[daemon]
+    /// control` in the config, else /run/vstream/control.sock.
+    #[arg(long, env = "VSTREAM_CONTROL")]
+    control: Option<PathBuf>,
     /// A shared listener for the agents of many guests (repeatable), e.g. vsock-listen:5000.
     /// Which guest a connection is comes from what its transport proves: the CID on vsock, the
     /// peer's uid/gid on Unix sockets, the key handshake on TCP (docs/THREAT-MODEL.md).
@@ -80,6 +81,11 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| cfg.daemon.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from("/var/lib/vstream"));
+    let control_path = args
+        .control
+        .clone()
+        .or_else(|| cfg.daemon.control.clone())
+        .unwrap_or_else(|| PathBuf::from(vstream_host::DEFAULT_CONTROL));
     let mut listen = cfg.daemon.listen.clone();
     listen.extend(args.listen.iter().cloned());
     tokio::runtime::Builder::new_multi_thread()
@@ -106,14 +112,14 @@ fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let listener = daemon
-                .control_listener(activated, &args.control)
-                .map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display()))?;
+                .control_listener(activated, &control_path)
+                .map_err(|e| anyhow::anyhow!("control socket {}: {e}", control_path.display()))?;
             if let Some(notifier) = notifier {
                 tokio::spawn(vstream_host::systemd::report(notifier, daemon.clone(), service_watchdog));
             }
             let control = daemon.clone().serve_control_on(listener);
             tokio::select! {
-                r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", args.control.display())),
+                r = control => r.map_err(|e| anyhow::anyhow!("control socket {}: {e}", control_path.display())),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = sigterm() => Ok(()),
                 () = upgrade_on_hangup(daemon.clone(), hangups.ok()) => Ok(()),
