@@ -16,11 +16,13 @@ use vstream_wire::frame::{encode, Kind};
 
 use super::{lock, Daemon, Guest, HELLO_TIMEOUT, MAX_PENDING_HANDSHAKES};
 use crate::config::TransportConfig;
+use crate::error::Refused;
 use crate::identity::{Admission, Rules};
 
 /// Tells a connection why it is refused (a REFUSE frame, docs/PROTOCOL.md §2), then closes it.
-async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: &str) {
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: &Refused) {
     let mut frame = Vec::new();
+    let reason = reason.to_string();
     encode(&mut frame, Kind::Refuse as u8, 0, 0, 0, reason.as_bytes());
     let send = async {
         stream.write_all(&frame).await?;
@@ -112,7 +114,7 @@ impl Daemon {
                 let mut claimed = None;
                 let keys = |name: &str| {
                     claimed = Some(name.to_owned());
-                    self.key_for(name)
+                    self.key_for(name).map_err(|e| e.to_string())
                 };
                 let handshake = link_auth::acceptor(&mut stream, prefix, keys, HELLO_TIMEOUT).await;
                 match handshake {
@@ -121,7 +123,11 @@ impl Daemon {
                         prefix = rest;
                     }
                     Err(e) => {
-                        self.record_refusal(claimed.as_deref(), &peer, &e.to_string());
+                        self.record_refusal(
+                            claimed.as_deref(),
+                            &peer,
+                            &Refused::Handshake(e.to_string()),
+                        );
                         return None;
                     }
                 }
@@ -146,26 +152,24 @@ impl Daemon {
                 announced,
             );
             match verdict {
-                Ok(Admission::Configured(name)) => guests
-                    .get(&name)
-                    .cloned()
-                    .ok_or_else(|| format!("guest {name:?} is configured but not running")),
+                Ok(Admission::Configured(name)) => {
+                    guests.get(&name).cloned().ok_or(Refused::NotRunning(name))
+                }
                 Ok(Admission::Announced { name, owner }) => match guests.get(&name) {
                     Some(g) => Ok(g.clone()),
                     None => self
                         .new_guest(&name, None, (Rules::default(), None, Some(owner)))
                         .map(|g| guests.entry(name).or_insert(g).clone())
-                        .map_err(|e| e.to_string()),
+                        .map_err(Refused::from),
                 },
                 Err(reason) => Err(reason),
             }
         };
         let admitted = admitted.and_then(|g| match g.held_off() {
-            Some(d) => Err(format!(
-                "guest {:?} is held off for {} s more: its links were dropped for protocol violations",
-                g.name,
-                d.as_secs() + 1
-            )),
+            Some(d) => Err(Refused::HeldOff {
+                guest: g.name.clone(),
+                secs: d.as_secs() + 1,
+            }),
             None => Ok(g),
         });
         match admitted {
@@ -179,15 +183,15 @@ impl Daemon {
     }
 
     /// The key of a configured guest, or why a key handshake for `name` is refused.
-    fn key_for(&self, name: &str) -> Result<Key, String> {
+    fn key_for(&self, name: &str) -> Result<Key, Refused> {
         self.guest(name)
             .and_then(|g| g.key.clone())
-            .ok_or_else(|| format!("no guest {name:?} has a key here"))
+            .ok_or_else(|| Refused::NoKey(name.to_owned()))
     }
 
     /// Counts and (rate-limited) logs a refused connection: on the guest it claimed if there is
     /// one, else daemon-wide. The guest itself is not disturbed.
-    fn record_refusal(&self, claimed: Option<&str>, peer: &str, reason: &str) {
+    fn record_refusal(&self, claimed: Option<&str>, peer: &str, reason: &Refused) {
         match claimed.and_then(|n| self.guest(n)) {
             Some(g) => lock(&g.refusals).record(&g.name, peer, reason),
             None => lock(&self.refused_unknown).record(claimed.unwrap_or("-"), peer, reason),
@@ -308,7 +312,7 @@ async fn prove_own(
     conn: vstream_transport::Connection,
     address: &Address,
     insecure_tcp: bool,
-) -> Result<(vstream_transport::BoxStream, Vec<u8>), String> {
+) -> Result<(vstream_transport::BoxStream, Vec<u8>), Refused> {
     let mut stream = conn.stream;
     if let Err(reason) = guest.rules.admit_own(&guest.name, &conn.identity) {
         refuse(&mut stream, &reason).await;
@@ -323,10 +327,11 @@ async fn prove_own(
         (Some(key), true) => {
             let key_for = |n: &str| match n == guest.name {
                 true => Ok(key.clone()),
-                false => Err(format!(
-                    "this transport is guest {:?}'s, not {n:?}'s",
-                    guest.name
-                )),
+                false => Err(Refused::NotThisGuest {
+                    guest: guest.name.clone(),
+                    claimed: n.to_owned(),
+                }
+                .to_string()),
             };
             link_auth::acceptor(&mut stream, Vec::new(), key_for, HELLO_TIMEOUT)
                 .await
@@ -337,7 +342,7 @@ async fn prove_own(
         }
         (None, _) if insecure_tcp => Ok(Vec::new()),
         (None, _) => {
-            let reason = "plain TCP without a key is refused: give the guest a key_file, or set [daemon] insecure_tcp = true".to_owned();
+            let reason = Refused::PlainTcp;
             if accepted {
                 refuse(&mut stream, &reason).await;
             }
@@ -346,5 +351,5 @@ async fn prove_own(
     };
     handshake
         .map(|rest| (stream, rest))
-        .map_err(|e| e.to_string())
+        .map_err(|e| Refused::Handshake(e.to_string()))
 }

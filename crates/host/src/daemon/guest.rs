@@ -13,6 +13,7 @@ use vstream_transport::Address;
 use vstream_wire::auth::Key;
 
 use super::lock;
+use crate::error::Refused;
 use crate::identity::{LogLimit, Owner, Rules};
 
 /// A guest: one multiplexer session, any number of transports, its devices' host halves.
@@ -114,7 +115,7 @@ fn refusal_log_limit() -> LogLimit {
 
 impl Refusals {
     /// Counts one refusal and logs it unless that kind of line is over its rate.
-    pub(super) fn record(&mut self, guest: &str, peer: &str, reason: &str) {
+    pub(super) fn record(&mut self, guest: &str, peer: &str, reason: &Refused) {
         self.count += 1;
         self.last = Some(format!("{peer}: {reason}"));
         let limit = &mut self

@@ -22,7 +22,7 @@ use vstream_wire::Role;
 
 use crate::access::Access;
 use crate::config::{Config, GuestConfig, Limits, TransportKind};
-use crate::error::StartError;
+use crate::error::{DeviceFailed, StartError, UpgradeError};
 use crate::identity::{Owner, Policy, Rules};
 use crate::upgrade::Handover;
 use vstream_wire::auth::Key;
@@ -123,7 +123,7 @@ impl Daemon {
         name: &str,
         cfg: Option<&GuestConfig>,
         identity: (Rules, Option<Key>, Option<Owner>),
-    ) -> Result<Arc<Guest>, StartError> {
+    ) -> Result<Arc<Guest>, DeviceFailed> {
         let limits = self.limits.wire_config(Role::Host, name);
         let (mux, incoming) = self
             .handover
@@ -150,7 +150,7 @@ impl Daemon {
                     Arc::new(move |which: &str| handover.take_console(&guest, which))
                 },
             };
-            let half = dev.host(&ctx).map_err(|e| StartError::Device {
+            let half = dev.host(&ctx).map_err(|e| DeviceFailed {
                 guest: name.to_owned(),
                 error: e,
             })?;
@@ -231,7 +231,7 @@ impl Daemon {
         &self,
         binary: Option<PathBuf>,
         reply: Option<std::os::fd::BorrowedFd<'_>>,
-    ) -> Result<std::convert::Infallible, String> {
+    ) -> Result<std::convert::Infallible, UpgradeError> {
         // Announced guests are not carried: their names and owners live only here.
         let sessions = self
             .guests()

@@ -37,6 +37,7 @@ use vstream_link::{Incoming, Mux};
 use vstream_wire::{ChannelId, Config};
 
 use crate::control::{push_line, Reply};
+use crate::error::UpgradeError;
 
 use bridge::{Bridges, Parked};
 pub use bridge::{Carry, ConsoleView, Pump};
@@ -371,7 +372,7 @@ impl Handover {
         sessions: Vec<(String, Mux, Vec<Arc<Console>>)>,
         binary: Option<PathBuf>,
         reply: Option<BorrowedFd<'_>>,
-    ) -> Result<std::convert::Infallible, String> {
+    ) -> Result<std::convert::Infallible, UpgradeError> {
         let _one = self.running.lock().await;
         let requested = now_ms();
         let binary = binary.unwrap_or_else(|| self.binary.clone());
@@ -383,24 +384,21 @@ impl Handover {
             Ok(()) => freeze_consoles(&sessions).await,
             Err(e) => Err(e),
         };
-        let result = match &frozen {
-            Ok(consoles) => self.exec(&sessions, consoles, &binary, reply, requested),
-            Err(e) => Err(e.clone()),
-        };
-        // Still here: the upgrade failed. Everything goes on, the consoles first.
-        drop(frozen);
+        // Still here after `exec`: the upgrade failed. Everything goes on, the consoles first
+        // (they thaw when dropped).
+        let Err(e) =
+            frozen.and_then(|consoles| self.exec(&sessions, &consoles, &binary, reply, requested));
         self.stop.send_replace(false);
         let parked = std::mem::take(&mut lock(&self.bridges).parked);
         for (pump, tx) in parked {
             let _ = tx.send(pump);
         }
-        let e = result.err().unwrap_or_default();
         tracing::error!("upgrade failed, this vstreamd goes on serving: {e}");
         Err(e)
     }
 
     /// Waits until every bridge has stopped.
-    async fn quiesce(&self) -> Result<(), String> {
+    async fn quiesce(&self) -> Result<(), UpgradeError> {
         let all_parked = async {
             loop {
                 let changed = self.changed.notified();
@@ -415,7 +413,7 @@ impl Handover {
         };
         tokio::time::timeout(QUIESCE_TIMEOUT, all_parked)
             .await
-            .map_err(|_| "a bridged connection did not stop within 5 s".to_owned())
+            .map_err(|_| UpgradeError::Quiesce)
     }
 
     /// Freezes the sessions, writes the state, and execs. Returns only on failure.
@@ -426,7 +424,7 @@ impl Handover {
         binary: &PathBuf,
         reply: Option<BorrowedFd<'_>>,
         requested: u64,
-    ) -> Result<std::convert::Infallible, String> {
+    ) -> Result<std::convert::Infallible, UpgradeError> {
         let mut bridges = lock(&self.bridges);
         let control = *lock(&self.control);
         // From here to exec nothing moves a byte of any guest: the sessions are locked and the
@@ -504,7 +502,7 @@ impl Handover {
             views,
             consoles: carried_consoles,
         };
-        let memfd = write_state(&state, &blobs).map_err(|e| format!("writing the state: {e}"))?;
+        let memfd = write_state(&state, &blobs).map_err(UpgradeError::State)?;
         keep.push(memfd.as_raw_fd());
         let inherit = |on: bool| {
             for fd in &keep {
@@ -527,19 +525,22 @@ impl Handover {
             .exec();
         inherit(false);
         drop(frozen);
-        Err(format!("cannot run {}: {err}", binary.display()))
+        Err(UpgradeError::Exec {
+            binary: binary.clone(),
+            error: err,
+        })
     }
 }
 
 /// Stops every console's capture (see [`Console::freeze`]).
 async fn freeze_consoles(
     sessions: &[(String, Mux, Vec<Arc<Console>>)],
-) -> Result<Vec<(String, String, Frozen)>, String> {
+) -> Result<Vec<(String, String, Frozen)>, UpgradeError> {
     let all = async {
         let mut frozen = Vec::new();
         for (guest, _, consoles) in sessions {
             for c in consoles {
-                let f = c.freeze().await.map_err(|e| e.to_string())?;
+                let f = c.freeze().await.map_err(UpgradeError::Console)?;
                 frozen.push((guest.clone(), c.name().to_owned(), f));
             }
         }
@@ -547,7 +548,7 @@ async fn freeze_consoles(
     };
     tokio::time::timeout(QUIESCE_TIMEOUT, all)
         .await
-        .map_err(|_| "a console's capture did not stop within 5 s".to_owned())?
+        .map_err(|_| UpgradeError::ConsoleTimeout)?
 }
 
 /// Counts a running bridge while it lives.
