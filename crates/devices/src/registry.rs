@@ -20,6 +20,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use vstream_link::{ChannelStream, Mux};
 use vstream_transport::{Address, BoxStream};
 
+use crate::status::DeviceStatus;
 use crate::{EventSink, ServeFuture, Service};
 
 /// A future a device hands to the daemon, the agent or the command line.
@@ -260,7 +261,7 @@ impl ControlConn {
 /// The running host half of a device for one guest: what vstreamd asks of it after the start.
 pub trait HostState: Send + Sync {
     /// The device's typed status, shown under `devices.CLASS` in `vstreamctl status`.
-    fn status(&self) -> Option<Value> {
+    fn status(&self) -> Option<DeviceStatus> {
         None
     }
     /// The state of the device's raw transports.
@@ -434,6 +435,12 @@ pub trait Device: Send + Sync {
     /// Starts the host half for one guest (inside a tokio runtime).
     fn host(&self, _ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         Ok(HostHalf::services(Vec::new()))
+    }
+
+    /// Reads back the JSON of this device's status ([`HostState::status`]) as its type
+    /// (vstreamctl): `DeviceStatus::read::<MyStatus>(json)`. By default it stays JSON.
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        Ok(DeviceStatus::new(json))
     }
 
     /// Control-socket ops (`{"op":OP,"guest":...}`) served by [`HostState::control`].

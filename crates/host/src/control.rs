@@ -141,7 +141,7 @@ impl Request {
     }
 }
 
-/// The first reply line.
+/// The first reply line (for `status`, [`crate::status::GuestStatus`] lines follow).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     /// Whether the request was accepted.
@@ -157,11 +157,10 @@ pub struct Reply {
     pub guests: Option<usize>,
     /// For status: connections refused for names that no guest has (count and the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refused_unknown: Option<serde_json::Value>,
-    /// For status and upgrade: the daemon's pid, version and generation
-    /// ([`crate::upgrade::DaemonInfo`]).
+    pub refused_unknown: Option<crate::status::Refusals>,
+    /// For status and upgrade: the daemon's pid, version and generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub daemon: Option<serde_json::Value>,
+    pub daemon: Option<crate::upgrade::DaemonInfo>,
     /// What a device's op adds to its reply (e.g. the list of print jobs).
     #[serde(flatten)]
     pub device: serde_json::Map<String, serde_json::Value>,

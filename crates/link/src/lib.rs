@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use vstream_transport::Address;
@@ -1129,8 +1130,8 @@ pub struct MuxStatus {
     pub stats: SessionCounters,
 }
 
-/// Status of one link.
-#[derive(Debug, Clone, Serialize)]
+/// Status of one link (Deserialize too: vstreamctl reads it back from vstreamd).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkStatus {
     /// Link id.
     pub id: u32,
@@ -1157,7 +1158,7 @@ pub struct LinkStatus {
 }
 
 /// Status of one channel.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelStatus {
     /// Channel id.
     pub id: u32,
@@ -1178,7 +1179,7 @@ pub struct ChannelStatus {
 }
 
 /// Session counters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionCounters {
     /// Frames sent once.
     pub frames_sent: u64,
@@ -1203,9 +1204,9 @@ pub struct SessionCounters {
     /// Peer frames dropped unprocessed while our control queue was full.
     pub deferred: u64,
     /// Protocol errors by kind.
-    pub errors: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<Cow<'static, str>, u64>,
     /// Of those, the ones not logged (rate limit), by kind.
-    pub errors_not_logged: BTreeMap<&'static str, u64>,
+    pub errors_not_logged: BTreeMap<Cow<'static, str>, u64>,
     /// Bytes the session holds because of the peer now (bounded by `peer_buffer_limit`).
     pub held_bytes: usize,
 }
@@ -1221,12 +1222,12 @@ pub fn release_freed_memory() {
 }
 
 /// Non-zero counts by kind name.
-fn by_kind(counts: &[u64; ErrorKind::ALL.len()]) -> BTreeMap<&'static str, u64> {
+fn by_kind(counts: &[u64; ErrorKind::ALL.len()]) -> BTreeMap<Cow<'static, str>, u64> {
     ErrorKind::ALL
         .iter()
         .zip(counts)
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| (k.name(), *n))
+        .map(|(k, n)| (Cow::Borrowed(k.name()), *n))
         .collect()
 }
 

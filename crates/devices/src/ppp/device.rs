@@ -7,12 +7,14 @@ use serde_json::Value;
 use vstream_link::Mux;
 
 use super::guest::{run, Mode, Settings};
+use super::host::PppStatus;
 use super::host::{PppConfig, PppService};
 use super::CLASS;
 use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
     HostHalf, SettingsError,
 };
+use crate::status::DeviceStatus;
 
 /// `ppp`.
 pub struct PppDevice;
@@ -28,6 +30,10 @@ fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
 impl Device for PppDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<PppStatus>(json)
     }
 
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

@@ -14,11 +14,13 @@ use vstream_transport::Address;
 
 use super::guest::{default_listeners, listen};
 use super::host::{PrinterService, Spool, SpoolConfig};
+use super::spool::PrinterStatus;
 use super::CLASS;
 use crate::registry::{
     cmdline_values, section, AgentArgs, ControlConn, Device, GuestFacts, GuestHalf, GuestOptions,
     HostContext, HostHalf, HostState, SettingsError,
 };
+use crate::status::DeviceStatus;
 use crate::ServeFuture;
 
 /// `printer`.
@@ -64,6 +66,10 @@ pub struct Listeners(pub Vec<Address>);
 impl Device for PrinterDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<PrinterStatus>(json)
     }
 
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
@@ -199,8 +205,8 @@ struct PrinterState {
 }
 
 impl HostState for PrinterState {
-    fn status(&self) -> Option<Value> {
-        self.spool.as_ref().map(|s| s.status())
+    fn status(&self) -> Option<DeviceStatus> {
+        self.spool.as_ref().map(|s| DeviceStatus::new(s.status()))
     }
 
     fn control(&self, _op: &str, _request: Value, mut conn: ControlConn) -> ServeFuture {

@@ -9,6 +9,7 @@ use vstream_link::Mux;
 use vstream_transport::Address;
 
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
+use super::host::RandomStatus;
 use super::host::{serve_raw, Entropy, Limiter};
 use super::vhost::RngDevice;
 use super::{Settings, CLASS};
@@ -17,6 +18,7 @@ use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
     HostHalf, HostState, RawTransport, SettingsError, TransportStatus,
 };
+use crate::status::DeviceStatus;
 use crate::ServeFuture;
 
 /// `random`.
@@ -53,6 +55,10 @@ fn settings(s: Option<&Value>) -> Result<Settings, SettingsError> {
 impl Device for RandomDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<RandomStatus>(json)
     }
 
     fn raw_kinds(&self) -> &'static [&'static str] {

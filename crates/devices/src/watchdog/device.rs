@@ -9,11 +9,13 @@ use vstream_link::Mux;
 
 use super::guest::{GuestSettings, Heartbeat};
 use super::host::WatchdogService;
+use super::host::WatchdogStatus;
 use super::{parse_duration, Settings, CLASS};
 use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
     HostHalf, SettingsError,
 };
+use crate::status::DeviceStatus;
 
 /// `watchdog`.
 pub struct WatchdogDevice;
@@ -30,6 +32,10 @@ fn settings(s: Option<&Value>, guest: &GuestFacts) -> Result<Option<Settings>, S
 impl Device for WatchdogDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<WatchdogStatus>(json)
     }
 
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use serde_json::json;
 use vstream_devices::registry::{HostState, TransportStatus};
 use vstream_devices::{EventSink, Service};
@@ -15,6 +14,8 @@ use vstream_wire::auth::Key;
 use super::lock;
 use crate::error::Refused;
 use crate::identity::{LogLimit, Owner, Rules};
+use crate::status::{self, GuestStatus, TransportLine};
+use vstream_devices::status::Devices;
 
 /// A guest: one multiplexer session, any number of transports, its devices' host halves.
 pub struct Guest {
@@ -89,45 +90,29 @@ const HOLD_OFF_MEMORY: Duration = Duration::from_secs(600);
 /// The longest hold-off.
 const HOLD_OFF_MAX: Duration = Duration::from_secs(300);
 
-/// Refused claims to one guest (or, daemon-wide, to names no guest has).
-#[derive(Debug, Default, Clone, Serialize)]
+/// Refused claims to one guest (or, daemon-wide, to names no guest has), and the rate of
+/// their log lines.
+#[derive(Debug, Default)]
 pub(super) struct Refusals {
-    count: u64,
-    last: Option<String>,
-    #[serde(skip)]
-    log: Option<LogLimitSlot>,
-}
-
-/// Rate-limits the log lines of one kind of refusal.
-#[derive(Debug)]
-struct LogLimitSlot(LogLimit);
-
-impl Clone for LogLimitSlot {
-    fn clone(&self) -> Self {
-        LogLimitSlot(refusal_log_limit())
-    }
-}
-
-fn refusal_log_limit() -> LogLimit {
-    // A line a second per guest, bursts of 5: a stuck agent is seen, a flood is not logged.
-    LogLimit::new(Duration::from_secs(1), 5)
+    pub(super) seen: status::Refusals,
+    log: Option<LogLimit>,
 }
 
 impl Refusals {
     /// Counts one refusal and logs it unless that kind of line is over its rate.
     pub(super) fn record(&mut self, guest: &str, peer: &str, reason: &Refused) {
-        self.count += 1;
-        self.last = Some(format!("{peer}: {reason}"));
-        let limit = &mut self
+        self.seen.count += 1;
+        self.seen.last = Some(format!("{peer}: {reason}"));
+        // A line a second per guest, bursts of 5: a stuck agent is seen, a flood is not logged.
+        let limit = self
             .log
-            .get_or_insert_with(|| LogLimitSlot(refusal_log_limit()))
-            .0;
+            .get_or_insert_with(|| LogLimit::new(Duration::from_secs(1), 5));
         if let Some(suppressed) = limit.allow(Instant::now()) {
             tracing::warn!(
                 guest,
                 peer,
                 suppressed,
-                total = self.count,
+                total = self.seen.count,
                 "refused a connection: {reason}"
             );
         }
@@ -185,29 +170,38 @@ impl Guest {
         lock(&self.hold_off).remaining(Instant::now())
     }
 
-    pub(super) fn status(&self) -> serde_json::Value {
+    /// The guest's line in the `status` reply.
+    pub fn status(&self) -> GuestStatus {
         let mux: MuxStatus = self.mux.status();
         let hold_off = lock(&self.hold_off);
-        let mut transports: Vec<serde_json::Value> = Vec::new();
+        let mut transports = Vec::new();
         for t in self.transports().iter() {
-            let mut v = serde_json::to_value(t).unwrap_or_default();
+            let mut line = TransportLine {
+                transport: t.clone(),
+                link: None,
+                active: None,
+            };
             // Merge the live link's counters into the transport that carries it.
             // "up" means the handshake is done on a live link, not just a connected socket.
             match mux.links.iter().find(|l| l.transport == t.name) {
                 Some(l) => {
-                    v["state"] = json!(if l.up { "up" } else { "connecting" });
-                    v["link"] = serde_json::to_value(l).unwrap_or_default();
-                    v["active"] = json!(mux.active_link == Some(l.id));
+                    line.transport.state = if l.up { "up" } else { "connecting" }.into();
+                    line.active = Some(mux.active_link == Some(l.id));
+                    line.link = Some(l.clone());
                 }
-                None => v["state"] = json!("down"),
+                None => line.transport.state = "down".into(),
             }
-            transports.push(v);
+            transports.push(line);
         }
         // The devices' raw transports keep their own state.
         for (_, d) in &self.devices {
-            transports.extend(d.transports().iter().map(|t| json!(t)));
+            transports.extend(d.transports().into_iter().map(|transport| TransportLine {
+                transport,
+                link: None,
+                active: None,
+            }));
         }
-        let devices: serde_json::Map<String, serde_json::Value> = self
+        let devices = self
             .services
             .iter()
             .filter_map(|s| Some((s.class().to_owned(), s.status()?)))
@@ -217,20 +211,22 @@ impl Guest {
                     .filter_map(|(class, d)| Some(((*class).to_owned(), d.status()?))),
             )
             .collect();
-        json!({
-            "name": self.name,
-            "connected": self.mux.is_connected(),
-            "peer": mux.peer,
-            "transports": transports,
-            "channels": mux.channels,
-            "stats": mux.stats,
-            "devices": devices,
-            "owner": self.owner.map(|o| o.to_string()),
-            "held_off": {
-                "drops": hold_off.drops,
-                "remaining_ms": hold_off.remaining(Instant::now()).map(|d| d.as_millis() as u64),
+        GuestStatus {
+            name: self.name.clone(),
+            connected: self.mux.is_connected(),
+            peer: mux.peer,
+            transports,
+            channels: mux.channels,
+            stats: mux.stats,
+            devices: Devices(devices),
+            owner: self.owner.map(|o| o.to_string()),
+            held_off: status::HeldOff {
+                drops: hold_off.drops,
+                remaining_ms: hold_off
+                    .remaining(Instant::now())
+                    .map(|d| d.as_millis() as u64),
             },
-            "refusals": lock(&self.refusals).clone(),
-        })
+            refusals: lock(&self.refusals).seen.clone(),
+        }
     }
 }

@@ -154,8 +154,8 @@ impl Daemon {
         let reply = Reply {
             ok: true,
             guests: Some(guests.len()),
-            refused_unknown: Some(json!(lock(&self.refused_unknown).clone())),
-            daemon: Some(json!(self.handover.info())),
+            refused_unknown: Some(lock(&self.refused_unknown).seen.clone()),
+            daemon: Some(self.handover.info()),
             ..Reply::default()
         };
         write_line(&mut w, &reply).await?;

@@ -295,7 +295,7 @@ impl Handover {
         if let Some(fd) = reply {
             let mut line = Vec::new();
             let reply = Reply {
-                daemon: Some(serde_json::to_value(self.info()).unwrap_or_default()),
+                daemon: Some(self.info()),
                 ..Reply::ok()
             };
             push_line(&mut line, &reply)?;
