@@ -154,10 +154,18 @@ pub struct TransportStatus {
 /// itself ([`ControlConn::into_stream`]) or hands a long-lived connection back to vstreamd
 /// ([`ControlConn::bridge`], [`ControlConn::view`]) so that a live upgrade can carry it.
 pub struct ControlConn {
-    guest: String,
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    client: Client,
     carrier: Arc<dyn Carrier>,
+}
+
+/// A control connection's client, after its request line.
+pub struct Client {
+    /// The guest the request is about.
+    pub guest: String,
+    /// What the client sends (may hold bytes read past the request line).
+    pub r: BufReader<OwnedReadHalf>,
+    /// Where replies go.
+    pub w: OwnedWriteHalf,
 }
 
 /// A future that serves a connection to its end.
@@ -167,22 +175,10 @@ pub type CarryFuture = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>
 /// socket halves themselves are handed over, so a device never holds them past this call).
 pub trait Carrier: Send + Sync {
     /// Pipes the client and `chan` both ways until both are done.
-    fn bridge(
-        &self,
-        guest: &str,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-        chan: ChannelStream,
-    ) -> CarryFuture;
+    fn bridge(&self, client: Client, chan: ChannelStream) -> CarryFuture;
     /// Sends a console's output to the client (and, `attach`ed, its typing to the console)
     /// until either is done.
-    fn view(
-        &self,
-        guest: &str,
-        view: ConsoleViewer,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-    ) -> CarryFuture;
+    fn view(&self, client: Client, view: ConsoleViewer) -> CarryFuture;
 }
 
 /// A console viewer that [`Carrier::view`] serves.
@@ -204,9 +200,11 @@ impl ControlConn {
         carrier: Arc<dyn Carrier>,
     ) -> ControlConn {
         ControlConn {
-            guest: guest.to_owned(),
-            r,
-            w,
+            client: Client {
+                guest: guest.to_owned(),
+                r,
+                w,
+            },
             carrier,
         }
     }
@@ -230,31 +228,31 @@ impl ControlConn {
     /// Writes raw bytes to the client.
     pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.w.write_all(bytes).await
+        self.client.w.write_all(bytes).await
     }
 
     /// The connection as a byte stream, for a device that serves it itself (not carried
     /// across a live upgrade).
     pub fn into_stream(self) -> BoxStream {
-        Box::new(tokio::io::join(self.r, self.w))
+        Box::new(tokio::io::join(self.client.r, self.client.w))
     }
 
     /// Pipes the connection to `chan` (carried across a live upgrade).
     pub async fn bridge(self, chan: ChannelStream) -> std::io::Result<()> {
-        self.carrier.bridge(&self.guest, self.r, self.w, chan).await
+        self.carrier.bridge(self.client, chan).await
     }
 
     /// Serves a console viewer (carried across a live upgrade).
     pub async fn view(self, view: ConsoleViewer) -> std::io::Result<()> {
-        self.carrier.view(&self.guest, view, self.r, self.w).await
+        self.carrier.view(self.client, view).await
     }
 
     async fn line(&mut self, v: &Value) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        self.w.write_all(&line).await?;
-        self.w.flush().await
+        self.client.w.write_all(&line).await?;
+        self.client.w.flush().await
     }
 }
 

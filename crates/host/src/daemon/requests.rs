@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use vstream_devices::registry::{registry, ControlConn};
 
 use super::{lock, Daemon, Guest};
-use crate::control::{push_line, read_line, write_line, Reply, Request};
+use crate::control::{push_line, read_line, write_line, DeviceRequest, Reply, Request};
 use crate::upgrade::Pump;
 
 /// Bytes of guest status lines gathered before a write to a control connection.
@@ -124,7 +124,7 @@ impl Daemon {
         }
         match req {
             Request::Status { guest } => self.control_status(guest, w).await,
-            Request::Device { op, guest, request } => {
+            Request::Device(DeviceRequest { op, guest, request }) => {
                 self.control_device(op, guest, request, r, w).await
             }
             Request::Open { guest, class, name } => {

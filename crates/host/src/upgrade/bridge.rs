@@ -15,6 +15,8 @@ use tokio::sync::{oneshot, watch};
 use vstream_devices::console::{Console, Viewer};
 use vstream_link::ChannelStream;
 
+use vstream_devices::registry::{CarryFuture, Client, ConsoleViewer};
+
 use super::{Handover, PUMP_BUF, SKIPPED};
 
 /// One control connection joined to a guest channel: moves bytes both ways, and can stop at
@@ -214,31 +216,19 @@ pub(super) struct Bridges {
 pub struct Carry(pub Arc<Handover>);
 
 impl vstream_devices::registry::Carrier for Carry {
-    fn bridge(
-        &self,
-        guest: &str,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-        chan: ChannelStream,
-    ) -> vstream_devices::registry::CarryFuture {
-        let (handover, pump) = (self.0.clone(), Pump::new(guest, r, w, chan));
+    fn bridge(&self, c: Client, chan: ChannelStream) -> CarryFuture {
+        let (handover, pump) = (self.0.clone(), Pump::new(&c.guest, c.r, c.w, chan));
         Box::pin(async move { handover.bridge(pump).await })
     }
 
-    fn view(
-        &self,
-        guest: &str,
-        view: vstream_devices::registry::ConsoleViewer,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-    ) -> vstream_devices::registry::CarryFuture {
+    fn view(&self, c: Client, view: ConsoleViewer) -> CarryFuture {
         let handover = self.0.clone();
         let view = ConsoleView {
-            guest: guest.to_owned(),
+            guest: c.guest,
             console: view.console,
             viewer: view.viewer,
-            r,
-            w,
+            r: c.r,
+            w: c.w,
             attach: view.attach,
             pending: Vec::new(),
         };
