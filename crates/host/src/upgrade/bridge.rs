@@ -70,51 +70,10 @@ impl Pump {
     /// dropping the future between polls is always clean. Ready when the pump is done.
     fn poll_pump(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<()>> {
         loop {
-            let mut progressed = false;
-            if self.up.is_empty() && !self.up_eof {
-                let mut rb = ReadBuf::new(buf);
-                if let Poll::Ready(r) = Pin::new(&mut self.r).poll_read(cx, &mut rb) {
-                    r?;
-                    self.up_eof = rb.filled().is_empty();
-                    self.up.extend_from_slice(rb.filled());
-                    progressed = true;
-                }
-            }
-            if !self.up.is_empty() {
-                if let Poll::Ready(n) = Pin::new(&mut self.chan).poll_write(cx, &self.up) {
-                    let n = n?;
-                    self.up.drain(..n);
-                    progressed = true;
-                }
-            } else if self.up_eof && !self.up_closed {
-                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_shutdown(cx) {
-                    r?;
-                    self.up_closed = true;
-                    progressed = true;
-                }
-            }
-            if self.down.is_empty() && !self.down_eof {
-                let mut rb = ReadBuf::new(buf);
-                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_read(cx, &mut rb) {
-                    r?;
-                    self.down_eof = rb.filled().is_empty();
-                    self.down.extend_from_slice(rb.filled());
-                    progressed = true;
-                }
-            }
-            if !self.down.is_empty() {
-                if let Poll::Ready(n) = Pin::new(&mut self.w).poll_write(cx, &self.down) {
-                    let n = n?;
-                    self.down.drain(..n);
-                    progressed = true;
-                }
-            } else if self.down_eof && !self.down_closed {
-                if let Poll::Ready(r) = Pin::new(&mut self.w).poll_shutdown(cx) {
-                    r?;
-                    self.down_closed = true;
-                    progressed = true;
-                }
-            }
+            let up = [&mut self.up_eof, &mut self.up_closed];
+            let mut progressed = step(cx, buf, &mut self.r, &mut self.chan, &mut self.up, up)?;
+            let down = [&mut self.down_eof, &mut self.down_closed];
+            progressed |= step(cx, buf, &mut self.chan, &mut self.w, &mut self.down, down)?;
             if self.done() {
                 return Poll::Ready(Ok(()));
             }
@@ -140,6 +99,46 @@ impl Pump {
         };
         Ok(stopped.then_some(self))
     }
+}
+
+/// One direction of a [`Pump`]: reads into `held` when it is empty, writes `held` out, and
+/// passes the end on as a shutdown once `held` is empty (`[eof, closed]`: the end was read /
+/// passed on). Returns whether anything moved.
+fn step<R, W>(
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+    from: &mut R,
+    to: &mut W,
+    held: &mut Vec<u8>,
+    [eof, closed]: [&mut bool; 2],
+) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut progressed = false;
+    if held.is_empty() && !*eof {
+        let mut rb = ReadBuf::new(buf);
+        if let Poll::Ready(r) = Pin::new(&mut *from).poll_read(cx, &mut rb) {
+            r?;
+            *eof = rb.filled().is_empty();
+            held.extend_from_slice(rb.filled());
+            progressed = true;
+        }
+    }
+    if !held.is_empty() {
+        if let Poll::Ready(n) = Pin::new(&mut *to).poll_write(cx, held) {
+            held.drain(..n?);
+            progressed = true;
+        }
+    } else if *eof && !*closed {
+        if let Poll::Ready(r) = Pin::new(&mut *to).poll_shutdown(cx) {
+            r?;
+            *closed = true;
+            progressed = true;
+        }
+    }
+    Ok(progressed)
 }
 
 /// A console viewer's connection (`vstreamctl console`, following or attached).
