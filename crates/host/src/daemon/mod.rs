@@ -101,6 +101,11 @@ impl Daemon {
         self.guests().get(name).cloned()
     }
 
+    /// Every guest, by name (each one's status line: [`Guest::status`]).
+    pub fn all_guests(&self) -> Vec<Arc<Guest>> {
+        self.guests().values().cloned().collect()
+    }
+
     /// Emits event `kind` about `guest` with `fields` (a JSON object) to every
     /// `vstreamctl events` client: the way for device code in the daemon to report (the fields
     /// `event`, `guest`, `time` and `time_ms` are added; see docs/devices/events.md). Host

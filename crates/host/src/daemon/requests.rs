@@ -142,7 +142,7 @@ impl Daemon {
     /// `status`: a count line, then one line per guest.
     async fn control_status(&self, guest: Option<String>, mut w: OwnedWriteHalf) -> io::Result<()> {
         let guests: Vec<Arc<Guest>> = match &guest {
-            None => self.guests().values().cloned().collect(),
+            None => self.all_guests(),
             Some(name) => match self.guest(name) {
                 Some(g) => vec![g],
                 None => {
