@@ -23,6 +23,7 @@ pub mod qga;
 pub mod random;
 pub mod record;
 pub mod registry;
+pub mod status;
 pub mod term;
 pub mod tty;
 pub mod tun;
@@ -48,7 +49,7 @@ pub trait Service: Send + Sync {
     /// Serves one channel named `name` until it ends.
     fn serve(&self, name: String, stream: ChannelStream) -> ServeFuture;
     /// The device's state for `vstreamctl status` (under `devices.CLASS`), if it has one.
-    fn status(&self) -> Option<serde_json::Value> {
+    fn status(&self) -> Option<status::DeviceStatus> {
         None
     }
 }

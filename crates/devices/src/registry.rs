@@ -20,6 +20,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use vstream_link::{ChannelStream, Mux};
 use vstream_transport::{Address, BoxStream};
 
+use crate::status::DeviceStatus;
 use crate::{EventSink, ServeFuture, Service};
 
 /// A future a device hands to the daemon, the agent or the command line.
@@ -172,10 +173,18 @@ pub struct TransportStatus {
 /// itself ([`ControlConn::into_stream`]) or hands a long-lived connection back to vstreamd
 /// ([`ControlConn::bridge`], [`ControlConn::view`]) so that a live upgrade can carry it.
 pub struct ControlConn {
-    guest: String,
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    client: Client,
     carrier: Arc<dyn Carrier>,
+}
+
+/// A control connection's client, after its request line.
+pub struct Client {
+    /// The guest the request is about.
+    pub guest: String,
+    /// What the client sends (may hold bytes read past the request line).
+    pub r: BufReader<OwnedReadHalf>,
+    /// Where replies go.
+    pub w: OwnedWriteHalf,
 }
 
 /// A future that serves a connection to its end.
@@ -185,23 +194,11 @@ pub type CarryFuture = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>
 /// socket halves themselves are handed over, so a device never holds them past this call).
 pub trait Carrier: Send + Sync {
     /// Pipes the client and `chan` both ways until both are done.
-    fn bridge(
-        &self,
-        guest: &str,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-        chan: ChannelStream,
-    ) -> CarryFuture;
+    fn bridge(&self, client: Client, chan: ChannelStream) -> CarryFuture;
     #[cfg(feature = "host")]
     /// Sends a console's output to the client (and, `attach`ed, its typing to the console)
     /// until either is done.
-    fn view(
-        &self,
-        guest: &str,
-        view: ConsoleViewer,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-    ) -> CarryFuture;
+    fn view(&self, client: Client, view: ConsoleViewer) -> CarryFuture;
 }
 
 #[cfg(feature = "host")]
@@ -224,9 +221,11 @@ impl ControlConn {
         carrier: Arc<dyn Carrier>,
     ) -> ControlConn {
         ControlConn {
-            guest: guest.to_owned(),
-            r,
-            w,
+            client: Client {
+                guest: guest.to_owned(),
+                r,
+                w,
+            },
             carrier,
         }
     }
@@ -250,39 +249,39 @@ impl ControlConn {
     /// Writes raw bytes to the client.
     pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.w.write_all(bytes).await
+        self.client.w.write_all(bytes).await
     }
 
     /// The connection as a byte stream, for a device that serves it itself (not carried
     /// across a live upgrade).
     pub fn into_stream(self) -> BoxStream {
-        Box::new(tokio::io::join(self.r, self.w))
+        Box::new(tokio::io::join(self.client.r, self.client.w))
     }
 
     /// Pipes the connection to `chan` (carried across a live upgrade).
     pub async fn bridge(self, chan: ChannelStream) -> std::io::Result<()> {
-        self.carrier.bridge(&self.guest, self.r, self.w, chan).await
+        self.carrier.bridge(self.client, chan).await
     }
 
     #[cfg(feature = "host")]
     /// Serves a console viewer (carried across a live upgrade).
     pub async fn view(self, view: ConsoleViewer) -> std::io::Result<()> {
-        self.carrier.view(&self.guest, view, self.r, self.w).await
+        self.carrier.view(self.client, view).await
     }
 
     async fn line(&mut self, v: &Value) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        self.w.write_all(&line).await?;
-        self.w.flush().await
+        self.client.w.write_all(&line).await?;
+        self.client.w.flush().await
     }
 }
 
 /// The running host half of a device for one guest: what vstreamd asks of it after the start.
 pub trait HostState: Send + Sync {
     /// The device's typed status, shown under `devices.CLASS` in `vstreamctl status`.
-    fn status(&self) -> Option<Value> {
+    fn status(&self) -> Option<DeviceStatus> {
         None
     }
     /// The state of the device's raw transports.
@@ -457,6 +456,12 @@ pub trait Device: Send + Sync {
     /// Starts the host half for one guest (inside a tokio runtime).
     fn host(&self, _ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         Ok(HostHalf::services(Vec::new()))
+    }
+
+    /// Reads back the JSON of this device's status ([`HostState::status`]) as its type
+    /// (vstreamctl): `DeviceStatus::read::<MyStatus>(json)`. By default it stays JSON.
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        Ok(DeviceStatus::new(json))
     }
 
     /// Control-socket ops (`{"op":OP,"guest":...}`) served by [`HostState::control`].

@@ -81,10 +81,19 @@ async fn a_device_added_from_one_folder_is_served_end_to_end() {
     chan.read_to_string(&mut back).await.expect("read");
     assert_eq!(back, "HELLO, HOST");
     let status = state.status().expect("status");
-    assert_eq!(
-        (&status["max_bytes"], &status["channels"]),
-        (&json!(100), &json!(1))
-    );
+    let typed = upper::UpperStatus {
+        max_bytes: 100,
+        channels: 1,
+    };
+    assert_eq!(status.get::<upper::UpperStatus>(), Some(&typed));
+    assert_eq!(status.to_json(), json!({ "max_bytes": 100, "channels": 1 }));
+    // vstreamctl reads the JSON back as the device's own type, through the registry.
+    let back = reg
+        .get(upper::CLASS)
+        .expect("upper registered")
+        .read_status(status.to_json())
+        .expect("read back");
+    assert_eq!(back.get::<upper::UpperStatus>(), Some(&typed));
     let mut chan = guest.open(upper::CLASS, "").await.expect("open upper");
     chan.write_all(&[b'x'; 101]).await.expect("write");
     let mut rest = Vec::new();

@@ -28,11 +28,13 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// A request: the daemon's own ops, or a device's (`Device::control_ops`, e.g. a console's
 /// log or the guest agent), which the daemon hands to the device's host half.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// Every guest's status, one line each (or one guest's).
     Status {
         /// Only this guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         guest: Option<String>,
     },
     /// Open a channel to a guest service and turn this connection into its byte stream.
@@ -54,69 +56,43 @@ pub enum Request {
     /// this daemon, which then goes on serving.
     Upgrade {
         /// The binary to run.
-        binary: Option<std::path::PathBuf>,
-    },
-    /// An op of a device's: the whole request object, with `op` and `guest`.
-    Device {
-        /// The op.
-        op: String,
-        /// Guest name.
-        guest: String,
-        /// The request object (the device reads its own fields).
-        request: serde_json::Value,
-    },
-}
-
-/// The daemon's own requests, as they are on the wire.
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-enum Own {
-    Status {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        guest: Option<String>,
-    },
-    Open {
-        guest: String,
-        class: String,
-        name: String,
-    },
-    Events {
-        guest: Option<String>,
-    },
-    Upgrade {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<std::path::PathBuf>,
     },
+    /// An op of a device's (on the wire: the device's request object as it is).
+    #[serde(untagged)]
+    Device(DeviceRequest),
 }
 
-impl Serialize for Request {
+/// A device's request: the whole request object, with `op` (one of a device's
+/// `Device::control_ops`) and `guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRequest {
+    /// The op.
+    pub op: String,
+    /// Guest name.
+    pub guest: String,
+    /// The request object (the device reads its own fields).
+    pub request: serde_json::Value,
+}
+
+impl Serialize for DeviceRequest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.clone() {
-            Request::Status { guest } => Own::Status { guest }.serialize(s),
-            Request::Open { guest, class, name } => Own::Open { guest, class, name }.serialize(s),
-            Request::Events { guest } => Own::Events { guest }.serialize(s),
-            Request::Upgrade { binary } => Own::Upgrade { binary }.serialize(s),
-            Request::Device { request, .. } => request.serialize(s),
-        }
+        self.request.serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for Request {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Request, D::Error> {
+impl<'de> Deserialize<'de> for DeviceRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<DeviceRequest, D::Error> {
         use serde::de::Error;
         let v = serde_json::Value::deserialize(d)?;
         let op = v.get("op").and_then(|o| o.as_str()).unwrap_or_default();
         if vstream_devices::registry().owner_of_op(op).is_none() {
-            return Ok(match Own::deserialize(v).map_err(D::Error::custom)? {
-                Own::Status { guest } => Request::Status { guest },
-                Own::Open { guest, class, name } => Request::Open { guest, class, name },
-                Own::Events { guest } => Request::Events { guest },
-                Own::Upgrade { binary } => Request::Upgrade { binary },
-            });
+            return Err(D::Error::custom(format!("unknown op {op:?}")));
         }
         let guest = v.get("guest").and_then(|g| g.as_str());
         let guest = guest.ok_or_else(|| D::Error::custom(format!("{op}: no guest")))?;
-        Ok(Request::Device {
+        Ok(DeviceRequest {
             op: op.to_owned(),
             guest: guest.to_owned(),
             request: v,
@@ -133,15 +109,15 @@ impl Request {
         };
         request.insert("op".into(), op.into());
         request.insert("guest".into(), guest.into());
-        Request::Device {
+        Request::Device(DeviceRequest {
             op: op.to_owned(),
             guest: guest.to_owned(),
             request: request.into(),
-        }
+        })
     }
 }
 
-/// The first reply line.
+/// The first reply line (for `status`, [`crate::status::GuestStatus`] lines follow).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     /// Whether the request was accepted.
@@ -157,11 +133,10 @@ pub struct Reply {
     pub guests: Option<usize>,
     /// For status: connections refused for names that no guest has (count and the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refused_unknown: Option<serde_json::Value>,
-    /// For status and upgrade: the daemon's pid, version and generation
-    /// ([`crate::upgrade::DaemonInfo`]).
+    pub refused_unknown: Option<crate::status::Refusals>,
+    /// For status and upgrade: the daemon's pid, version and generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub daemon: Option<serde_json::Value>,
+    pub daemon: Option<crate::upgrade::DaemonInfo>,
     /// What a device's op adds to its reply (e.g. the list of print jobs).
     #[serde(flatten)]
     pub device: serde_json::Map<String, serde_json::Value>,
@@ -194,7 +169,7 @@ impl Request {
             Request::Open { .. } => "open".into(),
             Request::Events { .. } => "events".into(),
             Request::Upgrade { .. } => "daemon upgrade".into(),
-            Request::Device { op, request, .. } => device_access(op, request).0,
+            Request::Device(d) => device_access(&d.op, &d.request).0,
         }
     }
 
@@ -205,7 +180,7 @@ impl Request {
         match self {
             Request::Status { .. } | Request::Events { .. } => true,
             Request::Open { .. } | Request::Upgrade { .. } => false,
-            Request::Device { op, request, .. } => device_access(op, request).1,
+            Request::Device(d) => device_access(&d.op, &d.request).1,
         }
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use vstream_transport::PeerIdentity;
 
 use crate::config::{AnnouncedConfig, GuestConfig};
+use crate::error::Refused;
 
 /// What a configured guest accepts as proof on shared listeners and its own listening
 /// transports.
@@ -50,29 +51,35 @@ impl Rules {
 
     /// Whether a connection on one of the guest's own transports may be the guest: every rule
     /// that speaks of the connection's kind must hold.
-    pub fn admit_own(&self, name: &str, id: &PeerIdentity) -> Result<(), String> {
+    pub fn admit_own(&self, name: &str, id: &PeerIdentity) -> Result<(), Refused> {
         match *id {
             PeerIdentity::Unix { uid, gid, .. } => self.check_unix(name, uid, gid),
             PeerIdentity::Vsock { cid } => match self.cid {
-                Some(want) if want != cid => Err(format!(
-                    "guest {name:?} is CID {want}; this connection comes from CID {cid}"
-                )),
+                Some(want) if want != cid => Err(Refused::WrongCid {
+                    guest: name.to_owned(),
+                    want,
+                    cid,
+                }),
                 _ => Ok(()),
             },
             PeerIdentity::Tcp(_) | PeerIdentity::Opened => Ok(()),
         }
     }
 
-    fn check_unix(&self, name: &str, uid: u32, gid: u32) -> Result<(), String> {
+    fn check_unix(&self, name: &str, uid: u32, gid: u32) -> Result<(), Refused> {
         if let Some(want) = self.uid.filter(|w| *w != uid) {
-            return Err(format!(
-                "guest {name:?} belongs to uid {want}; this connection is uid {uid}"
-            ));
+            return Err(Refused::WrongUid {
+                guest: name.to_owned(),
+                want,
+                uid,
+            });
         }
         if let Some(want) = self.gid.filter(|w| *w != gid) {
-            return Err(format!(
-                "guest {name:?} belongs to gid {want}; this connection is gid {gid}"
-            ));
+            return Err(Refused::WrongGid {
+                guest: name.to_owned(),
+                want,
+                gid,
+            });
         }
         Ok(())
     }
@@ -135,13 +142,14 @@ impl Policy {
         proven: Option<&str>,
         owner_of: impl Fn(&str) -> Option<Owner>,
         announced_count: usize,
-    ) -> Result<Admission, String> {
+    ) -> Result<Admission, Refused> {
         if let Some(p) = proven {
             // The key handshake named the guest; the HELLO must agree.
             if claimed != p {
-                return Err(format!(
-                    "this connection proved the key of guest {p:?} but announces {claimed:?}"
-                ));
+                return Err(Refused::KeyOfAnother {
+                    proven: p.to_owned(),
+                    claimed: claimed.to_owned(),
+                });
             }
             return Ok(Admission::Configured(p.to_owned()));
         }
@@ -149,20 +157,22 @@ impl Policy {
             PeerIdentity::Vsock { cid } => {
                 if let Some((name, _)) = self.guests.iter().find(|(_, r)| r.cid == Some(cid)) {
                     if !claimed.is_empty() && claimed != name {
-                        return Err(format!(
-                            "CID {cid} is guest {name:?}; it may not announce {claimed:?}"
-                        ));
+                        return Err(Refused::CidOfAnother {
+                            cid,
+                            guest: name.clone(),
+                            claimed: claimed.to_owned(),
+                        });
                     }
                     return Ok(Admission::Configured(name.clone()));
                 }
                 if let Some(r) = self.guests.get(claimed) {
                     return Err(match r.cid {
-                        Some(want) => format!(
-                            "guest {claimed:?} is CID {want}; this connection comes from CID {cid}"
-                        ),
-                        None => format!(
-                            "guest {claimed:?} has no cid in the config; vsock connections cannot be it"
-                        ),
+                        Some(want) => Refused::WrongCid {
+                            guest: claimed.to_owned(),
+                            want,
+                            cid,
+                        },
+                        None => Refused::NoCid(claimed.to_owned()),
                     });
                 }
                 Owner::Cid(cid)
@@ -170,9 +180,7 @@ impl Policy {
             PeerIdentity::Unix { uid, gid, .. } => {
                 if let Some(r) = self.guests.get(claimed) {
                     if r.uid.is_none() && r.gid.is_none() {
-                        return Err(format!(
-                            "guest {claimed:?} has no uid or gid in the config, so no Unix connection on a shared listener can be it (use its own transport)"
-                        ));
+                        return Err(Refused::NoUnixRule(claimed.to_owned()));
                     }
                     r.check_unix(claimed, uid, gid)?;
                     return Ok(Admission::Configured(claimed.to_owned()));
@@ -181,25 +189,17 @@ impl Policy {
             }
             PeerIdentity::Tcp(_) => {
                 if !self.insecure_tcp {
-                    return Err(
-                        "plain TCP without a key is refused: give the guest a key_file, or set [daemon] insecure_tcp = true"
-                            .to_owned(),
-                    );
+                    return Err(Refused::PlainTcp);
                 }
                 if let Some(r) = self.guests.get(claimed) {
                     if r.has_key {
-                        return Err(format!("guest {claimed:?} has a key: connect with it"));
+                        return Err(Refused::HasKey(claimed.to_owned()));
                     }
                     return Ok(Admission::Configured(claimed.to_owned()));
                 }
                 Owner::Anyone
             }
-            PeerIdentity::Opened => {
-                return Err(
-                    "this listener cannot tell who connects; use a transport of the guest's own"
-                        .to_owned(),
-                )
-            }
+            PeerIdentity::Opened => return Err(Refused::Unidentified),
         };
         self.announce(claimed, owner, owner_of, announced_count)
     }
@@ -210,27 +210,24 @@ impl Policy {
         owner: Owner,
         owner_of: impl Fn(&str) -> Option<Owner>,
         announced_count: usize,
-    ) -> Result<Admission, String> {
+    ) -> Result<Admission, Refused> {
         if claimed.is_empty() {
-            return Err("the agent announced no name".to_owned());
+            return Err(Refused::NoName);
         }
         if !self.announced.allow {
-            return Err(format!(
-                "no guest {claimed:?} in the config, and [daemon.announced] allow is false"
-            ));
+            return Err(Refused::NotAllowed(claimed.to_owned()));
         }
         match owner_of(claimed) {
             Some(o) if o == owner => {}
             Some(o) => {
-                return Err(format!(
-                    "guest {claimed:?} belongs to {o}; this connection is {owner}"
-                ))
+                return Err(Refused::Owned {
+                    guest: claimed.to_owned(),
+                    owner: o,
+                    this: owner,
+                })
             }
             None if announced_count >= self.announced.max => {
-                return Err(format!(
-                    "already {} announced guests, the most [daemon.announced] max allows",
-                    self.announced.max
-                ))
+                return Err(Refused::TooMany(self.announced.max))
             }
             None => {}
         }
@@ -336,15 +333,18 @@ mod tests {
         );
         let e = p
             .admit(&cid(5), "web", None, none, 0)
-            .expect_err("claims another");
+            .expect_err("claims another")
+            .to_string();
         assert!(e.contains("CID 5 is guest \"lab\""), "{e}");
         let e = p
             .admit(&cid(7), "lab", None, none, 0)
-            .expect_err("wrong CID");
+            .expect_err("wrong CID")
+            .to_string();
         assert!(e.contains("CID 5") && e.contains("CID 7"), "{e}");
         let e = p
             .admit(&cid(7), "bare", None, none, 0)
-            .expect_err("no cid rule");
+            .expect_err("no cid rule")
+            .to_string();
         assert!(e.contains("no cid"), "{e}");
         assert_eq!(
             p.admit(&cid(7), "new", None, none, 0),
@@ -364,11 +364,13 @@ mod tests {
         );
         let e = p
             .admit(&unix(0), "lab", None, none, 0)
-            .expect_err("root is not uid 1000");
+            .expect_err("root is not uid 1000")
+            .to_string();
         assert!(e.contains("uid 1000") && e.contains("uid 0"), "{e}");
         let e = p
             .admit(&unix(1000), "bare", None, none, 0)
-            .expect_err("no rule");
+            .expect_err("no rule")
+            .to_string();
         assert!(e.contains("no uid or gid"), "{e}");
     }
 
@@ -376,7 +378,10 @@ mod tests {
     fn tcp_needs_a_key_unless_insecure() {
         let mut p = policy(true);
         let tcp = PeerIdentity::Tcp("127.0.0.1:9".parse().expect("addr"));
-        let e = p.admit(&tcp, "lab", None, none, 0).expect_err("no key");
+        let e = p
+            .admit(&tcp, "lab", None, none, 0)
+            .expect_err("no key")
+            .to_string();
         assert!(e.contains("plain TCP"), "{e}");
         assert_eq!(
             p.admit(&tcp, "lab", Some("lab"), none, 0),
@@ -384,12 +389,14 @@ mod tests {
         );
         let e = p
             .admit(&tcp, "bare", Some("lab"), none, 0)
-            .expect_err("mismatch");
+            .expect_err("mismatch")
+            .to_string();
         assert!(e.contains("proved the key of guest \"lab\""), "{e}");
         p.insecure_tcp = true;
         let e = p
             .admit(&tcp, "lab", None, none, 0)
-            .expect_err("lab has a key");
+            .expect_err("lab has a key")
+            .to_string();
         assert!(e.contains("has a key"), "{e}");
         assert_eq!(
             p.admit(&tcp, "bare", None, none, 0),
@@ -404,23 +411,30 @@ mod tests {
         assert!(p.admit(&unix(1000), "x", None, owner, 1).is_ok());
         let e = p
             .admit(&unix(1001), "x", None, owner, 1)
-            .expect_err("other uid");
+            .expect_err("other uid")
+            .to_string();
         assert!(e.contains("belongs to uid 1000"), "{e}");
-        let e = p.admit(&unix(1000), "y", None, none, 2).expect_err("cap");
+        let e = p
+            .admit(&unix(1000), "y", None, none, 2)
+            .expect_err("cap")
+            .to_string();
         assert!(e.contains("max"), "{e}");
         // An existing name is not a new guest: the cap does not apply to it.
         assert!(p.admit(&unix(1000), "x", None, owner, 2).is_ok());
         let e = p
             .admit(&unix(1000), "", None, none, 0)
-            .expect_err("no name");
+            .expect_err("no name")
+            .to_string();
         assert!(e.contains("no name"), "{e}");
         let e = policy(false)
             .admit(&unix(1000), "x", None, none, 0)
-            .expect_err("not allowed");
+            .expect_err("not allowed")
+            .to_string();
         assert!(e.contains("allow is false"), "{e}");
         let e = p
             .admit(&PeerIdentity::Opened, "x", None, none, 0)
-            .expect_err("opened");
+            .expect_err("opened")
+            .to_string();
         assert!(e.contains("cannot tell"), "{e}");
     }
 

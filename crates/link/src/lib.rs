@@ -20,6 +20,8 @@ use shared::{Inner, LinkEntry, Shared, ViolationBudget, Wakers};
 pub use status::{LinkStatus, MuxStatus, SessionCounters};
 pub use stream::ChannelStream;
 pub use upgrade::Frozen;
+/// A channel's line in [`MuxStatus`] (wire's own type).
+pub use vstream_wire::ChannelInfo;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;

@@ -1,6 +1,7 @@
 //! Status snapshots for `vstreamctl status`.
 
 use super::*;
+use serde::Deserialize;
 use vstream_wire::{ChannelInfo, LinkStats, SessionStats};
 
 impl Mux {
@@ -33,7 +34,7 @@ impl Mux {
 }
 
 /// Status of one session, as shown by `vstreamctl status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MuxStatus {
     /// Peer's name.
     pub peer: Option<String>,
@@ -48,7 +49,7 @@ pub struct MuxStatus {
 }
 
 /// Status of one link.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkStatus {
     /// Link id.
     pub id: u32,
@@ -66,7 +67,7 @@ pub struct LinkStatus {
 }
 
 /// Session counters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionCounters {
     /// The session's own counters (serialized flat, beside `held_bytes`).
     #[serde(flatten)]

@@ -183,7 +183,11 @@ impl LinkParams {
 /// Session counters. With the `serde` feature they serialize as `vstreamctl status` shows
 /// them: the per-kind arrays as maps of the non-zero counts by kind name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
 pub struct SessionStats {
     /// Sequenced frames sent for the first time.
     pub frames_sent: u64,
@@ -198,12 +202,19 @@ pub struct SessionStats {
     /// Protocol violations.
     pub protocol_errors: u64,
     /// Protocol violations by kind (indexed like [`ErrorKind::ALL`]).
-    #[cfg_attr(feature = "serde", serde(serialize_with = "by_kind"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "by_kind", deserialize_with = "from_kind")
+    )]
     pub errors: [u64; ErrorKind::ALL.len()],
     /// Of those, the ones not reported as events (rate limit), by kind.
     #[cfg_attr(
         feature = "serde",
-        serde(rename = "errors_not_logged", serialize_with = "by_kind")
+        serde(
+            rename = "errors_not_logged",
+            serialize_with = "by_kind",
+            deserialize_with = "from_kind"
+        )
     )]
     pub suppressed: [u64; ErrorKind::ALL.len()],
     /// Times the session was forgotten because no link came back within `resume_timeout`.
@@ -233,10 +244,29 @@ fn by_kind<S: serde::Serializer>(
     s.collect_map(named)
 }
 
+/// The inverse of [`by_kind`]; names this version does not know are left out.
+#[cfg(feature = "serde")]
+fn from_kind<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<[u64; ErrorKind::ALL.len()], D::Error> {
+    let named: BTreeMap<String, u64> = serde::Deserialize::deserialize(d)?;
+    let mut counts = [0; ErrorKind::ALL.len()];
+    for (name, n) in named {
+        if let Some(i) = ErrorKind::ALL.iter().position(|k| k.name() == name) {
+            counts[i] = n;
+        }
+    }
+    Ok(counts)
+}
+
 /// Per-link counters. With the `serde` feature they serialize flat (the decoder's counters
 /// beside the byte counts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
 pub struct LinkStats {
     /// Bytes received from the transport.
     pub bytes_in: u64,

@@ -19,7 +19,7 @@ use vstream_link::Mux;
 #[cfg(feature = "host")]
 use super::guest::SharedSink;
 #[cfg(feature = "host")]
-use super::vhost::{Injector, InputDevice};
+use super::vhost::{Injector, InputDevice, InputStatus};
 #[cfg(feature = "host")]
 use super::Kind;
 use super::CLASS;
@@ -33,6 +33,8 @@ use crate::registry::{
 };
 #[cfg(feature = "guest")]
 use crate::registry::{GuestHalf, GuestOptions};
+#[cfg(feature = "host")]
+use crate::status::DeviceStatus;
 #[cfg(feature = "host")]
 use crate::ServeFuture;
 
@@ -125,6 +127,11 @@ impl Device for HidDevice {
                 _servers: servers,
             }),
         })
+    }
+
+    #[cfg(feature = "host")]
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<HidStatus>(json)
     }
 
     #[cfg(feature = "host")]
@@ -243,6 +250,15 @@ fn forward_tool(device: String, grab: bool, to: Vec<String>) -> anyhow::Result<(
     })
 }
 
+/// The hid device's status (`devices.hid` in `vstreamctl status`): vstreamd's own virtio-input
+/// devices of the guest, by kind.
+#[cfg(feature = "host")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HidStatus {
+    /// Each device's counters, by kind name.
+    pub virtio_input: BTreeMap<String, InputStatus>,
+}
+
 /// The host half of one guest: its virtio-input devices, if any.
 #[cfg(feature = "host")]
 struct HidState {
@@ -255,16 +271,17 @@ struct HidState {
 
 #[cfg(feature = "host")]
 impl HostState for HidState {
-    fn status(&self) -> Option<Value> {
+    fn status(&self) -> Option<DeviceStatus> {
         if self.devices.is_empty() {
             return None;
         }
-        let devices: serde_json::Map<String, Value> = self
-            .devices
-            .values()
-            .map(|(i, _)| (i.kind().name().to_owned(), i.status()))
-            .collect();
-        Some(json!({ "virtio_input": devices }))
+        Some(DeviceStatus::new(HidStatus {
+            virtio_input: self
+                .devices
+                .values()
+                .map(|(i, _)| (i.kind().name().to_owned(), i.status()))
+                .collect(),
+        }))
     }
 
     fn transports(&self) -> Vec<TransportStatus> {

@@ -22,7 +22,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rustix::event::{eventfd, EventfdFlags};
-use serde_json::{json, Value};
 use vstream_vhost::{Device, Event as VhostEvent, Vq};
 
 use super::codes::*;
@@ -328,7 +327,7 @@ impl Injector {
     }
 
     /// Counters and LED state, for `vstreamctl status`.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> InputStatus {
         let st = self.shared.state();
         let leds: Vec<&str> = LEDS
             .iter()
@@ -336,16 +335,35 @@ impl Injector {
             .filter(|(l, _)| st.leds & (1 << **l) != 0)
             .map(|(_, n)| n)
             .collect();
-        json!({
-            "queued": st.queued.len(),
-            "reports_delivered": st.reports_delivered,
-            "events_delivered": st.events_delivered,
-            "refused": st.refused,
-            "bad_chains": st.bad_chains,
-            "status_events": st.status_events,
-            "leds": leds,
-        })
+        InputStatus {
+            queued: st.queued.len(),
+            reports_delivered: st.reports_delivered,
+            events_delivered: st.events_delivered,
+            refused: st.refused,
+            bad_chains: st.bad_chains,
+            status_events: st.status_events,
+            leds: leds.into_iter().map(str::to_owned).collect(),
+        }
     }
+}
+
+/// One virtio-input device's status (`devices.hid.virtio_input.KIND` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InputStatus {
+    /// Events waiting for the driver's buffers.
+    pub queued: usize,
+    /// Reports the driver took.
+    pub reports_delivered: u64,
+    /// Events the driver took.
+    pub events_delivered: u64,
+    /// Reports refused (the queue was full).
+    pub refused: u64,
+    /// Buffers returned empty because they were bad.
+    pub bad_chains: u64,
+    /// Events the driver sent (LEDs).
+    pub status_events: u64,
+    /// The LEDs the driver has on (`num`, `caps`, `scroll`).
+    pub leds: Vec<String>,
 }
 
 impl Sink for Injector {

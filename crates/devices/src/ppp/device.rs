@@ -12,6 +12,8 @@ use vstream_link::Mux;
 #[cfg(feature = "guest")]
 use super::guest::{run, Mode, Settings};
 #[cfg(feature = "host")]
+use super::host::PppStatus;
+#[cfg(feature = "host")]
 use super::host::{PppConfig, PppService};
 use super::CLASS;
 #[cfg(feature = "guest")]
@@ -19,6 +21,8 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+#[cfg(feature = "host")]
+use crate::status::DeviceStatus;
 
 /// `ppp`.
 pub struct PppDevice;
@@ -35,6 +39,11 @@ fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
 impl Device for PppDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    #[cfg(feature = "host")]
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<PppStatus>(json)
     }
 
     #[cfg(feature = "host")]

@@ -30,6 +30,7 @@ use super::net::NetConfig;
 use super::pppd::{self, PppdCommand};
 use super::proto::{Endpoint, EndpointConfig, Event, MAX_MRU, MIN_MRU};
 use super::{link_backoff, next_pause, CHANNEL_NAME, CLASS, COMMON_PPPD_OPTIONS};
+use crate::status::DeviceStatus;
 use crate::tun::{netns_path, Tun};
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
@@ -419,7 +420,7 @@ impl Service for PppService {
         })
     }
 
-    fn status(&self) -> Option<serde_json::Value> {
+    fn status(&self) -> Option<DeviceStatus> {
         let config = self.shared.config.as_ref()?;
         let st = self
             .shared
@@ -427,20 +428,52 @@ impl Service for PppService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        Some(json!({
-            "state": st.state,
-            "since": st.since,
-            "backend": config.backend,
-            "on": config.transport.as_ref().map_or("channel".to_owned(), |t| t.to_string()),
-            "local": config.local.to_string(),
-            "remote": config.remote.to_string(),
-            "mtu": config.mtu,
-            "netns": config.netns,
-            "interface": st.interface.unwrap_or_else(|| config.interface_name(&self.shared.guest)),
-            "links": st.links,
-            "last_end": st.last_end,
+        Some(DeviceStatus::new(PppStatus {
+            state: st.state.to_owned(),
+            since: st.since,
+            backend: config.backend,
+            on: config
+                .transport
+                .as_ref()
+                .map_or("channel".to_owned(), |t| t.to_string()),
+            local: config.local.to_string(),
+            remote: config.remote.to_string(),
+            mtu: config.mtu,
+            netns: config.netns.clone(),
+            interface: st
+                .interface
+                .unwrap_or_else(|| config.interface_name(&self.shared.guest)),
+            links: st.links,
+            last_end: st.last_end,
         }))
     }
+}
+
+/// The PPP link's status (`devices.ppp` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PppStatus {
+    /// `down`, `connecting`, `up`.
+    pub state: String,
+    /// Since when (Unix seconds).
+    pub since: u64,
+    /// How the host end is terminated.
+    pub backend: Backend,
+    /// The transport it runs on (`channel`: a mux channel).
+    pub on: String,
+    /// The host's address.
+    pub local: String,
+    /// The guest's address.
+    pub remote: String,
+    /// The link's MTU.
+    pub mtu: u16,
+    /// The network namespace of the host end, if any.
+    pub netns: Option<String>,
+    /// The host end's interface.
+    pub interface: String,
+    /// Links made.
+    pub links: u64,
+    /// Why the last link ended.
+    pub last_end: Option<String>,
 }
 
 /// Keeps the guest's PPP link up on its configured transport: connects (or accepts), runs the

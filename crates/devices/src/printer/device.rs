@@ -22,12 +22,15 @@ use vstream_transport::Address;
 use super::guest::{default_listeners, listen};
 #[cfg(feature = "host")]
 use super::host::{PrinterService, Spool, SpoolConfig};
+use super::spool::PrinterStatus;
 use super::CLASS;
 #[cfg(feature = "guest")]
 use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, ControlConn, GuestFacts, HostContext, HostHalf, HostState};
 use crate::registry::{Device, SettingsError};
+#[cfg(feature = "host")]
+use crate::status::DeviceStatus;
 use crate::ServeFuture;
 
 /// `printer`.
@@ -73,6 +76,11 @@ pub struct Listeners(pub Vec<Address>);
 impl Device for PrinterDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    #[cfg(feature = "host")]
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<PrinterStatus>(json)
     }
 
     #[cfg(feature = "host")]
@@ -219,8 +227,8 @@ struct PrinterState {
 
 #[cfg(feature = "host")]
 impl HostState for PrinterState {
-    fn status(&self) -> Option<Value> {
-        self.spool.as_ref().map(|s| s.status())
+    fn status(&self) -> Option<DeviceStatus> {
+        self.spool.as_ref().map(|s| DeviceStatus::new(s.status()))
     }
 
     fn control(&self, _op: &str, _request: Value, mut conn: ControlConn) -> ServeFuture {

@@ -371,22 +371,21 @@ impl Spool {
     }
 
     /// Status for `vstreamctl status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> PrinterStatus {
         let jobs = self.jobs().unwrap_or_default();
         let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
-        let last_error = self.lock().last_error.clone();
-        json!({
-            "spool": self.config.dir.display().to_string(),
-            "quota_bytes": self.config.quota_bytes,
-            "used_bytes": self.used_bytes(),
-            "jobs": {
-                "done": count(JobState::Done),
-                "partial": count(JobState::Partial),
-                "refused": count(JobState::Refused),
-                "receiving": count(JobState::Receiving),
+        PrinterStatus {
+            spool: self.config.dir.display().to_string(),
+            quota_bytes: self.config.quota_bytes,
+            used_bytes: self.used_bytes(),
+            jobs: JobCounts {
+                done: count(JobState::Done),
+                partial: count(JobState::Partial),
+                refused: count(JobState::Refused),
+                receiving: count(JobState::Receiving),
             },
-            "last_error": last_error,
-        })
+            last_error: self.lock().last_error.clone(),
+        }
     }
 
     pub(super) fn report(&self, rec: &JobRecord) {
@@ -614,4 +613,32 @@ impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Spool({}, {})", self.guest, self.config.dir.display())
     }
+}
+
+/// The printer's status (`devices.printer` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrinterStatus {
+    /// The spool directory.
+    pub spool: String,
+    /// Bytes the spool may hold.
+    pub quota_bytes: u64,
+    /// Bytes it holds.
+    pub used_bytes: u64,
+    /// Jobs in the spool, by state.
+    pub jobs: JobCounts,
+    /// The last error.
+    pub last_error: Option<String>,
+}
+
+/// Print jobs by state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobCounts {
+    /// Complete.
+    pub done: usize,
+    /// Cut short.
+    pub partial: usize,
+    /// Refused (over the quota).
+    pub refused: usize,
+    /// Still coming.
+    pub receiving: usize,
 }

@@ -14,6 +14,8 @@ use vstream_link::Mux;
 #[cfg(feature = "guest")]
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
 #[cfg(feature = "host")]
+use super::host::RandomStatus;
+#[cfg(feature = "host")]
 use super::host::{serve_raw, Entropy, Limiter};
 #[cfg(feature = "host")]
 use super::vhost::RngDevice;
@@ -27,6 +29,8 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState, TransportStatus};
 use crate::registry::{Device, SettingsError};
+#[cfg(feature = "host")]
+use crate::status::DeviceStatus;
 #[cfg(feature = "host")]
 use crate::ServeFuture;
 
@@ -51,6 +55,11 @@ fn settings(s: Option<&Value>) -> Result<Settings, SettingsError> {
 impl Device for RandomDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    #[cfg(feature = "host")]
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<RandomStatus>(json)
     }
 
     fn raw_kinds(&self) -> &'static [&'static str] {

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use vstream_link::ChannelStream;
 
 use super::{Request, Settings, TokenBucket, REQUEST_LEN};
+use crate::status::DeviceStatus;
 use crate::{ServeFuture, Service};
 
 /// Most bytes generated and written at once (the largest buffer a guest makes us hold).
@@ -100,17 +100,36 @@ impl Limiter {
     }
 
     /// Counters and budget, for `vstreamctl status`.
-    pub fn status(&self) -> serde_json::Value {
-        json!({
-            "rate": self.settings.rate,
-            "burst": self.settings.burst,
-            "channel_bytes": self.channel_bytes.load(Ordering::Relaxed),
-            "raw_bytes": self.raw_bytes.load(Ordering::Relaxed),
-            "vhost_bytes": self.vhost_bytes.load(Ordering::Relaxed),
-            "requests": self.requests.load(Ordering::Relaxed),
-            "refused": self.refused.load(Ordering::Relaxed),
-        })
+    pub fn status(&self) -> RandomStatus {
+        RandomStatus {
+            rate: self.settings.rate,
+            burst: self.settings.burst,
+            channel_bytes: self.channel_bytes.load(Ordering::Relaxed),
+            raw_bytes: self.raw_bytes.load(Ordering::Relaxed),
+            vhost_bytes: self.vhost_bytes.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// The random device's status (`devices.random` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RandomStatus {
+    /// Bytes per second allowed.
+    pub rate: u64,
+    /// Bytes allowed at once.
+    pub burst: u64,
+    /// Bytes served on channels.
+    pub channel_bytes: u64,
+    /// Bytes served on raw transports.
+    pub raw_bytes: u64,
+    /// Bytes handed to the guest's virtio-rng device.
+    pub vhost_bytes: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Requests refused (over the budget).
+    pub refused: u64,
 }
 
 /// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`, the urandom source: it never blocks
@@ -248,7 +267,7 @@ impl Service for Entropy {
         })
     }
 
-    fn status(&self) -> Option<serde_json::Value> {
-        Some(self.limiter.status())
+    fn status(&self) -> Option<DeviceStatus> {
+        Some(DeviceStatus::new(self.limiter.status()))
     }
 }

@@ -17,6 +17,8 @@ use super::guest::{GuestSettings, Heartbeat};
 #[cfg(feature = "host")]
 use super::host::WatchdogService;
 #[cfg(feature = "host")]
+use super::host::WatchdogStatus;
+#[cfg(feature = "host")]
 use super::Settings;
 use super::CLASS;
 #[cfg(feature = "guest")]
@@ -26,6 +28,8 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+#[cfg(feature = "host")]
+use crate::status::DeviceStatus;
 
 /// `watchdog`.
 pub struct WatchdogDevice;
@@ -43,6 +47,11 @@ fn settings(s: Option<&Value>, guest: &GuestFacts) -> Result<Option<Settings>, S
 impl Device for WatchdogDevice {
     fn class(&self) -> &'static str {
         CLASS
+    }
+
+    #[cfg(feature = "host")]
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<WatchdogStatus>(json)
     }
 
     #[cfg(feature = "host")]

@@ -16,6 +16,7 @@ use super::{
     qmp, Action, Decoder, Expiry, GuestMsg, HostMsg, Phase, Settings, Watchdog, READ_CHUNK,
 };
 use crate::channel::read_repoll;
+use crate::status::DeviceStatus;
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
 /// How long a QMP action may take.
@@ -142,22 +143,47 @@ impl Shared {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> WatchdogStatus {
         let c = self.core();
         let now = Instant::now();
-        json!({
-            "state": c.phase(),
-            "timeout_ms": self.settings.timeout_ms,
-            "pretimeout_ms": self.settings.pretimeout_ms,
-            "action": self.settings.action.as_str(),
-            "interval_ms": c.interval().map(|d| d.as_millis() as u64),
-            "since_heartbeat_ms": c.since_heartbeat(now).map(|d| d.as_millis() as u64),
-            "heartbeats": c.heartbeats(),
-            "fired": c.fires(),
-            "check_failures": self.check_failures.load(Ordering::Relaxed),
-            "actions_failed": self.actions_failed.load(Ordering::Relaxed),
-        })
+        WatchdogStatus {
+            state: c.phase(),
+            timeout_ms: self.settings.timeout_ms,
+            pretimeout_ms: self.settings.pretimeout_ms,
+            action: self.settings.action.as_str().to_owned(),
+            interval_ms: c.interval().map(|d| d.as_millis() as u64),
+            since_heartbeat_ms: c.since_heartbeat(now).map(|d| d.as_millis() as u64),
+            heartbeats: c.heartbeats(),
+            fired: c.fires(),
+            check_failures: self.check_failures.load(Ordering::Relaxed),
+            actions_failed: self.actions_failed.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// The watchdog's status (`devices.watchdog` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatchdogStatus {
+    /// Where it is in its cycle.
+    pub state: Phase,
+    /// The configured timeout.
+    pub timeout_ms: u64,
+    /// The configured pretimeout.
+    pub pretimeout_ms: u64,
+    /// What firing does.
+    pub action: String,
+    /// The guest's heartbeat interval, once known.
+    pub interval_ms: Option<u64>,
+    /// Since the last heartbeat.
+    pub since_heartbeat_ms: Option<u64>,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Times it fired.
+    pub fired: u64,
+    /// Health checks that failed.
+    pub check_failures: u64,
+    /// Actions that failed.
+    pub actions_failed: u64,
 }
 
 /// Runs the guest's watchdog deadlines forever.
@@ -434,7 +460,7 @@ impl Service for WatchdogService {
         })
     }
 
-    fn status(&self) -> Option<serde_json::Value> {
-        self.shared.as_ref().map(|s| s.status())
+    fn status(&self) -> Option<DeviceStatus> {
+        self.shared.as_ref().map(|s| DeviceStatus::new(s.status()))
     }
 }

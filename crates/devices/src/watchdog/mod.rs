@@ -346,7 +346,7 @@ impl Settings {
 }
 
 /// Where a watchdog is in its cycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Never armed: no agent has said hello yet.

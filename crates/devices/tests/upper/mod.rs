@@ -9,13 +9,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_devices::registry::{
     section, Device, GuestFacts, GuestHalf, GuestOptions, HostContext, HostHalf, HostState,
     SettingsError,
 };
+use vstream_devices::status::DeviceStatus;
 use vstream_devices::{ServeFuture, Service};
 use vstream_link::{ChannelStream, Mux};
 
@@ -53,6 +54,10 @@ impl Device for Upper {
         CLASS
     }
 
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<UpperStatus>(json)
+    }
+
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         settings(s).map(drop)
     }
@@ -88,10 +93,21 @@ struct UpperService {
     served: AtomicU64,
 }
 
+/// The host half's status (`devices.upper` in `vstreamctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpperStatus {
+    /// The limit.
+    pub max_bytes: u64,
+    /// Channels served.
+    pub channels: u64,
+}
+
 impl HostState for UpperService {
-    fn status(&self) -> Option<Value> {
-        let served = self.served.load(Ordering::Relaxed);
-        Some(json!({ "max_bytes": self.max_bytes, "channels": served }))
+    fn status(&self) -> Option<DeviceStatus> {
+        Some(DeviceStatus::new(UpperStatus {
+            max_bytes: self.max_bytes,
+            channels: self.served.load(Ordering::Relaxed),
+        }))
     }
 }
 

@@ -70,7 +70,7 @@ pub enum DecodeError {
 
 /// Counters kept by a decoder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DecodeStats {
     /// Frames delivered.
     #[cfg_attr(feature = "serde", serde(rename = "frames_in"))]

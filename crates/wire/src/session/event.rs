@@ -242,7 +242,7 @@ pub enum Recv {
 
 /// Per-channel facts for status displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ChannelInfo {
     /// Channel id.
     pub id: ChannelId,

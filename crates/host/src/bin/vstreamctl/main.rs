@@ -110,12 +110,14 @@ async fn upgrade(control: &PathBuf, binary: Option<PathBuf>) -> anyhow::Result<(
         .transpose()?;
     let started = std::time::Instant::now();
     let (_, _, reply) = request(control, &Request::Upgrade { binary }).await?;
-    let d = reply.daemon.unwrap_or_default();
+    let d = reply
+        .daemon
+        .context("vstreamd's reply does not say which daemon it is")?;
     println!(
         "vstreamd upgraded: pid {}, version {}, generation {} ({} ms)",
-        d["pid"],
-        d["version"].as_str().unwrap_or("?"),
-        d["generation"],
+        d.pid,
+        d.version,
+        d.generation,
         started.elapsed().as_millis()
     );
     Ok(())

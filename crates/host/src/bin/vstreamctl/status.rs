@@ -7,6 +7,7 @@ use anyhow::Context;
 use serde_json::Value;
 use vstream_devices::cli::{bytes, table, Align};
 use vstream_host::control::{read_reply, Request};
+use vstream_host::status::GuestStatus;
 
 use crate::request;
 
@@ -35,22 +36,26 @@ pub async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> any
     // The table is printed whole, once every row is in: its columns fit the widest cell.
     let mut rows = vec![GUEST_ROW_HEADER.map(String::from).to_vec()];
     if json && !one {
-        let daemon = reply.daemon.unwrap_or_default();
+        let daemon = serde_json::to_string(&reply.daemon)?;
         writeln!(out, "{{\"daemon\": {daemon},")?;
-        writeln!(out, "\"refused_unknown\": {refused},")?;
+        writeln!(
+            out,
+            "\"refused_unknown\": {},",
+            serde_json::to_string(&refused)?
+        )?;
         writeln!(out, "\"guests\": [")?;
     } else if !json && !one && count == 0 {
         writeln!(out, "no guests")?;
     }
     for i in 0..count {
-        let g: Value = read_reply(&mut r)
+        let g: GuestStatus = read_reply(&mut r)
             .await
             .with_context(|| format!("vstreamd sent {i} of {count} guests"))?;
         match (json, one) {
             (true, true) => writeln!(out, "{}", serde_json::to_string_pretty(&g)?)?,
             (true, false) => {
                 let sep = if i + 1 < count { "," } else { "" };
-                writeln!(out, "  {g}{sep}")?;
+                writeln!(out, "  {}{sep}", serde_json::to_string(&g)?)?;
             }
             (false, true) => write!(out, "{}", render_guest(&g))?,
             (false, false) => rows.push(guest_row(&g)),
@@ -61,12 +66,12 @@ pub async fn status(control: &PathBuf, guest: Option<String>, json: bool) -> any
     }
     if json && !one {
         writeln!(out, "]}}")?;
-    } else if !one && refused["count"].as_u64() > Some(0) {
+    } else if !one && refused.count > 0 {
         writeln!(
             out,
             "refused {} connection(s) claiming names no guest has; last: {}",
-            refused["count"],
-            refused["last"].as_str().unwrap_or("-")
+            refused.count,
+            refused.last.as_deref().unwrap_or("-")
         )?;
     }
     out.flush()?;
@@ -83,84 +88,77 @@ const GUEST_ROW_ALIGN: [Align; 9] = {
 
 /// One guest on one line: its state, how many mux transports are up, the active one (and since
 /// when), bytes over all links, open channels, protocol errors plus channel resets.
-fn guest_row(g: &Value) -> Vec<String> {
-    let empty = Vec::new();
-    let transports = g["transports"].as_array().unwrap_or(&empty);
-    let links: Vec<&Value> = transports.iter().filter(|t| t["kind"] == "mux").collect();
-    let up = links.iter().filter(|t| t["state"] == "up").count();
-    let active = links.iter().find(|t| t["active"] == true);
-    let sum = |key: &str| -> u64 { links.iter().filter_map(|t| t["link"][key].as_u64()).sum() };
-    let st = &g["stats"];
-    let errors =
-        st["protocol_errors"].as_u64().unwrap_or(0) + st["channel_resets"].as_u64().unwrap_or(0);
+fn guest_row(g: &GuestStatus) -> Vec<String> {
+    let links: Vec<_> = g
+        .transports
+        .iter()
+        .filter(|t| t.transport.kind == "mux")
+        .collect();
+    let up = links.iter().filter(|t| t.transport.state == "up").count();
+    let active = links.iter().find(|t| t.active == Some(true));
+    let sum = |f: fn(&vstream_link::LinkStatus) -> u64| -> u64 {
+        links.iter().filter_map(|t| t.link.as_ref()).map(f).sum()
+    };
+    let errors = g.stats.session.protocol_errors + g.stats.session.channel_resets;
     vec![
-        g["name"].as_str().unwrap_or("?").to_owned(),
-        if g["connected"] == true {
+        g.name.clone(),
+        if g.connected {
             "connected"
         } else {
             "disconnected"
         }
         .to_owned(),
         format!("{up}/{}", links.len()),
-        active
-            .and_then(|t| t["name"].as_str())
-            .unwrap_or("-")
-            .to_owned(),
-        active.map_or_else(|| "-".to_owned(), |t| ago(t["since"].as_u64().unwrap_or(0))),
-        bytes(&Value::from(sum("bytes_in"))),
-        bytes(&Value::from(sum("bytes_out"))),
-        g["channels"].as_array().map_or(0, Vec::len).to_string(),
+        active.map_or("-", |t| t.transport.name.as_str()).to_owned(),
+        active.map_or_else(|| "-".to_owned(), |t| ago(t.transport.since)),
+        bytes(&Value::from(sum(|l| l.stats.bytes_in))),
+        bytes(&Value::from(sum(|l| l.stats.bytes_out))),
+        g.channels.len().to_string(),
         errors.to_string(),
     ]
 }
 
 /// One guest in detail: transports, devices, channels.
-fn render_guest(g: &Value) -> String {
+fn render_guest(g: &GuestStatus) -> String {
     let mut out = String::new();
-    let empty = Vec::new();
-    let st = &g["stats"];
+    let st = &g.stats;
     out.push_str(&format!(
         "{}  {}  errors: {} protocol, {} channel resets, {} retransmitted frames\n",
-        g["name"].as_str().unwrap_or("?"),
-        if g["connected"].as_bool() == Some(true) {
+        g.name,
+        if g.connected {
             "connected"
         } else {
             "disconnected"
         },
-        st["protocol_errors"],
-        st["channel_resets"],
-        st["frames_retransmitted"],
+        st.session.protocol_errors,
+        st.session.channel_resets,
+        st.session.frames_retransmitted,
     ));
     use Align::{Left as L, Right as R};
-    let text = |v: &Value| v.as_str().unwrap_or("?").to_owned();
-    let transports: Vec<Vec<String>> = g["transports"]
-        .as_array()
-        .unwrap_or(&empty)
+    let transports: Vec<Vec<String>> = g
+        .transports
         .iter()
-        .map(|t| {
-            let (bin, bout) = if t["link"].is_object() {
-                (&t["link"]["bytes_in"], &t["link"]["bytes_out"])
-            } else {
-                (&t["bytes_in"], &t["bytes_out"])
-            };
+        .map(|line| {
+            let t = &line.transport;
+            let (bin, bout) = line.bytes();
             let mut notes = Vec::new();
-            if t["active"].as_bool() == Some(true) {
+            if line.active == Some(true) {
                 notes.push("[active]".to_owned());
             }
-            if let Some(e) = t["last_error"].as_str().filter(|_| t["state"] != "up") {
+            if let Some(e) = t.last_error.as_ref().filter(|_| t.state != "up") {
                 notes.push(format!("({e})"));
             }
             vec![
-                text(&t["kind"]),
-                text(&t["state"]),
-                t["name"].as_str().unwrap_or("").to_owned(),
-                t["address"].as_str().unwrap_or("").to_owned(),
+                t.kind.clone(),
+                t.state.clone(),
+                t.name.clone(),
+                t.address.clone(),
                 "since".into(),
-                ago(t["since"].as_u64().unwrap_or(0)),
+                ago(t.since),
                 "in".into(),
-                bytes(bin),
+                bytes(&Value::from(bin.unwrap_or(0))),
                 "out".into(),
-                bytes(bout),
+                bytes(&Value::from(bout)),
                 notes.join("  "),
             ]
         })
@@ -175,36 +173,24 @@ fn render_guest(g: &Value) -> String {
         &[L, L, L, L, L, R, L, R, L, R, L],
         &transports,
     )));
-    if let Some(devices) = g["devices"].as_object() {
-        for (class, st) in devices {
-            let fields: Vec<String> = st
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, v)| match v.as_str() {
-                            Some(s) => format!("{k}={s}"),
-                            None => format!("{k}={v}"),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push_str(&format!("  device   {class:<10} {}\n", fields.join(" ")));
-        }
+    for (class, st) in &g.devices.0 {
+        out.push_str(&format!(
+            "  device   {class:<10} {}\n",
+            st.words().join(" ")
+        ));
     }
-    let channels: Vec<Vec<String>> = g["channels"]
-        .as_array()
-        .unwrap_or(&empty)
+    let channels: Vec<Vec<String>> = g
+        .channels
         .iter()
         .map(|c| {
             vec![
                 "channel".into(),
-                c["id"].to_string(),
-                format!("{}/{}", text(&c["class"]), c["name"].as_str().unwrap_or("")),
+                c.id.to_string(),
+                format!("{}/{}", c.class, c.name),
                 "in".into(),
-                bytes(&c["bytes_in"]),
+                bytes(&Value::from(c.bytes_in)),
                 "out".into(),
-                bytes(&c["bytes_out"]),
+                bytes(&Value::from(c.bytes_out)),
             ]
         })
         .collect();

@@ -14,28 +14,37 @@
 //! unacknowledged frames are in the state). If `exec` fails, the frozen sessions and consoles
 //! and the stopped bridges simply go on: an upgrade never loses a session.
 
-use std::collections::HashMap;
-use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+//!
+//! [`bridge`] holds the connections that are carried ([`Pump`], [`ConsoleView`]); [`state`]
+//! what is written down for the successor and checked when it takes over.
+
+mod bridge;
+mod state;
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use tokio::io::BufReader;
 use tokio::sync::{oneshot, watch, Notify};
-use vstream_devices::console::{Carried as CarriedConsole, Console, Frozen, Position, Viewer};
-use vstream_link::{ChannelStream, Incoming, Mux};
+use vstream_devices::console::{Carried as CarriedConsole, Console, Frozen};
+use vstream_link::{Incoming, Mux};
 use vstream_wire::{ChannelId, Config};
 
 use crate::control::{push_line, Reply};
+use crate::error::UpgradeError;
+
+use bridge::{Bridges, Parked};
+pub use bridge::{Carry, ConsoleView, Pump};
+use state::{
+    read_state, take_over, unix_stream, write_state, Blob, BridgeState, ConsoleState, Inherited,
+    State, ViewState,
+};
 
 /// The environment variable that names the state's memfd in the successor.
 pub const STATE_ENV: &str = "VSTREAMD_UPGRADE_FD";
@@ -79,274 +88,6 @@ pub struct DaemonInfo {
     /// For a successor: milliseconds from the upgrade request until it served again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover_ms: Option<u64>,
-}
-
-/// One control connection joined to a guest channel: moves bytes both ways, and can stop at
-/// any await point with every byte it holds in `up` or `down` (so a stopped pump, carried
-/// to the successor, loses and repeats nothing).
-pub struct Pump {
-    guest: String,
-    r: OwnedReadHalf,
-    w: OwnedWriteHalf,
-    chan: ChannelStream,
-    /// From the client, not yet taken by the channel.
-    up: Vec<u8>,
-    /// From the channel, not yet written to the client.
-    down: Vec<u8>,
-    /// The client ended its direction / the channel was told.
-    up_eof: bool,
-    up_closed: bool,
-    /// The channel ended its direction / the client was told.
-    down_eof: bool,
-    down_closed: bool,
-}
-
-impl Pump {
-    /// A pump for a control connection (whose reader may already hold client bytes) and a
-    /// channel.
-    pub fn new(
-        guest: &str,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-        chan: ChannelStream,
-    ) -> Pump {
-        Pump {
-            guest: guest.to_owned(),
-            up: r.buffer().to_vec(),
-            r: r.into_inner(),
-            w,
-            chan,
-            down: Vec::new(),
-            up_eof: false,
-            up_closed: false,
-            down_eof: false,
-            down_closed: false,
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.up_closed && self.down_closed
-    }
-
-    /// Does every step that is ready now; all state changes happen here, inside one poll, so
-    /// dropping the future between polls is always clean. Ready when the pump is done.
-    fn poll_pump(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<()>> {
-        loop {
-            let mut progressed = false;
-            if self.up.is_empty() && !self.up_eof {
-                let mut rb = ReadBuf::new(buf);
-                if let Poll::Ready(r) = Pin::new(&mut self.r).poll_read(cx, &mut rb) {
-                    r?;
-                    self.up_eof = rb.filled().is_empty();
-                    self.up.extend_from_slice(rb.filled());
-                    progressed = true;
-                }
-            }
-            if !self.up.is_empty() {
-                if let Poll::Ready(n) = Pin::new(&mut self.chan).poll_write(cx, &self.up) {
-                    let n = n?;
-                    self.up.drain(..n);
-                    progressed = true;
-                }
-            } else if self.up_eof && !self.up_closed {
-                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_shutdown(cx) {
-                    r?;
-                    self.up_closed = true;
-                    progressed = true;
-                }
-            }
-            if self.down.is_empty() && !self.down_eof {
-                let mut rb = ReadBuf::new(buf);
-                if let Poll::Ready(r) = Pin::new(&mut self.chan).poll_read(cx, &mut rb) {
-                    r?;
-                    self.down_eof = rb.filled().is_empty();
-                    self.down.extend_from_slice(rb.filled());
-                    progressed = true;
-                }
-            }
-            if !self.down.is_empty() {
-                if let Poll::Ready(n) = Pin::new(&mut self.w).poll_write(cx, &self.down) {
-                    let n = n?;
-                    self.down.drain(..n);
-                    progressed = true;
-                }
-            } else if self.down_eof && !self.down_closed {
-                if let Poll::Ready(r) = Pin::new(&mut self.w).poll_shutdown(cx) {
-                    r?;
-                    self.down_closed = true;
-                    progressed = true;
-                }
-            }
-            if self.done() {
-                return Poll::Ready(Ok(()));
-            }
-            if !progressed {
-                return Poll::Pending;
-            }
-        }
-    }
-
-    /// Runs until done (`None`) or until `stop` is set (the pump, to be carried or resumed).
-    async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<Pump>> {
-        let mut buf = vec![0u8; PUMP_BUF];
-        let stopped = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => true,
-            done = std::future::poll_fn(|cx| self.poll_pump(cx, &mut buf)) => {
-                done?;
-                false
-            }
-        };
-        Ok(stopped.then_some(self))
-    }
-}
-
-/// A console viewer's connection (`vstreamctl console`, following or attached).
-pub struct ConsoleView {
-    /// Guest name.
-    pub guest: String,
-    /// The console.
-    pub console: Arc<Console>,
-    /// Its viewer.
-    pub viewer: Viewer,
-    /// The client's side (typed bytes, when attached).
-    pub r: BufReader<OwnedReadHalf>,
-    /// Where the output goes.
-    pub w: OwnedWriteHalf,
-    /// Whether the client types.
-    pub attach: bool,
-    /// Output taken from the viewer's queue for an upgrade, not yet written to the client.
-    pub pending: Vec<u8>,
-}
-
-impl ConsoleView {
-    /// Sends output (and takes typed input) until the client or the console is done (`None`)
-    /// or `stop` is set (the view, to be carried or resumed). Stops only between two chunks.
-    async fn run(mut self, stop: &mut watch::Receiver<bool>) -> io::Result<Option<ConsoleView>> {
-        let mut input = vec![0u8; 4096];
-        if !self.pending.is_empty() {
-            self.w.write_all(&std::mem::take(&mut self.pending)).await?;
-        }
-        loop {
-            // The guard `wait_for` returns must not live across the awaits below.
-            let stopped = async {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            tokio::select! {
-                biased;
-                () = stopped => return Ok(Some(self)),
-                out = self.viewer.next_output() => match out {
-                    Ok(Some(b)) => self.w.write_all(&b).await?,
-                    Ok(None) => self.w.write_all(SKIPPED).await?,
-                    Err(_) => return Ok(None),
-                },
-                n = self.r.read(&mut input), if self.attach => match n? {
-                    0 => return Ok(None),
-                    n => {
-                        if self.viewer.is_writer() {
-                            self.viewer.type_bytes(Bytes::copy_from_slice(&input[..n])).await?;
-                        }
-                    }
-                },
-            }
-        }
-    }
-}
-
-/// A stopped connection, waiting for the exec (or to go on if it fails).
-enum Parked {
-    Pump(Pump),
-    View(ConsoleView),
-}
-
-/// Bridges and viewers known to the handover: how many run, and the stopped ones.
-#[derive(Default)]
-struct Bridges {
-    active: usize,
-    parked: Vec<(Parked, oneshot::Sender<Parked>)>,
-}
-
-/// A console viewer's carried state.
-#[derive(Debug, Serialize, Deserialize)]
-struct ViewState {
-    guest: String,
-    console: String,
-    fd: RawFd,
-    attach: bool,
-    /// Typed bytes read from the client, not yet handled.
-    typed: Blob,
-    /// Output not yet written to the client.
-    #[serde(default)]
-    pending: Blob,
-}
-
-/// A console's carried capture: its connection and where it stood.
-#[derive(Debug, Serialize, Deserialize)]
-struct ConsoleState {
-    guest: String,
-    console: String,
-    fd: RawFd,
-    position: Position,
-    tail: Blob,
-}
-
-/// A bridge's carried state.
-#[derive(Debug, Serialize, Deserialize)]
-struct BridgeState {
-    guest: String,
-    fd: RawFd,
-    channel: ChannelId,
-    up: Blob,
-    down: Blob,
-    flags: [bool; 4],
-}
-
-/// Where a byte string lies in the state, after the header.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Blob {
-    at: u64,
-    len: u64,
-}
-
-/// The state handed to the successor (the header of the memfd; byte strings follow it).
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    generation: u64,
-    requested_ms: u64,
-    control: Option<RawFd>,
-    reply: Option<RawFd>,
-    sessions: Vec<(String, Blob)>,
-    bridges: Vec<BridgeState>,
-    views: Vec<ViewState>,
-    /// Connected consoles (a predecessor without this field carried none).
-    #[serde(default)]
-    consoles: Vec<ConsoleState>,
-}
-
-/// What a successor took over and has not yet put back to work.
-#[derive(Default)]
-struct Inherited {
-    requested_ms: u64,
-    control: Option<OwnedFd>,
-    reply: Option<OwnedFd>,
-    sessions: HashMap<String, Vec<u8>>,
-    bridges: Vec<Carried>,
-    /// Bridges whose guest session is restored, with their channel.
-    ready: Vec<(Carried, ChannelStream)>,
-    /// Viewers: their state, connection, typed bytes and pending output.
-    views: Vec<(ViewState, OwnedFd, Vec<u8>, Vec<u8>)>,
-    /// Consoles' connections, until their console starts: state, descriptor, tail.
-    consoles: Vec<(ConsoleState, OwnedFd, Vec<u8>)>,
-    /// Hold the adopted consoles' captures until the carried viewers are attached.
-    console_gates: Vec<oneshot::Sender<()>>,
-}
-
-/// A bridge taken over: its state, its client's connection, the bytes it held.
-struct Carried {
-    state: BridgeState,
-    fd: OwnedFd,
-    up: Vec<u8>,
-    down: Vec<u8>,
 }
 
 /// The daemon's side of live upgrades (one per daemon).
@@ -554,7 +295,7 @@ impl Handover {
         if let Some(fd) = reply {
             let mut line = Vec::new();
             let reply = Reply {
-                daemon: Some(serde_json::to_value(self.info()).unwrap_or_default()),
+                daemon: Some(self.info()),
                 ..Reply::ok()
             };
             push_line(&mut line, &reply)?;
@@ -631,7 +372,7 @@ impl Handover {
         sessions: Vec<(String, Mux, Vec<Arc<Console>>)>,
         binary: Option<PathBuf>,
         reply: Option<BorrowedFd<'_>>,
-    ) -> Result<std::convert::Infallible, String> {
+    ) -> Result<std::convert::Infallible, UpgradeError> {
         let _one = self.running.lock().await;
         let requested = now_ms();
         let binary = binary.unwrap_or_else(|| self.binary.clone());
@@ -643,24 +384,21 @@ impl Handover {
             Ok(()) => freeze_consoles(&sessions).await,
             Err(e) => Err(e),
         };
-        let result = match &frozen {
-            Ok(consoles) => self.exec(&sessions, consoles, &binary, reply, requested),
-            Err(e) => Err(e.clone()),
-        };
-        // Still here: the upgrade failed. Everything goes on, the consoles first.
-        drop(frozen);
+        // Still here after `exec`: the upgrade failed. Everything goes on, the consoles first
+        // (they thaw when dropped).
+        let Err(e) =
+            frozen.and_then(|consoles| self.exec(&sessions, &consoles, &binary, reply, requested));
         self.stop.send_replace(false);
         let parked = std::mem::take(&mut lock(&self.bridges).parked);
         for (pump, tx) in parked {
             let _ = tx.send(pump);
         }
-        let e = result.err().unwrap_or_default();
         tracing::error!("upgrade failed, this vstreamd goes on serving: {e}");
         Err(e)
     }
 
     /// Waits until every bridge has stopped.
-    async fn quiesce(&self) -> Result<(), String> {
+    async fn quiesce(&self) -> Result<(), UpgradeError> {
         let all_parked = async {
             loop {
                 let changed = self.changed.notified();
@@ -675,7 +413,7 @@ impl Handover {
         };
         tokio::time::timeout(QUIESCE_TIMEOUT, all_parked)
             .await
-            .map_err(|_| "a bridged connection did not stop within 5 s".to_owned())
+            .map_err(|_| UpgradeError::Quiesce)
     }
 
     /// Freezes the sessions, writes the state, and execs. Returns only on failure.
@@ -686,7 +424,7 @@ impl Handover {
         binary: &PathBuf,
         reply: Option<BorrowedFd<'_>>,
         requested: u64,
-    ) -> Result<std::convert::Infallible, String> {
+    ) -> Result<std::convert::Infallible, UpgradeError> {
         let mut bridges = lock(&self.bridges);
         let control = *lock(&self.control);
         // From here to exec nothing moves a byte of any guest: the sessions are locked and the
@@ -764,7 +502,7 @@ impl Handover {
             views,
             consoles: carried_consoles,
         };
-        let memfd = write_state(&state, &blobs).map_err(|e| format!("writing the state: {e}"))?;
+        let memfd = write_state(&state, &blobs).map_err(UpgradeError::State)?;
         keep.push(memfd.as_raw_fd());
         let inherit = |on: bool| {
             for fd in &keep {
@@ -787,19 +525,22 @@ impl Handover {
             .exec();
         inherit(false);
         drop(frozen);
-        Err(format!("cannot run {}: {err}", binary.display()))
+        Err(UpgradeError::Exec {
+            binary: binary.clone(),
+            error: err,
+        })
     }
 }
 
 /// Stops every console's capture (see [`Console::freeze`]).
 async fn freeze_consoles(
     sessions: &[(String, Mux, Vec<Arc<Console>>)],
-) -> Result<Vec<(String, String, Frozen)>, String> {
+) -> Result<Vec<(String, String, Frozen)>, UpgradeError> {
     let all = async {
         let mut frozen = Vec::new();
         for (guest, _, consoles) in sessions {
             for c in consoles {
-                let f = c.freeze().await.map_err(|e| e.to_string())?;
+                let f = c.freeze().await.map_err(UpgradeError::Console)?;
                 frozen.push((guest.clone(), c.name().to_owned(), f));
             }
         }
@@ -807,7 +548,7 @@ async fn freeze_consoles(
     };
     tokio::time::timeout(QUIESCE_TIMEOUT, all)
         .await
-        .map_err(|_| "a console's capture did not stop within 5 s".to_owned())?
+        .map_err(|_| UpgradeError::ConsoleTimeout)?
 }
 
 /// Counts a running bridge while it lives.
@@ -817,168 +558,5 @@ impl Drop for ActiveBridge<'_> {
     fn drop(&mut self) {
         lock(&self.0.bridges).active -= 1;
         self.0.changed.notify_waiters();
-    }
-}
-
-/// The state in a new memfd (inherited across exec: no close-on-exec).
-fn write_state(state: &State, blobs: &[u8]) -> io::Result<OwnedFd> {
-    let fd = rustix::fs::memfd_create("vstreamd-upgrade", rustix::fs::MemfdFlags::empty())?;
-    let header = serde_json::to_vec(state).map_err(io::Error::other)?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(MAGIC)?;
-    file.write_all(&(header.len() as u64).to_le_bytes())?;
-    file.write_all(&header)?;
-    file.write_all(blobs)?;
-    file.rewind()?;
-    Ok(file.into())
-}
-
-/// Takes ownership of an inherited descriptor after checking that it is open and not one
-/// already taken; it is made close-on-exec again.
-fn adopt_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
-    if fd <= 2 {
-        anyhow::bail!("descriptor {fd} cannot be inherited state");
-    }
-    // SAFETY: only to ask whether the number is open; no ownership is taken here.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_getfd(borrowed)
-        .map_err(|e| anyhow::anyhow!("inherited descriptor {fd}: {e}"))?;
-    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC)?;
-    // SAFETY: the descriptor is open (checked above), was passed to this process by its
-    // predecessor for exactly this use, and the caller checked that no other object owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// [`adopt_fd`] for a descriptor that must be a socket.
-fn adopt_socket(fd: RawFd) -> anyhow::Result<OwnedFd> {
-    let owned = adopt_fd(fd)?;
-    let mode = rustix::fs::fstat(&owned)?.st_mode;
-    if rustix::fs::FileType::from_raw_mode(mode) != rustix::fs::FileType::Socket {
-        anyhow::bail!("upgrade state: descriptor {fd} is not a socket");
-    }
-    Ok(owned)
-}
-
-/// A carried connection, for tokio.
-fn unix_stream(fd: OwnedFd) -> io::Result<UnixStream> {
-    let std = std::os::unix::net::UnixStream::from(fd);
-    std.set_nonblocking(true)?;
-    UnixStream::from_std(std)
-}
-
-/// Reads and checks the state file named by [`STATE_ENV`]: its header and its byte strings.
-fn read_state(fd: &std::ffi::OsStr) -> anyhow::Result<(State, Vec<u8>)> {
-    let fd: RawFd = fd
-        .to_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{STATE_ENV}: not a descriptor number"))?;
-    let mut file = std::fs::File::from(adopt_fd(fd)?);
-    let mut head = [0u8; 16];
-    file.read_exact(&mut head)
-        .map_err(|e| anyhow::anyhow!("upgrade state: {e}"))?;
-    if &head[..8] != MAGIC {
-        anyhow::bail!("upgrade state: not a state of this version");
-    }
-    let len = u64::from_le_bytes(head[8..].try_into()?);
-    if len > MAX_HEADER as u64 {
-        anyhow::bail!("upgrade state: header of {len} bytes (at most {MAX_HEADER})");
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| anyhow::anyhow!("upgrade state: header: {e}"))?;
-    let state: State = serde_json::from_slice(&header)
-        .map_err(|e| anyhow::anyhow!("upgrade state: header: {e}"))?;
-    let mut blobs = Vec::new();
-    file.read_to_end(&mut blobs)?;
-    Ok((state, blobs))
-}
-
-/// Checks a state against itself (byte strings inside the file, each descriptor once) and
-/// takes its descriptors.
-fn take_over(state: State, blobs: &[u8]) -> anyhow::Result<Inherited> {
-    let bytes = |b: Blob| -> anyhow::Result<Vec<u8>> {
-        b.at.checked_add(b.len)
-            .filter(|end| *end <= blobs.len() as u64)
-            .map(|end| blobs[b.at as usize..end as usize].to_vec())
-            .ok_or_else(|| anyhow::anyhow!("upgrade state: a byte string lies outside it"))
-    };
-    let mut fds: Vec<RawFd> = state.control.into_iter().chain(state.reply).collect();
-    fds.extend(state.bridges.iter().map(|b| b.fd));
-    fds.extend(state.views.iter().map(|v| v.fd));
-    fds.extend(state.consoles.iter().map(|c| c.fd));
-    let mut seen = fds.clone();
-    seen.sort_unstable();
-    seen.dedup();
-    if seen.len() != fds.len() {
-        anyhow::bail!("upgrade state: a descriptor is named twice");
-    }
-    let mut inh = Inherited {
-        requested_ms: state.requested_ms,
-        control: state.control.map(adopt_fd).transpose()?,
-        reply: state.reply.map(adopt_fd).transpose()?,
-        ..Inherited::default()
-    };
-    for (name, b) in state.sessions {
-        inh.sessions.insert(name, bytes(b)?);
-    }
-    for v in state.views {
-        let fd = adopt_socket(v.fd)?;
-        let (typed, pending) = (bytes(v.typed)?, bytes(v.pending)?);
-        inh.views.push((v, fd, typed, pending));
-    }
-    for c in state.consoles {
-        // A socket, a tty or a port device: any descriptor a console's transport reads.
-        let fd = adopt_fd(c.fd)?;
-        let tail = bytes(c.tail)?;
-        inh.consoles.push((c, fd, tail));
-    }
-    for b in state.bridges {
-        let fd = adopt_socket(b.fd)?;
-        let (up, down) = (bytes(b.up)?, bytes(b.down)?);
-        inh.bridges.push(Carried {
-            state: b,
-            fd,
-            up,
-            down,
-        });
-    }
-    Ok(inh)
-}
-
-/// Runs the connections devices hand back ([`vstream_devices::registry::ControlConn::bridge`],
-/// [`view`](vstream_devices::registry::ControlConn::view)) through the handover, so that a
-/// live upgrade carries them.
-pub struct Carry(pub Arc<Handover>);
-
-impl vstream_devices::registry::Carrier for Carry {
-    fn bridge(
-        &self,
-        guest: &str,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-        chan: ChannelStream,
-    ) -> vstream_devices::registry::CarryFuture {
-        let (handover, pump) = (self.0.clone(), Pump::new(guest, r, w, chan));
-        Box::pin(async move { handover.bridge(pump).await })
-    }
-
-    fn view(
-        &self,
-        guest: &str,
-        view: vstream_devices::registry::ConsoleViewer,
-        r: BufReader<OwnedReadHalf>,
-        w: OwnedWriteHalf,
-    ) -> vstream_devices::registry::CarryFuture {
-        let handover = self.0.clone();
-        let view = ConsoleView {
-            guest: guest.to_owned(),
-            console: view.console,
-            viewer: view.viewer,
-            r,
-            w,
-            attach: view.attach,
-            pending: Vec::new(),
-        };
-        Box::pin(async move { handover.view(view).await })
     }
 }
