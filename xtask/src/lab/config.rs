@@ -63,6 +63,9 @@ pub struct LabOptions {
     pub virtio_rng: bool,
     /// The guest's vsock device, and whether the mux runs over it.
     pub vsock: LabVsock,
+    /// A shared-memory segment as an `ivshmem-plain` device; the lab removes its file when
+    /// it stops.
+    pub ivshmem: Option<crate::qemu::Ivshmem>,
 }
 
 impl Default for LabOptions {
@@ -82,6 +85,7 @@ impl Default for LabOptions {
             cpu: None,
             virtio_rng: true,
             vsock: LabVsock::None,
+            ivshmem: None,
         }
     }
 }
