@@ -239,7 +239,11 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
     exec(&lab, "rm -f /tmp/blob");
     let data = pattern(size, 0x9e37_79b9_7f4a_7c15);
     let port = 7070;
-    testing::bg(&lab, "fnrx", &format!("nc -l -p {port} < /dev/null > /tmp/in"));
+    testing::bg(
+        &lab,
+        "fnrx",
+        &format!("nc -l -p {port} < /dev/null > /tmp/in"),
+    );
     let before = doorbells(&lab);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut conn = loop {

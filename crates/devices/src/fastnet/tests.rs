@@ -1165,3 +1165,42 @@ fn the_guest_finds_the_ivshmem_bar_by_pci_id() {
         }
     );
 }
+
+/// `[guest.fastnet]`: shm needs a segment, a segment is refused in channel mode, and the size
+/// must be a power of two that holds the largest packet; the messages say what to write.
+#[test]
+fn the_segment_settings_are_checked() {
+    use crate::registry::Device;
+    use serde_json::json;
+    let check = |extra: serde_json::Value| {
+        let mut value = json!({"tap": "vsfn0"});
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        super::device::FastnetDevice
+            .check(Some(&value), None)
+            .map_err(|e| e.to_string())
+    };
+    let seg = "/dev/shm/g";
+    assert_eq!(check(json!({"mode": "shm", "segment": seg})), Ok(()));
+    assert_eq!(
+        check(json!({"segment": seg, "segment_size": 16 << 20})),
+        Ok(())
+    );
+    let refused = [
+        (json!({"mode": "shm"}), "needs segment"),
+        (json!({"mode": "channel", "segment": seg}), "unused"),
+        (
+            json!({"segment": seg, "segment_size": 3_000_000}),
+            "power of two",
+        ),
+        (
+            json!({"segment": seg, "segment_size": 512 << 10}),
+            "at least 1 MiB",
+        ),
+    ];
+    for (extra, why) in refused {
+        let err = check(extra.clone()).expect_err(&extra.to_string());
+        assert!(err.contains(why), "{extra}: {err}");
+    }
+}
