@@ -29,10 +29,16 @@ const UP_TIMEOUT: Duration = Duration::from_secs(120);
 const SIZE: usize = 16 * 1024 * 1024;
 const HOST_TAP: &str = "vsfn0";
 
+/// Generous: writing, hashing or sending hundreds of MiB in a TCG guest takes minutes.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(900);
+
 fn exec(lab: &Lab, script: &str) -> String {
-    let out = lab
-        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
-        .expect("vstreamctl exec");
+    let out = testing::ctl(
+        lab,
+        &["exec", lab.name(), "--", "sh", "-c", script],
+        &[],
+        EXEC_TIMEOUT,
+    );
     assert!(
         out.status.success(),
         "`{script}` in the guest failed ({}): {}{}",
