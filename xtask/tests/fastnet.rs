@@ -9,7 +9,7 @@
 //!   as an `ivshmem-plain` device; frames go through its rings, the channel carries only
 //!   doorbells. Shown: the mode in `vstreamctl status`; 20 pings, none lost; N MiB of TCP each
 //!   way, intact (SHA-256), with the rate and the doorbells per MiB (vstreamd's counters).
-//!   N is `VSTREAM_FASTNET_MIB` (default 64).
+//!   N is `VSTREAM_FASTNET_MIB` (default 256).
 //!
 //! Needs root (`ip netns add`, TAP devices, `setns`). Never skips silently: without QEMU it
 //! fails, unless VSTREAM_SKIP_E2E=1 is set.
@@ -204,7 +204,7 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
     let size = std::env::var("VSTREAM_FASTNET_MIB")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(64)
+        .unwrap_or(256)
         << 20;
     let ns = NetNs::new("fnshm");
     let segment = PathBuf::from(format!("/dev/shm/vstream-fastnet-{}", std::process::id()));
