@@ -235,6 +235,9 @@ impl Drop for Lab {
         };
         self.shared.dump(why);
         self.stop_children();
+        if let Some(shm) = &self.options.ivshmem {
+            let _ = fs::remove_file(&shm.path);
+        }
         if let Ok(mut labs) = live_labs().lock() {
             labs.retain(|l| !Arc::ptr_eq(l, &self.shared));
         }

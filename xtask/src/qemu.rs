@@ -14,6 +14,7 @@
 //! | vsock                                 | `vhost-vsock-pci` (if `/dev/vhost-vsock`)    |                             |
 //! | vsock (`LabVsock::VhostDeviceVsock`)  | `vhost-user-vsock-pci` + shared memfd RAM    | vhost-device-vsock's `vsock.sock` (hybrid) |
 //! | eth0, virtio-net (`user_net` only)    | `virtio-net-pci` + `-netdev user` (slirp)    | 10.0.2.2:P = 127.0.0.1:P    |
+//! | shared segment (`ivshmem` only)       | `ivshmem-plain` + `memory-backend-file` share=on | a file in /dev/shm       |
 //! | QMP (two monitors: vstreamd, the lab) | `-qmp unix:...`                              | `qmp.sock`, `qmp-lab.sock`  |
 //!
 //! Every chardev is a Unix socket server with `wait=off`: QEMU starts at once, and vstreamd connects
@@ -129,6 +130,18 @@ pub struct QemuSpec {
     /// A virtio-net NIC on QEMU's user-mode network (slirp): the guest's `eth0`, with no
     /// address until the test gives it one (10.0.2.15/24; 10.0.2.2 is the host's loopback).
     pub user_net: bool,
+    /// An `ivshmem-plain` PCI device (1af4:1110) whose BAR 2 maps this file.
+    pub ivshmem: Option<Ivshmem>,
+}
+
+/// A shared-memory segment for the guest: a file (in /dev/shm) that QEMU maps shared, so a
+/// host process mapping the same file sees the guest's writes.
+#[derive(Debug, Clone)]
+pub struct Ivshmem {
+    /// The file; QEMU creates it if it does not exist.
+    pub path: PathBuf,
+    /// Its size in bytes: a power of two (a PCI BAR).
+    pub size: u64,
 }
 
 fn check_path(path: &Path) -> Result<String> {
@@ -264,6 +277,14 @@ impl QemuSpec {
             // unless the guest adds a default route.
             c.args(["-netdev", "user,id=net0,ipv6=off"]);
             c.args(["-device", "virtio-net-pci,netdev=net0,id=net0"]);
+        }
+        if let Some(shm) = &self.ivshmem {
+            c.arg("-object").arg(format!(
+                "memory-backend-file,id=fnshm,mem-path={},size={},share=on",
+                check_path(&shm.path)?,
+                shm.size
+            ));
+            c.args(["-device", "ivshmem-plain,memdev=fnshm,id=ivshmem0"]);
         }
         if s.hybrid_vsock.is_some() || s.vhost_rng.is_some() || s.vhost_keyboard.is_some() {
             // vhost-user needs guest RAM the backend can map: a shared memfd as the only NUMA

@@ -7,6 +7,7 @@ use vhost::VhostBackend;
 
 mod common;
 use common::{Fixed, FEATURE};
+use vstream_vhost::{Device, Event, Vq};
 
 fn connect(path: &std::path::Path) -> Frontend {
     let deadline = Instant::now() + Duration::from_secs(10);

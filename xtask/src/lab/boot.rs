@@ -64,6 +64,7 @@ impl Lab {
             extra_kernel_args: options.extra_kernel_args.clone(),
             extra_qemu_args: options.extra_qemu_args.clone(),
             user_net: options.user_net,
+            ivshmem: options.ivshmem.clone(),
         };
         let shared = Arc::new(LabShared {
             name: options.name.clone(),

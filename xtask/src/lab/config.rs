@@ -75,6 +75,9 @@ pub struct LabOptions {
     /// transport named `keyboard`): `vstreamctl input` reaches it with no agent. QEMU 7.2's
     /// device needs KVM (under TCG QEMU exits: "vhost initialization failed: requires kvm").
     pub vhost_input: bool,
+    /// A shared-memory segment as an `ivshmem-plain` device; the lab removes its file when
+    /// it stops.
+    pub ivshmem: Option<crate::qemu::Ivshmem>,
 }
 
 impl Default for LabOptions {
@@ -96,6 +99,7 @@ impl Default for LabOptions {
             vsock: LabVsock::None,
             vhost_rng: false,
             vhost_input: false,
+            ivshmem: None,
         }
     }
 }

@@ -215,8 +215,9 @@ impl NetNs {
             .expect("run ip netns exec")
     }
 
-    /// A listening TCP socket made inside the namespace (a socket keeps its namespace).
-    pub fn listen(&self, addr: Ipv4Addr) -> TcpListener {
+    /// Runs `f` on a short-lived thread inside the namespace: the sockets it makes keep the
+    /// namespace.
+    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let file = File::open(format!("/run/netns/{}", self.0)).expect("open the namespace");
         thread::spawn(move || {
             // SAFETY: setns takes an open descriptor (kept open by `file` for the call) and a
@@ -224,10 +225,20 @@ impl NetNs {
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 panic!("setns: {}", std::io::Error::last_os_error());
             }
-            TcpListener::bind((addr, 0)).expect("bind in the namespace")
+            f()
         })
         .join()
         .expect("namespace thread")
+    }
+
+    /// A listening TCP socket made inside the namespace.
+    pub fn listen(&self, addr: Ipv4Addr) -> TcpListener {
+        self.inside(move || TcpListener::bind((addr, 0)).expect("bind in the namespace"))
+    }
+
+    /// A TCP connection made from inside the namespace.
+    pub fn connect(&self, addr: Ipv4Addr, port: u16) -> std::io::Result<std::net::TcpStream> {
+        self.inside(move || std::net::TcpStream::connect((addr, port)))
     }
 }
 

@@ -10,11 +10,13 @@ use serde_json::Value;
 use vstream_link::{ChannelStream, Mux};
 
 use super::host::Stats;
-use super::{Setup, CHANNEL_NAME, CLASS, PROTOCOL_VERSION};
+use super::ring::{Layout, Memory, Segment};
+use super::{Setup, CHANNEL_NAME, CLASS, MAX_PACKET, PROTOCOL_VERSION};
 use crate::registry::{
     cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, SettingsError,
+    HostHalf, HostState, SettingsError,
 };
+use crate::status::DeviceStatus;
 use crate::tun::netns_path;
 use crate::{ServeFuture, Service};
 
@@ -57,9 +59,17 @@ pub struct FastnetConfig {
     /// `auto`, `channel` or `shm`.
     #[serde(default)]
     pub mode: ModeSetting,
-    /// The shared segment's file (an `ivshmem-plain` device's memory backend).
+    /// The shared segment's file in /dev/shm (an `ivshmem-plain` device's
+    /// `memory-backend-file`): created, or mapped if the VMM created it first.
     #[serde(default)]
     pub segment: Option<PathBuf>,
+    /// The segment's size in bytes: a power of two, at least 1 MiB (the VMM's `size=`).
+    #[serde(default = "default_segment_size")]
+    pub segment_size: u64,
+}
+
+fn default_segment_size() -> u64 {
+    4 << 20
 }
 
 fn default_mac() -> String {
@@ -77,11 +87,27 @@ impl FastnetConfig {
         if !(68..=65535 - 14).contains(&self.mtu) {
             return Err(SettingsError::new(CLASS, "mtu: 68 to 65521"));
         }
-        if self.mode == ModeSetting::Shm || self.segment.is_some() {
-            // The host's ring loop exists (host.rs) but vstreamd does not map a segment yet.
+        match (self.mode, &self.segment) {
+            (ModeSetting::Shm, None) => return Err(SettingsError::new(
+                CLASS,
+                "mode = \"shm\" needs segment = \"/dev/shm/FILE\" (the VMM's memory-backend-file)",
+            )),
+            (ModeSetting::Channel, Some(_)) => return Err(SettingsError::new(
+                CLASS,
+                "segment is unused with mode = \"channel\": remove it or use \"auto\" or \"shm\"",
+            )),
+            _ => {}
+        }
+        // ivshmem BARs are powers of two; the rings must hold the largest packet.
+        if !self.segment_size.is_power_of_two()
+            || Layout::for_segment(self.segment_size, MAX_PACKET).is_err()
+        {
             return Err(SettingsError::new(
                 CLASS,
-                "shared memory mode (mode = \"shm\", segment) is not available yet; use mode = \"channel\" or \"auto\" without a segment",
+                format!(
+                    "segment_size {}: a power of two of at least 1 MiB (1048576)",
+                    self.segment_size
+                ),
             ));
         }
         Ok(())
@@ -97,6 +123,10 @@ impl Device for FastnetDevice {
         CLASS
     }
 
+    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
+        DeviceStatus::read::<super::link::FastnetStatus>(json)
+    }
+
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match section::<FastnetConfig>(CLASS, s)? {
             Some(c) => c.validate(),
@@ -109,10 +139,15 @@ impl Device for FastnetDevice {
             return Ok(HostHalf::services(Vec::new()));
         };
         config.validate()?;
-        Ok(HostHalf::services(vec![Arc::new(FastnetService {
-            guest: ctx.guest.clone(),
-            config,
-        })]))
+        let state = Arc::new(LinkState::default());
+        Ok(HostHalf {
+            state: state.clone(),
+            ..HostHalf::services(vec![Arc::new(FastnetService {
+                guest: ctx.guest.clone(),
+                config,
+                state,
+            })])
+        })
     }
 
     fn agent_args(&self) -> Vec<clap::Arg> {
@@ -156,8 +191,9 @@ impl Device for FastnetDevice {
                     return;
                 }
             };
-            let mut stats = Stats::default();
-            match super::guest::run(chan, &ifname, &mut stats).await {
+            let stats = Stats::default();
+            let devices = std::path::Path::new(super::guest::SYSFS_PCI_DEVICES);
+            match super::guest::run(chan, &ifname, devices, &stats).await {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(%ifname, ?stats, "fastnet: link ended: {e}"),
             }
@@ -173,6 +209,46 @@ impl Device for FastnetDevice {
 struct FastnetService {
     guest: String,
     config: FastnetConfig,
+    state: Arc<LinkState>,
+}
+
+/// The guest's current (or last) link, for `vstreamctl status`.
+#[derive(Default)]
+struct LinkState {
+    link: std::sync::Mutex<Option<Arc<Stats>>>,
+}
+
+impl HostState for LinkState {
+    fn status(&self) -> Option<DeviceStatus> {
+        let link = self.link.lock().ok()?.clone()?;
+        Some(DeviceStatus::new(link.snapshot()))
+    }
+}
+
+impl FastnetService {
+    /// The segment to offer: none in channel mode; in auto mode none if it cannot be mapped
+    /// (logged; the link runs on the channel), in shm mode that is the link's error.
+    fn segment(&self) -> Result<Option<Arc<Segment>>, String> {
+        let c = &self.config;
+        let Some(path) = c
+            .segment
+            .as_ref()
+            .filter(|_| c.mode != ModeSetting::Channel)
+        else {
+            return Ok(None);
+        };
+        match Segment::create_file(path, c.segment_size) {
+            Ok(seg) => Ok(Some(Arc::new(seg))),
+            Err(e) if c.mode == ModeSetting::Shm => Err(format!(
+                "the host cannot map its segment {}: {e}",
+                path.display()
+            )),
+            Err(e) => {
+                tracing::warn!(guest = %self.guest, "fastnet: segment {}: {e}; offering none", path.display());
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Service for FastnetService {
@@ -186,6 +262,18 @@ impl Service for FastnetService {
             return Box::pin(async {});
         }
         let (guest, c) = (self.guest.clone(), self.config.clone());
+        let segment = match self.segment() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%guest, "fastnet: {e}");
+                stream.reset(&e);
+                return Box::pin(async {});
+            }
+        };
+        let stats = Arc::new(Stats::default());
+        if let Ok(mut link) = self.state.link.lock() {
+            *link = Some(stats.clone());
+        }
         Box::pin(async move {
             let ns = c.netns.as_deref().map(netns_path);
             let tap = match super::tap::create(ns.as_deref(), &c.tap) {
@@ -198,16 +286,16 @@ impl Service for FastnetService {
             };
             let setup = Setup {
                 version: PROTOCOL_VERSION,
-                segment_size: 0,
+                segment_size: segment.as_ref().map_or(0, |s| s.size() as u64),
                 mtu: c.mtu,
                 guest_mac: c.guest_mac.clone(),
                 host_mac: String::new(),
                 guest_address: c.guest_address.clone(),
                 vnet_hdr: true,
             };
-            let mut stats = Stats::default();
-            let r = super::host::run(stream, &tap, setup, None, &mut stats).await;
-            tracing::info!(%guest, tap = %c.tap, ?stats, "fastnet: link ended: {r:?}");
+            let shm_only = c.mode == ModeSetting::Shm;
+            let r = super::host::run(stream, &tap, setup, segment, shm_only, &stats).await;
+            tracing::info!(%guest, tap = %c.tap, stats = ?stats.snapshot(), "fastnet: link ended: {r:?}");
         })
     }
 }

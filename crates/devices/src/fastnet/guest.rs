@@ -1,16 +1,17 @@
-//! The guest's end of a fastnet link: finding the segment, and the link itself in
-//! channel-only mode (a guest TAP whose packets go on the channel). QEMU's `ivshmem-plain`
-//! device is PCI 1af4:1110; its BAR 2 is the shared segment, which the agent maps through
-//! sysfs (`resource2`) with no kernel driver.
+//! The guest's end of a fastnet link: finding the segment, choosing the mode, and the link
+//! itself (a guest TAP whose packets go through the rings or on the channel). QEMU's
+//! `ivshmem-plain` device is PCI 1af4:1110; its BAR 2 is the shared segment, which the agent
+//! maps through sysfs (`resource2`) with no kernel driver.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::host::{pump, LinkError, Stats};
-use super::ring::{Layout, Segment};
-use super::{read_message, Decoder, Found, GuestMsg, HostMsg, Message, Mode, ReadError, Ready};
-use super::{Setup, PROTOCOL_VERSION, READ_CHUNK};
+use super::link::{next, pump, rings, send, LinkError, Stats};
+use super::ring::{Layout, Memory, Segment};
+use super::{choose_mode, Decoder, Found, GuestMsg, HostMsg, Mode, Setup};
+use super::{PROTOCOL_VERSION, READ_CHUNK};
 
 /// Where the kernel lists PCI devices.
 pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
@@ -55,9 +56,12 @@ pub fn find_segment(devices: &Path) -> (Found, Option<Segment>) {
             None,
         );
     };
+    if let Err(e) = enable(bar.parent().unwrap_or(devices)) {
+        return (Found::Nothing(e), None);
+    }
     match Segment::open_file(&bar) {
         Ok(seg) => {
-            let size = super::ring::Memory::size(&seg) as u64;
+            let size = seg.size() as u64;
             (Found::Segment(size, Layout::read(&seg)), Some(seg))
         }
         Err(e) => (
@@ -67,24 +71,35 @@ pub fn find_segment(devices: &Path) -> (Found, Option<Segment>) {
     }
 }
 
+/// Turns on the device's memory decoding (no driver did) if its `enable` file says it is
+/// off; a directory without the file (not sysfs) is left as it is.
+fn enable(dev: &Path) -> Result<(), String> {
+    let file = dev.join("enable");
+    match std::fs::read_to_string(&file) {
+        Ok(v) if v.trim() == "0" => {
+            std::fs::write(&file, "1").map_err(|e| format!("cannot enable {}: {e}", dev.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs one link on `stream` (a `fastnet` channel the agent opened): waits for the host's
-/// `Setup`, creates TAP `ifname` with the address and MTU it gives, answers `Ready` and moves
-/// packets until an error or the host's reset.
+/// `Setup`, creates TAP `ifname` with the address and MTU it gives, looks for the segment if
+/// the host offers one (in `devices`, normally [`SYSFS_PCI_DEVICES`]), answers `Ready` with
+/// the mode it chose and moves packets until an error or the host's reset.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     ifname: &str,
-    stats: &mut Stats,
+    devices: &Path,
+    stats: &Stats,
 ) -> Result<(), LinkError> {
     let mut dec = Decoder::<HostMsg>::new();
     let mut rbuf = vec![0u8; READ_CHUNK];
     let setup = loop {
-        match read_message(&mut stream, &mut dec, &mut rbuf).await {
-            Ok(Some(HostMsg::Setup(s))) => break s,
-            Ok(Some(HostMsg::Reset(why))) => return Err(LinkError::HostReset(why)),
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            Err(ReadError::Io(e)) => return Err(e.into()),
-            Err(ReadError::Record(e)) => return Err(e.into()),
+        match next(&mut stream, &mut dec, &mut rbuf).await? {
+            HostMsg::Setup(s) => break s,
+            HostMsg::Reset(why) => return Err(LinkError::HostReset(why)),
+            _ => {}
         }
     };
     if setup.version != PROTOCOL_VERSION || !setup.vnet_hdr {
@@ -97,39 +112,40 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let tap = super::tap::create(None, ifname)?;
     configure(ifname, &setup).await?;
-    // The guest's ring loop is not written yet: a segment the host offers is declined.
-    let reason =
-        (setup.segment_size != 0).then(|| "this agent runs channel-only links so far".to_owned());
-    send(
-        &mut stream,
-        &GuestMsg::Ready(Ready {
-            mode: Mode::Channel,
-            reason,
-        }),
-    )
-    .await?;
-    let from_host = |m| match m {
-        HostMsg::Packet(p) => Ok(Some(p)),
-        HostMsg::Reset(why) => Err(LinkError::HostReset(why)),
-        HostMsg::Setup(_) | HostMsg::Doorbell => Ok(None),
+    // No segment offered: the PCI devices are not even looked at.
+    let (found, seg) = if setup.segment_size == 0 {
+        (Found::Nothing(String::new()), None)
+    } else {
+        find_segment(devices)
     };
-    pump(
-        &mut stream,
-        &tap,
-        dec,
-        &mut rbuf,
-        from_host,
-        GuestMsg::Packet,
-        stats,
-    )
-    .await
-}
-
-async fn send<S: AsyncWrite + Unpin>(stream: &mut S, msg: &GuestMsg) -> Result<(), LinkError> {
-    let mut out = Vec::new();
-    msg.encode(&mut out)?;
-    stream.write_all(&out).await?;
-    Ok(())
+    let layout = match &found {
+        Found::Segment(_, Ok(layout)) => Some(*layout),
+        _ => None,
+    };
+    let ready = choose_mode(&setup, found);
+    tracing::info!(
+        %ifname,
+        mode = ?ready.mode,
+        reason = ready.reason.as_deref().unwrap_or(""),
+        "fastnet: link up"
+    );
+    stats.set_ready(&ready);
+    send(&mut stream, &GuestMsg::Ready(ready.clone())).await?;
+    match (ready.mode, seg, layout) {
+        (Mode::SharedMemory, Some(seg), Some(layout)) => {
+            rings(
+                &mut stream,
+                &tap,
+                Arc::new(seg),
+                layout,
+                dec,
+                &mut rbuf,
+                stats,
+            )
+            .await
+        }
+        _ => pump(&mut stream, &tap, dec, &mut rbuf, stats).await,
+    }
 }
 
 /// Sets the interface's MAC, MTU and address from `setup` and brings it up, with `ip` (the

@@ -3,8 +3,10 @@
 //!
 //! - [`ring`]: the segment's layout and its two single-producer/single-consumer packet rings
 //!   (host-to-guest and guest-to-host), sans-io and safe against a hostile peer.
-//! - [`guest`]: the agent's end (so far: finding the ivshmem segment).
+//! - [`segment`]: the memory the rings live in (a shared file mapping, or the heap in tests).
+//! - [`guest`]: the agent's end: finding the ivshmem segment, choosing the mode.
 //! - [`host`]: vstreamd's end of a link, between the host TAP and the guest.
+//! - [`link`]: the packet loops both ends run (through the rings, or on the channel).
 //! - [`tap`]: the TAP interface with vnet headers and offloads that each end attaches.
 //! - This module: the messages of the `fastnet` channel (setup, the answer, doorbells, and the
 //!   packets themselves in channel-only mode) as records of the shared codec
@@ -16,7 +18,9 @@
 pub mod device;
 pub mod guest;
 pub mod host;
+pub mod link;
 pub mod ring;
+pub mod segment;
 pub mod tap;
 #[cfg(test)]
 mod tests;

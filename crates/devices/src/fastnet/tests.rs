@@ -787,6 +787,14 @@ fn two_mappings_of_one_segment_file() {
     }
     std::fs::write(dir.path().join("tiny"), [0u8; 100]).unwrap();
     assert!(Segment::open_file(&dir.path().join("tiny")).is_err());
+    // The VMM may create the file first: the host maps it as it is, never truncated (the
+    // packets published above are still there), and refuses a file of another size.
+    let again = Segment::create_file(&path, layout.segment_size).unwrap();
+    assert_eq!(Layout::read(&again), Ok(layout));
+    let err = Segment::create_file(&path, 2 << 20)
+        .err()
+        .expect("size mismatch");
+    assert!(err.to_string().contains("configured with 2097152"), "{err}");
 }
 
 /// A hostile peer on a third thread overwrites the index lines and the header while two
@@ -1010,8 +1018,8 @@ async fn host_end_answers_arp(mode: super::Mode) {
     };
     let (host_side, guest) = tokio::io::duplex(1 << 20);
     let host = tokio::spawn(async move {
-        let mut stats = host::Stats::default();
-        let r = host::run(host_side, &tap, s, Some(seg), &mut stats).await;
+        let stats = host::Stats::default();
+        let r = host::run(host_side, &tap, s, Some(seg), false, &stats).await;
         (r, stats)
     });
     let mut g = FakeGuest {
@@ -1097,7 +1105,12 @@ async fn host_end_answers_arp(mode: super::Mode) {
             );
             let (r, stats) = host.await.unwrap();
             assert!(matches!(r, Err(host::LinkError::Ring(_))), "{r:?}");
-            assert!(stats.packets_in >= 1 && stats.packets_out >= 1, "{stats:?}");
+            let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            assert!(
+                count(&stats.packets_in) >= 1 && count(&stats.packets_out) >= 1,
+                "{stats:?}"
+            );
+            assert_eq!(stats.snapshot().mode, Some(Mode::SharedMemory), "{stats:?}");
             return;
         }
     }
@@ -1151,4 +1164,43 @@ fn the_guest_finds_the_ivshmem_bar_by_pci_id() {
             reason: None
         }
     );
+}
+
+/// `[guest.fastnet]`: shm needs a segment, a segment is refused in channel mode, and the size
+/// must be a power of two that holds the largest packet; the messages say what to write.
+#[test]
+fn the_segment_settings_are_checked() {
+    use crate::registry::Device;
+    use serde_json::json;
+    let check = |extra: serde_json::Value| {
+        let mut value = json!({"tap": "vsfn0"});
+        for (k, v) in extra.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        super::device::FastnetDevice
+            .check(Some(&value), None)
+            .map_err(|e| e.to_string())
+    };
+    let seg = "/dev/shm/g";
+    assert_eq!(check(json!({"mode": "shm", "segment": seg})), Ok(()));
+    assert_eq!(
+        check(json!({"segment": seg, "segment_size": 16 << 20})),
+        Ok(())
+    );
+    let refused = [
+        (json!({"mode": "shm"}), "needs segment"),
+        (json!({"mode": "channel", "segment": seg}), "unused"),
+        (
+            json!({"segment": seg, "segment_size": 3_000_000}),
+            "power of two",
+        ),
+        (
+            json!({"segment": seg, "segment_size": 512 << 10}),
+            "at least 1 MiB",
+        ),
+    ];
+    for (extra, why) in refused {
+        let err = check(extra.clone()).expect_err(&extra.to_string());
+        assert!(err.contains(why), "{extra}: {err}");
+    }
 }

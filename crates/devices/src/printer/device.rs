@@ -21,8 +21,7 @@ use vstream_transport::Address;
 #[cfg(feature = "guest")]
 use super::guest::{default_listeners, listen};
 #[cfg(feature = "host")]
-use super::host::{PrinterService, Spool, SpoolConfig};
-use super::spool::PrinterStatus;
+use super::host::{PrinterService, PrinterStatus, Spool, SpoolConfig};
 use super::CLASS;
 #[cfg(feature = "guest")]
 use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};

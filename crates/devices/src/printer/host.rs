@@ -20,7 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vstream_link::ChannelStream;
 
 pub use super::spool::{
-    file_name, is_spool_name, EventSink, JobRecord, JobState, Spool, SpoolConfig,
+    file_name, is_spool_name, EventSink, JobCounts, JobRecord, JobState, PrinterStatus, Spool,
+    SpoolConfig,
 };
 use super::{sanitize, Decoder, JobType, Record, HEAD_LEN, READ_CHUNK, VERSION};
 use crate::{ServeFuture, Service};

@@ -1,0 +1,357 @@
+//! The packet loops both ends of a link run once the mode is chosen: through the segment's
+//! rings with doorbells on the channel ([`rings`]), or on the channel itself ([`pump`]). The
+//! host and the guest run the same code; [`LinkMessage`] says which ring a side produces on
+//! and how its peer's messages read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::ring::{Consumer, Direction, Doorbell, Layout, Producer, RingError, Segment};
+use super::MAX_PACKET;
+use super::{read_message, Decoder, GuestMsg, HostMsg, Message, ReadError, Ready, RecordError};
+use crate::tun::Tun;
+
+/// Packets taken from the TAP per batch before the producer index is published.
+const BATCH: usize = 64;
+
+/// How a link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The segment broke a rule (the peer was told with a `Reset`).
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    /// The channel carried something that is not a fastnet message.
+    #[error("fastnet channel: {0}")]
+    Codec(#[from] RecordError),
+    /// The guest reset the link.
+    #[error("the guest reset the link: {0}")]
+    GuestReset(String),
+    /// The host reset the link (the guest's end).
+    #[error("the host reset the link: {0}")]
+    HostReset(String),
+    /// The channel or the TAP failed, or the channel ended.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A link's mode and counters, updated while it runs (`vstreamctl status`, the benchmarks).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// The guest's answer: the mode, and why not shared memory.
+    pub ready: std::sync::Mutex<Option<Ready>>,
+    /// Packets to the peer.
+    pub packets_out: AtomicU64,
+    /// Packets from the peer.
+    pub packets_in: AtomicU64,
+    /// Doorbells sent to the peer.
+    pub doorbells_out: AtomicU64,
+    /// Doorbells received.
+    pub doorbells_in: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the mode the guest chose.
+    pub fn set_ready(&self, ready: &Ready) {
+        if let Ok(mut r) = self.ready.lock() {
+            *r = Some(ready.clone());
+        }
+    }
+
+    /// The mode and the counters (status).
+    pub fn snapshot(&self) -> FastnetStatus {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let ready = self.ready.lock().ok().and_then(|r| r.clone());
+        FastnetStatus {
+            mode: ready.as_ref().map(|r| r.mode),
+            reason: ready.and_then(|r| r.reason),
+            packets_out: get(&self.packets_out),
+            packets_in: get(&self.packets_in),
+            doorbells_out: get(&self.doorbells_out),
+            doorbells_in: get(&self.doorbells_in),
+        }
+    }
+}
+
+/// The fastnet device's status (`devices.fastnet` in `vstreamctl status`): the current (or
+/// last) link's mode and counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FastnetStatus {
+    /// The mode the guest chose; `None` before its answer.
+    pub mode: Option<super::Mode>,
+    /// Why not shared memory, if the guest said.
+    pub reason: Option<String>,
+    /// Packets to the peer.
+    pub packets_out: u64,
+    /// Packets from the peer.
+    pub packets_in: u64,
+    /// Doorbells sent to the peer.
+    pub doorbells_out: u64,
+    /// Doorbells received.
+    pub doorbells_in: u64,
+}
+
+/// What a message from the peer means to the packet loops.
+pub enum Incoming {
+    /// A packet (channel-only mode).
+    Packet(Bytes),
+    /// Look at the rings.
+    Doorbell,
+    /// Nothing for the loops (a late `Setup` or `Ready`).
+    Other,
+}
+
+/// The messages one side receives, seen from the packet loops.
+pub trait LinkMessage: Message {
+    /// What this side sends back.
+    type Answer: Message;
+    /// The ring this side consumes (its peer produces on it).
+    const RING: Direction;
+    /// The message's meaning; the peer's `Reset` ends the link with its reason.
+    fn incoming(self) -> Result<Incoming, LinkError>;
+    /// A packet for the peer (channel-only mode).
+    fn packet(p: Bytes) -> Self::Answer;
+    /// The peer's doorbell.
+    fn doorbell() -> Self::Answer;
+    /// Tells the peer this side stopped using the segment, and why.
+    fn reset(why: String) -> Self::Answer;
+}
+
+impl LinkMessage for GuestMsg {
+    type Answer = HostMsg;
+    const RING: Direction = Direction::GuestToHost;
+    fn incoming(self) -> Result<Incoming, LinkError> {
+        match self {
+            GuestMsg::Packet(p) => Ok(Incoming::Packet(p)),
+            GuestMsg::Doorbell => Ok(Incoming::Doorbell),
+            GuestMsg::Reset(why) => Err(LinkError::GuestReset(why)),
+            GuestMsg::Ready(_) => Ok(Incoming::Other),
+        }
+    }
+    fn packet(p: Bytes) -> HostMsg {
+        HostMsg::Packet(p)
+    }
+    fn doorbell() -> HostMsg {
+        HostMsg::Doorbell
+    }
+    fn reset(why: String) -> HostMsg {
+        HostMsg::Reset(why)
+    }
+}
+
+impl LinkMessage for HostMsg {
+    type Answer = GuestMsg;
+    const RING: Direction = Direction::HostToGuest;
+    fn incoming(self) -> Result<Incoming, LinkError> {
+        match self {
+            HostMsg::Packet(p) => Ok(Incoming::Packet(p)),
+            HostMsg::Doorbell => Ok(Incoming::Doorbell),
+            HostMsg::Reset(why) => Err(LinkError::HostReset(why)),
+            HostMsg::Setup(_) => Ok(Incoming::Other),
+        }
+    }
+    fn packet(p: Bytes) -> GuestMsg {
+        GuestMsg::Packet(p)
+    }
+    fn doorbell() -> GuestMsg {
+        GuestMsg::Doorbell
+    }
+    fn reset(why: String) -> GuestMsg {
+        GuestMsg::Reset(why)
+    }
+}
+
+/// Encodes `msg` and writes it.
+pub(super) async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &impl Message,
+) -> Result<(), LinkError> {
+    let mut out = Vec::new();
+    msg.encode(&mut out)?;
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// The next whole message from the peer.
+pub(super) async fn next<S: AsyncRead + Unpin, In: Message>(
+    stream: &mut S,
+    dec: &mut Decoder<In>,
+    buf: &mut [u8],
+) -> Result<In, LinkError> {
+    match read_message(stream, dec, buf).await {
+        Ok(Some(m)) => Ok(m),
+        // A peer ends a link with a `Reset`, never by closing the channel.
+        Ok(None) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+        Err(ReadError::Io(e)) => Err(e.into()),
+        Err(ReadError::Record(e)) => Err(e.into()),
+    }
+}
+
+/// Feeds the `n` bytes a channel read returned to the decoder; 0 is the channel's end, which
+/// a peer never chooses (it ends a link with a `Reset`).
+fn received<In: Message>(dec: &mut Decoder<In>, rbuf: &[u8], n: usize) -> Result<(), LinkError> {
+    if n == 0 {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    dec.push(&rbuf[..n])?;
+    Ok(())
+}
+
+/// Channel-only mode at either end: packets from the peer go to `tap`, packets from `tap` go
+/// to the peer as `Packet` messages, until an error or the peer's reset.
+pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
+    stream: &mut S,
+    tap: &Tun,
+    mut dec: Decoder<In>,
+    rbuf: &mut [u8],
+    stats: &Stats,
+) -> Result<(), LinkError> {
+    let mut pkt = vec![0u8; MAX_PACKET as usize];
+    let mut out = Vec::new();
+    loop {
+        while let Some(m) = dec.next_message()? {
+            if let Incoming::Packet(p) = m.incoming()? {
+                Stats::bump(&stats.packets_in);
+                tap.send(&p)?;
+            }
+        }
+        tokio::select! {
+            n = stream.read(rbuf) => received(&mut dec, rbuf, n?)?,
+            n = tap.recv(&mut pkt) => {
+                let mut n = n?;
+                out.clear();
+                // More queued frames go in the same write.
+                loop {
+                    In::packet(Bytes::copy_from_slice(&pkt[..n])).encode(&mut out)?;
+                    Stats::bump(&stats.packets_out);
+                    match tap.try_recv(&mut pkt) {
+                        Some(m) => n = m,
+                        None => break,
+                    }
+                }
+                stream.write_all(&out).await?;
+            }
+        }
+    }
+}
+
+/// Shared-memory mode at either end: packets from `tap` go into the ring this side produces
+/// on, packets from the peer's ring go to `tap`; the channel carries doorbells only. A
+/// [`RingError`] (the peer broke a rule) is sent to the peer as a `Reset` before the link ends
+/// with it.
+pub(super) async fn rings<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
+    stream: &mut S,
+    tap: &Tun,
+    seg: Arc<Segment>,
+    layout: Layout,
+    dec: Decoder<In>,
+    rbuf: &mut [u8],
+    stats: &Stats,
+) -> Result<(), LinkError> {
+    let result = ring_loop(stream, tap, seg, layout, dec, rbuf, stats).await;
+    if let Err(LinkError::Ring(e)) = &result {
+        // Best effort: the peer learns why before the channel goes.
+        let _ = send(stream, &In::reset(e.to_string())).await;
+    }
+    result
+}
+
+/// Rings the peer's doorbell.
+async fn ring<S: AsyncWrite + Unpin, In: LinkMessage>(
+    stream: &mut S,
+    stats: &Stats,
+) -> Result<(), LinkError> {
+    Stats::bump(&stats.doorbells_out);
+    send(stream, &In::doorbell()).await
+}
+
+async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
+    stream: &mut S,
+    tap: &Tun,
+    seg: Arc<Segment>,
+    layout: Layout,
+    mut dec: Decoder<In>,
+    rbuf: &mut [u8],
+    stats: &Stats,
+) -> Result<(), LinkError> {
+    let tx_ring = match In::RING {
+        Direction::HostToGuest => Direction::GuestToHost,
+        Direction::GuestToHost => Direction::HostToGuest,
+    };
+    let mut tx = Producer::new(seg.clone(), layout, tx_ring);
+    let mut rx = Consumer::new(seg, layout, In::RING);
+    // The TAP's largest frame (a GSO frame and its vnet header), whatever the header's
+    // max_packet says: a smaller buffer would cut frames.
+    let mut pkt = vec![0u8; MAX_PACKET as usize];
+    let max_packet = layout.max_packet as usize;
+    let mut from_peer = vec![0u8; layout.max_packet as usize];
+    // A packet read from the TAP (in `pkt`) that did not fit: the TAP is not read until it does.
+    let mut held: Option<usize> = None;
+    loop {
+        // Take everything the peer published, then say we sleep (or go round again).
+        loop {
+            rx.refresh()?;
+            while let Some(n) = rx.recv(&mut from_peer)? {
+                Stats::bump(&stats.packets_in);
+                tap.send(&from_peer[..n])?;
+            }
+            if rx.release() == Doorbell::Ring {
+                ring::<S, In>(stream, stats).await?;
+            }
+            if rx.prepare_sleep()? {
+                break;
+            }
+        }
+        // A held packet goes first, once the peer freed space.
+        if let Some(n) = held {
+            if tx.push(&pkt[..n])? {
+                held = None;
+                Stats::bump(&stats.packets_out);
+                if tx.publish() == Doorbell::Ring {
+                    ring::<S, In>(stream, stats).await?;
+                }
+            } else if !tx.prepare_wait()? {
+                continue;
+            }
+        }
+        while let Some(m) = dec.next_message()? {
+            if let Incoming::Doorbell = m.incoming()? {
+                Stats::bump(&stats.doorbells_in);
+            }
+        }
+        tokio::select! {
+            n = stream.read(rbuf) => received(&mut dec, rbuf, n?)?,
+            n = tap.recv(&mut pkt), if held.is_none() => {
+                let mut next = Some(n?);
+                let mut batch = 0;
+                while let Some(n) = next {
+                    if n > max_packet {
+                        // Only a header with a small max_packet lets this happen; a cut frame
+                        // would be worse than a lost one.
+                        tracing::debug!("fastnet: dropped a {n}-byte frame (max_packet {max_packet})");
+                    } else if !tx.push(&pkt[..n])? {
+                        held = Some(n);
+                        let _ = tx.prepare_wait()?;
+                        break;
+                    } else {
+                        Stats::bump(&stats.packets_out);
+                    }
+                    batch += 1;
+                    if batch == BATCH {
+                        break;
+                    }
+                    next = tap.try_recv(&mut pkt);
+                }
+                if tx.publish() == Doorbell::Ring {
+                    ring::<S, In>(stream, stats).await?;
+                }
+            }
+        }
+    }
+}

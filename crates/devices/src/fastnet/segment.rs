@@ -1,0 +1,230 @@
+//! The memory a fastnet segment lives in: the [`Memory`] the rings use (aligned atomic words,
+//! byte copies, every access bounds-checked) and [`Segment`], a shared mapping of a file (the
+//! host's file in /dev/shm, the guest's ivshmem BAR) or a heap allocation for tests.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::ring::DATA_OFFSET;
+
+/// Shared memory as the rings see it: aligned word loads and stores with an ordering, and byte
+/// copies. Offsets always come from validated values; implementations still check them, so that
+/// a bug here can never touch memory outside the segment.
+pub trait Memory {
+    /// The segment's size in bytes.
+    fn size(&self) -> usize;
+    /// Loads the 4-byte-aligned little-endian `u32` at `off`.
+    fn load_u32(&self, off: usize, order: Ordering) -> u32;
+    /// Loads the 8-byte-aligned little-endian `u64` at `off`.
+    fn load_u64(&self, off: usize, order: Ordering) -> u64;
+    /// Stores a `u32` at the 4-byte-aligned `off`.
+    fn store_u32(&self, off: usize, value: u32, order: Ordering);
+    /// Stores a `u64` at the 8-byte-aligned `off`.
+    fn store_u64(&self, off: usize, value: u64, order: Ordering);
+    /// Copies `dst.len()` bytes at `off` out of the segment.
+    fn read(&self, off: usize, dst: &mut [u8]);
+    /// Copies `src` into the segment at `off`.
+    fn write(&self, off: usize, src: &[u8]);
+}
+
+/// A reference or an `Arc` to memory is memory (both ends of a ring share one segment).
+impl<T> Memory for T
+where
+    T: std::ops::Deref,
+    T::Target: Memory,
+{
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
+        (**self).load_u32(off, order)
+    }
+    fn load_u64(&self, off: usize, order: Ordering) -> u64 {
+        (**self).load_u64(off, order)
+    }
+    fn store_u32(&self, off: usize, value: u32, order: Ordering) {
+        (**self).store_u32(off, value, order)
+    }
+    fn store_u64(&self, off: usize, value: u64, order: Ordering) {
+        (**self).store_u64(off, value, order)
+    }
+    fn read(&self, off: usize, dst: &mut [u8]) {
+        (**self).read(off, dst)
+    }
+    fn write(&self, off: usize, src: &[u8]) {
+        (**self).write(off, src)
+    }
+}
+
+/// Memory shared with another thread or process: a mapping (a file in /dev/shm, an ivshmem
+/// BAR) or, for tests and benchmarks, a page-aligned heap allocation.
+pub struct Segment {
+    ptr: *mut u8,
+    size: usize,
+    owner: Owner,
+}
+
+enum Owner {
+    Heap(std::alloc::Layout),
+    Mapping,
+}
+
+// SAFETY: the segment is plain memory touched only through atomics and raw copies; nothing in it
+// is tied to the thread that created it.
+unsafe impl Send for Segment {}
+// SAFETY: shared access goes through atomic loads and stores or raw byte copies, never through
+// references to the bytes, so concurrent use from several threads is what the type is for.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// A zeroed, page-aligned heap segment of `size` bytes (tests, benchmarks, fuzzing).
+    pub fn heap(size: usize) -> Segment {
+        let layout = std::alloc::Layout::from_size_align(size.max(8), 4096)
+            .expect("segment size fits a layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Segment {
+            ptr,
+            size,
+            owner: Owner::Heap(layout),
+        }
+    }
+
+    /// Creates the file at `path` with `size` zero bytes, or opens it if it exists with that
+    /// size, and maps it shared: the host's segment, a file in /dev/shm that QEMU's
+    /// `memory-backend-file,share=on` maps too (whichever of the two starts first creates it;
+    /// it is never truncated, which would pull pages from under the other's mapping). Mode
+    /// 0600: only vstreamd and the VMM's user (the same) reach it.
+    pub fn create_file(path: &std::path::Path, size: u64) -> std::io::Result<Segment> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        match file.metadata()?.len() {
+            0 => file.set_len(size)?,
+            n if n == size => {}
+            n => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} has {n} bytes, the segment is configured with {size}",
+                        path.display()
+                    ),
+                ))
+            }
+        }
+        Segment::map(&file, size)
+    }
+
+    /// Maps the whole of an existing file shared: the guest's `resource2` of the ivshmem PCI
+    /// device (the BAR's size is the file's size), or the host's segment file again.
+    pub fn open_file(path: &std::path::Path) -> std::io::Result<Segment> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Segment::map(&file, size)
+    }
+
+    fn map(file: &std::fs::File, size: u64) -> std::io::Result<Segment> {
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|&n| n >= DATA_OFFSET)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a segment of {size} bytes cannot hold the layout"),
+                )
+            })?;
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        // SAFETY: a new shared mapping at an address the kernel picks, of a file opened
+        // read-write; it aliases no Rust object. The segment owns it and unmaps it once.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        Ok(Segment {
+            ptr: ptr.cast(),
+            size: len,
+            owner: Owner::Mapping,
+        })
+    }
+
+    fn check(&self, off: usize, len: usize, align: usize) {
+        assert!(
+            off.is_multiple_of(align) && off <= self.size && len <= self.size - off,
+            "fastnet segment access at {off}+{len} outside {} bytes (a bug, not a peer's fault)",
+            self.size
+        );
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        match self.owner {
+            // SAFETY: allocated in `heap` with this layout, freed once.
+            Owner::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr, layout) },
+            Owner::Mapping => {
+                // SAFETY: `map` made this mapping of `size` bytes and only this segment unmaps
+                // it; nothing borrows it past the segment's life (accesses are copies).
+                if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.cast(), self.size) } {
+                    tracing::warn!("fastnet: munmap of the segment failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Memory for Segment {
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
+        self.check(off, 4, 4);
+        // SAFETY: in bounds and 4-aligned (checked; the base is page-aligned); the peer writes
+        // the word only atomically or from outside this process, and any value is a valid u32.
+        u32::from_le(unsafe { &*self.ptr.add(off).cast::<AtomicU32>() }.load(order))
+    }
+    fn load_u64(&self, off: usize, order: Ordering) -> u64 {
+        self.check(off, 8, 8);
+        // SAFETY: as in load_u32, 8-aligned.
+        u64::from_le(unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }.load(order))
+    }
+    fn store_u32(&self, off: usize, value: u32, order: Ordering) {
+        self.check(off, 4, 4);
+        // SAFETY: as in load_u32.
+        unsafe { &*self.ptr.add(off).cast::<AtomicU32>() }.store(value.to_le(), order)
+    }
+    fn store_u64(&self, off: usize, value: u64, order: Ordering) {
+        self.check(off, 8, 8);
+        // SAFETY: as in load_u64.
+        unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }.store(value.to_le(), order)
+    }
+    fn read(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len(), 1);
+        // SAFETY: the source is inside the segment (checked) and cannot overlap `dst`, a Rust
+        // slice. The protocol gives these bytes to this side until it publishes its index; a
+        // hostile peer writing them anyway changes only the packet's contents, which are copied
+        // before use and never trusted.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) }
+    }
+    fn write(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len(), 1);
+        // SAFETY: the destination is inside the segment (checked) and owned by this side until
+        // it publishes its index; `src` is a Rust slice and cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) }
+    }
+}
