@@ -260,8 +260,14 @@ fn fastnet_section_is_checked() {
         .is_ok());
     let e = d
         .check(Some(&json!({ "tap": "vsfn0", "mode": "shm" })), None)
-        .expect_err("shm is not wired yet");
-    assert!(e.to_string().contains("not available yet"), "{e}");
+        .expect_err("shm without a segment");
+    assert!(e.to_string().contains("needs segment"), "{e}");
+    assert!(d
+        .check(
+            Some(&json!({ "tap": "vsfn0", "mode": "shm", "segment": "/dev/shm/vsfn-g" })),
+            None
+        )
+        .is_ok());
     let e = d
         .check(Some(&json!({ "tap": "much-too-long-name" })), None)
         .expect_err("a bad TAP name");
