@@ -96,7 +96,7 @@ mod tests {
         up["link"] = json!({
             "id": 1, "transport": "t", "up": true, "since": 5, "bytes_in": 10, "bytes_out": 20,
             "frames_in": 3, "crc_errors": 0, "garbage_bytes": 0, "oversized": 0,
-            "payload_crc": true,
+            "echoed_hellos": 0, "payload_crc": true,
         });
         let mut raw = transport("console", "down");
         raw["bytes_in"] = json!(4);
@@ -109,7 +109,7 @@ mod tests {
             "stats": {"frames_sent": 1, "frames_received": 1, "frames_retransmitted": 0,
                       "duplicates": 0, "out_of_order": 0, "protocol_errors": 2,
                       "channel_resets": 1, "session_restarts": 0, "timeouts": 0, "expired": 0,
-                      "deferred": 0, "errors": {"bad-crc": 2}, "errors_not_logged": {},
+                      "deferred": 0, "errors": {"bad-payload": 2}, "errors_not_logged": {},
                       "held_bytes": 0},
             "devices": {"nosuchdevice": {"n": 1}},
             "owner": null,
