@@ -680,6 +680,21 @@ macro_rules! verbs_in {
 #[cfg(feature = "host")]
 pub(crate) use verbs_in;
 
+/// [`Device::read_status`] of a device whose status is type `T`, compiled into the host half
+/// only (where vstreamctl reads statuses): `status_type!(super::host::MyStatus);`
+macro_rules! status_type {
+    ($status:ty) => {
+        #[cfg(feature = "host")]
+        fn read_status(
+            &self,
+            json: serde_json::Value,
+        ) -> serde_json::Result<$crate::status::DeviceStatus> {
+            $crate::status::DeviceStatus::read::<$status>(json)
+        }
+    };
+}
+pub(crate) use status_type;
+
 /// The commands of a derived [`clap::Subcommand`] enum, for [`Device::verbs`].
 pub fn verbs_of<S: clap::Subcommand>() -> Vec<clap::Command> {
     S::augment_subcommands(clap::Command::new("verbs"))

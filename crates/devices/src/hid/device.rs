@@ -129,10 +129,7 @@ impl Device for HidDevice {
         })
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<HidStatus>(json)
-    }
+    crate::registry::status_type!(HidStatus);
 
     #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {

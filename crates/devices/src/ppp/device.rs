@@ -12,8 +12,6 @@ use vstream_link::Mux;
 #[cfg(feature = "guest")]
 use super::guest::{run, Mode, Settings};
 #[cfg(feature = "host")]
-use super::host::PppStatus;
-#[cfg(feature = "host")]
 use super::host::{PppConfig, PppService};
 use super::CLASS;
 #[cfg(feature = "guest")]
@@ -21,8 +19,6 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
-#[cfg(feature = "host")]
-use crate::status::DeviceStatus;
 
 /// `ppp`.
 pub struct PppDevice;
@@ -41,10 +37,7 @@ impl Device for PppDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<PppStatus>(json)
-    }
+    crate::registry::status_type!(super::host::PppStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

@@ -21,7 +21,7 @@ use vstream_transport::Address;
 #[cfg(feature = "guest")]
 use super::guest::{default_listeners, listen};
 #[cfg(feature = "host")]
-use super::host::{PrinterService, PrinterStatus, Spool, SpoolConfig};
+use super::host::{PrinterService, Spool, SpoolConfig};
 use super::CLASS;
 #[cfg(feature = "guest")]
 use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
@@ -77,10 +77,7 @@ impl Device for PrinterDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<PrinterStatus>(json)
-    }
+    crate::registry::status_type!(super::host::PrinterStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

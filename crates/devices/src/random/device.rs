@@ -14,8 +14,6 @@ use vstream_link::Mux;
 #[cfg(feature = "guest")]
 use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
 #[cfg(feature = "host")]
-use super::host::RandomStatus;
-#[cfg(feature = "host")]
 use super::host::{serve_raw, Entropy, Limiter};
 #[cfg(feature = "host")]
 use super::vhost::RngDevice;
@@ -29,8 +27,6 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState, TransportStatus};
 use crate::registry::{Device, SettingsError};
-#[cfg(feature = "host")]
-use crate::status::DeviceStatus;
 #[cfg(feature = "host")]
 use crate::ServeFuture;
 
@@ -57,10 +53,7 @@ impl Device for RandomDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<RandomStatus>(json)
-    }
+    crate::registry::status_type!(super::host::RandomStatus);
 
     fn raw_kinds(&self) -> &'static [&'static str] {
         &[RAW_KIND, VHOST_KIND]

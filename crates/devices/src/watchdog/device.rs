@@ -17,8 +17,6 @@ use super::guest::{GuestSettings, Heartbeat};
 #[cfg(feature = "host")]
 use super::host::WatchdogService;
 #[cfg(feature = "host")]
-use super::host::WatchdogStatus;
-#[cfg(feature = "host")]
 use super::Settings;
 use super::CLASS;
 #[cfg(feature = "guest")]
@@ -28,8 +26,6 @@ use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
 use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
-#[cfg(feature = "host")]
-use crate::status::DeviceStatus;
 
 /// `watchdog`.
 pub struct WatchdogDevice;
@@ -49,10 +45,7 @@ impl Device for WatchdogDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<WatchdogStatus>(json)
-    }
+    crate::registry::status_type!(super::host::WatchdogStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
