@@ -61,6 +61,19 @@ pub fn section<T: DeserializeOwned>(
         .transpose()
 }
 
+/// [`section`], then `validate` on the settings if present: its error names the section too.
+pub fn valid_section<T: DeserializeOwned, E: std::fmt::Display>(
+    class: &'static str,
+    s: Option<&Value>,
+    validate: impl FnOnce(&T) -> Result<(), E>,
+) -> Result<Option<T>, SettingsError> {
+    let s: Option<T> = section(class, s)?;
+    if let Some(s) = &s {
+        validate(s).map_err(|e| SettingsError::new(class, e))?;
+    }
+    Ok(s)
+}
+
 /// What a configured guest's sections are checked against.
 #[derive(Debug, Clone, Default)]
 pub struct GuestFacts {

@@ -17,7 +17,7 @@ use super::CLASS;
 #[cfg(feature = "guest")]
 use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
-use crate::registry::{section, GuestFacts, HostContext, HostHalf};
+use crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
 
 /// `ppp`.
@@ -25,11 +25,7 @@ pub struct PppDevice;
 
 #[cfg(feature = "host")]
 fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
-    let s: Option<PppConfig> = section(CLASS, s)?;
-    if let Some(s) = &s {
-        s.validate().map_err(|e| SettingsError::new(CLASS, e))?;
-    }
-    Ok(s)
+    valid_section(CLASS, s, PppConfig::validate)
 }
 
 impl Device for PppDevice {

@@ -24,7 +24,7 @@ use super::{parse_duration, WatchdogError};
 #[cfg(feature = "guest")]
 use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
 #[cfg(feature = "host")]
-use crate::registry::{section, GuestFacts, HostContext, HostHalf};
+use crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
 
 /// `watchdog`.
@@ -32,12 +32,7 @@ pub struct WatchdogDevice;
 
 #[cfg(feature = "host")]
 fn settings(s: Option<&Value>, guest: &GuestFacts) -> Result<Option<Settings>, SettingsError> {
-    let s: Option<Settings> = section(CLASS, s)?;
-    if let Some(s) = &s {
-        s.validate(guest.has_qmp)
-            .map_err(|e| SettingsError::new(CLASS, e))?;
-    }
-    Ok(s)
+    valid_section(CLASS, s, |s: &Settings| s.validate(guest.has_qmp))
 }
 
 impl Device for WatchdogDevice {
