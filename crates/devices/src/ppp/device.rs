@@ -1,24 +1,22 @@
 //! The ppp device's descriptor: `[guest.ppp]` (none: no link), the host half's `ppp` service,
 //! the guest half's pppd (`--ppp`, `vstream.ppp=`).
 
-#[cfg(feature = "host")]
-use std::sync::Arc;
-
-#[cfg(feature = "host")]
-use serde_json::Value;
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
-
-#[cfg(feature = "guest")]
-use super::guest::{run, Mode, Settings};
-#[cfg(feature = "host")]
-use super::host::{PppConfig, PppService};
 use super::CLASS;
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{run, Mode, Settings},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    vstream_link::Mux,
+};
+#[cfg(feature = "host")]
+use {
+    super::host::{PppConfig, PppService},
+    crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf},
+    serde_json::Value,
+    std::sync::Arc,
+};
 
 /// `ppp`.
 pub struct PppDevice;

@@ -2,30 +2,26 @@
 //! refused), the host half's watchdog service, the guest half's heartbeats.
 
 use std::sync::Arc;
-#[cfg(feature = "guest")]
-use std::sync::Mutex;
-#[cfg(feature = "guest")]
-use std::time::Duration;
 
-#[cfg(feature = "host")]
-use serde_json::Value;
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
-
-#[cfg(feature = "guest")]
-use super::guest::{GuestSettings, Heartbeat};
-#[cfg(feature = "host")]
-use super::host::WatchdogService;
-#[cfg(feature = "host")]
-use super::Settings;
 use super::CLASS;
-#[cfg(feature = "guest")]
-use super::{parse_duration, WatchdogError};
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{GuestSettings, Heartbeat},
+    super::{parse_duration, WatchdogError},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    std::sync::Mutex,
+    std::time::Duration,
+    vstream_link::Mux,
+};
+#[cfg(feature = "host")]
+use {
+    super::host::WatchdogService,
+    super::Settings,
+    crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf},
+    serde_json::Value,
+};
 
 /// `watchdog`.
 pub struct WatchdogDevice;
