@@ -61,6 +61,19 @@ pub fn section<T: DeserializeOwned>(
         .transpose()
 }
 
+/// [`section`], then `validate` on the settings if present: its error names the section too.
+pub fn valid_section<T: DeserializeOwned, E: std::fmt::Display>(
+    class: &'static str,
+    s: Option<&Value>,
+    validate: impl FnOnce(&T) -> Result<(), E>,
+) -> Result<Option<T>, SettingsError> {
+    let s: Option<T> = section(class, s)?;
+    if let Some(s) = &s {
+        validate(s).map_err(|e| SettingsError::new(class, e))?;
+    }
+    Ok(s)
+}
+
 /// What a configured guest's sections are checked against.
 #[derive(Debug, Clone, Default)]
 pub struct GuestFacts {
@@ -679,6 +692,21 @@ macro_rules! verbs_in {
 }
 #[cfg(feature = "host")]
 pub(crate) use verbs_in;
+
+/// [`Device::read_status`] of a device whose status is type `T`, compiled into the host half
+/// only (where vstreamctl reads statuses): `status_type!(super::host::MyStatus);`
+macro_rules! status_type {
+    ($status:ty) => {
+        #[cfg(feature = "host")]
+        fn read_status(
+            &self,
+            json: serde_json::Value,
+        ) -> serde_json::Result<$crate::status::DeviceStatus> {
+            $crate::status::DeviceStatus::read::<$status>(json)
+        }
+    };
+}
+pub(crate) use status_type;
 
 /// The commands of a derived [`clap::Subcommand`] enum, for [`Device::verbs`].
 pub fn verbs_of<S: clap::Subcommand>() -> Vec<clap::Command> {

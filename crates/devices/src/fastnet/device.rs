@@ -123,9 +123,7 @@ impl Device for FastnetDevice {
         CLASS
     }
 
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<super::link::FastnetStatus>(json)
-    }
+    crate::registry::status_type!(super::link::FastnetStatus);
 
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match section::<FastnetConfig>(CLASS, s)? {

@@ -2,41 +2,35 @@
 //! and the host half's virtio-input devices (vhost-user, [`super::vhost`]) that reach a guest
 //! with no agent.
 
-#[cfg(feature = "host")]
-use std::collections::BTreeMap;
-#[cfg(feature = "guest")]
-use std::path::PathBuf;
 use std::sync::Arc;
-#[cfg(feature = "host")]
-use std::sync::Mutex;
-#[cfg(feature = "host")]
-use std::time::Duration;
 
-#[cfg(feature = "host")]
-use serde_json::{json, Value};
 use vstream_link::Mux;
 
-#[cfg(feature = "host")]
-use super::guest::SharedSink;
-#[cfg(feature = "host")]
-use super::vhost::{Injector, InputDevice, InputStatus};
-#[cfg(feature = "host")]
-use super::Kind;
 use super::CLASS;
-#[cfg(feature = "host")]
-use crate::keep::now_secs;
 use crate::registry::Device;
+
 #[cfg(feature = "host")]
-use crate::registry::{
-    ControlConn, GuestFacts, HostContext, HostHalf, HostState, RawTransport, SettingsError,
-    TransportStatus,
+use {
+    super::guest::SharedSink,
+    super::vhost::{Injector, InputDevice, InputStatus},
+    super::Kind,
+    crate::keep::now_secs,
+    crate::registry::{
+        ControlConn, GuestFacts, HostContext, HostHalf, HostState, RawTransport, SettingsError,
+        TransportStatus,
+    },
+    crate::status::DeviceStatus,
+    crate::ServeFuture,
+    serde_json::{json, Value},
+    std::collections::BTreeMap,
+    std::sync::Mutex,
+    std::time::Duration,
 };
 #[cfg(feature = "guest")]
-use crate::registry::{GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::status::DeviceStatus;
-#[cfg(feature = "host")]
-use crate::ServeFuture;
+use {
+    crate::registry::{GuestHalf, GuestOptions},
+    std::path::PathBuf,
+};
 
 /// `hid`.
 pub struct HidDevice;
@@ -129,10 +123,7 @@ impl Device for HidDevice {
         })
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<HidStatus>(json)
-    }
+    crate::registry::status_type!(HidStatus);
 
     #[cfg(feature = "host")]
     fn control_ops(&self) -> &'static [&'static str] {

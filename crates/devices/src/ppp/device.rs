@@ -1,39 +1,29 @@
 //! The ppp device's descriptor: `[guest.ppp]` (none: no link), the host half's `ppp` service,
 //! the guest half's pppd (`--ppp`, `vstream.ppp=`).
 
-#[cfg(feature = "host")]
-use std::sync::Arc;
-
-#[cfg(feature = "host")]
-use serde_json::Value;
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
-
-#[cfg(feature = "guest")]
-use super::guest::{run, Mode, Settings};
-#[cfg(feature = "host")]
-use super::host::PppStatus;
-#[cfg(feature = "host")]
-use super::host::{PppConfig, PppService};
 use super::CLASS;
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{run, Mode, Settings},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    vstream_link::Mux,
+};
 #[cfg(feature = "host")]
-use crate::status::DeviceStatus;
+use {
+    super::host::{PppConfig, PppService},
+    crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf},
+    serde_json::Value,
+    std::sync::Arc,
+};
 
 /// `ppp`.
 pub struct PppDevice;
 
 #[cfg(feature = "host")]
 fn settings(s: Option<&Value>) -> Result<Option<PppConfig>, SettingsError> {
-    let s: Option<PppConfig> = section(CLASS, s)?;
-    if let Some(s) = &s {
-        s.validate().map_err(|e| SettingsError::new(CLASS, e))?;
-    }
-    Ok(s)
+    valid_section(CLASS, s, PppConfig::validate)
 }
 
 impl Device for PppDevice {
@@ -41,10 +31,7 @@ impl Device for PppDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<PppStatus>(json)
-    }
+    crate::registry::status_type!(super::host::PppStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

@@ -2,35 +2,31 @@
 //! `jobs` control op, the guest half's AppSocket listeners (`--printer`, `vstream.printer=`).
 
 use std::path::PathBuf;
-#[cfg(feature = "host")]
-use std::sync::atomic::{AtomicBool, Ordering};
-#[cfg(feature = "host")]
-use std::sync::Arc;
-#[cfg(feature = "host")]
-use std::time::Duration;
 
-#[cfg(feature = "guest")]
-use clap::ArgAction;
 use serde::Deserialize;
-#[cfg(feature = "host")]
-use serde_json::{json, Value};
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
 use vstream_transport::Address;
 
-#[cfg(feature = "guest")]
-use super::guest::{default_listeners, listen};
-#[cfg(feature = "host")]
-use super::host::{PrinterService, PrinterStatus, Spool, SpoolConfig};
 use super::CLASS;
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, ControlConn, GuestFacts, HostContext, HostHalf, HostState};
 use crate::registry::{Device, SettingsError};
-#[cfg(feature = "host")]
-use crate::status::DeviceStatus;
 use crate::ServeFuture;
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{default_listeners, listen},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    clap::ArgAction,
+    vstream_link::Mux,
+};
+#[cfg(feature = "host")]
+use {
+    super::host::{PrinterService, Spool, SpoolConfig},
+    crate::registry::{section, ControlConn, GuestFacts, HostContext, HostHalf, HostState},
+    crate::status::DeviceStatus,
+    serde_json::{json, Value},
+    std::sync::atomic::{AtomicBool, Ordering},
+    std::sync::Arc,
+    std::time::Duration,
+};
 
 /// `printer`.
 pub struct PrinterDevice;
@@ -77,10 +73,7 @@ impl Device for PrinterDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<PrinterStatus>(json)
-    }
+    crate::registry::status_type!(super::host::PrinterStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

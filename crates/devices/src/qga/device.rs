@@ -2,32 +2,30 @@
 //! raw transport with `--qga`), the host half's `agent` control op (to a `qga` transport with a
 //! real qemu-ga behind it if the guest has one, else to a `qga` channel of vstream-agent).
 
-#[cfg(feature = "guest")]
-use std::ops::ControlFlow;
-#[cfg(feature = "guest")]
-use std::path::PathBuf;
 use std::sync::Arc;
-#[cfg(feature = "host")]
-use std::time::Duration;
 
-#[cfg(feature = "host")]
-use serde_json::Value;
 use vstream_link::Mux;
 use vstream_transport::Address;
-#[cfg(feature = "host")]
-use vstream_transport::{BoxStream, Endpoint};
 
-#[cfg(feature = "guest")]
-use super::guest::{serve_address, GuestAgent, QgaService, Settings};
 use super::CLASS;
-#[cfg(feature = "guest")]
-use super::{qemu_ga, QemuGaConfig};
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{ControlConn, GuestFacts, HostContext, HostHalf, HostState};
 use crate::registry::{Device, SettingsError};
 use crate::ServeFuture;
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{serve_address, GuestAgent, QgaService, Settings},
+    super::{qemu_ga, QemuGaConfig},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    std::ops::ControlFlow,
+    std::path::PathBuf,
+};
+#[cfg(feature = "host")]
+use {
+    crate::registry::{ControlConn, GuestFacts, HostContext, HostHalf, HostState},
+    serde_json::Value,
+    std::time::Duration,
+    vstream_transport::{BoxStream, Endpoint},
+};
 
 /// `qga`.
 pub struct QgaDevice;

@@ -411,6 +411,24 @@ async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> io::Resul
     Ok(n)
 }
 
+/// Ends a transfer of `total` bytes on `handle`: closes the file when `result` is `Ok`, else
+/// [`abandon`]s it (closed only if `close_on_error`) and returns the transfer's error.
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    handle: i64,
+    result: Result<(), ClientError>,
+    total: u64,
+    in_flight: usize,
+    close_on_error: bool,
+) -> Result<u64, ClientError> {
+    if let Err(e) = result {
+        abandon(client, handle, in_flight, close_on_error).await;
+        return Err(e);
+    }
+    client.file_close(handle).await?;
+    Ok(total)
+}
+
 /// After a failure: collects the replies still due, then closes the handle (best effort) if
 /// `close`.
 async fn abandon<S: AsyncRead + AsyncWrite + Unpin>(
@@ -486,18 +504,9 @@ where
         }
     }
     .await;
-    match result {
-        Ok(()) => {
-            client.file_close(handle).await?;
-            Ok(total)
-        }
-        Err(e) => {
-            // Not closed: vstream-agent puts a `w` file in place on guest-file-close, and this
-            // one is incomplete (it stays under a `.vstream-partial-N` name in the guest).
-            abandon(client, handle, in_flight.len(), false).await;
-            Err(e)
-        }
-    }
+    // Not closed on an error: vstream-agent puts a `w` file in place on guest-file-close, and
+    // this one is incomplete (it stays under a `.vstream-partial-N` name in the guest).
+    finish(client, handle, result, total, in_flight.len(), false).await
 }
 
 /// Copies the guest file `path` into `writer`, `chunk` bytes per `guest-file-read`,
@@ -562,14 +571,5 @@ where
         Ok(())
     }
     .await;
-    match result {
-        Ok(()) => {
-            client.file_close(handle).await?;
-            Ok(total)
-        }
-        Err(e) => {
-            abandon(client, handle, in_flight, true).await;
-            Err(e)
-        }
-    }
+    finish(client, handle, result, total, in_flight, true).await
 }

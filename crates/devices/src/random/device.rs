@@ -1,38 +1,27 @@
 //! The random device's descriptor: the guest's entropy budget (`[guest.random]`), the `random`
 //! channels and `random-raw` ports of the host half, the kernel-pool feeder of the guest half.
 
-#[cfg(feature = "host")]
-use std::sync::{Arc, Mutex};
-
-#[cfg(feature = "guest")]
-use clap::ArgAction;
-#[cfg(feature = "host")]
-use serde_json::Value;
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
-
-#[cfg(feature = "guest")]
-use super::guest::{run_feeder, FeedSettings, Feeder, KernelPool};
-#[cfg(feature = "host")]
-use super::host::RandomStatus;
-#[cfg(feature = "host")]
-use super::host::{serve_raw, Entropy, Limiter};
-#[cfg(feature = "host")]
-use super::vhost::RngDevice;
-#[cfg(feature = "host")]
-use super::Settings;
 use super::CLASS;
-#[cfg(feature = "host")]
-use crate::keep::{keep, now_secs, Kept, Slot};
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState, TransportStatus};
 use crate::registry::{Device, SettingsError};
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{run_feeder, FeedSettings, Feeder, KernelPool},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    clap::ArgAction,
+    vstream_link::Mux,
+};
 #[cfg(feature = "host")]
-use crate::status::DeviceStatus;
-#[cfg(feature = "host")]
-use crate::ServeFuture;
+use {
+    super::host::{serve_raw, Entropy, Limiter},
+    super::vhost::RngDevice,
+    super::Settings,
+    crate::keep::{keep, now_secs, Kept, Slot},
+    crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState, TransportStatus},
+    crate::ServeFuture,
+    serde_json::Value,
+    std::sync::{Arc, Mutex},
+};
 
 /// `random`.
 pub struct RandomDevice;
@@ -57,10 +46,7 @@ impl Device for RandomDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<RandomStatus>(json)
-    }
+    crate::registry::status_type!(super::host::RandomStatus);
 
     fn raw_kinds(&self) -> &'static [&'static str] {
         &[RAW_KIND, VHOST_KIND]

@@ -2,46 +2,33 @@
 //! refused), the host half's watchdog service, the guest half's heartbeats.
 
 use std::sync::Arc;
-#[cfg(feature = "guest")]
-use std::sync::Mutex;
-#[cfg(feature = "guest")]
-use std::time::Duration;
 
-#[cfg(feature = "host")]
-use serde_json::Value;
-#[cfg(feature = "guest")]
-use vstream_link::Mux;
-
-#[cfg(feature = "guest")]
-use super::guest::{GuestSettings, Heartbeat};
-#[cfg(feature = "host")]
-use super::host::WatchdogService;
-#[cfg(feature = "host")]
-use super::host::WatchdogStatus;
-#[cfg(feature = "host")]
-use super::Settings;
 use super::CLASS;
-#[cfg(feature = "guest")]
-use super::{parse_duration, WatchdogError};
-#[cfg(feature = "guest")]
-use crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions};
-#[cfg(feature = "host")]
-use crate::registry::{section, GuestFacts, HostContext, HostHalf};
 use crate::registry::{Device, SettingsError};
+
+#[cfg(feature = "guest")]
+use {
+    super::guest::{GuestSettings, Heartbeat},
+    super::{parse_duration, WatchdogError},
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    std::sync::Mutex,
+    std::time::Duration,
+    vstream_link::Mux,
+};
 #[cfg(feature = "host")]
-use crate::status::DeviceStatus;
+use {
+    super::host::WatchdogService,
+    super::Settings,
+    crate::registry::{section, valid_section, GuestFacts, HostContext, HostHalf},
+    serde_json::Value,
+};
 
 /// `watchdog`.
 pub struct WatchdogDevice;
 
 #[cfg(feature = "host")]
 fn settings(s: Option<&Value>, guest: &GuestFacts) -> Result<Option<Settings>, SettingsError> {
-    let s: Option<Settings> = section(CLASS, s)?;
-    if let Some(s) = &s {
-        s.validate(guest.has_qmp)
-            .map_err(|e| SettingsError::new(CLASS, e))?;
-    }
-    Ok(s)
+    valid_section(CLASS, s, |s: &Settings| s.validate(guest.has_qmp))
 }
 
 impl Device for WatchdogDevice {
@@ -49,10 +36,7 @@ impl Device for WatchdogDevice {
         CLASS
     }
 
-    #[cfg(feature = "host")]
-    fn read_status(&self, json: Value) -> serde_json::Result<DeviceStatus> {
-        DeviceStatus::read::<WatchdogStatus>(json)
-    }
+    crate::registry::status_type!(super::host::WatchdogStatus);
 
     #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, guest: Option<&GuestFacts>) -> Result<(), SettingsError> {

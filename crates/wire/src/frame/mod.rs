@@ -115,6 +115,34 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of a frame carrying `payload`.
+    fn of(flags: u8, kind: u8, channel: u32, seq: u32, ack: u32, payload: &[u8]) -> Header {
+        Header {
+            kind,
+            flags,
+            channel,
+            seq,
+            ack,
+            // Payloads are bounded by the negotiated frame size (<= MAX_PAYLOAD_LIMIT), so this
+            // fits.
+            len: payload.len() as u32,
+        }
+    }
+
+    /// Appends this header, with its CRC, to `out`.
+    fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.push(self.kind);
+        out.push(self.flags);
+        out.extend_from_slice(&self.channel.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.ack.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        let hcrc = crc32c::crc32c(&out[start..start + 20]);
+        out.extend_from_slice(&hcrc.to_le_bytes());
+    }
+
     fn parse(b: &[u8; HEADER_LEN]) -> Option<Header> {
         let field = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         if crc32c::crc32c(&b[..20]) != field(20) {
@@ -156,33 +184,9 @@ pub fn encode_flagged(
     payload: &[u8],
 ) {
     out.reserve(HEADER_LEN + payload.len() + TRAILER_LEN);
-    encode_header(out, flags, kind, channel, seq, ack, payload.len());
+    Header::of(flags, kind, channel, seq, ack, payload).encode(out);
     out.extend_from_slice(payload);
     encode_trailer(out, flags, payload);
-}
-
-/// Appends the header of a frame with a payload of `payload_len` bytes.
-fn encode_header(
-    out: &mut Vec<u8>,
-    flags: u8,
-    kind: u8,
-    channel: u32,
-    seq: u32,
-    ack: u32,
-    payload_len: usize,
-) {
-    // Payloads are bounded by the negotiated frame size (<= MAX_PAYLOAD_LIMIT), so this fits.
-    let len = payload_len as u32;
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&channel.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&ack.to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
-    let hcrc = crc32c::crc32c(&out[start..start + 20]);
-    out.extend_from_slice(&hcrc.to_le_bytes());
 }
 
 /// Appends the trailer (payload CRC) of a frame.
@@ -225,15 +229,7 @@ impl Transmit {
         if payload.len() < SHARE_MIN {
             encode_flagged(&mut self.inline, flags, kind, channel, seq, ack, payload);
         } else {
-            encode_header(
-                &mut self.inline,
-                flags,
-                kind,
-                channel,
-                seq,
-                ack,
-                payload.len(),
-            );
+            Header::of(flags, kind, channel, seq, ack, payload).encode(&mut self.inline);
             self.shared.push((self.inline.len(), payload.clone()));
             encode_trailer(&mut self.inline, flags, payload);
         }

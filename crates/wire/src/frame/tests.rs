@@ -201,6 +201,18 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
     assert_eq!(pool.spare(), 0);
 }
 
+/// A genuine data header claiming a payload of `len` bytes.
+fn claiming(len: usize) -> Header {
+    Header {
+        kind: Kind::Data as u8,
+        flags: 0,
+        channel: 1,
+        seq: 0,
+        ack: 0,
+        len: len as u32,
+    }
+}
+
 /// Back-to-back genuine headers claiming the largest payload, with none following: each
 /// failed payload check costs up to `limit` bytes of CRC, so there must be about two per
 /// `limit` bytes of input, not one per header (24 bytes) as before.
@@ -208,7 +220,7 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
 fn crc_bomb_headers_cost_linear_work() {
     let limit = 64 * 1024;
     let mut header = Vec::new();
-    encode_header(&mut header, 0, Kind::Data as u8, 1, 0, 0, limit);
+    claiming(limit).encode(&mut header);
     let wire: Vec<u8> = header.iter().copied().cycle().take(64 * limit).collect();
     for fast in [false, true] {
         let mut d = Decoder::new(limit as u32);
@@ -244,7 +256,7 @@ fn good_frame_after_crc_bomb_is_found() {
     let limit = 4096;
     let mut wire = Vec::new();
     for _ in 0..500 {
-        encode_header(&mut wire, 0, Kind::Data as u8, 1, 0, 0, limit);
+        claiming(limit).encode(&mut wire);
     }
     wire.extend_from_slice(&[0u8; 4096 + 4]);
     encode(&mut wire, Kind::Data as u8, 1, 9, 0, b"after the bomb");
