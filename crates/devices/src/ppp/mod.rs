@@ -17,6 +17,8 @@
 //! each side negotiates the link (LCP), the addresses (IPCP: the host side assigns the guest's)
 //! and the MTU (the host's MRU; the guest accepts up to [`GUEST_MRU`]). See docs/devices/ppp.md.
 
+#[cfg(feature = "host")]
+pub mod config;
 pub mod device;
 #[cfg(feature = "guest")]
 pub mod guest;
