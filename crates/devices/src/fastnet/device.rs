@@ -2,27 +2,35 @@
 //! MTU, the mode), the host half serving the guest's `fastnet` channel, the guest half's link
 //! (`--fastnet IFNAME`, `vstream.fastnet=IFNAME`).
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use super::link::Stats;
+use super::{CHANNEL_NAME, CLASS};
+use crate::registry::{Device, SettingsError};
+use crate::ServeFuture;
 
-use serde::Deserialize;
-use serde_json::Value;
-use vstream_link::{ChannelStream, Mux};
-
-use super::host::Stats;
-use super::ring::{Layout, Memory, Segment};
-use super::{Setup, CHANNEL_NAME, CLASS, MAX_PACKET, PROTOCOL_VERSION};
-use crate::registry::{
-    cmdline_values, section, AgentArgs, Device, GuestFacts, GuestHalf, GuestOptions, HostContext,
-    HostHalf, HostState, SettingsError,
+#[cfg(feature = "host")]
+use {
+    super::ring::{Layout, Memory, Segment},
+    super::{Setup, MAX_PACKET, PROTOCOL_VERSION},
+    crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState},
+    crate::status::DeviceStatus,
+    crate::tun::netns_path,
+    crate::Service,
+    serde::Deserialize,
+    serde_json::Value,
+    std::path::PathBuf,
+    std::sync::Arc,
+    vstream_link::ChannelStream,
 };
-use crate::status::DeviceStatus;
-use crate::tun::netns_path;
-use crate::{ServeFuture, Service};
+#[cfg(feature = "guest")]
+use {
+    crate::registry::{cmdline_values, AgentArgs, GuestHalf, GuestOptions},
+    vstream_link::Mux,
+};
 
 /// `fastnet`.
 pub struct FastnetDevice;
 
+#[cfg(feature = "host")]
 /// How a link carries its packets (`mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -36,6 +44,7 @@ pub enum ModeSetting {
     Shm,
 }
 
+#[cfg(feature = "host")]
 /// `[guest.fastnet]`: the guest's network link (absent: none).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,19 +77,23 @@ pub struct FastnetConfig {
     pub segment_size: u64,
 }
 
+#[cfg(feature = "host")]
 fn default_segment_size() -> u64 {
     4 << 20
 }
 
+#[cfg(feature = "host")]
 fn default_mac() -> String {
     // Locally administered, unicast.
     "02:76:73:00:00:02".into()
 }
 
+#[cfg(feature = "host")]
 fn default_mtu() -> u16 {
     1500
 }
 
+#[cfg(feature = "host")]
 impl FastnetConfig {
     fn validate(&self) -> Result<(), SettingsError> {
         crate::tun::ifreq(&self.tap).map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
@@ -125,6 +138,7 @@ impl Device for FastnetDevice {
 
     crate::registry::status_type!(super::link::FastnetStatus);
 
+    #[cfg(feature = "host")]
     fn check(&self, s: Option<&Value>, _guest: Option<&GuestFacts>) -> Result<(), SettingsError> {
         match section::<FastnetConfig>(CLASS, s)? {
             Some(c) => c.validate(),
@@ -132,6 +146,7 @@ impl Device for FastnetDevice {
         }
     }
 
+    #[cfg(feature = "host")]
     fn host(&self, ctx: &HostContext) -> Result<HostHalf, SettingsError> {
         let Some(config) = section::<FastnetConfig>(CLASS, ctx.section.as_ref())? else {
             return Ok(HostHalf::services(Vec::new()));
@@ -148,6 +163,7 @@ impl Device for FastnetDevice {
         })
     }
 
+    #[cfg(feature = "guest")]
     fn agent_args(&self) -> Vec<clap::Arg> {
         vec![clap::Arg::new("fastnet")
             .long("fastnet")
@@ -155,6 +171,7 @@ impl Device for FastnetDevice {
             .help("Open the host's fastnet link as TAP interface IFNAME (default: vstream.fastnet=IFNAME on the kernel command line, else no link)")]
     }
 
+    #[cfg(feature = "guest")]
     fn agent_options(
         &self,
         args: &AgentArgs<'_>,
@@ -176,6 +193,7 @@ impl Device for FastnetDevice {
         Ok(())
     }
 
+    #[cfg(feature = "guest")]
     fn guest(&self, mux: &Mux, options: &GuestOptions) -> GuestHalf {
         let Some(Interface(Some(ifname))) = options.get::<Interface>(CLASS).cloned() else {
             return GuestHalf::default();
@@ -203,6 +221,7 @@ impl Device for FastnetDevice {
     }
 }
 
+#[cfg(feature = "host")]
 /// Serves the guest's link: one at a time, on the configured TAP.
 struct FastnetService {
     guest: String,
@@ -210,12 +229,14 @@ struct FastnetService {
     state: Arc<LinkState>,
 }
 
+#[cfg(feature = "host")]
 /// The guest's current (or last) link, for `vstreamctl status`.
 #[derive(Default)]
 struct LinkState {
     link: std::sync::Mutex<Option<Arc<Stats>>>,
 }
 
+#[cfg(feature = "host")]
 impl HostState for LinkState {
     fn status(&self) -> Option<DeviceStatus> {
         let link = self.link.lock().ok()?.clone()?;
@@ -223,6 +244,7 @@ impl HostState for LinkState {
     }
 }
 
+#[cfg(feature = "host")]
 impl FastnetService {
     /// The segment to offer: none in channel mode; in auto mode none if it cannot be mapped
     /// (logged; the link runs on the channel), in shm mode that is the link's error.
@@ -249,6 +271,7 @@ impl FastnetService {
     }
 }
 
+#[cfg(feature = "host")]
 impl Service for FastnetService {
     fn class(&self) -> &'static str {
         CLASS

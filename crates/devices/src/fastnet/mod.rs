@@ -16,7 +16,9 @@
 //! See docs/devices/fastnet.md for the layout, the ordering rules and the doorbell protocol.
 
 pub mod device;
+#[cfg(feature = "guest")]
 pub mod guest;
+#[cfg(feature = "host")]
 pub mod host;
 pub mod link;
 pub mod ring;
