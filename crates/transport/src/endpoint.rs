@@ -42,17 +42,29 @@ pub struct Endpoint {
 /// What `next` does, with what it needs.
 enum State {
     ConnectUnix(PathBuf),
-    ConnectTcp { host: String, port: u16 },
-    ConnectVsock { cid: u32, port: u32 },
-    ConnectHybridVsock { path: PathBuf, port: u32 },
+    ConnectTcp {
+        host: String,
+        port: u16,
+    },
+    ConnectVsock {
+        cid: u32,
+        port: u32,
+    },
+    ConnectHybridVsock {
+        path: PathBuf,
+        port: u32,
+    },
     OpenSerial(SerialConfig),
     OpenPort(PortDevice),
     AcceptUnix(unix::Listener),
     AcceptTcp(TcpListener),
     AcceptVsock(VsockListener),
+    #[cfg(feature = "vhost-user")]
     ServeVhostVsock(crate::vhost_vsock::VhostVsock),
     Inherited(InheritedFd),
-    Stdio { used: bool },
+    Stdio {
+        used: bool,
+    },
 }
 
 impl Endpoint {
@@ -99,10 +111,18 @@ impl Endpoint {
                 let (listener, bound) = vsock::bind(&addr, *port)?;
                 (bound, State::AcceptVsock(listener))
             }
+            #[cfg(feature = "vhost-user")]
             Address::VhostUserVsock(config) => (
                 addr.clone(),
                 State::ServeVhostVsock(crate::vhost_vsock::bind(&addr, config)?),
             ),
+            #[cfg(not(feature = "vhost-user"))]
+            Address::VhostUserVsock(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{addr}: this program is built without vhost-user devices"),
+                ))
+            }
             Address::Fd(number) => (
                 addr.clone(),
                 State::Inherited(InheritedFd::claim(&addr, *number)?),
@@ -129,6 +149,7 @@ impl Endpoint {
             State::AcceptUnix(listener) => listener.accept(address).await?,
             State::AcceptTcp(listener) => tcp::accept(address, listener).await?,
             State::AcceptVsock(listener) => vsock::accept(address, listener).await?,
+            #[cfg(feature = "vhost-user")]
             State::ServeVhostVsock(device) => device.accept(address).await?,
             State::Inherited(inherited) => inherited.take(address)?,
             State::Stdio { used } => {

@@ -44,6 +44,9 @@ mod retry;
 mod serial;
 mod tcp;
 mod unix;
+// The vhost-user vsock device needs the vhost-user crates: vstreamd serves it, the agent never
+// does, so it is a feature (on by default; the agent builds without it).
+#[cfg(feature = "vhost-user")]
 pub mod vhost_vsock;
 mod vsock;
 
