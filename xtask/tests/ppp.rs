@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
-use xtask::lab::testing::{self, receive_one, NetNs};
+use xtask::lab::testing::{self, exec_sh, receive_one, NetNs};
 use xtask::lab::{self, Lab, LabOptions};
 
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -24,20 +24,6 @@ const SIZE: usize = 16 * 1024 * 1024;
 
 /// One guest at a time: the throughput figures must not share the two cores with another guest.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
-
-fn exec(lab: &Lab, script: &str) -> String {
-    let out = lab
-        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
-        .expect("vstreamctl exec");
-    assert!(
-        out.status.success(),
-        "`{script}` in the guest failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn ppp_status(lab: &Lab, status: &Value) -> Value {
     lab::guest_status(status, lab.name())
@@ -50,7 +36,7 @@ fn ppp_status(lab: &Lab, status: &Value) -> Value {
 fn transfer(lab: &Lab, listener: TcpListener, host: &str) -> (Vec<u8>, Duration) {
     let port = listener.local_addr().expect("port").port();
     let rx = receive_one(listener);
-    exec(lab, &format!("nc {host} {port} < /tmp/blob"));
+    exec_sh(lab, &format!("nc {host} {port} < /tmp/blob"));
     rx.join().expect("receiver")
 }
 
@@ -88,9 +74,9 @@ fn ppp_link_in_a_real_guest() {
     let addr = String::from_utf8_lossy(&addr.stdout);
     assert!(addr.contains("10.77.0.1 peer 10.77.0.2/32"), "{addr}");
     // In the guest it is pppd's ppp0, with the address the host gave it.
-    let guest_addr = exec(&lab, "ip -4 addr show dev ppp0");
+    let guest_addr = exec_sh(&lab, "ip -4 addr show dev ppp0");
     assert!(guest_addr.contains("10.77.0.2"), "{guest_addr}");
-    let guest_link = exec(&lab, "ip link show dev ppp0");
+    let guest_link = exec_sh(&lab, "ip link show dev ppp0");
     assert!(guest_link.contains("mtu 1500"), "{guest_link}");
     assert!(
         lab.guest_console_log()
@@ -98,7 +84,7 @@ fn ppp_link_in_a_real_guest() {
         "the guest's pppd did not report its address"
     );
 
-    let ping = exec(&lab, "ping -c 10 -i 0.2 10.77.0.1");
+    let ping = exec_sh(&lab, "ping -c 10 -i 0.2 10.77.0.1");
     assert!(ping.contains("10 packets received"), "{ping}");
     let ppp_rtt = ping
         .lines()
@@ -107,7 +93,7 @@ fn ppp_link_in_a_real_guest() {
         .to_owned();
 
     // The same 16 MiB through both paths, guest to host.
-    let sum = exec(
+    let sum = exec_sh(
         &lab,
         &format!("head -c {SIZE} /dev/urandom > /tmp/blob && sha256sum /tmp/blob"),
     );
@@ -118,11 +104,11 @@ fn ppp_link_in_a_real_guest() {
     assert_eq!(got.len(), SIZE, "bytes through ppp");
     assert_eq!(testing::sha256(&got), sum, "the bytes through ppp changed");
 
-    exec(
+    exec_sh(
         &lab,
         "ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && sleep 1",
     );
-    let net_ping = exec(&lab, "ping -c 10 -i 0.2 10.0.2.2");
+    let net_ping = exec_sh(&lab, "ping -c 10 -i 0.2 10.0.2.2");
     let net_rtt = net_ping
         .lines()
         .find(|l| l.contains("round-trip"))
@@ -166,7 +152,7 @@ fn ppp_link_in_a_real_guest() {
         lab.mux_transports_up(s)
     })
     .expect("agent back");
-    let ping = exec(&lab, "ping -c 3 10.77.0.1");
+    let ping = exec_sh(&lab, "ping -c 3 10.77.0.1");
     assert!(ping.contains("3 packets received"), "{ping}");
 }
 
@@ -210,10 +196,10 @@ fn ppp_link_on_a_virtio_serial_port() {
         .expect("ppp up");
     let ppp = ppp_status(&lab, &status);
     assert_eq!(ppp["on"], format!("unix:{}", sock.display()));
-    let guest_link = exec(&lab, "ip link show dev ppp0 && ip -4 addr show dev ppp0");
+    let guest_link = exec_sh(&lab, "ip link show dev ppp0 && ip -4 addr show dev ppp0");
     assert!(guest_link.contains("mtu 1400"), "{guest_link}");
     assert!(guest_link.contains("10.77.1.2"), "{guest_link}");
-    let ping = exec(&lab, "ping -c 5 -i 0.2 10.77.1.1");
+    let ping = exec_sh(&lab, "ping -c 5 -i 0.2 10.77.1.1");
     assert!(ping.contains("5 packets received"), "{ping}");
     // The agent runs the link on the port, not on a channel.
     assert!(lab

@@ -3,11 +3,11 @@
 //! side is a vstreamd transport of kind `random-raw`, within the guest's budget. Never skipped
 //! silently: without QEMU it fails, unless VSTREAM_SKIP_E2E=1 is set.
 
-use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::lab::testing::exec_sh;
 use xtask::lab::{self, guest_status, Lab, LabOptions};
 
 /// From QEMU's start to the agent's transport being up, under TCG.
@@ -18,20 +18,6 @@ const RAW_PORT: &str = "org.vstream.random.0";
 
 /// The guest's budget in this test.
 const RATE: u64 = 32 * 1024;
-
-fn exec(lab: &Lab, script: &str) -> Output {
-    let out = lab
-        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
-        .unwrap_or_else(|e| panic!("vstreamctl exec: {e}"));
-    assert!(
-        out.status.success(),
-        "`{script}` in the guest failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn raw_transport(status: &Value, guest: &str) -> Option<Value> {
     guest_status(status, guest)?["transports"]
@@ -135,16 +121,13 @@ fn the_agent_feeds_the_kernel_and_rngd_reads_the_raw_port() {
         let script = format!("{port_of} timeout 14 cat $dev | wc -c");
         let lab = &lab;
         thread::scope(|scope| {
-            let cat = scope.spawn(move || exec(lab, &script));
+            let cat = scope.spawn(move || exec_sh(lab, &script));
             thread::sleep(Duration::from_secs(3));
             let (t0, b0) = (Instant::now(), raw_bytes(lab));
             thread::sleep(Duration::from_secs(10));
             let (t1, b1) = (Instant::now(), raw_bytes(lab));
             let out = cat.join().expect("reader");
-            let read: u64 = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .unwrap_or(0);
+            let read: u64 = out.trim().parse().unwrap_or(0);
             ((b1 - b0) as f64 / (t1 - t0).as_secs_f64(), read)
         })
     };
@@ -164,7 +147,7 @@ fn the_agent_feeds_the_kernel_and_rngd_reads_the_raw_port() {
     //    command waits a moment: the tty device ends what is left of a command's session when
     //    the command exits.)
     let before = raw_bytes(&lab);
-    let out = exec(
+    let out = exec_sh(
         &lab,
         &format!(
             "{port_of} setsid rngd -f -r $dev -n 1 -d 1 </dev/null >/tmp/rngd.log 2>&1 & \
@@ -173,7 +156,7 @@ fn the_agent_feeds_the_kernel_and_rngd_reads_the_raw_port() {
              echo $dev"
         ),
     );
-    let port = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let port = out.trim().to_owned();
     println!("rngd -r {port} started in the guest");
     let deadline = Instant::now() + Duration::from_secs(60);
     while raw_bytes(&lab) < before + 2 * RATE {
@@ -201,18 +184,18 @@ fn the_agent_feeds_the_kernel_and_rngd_reads_the_raw_port() {
 
     // rngd is still running (it exits when its source fails FIPS 140-2 too often or cannot
     // write to the kernel) and said nothing alarming.
-    let out = exec(
+    let out = exec_sh(
         &lab,
         "kill -0 $(cat /run/rngd.pid) && echo alive; cat /proc/sys/kernel/random/entropy_avail; \
          cat /tmp/rngd.log",
     );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = out;
     println!("guest: {}", text.replace('\n', " | "));
     assert!(text.starts_with("alive\n"), "rngd is gone: {text}");
     for bad in ["failed", "exiting", "disabling", "can't open"] {
         assert!(!text.contains(bad), "rngd says {bad:?}: {text}");
     }
-    let _ = exec(&lab, "kill $(cat /run/rngd.pid)");
+    let _ = exec_sh(&lab, "kill $(cat /run/rngd.pid)");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
