@@ -33,20 +33,7 @@ const HOST_TAP: &str = "vsfn0";
 const EXEC_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn exec(lab: &Lab, script: &str) -> String {
-    let out = testing::ctl(
-        lab,
-        &["exec", lab.name(), "--", "sh", "-c", script],
-        &[],
-        EXEC_TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "`{script}` in the guest failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testing::exec_sh_within(lab, script, EXEC_TIMEOUT)
 }
 
 fn ns_ok(ns: &NetNs, cmd: &[&str]) -> String {

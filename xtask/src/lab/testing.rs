@@ -59,8 +59,13 @@ pub fn ctl_ok(lab: &Lab, args: &[&str], timeout: Duration) -> String {
 /// Runs `sh -c SCRIPT` in the guest through the agent (`vstreamctl exec`); it must succeed.
 /// Its stdout.
 pub fn exec_sh(lab: &Lab, script: &str) -> String {
+    exec_sh_within(lab, script, super::CTL_TIMEOUT)
+}
+
+/// [`exec_sh`] for commands that may take longer than the usual `vstreamctl` timeout.
+pub fn exec_sh_within(lab: &Lab, script: &str, timeout: Duration) -> String {
     let out = lab
-        .ctl(["exec", lab.name(), "--", "sh", "-c", script])
+        .ctl_within(["exec", lab.name(), "--", "sh", "-c", script], &[], timeout)
         .unwrap_or_else(|e| panic!("vstreamctl exec: {e}"));
     assert!(
         out.status.success(),
