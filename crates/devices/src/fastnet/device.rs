@@ -10,6 +10,7 @@ use crate::ServeFuture;
 #[cfg(feature = "host")]
 use {
     super::ring::{Layout, Memory, Segment},
+    super::switch::{parse_mac, Mac, PortConfig, PortCounters},
     super::{Setup, MAX_PACKET, PROTOCOL_VERSION},
     crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState},
     crate::status::DeviceStatus,
@@ -51,7 +52,17 @@ pub enum ModeSetting {
 pub struct FastnetConfig {
     /// The host's TAP interface (created, or attached if it exists as a persistent TAP with
     /// vnet headers, e.g. `ip tuntap add dev NAME mode tap vnet_hdr`, already addressed).
-    pub tap: String,
+    /// Either this or `switch`.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// The built-in switch the link joins (any name; the guests that name the same switch
+    /// share it). Either this or `tap`.
+    #[serde(default)]
+    pub switch: Option<String>,
+    /// On a switch: forward frames whose source MAC is not `guest_mac` (dropped and counted
+    /// otherwise).
+    #[serde(default)]
+    pub allow_mac_spoofing: bool,
     /// The network namespace of the TAP (a name under /run/netns or a path); vstreamd's own if
     /// absent.
     #[serde(default)]
@@ -95,8 +106,53 @@ fn default_mtu() -> u16 {
 
 #[cfg(feature = "host")]
 impl FastnetConfig {
+    /// `guest_mac`: a unicast address.
+    fn mac(&self) -> Result<Mac, SettingsError> {
+        parse_mac(&self.guest_mac)
+            .filter(|m| m[0] & 1 == 0)
+            .ok_or_else(|| {
+                SettingsError::new(
+                    CLASS,
+                    format!(
+                        "guest_mac {:?}: a unicast xx:xx:xx:xx:xx:xx",
+                        self.guest_mac
+                    ),
+                )
+            })
+    }
+
     fn validate(&self) -> Result<(), SettingsError> {
-        crate::tun::ifreq(&self.tap).map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
+        match (&self.tap, &self.switch) {
+            (Some(tap), None) => {
+                crate::tun::ifreq(tap)
+                    .map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
+            }
+            (None, Some(name)) => {
+                if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                    return Err(SettingsError::new(
+                        CLASS,
+                        "switch: a name of 1 to 64 characters",
+                    ));
+                }
+                if self.netns.is_some() {
+                    return Err(SettingsError::new(
+                        CLASS,
+                        "netns is for a tap, not a switch",
+                    ));
+                }
+            }
+            _ => return Err(SettingsError::new(
+                CLASS,
+                "one of tap = \"IFNAME\" (a host TAP) or switch = \"NAME\" (the built-in switch)",
+            )),
+        }
+        if self.allow_mac_spoofing && self.switch.is_none() {
+            return Err(SettingsError::new(
+                CLASS,
+                "allow_mac_spoofing is for a switch port",
+            ));
+        }
+        self.mac()?;
         if !(68..=65535 - 14).contains(&self.mtu) {
             return Err(SettingsError::new(CLASS, "mtu: 68 to 65521"));
         }
@@ -234,13 +290,19 @@ struct FastnetService {
 #[derive(Default)]
 struct LinkState {
     link: std::sync::Mutex<Option<Arc<Stats>>>,
+    /// The link's switch and its port's counters, if it is on a switch.
+    switch: std::sync::Mutex<Option<(String, Arc<PortCounters>)>>,
 }
 
 #[cfg(feature = "host")]
 impl HostState for LinkState {
     fn status(&self) -> Option<DeviceStatus> {
         let link = self.link.lock().ok()?.clone()?;
-        Some(DeviceStatus::new(link.snapshot()))
+        let mut status = link.snapshot();
+        if let Some((name, counters)) = self.switch.lock().ok()?.as_ref() {
+            status.switch = Some(counters.snapshot(name));
+        }
+        Some(DeviceStatus::new(status))
     }
 }
 
@@ -295,16 +357,8 @@ impl Service for FastnetService {
         if let Ok(mut link) = self.state.link.lock() {
             *link = Some(stats.clone());
         }
+        let state = self.state.clone();
         Box::pin(async move {
-            let ns = c.netns.as_deref().map(netns_path);
-            let tap = match super::tap::create(ns.as_deref(), &c.tap) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%guest, "fastnet: TAP {}: {e}", c.tap);
-                    stream.reset(&format!("the host cannot open its TAP: {e}"));
-                    return;
-                }
-            };
             let setup = Setup {
                 version: PROTOCOL_VERSION,
                 segment_size: segment.as_ref().map_or(0, |s| s.size() as u64),
@@ -315,8 +369,38 @@ impl Service for FastnetService {
                 vnet_hdr: true,
             };
             let shm_only = c.mode == ModeSetting::Shm;
-            let r = super::host::run(stream, &tap, setup, segment, shm_only, &stats).await;
-            tracing::info!(%guest, tap = %c.tap, stats = ?stats.snapshot(), "fastnet: link ended: {r:?}");
+            let (r, on) = match (&c.switch, &c.tap) {
+                (Some(name), _) => {
+                    let port = super::switch::join(
+                        name,
+                        PortConfig {
+                            // Checked by `validate` when the config was read.
+                            mac: c.mac().unwrap_or_default(),
+                            allow_mac_spoofing: c.allow_mac_spoofing,
+                        },
+                    );
+                    if let Ok(mut sw) = state.switch.lock() {
+                        *sw = Some((name.clone(), port.counters()));
+                    }
+                    let r = super::host::run(stream, &port, setup, segment, shm_only, &stats).await;
+                    (r, format!("switch {name}"))
+                }
+                (None, Some(tap_name)) => {
+                    let ns = c.netns.as_deref().map(netns_path);
+                    let tap = match super::tap::create(ns.as_deref(), tap_name) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!(%guest, "fastnet: TAP {tap_name}: {e}");
+                            stream.reset(&format!("the host cannot open its TAP: {e}"));
+                            return;
+                        }
+                    };
+                    let r = super::host::run(stream, &tap, setup, segment, shm_only, &stats).await;
+                    (r, format!("TAP {tap_name}"))
+                }
+                (None, None) => return,
+            };
+            tracing::info!(%guest, %on, stats = ?stats.snapshot(), "fastnet: link ended: {r:?}");
         })
     }
 }

@@ -9,17 +9,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::link::{next, pump, rings, send};
 pub use super::link::{LinkError, Stats};
+use super::port::Port;
 use super::ring::{Layout, Memory, Segment};
 use super::{Decoder, GuestMsg, HostMsg, Mode, Setup, MAX_PACKET, READ_CHUNK};
-use crate::tun::Tun;
 
 /// Runs one link on `stream` (the guest's `fastnet` channel): `setup` first, then packets
-/// between `tap` and the guest until an error. `segment` is the host's mapping of the segment
+/// between `tap` (the host's TAP or a switch port) and the guest until an error. `segment` is the host's mapping of the segment
 /// offered in `setup` (initialised here), if any; with `shm_only` a guest that answers with
 /// the channel mode is refused. `stats` shows the guest's mode and the counters as it runs.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    tap: &Tun,
+    tap: &impl Port,
     setup: Setup,
     segment: Option<Arc<Segment>>,
     shm_only: bool,

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::port::Port;
 use super::ring::{Consumer, Direction, Doorbell, Layout, Producer, RingError, Segment};
 use super::MAX_PACKET;
 use super::{read_message, Decoder, GuestMsg, HostMsg, Message, ReadError, Ready, RecordError};
-use crate::tun::Tun;
 
 /// Packets taken from the TAP per batch before the producer index is published.
 const BATCH: usize = 64;
@@ -75,6 +75,7 @@ impl Stats {
             packets_in: get(&self.packets_in),
             doorbells_out: get(&self.doorbells_out),
             doorbells_in: get(&self.doorbells_in),
+            switch: None,
         }
     }
 }
@@ -95,6 +96,9 @@ pub struct FastnetStatus {
     pub doorbells_out: u64,
     /// Doorbells received.
     pub doorbells_in: u64,
+    /// The guest's port, if the link is on the built-in switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<super::switch::SwitchStatus>,
 }
 
 /// What a message from the peer means to the packet loops.
@@ -207,7 +211,7 @@ fn received<In: Message>(dec: &mut Decoder<In>, rbuf: &[u8], n: usize) -> Result
 /// to the peer as `Packet` messages, until an error or the peer's reset.
 pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
-    tap: &Tun,
+    tap: &impl Port,
     mut dec: Decoder<In>,
     rbuf: &mut [u8],
     stats: &Stats,
@@ -247,7 +251,7 @@ pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
 /// with it.
 pub(super) async fn rings<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
-    tap: &Tun,
+    tap: &impl Port,
     seg: Arc<Segment>,
     layout: Layout,
     dec: Decoder<In>,
@@ -273,7 +277,7 @@ async fn ring<S: AsyncWrite + Unpin, In: LinkMessage>(
 
 async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
-    tap: &Tun,
+    tap: &impl Port,
     seg: Arc<Segment>,
     layout: Layout,
     mut dec: Decoder<In>,

@@ -8,6 +8,8 @@
 //! - [`host`]: vstreamd's end of a link, between the host TAP and the guest.
 //! - [`link`]: the packet loops both ends run (through the rings, or on the channel).
 //! - [`tap`]: the TAP interface with vnet headers and offloads that each end attaches.
+//! - [`port`]: what the packet loops move frames to and from (a TAP, or a switch port).
+//! - [`switch`]: the host's built-in L2 switch joining several guests' links.
 //! - This module: the messages of the `fastnet` channel (setup, the answer, doorbells, and the
 //!   packets themselves in channel-only mode) as records of the shared codec
 //!   ([`crate::record`], [`record::Layout::Long`]: type byte, u32 LE length, payload), and the choice
@@ -21,8 +23,12 @@ pub mod guest;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod link;
+pub mod port;
 pub mod ring;
 pub mod segment;
+pub mod switch;
+#[cfg(test)]
+mod switch_tests;
 pub mod tap;
 #[cfg(test)]
 mod tests;
