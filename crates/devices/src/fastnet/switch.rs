@@ -378,7 +378,6 @@ mod attach {
     //! Switches by name, shared by every guest's link that names one, and a link's port.
 
     use std::collections::HashMap;
-    use std::future::Future;
     use std::io;
     use std::sync::{Arc, Mutex, OnceLock, Weak};
     use std::time::Instant;
@@ -484,15 +483,13 @@ mod attach {
     }
 
     impl LinkPort for SwitchPort {
-        fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
-            async move {
-                loop {
-                    if let Some(n) = self.try_recv(buf) {
-                        return Ok(n);
-                    }
-                    // A frame queued since the check left a permit: this returns at once.
-                    self.notify.notified().await;
+        async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            loop {
+                if let Some(n) = self.try_recv(buf) {
+                    return Ok(n);
                 }
+                // A frame queued since the check left a permit: this returns at once.
+                self.notify.notified().await;
             }
         }
 
