@@ -1,6 +1,7 @@
 //! End-to-end test of fastnet's built-in switch: two real guests on one vstreamd, each with a
-//! fastnet link in channel-only mode (`switch = "sw0"` in both `[guest.fastnet]`), talk to each
-//! other through the switch. Shown: they ping each other; N MiB of TCP from one to the other
+//! fastnet link (`switch = "sw0"` in both `[guest.fastnet]`; the first in shared-memory mode
+//! with an `ivshmem-plain` segment, the second in channel-only mode), talk to each other
+//! through the switch. Shown: they ping each other; N MiB of TCP from one to the other
 //! (busybox nc), SHA-256 equal at both ends, and its rate; a frame with a spoofed source MAC
 //! never reaches the other guest and is counted in `vstreamctl status`
 //! (`devices.fastnet.switch.dropped_spoofed`). N is `VSTREAM_FASTNET_SWITCH_MIB` (default 64).
@@ -9,6 +10,7 @@
 //! silently: without QEMU it fails, unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::fs::File;
+use std::path::PathBuf;
 use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::lab::{self, Lab, LabOptions};
 use xtask::process;
+use xtask::qemu::Ivshmem;
 
 const UP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Generous: writing, hashing and sending tens of MiB between two TCG guests takes minutes.
@@ -59,12 +62,17 @@ impl Pair {
         text
     }
 
-    /// Guest `g`'s port on the switch, from vstreamd's status.
-    fn port_status(&self, g: usize) -> Value {
+    /// Guest `g`'s link (`devices.fastnet`), from vstreamd's status.
+    fn link_status(&self, g: usize) -> Value {
         let status = self.labs[0].status().expect("vstreamctl status");
         lab::guest_status(&status, self.labs[g].name())
-            .map(|s| s["devices"]["fastnet"]["switch"].clone())
+            .map(|s| s["devices"]["fastnet"].clone())
             .unwrap_or(Value::Null)
+    }
+
+    /// Guest `g`'s port on the switch.
+    fn port_status(&self, g: usize) -> Value {
+        self.link_status(g)["switch"].clone()
     }
 }
 
@@ -76,10 +84,30 @@ fn mac(g: usize) -> String {
     format!("02:76:73:00:01:{:02x}", g + 2)
 }
 
-/// The `[guest.fastnet]` of guest `g`: channel mode, on switch sw0.
+/// Guest 0's segment (an `ivshmem-plain` device): its link runs in shared-memory mode, guest
+/// 1's on the channel, so one run puts both modes on the switch.
+fn segment() -> Ivshmem {
+    Ivshmem {
+        path: PathBuf::from(format!("/dev/shm/vstream-fnsw-{}", std::process::id())),
+        size: 16 << 20,
+    }
+}
+
+/// The `[guest.fastnet]` of guest `g`, on switch sw0.
 fn fastnet_section(g: usize) -> String {
+    let mode = match g {
+        0 => {
+            let seg = segment();
+            format!(
+                "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {}\n",
+                seg.path.display(),
+                seg.size
+            )
+        }
+        _ => "mode = \"channel\"\n".to_owned(),
+    };
     format!(
-        "\n[guest.fastnet]\nswitch = \"sw0\"\nmode = \"channel\"\nguest_mac = \"{}\"\n\
+        "\n[guest.fastnet]\nswitch = \"sw0\"\n{mode}guest_mac = \"{}\"\n\
          guest_address = \"{}/24\"\nmtu = 1500\n",
         mac(g),
         address(g)
@@ -92,11 +120,13 @@ fn boot_pair(memory_mib: u32) -> Pair {
     let labs: Vec<Lab> = thread::scope(|s| {
         let boots: Vec<_> = ["fnsw-a", "fnsw-b"]
             .into_iter()
-            .map(|name| {
+            .enumerate()
+            .map(|(g, name)| {
                 s.spawn(move || {
                     Lab::boot(LabOptions {
                         start_daemon: false,
                         memory_mib,
+                        ivshmem: (g == 0).then(segment),
                         extra_kernel_args: vec!["vstream.fastnet=fn0".into()],
                         ..LabOptions::virtio_port_only().named(name)
                     })
@@ -174,7 +204,20 @@ fn two_guests_on_the_fastnet_switch_ping_and_move_data_and_spoofing_is_dropped()
     // Each guest keeps its blob in RAM (tmpfs).
     let pair = boot_pair(512 + 2 * mib as u32);
 
-    // Each pings the other: ARP broadcasts flood, the answers are learned unicast.
+    // The guest may set its address before it answers with its mode.
+    for (g, mode) in [(0, "shared-memory"), (1, "channel")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = pair.link_status(g);
+            if s["mode"] == mode {
+                break;
+            }
+            assert!(Instant::now() < deadline, "guest {g}: {s}");
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    // Each pings the other: ARP broadcasts flood, the answers go to their port.
     let mut rtts = Vec::new();
     for (g, other) in [(0, 1), (1, 0)] {
         let out = pair.exec(g, &format!("ping -c 5 -i 0.2 {}", address(other)));
@@ -258,7 +301,8 @@ fn two_guests_on_the_fastnet_switch_ping_and_move_data_and_spoofing_is_dropped()
     );
 
     eprintln!(
-        "\nfastnet switch, two guests on one vstreamd, channel-only mode ({} accelerator)\n  \
+        "\nfastnet switch, two guests on one vstreamd: guest 0 in shared-memory mode, guest 1 in \
+         channel-only mode ({} accelerator)\n  \
          ping 0 -> 1: {}\n  ping 1 -> 0: {}\n  \
          {mib} MiB guest 0 -> guest 1 over TCP: {took:.2?} = {:.1} MiB/s\n  \
          ports after the spoofed pings: {}\n  {}\n",
