@@ -1,13 +1,14 @@
 //! End-to-end test of fastnet's built-in switch: two real guests on one vstreamd, each with a
 //! fastnet link (`switch = "sw0"` in both `[guest.fastnet]`; the first in shared-memory mode
 //! with an `ivshmem-plain` segment, the second in channel-only mode), talk to each other
-//! through the switch. Shown: they ping each other; N MiB of TCP from one to the other
-//! (busybox nc), SHA-256 equal at both ends, and its rate; a frame with a spoofed source MAC
-//! never reaches the other guest and is counted in `vstreamctl status`
+//! through the switch; the host's TAP (in a namespace the test creates) is a port of the same
+//! switch. Shown: they ping each other, the second pings the host's address; N MiB of TCP
+//! from one to the other (busybox nc), SHA-256 equal at both ends, and its rate; a frame with
+//! a spoofed source MAC never reaches the other guest and is counted in `vstreamctl status`
 //! (`devices.fastnet.switch.dropped_spoofed`). N is `VSTREAM_FASTNET_SWITCH_MIB` (default 64).
 //!
-//! Needs root (TAP devices in the guests only; the host side is all in vstreamd). Never skips
-//! silently: without QEMU it fails, unless VSTREAM_SKIP_E2E=1 is set.
+//! Needs root (`ip netns add`, TAP devices, `setns`). Never skips silently: without QEMU it
+//! fails, unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::lab::testing::NetNs;
 use xtask::lab::{self, Lab, LabOptions};
 use xtask::process;
 use xtask::qemu::Ivshmem;
@@ -37,6 +39,8 @@ impl Drop for Daemon {
 /// The guests and the vstreamd that serves both (its control socket is `labs[0]`'s).
 struct Pair {
     _daemon: Daemon,
+    /// Holds the host's TAP, a port of the switch too.
+    _ns: NetNs,
     labs: [Lab; 2],
 }
 
@@ -93,15 +97,21 @@ fn segment() -> Ivshmem {
     }
 }
 
-/// The `[guest.fastnet]` of guest `g`, on switch sw0.
-fn fastnet_section(g: usize) -> String {
+/// The host's TAP on the switch (with guest 0's link), in a network namespace.
+const HOST_TAP: &str = "vsfnsw0";
+const HOST_ADDRESS: &str = "10.79.0.1";
+
+/// The `[guest.fastnet]` of guest `g`, on switch sw0; guest 0's brings the host's TAP in `ns`.
+fn fastnet_section(g: usize, ns: &NetNs) -> String {
     let mode = match g {
         0 => {
             let seg = segment();
             format!(
-                "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {}\n",
+                "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {}\n\
+                 tap = \"{HOST_TAP}\"\nnetns = \"{}\"\n",
                 seg.path.display(),
-                seg.size
+                seg.size,
+                ns.0
             )
         }
         _ => "mode = \"channel\"\n".to_owned(),
@@ -140,10 +150,35 @@ fn boot_pair(memory_mib: u32) -> Pair {
             .collect()
     });
     let labs: [Lab; 2] = labs.try_into().unwrap_or_else(|_| unreachable!());
+    // The host's TAP, persistent and addressed, as an administrator would make it.
+    let ns = NetNs::new("fnsw");
+    for cmd in [
+        &[
+            "ip", "tuntap", "add", "dev", HOST_TAP, "mode", "tap", "vnet_hdr",
+        ][..],
+        // No IPv6 chatter from the host: guest 1 must get nothing while guest 0 spoofs.
+        &[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{HOST_TAP}.disable_ipv6=1"),
+        ],
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HOST_ADDRESS}/24"),
+            "dev",
+            HOST_TAP,
+        ],
+        &["ip", "link", "set", "dev", HOST_TAP, "up"],
+    ] {
+        let out = ns.exec(cmd);
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
     let mut config = String::new();
     for (g, l) in labs.iter().enumerate() {
         config.push_str(&lab::vstreamd_config(l.name(), &l.paths().sockets));
-        config.push_str(&fastnet_section(g));
+        config.push_str(&fastnet_section(g, &ns));
     }
     let p = labs[0].paths();
     std::fs::create_dir_all(&p.state_dir).expect("state dir");
@@ -154,6 +189,7 @@ fn boot_pair(memory_mib: u32) -> Pair {
     let daemon = Daemon(process::spawn(command).expect("start vstreamd"));
     let pair = Pair {
         _daemon: daemon,
+        _ns: ns,
         labs,
     };
     for g in 0..2 {
@@ -229,6 +265,10 @@ fn two_guests_on_the_fastnet_switch_ping_and_move_data_and_spoofing_is_dropped()
                 .to_owned(),
         );
     }
+
+    // Guest 1 reaches the host's TAP, which is on the switch with guest 0's link.
+    let out = pair.exec(1, &format!("ping -c 3 -i 0.2 {HOST_ADDRESS}"));
+    assert!(out.contains("3 packets received"), "{out}");
 
     // N MiB from guest 0 to guest 1's listener, through the switch.
     let sent = sha(&pair.exec(

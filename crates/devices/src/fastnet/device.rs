@@ -52,11 +52,11 @@ pub enum ModeSetting {
 pub struct FastnetConfig {
     /// The host's TAP interface (created, or attached if it exists as a persistent TAP with
     /// vnet headers, e.g. `ip tuntap add dev NAME mode tap vnet_hdr`, already addressed).
-    /// Either this or `switch`.
+    /// With `switch`: the TAP is a port of the switch while this guest's link is up.
     #[serde(default)]
     pub tap: Option<String>,
     /// The built-in switch the link joins (any name; the guests that name the same switch
-    /// share it). Either this or `tap`.
+    /// share it).
     #[serde(default)]
     pub switch: Option<String>,
     /// On a switch: forward frames whose source MAC is not `guest_mac` (dropped and counted
@@ -122,29 +122,24 @@ impl FastnetConfig {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        match (&self.tap, &self.switch) {
-            (Some(tap), None) => {
-                crate::tun::ifreq(tap)
-                    .map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
-            }
-            (None, Some(name)) => {
-                if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-                    return Err(SettingsError::new(
-                        CLASS,
-                        "switch: a name of 1 to 64 characters",
-                    ));
-                }
-                if self.netns.is_some() {
-                    return Err(SettingsError::new(
-                        CLASS,
-                        "netns is for a tap, not a switch",
-                    ));
-                }
-            }
-            _ => return Err(SettingsError::new(
+        if self.tap.is_none() && self.switch.is_none() {
+            return Err(SettingsError::new(
                 CLASS,
                 "one of tap = \"IFNAME\" (a host TAP) or switch = \"NAME\" (the built-in switch)",
-            )),
+            ));
+        }
+        if let Some(tap) = &self.tap {
+            crate::tun::ifreq(tap).map_err(|e| SettingsError::new(CLASS, format!("tap: {e}")))?;
+        } else if self.netns.is_some() {
+            return Err(SettingsError::new(CLASS, "netns is for a tap"));
+        }
+        if let Some(name) = &self.switch {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return Err(SettingsError::new(
+                    CLASS,
+                    "switch: a name of 1 to 64 characters",
+                ));
+            }
         }
         if self.allow_mac_spoofing && self.switch.is_none() {
             return Err(SettingsError::new(
@@ -375,14 +370,31 @@ impl Service for FastnetService {
                         name,
                         PortConfig {
                             // Checked by `validate` when the config was read.
-                            mac: c.mac().unwrap_or_default(),
+                            mac: c.mac().ok(),
                             allow_mac_spoofing: c.allow_mac_spoofing,
                         },
                     );
                     if let Ok(mut sw) = state.switch.lock() {
                         *sw = Some((name.clone(), port.counters()));
                     }
-                    let r = super::host::run(stream, &port, setup, segment, shm_only, &stats).await;
+                    let link = super::host::run(stream, &port, setup, segment, shm_only, &stats);
+                    let r = match &c.tap {
+                        // The host's TAP is on the switch while this guest's link is up.
+                        Some(tap_name) => {
+                            let ns = c.netns.as_deref().map(netns_path);
+                            match super::tap::create(ns.as_deref(), tap_name) {
+                                Ok(tap) => tokio::select! {
+                                    r = link => r,
+                                    e = super::switch::bridge_tap(name, &tap) => Err(e.into()),
+                                },
+                                Err(e) => {
+                                    tracing::warn!(%guest, "fastnet: TAP {tap_name}: {e}; switch {name} without it");
+                                    link.await
+                                }
+                            }
+                        }
+                        None => link.await,
+                    };
                     (r, format!("switch {name}"))
                 }
                 (None, Some(tap_name)) => {

@@ -74,7 +74,8 @@ pub struct PortId(u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortConfig {
     /// The port's own MAC (the guest's `guest_mac`): always known to be behind this port.
-    pub mac: Mac,
+    /// `None` (the host's TAP): the port has no MAC of its own and learns what it sends from.
+    pub mac: Option<Mac>,
     /// Frames with another source MAC are forwarded (and the MAC learned) instead of dropped.
     pub allow_mac_spoofing: bool,
 }
@@ -188,14 +189,16 @@ impl Switch {
     pub fn add_port(&mut self, config: PortConfig) -> (PortId, Arc<PortCounters>) {
         let id = PortId(self.next_id);
         self.next_id += 1;
-        self.forget(&config.mac);
-        self.table.insert(
-            config.mac,
-            Entry {
-                port: id,
-                seen: None,
-            },
-        );
+        if let Some(mac) = config.mac {
+            self.forget(&mac);
+            self.table.insert(
+                mac,
+                Entry {
+                    port: id,
+                    seen: None,
+                },
+            );
+        }
         let counters = Arc::new(PortCounters::default());
         self.ports.insert(
             id,
@@ -350,7 +353,7 @@ impl Switch {
             PortCounters::bump(&counters.dropped_invalid);
             return Verdict::Invalid;
         }
-        if src != config.mac {
+        if config.mac != Some(src) {
             if !config.allow_mac_spoofing {
                 PortCounters::bump(&counters.dropped_spoofed);
                 return Verdict::Spoofed;
@@ -371,7 +374,7 @@ impl Switch {
 }
 
 #[cfg(feature = "host")]
-pub use attach::{join, SwitchPort};
+pub use attach::{bridge_tap, join, SwitchPort};
 
 #[cfg(feature = "host")]
 mod attach {
@@ -387,7 +390,9 @@ mod attach {
 
     use super::super::port::Port as LinkPort;
     use super::super::tap::VNET_HDR_LEN;
+    use super::super::MAX_PACKET;
     use super::{Limits, PortConfig, PortCounters, PortId, SwitchStatus, Verdict};
+    use crate::tun::Tun;
 
     struct Inner {
         core: super::Switch,
@@ -479,6 +484,29 @@ mod attach {
             let mut inner = self.shared.lock();
             inner.core.remove_port(self.id);
             inner.wake.remove(&self.id);
+        }
+    }
+
+    /// Puts the host's TAP on the switch as one more port (it may send from any MAC: the host
+    /// routes or bridges for others) and moves frames both ways until the TAP fails: its error.
+    pub async fn bridge_tap(switch: &str, tap: &Tun) -> io::Error {
+        let port = join(
+            switch,
+            PortConfig {
+                mac: None,
+                allow_mac_spoofing: true,
+            },
+        );
+        let mut up = vec![0u8; MAX_PACKET as usize];
+        let mut down = vec![0u8; MAX_PACKET as usize];
+        loop {
+            let r = tokio::select! {
+                n = tap.recv(&mut up) => n.and_then(|n| port.send(&up[..n])),
+                n = LinkPort::recv(&port, &mut down) => n.and_then(|n| tap.send(&down[..n])),
+            };
+            if let Err(e) = r {
+                return e;
+            }
         }
     }
 

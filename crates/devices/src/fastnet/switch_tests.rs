@@ -28,7 +28,7 @@ fn frame(dst: Mac, src: Mac, body: &[u8]) -> Bytes {
 
 fn port(sw: &mut Switch, n: u8, spoof: bool) -> PortId {
     sw.add_port(PortConfig {
-        mac: mac(n),
+        mac: Some(mac(n)),
         allow_mac_spoofing: spoof,
     })
     .0
@@ -112,7 +112,7 @@ fn a_spoofed_source_is_dropped_and_counted_unless_allowed() {
     let mut sw = switch();
     let t = Instant::now();
     let (a, ca) = sw.add_port(PortConfig {
-        mac: mac(1),
+        mac: Some(mac(1)),
         allow_mac_spoofing: false,
     });
     let b = port(&mut sw, 2, false);
@@ -141,7 +141,7 @@ fn frames_too_short_or_from_a_multicast_source_are_invalid() {
     let mut sw = switch();
     let t = Instant::now();
     let (a, ca) = sw.add_port(PortConfig {
-        mac: mac(1),
+        mac: Some(mac(1)),
         allow_mac_spoofing: true,
     });
     port(&mut sw, 2, false);
@@ -169,7 +169,7 @@ fn a_port_that_does_not_drain_loses_its_frames_and_slows_nobody() {
     let a = port(&mut sw, 1, false);
     let b = port(&mut sw, 2, false);
     let (slow, cslow) = sw.add_port(PortConfig {
-        mac: mac(3),
+        mac: Some(mac(3)),
         allow_mac_spoofing: false,
     });
     let mut got_b = 0;
@@ -357,7 +357,7 @@ proptest! {
 async fn two_ports_on_a_named_switch_move_frames_and_drop_spoofs() {
     use super::port::Port;
     let config = |n| PortConfig {
-        mac: mac(n),
+        mac: Some(mac(n)),
         allow_mac_spoofing: false,
     };
     let a = join("test-two-ports", config(1));
@@ -383,7 +383,7 @@ async fn two_ports_on_a_named_switch_move_frames_and_drop_spoofs() {
     assert_eq!(b.switch(), "test-two-ports");
 }
 
-/// `[guest.fastnet]` with a switch: a tap or a switch, not both, not neither; netns and
+/// `[guest.fastnet]` with a switch: a tap, a switch or both, not neither; netns and
 /// spoofing only where they mean something; the MAC must be a unicast address.
 #[test]
 fn the_switch_settings_are_checked() {
@@ -395,6 +395,11 @@ fn the_switch_settings_are_checked() {
             .map_err(|e| e.to_string())
     };
     assert_eq!(check(json!({"switch": "sw0"})), Ok(()));
+    // The host's TAP on the switch too.
+    assert_eq!(
+        check(json!({"switch": "sw0", "tap": "t0", "netns": "lab"})),
+        Ok(())
+    );
     assert_eq!(
         check(
             json!({"switch": "sw0", "allow_mac_spoofing": true, "guest_mac": "02:00:00:00:00:09"})
@@ -403,7 +408,6 @@ fn the_switch_settings_are_checked() {
     );
     let refused = [
         (json!({}), "one of tap"),
-        (json!({"tap": "t0", "switch": "sw0"}), "one of tap"),
         (json!({"switch": ""}), "1 to 64"),
         (json!({"switch": "sw0", "netns": "lab"}), "netns"),
         (
