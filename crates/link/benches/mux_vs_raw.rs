@@ -4,7 +4,8 @@
 //! `cargo bench -p vstream-link --bench mux_vs_raw` runs everything (about a minute). Options
 //! after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5), `--only W`
 //! (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for profilers),
-//! `--api stream` (the mux through `AsyncWrite`/`AsyncRead` instead of its `Bytes` calls).
+//! `--api stream` (the mux through `AsyncWrite`/`AsyncRead` instead of its `Bytes` calls),
+//! `--window-kib N` (channel window and send buffer of both ends, default 256).
 //!
 //! Both paths run on a tokio multi-thread runtime with 2 workers (a fresh one per run, so that
 //! no run inherits where the previous one left its tasks) and write with the same application
@@ -55,6 +56,8 @@ struct Cell {
     mux_total: u64,
     /// The mux's `Bytes` calls (`write_bytes`, `read_bytes`) rather than `AsyncWrite`/`AsyncRead`.
     bytes_api: bool,
+    /// Channel window and send buffer of both ends, if not the defaults.
+    window: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -82,6 +85,7 @@ fn main() {
     let mut repeats = 5usize;
     let mut only_channels: Option<usize> = None;
     let mut bytes_api = true;
+    let mut window = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -107,6 +111,15 @@ fn main() {
                 Some("stream") => bytes_api = false,
                 _ => panic!("--api bytes|stream"),
             },
+            // A diagnostic: how much a channel's window, not CPU work, limits one channel.
+            "--window-kib" => {
+                window = Some(
+                    args.next()
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .expect("--window-kib N")
+                        * 1024,
+                )
+            }
             "--repeats" => {
                 repeats = args
                     .next()
@@ -133,6 +146,7 @@ fn main() {
             raw_total: bytes(raw),
             mux_total: bytes(mux),
             bytes_api,
+            window,
         })
     })
     .filter(|c| only_channels.is_none_or(|n| n == c.channels))
@@ -161,6 +175,12 @@ fn main() {
             "AsyncWrite::write_all / AsyncRead::read, as raw"
         }
     );
+    if let Some(w) = window {
+        println!(
+            "mux window:   {} KiB per channel, both ends (default 256)",
+            w / 1024
+        );
+    }
     println!(
         "method:       median of {repeats} runs per cell, raw, mux with and without CRC alternating; \
          MB/s = 10^6 payload bytes/s"
@@ -359,8 +379,16 @@ async fn run_raw(cell: Cell) -> io::Result<Sample> {
 async fn run_mux(cell: Cell, params: LinkParams) -> io::Result<Sample> {
     let per = cell.mux_total / cell.channels as u64;
     let pattern = Bytes::from(pattern(cell.write));
-    let (host, mut incoming) = Mux::new(Config::new(Role::Host, "bench-host"), 0x1111);
-    let (guest, _none) = Mux::new(Config::new(Role::Guest, "bench-guest"), 0x2222);
+    let config = |role, name| {
+        let mut c = Config::new(role, name);
+        if let Some(w) = cell.window {
+            c.channel_window = w;
+            c.channel_send_buffer = w as usize;
+        }
+        c
+    };
+    let (host, mut incoming) = Mux::new(config(Role::Host, "bench-host"), 0x1111);
+    let (guest, _none) = Mux::new(config(Role::Guest, "bench-guest"), 0x2222);
     let (a, b) = UnixStream::pair()?;
     let writes = Arc::new(AtomicU64::new(0));
     let b = CountWrites {
