@@ -15,6 +15,7 @@ mod status;
 mod stream;
 mod upgrade;
 
+use driver::LinkOut;
 pub use driver::{read_hello, LinkEnded};
 use shared::{Inner, LinkEntry, Shared, ViolationBudget, Wakers};
 pub use status::{LinkStatus, MuxStatus, SessionCounters};
@@ -27,11 +28,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use vstream_transport::Address;
 use vstream_wire::frame::Decoder;

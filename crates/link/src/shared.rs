@@ -40,6 +40,8 @@ pub(crate) struct LinkEntry {
     /// Wakes the link's timer when the session needs it sooner than it sleeps.
     pub(crate) timer: Arc<Notify>,
     pub(crate) down_reason: Option<String>,
+    /// The link's write half, for direct writes by application tasks.
+    pub(crate) out: Arc<Mutex<LinkOut>>,
 }
 
 #[derive(Default)]
@@ -231,6 +233,19 @@ impl Inner {
     pub(crate) fn kick(&mut self) {
         for e in self.links.values() {
             e.wake.notify_one();
+        }
+        self.rearm();
+    }
+
+    /// Wakes the writer of each link that has something to send now (and rearms the timers):
+    /// after input or a read that may only have made an acknowledgement or a credit due, which
+    /// the session sends later, batched, or on the next frame it sends anyway.
+    pub(crate) fn kick_if_wanted(&mut self) {
+        let now = Instant::now();
+        for (link, e) in &self.links {
+            if self.session.wants_transmit(*link, now) {
+                e.wake.notify_one();
+            }
         }
         self.rearm();
     }

@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Writes of at least this many bytes are sent by the writing task itself when the link is
+/// idle ([`LinkOut::write_now`]); smaller ones are left to the link's writer task, which
+/// batches many of them into one `writev`.
+const DIRECT_MIN: usize = 16 * 1024;
+
 /// One channel as an async byte stream. Dropping it closes our direction; data the peer sends
 /// afterwards is discarded.
 pub struct ChannelStream {
@@ -75,37 +80,133 @@ impl ChannelStream {
     }
 }
 
+impl ChannelStream {
+    /// Queues all of `data`, waiting for room as `write_all` does. Payloads of
+    /// [`vstream_wire::SHARE_MIN`] bytes or more are sent from `data` itself and kept until
+    /// the peer acknowledges them, never copied in user space ([`AsyncWrite`] copies).
+    pub async fn write_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_bytes(cx, &mut data)).await
+    }
+
+    /// The poll form of [`ChannelStream::write_bytes`]: ready once `data` is all queued (it
+    /// is advanced past what was).
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        while !data.is_empty() {
+            if let Err(e) = ready!(self.poll_send(cx, false, |s, id| s.send_bytes(id, data))) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Up to `max` (> 0) received bytes, as received: the buffer a frame arrived in, or a
+    /// part of it, without the copy into a caller's buffer that [`AsyncRead`] makes. Empty at
+    /// the end of the stream.
+    pub async fn read_bytes(&mut self, max: usize) -> io::Result<Bytes> {
+        std::future::poll_fn(|cx| self.poll_read_bytes(cx, max)).await
+    }
+
+    /// The poll form of [`ChannelStream::read_bytes`].
+    pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Bytes>> {
+        self.poll_recv(cx, |s, id| s.recv_bytes(id, max.max(1)))
+            .map_ok(Option::unwrap_or_default)
+    }
+
+    /// A receive with `recv` under the lock: `Some` data, `None` at the end of the stream.
+    fn poll_recv<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        recv: impl FnOnce(&mut Session, ChannelId) -> Result<Recv<T>, ChannelError>,
+    ) -> Poll<io::Result<Option<T>>> {
+        let mut inner = self.shared.lock();
+        Self::accept_if_pending(&mut self.pending_accept, self.id, self.epoch, &mut inner);
+        if inner.epoch() != self.epoch {
+            return Poll::Ready(Err(self.gone(&inner, ChannelError::Unknown(self.id))));
+        }
+        match recv(&mut inner.session, self.id) {
+            Ok(Recv::Data(data)) => {
+                // Only a credit the peer waits for is worth waking a link's writer for.
+                inner.kick_if_wanted();
+                Poll::Ready(Ok(Some(data)))
+            }
+            Ok(Recv::Eof) => Poll::Ready(Ok(None)),
+            Ok(Recv::WouldBlock) => {
+                inner.wakers.entry(self.id).or_default().reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => {
+                if inner.ended.contains_key(&self.id) {
+                    Poll::Ready(Err(self.gone(&inner, e)))
+                } else {
+                    Poll::Ready(Ok(None)) // Closed cleanly in both directions: EOF.
+                }
+            }
+        }
+    }
+
+    /// Queues bytes with `send` under the lock; pending (with the waker kept) while it
+    /// accepts none of a write that is not `empty`.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        empty: bool,
+        send: impl FnOnce(&mut Session, ChannelId) -> Result<usize, ChannelError>,
+    ) -> Poll<io::Result<usize>> {
+        let mut inner = self.shared.lock();
+        Self::accept_if_pending(&mut self.pending_accept, self.id, self.epoch, &mut inner);
+        if inner.epoch() != self.epoch {
+            return Poll::Ready(Err(self.gone(&inner, ChannelError::Unknown(self.id))));
+        }
+        match send(&mut inner.session, self.id) {
+            Ok(0) if !empty => {
+                inner.wakers.entry(self.id).or_default().writer = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) if n >= DIRECT_MIN => {
+                Self::write_direct(inner, &self.shared);
+                Poll::Ready(Ok(n))
+            }
+            Ok(n) => {
+                inner.kick();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(self.gone(&inner, e))),
+        }
+    }
+
+    /// Sends what was just queued from this task if the active link is idle, instead of
+    /// waking the link's writer task; otherwise wakes it, as [`Inner::kick`] does.
+    fn write_direct(mut inner: MutexGuard<'_, Inner>, shared: &Arc<Shared>) {
+        let out = inner
+            .session
+            .active_link()
+            .and_then(|link| Some((link, inner.links.get(&link)?.out.clone())));
+        let Some((link, out)) = out else {
+            inner.kick();
+            return;
+        };
+        match out.try_lock() {
+            Ok(mut o) if o.is_idle() => o.write_now(link, inner, shared),
+            // The writer task is writing: it takes the new data when done.
+            _ => inner.kick(),
+        };
+    }
+}
+
 impl AsyncRead for ChannelStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let mut inner = this.shared.lock();
-        Self::accept_if_pending(&mut this.pending_accept, this.id, this.epoch, &mut inner);
-        if inner.epoch() != this.epoch {
-            return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
-        }
-        match inner.session.recv(this.id, buf.initialize_unfilled()) {
-            Ok(Recv::Data(n)) => {
-                buf.advance(n);
-                inner.kick();
-                Poll::Ready(Ok(()))
-            }
-            Ok(Recv::Eof) => Poll::Ready(Ok(())),
-            Ok(Recv::WouldBlock) => {
-                inner.wakers.entry(this.id).or_default().reader = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Err(e) => {
-                if inner.ended.contains_key(&this.id) {
-                    Poll::Ready(Err(this.gone(&inner, e)))
-                } else {
-                    Poll::Ready(Ok(())) // Closed cleanly in both directions: EOF.
-                }
-            }
-        }
+        let unfilled = buf.initialize_unfilled();
+        let n = ready!(self.get_mut().poll_recv(cx, |s, id| s.recv(id, unfilled)))?;
+        buf.advance(n.unwrap_or(0));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -115,23 +216,8 @@ impl AsyncWrite for ChannelStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let mut inner = this.shared.lock();
-        Self::accept_if_pending(&mut this.pending_accept, this.id, this.epoch, &mut inner);
-        if inner.epoch() != this.epoch {
-            return Poll::Ready(Err(this.gone(&inner, ChannelError::Unknown(this.id))));
-        }
-        match inner.session.send(this.id, data) {
-            Ok(0) if !data.is_empty() => {
-                inner.wakers.entry(this.id).or_default().writer = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Ok(n) => {
-                inner.kick();
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(this.gone(&inner, e))),
-        }
+        self.get_mut()
+            .poll_send(cx, data.is_empty(), |s, id| s.send(id, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -18,5 +18,5 @@ pub use hello::{peek_hello, Hello, Role};
 pub use session::{
     ChannelError, ChannelId, ChannelInfo, Config, ErrorKind, Event, LinkId, LinkParams, LinkStats,
     ProtocolError, Recv, ResetCode, Session, SessionStats, SnapshotError, CONTROL_QUEUE_LIMIT,
-    MAX_INPUT, REFUSED_BY_PEER,
+    MAX_INPUT, REFUSED_BY_PEER, SHARE_MIN,
 };

@@ -23,6 +23,7 @@ mod timers;
 mod transmit;
 
 use channel::Channel;
+pub use channel::SHARE_MIN;
 pub use event::{ChannelError, ChannelInfo, ErrorKind, Event, ProtocolError, Recv, ResetCode};
 pub use snapshot::SnapshotError;
 
@@ -303,6 +304,13 @@ struct Link {
     ping: Option<(u64, Instant)>,
     pong: Option<u64>,
     ack_due: bool,
+    /// When a pending acknowledgement is sent on its own, if no frame carried it before;
+    /// `None` with `ack_due`: now. Acknowledgements ride on every frame we send, so a receiver
+    /// that answers with credit anyway needs no ACK frame of its own, and each one saved is a
+    /// wake-up of the link's writer (an inter-processor interrupt when tasks spread over CPUs).
+    ack_at: Option<Instant>,
+    /// Bytes of sequenced frames received since we last acknowledged.
+    ack_debt: usize,
     nack_due: bool,
     /// Header flags of the frames we send once up ([`frame::flags::NO_PCRC`] if negotiated).
     flags: u8,
@@ -320,6 +328,10 @@ struct Sent {
 
 /// Spare buffers unused for about this long are freed (at the next timer event after it).
 const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest an acknowledgement waits for a frame to ride on: far below any retransmission
+/// timeout ([`LinkParams::rto`], a second or more), so the peer never resends for it.
+const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// How often a HELLO is repeated until the peer answers (bytes on a serial line can be lost).
 const HELLO_RETRY: Duration = Duration::from_secs(1);
@@ -528,6 +540,8 @@ impl Session {
                 ping: None,
                 pong: None,
                 ack_due: false,
+                ack_at: None,
+                ack_debt: 0,
                 nack_due: false,
                 flags: 0,
                 peer: String::new(),

@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hasher};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use vstream_wire::{
@@ -72,6 +73,8 @@ struct Sim {
     params: LinkParams,
     /// Transmit with `poll_transmit_vectored` instead of `poll_transmit`.
     vectored: bool,
+    /// Write with `send_bytes` and read with `recv_bytes` instead of `send` and `recv`.
+    bytes_api: bool,
     /// Digest of every byte put on the wire, both directions.
     wire: DefaultHasher,
 }
@@ -126,6 +129,7 @@ impl Sim {
             resets: Vec::new(),
             params,
             vectored: false,
+            bytes_api: false,
             wire: DefaultHasher::new(),
         };
         sim.add_link();
@@ -196,7 +200,19 @@ impl Sim {
             if w.sent < w.total {
                 let n = ((w.total - w.sent) as usize).min(self.rng.random_range(1..20_000));
                 let chunk: Vec<u8> = (0..n as u64).map(|i| byte_at(k, w.sent + i)).collect();
-                if let Ok(acc) = self.guest.send(id, &chunk) {
+                let accepted = if self.bytes_api {
+                    let mut data = Bytes::from(chunk);
+                    let len = data.len();
+                    let acc = self.guest.send_bytes(id, &mut data);
+                    // What was not taken is what is left.
+                    if let Ok(acc) = acc {
+                        assert_eq!(data.len(), len - acc);
+                    }
+                    acc
+                } else {
+                    self.guest.send(id, &chunk)
+                };
+                if let Ok(acc) = accepted {
                     w.sent += acc as u64;
                 }
             } else if !w.closed {
@@ -209,7 +225,20 @@ impl Sim {
             let r = &mut self.readers[k];
             loop {
                 let want = self.rng.random_range(1..buf.len());
-                match self.host.recv(id, &mut buf[..want]) {
+                let got = if self.bytes_api {
+                    self.host.recv_bytes(id, want).map(|r| match r {
+                        Recv::Data(b) => {
+                            assert!(!b.is_empty() && b.len() <= want);
+                            buf[..b.len()].copy_from_slice(&b);
+                            Recv::Data(b.len())
+                        }
+                        Recv::Eof => Recv::Eof,
+                        Recv::WouldBlock => Recv::WouldBlock,
+                    })
+                } else {
+                    self.host.recv(id, &mut buf[..want])
+                };
+                match got {
                     Ok(Recv::Data(n)) => {
                         for (i, b) in buf[..n].iter().enumerate() {
                             assert_eq!(
@@ -498,8 +527,10 @@ fn run_with_upgrades(
     bytes: u64,
     upgrades: &[(usize, bool)],
     params: LinkParams,
+    bytes_api: bool,
 ) {
     let mut sim = Sim::new(seed, channels, bytes, Faults::default(), params);
+    sim.bytes_api = bytes_api;
     let mut steps = 0;
     for &(at, guest_side) in upgrades {
         while steps < at && !sim.done() {
@@ -519,7 +550,9 @@ fn run_with_upgrades(
 fn snapshots_mid_transfer_lose_and_repeat_nothing() {
     let upgrades: Vec<(usize, bool)> = (0..40).map(|i| (i * 7 + 3, i % 3 == 0)).collect();
     for params in both_modes() {
-        run_with_upgrades(21, 4, 3_000_000, &upgrades, params);
+        for bytes_api in [false, true] {
+            run_with_upgrades(21, 4, 3_000_000, &upgrades, params, bytes_api);
+        }
     }
 }
 
@@ -575,11 +608,12 @@ proptest! {
         bytes in 1u64..400_000,
         upgrades in proptest::collection::vec((0usize..300, any::<bool>()), 1..6),
         socket in any::<bool>(),
+        bytes_api in any::<bool>(),
     ) {
         let mut upgrades = upgrades;
         upgrades.sort_unstable();
         let params = if socket { LinkParams::socket(0) } else { LinkParams::stream(0) };
-        run_with_upgrades(seed, channels, bytes, &upgrades, params);
+        run_with_upgrades(seed, channels, bytes, &upgrades, params, bytes_api);
     }
 
     #[test]
@@ -592,6 +626,7 @@ proptest! {
         drop in 0.0f64..0.1,
         kind in 0u8..3,
         vectored in any::<bool>(),
+        bytes_api in any::<bool>(),
     ) {
         // A socket does not garble bytes (that is why it may leave the CRC out): no faults there.
         let (params, faults) = match kind {
@@ -601,6 +636,7 @@ proptest! {
         };
         let mut sim = Sim::new(seed, channels, bytes, faults, params);
         sim.vectored = vectored;
+        sim.bytes_api = bytes_api;
         sim.run(200_000, cuts);
         prop_assert!(sim.resets.is_empty(), "{:?}", sim.resets);
         let totals: HashMap<usize, u64> = sim.readers.iter().enumerate().map(|(k, r)| (k, r.got)).collect();

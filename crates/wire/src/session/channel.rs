@@ -64,6 +64,10 @@ impl Channel {
     }
 }
 
+/// Smallest payload [`Session::send_bytes`] sends from the application's buffer rather than
+/// copying: below it, a frame header per write costs more than the copy it saves.
+pub const SHARE_MIN: usize = 4096;
+
 /// Smallest chunk a [`SendQueue`] allocates (unless frames are smaller still).
 const MIN_SEND_CHUNK: usize = 4096;
 
@@ -76,11 +80,31 @@ const MIN_SEND_CHUNK: usize = 4096;
 /// appended to within their capacity, and frames never span two chunks, so neither happens.
 #[derive(Debug, Default)]
 pub(super) struct SendQueue {
-    pub(super) chunks: VecDeque<BytesMut>,
+    pub(super) chunks: VecDeque<Chunk>,
     pub(super) len: usize,
     /// Capacity of the last chunk allocated: chunks double up to the frame size, so that an
     /// idle console holds little memory and a bulk channel fills whole frames.
     pub(super) chunk: usize,
+}
+
+/// One piece of a [`SendQueue`].
+#[derive(Debug)]
+pub(super) enum Chunk {
+    /// Copied bytes; appended to while it has room.
+    Filled(BytesMut),
+    /// The application's own buffer ([`Session::send_bytes`]): frames are views of it, so
+    /// large writes are never copied in user space.
+    Shared(Bytes),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Filled(b) => b,
+            Chunk::Shared(b) => b,
+        }
+    }
 }
 
 impl SendQueue {
@@ -97,19 +121,22 @@ impl SendQueue {
         let max = pool.size();
         self.len += data.len();
         while !data.is_empty() {
-            let room = self.chunks.back().map_or(0, |c| c.capacity() - c.len());
+            let room = match self.chunks.back() {
+                Some(Chunk::Filled(c)) => c.capacity() - c.len(),
+                _ => 0,
+            };
             if room == 0 {
                 self.chunk = (self.chunk * 2)
                     .max(data.len().min(max))
                     .clamp(MIN_SEND_CHUNK.min(max), max);
-                self.chunks.push_back(if self.chunk == max {
+                self.chunks.push_back(Chunk::Filled(if self.chunk == max {
                     pool.take()
                 } else {
                     BytesMut::with_capacity(self.chunk)
-                });
+                }));
                 continue;
             }
-            let Some(tail) = self.chunks.back_mut() else {
+            let Some(Chunk::Filled(tail)) = self.chunks.back_mut() else {
                 break;
             };
             let k = room.min(data.len());
@@ -119,18 +146,34 @@ impl SendQueue {
         }
     }
 
+    /// Appends `data` without copying it.
+    pub(super) fn push_shared(&mut self, data: Bytes) {
+        self.len += data.len();
+        self.chunks.push_back(Chunk::Shared(data));
+    }
+
     /// Up to `n` (> 0) queued bytes, without copying. A frame stops at the end of a chunk, so
     /// frame boundaries may differ from the old single buffer; the byte stream does not.
     pub(super) fn take(&mut self, n: usize) -> Bytes {
+        let last = self.chunks.len() == 1;
         let Some(front) = self.chunks.front_mut() else {
             return Bytes::new();
         };
-        let k = n.min(front.len());
-        let payload = front.split_to(k).freeze();
-        if front.is_empty() && (front.capacity() == 0 || self.chunks.len() > 1) {
+        let (payload, drop_front) = match front {
+            Chunk::Filled(c) => {
+                let payload = c.split_to(n.min(c.len())).freeze();
+                // The last filled chunk stays, to be appended to.
+                (payload, c.is_empty() && (c.capacity() == 0 || !last))
+            }
+            Chunk::Shared(b) => {
+                let payload = b.split_to(n.min(b.len()));
+                (payload, b.is_empty())
+            }
+        };
+        if drop_front {
             self.chunks.pop_front();
         }
-        self.len -= k;
+        self.len -= payload.len();
         payload
     }
 }
@@ -433,6 +476,30 @@ impl Session {
         Ok(n)
     }
 
+    /// [`Session::send`] of the application's own buffer: payloads of at least
+    /// [`SHARE_MIN`] bytes are sent from it and kept (for retransmission) without a copy;
+    /// smaller ones are copied, to be coalesced with their neighbours into full frames.
+    pub fn send_bytes(&mut self, id: ChannelId, data: &mut Bytes) -> Result<usize, ChannelError> {
+        if data.len() < SHARE_MIN {
+            let n = self.send(id, data)?;
+            data.advance(n);
+            return Ok(n);
+        }
+        let limit = self.cfg.channel_send_buffer;
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
+        if ch.fin_queued {
+            return Err(ChannelError::Closed(id));
+        }
+        let n = data.len().min(limit.saturating_sub(ch.send_buf.len()));
+        if n > 0 {
+            ch.send_buf.push_shared(data.split_to(n));
+        }
+        Ok(n)
+    }
+
     /// Room left in the send buffer.
     pub fn send_capacity(&self, id: ChannelId) -> Result<usize, ChannelError> {
         let ch = self.channels.get(&id).ok_or(ChannelError::Unknown(id))?;
@@ -474,13 +541,41 @@ impl Session {
                 ch.rx_tail.advance(take);
             }
         }
+        Ok(self.consumed(id, n, n))
+    }
+
+    /// Takes up to `max` (> 0) received bytes without copying them: the buffer a frame's
+    /// payload was received into, or a part of it. The credit for them goes back to the peer
+    /// as [`Session::recv`]'s does, so what the peer can make us hold stays its window; what
+    /// the application keeps afterwards is its own memory.
+    pub fn recv_bytes(&mut self, id: ChannelId, max: usize) -> Result<Recv<Bytes>, ChannelError> {
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or(ChannelError::Unknown(id))?;
+        let data = match ch.rx.front_mut() {
+            Some(front) if front.len() > max => front.split_to(max),
+            Some(_) => ch.rx.pop_front().unwrap_or_default(),
+            None if ch.rx_tail.len() > max => ch.rx_tail.split_to(max).freeze(),
+            // Takes the whole buffer: an idle channel holds nothing.
+            None => std::mem::take(&mut ch.rx_tail).freeze(),
+        };
+        let n = data.len();
+        Ok(self.consumed(id, n, data))
+    }
+
+    /// Accounts for `n` bytes the application took (`data`): EOF, credit for the peer.
+    fn consumed<T>(&mut self, id: ChannelId, n: usize, data: T) -> Recv<T> {
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Recv::WouldBlock;
+        };
         if n == 0 {
             if ch.remote_fin && ch.rx_len == 0 {
                 ch.eof_read = true;
                 self.maybe_finish(id);
-                return Ok(Recv::Eof);
+                return Recv::Eof;
             }
-            return Ok(Recv::WouldBlock);
+            return Recv::WouldBlock;
         }
         ch.rx_len -= n;
         // n <= buffered bytes <= channel window (a u32).
@@ -491,7 +586,7 @@ impl Session {
             ch.rx_granted += u64::from(inc);
             self.push_control(Kind::Credit, id, Bytes::copy_from_slice(&inc.to_le_bytes()));
         }
-        Ok(Recv::Data(n))
+        Recv::Data(data)
     }
 
     /// Ends our direction of the channel once queued data is sent (half close).

@@ -229,11 +229,12 @@ pub enum ChannelError {
     NameTooLong,
 }
 
-/// Result of [`Session::recv`].
+/// Result of [`Session::recv`] (`Recv<usize>`) and [`Session::recv_bytes`] (`Recv<Bytes>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recv {
-    /// This many bytes were copied.
-    Data(usize),
+pub enum Recv<T = usize> {
+    /// This many bytes were copied ([`Session::recv`]), or these bytes were taken
+    /// ([`Session::recv_bytes`]).
+    Data(T),
     /// Nothing buffered yet.
     WouldBlock,
     /// The peer closed its direction and everything was read.

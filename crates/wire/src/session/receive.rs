@@ -83,7 +83,7 @@ impl Session {
         if Kind::is_sequenced(header.kind) && header.seq == self.recv_next && self.link_is_up(link)
         {
             self.recv_next = self.recv_next.wrapping_add(1);
-            self.mark_ack_due(link);
+            self.mark_ack_due(link, len as usize, self.now);
             self.reset_with_error(
                 header.channel,
                 ResetCode::Protocol,
@@ -92,8 +92,17 @@ impl Session {
         }
     }
 
-    fn mark_ack_due(&mut self, link: LinkId) {
+    /// A sequenced frame of `bytes` was received: acknowledge it within [`ACK_DELAY`], or at
+    /// once when a quarter of what the peer may have in flight waits for it.
+    fn mark_ack_due(&mut self, link: LinkId, bytes: usize, now: Instant) {
         if let Some(l) = self.links.get_mut(&link) {
+            l.ack_debt += bytes;
+            let urgent = l.ack_debt >= l.params.max_inflight / 4;
+            l.ack_at = match (l.ack_due, l.ack_at) {
+                _ if urgent => None,
+                (false, _) => Some(now + ACK_DELAY),
+                (true, at) => at,
+            };
             l.ack_due = true;
         }
     }
@@ -207,6 +216,7 @@ impl Session {
             l.flags = if no_pcrc { frame::flags::NO_PCRC } else { 0 };
             l.peer = hello.name.clone();
             l.ack_due = true;
+            l.ack_at = None;
         }
         self.events.push_back(Event::LinkUp {
             link,
@@ -324,7 +334,7 @@ impl Session {
 
     fn handle_sequenced(&mut self, link: LinkId, frame: Frame, now: Instant) {
         let seq = frame.header.seq;
-        self.mark_ack_due(link);
+        self.mark_ack_due(link, frame::wire_len(frame.payload.len()), now);
         if seq != self.recv_next {
             if seq_lt(seq, self.recv_next) {
                 self.stats.duplicates += 1;

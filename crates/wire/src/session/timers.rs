@@ -30,6 +30,9 @@ impl Session {
                     if l.ping.is_none() {
                         earliest(l.last_rx + self.cfg.keepalive_interval);
                     }
+                    if let Some(at) = l.ack_at.filter(|_| l.ack_due) {
+                        earliest(at);
+                    }
                 }
             }
         }
@@ -60,6 +63,12 @@ impl Session {
             self.pool.trim();
         }
         let mut dead = Vec::new();
+        for l in self.links.values_mut() {
+            // Due now: wanted by `wants_transmit`, and no longer a deadline to wake for.
+            if l.ack_at.is_some_and(|t| now >= t) {
+                l.ack_at = None;
+            }
+        }
         for (id, l) in &self.links {
             let limit = self.cfg.keepalive_timeout;
             match l.state {
@@ -105,7 +114,7 @@ impl Session {
                 .hello_at
                 .is_some_and(|t| now.duration_since(t) >= HELLO_RETRY);
         }
-        if l.pong.is_some() || l.nack_due || l.ack_due {
+        if l.pong.is_some() || l.nack_due || (l.ack_due && l.ack_at.is_none_or(|t| now >= t)) {
             return true;
         }
         if l.ping.is_none() && now.duration_since(l.last_rx) >= self.cfg.keepalive_interval {

@@ -89,6 +89,9 @@ impl Session {
         let frame_size = l.frame_size as usize;
         let max_inflight = l.params.max_inflight;
         let had_ack_due = std::mem::take(&mut l.ack_due);
+        // Every frame sent below carries the acknowledgement.
+        l.ack_at = None;
+        l.ack_debt = 0;
         if self.active == Some(link) {
             self.transmit_sequenced(out, flags, start, max, frame_size, max_inflight, now);
         }
