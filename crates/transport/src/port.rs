@@ -129,7 +129,9 @@ impl PortDevice {
             .await
             .map_err(with_context(addr, "while waiting for the host side"))?;
         let stream =
-            FdStream::new(fd, true).map_err(with_context(addr, "cannot use the port device"))?;
+            FdStream::new(fd, true)
+                .map_err(with_context(addr, "cannot use the port device"))?
+                .filling_reads();
         tracing::debug!(%addr, device = %path.display(), "virtio-serial port connected");
         Ok(Connection {
             stream: Box::new(stream),
