@@ -135,8 +135,9 @@ fn send(w: &mut impl Write, bytes: usize) -> Result<()> {
     Ok(())
 }
 
-fn raw_guest_to_host(lab: &Lab, port: &mut UnixStream, bytes: usize) -> Result<Row> {
-    let id = "raw-g2h";
+fn raw_guest_to_host(lab: &Lab, port: &mut UnixStream, bytes: usize, rep: usize) -> Result<Row> {
+    // bg runs a command once per id.
+    let id = &format!("raw-g2h-{rep}");
     bg(
         lab,
         id,
@@ -151,8 +152,8 @@ fn raw_guest_to_host(lab: &Lab, port: &mut UnixStream, bytes: usize) -> Result<R
     row("raw port, dd", "g->h", bytes, took, &out)
 }
 
-fn raw_host_to_guest(lab: &Lab, port: &mut UnixStream, bytes: usize) -> Result<Row> {
-    let id = "raw-h2g";
+fn raw_host_to_guest(lab: &Lab, port: &mut UnixStream, bytes: usize, rep: usize) -> Result<Row> {
+    let id = &format!("raw-h2g-{rep}");
     // fullblock: dd counts whole 64 KiB blocks however the port splits them.
     bg(
         lab,
@@ -285,14 +286,34 @@ fn agent_memory(lab: &Lab) -> String {
     )
 }
 
-/// Runs the benchmark; `args`: `--mib N` (default 256) per transfer.
+/// The median of each figure of row `i` over `runs`.
+fn median_row(runs: &[Vec<Row>], i: usize) -> Row {
+    let median = |f: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(|r| f(&r[i])).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Row {
+        path: runs[0][i].path,
+        dir: runs[0][i].dir,
+        fig: Figure {
+            mib_s: median(&|r| r.fig.mib_s),
+            cpu_s_per_gib: median(&|r| r.fig.cpu_s_per_gib),
+        },
+        guest_s_per_gib: median(&|r| r.guest_s_per_gib),
+    }
+}
+
+/// Runs the benchmark; `args`: `--mib N` (default 256) per transfer, `--repeats R` (default 3)
+/// rounds of every transfer, raw and agent alternating; medians are printed.
 pub fn run(args: &[String]) -> Result<()> {
-    let mut mib = 256usize;
+    let (mut mib, mut repeats) = (256usize, 3usize);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--mib" => mib = crate::positive_arg(&mut it, "--mib")?,
-            other => bail!("bench-port: unknown option {other:?} (options: --mib N)"),
+            "--repeats" => repeats = crate::positive_arg(&mut it, "--repeats")?,
+            other => bail!("bench-port: unknown option {other:?} (options: --mib N --repeats R)"),
         }
     }
     let bytes = mib << 20;
@@ -318,20 +339,25 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut port = UnixStream::connect(&raw_sock).context("the raw port's chardev")?;
     let idle = agent_memory(&lab);
 
-    let rows = vec![
-        raw_guest_to_host(&lab, &mut port, bytes)?,
-        agent_guest_to_host(&lab, bytes)?,
-        raw_host_to_guest(&lab, &mut port, bytes)?,
-        agent_host_to_guest(&lab, bytes)?,
-        agent_echo(&lab, bytes)?,
-    ];
+    let mut runs = Vec::new();
+    for rep in 0..repeats {
+        eprintln!("bench-port: round {} of {repeats}", rep + 1);
+        runs.push(vec![
+            raw_guest_to_host(&lab, &mut port, bytes, rep)?,
+            agent_guest_to_host(&lab, bytes)?,
+            raw_host_to_guest(&lab, &mut port, bytes, rep)?,
+            agent_host_to_guest(&lab, bytes)?,
+            agent_echo(&lab, bytes)?,
+        ]);
+    }
+    let rows: Vec<Row> = (0..runs[0].len()).map(|i| median_row(&runs, i)).collect();
     let after = agent_memory(&lab);
     let accel = lab.accel().to_string();
     lab.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "bench-port: {mib} MiB per transfer, {} KiB writes, one run, guest {accel}, 1 vCPU",
+        "bench-port: {mib} MiB per transfer, {} KiB writes, one run, median of {repeats} rounds, guest {accel}, 1 vCPU",
         WRITE / 1024
     );
     println!("agent memory: idle {idle}; after the transfers {after}");

@@ -180,8 +180,9 @@ fn read_once(
     Ok(o.size_mib as f64 / secs)
 }
 
-/// `VmRSS` and `VmHWM` of guest process `pid`, in KiB, read through `conn`.
-fn memory(conn: &mut QgaConn, pid: u32) -> Result<(f64, f64)> {
+/// `VmRSS`, `VmHWM` and `RssAnon` (the process's own heap and stacks, without the pages of
+/// its binary and libraries) of guest process `pid`, in KiB, read through `conn`.
+fn memory(conn: &mut QgaConn, pid: u32) -> Result<(f64, f64, f64)> {
     let status = conn.read_small(&format!("/proc/{pid}/status"))?;
     let status = String::from_utf8_lossy(&status);
     let field = |name: &str| -> Result<f64> {
@@ -192,7 +193,7 @@ fn memory(conn: &mut QgaConn, pid: u32) -> Result<(f64, f64)> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {name} in /proc/{pid}/status"))
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok((field("VmRSS:")?, field("VmHWM:")?, field("RssAnon:")?))
 }
 
 fn text(out: &[u8]) -> String {
@@ -321,7 +322,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&q.dir);
 
     let lat = |v: &[Lat], f: fn(&Lat) -> f64| median(v.iter().map(f).collect());
-    let mem = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+    let mem =
+        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| median(v.iter().map(f).collect());
     let (vs_seq_m, ga_seq_m) = (median(vs_seq), median(ga_seq));
     let (vs_pipe_m, ga_big_m) = (median(vs_pipe), median(ga_big));
     let vs_best = vs_pipe_m.max(vs_seq_m);
@@ -442,7 +444,21 @@ pub fn run(args: &[String]) -> Result<()> {
         "KiB",
         "",
     );
+    row(
+        "RssAnon before the workload",
+        vs_mem_before.2,
+        ga_mem_before.2,
+        "KiB",
+        "",
+    );
     row("VmRSS after the workload", vrss, grss, "KiB", "<= 0.5x");
+    row(
+        "RssAnon after the workload",
+        mem(&vs_mem, |m| m.2),
+        mem(&ga_mem, |m| m.2),
+        "KiB",
+        "",
+    );
     row(
         "VmHWM (peak RSS) after the workload",
         mem(&vs_mem, |m| m.1),
