@@ -39,10 +39,15 @@ const WRITE: usize = 64 * 1024;
 /// The guest's clock ticks per second in `/proc` (`USER_HZ`, 100 on x86 Linux).
 const USER_HZ: f64 = 100.0;
 
-/// A guest shell function: `snap` prints `SNAP <guest busy ticks> <agent utime+stime ticks>`.
-/// Busy = user + nice + system + irq + softirq + steal of /proc/stat's `cpu` line.
+/// A guest shell function: `snap` prints `SNAP <guest busy ticks> <agent utime+stime ticks>
+/// <agent read calls> <agent write calls> <agent context switches>`. Busy = user + nice +
+/// system + irq + softirq + steal of /proc/stat's `cpu` line; the calls are `syscr`/`syscw` of
+/// /proc/PID/io; the switches (voluntary and not) are summed over the agent's threads. The
+/// counts do not depend on how busy the host is, the times do (see [`Row`]).
 const SNAP: &str = "snap() { set -- $(head -n1 /proc/stat); b=$(( $2 + $3 + $4 + $7 + $8 + $9 )); \
-     set -- $(cut -d')' -f2 /proc/$(cat /run/vstream-agent.pid)/stat); echo \"SNAP $b $(( ${12} + ${13} ))\"; }";
+     a=$(cat /run/vstream-agent.pid); set -- $(cut -d')' -f2 /proc/$a/stat); \
+     echo \"SNAP $b $(( ${12} + ${13} )) $(awk '/^syscr/ {r=$2} /^syscw/ {w=$2} END {print r, w}' /proc/$a/io) \
+     $(awk '/ctxt_switches/ {s+=$2} END {print s}' /proc/$a/task/*/status)\"; }";
 
 /// The raw port's device node, found by name (no udev in the lab guest), on fd 3.
 fn open_raw_port() -> String {
@@ -51,30 +56,36 @@ fn open_raw_port() -> String {
     )
 }
 
-/// One transfer's figures.
+/// One transfer's figures. Under TCG the guest's clock is the host's: while the host's cores
+/// are contended, the guest charges the time it was not running to whatever it was running,
+/// so the CPU times rise with the host's load; the counts per MiB do not.
 struct Row {
     path: &'static str,
     dir: &'static str,
     fig: Figure,
     /// The whole guest's busy CPU per GiB.
     guest_s_per_gib: f64,
+    /// The agent's read calls, write calls and context switches per MiB.
+    counts_per_mib: [f64; 3],
 }
 
-/// The CPU the guest and the agent used between the first and last `SNAP` line of `out`, in
-/// seconds: (guest busy, agent).
-fn snap_delta(out: &str) -> Result<(f64, f64)> {
-    let snaps: Vec<(f64, f64)> = out
+/// What the guest's counters moved by between the first and last `SNAP` line of `out`: guest
+/// busy seconds, agent seconds, agent reads, writes and context switches.
+fn snap_delta(out: &str) -> Result<[f64; 5]> {
+    let snaps: Vec<[f64; 5]> = out
         .lines()
         .filter_map(|l| {
-            let mut w = l.trim().strip_prefix("SNAP ")?.split_whitespace();
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+            let w = l.trim().strip_prefix("SNAP ")?.split_whitespace();
+            let v: Vec<f64> = w.map(str::parse).collect::<Result<_, _>>().ok()?;
+            v.try_into().ok()
         })
         .collect();
     match (snaps.first(), snaps.last()) {
         (Some(a), Some(b)) if snaps.len() >= 2 => {
-            Ok(((b.0 - a.0) / USER_HZ, (b.1 - a.1) / USER_HZ))
+            let d = |i: usize| b[i] - a[i];
+            Ok([d(0) / USER_HZ, d(1) / USER_HZ, d(2), d(3), d(4)])
         }
-        _ => bail!("no CPU snapshots in the guest's output: {out:?}"),
+        _ => bail!("no counter snapshots in the guest's output: {out:?}"),
     }
 }
 
@@ -85,14 +96,15 @@ fn row(
     took: Duration,
     out: &str,
 ) -> Result<Row> {
-    let (guest, agent) = snap_delta(out)?;
+    let [guest, agent, reads, writes, switches] = snap_delta(out)?;
     let fig = figure(bytes, took, agent);
-    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let mib = bytes as f64 / (1u64 << 20) as f64;
     Ok(Row {
         path,
         dir,
         fig,
-        guest_s_per_gib: guest / gib,
+        guest_s_per_gib: guest / mib * 1024.0,
+        counts_per_mib: [reads / mib, writes / mib, switches / mib],
     })
 }
 
@@ -301,6 +313,7 @@ fn median_row(runs: &[Vec<Row>], i: usize) -> Row {
             cpu_s_per_gib: median(&|r| r.fig.cpu_s_per_gib),
         },
         guest_s_per_gib: median(&|r| r.guest_s_per_gib),
+        counts_per_mib: [0, 1, 2].map(|k| median(&|r| r.counts_per_mib[k])),
     }
 }
 
@@ -352,6 +365,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let rows: Vec<Row> = (0..runs[0].len()).map(|i| median_row(&runs, i)).collect();
     let after = agent_memory(&lab);
+    // What an agent keeps once a burst is over (spare buffers are trimmed after seconds).
+    thread::sleep(Duration::from_secs(15));
+    let settled = agent_memory(&lab);
     let accel = lab.accel().to_string();
     lab.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -360,15 +376,37 @@ pub fn run(args: &[String]) -> Result<()> {
         "bench-port: {mib} MiB per transfer, {} KiB writes, one run, median of {repeats} rounds, guest {accel}, 1 vCPU",
         WRITE / 1024
     );
-    println!("agent memory: idle {idle}; after the transfers {after}");
+    println!("agent memory: idle {idle}; after the transfers {after}; 15 s later {settled}");
+    println!("spread: (fastest - slowest) / median MiB/s over the rounds; agent reads, writes and context switches per MiB from /proc/PID/io and /proc/PID/task/*/status");
     println!(
-        "{:<18} {:>5} {:>10} {:>16} {:>16}",
-        "path", "dir", "MiB/s", "agent CPU s/GiB", "guest CPU s/GiB"
+        "{:<18} {:>5} {:>8} {:>7} {:>11} {:>11} {:>10} {:>10} {:>8}",
+        "path",
+        "dir",
+        "MiB/s",
+        "spread",
+        "agent s/GiB",
+        "guest s/GiB",
+        "reads/MiB",
+        "writes/MiB",
+        "csw/MiB"
     );
-    for r in &rows {
+    for (i, r) in rows.iter().enumerate() {
+        let rates: Vec<f64> = runs.iter().map(|run| run[i].fig.mib_s).collect();
+        let spread = (rates.iter().copied().fold(f64::MIN, f64::max)
+            - rates.iter().copied().fold(f64::MAX, f64::min))
+            / r.fig.mib_s;
+        let [reads, writes, switches] = r.counts_per_mib;
         println!(
-            "{:<18} {:>5} {:>10.1} {:>16.2} {:>16.2}",
-            r.path, r.dir, r.fig.mib_s, r.fig.cpu_s_per_gib, r.guest_s_per_gib
+            "{:<18} {:>5} {:>8.1} {:>6.0}% {:>11.2} {:>11.2} {:>10.1} {:>10.1} {:>8.1}",
+            r.path,
+            r.dir,
+            r.fig.mib_s,
+            spread * 100.0,
+            r.fig.cpu_s_per_gib,
+            r.guest_s_per_gib,
+            reads,
+            writes,
+            switches
         );
     }
     let ratio = |a: usize, b: usize| rows[a].fig.mib_s / rows[b].fig.mib_s;
