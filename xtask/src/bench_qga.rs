@@ -452,20 +452,13 @@ pub fn run(args: &[String]) -> Result<()> {
         "",
     );
     row("VmRSS after the workload", vrss, grss, "KiB", "<= 0.5x");
-    row(
-        "RssAnon after the workload",
-        mem(&vs_mem, |m| m.2),
-        mem(&ga_mem, |m| m.2),
-        "KiB",
-        "",
-    );
-    row(
-        "VmHWM (peak RSS) after the workload",
-        mem(&vs_mem, |m| m.1),
-        mem(&ga_mem, |m| m.1),
-        "KiB",
-        "",
-    );
+    let after: [(&str, fn(&(f64, f64, f64)) -> f64); 2] = [
+        ("RssAnon after the workload", |m| m.2),
+        ("VmHWM (peak RSS) after the workload", |m| m.1),
+    ];
+    for (name, f) in after {
+        row(name, mem(&vs_mem, f), mem(&ga_mem, f), "KiB", "");
+    }
     println!();
     println!(
         "aim guest-ping p50 <= 0.5x qemu-ga:        {} ({:.2}x)",

@@ -36,7 +36,7 @@ tasks:
             (bench-vsock --mib N)
   bench-port a channel through vstream-agent vs the raw virtio-serial port, same guest: both
             directions, 64 KiB writes, MiB/s and the agent's CPU s/GiB, ratios last
-            (bench-port --mib N)
+            (bench-port --mib N --repeats R)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
