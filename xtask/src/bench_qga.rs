@@ -180,8 +180,12 @@ fn read_once(
     Ok(o.size_mib as f64 / secs)
 }
 
-/// `VmRSS` and `VmHWM` of guest process `pid`, in KiB, read through `conn`.
-fn memory(conn: &mut QgaConn, pid: u32) -> Result<(f64, f64)> {
+/// `VmRSS`, `VmHWM` and `RssAnon` (the process's own heap and stacks, without the pages of
+/// its binary and libraries) of a process, in KiB.
+type Memory = [f64; 3];
+
+/// [`Memory`] of guest process `pid`, read through `conn`.
+fn memory(conn: &mut QgaConn, pid: u32) -> Result<Memory> {
     let status = conn.read_small(&format!("/proc/{pid}/status"))?;
     let status = String::from_utf8_lossy(&status);
     let field = |name: &str| -> Result<f64> {
@@ -192,7 +196,7 @@ fn memory(conn: &mut QgaConn, pid: u32) -> Result<(f64, f64)> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {name} in /proc/{pid}/status"))
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok([field("VmRSS:")?, field("VmHWM:")?, field("RssAnon:")?])
 }
 
 fn text(out: &[u8]) -> String {
@@ -321,7 +325,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&q.dir);
 
     let lat = |v: &[Lat], f: fn(&Lat) -> f64| median(v.iter().map(f).collect());
-    let mem = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+    // Field `k` of [`Memory`], the median over the repeats.
+    let mem = |v: &[Memory], k: usize| median(v.iter().map(|m| m[k]).collect());
     let (vs_seq_m, ga_seq_m) = (median(vs_seq), median(ga_seq));
     let (vs_pipe_m, ga_big_m) = (median(vs_pipe), median(ga_big));
     let vs_best = vs_pipe_m.max(vs_seq_m);
@@ -434,22 +439,28 @@ pub fn run(args: &[String]) -> Result<()> {
         "MiB/s",
         "",
     );
-    let (vrss, grss) = (mem(&vs_mem, |m| m.0), mem(&ga_mem, |m| m.0));
+    let (vrss, grss) = (mem(&vs_mem, 0), mem(&ga_mem, 0));
     row(
         "VmRSS before the workload",
-        vs_mem_before.0,
-        ga_mem_before.0,
+        vs_mem_before[0],
+        ga_mem_before[0],
+        "KiB",
+        "",
+    );
+    row(
+        "RssAnon before the workload",
+        vs_mem_before[2],
+        ga_mem_before[2],
         "KiB",
         "",
     );
     row("VmRSS after the workload", vrss, grss, "KiB", "<= 0.5x");
-    row(
-        "VmHWM (peak RSS) after the workload",
-        mem(&vs_mem, |m| m.1),
-        mem(&ga_mem, |m| m.1),
-        "KiB",
-        "",
-    );
+    for (name, k) in [
+        ("RssAnon after the workload", 2),
+        ("VmHWM (peak RSS) after the workload", 1),
+    ] {
+        row(name, mem(&vs_mem, k), mem(&ga_mem, k), "KiB", "");
+    }
     println!();
     println!(
         "aim guest-ping p50 <= 0.5x qemu-ga:        {} ({:.2}x)",

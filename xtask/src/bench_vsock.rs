@@ -28,9 +28,9 @@ const SIZES: [usize; 2] = [4096, 65536];
 
 /// One transfer's figures.
 #[derive(Debug, Clone, Copy)]
-struct Figure {
-    mib_s: f64,
-    cpu_s_per_gib: f64,
+pub(crate) struct Figure {
+    pub(crate) mib_s: f64,
+    pub(crate) cpu_s_per_gib: f64,
 }
 
 /// CPU seconds (user + system) process `pid` has used.
@@ -45,7 +45,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-fn figure(bytes: usize, took: Duration, cpu: f64) -> Figure {
+pub(crate) fn figure(bytes: usize, took: Duration, cpu: f64) -> Figure {
     let gib = bytes as f64 / (1u64 << 30) as f64;
     Figure {
         mib_s: bytes as f64 / (1 << 20) as f64 / took.as_secs_f64(),

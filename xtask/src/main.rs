@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, deb, demo, hostile, image, paths};
 
+mod bench_port;
 mod bench_qga;
 mod bench_scale;
 mod bench_vsock;
@@ -33,6 +34,9 @@ tasks:
   bench-vsock vstreamd's own virtio-vsock device vs vhost-device-vsock, same guest: guest->host
             and host->guest, 4 KiB and 64 KiB writes, MiB/s and backend CPU s/GiB, ratios last
             (bench-vsock --mib N)
+  bench-port a channel through vstream-agent vs the raw virtio-serial port, same guest: both
+            directions, 64 KiB writes, MiB/s and the agent's CPU s/GiB, ratios last
+            (bench-port --mib N --repeats R)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -248,6 +252,7 @@ fn run() -> Result<()> {
         "demo" => demo_task(&args[1..]),
         "boot" => boot_task(&args[1..]),
         "bench-hid" => bench_hid(&args[1..]),
+        "bench-port" => bench_port::run(&args[1..]),
         "bench-qga" => bench_qga::run(&args[1..]),
         "bench-hostile" => bench_hostile(&args[1..]),
         "bench-scale" => bench_scale::run(&args[1..]),

@@ -27,6 +27,9 @@ pub(crate) struct FdStream {
     /// Report `EIO` from read as the end of the stream: a tty whose other side hung up (a closed
     /// pty master, an unplugged USB serial adapter) fails reads with `EIO`.
     eio_is_eof: bool,
+    /// Fill the caller's buffer with as many reads as return data at once (see
+    /// [`FdStream::filling_reads`]).
+    fill_reads: bool,
     /// Released after `read` and `write` are closed (fields drop in declaration order).
     _claim: Option<FdClaim>,
     /// Puts back the flags of descriptors shared with the rest of the process (stdio).
@@ -40,9 +43,20 @@ impl FdStream {
             read: register(fd)?,
             write: None,
             eio_is_eof,
+            fill_reads: false,
             _claim: None,
             _restore: Vec::new(),
         })
+    }
+
+    /// Makes one `poll_read` go on reading while the descriptor has data and the buffer room,
+    /// for devices that hand out little per read: a virtio-serial port returns one receive
+    /// buffer (a page, 4 KiB) per `read`, a tty what its line discipline holds. The reader
+    /// then takes in a bulk transfer in large pieces, each locking the session, decoding and
+    /// waking the link's writer once, instead of once per 4 KiB.
+    pub(crate) fn filling_reads(mut self) -> Self {
+        self.fill_reads = true;
+        self
     }
 }
 
@@ -108,20 +122,30 @@ impl AsyncRead for FdStream {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
+        let start = buf.filled().len();
         loop {
             let mut guard = ready!(this.read.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *unfilled)?)) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
+            loop {
+                let got = buf.filled().len() > start;
+                let unfilled = buf.initialize_unfilled();
+                match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *unfilled)?)) {
+                    Ok(Ok(n)) => {
+                        buf.advance(n);
+                        if n == 0 || !this.fill_reads || buf.remaining() == 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // What was read goes up first; the error (or the end) comes again on the
+                    // next read.
+                    Ok(Err(_)) if got => return Poll::Ready(Ok(())),
+                    Ok(Err(e)) if this.eio_is_eof && e.raw_os_error() == Some(libc::EIO) => {
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(Err(e)) => return Poll::Ready(Err(e)),
+                    Err(_would_block) if got => return Poll::Ready(Ok(())),
+                    Err(_would_block) => break,
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) if this.eio_is_eof && e.raw_os_error() == Some(libc::EIO) => {
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
             }
         }
     }
@@ -312,6 +336,7 @@ pub(crate) fn stdio(addr: &Address) -> io::Result<Connection> {
         read,
         write: Some(write),
         eio_is_eof: true,
+        fill_reads: false,
         _claim: None,
         _restore: vec![restore_in, restore_out],
     };
@@ -336,6 +361,7 @@ mod tests {
             read: register(r1).expect("register"),
             write: Some(register(w2).expect("register")),
             eio_is_eof: false,
+            fill_reads: false,
             _claim: None,
             _restore: Vec::new(),
         };
@@ -343,6 +369,7 @@ mod tests {
             read: register(r2).expect("register"),
             write: Some(register(w1).expect("register")),
             eio_is_eof: false,
+            fill_reads: false,
             _claim: None,
             _restore: Vec::new(),
         };
@@ -364,6 +391,46 @@ mod tests {
         // Closing b's write end gives a the end of the stream.
         drop(b);
         assert_eq!(a.read(&mut back).await.expect("read eof"), 0);
+    }
+
+    /// A seqpacket socket hands out one packet per `read`, as a virtio-serial port hands out
+    /// one receive buffer: a filling stream takes every packet waiting in one `read` call (up
+    /// to the buffer's size), a plain one a packet at a time; the end still reads as 0.
+    #[tokio::test]
+    async fn a_filling_stream_reads_everything_waiting_at_once() {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        let pair = || {
+            socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .expect("socketpair")
+        };
+        for fill in [false, true] {
+            let (ours, theirs) = pair();
+            let mut stream = FdStream::new(ours, false).expect("stream");
+            if fill {
+                stream = stream.filling_reads();
+            }
+            for i in 0..5u8 {
+                rustix::io::write(&theirs, &[i; 100]).expect("packet");
+            }
+            let mut buf = vec![0u8; 300];
+            let n = stream.read(&mut buf).await.expect("read");
+            let expected: Vec<u8> = (0..5u8).flat_map(|i| [i; 100]).take(n).collect();
+            assert_eq!(&buf[..n], &expected[..]);
+            if !fill {
+                assert_eq!(n, 100, "one packet per read without filling");
+                continue;
+            }
+            assert_eq!(n, 300, "a full buffer ends the read");
+            let n = stream.read(&mut buf).await.expect("read the rest");
+            assert_eq!(&buf[..n], &[[3u8; 100], [4u8; 100]].concat()[..]);
+            drop(theirs);
+            assert_eq!(stream.read(&mut buf).await.expect("end"), 0);
+        }
     }
 
     #[test]

@@ -128,8 +128,9 @@ impl PortDevice {
         self.wait_for_host(&fd, &path)
             .await
             .map_err(with_context(addr, "while waiting for the host side"))?;
-        let stream =
-            FdStream::new(fd, true).map_err(with_context(addr, "cannot use the port device"))?;
+        let stream = FdStream::new(fd, true)
+            .map_err(with_context(addr, "cannot use the port device"))?
+            .filling_reads();
         tracing::debug!(%addr, device = %path.display(), "virtio-serial port connected");
         Ok(Connection {
             stream: Box::new(stream),

@@ -40,8 +40,9 @@ pub(crate) fn open(addr: &Address, config: &SerialConfig) -> io::Result<Connecti
     tcflush(&fd, QueueSelector::IOFlush)
         .map_err(io::Error::from)
         .map_err(with_context(addr, "cannot flush the serial line"))?;
-    let stream =
-        FdStream::new(fd, true).map_err(with_context(addr, "cannot use the serial device"))?;
+    let stream = FdStream::new(fd, true)
+        .map_err(with_context(addr, "cannot use the serial device"))?
+        .filling_reads();
     tracing::debug!(%addr, "serial line open");
     Ok(Connection {
         stream: Box::new(stream),

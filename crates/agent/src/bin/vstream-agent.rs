@@ -29,6 +29,26 @@ struct Args {
     cmdline: PathBuf,
 }
 
+/// How long an idle spawn_blocking thread waits for more work before it exits (tokio's default
+/// is 10 s): a burst of QGA requests reuses it, an idle agent keeps no such thread.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often the agent hands the kernel back the heap pages freed since: what a burst
+/// allocated (frame buffers the session keeps for a few seconds, a `guest-file-read` reply)
+/// is freed among longer-lived allocations, where glibc's own trimming (the top of the heap
+/// only) does not reach it. Rare enough to cost an idle agent nothing it would notice.
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Gives freed heap memory back every [`TRIM_INTERVAL`].
+async fn trim_freed_memory() {
+    let mut tick = tokio::time::interval(TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        vstream_link::release_freed_memory();
+    }
+}
+
 /// The agent's command line: its own options, and each device's.
 fn command() -> clap::Command {
     registry().iter().fold(Args::command(), |cmd, d| {
@@ -110,13 +130,18 @@ fn main() -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned()
     });
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task: a guest often has one vCPU, where a second worker only adds
+    // hand-offs between threads (a futex wake-up and a context switch each), and a stack and
+    // an allocator arena of its own. No device needs a second one: blocking work goes to
+    // spawn_blocking's threads, started on demand and gone soon after.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()?
         .block_on(async move {
             let options = AgentOptions { devices, key };
             let agent = vstream_agent::Agent::start_with(&name, settings.connect, options);
+            tokio::spawn(trim_freed_memory());
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
