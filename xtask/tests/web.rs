@@ -89,33 +89,31 @@ impl Driver {
         s.set_read_timeout(Some(Duration::from_secs(120)))
             .map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
-        let mut chunk = [0u8; 64 * 1024];
-        let (split, len) = loop {
-            let n = s
-                .read(&mut chunk)
-                .map_err(|e| format!("{method} {path}: {e}"))?;
-            if n == 0 {
-                return Err(format!("{method} {path}: connection closed mid-reply"));
-            }
-            raw.extend_from_slice(&chunk[..n]);
-            if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-                let len = headers
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .ok_or_else(|| format!("{method} {path}: no Content-Length in {headers}"))?;
-                break (split, len);
+        let mut more = |raw: &mut Vec<u8>| {
+            let mut chunk = [0u8; 64 * 1024];
+            match s.read(&mut chunk) {
+                Ok(0) => Err(format!("{method} {path}: connection closed mid-reply")),
+                Ok(n) => {
+                    raw.extend_from_slice(&chunk[..n]);
+                    Ok(())
+                }
+                Err(e) => Err(format!("{method} {path}: {e}")),
             }
         };
-        while raw.len() < split + 4 + len {
-            let n = s
-                .read(&mut chunk)
-                .map_err(|e| format!("{method} {path}: {e}"))?;
-            if n == 0 {
-                return Err(format!("{method} {path}: connection closed mid-body"));
+        let split = loop {
+            more(&mut raw)?;
+            if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break split;
             }
-            raw.extend_from_slice(&chunk[..n]);
+        };
+        let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let len = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| format!("{method} {path}: no Content-Length in {headers}"))?;
+        while raw.len() < split + 4 + len {
+            more(&mut raw)?;
         }
         let body = &raw[split + 4..split + 4 + len];
         let v: Value = serde_json::from_slice(body).map_err(|e| format!("{e}: {body:?}"))?;
@@ -305,7 +303,7 @@ fn a_browser_types_into_a_guest_console_and_a_second_viewer_sees_it() {
         lab.mux_transports_up(s)
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let t = Duration::from_secs(30);
+    let (t, long) = (Duration::from_secs(30), Duration::from_secs(60));
     let token = ctl_ok(&lab, &["web-token"], t).trim().to_owned();
     let read_only = ctl_ok(&lab, &["web-token", "--read-only"], t)
         .trim()
@@ -364,31 +362,17 @@ fn a_browser_types_into_a_guest_console_and_a_second_viewer_sees_it() {
         "one writer at a time"
     );
     second.wait_line("web-42", t);
-    type_until(
-        &first,
-        "echo both-$((7*8))",
-        "both-56",
-        Duration::from_secs(60),
-    );
+    type_until(&first, "echo both-$((7*8))", "both-56", long);
     second.wait_line("both-56", t);
 
     // An explicit take-over: the second types now, the first only watches.
-    second.cmd(
-        "POST",
-        "execute/sync",
-        json!({"script": "document.getElementById('take').click()", "args": []}),
-    );
+    second.js("document.getElementById('take').click(); return true");
     second.wait_js(
         "the take-over",
         "return window.vstream.state.writer === true",
         t,
     );
-    type_until(
-        &second,
-        "echo took-$((8*9))",
-        "took-72",
-        Duration::from_secs(60),
-    );
+    type_until(&second, "echo took-$((8*9))", "took-72", long);
     first.wait_line("took-72", t);
     // Past the page's own check: the daemon drops what a viewer without the role sends.
     first.js(SEND_AROUND_THE_PAGE
@@ -404,12 +388,7 @@ fn a_browser_types_into_a_guest_console_and_a_second_viewer_sees_it() {
         .replace("KEYS", "echo ro-$((5*5))")
         .as_str());
     // Something typed after both refused inputs, so that they had their chance to arrive.
-    type_until(
-        &second,
-        "echo after-$((3*3))",
-        "after-9",
-        Duration::from_secs(60),
-    );
+    type_until(&second, "echo after-$((3*3))", "after-9", long);
     let log = lab.console_log("hvc0");
     assert!(
         !log.contains("ro-25"),
