@@ -39,6 +39,8 @@ APT_PACKAGES=(
     libvirt-daemon             # libvirtd and virtlogd: the libvirt test (xtask/tests/libvirt.rs)
     libvirt-clients            # virsh, for the same test
     libvirt-daemon-driver-qemu # libvirt's QEMU driver (TCG domains), for the same test
+    chromium                   # the headless browser of the web console's test (xtask/tests/web.rs)
+    chromium-driver            # chromedriver: WebDriver for that test
 )
 
 AGENT_TARGET=x86_64-unknown-linux-gnu

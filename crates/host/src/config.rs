@@ -34,6 +34,9 @@ pub struct DaemonSection {
     pub control_read_group: Option<crate::access::GroupRef>,
     /// Where console logs and spools go (the command line wins).
     pub state_dir: Option<PathBuf>,
+    /// Serve the web console here (`127.0.0.1:8080` or a Unix socket path; the command
+    /// line's `--http` wins).
+    pub http: Option<crate::web::HttpAddr>,
     /// Shared listeners: addresses where the agents of many guests connect. Which guest a
     /// connection is comes from what its transport proves (crates/host/src/identity.rs).
     #[serde(default)]

@@ -59,6 +59,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<std::path::PathBuf>,
     },
+    /// A token for the web console (`vstreamd --http`): the owner gets one that may type
+    /// (unless it asks for `read_only`), a member of the read-only group one that may only
+    /// watch.
+    WebToken {
+        /// A token that may only watch, whoever asks.
+        #[serde(default)]
+        read_only: bool,
+    },
     /// An op of a device's (on the wire: the device's request object as it is).
     #[serde(untagged)]
     Device(DeviceRequest),
@@ -137,6 +145,9 @@ pub struct Reply {
     /// For status and upgrade: the daemon's pid, version and generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<crate::upgrade::DaemonInfo>,
+    /// For web-token: the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// What a device's op adds to its reply (e.g. the list of print jobs).
     #[serde(flatten)]
     pub device: serde_json::Map<String, serde_json::Value>,
@@ -169,6 +180,7 @@ impl Request {
             Request::Open { .. } => "open".into(),
             Request::Events { .. } => "events".into(),
             Request::Upgrade { .. } => "daemon upgrade".into(),
+            Request::WebToken { .. } => "web-token".into(),
             Request::Device(d) => device_access(&d.op, &d.request).0,
         }
     }
@@ -178,7 +190,8 @@ impl Request {
     /// (`open`: shells, files, input) act on the guest.
     pub fn read_only(&self) -> bool {
         match self {
-            Request::Status { .. } | Request::Events { .. } => true,
+            // A read-only member gets a read-only token.
+            Request::Status { .. } | Request::Events { .. } | Request::WebToken { .. } => true,
             Request::Open { .. } | Request::Upgrade { .. } => false,
             Request::Device(d) => device_access(&d.op, &d.request).1,
         }

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod status;
 pub mod systemd;
 pub mod upgrade;
+pub mod web;
 
 /// Default control socket path (also from `VSTREAM_CONTROL`).
 pub const DEFAULT_CONTROL: &str = "/run/vstream/control.sock";

@@ -41,6 +41,9 @@ pub struct ConsoleRequest {
     /// Also accept input (one writer at a time).
     #[serde(default)]
     pub attach: bool,
+    /// Attach and take the writer role from whoever holds it.
+    #[serde(default)]
+    pub take: bool,
 }
 
 impl Device for ConsoleDevice {
@@ -99,7 +102,7 @@ impl Device for ConsoleDevice {
 
     #[cfg(feature = "host")]
     fn control_access(&self, op: &str, request: &Value) -> (String, bool) {
-        match request["attach"] == true {
+        match request["attach"] == true || request["take"] == true {
             true => (format!("{op} attach"), false),
             false => (op.to_owned(), true),
         }
@@ -200,19 +203,23 @@ async fn serve(
             .await;
     };
     // Subscribe before reading the tail so nothing falls between the two.
-    let viewer = console.attach(req.attach);
+    let attach = req.attach || req.take;
+    let viewer = match req.take {
+        true => console.take_over(),
+        false => console.attach(attach),
+    };
     conn.reply(json!({ "writer": viewer.is_writer() })).await?;
     if let Some(n) = req.tail {
         conn.write_all(&console.tail(n)).await?;
     }
-    if !req.follow && !req.attach {
+    if !req.follow && !attach {
         return conn.into_stream().shutdown().await;
     }
     // vstreamd runs the viewer, so that a live upgrade carries it.
     conn.view(ConsoleViewer {
         console,
         viewer,
-        attach: req.attach,
+        attach,
     })
     .await
 }

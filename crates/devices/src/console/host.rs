@@ -233,9 +233,16 @@ impl Console {
         Viewer {
             console: self.clone(),
             id,
-            writer,
             output: self.output.subscribe(),
         }
+    }
+
+    /// Attaches a viewer that takes the writer role from whoever holds it (an explicit
+    /// take-over, as `virsh console --force`, except that the old writer stays as a viewer).
+    pub fn take_over(self: &Arc<Self>) -> Viewer {
+        let viewer = self.attach(false);
+        self.lock().writer = Some(viewer.id);
+        viewer
     }
 
     /// Follows the console's connection: `true` while its stream is connected. Waiting on it
@@ -288,14 +295,13 @@ impl Console {
 pub struct Viewer {
     console: Arc<Console>,
     id: u64,
-    writer: bool,
     output: broadcast::Receiver<Bytes>,
 }
 
 impl Viewer {
-    /// Whether this viewer may type.
+    /// Whether this viewer may type (now: another viewer may have taken the role over).
     pub fn is_writer(&self) -> bool {
-        self.writer
+        self.console.lock().writer == Some(self.id)
     }
 
     /// Next output chunk; `Ok(None)` if this viewer fell behind and output was skipped.
@@ -319,7 +325,7 @@ impl Viewer {
 
     /// Types `data` into the guest console. Fails for read-only viewers.
     pub async fn type_bytes(&self, data: Bytes) -> io::Result<()> {
-        if !self.writer {
+        if !self.is_writer() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "another viewer holds the console's input",

@@ -59,6 +59,20 @@ async fn captures_logs_and_round_trips_typed_input() {
         console.attach(true).is_writer(),
         "the writer role is released on detach"
     );
+    // An explicit take-over: the old writer is left watching, its keys refused.
+    let holder = console.attach(true);
+    let taker = console.take_over();
+    assert!(taker.is_writer() && !holder.is_writer());
+    assert!(holder.type_bytes(Bytes::from_static(b"x")).await.is_err());
+    taker
+        .type_bytes(Bytes::from_static(b"id\n"))
+        .await
+        .expect("type after take-over");
+    let mut typed = [0u8; 3];
+    guest.read_exact(&mut typed).await.expect("read");
+    assert_eq!(&typed, b"id\n");
+    drop(holder);
+    assert!(taker.is_writer(), "a former writer's detach keeps the role");
 }
 
 #[tokio::test]

@@ -33,6 +33,11 @@ struct Args {
     /// Where console logs and spools go.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve the web console (guests, consoles in xterm.js, events) at ADDR: HOST:PORT (keep
+    /// it on loopback: plain HTTP) or a Unix socket path. Access needs `vstreamctl web-token`.
+    /// Default: `[daemon] http` in the config, else no web console.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<vstream_host::web::HttpAddr>,
     /// Print a shell completion script and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     completions: Option<clap_complete::Shell>,
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| cfg.daemon.control.clone())
         .unwrap_or_else(|| PathBuf::from(vstream_host::DEFAULT_CONTROL));
+    let http = args.http.clone().or_else(|| cfg.daemon.http.clone());
     let mut listen = cfg.daemon.listen.clone();
     listen.extend(args.listen.iter().cloned());
     tokio::runtime::Builder::new_multi_thread()
@@ -100,6 +106,17 @@ fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let Err(e) = d.listen(address.clone()).await {
                         tracing::error!(%address, "cannot accept agents: {e}");
+                    }
+                });
+            }
+            if let Some(addr) = http {
+                let web = vstream_host::web::bind(&daemon, &addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--http {addr:?}: {e}"))?;
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = vstream_host::web::serve(d, web).await {
+                        tracing::error!("--http: {e}");
                     }
                 });
             }

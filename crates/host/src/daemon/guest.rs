@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vstream_devices::registry::{HostState, TransportStatus};
+use vstream_devices::registry::{registry, HostState, TransportStatus};
 use vstream_devices::{EventSink, Service};
 use vstream_link::{Mux, MuxStatus};
 use vstream_transport::Address;
@@ -168,6 +168,19 @@ impl Guest {
     /// How long this guest is still held off, if it is.
     pub(super) fn held_off(&self) -> Option<Duration> {
         lock(&self.hold_off).remaining(Instant::now())
+    }
+
+    /// The guest's consoles, each with the control op that serves its viewers (an op of the
+    /// device that holds it), as (op, console name): what the web console lists.
+    pub fn consoles(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (class, d) in &self.devices {
+            let ops = registry().get(class).map(|dev| dev.control_ops());
+            if let Some(op) = ops.and_then(|ops| ops.first()) {
+                out.extend(d.consoles().iter().map(|c| (*op, c.name().to_owned())));
+            }
+        }
+        out
     }
 
     /// The guest's line in the `status` reply.

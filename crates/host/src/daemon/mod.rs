@@ -221,6 +221,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// The web console's tokens (`vstreamd --http`), from the key in the state directory
+    /// (made on first use).
+    pub fn web_tokens(&self) -> std::io::Result<crate::web::Tokens> {
+        crate::web::Tokens::load_or_create(&self.state_dir)
+    }
+
     /// How many guests the daemon knows, and how many of them are connected (systemd's
     /// `STATUS=` line).
     pub fn guest_counts(&self) -> (usize, usize) {

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use vstream_devices::registry::{registry, ControlConn};
 
 use super::{lock, Daemon, Guest};
+use crate::access::Role;
 use crate::control::{push_line, read_line, write_line, DeviceRequest, Reply, Request};
 use crate::upgrade::Pump;
 
@@ -105,7 +106,7 @@ impl Daemon {
             Err(e) => return write_line(&mut w, &Reply::error(format!("bad request: {e}"))).await,
         };
         let role = if self.access.is_owner(uid) {
-            Ok(crate::access::Role::Owner)
+            Ok(Role::Owner)
         } else {
             // Group membership may ask the group database (files, or a directory service).
             let access = self.access.clone();
@@ -113,15 +114,51 @@ impl Daemon {
                 .await
                 .map_err(io::Error::other)?
         };
-        if let Err(why) = role.and_then(|role| self.access.check(uid, role, &req)) {
-            tracing::info!(
-                uid,
-                gid,
-                request = req.verb(),
-                "control request refused: {why}"
+        let role = match role.and_then(|role| self.access.check(uid, role, &req).map(|()| role)) {
+            Ok(role) => role,
+            Err(why) => {
+                tracing::info!(
+                    uid,
+                    gid,
+                    request = req.verb(),
+                    "control request refused: {why}"
+                );
+                return write_line(&mut w, &Reply::error(why.to_string())).await;
+            }
+        };
+        self.serve_request(req, role, r, w).await
+    }
+
+    /// Serves a control connection made inside the daemon (the web console's) on behalf of a
+    /// client whose `role` the caller established: the same requests, refused the same way.
+    pub(crate) async fn serve_local(
+        self: Arc<Self>,
+        role: Role,
+        stream: UnixStream,
+    ) -> io::Result<()> {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let req: Request = match read_line(&mut r).await {
+            Ok(req) => req,
+            Err(e) => return write_line(&mut w, &Reply::error(format!("bad request: {e}"))).await,
+        };
+        if role == Role::ReadOnly && !req.read_only() {
+            let why = format!(
+                "a read-only token may only watch; {} needs the owner's",
+                req.verb()
             );
-            return write_line(&mut w, &Reply::error(why.to_string())).await;
+            return write_line(&mut w, &Reply::error(why)).await;
         }
+        self.serve_request(req, role, r, w).await
+    }
+
+    async fn serve_request(
+        self: Arc<Self>,
+        req: Request,
+        role: Role,
+        r: BufReader<OwnedReadHalf>,
+        mut w: OwnedWriteHalf,
+    ) -> io::Result<()> {
         match req {
             Request::Status { guest } => self.control_status(guest, w).await,
             Request::Device(DeviceRequest { op, guest, request }) => {
@@ -135,6 +172,17 @@ impl Daemon {
                 let reply = std::os::fd::AsFd::as_fd(w.as_ref());
                 let Err(e) = self.upgrade(binary, Some(reply)).await;
                 write_line(&mut w, &Reply::error(format!("upgrade: {e}"))).await
+            }
+            Request::WebToken { read_only } => {
+                let role = if read_only { Role::ReadOnly } else { role };
+                let reply = match self.web_tokens() {
+                    Ok(tokens) => Reply {
+                        token: Some(tokens.for_role(role).to_owned()),
+                        ..Reply::ok()
+                    },
+                    Err(e) => Reply::error(format!("web token: {e}")),
+                };
+                write_line(&mut w, &reply).await
             }
         }
     }

@@ -67,6 +67,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a token for the web console (`vstreamd --http`): open
+    /// http://ADDR/?token=TOKEN once, the page keeps it in a cookie. The owner's token may
+    /// type; a member of the read-only group gets one that may only watch.
+    WebToken {
+        /// A token that may only watch (to hand to someone who should not type).
+        #[arg(long)]
+        read_only: bool,
+    },
     /// vstreamd itself.
     Daemon {
         #[command(subcommand)]
@@ -257,6 +265,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     println!("{}", render_event(&ev));
                 }
             }
+        }
+        Cmd::WebToken { read_only } => {
+            let (_, _, reply) = request(&args.control, &Request::WebToken { read_only }).await?;
+            let token = reply.token.context("vstreamd's reply has no token")?;
+            println!("{token}");
+            Ok(())
         }
         Cmd::Daemon {
             cmd: DaemonCmd::Upgrade { binary },
