@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, deb, demo, hostile, image, paths};
 
+mod bench_fastnet;
 mod bench_qga;
 mod bench_scale;
 mod bench_vsock;
@@ -33,6 +34,8 @@ tasks:
   bench-vsock vstreamd's own virtio-vsock device vs vhost-device-vsock, same guest: guest->host
             and host->guest, 4 KiB and 64 KiB writes, MiB/s and backend CPU s/GiB, ratios last
             (bench-vsock --mib N)
+  bench-fastnet fastnet (shared memory, channel-only) vs QEMU virtio-net (TAP, user) and ppp,
+            one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -252,6 +255,7 @@ fn run() -> Result<()> {
         "bench-hostile" => bench_hostile(&args[1..]),
         "bench-scale" => bench_scale::run(&args[1..]),
         "bench-vsock" => bench_vsock::run(&args[1..]),
+        "bench-fastnet" => bench_fastnet::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
