@@ -18,6 +18,9 @@
 //! to host (busybox nc from the guest's tmpfs to a listener here) and host to guest (this
 //! process connects to busybox `nc -l` in the guest), SHA-256 equal at both ends, timed here
 //! from the connection to its end. For fastnet, vstreamd's doorbell counters (both ways) per MiB.
+//! During each transfer, the CPU QEMU (the guest's vCPU and QEMU's own device backends) and
+//! vstreamd used, in % of one core: a guest at 100% is bound by its CPU, one well below by
+//! waiting (latency).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -61,6 +64,9 @@ struct Figures {
     ping_p50_ms: f64,
     g2h_mib_s: f64,
     h2g_mib_s: f64,
+    /// CPU use of QEMU (the guest and its device backends) and of vstreamd during each
+    /// transfer, guest -> host and host -> guest, in % of one core.
+    cpu: [[f64; 2]; 2],
     /// Doorbells and packets (both ways) per MiB moved, guest -> host and host -> guest
     /// (fastnet only).
     per_mib: Option<[[f64; 2]; 2]>,
@@ -140,8 +146,15 @@ fn wait_fn0(lab: &Lab) -> Result<()> {
 }
 
 /// Host -> guest: `nc -l` in the guest, this process connects, writes `data`, and waits for the
-/// guest to close; the guest's SHA-256 must match.
-fn host_to_guest(lab: &Lab, ns: &NetNs, route: &Route, id: &str, data: &[u8]) -> Result<Duration> {
+/// guest to close; the guest's SHA-256 must match. Returns the time and the CPU use (see
+/// [`Cpu::since`]).
+fn host_to_guest(
+    lab: &Lab,
+    ns: &NetNs,
+    route: &Route,
+    id: &str,
+    data: &[u8],
+) -> Result<(Duration, [f64; 2])> {
     // nc reads stdin too: from the console it would be stopped (SIGTTIN) as a background job.
     testing::bg(
         lab,
@@ -163,19 +176,19 @@ fn host_to_guest(lab: &Lab, ns: &NetNs, route: &Route, id: &str, data: &[u8]) ->
     } else {
         TcpStream::connect((addr, port))?
     };
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), Cpu::now(lab)?);
     conn.write_all(data)?;
     conn.shutdown(Shutdown::Write)?;
     // The guest's nc closes once it has everything.
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest)?;
-    let took = start.elapsed();
+    let (took, cpu) = (start.elapsed(), cpu0.since(lab)?);
     testing::wait_out(lab, id, "DONE-rc=0", Duration::from_secs(120));
     let sum = exec(lab, "sha256sum /tmp/in && rm -f /tmp/in");
     if sum.split_whitespace().next() != Some(testing::sha256(data).as_str()) {
         bail!("{}: the bytes changed, host to guest", route.name);
     }
-    Ok(took)
+    Ok((took, cpu))
 }
 
 /// Measures one route: ping, guest -> host (the guest's /tmp/blob of `data.len()` bytes, SHA-256
@@ -192,8 +205,10 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     let port = listener.local_addr()?.port();
     let rx = receive_one(listener);
     let before = route.fastnet.then(|| counters(lab)).transpose()?;
+    let cpu0 = Cpu::now(lab)?;
     exec(lab, &format!("nc {} {port} < /tmp/blob", route.host));
     let (got, up) = rx.join().map_err(|_| anyhow::anyhow!("receiver"))?;
+    let cpu_up = cpu0.since(lab)?;
     if got.len() != data.len() || testing::sha256(&got) != sum {
         bail!(
             "{}: guest -> host: {} bytes arrived of {}, or they changed",
@@ -204,7 +219,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     }
     drop(got);
     let middle = route.fastnet.then(|| counters(lab)).transpose()?;
-    let down = host_to_guest(
+    let (down, cpu_down) = host_to_guest(
         lab,
         ns,
         route,
@@ -223,14 +238,20 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
         ping_p50_ms,
         g2h_mib_s: mib_s(data.len(), up),
         h2g_mib_s: mib_s(data.len(), down),
+        cpu: [cpu_up, cpu_down],
         per_mib,
     };
     eprintln!(
-        "{}: ping p50 {:.2} ms, guest->host {:.1} MiB/s, host->guest {:.1} MiB/s{}",
+        "{}: ping p50 {:.2} ms, guest->host {:.1} MiB/s (QEMU {:.0}%, vstreamd {:.0}% CPU), \
+         host->guest {:.1} MiB/s (QEMU {:.0}%, vstreamd {:.0}%){}",
         f.name,
         f.ping_p50_ms,
         f.g2h_mib_s,
+        f.cpu[0][0],
+        f.cpu[0][1],
         f.h2g_mib_s,
+        f.cpu[1][0],
+        f.cpu[1][1],
         f.per_mib
             .map(|[u, d]| format!(
                 ", per MiB guest->host {:.1} doorbells {:.0} packets, host->guest {:.1} doorbells {:.0} packets",
@@ -239,6 +260,30 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
             .unwrap_or_default()
     );
     Ok(f)
+}
+
+/// QEMU's and vstreamd's CPU time at one moment.
+struct Cpu {
+    at: Instant,
+    seconds: [f64; 2],
+}
+
+impl Cpu {
+    fn now(lab: &Lab) -> Result<Cpu> {
+        let (qemu, daemon) = lab.pids();
+        let get = |pid: Option<u32>| crate::bench_vsock::cpu_seconds(pid.context("not running")?);
+        Ok(Cpu {
+            at: Instant::now(),
+            seconds: [get(qemu)?, get(daemon)?],
+        })
+    }
+
+    /// % of one core each used since `self`.
+    fn since(&self, lab: &Lab) -> Result<[f64; 2]> {
+        let now = Cpu::now(lab)?;
+        let wall = now.at.duration_since(self.at).as_secs_f64();
+        Ok([0, 1].map(|i| 100.0 * (now.seconds[i] - self.seconds[i]) / wall))
+    }
 }
 
 /// Doorbells per MiB in direction `i` (0: guest -> host), or `-`.
@@ -290,18 +335,27 @@ pub fn run(args: &[String]) -> Result<()> {
         "bench-fastnet: {mib} MiB of TCP each way per path, {PINGS} pings, one guest, one run ({accel})"
     );
     println!(
-        "{:<18} {:>10} {:>12} {:>12} {:>16} {:>16}",
-        "path", "ping p50", "g->h MiB/s", "h->g MiB/s", "bells/MiB g->h", "bells/MiB h->g"
+        "{:<18} {:>10} {:>12} {:>12} {:>16} {:>16} {:>16} {:>16}",
+        "path",
+        "ping p50",
+        "g->h MiB/s",
+        "h->g MiB/s",
+        "bells/MiB g->h",
+        "bells/MiB h->g",
+        "CPU% g->h Q/d",
+        "CPU% h->g Q/d"
     );
     for f in &rows {
         println!(
-            "{:<18} {:>7.2} ms {:>12.1} {:>12.1} {:>16} {:>16}",
+            "{:<18} {:>7.2} ms {:>12.1} {:>12.1} {:>16} {:>16} {:>16} {:>16}",
             f.name,
             f.ping_p50_ms,
             f.g2h_mib_s,
             f.h2g_mib_s,
             bells(f, 0),
-            bells(f, 1)
+            bells(f, 1),
+            format!("{:.0}/{:.0}", f.cpu[0][0], f.cpu[0][1]),
+            format!("{:.0}/{:.0}", f.cpu[1][0], f.cpu[1][1])
         );
     }
     let shm = &rows[0];
