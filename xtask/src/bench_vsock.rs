@@ -34,7 +34,7 @@ pub(crate) struct Figure {
 }
 
 /// CPU seconds (user + system) process `pid` has used.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces): state is field 3.
     let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;

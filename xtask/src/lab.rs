@@ -152,6 +152,12 @@ impl Lab {
         slot.lock().ok()?.as_ref().map(Child::id)
     }
 
+    /// QEMU's and vstreamd's process ids (the benchmarks read their CPU time).
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        let pid = |slot: &Mutex<Option<Child>>| slot.lock().ok()?.as_ref().map(Child::id);
+        (pid(&self.qemu), pid(&self.daemon))
+    }
+
     /// The vsock CID of the guest, if it has a vhost-vsock or vhost-user-vsock device.
     pub fn vsock_cid(&self) -> Option<u32> {
         self.spec.vsock_cid

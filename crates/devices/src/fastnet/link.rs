@@ -288,41 +288,45 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
         Direction::HostToGuest => Direction::GuestToHost,
         Direction::GuestToHost => Direction::HostToGuest,
     };
-    let mut tx = Producer::new(seg.clone(), layout, tx_ring);
+    let mut tx = TapToRing {
+        ring: Producer::new(seg.clone(), layout, tx_ring),
+        // The TAP's largest frame (a GSO frame and its vnet header), whatever the header's
+        // max_packet says: a smaller buffer would cut frames.
+        pkt: vec![0u8; MAX_PACKET as usize],
+        held: None,
+    };
     let mut rx = Consumer::new(seg, layout, In::RING);
-    // The TAP's largest frame (a GSO frame and its vnet header), whatever the header's
-    // max_packet says: a smaller buffer would cut frames.
-    let mut pkt = vec![0u8; MAX_PACKET as usize];
-    let max_packet = layout.max_packet as usize;
     let mut from_peer = vec![0u8; layout.max_packet as usize];
-    // A packet read from the TAP (in `pkt`) that did not fit: the TAP is not read until it does.
-    let mut held: Option<usize> = None;
     loop {
-        // Take everything the peer published, then say we sleep (or go round again).
-        loop {
-            rx.refresh()?;
-            while let Some(n) = rx.recv(&mut from_peer)? {
-                Stats::bump(&stats.packets_in);
-                tap.send(&from_peer[..n])?;
-            }
-            if rx.release() == Doorbell::Ring {
-                ring::<S, In>(stream, stats).await?;
-            }
-            if rx.prepare_sleep()? {
-                break;
-            }
+        // Take everything the peer published.
+        rx.refresh()?;
+        let mut moved = 0;
+        while let Some(n) = rx.recv(&mut from_peer)? {
+            Stats::bump(&stats.packets_in);
+            tap.send(&from_peer[..n])?;
+            moved += 1;
         }
-        // A held packet goes first, once the peer freed space.
-        if let Some(n) = held {
-            if tx.push(&pkt[..n])? {
-                held = None;
-                Stats::bump(&stats.packets_out);
-                if tx.publish() == Doorbell::Ring {
-                    ring::<S, In>(stream, stats).await?;
-                }
-            } else if !tx.prepare_wait()? {
-                continue;
-            }
+        if rx.release() == Doorbell::Ring {
+            ring::<S, In>(stream, stats).await?;
+        }
+        // Then what the TAP already queued, without waiting.
+        moved += tx.take(tap, None, stats)?;
+        if tx.ring.publish() == Doorbell::Ring {
+            ring::<S, In>(stream, stats).await?;
+        }
+        if moved > 0 {
+            // Busy: go round again without telling the peer we sleep, so that it does not
+            // ring (a doorbell costs both sides a trip through the channel). Yield: the
+            // channel's own tasks may share this thread.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        // Nothing moved: say we sleep on both rings, then wait for a doorbell or the TAP.
+        if tx.held.is_some() && !tx.ring.prepare_wait()? {
+            continue;
+        }
+        if !rx.prepare_sleep()? {
+            continue;
         }
         while let Some(m) = dec.next_message()? {
             if let Incoming::Doorbell = m.incoming()? {
@@ -331,31 +335,50 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
         }
         tokio::select! {
             n = stream.read(rbuf) => received(&mut dec, rbuf, n?)?,
-            n = tap.recv(&mut pkt), if held.is_none() => {
-                let mut next = Some(n?);
-                let mut batch = 0;
-                while let Some(n) = next {
-                    if n > max_packet {
-                        // Only a header with a small max_packet lets this happen; a cut frame
-                        // would be worse than a lost one.
-                        tracing::debug!("fastnet: dropped a {n}-byte frame (max_packet {max_packet})");
-                    } else if !tx.push(&pkt[..n])? {
-                        held = Some(n);
-                        let _ = tx.prepare_wait()?;
-                        break;
-                    } else {
-                        Stats::bump(&stats.packets_out);
-                    }
-                    batch += 1;
-                    if batch == BATCH {
-                        break;
-                    }
-                    next = tap.try_recv(&mut pkt);
-                }
-                if tx.publish() == Doorbell::Ring {
+            n = tap.recv(&mut tx.pkt), if tx.held.is_none() => {
+                tx.take(tap, Some(n?), stats)?;
+                if tx.ring.publish() == Doorbell::Ring {
                     ring::<S, In>(stream, stats).await?;
                 }
             }
         }
+    }
+}
+
+/// The ring this side produces on, fed from its TAP.
+struct TapToRing {
+    ring: Producer<Arc<Segment>>,
+    /// Where frames are read from the TAP.
+    pkt: Vec<u8>,
+    /// The length of a frame in `pkt` that did not fit: the TAP is not read until it does.
+    held: Option<usize>,
+}
+
+impl TapToRing {
+    /// Pushes the held frame, then `first` (a frame already read into `pkt`), then frames
+    /// the TAP has queued, up to [`BATCH`] in all, without publishing; stops at a frame that
+    /// does not fit (held). Returns the frames pushed.
+    fn take(&mut self, tap: &Tun, first: Option<usize>, stats: &Stats) -> Result<usize, LinkError> {
+        let max_packet = self.ring.max_packet() as usize;
+        let mut next = self.held.take().or(first);
+        let mut pushed = 0;
+        for _ in 0..BATCH {
+            let Some(n) = next.or_else(|| tap.try_recv(&mut self.pkt)) else {
+                break;
+            };
+            if n > max_packet {
+                // Only a header with a small max_packet lets this happen; a cut frame would be
+                // worse than a lost one.
+                tracing::debug!("fastnet: dropped a {n}-byte frame (max_packet {max_packet})");
+            } else if self.ring.push(&self.pkt[..n])? {
+                Stats::bump(&stats.packets_out);
+                pushed += 1;
+            } else {
+                self.held = Some(n);
+                break;
+            }
+            next = None;
+        }
+        Ok(pushed)
     }
 }
