@@ -358,7 +358,12 @@ impl TapToRing {
     /// Pushes the held frame, then `first` (a frame already read into `pkt`), then frames
     /// the TAP has queued, up to [`BATCH`] in all, without publishing; stops at a frame that
     /// does not fit (held). Returns the frames pushed.
-    fn take(&mut self, tap: &Tun, first: Option<usize>, stats: &Stats) -> Result<usize, LinkError> {
+    fn take(
+        &mut self,
+        tap: &impl Port,
+        first: Option<usize>,
+        stats: &Stats,
+    ) -> Result<usize, LinkError> {
         let max_packet = self.ring.max_packet() as usize;
         let mut next = self.held.take().or(first);
         let mut pushed = 0;
