@@ -34,6 +34,8 @@ pub struct DaemonSection {
     pub control_read_group: Option<crate::access::GroupRef>,
     /// Where console logs and spools go (the command line wins).
     pub state_dir: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP (`127.0.0.1:9464`; the command line wins).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Shared listeners: addresses where the agents of many guests connect. Which guest a
     /// connection is comes from what its transport proves (crates/host/src/identity.rs).
     #[serde(default)]

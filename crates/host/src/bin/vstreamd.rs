@@ -33,6 +33,10 @@ struct Args {
     /// Where console logs and spools go.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; docs/METRICS.md).
+    /// Default: `[daemon] metrics` in the config, else none.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Print a shell completion script and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     completions: Option<clap_complete::Shell>,
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| cfg.daemon.control.clone())
         .unwrap_or_else(|| PathBuf::from(vstream_host::DEFAULT_CONTROL));
+    let metrics = args.metrics.or(cfg.daemon.metrics);
     let mut listen = cfg.daemon.listen.clone();
     listen.extend(args.listen.iter().cloned());
     tokio::runtime::Builder::new_multi_thread()
@@ -100,6 +105,18 @@ fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let Err(e) = d.listen(address.clone()).await {
                         tracing::error!(%address, "cannot accept agents: {e}");
+                    }
+                });
+            }
+            if let Some(addr) = metrics {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("metrics on {addr}: {e}"))?;
+                tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = vstream_host::metrics::serve(d, listener).await {
+                        tracing::error!("metrics: {e}");
                     }
                 });
             }
