@@ -477,6 +477,13 @@ pub trait Device: Send + Sync {
         Ok(DeviceStatus::new(json))
     }
 
+    /// The numbers of this device's `status` ([`HostState::status`], [`crate::Service::status`])
+    /// for vstreamd's metrics: `status_type!` gives them from the status type's
+    /// [`crate::status::Samples`]. By default none.
+    fn samples(&self, _status: &DeviceStatus) -> Vec<crate::status::Sample> {
+        Vec::new()
+    }
+
     /// Control-socket ops (`{"op":OP,"guest":...}`) served by [`HostState::control`].
     fn control_ops(&self) -> &'static [&'static str] {
         &[]
@@ -693,8 +700,9 @@ macro_rules! verbs_in {
 #[cfg(feature = "host")]
 pub(crate) use verbs_in;
 
-/// [`Device::read_status`] of a device whose status is type `T`, compiled into the host half
-/// only (where vstreamctl reads statuses): `status_type!(super::host::MyStatus);`
+/// [`Device::read_status`] and [`Device::samples`] of a device whose status is type `T`,
+/// compiled into the host half only (where vstreamd and vstreamctl read statuses):
+/// `status_type!(super::host::MyStatus);`
 macro_rules! status_type {
     ($status:ty) => {
         #[cfg(feature = "host")]
@@ -703,6 +711,14 @@ macro_rules! status_type {
             json: serde_json::Value,
         ) -> serde_json::Result<$crate::status::DeviceStatus> {
             $crate::status::DeviceStatus::read::<$status>(json)
+        }
+
+        #[cfg(feature = "host")]
+        fn samples(&self, status: &$crate::status::DeviceStatus) -> Vec<$crate::status::Sample> {
+            status
+                .get::<$status>()
+                .map($crate::status::Samples::samples)
+                .unwrap_or_default()
         }
     };
 }

@@ -4,7 +4,8 @@
 //! vstreamd gets a [`DeviceStatus`] from the device's host half and writes it as JSON;
 //! vstreamctl reads the JSON back as the device's type through the registry
 //! ([`crate::registry::Device::read_status`]); a program that knows the device reads the typed
-//! value with [`DeviceStatus::get`].
+//! value with [`DeviceStatus::get`]. vstreamd's metrics show its numbers as [`Sample`]s, which
+//! the status type gives through [`Samples`] (reached by [`crate::registry::Device::samples`]).
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -102,4 +103,71 @@ impl<'de> Deserialize<'de> for Devices {
             .collect::<Result<_, _>>()
             .map(Devices)
     }
+}
+
+/// What a [`Sample`] measures over time (the Prometheus metric types vstreamd uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    /// Only grows (it starts again from 0 when the device's host half does).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+/// One number of a device's status, for vstreamd's metrics: shown as `vstream_CLASS_NAME`
+/// (a counter with `_total` after it), labelled with the guest and `labels`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The name after `vstream_CLASS_`, in base units (`_bytes`, `_seconds`), without a
+    /// counter's `_total`.
+    pub name: &'static str,
+    /// What it counts, one line.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: SampleKind,
+    /// Labels besides `guest` (the same keys on every sample of one name).
+    pub labels: Vec<(&'static str, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+impl Sample {
+    /// A counter.
+    pub fn counter(name: &'static str, help: &'static str, value: u64) -> Sample {
+        Sample {
+            name,
+            help,
+            kind: SampleKind::Counter,
+            labels: Vec::new(),
+            value: value as f64,
+        }
+    }
+
+    /// A gauge.
+    pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Sample {
+        Sample {
+            name,
+            help,
+            kind: SampleKind::Gauge,
+            labels: Vec::new(),
+            value,
+        }
+    }
+
+    /// A gauge that is 1 when `on`, else 0.
+    pub fn flag(name: &'static str, help: &'static str, on: bool) -> Sample {
+        Sample::gauge(name, help, if on { 1.0 } else { 0.0 })
+    }
+
+    /// The same sample with one more label.
+    pub fn label(mut self, key: &'static str, value: impl Into<String>) -> Sample {
+        self.labels.push((key, value.into()));
+        self
+    }
+}
+
+/// A status type's numbers as [`Sample`]s.
+pub trait Samples {
+    /// Its samples, in a fixed order.
+    fn samples(&self) -> Vec<Sample>;
 }

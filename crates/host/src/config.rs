@@ -37,6 +37,8 @@ pub struct DaemonSection {
     /// Serve the web console here (`127.0.0.1:8080` or a Unix socket path; the command
     /// line's `--http` wins).
     pub http: Option<crate::web::HttpAddr>,
+    /// Where to serve Prometheus metrics over HTTP (`127.0.0.1:9464`; the command line wins).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Shared listeners: addresses where the agents of many guests connect. Which guest a
     /// connection is comes from what its transport proves (crates/host/src/identity.rs).
     #[serde(default)]

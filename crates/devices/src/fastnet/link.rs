@@ -101,6 +101,26 @@ pub struct FastnetStatus {
     pub switch: Option<super::switch::SwitchStatus>,
 }
 
+#[cfg(feature = "host")]
+impl crate::status::Samples for FastnetStatus {
+    fn samples(&self) -> Vec<crate::status::Sample> {
+        use crate::status::Sample;
+        const PACKETS: &str = "Packets on the link, by direction.";
+        const DOORBELLS: &str = "Doorbells on the link, by direction.";
+        vec![
+            Sample::flag(
+                "shared_memory",
+                "Whether the link carries its packets in shared memory.",
+                self.mode == Some(super::Mode::SharedMemory),
+            ),
+            Sample::counter("packets", PACKETS, self.packets_out).label("direction", "out"),
+            Sample::counter("packets", PACKETS, self.packets_in).label("direction", "in"),
+            Sample::counter("doorbells", DOORBELLS, self.doorbells_out).label("direction", "out"),
+            Sample::counter("doorbells", DOORBELLS, self.doorbells_in).label("direction", "in"),
+        ]
+    }
+}
+
 /// What a message from the peer means to the packet loops.
 pub enum Incoming {
     /// A packet (channel-only mode).

@@ -250,6 +250,41 @@ pub struct HidStatus {
     pub virtio_input: BTreeMap<String, InputStatus>,
 }
 
+#[cfg(feature = "host")]
+impl crate::status::Samples for HidStatus {
+    fn samples(&self) -> Vec<crate::status::Sample> {
+        use crate::status::Sample;
+        self.virtio_input
+            .iter()
+            .flat_map(|(kind, s)| {
+                [
+                    Sample::counter(
+                        "reports_delivered",
+                        "Input reports the guest's driver took.",
+                        s.reports_delivered,
+                    ),
+                    Sample::counter(
+                        "reports_refused",
+                        "Input reports refused (the queue was full).",
+                        s.refused,
+                    ),
+                    Sample::counter(
+                        "bad_chains",
+                        "Buffers from the guest's driver returned empty because they were bad.",
+                        s.bad_chains,
+                    ),
+                    Sample::gauge(
+                        "queued_events",
+                        "Input events waiting for the driver's buffers.",
+                        s.queued as f64,
+                    ),
+                ]
+                .map(|sample| sample.label("device", kind.clone()))
+            })
+            .collect()
+    }
+}
+
 /// The host half of one guest: its virtio-input devices, if any.
 #[cfg(feature = "host")]
 struct HidState {

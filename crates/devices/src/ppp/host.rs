@@ -29,7 +29,7 @@ use super::net::NetConfig;
 use super::pppd::{self, PppdCommand};
 use super::proto::{Endpoint, EndpointConfig, Event, MAX_MRU};
 use super::{link_backoff, next_pause, CHANNEL_NAME, CLASS};
-use crate::status::DeviceStatus;
+use crate::status::{DeviceStatus, Sample};
 use crate::tun::Tun;
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
@@ -267,6 +267,15 @@ pub struct PppStatus {
     pub links: u64,
     /// Why the last link ended.
     pub last_end: Option<String>,
+}
+
+impl crate::status::Samples for PppStatus {
+    fn samples(&self) -> Vec<Sample> {
+        vec![
+            Sample::flag("up", "Whether the PPP link is up.", self.state == "up"),
+            Sample::counter("links", "PPP links made.", self.links),
+        ]
+    }
 }
 
 /// Keeps the guest's PPP link up on its configured transport: connects (or accepts), runs the

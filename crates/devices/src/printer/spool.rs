@@ -13,6 +13,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::status::Sample;
+
 use super::{sanitize, JobType, Record, HEAD_LEN};
 
 /// Settings of one guest's spool (`[guest.printer]` in vstreamd's config).
@@ -641,4 +643,27 @@ pub struct JobCounts {
     pub refused: usize,
     /// Still coming.
     pub receiving: usize,
+}
+
+impl crate::status::Samples for PrinterStatus {
+    fn samples(&self) -> Vec<Sample> {
+        const JOBS: &str = "Print jobs in the spool, by state.";
+        let j = &self.jobs;
+        vec![
+            Sample::gauge("jobs", JOBS, j.done as f64).label("state", "done"),
+            Sample::gauge("jobs", JOBS, j.partial as f64).label("state", "partial"),
+            Sample::gauge("jobs", JOBS, j.refused as f64).label("state", "refused"),
+            Sample::gauge("jobs", JOBS, j.receiving as f64).label("state", "receiving"),
+            Sample::gauge(
+                "spool_used_bytes",
+                "Bytes the spool holds.",
+                self.used_bytes as f64,
+            ),
+            Sample::gauge(
+                "spool_quota_bytes",
+                "Bytes the spool may hold.",
+                self.quota_bytes as f64,
+            ),
+        ]
+    }
 }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use vstream_link::ChannelStream;
 
 use super::{Request, Settings, TokenBucket, REQUEST_LEN};
-use crate::status::DeviceStatus;
+use crate::status::{DeviceStatus, Sample};
 use crate::{ServeFuture, Service};
 
 /// Most bytes generated and written at once (the largest buffer a guest makes us hold).
@@ -130,6 +130,28 @@ pub struct RandomStatus {
     pub requests: u64,
     /// Requests refused (over the budget).
     pub refused: u64,
+}
+
+impl crate::status::Samples for RandomStatus {
+    fn samples(&self) -> Vec<Sample> {
+        const SERVED: &str = "Entropy bytes served to the guest, by way.";
+        vec![
+            Sample::counter("served_bytes", SERVED, self.channel_bytes).label("via", "channel"),
+            Sample::counter("served_bytes", SERVED, self.raw_bytes).label("via", "raw"),
+            Sample::counter("served_bytes", SERVED, self.vhost_bytes).label("via", "virtio-rng"),
+            Sample::counter("requests", "Entropy requests served.", self.requests),
+            Sample::counter(
+                "refusals",
+                "Entropy requests refused (over the guest's budget).",
+                self.refused,
+            ),
+            Sample::gauge(
+                "rate_bytes_per_second",
+                "The guest's entropy budget.",
+                self.rate as f64,
+            ),
+        ]
+    }
 }
 
 /// Fills `buf` from the kernel's CSPRNG (`getrandom(2)`, the urandom source: it never blocks

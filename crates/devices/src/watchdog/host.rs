@@ -16,7 +16,7 @@ use super::{
     qmp, Action, Decoder, Expiry, GuestMsg, HostMsg, Phase, Settings, Watchdog, READ_CHUNK,
 };
 use crate::channel::read_repoll;
-use crate::status::DeviceStatus;
+use crate::status::{DeviceStatus, Sample};
 use crate::{EventSink, HostContext, ServeFuture, Service};
 
 /// How long a QMP action may take.
@@ -184,6 +184,35 @@ pub struct WatchdogStatus {
     pub check_failures: u64,
     /// Actions that failed.
     pub actions_failed: u64,
+}
+
+impl crate::status::Samples for WatchdogStatus {
+    fn samples(&self) -> Vec<Sample> {
+        vec![
+            Sample::flag(
+                "armed",
+                "Whether the watchdog expects heartbeats.",
+                self.state == Phase::Armed,
+            ),
+            Sample::counter("fires", "Times the watchdog fired.", self.fired),
+            Sample::counter("heartbeats", "Heartbeats received.", self.heartbeats),
+            Sample::counter(
+                "check_failures",
+                "Health checks that failed.",
+                self.check_failures,
+            ),
+            Sample::counter(
+                "action_failures",
+                "Watchdog actions that failed.",
+                self.actions_failed,
+            ),
+            Sample::gauge(
+                "timeout_seconds",
+                "The configured timeout.",
+                self.timeout_ms as f64 / 1000.0,
+            ),
+        ]
+    }
 }
 
 /// Runs the guest's watchdog deadlines forever.

@@ -38,6 +38,10 @@ struct Args {
     /// Default: `[daemon] http` in the config, else no web console.
     #[arg(long, value_name = "ADDR")]
     http: Option<vstream_host::web::HttpAddr>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; docs/METRICS.md).
+    /// Default: `[daemon] metrics` in the config, else none.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Print a shell completion script and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     completions: Option<clap_complete::Shell>,
@@ -92,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         .or_else(|| cfg.daemon.control.clone())
         .unwrap_or_else(|| PathBuf::from(vstream_host::DEFAULT_CONTROL));
     let http = args.http.clone().or_else(|| cfg.daemon.http.clone());
+    let metrics = args.metrics.or(cfg.daemon.metrics);
     let mut listen = cfg.daemon.listen.clone();
     listen.extend(args.listen.iter().cloned());
     tokio::runtime::Builder::new_multi_thread()
@@ -117,6 +122,18 @@ fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     if let Err(e) = vstream_host::web::serve(d, web).await {
                         tracing::error!("--http: {e}");
+                    }
+                });
+            }
+            if let Some(addr) = metrics {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("metrics on {addr}: {e}"))?;
+                tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = vstream_host::metrics::serve(d, listener).await {
+                        tracing::error!("metrics: {e}");
                     }
                 });
             }
