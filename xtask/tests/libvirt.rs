@@ -49,14 +49,39 @@ fn virsh(args: &[&str]) -> Output {
         .expect("run virsh")
 }
 
-/// Where libvirtd looks for QEMU hooks (libvirt runs every script in it).
-const HOOKS: &str = "/etc/libvirt/hooks/qemu.d";
+/// The host package's hook as these tests install it: for this vstreamctl, and for a vstreamd
+/// whose control socket is [`hook_dir`]`/control.sock`.
+const HOOK: &str = "/etc/libvirt/hooks/qemu.d/vstream-test";
+
+/// Where the hook test runs its vstreamd.
+fn hook_dir() -> PathBuf {
+    std::env::temp_dir().join("vstream-libvirt-hook")
+}
+
+/// The tests share one libvirtd, and two TCG domains at once would only slow each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// virtlogd and libvirtd, started unless libvirtd already answers. libvirtd looks for hooks
-/// when it starts: the hook directory is made first, so a libvirtd started here runs the hook
-/// that the hook test puts there later.
+/// only when it starts, so the hook is installed first, whichever test comes first; it stays
+/// (it does nothing while no vstreamd serves its control socket).
 fn ensure_libvirtd() {
-    std::fs::create_dir_all(HOOKS).expect("libvirt's hook directory");
+    let script =
+        std::fs::read_to_string(xtask::paths::workspace_root().join("packaging/libvirt-hook"))
+            .expect("packaging/libvirt-hook");
+    assert!(
+        script.contains("exec /usr/bin/vstreamctl libvirt-hook"),
+        "{script}"
+    );
+    let ours = format!(
+        "/usr/bin/env VSTREAM_CONTROL={} {}",
+        hook_dir().join("control.sock").display(),
+        xtask::paths::host_bin("vstreamctl").display()
+    );
+    let hook = Path::new(HOOK);
+    std::fs::create_dir_all(hook.parent().expect("hooks dir")).expect("libvirt's hook directory");
+    std::fs::write(hook, script.replace("/usr/bin/vstreamctl", &ours)).expect("install the hook");
+    std::fs::set_permissions(hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the hook");
     if virsh(&["version"]).status.success() {
         return;
     }
@@ -293,6 +318,7 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
     if !lab::e2e_enabled("libvirt") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     ensure_libvirtd();
     let agent = Path::new("/usr/bin/vstream-agent");
     let qemu_ga = run_all("qemu-ga", "/usr/sbin/qemu-ga");
@@ -359,21 +385,13 @@ impl Drop for Vstreamd {
     }
 }
 
-/// The package's hook script, removed when dropped.
-struct Hook(PathBuf);
-
-impl Drop for Hook {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn the_hook_attaches_vstreamd_to_a_started_domain_and_lets_go_when_it_stops() {
     if !lab::e2e_enabled("libvirt") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vstream-libvirt-hook-{}", std::process::id()));
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = hook_dir();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let control = dir.join("control.sock");
@@ -391,25 +409,7 @@ fn the_hook_attaches_vstreamd_to_a_started_domain_and_lets_go_when_it_stops() {
             .spawn()
             .expect("vstreamd"),
     );
-    // The package's script, but for this vstreamctl and this vstreamd.
-    let script =
-        std::fs::read_to_string(xtask::paths::workspace_root().join("packaging/libvirt-hook"))
-            .expect("packaging/libvirt-hook");
-    let ours = format!(
-        "VSTREAM_CONTROL={} {}",
-        control.display(),
-        xtask::paths::host_bin("vstreamctl").display()
-    );
-    assert!(
-        script.contains("exec /usr/bin/vstreamctl libvirt-hook"),
-        "{script}"
-    );
-    let script = script.replace("/usr/bin/vstreamctl", &ours);
     ensure_libvirtd();
-    let hook = Hook(Path::new(HOOKS).join(format!("vstream-test-{}", std::process::id())));
-    std::fs::write(&hook.0, script).expect("install the hook");
-    std::fs::set_permissions(&hook.0, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod the hook");
 
     let domain = Domain::boot_with(
         "hook",

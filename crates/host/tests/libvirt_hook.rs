@@ -8,7 +8,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{ctl_async, ctl_input_async, ok, start_daemon};
+use common::{ctl_async, ctl_input_async, ok, raw_guest_at, start_daemon};
 use serde_json::Value;
 
 /// A domain XML as libvirt hands it to a hook at `started`, its sockets in `dir`.
@@ -56,28 +56,8 @@ address = "unix-listen:DIR/fixed.sock"
     );
     // QEMU's side, listening as under libvirt: the channel, with an agent behind it that
     // announces another name, and ttyS0.
-    let (mux, _incoming) = vstream_link::Mux::new(
-        vstream_wire::Config::new(vstream_wire::Role::Guest, "not-the-domain"),
-        5,
-    );
-    let channel: vstream_transport::Address =
-        format!("unix-listen:{}", d.path("org.vstream.0").display())
-            .parse()
-            .expect("address");
-    let mut ep = vstream_transport::Endpoint::bind(channel.clone())
-        .await
-        .expect("bind the channel");
-    let m = mux.clone();
-    tokio::spawn(async move {
-        let c = ep.next().await.expect("vstreamd on the channel");
-        m.run_link(
-            c.stream,
-            vstream_link::link_params(&channel, None, 0),
-            "port",
-            &[],
-        )
-        .await;
-    });
+    let channel = format!("unix-listen:{}", d.path("org.vstream.0").display());
+    let (mux, _incoming) = raw_guest_at("not-the-domain", channel.parse().expect("address"));
     let serial = std::os::unix::net::UnixListener::bind(d.path("ttyS0.sock")).expect("ttyS0");
     std::thread::spawn(move || {
         let (mut s, _) = serial.accept().expect("vstreamd on ttyS0");
@@ -145,7 +125,35 @@ address = "unix-listen:DIR/fixed.sock"
         "{out:?}"
     );
 
+    // `events --json` (one object per line) tells a watcher the guest went.
+    let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
+        .arg("--control")
+        .arg(&d.control)
+        .args(["events", "web-1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("vstreamctl events");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        events.stdout.take().expect("stdout"),
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let ev: Value = serde_json::from_str(&line.expect("a line")).expect("JSON");
+            if ev["event"] == "guest-detached" {
+                let _ = tx.send(ev);
+            }
+        }
+    });
+    // vstreamctl subscribes as it starts: time for that on a loaded machine.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     ok(&["stopped"], hook("stopped").await);
+    let ev = common::blocking(move || rx.recv_timeout(common::WAIT))
+        .await
+        .expect("a guest-detached event");
+    assert_eq!(ev["guest"], "web-1", "{ev}");
+    let _ = events.kill();
+    let _ = events.wait();
     let s = d.status().await;
     assert!(guest(&s, "web-1").is_none(), "{s:#}");
     assert!(guest(&s, "fixed").is_some(), "{s:#}");
