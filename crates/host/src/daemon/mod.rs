@@ -42,6 +42,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A guest added at run time: its transports' addresses (what `attach` compares) and tasks.
+type Attached = (Vec<String>, Vec<tokio::task::AbortHandle>);
+
 /// The daemon's state.
 pub struct Daemon {
     guests: Mutex<BTreeMap<String, Arc<Guest>>>,
@@ -59,8 +62,8 @@ pub struct Daemon {
     access: Access,
     /// Live upgrades: what this daemon took over, and what it hands over.
     handover: Arc<Handover>,
-    /// Guests added at run time (`attach`): their transports' addresses and tasks.
-    attached: Mutex<BTreeMap<String, (Vec<String>, Vec<tokio::task::AbortHandle>)>>,
+    /// Guests added at run time (`attach`), by name.
+    attached: Mutex<BTreeMap<String, Attached>>,
 }
 
 impl Daemon {
