@@ -177,6 +177,14 @@ fn the_hook_does_nothing_without_vstreamd_and_refuses_a_mismatched_domain() {
         String::from_utf8_lossy(&out.stderr).contains("vstreamd is not running"),
         "{out:?}"
     );
+    // A vstreamd that stopped and left its socket file behind.
+    drop(std::os::unix::net::UnixListener::bind(&control).expect("bind"));
+    let out = common::ctl_input(&control, &args, xml.as_bytes());
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vstreamd is not running"),
+        "{out:?}"
+    );
     let args = ["libvirt-hook", "other", "started", "begin", "-"];
     let out = common::ctl_input(&control, &args, xml.as_bytes());
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -75,7 +75,7 @@ enum Cmd {
     /// libvirt's hook for vstreamd (/etc/libvirt/hooks/qemu.d/vstream runs it with libvirt's
     /// arguments and the domain XML on stdin): when a domain with an `org.vstream.0` channel or
     /// Unix-socket consoles has started, vstreamd attaches to them as guest DOMAIN; when it
-    /// has stopped, vstreamd lets go. Does nothing if vstreamd is not running.
+    /// has stopped, vstreamd lets go. Does nothing (exit status 0) if vstreamd is not running.
     #[command(name = "libvirt-hook")]
     LibvirtHook {
         /// The domain's name.
@@ -158,13 +158,6 @@ async fn libvirt_hook(control: &PathBuf, domain: &str, operation: &str) -> anyho
         return Ok(());
     }
     // libvirtd logs a hook's stderr.
-    if !control.exists() {
-        eprintln!(
-            "vstreamctl libvirt-hook: {domain}: vstreamd is not running ({} is missing)",
-            control.display()
-        );
-        return Ok(());
-    }
     for why in &d.skipped {
         eprintln!("vstreamctl libvirt-hook: {domain}: not attached: {why}");
     }
@@ -174,7 +167,29 @@ async fn libvirt_hook(control: &PathBuf, domain: &str, operation: &str) -> anyho
             guest: domain.to_owned(),
         },
     };
-    request(control, &req).await?;
+    match request(control, &req).await {
+        // No vstreamd (none installed, or stopped and its socket left behind): the domain
+        // goes on without it.
+        Err(e)
+            if e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    )
+                }) =>
+        {
+            eprintln!(
+                "vstreamctl libvirt-hook: {domain}: vstreamd is not running ({}: {})",
+                control.display(),
+                e.root_cause()
+            );
+        }
+        r => {
+            r?;
+        }
+    }
     Ok(())
 }
 
