@@ -107,7 +107,12 @@ impl Stage {
 
     /// A file under `/etc` that dpkg keeps when its user changed it.
     fn conffile(&mut self, dest: &str, name: &str) -> Result<()> {
-        self.packaged(dest, 0o644, name)?;
+        self.conffile_mode(dest, 0o644, name)
+    }
+
+    /// A conffile with mode `mode` (a script).
+    fn conffile_mode(&mut self, dest: &str, mode: u32, name: &str) -> Result<()> {
+        self.packaged(dest, mode, name)?;
         self.conffiles.push(dest.to_string());
         Ok(())
     }
@@ -299,6 +304,9 @@ pub fn build_agent_package(agent: &Path) -> Result<PathBuf> {
     )
 }
 
+/// Where the host package puts libvirt's hook (packaging/libvirt-hook).
+pub const LIBVIRT_HOOK: &str = "/etc/libvirt/hooks/qemu.d/vstream";
+
 /// Builds `vstream_VERSION_amd64.deb` from `vstreamd` and `vstreamctl` in `bin_dir`.
 pub fn build_host_package(bin_dir: &Path) -> Result<PathBuf> {
     let vstreamd = bin_dir.join("vstreamd");
@@ -310,6 +318,8 @@ pub fn build_host_package(bin_dir: &Path) -> Result<PathBuf> {
         s.packaged(&format!("/lib/systemd/system/{unit}"), 0o644, unit)?;
     }
     s.conffile("/etc/vstream/vstreamd.toml", "vstreamd.toml")?;
+    // libvirt runs every script in qemu.d: the admin's own /etc/libvirt/hooks/qemu stays theirs.
+    s.conffile_mode(LIBVIRT_HOOK, 0o755, "libvirt-hook")?;
     let example = paths::workspace_root().join("docs/vstreamd.example.toml");
     s.file(
         "/usr/share/doc/vstream/examples/vstreamd.example.toml",

@@ -5,6 +5,11 @@
 //! the two columns are printed side by side, and vstream-agent must answer every command that
 //! qemu-ga answers.
 //!
+//! A second test installs the host package's libvirt hook (packaging/libvirt-hook) and boots a
+//! domain with an `org.vstream.0` channel: the hook attaches vstreamd to it (and its Unix-socket
+//! console), `vstreamctl` reaches the guest by the domain's name, and after `virsh destroy` the
+//! guest is gone from vstreamd.
+//!
 //! Needs libvirt-daemon, libvirt-clients and libvirt-daemon-driver-qemu (`./x.sh setup` installs
 //! them and prepares libvirt for a container: see x.sh) and root. virtlogd and libvirtd are
 //! started here when they are not running. Never skips silently: without them it fails, unless
@@ -44,8 +49,39 @@ fn virsh(args: &[&str]) -> Output {
         .expect("run virsh")
 }
 
-/// virtlogd and libvirtd, started unless libvirtd already answers.
+/// The host package's hook as these tests install it: for this vstreamctl, and for a vstreamd
+/// whose control socket is [`hook_dir`]`/control.sock`.
+const HOOK: &str = "/etc/libvirt/hooks/qemu.d/vstream-test";
+
+/// Where the hook test runs its vstreamd.
+fn hook_dir() -> PathBuf {
+    std::env::temp_dir().join("vstream-libvirt-hook")
+}
+
+/// The tests share one libvirtd, and two TCG domains at once would only slow each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// virtlogd and libvirtd, started unless libvirtd already answers. libvirtd looks for hooks
+/// only when it starts, so the hook is installed first, whichever test comes first; it stays
+/// (it does nothing while no vstreamd serves its control socket).
 fn ensure_libvirtd() {
+    let script =
+        std::fs::read_to_string(xtask::paths::workspace_root().join("packaging/libvirt-hook"))
+            .expect("packaging/libvirt-hook");
+    assert!(
+        script.contains("exec /usr/bin/vstreamctl libvirt-hook"),
+        "{script}"
+    );
+    let ours = format!(
+        "/usr/bin/env VSTREAM_CONTROL={} {}",
+        hook_dir().join("control.sock").display(),
+        xtask::paths::host_bin("vstreamctl").display()
+    );
+    let hook = Path::new(HOOK);
+    std::fs::create_dir_all(hook.parent().expect("hooks dir")).expect("libvirt's hook directory");
+    std::fs::write(hook, script.replace("/usr/bin/vstreamctl", &ours)).expect("install the hook");
+    std::fs::set_permissions(hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the hook");
     if virsh(&["version"]).status.success() {
         return;
     }
@@ -78,6 +114,12 @@ impl Drop for Domain {
 impl Domain {
     /// Boots the lab's image under libvirt and waits for `/init`.
     fn boot(tag: &str) -> Domain {
+        Domain::boot_with(tag, "", "")
+    }
+
+    /// [`Domain::boot`] with more on the kernel command line and more devices (`{dir}` in
+    /// `devices` is the domain's directory).
+    fn boot_with(tag: &str, cmdline: &str, devices: &str) -> Domain {
         let image = ensure_image().expect("guest image");
         let name = format!("vstream-libvirt-{tag}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -92,7 +134,7 @@ impl Domain {
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 console=hvc0 panic=-1 printk.devkmsg=on vstream.name={tag}</cmdline>
+    <cmdline>console=ttyS0 console=hvc0 panic=-1 printk.devkmsg=on vstream.name={tag} {cmdline}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -105,6 +147,7 @@ impl Domain {
       <source mode='bind' path='{dir}/qga.sock'/>
       <target type='virtio' name='{QGA_PORT}'/>
     </channel>
+    {devices}
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -112,6 +155,7 @@ impl Domain {
             kernel = image.vmlinuz.display(),
             initrd = image.initramfs.display(),
             dir = dir.display(),
+            devices = devices.replace("{dir}", &dir.to_string_lossy()),
         );
         let file = dir.join("domain.xml");
         std::fs::write(&file, xml).expect("domain xml");
@@ -274,6 +318,7 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
     if !lab::e2e_enabled("libvirt") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     ensure_libvirtd();
     let agent = Path::new("/usr/bin/vstream-agent");
     let qemu_ga = run_all("qemu-ga", "/usr/sbin/qemu-ga");
@@ -308,4 +353,115 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
         missing.is_empty(),
         "vstream-agent failed where qemu-ga answered: {missing:?}"
     );
+}
+
+/// `vstreamctl ARGS` against the control socket `control`, within [`VIRSH_TIMEOUT`].
+fn vstreamctl(control: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(VIRSH_TIMEOUT.as_secs().to_string())
+        .arg(xtask::paths::host_bin("vstreamctl"))
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("run vstreamctl")
+}
+
+/// `vstreamctl status --json`'s guests.
+fn guests(control: &Path) -> Vec<serde_json::Value> {
+    let out = vstreamctl(control, &["status", "--json"]);
+    assert!(out.status.success(), "vstreamctl status: {}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    status["guests"].as_array().cloned().unwrap_or_default()
+}
+
+/// A vstreamd process, killed when dropped.
+struct Vstreamd(std::process::Child);
+
+impl Drop for Vstreamd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_hook_attaches_vstreamd_to_a_started_domain_and_lets_go_when_it_stops() {
+    if !lab::e2e_enabled("libvirt") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = hook_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let control = dir.join("control.sock");
+    std::fs::write(dir.join("vstreamd.toml"), "").expect("config");
+    let log = std::fs::File::create(dir.join("vstreamd.log")).expect("log");
+    let _vstreamd = Vstreamd(
+        Command::new(xtask::paths::host_bin("vstreamd"))
+            .arg("--config")
+            .arg(dir.join("vstreamd.toml"))
+            .arg("--control")
+            .arg(&control)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stderr(log)
+            .spawn()
+            .expect("vstreamd"),
+    );
+    ensure_libvirtd();
+
+    let domain = Domain::boot_with(
+        "hook",
+        "vstream.connect=port:org.vstream.0",
+        "<channel type='unix'>
+      <source mode='bind' path='{dir}/vstream.sock'/>
+      <target type='virtio' name='org.vstream.0'/>
+    </channel>",
+    );
+    // The hook ran at `started`: the guest is the domain, by its name.
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    let guest = loop {
+        let all = guests(&control);
+        if let Some(g) = all.iter().find(|g| g["name"] == domain.name.as_str()) {
+            if g["connected"] == true {
+                break g.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not up in vstreamd within {AGENT_TIMEOUT:?}: {all:#?}\nvstreamd:\n{}\nguest:\n{}",
+            domain.name,
+            std::fs::read_to_string(dir.join("vstreamd.log")).unwrap_or_default(),
+            domain.serial_log()
+        );
+        thread::sleep(Duration::from_secs(1));
+    };
+    let transports = guest["transports"].as_array().cloned().unwrap_or_default();
+    assert!(
+        transports.iter().any(|t| t["name"] == "hvc0"),
+        "the hvc0 console is attached too: {guest:#}"
+    );
+    let out = vstreamctl(&control, &["status"]);
+    println!("vstreamctl status:\n{}", text(&out));
+    let out = vstreamctl(&control, &["exec", &domain.name, "--", "uname", "-n"]);
+    assert!(out.status.success(), "exec: {}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hook");
+
+    let out = virsh(&["destroy", &domain.name]);
+    assert!(out.status.success(), "virsh destroy: {}", text(&out));
+    // The hook runs at `stopped`, while libvirtd tears the domain down.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = guests(&control);
+        if all.iter().all(|g| g["name"] != domain.name.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still in vstreamd 30 s after virsh destroy: {all:#?}",
+            domain.name
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }

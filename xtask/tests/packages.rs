@@ -72,6 +72,7 @@ fn the_host_package_has_daemon_cli_units_config_manuals_and_completions() {
             "/lib/systemd/system/vstreamd.service",
             "/lib/systemd/system/vstreamd.socket",
             "/etc/vstream/vstreamd.toml",
+            deb::LIBVIRT_HOOK,
             "/usr/share/doc/vstream/examples/vstreamd.example.toml",
             "/usr/share/doc/vstream/copyright",
             "/usr/share/doc/vstream/changelog.gz",

@@ -23,9 +23,10 @@ pub enum Align {
 }
 
 /// `rows` (a header first, if any) as lines whose columns line up whatever the cells' widths:
-/// each column as wide as its widest cell, two spaces apart, no trailing blanks.
+/// each column as wide as its widest cell, two spaces apart, no trailing blanks. Widths are
+/// terminal columns, not bytes or characters: `é` takes one, `漢` two.
 pub fn table(align: &[Align], rows: &[Vec<String>]) -> String {
-    let len = |cell: &String| cell.chars().count();
+    let len = |cell: &String| unicode_width::UnicodeWidthStr::width(cell.as_str());
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|i| {
@@ -53,4 +54,84 @@ pub fn table(align: &[Align], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unicode_width::UnicodeWidthStr;
+
+    fn rows(cells: &[&[&str]]) -> Vec<Vec<String>> {
+        cells
+            .iter()
+            .map(|r| r.iter().map(|c| c.to_string()).collect())
+            .collect()
+    }
+
+    /// Where each column's cell starts or ends on each line, in terminal columns.
+    fn edges(table: &str, column: usize, align: Align) -> Vec<usize> {
+        table
+            .lines()
+            .map(|line| {
+                let cells: Vec<&str> = line.split("  ").filter(|c| !c.is_empty()).collect();
+                let at = line.find(cells[column].trim()).expect("cell");
+                let start = line[..at].width();
+                match align {
+                    Align::Left => start,
+                    Align::Right => start + cells[column].trim().width(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn columns_line_up_with_wide_and_narrow_cells() {
+        use Align::{Left as L, Right as R};
+        let t = table(
+            &[L, R, L],
+            &rows(&[
+                &["NAME", "SIZE", "STATE"],
+                &["a", "1", "done"],
+                &["a-name-far-wider-than-its-header", "123456789", "partial"],
+            ]),
+        );
+        assert_eq!(
+            t,
+            "NAME                                   SIZE  STATE\n\
+             a                                         1  done\n\
+             a-name-far-wider-than-its-header  123456789  partial\n"
+        );
+        assert!(t.lines().all(|l| l == l.trim_end()));
+    }
+
+    #[test]
+    fn multibyte_and_double_width_text_lines_up_on_a_terminal() {
+        use Align::{Left as L, Right as R};
+        let t = table(
+            &[L, L, R],
+            &rows(&[
+                &["TITLE", "OWNER", "SIZE"],
+                &["résumé.pdf", "zoë", "12"],
+                &["報告書.pdf", "田中", "3456"],
+                &["plain", "x", "7"],
+            ]),
+        );
+        // Each column starts (or, right-aligned, ends) at the same terminal column on every
+        // line: bytes or chars would misplace the accented and the CJK rows.
+        for (column, align) in [(1, L), (2, R)] {
+            let at = edges(&t, column, align);
+            assert!(
+                at.iter().all(|&c| c == at[0]),
+                "column {column}: {at:?}\n{t}"
+            );
+        }
+        assert_eq!(t.lines().nth(2), Some("報告書.pdf  田中   3456"), "{t}");
+    }
+
+    #[test]
+    fn rows_may_be_shorter_than_the_header_and_tables_may_be_empty() {
+        let t = table(&[], &rows(&[&["A", "B"], &["only-a"]]));
+        assert_eq!(t, "A       B\nonly-a\n");
+        assert_eq!(table(&[], &[]), "");
+    }
 }

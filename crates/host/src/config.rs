@@ -337,6 +337,14 @@ impl GuestConfig {
             .collect()
     }
 
+    /// Checks that the guest's name fits in a HELLO.
+    pub fn check_name(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > vstream_wire::hello::MAX_NAME {
+            return Err(format!("guest name {:?} must be 1-64 bytes", self.name));
+        }
+        Ok(())
+    }
+
     /// Checks the device sections against the rest of the guest's config.
     pub fn validate(&self) -> Result<(), SettingsError> {
         for dev in registry().iter() {
@@ -372,13 +380,8 @@ impl Config {
             if !names.insert(&g.name) {
                 anyhow::bail!("{}: guest {:?} is defined twice", path.display(), g.name);
             }
-            if g.name.is_empty() || g.name.len() > vstream_wire::hello::MAX_NAME {
-                anyhow::bail!(
-                    "{}: guest name {:?} must be 1-64 bytes",
-                    path.display(),
-                    g.name
-                );
-            }
+            g.check_name()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             g.validate()
                 .map_err(|e| anyhow::anyhow!("{}: guest {:?}: {e}", path.display(), g.name))?;
             g.key()

@@ -14,6 +14,8 @@
 //!   turn the connection into raw bytes.
 //! - `events`: one JSON event per line.
 //! - `upgrade`: one reply line, written by the successor daemon (or an error by this one).
+//! - `attach`, `detach`: one reply line, once the guest is added (its transports connect in
+//!   the background) or removed.
 //!
 //! Who may ask what: the daemon reads every connection's peer credentials (SO_PEERCRED). The
 //! owner (root, and the daemon's own uid) may do everything; members of the optional read-only
@@ -67,9 +69,41 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    /// Add a guest at run time (the libvirt hook, when a domain starts): a guest named
+    /// `guest`, reached on `transports` as a configured guest would be. Which guest a
+    /// connection is comes from these transports, never from what its agent announces. A guest
+    /// attached under the same name before is replaced; a guest of the config file is not.
+    Attach {
+        /// Guest name (for libvirt: the domain's name).
+        guest: String,
+        /// What the guest is outside vstream (for libvirt: the domain's UUID), for its events.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uuid: Option<String>,
+        /// Its transports, as `[[guest.transport]]` in the config.
+        transports: Vec<AttachTransport>,
+    },
+    /// Remove a guest added by `attach` (the libvirt hook, when the domain stops): its session,
+    /// transports and devices' host halves end.
+    Detach {
+        /// Guest name.
+        guest: String,
+    },
     /// An op of a device's (on the wire: the device's request object as it is).
     #[serde(untagged)]
     Device(DeviceRequest),
+}
+
+/// One transport of an `attach` request: the keys of `[[guest.transport]]` that a VMM's
+/// sockets need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachTransport {
+    /// `mux`, or a device's raw kind.
+    pub kind: String,
+    /// Where (e.g. `unix:/run/libvirt/qemu/channel/...`).
+    pub address: String,
+    /// Name in status (consoles: `ttyS0`, `hvc0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A device's request: the whole request object, with `op` (one of a device's
@@ -181,6 +215,8 @@ impl Request {
             Request::Events { .. } => "events".into(),
             Request::Upgrade { .. } => "daemon upgrade".into(),
             Request::WebToken { .. } => "web-token".into(),
+            Request::Attach { .. } => "attach".into(),
+            Request::Detach { .. } => "detach".into(),
             Request::Device(d) => device_access(&d.op, &d.request).0,
         }
     }
@@ -190,9 +226,11 @@ impl Request {
     /// (`open`: shells, files, input) act on the guest.
     pub fn read_only(&self) -> bool {
         match self {
-            // A read-only member gets a read-only token.
             Request::Status { .. } | Request::Events { .. } | Request::WebToken { .. } => true,
-            Request::Open { .. } | Request::Upgrade { .. } => false,
+            Request::Open { .. }
+            | Request::Upgrade { .. }
+            | Request::Attach { .. }
+            | Request::Detach { .. } => false,
             Request::Device(d) => device_access(&d.op, &d.request).1,
         }
     }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod identity;
+pub mod libvirt;
 pub mod metrics;
 pub mod status;
 pub mod systemd;

@@ -42,6 +42,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A guest added at run time: its transports' addresses (what `attach` compares) and tasks.
+type Attached = (Vec<String>, Vec<tokio::task::AbortHandle>);
+
 /// The daemon's state.
 pub struct Daemon {
     guests: Mutex<BTreeMap<String, Arc<Guest>>>,
@@ -59,6 +62,8 @@ pub struct Daemon {
     access: Access,
     /// Live upgrades: what this daemon took over, and what it hands over.
     handover: Arc<Handover>,
+    /// Guests added at run time (`attach`), by name.
+    attached: Mutex<BTreeMap<String, Attached>>,
 }
 
 impl Daemon {
@@ -85,8 +90,10 @@ impl Daemon {
             access: Access::new(cfg.daemon.control_read_group.as_ref())
                 .map_err(|e| anyhow::anyhow!("[daemon] control_read_group: {e}"))?,
             handover: Handover::from_env(),
+            attached: Mutex::new(BTreeMap::new()),
         });
         for g in &cfg.guest {
+            // Configured guests' transports run as long as the daemon.
             daemon.add_configured_guest(g)?;
         }
         Ok(daemon)
@@ -191,13 +198,18 @@ impl Daemon {
         }))
     }
 
-    fn add_configured_guest(self: &Arc<Self>, g: &GuestConfig) -> Result<(), StartError> {
+    /// Adds a guest as the config describes it; returns its transports' tasks.
+    fn add_configured_guest(
+        self: &Arc<Self>,
+        g: &GuestConfig,
+    ) -> Result<Vec<tokio::task::AbortHandle>, StartError> {
         let key = g.key().map_err(|e| StartError::Key {
             guest: g.name.clone(),
             error: e,
         })?;
         let guest = self.new_guest(&g.name, Some(g), (Rules::of(g), key, None))?;
         self.guests().insert(g.name.clone(), guest.clone());
+        let mut tasks = Vec::new();
         for (prio, t) in g
             .transport
             .iter()
@@ -210,14 +222,41 @@ impl Daemon {
                 t.address.to_string(),
             ));
             // Priorities follow the config order: the first transport is preferred.
-            tokio::spawn(run_transport(
+            let task = tokio::spawn(run_transport(
                 guest.clone(),
                 t.clone(),
                 idx,
                 prio as u32,
                 self.policy.insecure_tcp,
             ));
+            tasks.push(task.abort_handle());
         }
+        Ok(tasks)
+    }
+
+    /// Adds guest `g` at run time (`attach`): it replaces a guest attached or announced under
+    /// the same name (a domain that started again), never one of the config file. A guest
+    /// attached with the same transports stays as it is (libvirtd restarted, the domain did
+    /// not): its session goes on.
+    pub fn attach(self: &Arc<Self>, g: &GuestConfig) -> Result<(), String> {
+        g.check_name()?;
+        g.validate().map_err(|e| e.to_string())?;
+        let addresses: Vec<String> = g.transport.iter().map(|t| t.address.to_string()).collect();
+        if lock(&self.attached)
+            .get(&g.name)
+            .is_some_and(|(a, _)| *a == addresses)
+        {
+            return Ok(());
+        }
+        let configured = self
+            .guest(&g.name)
+            .is_some_and(|old| old.owner.is_none() && !lock(&self.attached).contains_key(&g.name));
+        if configured {
+            return Err(format!("guest {:?} is in the config file", g.name));
+        }
+        self.detach(&g.name);
+        let tasks = self.add_configured_guest(g).map_err(|e| e.to_string())?;
+        lock(&self.attached).insert(g.name.clone(), (addresses, tasks));
         Ok(())
     }
 
@@ -225,6 +264,25 @@ impl Daemon {
     /// (made on first use).
     pub fn web_tokens(&self) -> std::io::Result<crate::web::Tokens> {
         crate::web::Tokens::load_or_create(&self.state_dir)
+    }
+
+    /// Removes a guest added by [`Self::attach`] (or announced): its transports, session and
+    /// devices' host halves end. Whether there was one.
+    pub fn detach(&self, name: &str) -> bool {
+        let transports = lock(&self.attached).remove(name);
+        let mut guests = self.guests();
+        let Some(guest) = guests.get(name).cloned() else {
+            return false;
+        };
+        if transports.is_none() && guest.owner.is_none() {
+            // A guest of the config file stays.
+            return false;
+        }
+        guests.remove(name);
+        for t in transports.iter().flat_map(|(_, t)| t).chain(&guest.tasks) {
+            t.abort();
+        }
+        true
     }
 
     /// How many guests the daemon knows, and how many of them are connected (systemd's
@@ -243,11 +301,13 @@ impl Daemon {
         binary: Option<PathBuf>,
         reply: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<std::convert::Infallible, UpgradeError> {
-        // Announced guests are not carried: their names and owners live only here.
+        // Announced and attached guests are not carried: their names, owners and transports
+        // live only here.
+        let attached = lock(&self.attached).keys().cloned().collect::<Vec<_>>();
         let sessions = self
             .guests()
             .values()
-            .filter(|g| g.owner.is_none())
+            .filter(|g| g.owner.is_none() && !attached.contains(&g.name))
             .map(|g| {
                 let consoles = g.devices.iter().flat_map(|(_, d)| d.consoles());
                 (g.name.clone(), g.mux.clone(), consoles.collect())

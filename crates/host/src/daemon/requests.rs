@@ -15,7 +15,10 @@ use vstream_devices::registry::{registry, ControlConn};
 
 use super::{lock, Daemon, Guest};
 use crate::access::Role;
-use crate::control::{push_line, read_line, write_line, DeviceRequest, Reply, Request};
+use crate::config::{GuestConfig, TransportConfig};
+use crate::control::{
+    push_line, read_line, write_line, AttachTransport, DeviceRequest, Reply, Request,
+};
 use crate::upgrade::Pump;
 
 /// Bytes of guest status lines gathered before a write to a control connection.
@@ -168,6 +171,25 @@ impl Daemon {
                 self.control_open(guest, class, name, r, w).await
             }
             Request::Events { guest } => self.control_events(guest, w).await,
+            Request::Attach {
+                guest,
+                uuid,
+                transports,
+            } => {
+                let reply = self.control_attach(&guest, uuid, transports);
+                write_line(&mut w, &reply).await
+            }
+            Request::Detach { guest } => {
+                let reply = match self.detach(&guest) {
+                    true => {
+                        tracing::info!(guest, "detached");
+                        self.emit(&guest, "guest-detached", json!({}));
+                        Reply::ok()
+                    }
+                    false => Reply::error(format!("no attached guest named {guest:?}")),
+                };
+                write_line(&mut w, &reply).await
+            }
             Request::Upgrade { binary } => {
                 let reply = std::os::fd::AsFd::as_fd(w.as_ref());
                 let Err(e) = self.upgrade(binary, Some(reply)).await;
@@ -184,6 +206,50 @@ impl Daemon {
                 };
                 write_line(&mut w, &reply).await
             }
+        }
+    }
+
+    /// `attach`: the guest is added as if configured with these transports.
+    fn control_attach(
+        self: &Arc<Self>,
+        guest: &str,
+        uuid: Option<String>,
+        transports: Vec<AttachTransport>,
+    ) -> Reply {
+        let transports: Result<Vec<TransportConfig>, _> = transports
+            .iter()
+            .map(|t| serde_json::from_value(serde_json::to_value(t)?))
+            .collect();
+        let transports = match transports {
+            Ok(t) => t,
+            Err(e) => return Reply::error(format!("attach {guest}: {e}")),
+        };
+        let cfg = GuestConfig {
+            name: guest.to_owned(),
+            qmp: None,
+            cid: None,
+            uid: None,
+            gid: None,
+            key_file: None,
+            transport: transports,
+            devices: Default::default(),
+        };
+        match self.attach(&cfg) {
+            Ok(()) => {
+                let addresses: Vec<String> = cfg
+                    .transport
+                    .iter()
+                    .map(|t| t.address.to_string())
+                    .collect();
+                tracing::info!(guest, ?uuid, ?addresses, "attached");
+                self.emit(
+                    guest,
+                    "guest-attached",
+                    json!({ "uuid": uuid, "transports": addresses }),
+                );
+                Reply::ok()
+            }
+            Err(e) => Reply::error(format!("attach {guest}: {e}")),
         }
     }
 

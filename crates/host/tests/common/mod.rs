@@ -456,11 +456,21 @@ pub fn raw_guest(
     vstream_link::Mux,
     tokio::sync::mpsc::UnboundedReceiver<vstream_link::Incoming>,
 ) {
+    raw_guest_at(name, d.unix(socket))
+}
+
+/// As `raw_guest`, on the first connection of `addr` (`unix-listen:` where QEMU would listen).
+pub fn raw_guest_at(
+    name: &str,
+    addr: vstream_transport::Address,
+) -> (
+    vstream_link::Mux,
+    tokio::sync::mpsc::UnboundedReceiver<vstream_link::Incoming>,
+) {
     let (mux, incoming) = vstream_link::Mux::new(
         vstream_wire::Config::new(vstream_wire::Role::Guest, name),
         5,
     );
-    let addr: vstream_transport::Address = d.unix(socket);
     let m = mux.clone();
     tokio::spawn(async move {
         let mut ep = vstream_transport::Endpoint::bind(addr.clone())

@@ -80,6 +80,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DaemonCmd,
     },
+    /// libvirt's hook for vstreamd (/etc/libvirt/hooks/qemu.d/vstream runs it with libvirt's
+    /// arguments and the domain XML on stdin): when a domain with an `org.vstream.0` channel or
+    /// Unix-socket consoles has started, vstreamd attaches to them as guest DOMAIN; when it
+    /// has stopped, vstreamd lets go. Does nothing (exit status 0) if vstreamd is not running.
+    #[command(name = "libvirt-hook")]
+    LibvirtHook {
+        /// The domain's name.
+        domain: String,
+        /// libvirt's operation (`started`, `stopped`, ...; others are ignored).
+        operation: String,
+        /// libvirt's sub-operation and extra argument (ignored).
+        #[arg(num_args = 0..=2)]
+        rest: Vec<String>,
+    },
     /// Print a shell completion script, e.g. `vstreamctl completions bash >
     /// /etc/bash_completion.d/vstreamctl`.
     Completions {
@@ -131,14 +145,72 @@ async fn upgrade(control: &PathBuf, binary: Option<PathBuf>) -> anyhow::Result<(
     Ok(())
 }
 
+/// `vstreamctl libvirt-hook DOMAIN OPERATION ...`, with the domain XML on stdin.
+async fn libvirt_hook(control: &PathBuf, domain: &str, operation: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    use vstream_host::libvirt::{Action, Domain, MAX_XML};
+    let action = Action::of(operation);
+    if action == Action::Nothing {
+        return Ok(());
+    }
+    let mut xml = String::new();
+    std::io::stdin()
+        .take(MAX_XML)
+        .read_to_string(&mut xml)
+        .context("reading the domain XML on stdin")?;
+    let d = Domain::parse(&xml).map_err(anyhow::Error::msg)?;
+    if d.name != domain {
+        bail!("the domain XML is {:?}'s, not {domain:?}'s", d.name);
+    }
+    if !d.wanted() {
+        return Ok(());
+    }
+    // libvirtd logs a hook's stderr.
+    for why in &d.skipped {
+        eprintln!("vstreamctl libvirt-hook: {domain}: not attached: {why}");
+    }
+    let req = match action {
+        Action::Attach => d.attach(),
+        _ => Request::Detach {
+            guest: domain.to_owned(),
+        },
+    };
+    match request(control, &req).await {
+        // No vstreamd (none installed, or stopped and its socket left behind): the domain
+        // goes on without it.
+        Err(e)
+            if e.root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    )
+                }) =>
+        {
+            eprintln!(
+                "vstreamctl libvirt-hook: {domain}: vstreamd is not running ({}: {})",
+                control.display(),
+                e.root_cause()
+            );
+        }
+        r => {
+            r?;
+        }
+    }
+    Ok(())
+}
+
 /// vstreamctl's command line: its own verbs, and each device's (`Device::verbs`).
 fn command() -> clap::Command {
     // In --help: vstreamctl's own verbs, the devices' in registry order, then the helpers.
     let verbs = registry().iter().flat_map(|d| d.verbs());
     let cmd = Args::command().subcommands(verbs.enumerate().map(|(i, v)| v.display_order(10 + i)));
-    ["completions", "man"].into_iter().fold(cmd, |cmd, name| {
-        cmd.mut_subcommand(name, |c| c.display_order(1000))
-    })
+    ["libvirt-hook", "completions", "man"]
+        .into_iter()
+        .fold(cmd, |cmd, name| {
+            cmd.mut_subcommand(name, |c| c.display_order(1000))
+        })
 }
 
 fn main() {
@@ -275,6 +347,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Daemon {
             cmd: DaemonCmd::Upgrade { binary },
         } => upgrade(&args.control, binary).await,
+        Cmd::LibvirtHook {
+            domain, operation, ..
+        } => libvirt_hook(&args.control, &domain, &operation).await,
         Cmd::Completions { shell } => {
             let mut out = std::io::stdout();
             clap_complete::generate(shell, &mut command(), "vstreamctl", &mut out);
