@@ -388,10 +388,10 @@ mod attach {
     use bytes::Bytes;
     use tokio::sync::Notify;
 
-    use super::super::port::Port as LinkPort;
-    use super::super::tap::VNET_HDR_LEN;
-    use super::super::MAX_PACKET;
     use super::{Limits, PortConfig, PortCounters, PortId, SwitchStatus, Verdict};
+    use crate::fastnet::port::Port as LinkPort;
+    use crate::fastnet::tap::VNET_HDR_LEN;
+    use crate::fastnet::MAX_PACKET;
     use crate::tun::Tun;
 
     struct Inner {
