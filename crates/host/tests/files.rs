@@ -1,0 +1,161 @@
+//! The files device end to end on the host: vstreamd and vstreamctl as processes, vstream-agent
+//! in-process (its guest half writes the same file system), `vstreamctl cp` both ways.
+//! xtask/tests/files.rs runs the tree round trip in a real guest.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use vstream_agent::Agent;
+
+use common::{ctl_async, ctl_input_async, ok, sha256, start_daemon};
+
+const CONFIG: &str = r#"
+[[guest]]
+name = "g"
+[[guest.transport]]
+kind = "mux"
+address = "unix-listen:DIR/g.sock"
+"#;
+
+/// One line per path under `dir`: type, mode, size, mtime (ns), link target, and a sha256 per
+/// regular file: what a user compares after a copy.
+fn manifest(dir: &Path) -> String {
+    let sh = r#"cd "$1" && find . -mindepth 1 -printf '%p %y %m %s %T@ %l\n' | sort &&
+        find . -type f -exec sha256sum {} + | sort"#;
+    let out = Command::new("sh")
+        .args(["-c", sh, "sh"])
+        .arg(dir)
+        .output()
+        .expect("find");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A tree with a sparse file, symlinks (one dangling, one absolute), odd modes, old times.
+fn make_tree(root: &Path) {
+    let sh = r#"set -e; mkdir -p "$1/sub/deeper"; cd "$1"
+        printf 'hello\n' > small; : > sub/empty
+        head -c 3000000 /dev/urandom > sub/deeper/big
+        printf start > sparse; printf middle | dd of=sparse bs=1 seek=67108864 conv=notrunc 2>/dev/null
+        truncate -s 128M sparse
+        ln -s sub/deeper/big link; ln -s /nonexistent/target sub/dangling
+        chmod 640 small; chmod 751 sub/deeper/big; chmod 4755 sub/empty
+        touch -h -d '2001-09-09 01:46:40.123456789' small sparse sub/deeper/big sub/empty link sub/dangling
+        chmod 750 sub; touch -d '2002-01-01 00:00:00.5' sub sub/deeper ."#;
+    let st = Command::new("sh")
+        .args(["-c", sh, "sh"])
+        .arg(root)
+        .status()
+        .expect("sh");
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_moves_trees_and_files_both_ways_identically() {
+    let d = start_daemon(CONFIG);
+    let dir = d.dir.path().to_owned();
+    let _agent = Agent::start(
+        "g",
+        vec![format!("unix:{}/g.sock", dir.display())
+            .parse()
+            .expect("addr")],
+    );
+    d.wait_connected("g").await;
+    let path = |p: &str| dir.join(p).display().to_string();
+
+    // A tree into the guest and back, with -r -p: identical to the byte, the mode, the ns.
+    make_tree(&dir.join("src"));
+    let into = format!("g:{}", path("in-guest"));
+    ok(
+        &[],
+        ctl_async(&d.control, &["cp", "-r", "-p", &path("src"), &into]).await,
+    );
+    ok(
+        &[],
+        ctl_async(&d.control, &["cp", "-rp", &into, &path("back")]).await,
+    );
+    let want = manifest(&dir.join("src"));
+    assert!(
+        want.contains("./link l 777") && want.contains("./sparse f 644 134217728"),
+        "{want}"
+    );
+    assert_eq!(manifest(&dir.join("in-guest")), want);
+    assert_eq!(manifest(&dir.join("back")), want);
+    let sparse = std::fs::metadata(dir.join("back/sparse")).expect("sparse");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&sparse) * 512 < 1 << 20,
+        "the hole was filled in"
+    );
+    // Into an existing directory: under the source's name.
+    std::fs::create_dir(dir.join("existing")).expect("mkdir");
+    ok(
+        &[],
+        ctl_async(&d.control, &["cp", "-r", &into, &path("existing")]).await,
+    );
+    assert!(dir.join("existing/in-guest/sub/deeper/big").is_file());
+
+    // A single file both ways, and through stdout and stdin.
+    let big = path("src/sub/deeper/big");
+    ok(
+        &[],
+        ctl_async(&d.control, &["cp", &big, &format!("g:{}", path("one"))]).await,
+    );
+    ok(
+        &[],
+        ctl_async(
+            &d.control,
+            &["cp", &format!("g:{}", path("one")), &path("two")],
+        )
+        .await,
+    );
+    assert_eq!(sha256(&dir.join("two")), sha256(Path::new(&big)));
+    let out = ctl_async(&d.control, &["cp", &format!("g:{big}"), "-"]).await;
+    assert!(out.status.success());
+    assert!(out.stdout == std::fs::read(&big).expect("big"));
+    let out = ctl_input_async(
+        &d.control,
+        &["cp", "-", &format!("g:{}", path("three"))],
+        b"piped\n",
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dir.join("three")).expect("three"), b"piped\n");
+
+    // The QGA path is still there.
+    ok(
+        &[],
+        ctl_async(
+            &d.control,
+            &["cp", "--via", "qga", &big, &format!("g:{}", path("four"))],
+        )
+        .await,
+    );
+    assert_eq!(sha256(&dir.join("four")), sha256(Path::new(&big)));
+
+    // A missing file: status 2, the path named, nothing left behind.
+    let out = ctl_async(&d.control, &["cp", "g:/nonexistent/file", &path("missing")]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("/nonexistent/file") && err.contains("No such file"),
+        "{err}"
+    );
+    let out = ctl_async(&d.control, &["cp", &path("nope"), &into]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!dir.join("missing").exists() && !dir.join(".missing.vstream-partial").exists());
+    // A directory without -r: refused, status 1.
+    let out = ctl_async(&d.control, &["cp", &into, &path("flat")]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("use -r"), "{err}");
+}
