@@ -13,20 +13,13 @@ use xtask::lab::{self, Lab, LabOptions};
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
 const COPY_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// One line per path under `$1`: what a user compares after a copy.
-const MANIFEST: &str = r#"cd "$1" && find . -mindepth 1 -printf '%p %y %m %s %T@ %l\n' | sort &&
-    find . -type f -exec sha256sum {} + | sort"#;
+/// One line per path under `$1`: what a user compares after a copy (type, mode, size, mtime,
+/// link target, sha256). Shared with crates/host/tests/files.rs.
+const MANIFEST: &str = include_str!("data/files-manifest.sh");
 
-/// A tree with a sparse file, symlinks (one dangling), setuid, odd modes and old times.
-const TREE: &str = r#"set -e; mkdir -p "$1/sub/deeper"; cd "$1"
-    printf 'hello\n' > small; : > sub/empty
-    head -c 3000000 /dev/urandom > sub/deeper/big
-    printf start > sparse; printf middle | dd of=sparse bs=1 seek=67108864 conv=notrunc 2>/dev/null
-    truncate -s 128M sparse
-    ln -s sub/deeper/big link; ln -s /nonexistent/target sub/dangling
-    chmod 640 small; chmod 751 sub/deeper/big; chmod 4755 sub/empty
-    touch -h -d '2001-09-09 01:46:40.123456789' small sparse sub/deeper/big sub/empty link sub/dangling
-    chmod 750 sub; touch -d '2002-01-01 00:00:00.5' sub sub/deeper ."#;
+/// Makes a tree at `$1` with a sparse file, symlinks (one dangling), setuid, odd modes and old
+/// times.
+const TREE: &str = include_str!("data/files-tree.sh");
 
 fn host_sh(script: &str, dir: &Path) -> String {
     let out = Command::new("sh")

@@ -20,40 +20,34 @@ address = "unix-listen:DIR/g.sock"
 "#;
 
 /// One line per path under `dir`: type, mode, size, mtime (ns), link target, and a sha256 per
-/// regular file: what a user compares after a copy.
+/// regular file: what a user compares after a copy (the script the lab's test runs in a guest).
 fn manifest(dir: &Path) -> String {
-    let sh = r#"cd "$1" && find . -mindepth 1 -printf '%p %y %m %s %T@ %l\n' | sort &&
-        find . -type f -exec sha256sum {} + | sort"#;
+    sh(
+        include_str!("../../../xtask/tests/data/files-manifest.sh"),
+        dir,
+    )
+}
+
+/// A tree with a sparse file, symlinks (one dangling, one absolute), odd modes, old times.
+fn make_tree(root: &Path) {
+    sh(
+        include_str!("../../../xtask/tests/data/files-tree.sh"),
+        root,
+    );
+}
+
+fn sh(script: &str, dir: &Path) -> String {
     let out = Command::new("sh")
-        .args(["-c", sh, "sh"])
+        .args(["-c", script, "sh"])
         .arg(dir)
         .output()
-        .expect("find");
+        .expect("sh");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8")
-}
-
-/// A tree with a sparse file, symlinks (one dangling, one absolute), odd modes, old times.
-fn make_tree(root: &Path) {
-    let sh = r#"set -e; mkdir -p "$1/sub/deeper"; cd "$1"
-        printf 'hello\n' > small; : > sub/empty
-        head -c 3000000 /dev/urandom > sub/deeper/big
-        printf start > sparse; printf middle | dd of=sparse bs=1 seek=67108864 conv=notrunc 2>/dev/null
-        truncate -s 128M sparse
-        ln -s sub/deeper/big link; ln -s /nonexistent/target sub/dangling
-        chmod 640 small; chmod 751 sub/deeper/big; chmod 4755 sub/empty
-        touch -h -d '2001-09-09 01:46:40.123456789' small sparse sub/deeper/big sub/empty link sub/dangling
-        chmod 750 sub; touch -d '2002-01-01 00:00:00.5' sub sub/deeper ."#;
-    let st = Command::new("sh")
-        .args(["-c", sh, "sh"])
-        .arg(root)
-        .status()
-        .expect("sh");
-    assert!(st.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
