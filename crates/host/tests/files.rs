@@ -125,6 +125,45 @@ async fn cp_moves_trees_and_files_both_ways_identically() {
     );
     assert_eq!(std::fs::read(dir.join("three")).expect("three"), b"piped\n");
 
+    // 64 MiB each way by both paths, timed (printed: docs/devices/files.md has a run's figures).
+    let mib = 64;
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.join("timed"), &data).expect("timed");
+    let mut rates = Vec::new();
+    for via in ["files", "qga"] {
+        let remote = format!("g:{}", path(&format!("timed.{via}")));
+        let back = path(&format!("timed.{via}.back"));
+        let t = std::time::Instant::now();
+        ok(
+            &[],
+            ctl_async(&d.control, &["cp", "--via", via, &path("timed"), &remote]).await,
+        );
+        let up = mib as f64 / t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        ok(
+            &[],
+            ctl_async(&d.control, &["cp", "--via", via, &remote, &back]).await,
+        );
+        let down = mib as f64 / t.elapsed().as_secs_f64();
+        assert!(
+            std::fs::read(&back).expect("back") == data,
+            "{via}: the copy differs"
+        );
+        rates.push((via, up, down));
+    }
+    for (via, up, down) in &rates {
+        eprintln!(
+            "cp --via {via}, {mib} MiB: host->guest {up:.0} MiB/s, guest->host {down:.0} MiB/s"
+        );
+    }
+    eprintln!(
+        "files / qga: host->guest {:.1}x, guest->host {:.1}x",
+        rates[0].1 / rates[1].1,
+        rates[0].2 / rates[1].2
+    );
+
     // The QGA path is still there.
     ok(
         &[],
