@@ -42,7 +42,7 @@ fn connected(lab: &Lab, status: &Value) -> bool {
 fn cut_copy(lab: &Lab, from: &str, to: &str, moved: impl Fn(&Value) -> bool) -> Output {
     let mut cp: Child = lab
         .ctl_command()
-        .args(["cp", from, to])
+        .args(["cp", "--via", "qga", from, to])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -159,7 +159,11 @@ fn a_killed_vstreamd_during_copies_in_a_guest() {
     );
 
     // A whole copy in, for the copy out.
-    ctl_ok(&lab, &["cp", src_arg, &remote], Duration::from_secs(600));
+    ctl_ok(
+        &lab,
+        &["cp", "--via", "qga", src_arg, &remote],
+        Duration::from_secs(600),
+    );
     let in_guest = sh(&lab, "sha256sum /tmp/big.bin");
     assert!(in_guest.contains(&guest_sum), "in the guest: {in_guest}");
 
@@ -179,10 +183,18 @@ fn a_killed_vstreamd_during_copies_in_a_guest() {
     assert_back_within_2s(&lab, "cut copy out of the guest");
 
     // New copies both ways are whole.
-    ctl_ok(&lab, &["cp", &remote, back_arg], Duration::from_secs(600));
+    ctl_ok(
+        &lab,
+        &["cp", "--via", "qga", &remote, back_arg],
+        Duration::from_secs(600),
+    );
     assert_eq!(sha256_host(&back), sum, "back on the host");
     sh(&lab, "rm -f /tmp/big.bin");
-    ctl_ok(&lab, &["cp", src_arg, &remote], Duration::from_secs(600));
+    ctl_ok(
+        &lab,
+        &["cp", "--via", "qga", src_arg, &remote],
+        Duration::from_secs(600),
+    );
     let in_guest = sh(&lab, "sha256sum /tmp/big.bin");
     assert!(in_guest.contains(&guest_sum), "in the guest: {in_guest}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -93,6 +93,8 @@ fn cp_both_ways(
         lab,
         &[
             "cp",
+            "--via",
+            "qga",
             src.to_str().expect("utf-8"),
             &format!("{guest}:{remote}"),
             "--chunk",
@@ -112,6 +114,8 @@ fn cp_both_ways(
         lab,
         &[
             "cp",
+            "--via",
+            "qga",
             &format!("{guest}:{remote}"),
             back.to_str().expect("utf-8"),
             "--chunk",

@@ -81,7 +81,10 @@ fn a_live_upgrade_during_a_copy_a_shell_and_a_console_viewer() {
     });
 
     // The copy, then the echo once the copy is under way.
-    let cp = spawn(&lab, &["cp", src.to_str().expect("utf-8"), &remote]);
+    let cp = spawn(
+        &lab,
+        &["cp", "--via", "qga", src.to_str().expect("utf-8"), &remote],
+    );
     let deadline = Instant::now() + Duration::from_secs(300);
     while qga_bytes(&lab, &lab.status().expect("status")).1 < UPGRADE_AFTER {
         assert!(Instant::now() < deadline, "the copy did not get going");

@@ -56,6 +56,78 @@ pub fn table(align: &[Align], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `GUEST:PATH` (scp style: a colon before any slash), or a local path.
+pub fn remote_path(arg: &str) -> Option<(&str, &str)> {
+    let (guest, path) = arg.split_once(':')?;
+    (!guest.is_empty() && !guest.contains('/')).then_some((guest, path))
+}
+
+/// Shows a copy's progress on stderr when it is a terminal (never in a pipe or a log), at most
+/// ten times a second: bytes, rate, and with a known total a bar and the time left.
+pub struct Progress {
+    label: String,
+    tty: bool,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    /// Progress of the copy `label`.
+    pub fn new(label: String) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            label,
+            tty: std::io::stderr().is_terminal(),
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    /// `done` bytes of `total` (if known) are copied; `last` ends the line.
+    pub fn show(&mut self, done: u64, total: Option<u64>, last: bool) {
+        if !self.tty {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if !last
+            && self
+                .last
+                .is_some_and(|t| now - t < std::time::Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let rate = done as f64 / now.duration_since(self.start).as_secs_f64().max(1e-3);
+        let size = |n: u64| bytes(&Value::from(n));
+        let line = match total {
+            Some(t) if t > 0 => {
+                let pct = (done as f64 / t as f64 * 100.0).min(100.0);
+                let width = 30;
+                let fill = (pct / 100.0 * width as f64) as usize;
+                let eta = (t.saturating_sub(done) as f64 / rate.max(1.0)).min(359_999.0) as u64;
+                format!(
+                    "{} [{}{}] {:>3.0}% {}/{} {}/s ETA {}:{:02}:{:02}",
+                    self.label,
+                    "#".repeat(fill),
+                    " ".repeat(width - fill),
+                    pct,
+                    size(done),
+                    size(t),
+                    size(rate as u64),
+                    eta / 3600,
+                    eta / 60 % 60,
+                    eta % 60,
+                )
+            }
+            _ => format!("{} {} {}/s", self.label, size(done), size(rate as u64)),
+        };
+        eprint!("\r{line}\x1b[K");
+        if last {
+            eprintln!();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

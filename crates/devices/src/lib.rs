@@ -15,6 +15,7 @@ pub mod cli;
 pub mod console;
 pub mod diag;
 pub mod fastnet;
+pub mod files;
 pub mod hid;
 pub mod keep;
 pub mod ppp;

@@ -577,6 +577,7 @@ impl Registry {
                 Arc::new(crate::watchdog::device::WatchdogDevice),
                 Arc::new(crate::ppp::device::PppDevice),
                 Arc::new(crate::fastnet::device::FastnetDevice),
+                Arc::new(crate::files::device::FilesDevice),
             ],
         }
     }

@@ -157,10 +157,25 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
     let host_dst = d.path("on-host.bin");
     let into_guest = format!("g:{}", guest_dst.display());
     let from_guest = format!("g:{}", src.display());
-    let cp_in = spawn_ctl(&d.control, &["cp", &src.display().to_string(), &into_guest]);
+    let cp_in = spawn_ctl(
+        &d.control,
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &src.display().to_string(),
+            &into_guest,
+        ],
+    );
     let cp_out = spawn_ctl(
         &d.control,
-        &["cp", &from_guest, &host_dst.display().to_string()],
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &from_guest,
+            &host_dst.display().to_string(),
+        ],
     );
     let exec = spawn_ctl(&d.control, &["exec", "g", "--", "sleep", "30"]);
     let mut job = tokio::net::UnixStream::connect(d.path("printer.sock"))
@@ -324,12 +339,28 @@ async fn a_killed_vstreamd_loses_nothing_silently_and_the_guest_is_back_within_2
     .await;
 
     // New copies both ways are whole.
-    let out = ctl_async(&d.control, &["cp", &src.display().to_string(), &into_guest]).await;
+    let out = ctl_async(
+        &d.control,
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &src.display().to_string(),
+            &into_guest,
+        ],
+    )
+    .await;
     ok(&["cp in"], out);
     assert!(std::fs::read(&guest_dst).expect("copied in") == data);
     let out = ctl_async(
         &d.control,
-        &["cp", &from_guest, &host_dst.display().to_string()],
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &from_guest,
+            &host_dst.display().to_string(),
+        ],
     )
     .await;
     ok(&["cp out"], out);

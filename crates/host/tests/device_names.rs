@@ -5,8 +5,8 @@
 use std::path::Path;
 
 /// The device names that must not appear in the programs' own code.
-const DEVICES: [&str; 9] = [
-    "printer", "random", "watchdog", "ppp", "hid", "qga", "tty", "console", "fastnet",
+const DEVICES: [&str; 10] = [
+    "printer", "random", "watchdog", "ppp", "hid", "qga", "tty", "console", "fastnet", "files",
 ];
 
 /// The sources that must name no device (paths from the workspace root; a folder: every file

@@ -184,6 +184,8 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
         control,
         &[
             "cp",
+            "--via",
+            "qga",
             src.to_str().expect("utf-8"),
             &format!("{guest}:{}", remote.display()),
         ],
@@ -193,6 +195,8 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
         control,
         &[
             "cp",
+            "--via",
+            "qga",
             &format!("{guest}:{}", remote.display()),
             back.to_str().expect("utf-8"),
         ],
@@ -201,7 +205,13 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
     assert_eq!(sha256(&src), sha256(&back));
     let out = ctl_async(
         control,
-        &["cp", &format!("{guest}:{}", remote.display()), "-"],
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &format!("{guest}:{}", remote.display()),
+            "-",
+        ],
     )
     .await;
     assert!(out.status.success());
@@ -212,6 +222,8 @@ async fn common_checks(control: &Path, guest: &str, dir: &Path) {
         control,
         &[
             "cp",
+            "--via",
+            "qga",
             &format!("{guest}:/nonexistent/file"),
             missing.to_str().expect("utf-8"),
         ],
@@ -307,6 +319,8 @@ async fn vstream_agent_by_channel_and_raw_socket() {
         &d.control,
         &[
             "cp",
+            "--via",
+            "qga",
             big.to_str().expect("utf-8"),
             &format!("g:{}", remote.display()),
         ],
@@ -318,6 +332,8 @@ async fn vstream_agent_by_channel_and_raw_socket() {
         &d.control,
         &[
             "cp",
+            "--via",
+            "qga",
             &format!("g:{}", remote.display()),
             back.to_str().expect("utf-8"),
         ],
@@ -471,6 +487,8 @@ address = "unix:DIR/qemu-ga.sock"
         &d.control,
         &[
             "cp",
+            "--via",
+            "qga",
             src.to_str().expect("utf-8"),
             &format!("real:{}", remote.display()),
         ],
@@ -480,6 +498,8 @@ address = "unix:DIR/qemu-ga.sock"
         &d.control,
         &[
             "cp",
+            "--via",
+            "qga",
             &format!("real:{}", remote.display()),
             back.to_str().expect("utf-8"),
         ],

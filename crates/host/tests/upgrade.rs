@@ -242,13 +242,25 @@ async fn an_upgrade_mid_copy_loses_and_repeats_nothing_and_the_session_resumes()
     let into_guest = format!("g:{}", guest_dst.display());
     let cp_in = spawn_ctl(
         &d.control,
-        &["cp", &src.display().to_string(), &into_guest],
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &src.display().to_string(),
+            &into_guest,
+        ],
         Stdio::null(),
     );
     let from_guest = format!("g:{}", src.display());
     let cp_out = spawn_ctl(
         &d.control,
-        &["cp", &from_guest, &host_dst.display().to_string()],
+        &[
+            "cp",
+            "--via",
+            "qga",
+            &from_guest,
+            &host_dst.display().to_string(),
+        ],
         Stdio::null(),
     );
     let cat = Echo::start("exec cat", &d.control, &["exec", "g", "--", "cat"], 1);

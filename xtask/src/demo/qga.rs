@@ -63,7 +63,7 @@ pub(super) fn demo(lab: &Lab) -> Result<String> {
     let dest = format!("{name}:{remote}");
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let t = Instant::now();
-    ctl_ok(lab, &["cp", &path(&src), &dest])?;
+    ctl_ok(lab, &["cp", "--via", "qga", &path(&src), &dest])?;
     let up = t.elapsed();
     let sum = sha256_host(Some(&src), &[])?;
     let guest_sum = first_word(&guest_sh(lab, &format!("sha256sum {remote}"))?)?;
@@ -72,7 +72,7 @@ pub(super) fn demo(lab: &Lab) -> Result<String> {
         "in the guest {remote} has SHA-256 {guest_sum}, the host's file {sum}"
     );
     let t = Instant::now();
-    ctl_ok(lab, &["cp", &dest, &path(&back)])?;
+    ctl_ok(lab, &["cp", "--via", "qga", &dest, &path(&back)])?;
     let down = t.elapsed();
     let back_sum = sha256_host(Some(&back), &[])?;
     ensure!(

@@ -1,6 +1,5 @@
 //! `vstreamctl agent`, `cp`, `shutdown`, `reboot` and `time-sync`: the QEMU guest agent's verbs.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +10,7 @@ use tokio::io::AsyncRead;
 use vstream_transport::BoxStream;
 
 use super::device::AGENT_OP;
-use crate::cli;
+use crate::cli::{remote_path, Progress};
 use crate::registry::{Unreachable, VerbContext};
 
 /// The guest agent's verbs.
@@ -31,9 +30,10 @@ pub enum Verb {
         #[arg(long)]
         pretty: bool,
     },
-    /// Copy a file to or from a guest through its agent: `cp FILE GUEST:PATH` or
-    /// `cp GUEST:PATH FILE` (`-` is stdin or stdout).
-    Cp {
+    /// Copy a file to or from a guest through the QEMU guest agent's file commands
+    /// (guest-file-read/write, base64 in JSON): `qga-cp FILE GUEST:PATH` or `qga-cp GUEST:PATH
+    /// FILE` (`-` is stdin or stdout). For a guest that has only qemu-ga; `cp --via qga` runs it.
+    QgaCp {
         /// Source.
         src: String,
         /// Destination.
@@ -72,7 +72,7 @@ pub async fn run(ctx: VerbContext<'_>) -> anyhow::Result<i32> {
             timeout,
             pretty,
         } => qga_raw(ctx, &guest, &command, timeout, pretty).await?,
-        Verb::Cp { src, dst, chunk } => match qga_cp(ctx, &src, &dst, chunk).await {
+        Verb::QgaCp { src, dst, chunk } => match qga_cp(ctx, &src, &dst, chunk).await {
             Err(e) if e.downcast_ref::<Unreachable>().is_some() => return Err(e),
             Err(e) => {
                 return Err(match ctx.control.lost().await {
@@ -145,74 +145,6 @@ async fn qga_raw(
     match check_reply(reply) {
         Ok(_) => Ok(()),
         Err(e) => bail!("{guest}: {execute}: {e}"),
-    }
-}
-
-/// `GUEST:PATH` (scp style: a colon before any slash), or a local path.
-fn remote_path(arg: &str) -> Option<(&str, &str)> {
-    let (guest, path) = arg.split_once(':')?;
-    (!guest.is_empty() && !guest.contains('/')).then_some((guest, path))
-}
-
-/// Shows copy progress on stderr when it is a terminal, at most ten times a second.
-struct Progress {
-    label: String,
-    tty: bool,
-    start: std::time::Instant,
-    last: Option<std::time::Instant>,
-}
-
-impl Progress {
-    fn new(label: String) -> Progress {
-        Progress {
-            label,
-            tty: std::io::stderr().is_terminal(),
-            start: std::time::Instant::now(),
-            last: None,
-        }
-    }
-
-    fn show(&mut self, done: u64, total: Option<u64>, last: bool) {
-        if !self.tty {
-            return;
-        }
-        let now = std::time::Instant::now();
-        if !last
-            && self
-                .last
-                .is_some_and(|t| now - t < Duration::from_millis(100))
-        {
-            return;
-        }
-        self.last = Some(now);
-        let rate = done as f64 / now.duration_since(self.start).as_secs_f64().max(1e-3);
-        let line = match total {
-            Some(t) if t > 0 => {
-                let pct = (done as f64 / t as f64 * 100.0).min(100.0);
-                let width = 30;
-                let fill = (pct / 100.0 * width as f64) as usize;
-                format!(
-                    "{} [{}{}] {:>3.0}% {}/{} {}/s",
-                    self.label,
-                    "#".repeat(fill),
-                    " ".repeat(width - fill),
-                    pct,
-                    cli::bytes(&Value::from(done)),
-                    cli::bytes(&Value::from(t)),
-                    cli::bytes(&Value::from(rate as u64)),
-                )
-            }
-            _ => format!(
-                "{} {} {}/s",
-                self.label,
-                cli::bytes(&Value::from(done)),
-                cli::bytes(&Value::from(rate as u64))
-            ),
-        };
-        eprint!("\r{line}\x1b[K");
-        if last {
-            eprintln!();
-        }
     }
 }
 
