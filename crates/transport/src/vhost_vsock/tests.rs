@@ -401,3 +401,5 @@ fn a_read_only_rx_buffer_is_returned_empty_and_the_next_one_is_used() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0.op, Op::Rst as u16);
 }
+
+mod misbehaving;
