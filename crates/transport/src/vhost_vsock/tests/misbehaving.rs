@@ -40,10 +40,12 @@ const TRANSFER: usize = if cfg!(debug_assertions) {
 };
 /// Pairs of transfers, one with A idle and one with A misbehaving, back to back and in
 /// alternating order, so that the machine's load (other builds) weighs on both alike. The
-/// figure asserted is the best transfer of each phase: on a loaded machine a transfer is only
-/// ever slowed by others' builds, so the best is what the device allows; the median of the
-/// pairs' ratios is printed too (it also counts A's own CPU share, see docs/PERFORMANCE.md).
+/// figure asserted is each phase's upper quartile: on a loaded machine a transfer is only ever
+/// slowed by others' builds, so the fast ones show what the device allows (the very best is one
+/// lucky sample); the median of the pairs' ratios is printed too (it also counts A's own CPU
+/// share, see docs/PERFORMANCE.md).
 const REPEATS: usize = 40;
+const UPPER: f64 = 0.75;
 /// RSS growth allowed while A misbehaves: A's device holds at most MAX_CONNECTIONS x BUF_ALLOC
 /// (16 MiB) of guest bytes (a VecDeque's capacity may be up to twice its length: 32 MiB), plus
 /// A's guest memory in this process (the test's Rig: 16 MiB), plus 16 MiB of slack.
@@ -234,9 +236,10 @@ fn guest_a(active: Arc<AtomicBool>, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64
     panic!("A's device has more to send than it owes and the credit allows")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The `q`-quantile of `v` (0.5: the median).
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 #[test]
@@ -276,14 +279,13 @@ fn a_misbehaving_guest_leaves_memory_bounded_and_other_guests_throughput_alone()
     active.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let a = a.join().expect("guest A's thread");
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let (best_idle, best_bad) = (best(&idle), best(&bad));
+    let pairs = quantile(bad.iter().zip(&idle).map(|(b, i)| b / i).collect(), 0.5);
+    let (best_idle, best_bad) = (quantile(idle.clone(), UPPER), quantile(bad.clone(), UPPER));
     let ratio = best_bad / best_idle;
-    let pairs = median(bad.iter().zip(&idle).map(|(b, i)| b / i).collect());
-    let (idle, bad) = (median(idle), median(bad));
+    let (idle, bad) = (quantile(idle, 0.5), quantile(bad, 0.5));
     let growth = max_rss.saturating_sub(rss_before);
     println!(
-        "vsock, a misbehaving guest: B moves {} MiB x {REPEATS} per phase: best A idle \
+        "vsock, a misbehaving guest: B moves {} MiB x {REPEATS} per phase: upper quartile A idle \
          {best_idle:.0} MiB/s, A misbehaving {best_bad:.0} MiB/s, ratio {ratio:.3}; medians \
          {idle:.0} and {bad:.0} MiB/s, median of the pairs' ratios {pairs:.3}",
         TRANSFER >> 20
@@ -312,8 +314,14 @@ fn a_misbehaving_guest_leaves_memory_bounded_and_other_guests_throughput_alone()
         "A's flood reached its device's buffers (the test exercises the bound)"
     );
     assert!(growth < RSS_BOUND, "RSS grew by {growth} bytes");
-    assert!(
-        ratio >= 0.9,
-        "B's throughput with A misbehaving is {ratio:.3} of its baseline"
-    );
+    // Unoptimised, the test's own guests (the queue driver, the packet copies) take most of
+    // the CPU, and A's pacing no longer holds: the throughput is asserted in release only.
+    if cfg!(debug_assertions) {
+        println!("a debug build: B's throughput not asserted (run with --release)");
+    } else {
+        assert!(
+            ratio >= 0.9,
+            "B's throughput with A misbehaving is {ratio:.3} of its baseline"
+        );
+    }
 }
