@@ -187,8 +187,8 @@ fn guest_a(active: Arc<AtomicBool>, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64
             continue;
         }
         let tick = Instant::now();
-        // (a) a new connection to a host socket nobody reads, flooded beyond the socket's
-        // buffer and then beyond its credit, RX never read.
+        // (a) a new connection to a host socket nobody reads, flooded beyond what the socket
+        // takes (the device holds the rest, within the credit), RX never read.
         let flood_port = 1_000_000 + round;
         g.send(header(Op::Request, flood_port, A_SINK, 0), b"");
         for _ in 0..FLOOD_PACKETS {
