@@ -446,6 +446,7 @@ fn a_browser_types_into_a_guest_console_and_a_second_viewer_sees_it() {
         text.lines().any(|l| l.trim_end() == after),
         "after the resize stty size must print {after} (was {before}); the page shows:\n{text}"
     );
+    eprintln!("web shell: stty size {before:?}, then {after:?} after the window shrank");
     first.type_keys(&format!("exit{ENTER}"));
     first.wait_js(
         "the page saying the shell ended",
