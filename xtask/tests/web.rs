@@ -3,8 +3,10 @@
 //! the static agent in it), the real vstreamd and vstreamctl. The page is opened with the
 //! token `vstreamctl web-token` prints, a command is typed into the guest's hvc0 through
 //! xterm.js and its output read back from the page's terminal buffer; a second viewer sees the
-//! same output, takes the typing over, and a read-only token watches without typing. The
-//! screenshot goes to docs/devices/console-web.png. It never skips silently: without QEMU or
+//! same output, takes the typing over, and a read-only token watches without typing. A shell
+//! opened from the page runs on a pty of the page terminal's size, follows its resize and ends
+//! with the shell's exit; a read-only token cannot open one. The screenshot goes to
+//! docs/devices/console-web.png. It never skips silently: without QEMU or
 //! chromium it fails, unless VSTREAM_SKIP_E2E=1 is set.
 
 use std::io::{Read, Write};
@@ -404,6 +406,78 @@ fn a_browser_types_into_a_guest_console_and_a_second_viewer_sees_it() {
         "the events pane",
         "return document.getElementById('events').textContent.includes('web channel-')",
         t,
+    );
+
+    // A shell from the page: a login shell on a pty of the page terminal's size, resized with
+    // the page, ending with the shell.
+    first.js("document.querySelector('a.shell[data-guest=\"web\"]').click(); return true");
+    first.wait_js(
+        "the shell attached",
+        "return window.vstream.state.writer === true && \
+         document.getElementById('title').textContent === 'web / shell'",
+        t,
+    );
+    let size = |s: &Session| {
+        let v = s.js("return [window.vstream.term.rows, window.vstream.term.cols]");
+        format!("{} {}", v[0], v[1])
+    };
+    let before = size(&first);
+    let text = type_until(
+        &first,
+        "stty size; echo sh-$((5*9))",
+        "sh-45",
+        Duration::from_secs(120),
+    );
+    assert!(
+        text.lines().any(|l| l.trim_end() == before),
+        "stty size in the guest must print the page terminal's {before}; the page shows:\n{text}"
+    );
+    // A smaller browser window: the page refits its terminal and the guest's pty follows.
+    first.cmd(
+        "POST",
+        "window/rect",
+        json!({ "width": 800, "height": 500 }),
+    );
+    first.js("window.vstream.fit(); return true");
+    let after = size(&first);
+    assert_ne!(after, before, "the page's terminal did not change size");
+    let text = type_until(&first, "stty size; echo rs-$((6*6))", "rs-36", long);
+    assert!(
+        text.lines().any(|l| l.trim_end() == after),
+        "after the resize stty size must print {after} (was {before}); the page shows:\n{text}"
+    );
+    eprintln!("web shell: stty size {before:?}, then {after:?} after the window shrank");
+    first.type_keys(&format!("exit{ENTER}"));
+    first.wait_js(
+        "the page saying the shell ended",
+        "return document.getElementById('mode').textContent === 'the shell exited with status 0'",
+        long,
+    );
+    // A read-only token has no shell link, and its request for one is refused.
+    assert_eq!(
+        watcher.js("return !document.querySelector('a.shell')"),
+        true
+    );
+    watcher.js(
+        "const ws = new WebSocket(`ws://${location.host}/ws/shell/web?cols=80&rows=24`); \
+         ws.onmessage = (e) => { window.shellReply = e.data; }; return true",
+    );
+    watcher.wait_js(
+        "the read-only shell request's answer",
+        "return typeof window.shellReply === 'string'",
+        t,
+    );
+    let reply: Value = serde_json::from_str(
+        watcher
+            .js("return window.shellReply")
+            .as_str()
+            .unwrap_or("{}"),
+    )
+    .expect("a JSON control message");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("read-only"),
+        "{reply}"
     );
 
     // The second viewer's page: it holds the typing now.

@@ -397,6 +397,31 @@ pub struct GuestHalf {
     pub on_stop: Option<Box<dyn FnOnce(String) -> ServeFuture + Send>>,
 }
 
+/// A terminal in a page (the web console's shell), as [`Device::terminal`] serves it: a login
+/// shell on a pty of `size` whose bytes go both ways.
+#[cfg(feature = "host")]
+pub struct PageTerminal {
+    /// The page terminal's size when the shell starts.
+    pub size: crate::term::WindowSize,
+    /// What the page types; its end ends the shell's input.
+    pub keys: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// The shell's output.
+    pub stdout: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    /// The shell's error output (none on a pty, where both go to the terminal).
+    pub stderr: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    /// Each new size of the page's terminal.
+    pub resizes: tokio::sync::mpsc::UnboundedReceiver<crate::term::WindowSize>,
+}
+
+/// Runs a [`PageTerminal`] session on a channel opened to the device's class (its two
+/// halves); ends with the shell and says how, for the page.
+#[cfg(feature = "host")]
+pub type TerminalFn = fn(
+    Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    PageTerminal,
+) -> BoxFuture<'static, String>;
+
 /// A vstreamctl verb's way to vstreamd: the requests it may send.
 pub trait Control: Sync {
     /// Sends `request` (a control request object) and returns vstreamd's first reply line (an
@@ -500,6 +525,14 @@ pub trait Device: Send + Sync {
     /// `vstreamctl open` (default `channel-opened`, `channel-closed`).
     fn channel_events(&self) -> (&'static str, &'static str) {
         ("channel-opened", "channel-closed")
+    }
+
+    /// How this device runs an interactive shell for a page ([`TerminalFn`], on a channel of
+    /// its class named `""`), if it offers one: the web console finds it through
+    /// [`Registry::terminal`]. By default none.
+    #[cfg(feature = "host")]
+    fn terminal(&self) -> Option<TerminalFn> {
+        None
     }
 
     /// vstream-agent's options for this device.
@@ -606,6 +639,15 @@ impl Registry {
     /// The device that serves control op `op`.
     pub fn owner_of_op(&self, op: &str) -> Option<&Arc<dyn Device>> {
         self.devices.iter().find(|d| d.control_ops().contains(&op))
+    }
+
+    /// The device that offers interactive shells ([`Device::terminal`]): its class and how
+    /// to run one.
+    #[cfg(feature = "host")]
+    pub fn terminal(&self) -> Option<(&'static str, TerminalFn)> {
+        self.devices
+            .iter()
+            .find_map(|d| Some((d.class(), d.terminal()?)))
     }
 
     /// The device with vstream-agent tool `tool`.

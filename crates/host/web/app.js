@@ -1,4 +1,4 @@
-// The vstream web console: the guest list, one console in xterm.js, the events pane.
+// The vstream web console: the guest list, one console or shell in xterm.js, the events pane.
 // Console bytes are binary WebSocket messages both ways; control messages are JSON text
 // (crates/host/src/web/frame.rs).
 "use strict";
@@ -8,10 +8,10 @@ const term = new Terminal({
   fontFamily: FONT.family, fontSize: FONT.size, scrollback: 10000, convertEol: false,
 });
 term.open(document.getElementById("term"));
-const state = { role: "", ws: null, writer: false, guest: "", console: "" };
+const state = { role: "", ws: null, writer: false, guest: "", console: "", ended: "" };
 // For tests and the curious: the terminal and its text.
 window.vstream = {
-  term,
+  term, fit,
   text: () => {
     const b = term.buffer.active, lines = [];
     for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
@@ -60,16 +60,28 @@ function wsUrl(path) {
 
 function setMode(text) {
   document.getElementById("mode").textContent = text;
-  document.getElementById("take").hidden = !(state.role === "owner" && !state.writer && state.ws);
+  document.getElementById("take").hidden = !(state.role === "owner" && !state.writer && state.ws && state.console);
 }
 
 function openConsole(guest, name, take) {
-  if (state.ws) { state.ws.onclose = null; state.ws.close(); }
-  state.guest = guest; state.console = name; state.writer = false;
   history.replaceState(null, "", `#${encodeURIComponent(guest)}/${encodeURIComponent(name)}`);
+  const path = `/ws/console/${encodeURIComponent(guest)}/${encodeURIComponent(name)}` + (take ? "?take=true" : "");
+  connect(guest, name, path);
+}
+
+// A login shell in the guest on a pty of this terminal's size; it ends with the shell.
+function openShell(guest) {
+  history.replaceState(null, "", "#");
+  fit();
+  connect(guest, "", `/ws/shell/${encodeURIComponent(guest)}?cols=${term.cols}&rows=${term.rows}`);
+  document.getElementById("title").textContent = `${guest} / shell`;
+}
+
+function connect(guest, name, path) {
+  if (state.ws) { state.ws.onclose = null; state.ws.close(); }
+  state.guest = guest; state.console = name; state.writer = false; state.ended = "";
   document.getElementById("title").textContent = `${guest} / ${name}`;
   term.reset();
-  const path = `/ws/console/${encodeURIComponent(guest)}/${encodeURIComponent(name)}` + (take ? "?take=true" : "");
   const ws = new WebSocket(wsUrl(path));
   ws.binaryType = "arraybuffer";
   state.ws = ws;
@@ -85,9 +97,12 @@ function openConsole(guest, name, take) {
       term.focus();
     } else if (m.type === "error") {
       setMode(`error: ${m.error}`);
+    } else if (m.type === "exit") {
+      state.writer = false; state.ended = m.message;
+      setMode(m.message);
     }
   };
-  ws.onclose = () => { state.writer = false; setMode("disconnected"); };
+  ws.onclose = () => { state.writer = false; if (!state.ended) setMode("disconnected"); };
 }
 document.getElementById("take").onclick = () => openConsole(state.guest, state.console, true);
 
@@ -120,6 +135,12 @@ async function refresh() {
       const a = el("a", "", c);
       a.dataset.guest = name; a.dataset.console = c;
       a.onclick = () => openConsole(name, c, false);
+      div.append(a);
+    }
+    if (data.role === "owner") {
+      const a = el("a", "shell", "shell");
+      a.dataset.guest = name;
+      a.onclick = () => openShell(name);
       div.append(a);
     }
     list.append(div);

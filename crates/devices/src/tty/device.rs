@@ -1,5 +1,5 @@
 //! The tty device's descriptor: the guest half's terminal sessions; `shell-opened` and
-//! `shell-closed` events when vstreamd opens one.
+//! `shell-closed` events when vstreamd opens one; the web console's shell.
 
 #[cfg(feature = "guest")]
 use std::sync::Arc;
@@ -27,6 +27,12 @@ impl Device for TtyDevice {
     #[cfg(feature = "host")]
     fn channel_events(&self) -> (&'static str, &'static str) {
         ("shell-opened", "shell-closed")
+    }
+
+    // The web console's shell.
+    #[cfg(feature = "host")]
+    fn terminal(&self) -> Option<crate::registry::TerminalFn> {
+        Some(super::host::page_shell)
     }
 
     #[cfg(feature = "guest")]

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::registry::{BoxFuture, PageTerminal};
 use crate::term::RawMode;
 
 use super::{
@@ -194,6 +195,40 @@ where
 async fn write_flush<O: AsyncWrite + Unpin>(out: &mut O, data: &[u8]) -> Result<(), SessionError> {
     out.write_all(data).await.map_err(SessionError::Output)?;
     out.flush().await.map_err(SessionError::Output)
+}
+
+/// `TERM` of a page's shell: xterm.js emulates xterm.
+const PAGE_TERM: &str = "xterm-256color";
+
+/// A login shell on a pty for a page's terminal (the web console's shell, through
+/// [`crate::registry::Device::terminal`]): [`run_session`] on the channel; says how it ended.
+pub fn page_shell(
+    conn_r: Box<dyn AsyncRead + Send + Unpin>,
+    conn_w: Box<dyn AsyncWrite + Send + Unpin>,
+    page: PageTerminal,
+) -> BoxFuture<'static, String> {
+    Box::pin(async move {
+        let start = Start {
+            command: Vec::new(),
+            term: PAGE_TERM.into(),
+            pty: true,
+            size: page.size,
+        };
+        let local = Local {
+            stdin: page.keys,
+            stdout: page.stdout,
+            stderr: page.stderr,
+        };
+        let report = run_session(conn_r, conn_w, start, local, page.resizes).await;
+        let mut ended = match report.result {
+            Ok(exit) => format!("the shell exited with status {}", exit.shell_status()),
+            Err(e) => format!("the shell session ended: {e}"),
+        };
+        for text in &report.guest_errors {
+            ended.push_str(&format!("; the guest says: {}", escape_controls(text)));
+        }
+        ended
+    })
 }
 
 /// Runs a session for vstreamctl on this process's terminal and standard streams; returns the

@@ -791,3 +791,64 @@ async fn a_hostile_guest_gets_an_error_not_a_panic_or_a_buffer() {
     assert_eq!(r.guest_errors.len(), MAX_GUEST_ERRORS);
     assert_eq!(r.guest_errors[0], "e0");
 }
+
+/// Reads `out` until it holds `want` (or fails after 30 s with what came).
+async fn read_until(out: &mut DuplexStream, text: &mut Vec<u8>, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(text).contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, out.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => text.extend_from_slice(&buf[..n]),
+            _ => panic!(
+                "{want:?} never came; the terminal shows {:?}",
+                String::from_utf8_lossy(text)
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_registry_offers_this_device_s_login_shell_for_a_page_terminal() {
+    let (class, run) = crate::registry::registry()
+        .terminal()
+        .expect("a device offers shells");
+    assert_eq!(class, CLASS);
+    let (host_end, guest_end) = tokio::io::duplex(256 * 1024);
+    let guest = tokio::spawn(guest::serve(guest_end));
+    let (r, w) = tokio::io::split(host_end);
+    let (mut keys, keys_r) = tokio::io::duplex(1024);
+    let (out_w, mut out) = tokio::io::duplex(256 * 1024);
+    let (resize, resizes) = mpsc::unbounded_channel();
+    let page = crate::registry::PageTerminal {
+        size: WindowSize { rows: 30, cols: 90 },
+        keys: Box::new(keys_r),
+        stdout: Box::new(out_w),
+        stderr: Box::new(tokio::io::sink()),
+        resizes,
+    };
+    let session = tokio::spawn(run(Box::new(r), Box::new(w), page));
+    let mut text = Vec::new();
+    keys.write_all(b"stty size; echo T=$TERM\n")
+        .await
+        .expect("keys");
+    read_until(&mut out, &mut text, "30 90\r\n").await;
+    read_until(&mut out, &mut text, "T=xterm-256color\r\n").await;
+    resize
+        .send(WindowSize {
+            rows: 41,
+            cols: 117,
+        })
+        .expect("resize");
+    keys.write_all(b"stty size; exit 5\n").await.expect("keys");
+    read_until(&mut out, &mut text, "41 117\r\n").await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), session)
+        .await
+        .expect("the shell ends within 30 s")
+        .expect("session task");
+    assert_eq!(ended, "the shell exited with status 5");
+    tokio::time::timeout(Duration::from_secs(10), guest)
+        .await
+        .expect("guest half ends")
+        .expect("guest half");
+}

@@ -2,12 +2,14 @@
 //! both ways (output to the page, keys to the guest), untouched (a console is not UTF-8 text:
 //! a multi-byte character may be split between two reads); control as JSON text messages:
 //! the page sends `{"type":"resize","cols":C,"rows":R}`, the daemon sends
-//! `{"type":"attached","writer":W}` first (or `{"type":"error","error":...}`).
+//! `{"type":"attached","writer":W}` first (or `{"type":"error","error":...}`), and a shell's
+//! socket ends with `{"type":"exit","message":...}`, how the shell ended.
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
+use vstream_devices::term::WindowSize;
 
 use crate::control::Reply;
 
@@ -47,19 +49,30 @@ pub fn decode(msg: Message) -> Result<FromPage, String> {
     match msg {
         Message::Binary(keys) => Ok(FromPage::Keys(keys)),
         Message::Text(text) => match serde_json::from_str(text.as_str()) {
-            Ok(Control::Resize { cols, rows })
-                if (1..=MAX_SIDE).contains(&cols) && (1..=MAX_SIDE).contains(&rows) =>
-            {
-                Ok(FromPage::Resize { cols, rows })
+            Ok(Control::Resize { cols, rows }) => {
+                window_size(cols, rows).map(|_| FromPage::Resize { cols, rows })
             }
-            Ok(Control::Resize { cols, rows }) => Err(format!(
-                "resize to {cols}x{rows}: each side must be 1 to {MAX_SIDE}"
-            )),
             Err(e) => Err(format!("bad control message: {e}")),
         },
         Message::Close(_) => Ok(FromPage::Close),
         Message::Ping(_) | Message::Pong(_) => Ok(FromPage::Keepalive),
     }
+}
+
+/// A terminal size from the page, if each side is 1 to [`MAX_SIDE`].
+pub fn window_size(cols: u16, rows: u16) -> Result<WindowSize, String> {
+    if (1..=MAX_SIDE).contains(&cols) && (1..=MAX_SIDE).contains(&rows) {
+        Ok(WindowSize { rows, cols })
+    } else {
+        Err(format!(
+            "resize to {cols}x{rows}: each side must be 1 to {MAX_SIDE}"
+        ))
+    }
+}
+
+/// The last message of a shell: how it ended (then the daemon closes the socket).
+pub fn ended(how: &str) -> Message {
+    Message::Text(json!({ "type": "exit", "message": how }).to_string().into())
 }
 
 /// Console output for the page.

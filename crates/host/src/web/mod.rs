@@ -1,15 +1,16 @@
 //! The web console (`vstreamd --http ADDR`): a page listing the guests with their live status,
-//! and each guest's consoles in xterm.js over a WebSocket (docs/devices/console.md).
+//! and each guest's consoles and a shell in xterm.js over a WebSocket (docs/devices/console.md).
 //!
 //! Everything a page does is a control request that vstreamd serves on an in-process
 //! connection ([`Daemon::serve_local`]): a console viewer is exactly the one `vstreamctl
-//! console` gets (its history, one writer at a time, the take-over), and the token's role is
-//! checked as the control socket checks a peer's. The page and xterm.js are in the binary: no
+//! console` gets (its history, one writer at a time, the take-over), a shell is the channel
+//! `vstreamctl shell` opens (run by the device that offers shells, [`registry`]'s
+//! `terminal`), and the token's role is checked as the control socket checks a peer's. The page and xterm.js are in the binary: no
 //! network at run time.
 //!
 //! Access: `vstreamctl web-token` prints a token ([`Tokens`]); the page takes it once (`/?token=`
 //! or the login form) and keeps it in an HttpOnly, SameSite=Strict cookie. A read-only token
-//! watches and cannot type.
+//! watches and cannot type (nor open a shell).
 
 mod frame;
 mod token;
@@ -30,6 +31,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use vstream_devices::registry::{registry, PageTerminal, TerminalFn};
+use vstream_devices::term::WindowSize;
 
 pub use self::token::{Tokens, KEY_FILE};
 use crate::access::Role;
@@ -139,6 +143,7 @@ fn router(web: Arc<Web>) -> Router {
         .route("/api/guests", get(guests))
         .route("/ws/events", get(events_ws))
         .route("/ws/console/{guest}/{name}", get(console_ws))
+        .route("/ws/shell/{guest}", get(shell_ws))
         .with_state(web)
 }
 
@@ -407,6 +412,125 @@ async fn console(
             }
         }
     }
+}
+
+#[derive(Deserialize)]
+struct ShellQuery {
+    /// The page terminal's size, which the shell's pty starts with.
+    cols: u16,
+    rows: u16,
+}
+
+/// `/ws/shell/{guest}?cols=C&rows=R`: a login shell in the guest on a pty of that size, bytes
+/// both ways as a console's, resizes reaching the pty, and how the shell ended last.
+async fn shell_ws(
+    State(web): State<Arc<Web>>,
+    Path(guest): Path<String>,
+    Query(q): Query<ShellQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(role) = web.role(&headers).filter(|_| same_origin(&headers)) else {
+        return unauthorized();
+    };
+    let size = match frame::window_size(q.cols, q.rows) {
+        Ok(size) => size,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    let Some((class, run)) = registry().terminal() else {
+        return (StatusCode::NOT_FOUND, "no device offers a shell").into_response();
+    };
+    // The daemon refuses a read-only role here as on the control socket.
+    let req = Request::Open {
+        guest: guest.clone(),
+        class: class.to_owned(),
+        name: String::new(),
+    };
+    ws.max_message_size(frame::MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let page = (size, socket);
+            if let Err(e) = shell(&web.daemon, role, req, run, page).await {
+                tracing::debug!(%guest, "web console shell: {e}");
+            }
+        })
+}
+
+async fn shell(
+    daemon: &Arc<Daemon>,
+    role: Role,
+    req: Request,
+    run: TerminalFn,
+    (size, mut socket): (WindowSize, WebSocket),
+) -> io::Result<()> {
+    let (r, w, reply) = local_request(daemon, role, &req).await?;
+    let send_err = io::Error::other;
+    // The shell is the page's own: it types.
+    let reply = Reply {
+        writer: Some(reply.ok),
+        ..reply
+    };
+    socket
+        .send(frame::attached(&reply))
+        .await
+        .map_err(send_err)?;
+    if !reply.ok {
+        return Ok(());
+    }
+    let (mut keys, keys_r) = tokio::io::duplex(frame::MAX_MESSAGE);
+    let (out_w, mut out) = tokio::io::duplex(64 * 1024);
+    let (err_w, mut err) = tokio::io::duplex(64 * 1024);
+    let (resize, resizes) = mpsc::unbounded_channel();
+    let page = PageTerminal {
+        size,
+        keys: Box::new(keys_r),
+        stdout: Box::new(out_w),
+        stderr: Box::new(err_w),
+        resizes,
+    };
+    let session = run(Box::new(r), Box::new(w), page);
+    tokio::pin!(session);
+    let (mut buf, mut ebuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let ended = loop {
+        tokio::select! {
+            ended = &mut session => break ended,
+            Ok(n @ 1..) = out.read(&mut buf) => {
+                socket.send(frame::output(&buf[..n])).await.map_err(send_err)?;
+            }
+            Ok(n @ 1..) = err.read(&mut ebuf) => {
+                socket.send(frame::output(&ebuf[..n])).await.map_err(send_err)?;
+            }
+            msg = socket.recv() => {
+                // The page gone: dropping the session closes the channel, which hangs the
+                // shell up.
+                let Some(Ok(msg)) = msg else { return Ok(()) };
+                match frame::decode(msg) {
+                    Ok(frame::FromPage::Keys(k)) => keys.write_all(&k).await?,
+                    Ok(frame::FromPage::Resize { cols, rows }) => {
+                        // Unsent only if the session is ending.
+                        let _ = resize.send(WindowSize { rows, cols });
+                    }
+                    Ok(frame::FromPage::Keepalive) => {}
+                    Ok(frame::FromPage::Close) => return Ok(()),
+                    Err(why) => {
+                        socket.send(frame::error(&why)).await.map_err(send_err)?;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    // The session's end dropped its writers: what they hold goes out before the end.
+    for stream in [&mut out, &mut err] {
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            socket
+                .send(frame::output(&buf[..n]))
+                .await
+                .map_err(send_err)?;
+        }
+    }
+    socket.send(frame::ended(&ended)).await.map_err(send_err)?;
+    let close = axum::extract::ws::Message::Close(None);
+    socket.send(close).await.map_err(send_err)
 }
 
 #[cfg(test)]
