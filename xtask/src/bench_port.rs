@@ -111,7 +111,7 @@ fn row(
 }
 
 /// Reads exactly `bytes` from `r`; the time from the first byte to the last.
-fn receive(r: &mut impl Read, bytes: usize) -> Result<Duration> {
+pub(crate) fn receive(r: &mut impl Read, bytes: usize) -> Result<Duration> {
     let mut buf = vec![0u8; 1 << 20];
     let mut got = r.read(&mut buf)?;
     let started = Instant::now();
@@ -141,7 +141,7 @@ fn wait_byte(r: &mut impl Read, byte: u8) -> Result<()> {
 }
 
 /// Writes `bytes` in [`WRITE`]-sized writes.
-fn send(w: &mut impl Write, bytes: usize) -> Result<()> {
+pub(crate) fn send(w: &mut impl Write, bytes: usize) -> Result<()> {
     let chunk = vec![0x5a; WRITE];
     for _ in 0..bytes / WRITE {
         w.write_all(&chunk)?;
