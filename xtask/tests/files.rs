@@ -200,12 +200,12 @@ fn a_large_copy_cut_by_a_transport_failover_completes_intact() {
         Some(want.as_str()),
         "in the guest"
     );
-
+    // And back, over the port that was swapped.
     let back = dir.path().join("back");
-    cp_cut_by_failover(
+    ctl_ok(
         &lab,
         &["cp", &remote, back.to_str().expect("utf-8")],
-        LEN as u64,
+        COPY_TIMEOUT,
     );
     assert_eq!(sha256_file(&back), want, "back on the host");
 }
