@@ -12,12 +12,11 @@
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_port::{receive, send};
+use crate::bench_port::echo;
 use xtask::lab::testing::{exec_sh_within, pseudo_random, sha256_file, write_random_file};
 use xtask::lab::{Lab, LabOptions};
 
@@ -129,27 +128,6 @@ fn exec_command(lab: &Lab, script: &str) -> Command {
     c
 }
 
-/// `bytes` both ways at once through the agent's echo service: the channel's own speed.
-fn echo(lab: &Lab, bytes: usize) -> Result<Duration> {
-    let mut child = lab
-        .ctl_command()
-        .args(["open", lab.name(), "diag", "echo"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("vstreamctl open")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let mut stdout = child.stdout.take().context("stdout")?;
-    let started = Instant::now();
-    let writer = thread::spawn(move || send(&mut stdin, bytes));
-    receive(&mut stdout, bytes)?;
-    let took = started.elapsed();
-    writer.join().map_err(|_| anyhow::anyhow!("writer"))??;
-    child.wait()?;
-    Ok(took)
-}
-
 /// A file copied `GUEST:path` <-> `local` both ways with `via` (`[]` or `["--via", "qga"]`),
 /// sha256 checked at each end; the rows.
 fn file_both_ways(
@@ -254,16 +232,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let bytes = mib << 20;
-    // The agent in the image and the host binaries, as users run them.
-    crate::build_agent()?;
-    let bin = crate::release_build_of(&["vstream-host"])?;
-    std::env::set_var("VSTREAM_BIN_DIR", &bin);
-    if std::env::var_os("VSTREAM_LAB_TIMEOUT").is_none() {
-        std::env::set_var("VSTREAM_LAB_TIMEOUT", "3600");
-    }
-
-    let dir = std::env::temp_dir().join(format!("vstream-bench-cp-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
+    let dir = crate::bench_setup("cp")?;
     let big = dir.join("big");
     write_random_file(&big, bytes);
     let want = sha256_file(&big);

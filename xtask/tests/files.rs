@@ -50,10 +50,7 @@ fn a_tree_with_holes_links_modes_and_times_goes_round_trip_identical() {
     }
     let lab =
         Lab::boot(LabOptions::virtio_port_only().named("files")).unwrap_or_else(|e| panic!("{e}"));
-    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| {
-        lab.mux_transports_up(s)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    wait_mux_up(&lab);
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("src");
     host_sh(TREE, &src);
@@ -180,7 +177,7 @@ fn a_large_copy_cut_by_a_transport_failover_completes_intact() {
     }
     let lab =
         Lab::boot(LabOptions::default().named("cp-failover")).unwrap_or_else(|e| panic!("{e}"));
-    wait_both_up(&lab);
+    wait_mux_up(&lab);
     const LEN: usize = 32 << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("big");
@@ -193,7 +190,7 @@ fn a_large_copy_cut_by_a_transport_failover_completes_intact() {
         &["cp", src.to_str().expect("utf-8"), &remote],
         LEN as u64,
     );
-    wait_both_up(&lab);
+    wait_mux_up(&lab);
     let got = exec_sh_within(&lab, "sha256sum /tmp/big", COPY_TIMEOUT);
     assert_eq!(
         got.split_whitespace().next(),
@@ -210,8 +207,8 @@ fn a_large_copy_cut_by_a_transport_failover_completes_intact() {
     assert_eq!(sha256_file(&back), want, "back on the host");
 }
 
-fn wait_both_up(lab: &Lab) {
-    lab.wait_for("both mux transports to be up", UP_TIMEOUT, |s| {
+fn wait_mux_up(lab: &Lab) {
+    lab.wait_for("the mux transports to be up", UP_TIMEOUT, |s| {
         lab.mux_transports_up(s)
     })
     .unwrap_or_else(|e| panic!("{e}"));
