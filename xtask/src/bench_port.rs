@@ -263,9 +263,8 @@ fn agent_host_to_guest(lab: &Lab, bytes: usize) -> Result<Row> {
     row("agent, exec dd", "h->g", bytes, took, &out)
 }
 
-fn agent_echo(lab: &Lab, bytes: usize) -> Result<Row> {
-    let snap = || sh(lab, &format!("{SNAP}; snap"));
-    let before = snap();
+/// `bytes` both ways at once through the agent's echo service: the channel's own speed.
+pub(crate) fn echo(lab: &Lab, bytes: usize) -> Result<Duration> {
     let mut child = lab
         .ctl_command()
         .args(["open", lab.name(), "diag", "echo"])
@@ -282,6 +281,13 @@ fn agent_echo(lab: &Lab, bytes: usize) -> Result<Row> {
     let took = started.elapsed();
     writer.join().map_err(|_| anyhow::anyhow!("writer"))??;
     child.wait()?;
+    Ok(took)
+}
+
+fn agent_echo(lab: &Lab, bytes: usize) -> Result<Row> {
+    let snap = || sh(lab, &format!("{SNAP}; snap"));
+    let before = snap();
+    let took = echo(lab, bytes)?;
     let after = snap();
     row(
         "agent, diag echo",
@@ -332,16 +338,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let bytes = mib << 20;
-    // The agent in the image and the host binaries, as users run them.
-    crate::build_agent()?;
-    let bin = crate::release_build_of(&["vstream-host"])?;
-    std::env::set_var("VSTREAM_BIN_DIR", &bin);
-    if std::env::var_os("VSTREAM_LAB_TIMEOUT").is_none() {
-        std::env::set_var("VSTREAM_LAB_TIMEOUT", "3600");
-    }
-
-    let dir = std::env::temp_dir().join(format!("vstream-bench-port-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::bench_setup("port")?;
     let raw_sock = dir.join("raw.sock");
     let options = LabOptions {
         extra_qemu_args: extra_virtio_port("rawport", &raw_sock, 2, RAW_PORT)?,

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, deb, demo, hostile, image, paths};
 
+mod bench_cp;
 mod bench_fastnet;
 mod bench_port;
 mod bench_qga;
@@ -38,6 +39,9 @@ tasks:
   bench-port a channel through vstream-agent vs the raw virtio-serial port, same guest: both
             directions, 64 KiB writes, MiB/s and the agent's CPU s/GiB, ratios last
             (bench-port --mib N --repeats R)
+  bench-cp  vstreamctl cp vs the diag echo channel and cp --via qga (a file each way), and
+            cp -r of many small files vs tar through vstreamctl exec, one guest, ratios last
+            (bench-cp --mib N --files N)
   bench-fastnet fastnet (shared memory, channel-only) vs QEMU virtio-net (TAP, user) and ppp,
             one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
@@ -261,6 +265,7 @@ fn run() -> Result<()> {
         "bench-scale" => bench_scale::run(&args[1..]),
         "bench-vsock" => bench_vsock::run(&args[1..]),
         "bench-fastnet" => bench_fastnet::run(&args[1..]),
+        "bench-cp" => bench_cp::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
@@ -283,6 +288,21 @@ fn main() -> ExitCode {
 /// returns their directory.
 fn release_build() -> Result<std::path::PathBuf> {
     release_build_of(&["vstream-host", "vstream-agent"])
+}
+
+/// What a lab benchmark needs first: the agent in the image and the host binaries as users run
+/// them (release), a lab timeout long enough for big transfers, and a scratch directory
+/// `vstream-bench-NAME-PID`, which it returns.
+fn bench_setup(name: &str) -> Result<std::path::PathBuf> {
+    build_agent()?;
+    let bin = release_build_of(&["vstream-host"])?;
+    std::env::set_var("VSTREAM_BIN_DIR", &bin);
+    if std::env::var_os("VSTREAM_LAB_TIMEOUT").is_none() {
+        std::env::set_var("VSTREAM_LAB_TIMEOUT", "3600");
+    }
+    let dir = std::env::temp_dir().join(format!("vstream-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Builds `packages` in release; returns the directory of their binaries.
