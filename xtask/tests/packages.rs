@@ -130,8 +130,8 @@ fn the_host_package_has_daemon_cli_units_config_manuals_and_completions() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&conffiles.stdout),
-        "/etc/vstream/vstreamd.toml\n",
-        "dpkg keeps an operator's config on upgrades"
+        "/etc/vstream/vstreamd.toml\n/etc/libvirt/hooks/qemu.d/vstream\n",
+        "dpkg keeps an operator's config, and the libvirt hook they may have edited or disabled, on upgrades"
     );
 }
 
