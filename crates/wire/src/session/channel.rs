@@ -463,17 +463,30 @@ impl Session {
     /// Queues bytes; returns how many were accepted (0 when the send buffer is full: wait for
     /// [`Event::Writable`]).
     pub fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<usize, ChannelError> {
-        let limit = self.cfg.channel_send_buffer;
-        let ch = self
-            .channels
-            .get_mut(&id)
-            .ok_or(ChannelError::Unknown(id))?;
+        let (ch, n) = Self::sendable(
+            &mut self.channels,
+            self.cfg.channel_send_buffer,
+            id,
+            data.len(),
+        )?;
+        ch.send_buf.push(&data[..n], &mut self.pool);
+        Ok(n)
+    }
+
+    /// Channel `id` if it may still send, and how many of `len` bytes its send buffer takes.
+    /// (Fields, not `self`: the caller pushes with `self.pool` while holding the channel.)
+    fn sendable(
+        channels: &mut std::collections::BTreeMap<ChannelId, Channel>,
+        limit: usize,
+        id: ChannelId,
+        len: usize,
+    ) -> Result<(&mut Channel, usize), ChannelError> {
+        let ch = channels.get_mut(&id).ok_or(ChannelError::Unknown(id))?;
         if ch.fin_queued {
             return Err(ChannelError::Closed(id));
         }
-        let n = data.len().min(limit.saturating_sub(ch.send_buf.len()));
-        ch.send_buf.push(&data[..n], &mut self.pool);
-        Ok(n)
+        let n = len.min(limit.saturating_sub(ch.send_buf.len()));
+        Ok((ch, n))
     }
 
     /// [`Session::send`] of the application's own buffer: payloads of at least
@@ -485,15 +498,12 @@ impl Session {
             data.advance(n);
             return Ok(n);
         }
-        let limit = self.cfg.channel_send_buffer;
-        let ch = self
-            .channels
-            .get_mut(&id)
-            .ok_or(ChannelError::Unknown(id))?;
-        if ch.fin_queued {
-            return Err(ChannelError::Closed(id));
-        }
-        let n = data.len().min(limit.saturating_sub(ch.send_buf.len()));
+        let (ch, n) = Self::sendable(
+            &mut self.channels,
+            self.cfg.channel_send_buffer,
+            id,
+            data.len(),
+        )?;
         if n > 0 {
             ch.send_buf.push_shared(data.split_to(n));
         }
