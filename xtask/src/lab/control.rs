@@ -138,8 +138,9 @@ impl Lab {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "timed out after {} s waiting for {what}; {last}",
-                        timeout.as_secs()
+                        "timed out after {} s waiting for {what}; {last}\n{}",
+                        timeout.as_secs(),
+                        self.shared.short_report()
                     ),
                 ));
             }

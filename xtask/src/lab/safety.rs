@@ -81,6 +81,22 @@ pub(super) fn tail(path: &Path, lines: usize) -> String {
 }
 
 impl LabShared {
+    /// The last lines of this lab's guest console and vsock backend, for an error message: when
+    /// several labs fail at once, CI may keep only the panic messages of the full reports.
+    pub(super) fn short_report(&self) -> String {
+        let p = &self.paths;
+        let mut out = format!(
+            "---- lab {:?}: guest console ttyS0, last 30 lines ----\n",
+            self.name
+        );
+        out.push_str(&tail(&p.sockets.ttys0_logfile, 30));
+        if p.vsock_backend_log.exists() {
+            out.push_str("---- vhost-device-vsock, last 10 lines ----\n");
+            out.push_str(&tail(&p.vsock_backend_log, 10));
+        }
+        out
+    }
+
     pub(super) fn report(&self, why: &str) -> String {
         let p = &self.paths;
         let mut out = format!(
