@@ -38,6 +38,9 @@ pub(super) struct Conn {
     pub(super) readable: bool,
     pub(super) host_eof: bool,
     pub(super) guest_sent_all: bool,
+    /// The host socket's write side was shut down (once: each `shutdown` wakes the socket's
+    /// own epoll watchers again, so repeating it would make the device loop on its own event).
+    pub(super) host_write_shut: bool,
     pub(super) asked_credit: bool,
     /// Control packets owed to the guest.
     pub(super) owe: Owe,
@@ -83,6 +86,7 @@ impl Conn {
             readable: false,
             host_eof: false,
             guest_sent_all: false,
+            host_write_shut: false,
             asked_credit: false,
             owe: Owe::default(),
             in_ready: false,
@@ -94,6 +98,13 @@ impl Conn {
     pub(super) fn credit(&self) -> u32 {
         let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
         self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Both sides are done and every guest byte reached the host socket: the connection ends
+    /// (RST to the guest, as the virtio-vsock spec's clean close; the guest would otherwise
+    /// wait for it).
+    pub(super) fn finished(&self) -> bool {
+        self.host_eof && self.guest_sent_all && self.pending.is_empty()
     }
 
     pub(super) fn wants_to_send(&self) -> bool {
@@ -115,7 +126,8 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if self.pending.is_empty() && self.guest_sent_all {
+        if self.pending.is_empty() && self.guest_sent_all && !self.host_write_shut {
+            self.host_write_shut = true;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         if self.fwd_cnt.wrapping_sub(self.told_fwd_cnt) >= CREDIT_UPDATE_AFTER {

@@ -224,6 +224,9 @@ impl VsockDevice {
     }
 
     fn maybe_ready(&mut self, token: u64) {
+        if self.conns.get(&token).is_some_and(Conn::finished) {
+            return self.abort(token);
+        }
         if let Some(conn) = self.conns.get_mut(&token) {
             if conn.owe.credit_update && !conn.in_control {
                 conn.in_control = true;
@@ -562,7 +565,11 @@ impl VsockDevice {
         match conn.stream.read(&mut self.scratch[..want]) {
             Ok(0) => {
                 conn.host_eof = true;
-                self.owe(token, |o| o.shutdown = true);
+                if conn.finished() {
+                    self.abort(token);
+                } else {
+                    self.owe(token, |o| o.shutdown = true);
+                }
                 None
             }
             Ok(n) => {

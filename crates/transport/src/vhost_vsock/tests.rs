@@ -403,3 +403,75 @@ fn a_read_only_rx_buffer_is_returned_empty_and_the_next_one_is_used() {
 }
 
 mod misbehaving;
+
+/// Runs the device on its own descriptor's events in another thread: a device that loops on
+/// its own events fails the test instead of hanging it.
+fn backend_within(g: Guest, what: &str) -> Guest {
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut g = g;
+        g.backend();
+        let _ = done.send(g);
+    });
+    wait.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("the device never returned from its events: {what}"))
+}
+
+#[test]
+fn a_guest_half_close_is_passed_on_once_and_the_device_does_not_loop() {
+    let mut g = guest();
+    g.give_rx(8);
+    let mut host = g.connect_mux(1234);
+    g.send(header(Op::Rw, 1234, MUX, 3), b"abc");
+    let mut close = header(Op::Shutdown, 1234, MUX, 0);
+    close.flags = SHUTDOWN_SEND;
+    g.send(close, b"");
+    // The host sees the bytes, then EOF; its own direction stays open.
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("read to EOF");
+    assert_eq!(got, b"abc");
+    // Shutting the host socket's write side wakes the device's own descriptor: one round of
+    // events, then quiet (it used to shut it down again on every event, for ever).
+    let g = backend_within(g, "after the guest's SHUTDOWN(SEND)");
+    assert!(
+        !readable(&g.dev, 100),
+        "the device's descriptor stays readable"
+    );
+    host.write_all(b"still open").expect("write");
+    let mut g = backend_within(g, "host data after the half close");
+    let got = g.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, b"still open");
+    // The host closes too: both sides are done, the guest gets the RST that ends it.
+    drop(host);
+    g = backend_within(g, "the host's close");
+    let ops: Vec<u16> = g.received().iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, [Op::Rst as u16], "a clean close ends in RST");
+    assert_eq!(g.dev.connections(), 0);
+}
+
+#[test]
+fn a_host_close_then_the_guests_half_close_ends_the_connection() {
+    let mut g = guest();
+    g.give_rx(8);
+    let host = g.connect_mux(4321);
+    // vstreamd drops the link (a session superseded): the guest is told no more will come.
+    drop(host);
+    let mut g = backend_within(g, "the host's close");
+    let ops: Vec<u16> = g.received().iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, [Op::Shutdown as u16]);
+    // The guest answers with its own SHUTDOWN(SEND), as Linux does on close: RST, connection
+    // gone, and the device goes on serving new connections.
+    let mut close = header(Op::Shutdown, 4321, MUX, 0);
+    close.flags = SHUTDOWN_SEND;
+    g.send(close, b"");
+    let ops: Vec<u16> = g.received().iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, [Op::Rst as u16]);
+    assert_eq!(g.dev.connections(), 0);
+    let mut g = backend_within(g, "after the close");
+    assert!(
+        !readable(&g.dev, 100),
+        "the device's descriptor stays readable"
+    );
+    let _next = g.connect_mux(4322);
+}
