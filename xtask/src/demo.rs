@@ -20,6 +20,7 @@ mod printer;
 mod qga;
 mod random;
 mod tty;
+mod vsock;
 mod watchdog;
 
 use std::path::{Path, PathBuf};
@@ -32,10 +33,11 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::image;
-use crate::lab::{guest_status, transport_state, Lab, LabOptions};
+use crate::lab::{guest_status, transport_state, Lab, LabOptions, LabVsock};
 use events::{EventLog, EVENTS};
 use ppp::{PPP_LOCAL, PPP_REMOTE};
 use random::{RANDOM_PORT, RANDOM_RATE};
+use vsock::QGA_VSOCK_PORT;
 use watchdog::{WATCHDOG_PRETIMEOUT_MS, WATCHDOG_TIMEOUT_MS};
 
 /// One device's demonstration.
@@ -52,9 +54,15 @@ pub struct DeviceDemo {
 pub const DEVICE_DEMOS: &[DeviceDemo] = &[
     DeviceDemo {
         name: "mux transports",
-        what:
-            "the guest agent reaches vstreamd over the virtio port org.vstream.0 and the PCI 16550",
+        what: "the guest agent reaches vstreamd over the virtio port org.vstream.0, the PCI 16550 \
+             and vsock, one session over all of them",
         run: demo_transports,
+    },
+    DeviceDemo {
+        name: "vsock",
+        what: "vstreamd serves the guest's virtio-vsock device: the mux over it both ways, and a \
+               host program reaching the guest's QGA listener through the hybrid socket",
+        run: vsock::demo,
     },
     DeviceDemo {
         name: "kernel console",
@@ -88,6 +96,12 @@ pub const DEVICE_DEMOS: &[DeviceDemo] = &[
         what: "host entropy: the agent fed the guest's pool; a raw virtio port read in the guest \
                within the configured rate",
         run: random::demo,
+    },
+    DeviceDemo {
+        name: "virtio-rng",
+        what: "vstreamd serves the guest's virtio-rng device: the guest kernel's /dev/hwrng draws \
+               from the same per-guest budget",
+        run: random::demo_hwrng,
     },
     DeviceDemo {
         name: "hid",
@@ -176,8 +190,9 @@ fn demo_host() -> Result<&'static DemoHost> {
 }
 
 /// The default lab guest plus what every device needs: the raw random port, vstreamd's
-/// `[guest.random]`, `[guest.watchdog]`, `[guest.printer]` and `[guest.ppp]`, the agent's
-/// heartbeat interval. The mux runs on both transports (virtio port and PCI 16550), as by default.
+/// `[guest.random]`, `[guest.watchdog]`, `[guest.printer]` and `[guest.ppp]`, vsock and
+/// virtio-rng devices served by vstreamd. The mux runs on every transport: virtio port, PCI
+/// 16550 and vsock (both ways).
 fn demo_options(host: &DemoHost) -> LabOptions {
     let random_sock = host.dir.join("random.sock");
     let mut config = format!(
@@ -212,6 +227,12 @@ fn demo_options(host: &DemoHost) -> LabOptions {
             format!("virtserialport,bus=vser0.0,nr=2,chardev=rndraw,id=rndraw,name={RANDOM_PORT}"),
         ],
         extra_config: config,
+        // vsock and virtio-rng served by vstreamd itself; QEMU's own virtio-rng off, so that the
+        // guest's only hwrng is vstreamd's. The agent also serves raw QGA on a vsock port.
+        vsock: LabVsock::Vstreamd,
+        vhost_rng: true,
+        virtio_rng: false,
+        extra_kernel_args: vec![format!("vstream.qga=vsock-listen:{QGA_VSOCK_PORT}")],
         ..LabOptions::default()
     }
 }

@@ -13,9 +13,7 @@
 //! over the vsock session (root: a network namespace). They never skip silently: without QEMU or vhost-device-vsock they
 //! fail, unless VSTREAM_SKIP_E2E=1 is set.
 
-use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
 use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -369,45 +367,19 @@ fn a_print_job_lands_in_the_spool_intact(backend: LabVsock) {
     assert_eq!(sha256_file(&file), want, "the spooled job differs");
 }
 
-/// Opens a hybrid vsock connection to guest port `port` the way any host program does:
-/// `CONNECT <port>\n` on vhost-device-vsock's socket. Returns the stream and the answer line
-/// (empty if the backend closed the socket without one).
-fn hybrid_connect(lab: &Lab, port: u32) -> (UnixStream, String) {
-    let uds = &lab
-        .paths()
-        .sockets
-        .hybrid_vsock
-        .as_ref()
-        .expect("a hybrid vsock socket")
-        .uds;
-    let mut stream = UnixStream::connect(uds).unwrap_or_else(|e| panic!("{}: {e}", uds.display()));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .expect("CONNECT");
-    // One byte at a time: what follows the answer is the guest's.
-    let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    while answer.len() < 64 && stream.read(&mut byte).expect("the answer") == 1 {
-        answer.push(byte[0]);
-        if byte[0] == b'\n' {
-            break;
-        }
-    }
-    (stream, String::from_utf8_lossy(&answer).into_owned())
-}
-
 fn a_host_program_reaches_a_guest_listener_through_the_hybrid_socket(backend: LabVsock) {
     let lab = shared_lab(backend);
     let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // Nobody listens on 6001 in the guest: the backend hangs up without an answer.
-    let (_closed, answer) = hybrid_connect(lab, QGA_VSOCK_PORT + 1);
+    let (_closed, answer) = lab
+        .hybrid_vsock_connect(QGA_VSOCK_PORT + 1)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(answer, "", "CONNECT to a port without a listener");
 
     exec(lab, "printf 'over the hybrid socket\\n' > /tmp/hybrid.txt");
-    let (stream, answer) = hybrid_connect(lab, QGA_VSOCK_PORT);
+    let (stream, answer) = lab
+        .hybrid_vsock_connect(QGA_VSOCK_PORT)
+        .unwrap_or_else(|e| panic!("{e}"));
     let host_port: u32 = answer
         .strip_prefix("OK ")
         .and_then(|a| a.strip_suffix('\n'))

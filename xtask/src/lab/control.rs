@@ -3,6 +3,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -146,6 +147,34 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Opens a hybrid vsock connection to guest port `port` the way any host program does
+    /// (Firecracker's and Cloud Hypervisor's protocol): `CONNECT <port>\n` on the guest's hybrid
+    /// socket. Returns the stream and the answer line, `OK <host port>\n`, or empty if the
+    /// backend hung up without one (nobody listens on that port in the guest).
+    pub fn hybrid_vsock_connect(&self, port: u32) -> io::Result<(UnixStream, String)> {
+        let uds = &self
+            .paths
+            .sockets
+            .hybrid_vsock
+            .as_ref()
+            .ok_or_else(|| io::Error::other("this lab guest has no vsock device"))?
+            .uds;
+        let mut stream = UnixStream::connect(uds)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", uds.display())))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        // One byte at a time: what follows the answer is the guest's.
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while answer.len() < 64 && stream.read(&mut byte)? == 1 {
+            answer.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+        Ok((stream, String::from_utf8_lossy(&answer).into_owned()))
     }
 
     /// True if every mux transport of this guest is `"up"` in `status`.
