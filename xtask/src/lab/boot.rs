@@ -133,8 +133,10 @@ impl Lab {
             .append(true)
             .open(&p.daemon_log)?;
         let mut command = p.vstreamd_command(log)?;
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "debug");
+        // vstreamd's filter is VSTREAM_LOG. By default the transports' connection events too:
+        // they tell why a guest never came up, and cost little.
+        if std::env::var_os("VSTREAM_LOG").is_none() {
+            command.env("VSTREAM_LOG", "info,vstream_transport=debug");
         }
         // Ready when the control socket accepts a connection.
         self.start_child(
