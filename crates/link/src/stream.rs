@@ -129,8 +129,7 @@ impl ChannelStream {
         }
         match recv(&mut inner.session, self.id) {
             Ok(Recv::Data(data)) => {
-                // Only a credit the peer waits for is worth waking a link's writer for.
-                inner.kick_if_wanted();
+                send_wanted(inner, &self.shared);
                 Poll::Ready(Ok(Some(data)))
             }
             Ok(Recv::Eof) => Poll::Ready(Ok(None)),
@@ -167,7 +166,7 @@ impl ChannelStream {
                 Poll::Pending
             }
             Ok(n) if n >= DIRECT_MIN => {
-                Self::write_direct(inner, &self.shared);
+                write_direct(inner, &self.shared);
                 Poll::Ready(Ok(n))
             }
             Ok(n) => {
@@ -176,24 +175,6 @@ impl ChannelStream {
             }
             Err(e) => Poll::Ready(Err(self.gone(&inner, e))),
         }
-    }
-
-    /// Sends what was just queued from this task if the active link is idle, instead of
-    /// waking the link's writer task; otherwise wakes it, as [`Inner::kick`] does.
-    fn write_direct(mut inner: MutexGuard<'_, Inner>, shared: &Arc<Shared>) {
-        let out = inner
-            .session
-            .active_link()
-            .and_then(|link| Some((link, inner.links.get(&link)?.out.clone())));
-        let Some((link, out)) = out else {
-            inner.kick();
-            return;
-        };
-        match out.try_lock() {
-            Ok(mut o) if o.is_idle() => o.write_now(link, inner, shared),
-            // The writer task is writing: it takes the new data when done.
-            _ => inner.kick(),
-        };
     }
 }
 
