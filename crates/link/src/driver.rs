@@ -194,7 +194,7 @@ impl Mux {
                 inner.session.handle_input(link, &buf[..n], now);
                 let committed = inner.session.stats().protocol_errors.saturating_sub(before);
                 inner.dispatch(&self.shared);
-                send_wanted(inner, &self.shared);
+                inner.kick_if_wanted();
                 if let Some(reason) = budget.add(committed, now) {
                     return reason;
                 }
@@ -377,45 +377,6 @@ impl LinkOut {
 /// written transmit is finished or the link fails).
 pub(crate) fn lock_out(out: &Mutex<LinkOut>) -> MutexGuard<'_, LinkOut> {
     out.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// After input or a read by the application: what the session now wants to send (data a
-/// credit released, a credit the peer waits for) goes out from this task if the active link
-/// is idle. Waking the link's writer for it instead cost a task hand-off per frame in a bulk
-/// transfer (credit is due every quarter window: every frame at 64 KiB reads), and the sender
-/// waits for that credit. Only a link that has something to send now is written or woken
-/// ([`Inner::kick_if_wanted`]); batched acknowledgements wait for their deadline.
-pub(crate) fn send_wanted(mut inner: MutexGuard<'_, Inner>, shared: &Arc<Shared>) {
-    let now = Instant::now();
-    let active = inner.session.active_link();
-    if !active.is_some_and(|l| inner.session.wants_transmit(l, now)) {
-        inner.kick_if_wanted();
-        return;
-    }
-    for (link, e) in &inner.links {
-        if Some(*link) != active && inner.session.wants_transmit(*link, now) {
-            e.wake.notify_one();
-        }
-    }
-    write_direct(inner, shared);
-}
-
-/// Sends what the session has for the active link from this task if the link is idle, instead
-/// of waking the link's writer task; otherwise wakes it, as [`Inner::kick`] does.
-pub(crate) fn write_direct(mut inner: MutexGuard<'_, Inner>, shared: &Arc<Shared>) {
-    let out = inner
-        .session
-        .active_link()
-        .and_then(|link| Some((link, inner.links.get(&link)?.out.clone())));
-    let Some((link, out)) = out else {
-        inner.kick();
-        return;
-    };
-    match out.try_lock() {
-        Ok(mut o) if o.is_idle() => o.write_now(link, inner, shared),
-        // The writer task is writing: it takes the new data when done.
-        _ => inner.kick(),
-    };
 }
 
 /// Reads from a fresh stream until the peer's HELLO arrives (or `timeout` passes); `prefix`

@@ -15,8 +15,8 @@ mod status;
 mod stream;
 mod upgrade;
 
+use driver::LinkOut;
 pub use driver::{read_hello, LinkEnded};
-use driver::{send_wanted, write_direct, LinkOut};
 use shared::{Inner, LinkEntry, Shared, ViolationBudget, Wakers};
 pub use status::{LinkStatus, MuxStatus, SessionCounters};
 pub use stream::ChannelStream;

@@ -129,7 +129,8 @@ impl ChannelStream {
         }
         match recv(&mut inner.session, self.id) {
             Ok(Recv::Data(data)) => {
-                send_wanted(inner, &self.shared);
+                // Only a credit the peer waits for is worth waking a link's writer for.
+                inner.kick_if_wanted();
                 Poll::Ready(Ok(Some(data)))
             }
             Ok(Recv::Eof) => Poll::Ready(Ok(None)),
@@ -166,7 +167,7 @@ impl ChannelStream {
                 Poll::Pending
             }
             Ok(n) if n >= DIRECT_MIN => {
-                write_direct(inner, &self.shared);
+                Self::write_direct(inner, &self.shared);
                 Poll::Ready(Ok(n))
             }
             Ok(n) => {
@@ -175,6 +176,24 @@ impl ChannelStream {
             }
             Err(e) => Poll::Ready(Err(self.gone(&inner, e))),
         }
+    }
+
+    /// Sends what was just queued from this task if the active link is idle, instead of
+    /// waking the link's writer task; otherwise wakes it, as [`Inner::kick`] does.
+    fn write_direct(mut inner: MutexGuard<'_, Inner>, shared: &Arc<Shared>) {
+        let out = inner
+            .session
+            .active_link()
+            .and_then(|link| Some((link, inner.links.get(&link)?.out.clone())));
+        let Some((link, out)) = out else {
+            inner.kick();
+            return;
+        };
+        match out.try_lock() {
+            Ok(mut o) if o.is_idle() => o.write_now(link, inner, shared),
+            // The writer task is writing: it takes the new data when done.
+            _ => inner.kick(),
+        };
     }
 }
 
