@@ -178,7 +178,6 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
         19,
         "a payload still referenced is not recycled"
     );
-    drop(shared);
     let again = pool.copy(&[9u8; 1000]);
     assert_eq!(&again[..], &[9u8; 1000][..]);
     assert_eq!(
@@ -187,8 +186,15 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
         "the last buffer recycled is reused first"
     );
     assert_eq!(pool.spare(), 18);
+    // As `recv_bytes` hands a payload to the application, whose task drops it later.
+    drop(shared);
+    assert_eq!(
+        pool.spare(),
+        19,
+        "a received payload's buffer returns when its last view is dropped"
+    );
     pool.trim(); // Every buffer was in use at some point of this period: all stay.
-    assert_eq!(pool.spare(), 18);
+    assert_eq!(pool.spare(), 19);
     pool.trim(); // None was needed during the last period.
     assert_eq!(pool.spare(), 0);
     pool.recycle(again);
@@ -199,6 +205,10 @@ fn buffer_pool_reuses_buffers_and_frees_what_idles() {
     assert_eq!(pool.spare(), 1);
     pool.trim();
     assert_eq!(pool.spare(), 0);
+    // A payload that outlives its session's pool is simply freed.
+    let orphan = pool.copy(&[4u8; 900]);
+    drop(pool);
+    assert_eq!(&orphan[..], &[4u8; 900][..]);
 }
 
 /// A genuine data header claiming a payload of `len` bytes.
