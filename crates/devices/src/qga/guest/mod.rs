@@ -3,7 +3,8 @@
 //!
 //! [`GuestAgent::handle_text`] is the whole protocol for one request text, synchronous and
 //! testable without sockets; [`serve`] moves bytes between a stream and it (one request at a
-//! time per stream, each in a blocking-pool thread so a slow disk never stalls the runtime);
+//! time per stream, each in a blocking-pool thread so a slow disk never stalls the runtime,
+//! except the pings and syncs that cannot wait);
 //! [`serve_address`] keeps a raw transport served forever.
 
 mod exec;
