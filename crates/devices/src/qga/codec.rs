@@ -246,6 +246,16 @@ pub fn base64_encode(data: &[u8]) -> String {
     B64.encode(data)
 }
 
+/// Appends the base64 of `data` (padded) to `out`, encoding in place at its end. Pieces whose
+/// lengths are multiples of 3 concatenate into the base64 of the whole.
+pub fn base64_encode_into(data: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    // 4 characters per started 3 bytes: no overflow for a slice's length divided by 3.
+    out.resize(start + data.len().div_ceil(3) * 4, 0);
+    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
+    out.truncate(start + written);
+}
+
 /// Decodes standard base64; padding is optional, anything outside the alphabet (including
 /// whitespace) or bits left over in the last character make it invalid.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {

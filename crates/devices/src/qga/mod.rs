@@ -45,7 +45,7 @@ pub mod verbs;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-pub use codec::{base64_decode, base64_encode, Frame, Framer, DELIMITER};
+pub use codec::{base64_decode, base64_encode, base64_encode_into, Frame, Framer, DELIMITER};
 pub use command::*;
 #[cfg(feature = "guest")]
 pub use guest::QgaService;

@@ -1071,6 +1071,64 @@ fn files_open_write_seek_read_close_with_checked_handles() {
 }
 
 #[test]
+fn file_reads_of_any_size_echo_the_id_and_decode_to_the_file() {
+    let f = fixture();
+    // Sizes around the agent's 48 KiB read pieces, and not multiples of 3.
+    let data: Vec<u8> = (0..300_001u32).map(|i| (i * 31 % 251) as u8).collect();
+    let path = f.dir.path().join("src.bin");
+    std::fs::write(&path, &data).expect("write");
+    let open = json!({"execute": "guest-file-open", "arguments": {"path": path}});
+    let (reply, _) = call_raw(&f.agent, &open.to_string()).expect("reply");
+    let h = reply["return"].as_i64().expect("handle");
+    let mut at = 0;
+    for (i, count) in [0, 1, 2, 3, 49_151, 49_152, 49_153, 98_305, 200_000]
+        .into_iter()
+        .enumerate()
+    {
+        let id = if i % 2 == 0 {
+            json!(format!("read \"{i}\""))
+        } else {
+            json!({"n": i})
+        };
+        let req = json!({"execute": "guest-file-read", "id": id,
+            "arguments": {"handle": h, "count": count}});
+        let (reply, delimited) = call_raw(&f.agent, &req.to_string()).expect("reply");
+        assert!(!delimited);
+        let want = (data.len() - at).min(count);
+        assert_eq!(reply["id"], id, "the id is echoed");
+        let r: GuestFileRead = serde_json::from_value(reply["return"].clone()).expect("read");
+        assert_eq!(r.count, want as u64, "count {count}");
+        assert_eq!(r.eof, want < count, "count {count}");
+        assert_eq!(
+            base64_decode(&r.buf_b64).expect("b64"),
+            &data[at..at + want]
+        );
+        at += want;
+    }
+    assert_eq!(at, data.len(), "the whole file was read");
+    // Without an id, and an error instead of data.
+    let (reply, _) = call_raw(
+        &f.agent,
+        &json!({"execute": "guest-file-read", "arguments": {"handle": h}}).to_string(),
+    )
+    .expect("reply");
+    assert_eq!(
+        reply,
+        json!({"return": {"buf-b64": "", "count": 0, "eof": true}})
+    );
+    let (reply, _) = call_raw(
+        &f.agent,
+        &json!({"execute": "guest-file-read", "id": 5, "arguments": {"handle": h + 1}}).to_string(),
+    )
+    .expect("reply");
+    assert_eq!(reply["id"], 5);
+    assert_eq!(
+        reply["error"]["desc"],
+        format!("handle '{}' has not been found", h + 1)
+    );
+}
+
+#[test]
 fn a_file_written_with_mode_w_appears_whole_on_close_only() {
     let f = fixture();
     let path = f.dir.path().join("target.bin");

@@ -3,7 +3,8 @@
 //!
 //! [`GuestAgent::handle_text`] is the whole protocol for one request text, synchronous and
 //! testable without sockets; [`serve`] moves bytes between a stream and it (one request at a
-//! time per stream, each in a blocking-pool thread so a slow disk never stalls the runtime);
+//! time per stream, each in a blocking-pool thread so a slow disk never stalls the runtime,
+//! except the pings and syncs that cannot wait);
 //! [`serve_address`] keeps a raw transport served forever.
 
 mod exec;
@@ -120,6 +121,15 @@ struct State {
     frozen: bool,
 }
 
+/// A request parsed and checked, not yet run ([`GuestAgent::prepare`]).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The request's `id`, echoed in the reply.
+    id: Option<Value>,
+    /// The command, or why there is none.
+    command: Result<Command, QgaError>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in one command must not take the agent down for the others.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -196,26 +206,88 @@ impl GuestAgent {
     /// Answers one request text: the reply bytes (with the 0xFF prefix for
     /// `guest-sync-delimited` and a final newline), or `None` when the command sends no reply.
     pub fn handle_text(&self, text: &[u8]) -> Option<Vec<u8>> {
-        let (id, result, delimited) = match Request::parse(text) {
-            Err((id, e)) => (id, Err(e), false),
-            Ok(req) => {
-                let delimited = req.execute == "guest-sync-delimited";
-                match self.run(&req.execute, req.arguments) {
-                    Ok(None) => return None,
-                    Ok(Some(v)) => (req.id, Ok(v), delimited),
-                    Err(e) => (req.id, Err(e), false),
+        self.answer(self.prepare(text))
+    }
+
+    /// The first half of [`GuestAgent::handle_text`]: the request parsed and checked (cheap for
+    /// a small text; nothing runs yet).
+    pub fn prepare(&self, text: &[u8]) -> Prepared {
+        match Request::parse(text) {
+            Err((id, e)) => Prepared {
+                id,
+                command: Err(e),
+            },
+            Ok(req) => Prepared {
+                command: self.command(&req.execute, req.arguments),
+                id: req.id,
+            },
+        }
+    }
+
+    /// The second half of [`GuestAgent::handle_text`]: runs the command, encodes the reply.
+    pub fn answer(&self, prepared: Prepared) -> Option<Vec<u8>> {
+        let Prepared { id, command } = prepared;
+        let mut delimited = false;
+        let result = match command {
+            // Its reply is nearly all base64: written straight into the reply's bytes.
+            Ok(Command::FileRead { handle, count }) => {
+                match self.file_read_reply(handle, count, id.as_ref()) {
+                    Ok(out) => return Some(out),
+                    Err(e) => Err(e),
                 }
             }
+            Ok(cmd) => {
+                delimited = matches!(cmd, Command::SyncDelimited { .. });
+                match self.execute(cmd) {
+                    Ok(None) => return None,
+                    Ok(Some(v)) => Ok(v),
+                    Err(e) => {
+                        delimited = false;
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
         };
         Some(encode_reply(&reply(id, result), delimited))
     }
 
-    /// Runs one command by name: `Ok(None)` means no reply is due.
-    pub fn run(
+    /// `guest-file-read`'s reply bytes, as [`encode_reply`] would write them (members in the
+    /// same order), but with the file's base64 encoded in place: `{"id":ID,"return":{
+    /// "buf-b64":"...","count":N,"eof":B}}` and a newline.
+    fn file_read_reply(
         &self,
-        name: &str,
-        arguments: Map<String, Value>,
-    ) -> Result<Option<Value>, QgaError> {
+        handle: i64,
+        count: Option<i64>,
+        id: Option<&Value>,
+    ) -> Result<Vec<u8>, QgaError> {
+        let mut out = Vec::new();
+        if let Some(id) = id {
+            out.extend_from_slice(b"{\"id\":");
+            // Serializing a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, id);
+            out.push(b',');
+        } else {
+            out.push(b'{');
+        }
+        out.extend_from_slice(b"\"return\":{\"buf-b64\":\"");
+        let (count, eof) = self.read_encoded(handle, count, &mut out)?;
+        out.extend_from_slice(format!("\",\"count\":{count},\"eof\":{eof}}}}}\n").as_bytes());
+        Ok(out)
+    }
+
+    /// Whether a prepared request is answered at once, on the caller's thread: the commands
+    /// that touch no file, process or device and cannot wait, the ones a client sends to
+    /// measure or check the agent (a hand-off to another thread would be most of their cost).
+    pub fn answers_at_once(prepared: &Prepared) -> bool {
+        matches!(
+            prepared.command,
+            Ok(Command::Ping | Command::Sync { .. } | Command::SyncDelimited { .. })
+        )
+    }
+
+    /// Looks a command up, checks that it may run now, and parses its arguments.
+    fn command(&self, name: &str, arguments: Map<String, Value>) -> Result<Command, QgaError> {
         let Some(spec) = command_spec(name) else {
             return Err(QgaError::command_not_found(name));
         };
@@ -223,8 +295,7 @@ impl GuestAgent {
         if !spec.allowed_frozen && self.is_frozen() {
             return Err(QgaError::disabled(name, "the agent is in frozen state"));
         }
-        let cmd = Command::parse(name, arguments)?;
-        self.execute(cmd)
+        Command::parse(name, arguments)
     }
 
     /// Runs a parsed command.
@@ -276,7 +347,16 @@ impl GuestAgent {
                 self.file_close(handle)?;
                 to_value(Map::new())
             }
-            Command::FileRead { handle, count } => to_value(self.file_read(handle, count)?),
+            Command::FileRead { handle, count } => {
+                let mut b64 = Vec::new();
+                let (count, eof) = self.read_encoded(handle, count, &mut b64)?;
+                to_value(GuestFileRead {
+                    count,
+                    // Base64 is ASCII.
+                    buf_b64: String::from_utf8(b64).unwrap_or_default(),
+                    eof,
+                })
+            }
             Command::FileWrite {
                 handle,
                 buf_b64,
@@ -357,15 +437,20 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         framer.push(&buf[..n]);
         while let Some(frame) = framer.next_frame() {
             let out = match frame {
+                // A small text is parsed here; a command that cannot wait is answered here too,
+                // without the two thread switches a hand-off costs.
+                Frame::Text(text) if text.len() <= INLINE_PARSE => {
+                    let prepared = agent.prepare(&text);
+                    if GuestAgent::answers_at_once(&prepared) {
+                        agent.answer(prepared)
+                    } else {
+                        let a = agent.clone();
+                        blocking(move || a.answer(prepared)).await
+                    }
+                }
                 Frame::Text(text) => {
                     let a = agent.clone();
-                    match tokio::task::spawn_blocking(move || a.handle_text(&text)).await {
-                        Ok(reply) => reply,
-                        Err(e) => Some(encode_reply(
-                            &reply(None, Err(QgaError::generic(format!("internal error: {e}")))),
-                            false,
-                        )),
-                    }
+                    blocking(move || a.handle_text(&text)).await
                 }
                 Frame::TooLarge { size } => Some(encode_reply(
                     &reply(
@@ -383,6 +468,23 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 w.flush().await?;
             }
         }
+    }
+}
+
+/// Requests up to this size are parsed on the runtime's thread (a few microseconds); larger
+/// ones (`guest-file-write`'s data, up to [`MAX_REQUEST`]) in a blocking-pool thread with
+/// their command.
+const INLINE_PARSE: usize = 4096;
+
+/// Runs `job` (a command: it may wait on a disk or a process) in a blocking-pool thread, so
+/// the runtime's one thread goes on serving the other devices; a panic becomes an error reply.
+async fn blocking(job: impl FnOnce() -> Option<Vec<u8>> + Send + 'static) -> Option<Vec<u8>> {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(reply) => reply,
+        Err(e) => Some(encode_reply(
+            &reply(None, Err(QgaError::generic(format!("internal error: {e}")))),
+            false,
+        )),
     }
 }
 
