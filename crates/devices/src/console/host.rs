@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use vstream_transport::Address;
 
 use super::history::{last_lines, read_tail, HISTORY_BYTES};
-use super::log::RotatingLog;
+use super::log::{rotated, RotatingLog};
 
 /// Bytes of recent output kept in memory for `--tail`.
 pub(super) const TAIL_BYTES: usize = 256 * 1024;
@@ -233,9 +233,14 @@ impl Console {
             Role::Write | Role::TakeOver => st.writer = Some(id),
         }
         let history = history.map(|lines| {
-            let log = File::open(&self.settings.log).and_then(|f| Ok((f.metadata()?.len(), f)));
-            let source = match log {
-                Ok((end, file)) => Source::Log { file, end },
+            let open = |path: &Path| File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
+            let source = match open(&self.settings.log) {
+                Ok(current) => {
+                    // The rotated file too: just after a rotation the current one is short.
+                    let rotated = rotated(&self.settings.log, 1);
+                    let previous = (self.settings.log_keep > 0).then(|| open(&rotated).ok());
+                    Source::Log(previous.flatten().into_iter().chain([current]).collect())
+                }
                 // No log to read (deleted, or not readable): what memory has.
                 Err(e) => {
                     tracing::debug!(console = %self.name(), "history from memory: {e}");
@@ -317,18 +322,22 @@ pub struct History {
 
 #[derive(Debug)]
 enum Source {
-    /// The log file open when the viewer joined, and its length then.
-    Log { file: File, end: u64 },
+    /// The log files open when the viewer joined (the rotated one first), with their lengths
+    /// then.
+    Log(Vec<(u64, File)>),
     /// The in-memory tail then.
     Memory(Vec<u8>),
 }
 
 impl History {
-    /// The history's last lines, at most [`HISTORY_BYTES`] of the log. Reads a file: call it
+    /// The history's last lines, from at most the last 1 MiB of the log. Reads files: call it
     /// where blocking is allowed.
     pub fn read(self) -> io::Result<Vec<u8>> {
         match self.source {
-            Source::Log { file, end } => read_tail(&file, end, self.lines, HISTORY_BYTES),
+            Source::Log(files) => {
+                let parts: Vec<_> = files.iter().map(|(end, f)| (f, *end)).collect();
+                read_tail(&parts, self.lines, HISTORY_BYTES)
+            }
             Source::Memory(all) => Ok(last_lines(&all, self.lines).to_vec()),
         }
     }

@@ -26,8 +26,6 @@ mod tests;
 pub mod verbs;
 
 #[cfg(feature = "host")]
-pub use self::history::HISTORY_BYTES;
-#[cfg(feature = "host")]
 pub use self::host::{
     Carried, Console, ConsoleSettings, ConsoleStatus, Frozen, History, Position, Role, Viewer,
 };
