@@ -89,11 +89,30 @@ impl Collector for Exporter {
 /// Labels of one series, values escaped.
 type Labels = Vec<(&'static str, String)>;
 
+/// A sample's value: counts print as integers (`8192`, not `8192.0`).
+#[derive(Clone, Copy)]
+enum Number {
+    Count(u64),
+    Real(f64),
+}
+
+impl From<f64> for Number {
+    /// Device samples carry an `f64`; a whole one that fits is a count.
+    fn from(v: f64) -> Number {
+        // 2^64 as f64: the first value that does not fit.
+        if v >= 0.0 && v.fract() == 0.0 && v < 18_446_744_073_709_551_616.0 {
+            Number::Count(v as u64)
+        } else {
+            Number::Real(v)
+        }
+    }
+}
+
 /// One metric family: its samples across all guests, in the order they were added.
 struct Family {
     help: &'static str,
     kind: SampleKind,
-    series: Vec<(Labels, f64)>,
+    series: Vec<(Labels, Number)>,
 }
 
 /// The families of one scrape, by name (the text format wants each family's samples together).
@@ -102,7 +121,7 @@ struct Families(BTreeMap<String, Family>);
 
 impl Families {
     /// Adds a series to family `vstream_NAME`.
-    fn add(&mut self, name: &str, help: &'static str, kind: SampleKind, labels: Labels, v: f64) {
+    fn add(&mut self, name: &str, help: &'static str, kind: SampleKind, labels: Labels, v: Number) {
         self.0
             .entry(format!("vstream_{name}"))
             .or_insert_with(|| Family {
@@ -115,11 +134,11 @@ impl Families {
     }
 
     fn counter(&mut self, name: &str, help: &'static str, labels: Labels, v: u64) {
-        self.add(name, help, SampleKind::Counter, labels, v as f64);
+        self.add(name, help, SampleKind::Counter, labels, Number::Count(v));
     }
 
     fn gauge(&mut self, name: &str, help: &'static str, labels: Labels, v: f64) {
-        self.add(name, help, SampleKind::Gauge, labels, v);
+        self.add(name, help, SampleKind::Gauge, labels, Number::from(v));
     }
 
     fn encode(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -131,9 +150,15 @@ impl Families {
             let mut metric = encoder.encode_descriptor(name, family.help, None, kind)?;
             for (labels, v) in &family.series {
                 let series = metric.encode_family(labels)?;
-                match family.kind {
-                    SampleKind::Counter => ConstCounter::new(*v).encode(series)?,
-                    SampleKind::Gauge => ConstGauge::new(*v).encode(series)?,
+                match (family.kind, *v) {
+                    (SampleKind::Counter, Number::Count(v)) => {
+                        ConstCounter::new(v).encode(series)?
+                    }
+                    (SampleKind::Counter, Number::Real(v)) => {
+                        ConstCounter::new(v).encode(series)?
+                    }
+                    (SampleKind::Gauge, Number::Count(v)) => ConstGauge::new(v).encode(series)?,
+                    (SampleKind::Gauge, Number::Real(v)) => ConstGauge::new(v).encode(series)?,
                 }
             }
         }
@@ -361,6 +386,6 @@ fn add_device_sample(f: &mut Families, class: &str, guest: &str, sample: Sample)
         sample.help,
         sample.kind,
         labels,
-        sample.value,
+        Number::from(sample.value),
     );
 }

@@ -1,17 +1,21 @@
 //! `vstreamd --metrics ADDR` as a process, an agent in-process: the scraped values follow what
 //! the guest does (bytes through a channel, open channels, entropy served and refused, the
-//! guest up then gone), every line of the exposition parses, and every series is documented.
+//! guest up then gone; a print job, watchdog heartbeats and a fire), every line of the
+//! exposition parses, counts print as integers, and every series is documented.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vstream_agent::Agent;
+use vstream_agent::{Agent, AgentOptions};
+use vstream_devices::printer::device::Listeners;
 use vstream_devices::random::guest::Client;
+use vstream_devices::registry::GuestOptions;
+use vstream_devices::watchdog::guest::GuestSettings;
 
-use common::{Daemon, Options, WAIT};
+use common::metrics::{get_metrics, metrics_addr, parse, scrape, scrape_until, Scrape};
+use common::{jobs, wait_jobs, Options, WAIT};
 
 const CONFIG: &str = r#"
 [[guest]]
@@ -23,211 +27,6 @@ address = "unix-listen:DIR/a.sock"
 rate = 1048576
 burst = 1048576
 "#;
-
-/// One sample of the exposition.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// A scrape, parsed.
-struct Scrape {
-    samples: Vec<Sample>,
-    /// The families, by name, with their type.
-    families: BTreeMap<String, String>,
-    text: String,
-}
-
-impl Scrape {
-    /// The value of the one series of `name` whose labels include `labels`.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let found: Vec<&Sample> = self
-            .samples
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
-        assert_eq!(
-            found.len(),
-            1,
-            "{name} {labels:?}: {found:?}\n{}",
-            self.text
-        );
-        found[0].value
-    }
-}
-
-/// The address vstreamd logged for its metrics (it was given port 0).
-fn metrics_addr(d: &Daemon) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = d.log();
-        if let Some(at) = log.find("metrics on http://") {
-            let rest = &log[at + "metrics on http://".len()..];
-            return rest[..rest.find('/').expect("address")].to_owned();
-        }
-        assert!(Instant::now() < deadline, "no metrics address in:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `GET /metrics` over plain HTTP/1.1; the body must be a valid exposition.
-async fn scrape(addr: &str) -> Scrape {
-    parse(&get_metrics(addr).await)
-}
-
-/// `GET /metrics` over plain HTTP/1.1: the body of a 200 in the OpenMetrics format.
-async fn get_metrics(addr: &str) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: vstreamd\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut reply = Vec::new();
-    conn.read_to_end(&mut reply).await.expect("reply");
-    let reply = String::from_utf8(reply).expect("utf-8");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("head and body");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
-fn valid_name(n: &str) -> bool {
-    let mut chars = n.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// Parses the text format strictly: every line is a HELP, TYPE or sample of the family just
-/// declared, and `# EOF` ends it.
-fn parse(text: &str) -> Scrape {
-    let (mut samples, mut families) = (Vec::new(), BTreeMap::<String, String>::new());
-    let mut current: Option<(String, String)> = None;
-    let mut lines = text.lines().peekable();
-    while let Some(line) = lines.next() {
-        if line == "# EOF" {
-            assert!(lines.peek().is_none(), "text after # EOF");
-            return Scrape {
-                samples,
-                families,
-                text: text.to_owned(),
-            };
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').expect("HELP name text");
-            assert!(valid_name(name) && !help.is_empty(), "{line}");
-            assert!(!families.contains_key(name), "{name} declared twice");
-            current = Some((name.to_owned(), String::new()));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE name type");
-            assert!(
-                ["counter", "gauge", "info"].contains(&kind),
-                "unexpected type: {line}"
-            );
-            let (family, _) = current.as_ref().expect("TYPE after HELP");
-            assert_eq!(family, name, "TYPE of another family: {line}");
-            families.insert(name.to_owned(), kind.to_owned());
-            current = Some((name.to_owned(), kind.to_owned()));
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unexpected comment: {line}");
-        let s = parse_sample(line);
-        let (family, kind) = current.as_ref().expect("sample after TYPE");
-        let expected = match kind.as_str() {
-            "counter" => format!("{family}_total"),
-            "info" => format!("{family}_info"),
-            _ => family.clone(),
-        };
-        assert_eq!(s.name, expected, "sample outside its family: {line}");
-        samples.push(s);
-    }
-    panic!("no # EOF:\n{text}");
-}
-
-/// `name{k="v",...} value`, label values with `\\`, `\"`, `\n` escapes.
-fn parse_sample(line: &str) -> Sample {
-    let end = line.find(['{', ' ']).expect("name");
-    let name = &line[..end];
-    assert!(valid_name(name), "bad name: {line}");
-    let mut labels = BTreeMap::new();
-    let mut rest = &line[end..];
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices();
-        let close;
-        loop {
-            let Some((at, c)) = chars.next() else {
-                panic!("unclosed labels: {line}");
-            };
-            if c == '}' {
-                close = at;
-                break;
-            }
-            let key_end = inner[at..].find('=').expect("label =") + at;
-            let key = &inner[at..key_end];
-            assert!(valid_name(key), "bad label name {key:?}: {line}");
-            for _ in at..key_end {
-                chars.next();
-            }
-            assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
-            let mut value = String::new();
-            loop {
-                match chars.next().expect("label value").1 {
-                    '"' => break,
-                    '\\' => match chars.next().expect("escape").1 {
-                        'n' => value.push('\n'),
-                        c @ ('\\' | '"') => value.push(c),
-                        c => panic!("bad escape \\{c}: {line}"),
-                    },
-                    c => value.push(c),
-                }
-            }
-            labels.insert(key.to_owned(), value);
-            if let Some((_, ',')) = chars.clone().next() {
-                chars.next();
-            }
-        }
-        rest = &inner[close + 1..];
-    }
-    let value = rest.strip_prefix(' ').expect("space before the value");
-    let value: f64 = value
-        .parse()
-        .unwrap_or_else(|_| panic!("bad value: {line}"));
-    Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    }
-}
-
-/// Scrapes until `pred` holds (for up to `WAIT`).
-async fn scrape_until(addr: &str, what: &str, pred: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = scrape(addr).await;
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            s.text
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Every family of `s` has a line in docs/METRICS.md.
 fn documented(s: &Scrape) {
@@ -435,4 +234,114 @@ async fn a_scrape_grows_linearly_with_the_guests() {
         ratio < 50.0,
         "{ratio:.1} times the time for 10 times the guests"
     );
+}
+
+const DEVICES: &str = r#"
+[[guest]]
+name = "g"
+[[guest.transport]]
+kind = "mux"
+address = "unix-listen:DIR/a.sock"
+[guest.watchdog]
+timeout_ms = 1500
+action = "log"
+[guest.printer]
+spool = "DIR/spool"
+quota_bytes = 10000000
+"#;
+
+/// The watchdog's and the printer's series follow a real agent: heartbeats while it runs, a
+/// print job through its printer socket (one more job done, its bytes in the spool), and one
+/// fire when it goes silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_series_follow_the_devices() {
+    let d = Options::config(DEVICES)
+        .arg("--metrics")
+        .arg("127.0.0.1:0")
+        .start();
+    let addr = metrics_addr(&d);
+    let g = [("guest", "g")];
+    let socket = d.path("printer.sock");
+    let listen = format!("unix-listen:{}", socket.display());
+    let mut devices = GuestOptions::default();
+    devices.set(
+        vstream_devices::watchdog::CLASS,
+        GuestSettings {
+            interval: Duration::from_millis(200),
+            check: None,
+        },
+    );
+    let options = AgentOptions {
+        devices,
+        ..AgentOptions::default()
+    };
+    let mut agent = Agent::start_with("g", vec![d.unix("a.sock")], options);
+    agent.start_device(
+        vstream_devices::printer::CLASS,
+        Listeners(vec![listen.parse().expect("address")]),
+    );
+
+    let s = scrape_until(&addr, "the watchdog armed, heartbeats", |s| {
+        s.value("vstream_watchdog_armed", &g) == 1.0
+            && s.value("vstream_watchdog_heartbeats_total", &g) >= 2.0
+    })
+    .await;
+    assert_eq!(s.value("vstream_watchdog_fires_total", &g), 0.0);
+    assert_eq!(s.value("vstream_watchdog_timeout_seconds", &g), 1.5);
+    let done = [("guest", "g"), ("state", "done")];
+    assert_eq!(s.value("vstream_printer_jobs", &done), 0.0);
+    assert_eq!(
+        s.value("vstream_printer_spool_quota_bytes", &g),
+        10_000_000.0
+    );
+    let used0 = s.value("vstream_printer_spool_used_bytes", &g);
+
+    // A print job through the agent, as a guest application prints (like `nc -U`).
+    let job: Vec<u8> = [b"%!PS-Adobe-3.0\n".as_slice(), &[b'x'; 100_000]].concat();
+    let deadline = Instant::now() + WAIT;
+    let mut conn = loop {
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "printer socket: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    conn.write_all(&job).await.expect("job");
+    conn.shutdown().await.expect("end of job");
+    conn.read_to_end(&mut Vec::new()).await.expect("job taken");
+    wait_jobs(&d.control, "g", "the job done", |j| {
+        j.iter().any(|j| j["state"] == "done")
+    })
+    .await;
+    let listed = jobs(&d.control, "g").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["size"], job.len(), "{listed:?}");
+    let s = scrape(&addr).await;
+    assert_eq!(s.value("vstream_printer_jobs", &done), 1.0);
+    assert_eq!(
+        s.value(
+            "vstream_printer_jobs",
+            &[("guest", "g"), ("state", "receiving")]
+        ),
+        0.0
+    );
+    // The job's bytes, and at most a little metadata beside them.
+    let grew = s.value("vstream_printer_spool_used_bytes", &g) - used0;
+    assert!(
+        (job.len() as f64..=job.len() as f64 + 4096.0).contains(&grew),
+        "the spool grew by {grew} for a {}-byte job",
+        job.len()
+    );
+
+    // The agent goes silent (as if killed): one fire within the timeout and a second.
+    let heartbeats = s.value("vstream_watchdog_heartbeats_total", &g);
+    drop(agent);
+    let s = scrape_until(&addr, "the watchdog fired", |s| {
+        s.value("vstream_watchdog_fires_total", &g) == 1.0
+    })
+    .await;
+    assert_eq!(s.value("vstream_watchdog_armed", &g), 0.0);
+    assert_eq!(s.value("vstream_watchdog_action_failures_total", &g), 0.0);
+    assert!(s.value("vstream_watchdog_heartbeats_total", &g) >= heartbeats);
+    documented(&s);
 }

@@ -4,7 +4,7 @@
 //! PPP endpoint on a TUN device in namespace G, on the `ppp` channel the agent's session opens.
 //! Shown: the link comes up, `ping` crosses it, 16 MiB of TCP cross it intact, the route is
 //! there, a guest without `[guest.ppp]` is refused with the reason, and the link comes back
-//! after the agent restarts.
+//! after the agent restarts; the scraped `vstream_ppp_up` and `vstream_ppp_links_total` follow.
 //!
 //! Why not pppd at both ends here: this machine's kernel has no PPP driver (no /dev/ppp,
 //! `CONFIG_PPP` unset), so pppd cannot run at all; the real-guest test (xtask/tests/ppp.rs) runs
@@ -23,6 +23,7 @@ use vstream_agent::Agent;
 use vstream_devices::ppp::host::{run_userspace, UserspaceLink};
 use vstream_devices::tun::{in_netns, netns_path};
 
+use common::metrics::{metrics_addr, scrape};
 use common::{Daemon, Options};
 
 fn run(program: &str, args: &[&str]) -> Output {
@@ -154,13 +155,20 @@ async fn a_ppp_link_between_two_namespaces() {
     let guest_ns = NetNs::new("g");
     let d = Options::config(&CONFIG.replace("NETNS", &host_ns.0))
         .env("RUST_LOG", "info")
+        .arg("--metrics")
+        .arg("127.0.0.1:0")
         .start();
+    let metrics = metrics_addr(&d);
+    let labels = [("guest", "g")];
     let g = d.unix("g.sock");
     let agent = Agent::start("g", vec![g]);
     let mut end = guest_end(&agent, &guest_ns);
     let up = wait_for_state(&d, "up", 1).await;
     assert_eq!(up["interface"], "ppp-g");
     assert_eq!(up["backend"], "tun");
+    let s = scrape(&metrics).await;
+    assert_eq!(s.value("vstream_ppp_up", &labels), 1.0);
+    assert_eq!(s.value("vstream_ppp_links_total", &labels), 1.0);
 
     // The host end's interface and route, in namespace H only.
     let addr = host_ns.exec(&["ip", "-4", "addr", "show", "dev", "ppp-g"]);
@@ -276,6 +284,9 @@ async fn a_ppp_link_between_two_namespaces() {
     let agent = Agent::start("g", vec![g]);
     end = guest_end(&agent, &guest_ns);
     wait_for_state(&d, "up", 2).await;
+    let s = scrape(&metrics).await;
+    assert_eq!(s.value("vstream_ppp_up", &labels), 1.0);
+    assert_eq!(s.value("vstream_ppp_links_total", &labels), 2.0);
     let ping = guest_ns.exec(&["busybox", "ping", "-c", "1", "-w", "5", "10.77.0.1"]);
     assert!(
         ping.status.success(),

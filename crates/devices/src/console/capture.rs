@@ -87,16 +87,16 @@ pub(super) async fn capture(
                     Ok(0) => break "closed".to_owned(),
                     Ok(n) => {
                         let data = &buf[..n];
+                        // Under the lock a viewer joins with: its history (the log up to its
+                        // length then) and its live output neither overlap nor leave a gap.
+                        let mut st = console.lock();
                         if let Err(e) = log.write(data) {
                             tracing::warn!(console = %name, "log write failed: {e}");
                         }
-                        {
-                            let mut st = console.lock();
-                            st.bytes_in += n as u64;
-                            st.tail.extend(data);
-                            let excess = st.tail.len().saturating_sub(TAIL_BYTES);
-                            st.tail.drain(..excess);
-                        }
+                        st.bytes_in += n as u64;
+                        st.tail.extend(data);
+                        let excess = st.tail.len().saturating_sub(TAIL_BYTES);
+                        st.tail.drain(..excess);
                         let _ = console.output.send(Bytes::copy_from_slice(data));
                     }
                     Err(e) => break e.to_string(),

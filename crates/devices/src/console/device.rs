@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 #[cfg(feature = "host")]
-use super::{Console, ConsoleSettings};
+use super::{Console, ConsoleSettings, Role};
 use crate::registry::Device;
 #[cfg(feature = "host")]
 use crate::registry::{
@@ -202,15 +202,23 @@ async fn serve(
             ))
             .await;
     };
-    // Subscribe before reading the tail so nothing falls between the two.
     let attach = req.attach || req.take;
-    let viewer = match req.take {
-        true => console.take_over(),
-        false => console.attach(attach),
+    let role = match (req.take, attach) {
+        (true, _) => Role::TakeOver,
+        (false, true) => Role::Write,
+        (false, false) => Role::Watch,
     };
+    let (viewer, history) = console.join(role, req.tail);
     conn.reply(json!({ "writer": viewer.is_writer() })).await?;
-    if let Some(n) = req.tail {
-        conn.write_all(&console.tail(n)).await?;
+    if let Some(history) = history {
+        let read = tokio::task::spawn_blocking(move || history.read()).await;
+        let bytes = read.map_err(std::io::Error::other).and_then(|r| r);
+        match bytes {
+            Ok(bytes) => conn.write_all(&bytes).await?,
+            // The live output still comes: a viewer is better off without history than without
+            // its console.
+            Err(e) => tracing::warn!(console = %console.name(), "console history: {e}"),
+        }
     }
     if !req.follow && !attach {
         return conn.into_stream().shutdown().await;

@@ -2,9 +2,10 @@
 //! itself is in `capture`).
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use vstream_transport::Address;
 
-use super::log::RotatingLog;
+use super::history::{last_lines, read_tail, HISTORY_BYTES};
+use super::log::{rotated, RotatingLog};
 
 /// Bytes of recent output kept in memory for `--tail`.
 pub(super) const TAIL_BYTES: usize = 256 * 1024;
@@ -197,52 +199,62 @@ impl Console {
         &self.settings.name
     }
 
-    /// The last `lines` lines of output (from memory; the log file has more).
+    /// The last `lines` lines of output kept in memory (a viewer's history comes from the log
+    /// file, which has more: [`Console::join`]).
     pub fn tail(&self, lines: usize) -> Vec<u8> {
         let st = self.lock();
         let (a, b) = st.tail.as_slices();
-        let all: Vec<u8> = [a, b].concat();
-        let mut seen = 0;
-        let mut start = 0;
-        // Count newlines from the end; a trailing partial line counts as one.
-        for (i, c) in all.iter().enumerate().rev() {
-            if *c == b'\n' && i + 1 != all.len() {
-                seen += 1;
-                if seen == lines {
-                    start = i + 1;
-                    break;
-                }
-            }
-        }
-        if lines == 0 {
-            return Vec::new();
-        }
-        all[start..].to_vec()
+        last_lines(&[a, b].concat(), lines).to_vec()
     }
 
     /// Attaches a viewer. It becomes the writer if it asks to and nobody else is.
     pub fn attach(self: &Arc<Self>, want_write: bool) -> Viewer {
-        let mut st = self.lock();
-        let id = st.next_viewer;
-        st.next_viewer += 1;
-        st.viewers += 1;
-        let writer = want_write && st.writer.is_none();
-        if writer {
-            st.writer = Some(id);
-        }
-        Viewer {
-            console: self.clone(),
-            id,
-            output: self.output.subscribe(),
-        }
+        let role = if want_write { Role::Write } else { Role::Watch };
+        self.join(role, None).0
     }
 
     /// Attaches a viewer that takes the writer role from whoever holds it (an explicit
     /// take-over, as `virsh console --force`, except that the old writer stays as a viewer).
     pub fn take_over(self: &Arc<Self>) -> Viewer {
-        let viewer = self.attach(false);
-        self.lock().writer = Some(viewer.id);
-        viewer
+        self.join(Role::TakeOver, None).0
+    }
+
+    /// Attaches a viewer in `role` and, if it asks for `history` lines, cuts them: the log up
+    /// to where the viewer starts receiving output, so that the two neither overlap nor leave
+    /// a gap (the capture logs and sends under the same lock).
+    pub fn join(self: &Arc<Self>, role: Role, history: Option<usize>) -> (Viewer, Option<History>) {
+        let mut st = self.lock();
+        let id = st.next_viewer;
+        st.next_viewer += 1;
+        st.viewers += 1;
+        match role {
+            Role::Watch => {}
+            Role::Write if st.writer.is_some() => {}
+            Role::Write | Role::TakeOver => st.writer = Some(id),
+        }
+        let history = history.map(|lines| {
+            let open = |path: &Path| File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
+            let source = match open(&self.settings.log) {
+                Ok(current) => {
+                    // The rotated file too: just after a rotation the current one is short.
+                    let rotated = rotated(&self.settings.log, 1);
+                    let previous = (self.settings.log_keep > 0).then(|| open(&rotated).ok());
+                    Source::Log(previous.flatten().into_iter().chain([current]).collect())
+                }
+                // No log to read (deleted, or not readable): what memory has.
+                Err(e) => {
+                    tracing::debug!(console = %self.name(), "history from memory: {e}");
+                    Source::Memory(st.tail.iter().copied().collect())
+                }
+            };
+            History { source, lines }
+        });
+        let viewer = Viewer {
+            console: self.clone(),
+            id,
+            output: self.output.subscribe(),
+        };
+        (viewer, history)
     }
 
     /// Follows the console's connection: `true` while its stream is connected. Waiting on it
@@ -287,6 +299,47 @@ impl Console {
         let mut st = self.lock();
         st.errors += 1;
         st.last_error = Some(e.to_string());
+    }
+}
+
+/// How a viewer joins a console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sees the output only.
+    Watch,
+    /// Also types, if no other viewer does.
+    Write,
+    /// Types, taking the role from whoever holds it.
+    TakeOver,
+}
+
+/// A viewer's history, cut when it joined; read it with [`History::read`].
+#[derive(Debug)]
+pub struct History {
+    source: Source,
+    lines: usize,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// The log files open when the viewer joined (the rotated one first), with their lengths
+    /// then.
+    Log(Vec<(u64, File)>),
+    /// The in-memory tail then.
+    Memory(Vec<u8>),
+}
+
+impl History {
+    /// The history's last lines, from at most the last 1 MiB of the log. Reads files: call it
+    /// where blocking is allowed.
+    pub fn read(self) -> io::Result<Vec<u8>> {
+        match self.source {
+            Source::Log(files) => {
+                let parts: Vec<_> = files.iter().map(|(end, f)| (f, *end)).collect();
+                read_tail(&parts, self.lines, HISTORY_BYTES)
+            }
+            Source::Memory(all) => Ok(last_lines(&all, self.lines).to_vec()),
+        }
     }
 }
 

@@ -75,9 +75,7 @@ impl RotatingLog {
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push(format!(".{n}"));
-        p.into()
+        rotated(&self.path, n)
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -97,6 +95,13 @@ impl RotatingLog {
         self.size = 0;
         Ok(())
     }
+}
+
+/// The `n`th rotated file of the log at `path` (`NAME.log.N`).
+pub(super) fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut p = path.to_owned().into_os_string();
+    p.push(format!(".{n}"));
+    p.into()
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Device: console. The host half captures a guest's raw console stream (the chardev of a
 //! virtconsole/hvc0 or of a 16550 ttyS0) into a rotated log and an in-memory tail, and lets
-//! viewers attach: every viewer sees the output, one at a time may type.
+//! viewers attach: every viewer sees the output, one at a time may type. A new viewer's history
+//! is the end of the log, so it outlives vstreamd.
 //!
 //! A live upgrade of vstreamd carries the capture's connection: [`Console::freeze`] stops the
 //! capture between two reads (every byte read is then in the log, the tail and the viewers'
@@ -14,6 +15,8 @@
 mod capture;
 pub mod device;
 #[cfg(feature = "host")]
+mod history;
+#[cfg(feature = "host")]
 mod host;
 #[cfg(feature = "host")]
 mod log;
@@ -23,6 +26,8 @@ mod tests;
 pub mod verbs;
 
 #[cfg(feature = "host")]
-pub use self::host::{Carried, Console, ConsoleSettings, ConsoleStatus, Frozen, Position, Viewer};
+pub use self::host::{
+    Carried, Console, ConsoleSettings, ConsoleStatus, Frozen, History, Position, Role, Viewer,
+};
 #[cfg(feature = "host")]
 pub use self::log::RotatingLog;

@@ -43,7 +43,7 @@ use crate::daemon::Daemon;
 /// The cookie that holds the token.
 const COOKIE: &str = "vstream_web";
 
-/// Lines of history a new viewer gets (bounded by the console's in-memory tail).
+/// Lines of history a new viewer gets (from the capture log, bounded by the device's cap).
 const HISTORY_LINES: usize = 10_000;
 
 const PAGE: &str = include_str!("../../web/index.html");

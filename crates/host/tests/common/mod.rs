@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod metrics;
+
 /// How long `wait_for` and friends poll before failing.
 pub const WAIT: Duration = Duration::from_secs(15);
 
