@@ -11,11 +11,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::port::Port;
 use super::ring::{Consumer, Direction, Doorbell, Layout, Producer, RingError, Segment};
+use super::vnet;
 use super::MAX_PACKET;
 use super::{read_message, Decoder, GuestMsg, HostMsg, Message, ReadError, Ready, RecordError};
 
 /// Packets taken from the TAP per batch before the producer index is published.
 const BATCH: usize = 64;
+
+/// Frames published to a sleeping peer before its doorbell is rung even though this side is
+/// still busy: bounds how long a doorbell waits for this side to run dry.
+const DOORBELL_AFTER: usize = 4 * BATCH;
 
 /// How a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,8 @@ pub struct Stats {
     pub doorbells_out: AtomicU64,
     /// Doorbells received.
     pub doorbells_in: AtomicU64,
+    /// Frames from the guest dropped for a bad vnet header (host only).
+    pub dropped_invalid: AtomicU64,
 }
 
 impl Stats {
@@ -75,6 +82,7 @@ impl Stats {
             packets_in: get(&self.packets_in),
             doorbells_out: get(&self.doorbells_out),
             doorbells_in: get(&self.doorbells_in),
+            dropped_invalid: get(&self.dropped_invalid),
             switch: None,
         }
     }
@@ -96,6 +104,9 @@ pub struct FastnetStatus {
     pub doorbells_out: u64,
     /// Doorbells received.
     pub doorbells_in: u64,
+    /// Frames from the guest dropped for a bad vnet header ([`super::vnet::check`]).
+    #[serde(default)]
+    pub dropped_invalid: u64,
     /// The guest's port, if the link is on the built-in switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<super::switch::SwitchStatus>,
@@ -117,6 +128,11 @@ impl crate::status::Samples for FastnetStatus {
             Sample::counter("packets", PACKETS, self.packets_in).label("direction", "in"),
             Sample::counter("doorbells", DOORBELLS, self.doorbells_out).label("direction", "out"),
             Sample::counter("doorbells", DOORBELLS, self.doorbells_in).label("direction", "in"),
+            Sample::counter(
+                "dropped_invalid",
+                "Frames from the guest dropped for a bad vnet header.",
+                self.dropped_invalid,
+            ),
         ]
     }
 }
@@ -137,6 +153,9 @@ pub trait LinkMessage: Message {
     type Answer: Message;
     /// The ring this side consumes (its peer produces on it).
     const RING: Direction;
+    /// Whether the peer's frames are checked ([`vnet::check`]) before they reach the TAP or
+    /// the switch: the host's end, whose peer is the untrusted guest.
+    const CHECK_VNET: bool;
     /// The message's meaning; the peer's `Reset` ends the link with its reason.
     fn incoming(self) -> Result<Incoming, LinkError>;
     /// A packet for the peer (channel-only mode).
@@ -150,6 +169,7 @@ pub trait LinkMessage: Message {
 impl LinkMessage for GuestMsg {
     type Answer = HostMsg;
     const RING: Direction = Direction::GuestToHost;
+    const CHECK_VNET: bool = true;
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             GuestMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -172,6 +192,7 @@ impl LinkMessage for GuestMsg {
 impl LinkMessage for HostMsg {
     type Answer = GuestMsg;
     const RING: Direction = Direction::HostToGuest;
+    const CHECK_VNET: bool = false;
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             HostMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -227,6 +248,21 @@ fn received<In: Message>(dec: &mut Decoder<In>, rbuf: &[u8], n: usize) -> Result
     Ok(())
 }
 
+/// Hands a frame from the peer to `tap`; on the host, one whose vnet header breaks a rule is
+/// dropped and counted instead (a bad frame is the guest's loss, not the link's end).
+fn deliver<In: LinkMessage>(tap: &impl Port, frame: &[u8], stats: &Stats) -> Result<(), LinkError> {
+    Stats::bump(&stats.packets_in);
+    if In::CHECK_VNET {
+        if let Err(e) = vnet::check(frame) {
+            tracing::debug!("fastnet: dropped a frame from the guest: {e}");
+            Stats::bump(&stats.dropped_invalid);
+            return Ok(());
+        }
+    }
+    tap.send(frame)?;
+    Ok(())
+}
+
 /// Channel-only mode at either end: packets from the peer go to `tap`, packets from `tap` go
 /// to the peer as `Packet` messages, until an error or the peer's reset.
 pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
@@ -241,8 +277,7 @@ pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     loop {
         while let Some(m) = dec.next_message()? {
             if let Incoming::Packet(p) = m.incoming()? {
-                Stats::bump(&stats.packets_in);
-                tap.send(&p)?;
+                deliver::<In>(tap, &p, stats)?;
             }
         }
         tokio::select! {
@@ -317,21 +352,27 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     };
     let mut rx = Consumer::new(seg, layout, In::RING);
     let mut from_peer = vec![0u8; layout.max_packet as usize];
+    // Frames published since the sleeping peer became owed a doorbell (None: none owed).
+    let mut owed: Option<usize> = None;
     loop {
         // Take everything the peer published.
         rx.refresh()?;
         let mut moved = 0;
         while let Some(n) = rx.recv(&mut from_peer)? {
-            Stats::bump(&stats.packets_in);
-            tap.send(&from_peer[..n])?;
+            deliver::<In>(tap, &from_peer[..n], stats)?;
             moved += 1;
         }
         if rx.release() == Doorbell::Ring {
             ring::<S, In>(stream, stats).await?;
         }
         // Then what the TAP already queued, without waiting.
-        moved += tx.take(tap, None, stats)?;
-        if tx.ring.publish() == Doorbell::Ring {
+        let pushed = tx.take(tap, None, stats)?;
+        moved += pushed;
+        owed = tx.publish(owed, pushed);
+        if owed.is_some_and(|n| n >= DOORBELL_AFTER || moved == 0) {
+            // The peer sleeps: one doorbell for everything published since, rung when this
+            // side runs dry (or after DOORBELL_AFTER frames), not one per batch.
+            owed = None;
             ring::<S, In>(stream, stats).await?;
         }
         if moved > 0 {
@@ -356,10 +397,9 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
         tokio::select! {
             n = stream.read(rbuf) => received(&mut dec, rbuf, n?)?,
             n = tap.recv(&mut tx.pkt), if tx.held.is_none() => {
-                tx.take(tap, Some(n?), stats)?;
-                if tx.ring.publish() == Doorbell::Ring {
-                    ring::<S, In>(stream, stats).await?;
-                }
+                let pushed = tx.take(tap, Some(n?), stats)?;
+                // The doorbell, if owed, goes at the end of the next turn that moves nothing.
+                owed = tx.publish(owed, pushed);
             }
         }
     }
@@ -375,6 +415,16 @@ struct TapToRing {
 }
 
 impl TapToRing {
+    /// Publishes what [`TapToRing::take`] pushed; returns the frames published since the
+    /// peer became owed a doorbell (`owed` before this batch), or None if it is awake.
+    fn publish(&mut self, owed: Option<usize>, pushed: usize) -> Option<usize> {
+        match (self.ring.publish(), owed) {
+            (_, Some(n)) => Some(n + pushed),
+            (Doorbell::Ring, None) => Some(pushed),
+            (Doorbell::Quiet, None) => None,
+        }
+    }
+
     /// Pushes the held frame, then `first` (a frame already read into `pkt`), then frames
     /// the TAP has queued, up to [`BATCH`] in all, without publishing; stops at a frame that
     /// does not fit (held). Returns the frames pushed.

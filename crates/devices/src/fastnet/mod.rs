@@ -10,6 +10,7 @@
 //! - [`tap`]: the TAP interface with vnet headers and offloads that each end attaches.
 //! - [`port`]: what the packet loops move frames to and from (a TAP, or a switch port).
 //! - [`switch`]: the host's built-in L2 switch joining several guests' links.
+//! - [`vnet`]: the checks of the vnet header on every frame the host takes from a guest.
 //! - This module: the messages of the `fastnet` channel (setup, the answer, doorbells, and the
 //!   packets themselves in channel-only mode) as records of the shared codec
 //!   ([`crate::record`], [`record::Layout::Long`]: type byte, u32 LE length, payload), and the choice
@@ -32,6 +33,7 @@ mod switch_tests;
 pub mod tap;
 #[cfg(test)]
 mod tests;
+pub mod vnet;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

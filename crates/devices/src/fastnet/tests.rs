@@ -1062,6 +1062,11 @@ async fn host_end_answers_arp(mode: super::Mode) {
             assert_eq!(layout.segment_size, got.segment_size);
             let mut tx = Producer::new(&gseg, layout, Direction::GuestToHost);
             let mut rx = Consumer::new(&gseg, layout, Direction::HostToGuest);
+            // A frame whose vnet header would make the host's kernel cut it into 1-byte
+            // segments: dropped and counted, and the link goes on.
+            let mut hostile = tcp_frame(4000);
+            hostile[4..6].copy_from_slice(&1u16.to_le_bytes());
+            assert!(tx.push(&hostile).unwrap());
             assert!(tx.push(&arp_request(me)).unwrap());
             if tx.publish() == Doorbell::Ring {
                 out.clear();
@@ -1111,6 +1116,7 @@ async fn host_end_answers_arp(mode: super::Mode) {
                 "{stats:?}"
             );
             assert_eq!(stats.snapshot().mode, Some(Mode::SharedMemory), "{stats:?}");
+            assert_eq!(stats.snapshot().dropped_invalid, 1, "{stats:?}");
             return;
         }
     }
@@ -1202,5 +1208,110 @@ fn the_segment_settings_are_checked() {
     for (extra, why) in refused {
         let err = check(extra.clone()).expect_err(&extra.to_string());
         assert!(err.contains(why), "{extra}: {err}");
+    }
+}
+
+/// A TCP/IPv4 GSO frame as a guest's TAP hands it over: vnet header (NEEDS_CSUM, TCPV4,
+/// gso_size 1448, checksum at the TCP header's offset 16), Ethernet, IPv4, TCP, `payload`
+/// bytes.
+fn tcp_frame(payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; super::tap::VNET_HDR_LEN];
+    f[0] = 1;
+    f[1] = 1;
+    f[2..4].copy_from_slice(&66u16.to_le_bytes());
+    f[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    f[6..8].copy_from_slice(&34u16.to_le_bytes());
+    f[8..10].copy_from_slice(&16u16.to_le_bytes());
+    f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1, 0x52, 0x54, 0, 0, 0, 2, 0x08, 0x00]);
+    f.extend_from_slice(&[0x45; 20]);
+    f.extend_from_slice(&[0; 32]);
+    f.resize(f.len() + payload, 0xab);
+    f
+}
+
+#[test]
+fn vnet_headers_from_the_guest_are_checked_field_by_field() {
+    use super::vnet::{check, VnetError};
+    let good = tcp_frame(65000);
+    assert_eq!(check(&good), Ok(()));
+    // A plain frame (no offload) and one with DATA_VALID pass.
+    let mut plain = tcp_frame(100);
+    plain[..10].fill(0);
+    assert_eq!(check(&plain), Ok(()));
+    plain[0] = 2;
+    assert_eq!(check(&plain), Ok(()));
+    // A VLAN-tagged TSO frame: the ethertype behind the tag counts.
+    let mut vlan = good.clone();
+    vlan.splice(24..24, [0x81, 0x00, 0x00, 0x05]);
+    assert_eq!(check(&vlan), Ok(()));
+
+    let with = |at: usize, bytes: &[u8]| {
+        let mut f = good.clone();
+        f[at..at + bytes.len()].copy_from_slice(bytes);
+        check(&f)
+    };
+    let len = good.len() - super::tap::VNET_HDR_LEN;
+    assert_eq!(check(&good[..25]), Err(VnetError::Short(25)));
+    assert_eq!(with(0, &[0x05]), Err(VnetError::Flags(0x05)));
+    assert_eq!(with(0, &[0]), Err(VnetError::GsoWithoutCsum));
+    // UDP fragmentation offload was never negotiated; TCPv6 on an IPv4 frame lies.
+    for gso_type in [3u8, 5, 4, 0x83, 0x7f] {
+        assert!(
+            matches!(with(1, &[gso_type]), Err(VnetError::GsoType { .. })),
+            "gso_type {gso_type:#x}"
+        );
+    }
+    assert_eq!(with(1, &[0x81]), Ok(()), "TCPv4 with ECN");
+    assert!(matches!(with(1, &[0x80]), Err(VnetError::GsoType { .. })));
+    assert_eq!(
+        with(4, &0u16.to_le_bytes()),
+        Err(VnetError::GsoSize { gso_size: 0, len })
+    );
+    // 64 KiB in 1024 pieces at most: gso_size 63 is too small, 64 is not.
+    assert!(matches!(
+        with(4, &63u16.to_le_bytes()),
+        Err(VnetError::GsoSize { .. })
+    ));
+    assert_eq!(with(4, &64u16.to_le_bytes()), Ok(()));
+    assert!(matches!(
+        with(2, &u16::MAX.to_le_bytes()),
+        Err(VnetError::HdrLen { .. })
+    ));
+    // The checksum's start inside the Ethernet header, or its field beyond the frame.
+    assert!(matches!(
+        with(6, &13u16.to_le_bytes()),
+        Err(VnetError::Csum { .. })
+    ));
+    let last = u16::try_from(len - 2).unwrap();
+    assert_eq!(with(6, &(last - 16).to_le_bytes()), Ok(()));
+    assert!(matches!(
+        with(6, &(last - 15).to_le_bytes()),
+        Err(VnetError::Csum { .. })
+    ));
+    assert!(matches!(
+        with(8, &u16::MAX.to_le_bytes()),
+        Err(VnetError::Csum { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Any bytes: a verdict, never a panic; a frame that passes keeps its checksum field and
+    /// its GSO segments within bounds.
+    #[test]
+    fn vnet_check_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        if super::vnet::check(&bytes).is_ok() {
+            let hdr = &bytes[..super::tap::VNET_HDR_LEN];
+            let len = bytes.len() - super::tap::VNET_HDR_LEN;
+            let at = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
+            prop_assert!(hdr[0] & !3 == 0);
+            prop_assert!(at(2) <= len);
+            if hdr[0] & 1 == 1 {
+                prop_assert!(at(6) >= 14 && at(6) + at(8) + 2 <= len);
+            }
+            if hdr[1] != 0 {
+                prop_assert!(at(4) > 0 && len.div_ceil(at(4)) <= super::vnet::MAX_GSO_SEGMENTS);
+            }
+        }
     }
 }
