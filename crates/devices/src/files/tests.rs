@@ -438,27 +438,33 @@ fn make_tree(root: &Path) {
         .expect("chmod");
 }
 
-#[tokio::test]
-async fn a_tree_arrives_identical_through_a_byte_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("src");
-    make_tree(&src);
-    let dst = dir.path().join("dst");
+/// Copies `src` to `dst` (`cp -r -p`) through an in-memory byte stream; both ends must
+/// succeed and the sink must have the whole tree.
+async fn copy_tree(src: &Path, dst: &Path) {
     // A small pipe: the sender waits for the receiver, memory stays bounded.
     let (mut a, mut b) = tokio::io::duplex(8192);
-    let from = src.clone();
+    let from = src.to_owned();
     let sending = transfer::send(
         &mut a,
         move |emit| tree::send_path(&from, true, 0, emit),
         |_| {},
     );
     let mut dec = Decoder::new();
-    let sink = Sink::tree(dst.clone(), true, false);
+    let sink = Sink::tree(dst.to_owned(), true, false);
     let receiving = transfer::receive(&mut b, &mut dec, sink, |_, _| {});
     let (sent, (sink, received)) = tokio::join!(sending, receiving);
     sent.expect("sent");
     received.expect("received");
     assert!(sink.expect("sink").is_done());
+}
+
+#[tokio::test]
+async fn a_tree_arrives_identical_through_a_byte_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    make_tree(&src);
+    let dst = dir.path().join("dst");
+    copy_tree(&src, &dst).await;
     assert_eq!(manifest(&src), manifest(&dst));
     // The hole stayed a hole: 128 MiB long, a few blocks on disk.
     let m = std::fs::metadata(dst.join("sparse")).expect("sparse");
@@ -623,20 +629,7 @@ async fn a_tree_of_many_small_files_arrives_in_several_durable_batches() {
         std::fs::write(d.join(format!("f{i}")), body).expect("file");
     }
     let dst = dir.path().join("dst");
-    let (mut a, mut b) = tokio::io::duplex(8192);
-    let from = src.clone();
-    let sending = transfer::send(
-        &mut a,
-        move |emit| tree::send_path(&from, true, 0, emit),
-        |_| {},
-    );
-    let mut dec = Decoder::new();
-    let sink = Sink::tree(dst.clone(), true, false);
-    let receiving = transfer::receive(&mut b, &mut dec, sink, |_, _| {});
-    let (sent, (sink, received)) = tokio::join!(sending, receiving);
-    sent.expect("sent");
-    received.expect("received");
-    assert!(sink.expect("sink").is_done());
+    copy_tree(&src, &dst).await;
     let (want, got) = (manifest(&src), manifest(&dst));
     assert_eq!(got.len(), files + files / 100 + 1);
     assert_eq!(want, got);
