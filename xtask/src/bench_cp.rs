@@ -40,6 +40,9 @@ struct Row {
     mib_s: f64,
     files_s: Option<f64>,
     took: Duration,
+    /// The guest's side: the agent's CPU seconds per MiB, and the share of the wall time the
+    /// guest's vCPU was busy (near 1: the guest's CPU is the limit).
+    guest: Option<(f64, f64)>,
 }
 
 fn row(what: &str, bytes: u64, files: Option<usize>, took: Duration) -> Row {
@@ -49,7 +52,45 @@ fn row(what: &str, bytes: u64, files: Option<usize>, took: Duration) -> Row {
         mib_s: bytes as f64 / (1u64 << 20) as f64 / secs,
         files_s: files.map(|n| n as f64 / secs),
         took,
+        guest: None,
     }
+}
+
+/// The guest's clock ticks per second in /proc (USER_HZ on x86 Linux).
+const TICKS: f64 = 100.0;
+
+/// The guest's CPU counters in ticks: all CPUs busy (user, nice, system, irq, softirq), and
+/// the agent's user + system time. Read through exec: its own small cost falls into both.
+fn guest_ticks(lab: &Lab) -> Result<[f64; 2]> {
+    let out = exec_sh_within(
+        lab,
+        "read -r _ u n s _ _ i q _ < /proc/stat; a=$(cat /run/vstream-agent.pid); \
+         echo $((u + n + s + i + q)) $(sed 's/.*) //' /proc/$a/stat | cut -d' ' -f12,13 | tr ' ' +)",
+        COPY_TIMEOUT,
+    );
+    let v: Vec<f64> = out
+        .split_whitespace()
+        .map(|w| w.split('+').map(str::parse::<f64>).sum::<Result<f64, _>>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("guest CPU counters: {out:?}"))?;
+    match v[..] {
+        [busy, agent] => Ok([busy, agent]),
+        _ => bail!("guest CPU counters: {out:?}"),
+    }
+}
+
+/// Runs `vstreamctl ARGS` (see [`timed_ctl`]) and measures the guest's side of it.
+fn measured_ctl(lab: &Lab, what: String, bytes: u64, args: &[&str]) -> Result<Row> {
+    let before = guest_ticks(lab)?;
+    let took = timed_ctl(lab, args)?;
+    let after = guest_ticks(lab)?;
+    let mut r = row(&what, bytes, None, took);
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    r.guest = Some((
+        (after[1] - before[1]) / TICKS / mib,
+        (after[0] - before[0]) / TICKS / took.as_secs_f64(),
+    ));
+    Ok(r)
 }
 
 /// `files` small files (0 to 4 KiB, incompressible) in directories of [`PER_DIR`]; their bytes.
@@ -141,22 +182,21 @@ fn file_both_ways(
     let remote = format!("{}:/tmp/big", lab.name());
     exec_sh_within(lab, "rm -f /tmp/big", COPY_TIMEOUT);
     let local_s = local.to_str().context("utf-8")?;
-    let h2g = timed_ctl(lab, &[&["cp"], via, &[local_s, &remote]].concat())?;
+    let args = [&["cp"], via, &[local_s, &remote]].concat();
+    let h2g = measured_ctl(lab, format!("{what} h->g"), bytes, &args)?;
     if guest_sha256(lab, "/tmp/big") != want {
         bail!("{what}: the guest's copy differs");
     }
     let back = local.with_extension("back");
     let _ = fs::remove_file(&back);
     let back_s = back.to_str().context("utf-8")?;
-    let g2h = timed_ctl(lab, &[&["cp"], via, &[&remote, back_s]].concat())?;
+    let args = [&["cp"], via, &[&remote, back_s]].concat();
+    let g2h = measured_ctl(lab, format!("{what} g->h"), bytes, &args)?;
     if sha256_file(&back) != want {
         bail!("{what}: the host's copy differs");
     }
     fs::remove_file(&back)?;
-    Ok([
-        row(&format!("{what} h->g"), bytes, None, h2g),
-        row(&format!("{what} g->h"), bytes, None, g2h),
-    ])
+    Ok([h2g, g2h])
 }
 
 /// The tree copied into the guest and back, by `cp -r` and by tar through exec, each checked
@@ -271,8 +311,8 @@ pub fn run(args: &[String]) -> Result<()> {
         tree_bytes as f64 / (1u64 << 20) as f64
     );
     println!(
-        "{:<26} {:>9} {:>9} {:>8}",
-        "transfer", "seconds", "MiB/s", "files/s"
+        "{:<26} {:>9} {:>9} {:>8} {:>14} {:>10}",
+        "transfer", "seconds", "MiB/s", "files/s", "agent ms/MiB", "guest busy"
     );
     let all: Vec<&Row> = std::iter::once(&echo_row)
         .chain(&cp)
@@ -281,8 +321,11 @@ pub fn run(args: &[String]) -> Result<()> {
         .collect();
     for r in &all {
         let files_s = r.files_s.map(|f| format!("{f:.0}")).unwrap_or_default();
+        let (agent, busy) = r.guest.map_or_else(Default::default, |(a, b)| {
+            (format!("{:.1}", a * 1000.0), format!("{:.0}%", b * 100.0))
+        });
         println!(
-            "{:<26} {:>9.2} {:>9.1} {:>8}",
+            "{:<26} {:>9.2} {:>9.1} {:>8} {agent:>14} {busy:>10}",
             r.what,
             r.took.as_secs_f64(),
             r.mib_s,

@@ -7,7 +7,7 @@
 //! records and `FileEnd`, for each file, then `Done`. For a put, the guest answers `Ready`
 //! (where to resume), the host sends the tree the same way and the guest answers `Ok`. Either
 //! side may send `Error` instead and end the channel. The receiver writes every file under a
-//! temporary name in its directory, fsyncs it and renames it; it checks every name against the
+//! temporary name in its directory, makes it durable (a tree's files in batches) and renames it; it checks every name against the
 //! tree it is building, so that a sender cannot place anything outside the destination
 //! ([`tree::Sink`]). The wire format is specified in docs/devices/files.md; this module is its
 //! reference implementation, framed by the shared record codec ([`crate::record`]).

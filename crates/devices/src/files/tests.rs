@@ -438,36 +438,40 @@ fn make_tree(root: &Path) {
         .expect("chmod");
 }
 
-#[tokio::test]
-async fn a_tree_arrives_identical_through_a_byte_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("src");
-    make_tree(&src);
-    let dst = dir.path().join("dst");
+/// Copies `src` to `dst` (`cp -r -p`) through an in-memory byte stream; both ends must
+/// succeed and the sink must have the whole tree.
+async fn copy_tree(src: &Path, dst: &Path) {
     // A small pipe: the sender waits for the receiver, memory stays bounded.
     let (mut a, mut b) = tokio::io::duplex(8192);
-    let from = src.clone();
+    let from = src.to_owned();
     let sending = transfer::send(
         &mut a,
         move |emit| tree::send_path(&from, true, 0, emit),
         |_| {},
     );
     let mut dec = Decoder::new();
-    let sink = Sink::tree(dst.clone(), true, false);
+    let sink = Sink::tree(dst.to_owned(), true, false);
     let receiving = transfer::receive(&mut b, &mut dec, sink, |_, _| {});
     let (sent, (sink, received)) = tokio::join!(sending, receiving);
     sent.expect("sent");
     received.expect("received");
     assert!(sink.expect("sink").is_done());
+}
+
+#[tokio::test]
+async fn a_tree_arrives_identical_through_a_byte_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    make_tree(&src);
+    let dst = dir.path().join("dst");
+    copy_tree(&src, &dst).await;
     assert_eq!(manifest(&src), manifest(&dst));
     // The hole stayed a hole: 128 MiB long, a few blocks on disk.
     let m = std::fs::metadata(dst.join("sparse")).expect("sparse");
     assert_eq!(m.len(), 128 << 20);
     assert!(m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
     // No partial file left anywhere.
-    assert!(!manifest(&dst)
-        .keys()
-        .any(|p| p.to_string_lossy().contains("vstream-partial")));
+    assert!(partials(&dst).is_empty());
 }
 
 #[tokio::test]
@@ -544,4 +548,89 @@ async fn a_missing_source_is_reported_to_the_peer_as_not_found() {
         }
     }
     assert!(!dir.path().join("out").exists());
+}
+
+/// The partial files left anywhere under `root`.
+fn partials(root: &Path) -> Vec<PathBuf> {
+    manifest(root)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().contains("vstream-partial"))
+        .collect()
+}
+
+#[test]
+fn a_trees_files_appear_under_their_names_only_once_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("t");
+    let mut sink = Sink::tree(root.clone(), false, false);
+    feed(
+        &mut sink,
+        vec![
+            Record::Entry(entry(Kind::Dir, "")),
+            Record::Entry(entry(Kind::File, "a")),
+            data(0, b"hello"),
+            Record::FileEnd {
+                size: 5,
+                crc: crc32c::crc32c(b"hello"),
+            },
+        ],
+    )
+    .expect("a file");
+    // Complete and checked, but its batch is not synced yet: not under its name.
+    assert!(!root.join("a").exists());
+    assert!(partial_path(&root.join("a")).exists());
+    feed(&mut sink, vec![Record::Done(2)]).expect("done");
+    assert!(sink.is_done());
+    assert_eq!(std::fs::read(root.join("a")).expect("a"), b"hello");
+    assert!(partials(&root).is_empty());
+}
+
+#[test]
+fn a_failed_tree_keeps_its_checked_files_and_no_partial_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("t");
+    let mut sink = Sink::tree(root.clone(), false, false);
+    let err = feed(
+        &mut sink,
+        vec![
+            Record::Entry(entry(Kind::Dir, "")),
+            Record::Entry(entry(Kind::File, "good")),
+            data(0, b"fine"),
+            Record::FileEnd {
+                size: 4,
+                crc: crc32c::crc32c(b"fine"),
+            },
+            Record::Entry(entry(Kind::File, "bad")),
+            data(0, b"hello"),
+            Record::FileEnd {
+                size: 5,
+                crc: crc32c::crc32c(b"hellO"),
+            },
+        ],
+    )
+    .expect_err("checksum");
+    assert!(err.message.contains("checksum mismatch"), "{err}");
+    sink.abandon(false);
+    assert_eq!(std::fs::read(root.join("good")).expect("good"), b"fine");
+    assert!(!root.join("bad").exists());
+    assert!(partials(&root).is_empty(), "{:?}", partials(&root));
+}
+
+#[tokio::test]
+async fn a_tree_of_many_small_files_arrives_in_several_durable_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    // More files than one batch holds, some empty, in directories of 100.
+    let files = 2500;
+    for i in 0..files {
+        let d = src.join(format!("d{}", i / 100));
+        std::fs::create_dir_all(&d).expect("dir");
+        let body = format!("{i}").repeat(i % 7);
+        std::fs::write(d.join(format!("f{i}")), body).expect("file");
+    }
+    let dst = dir.path().join("dst");
+    copy_tree(&src, &dst).await;
+    let (want, got) = (manifest(&src), manifest(&dst));
+    assert_eq!(got.len(), files + files / 100 + 1);
+    assert_eq!(want, got);
 }

@@ -88,6 +88,11 @@ fn entry_of(kind: Kind, name: Vec<u8>, m: &std::fs::Metadata, target: Vec<u8>) -
     }
 }
 
+/// A tree's files are made durable in batches of this many files or bytes (whichever comes
+/// first): a batch holds its names and at most this much data not yet on disk.
+const SETTLE_FILES: usize = 1024;
+const SETTLE_BYTES: u64 = 64 << 20;
+
 /// Zeros for the checksum of holes.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -348,7 +353,8 @@ struct Open {
 }
 
 /// Builds, from the records of a tree, the tree at its destination: every file under a
-/// temporary name, fsynced and renamed when its checksum matched.
+/// temporary name, made durable and renamed when its checksum matched (a tree's files in
+/// batches: one syncfs, then the renames).
 ///
 /// The sender is not trusted: every name must be a path under the root made of normal
 /// components ([`super::check_name`]); an entry goes only into a directory that this stream
@@ -366,6 +372,14 @@ pub struct Sink {
     /// and whether this copy created them.
     dir_meta: Vec<(PathBuf, Entry, bool)>,
     open: Option<Open>,
+    /// Files of a tree, complete and checked under their partial names, waiting to be made
+    /// durable together and renamed ([`Sink::settle`]): (partial, final path).
+    settling: Vec<(PathBuf, PathBuf)>,
+    /// Their bytes.
+    settling_bytes: u64,
+    /// One open file on each file system this tree wrote to (its device, the file, the
+    /// directory it was in, for messages): what `syncfs` needs.
+    filesystems: Vec<(u64, File, PathBuf)>,
     entries: u64,
     root_file: bool,
     done: bool,
@@ -403,6 +417,9 @@ impl Sink {
             dirs: HashSet::new(),
             dir_meta: Vec::new(),
             open: None,
+            settling: Vec::new(),
+            settling_bytes: 0,
+            filesystems: Vec::new(),
             entries: 0,
             root_file: false,
             done: false,
@@ -422,8 +439,14 @@ impl Sink {
     }
 
     /// Gives up: removes the partial file being written, unless it is the root's resumable
-    /// one and the copy was `cut` (the next attempt continues it).
+    /// one and the copy was `cut` (the next attempt continues it). Files already complete and
+    /// checked are put in place (made durable first), or removed if that fails.
     pub fn abandon(&mut self, cut: bool) {
+        if self.settle().is_err() {
+            for (partial, _) in self.settling.drain(..) {
+                let _ = std::fs::remove_file(partial);
+            }
+        }
         if let Some(open) = self.open.take() {
             if let Some((_, partial)) = open.file {
                 if !(cut && open.entry.name.is_empty() && self.resume_allowed()) {
@@ -647,9 +670,57 @@ impl Sink {
         if self.preserve {
             apply_file_meta(file, &open.entry).map_err(io)?;
         }
-        file.sync_all().map_err(io)?;
-        std::fs::rename(partial, &open.path).map_err(|e| Failure::io(&open.path, &e))?;
-        open.file = None;
+        if open.entry.name.is_empty() {
+            // A single file (the resumable one): durable on its own, then in place.
+            file.sync_all().map_err(io)?;
+            std::fs::rename(partial, &open.path).map_err(|e| Failure::io(&open.path, &e))?;
+            open.file = None;
+            return Ok(());
+        }
+        // A file of a tree: an fsync each costs a journal commit each (most of a tree of small
+        // files' time); one syncfs makes a batch durable, and only then are they renamed.
+        let dev = file.metadata().map_err(io)?.dev();
+        if let Some((file, partial)) = open.file.take() {
+            if self.filesystems.iter().all(|(d, ..)| *d != dev) {
+                let dir = open.path.parent().unwrap_or(Path::new(".")).to_owned();
+                self.filesystems.push((dev, file, dir));
+            }
+            self.settling.push((partial, open.path.clone()));
+        }
+        self.settling_bytes += size;
+        if self.settling.len() >= SETTLE_FILES || self.settling_bytes >= SETTLE_BYTES {
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the settling files durable (one syncfs per file system), then renames each over
+    /// its name: no file appears under its name before its data is on disk.
+    fn settle(&mut self) -> Result<(), Failure> {
+        if self.settling.is_empty() {
+            return Ok(());
+        }
+        self.sync_filesystems()?;
+        while let Some((partial, path)) = self.settling.pop() {
+            if let Err(e) = std::fs::rename(&partial, &path) {
+                let _ = std::fs::remove_file(&partial);
+                return Err(Failure::io(&path, &e));
+            }
+        }
+        self.settling_bytes = 0;
+        Ok(())
+    }
+
+    fn sync_filesystems(&self) -> Result<(), Failure> {
+        for (_, file, dir) in &self.filesystems {
+            rustix::fs::syncfs(file).map_err(|e| {
+                let e = io::Error::from(e);
+                Failure::new(
+                    ErrorCode::of(&e),
+                    format!("{}: syncing its file system: {e}", dir.display()),
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -663,6 +734,7 @@ impl Sink {
                 self.entries
             )));
         }
+        self.settle()?;
         // Deepest first: setting a directory's times before its contents change them is lost.
         for (path, e, created) in self.dir_meta.drain(..).rev() {
             let io = |err: io::Error| Failure::io(&path, &err);
@@ -678,8 +750,11 @@ impl Sink {
                     .map_err(io)?;
             }
         }
-        // The renames themselves are durable once the root's directory is synced.
-        if let Target::Tree(root) = &self.target {
+        // The renames themselves are durable once the root's directory is synced, or for a
+        // tree of files, with everything else by one more syncfs.
+        if !self.filesystems.is_empty() {
+            self.sync_filesystems()?;
+        } else if let Target::Tree(root) = &self.target {
             if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
                 if let Ok(d) = File::open(parent) {
                     let _ = d.sync_all();
