@@ -102,12 +102,30 @@ impl Conn {
 
     /// Writes pending guest bytes to the host socket; `Err` if the host side is gone.
     pub(super) fn flush(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
+        self.forward(&[])
+    }
+
+    /// Writes pending guest bytes, then `fresh` ones, to the host socket, and keeps what it
+    /// does not take: fresh bytes are copied only when the host is behind.
+    pub(super) fn forward(&mut self, mut fresh: &[u8]) -> io::Result<()> {
+        loop {
+            let pending = self.pending.as_slices().0;
+            let (front, from_pending) = if pending.is_empty() {
+                (fresh, false)
+            } else {
+                (pending, true)
+            };
+            if front.is_empty() {
+                break;
+            }
             match self.stream.write(front) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.pending.drain(..n);
+                    if from_pending {
+                        self.pending.drain(..n);
+                    } else {
+                        fresh = &fresh[n..];
+                    }
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -115,6 +133,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        self.pending.extend(fresh);
         if self.pending.is_empty() && self.guest_sent_all {
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }

@@ -364,8 +364,7 @@ impl VsockDevice {
             return self.abort(token);
         }
         conn.rx_cnt = conn.rx_cnt.wrapping_add(payload.len() as u32);
-        conn.pending.extend(payload);
-        if conn.flush().is_err() {
+        if conn.forward(payload).is_err() {
             self.abort(token);
         }
     }
