@@ -38,6 +38,8 @@ pub(super) struct Conn {
     pub(super) readable: bool,
     pub(super) host_eof: bool,
     pub(super) guest_sent_all: bool,
+    /// The host socket's write side was shut down (the guest's SHUTDOWN, all bytes forwarded).
+    host_write_shut: bool,
     pub(super) asked_credit: bool,
     /// Control packets owed to the guest.
     pub(super) owe: Owe,
@@ -83,6 +85,7 @@ impl Conn {
             readable: false,
             host_eof: false,
             guest_sent_all: false,
+            host_write_shut: false,
             asked_credit: false,
             owe: Owe::default(),
             in_ready: false,
@@ -134,7 +137,10 @@ impl Conn {
             }
         }
         self.pending.extend(fresh);
-        if self.pending.is_empty() && self.guest_sent_all {
+        // Once only: every shutdown(2) wakes the socket's waiters, so repeating it on each
+        // (edge-triggered) write-ready event would make the device's descriptor ready for ever.
+        if self.pending.is_empty() && self.guest_sent_all && !self.host_write_shut {
+            self.host_write_shut = true;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         if self.fwd_cnt.wrapping_sub(self.told_fwd_cnt) >= CREDIT_UPDATE_AFTER {

@@ -287,6 +287,31 @@ fn a_guest_that_stops_reading_its_rx_queue_costs_no_wakeups() {
     assert!(written > 4 * 4096);
 }
 
+/// The guest's SHUTDOWN(SEND) ends the host socket's write side once; the device's descriptor
+/// then goes quiet (shutting down again on every write-ready event kept it ready for ever).
+#[test]
+fn a_guest_shutdown_reaches_the_host_once_and_costs_no_wakeups() {
+    let mut g = guest();
+    g.give_rx(8);
+    let mut host = g.connect_mux(1234);
+    g.send(header(Op::Rw, 1234, MUX, 5), b"hello");
+    let mut shutdown = header(Op::Shutdown, 1234, MUX, 0);
+    shutdown.flags = SHUTDOWN_SEND;
+    g.send(shutdown, b"");
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("read to the end");
+    assert_eq!(got, b"hello", "the bytes, then end of file");
+    for _ in 0..3 {
+        g.backend();
+    }
+    assert!(!readable(&g.dev, 200), "the device would spin");
+    // The host can still answer.
+    host.write_all(b"bye").expect("write");
+    assert!(g.backend());
+    let got = g.received();
+    assert!(got.iter().any(|(_, p)| p == b"bye"), "{got:?}");
+}
+
 #[test]
 fn a_guest_that_overruns_its_credit_loses_that_connection_only() {
     let mut g = guest();
