@@ -91,7 +91,7 @@ fn guest_to_host(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figur
     Ok(figure(bytes, took, cpu))
 }
 
-fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figure> {
+fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<(Figure, GuestCost)> {
     let uds = lab
         .paths()
         .sockets
@@ -100,10 +100,16 @@ fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figur
         .context("no vsock")?
         .uds;
     let id = format!("h2g-{size}");
+    // Around the transfer the guest also counts its vsock RX interrupts and its context
+    // switches: what one received packet costs the guest, whichever device sends it.
     bg(
         lab,
         &id,
-        &format!("socat -b {size} -u VSOCK-LISTEN:{H2G_PORT} - | wc -c"),
+        &format!(
+            "{GUEST_COUNTERS} i0=$(irqs); c0=$(ctxt); \
+             socat -b {size} -u VSOCK-LISTEN:{H2G_PORT} - | wc -c; \
+             echo \"irqs $(( $(irqs) - i0 )) ctxt $(( $(ctxt) - c0 ))\""
+        ),
     );
     // Connect once the guest listens.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -137,7 +143,28 @@ fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figur
     if !out.contains(&bytes.to_string()) {
         bail!("host -> guest: the guest counted {out:?}, {bytes} were sent");
     }
-    Ok(figure(bytes, took, cpu))
+    let count = |what: &str| -> Option<u64> {
+        let line = out.lines().find(|l| l.starts_with("irqs "))?;
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == what)?;
+        words.next()?.parse().ok()
+    };
+    let guest = GuestCost {
+        irqs: count("irqs").context("the guest's interrupt count")?,
+        ctxt: count("ctxt").context("the guest's context switches")?,
+    };
+    Ok((figure(bytes, took, cpu), guest))
+}
+
+/// Shell functions for the guest: `irqs`, the interrupts of the virtio-vsock device's RX
+/// queue (or of all its queues, if they share one vector); `ctxt`, context switches so far.
+const GUEST_COUNTERS: &str = r#"d=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -n 1)); irqs() { awk -v d="$d" '$NF == d"-rx" || $NF == d"-virtqueues" { n += $2 } END { print n + 0 }' /proc/interrupts; }; ctxt() { awk '/^ctxt/ { print $2 }' /proc/stat; };"#;
+
+/// What a host -> guest transfer cost the guest.
+#[derive(Debug, Clone, Copy)]
+struct GuestCost {
+    irqs: u64,
+    ctxt: u64,
 }
 
 /// Runs the benchmark; `args`: `--mib N` (default 32) per transfer.
@@ -176,12 +203,12 @@ pub fn run(args: &[String]) -> Result<()> {
         let mut rows = Vec::new();
         for size in SIZES {
             let g2h = guest_to_host(&lab, pid, size, bytes)?;
-            let h2g = host_to_guest(&lab, pid, size, bytes)?;
+            let (h2g, guest) = host_to_guest(&lab, pid, size, bytes)?;
             eprintln!(
                 "{name}: {size} B writes: guest->host {:.1} MiB/s, host->guest {:.1} MiB/s",
                 g2h.mib_s, h2g.mib_s
             );
-            rows.push((size, g2h, h2g));
+            rows.push((size, g2h, h2g, guest));
         }
         let accel = lab.accel().to_string();
         lab.shutdown()?;
@@ -196,7 +223,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "backend", "write", "g->h MiB/s", "g->h CPU s/GiB", "h->g MiB/s", "h->g CPU s/GiB"
     );
     for (name, _, rows) in &results {
-        for (size, g2h, h2g) in rows {
+        for (size, g2h, h2g, _) in rows {
             println!(
                 "{:<20} {:>7} {:>14.1} {:>14.2} {:>14.1} {:>14.2}",
                 name,
@@ -205,6 +232,20 @@ pub fn run(args: &[String]) -> Result<()> {
                 g2h.cpu_s_per_gib,
                 h2g.mib_s,
                 h2g.cpu_s_per_gib
+            );
+        }
+    }
+    // A Linux guest offers 4 KiB RX buffers: one packet per 4 KiB, whatever the host writes.
+    let packets = bytes.div_ceil(4096) as f64;
+    println!("guest's cost per 4 KiB packet received (h->g): RX interrupts, context switches:");
+    for (name, _, rows) in &results {
+        for (size, _, _, guest) in rows {
+            println!(
+                "  {:<20} {:>7} {:>8.3} {:>8.2}",
+                name,
+                format!("{} KiB", size / 1024),
+                guest.irqs as f64 / packets,
+                guest.ctxt as f64 / packets
             );
         }
     }

@@ -38,9 +38,8 @@ pub(super) struct Conn {
     pub(super) readable: bool,
     pub(super) host_eof: bool,
     pub(super) guest_sent_all: bool,
-    /// The host socket's write side was shut down (once: each `shutdown` wakes the socket's
-    /// own epoll watchers again, so repeating it would make the device loop on its own event).
-    pub(super) host_write_shut: bool,
+    /// The host socket's write side was shut down (the guest's SHUTDOWN, all bytes forwarded).
+    host_write_shut: bool,
     pub(super) asked_credit: bool,
     /// Control packets owed to the guest.
     pub(super) owe: Owe,
@@ -113,12 +112,30 @@ impl Conn {
 
     /// Writes pending guest bytes to the host socket; `Err` if the host side is gone.
     pub(super) fn flush(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
+        self.forward(&[])
+    }
+
+    /// Writes pending guest bytes, then `fresh` ones, to the host socket, and keeps what it
+    /// does not take: fresh bytes are copied only when the host is behind.
+    pub(super) fn forward(&mut self, mut fresh: &[u8]) -> io::Result<()> {
+        loop {
+            let pending = self.pending.as_slices().0;
+            let (front, from_pending) = if pending.is_empty() {
+                (fresh, false)
+            } else {
+                (pending, true)
+            };
+            if front.is_empty() {
+                break;
+            }
             match self.stream.write(front) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.pending.drain(..n);
+                    if from_pending {
+                        self.pending.drain(..n);
+                    } else {
+                        fresh = &fresh[n..];
+                    }
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -126,6 +143,9 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        self.pending.extend(fresh);
+        // Once only: every shutdown(2) wakes the socket's waiters, so repeating it on each
+        // (edge-triggered) write-ready event would make the device's descriptor ready for ever.
         if self.pending.is_empty() && self.guest_sent_all && !self.host_write_shut {
             self.host_write_shut = true;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);

@@ -73,7 +73,6 @@ pub struct VsockDevice {
     ready: VecDeque<u64>,
     /// An RX chain taken but not filled (its work vanished): used first next time.
     spare: Option<Chain>,
-    scratch: Vec<u8>,
     counters: Counters,
 }
 
@@ -117,7 +116,6 @@ impl VsockDevice {
             resets: VecDeque::new(),
             ready: VecDeque::new(),
             spare: None,
-            scratch: vec![0; MAX_PAYLOAD],
             counters: Counters::default(),
         })
     }
@@ -369,8 +367,7 @@ impl VsockDevice {
             return self.abort(token);
         }
         conn.rx_cnt = conn.rx_cnt.wrapping_add(payload.len() as u32);
-        conn.pending.extend(payload);
-        if conn.flush().is_err() {
+        if conn.forward(payload).is_err() {
             self.abort(token);
         }
     }
@@ -562,7 +559,9 @@ impl VsockDevice {
             return None;
         }
         let want = room.min(MAX_PAYLOAD).min(conn.credit() as usize);
-        match conn.stream.read(&mut self.scratch[..want]) {
+        // Straight into the guest's buffer, after the header's place (written once the
+        // length is known): the bytes are not copied through the device.
+        match chain.read_into(mem, HEADER_LEN, want, &mut conn.stream) {
             Ok(0) => {
                 conn.host_eof = true;
                 if conn.finished() {
@@ -579,9 +578,9 @@ impl VsockDevice {
                 conn.owe.credit_update = false;
                 let conn = &self.conns[&token];
                 let h = self.header(conn, Op::Rw, n as u32, 0);
-                let written = chain.write(mem, &[&h.encode(), &self.scratch[..n]]).ok();
+                let written = chain.write(mem, &[&h.encode()]).ok();
                 self.maybe_ready(token);
-                written
+                written.map(|_| (HEADER_LEN + n) as u32)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 conn.readable = false;
