@@ -28,16 +28,20 @@ fn find_program_in<'a>(dirs: impl IntoIterator<Item = &'a Path>, name: &str) -> 
     })
 }
 
-pub(super) fn run_program(program: &Path, args: &[&str]) -> Result<(), QgaError> {
-    let status = std::process::Command::new(program)
+/// Runs `program ARGS` with no input or output, and waits for it.
+pub(super) fn run_quietly(program: &Path, args: &[&str]) -> io::Result<std::process::ExitStatus> {
+    std::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .map_err(|e| {
-            QgaError::generic(format!("cannot run {}: {}", program.display(), errstr(&e)))
-        })?;
+}
+
+pub(super) fn run_program(program: &Path, args: &[&str]) -> Result<(), QgaError> {
+    let status = run_quietly(program, args).map_err(|e| {
+        QgaError::generic(format!("cannot run {}: {}", program.display(), errstr(&e)))
+    })?;
     if status.success() {
         Ok(())
     } else {
@@ -134,50 +138,45 @@ pub(crate) enum SuspendMode {
     Hybrid,
 }
 
-impl SuspendMode {
+/// How each of the three ways suspends in one mode.
+struct SuspendWays {
     /// systemd's unit, checked with `systemctl status`.
-    fn systemd_unit(self) -> &'static str {
-        match self {
-            SuspendMode::Disk => "systemd-hibernate",
-            SuspendMode::Ram => "systemd-suspend",
-            SuspendMode::Hybrid => "systemd-hybrid-sleep",
-        }
-    }
-
+    systemd_unit: &'static str,
     /// The `systemctl` verb.
-    fn systemctl_verb(self) -> &'static str {
-        match self {
-            SuspendMode::Disk => "hibernate",
-            SuspendMode::Ram => "suspend",
-            SuspendMode::Hybrid => "hybrid-sleep",
-        }
-    }
-
+    systemctl_verb: &'static str,
     /// `pm-is-supported`'s option.
-    fn pm_option(self) -> &'static str {
-        match self {
-            SuspendMode::Disk => "--hibernate",
-            SuspendMode::Ram => "--suspend",
-            SuspendMode::Hybrid => "--suspend-hybrid",
-        }
-    }
-
+    pm_option: &'static str,
     /// The pm-utils program.
-    fn pm_program(self) -> &'static str {
-        match self {
-            SuspendMode::Disk => "pm-hibernate",
-            SuspendMode::Ram => "pm-suspend",
-            SuspendMode::Hybrid => "pm-suspend-hybrid",
-        }
-    }
-
+    pm_program: &'static str,
     /// The word written to /sys/power/state. None for hybrid: qemu-ga 7.2 has no kernel path
     /// for it (a guest without systemd or pm-utils is told it is not supported).
-    fn sys_state(self) -> Option<&'static str> {
+    sys_state: Option<&'static str>,
+}
+
+impl SuspendMode {
+    fn ways(self) -> SuspendWays {
         match self {
-            SuspendMode::Disk => Some("disk"),
-            SuspendMode::Ram => Some("mem"),
-            SuspendMode::Hybrid => None,
+            SuspendMode::Disk => SuspendWays {
+                systemd_unit: "systemd-hibernate",
+                systemctl_verb: "hibernate",
+                pm_option: "--hibernate",
+                pm_program: "pm-hibernate",
+                sys_state: Some("disk"),
+            },
+            SuspendMode::Ram => SuspendWays {
+                systemd_unit: "systemd-suspend",
+                systemctl_verb: "suspend",
+                pm_option: "--suspend",
+                pm_program: "pm-suspend",
+                sys_state: Some("mem"),
+            },
+            SuspendMode::Hybrid => SuspendWays {
+                systemd_unit: "systemd-hybrid-sleep",
+                systemctl_verb: "hybrid-sleep",
+                pm_option: "--suspend-hybrid",
+                pm_program: "pm-suspend-hybrid",
+                sys_state: None,
+            },
         }
     }
 }
@@ -189,25 +188,26 @@ impl GuestAgent {
     /// system has resumed (the write to /sys/power/state, or the helper, blocks until then).
     pub(super) fn suspend(&self, mode: SuspendMode) -> Result<(), QgaError> {
         tracing::info!(?mode, "guest-suspend");
+        let ways = mode.ways();
         let mut supported = false;
         // `systemctl status` exits 1 to 3 (LSB codes: stopped) for a unit that exists, and 4
         // for one that does not.
         if matches!(
-            self.run_helper("systemctl", &["status", mode.systemd_unit()]),
+            self.run_helper("systemctl", &["status", ways.systemd_unit]),
             Some(1..=3)
         ) {
             supported = true;
-            if self.run_helper("systemctl", &[mode.systemctl_verb()]) == Some(0) {
+            if self.run_helper("systemctl", &[ways.systemctl_verb]) == Some(0) {
                 return Ok(());
             }
         }
-        if self.run_helper("pm-is-supported", &[mode.pm_option()]) == Some(0) {
+        if self.run_helper("pm-is-supported", &[ways.pm_option]) == Some(0) {
             supported = true;
-            if self.run_helper(mode.pm_program(), &[]) == Some(0) {
+            if self.run_helper(ways.pm_program, &[]) == Some(0) {
                 return Ok(());
             }
         }
-        let last = match mode.sys_state() {
+        let last = match ways.sys_state {
             None => Err(QgaError::generic("unknown guest suspend mode")),
             Some(word) if self.sys_state_offers(word) => {
                 supported = true;
@@ -230,13 +230,7 @@ impl GuestAgent {
     fn run_helper(&self, name: &str, args: &[&str]) -> Option<i32> {
         let program =
             find_program_in(self.settings.helper_dirs.iter().map(PathBuf::as_path), name)?;
-        let status = std::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
+        let status = run_quietly(&program, args).ok()?;
         // WEXITSTATUS, which is 0 for a child killed by a signal, as qemu-ga reads it.
         Some(status.code().unwrap_or(0))
     }
