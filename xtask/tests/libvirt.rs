@@ -386,7 +386,7 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
     for ((cmd, q), v) in COMMANDS.iter().zip(&qemu_ga).zip(&vstream) {
         if cmd.starts_with("dompmsuspend") {
             let outcome = match (q.ok, v.ok) {
-                (true, true) => "both agents suspended the guest".to_owned(),
+                (true, true) => "virsh reports success with both agents".to_owned(),
                 (false, false) => {
                     format!("both agents failed alike: {}", q.all.replace('\n', " / "))
                 }
