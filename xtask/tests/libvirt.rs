@@ -255,13 +255,36 @@ const COMMANDS: &[&str] = &[
     "guestvcpus {} --cpulist 1 --enable",
     "setvcpus {} 1 --guest",
     "set-user-password {} root vstream-secret",
+    // Each suspend mode, then a wakeup and a ping (retried while the guest resumes). Under TCG
+    // S3 may or may not work: the rows must come out the same for both agents.
+    "dompmsuspend {} mem",
+    "dompmwakeup {}",
+    AFTER_WAKEUP,
+    "dompmsuspend {} disk",
+    "dompmwakeup {}",
+    AFTER_WAKEUP,
+    "dompmsuspend {} hybrid",
+    "dompmwakeup {}",
+    AFTER_WAKEUP,
     "shutdown {} --mode agent",
 ];
 
-/// One command's result: whether virsh succeeded, and its first line of output.
+/// The ping after a wakeup: retried for up to [`AGENT_TIMEOUT`], as a resuming guest may take
+/// a while to answer again.
+const AFTER_WAKEUP: &str = r#"qemu-agent-command {} {"execute":"guest-ping"} (retried)"#;
+
+/// Whether a row must come out the same for both agents (success, or the same error): the
+/// suspend rows, where either outcome is acceptable under TCG but the agents must agree.
+fn must_agree(cmd: &str) -> bool {
+    cmd.starts_with("dompm") || cmd == AFTER_WAKEUP
+}
+
+/// One command's result: whether virsh succeeded, its first line of output, and all of it (the
+/// domain's name replaced by `DOM`, as it differs between the two boots).
 struct Answer {
     ok: bool,
     line: String,
+    all: String,
 }
 
 /// Boots the domain with `program` as the agent and runs every command.
@@ -277,7 +300,9 @@ fn run_all(tag: &str, program: &str) -> Vec<Answer> {
     COMMANDS
         .iter()
         .map(|c| {
+            let retried = *c == AFTER_WAKEUP;
             let line = c
+                .trim_end_matches(" (retried)")
                 .replace("{keys}", &keys.to_string_lossy())
                 .replace("{}", &domain.name);
             let args: Vec<&str> = match line.split_once(' ') {
@@ -288,18 +313,27 @@ fn run_all(tag: &str, program: &str) -> Vec<Answer> {
                 }
                 _ => line.split_whitespace().collect(),
             };
-            let out = virsh(&args);
-            let all = text(&out);
+            let deadline = Instant::now() + AGENT_TIMEOUT;
+            let out = loop {
+                let out = virsh(&args);
+                if !retried || out.status.success() || Instant::now() > deadline {
+                    break out;
+                }
+                thread::sleep(Duration::from_secs(1));
+            };
+            let raw = text(&out);
+            eprintln!("[{tag}] virsh {c}: {}", raw.trim_end());
+            let all = raw.trim().replace(&domain.name, "DOM");
             let first = all
                 .lines()
                 .map(str::trim)
                 .find(|l| !l.is_empty() && !l.starts_with("---"))
                 .unwrap_or("")
                 .to_owned();
-            eprintln!("[{tag}] virsh {c}: {}", all.trim_end());
             Answer {
                 ok: out.status.success(),
                 line: first,
+                all,
             }
         })
         .collect()
@@ -332,14 +366,33 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
     );
     println!("{}", "-".repeat(160));
     let mut missing = Vec::new();
-    for ((cmd, q), v) in COMMANDS.iter().zip(&qemu_ga).zip(&vstream) {
-        let cmd = cmd
+    let mut disagree = Vec::new();
+    for ((raw, q), v) in COMMANDS.iter().zip(&qemu_ga).zip(&vstream) {
+        let cmd = raw
             .replace("{} ", "")
             .replace(" {}", "")
             .replace("{keys}", "KEYS");
         println!("{cmd:<44} | {:<50} | {}", cell(q), cell(v));
         if q.ok && !v.ok {
-            missing.push(cmd);
+            missing.push(cmd.clone());
+        }
+        if must_agree(raw) && (q.ok != v.ok || (!q.ok && q.all != v.all)) {
+            disagree.push(format!(
+                "{cmd}: qemu-ga {:?}, vstream-agent {:?}",
+                q.all, v.all
+            ));
+        }
+    }
+    for ((cmd, q), v) in COMMANDS.iter().zip(&qemu_ga).zip(&vstream) {
+        if cmd.starts_with("dompmsuspend") {
+            let outcome = match (q.ok, v.ok) {
+                (true, true) => "virsh reports success with both agents".to_owned(),
+                (false, false) => {
+                    format!("both agents failed alike: {}", q.all.replace('\n', " / "))
+                }
+                _ => "the agents differ".to_owned(),
+            };
+            println!("{}: {outcome}", cmd.replace(" {}", ""));
         }
     }
     let answered = |col: &[Answer]| col.iter().filter(|a| a.ok).count();
@@ -352,6 +405,10 @@ fn virsh_answers_through_vstream_agent_as_through_qemu_ga() {
     assert!(
         missing.is_empty(),
         "vstream-agent failed where qemu-ga answered: {missing:?}"
+    );
+    assert!(
+        disagree.is_empty(),
+        "suspend: vstream-agent did not do what qemu-ga did: {disagree:#?}"
     );
 }
 

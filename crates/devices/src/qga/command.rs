@@ -10,7 +10,7 @@ use super::{GuestLogicalProcessor, GuestMemoryBlock, QgaError};
 pub struct CommandSpec {
     /// QGA name.
     pub name: &'static str,
-    /// Whether it replies on success (only `guest-shutdown` does not).
+    /// Whether it replies on success (`guest-shutdown` and `guest-suspend-*` do not).
     pub success_response: bool,
     /// Allowed while file systems are frozen (qemu-ga's list).
     pub allowed_frozen: bool,
@@ -100,6 +100,9 @@ pub enum Command {
     Shutdown {
         mode: ShutdownMode,
     },
+    SuspendDisk,
+    SuspendRam,
+    SuspendHybrid,
     GetTime,
     SetTime {
         time: Option<i64>,
@@ -418,6 +421,10 @@ commands! {
             Some(_) => return Err(QgaError::invalid_value("mode", "halt|powerdown|reboot")),
         },
     };
+    "guest-suspend-disk" => SuspendDisk, frozen: false, reply: false, |a| Command::SuspendDisk;
+    "guest-suspend-ram" => SuspendRam, frozen: false, reply: false, |a| Command::SuspendRam;
+    "guest-suspend-hybrid" => SuspendHybrid, frozen: false, reply: false,
+        |a| Command::SuspendHybrid;
     "guest-get-time" => GetTime, frozen: false, reply: true, |a| Command::GetTime;
     "guest-set-time" => SetTime, frozen: false, reply: true,
         |a| Command::SetTime { time: a.opt_int("time")? };

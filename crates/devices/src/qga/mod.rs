@@ -1,7 +1,7 @@
 //! Device: qga, system management speaking the QEMU guest agent's JSON protocol.
 //!
 //! The guest half ([`guest::GuestAgent`]) answers QGA commands (the ones qemu-ga has that make
-//! sense here: sync, ping, info, shutdown, time, OS and host facts, users, load, vCPUs, network
+//! sense here: sync, ping, info, shutdown, suspend, time, OS and host facts, users, load, vCPUs, network
 //! interfaces, file systems and their freezing, exec, files, SSH keys) on two kinds of stream:
 //!
 //! - multiplexer channels of class `qga` (any name), opened by vstreamd for `vstreamctl agent`;
@@ -20,7 +20,7 @@
 //! A request is one JSON object `{"execute": NAME, "arguments": {...}}` (an `"id"` member is
 //! echoed back); requests may be concatenated with or without whitespace, newlines are not
 //! needed. A reply is `{"return": VALUE}` or `{"error": {"class": CLASS, "desc": TEXT}}` followed
-//! by a newline; `guest-shutdown` sends none on success. A 0xFF byte from the client drops any
+//! by a newline; `guest-shutdown` and `guest-suspend-*` send none on success. A 0xFF byte from the client drops any
 //! partial request; the reply to `guest-sync-delimited` is preceded by 0xFF. Limits (see
 //! docs/devices/qga.md): [`MAX_REQUEST`], [`MAX_READ_COUNT`], [`MAX_OPEN_FILES`],
 //! [`MAX_PROCESSES`], [`MAX_EXEC_OUTPUT`], [`EXEC_OUTPUT_BUDGET`].

@@ -329,6 +329,9 @@ fn every_command_round_trips_through_its_request() {
             minimum: Some(4096),
         },
         Command::GetDisks,
+        Command::SuspendDisk,
+        Command::SuspendRam,
+        Command::SuspendHybrid,
     ];
     let names: Vec<&str> = cmds.iter().map(Command::name).collect();
     for spec in COMMANDS {
@@ -562,7 +565,19 @@ fn sync_ping_info_and_unknown_commands() {
     assert_eq!(info.supported_commands.len(), COMMANDS.len());
     for c in &info.supported_commands {
         assert!(c.enabled, "{}", c.name);
-        assert_eq!(c.success_response, c.name != "guest-shutdown", "{}", c.name);
+        // The QAPI schema's `success-response: false` commands.
+        let silent = [
+            "guest-shutdown",
+            "guest-suspend-disk",
+            "guest-suspend-ram",
+            "guest-suspend-hybrid",
+        ];
+        assert_eq!(
+            c.success_response,
+            !silent.contains(&c.name.as_str()),
+            "{}",
+            c.name
+        );
     }
     // The raw member name QGA uses.
     assert!(ok(&f.agent, &Command::Info)["supported_commands"].is_array());
@@ -1404,6 +1419,147 @@ fn shutdown_sends_no_reply_and_runs_the_configured_command() {
             .starts_with("child process has failed to shutdown"),
         "{v}"
     );
+}
+
+/// An agent whose /sys is `dir/sys` (with `power/state` holding `state`, if any) and whose
+/// suspend helpers are looked for in `dir/bin` only.
+fn suspend_agent(dir: &Path, state: Option<&str>) -> GuestAgent {
+    std::fs::create_dir_all(dir.join("sys/power")).expect("sys");
+    std::fs::create_dir_all(dir.join("bin")).expect("bin");
+    if let Some(state) = state {
+        std::fs::write(dir.join("sys/power/state"), state).expect("state");
+    }
+    GuestAgent::new(Settings {
+        sysfs: dir.join("sys"),
+        helper_dirs: vec![dir.join("bin")],
+        ..Settings::default()
+    })
+}
+
+/// A helper program in `dir/bin` that logs its arguments to `dir/log` and runs `body`.
+fn suspend_helper(dir: &Path, name: &str, body: &str) {
+    let path = dir.join("bin").join(name);
+    let log = dir.join("log");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho {name} \"$@\" >> {}\n{body}\n",
+            log.display()
+        ),
+    )
+    .expect("helper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// `guest-suspend-MODE`: None when the agent sent nothing, else the error reply.
+fn suspend(agent: &GuestAgent, mode: &str) -> Option<Value> {
+    let req = format!(r#"{{"execute":"guest-suspend-{mode}"}}"#);
+    let out = agent.handle_text(req.as_bytes())?;
+    assert_eq!(out.last(), Some(&b'\n'), "replies end with a newline");
+    Some(serde_json::from_slice(&out).expect("reply JSON"))
+}
+
+const NOT_SUPPORTED: &str = "the requested suspend mode is not supported by the guest";
+
+#[test]
+fn suspend_uses_the_kernel_when_it_offers_the_mode_and_replies_only_on_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let agent = suspend_agent(d, Some("freeze mem\n"));
+    // Offered: written, and no reply at all (libvirt waits for QEMU's SUSPEND event instead).
+    // (Written at its start, without truncating, as qemu-ga opens it.)
+    assert_eq!(suspend(&agent, "ram"), None);
+    assert_eq!(
+        std::fs::read_to_string(d.join("sys/power/state")).expect("state"),
+        "memeze mem\n"
+    );
+    // Not offered: qemu-ga's error, and the file is left alone.
+    std::fs::write(d.join("sys/power/state"), "freeze mem\n").expect("state");
+    let v = suspend(&agent, "disk").expect("an error reply");
+    assert_eq!(
+        v,
+        json!({"error": {"class": "GenericError", "desc": NOT_SUPPORTED}})
+    );
+    // qemu-ga 7.2 has no kernel path for hybrid, whatever the kernel offers.
+    std::fs::write(d.join("sys/power/state"), "freeze mem disk\n").expect("state");
+    assert_eq!(
+        suspend(&agent, "hybrid").expect("error")["error"]["desc"],
+        NOT_SUPPORTED
+    );
+    assert_eq!(suspend(&agent, "disk"), None);
+    assert_eq!(
+        std::fs::read_to_string(d.join("sys/power/state")).expect("state"),
+        "diskze mem disk\n"
+    );
+    // No /sys/power/state: nothing is supported.
+    let none = tempfile::tempdir().expect("tempdir");
+    let agent = suspend_agent(none.path(), None);
+    for mode in ["ram", "disk", "hybrid"] {
+        let v = suspend(&agent, mode).expect("error");
+        assert_eq!(v["error"]["class"], "GenericError", "{mode}");
+        assert_eq!(v["error"]["desc"], NOT_SUPPORTED, "{mode}");
+    }
+    // Not on qemu-ga's list of commands allowed while frozen, and silent on success.
+    for mode in ["ram", "disk", "hybrid"] {
+        let name = format!("guest-suspend-{mode}");
+        let spec = command_spec(&name).expect("listed");
+        assert!(!spec.allowed_frozen && !spec.success_response, "{name}");
+    }
+}
+
+#[test]
+fn suspend_prefers_systemd_then_pm_utils_then_the_kernel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let agent = suspend_agent(d, Some("freeze mem disk\n"));
+    let log = || std::fs::read_to_string(d.join("log")).unwrap_or_default();
+    let state = || std::fs::read_to_string(d.join("sys/power/state")).expect("state");
+
+    // systemd has the unit (`status` exits 3, stopped): `systemctl suspend`, nothing else.
+    suspend_helper(d, "systemctl", r#"[ "$1" = status ] && exit 3; exit 0"#);
+    suspend_helper(d, "pm-is-supported", "exit 0");
+    suspend_helper(d, "pm-suspend", "exit 0");
+    assert_eq!(suspend(&agent, "ram"), None);
+    assert_eq!(
+        log(),
+        "systemctl status systemd-suspend\nsystemctl suspend\n"
+    );
+    assert_eq!(state(), "freeze mem disk\n");
+
+    // No such unit (4): pm-utils.
+    std::fs::remove_file(d.join("log")).expect("rm log");
+    suspend_helper(d, "systemctl", "exit 4");
+    assert_eq!(suspend(&agent, "ram"), None);
+    assert_eq!(
+        log(),
+        "systemctl status systemd-suspend\npm-is-supported --suspend\npm-suspend\n"
+    );
+    assert_eq!(state(), "freeze mem disk\n");
+
+    // systemd and pm-utils say yes but fail: the kernel, last.
+    std::fs::remove_file(d.join("log")).expect("rm log");
+    suspend_helper(d, "systemctl", r#"[ "$1" = status ] && exit 3; exit 1"#);
+    suspend_helper(d, "pm-suspend", "exit 1");
+    assert_eq!(suspend(&agent, "ram"), None);
+    assert_eq!(
+        log(),
+        "systemctl status systemd-suspend\nsystemctl suspend\n\
+         pm-is-supported --suspend\npm-suspend\n"
+    );
+    assert_eq!(state(), "memeze mem disk\n");
+
+    // Hybrid supported by systemd but failing, no kernel path: qemu-ga's last error.
+    std::fs::remove_file(d.join("log")).expect("rm log");
+    suspend_helper(d, "pm-is-supported", "exit 1");
+    let v = suspend(&agent, "hybrid").expect("error");
+    assert_eq!(
+        v,
+        json!({"error": {"class": "GenericError", "desc": "unknown guest suspend mode"}})
+    );
+    assert!(log().starts_with(
+        "systemctl status systemd-hybrid-sleep\nsystemctl hybrid-sleep\n\
+         pm-is-supported --suspend-hybrid\n"
+    ));
 }
 
 #[test]

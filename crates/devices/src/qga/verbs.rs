@@ -121,7 +121,7 @@ async fn qga_raw(
     let timeout = Duration::from_secs_f64(timeout.clamp(0.1, 86_400.0));
     let mut client = qga_client(ctx, guest, timeout).await?;
     if command_spec(execute).is_some_and(|c| !c.success_response) {
-        // No reply on success (guest-shutdown): wait briefly for an error only.
+        // No reply on success (guest-shutdown, guest-suspend-*): wait briefly for an error only.
         let cmd = super::Command::parse(
             execute,
             request

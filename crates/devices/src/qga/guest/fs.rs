@@ -385,15 +385,9 @@ impl GuestAgent {
         let Some(hook) = &self.settings.fsfreeze_hook else {
             return Ok(());
         };
-        let status = std::process::Command::new(hook)
-            .arg(arg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|_| {
-                QgaError::generic(format!("can't access fsfreeze hook '{}'", hook.display()))
-            })?;
+        let status = run_quietly(hook, &[arg]).map_err(|_| {
+            QgaError::generic(format!("can't access fsfreeze hook '{}'", hook.display()))
+        })?;
         if status.success() {
             return Ok(());
         }

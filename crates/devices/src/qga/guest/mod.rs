@@ -67,6 +67,8 @@ pub struct Settings {
     pub sysfs: PathBuf,
     /// qemu-ga's fsfreeze hook: run with `freeze` before a freeze and `thaw` after a thaw.
     pub fsfreeze_hook: Option<PathBuf>,
+    /// Where `guest-suspend-*` looks for systemd's `systemctl` and pm-utils' programs.
+    pub helper_dirs: Vec<PathBuf>,
 }
 
 impl Default for Settings {
@@ -81,6 +83,7 @@ impl Default for Settings {
             filter: CommandFilter::default(),
             sysfs: "/sys".into(),
             fsfreeze_hook: None,
+            helper_dirs: SYSTEM_DIRS.iter().map(PathBuf::from).collect(),
         }
     }
 }
@@ -305,6 +308,9 @@ impl GuestAgent {
             Command::Ping => to_value(Map::new()),
             Command::Info => to_value(self.info()),
             Command::Shutdown { mode } => self.shutdown(mode).map(|()| None),
+            Command::SuspendDisk => self.suspend(SuspendMode::Disk).map(|()| None),
+            Command::SuspendRam => self.suspend(SuspendMode::Ram).map(|()| None),
+            Command::SuspendHybrid => self.suspend(SuspendMode::Hybrid).map(|()| None),
             Command::GetTime => to_value(get_time()?),
             Command::SetTime { time } => {
                 self.set_time(time)?;

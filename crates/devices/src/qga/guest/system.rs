@@ -12,27 +12,36 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Power.
 
+/// The usual system directories, where the agent looks for the programs it runs.
+pub(super) const SYSTEM_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
 /// A program in the usual system directories.
 pub(super) fn find_program(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+    find_program_in(SYSTEM_DIRS.iter().map(Path::new), name)
 }
 
-pub(super) fn run_program(program: &Path, args: &[&str]) -> Result<(), QgaError> {
-    let status = std::process::Command::new(program)
+/// The first executable file `name` in `dirs`.
+fn find_program_in<'a>(dirs: impl IntoIterator<Item = &'a Path>, name: &str) -> Option<PathBuf> {
+    dirs.into_iter().map(|d| d.join(name)).find(|p| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// Runs `program ARGS` with no input or output, and waits for it.
+pub(super) fn run_quietly(program: &Path, args: &[&str]) -> io::Result<std::process::ExitStatus> {
+    std::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .map_err(|e| {
-            QgaError::generic(format!("cannot run {}: {}", program.display(), errstr(&e)))
-        })?;
+}
+
+pub(super) fn run_program(program: &Path, args: &[&str]) -> Result<(), QgaError> {
+    let status = run_quietly(program, args).map_err(|e| {
+        QgaError::generic(format!("cannot run {}: {}", program.display(), errstr(&e)))
+    })?;
     if status.success() {
         Ok(())
     } else {
@@ -115,6 +124,134 @@ impl GuestAgent {
             "reboot(2) failed: {}",
             errstr(&e.into())
         )))
+    }
+}
+
+/// `guest-suspend-*`'s mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SuspendMode {
+    /// Hibernate (`guest-suspend-disk`).
+    Disk,
+    /// Suspend to RAM, S3 (`guest-suspend-ram`).
+    Ram,
+    /// Both (`guest-suspend-hybrid`).
+    Hybrid,
+}
+
+/// How each of the three ways suspends in one mode.
+struct SuspendWays {
+    /// systemd's unit, checked with `systemctl status`.
+    systemd_unit: &'static str,
+    /// The `systemctl` verb.
+    systemctl_verb: &'static str,
+    /// `pm-is-supported`'s option.
+    pm_option: &'static str,
+    /// The pm-utils program.
+    pm_program: &'static str,
+    /// The word written to /sys/power/state. None for hybrid: qemu-ga 7.2 has no kernel path
+    /// for it (a guest without systemd or pm-utils is told it is not supported).
+    sys_state: Option<&'static str>,
+}
+
+impl SuspendMode {
+    fn ways(self) -> SuspendWays {
+        match self {
+            SuspendMode::Disk => SuspendWays {
+                systemd_unit: "systemd-hibernate",
+                systemctl_verb: "hibernate",
+                pm_option: "--hibernate",
+                pm_program: "pm-hibernate",
+                sys_state: Some("disk"),
+            },
+            SuspendMode::Ram => SuspendWays {
+                systemd_unit: "systemd-suspend",
+                systemctl_verb: "suspend",
+                pm_option: "--suspend",
+                pm_program: "pm-suspend",
+                sys_state: Some("mem"),
+            },
+            SuspendMode::Hybrid => SuspendWays {
+                systemd_unit: "systemd-hybrid-sleep",
+                systemctl_verb: "hybrid-sleep",
+                pm_option: "--suspend-hybrid",
+                pm_program: "pm-suspend-hybrid",
+                sys_state: None,
+            },
+        }
+    }
+}
+
+impl GuestAgent {
+    /// Suspends the system as qemu-ga 7.2 does: systemd if it has the mode's unit, else pm-utils
+    /// if `pm-is-supported` says yes, else the kernel's /sys/power/state. A way that fails
+    /// passes to the next one, and only the last way's failure is reported. Returns once the
+    /// system has resumed (the write to /sys/power/state, or the helper, blocks until then).
+    pub(super) fn suspend(&self, mode: SuspendMode) -> Result<(), QgaError> {
+        tracing::info!(?mode, "guest-suspend");
+        let ways = mode.ways();
+        let mut supported = false;
+        // `systemctl status` exits 1 to 3 (LSB codes: stopped) for a unit that exists, and 4
+        // for one that does not.
+        if matches!(
+            self.run_helper("systemctl", &["status", ways.systemd_unit]),
+            Some(1..=3)
+        ) {
+            supported = true;
+            if self.run_helper("systemctl", &[ways.systemctl_verb]) == Some(0) {
+                return Ok(());
+            }
+        }
+        if self.run_helper("pm-is-supported", &[ways.pm_option]) == Some(0) {
+            supported = true;
+            if self.run_helper(ways.pm_program, &[]) == Some(0) {
+                return Ok(());
+            }
+        }
+        let last = match ways.sys_state {
+            None => Err(QgaError::generic("unknown guest suspend mode")),
+            Some(word) if self.sys_state_offers(word) => {
+                supported = true;
+                self.write_sys_state(word)
+            }
+            Some(_) => Ok(()),
+        };
+        if !supported {
+            return Err(QgaError::generic(
+                "the requested suspend mode is not supported by the guest",
+            ));
+        }
+        // As in qemu-ga: when an earlier way was supported but failed and the kernel offers
+        // nothing, this is a success (and no reply).
+        last
+    }
+
+    /// qemu-ga's `run_process_child`: the exit code of `name ARGS`, or None when there is no
+    /// such program or it cannot start.
+    fn run_helper(&self, name: &str, args: &[&str]) -> Option<i32> {
+        let program =
+            find_program_in(self.settings.helper_dirs.iter().map(PathBuf::as_path), name)?;
+        let status = run_quietly(&program, args).ok()?;
+        // WEXITSTATUS, which is 0 for a child killed by a signal, as qemu-ga reads it.
+        Some(status.code().unwrap_or(0))
+    }
+
+    fn sys_power_state(&self) -> PathBuf {
+        self.settings.sysfs.join("power/state")
+    }
+
+    /// Whether /sys/power/state lists `word` (qemu-ga reads its first 31 bytes).
+    fn sys_state_offers(&self, word: &str) -> bool {
+        read_text(&self.sys_power_state(), 31).is_ok_and(|s| s.contains(word))
+    }
+
+    /// Writes `word` to /sys/power/state. qemu-ga 7.2 writes from a child and waits for it;
+    /// this worker thread blocks the same way (and qemu-ga 9 writes in place too).
+    fn write_sys_state(&self, word: &str) -> Result<(), QgaError> {
+        OpenOptions::new()
+            .write(true)
+            .open(self.sys_power_state())
+            .and_then(|mut f| f.write_all(word.as_bytes()))
+            .map_err(|_| QgaError::generic("child process has failed to suspend"))
     }
 }
 
