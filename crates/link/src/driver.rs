@@ -51,6 +51,24 @@ pub enum LinkEnded {
     Removed,
 }
 
+/// See [`Mux::run_link`]: its link leaves the session when the guard drops.
+struct LinkGuard<'a> {
+    mux: &'a Mux,
+    link: LinkId,
+    /// Why the link ended; `None` while it runs (a drop then means the task was cancelled).
+    reason: Option<String>,
+}
+
+impl Drop for LinkGuard<'_> {
+    fn drop(&mut self) {
+        let reason = self
+            .reason
+            .take()
+            .unwrap_or_else(|| "the link's task was cancelled".to_owned());
+        self.mux.remove_link(self.link, &reason);
+    }
+}
+
 impl Mux {
     /// Runs one link over `stream` until it ends; returns why it ended. `prefix` holds bytes
     /// already read from the stream (see [`read_hello`]).
@@ -91,6 +109,14 @@ impl Mux {
             }
             (link, down, timer)
         };
+        // Removes the link from the session however this future ends: also when its task is
+        // aborted, or the write half kept in the link's entry would hold the stream open and
+        // the session would count a link that nobody reads.
+        let mut guard = LinkGuard {
+            mux: self,
+            link,
+            reason: None,
+        };
         let mut r = r;
         let ended = tokio::select! {
             e = self.reader(link, &mut r) => e,
@@ -108,6 +134,13 @@ impl Mux {
             .and_then(|e| e.down_reason.clone())
             .map_or(ended, LinkEnded::Session);
         let _ = std::future::poll_fn(|cx| lock_out(&out).w.as_mut().poll_shutdown(cx)).await;
+        guard.reason = Some(reason.to_string());
+        drop(guard);
+        reason
+    }
+
+    /// Takes `link` out of the session and tells whoever listens why.
+    fn remove_link(&self, link: LinkId, reason: &str) {
         let mut inner = self.shared.lock();
         inner.session.remove_link(link);
         if let Some(e) = inner.links.remove(&link) {
@@ -115,15 +148,17 @@ impl Mux {
             let _ = inner.events.send(MuxEvent::LinkDown {
                 link: link.0,
                 transport: e.transport,
-                reason: reason.to_string(),
+                reason: reason.to_owned(),
             });
         }
         inner.dispatch(&self.shared);
         inner.kick();
         if inner.links.is_empty() {
-            tokio::spawn(self.clone().linger());
+            // Not from a runtime that is going away (a drop at shutdown): nothing to run then.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(self.clone().linger());
+            }
         }
-        reason
     }
 
     /// Runs the session's timers while it has no link (no link task does then): reports held
