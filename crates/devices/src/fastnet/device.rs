@@ -10,7 +10,7 @@ use crate::ServeFuture;
 #[cfg(feature = "host")]
 use {
     super::ring::{Layout, Memory, Segment},
-    super::switch::{parse_mac, Mac, PortConfig, PortCounters},
+    super::switch::{parse_mac, Limits, LimitsConfig, Mac, PortConfig, PortCounters},
     super::{Setup, MAX_PACKET, PROTOCOL_VERSION},
     crate::registry::{section, GuestFacts, HostContext, HostHalf, HostState},
     crate::status::DeviceStatus,
@@ -30,6 +30,13 @@ use {
 
 /// `fastnet`.
 pub struct FastnetDevice;
+
+/// The agent's wait before it sets up a link again after one ended; doubled, up to
+/// [`RESTART_MAX`], while the links end before they come up.
+#[cfg(feature = "guest")]
+const RESTART_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+#[cfg(feature = "guest")]
+const RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(feature = "host")]
 /// How a link carries its packets (`mode`).
@@ -63,6 +70,9 @@ pub struct FastnetConfig {
     /// otherwise).
     #[serde(default)]
     pub allow_mac_spoofing: bool,
+    /// On a switch: its bounds (`[guest.fastnet.switch_limits]`; defaults for those left out).
+    #[serde(default)]
+    pub switch_limits: Option<LimitsConfig>,
     /// The network namespace of the TAP (a name under /run/netns or a path); vstreamd's own if
     /// absent.
     #[serde(default)]
@@ -121,6 +131,18 @@ impl FastnetConfig {
             })
     }
 
+    /// The switch's bounds: `switch_limits`, only with a switch.
+    pub(crate) fn limits(&self) -> Result<Limits, SettingsError> {
+        match (&self.switch_limits, &self.switch) {
+            (None, _) => Ok(Limits::default()),
+            (Some(_), None) => Err(SettingsError::new(
+                CLASS,
+                "switch_limits is for a switch port",
+            )),
+            (Some(l), Some(_)) => l.limits().map_err(|e| SettingsError::new(CLASS, e)),
+        }
+    }
+
     fn validate(&self) -> Result<(), SettingsError> {
         if self.tap.is_none() && self.switch.is_none() {
             return Err(SettingsError::new(
@@ -141,6 +163,7 @@ impl FastnetConfig {
                 ));
             }
         }
+        self.limits()?;
         if self.allow_mac_spoofing && self.switch.is_none() {
             return Err(SettingsError::new(
                 CLASS,
@@ -251,18 +274,30 @@ impl Device for FastnetDevice {
         };
         let mux = mux.clone();
         let task: ServeFuture = Box::pin(async move {
-            let chan = match mux.open(CLASS, CHANNEL_NAME).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("fastnet: the host refused the link: {e}");
-                    return;
-                }
-            };
-            let stats = Stats::default();
             let devices = std::path::Path::new(super::guest::SYSFS_PCI_DEVICES);
-            match super::guest::run(chan, &ifname, devices, &stats).await {
-                Ok(()) => {}
-                Err(e) => tracing::warn!(%ifname, ?stats, "fastnet: link ended: {e}"),
+            let mut delay = RESTART_MIN;
+            // A link that ends (a reset by either side) is set up again on a new channel: the
+            // host writes a fresh header and zeroed indexes before its new `Setup`.
+            loop {
+                let chan = match mux.open(CLASS, CHANNEL_NAME).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("fastnet: the host refused the link: {e}");
+                        return;
+                    }
+                };
+                let stats = Stats::default();
+                if let Err(e) = super::guest::run(chan, &ifname, devices, &stats).await {
+                    tracing::warn!(%ifname, ?stats, "fastnet: link ended: {e}; again in {delay:?}");
+                }
+                tokio::time::sleep(delay).await;
+                // A link that never came up (no TAP, a refused setup) backs off further.
+                let came_up = stats.ready.lock().is_ok_and(|r| r.is_some());
+                delay = if came_up {
+                    RESTART_MIN
+                } else {
+                    (delay * 2).min(RESTART_MAX)
+                };
             }
         });
         GuestHalf {
@@ -285,6 +320,12 @@ struct FastnetService {
 #[derive(Default)]
 struct LinkState {
     link: std::sync::Mutex<Option<Arc<Stats>>>,
+    /// Held while a link runs: a new link (the guest's agent sets one up after a reset)
+    /// initialises the segment only once the last one stopped using it.
+    running: tokio::sync::Mutex<()>,
+    /// Links that ended, and why the last one did.
+    resets: std::sync::atomic::AtomicU64,
+    last_reset: std::sync::Mutex<Option<String>>,
     /// The link's switch and its port's counters, if it is on a switch.
     switch: std::sync::Mutex<Option<(String, Arc<PortCounters>)>>,
 }
@@ -294,6 +335,8 @@ impl HostState for LinkState {
     fn status(&self) -> Option<DeviceStatus> {
         let link = self.link.lock().ok()?.clone()?;
         let mut status = link.snapshot();
+        status.resets = self.resets.load(std::sync::atomic::Ordering::Relaxed);
+        status.last_reset = self.last_reset.lock().ok()?.clone();
         if let Some((name, counters)) = self.switch.lock().ok()?.as_ref() {
             status.switch = Some(counters.snapshot(name));
         }
@@ -348,12 +391,13 @@ impl Service for FastnetService {
                 return Box::pin(async {});
             }
         };
-        let stats = Arc::new(Stats::default());
-        if let Ok(mut link) = self.state.link.lock() {
-            *link = Some(stats.clone());
-        }
         let state = self.state.clone();
         Box::pin(async move {
+            let _one_link = state.running.lock().await;
+            let stats = Arc::new(Stats::default());
+            if let Ok(mut link) = state.link.lock() {
+                *link = Some(stats.clone());
+            }
             let setup = Setup {
                 version: PROTOCOL_VERSION,
                 segment_size: segment.as_ref().map_or(0, |s| s.size() as u64),
@@ -366,14 +410,24 @@ impl Service for FastnetService {
             let shm_only = c.mode == ModeSetting::Shm;
             let (r, on) = match (&c.switch, &c.tap) {
                 (Some(name), _) => {
+                    // Checked by `validate` when the config was read.
+                    let limits = c.limits().unwrap_or_default();
                     let port = super::switch::join(
                         name,
+                        limits,
                         PortConfig {
-                            // Checked by `validate` when the config was read.
                             mac: c.mac().ok(),
                             allow_mac_spoofing: c.allow_mac_spoofing,
                         },
                     );
+                    let port = match port {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(%guest, "fastnet: {e}");
+                            stream.reset(&e.to_string());
+                            return;
+                        }
+                    };
                     if let Ok(mut sw) = state.switch.lock() {
                         *sw = Some((name.clone(), port.counters()));
                     }
@@ -385,7 +439,7 @@ impl Service for FastnetService {
                             match super::tap::create(ns.as_deref(), tap_name) {
                                 Ok(tap) => tokio::select! {
                                     r = link => r,
-                                    e = super::switch::bridge_tap(name, &tap) => Err(e.into()),
+                                    e = super::switch::bridge_tap(name, limits, &tap) => Err(e.into()),
                                 },
                                 Err(e) => {
                                     tracing::warn!(%guest, "fastnet: TAP {tap_name}: {e}; switch {name} without it");
@@ -412,7 +466,20 @@ impl Service for FastnetService {
                 }
                 (None, None) => return,
             };
-            tracing::info!(%guest, %on, stats = ?stats.snapshot(), "fastnet: link ended: {r:?}");
+            match r {
+                Ok(()) => {
+                    tracing::info!(%guest, %on, stats = ?stats.snapshot(), "fastnet: link ended")
+                }
+                Err(e) => {
+                    tracing::warn!(%guest, %on, stats = ?stats.snapshot(), "fastnet: link reset: {e}");
+                    state
+                        .resets
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(mut last) = state.last_reset.lock() {
+                        *last = Some(e.to_string());
+                    }
+                }
+            }
         })
     }
 }

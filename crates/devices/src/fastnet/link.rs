@@ -83,6 +83,8 @@ impl Stats {
             doorbells_out: get(&self.doorbells_out),
             doorbells_in: get(&self.doorbells_in),
             dropped_invalid: get(&self.dropped_invalid),
+            resets: 0,
+            last_reset: None,
             switch: None,
         }
     }
@@ -107,6 +109,13 @@ pub struct FastnetStatus {
     /// Frames from the guest dropped for a bad vnet header ([`super::vnet::check`]).
     #[serde(default)]
     pub dropped_invalid: u64,
+    /// Links of this guest that ended (a reset by either side, or the channel's end); the
+    /// guest's agent sets up a new one each time, after a back-off.
+    #[serde(default)]
+    pub resets: u64,
+    /// Why the last link ended, naming the rule the segment broke if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reset: Option<String>,
     /// The guest's port, if the link is on the built-in switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<super::switch::SwitchStatus>,
@@ -128,6 +137,11 @@ impl crate::status::Samples for FastnetStatus {
             Sample::counter("packets", PACKETS, self.packets_in).label("direction", "in"),
             Sample::counter("doorbells", DOORBELLS, self.doorbells_out).label("direction", "out"),
             Sample::counter("doorbells", DOORBELLS, self.doorbells_in).label("direction", "in"),
+            Sample::counter(
+                "resets",
+                "Links of this guest that ended and were set up again.",
+                self.resets,
+            ),
             Sample::counter(
                 "dropped_invalid",
                 "Frames from the guest dropped for a bad vnet header.",

@@ -133,6 +133,16 @@ pub enum RingError {
         /// The version now in the segment.
         version: u32,
     },
+    /// A size in the header changed after both sides attached.
+    #[error("segment header field {field} changed under a running link: {found}, was {expected}")]
+    SizeChanged {
+        /// The field's name in docs/devices/fastnet.md.
+        field: &'static str,
+        /// The value now in the segment.
+        found: u64,
+        /// The value both sides attached with.
+        expected: u64,
+    },
     /// The producer index the peer wrote is impossible.
     #[error("{ring}: producer index {prod} with consumer at {cons} ({why}; ring of {size} bytes)")]
     BadProducerIndex {
@@ -310,13 +320,40 @@ impl Layout {
         Ok(())
     }
 
-    /// Fails if the magic or version changed since the header was read: the peer reset the
-    /// segment or is hostile. Two loads; the rings call it once per batch.
-    pub fn check_unchanged(mem: &impl Memory) -> Result<(), RingError> {
+    /// Fails if the magic, version or sizes changed since the header was read as `self`: the
+    /// peer reset the segment or is hostile. This side keeps using its own copy of the sizes
+    /// either way; the check names the change. Five loads; the rings call it once per batch.
+    pub fn check_unchanged(&self, mem: &impl Memory) -> Result<(), RingError> {
         let magic = mem.load_u64(OFF_MAGIC, Ordering::Relaxed);
         let version = mem.load_u32(OFF_VERSION, Ordering::Relaxed);
         if magic != MAGIC || version != VERSION {
             return Err(RingError::HeaderChanged { magic, version });
+        }
+        let sizes = [
+            (
+                "segment_size",
+                mem.load_u64(OFF_SEGMENT_SIZE, Ordering::Relaxed),
+                self.segment_size,
+            ),
+            (
+                "ring_size",
+                mem.load_u32(OFF_RING_SIZE, Ordering::Relaxed).into(),
+                self.ring_size.into(),
+            ),
+            (
+                "max_packet",
+                mem.load_u32(OFF_MAX_PACKET, Ordering::Relaxed).into(),
+                self.max_packet.into(),
+            ),
+        ];
+        for (field, found, expected) in sizes {
+            if found != expected {
+                return Err(RingError::SizeChanged {
+                    field,
+                    found,
+                    expected,
+                });
+            }
         }
         Ok(())
     }
@@ -504,6 +541,8 @@ impl<M: Memory> Producer<M> {
 pub struct Consumer<M: Memory> {
     mem: M,
     dir: Direction,
+    /// The header both sides attached with (checked unchanged once per batch).
+    layout: Layout,
     data: usize,
     size: u32,
     max_packet: u32,
@@ -522,6 +561,7 @@ impl<M: Memory> Consumer<M> {
         Consumer {
             mem,
             dir,
+            layout,
             data: dir.data_offset(layout.ring_size),
             size: layout.ring_size,
             max_packet: layout.max_packet,
@@ -545,10 +585,10 @@ impl<M: Memory> Consumer<M> {
     }
 
     /// Reads the producer index once and validates it: at most a ring ahead of this side's
-    /// consumer index, never behind what was read before. Also checks the header's magic and
-    /// version. Returns the bytes available.
+    /// consumer index, never behind what was read before. Also checks the header's magic,
+    /// version and sizes. Returns the bytes available.
     pub fn refresh(&mut self) -> Result<u32, RingError> {
-        Layout::check_unchanged(&self.mem)?;
+        self.layout.check_unchanged(&self.mem)?;
         let prod = self
             .mem
             .load_u32(self.dir.producer_line(), Ordering::Acquire);

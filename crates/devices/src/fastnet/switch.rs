@@ -66,6 +66,76 @@ impl Default for Limits {
     }
 }
 
+/// `switch_limits` in `[guest.fastnet]`: the switch's [`Limits`], each one left out keeping
+/// its default. Every guest that names the switch gives the same values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// [`Limits::queue_frames`].
+    pub queue_frames: Option<usize>,
+    /// [`Limits::queue_bytes`].
+    pub queue_bytes: Option<usize>,
+    /// [`Limits::macs_per_port`].
+    pub macs_per_port: Option<usize>,
+    /// [`Limits::macs`].
+    pub macs: Option<usize>,
+    /// [`Limits::ageing`], in seconds.
+    pub ageing_secs: Option<u64>,
+}
+
+impl LimitsConfig {
+    /// The limits, or which value is out of range and what it may be.
+    pub fn limits(&self) -> Result<Limits, String> {
+        let d = Limits::default();
+        let pick = |name: &str,
+                    v: Option<usize>,
+                    default: usize,
+                    range: std::ops::RangeInclusive<usize>| {
+            let v = v.unwrap_or(default);
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "switch_limits.{name} = {v}: {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            }
+        };
+        let macs = pick("macs", self.macs, d.macs, 1..=1 << 20)?;
+        let limits = Limits {
+            queue_frames: pick(
+                "queue_frames",
+                self.queue_frames,
+                d.queue_frames,
+                1..=1 << 16,
+            )?,
+            // A queue must hold the largest frame a link carries.
+            queue_bytes: pick(
+                "queue_bytes",
+                self.queue_bytes,
+                d.queue_bytes,
+                super::MAX_PACKET as usize..=1 << 30,
+            )?,
+            macs_per_port: pick(
+                "macs_per_port",
+                self.macs_per_port,
+                d.macs_per_port,
+                1..=macs,
+            )?,
+            macs,
+            ageing: Duration::from_secs(pick(
+                "ageing_secs",
+                self.ageing_secs
+                    .map(|s| usize::try_from(s).unwrap_or(usize::MAX)),
+                d.ageing.as_secs() as usize,
+                1..=86_400,
+            )? as u64),
+        };
+        Ok(limits)
+    }
+}
+
 /// A port's identity on its switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortId(u64);
@@ -183,6 +253,11 @@ impl Switch {
             next_id: 0,
             last_purge: None,
         }
+    }
+
+    /// The bounds it keeps.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Adds a port; its own MAC is known at once (a later port with the same MAC takes it).
@@ -411,8 +486,9 @@ mod attach {
         SWITCHES.get_or_init(Default::default)
     }
 
-    /// Puts a link on switch `name` (created with the first link, gone with the last).
-    pub fn join(name: &str, config: PortConfig) -> SwitchPort {
+    /// Puts a link on switch `name` (created with the first link and its `limits`, gone with
+    /// the last); a link that gives other limits than the switch has is refused.
+    pub fn join(name: &str, limits: Limits, config: PortConfig) -> io::Result<SwitchPort> {
         let shared = {
             let mut all = switches().lock().unwrap_or_else(|e| e.into_inner());
             all.retain(|_, s| s.strong_count() > 0);
@@ -422,7 +498,7 @@ mod attach {
                     let s = Arc::new(Shared {
                         name: name.to_owned(),
                         inner: Mutex::new(Inner {
-                            core: super::Switch::new(Limits::default(), VNET_HDR_LEN),
+                            core: super::Switch::new(limits, VNET_HDR_LEN),
                             wake: HashMap::new(),
                         }),
                     });
@@ -431,6 +507,12 @@ mod attach {
                 }
             }
         };
+        let existing = *shared.lock().core.limits();
+        if existing != limits {
+            return Err(io::Error::other(format!(
+                "switch {name} runs with {existing:?}; this guest's switch_limits give {limits:?} (guests on one switch give the same)"
+            )));
+        }
         let notify = Arc::new(Notify::new());
         let (id, counters) = {
             let mut inner = shared.lock();
@@ -438,12 +520,12 @@ mod attach {
             inner.wake.insert(id, notify.clone());
             (id, counters)
         };
-        SwitchPort {
+        Ok(SwitchPort {
             shared,
             id,
             notify,
             counters,
-        }
+        })
     }
 
     impl Shared {
@@ -489,14 +571,19 @@ mod attach {
 
     /// Puts the host's TAP on the switch as one more port (it may send from any MAC: the host
     /// routes or bridges for others) and moves frames both ways until the TAP fails: its error.
-    pub async fn bridge_tap(switch: &str, tap: &Tun) -> io::Error {
+    pub async fn bridge_tap(switch: &str, limits: Limits, tap: &Tun) -> io::Error {
         let port = join(
             switch,
+            limits,
             PortConfig {
                 mac: None,
                 allow_mac_spoofing: true,
             },
         );
+        let port = match port {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
         let mut up = vec![0u8; MAX_PACKET as usize];
         let mut down = vec![0u8; MAX_PACKET as usize];
         loop {

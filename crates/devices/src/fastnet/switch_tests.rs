@@ -360,8 +360,8 @@ async fn two_ports_on_a_named_switch_move_frames_and_drop_spoofs() {
         mac: Some(mac(n)),
         allow_mac_spoofing: false,
     };
-    let a = join("test-two-ports", config(1));
-    let b = join("test-two-ports", config(2));
+    let a = join("test-two-ports", Limits::default(), config(1)).expect("join");
+    let b = join("test-two-ports", Limits::default(), config(2)).expect("join");
     let mut buf = vec![0u8; 2048];
     assert_eq!(b.try_recv(&mut buf), None);
     // b waits first: the frame wakes it.
@@ -422,9 +422,74 @@ fn the_switch_settings_are_checked() {
             json!({"switch": "sw0", "guest_mac": "02:00:00:00:00"}),
             "unicast",
         ),
+        (
+            json!({"tap": "t0", "switch_limits": {"queue_frames": 8}}),
+            "switch_limits is for a switch port",
+        ),
+        (
+            json!({"switch": "sw0", "switch_limits": {"queue_frames": 0}}),
+            "switch_limits.queue_frames = 0: 1 to 65536",
+        ),
+        (
+            json!({"switch": "sw0", "switch_limits": {"queue_bytes": 1500}}),
+            "switch_limits.queue_bytes = 1500",
+        ),
+        (
+            json!({"switch": "sw0", "switch_limits": {"macs": 10, "macs_per_port": 11}}),
+            "switch_limits.macs_per_port = 11: 1 to 10",
+        ),
+        (
+            json!({"switch": "sw0", "switch_limits": {"ageing_secs": 0}}),
+            "switch_limits.ageing_secs = 0",
+        ),
+        (
+            json!({"switch": "sw0", "switch_limits": {"queue": 8}}),
+            "unknown field",
+        ),
     ];
     for (value, why) in refused {
         let err = check(value.clone()).expect_err(&value.to_string());
         assert!(err.contains(why), "{value}: {err}");
     }
+}
+
+/// `switch_limits` from the settings are the bounds the switch keeps: a port that does not
+/// drain holds the configured number of frames, then bytes, and no more; what is left out
+/// keeps its default.
+#[test]
+fn configured_switch_limits_are_the_ones_enforced() {
+    use super::device::FastnetConfig;
+    let config: FastnetConfig = serde_json::from_value(serde_json::json!({
+        "switch": "sw0",
+        "switch_limits": {"queue_frames": 5, "queue_bytes": 70000, "ageing_secs": 7},
+    }))
+    .expect("settings");
+    let limits = config.limits().expect("valid limits");
+    assert_eq!(
+        limits,
+        Limits {
+            queue_frames: 5,
+            queue_bytes: 70000,
+            ageing: Duration::from_secs(7),
+            ..Limits::default()
+        }
+    );
+    let mut sw = Switch::new(limits, VNET_HDR_LEN);
+    let t = Instant::now();
+    let a = port(&mut sw, 1, false);
+    let (slow, counters) = sw.add_port(PortConfig {
+        mac: Some(mac(2)),
+        allow_mac_spoofing: false,
+    });
+    for i in 0..20u32 {
+        sw.input(a, frame(BROADCAST, mac(1), &i.to_le_bytes()), t);
+    }
+    assert_eq!(sw.queued(slow), 5, "the configured queue_frames");
+    assert_eq!(counters.snapshot("s").dropped_queue_full, 15);
+    drain(&mut sw, slow);
+    // 20000-byte frames: three fit in 70000 bytes, the fourth does not.
+    for _ in 0..5 {
+        sw.input(a, frame(mac(2), mac(1), &[0u8; 20000]), t);
+    }
+    assert_eq!(sw.queued(slow), 3, "the configured queue_bytes");
 }

@@ -474,6 +474,31 @@ fn a_header_changed_under_traffic_is_an_error() {
 }
 
 #[test]
+fn a_size_changed_under_traffic_is_an_error_naming_the_field() {
+    for (off, field, wide) in [
+        (16, "segment_size", true),
+        (24, "ring_size", false),
+        (28, "max_packet", false),
+    ] {
+        let (seg, mut tx, mut rx) = pair(SMALL, Direction::GuestToHost);
+        tx.push(b"x").unwrap();
+        let _ = tx.publish();
+        if wide {
+            seg.store_u64(off, u64::MAX, Ordering::Relaxed);
+        } else {
+            seg.store_u32(off, u32::MAX, Ordering::Relaxed);
+        }
+        let found = if wide { u64::MAX } else { u32::MAX.into() };
+        let e = rx.refresh().unwrap_err();
+        assert!(
+            matches!(e, RingError::SizeChanged { field: f, found: v, .. } if f == field && v == found),
+            "{field}: {e}"
+        );
+        assert!(e.to_string().contains(field), "{e}");
+    }
+}
+
+#[test]
 fn bad_headers_are_refused_when_attaching() {
     let fresh = || {
         let seg = Segment::heap(SMALL.segment_size as usize);
