@@ -278,3 +278,311 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
         down_bells as f64 / n,
     );
 }
+
+/// One way a hostile guest breaks the segment, written into the /dev/shm file from the host
+/// side while traffic flows, and the rule the link's error must name.
+struct Corruption {
+    what: &'static str,
+    /// Writes the fault once; called again until the link resets (the guest's own producer
+    /// may overwrite an index or a record before vstreamd reads it).
+    write: fn(&std::fs::File, &Rings),
+    rule: &'static str,
+}
+
+/// The rings' size, from the segment's header (offsets in docs/devices/fastnet.md).
+struct Rings {
+    ring_size: u32,
+}
+
+const H2G_PROD: u64 = 128;
+const H2G_CONS: u64 = 256;
+const G2H_PROD: u64 = 384;
+const G2H_CONS: u64 = 512;
+const DATA_OFFSET: u64 = 4096;
+
+fn pread_u32(f: &std::fs::File, off: u64) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, off).expect("read the segment");
+    u32::from_le_bytes(b)
+}
+
+fn pwrite(f: &std::fs::File, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(bytes, off).expect("write the segment");
+}
+
+impl Rings {
+    /// The file offset of position `pos` on the guest-to-host ring.
+    fn g2h(&self, pos: u32) -> u64 {
+        DATA_OFFSET + u64::from(self.ring_size) + u64::from(pos & (self.ring_size - 1))
+    }
+
+    /// The last packet record the guest published and vstreamd has not released, if any.
+    fn last_pending_record(&self, f: &std::fs::File) -> Option<u32> {
+        let (mut pos, prod) = (pread_u32(f, G2H_CONS), pread_u32(f, G2H_PROD));
+        let mut last = None;
+        // Bounded walk: the records may change under it.
+        for _ in 0..4096 {
+            if prod.wrapping_sub(pos) == 0 || prod.wrapping_sub(pos) > self.ring_size {
+                break;
+            }
+            let (len, kind) = (pread_u32(f, self.g2h(pos)), pread_u32(f, self.g2h(pos) + 4));
+            if kind == 0 {
+                last = Some(pos);
+            }
+            pos = pos.wrapping_add(8 + ((len.min(self.ring_size) + 7) & !7));
+        }
+        last
+    }
+}
+
+fn bad_record_len(f: &std::fs::File, r: &Rings, len: u32) {
+    if let Some(pos) = r.last_pending_record(f) {
+        pwrite(f, r.g2h(pos), &len.to_le_bytes());
+    }
+}
+
+fn corruptions() -> Vec<Corruption> {
+    // An index "more than a ring ahead" goes two rings past the published consumer index: the
+    // reader's own consumer index may be up to a ring past the one it published.
+    vec![
+        Corruption {
+            what: "guest-to-host producer index more than a ring ahead",
+            write: |f, r| {
+                let cons = pread_u32(f, G2H_CONS);
+                pwrite(
+                    f,
+                    G2H_PROD,
+                    &cons.wrapping_add(2 * r.ring_size + 8).to_le_bytes(),
+                );
+            },
+            rule: "more than a ring ahead",
+        },
+        // vstreamd never reads this index: the agent finds the fault and resets the link.
+        Corruption {
+            what: "host-to-guest producer index more than a ring ahead (the agent's check)",
+            write: |f, r| {
+                let cons = pread_u32(f, H2G_CONS);
+                pwrite(
+                    f,
+                    H2G_PROD,
+                    &cons.wrapping_add(2 * r.ring_size + 8).to_le_bytes(),
+                );
+            },
+            rule: "the guest reset the link: host-to-guest ring: producer index",
+        },
+        Corruption {
+            what: "a record longer than its ring",
+            write: |f, r| bad_record_len(f, r, r.ring_size + 8),
+            rule: "longer than max_packet",
+        },
+        Corruption {
+            what: "a record longer than the segment",
+            write: |f, r| bad_record_len(f, r, u32::MAX - 7),
+            rule: "longer than max_packet",
+        },
+        Corruption {
+            what: "the header's magic",
+            write: |f, _| pwrite(f, 0, b"hostile!"),
+            rule: "header changed",
+        },
+        Corruption {
+            what: "the header's version",
+            write: |f, _| pwrite(f, 8, &7u32.to_le_bytes()),
+            rule: "header changed",
+        },
+        Corruption {
+            what: "the header's ring_size",
+            write: |f, r| pwrite(f, 24, &(r.ring_size / 2).to_le_bytes()),
+            rule: "ring_size changed",
+        },
+    ]
+}
+
+/// vstreamd's CPU time (user + system) and resident set, from /proc.
+fn cpu_and_rss(pid: u32) -> (Duration, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("vstreamd is alive");
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let cpu = Duration::from_millis((f[11] + f[12]) * 1000 / hz);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (cpu, rss_kib)
+}
+
+/// Waits until the guest's ping over the link works again (the agent set the link up anew).
+fn wait_ping(lab: &Lab) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = testing::sh(
+            lab,
+            "ping -c 1 -W 2 10.78.0.1 >/dev/null 2>&1 && echo PING-OK",
+        );
+        if out.contains("PING-OK") {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < UP_TIMEOUT,
+            "the link never came back after a reset\n{}",
+            lab.daemon_log()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A hostile guest's writes into the shared segment while a TCP transfer runs: for each way
+/// of breaking the segment, vstreamd resets the link with an error naming the broken rule,
+/// keeps answering `vstreamctl status`, stays within its memory and goes idle; the agent sets
+/// the link up again (fresh header, zeroed indexes) and a ping works. At the end, a transfer
+/// over the restarted link arrives intact.
+#[test]
+fn fastnet_hostile_segment_resets_and_the_link_restarts() {
+    if !lab::e2e_enabled("fastnet_hostile_segment_resets_and_the_link_restarts") {
+        return;
+    }
+    let ns = NetNs::new("fnbad");
+    let segment = PathBuf::from(format!(
+        "/dev/shm/vstream-fastnet-hostile-{}",
+        std::process::id()
+    ));
+    let segment_size: u64 = 4 << 20;
+    let config = format!(
+        "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {segment_size}\n",
+        segment.display()
+    );
+    let base = LabOptions {
+        ivshmem: Some(Ivshmem {
+            path: segment.clone(),
+            size: segment_size,
+        }),
+        memory_mib: 512 + 2 * (SIZE >> 20) as u32,
+        ..LabOptions::virtio_port_only().named("fastnet-hostile")
+    };
+    let lab = boot_link(&ns, base, &config);
+    assert_eq!(link_status(&lab)["mode"], "shared-memory");
+    let pid = lab.pids().1.expect("vstreamd's pid");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .expect("open the segment file");
+    let rings = Rings {
+        ring_size: pread_u32(&file, 24),
+    };
+    let sum = guest_blob(&lab, SIZE);
+    let (_, rss_start) = cpu_and_rss(pid);
+    let resets = |lab: &Lab| link_status(lab)["resets"].as_u64().unwrap_or(0);
+
+    for (i, c) in corruptions().into_iter().enumerate() {
+        let before = resets(&lab);
+        let log_before = lab.daemon_log().matches("fastnet: link reset").count();
+        // Traffic: the guest sends its blob again and again; the receiver drains whatever
+        // arrives.
+        let listener = ns.listen(Ipv4Addr::new(10, 78, 0, 1));
+        let port = listener.local_addr().expect("port").port();
+        thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    let _ = std::io::copy(&mut s, &mut std::io::sink());
+                });
+            }
+        });
+        let id = format!("flood{i}");
+        testing::bg(
+            &lab,
+            &id,
+            &format!("while [ ! -e /tmp/{id}.stop ]; do nc 10.78.0.1 {port} < /tmp/blob; done"),
+        );
+        // Corrupt once the transfer moves packets, until vstreamd logs the reset.
+        let packets = |lab: &Lab| link_status(lab)["packets_in"].as_u64().unwrap_or(0);
+        let p0 = packets(&lab);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while packets(&lab) < p0 + 200 {
+            assert!(Instant::now() < deadline, "{}: no traffic", c.what);
+            thread::sleep(Duration::from_millis(200));
+        }
+        let start = Instant::now();
+        let mut writes = 0u32;
+        loop {
+            (c.write)(&file, &rings);
+            writes += 1;
+            if writes % 16 == 0
+                && lab.daemon_log().matches("fastnet: link reset").count() > log_before
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{}: {writes} writes and no reset\n{}",
+                c.what,
+                lab.daemon_log()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+        let detected = start.elapsed();
+        // vstreamd answers, counts the reset and names the rule.
+        let status = link_status(&lab);
+        assert!(resets(&lab) > before, "{}: {status}", c.what);
+        let why = status["last_reset"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            why.contains(c.rule),
+            "{}: the error {why:?} does not name {:?}",
+            c.what,
+            c.rule
+        );
+        // Stop the guest's sender (its connection may hang on the old link).
+        testing::sh(
+            &lab,
+            &format!("touch /tmp/{id}.stop; killall nc 2>/dev/null; true"),
+        );
+        let back = wait_ping(&lab);
+        assert_eq!(link_status(&lab)["mode"], "shared-memory");
+        // Idle: no thread spins once the link is reset and set up again.
+        let (cpu0, _) = cpu_and_rss(pid);
+        thread::sleep(Duration::from_secs(3));
+        let (cpu1, rss) = cpu_and_rss(pid);
+        let idle_cpu = cpu1 - cpu0;
+        eprintln!(
+            "{}: reset after {detected:.2?} ({writes} writes): {why}\n  \
+             link back (ping) after {back:.2?}; vstreamd CPU over 3 s after: {idle_cpu:.2?}; VmRSS {rss} KiB",
+            c.what
+        );
+        assert!(
+            idle_cpu < Duration::from_millis(600),
+            "{}: vstreamd used {idle_cpu:?} of CPU in 3 s of an idle link",
+            c.what
+        );
+        assert!(
+            rss < rss_start + 64 * 1024,
+            "{}: vstreamd's VmRSS grew from {rss_start} to {rss} KiB",
+            c.what
+        );
+    }
+
+    // The link set up again carries traffic intact: a ping and the blob, equal SHA-256.
+    ping(&lab, 5);
+    let (got, took) = guest_to_host(&lab, &ns);
+    assert_eq!(got.len(), SIZE, "bytes through the restarted link");
+    assert_eq!(
+        testing::sha256(&got),
+        sum,
+        "the bytes changed after the restarts"
+    );
+    let status = link_status(&lab);
+    eprintln!(
+        "after {} resets: 16 MiB guest -> host intact in {took:.2?}; link: {status}",
+        status["resets"]
+    );
+}
