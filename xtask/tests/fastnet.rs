@@ -518,7 +518,7 @@ fn fastnet_hostile_segment_resets_and_the_link_restarts() {
         loop {
             (c.write)(&file, &rings);
             writes += 1;
-            if writes % 16 == 0
+            if writes.is_multiple_of(16)
                 && lab.daemon_log().matches("fastnet: link reset").count() > log_before
             {
                 break;
