@@ -183,6 +183,76 @@ fn pattern(len: usize, mut x: u64) -> Vec<u8> {
     out
 }
 
+/// The guest's TCP and fn0 counters: what its TCP sent (segments) against the frames fn0
+/// passed to the agent, and how often TCP held writes back to merge them (autocorking).
+#[derive(Default)]
+struct GuestTcp {
+    out_segs: u64,
+    frames: u64,
+    frame_bytes: u64,
+    autocorked: u64,
+}
+
+impl GuestTcp {
+    fn delta(&self, before: &GuestTcp) -> GuestTcp {
+        GuestTcp {
+            out_segs: self.out_segs - before.out_segs,
+            frames: self.frames - before.frames,
+            frame_bytes: self.frame_bytes - before.frame_bytes,
+            autocorked: self.autocorked - before.autocorked,
+        }
+    }
+}
+
+impl std::fmt::Display for GuestTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tcp OutSegs {}, fn0 tx frames {} ({:.2} segments and {} bytes a frame), TcpExt TCPAutoCorking {}",
+            self.out_segs,
+            self.frames,
+            self.out_segs as f64 / self.frames.max(1) as f64,
+            self.frame_bytes / self.frames.max(1),
+            self.autocorked
+        )
+    }
+}
+
+/// `name`'s value in the guest's /proc/net/snmp or /proc/net/netstat text: a line of names
+/// after `prefix`, then a line of values.
+fn proc_net_value(text: &str, prefix: &str, name: &str) -> u64 {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn guest_tcp_counters(lab: &Lab) -> GuestTcp {
+    let text = exec(
+        lab,
+        "cat /proc/net/snmp /proc/net/netstat; echo fn0: \
+         $(cat /sys/class/net/fn0/statistics/tx_packets /sys/class/net/fn0/statistics/tx_bytes)",
+    );
+    let mut fn0 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fn0: "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0));
+    GuestTcp {
+        out_segs: proc_net_value(&text, "Tcp:", "OutSegs"),
+        frames: fn0.next().unwrap_or(0),
+        frame_bytes: fn0.next().unwrap_or(0),
+        autocorked: proc_net_value(&text, "TcpExt:", "TCPAutoCorking"),
+    }
+}
+
 #[test]
 fn fastnet_shared_memory_link_in_a_real_guest() {
     if !lab::e2e_enabled("fastnet_shared_memory_link_in_a_real_guest") {
@@ -217,8 +287,17 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
 
     let sum = guest_blob(&lab, size);
     let before = doorbells(&lab);
+    let tcp_before = guest_tcp_counters(&lab);
+    // The sending socket's line of /proc/net/tcp (cwnd, send queue) half a second in.
+    testing::bg(
+        &lab,
+        "tcpsnap",
+        "sleep 0.5; grep ' 01004E0A:' /proc/net/tcp",
+    );
     let (got, up) = guest_to_host(&lab, &ns);
     let up_bells = doorbells(&lab) - before;
+    let tcp = guest_tcp_counters(&lab).delta(&tcp_before);
+    let snap = exec(&lab, "cat /tmp/tcpsnap.out");
     assert_eq!(got.len(), size, "bytes through fastnet, guest to host");
     assert_eq!(
         testing::sha256(&got),
@@ -269,7 +348,9 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
          ping guest -> host (20, none lost): {rtt}\n  \
          {n:.0} MiB guest -> host over TCP: {up:.2?} = {:.1} MiB/s, {:.1} doorbells/MiB\n  \
          {n:.0} MiB host -> guest over TCP: {down:.2?} = {:.1} MiB/s, {:.1} doorbells/MiB\n  \
-         link counters: {status}\n",
+         link counters: {status}\n  \
+         guest -> host, the guest's view: {tcp}\n  \
+         the sender in /proc/net/tcp 0.5 s in: {snap}\n",
         segment_size >> 20,
         lab.accel(),
         n / up.as_secs_f64(),
@@ -343,33 +424,28 @@ fn bad_record_len(f: &std::fs::File, r: &Rings, len: u32) {
     }
 }
 
+/// A producer index more than a ring ahead: two rings past the published consumer index (the
+/// reader's own consumer index may be up to a ring past the one it published).
+fn prod_ahead(f: &std::fs::File, r: &Rings, prod: u64, cons: u64) {
+    let cons = pread_u32(f, cons);
+    pwrite(
+        f,
+        prod,
+        &cons.wrapping_add(2 * r.ring_size + 8).to_le_bytes(),
+    );
+}
+
 fn corruptions() -> Vec<Corruption> {
-    // An index "more than a ring ahead" goes two rings past the published consumer index: the
-    // reader's own consumer index may be up to a ring past the one it published.
     vec![
         Corruption {
             what: "guest-to-host producer index more than a ring ahead",
-            write: |f, r| {
-                let cons = pread_u32(f, G2H_CONS);
-                pwrite(
-                    f,
-                    G2H_PROD,
-                    &cons.wrapping_add(2 * r.ring_size + 8).to_le_bytes(),
-                );
-            },
+            write: |f, r| prod_ahead(f, r, G2H_PROD, G2H_CONS),
             rule: "more than a ring ahead",
         },
         // vstreamd never reads this index: the agent finds the fault and resets the link.
         Corruption {
             what: "host-to-guest producer index more than a ring ahead (the agent's check)",
-            write: |f, r| {
-                let cons = pread_u32(f, H2G_CONS);
-                pwrite(
-                    f,
-                    H2G_PROD,
-                    &cons.wrapping_add(2 * r.ring_size + 8).to_le_bytes(),
-                );
-            },
+            write: |f, r| prod_ahead(f, r, H2G_PROD, H2G_CONS),
             rule: "the guest reset the link: host-to-guest ring: producer index",
         },
         Corruption {
