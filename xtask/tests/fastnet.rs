@@ -368,6 +368,9 @@ struct Corruption {
     /// may overwrite an index or a record before vstreamd reads it).
     write: fn(&std::fs::File, &Rings),
     rule: &'static str,
+    /// The transfer runs host to guest (vstreamd reads the agent's consumer index only when
+    /// its ring is full), else guest to host.
+    down: bool,
 }
 
 /// The rings' size, from the segment's header (offsets in docs/devices/fastnet.md).
@@ -377,6 +380,7 @@ struct Rings {
 
 const H2G_PROD: u64 = 128;
 const H2G_CONS: u64 = 256;
+const DOWN_PORT: u16 = 7071;
 const G2H_PROD: u64 = 384;
 const G2H_CONS: u64 = 512;
 const DATA_OFFSET: u64 = 4096;
@@ -441,37 +445,53 @@ fn corruptions() -> Vec<Corruption> {
             what: "guest-to-host producer index more than a ring ahead",
             write: |f, r| prod_ahead(f, r, G2H_PROD, G2H_CONS),
             rule: "more than a ring ahead",
+            down: false,
         },
         // vstreamd never reads this index: the agent finds the fault and resets the link.
         Corruption {
             what: "host-to-guest producer index more than a ring ahead (the agent's check)",
             write: |f, r| prod_ahead(f, r, H2G_PROD, H2G_CONS),
             rule: "the guest reset the link: host-to-guest ring: producer index",
+            down: false,
         },
         Corruption {
             what: "a record longer than its ring",
             write: |f, r| bad_record_len(f, r, r.ring_size + 8),
             rule: "longer than max_packet",
+            down: false,
         },
         Corruption {
             what: "a record longer than the segment",
             write: |f, r| bad_record_len(f, r, u32::MAX - 7),
             rule: "longer than max_packet",
+            down: false,
         },
         Corruption {
             what: "the header's magic",
             write: |f, _| pwrite(f, 0, b"hostile!"),
             rule: "header changed",
+            down: false,
         },
         Corruption {
             what: "the header's version",
             write: |f, _| pwrite(f, 8, &7u32.to_le_bytes()),
             rule: "header changed",
+            down: false,
         },
         Corruption {
             what: "the header's ring_size",
             write: |f, r| pwrite(f, 24, &(r.ring_size / 2).to_le_bytes()),
             rule: "ring_size changed",
+            down: false,
+        },
+        Corruption {
+            what: "host-to-guest consumer index past the producer (vstreamd's ring full)",
+            write: |f, _| {
+                let prod = pread_u32(f, H2G_PROD);
+                pwrite(f, H2G_CONS, &prod.wrapping_add(4096).to_le_bytes());
+            },
+            rule: "host-to-guest ring: consumer index",
+            down: true,
         },
     ]
 }
@@ -563,26 +583,56 @@ fn fastnet_hostile_segment_resets_and_the_link_restarts() {
     for (i, c) in corruptions().into_iter().enumerate() {
         let before = resets(&lab);
         let log_before = lab.daemon_log().matches("fastnet: link reset").count();
-        // Traffic: the guest sends its blob again and again; the receiver drains whatever
-        // arrives.
-        let listener = ns.listen(Ipv4Addr::new(10, 78, 0, 1));
-        let port = listener.local_addr().expect("port").port();
-        thread::spawn(move || {
-            for mut s in listener.incoming().flatten() {
-                thread::spawn(move || {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-                    let _ = std::io::copy(&mut s, &mut std::io::sink());
-                });
-            }
-        });
         let id = format!("flood{i}");
-        testing::bg(
-            &lab,
-            &id,
-            &format!("while [ ! -e /tmp/{id}.stop ]; do nc 10.78.0.1 {port} < /tmp/blob; done"),
-        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if c.down {
+            // The host writes to a guest nc until the reset (or the round's end).
+            testing::bg(
+                &lab,
+                &id,
+                &format!("nc -l -p {DOWN_PORT} < /dev/null > /dev/null"),
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut conn = loop {
+                match ns.connect(Ipv4Addr::new(10, 78, 0, 2), DOWN_PORT) {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "connect to the guest: {e}");
+                        thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            };
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(60)));
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let data = pattern(1 << 20, 0x5eed);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && conn.write_all(&data).is_ok()
+                {}
+            });
+        } else {
+            // The guest sends its blob again and again; the receiver drains what arrives.
+            let listener = ns.listen(Ipv4Addr::new(10, 78, 0, 1));
+            let port = listener.local_addr().expect("port").port();
+            thread::spawn(move || {
+                for mut s in listener.incoming().flatten() {
+                    thread::spawn(move || {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                        let _ = std::io::copy(&mut s, &mut std::io::sink());
+                    });
+                }
+            });
+            testing::bg(
+                &lab,
+                &id,
+                &format!("while [ ! -e /tmp/{id}.stop ]; do nc 10.78.0.1 {port} < /tmp/blob; done"),
+            );
+        }
         // Corrupt once the transfer moves packets, until vstreamd logs the reset.
-        let packets = |lab: &Lab| link_status(lab)["packets_in"].as_u64().unwrap_or(0);
+        let packets = |lab: &Lab| {
+            let s = link_status(lab);
+            s["packets_in"].as_u64().unwrap_or(0) + s["packets_out"].as_u64().unwrap_or(0)
+        };
         let p0 = packets(&lab);
         let deadline = Instant::now() + Duration::from_secs(120);
         while packets(&lab) < p0 + 200 {
@@ -619,6 +669,7 @@ fn fastnet_hostile_segment_resets_and_the_link_restarts() {
             c.rule
         );
         // Stop the guest's sender (its connection may hang on the old link).
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         testing::sh(
             &lab,
             &format!("touch /tmp/{id}.stop; killall nc 2>/dev/null; true"),
