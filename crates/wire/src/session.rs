@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, Kind, Sink, Transmit};
+use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, InputBuf, Kind, Sink, Transmit};
 use crate::hello::{caps, Hello, Role, VERSION};
 use crate::limit::ReportLimit;
 
