@@ -100,7 +100,8 @@ impl Config {
         let frame = frame::wire_len(self.max_frame.min(frame::MAX_PAYLOAD_LIMIT) as usize);
         self.max_unacked
             + CONTROL_QUEUE_LIMIT
-            + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * frame)
+            // A pool buffer also holds the next frame's header (`BufferPool::capacity`).
+            + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * (frame + frame::HEADER_LEN))
             + links.max(1) * (2 * frame + 2 * MAX_INPUT)
     }
 }
