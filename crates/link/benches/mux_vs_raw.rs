@@ -4,7 +4,7 @@
 //! `cargo bench -p vstream-link --bench mux_vs_raw` runs everything (about a minute). Options
 //! after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5), `--only W`
 //! (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for profilers),
-//! `--api stream` (the mux through `AsyncWrite`/`AsyncRead` instead of its `Bytes` calls),
+//! `--api bytes|stream` (only the mux's `Bytes` calls, or only `AsyncWrite`/`AsyncRead`),
 //! `--window-kib N` (channel window and send buffer of both ends, default 256).
 //!
 //! Both paths run on a tokio multi-thread runtime with 2 workers (a fresh one per run, so that
@@ -12,14 +12,16 @@
 //! write size: raw sockets with `write_all` from the application's buffer and reads into a
 //! 256 KiB buffer; the mux with `ChannelStream::write_bytes` (sent from the application's
 //! buffer, as `write_all` is) and `read_bytes` of up to 256 KiB (the buffers frames arrived
-//! in), or with `--api stream` through `AsyncWrite`/`AsyncRead` as the raw sockets:
+//! in), and once more (without the payload CRC) through `AsyncWrite`/`AsyncRead` as the raw
+//! sockets, which costs a copy into the reader's buffer:
 //! - raw, 1 channel: one socketpair, one writer task, one reader task;
 //! - raw, 8 channels: 8 socketpairs written concurrently (8 writers, 8 readers);
 //! - mux: a host and a guest `Mux` joined by one socketpair; the guest opens 1 or 8 channels
 //!   and writes, the host reads. Both ends of the mux run in this process, so the mux's CPU
 //!   work of both machines shares the same 2 cores, as both ends of the raw socketpair do.
-//!   Twice: with the payload CRC (the link parameters of a virtio-serial port) and without
-//!   (those of a Unix socket, which negotiate it away; checked after every run).
+//!   Three times: with the `Bytes` calls, with the payload CRC (the link parameters of a
+//!   virtio-serial port) and without (those of a Unix socket, which negotiate it away; checked
+//!   after every run), and through `AsyncWrite`/`AsyncRead` without the CRC.
 //!
 //! Integrity, so that a broken path cannot look fast: the bytes written follow a position
 //! pattern (`offset % 251`); every read checks its first and last byte against its stream
@@ -54,8 +56,6 @@ struct Cell {
     /// Bytes the mux transfers: more where it is much faster, so that every run lasts about
     /// half a second or more (the ratio compares rates, not times).
     mux_total: u64,
-    /// The mux's `Bytes` calls (`write_bytes`, `read_bytes`) rather than `AsyncWrite`/`AsyncRead`.
-    bytes_api: bool,
     /// Channel window and send buffer of both ends, if not the defaults.
     window: Option<u32>,
 }
@@ -67,6 +67,8 @@ enum Path {
     Mux,
     /// The mux on a link that negotiated the payload CRC away.
     MuxNoCrc,
+    /// As `MuxNoCrc`, through `AsyncWrite`/`AsyncRead` instead of the `Bytes` calls.
+    MuxNoCrcStream,
 }
 
 /// One timed transfer.
@@ -81,10 +83,9 @@ struct Sample {
 fn main() {
     let mut scale = 1.0f64;
     let mut only: Option<usize> = None;
-    let mut paths = vec![Path::Raw, Path::Mux, Path::MuxNoCrc];
+    let mut paths = vec![Path::Raw, Path::Mux, Path::MuxNoCrc, Path::MuxNoCrcStream];
     let mut repeats = 5usize;
     let mut only_channels: Option<usize> = None;
-    let mut bytes_api = true;
     let mut window = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -107,8 +108,8 @@ fn main() {
                 )
             }
             "--api" => match args.next().as_deref() {
-                Some("bytes") => bytes_api = true,
-                Some("stream") => bytes_api = false,
+                Some("bytes") => paths.retain(|p| *p != Path::MuxNoCrcStream),
+                Some("stream") => paths.retain(|p| matches!(p, Path::Raw | Path::MuxNoCrcStream)),
                 _ => panic!("--api bytes|stream"),
             },
             // A diagnostic: how much a channel's window, not CPU work, limits one channel.
@@ -145,7 +146,6 @@ fn main() {
             channels,
             raw_total: bytes(raw),
             mux_total: bytes(mux),
-            bytes_api,
             window,
         })
     })
@@ -168,12 +168,8 @@ fn main() {
     );
     println!("runtime:      tokio multi-thread, 2 workers, a fresh one per run, for both paths");
     println!(
-        "mux API:      {}",
-        if bytes_api {
-            "ChannelStream::write_bytes / read_bytes (raw: write_all / read)"
-        } else {
-            "AsyncWrite::write_all / AsyncRead::read, as raw"
-        }
+        "mux API:      ChannelStream::write_bytes / read_bytes (raw: write_all / read); \
+         stream: AsyncWrite::write_all / AsyncRead::read, as raw, without the payload CRC"
     );
     if let Some(w) = window {
         println!(
@@ -182,7 +178,7 @@ fn main() {
         );
     }
     println!(
-        "method:       median of {repeats} runs per cell, raw, mux with and without CRC alternating; \
+        "method:       median of {repeats} runs per cell, raw and the mux's three runs alternating; \
          MB/s = 10^6 payload bytes/s"
     );
     println!("spread:       (fastest - slowest) / median, over the runs of a cell");
@@ -193,10 +189,13 @@ fn main() {
     println!("B/link-write: payload+framing bytes per write(v) call of the sending mux link");
     println!("integrity:    first/last byte of every read checked against its stream offset, exact byte count and EOF per channel");
     println!();
-    println!("crc / no crc: the mux with the payload CRC / on a link that negotiated it away");
+    println!(
+        "crc / no crc: the mux with the payload CRC / on a link that negotiated it away; \
+         stream: no CRC, AsyncWrite/AsyncRead"
+    );
     println!();
     println!(
-        "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>13}",
+        "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>13}",
         "write",
         "ch",
         "MiB",
@@ -209,6 +208,9 @@ fn main() {
         "no-crc",
         "spread",
         "no/raw",
+        "stream",
+        "spread",
+        "st/raw",
         "B/link-write"
     );
 
@@ -217,6 +219,7 @@ fn main() {
         let mut raw = Vec::new();
         let mut mux = Vec::new();
         let mut nocrc = Vec::new();
+        let mut stream = Vec::new();
         for _ in 0..repeats {
             for &path in &paths {
                 // A fresh runtime per run, so that no run inherits the scheduler state (which
@@ -231,6 +234,7 @@ fn main() {
                     Path::Raw => raw.push(sample),
                     Path::Mux => mux.push(sample),
                     Path::MuxNoCrc => nocrc.push(sample),
+                    Path::MuxNoCrcStream => stream.push(sample),
                 }
             }
         }
@@ -238,12 +242,14 @@ fn main() {
         let (r, r_spread, _) = summary(&raw, mbps(cell.raw_total));
         let (m, m_spread, mid) = summary(&mux, mbps(cell.mux_total));
         let (n, n_spread, n_mid) = summary(&nocrc, mbps(cell.mux_total));
+        let (st, st_spread, st_mid) = summary(&stream, mbps(cell.mux_total));
         let per_write = mid
             .or(n_mid)
+            .or(st_mid)
             .and_then(|s| s.link_bytes.checked_div(s.link_writes))
             .unwrap_or(0);
         println!(
-            "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
+            "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
             size_label(cell.write),
             cell.channels,
             cell.raw_total / MIB,
@@ -256,23 +262,33 @@ fn main() {
             n,
             n_spread,
             n / r,
+            st,
+            st_spread,
+            st / r,
             per_write
         );
         let fastest = raw
             .iter()
             .chain(&mux)
             .chain(&nocrc)
+            .chain(&stream)
             .map(|s| s.elapsed)
             .min();
-        results.push((*cell, m / r, n / r, fastest.unwrap_or_default()));
+        results.push((*cell, [m / r, n / r, st / r], fastest.unwrap_or_default()));
     }
 
     println!();
-    let verdict = |write: usize, target: f64, crc: bool| {
+    // Which ratio: the Bytes calls with, or without, the payload CRC, or AsyncRead/AsyncWrite.
+    let modes = [
+        "payload CRC on ",
+        "payload CRC off",
+        "CRC off, AsyncRead/AsyncWrite",
+    ];
+    let verdict = |write: usize, target: f64, mode: usize| {
         let cells: Vec<(usize, f64)> = results
             .iter()
-            .filter(|(c, _, _, _)| c.write == write)
-            .map(|(c, with, without, _)| (c.channels, if crc { *with } else { *without }))
+            .filter(|(c, _, _)| c.write == write)
+            .map(|(c, ratios, _)| (c.channels, ratios[mode]))
             .filter(|(_, ratio)| !ratio.is_nan())
             .collect();
         if cells.is_empty() {
@@ -284,17 +300,17 @@ fn main() {
             .map(|(channels, ratio)| format!("{channels} ch {ratio:.2}x"))
             .collect();
         println!(
-            "target mux >= {target}x raw at {:>6}, payload CRC {}: {} ({})",
+            "target mux >= {target}x raw at {:>6}, {}: {} ({})",
             size_label(write),
-            if crc { "on " } else { "off" },
+            modes[mode],
             if met { "MET" } else { "MISSED" },
             detail.join(", ")
         );
     };
-    for crc in [true, false] {
-        verdict(65536, 0.9, crc);
+    for mode in 0..modes.len() {
+        verdict(65536, 0.9, mode);
         // Issue 11: small writes must stay at least 4x raw (the mux batches them).
-        verdict(64, 4.0, crc);
+        verdict(64, 4.0, mode);
     }
     let (memcpy, crc) = single_core_rates();
     println!(
@@ -302,7 +318,7 @@ fn main() {
          (lower than at the start = other work competed for the cores)",
         load_average()
     );
-    if let Some((c, _, _, t)) = results.iter().min_by_key(|(_, _, _, t)| *t) {
+    if let Some((c, _, t)) = results.iter().min_by_key(|(_, _, t)| *t) {
         if *t < Duration::from_millis(500) {
             println!(
                 "note: fastest run ({} x{} ch) took {:.0} ms; raise --scale for steadier figures",
@@ -330,8 +346,9 @@ fn summary(v: &[Sample], mbps: impl Fn(Duration) -> f64) -> (f64, f64, Option<&S
 async fn run(path: Path, cell: Cell) -> Sample {
     let res = match path {
         Path::Raw => run_raw(cell).await,
-        Path::Mux => run_mux(cell, LinkParams::stream(0)).await,
-        Path::MuxNoCrc => run_mux(cell, LinkParams::socket(0)).await,
+        Path::Mux => run_mux(cell, LinkParams::stream(0), true).await,
+        Path::MuxNoCrc => run_mux(cell, LinkParams::socket(0), true).await,
+        Path::MuxNoCrcStream => run_mux(cell, LinkParams::socket(0), false).await,
     };
     res.unwrap_or_else(|e| {
         panic!(
@@ -340,6 +357,7 @@ async fn run(path: Path, cell: Cell) -> Sample {
                 Path::Raw => "raw",
                 Path::Mux => "mux",
                 Path::MuxNoCrc => "mux without payload CRC",
+                Path::MuxNoCrcStream => "mux without payload CRC, AsyncRead/AsyncWrite",
             },
             cell.write,
             cell.channels
@@ -376,7 +394,7 @@ async fn run_raw(cell: Cell) -> io::Result<Sample> {
     })
 }
 
-async fn run_mux(cell: Cell, params: LinkParams) -> io::Result<Sample> {
+async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<Sample> {
     let per = cell.mux_total / cell.channels as u64;
     let pattern = Bytes::from(pattern(cell.write));
     let config = |role, name| {
@@ -406,7 +424,7 @@ async fn run_mux(cell: Cell, params: LinkParams) -> io::Result<Sample> {
         }),
     ];
     // The host's first read accepts each channel (OPEN_OK), which completes the guest's `open`.
-    let (channels, bytes_api) = (cell.channels, cell.bytes_api);
+    let channels = cell.channels;
     let acceptor = tokio::spawn(async move {
         let mut readers = Vec::new();
         for _ in 0..channels {

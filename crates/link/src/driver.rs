@@ -8,11 +8,6 @@ use super::*;
 /// counted in what a guest can make us hold).
 const WRITE_BATCH: usize = MAX_INPUT;
 
-/// A link's first read buffer: an idle link only carries keepalives, and a daemon holds
-/// thousands of them. A read that fills the buffer makes it four times larger, up to
-/// [`MAX_INPUT`] (what the session takes in one piece), so a bulk transfer reaches large reads within three reads.
-const READ_MIN: usize = 4 * 1024;
-
 /// Why a link ended ([`Mux::run_link`]).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkEnded {
@@ -209,33 +204,34 @@ impl Mux {
     }
 
     async fn reader<R: AsyncRead + Unpin>(&self, link: LinkId, r: &mut R) -> LinkEnded {
-        let mut buf = vec![0u8; READ_MIN];
+        // Sized and replaced by the session (`Decoder::prepare`): small for an idle link, and
+        // frame-sized pool buffers that large payloads leave in, without a copy.
+        let mut input = InputBuf::new();
+        self.shared
+            .lock()
+            .session
+            .handle_read(link, &mut input, Instant::now());
         let mut budget = ViolationBudget::new(Instant::now());
         loop {
             // Decode what was left undecoded when the session paused, or what comes next.
-            let n = if self.input_wanted().await {
-                0
-            } else {
-                match r.read(&mut buf).await {
+            if !self.input_wanted().await {
+                match r.read_buf(&mut input.unfilled()).await {
                     Ok(0) => return LinkEnded::ClosedByPeer,
-                    Ok(n) => n,
+                    Ok(_) => {}
                     Err(e) => return LinkEnded::Read(e),
                 }
-            };
+            }
             {
                 let mut inner = self.shared.lock();
                 let now = Instant::now();
                 let before = inner.session.stats().protocol_errors;
-                inner.session.handle_input(link, &buf[..n], now);
+                inner.session.handle_read(link, &mut input, now);
                 let committed = inner.session.stats().protocol_errors.saturating_sub(before);
                 inner.dispatch(&self.shared);
                 inner.kick_if_wanted();
                 if let Some(reason) = budget.add(committed, now) {
                     return reason;
                 }
-            }
-            if n == buf.len() && buf.len() < MAX_INPUT {
-                buf.resize((buf.len() * 4).min(MAX_INPUT), 0);
             }
         }
     }

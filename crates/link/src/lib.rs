@@ -39,8 +39,8 @@ use vstream_transport::Address;
 use vstream_wire::frame::Decoder;
 use vstream_wire::limit::ReportLimit;
 use vstream_wire::{
-    peek_hello, ChannelError, ChannelId, Config, Event, Hello, LinkId, LinkParams, Recv, ResetCode,
-    Session, SnapshotError, Transmit, MAX_INPUT,
+    peek_hello, ChannelError, ChannelId, Config, Event, Hello, InputBuf, LinkId, LinkParams, Recv,
+    ResetCode, Session, SnapshotError, Transmit, MAX_INPUT,
 };
 
 /// A channel the peer opened, waiting for the application.

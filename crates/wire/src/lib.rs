@@ -13,7 +13,7 @@ pub mod hello;
 pub mod limit;
 pub mod session;
 
-pub use frame::{DecodeError, Decoder, Frame, Kind, Transmit};
+pub use frame::{BufferPool, DecodeError, Decoder, Frame, InputBuf, Kind, Transmit};
 pub use hello::{peek_hello, Hello, Role};
 pub use session::{
     ChannelError, ChannelId, ChannelInfo, Config, ErrorKind, Event, LinkId, LinkParams, LinkStats,

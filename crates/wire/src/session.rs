@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, Kind, Sink, Transmit};
+use crate::frame::{self, BufferPool, DecodeError, Decoder, Frame, InputBuf, Kind, Sink, Transmit};
 use crate::hello::{caps, Hello, Role, VERSION};
 use crate::limit::ReportLimit;
 
@@ -100,7 +100,8 @@ impl Config {
         let frame = frame::wire_len(self.max_frame.min(frame::MAX_PAYLOAD_LIMIT) as usize);
         self.max_unacked
             + CONTROL_QUEUE_LIMIT
-            + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * frame)
+            // A pool buffer also holds the next frame's header (`BufferPool::capacity`).
+            + frame::POOL_BYTES.max(frame::POOL_MIN_BUFFERS * (frame + frame::HEADER_LEN))
             + links.max(1) * (2 * frame + 2 * MAX_INPUT)
     }
 }

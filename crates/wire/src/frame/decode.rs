@@ -1,8 +1,14 @@
 //! The decoder: finds frames in a byte stream again after garbage, bounded by a length limit.
 
+use bytes::BufMut;
+
 use super::*;
 
-/// How a byte sequence begins, for [`Decoder::next_from`].
+/// A link's first read buffer, and its reads until one fills it: an idle link only carries
+/// keepalives, and a daemon holds thousands of them.
+const READ_MIN: usize = 4 * 1024;
+
+/// How a byte sequence begins, for [`Decoder::next_in`].
 enum Start {
     /// A marker, a header whose CRC matches and a length within the limit; the whole frame
     /// (`.1` bytes) is there.
@@ -170,35 +176,46 @@ impl Decoder {
     }
 
     /// Decodes from the buffered bytes followed by `input`, consuming `input` as it goes: calling
-    /// this until it returns `None` yields exactly what `push(input)` and then draining the
-    /// iterator would, and leaves `input` empty.
+    /// this until it returns `None` yields exactly what `push` of `input`'s bytes and then
+    /// draining the iterator would. It leaves in `input` only the start of a sound frame whose
+    /// rest has not been read yet; [`Decoder::prepare`] then readies `input` for that rest.
     ///
-    /// It exists for speed. `push` copies everything into the buffer, and since delivered frames
-    /// keep views into it, the next `push` had to move the buffer to a fresh allocation (copying
-    /// and page-faulting) almost every time. Here a sound frame at the start of `input` is taken
-    /// straight from it (its payload copied once into an allocation of its own), and a frame
-    /// split across two reads is completed with only the bytes it lacks. Anything unusual
-    /// (garbage, a bad CRC, an oversized frame) falls back to `push` + `next`, so
-    /// resynchronisation and every counter behave exactly as before.
-    pub(crate) fn next_from(
+    /// It exists for speed. `push` copies everything into the decoder's buffer; here a sound
+    /// frame in `input` is taken from it directly. A large payload that was read into a pool
+    /// buffer of its own leaves as a view of that buffer, with no copy at all; other payloads
+    /// are copied once, so that no view pins a read buffer shared with other frames (a peer could
+    /// then make us hold more than the window it was granted). A frame split across reads is
+    /// completed in `input` by the next read. Anything unusual (garbage, a bad CRC, an oversized
+    /// frame) falls back to `push` + `next`, so resynchronisation and every counter behave
+    /// exactly as there.
+    pub fn next_in(
         &mut self,
-        input: &mut &[u8],
+        input: &mut InputBuf,
         pool: &mut BufferPool,
     ) -> Option<Result<Frame, DecodeError>> {
         if self.discard == 0 && self.buf.is_empty() {
-            match start_of(input, self.limit) {
+            match start_of(&input.buf, self.limit) {
                 Start::Complete(header, total) => {
-                    if let Some(frame) = self.verified(header, &input[..total], pool) {
-                        *input = &input[total..];
+                    let end = HEADER_LEN + header.len as usize;
+                    let b = &input.buf;
+                    if self.payload_ok(&header, &b[HEADER_LEN..end], &b[end..total]) {
                         self.suspect = self.suspect.saturating_sub(total);
-                        return Some(Ok(frame));
+                        self.stats.frames += 1;
+                        let payload = if input.framed && pool.fits(header.len as usize) {
+                            // The buffer holds this frame alone: hand it out.
+                            let frame = input.buf.split_to(total);
+                            pool.adopt(frame).slice(HEADER_LEN..end)
+                        } else {
+                            let payload = pool.copy(&input.buf[HEADER_LEN..end]);
+                            input.buf.advance(total);
+                            payload
+                        };
+                        input.framed = false;
+                        return Some(Ok(Frame { header, payload }));
                     }
                 }
-                Start::Incomplete(_) => {
-                    self.buf.extend_from_slice(input);
-                    *input = &[];
-                    return None;
-                }
+                // The next read completes it, in place.
+                Start::Incomplete(_) => return None,
                 Start::Unclean => {}
             }
         } else if self.discard == 0 {
@@ -206,8 +223,8 @@ impl Decoder {
             // frame's own bytes only, so adding just the bytes it lacks changes nothing.
             while let Start::Incomplete(need) = start_of(&self.buf, self.limit) {
                 let k = need.min(input.len());
-                self.buf.extend_from_slice(&input[..k]);
-                *input = &input[k..];
+                self.buf.extend_from_slice(&input.buf[..k]);
+                input.consume(k);
                 if k < need {
                     return None;
                 }
@@ -218,29 +235,55 @@ impl Decoder {
         }
         // The general case, on the whole stream as `push` would have buffered it.
         if !input.is_empty() {
-            self.push(input);
-            *input = &[];
+            self.push(&input.buf);
+            input.consume(input.len());
         }
         self.next()
     }
 
-    /// The frame, if its payload CRC matches.
-    fn verified(&mut self, header: Header, frame: &[u8], pool: &mut BufferPool) -> Option<Frame> {
-        let end = HEADER_LEN + header.len as usize;
-        if !self.payload_ok(
-            &header,
-            &frame[HEADER_LEN..end],
-            &frame[end..end + TRAILER_LEN],
-        ) {
-            return None;
+    /// Readies `input` (what [`Decoder::next_in`] left of it) for the next read, and sets how
+    /// much that read may take ([`InputBuf::unfilled`]).
+    ///
+    /// Once the header of a large frame (one that [`BufferPool`] gives a buffer of its own) is
+    /// in, its bytes move to the start of a pool buffer if they are not there already, and the
+    /// read is limited to the rest of that frame and the next header: the frame then fills the
+    /// buffer alone and its payload can leave without a copy, and the next header is all that
+    /// is copied to the next buffer. Otherwise reads take what the buffer has room for: 4 KiB
+    /// at first (a daemon has thousands of idle links), pool buffers once a read filled its
+    /// room. Nothing is allocated for a header before its CRC matched and its length was
+    /// found within the limit.
+    pub fn prepare(&self, input: &mut InputBuf, pool: &mut BufferPool) {
+        let need = match start_of(&input.buf, self.limit) {
+            Start::Incomplete(need) if self.discard == 0 && self.buf.is_empty() => need,
+            _ => 0,
+        };
+        let total = input.len() + need;
+        let large =
+            need > 0 && input.len() >= HEADER_LEN && pool.fits(total.saturating_sub(wire_len(0)));
+        if large {
+            if !input.framed {
+                input.refill(pool.take(), true, pool);
+            }
+            input.window = need + HEADER_LEN;
+        } else {
+            let size = if input.grown || total > READ_MIN {
+                pool.capacity()
+            } else {
+                READ_MIN
+            };
+            if input.room() < need.max(size / 4) {
+                if input.is_empty() && input.buf.try_reclaim(size) {
+                    input.framed = input.pooled;
+                } else if size == pool.capacity() && total <= size {
+                    input.refill(pool.take(), true, pool);
+                } else {
+                    input.refill(BytesMut::with_capacity(size.max(total)), false, pool);
+                }
+            }
+            input.window = input.room();
         }
-        self.stats.frames += 1;
-        Some(Frame {
-            header,
-            payload: pool.copy(&frame[HEADER_LEN..end]),
-        })
+        input.held = input.len();
     }
-
     fn garbage(&mut self, n: usize) -> Option<Result<Frame, DecodeError>> {
         if n == 0 {
             return None;
@@ -331,5 +374,104 @@ impl Iterator for Decoder {
             header,
             payload: Bytes::copy_from_slice(&frame[HEADER_LEN..end]),
         }))
+    }
+}
+
+/// A link's read buffer, owned by the caller of [`Decoder::next_in`] (in a session,
+/// [`crate::Session::handle_read`]): reads go into [`InputBuf::unfilled`], the decoder takes
+/// frames out of it and [`Decoder::prepare`] readies it for the next read.
+#[derive(Debug, Default)]
+pub struct InputBuf {
+    buf: BytesMut,
+    /// `buf` is a pool buffer and its view starts where the buffer does: a frame that arrives
+    /// here has the buffer to itself, and its payload may leave as a view of it.
+    framed: bool,
+    /// `buf` is a pool buffer.
+    pooled: bool,
+    /// Most bytes the next read may add.
+    window: usize,
+    /// Bytes held when the window was set: what is beyond was read since.
+    held: usize,
+    /// A read filled its window: reads go into pool buffers from now on.
+    grown: bool,
+}
+
+impl InputBuf {
+    /// An empty buffer; allocates nothing until [`Decoder::prepare`].
+    pub fn new() -> InputBuf {
+        InputBuf::default()
+    }
+
+    /// Where the next read goes: the spare capacity, limited to the window the decoder set.
+    pub fn unfilled(&mut self) -> bytes::buf::Limit<&mut BytesMut> {
+        let window = self.window.min(self.room());
+        (&mut self.buf).limit(window)
+    }
+
+    /// Copies as much of `data` as the window takes, as a read would; returns how much. For
+    /// bytes that arrived elsewhere, and tests.
+    pub fn fill_from(&mut self, data: &[u8]) -> usize {
+        let mut room = self.unfilled();
+        let n = room.remaining_mut().min(data.len());
+        room.put_slice(&data[..n]);
+        n
+    }
+
+    /// The bytes added since the window was set (call once after each read, before decoding;
+    /// [`crate::Session::handle_read`] does); notes whether they filled the window.
+    pub fn received(&mut self) -> usize {
+        let n = self.len().saturating_sub(self.held);
+        if self.window > 0 && n >= self.window {
+            self.grown = true;
+        }
+        self.held = self.len();
+        n
+    }
+
+    /// Bytes held, read and not yet decoded.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether no bytes are held.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The bytes held.
+    pub fn filled(&self) -> &[u8] {
+        &self.buf
+    }
+
+    fn room(&self) -> usize {
+        self.buf.capacity() - self.buf.len()
+    }
+
+    /// Drops `n` bytes from the front.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.framed &= n == 0;
+    }
+
+    /// Moves the bytes held to the start of `fresh`, and gives the old buffer back to the pool
+    /// if no payload still uses it.
+    fn refill(&mut self, mut fresh: BytesMut, pooled: bool, pool: &mut BufferPool) {
+        fresh.extend_from_slice(&self.buf);
+        let old = std::mem::replace(&mut self.buf, fresh);
+        if self.pooled {
+            pool.recycle(old.freeze());
+        }
+        self.pooled = pooled;
+        self.framed = pooled;
+    }
+}
+
+impl From<&[u8]> for InputBuf {
+    /// Bytes already read (not in a pool buffer: their payloads are copied).
+    fn from(data: &[u8]) -> InputBuf {
+        InputBuf {
+            buf: BytesMut::from(data),
+            ..InputBuf::default()
+        }
     }
 }

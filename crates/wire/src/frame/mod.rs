@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::{Buf, Bytes, BytesMut};
 
 mod decode;
-pub use decode::{DecodeError, DecodeStats, Decoder};
+pub use decode::{DecodeError, DecodeStats, Decoder, InputBuf};
 
 /// First two bytes of every frame. Chosen outside ASCII so console text rarely contains it.
 pub const MAGIC: [u8; 2] = [0xA9, 0x5C];
@@ -343,8 +343,12 @@ pub(crate) const POOL_MIN_BUFFERS: usize = 8;
 /// is: `recv_bytes` hands them to the application, whose task drops them. Before, those
 /// buffers went back to the allocator, and page faults on fresh ones took an eighth of the
 /// link tasks' CPU time at 64 KiB writes.
+///
+/// A buffer holds a whole frame of the largest payload and the next frame's header besides
+/// ([`BufferPool::capacity`]): a link reads large frames straight into pool buffers
+/// ([`InputBuf`]), and their payloads leave as views of them.
 #[derive(Debug)]
-pub(crate) struct BufferPool {
+pub struct BufferPool {
     spare: Arc<Spare>,
     /// Fewest spare buffers since the last trim: that many were not needed.
     unused: usize,
@@ -354,7 +358,10 @@ pub(crate) struct BufferPool {
 #[derive(Debug)]
 struct Spare {
     bufs: Mutex<Vec<BytesMut>>,
+    /// Largest payload.
     size: usize,
+    /// Capacity of every buffer.
+    cap: usize,
     max: usize,
 }
 
@@ -368,7 +375,7 @@ impl Spare {
     fn put(&self, mut b: BytesMut) {
         b.clear();
         // Moves the (empty) view back to the start of its allocation; no copy, no allocation.
-        if b.try_reclaim(self.size) && b.capacity() == self.size {
+        if b.try_reclaim(self.cap) && b.capacity() == self.cap {
             let mut bufs = self.lock();
             if bufs.len() < self.max {
                 bufs.push(b);
@@ -399,25 +406,41 @@ impl Drop for Pooled {
 }
 
 impl BufferPool {
-    /// A pool of buffers of `size` bytes (the largest frame payload).
-    pub(crate) fn new(size: usize) -> BufferPool {
+    /// A pool of buffers for payloads of up to `size` bytes (the largest frame payload).
+    pub fn new(size: usize) -> BufferPool {
         let size = size.max(1);
+        let cap = wire_len(size) + HEADER_LEN;
         BufferPool {
             spare: Arc::new(Spare {
                 bufs: Mutex::new(Vec::new()),
                 size,
-                max: (POOL_BYTES / size).max(POOL_MIN_BUFFERS),
+                cap,
+                max: (POOL_BYTES / cap).max(POOL_MIN_BUFFERS),
             }),
             unused: 0,
         }
     }
 
-    /// The size of a pooled buffer.
+    /// The largest payload a pooled buffer is for.
     pub(crate) fn size(&self) -> usize {
         self.spare.size
     }
 
-    /// An empty buffer of [`BufferPool::size`] bytes of capacity.
+    /// The capacity of a pooled buffer: a frame of [`BufferPool::size`] bytes of payload and
+    /// the next frame's header.
+    pub(crate) fn capacity(&self) -> usize {
+        self.spare.cap
+    }
+
+    /// Whether a payload of `len` bytes gets a pool buffer of its own: only those of at least
+    /// 7/8 of the size, so that one takes at most 8/7 of its length plus the framing (what a
+    /// guest can make us hold is counted in payload bytes).
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        let size = self.spare.size;
+        len >= size - size / 8 && len <= size
+    }
+
+    /// An empty buffer of [`BufferPool::capacity`] bytes of capacity.
     pub(crate) fn take(&mut self) -> BytesMut {
         let b = {
             let mut bufs = self.spare.lock();
@@ -425,17 +448,22 @@ impl BufferPool {
             self.unused = self.unused.min(bufs.len());
             b
         };
-        b.unwrap_or_else(|| BytesMut::with_capacity(self.spare.size))
+        b.unwrap_or_else(|| BytesMut::with_capacity(self.spare.cap))
     }
 
     /// `data` in a buffer of its own, which returns to the pool when its last view is dropped.
     pub(crate) fn copy(&mut self, data: &[u8]) -> Bytes {
-        let size = self.spare.size;
-        if data.len() < size - size / 8 || data.len() > size {
+        if !self.fits(data.len()) {
             return Bytes::copy_from_slice(data);
         }
         let mut buf = self.take();
         buf.extend_from_slice(data);
+        self.adopt(buf)
+    }
+
+    /// `buf` (a view of a buffer from [`BufferPool::take`]) as `Bytes`, which give the buffer
+    /// back to the pool when their last view is dropped.
+    pub(crate) fn adopt(&self, buf: BytesMut) -> Bytes {
         Bytes::from_owner(Pooled {
             buf,
             home: Arc::downgrade(&self.spare),
@@ -466,7 +494,7 @@ impl BufferPool {
 
     /// Bytes held in spare buffers.
     pub(crate) fn held(&self) -> usize {
-        self.spare.lock().len() * self.spare.size
+        self.spare.lock().len() * self.spare.cap
     }
 }
 

@@ -104,11 +104,40 @@ fn oversized_frame_is_skipped_without_buffering() {
     assert_eq!(ok[0].payload, &b"ok"[..]);
 }
 
-/// `next_from` is only a faster way to `push` and drain: on streams full of garbage, cut and
-/// corrupted frames, oversized frames and split markers, read in random pieces, both must
-/// give the same items in the same order and the same counters.
+/// What a link does with a piece of the stream that arrived: reads it into `input` in the
+/// windows the decoder sets, decoding after each read; `on_read` sees what each read took and
+/// what was decoded after it.
+fn read_piece(
+    d: &mut Decoder,
+    input: &mut InputBuf,
+    pool: &mut BufferPool,
+    mut piece: &[u8],
+    out: &mut Vec<Result<Frame, DecodeError>>,
+    mut on_read: impl FnMut(&[u8], &[Result<Frame, DecodeError>]),
+) {
+    loop {
+        d.prepare(input, pool);
+        let k = input.fill_from(piece);
+        assert!(k > 0 || piece.is_empty(), "a window to read into");
+        input.received();
+        let before = out.len();
+        while let Some(item) = d.next_in(input, pool) {
+            out.push(item);
+        }
+        on_read(&piece[..k], &out[before..]);
+        piece = &piece[k..];
+        if piece.is_empty() {
+            return;
+        }
+    }
+}
+
+/// `next_in` is only a faster way to `push` and drain: on streams full of garbage, cut and
+/// corrupted frames, oversized frames and split markers, arriving in random pieces and read in
+/// the windows `prepare` sets, both must give the same items after each read, the same
+/// counters, and hold the same bytes.
 #[test]
-fn next_from_decodes_exactly_like_push_and_next() {
+fn next_in_decodes_exactly_like_push_and_next() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(7);
     for case in 0..3000 {
@@ -141,21 +170,35 @@ fn next_from_decodes_exactly_like_push_and_next() {
         cuts.sort_unstable();
         let (mut classic, mut fast) = (Decoder::new(limit), Decoder::new(limit));
         let mut pool = BufferPool::new(limit as usize);
+        let mut input = InputBuf::new();
         let (mut want, mut got) = (Vec::new(), Vec::new());
         let mut from = 0;
         for to in cuts {
-            classic.push(&wire[from..to]);
-            want.extend(classic.by_ref());
-            let mut input = &wire[from..to];
-            while let Some(item) = fast.next_from(&mut input, &mut pool) {
-                got.push(item);
-            }
-            assert!(input.is_empty());
+            let piece = &wire[from..to];
+            read_piece(
+                &mut fast,
+                &mut input,
+                &mut pool,
+                piece,
+                &mut got,
+                |read, items| {
+                    classic.push(read);
+                    let n = want.len();
+                    want.extend(classic.by_ref());
+                    assert_eq!(items, &want[n..], "case {case}");
+                },
+            );
             from = to;
         }
         assert_eq!(got, want, "case {case}");
         assert_eq!(fast.stats(), classic.stats(), "case {case}");
-        assert_eq!(fast.buffered(), classic.buffered(), "case {case}");
+        assert_eq!(
+            fast.buffered() + input.len(),
+            classic.buffered(),
+            "case {case}"
+        );
+        // What a peer can make us hold: one frame and the next header, or one read.
+        assert!(input.filled().len() <= pool.capacity(), "case {case}");
     }
 }
 
@@ -235,13 +278,16 @@ fn crc_bomb_headers_cost_linear_work() {
     for fast in [false, true] {
         let mut d = Decoder::new(limit as u32);
         let mut pool = BufferPool::new(limit);
+        let mut input = InputBuf::new();
         let mut failed = 0;
         for piece in wire.chunks(4096) {
             if fast {
-                let mut input = piece;
-                while let Some(item) = d.next_from(&mut input, &mut pool) {
-                    failed += usize::from(matches!(item, Err(DecodeError::BadPayload { .. })));
-                }
+                let mut items = Vec::new();
+                read_piece(&mut d, &mut input, &mut pool, piece, &mut items, |_, _| {});
+                failed += items
+                    .iter()
+                    .filter(|r| matches!(r, Err(DecodeError::BadPayload { .. })))
+                    .count();
             } else {
                 d.push(piece);
                 failed += d
@@ -289,4 +335,80 @@ fn huge_claimed_length_in_garbled_header_is_not_trusted() {
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0].payload, &b"y"[..]);
     assert!(err.contains(&DecodeError::BadHeader));
+}
+
+/// Large frames read in the decoder's windows leave without a copy: each payload is the very
+/// memory the read wrote it to, and its buffer returns to the pool when the payload is
+/// dropped. Small payloads are copies, so that none pins a read buffer.
+#[test]
+fn large_payloads_leave_in_the_buffer_they_were_read_into() {
+    let limit = 64 * 1024;
+    let mut wire = Vec::new();
+    for seq in 0..6u32 {
+        let len = if seq == 3 { 100 } else { limit };
+        encode(
+            &mut wire,
+            Kind::Data as u8,
+            1,
+            seq,
+            0,
+            &vec![seq as u8; len],
+        );
+    }
+    let mut d = Decoder::new(limit as u32);
+    let mut pool = BufferPool::new(limit);
+    let mut input = InputBuf::new();
+    let mut rest = &wire[..];
+    let (mut got, mut in_place) = (Vec::new(), 0);
+    while !rest.is_empty() {
+        d.prepare(&mut input, &mut pool);
+        let k = input.fill_from(rest);
+        // The buffer this read went to.
+        let at = input.filled().as_ptr() as usize;
+        let read = at..at + input.len();
+        rest = &rest[k..];
+        input.received();
+        while let Some(item) = d.next_in(&mut input, &mut pool) {
+            let frame = item.unwrap();
+            let p = frame.payload.as_ptr() as usize;
+            if read.contains(&p) {
+                in_place += 1;
+                assert_eq!(frame.payload.len(), limit, "only large payloads are views");
+            }
+            got.push(frame);
+        }
+    }
+    assert_eq!(got.len(), 6);
+    for (seq, f) in got.iter().enumerate() {
+        assert!(f.payload.iter().all(|&b| b == seq as u8));
+    }
+    // The first frame arrives in the 4 KiB first buffer and is copied; once the decoder knows
+    // a large frame is coming, the rest of it goes where it will be handed out.
+    assert!(in_place >= 3, "{in_place} of 5 large payloads in place");
+    let spare = pool.spare();
+    drop(got);
+    assert!(pool.spare() > spare, "the buffers came back to the pool");
+}
+
+/// A sound header claiming more than the limit allocates nothing: the read buffer stays at
+/// its first size while the frame's bytes are skipped.
+#[test]
+fn oversized_header_allocates_nothing() {
+    let mut wire = Vec::new();
+    claiming(200_000).encode(&mut wire);
+    wire.resize(wire_len(200_000), 0);
+    encode(&mut wire, Kind::Data as u8, 1, 0, 0, b"after");
+    let mut d = Decoder::new(4096);
+    let mut pool = BufferPool::new(4096);
+    let mut input = InputBuf::new();
+    let mut items = Vec::new();
+    for piece in wire.chunks(1000) {
+        read_piece(&mut d, &mut input, &mut pool, piece, &mut items, |_, _| {});
+        assert!(input.filled().len() <= 1000 && d.buffered() <= 1000);
+    }
+    assert!(matches!(items[0], Err(DecodeError::Oversized { .. })));
+    assert_eq!(
+        items.last().unwrap().as_ref().unwrap().payload,
+        &b"after"[..]
+    );
 }

@@ -4,33 +4,60 @@
 use super::*;
 
 impl Session {
-    /// Feeds bytes received on `link`.
+    /// Feeds bytes received on `link`. The same as [`Session::handle_read`] with the bytes in
+    /// a read buffer of their own, for callers that read elsewhere (payloads are copied).
     pub fn handle_input(&mut self, link: LinkId, data: &[u8], now: Instant) {
+        let mut input = InputBuf::from(data);
+        self.decode(link, &mut input, now);
+        if let Some(l) = self.links.get_mut(&link) {
+            // The start of a frame: kept by the decoder until the next call.
+            l.decoder.push(input.filled());
+        }
+    }
+
+    /// Decodes what was read into `input` on `link` since the last call (or, after a pause,
+    /// what was left undecoded), then readies `input` for the next read: reads go into
+    /// [`InputBuf::unfilled`]. Large payloads leave as views of the buffers they were read
+    /// into, with no copy (see [`Decoder::next_in`]).
+    pub fn handle_read(&mut self, link: LinkId, input: &mut InputBuf, now: Instant) {
+        self.decode(link, input, now);
+        match self.links.get(&link) {
+            Some(l) if l.state != LinkState::Dead => l.decoder.prepare(input, &mut self.pool),
+            // Nothing more is decoded on this link; reads only need somewhere to go.
+            _ => Decoder::new(0).prepare(input, &mut self.pool),
+        }
+    }
+
+    fn decode(&mut self, link: LinkId, input: &mut InputBuf, now: Instant) {
+        let received = input.received();
         let Some(l) = self.links.get_mut(&link) else {
+            input.consume(input.len());
             return;
         };
         if l.state == LinkState::Dead {
+            input.consume(input.len());
             return;
         }
-        l.stats.bytes_in += data.len() as u64;
+        l.stats.bytes_in += received as u64;
         self.now = now;
-        // `next_from` decodes the same frames as `push` + `next` with fewer copies.
-        let mut input = data;
         loop {
             let pause = self.control_bytes >= CONTROL_QUEUE_LIMIT && self.control_can_drain();
             let Some(l) = self.links.get_mut(&link) else {
+                input.consume(input.len());
                 return;
             };
             if l.state == LinkState::Dead {
+                input.consume(input.len());
                 return;
             }
             if pause {
                 // The rest waits until the peer reads our replies: kept, undecoded, in the
                 // decoder (one read), and decoded by the next call, even with no new input.
-                l.decoder.push(input);
+                l.decoder.push(input.filled());
+                input.consume(input.len());
                 return;
             }
-            let Some(item) = l.decoder.next_from(&mut input, &mut self.pool) else {
+            let Some(item) = l.decoder.next_in(input, &mut self.pool) else {
                 break;
             };
             match item {
