@@ -95,6 +95,10 @@ struct G2hCost {
     guest: GuestCost,
     /// The backend's busiest thread over the transfer: name, CPU seconds.
     worker: (String, f64),
+    /// QEMU's CPU seconds per second of transfer (its vCPU thread is the TCG guest's CPU).
+    qemu: f64,
+    /// The guest's idle seconds per second of transfer.
+    guest_idle: f64,
     /// vstreamd's device counters over the transfer (from its log; none for the other backend).
     device: Option<DeviceCounters>,
 }
@@ -156,7 +160,9 @@ fn guest_to_host(
     let (mut stream, _) = listener.accept()?;
     let mut buf = vec![0; 1 << 20];
     let mut got = stream.read(&mut buf)?;
+    let qemu_pid = lab.pids().0.context("QEMU's pid")?;
     let (started, cpu0, threads0) = (Instant::now(), cpu_seconds(pid)?, thread_cpu(pid));
+    let qemu0 = cpu_seconds(qemu_pid)?;
     loop {
         let n = stream.read(&mut buf)?;
         if n == 0 {
@@ -165,6 +171,7 @@ fn guest_to_host(
         got += n;
     }
     let (took, cpu) = (started.elapsed(), cpu_seconds(pid)? - cpu0);
+    let qemu = (cpu_seconds(qemu_pid)? - qemu0) / took.as_secs_f64();
     let worker = busiest_thread(pid, &threads0);
     drop(stream);
     if got != bytes {
@@ -187,9 +194,12 @@ fn guest_to_host(
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    let guest = GuestCost::parse(&out)?;
     let cost = G2hCost {
-        guest: GuestCost::parse(&out)?,
+        guest,
         worker,
+        qemu,
+        guest_idle: guest.idle as f64 / 100.0 / took.as_secs_f64(),
         device,
     };
     Ok((figure(bytes, took, cpu), cost))
@@ -251,20 +261,21 @@ fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<(Figu
     Ok((figure(bytes, took, cpu), guest))
 }
 
-/// Shell functions for the guest: `irqs Q`, the interrupts of the virtio-vsock device's queue
-/// `Q` (`rx`, `tx`; or of all its queues, if they share one vector); `ctxt`, context switches
-/// so far.
-const GUEST_COUNTERS: &str = r#"d=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -n 1)); irqs() { awk -v q="$d-$1" -v d="$d" '$NF == q || $NF == d"-virtqueues" { n += $2 } END { print n + 0 }' /proc/interrupts; }; ctxt() { awk '/^ctxt/ { print $2 }' /proc/stat; };"#;
+/// Shell functions for the guest: `irqs`, the interrupts of the virtio-vsock device (its
+/// queues share one vector in the lab's guest, so RX and TX cannot be told apart); `ctxt`,
+/// context switches so far; `idle`, the CPUs' idle time so far (USER_HZ ticks).
+const GUEST_COUNTERS: &str = r#"d=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -n 1)); irqs() { awk -v d="$d" 'index($NF, d"-") == 1 { n += $2 } END { print n + 0 }' /proc/interrupts; }; ctxt() { awk '/^ctxt/ { print $2 }' /proc/stat; }; idle() { awk '/^cpu / { print $5 }' /proc/stat; };"#;
 /// Guest shell around a transfer: the counters before, and their growth printed after.
-const COUNT_START: &str = "r0=$(irqs rx); t0=$(irqs tx); c0=$(ctxt);";
-const COUNT_END: &str = r#"echo "guest-cost rx $(( $(irqs rx) - r0 )) tx $(( $(irqs tx) - t0 )) ctxt $(( $(ctxt) - c0 ))""#;
+const COUNT_START: &str = "i0=$(irqs); c0=$(ctxt); z0=$(idle);";
+const COUNT_END: &str = r#"echo "guest-cost irqs $(( $(irqs) - i0 )) ctxt $(( $(ctxt) - c0 )) idle $(( $(idle) - z0 ))""#;
 
-/// What a transfer cost the guest: its vsock RX and TX interrupts, its context switches.
+/// What a transfer cost the guest: its vsock interrupts, its context switches, and how long
+/// its CPUs were idle (USER_HZ ticks: 1/100 s).
 #[derive(Debug, Clone, Copy, Default)]
 struct GuestCost {
-    rx: u64,
-    tx: u64,
+    irqs: u64,
     ctxt: u64,
+    idle: u64,
 }
 
 impl GuestCost {
@@ -283,9 +294,9 @@ impl GuestCost {
             Ok(words.get(at + 1).context(what.to_owned())?.parse()?)
         };
         Ok(GuestCost {
-            rx: count("rx")?,
-            tx: count("tx")?,
+            irqs: count("irqs")?,
             ctxt: count("ctxt")?,
+            idle: count("idle")?,
         })
     }
 }
@@ -365,33 +376,34 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // A Linux guest offers 4 KiB RX buffers: one packet per 4 KiB, whatever the host writes.
     let packets = bytes.div_ceil(4096) as f64;
-    println!("guest's cost per 4 KiB packet received (h->g): RX interrupts, context switches:");
+    println!("guest's cost per 4 KiB packet received (h->g): vsock interrupts, context switches:");
     for (name, _, rows) in &results {
         for (size, _, _, guest, _) in rows {
             println!(
                 "  {:<20} {:>7} {:>8.3} {:>8.2}",
                 name,
                 format!("{} KiB", size / 1024),
-                guest.rx as f64 / packets,
+                guest.irqs as f64 / packets,
                 guest.ctxt as f64 / packets
             );
         }
     }
     println!(
-        "guest -> host, per MiB: the guest's vsock TX and RX interrupts and context switches; \
-         the backend's busiest thread (CPU s/GiB)"
+        "guest -> host, per MiB: the guest's vsock interrupts and context switches; per second: \
+         the guest's idle time, QEMU's CPU; the backend's busiest thread (CPU s/GiB)"
     );
     let per_mib = |n: u64| n as f64 / mib as f64;
     let gib = bytes as f64 / (1u64 << 30) as f64;
     for (name, _, rows) in &results {
         for (size, _, _, _, cost) in rows {
             println!(
-                "  {:<20} {:>7} tx {:>7.1} rx {:>7.1} ctxt {:>8.1}; {} {:.2}",
+                "  {:<20} {:>7} irqs {:>6.1} ctxt {:>7.1}; idle {:.2} s/s, QEMU {:.2} s/s; {} {:.2}",
                 name,
                 format!("{} KiB", size / 1024),
-                per_mib(cost.guest.tx),
-                per_mib(cost.guest.rx),
+                per_mib(cost.guest.irqs),
                 per_mib(cost.guest.ctxt),
+                cost.guest_idle,
+                cost.qemu,
                 cost.worker.0,
                 cost.worker.1 / gib
             );
