@@ -99,6 +99,9 @@ struct G2hCost {
     qemu: f64,
     /// The guest's idle seconds per second of transfer.
     guest_idle: f64,
+    /// MiB/s of the same guest pipeline into /dev/null instead of the vsock: what any device
+    /// could reach at most with this guest, at this moment.
+    ceiling: f64,
     /// vstreamd's device counters over the transfer (from its log; none for the other backend).
     device: Option<DeviceCounters>,
 }
@@ -129,6 +132,40 @@ fn last_counters(log: &str) -> (usize, DeviceCounters) {
     (lines.len(), last)
 }
 
+/// The guest side of a guest -> host transfer, `sink` standing for where socat writes.
+fn guest_pipeline(size: usize, bytes: usize, sink: &str) -> String {
+    format!(
+        "dd if=/dev/zero bs={size} count={} 2>/dev/null | socat -b {size} -u - {sink}",
+        bytes / size
+    )
+}
+
+/// MiB/s of [`guest_pipeline`] into /dev/null, timed by the guest (its uptime: 10 ms ticks).
+fn guest_ceiling(lab: &Lab, size: usize, bytes: usize) -> Result<f64> {
+    let id = format!("ceiling-{size}");
+    bg(
+        lab,
+        &id,
+        &format!(
+            "t0=$(cut -d' ' -f1 /proc/uptime); {}; echo \"uptime $t0 $(cut -d' ' -f1 /proc/uptime)\"",
+            guest_pipeline(size, bytes, "/dev/null")
+        ),
+    );
+    let out = wait_out(lab, &id, "DONE-rc=0", Duration::from_secs(120));
+    let times: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uptime "))
+        .context("the guest's timing")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let took = match times[..] {
+        [t0, t1] => (t1 - t0).max(0.01),
+        _ => bail!("the guest's timing: {out:?}"),
+    };
+    Ok(bytes as f64 / (1 << 20) as f64 / took)
+}
+
 fn guest_to_host(
     lab: &Lab,
     pid: u32,
@@ -146,15 +183,14 @@ fn guest_to_host(
     let _ = fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let id = format!("g2h-{size}");
+    let ceiling = guest_ceiling(lab, size, bytes)?;
     let (ended_before, counters_before) = last_counters(&lab.daemon_log());
     bg(
         lab,
         &id,
         &format!(
-            "{GUEST_COUNTERS} {COUNT_START} \
-             dd if=/dev/zero bs={size} count={} 2>/dev/null | socat -b {size} -u - VSOCK-CONNECT:2:{G2H_PORT}; \
-             {COUNT_END}",
-            bytes / size
+            "{GUEST_COUNTERS} {COUNT_START} {}; {COUNT_END}",
+            guest_pipeline(size, bytes, &format!("VSOCK-CONNECT:2:{G2H_PORT}"))
         ),
     );
     let (mut stream, _) = listener.accept()?;
@@ -200,6 +236,7 @@ fn guest_to_host(
         worker,
         qemu,
         guest_idle: guest.idle as f64 / 100.0 / took.as_secs_f64(),
+        ceiling,
         device,
     };
     Ok((figure(bytes, took, cpu), cost))
@@ -390,14 +427,16 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     println!(
         "guest -> host, per MiB: the guest's vsock interrupts and context switches; per second: \
-         the guest's idle time, QEMU's CPU; the backend's busiest thread (CPU s/GiB)"
+         the guest's idle time, QEMU's CPU; the backend's busiest thread (CPU s/GiB); the guest's \
+         ceiling (its pipeline into /dev/null, MiB/s)"
     );
     let per_mib = |n: u64| n as f64 / mib as f64;
     let gib = bytes as f64 / (1u64 << 30) as f64;
     for (name, _, rows) in &results {
         for (size, _, _, _, cost) in rows {
             println!(
-                "  {:<20} {:>7} irqs {:>6.1} ctxt {:>7.1}; idle {:.2} s/s, QEMU {:.2} s/s; {} {:.2}",
+                "  {:<20} {:>7} irqs {:>6.1} ctxt {:>7.1}; idle {:.2} s/s, QEMU {:.2} s/s; {} {:.2}; \
+                 ceiling {:.1}",
                 name,
                 format!("{} KiB", size / 1024),
                 per_mib(cost.guest.irqs),
@@ -405,7 +444,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 cost.guest_idle,
                 cost.qemu,
                 cost.worker.0,
-                cost.worker.1 / gib
+                cost.worker.1 / gib,
+                cost.ceiling
             );
         }
     }
