@@ -38,9 +38,9 @@ const MAX_CONNECT_LINE: usize = 32;
 /// First host port given to a hybrid-socket client (as Firecracker does).
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
-/// Guest bytes after which a connection's end is logged with the device's counters (a
-/// transfer, not a connect or a flood, which a host socket that does not read caps at
-/// [`BUF_ALLOC`]).
+/// Guest bytes (its wrapping count) after which a connection's end is logged with the
+/// device's counters (a transfer, not a connect or a flood, which a host socket that does not
+/// read caps at [`BUF_ALLOC`]).
 const LOG_AFTER: u32 = 4 * BUF_ALLOC;
 
 const RX: usize = 0;
@@ -214,7 +214,6 @@ impl VsockDevice {
         if conn.rx_cnt >= LOG_AFTER {
             self.log_end(&conn);
         }
-
         self.by_ports.remove(&(conn.host_port, conn.guest_port));
         self.ready.retain(|t| *t != token);
         self.control.retain(|t| *t != token);
