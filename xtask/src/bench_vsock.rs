@@ -12,6 +12,7 @@
 //! Throughput is measured on the host from the first byte to the end; CPU is the backend
 //! process's user + system time over the transfer (for vstreamd, the whole daemon), per GiB.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -35,7 +36,12 @@ pub(crate) struct Figure {
 
 /// CPU seconds (user + system) process `pid` has used.
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}"))
+}
+
+/// CPU seconds (user + system) in `dir/stat` (a process's or a thread's).
+fn stat_cpu_seconds(dir: &str) -> Result<f64> {
+    let stat = fs::read_to_string(format!("{dir}/stat"))?;
     // Fields after the command name (which may contain spaces): state is field 3.
     let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -43,6 +49,36 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / hz)
+}
+
+/// Each thread of `pid`: its name and CPU seconds so far.
+fn thread_cpu(pid: u32) -> HashMap<String, (String, f64)> {
+    let mut out = HashMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path().display().to_string();
+        let name = fs::read_to_string(format!("{dir}/comm")).unwrap_or_default();
+        if let Ok(cpu) = stat_cpu_seconds(&dir) {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            out.insert(tid, (name.trim().to_owned(), cpu));
+        }
+    }
+    out
+}
+
+/// The thread of `pid` that used the most CPU since `before` (from [`thread_cpu`]): its name
+/// and seconds (the device's worker, for both backends, as both run on vhost-user-backend).
+fn busiest_thread(pid: u32, before: &HashMap<String, (String, f64)>) -> (String, f64) {
+    thread_cpu(pid)
+        .into_iter()
+        .map(|(tid, (name, cpu))| {
+            let was = before.get(&tid).map_or(0.0, |(_, c)| *c);
+            (name, cpu - was)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default()
 }
 
 pub(crate) fn figure(bytes: usize, took: Duration, cpu: f64) -> Figure {
@@ -53,7 +89,90 @@ pub(crate) fn figure(bytes: usize, took: Duration, cpu: f64) -> Figure {
     }
 }
 
-fn guest_to_host(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figure> {
+/// What a guest -> host transfer cost, besides its [`Figure`].
+#[derive(Debug, Clone, Default)]
+struct G2hCost {
+    guest: GuestCost,
+    /// The backend's busiest thread over the transfer: name, CPU seconds.
+    worker: (String, f64),
+    /// QEMU's CPU seconds per second of transfer (its vCPU thread is the TCG guest's CPU).
+    qemu: f64,
+    /// The guest's idle seconds per second of transfer.
+    guest_idle: f64,
+    /// MiB/s of the same guest pipeline into /dev/null instead of the vsock: what any device
+    /// could reach at most with this guest, at this moment.
+    ceiling: f64,
+    /// vstreamd's device counters over the transfer (from its log; none for the other backend).
+    device: Option<DeviceCounters>,
+}
+
+/// The line vstreamd's vsock device logs (at debug) when a connection ends, with its counters.
+const CONN_ENDED: &str = "vsock: connection ended";
+
+/// The device's counters named in a [`CONN_ENDED`] line (`name: N` pairs).
+type DeviceCounters = HashMap<String, u64>;
+
+fn device_counters(line: &str) -> DeviceCounters {
+    let Some((_, rest)) = line.split_once("Counters {") else {
+        return DeviceCounters::new();
+    };
+    let body = rest.split_once('}').map_or(rest, |(b, _)| b);
+    body.split(',')
+        .filter_map(|pair| {
+            let (name, n) = pair.split_once(':')?;
+            Some((name.trim().to_owned(), n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The counters of the last [`CONN_ENDED`] line of `log`, and how many such lines it has.
+fn last_counters(log: &str) -> (usize, DeviceCounters) {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(CONN_ENDED)).collect();
+    let last = lines.last().map(|l| device_counters(l)).unwrap_or_default();
+    (lines.len(), last)
+}
+
+/// The guest side of a guest -> host transfer, `sink` standing for where socat writes.
+fn guest_pipeline(size: usize, bytes: usize, sink: &str) -> String {
+    format!(
+        "dd if=/dev/zero bs={size} count={} 2>/dev/null | socat -b {size} -u - {sink}",
+        bytes / size
+    )
+}
+
+/// MiB/s of [`guest_pipeline`] into /dev/null, timed by the guest (its uptime: 10 ms ticks).
+fn guest_ceiling(lab: &Lab, size: usize, bytes: usize) -> Result<f64> {
+    let id = format!("ceiling-{size}");
+    bg(
+        lab,
+        &id,
+        &format!(
+            "t0=$(cut -d' ' -f1 /proc/uptime); {}; echo \"uptime $t0 $(cut -d' ' -f1 /proc/uptime)\"",
+            guest_pipeline(size, bytes, "/dev/null")
+        ),
+    );
+    let out = wait_out(lab, &id, "DONE-rc=0", Duration::from_secs(120));
+    let times: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uptime "))
+        .context("the guest's timing")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let took = match times[..] {
+        [t0, t1] => (t1 - t0).max(0.01),
+        _ => bail!("the guest's timing: {out:?}"),
+    };
+    Ok(bytes as f64 / (1 << 20) as f64 / took)
+}
+
+fn guest_to_host(
+    lab: &Lab,
+    pid: u32,
+    ours: bool,
+    size: usize,
+    bytes: usize,
+) -> Result<(Figure, G2hCost)> {
     let hybrid = lab
         .paths()
         .sockets
@@ -64,18 +183,22 @@ fn guest_to_host(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figur
     let _ = fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let id = format!("g2h-{size}");
+    let ceiling = guest_ceiling(lab, size, bytes)?;
+    let (ended_before, counters_before) = last_counters(&lab.daemon_log());
     bg(
         lab,
         &id,
         &format!(
-            "dd if=/dev/zero bs={size} count={} 2>/dev/null | socat -b {size} -u - VSOCK-CONNECT:2:{G2H_PORT}",
-            bytes / size
+            "{GUEST_COUNTERS} {COUNT_START} {}; {COUNT_END}",
+            guest_pipeline(size, bytes, &format!("VSOCK-CONNECT:2:{G2H_PORT}"))
         ),
     );
     let (mut stream, _) = listener.accept()?;
     let mut buf = vec![0; 1 << 20];
     let mut got = stream.read(&mut buf)?;
-    let (started, cpu0) = (Instant::now(), cpu_seconds(pid)?);
+    let qemu_pid = lab.pids().0.context("QEMU's pid")?;
+    let (started, cpu0, threads0) = (Instant::now(), cpu_seconds(pid)?, thread_cpu(pid));
+    let qemu0 = cpu_seconds(qemu_pid)?;
     loop {
         let n = stream.read(&mut buf)?;
         if n == 0 {
@@ -84,11 +207,39 @@ fn guest_to_host(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<Figur
         got += n;
     }
     let (took, cpu) = (started.elapsed(), cpu_seconds(pid)? - cpu0);
+    let qemu = (cpu_seconds(qemu_pid)? - qemu0) / took.as_secs_f64();
+    let worker = busiest_thread(pid, &threads0);
+    drop(stream);
     if got != bytes {
         bail!("guest -> host: {got} bytes arrived, {bytes} were sent");
     }
-    wait_out(lab, &id, "DONE-rc=0", Duration::from_secs(60));
-    Ok(figure(bytes, took, cpu))
+    let out = wait_out(lab, &id, "DONE-rc=0", Duration::from_secs(60));
+    // The device logs its counters once the connection is gone (both sides closed).
+    let mut device = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ours && device.is_none() && Instant::now() < deadline {
+        let (ended, after) = last_counters(&lab.daemon_log());
+        if ended > ended_before {
+            device = Some(
+                after
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v - counters_before.get(k).copied().unwrap_or(0)))
+                    .collect(),
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let guest = GuestCost::parse(&out)?;
+    let cost = G2hCost {
+        guest,
+        worker,
+        qemu,
+        guest_idle: guest.idle as f64 / 100.0 / took.as_secs_f64(),
+        ceiling,
+        device,
+    };
+    Ok((figure(bytes, took, cpu), cost))
 }
 
 fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<(Figure, GuestCost)> {
@@ -106,9 +257,9 @@ fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<(Figu
         lab,
         &id,
         &format!(
-            "{GUEST_COUNTERS} i0=$(irqs); c0=$(ctxt); \
+            "{GUEST_COUNTERS} {COUNT_START} \
              socat -b {size} -u VSOCK-LISTEN:{H2G_PORT} - | wc -c; \
-             echo \"irqs $(( $(irqs) - i0 )) ctxt $(( $(ctxt) - c0 ))\""
+             {COUNT_END}"
         ),
     );
     // Connect once the guest listens.
@@ -143,28 +294,48 @@ fn host_to_guest(lab: &Lab, pid: u32, size: usize, bytes: usize) -> Result<(Figu
     if !out.contains(&bytes.to_string()) {
         bail!("host -> guest: the guest counted {out:?}, {bytes} were sent");
     }
-    let count = |what: &str| -> Option<u64> {
-        let line = out.lines().find(|l| l.starts_with("irqs "))?;
-        let mut words = line.split_whitespace();
-        words.find(|w| *w == what)?;
-        words.next()?.parse().ok()
-    };
-    let guest = GuestCost {
-        irqs: count("irqs").context("the guest's interrupt count")?,
-        ctxt: count("ctxt").context("the guest's context switches")?,
-    };
+    let guest = GuestCost::parse(&out)?;
     Ok((figure(bytes, took, cpu), guest))
 }
 
-/// Shell functions for the guest: `irqs`, the interrupts of the virtio-vsock device's RX
-/// queue (or of all its queues, if they share one vector); `ctxt`, context switches so far.
-const GUEST_COUNTERS: &str = r#"d=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -n 1)); irqs() { awk -v d="$d" '$NF == d"-rx" || $NF == d"-virtqueues" { n += $2 } END { print n + 0 }' /proc/interrupts; }; ctxt() { awk '/^ctxt/ { print $2 }' /proc/stat; };"#;
+/// Shell functions for the guest: `irqs`, the interrupts of the virtio-vsock device (its
+/// queues share one vector in the lab's guest, so RX and TX cannot be told apart); `ctxt`,
+/// context switches so far; `idle`, the CPUs' idle time so far (USER_HZ ticks).
+const GUEST_COUNTERS: &str = r#"d=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -n 1)); irqs() { awk -v d="$d" 'index($NF, d"-") == 1 { n += $2 } END { print n + 0 }' /proc/interrupts; }; ctxt() { awk '/^ctxt/ { print $2 }' /proc/stat; }; idle() { awk '/^cpu / { print $5 }' /proc/stat; };"#;
+/// Guest shell around a transfer: the counters before, and their growth printed after.
+const COUNT_START: &str = "i0=$(irqs); c0=$(ctxt); z0=$(idle);";
+const COUNT_END: &str = r#"echo "guest-cost irqs $(( $(irqs) - i0 )) ctxt $(( $(ctxt) - c0 )) idle $(( $(idle) - z0 ))""#;
 
-/// What a host -> guest transfer cost the guest.
-#[derive(Debug, Clone, Copy)]
+/// What a transfer cost the guest: its vsock interrupts, its context switches, and how long
+/// its CPUs were idle (USER_HZ ticks: 1/100 s).
+#[derive(Debug, Clone, Copy, Default)]
 struct GuestCost {
     irqs: u64,
     ctxt: u64,
+    idle: u64,
+}
+
+impl GuestCost {
+    /// From the `guest-cost` line [`COUNT_END`] printed.
+    fn parse(out: &str) -> Result<GuestCost> {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("guest-cost "))
+            .context("the guest's interrupt and context switch counts")?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let count = |what: &str| -> Result<u64> {
+            let at = words
+                .iter()
+                .position(|w| *w == what)
+                .context(what.to_owned())?;
+            Ok(words.get(at + 1).context(what.to_owned())?.parse()?)
+        };
+        Ok(GuestCost {
+            irqs: count("irqs")?,
+            ctxt: count("ctxt")?,
+            idle: count("idle")?,
+        })
+    }
 }
 
 /// Runs the benchmark; `args`: `--mib N` (default 32) per transfer.
@@ -182,6 +353,10 @@ pub fn run(args: &[String]) -> Result<()> {
     // (The guest's agent is the image's static build.)
     let bin = crate::release_build_of(&["vstream-host"])?;
     std::env::set_var("VSTREAM_BIN_DIR", &bin);
+    // The vsock device's counters come with its debug line for each connection that ends.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info,vstream_transport::vhost_vsock=debug");
+    }
     let backends = [
         ("vstreamd", LabVsock::Vstreamd),
         ("vhost-device-vsock", LabVsock::VhostDeviceVsock),
@@ -202,13 +377,14 @@ pub fn run(args: &[String]) -> Result<()> {
             .context("the backend process's pid")?;
         let mut rows = Vec::new();
         for size in SIZES {
-            let g2h = guest_to_host(&lab, pid, size, bytes)?;
+            let ours = backend == LabVsock::Vstreamd;
+            let (g2h, g2h_cost) = guest_to_host(&lab, pid, ours, size, bytes)?;
             let (h2g, guest) = host_to_guest(&lab, pid, size, bytes)?;
             eprintln!(
                 "{name}: {size} B writes: guest->host {:.1} MiB/s, host->guest {:.1} MiB/s",
                 g2h.mib_s, h2g.mib_s
             );
-            rows.push((size, g2h, h2g, guest));
+            rows.push((size, g2h, h2g, guest, g2h_cost));
         }
         let accel = lab.accel().to_string();
         lab.shutdown()?;
@@ -223,7 +399,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "backend", "write", "g->h MiB/s", "g->h CPU s/GiB", "h->g MiB/s", "h->g CPU s/GiB"
     );
     for (name, _, rows) in &results {
-        for (size, g2h, h2g, _) in rows {
+        for (size, g2h, h2g, _, _) in rows {
             println!(
                 "{:<20} {:>7} {:>14.1} {:>14.2} {:>14.1} {:>14.2}",
                 name,
@@ -237,15 +413,64 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // A Linux guest offers 4 KiB RX buffers: one packet per 4 KiB, whatever the host writes.
     let packets = bytes.div_ceil(4096) as f64;
-    println!("guest's cost per 4 KiB packet received (h->g): RX interrupts, context switches:");
+    println!("guest's cost per 4 KiB packet received (h->g): vsock interrupts, context switches:");
     for (name, _, rows) in &results {
-        for (size, _, _, guest) in rows {
+        for (size, _, _, guest, _) in rows {
             println!(
                 "  {:<20} {:>7} {:>8.3} {:>8.2}",
                 name,
                 format!("{} KiB", size / 1024),
                 guest.irqs as f64 / packets,
                 guest.ctxt as f64 / packets
+            );
+        }
+    }
+    println!(
+        "guest -> host, per MiB: the guest's vsock interrupts and context switches; per second: \
+         the guest's idle time, QEMU's CPU; the backend's busiest thread (CPU s/GiB); the guest's \
+         ceiling (its pipeline into /dev/null, MiB/s)"
+    );
+    let per_mib = |n: u64| n as f64 / mib as f64;
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    for (name, _, rows) in &results {
+        for (size, _, _, _, cost) in rows {
+            println!(
+                "  {:<20} {:>7} irqs {:>6.1} ctxt {:>7.1}; idle {:.2} s/s, QEMU {:.2} s/s; {} {:.2}; \
+                 ceiling {:.1}",
+                name,
+                format!("{} KiB", size / 1024),
+                per_mib(cost.guest.irqs),
+                per_mib(cost.guest.ctxt),
+                cost.guest_idle,
+                cost.qemu,
+                cost.worker.0,
+                cost.worker.1 / gib,
+                cost.ceiling
+            );
+        }
+    }
+    println!("vstreamd's device, guest -> host, per MiB (from its counters):");
+    for (_, _, rows) in results.iter().filter(|r| r.0 == "vstreamd") {
+        for (size, _, _, _, cost) in rows {
+            let Some(d) = &cost.device else {
+                println!(
+                    "  {:>2} KiB: no counters (no debug line in the log)",
+                    size / 1024
+                );
+                continue;
+            };
+            let n = |k: &str| d.get(k).copied().unwrap_or(0);
+            println!(
+                "  {:>2} KiB: TX kicks {:.1}, chains {:.1} ({:.0} B each), credit updates {:.1}, \
+                 host writes {:.1} ({:.0} B each), host socket full {:.1}",
+                size / 1024,
+                per_mib(n("tx_kicks")),
+                per_mib(n("tx_chains")),
+                n("tx_bytes") as f64 / n("tx_chains").max(1) as f64,
+                per_mib(n("credit_updates")),
+                per_mib(n("host_writes")),
+                n("host_bytes") as f64 / n("host_writes").max(1) as f64,
+                per_mib(n("host_full")),
             );
         }
     }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 
-use super::device::BUF_ALLOC;
+use super::device::{Counters, BUF_ALLOC};
 
 /// A credit update is sent once the guest has not been told about this many consumed bytes
 /// (and on request): not after every read, yet the guest never waits for credit it could have.
@@ -111,13 +111,13 @@ impl Conn {
     }
 
     /// Writes pending guest bytes to the host socket; `Err` if the host side is gone.
-    pub(super) fn flush(&mut self) -> io::Result<()> {
-        self.forward(&[])
+    pub(super) fn flush(&mut self, counters: &mut Counters) -> io::Result<()> {
+        self.forward(&[], counters)
     }
 
     /// Writes pending guest bytes, then `fresh` ones, to the host socket, and keeps what it
     /// does not take: fresh bytes are copied only when the host is behind.
-    pub(super) fn forward(&mut self, mut fresh: &[u8]) -> io::Result<()> {
+    pub(super) fn forward(&mut self, mut fresh: &[u8], counters: &mut Counters) -> io::Result<()> {
         loop {
             let pending = self.pending.as_slices().0;
             let (front, from_pending) = if pending.is_empty() {
@@ -131,6 +131,8 @@ impl Conn {
             match self.stream.write(front) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
+                    counters.host_writes += 1;
+                    counters.host_bytes += n as u64;
                     if from_pending {
                         self.pending.drain(..n);
                     } else {
@@ -138,7 +140,10 @@ impl Conn {
                     }
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    counters.host_full += 1;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
