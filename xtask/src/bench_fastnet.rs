@@ -14,13 +14,20 @@
 //! - **fastnet channel**: last, the guest removes its ivshmem device and its agent is restarted:
 //!   the new link finds no segment and carries the packets on the channel (virtio-serial).
 //!
-//! Per path: 20 pings 0.2 s apart (p50 of busybox ping's times); `--mib` MiB (default 64) guest
-//! to host (busybox nc from the guest's tmpfs to a listener here) and host to guest (this
-//! process connects to busybox `nc -l` in the guest), SHA-256 equal at both ends, timed here
-//! from the connection to its end. For fastnet, vstreamd's doorbell counters (both ways) per MiB.
-//! During each transfer, the CPU QEMU (the guest's vCPU and QEMU's own device backends) and
-//! vstreamd used, in % of one core: a guest at 100% is bound by its CPU, one well below by
-//! waiting (latency).
+//! Per path: 20 pings 0.2 s apart (p50 of busybox ping's times), then three transfers of `--mib`
+//! MiB (default 64), SHA-256 equal at both ends, timed here from the connection to its end:
+//! - guest to host by busybox nc (from the guest's tmpfs to a listener here): it writes 1 KiB at
+//!   a time, a small-write sender;
+//! - guest to host by busybox httpd (serving the same tmpfs file with sendfile(2)), fetched here
+//!   over HTTP/1.0: a bulk sender, as scp or a web server are;
+//! - host to guest: this process writes everything at once (already a bulk sender) to busybox
+//!   `nc -l` in the guest. A guest wget would change the receiver only, so it is not a row.
+//!
+//! Around each transfer: the CPU QEMU (the guest's vCPU and QEMU's own device backends) and
+//! vstreamd used, in % of one core (a guest at 100% is bound by its CPU, one well below by
+//! waiting); the guest's own CPU per MiB (its /proc/stat: user, system, softirq, idle) and its
+//! agent's (/proc/PID/stat); the frames the guest's interface sent per MiB; for fastnet,
+//! vstreamd's doorbells (both ways) and packets per MiB.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -40,6 +47,8 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(900);
 const PINGS: usize = 20;
 /// Where busybox `nc -l` listens in the guest.
 const GUEST_PORT: u16 = 7070;
+/// Where busybox httpd serves the guest's /tmp.
+const HTTP_PORT: u16 = 8080;
 const FASTNET_TAP: &str = "vsfn0";
 const SEGMENT_SIZE: u64 = 16 << 20;
 const TAP_MAC: &str = "52:54:00:fb:00:01";
@@ -50,27 +59,50 @@ struct Route {
     name: &'static str,
     /// The host side's address, as the guest reaches it.
     host: Ipv4Addr,
-    /// Where the host connects for host -> guest.
-    guest: (Ipv4Addr, u16),
+    /// The guest as the host reaches it, and the ports there of `nc -l` and of httpd.
+    guest: (Ipv4Addr, u16, u16),
     /// The namespace the host side is in (`None`: this process's, for user networking).
     in_ns: bool,
     /// Count fastnet's doorbells.
     fastnet: bool,
+    /// The guest's interface of this route (a shell word).
+    guest_if: String,
+}
+
+impl Route {
+    fn connect(&self, ns: &NetNs, port: u16) -> std::io::Result<TcpStream> {
+        if self.in_ns {
+            ns.connect(self.guest.0, port)
+        } else {
+            TcpStream::connect((self.guest.0, port))
+        }
+    }
+}
+
+/// The three transfers of a route, in the order of [`Figures::legs`].
+const LEGS: [&str; 3] = ["g->h nc 1K", "g->h httpd", "h->g"];
+
+/// One transfer's figures.
+struct Leg {
+    mib_s: f64,
+    /// CPU use of QEMU (the guest and its device backends) and of vstreamd, in % of one core.
+    cpu: [f64; 2],
+    /// The guest's CPU per MiB, in ms: user, system, softirq, idle (its /proc/stat), and its
+    /// agent's (user + system, its /proc/PID/stat).
+    guest_ms: [f64; 5],
+    /// Frames the guest's interface of the route sent per MiB (its sysfs `tx_packets`).
+    guest_frames: f64,
+    /// Doorbells (both ways), packets from the guest and packets to it, per MiB (fastnet only).
+    /// The sender's packets per MiB show its frames: 16 would be 64 KiB GSO frames, about 730
+    /// one MSS each.
+    per_mib: Option<[f64; 3]>,
 }
 
 /// One route's figures.
 struct Figures {
     name: &'static str,
     ping_p50_ms: f64,
-    g2h_mib_s: f64,
-    h2g_mib_s: f64,
-    /// CPU use of QEMU (the guest and its device backends) and of vstreamd during each
-    /// transfer, guest -> host and host -> guest, in % of one core.
-    cpu: [[f64; 2]; 2],
-    /// Doorbells (both ways), packets from the guest and packets to it, per MiB moved, guest
-    /// -> host and host -> guest (fastnet only). Packets per MiB the sender's way show its
-    /// frame size: 16 would be 64 KiB GSO frames, about 730 one MSS each.
-    per_mib: Option<[[f64; 3]; 2]>,
+    legs: [Leg; 3],
 }
 
 fn exec(lab: &Lab, script: &str) -> String {
@@ -110,10 +142,6 @@ fn ping_p50(output: &str) -> Option<f64> {
     times.get(times.len() / 2).copied()
 }
 
-fn mib_s(bytes: usize, took: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
-}
-
 /// Doorbells (both ways), packets from the guest, packets to it, so far (vstreamd's fastnet
 /// counters).
 fn counters(lab: &Lab) -> Result<[u64; 3]> {
@@ -148,16 +176,90 @@ fn wait_fn0(lab: &Lab) -> Result<()> {
     }
 }
 
-/// Host -> guest: `nc -l` in the guest, this process connects, writes `data`, and waits for the
-/// guest to close; the guest's SHA-256 must match. Returns the time and the CPU use (see
-/// [`Cpu::since`]).
-fn host_to_guest(
+/// The shell expression naming the guest's interface with MAC `mac`.
+fn mac_if(mac: &str) -> String {
+    format!("$(grep -l {mac} /sys/class/net/*/address | cut -d/ -f5)")
+}
+
+/// The guest's CPU ticks (USER_HZ, 100 a second) so far: user, system, softirq, idle (its
+/// /proc/stat), its agent's user + system, and the frames interface `dev` (a shell word) sent.
+fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
+    let out = exec(
+        lab,
+        &format!(
+            "head -1 /proc/stat; cat /proc/$(cat /run/vstream-agent.pid)/stat; \
+             cat /sys/class/net/{dev}/statistics/tx_packets"
+        ),
+    );
+    let mut lines = out.lines();
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .with_context(|| format!("guest counters: {out}"))
+    };
+    // cpu user nice system idle iowait irq softirq
+    let cpu: Vec<u64> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(7)
+        .map(num)
+        .collect::<Result<_>>()?;
+    // Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
+    let agent: Vec<&str> = lines
+        .next()
+        .and_then(|l| l.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let (Some(utime), Some(stime), Some(tx), &[user, nice, system, idle, iowait, irq, softirq]) =
+        (agent.get(11), agent.get(12), lines.next(), &cpu[..])
+    else {
+        bail!("guest counters: {out}");
+    };
+    Ok([
+        user + nice,
+        system + irq,
+        softirq,
+        idle + iowait,
+        num(utime)? + num(stime)?,
+        num(tx.trim())?,
+    ])
+}
+
+/// Runs one transfer of `bytes`: `go` moves them and returns the time that took and what it
+/// received. Around it, the CPU of QEMU, vstreamd, the guest and its agent, and fastnet's
+/// counters.
+fn leg<T>(
     lab: &Lab,
-    ns: &NetNs,
     route: &Route,
-    id: &str,
-    data: &[u8],
-) -> Result<(Duration, [f64; 2])> {
+    bytes: usize,
+    go: impl FnOnce() -> Result<(Duration, T)>,
+) -> Result<(Leg, T)> {
+    let before = route.fastnet.then(|| counters(lab)).transpose()?;
+    let guest0 = guest_ticks(lab, &route.guest_if)?;
+    let cpu0 = Cpu::now(lab)?;
+    let (took, got) = go()?;
+    let cpu = cpu0.since(lab)?;
+    let guest1 = guest_ticks(lab, &route.guest_if)?;
+    let after = route.fastnet.then(|| counters(lab)).transpose()?;
+    let mib = bytes as f64 / (1 << 20) as f64;
+    let per_mib = match (before, after) {
+        (Some(a), Some(b)) => Some([0, 1, 2].map(|i| (b[i] - a[i]) as f64 / mib)),
+        _ => None,
+    };
+    let leg = Leg {
+        mib_s: mib / took.as_secs_f64(),
+        cpu,
+        guest_ms: [0, 1, 2, 3, 4].map(|i| (guest1[i] - guest0[i]) as f64 * 10.0 / mib),
+        guest_frames: (guest1[5] - guest0[5]) as f64 / mib,
+        per_mib,
+    };
+    Ok((leg, got))
+}
+
+/// Host -> guest: `nc -l` in the guest, this process connects, writes `data`, and waits for the
+/// guest to close; the guest's SHA-256 must match.
+fn host_to_guest(lab: &Lab, ns: &NetNs, route: &Route, id: &str, data: &[u8]) -> Result<Leg> {
     // nc reads stdin too: from the console it would be stopped (SIGTTIN) as a background job.
     testing::bg(
         lab,
@@ -173,32 +275,47 @@ fn host_to_guest(
              do sleep 0.2; done"
         ),
     );
-    let (addr, port) = route.guest;
-    let mut conn = if route.in_ns {
-        ns.connect(addr, port)?
-    } else {
-        TcpStream::connect((addr, port))?
-    };
-    let (start, cpu0) = (Instant::now(), Cpu::now(lab)?);
-    conn.write_all(data)?;
-    conn.shutdown(Shutdown::Write)?;
-    // The guest's nc closes once it has everything.
-    let mut rest = Vec::new();
-    conn.read_to_end(&mut rest)?;
-    let (took, cpu) = (start.elapsed(), cpu0.since(lab)?);
+    let (down, ()) = leg(lab, route, data.len(), || {
+        let mut conn = route.connect(ns, route.guest.1)?;
+        let start = Instant::now();
+        conn.write_all(data)?;
+        conn.shutdown(Shutdown::Write)?;
+        // The guest's nc closes once it has everything.
+        conn.read_to_end(&mut Vec::new())?;
+        Ok((start.elapsed(), ()))
+    })?;
     testing::wait_out(lab, id, "DONE-rc=0", Duration::from_secs(120));
     let sum = exec(lab, "sha256sum /tmp/in && rm -f /tmp/in");
     if sum.split_whitespace().next() != Some(testing::sha256(data).as_str()) {
         bail!("{}: the bytes changed, host to guest", route.name);
     }
-    Ok((took, cpu))
+    Ok(down)
 }
 
-/// Measures one route: ping, guest -> host (the guest's /tmp/blob of `data.len()` bytes, SHA-256
-/// `sum`), host -> guest (`data`).
+/// The body of an HTTP response with status 200.
+fn http_body(response: &[u8]) -> Option<&[u8]> {
+    let end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let status = response[..end].split(|&b| b == b'\r').next()?;
+    (status.starts_with(b"HTTP/1.") && status.windows(5).any(|w| w == b" 200 "))
+        .then(|| &response[end + 4..])
+}
+
+/// Measures one route: ping, guest -> host twice (the guest's /tmp/blob of `data.len()` bytes,
+/// SHA-256 `sum`: busybox nc, then busybox httpd's sendfile), host -> guest (`data`).
 fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Result<Figures> {
     let ping = exec(lab, &format!("ping -c {PINGS} -i 0.2 {}", route.host));
     let ping_p50_ms = ping_p50(&ping).with_context(|| format!("{}: {ping}", route.name))?;
+    let check = |how: &str, got: &[u8]| {
+        if got.len() != data.len() || testing::sha256(got) != sum {
+            bail!(
+                "{}: guest -> host by {how}: {} bytes arrived of {}, or they changed",
+                route.name,
+                got.len(),
+                data.len()
+            );
+        }
+        Ok(())
+    };
 
     let listener = if route.in_ns {
         ns.listen(route.host)
@@ -207,63 +324,62 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     };
     let port = listener.local_addr()?.port();
     let rx = receive_one(listener);
-    let before = route.fastnet.then(|| counters(lab)).transpose()?;
-    let cpu0 = Cpu::now(lab)?;
-    exec(lab, &format!("nc {} {port} < /tmp/blob", route.host));
-    let (got, up) = rx.join().map_err(|_| anyhow::anyhow!("receiver"))?;
-    let cpu_up = cpu0.since(lab)?;
-    if got.len() != data.len() || testing::sha256(&got) != sum {
-        bail!(
-            "{}: guest -> host: {} bytes arrived of {}, or they changed",
-            route.name,
-            got.len(),
-            data.len()
-        );
-    }
+    let (nc, got) = leg(lab, route, data.len(), || {
+        exec(lab, &format!("nc {} {port} < /tmp/blob", route.host));
+        let (got, took) = rx.join().map_err(|_| anyhow::anyhow!("receiver"))?;
+        Ok((took, got))
+    })?;
+    check("nc", &got)?;
     drop(got);
-    let middle = route.fastnet.then(|| counters(lab)).transpose()?;
-    let (down, cpu_down) = host_to_guest(
+
+    let (http, response) = leg(lab, route, data.len(), || {
+        let mut conn = route.connect(ns, route.guest.2)?;
+        let start = Instant::now();
+        conn.write_all(b"GET /blob HTTP/1.0\r\n\r\n")?;
+        let mut response = Vec::with_capacity(data.len() + 4096);
+        conn.read_to_end(&mut response)?;
+        Ok((start.elapsed(), response))
+    })?;
+    check("httpd", http_body(&response).unwrap_or_default())?;
+    drop(response);
+
+    let down = host_to_guest(
         lab,
         ns,
         route,
         &format!("h2g-{}", route.name.replace(' ', "-")),
         data,
     )?;
-    let after = route.fastnet.then(|| counters(lab)).transpose()?;
-    let mib = data.len() as f64 / (1 << 20) as f64;
-    let per = |a: [u64; 3], b: [u64; 3]| [0, 1, 2].map(|i| (b[i] - a[i]) as f64 / mib);
-    let per_mib = match (before, middle, after) {
-        (Some(a), Some(b), Some(c)) => Some([per(a, b), per(b, c)]),
-        _ => None,
-    };
     let f = Figures {
         name: route.name,
         ping_p50_ms,
-        g2h_mib_s: mib_s(data.len(), up),
-        h2g_mib_s: mib_s(data.len(), down),
-        cpu: [cpu_up, cpu_down],
-        per_mib,
+        legs: [nc, http, down],
     };
-    eprintln!(
-        "{}: ping p50 {:.2} ms, guest->host {:.1} MiB/s (QEMU {:.0}%, vstreamd {:.0}% CPU), \
-         host->guest {:.1} MiB/s (QEMU {:.0}%, vstreamd {:.0}%){}",
-        f.name,
-        f.ping_p50_ms,
-        f.g2h_mib_s,
-        f.cpu[0][0],
-        f.cpu[0][1],
-        f.h2g_mib_s,
-        f.cpu[1][0],
-        f.cpu[1][1],
-        f.per_mib
-            .map(|[u, d]| format!(
-                ", per MiB guest->host {:.1} doorbells, packets {:.0} from the guest {:.0} to it; \
-                 host->guest {:.1} doorbells, packets {:.0} from the guest {:.0} to it",
-                u[0], u[1], u[2], d[0], d[1], d[2]
-            ))
-            .unwrap_or_default()
-    );
+    eprintln!("{}: ping p50 {:.2} ms", f.name, f.ping_p50_ms);
+    for (name, l) in LEGS.iter().zip(&f.legs) {
+        eprintln!("  {name}: {}", leg_line(l));
+    }
     Ok(f)
+}
+
+/// A transfer's figures after its MiB/s: CPU, the guest's CPU and frames per MiB, and fastnet's
+/// doorbells and packets (both ways) per MiB.
+fn leg_line(l: &Leg) -> String {
+    let [usr, sys, sirq, idle, agent] = l.guest_ms;
+    format!(
+        "{:>7.1} {:>9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>10.1} {:>11}",
+        l.mib_s,
+        format!("{:.0}/{:.0}", l.cpu[0], l.cpu[1]),
+        usr,
+        sys,
+        sirq,
+        idle,
+        agent,
+        l.guest_frames,
+        l.per_mib
+            .map(|[bells, from, to]| format!("{bells:.1} {from:.0}/{to:.0}"))
+            .unwrap_or_else(|| "-".into())
+    )
 }
 
 /// QEMU's and vstreamd's CPU time at one moment.
@@ -290,20 +406,13 @@ impl Cpu {
     }
 }
 
-/// Figure `k` of [`Figures::per_mib`] in direction `i` (0: guest -> host), or `-`.
-fn per_mib(f: &Figures, i: usize, k: usize) -> String {
-    f.per_mib
-        .map(|p| format!("{:.1}", p[i][k]))
-        .unwrap_or_else(|| "-".into())
-}
-
 /// The guest's interface with MAC `mac`, given `addr` and up.
 fn guest_nic(lab: &Lab, mac: &str, addr: &str) {
     exec(
         lab,
         &format!(
-            "IF=$(grep -l {mac} /sys/class/net/*/address | cut -d/ -f5) && \
-             ip addr add {addr} dev $IF && ip link set $IF up && sleep 1"
+            "IF={} && ip addr add {addr} dev $IF && ip link set $IF up && sleep 1",
+            mac_if(mac)
         ),
     );
 }
@@ -336,47 +445,59 @@ pub fn run(args: &[String]) -> Result<()> {
     let (accel, rows) = result?;
 
     println!(
-        "bench-fastnet: {mib} MiB of TCP each way per path, {PINGS} pings, one guest, one run ({accel})"
+        "bench-fastnet: {mib} MiB of TCP per transfer, {PINGS} pings, one guest, one run ({accel})"
     );
     println!(
-        "{:<18} {:>10} {:>12} {:>12} {:>16} {:>16} {:>16} {:>16} {:>15} {:>15}",
+        "guest -> host by busybox nc (1 KiB writes) and by busybox httpd (sendfile of the file); \
+         host -> guest: this process writes it all at once to busybox nc -l"
+    );
+    println!(
+        "{:<16} {:<11} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11}",
         "path",
-        "ping p50",
-        "g->h MiB/s",
-        "h->g MiB/s",
-        "bells/MiB g->h",
-        "bells/MiB h->g",
-        "CPU% g->h Q/d",
-        "CPU% h->g Q/d",
-        "pkts/MiB g->h",
-        "pkts/MiB h->g"
+        "transfer",
+        "MiB/s",
+        "CPU% Q/d",
+        "usr ms",
+        "sys ms",
+        "sirq ms",
+        "idle ms",
+        "agent ms",
+        "frames tx",
+        "bells pkts"
+    );
+    println!(
+        "{:<28} {:>7} {:>9} {:>45} {:>10} {:>11}",
+        "", "", "", "(the guest's CPU per MiB)", "(guest)", "(fastnet)"
     );
     for f in &rows {
-        println!(
-            "{:<18} {:>7.2} ms {:>12.1} {:>12.1} {:>16} {:>16} {:>16} {:>16} {:>15} {:>15}",
-            f.name,
-            f.ping_p50_ms,
-            f.g2h_mib_s,
-            f.h2g_mib_s,
-            per_mib(f, 0, 0),
-            per_mib(f, 1, 0),
-            format!("{:.0}/{:.0}", f.cpu[0][0], f.cpu[0][1]),
-            format!("{:.0}/{:.0}", f.cpu[1][0], f.cpu[1][1]),
-            // The sender's frames: their size is 1 MiB / this.
-            per_mib(f, 0, 1),
-            per_mib(f, 1, 2)
-        );
+        for (name, l) in LEGS.iter().zip(&f.legs) {
+            println!("{:<16} {name:<11} {}", f.name, leg_line(l));
+        }
+    }
+    println!("ping p50:");
+    for f in &rows {
+        println!("  {:<16} {:.2} ms", f.name, f.ping_p50_ms);
     }
     let shm = &rows[0];
     println!("ratios, fastnet shm / each (throughput: >1 is better; ping: <1 is better):");
     for f in &rows[1..] {
+        let r = |i: usize| shm.legs[i].mib_s / f.legs[i].mib_s;
         println!(
-            "  vs {:<16} g->h {:.2}x, h->g {:.2}x, ping p50 {:.2}x",
+            "  vs {:<16} g->h nc {:.2}x, g->h httpd {:.2}x, h->g {:.2}x, ping p50 {:.2}x",
             f.name,
-            shm.g2h_mib_s / f.g2h_mib_s,
-            shm.h2g_mib_s / f.h2g_mib_s,
+            r(0),
+            r(1),
+            r(2),
             shm.ping_p50_ms / f.ping_p50_ms
         );
+    }
+    for (name, l) in LEGS.iter().zip(&shm.legs) {
+        if let Some([bells, from, to]) = l.per_mib {
+            println!(
+                "  fastnet shm {name:<11} per MiB: {bells:.1} doorbells, {from:.0} packets from \
+                 the guest, {to:.0} to it"
+            );
+        }
     }
     Ok(())
 }
@@ -402,9 +523,18 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
         &["ip", "addr", "add", "10.78.0.1/24", "dev", FASTNET_TAP],
     )?;
     ns_ok(ns, &["ip", "link", "set", "dev", FASTNET_TAP, "up"])?;
-    let hostfwd = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port();
+    // Two free ports at once (both bound while asked), for nc and httpd.
+    let free = [(); 2].map(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)));
+    let [hostfwd, hostfwd_http] = [&free[0], &free[1]].map(|l| {
+        l.as_ref()
+            .ok()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
+    });
+    if hostfwd == 0 || hostfwd_http == 0 {
+        bail!("no free port on the loopback for user networking's hostfwd");
+    }
+    drop(free);
     let segment =
         std::path::PathBuf::from(format!("/dev/shm/vstream-fnbench-{}", std::process::id()));
     let options = LabOptions {
@@ -421,7 +551,10 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             "-device",
             &format!("virtio-net-pci,netdev=bt0,mac={TAP_MAC}"),
             "-netdev",
-            &format!("user,id=bu0,ipv6=off,hostfwd=tcp:127.0.0.1:{hostfwd}-10.0.2.15:{GUEST_PORT}"),
+            &format!(
+                "user,id=bu0,ipv6=off,hostfwd=tcp:127.0.0.1:{hostfwd}-10.0.2.15:{GUEST_PORT},\
+                 hostfwd=tcp:127.0.0.1:{hostfwd_http}-10.0.2.15:{HTTP_PORT}"
+            ),
             "-device",
             &format!("virtio-net-pci,netdev=bu0,mac={USER_MAC}"),
         ]
@@ -456,7 +589,11 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
 
     let sum = exec(
         &lab,
-        &format!("head -c {size} /dev/urandom > /tmp/blob && sha256sum /tmp/blob"),
+        // busybox httpd (daemonized) serves it with sendfile(2).
+        &format!(
+            "head -c {size} /dev/urandom > /tmp/blob && httpd -p {HTTP_PORT} -h /tmp && \
+             sha256sum /tmp/blob"
+        ),
     );
     let sum = sum.split_whitespace().next().unwrap_or_default().to_owned();
     // What the host sends: made here, so the host needs no copy of the guest's blob.
@@ -464,32 +601,36 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
     let fastnet = |name| Route {
         name,
         host: Ipv4Addr::new(10, 78, 0, 1),
-        guest: (Ipv4Addr::new(10, 78, 0, 2), GUEST_PORT),
+        guest: (Ipv4Addr::new(10, 78, 0, 2), GUEST_PORT, HTTP_PORT),
         in_ns: true,
         fastnet: true,
+        guest_if: "fn0".into(),
     };
     let routes = [
         fastnet("fastnet shm"),
         Route {
             name: "virtio-net TAP",
             host: Ipv4Addr::new(10, 79, 0, 1),
-            guest: (Ipv4Addr::new(10, 79, 0, 2), GUEST_PORT),
+            guest: (Ipv4Addr::new(10, 79, 0, 2), GUEST_PORT, HTTP_PORT),
             in_ns: true,
             fastnet: false,
+            guest_if: mac_if(TAP_MAC),
         },
         Route {
             name: "virtio-net user",
             host: Ipv4Addr::new(10, 0, 2, 2),
-            guest: (Ipv4Addr::LOCALHOST, hostfwd),
+            guest: (Ipv4Addr::LOCALHOST, hostfwd, hostfwd_http),
             in_ns: false,
             fastnet: false,
+            guest_if: mac_if(USER_MAC),
         },
         Route {
             name: "ppp",
             host: Ipv4Addr::new(10, 77, 0, 1),
-            guest: (Ipv4Addr::new(10, 77, 0, 2), GUEST_PORT),
+            guest: (Ipv4Addr::new(10, 77, 0, 2), GUEST_PORT, HTTP_PORT),
             in_ns: true,
             fastnet: false,
+            guest_if: "ppp0".into(),
         },
     ];
     let mut rows = Vec::new();
