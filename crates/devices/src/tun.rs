@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
@@ -170,5 +170,13 @@ impl Tun {
             Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The descriptor, for reads and writes that must not go through a slice (fastnet's rings in
+/// shared memory).
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
     }
 }

@@ -3,6 +3,7 @@
 //! host and the guest run the same code; [`LinkMessage`] says which ring a side produces on
 //! and how its peer's messages read.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +11,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::port::Port;
-use super::ring::{Consumer, Direction, Doorbell, Layout, Producer, RingError, Segment};
+use super::ring::{
+    Consumer, Direction, Doorbell, Filled, Layout, Memory, Producer, RingError, Segment,
+};
 use super::vnet;
 use super::MAX_PACKET;
 use super::{read_message, Decoder, GuestMsg, HostMsg, Message, ReadError, Ready, RecordError};
@@ -452,8 +455,21 @@ impl TapToRing {
         let mut next = self.held.take().or(first);
         let mut pushed = 0;
         for _ in 0..BATCH {
-            let Some(n) = next.or_else(|| tap.try_recv(&mut self.pkt)) else {
-                break;
+            let n = match next.take() {
+                Some(n) => n,
+                None => match self.read_into_ring(tap)? {
+                    Some(Filled::Pushed(0) | Filled::Failed(_)) => break,
+                    Some(Filled::Pushed(_)) => {
+                        Stats::bump(&stats.packets_out);
+                        pushed += 1;
+                        continue;
+                    }
+                    // No room for a frame of the largest size: read it here, it may fit.
+                    Some(Filled::Full) | None => match tap.try_recv(&mut self.pkt) {
+                        Some(n) => n,
+                        None => break,
+                    },
+                },
             };
             if n > max_packet {
                 // Only a header with a small max_packet lets this happen; a cut frame would be
@@ -466,8 +482,22 @@ impl TapToRing {
                 self.held = Some(n);
                 break;
             }
-            next = None;
         }
         Ok(pushed)
+    }
+
+    /// Reads the TAP's next frame straight into the ring (no copy through `pkt`), if the port
+    /// is a descriptor and the ring takes its largest frame. `None`: it cannot. A read error
+    /// (nothing queued: EAGAIN) is `Failed` and leaves the ring as it was, as `try_recv` would.
+    fn read_into_ring(&mut self, tap: &impl Port) -> Result<Option<Filled<io::Error>>, RingError> {
+        let Some(fd) = tap.fd() else {
+            return Ok(None);
+        };
+        if self.ring.max_packet() < MAX_PACKET {
+            return Ok(None);
+        }
+        self.ring
+            .push_with(MAX_PACKET, |mem, off, len| mem.read_from_fd(off, len, fd))
+            .map(Some)
     }
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::tun::Tun;
 
@@ -15,6 +16,11 @@ pub trait Port: Sync {
     fn try_recv(&self, buf: &mut [u8]) -> Option<usize>;
     /// Hands one frame on.
     fn send(&self, packet: &[u8]) -> io::Result<()>;
+    /// The non-blocking descriptor frames come from (a TAP: one frame per read), if the port
+    /// is one: the rings then read frames from it straight into the segment.
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Port for Tun {
@@ -28,5 +34,9 @@ impl Port for Tun {
 
     fn send(&self, packet: &[u8]) -> io::Result<()> {
         Tun::send(self, packet)
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
 }

@@ -385,6 +385,17 @@ impl Doorbell {
     }
 }
 
+/// What [`Producer::push_with`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Filled<E> {
+    /// A record of this many bytes is committed (0: none; the filler had nothing).
+    Pushed(usize),
+    /// No room for a record of the largest size asked for: nothing changed.
+    Full,
+    /// The filler failed: nothing changed.
+    Failed(E),
+}
+
 /// The producing side of one ring.
 pub struct Producer<M: Memory> {
     mem: M,
@@ -467,7 +478,56 @@ impl<M: Memory> Producer<M> {
                 self.max_packet
             ),
         };
-        let rec = RECORD_HEADER + pad8(len);
+        let Some((pad, at)) = self.reserve(RECORD_HEADER + pad8(len))? else {
+            return Ok(false);
+        };
+        self.mem.write(at + RECORD_HEADER as usize, packet);
+        self.commit(pad, at, len);
+        Ok(true)
+    }
+
+    /// Reserves room for one record of up to `max` bytes, contiguous in the data area (after
+    /// padding to the end, as [`Producer::push`] does when a record would wrap), and lets `fill`
+    /// write the payload in place: it gets the memory, the payload's offset in it and `max`,
+    /// and returns how many bytes it wrote. The record is committed with that length,
+    /// unpublished until [`Producer::publish`]; 0 commits nothing. If there is no room or
+    /// `fill` fails, the ring is left as it was. This side never reads the payload back, so a
+    /// peer writing it meanwhile changes only what the peer receives.
+    ///
+    /// # Panics
+    /// If `max` exceeds [`Producer::max_packet`] or `fill` claims more than `max` bytes (bugs on
+    /// this side, as in [`Producer::push`]).
+    pub fn push_with<E>(
+        &mut self,
+        max: u32,
+        fill: impl FnOnce(&M, usize, usize) -> Result<usize, E>,
+    ) -> Result<Filled<E>, RingError> {
+        assert!(
+            max <= self.max_packet,
+            "fastnet: a record of {max} bytes exceeds max_packet {}",
+            self.max_packet
+        );
+        let Some((pad, at)) = self.reserve(RECORD_HEADER + pad8(max))? else {
+            return Ok(Filled::Full);
+        };
+        let n = match fill(&self.mem, at + RECORD_HEADER as usize, max as usize) {
+            Ok(n) => n,
+            Err(e) => return Ok(Filled::Failed(e)),
+        };
+        let len = match u32::try_from(n) {
+            Ok(len) if len <= max => len,
+            _ => panic!("fastnet: filled {n} bytes into a record of {max}"),
+        };
+        if len > 0 {
+            self.commit(pad, at, len);
+        }
+        Ok(Filled::Pushed(n))
+    }
+
+    /// Finds room for a record of `rec` bytes: `Some((pad, at))` where `pad` is the padding
+    /// record's length if the record must wrap to offset 0, and `at` is where the record goes.
+    /// Writes nothing.
+    fn reserve(&mut self, rec: u32) -> Result<Option<(Option<u32>, usize)>, RingError> {
         let off = self.prod & (self.size - 1);
         let contiguous = self.size - off;
         let need = if rec <= contiguous {
@@ -478,27 +538,34 @@ impl<M: Memory> Producer<M> {
         if need > self.size - self.prod.wrapping_sub(self.cons) {
             self.refresh()?;
             if need > self.size - self.prod.wrapping_sub(self.cons) {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        let mut at = self.data + off as usize;
-        if rec > contiguous {
+        Ok(Some(if rec > contiguous {
+            (Some(contiguous), self.data)
+        } else {
+            (None, self.data + off as usize)
+        }))
+    }
+
+    /// Writes the padding [`Producer::reserve`] asked for and the header of a record of `len`
+    /// bytes at `at`, whose payload is in place, and moves the local index past both.
+    fn commit(&mut self, pad: Option<u32>, at: usize, len: u32) {
+        if let Some(contiguous) = pad {
+            let here = self.data + (self.prod & (self.size - 1)) as usize;
             self.mem.store_u64(
-                at,
+                here,
                 u64::from(contiguous - RECORD_HEADER) | u64::from(KIND_PAD) << 32,
                 Ordering::Relaxed,
             );
             self.prod = self.prod.wrapping_add(contiguous);
-            at = self.data;
         }
         self.mem.store_u64(
             at,
             u64::from(len) | u64::from(KIND_PACKET) << 32,
             Ordering::Relaxed,
         );
-        self.mem.write(at + RECORD_HEADER as usize, packet);
-        self.prod = self.prod.wrapping_add(rec);
-        Ok(true)
+        self.prod = self.prod.wrapping_add(RECORD_HEADER + pad8(len));
     }
 
     /// Makes the records pushed so far visible to the consumer (one store for the whole batch)

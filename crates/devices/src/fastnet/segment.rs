@@ -2,6 +2,8 @@
 //! byte copies, every access bounds-checked) and [`Segment`], a shared mapping of a file (the
 //! host's file in /dev/shm, the guest's ivshmem BAR) or a heap allocation for tests.
 
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::ring::DATA_OFFSET;
@@ -24,6 +26,15 @@ pub trait Memory {
     fn read(&self, off: usize, dst: &mut [u8]);
     /// Copies `src` into the segment at `off`.
     fn write(&self, off: usize, src: &[u8]);
+    /// Fills up to `len` bytes at `off` with one read(2) of `fd` (a TAP: one frame) and returns
+    /// how many bytes it read. This default reads into a buffer and copies that in; a
+    /// [`Segment`] has the kernel read straight into the segment.
+    fn read_from_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut buf = vec![0; len];
+        let n = rustix::io::read(fd, &mut buf)?;
+        self.write(off, &buf[..n]);
+        Ok(n)
+    }
 }
 
 /// A reference or an `Arc` to memory is memory (both ends of a ring share one segment).
@@ -52,6 +63,9 @@ where
     }
     fn write(&self, off: usize, src: &[u8]) {
         (**self).write(off, src)
+    }
+    fn read_from_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        (**self).read_from_fd(off, len, fd)
     }
 }
 
@@ -226,5 +240,16 @@ impl Memory for Segment {
         // SAFETY: the destination is inside the segment (checked) and owned by this side until
         // it publishes its index; `src` is a Rust slice and cannot overlap it.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) }
+    }
+    fn read_from_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.check(off, len, 1);
+        // libc rather than rustix: rustix (and nix) read only into slices, and a `&mut [u8]`
+        // over bytes another process may write at any moment would be unsound.
+        // SAFETY: the `len` bytes at `off` are inside the segment (checked) and owned by this
+        // side until it publishes its index (as in `write`); no Rust reference points at them,
+        // and the kernel writes at most `len` bytes there.
+        let n = unsafe { libc::read(fd.as_raw_fd(), self.ptr.add(off).cast(), len) };
+        // Negative only on failure, with errno set.
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }

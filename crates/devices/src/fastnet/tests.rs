@@ -211,6 +211,172 @@ fn a_full_ring_refuses_then_rings_the_waiting_producer() {
     assert!(tx.push(&[7; 1000]).unwrap());
 }
 
+/// A socket pair that keeps message boundaries, as a TAP does (one frame per read); the reading
+/// end is non-blocking, as the TAP is.
+fn frame_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let (r, w) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socketpair");
+    (r, w)
+}
+
+/// Pushes the next frame queued on `fd` straight into the ring, as the links do with their TAP.
+fn push_from_fd(
+    tx: &mut Producer<Arc<Segment>>,
+    max: u32,
+    fd: &std::os::fd::OwnedFd,
+) -> Filled<std::io::Error> {
+    use std::os::fd::AsFd;
+    tx.push_with(max, |mem, off, len| mem.read_from_fd(off, len, fd.as_fd()))
+        .expect("a sound consumer index")
+}
+
+#[test]
+fn frames_read_from_a_descriptor_into_the_ring_arrive_intact_across_wrap_arounds() {
+    let (seg, tx, rx) = pair(SMALL, Direction::GuestToHost);
+    // Start 64 KiB before the 32-bit indexes wrap, as round_trip_with_wrap_around_and_padding.
+    let start = 0u32.wrapping_sub(64 << 10);
+    let dir = Direction::GuestToHost;
+    for line in [dir.producer_line(), dir.consumer_line()] {
+        seg.store_u64(
+            line,
+            u64::from(start) | u64::from(start) << 32,
+            Ordering::Relaxed,
+        );
+    }
+    let (mut tx, mut rx) = (tx.starting_at(start), rx.starting_at(start));
+    let (r, w) = frame_pipe();
+    let mut buf = vec![0; 1500];
+    let (mut sent, mut got, mut pads) = (0u32, 0u32, 0);
+    while sent < 1000 {
+        let len = 1 + (sent as usize * 97) % 1500;
+        rustix::io::write(&w, &packet(sent, len)).expect("queue a frame");
+        let before = tx.in_flight();
+        match push_from_fd(&mut tx, SMALL.max_packet, &r) {
+            Filled::Pushed(n) => {
+                assert_eq!(n, len, "frame {sent} read whole");
+                let rec = 8 + (len as u32).next_multiple_of(8);
+                if tx.in_flight() - before > rec {
+                    pads += 1;
+                }
+                sent += 1;
+            }
+            Filled::Full => {
+                // No room for a 1500-byte record: the frame stays queued; drain and retry.
+                let _ = tx.publish();
+                rx.refresh().unwrap();
+                while let Some(n) = rx.recv(&mut buf).unwrap() {
+                    assert_eq!(&buf[..n], &packet(got, n)[..], "frame {got}");
+                    got += 1;
+                }
+                let _ = rx.release();
+                match push_from_fd(&mut tx, SMALL.max_packet, &r) {
+                    Filled::Pushed(n) => assert_eq!(n, len),
+                    other => panic!("room after a drain, got {other:?}"),
+                }
+                sent += 1;
+            }
+            Filled::Failed(e) => panic!("frame {sent}: {e}"),
+        }
+    }
+    let _ = tx.publish();
+    rx.refresh().unwrap();
+    while let Some(n) = rx.recv(&mut buf).unwrap() {
+        assert_eq!(&buf[..n], &packet(got, n)[..], "frame {got}");
+        got += 1;
+    }
+    assert_eq!(got, sent);
+    assert!(pads > 50, "records padded to the end of the ring: {pads}");
+}
+
+#[test]
+fn a_short_read_into_the_ring_commits_only_what_was_read() {
+    let (_, mut tx, mut rx) = pair(SMALL, Direction::GuestToHost);
+    let (r, w) = frame_pipe();
+    rustix::io::write(&w, &packet(3, 100)).unwrap();
+    assert!(matches!(
+        push_from_fd(&mut tx, SMALL.max_packet, &r),
+        Filled::Pushed(100)
+    ));
+    assert_eq!(
+        tx.in_flight(),
+        8 + 104,
+        "a 100-byte record, not a 1500-byte one"
+    );
+    assert_eq!(tx.publish(), Doorbell::Ring, "a fresh consumer waits at 0");
+    assert_eq!(rx.refresh(), Ok(8 + 104));
+    let mut buf = vec![0; 1500];
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(100));
+    assert_eq!(&buf[..100], &packet(3, 100)[..]);
+    assert_eq!(rx.recv(&mut buf).unwrap(), None);
+}
+
+#[test]
+fn a_failed_or_refused_read_into_the_ring_leaves_it_unchanged() {
+    use std::os::fd::AsFd;
+    let (seg, mut tx, mut rx) = pair(SMALL, Direction::GuestToHost);
+    // 3 records of 1008 bytes and one of 808: 264 bytes left before the end of the data area,
+    // so a 1500-byte record needs padding there first.
+    for len in [1000, 1000, 1000, 800] {
+        assert!(tx.push(&[9; 1000][..len]).unwrap());
+    }
+    let _ = tx.publish();
+    let data = Direction::GuestToHost.data_offset(SMALL.ring_size);
+    let ring = |seg: &Segment| dump(seg, data, SMALL.ring_size as usize);
+    let before = ring(&seg);
+
+    // A frame is queued but nothing is released: no room for a 1500-byte record, so the
+    // frame is not read.
+    let (r, w) = frame_pipe();
+    rustix::io::write(&w, &packet(1, 60)).unwrap();
+    assert!(matches!(
+        push_from_fd(&mut tx, SMALL.max_packet, &r),
+        Filled::Full
+    ));
+    assert!(ring(&seg) == before, "a full ring: nothing written");
+
+    // The consumer frees 3 records: room after padding. Reads that fail write neither the
+    // padding nor a record.
+    rx.refresh().unwrap();
+    let mut buf = vec![0; 1500];
+    for _ in 0..3 {
+        assert_eq!(rx.recv(&mut buf).unwrap(), Some(1000));
+    }
+    let _ = rx.release();
+    let (empty, _peer) = frame_pipe();
+    match push_from_fd(&mut tx, SMALL.max_packet, &empty) {
+        Filled::Failed(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        other => panic!("expected EAGAIN, got {other:?}"),
+    }
+    let write_only = std::fs::File::options()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let failed = tx.push_with(SMALL.max_packet, |mem, off, len| {
+        mem.read_from_fd(off, len, write_only.as_fd())
+    });
+    assert!(matches!(failed, Ok(Filled::Failed(_))), "EBADF: {failed:?}");
+    assert!(ring(&seg) == before, "failed reads: nothing written");
+    assert_eq!(tx.publish(), Doorbell::Quiet, "nothing to publish");
+    assert_eq!(rx.refresh(), Ok(808), "only the 800-byte record is there");
+
+    // The queued frame still arrives whole, after the padding.
+    assert!(matches!(
+        push_from_fd(&mut tx, SMALL.max_packet, &r),
+        Filled::Pushed(60)
+    ));
+    let _ = tx.publish();
+    assert_eq!(rx.refresh(), Ok(808 + 264 + 8 + 64));
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(800));
+    assert_eq!(rx.recv(&mut buf).unwrap(), Some(60), "after the padding");
+    assert_eq!(&buf[..60], &packet(1, 60)[..]);
+}
+
 /// Two threads, random packet sizes, doorbells over a channel as the session would carry them.
 /// A lost wake-up shows as a timeout, a wrong byte as a mismatch.
 fn two_threads(layout: Layout, sizes: Vec<usize>, batch: usize) -> (u64, u64) {
