@@ -164,15 +164,26 @@ pub enum Incoming {
     Other,
 }
 
+/// Whether a side trusts the peer that writes the ring it consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The host's end: the guest may write anything into the segment at any moment. Each
+    /// frame is copied out, and its vnet header checked on the copy ([`vnet::check`]) before
+    /// it reaches the TAP or the switch; nothing is read twice from shared memory.
+    Untrusted,
+    /// The guest's end: the host can already do anything to the guest, so a frame goes to the
+    /// TAP straight out of the segment (the kernel's copy only), unchecked.
+    Trusted,
+}
+
 /// The messages one side receives, seen from the packet loops.
 pub trait LinkMessage: Message {
     /// What this side sends back.
     type Answer: Message;
     /// The ring this side consumes (its peer produces on it).
     const RING: Direction;
-    /// Whether the peer's frames are checked ([`vnet::check`]) before they reach the TAP or
-    /// the switch: the host's end, whose peer is the untrusted guest.
-    const CHECK_VNET: bool;
+    /// Whether this side trusts the peer: how the peer's frames reach the TAP.
+    const PEER: Peer;
     /// The message's meaning; the peer's `Reset` ends the link with its reason.
     fn incoming(self) -> Result<Incoming, LinkError>;
     /// A packet for the peer (channel-only mode).
@@ -186,7 +197,7 @@ pub trait LinkMessage: Message {
 impl LinkMessage for GuestMsg {
     type Answer = HostMsg;
     const RING: Direction = Direction::GuestToHost;
-    const CHECK_VNET: bool = true;
+    const PEER: Peer = Peer::Untrusted;
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             GuestMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -209,7 +220,7 @@ impl LinkMessage for GuestMsg {
 impl LinkMessage for HostMsg {
     type Answer = GuestMsg;
     const RING: Direction = Direction::HostToGuest;
-    const CHECK_VNET: bool = false;
+    const PEER: Peer = Peer::Trusted;
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             HostMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -269,7 +280,7 @@ fn received<In: Message>(dec: &mut Decoder<In>, rbuf: &[u8], n: usize) -> Result
 /// dropped and counted instead (a bad frame is the guest's loss, not the link's end).
 fn deliver<In: LinkMessage>(tap: &impl Port, frame: &[u8], stats: &Stats) -> Result<(), LinkError> {
     Stats::bump(&stats.packets_in);
-    if In::CHECK_VNET {
+    if In::PEER == Peer::Untrusted {
         if let Err(e) = vnet::check(frame) {
             tracing::debug!("fastnet: dropped a frame from the guest: {e}");
             Stats::bump(&stats.dropped_invalid);
@@ -375,8 +386,7 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
         // Take everything the peer published.
         rx.refresh()?;
         let mut moved = 0;
-        while let Some(n) = rx.recv(&mut from_peer)? {
-            deliver::<In>(tap, &from_peer[..n], stats)?;
+        while ring_to_tap::<In>(&mut rx, &mut from_peer, tap, stats)? {
             moved += 1;
         }
         if rx.release() == Doorbell::Ring {
@@ -420,6 +430,35 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
             }
         }
     }
+}
+
+/// Hands the peer's next frame in the ring to `tap`: copied out through `buf` and checked
+/// ([`deliver`]) from an untrusted peer; from a trusted one, written to the TAP straight out of
+/// the segment when the port is a descriptor. False: the frames seen are all taken.
+fn ring_to_tap<In: LinkMessage>(
+    rx: &mut Consumer<Arc<Segment>>,
+    buf: &mut [u8],
+    tap: &impl Port,
+    stats: &Stats,
+) -> Result<bool, LinkError> {
+    if let (Peer::Trusted, Some(fd)) = (In::PEER, tap.fd()) {
+        let Some(written) = rx.recv_with(|mem, off, len| mem.write_to_fd(off, len, fd))? else {
+            return Ok(false);
+        };
+        Stats::bump(&stats.packets_in);
+        match written {
+            // A full queue drops the frame, as Tun::send does.
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(true);
+    }
+    let Some(n) = rx.recv(buf)? else {
+        return Ok(false);
+    };
+    deliver::<In>(tap, &buf[..n], stats)?;
+    Ok(true)
 }
 
 /// The ring this side produces on, fed from its TAP.

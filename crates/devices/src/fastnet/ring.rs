@@ -684,6 +684,27 @@ impl<M: Memory> Consumer<M> {
     /// its length, or `None` when the records seen at the last [`Consumer::refresh`] are all
     /// read. The record header is read once, validated, then the payload is copied.
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, RingError> {
+        let max_packet = self.max_packet;
+        self.recv_with(|mem, at, n| {
+            assert!(
+                buf.len() >= n,
+                "fastnet: receive buffer of {} bytes, smaller than max_packet {max_packet}",
+                buf.len(),
+            );
+            mem.read(at, &mut buf[..n]);
+            n
+        })
+    }
+
+    /// Hands the next packet to `take` in place: the memory, the payload's offset in it and
+    /// its length, once its record header is read once and validated. `None` as in
+    /// [`Consumer::recv`]. The payload stays in the segment, where the peer can still write
+    /// it: only a side that trusts its peer reads it more than once or hands it on unchecked
+    /// (the guest's end, whose peer is the host).
+    pub fn recv_with<R>(
+        &mut self,
+        take: impl FnOnce(&M, usize, usize) -> R,
+    ) -> Result<Option<R>, RingError> {
         loop {
             let avail = self.prod.wrapping_sub(self.cons);
             if avail == 0 {
@@ -722,16 +743,9 @@ impl<M: Memory> Consumer<M> {
                     if rec > avail {
                         return Err(bad("runs past the producer index"));
                     }
-                    let n = len as usize;
-                    assert!(
-                        buf.len() >= n,
-                        "fastnet: receive buffer of {} bytes, smaller than max_packet {}",
-                        buf.len(),
-                        self.max_packet
-                    );
-                    self.mem.read(at + RECORD_HEADER as usize, &mut buf[..n]);
+                    let taken = take(&self.mem, at + RECORD_HEADER as usize, len as usize);
                     self.cons = self.cons.wrapping_add(rec);
-                    return Ok(Some(n));
+                    return Ok(Some(taken));
                 }
                 _ => return Err(bad("unknown kind")),
             }

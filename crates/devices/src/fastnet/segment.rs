@@ -35,6 +35,15 @@ pub trait Memory {
         self.write(off, &buf[..n]);
         Ok(n)
     }
+    /// Writes the `len` bytes at `off` to `fd` with one write(2) (a TAP: one frame) and returns
+    /// how many bytes it wrote. This default copies them out first; a [`Segment`] has the
+    /// kernel read them straight from the segment, so a peer writing them meanwhile changes
+    /// what goes out: only for a trusted peer's bytes (the guest's end).
+    fn write_to_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut buf = vec![0; len];
+        self.read(off, &mut buf);
+        Ok(rustix::io::write(fd, &buf)?)
+    }
 }
 
 /// A reference or an `Arc` to memory is memory (both ends of a ring share one segment).
@@ -66,6 +75,9 @@ where
     }
     fn read_from_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
         (**self).read_from_fd(off, len, fd)
+    }
+    fn write_to_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        (**self).write_to_fd(off, len, fd)
     }
 }
 
@@ -250,6 +262,14 @@ impl Memory for Segment {
         // and the kernel writes at most `len` bytes there.
         let n = unsafe { libc::read(fd.as_raw_fd(), self.ptr.add(off).cast(), len) };
         // Negative only on failure, with errno set.
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    fn write_to_fd(&self, off: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.check(off, len, 1);
+        // libc for the reason given in read_from_fd: no slice over shared bytes.
+        // SAFETY: the `len` bytes at `off` are inside the segment (checked); the kernel only
+        // reads them. A peer writing them meanwhile changes the bytes written, nothing else.
+        let n = unsafe { libc::write(fd.as_raw_fd(), self.ptr.add(off).cast(), len) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
