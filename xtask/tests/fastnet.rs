@@ -92,6 +92,27 @@ fn boot_link(ns: &NetNs, base: LabOptions, config: &str) -> Lab {
     lab
 }
 
+/// [`boot_link`] in shared-memory mode: a `segment_size` segment in /dev/shm (named after the
+/// lab) as the guest's ivshmem device, and guest RAM for a tmpfs blob of `blob` bytes. Returns
+/// the lab and the segment file's path.
+fn boot_shm_link(ns: &NetNs, name: &str, segment_size: u64, blob: usize) -> (Lab, PathBuf) {
+    let segment = PathBuf::from(format!("/dev/shm/vstream-{name}-{}", std::process::id()));
+    let config = format!(
+        "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {segment_size}\n",
+        segment.display()
+    );
+    let base = LabOptions {
+        ivshmem: Some(Ivshmem {
+            path: segment.clone(),
+            size: segment_size,
+        }),
+        // The guest keeps the blob in RAM (tmpfs).
+        memory_mib: 512 + 2 * (blob >> 20) as u32,
+        ..LabOptions::virtio_port_only().named(name)
+    };
+    (boot_link(ns, base, &config), segment)
+}
+
 /// The guest pings the host `count` times (the host may have no ping program): all answered;
 /// returns the round-trip line.
 fn ping(lab: &Lab, count: u32) -> String {
@@ -264,22 +285,8 @@ fn fastnet_shared_memory_link_in_a_real_guest() {
         .unwrap_or(256)
         << 20;
     let ns = NetNs::new("fnshm");
-    let segment = PathBuf::from(format!("/dev/shm/vstream-fastnet-{}", std::process::id()));
     let segment_size: u64 = 16 << 20;
-    let config = format!(
-        "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {segment_size}\n",
-        segment.display()
-    );
-    let base = LabOptions {
-        ivshmem: Some(Ivshmem {
-            path: segment,
-            size: segment_size,
-        }),
-        // The guest keeps the blob in RAM (tmpfs).
-        memory_mib: 512 + 2 * (size >> 20) as u32,
-        ..LabOptions::virtio_port_only().named("fastnet-shm")
-    };
-    let lab = boot_link(&ns, base, &config);
+    let (lab, _) = boot_shm_link(&ns, "fastnet-shm", segment_size, size);
     let status = link_status(&lab);
     assert_eq!(status["mode"], "shared-memory", "{status}");
 
@@ -548,24 +555,7 @@ fn fastnet_hostile_segment_resets_and_the_link_restarts() {
         return;
     }
     let ns = NetNs::new("fnbad");
-    let segment = PathBuf::from(format!(
-        "/dev/shm/vstream-fastnet-hostile-{}",
-        std::process::id()
-    ));
-    let segment_size: u64 = 4 << 20;
-    let config = format!(
-        "mode = \"shm\"\nsegment = \"{}\"\nsegment_size = {segment_size}\n",
-        segment.display()
-    );
-    let base = LabOptions {
-        ivshmem: Some(Ivshmem {
-            path: segment.clone(),
-            size: segment_size,
-        }),
-        memory_mib: 512 + 2 * (SIZE >> 20) as u32,
-        ..LabOptions::virtio_port_only().named("fastnet-hostile")
-    };
-    let lab = boot_link(&ns, base, &config);
+    let (lab, segment) = boot_shm_link(&ns, "fastnet-hostile", 4 << 20, SIZE);
     assert_eq!(link_status(&lab)["mode"], "shared-memory");
     let pid = lab.pids().1.expect("vstreamd's pid");
     let file = std::fs::OpenOptions::new()
