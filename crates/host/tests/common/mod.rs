@@ -475,10 +475,22 @@ pub fn raw_guest_at(
     );
     let m = mux.clone();
     tokio::spawn(async move {
-        let mut ep = vstream_transport::Endpoint::bind(addr.clone())
-            .await
-            .expect("bind");
-        let c = ep.next().await.expect("connect");
+        // vstreamd binds its guests' listeners after its control socket answers: on a busy
+        // machine the first tries may find no socket yet.
+        let deadline = Instant::now() + WAIT;
+        let c = loop {
+            let mut ep = vstream_transport::Endpoint::bind(addr.clone())
+                .await
+                .expect("bind");
+            match ep.next().await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("{addr}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connect: {e:?}"),
+            }
+        };
         m.run_link(
             c.stream,
             vstream_link::link_params(&addr, None, 0),
