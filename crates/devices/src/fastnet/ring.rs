@@ -396,6 +396,16 @@ pub enum Filled<E> {
     Failed(E),
 }
 
+/// What [`Consumer::drain`] did.
+#[must_use = "a doorbell that is not sent can leave the peer asleep forever"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Packets handed over.
+    pub packets: usize,
+    /// Whether the producer asked to be rung for the space released.
+    pub doorbell: Doorbell,
+}
+
 /// The producing side of one ring.
 pub struct Producer<M: Memory> {
     mem: M,
@@ -705,6 +715,38 @@ impl<M: Memory> Consumer<M> {
         &mut self,
         take: impl FnOnce(&M, usize, usize) -> R,
     ) -> Result<Option<R>, RingError> {
+        Ok(self
+            .next_packet()?
+            .map(|(at, len)| take(&self.mem, at, len)))
+    }
+
+    /// Takes every packet the producer index shows: one [`Consumer::refresh`], each packet
+    /// handed to `take` in order (in place, as in [`Consumer::recv_with`]), then one
+    /// [`Consumer::release`] for all of them. Each record header is read once and validated
+    /// before its packet is handed over. A bad record is an error after the packets before
+    /// it were taken; a failed `take` stops the batch with its error (its packet counts as
+    /// taken). Either way nothing is released: the link ends.
+    pub fn drain<E: From<RingError>>(
+        &mut self,
+        mut take: impl FnMut(&M, usize, usize) -> Result<(), E>,
+    ) -> Result<Drained, E> {
+        self.refresh()?;
+        let mut packets = 0;
+        while let Some((at, len)) = self.next_packet()? {
+            take(&self.mem, at, len)?;
+            packets += 1;
+        }
+        Ok(Drained {
+            packets,
+            doorbell: self.release(),
+        })
+    }
+
+    /// Reads the next record header once, validates it, skips padding, and moves the local
+    /// index past the packet: its payload's offset and length. `None`: the records seen at the
+    /// last refresh are all read.
+    #[inline]
+    fn next_packet(&mut self) -> Result<Option<(usize, usize)>, RingError> {
         loop {
             let avail = self.prod.wrapping_sub(self.cons);
             if avail == 0 {
@@ -743,9 +785,8 @@ impl<M: Memory> Consumer<M> {
                     if rec > avail {
                         return Err(bad("runs past the producer index"));
                     }
-                    let taken = take(&self.mem, at + RECORD_HEADER as usize, len as usize);
                     self.cons = self.cons.wrapping_add(rec);
-                    return Ok(Some(taken));
+                    return Ok(Some((at + RECORD_HEADER as usize, len as usize)));
                 }
                 _ => return Err(bad("unknown kind")),
             }
