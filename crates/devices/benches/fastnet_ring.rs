@@ -53,6 +53,7 @@ impl Check {
         }
     }
 
+    #[inline]
     fn take(&mut self, mem: &Arc<Segment>, at: usize, n: usize) -> Result<(), RingError> {
         assert_eq!(n, self.size, "message {} size", self.seq);
         mem.read(at, &mut self.buf[..n]);

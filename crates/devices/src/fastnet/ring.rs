@@ -479,14 +479,11 @@ impl<M: Memory> Producer<M> {
     /// # Panics
     /// If `packet` is longer than [`Producer::max_packet`]: the caller bounds its reads (a TAP
     /// read buffer of that size), so a longer packet is a bug on this side.
+    #[inline]
     pub fn push(&mut self, packet: &[u8]) -> Result<bool, RingError> {
         let len = match u32::try_from(packet.len()) {
             Ok(len) if len <= self.max_packet => len,
-            _ => panic!(
-                "fastnet: packet of {} bytes exceeds max_packet {}",
-                packet.len(),
-                self.max_packet
-            ),
+            _ => self.too_long(packet.len()),
         };
         let Some((pad, at)) = self.reserve(RECORD_HEADER + pad8(len))? else {
             return Ok(false);
@@ -494,6 +491,16 @@ impl<M: Memory> Producer<M> {
         self.mem.write(at + RECORD_HEADER as usize, packet);
         self.commit(pad, at, len);
         Ok(true)
+    }
+
+    /// The panic of [`Producer::push`], out of line so that an inlined push stays small.
+    #[cold]
+    #[inline(never)]
+    fn too_long(&self, len: usize) -> ! {
+        panic!(
+            "fastnet: packet of {len} bytes exceeds max_packet {}",
+            self.max_packet
+        )
     }
 
     /// Reserves room for one record of up to `max` bytes, contiguous in the data area (after
