@@ -11,6 +11,8 @@
 //!   sequence number. A side with nothing to do
 //!   spins briefly, then says it sleeps (`prepare_sleep`/`prepare_wait`) and parks; the other
 //!   side unparks it only when the ring says so (the doorbell). Doorbells are counted.
+//! - 1-thread: one thread pushes a batch, publishes it and drains it (the same checks): the
+//!   ring's own cost per message, which scheduling on a loaded machine does not hide.
 //! - memcpy: one thread copies the same number of messages of the same size from a source
 //!   buffer into a destination buffer as large as the ring, as a one-copy path would.
 //!
