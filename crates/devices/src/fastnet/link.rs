@@ -383,13 +383,11 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     // Frames published since the sleeping peer became owed a doorbell (None: none owed).
     let mut owed: Option<usize> = None;
     loop {
-        // Take everything the peer published.
-        rx.refresh()?;
-        let mut moved = 0;
-        while ring_to_tap::<In>(&mut rx, &mut from_peer, tap, stats)? {
-            moved += 1;
-        }
-        if rx.release() == Doorbell::Ring {
+        // Take everything the peer published, and release it with one store.
+        let drained =
+            rx.drain(|mem, off, len| ring_to_tap::<In>(mem, off, len, &mut from_peer, tap, stats))?;
+        let mut moved = drained.packets;
+        if drained.doorbell == Doorbell::Ring {
             ring::<S, In>(stream, stats).await?;
         }
         // Then what the TAP already queued, without waiting.
@@ -432,33 +430,30 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     }
 }
 
-/// Hands the peer's next frame in the ring to `tap`: copied out through `buf` and checked
+/// Hands the peer's frame of `len` bytes at `off` in the segment (a validated record) to
+/// `tap`: copied out through `buf` (`max_packet` bytes, which `len` never exceeds) and checked
 /// ([`deliver`]) from an untrusted peer; from a trusted one, written to the TAP straight out of
-/// the segment when the port is a descriptor. False: the frames seen are all taken.
+/// the segment when the port is a descriptor.
 fn ring_to_tap<In: LinkMessage>(
-    rx: &mut Consumer<Arc<Segment>>,
+    mem: &Arc<Segment>,
+    off: usize,
+    len: usize,
     buf: &mut [u8],
     tap: &impl Port,
     stats: &Stats,
-) -> Result<bool, LinkError> {
+) -> Result<(), LinkError> {
     if let (Peer::Trusted, Some(fd)) = (In::PEER, tap.fd()) {
-        let Some(written) = rx.recv_with(|mem, off, len| mem.write_to_fd(off, len, fd))? else {
-            return Ok(false);
-        };
         Stats::bump(&stats.packets_in);
-        match written {
+        return match mem.write_to_fd(off, len, fd) {
             // A full queue drops the frame, as Tun::send does.
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
-        }
-        return Ok(true);
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e.into()),
+        };
     }
-    let Some(n) = rx.recv(buf)? else {
-        return Ok(false);
-    };
-    deliver::<In>(tap, &buf[..n], stats)?;
-    Ok(true)
+    let frame = &mut buf[..len];
+    mem.read(off, frame);
+    deliver::<In>(tap, frame, stats)
 }
 
 /// The ring this side produces on, fed from its TAP.

@@ -396,6 +396,16 @@ pub enum Filled<E> {
     Failed(E),
 }
 
+/// What [`Consumer::drain`] did.
+#[must_use = "a doorbell that is not sent can leave the peer asleep forever"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained {
+    /// Packets handed over.
+    pub packets: usize,
+    /// Whether the producer asked to be rung for the space released.
+    pub doorbell: Doorbell,
+}
+
 /// The producing side of one ring.
 pub struct Producer<M: Memory> {
     mem: M,
@@ -469,14 +479,11 @@ impl<M: Memory> Producer<M> {
     /// # Panics
     /// If `packet` is longer than [`Producer::max_packet`]: the caller bounds its reads (a TAP
     /// read buffer of that size), so a longer packet is a bug on this side.
+    #[inline]
     pub fn push(&mut self, packet: &[u8]) -> Result<bool, RingError> {
         let len = match u32::try_from(packet.len()) {
             Ok(len) if len <= self.max_packet => len,
-            _ => panic!(
-                "fastnet: packet of {} bytes exceeds max_packet {}",
-                packet.len(),
-                self.max_packet
-            ),
+            _ => self.too_long(packet.len()),
         };
         let Some((pad, at)) = self.reserve(RECORD_HEADER + pad8(len))? else {
             return Ok(false);
@@ -484,6 +491,16 @@ impl<M: Memory> Producer<M> {
         self.mem.write(at + RECORD_HEADER as usize, packet);
         self.commit(pad, at, len);
         Ok(true)
+    }
+
+    /// The panic of [`Producer::push`], out of line so that an inlined push stays small.
+    #[cold]
+    #[inline(never)]
+    fn too_long(&self, len: usize) -> ! {
+        panic!(
+            "fastnet: packet of {len} bytes exceeds max_packet {}",
+            self.max_packet
+        )
     }
 
     /// Reserves room for one record of up to `max` bytes, contiguous in the data area (after
@@ -705,6 +722,38 @@ impl<M: Memory> Consumer<M> {
         &mut self,
         take: impl FnOnce(&M, usize, usize) -> R,
     ) -> Result<Option<R>, RingError> {
+        Ok(self
+            .next_packet()?
+            .map(|(at, len)| take(&self.mem, at, len)))
+    }
+
+    /// Takes every packet the producer index shows: one [`Consumer::refresh`], each packet
+    /// handed to `take` in order (in place, as in [`Consumer::recv_with`]), then one
+    /// [`Consumer::release`] for all of them. Each record header is read once and validated
+    /// before its packet is handed over. A bad record is an error after the packets before
+    /// it were taken; a failed `take` stops the batch with its error (its packet counts as
+    /// taken). Either way nothing is released: the link ends.
+    pub fn drain<E: From<RingError>>(
+        &mut self,
+        mut take: impl FnMut(&M, usize, usize) -> Result<(), E>,
+    ) -> Result<Drained, E> {
+        self.refresh()?;
+        let mut packets = 0;
+        while let Some((at, len)) = self.next_packet()? {
+            take(&self.mem, at, len)?;
+            packets += 1;
+        }
+        Ok(Drained {
+            packets,
+            doorbell: self.release(),
+        })
+    }
+
+    /// Reads the next record header once, validates it, skips padding, and moves the local
+    /// index past the packet: its payload's offset and length. `None`: the records seen at the
+    /// last refresh are all read.
+    #[inline]
+    fn next_packet(&mut self) -> Result<Option<(usize, usize)>, RingError> {
         loop {
             let avail = self.prod.wrapping_sub(self.cons);
             if avail == 0 {
@@ -743,9 +792,8 @@ impl<M: Memory> Consumer<M> {
                     if rec > avail {
                         return Err(bad("runs past the producer index"));
                     }
-                    let taken = take(&self.mem, at + RECORD_HEADER as usize, len as usize);
                     self.cons = self.cons.wrapping_add(rec);
-                    return Ok(Some(taken));
+                    return Ok(Some((at + RECORD_HEADER as usize, len as usize)));
                 }
                 _ => return Err(bad("unknown kind")),
             }

@@ -52,24 +52,31 @@ where
     T: std::ops::Deref,
     T::Target: Memory,
 {
+    #[inline]
     fn size(&self) -> usize {
         (**self).size()
     }
+    #[inline]
     fn load_u32(&self, off: usize, order: Ordering) -> u32 {
         (**self).load_u32(off, order)
     }
+    #[inline]
     fn load_u64(&self, off: usize, order: Ordering) -> u64 {
         (**self).load_u64(off, order)
     }
+    #[inline]
     fn store_u32(&self, off: usize, value: u32, order: Ordering) {
         (**self).store_u32(off, value, order)
     }
+    #[inline]
     fn store_u64(&self, off: usize, value: u64, order: Ordering) {
         (**self).store_u64(off, value, order)
     }
+    #[inline]
     fn read(&self, off: usize, dst: &mut [u8]) {
         (**self).read(off, dst)
     }
+    #[inline]
     fn write(&self, off: usize, src: &[u8]) {
         (**self).write(off, src)
     }
@@ -189,12 +196,22 @@ impl Segment {
         })
     }
 
+    #[inline]
     fn check(&self, off: usize, len: usize, align: usize) {
-        assert!(
-            off.is_multiple_of(align) && off <= self.size && len <= self.size - off,
+        if !(off.is_multiple_of(align) && off <= self.size && len <= self.size - off) {
+            self.outside(off, len);
+        }
+    }
+
+    /// The panic of [`Segment::check`], out of line so that the check inlined into every
+    /// access stays a compare and a branch.
+    #[cold]
+    #[inline(never)]
+    fn outside(&self, off: usize, len: usize) -> ! {
+        panic!(
             "fastnet segment access at {off}+{len} outside {} bytes (a bug, not a peer's fault)",
             self.size
-        );
+        )
     }
 }
 
@@ -215,30 +232,36 @@ impl Drop for Segment {
 }
 
 impl Memory for Segment {
+    #[inline]
     fn size(&self) -> usize {
         self.size
     }
+    #[inline]
     fn load_u32(&self, off: usize, order: Ordering) -> u32 {
         self.check(off, 4, 4);
         // SAFETY: in bounds and 4-aligned (checked; the base is page-aligned); the peer writes
         // the word only atomically or from outside this process, and any value is a valid u32.
         u32::from_le(unsafe { &*self.ptr.add(off).cast::<AtomicU32>() }.load(order))
     }
+    #[inline]
     fn load_u64(&self, off: usize, order: Ordering) -> u64 {
         self.check(off, 8, 8);
         // SAFETY: as in load_u32, 8-aligned.
         u64::from_le(unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }.load(order))
     }
+    #[inline]
     fn store_u32(&self, off: usize, value: u32, order: Ordering) {
         self.check(off, 4, 4);
         // SAFETY: as in load_u32.
         unsafe { &*self.ptr.add(off).cast::<AtomicU32>() }.store(value.to_le(), order)
     }
+    #[inline]
     fn store_u64(&self, off: usize, value: u64, order: Ordering) {
         self.check(off, 8, 8);
         // SAFETY: as in load_u64.
         unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }.store(value.to_le(), order)
     }
+    #[inline]
     fn read(&self, off: usize, dst: &mut [u8]) {
         self.check(off, dst.len(), 1);
         // SAFETY: the source is inside the segment (checked) and cannot overlap `dst`, a Rust
@@ -247,6 +270,7 @@ impl Memory for Segment {
         // before use and never trusted.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) }
     }
+    #[inline]
     fn write(&self, off: usize, src: &[u8]) {
         self.check(off, src.len(), 1);
         // SAFETY: the destination is inside the segment (checked) and owned by this side until

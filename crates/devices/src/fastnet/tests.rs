@@ -211,6 +211,132 @@ fn a_full_ring_refuses_then_rings_the_waiting_producer() {
     assert!(tx.push(&[7; 1000]).unwrap());
 }
 
+#[test]
+fn drain_takes_every_packet_across_the_wrap_with_one_release() {
+    let (seg, tx, rx) = pair(SMALL, Direction::GuestToHost);
+    let dir = Direction::GuestToHost;
+    // Both indexes 3 KiB before the end of the data area, and 8 KiB before the 32-bit wrap.
+    let start = 0u32.wrapping_sub(8192 + 1024);
+    for line in [dir.producer_line(), dir.consumer_line()] {
+        seg.store_u64(line, u64::from(start), Ordering::Relaxed);
+    }
+    let (mut tx, mut rx) = (tx.starting_at(start), rx.starting_at(start));
+    // 600 + 300 fit before the end; 700 needs padding and goes to offset 0.
+    let lens = [600, 0, 300, 700, 1];
+    for (i, &len) in lens.iter().enumerate() {
+        assert!(tx.push(&packet(i as u32, len)).unwrap());
+    }
+    let _ = tx.publish();
+    assert_eq!(tx.prepare_wait(), Ok(true), "the producer waits for space");
+    let mut got = Vec::new();
+    let drained = rx
+        .drain(|mem, at, n| {
+            got.push(dump(mem, at, n));
+            Ok::<_, RingError>(())
+        })
+        .unwrap();
+    assert_eq!(drained.packets, lens.len());
+    assert_eq!(drained.doorbell, Doorbell::Ring, "the producer asked");
+    for (i, &len) in lens.iter().enumerate() {
+        assert_eq!(got[i], packet(i as u32, len), "packet {i}");
+    }
+    let end = seg.load_u32(dir.producer_line(), Ordering::Relaxed);
+    assert_eq!(seg.load_u32(dir.consumer_line(), Ordering::Relaxed), end);
+    let nothing = rx.drain(|_, _, _| -> Result<(), RingError> { panic!("nothing new") });
+    assert_eq!(
+        nothing,
+        Ok(Drained {
+            packets: 0,
+            doorbell: Doorbell::Quiet
+        })
+    );
+}
+
+#[test]
+fn a_hostile_record_in_the_middle_of_a_drain_stops_it_and_releases_nothing() {
+    let dir = Direction::GuestToHost;
+    // (the second record's header (len, kind), the rule it breaks)
+    let cases: [((u32, u32), &str); 4] = [
+        ((1501, KIND_PACKET), "longer than max_packet"),
+        ((2000, KIND_PACKET), "longer than max_packet"),
+        ((0, KIND_PAD), "padding must reach the end of the data area"),
+        ((100, 9), "unknown kind"),
+    ];
+    for ((len, kind), expected) in cases {
+        let (seg, mut tx, mut rx) = pair(SMALL, dir);
+        for i in 0..3 {
+            assert!(tx.push(&packet(i, 100)).unwrap());
+        }
+        let _ = tx.publish();
+        let second = dir.data_offset(SMALL.ring_size) + 112;
+        seg.store_u64(
+            second,
+            u64::from(len) | u64::from(kind) << 32,
+            Ordering::Relaxed,
+        );
+        let mut taken = Vec::new();
+        let e = rx
+            .drain(|mem, at, n| {
+                taken.push(dump(mem, at, n));
+                Ok::<_, RingError>(())
+            })
+            .unwrap_err();
+        assert_eq!(why(&e), expected, "({len}, {kind}): {e}");
+        assert_eq!(taken, vec![packet(0, 100)], "only the packet before it");
+        assert_eq!(seg.load_u32(dir.consumer_line(), Ordering::Relaxed), 0);
+    }
+    // A producer index past the end of the batch makes the last record run past it.
+    let (seg, mut tx, mut rx) = pair(SMALL, dir);
+    for i in 0..3 {
+        assert!(tx.push(&packet(i, 100)).unwrap());
+    }
+    let _ = tx.publish();
+    seg.store_u32(dir.producer_line(), 2 * 112 + 16, Ordering::Relaxed);
+    let mut taken = 0;
+    let e = rx
+        .drain(|_, _, _| {
+            taken += 1;
+            Ok::<_, RingError>(())
+        })
+        .unwrap_err();
+    assert_eq!(why(&e), "runs past the producer index", "{e}");
+    assert_eq!(taken, 2);
+}
+
+#[test]
+fn a_failed_take_stops_the_drain_with_its_error() {
+    #[derive(Debug, PartialEq)]
+    enum Failed {
+        Ring(RingError),
+        Tap(usize),
+    }
+    impl From<RingError> for Failed {
+        fn from(e: RingError) -> Failed {
+            Failed::Ring(e)
+        }
+    }
+    let (seg, mut tx, mut rx) = pair(SMALL, Direction::HostToGuest);
+    for i in 0..4 {
+        assert!(tx.push(&packet(i, 10 + i as usize)).unwrap());
+    }
+    let _ = tx.publish();
+    let mut calls = 0;
+    let r = rx.drain(|_, _, n| {
+        calls += 1;
+        if n == 11 {
+            return Err(Failed::Tap(n));
+        }
+        Ok(())
+    });
+    assert_eq!(r, Err(Failed::Tap(11)));
+    assert_eq!(calls, 2, "no packet after the failed one");
+    assert_eq!(
+        seg.load_u32(Direction::HostToGuest.consumer_line(), Ordering::Relaxed),
+        0,
+        "nothing released"
+    );
+}
+
 /// A socket pair that keeps message boundaries, as a TAP does (one frame per read); the reading
 /// end is non-blocking, as the TAP is.
 fn frame_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
@@ -455,12 +581,15 @@ fn two_threads(layout: Layout, sizes: Vec<usize>, batch: usize) -> (u64, u64) {
         let mut rung = 0u64;
         let mut i = 0;
         while i < expected.len() {
-            rx.refresh().unwrap();
-            while let Some(n) = rx.recv(&mut buf).unwrap() {
-                assert_eq!(&buf[..n], &packet(i as u32, expected[i])[..], "packet {i}");
-                i += 1;
-            }
-            if rx.release() == Doorbell::Ring {
+            let drained = rx
+                .drain(|mem, at, n| {
+                    mem.read(at, &mut buf[..n]);
+                    assert_eq!(&buf[..n], &packet(i as u32, expected[i])[..], "packet {i}");
+                    i += 1;
+                    Ok::<_, RingError>(())
+                })
+                .unwrap();
+            if drained.doorbell == Doorbell::Ring {
                 rung += 1;
                 let _ = to_producer.send(());
             }
@@ -530,7 +659,7 @@ proptest! {
     /// corruption is intact.
     #[test]
     fn corruption_gives_errors_not_panics(
-        ops in prop::collection::vec((0u8..6, 0usize..12288, any::<u64>()), 1..400),
+        ops in prop::collection::vec((0u8..7, 0usize..12288, any::<u64>()), 1..400),
     ) {
         let (mem, mut tx, mut rx) = pair(SMALL, Direction::HostToGuest);
         let mut buf = vec![0; 1500];
@@ -549,6 +678,14 @@ proptest! {
                     }
                 }),
                 4 => { let _ = rx.release(); rx.prepare_sleep().map(drop) }
+                5 => rx.drain(|m, at, n| {
+                    m.read(at, &mut buf[..n]);
+                    if clean {
+                        assert_eq!(&buf[..n], &packet(got, n)[..]);
+                        got += 1;
+                    }
+                    Ok::<_, RingError>(())
+                }).map(drop),
                 _ => {
                     clean = false;
                     let off = off & !7;
