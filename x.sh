@@ -126,8 +126,8 @@ setup() {
 }
 
 build_agent() {
-    log "building the static guest agent ($AGENT_TARGET, +crt-static)"
-    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$AGENT_TARGET" -p vstream-agent
+    log "building the static guest agent ($AGENT_TARGET, +crt-static, profile agent)"
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile agent --target "$AGENT_TARGET" -p vstream-agent
 }
 
 build() {

@@ -180,23 +180,30 @@ fn read_once(
     Ok(o.size_mib as f64 / secs)
 }
 
-/// `VmRSS`, `VmHWM` and `RssAnon` (the process's own heap and stacks, without the pages of
-/// its binary and libraries) of a process, in KiB.
-type Memory = [f64; 3];
+/// `VmRSS`, `VmHWM`, `RssAnon` (the process's own heap and stacks, without the pages of its
+/// binary and libraries) and `AnonHugePages` (the part of `RssAnon` in transparent huge pages:
+/// the guest kernel's THP setting is `always`, so one 2 MiB page can stand for a few KiB
+/// used) of a process, in KiB.
+type Memory = [f64; 4];
 
 /// [`Memory`] of guest process `pid`, read through `conn`.
 fn memory(conn: &mut QgaConn, pid: u32) -> Result<Memory> {
-    let status = conn.read_small(&format!("/proc/{pid}/status"))?;
-    let status = String::from_utf8_lossy(&status);
-    let field = |name: &str| -> Result<f64> {
-        status
+    let mut field = |file: &str, name: &str| -> Result<f64> {
+        let path = format!("/proc/{pid}/{file}");
+        let text = conn.read_small(&path)?;
+        String::from_utf8_lossy(&text)
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+            .with_context(|| format!("no {name} in {path}"))
     };
-    Ok([field("VmRSS:")?, field("VmHWM:")?, field("RssAnon:")?])
+    Ok([
+        field("status", "VmRSS:")?,
+        field("status", "VmHWM:")?,
+        field("status", "RssAnon:")?,
+        field("smaps_rollup", "AnonHugePages:")?,
+    ])
 }
 
 /// CPU seconds (user + system, all its threads, those gone included) guest process `pid` has
@@ -406,12 +413,18 @@ pub fn run(args: &[String]) -> Result<()> {
         "measure", "vstream-agent", "qemu-ga", "ratio"
     );
     let row = |name: &str, a: f64, b: f64, unit: &str, aim: &str| {
+        // No ratio to nothing (a process without huge pages).
+        let ratio = if b == 0.0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2}x", a / b)
+        };
         println!(
-            "{:<48} {:>14} {:>14} {:>7.2}x  {aim}",
+            "{:<48} {:>14} {:>14} {:>8}  {aim}",
             name,
             format!("{a:.0} {unit}"),
             format!("{b:.0} {unit}"),
-            a / b
+            ratio
         );
     };
     let row1 = |name: &str, a: f64, b: f64, unit: &str, aim: &str| {
@@ -501,9 +514,17 @@ pub fn run(args: &[String]) -> Result<()> {
         "KiB",
         "",
     );
+    row(
+        "AnonHugePages before the workload",
+        vs_mem_before[3],
+        ga_mem_before[3],
+        "KiB",
+        "",
+    );
     row("VmRSS after the workload", vrss, grss, "KiB", "<= 0.5x");
     for (name, k) in [
         ("RssAnon after the workload", 2),
+        ("AnonHugePages after the workload", 3),
         ("VmHWM (peak RSS) after the workload", 1),
     ] {
         row(name, mem(&vs_mem, k), mem(&ga_mem, k), "KiB", "");

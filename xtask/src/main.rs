@@ -19,7 +19,7 @@ fn usage() -> &'static str {
 
 tasks:
   image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
-  agent     build the static guest agent (target/x86_64-unknown-linux-gnu/release/vstream-agent)
+  agent     build the static guest agent (target/x86_64-unknown-linux-gnu/agent/vstream-agent)
   deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
             binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
@@ -55,7 +55,8 @@ fn build_agent() -> Result<()> {
     let status = Command::new(cargo)
         .args([
             "build",
-            "--release",
+            "--profile",
+            paths::AGENT_PROFILE,
             "--target",
             paths::AGENT_TARGET,
             "-p",

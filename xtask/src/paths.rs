@@ -8,7 +8,7 @@
 //! | `VSTREAM_WORKSPACE` | the parent of this crate's directory                             |
 //! | `CARGO_TARGET_DIR`  | `<workspace>/target`                                             |
 //! | `VSTREAM_BIN_DIR`   | `<target>/debug` (where `vstreamd` and `vstreamctl` are found)   |
-//! | `VSTREAM_AGENT`     | `<target>/x86_64-unknown-linux-gnu/release/vstream-agent`        |
+//! | `VSTREAM_AGENT`     | `<target>/x86_64-unknown-linux-gnu/agent/vstream-agent`          |
 //! | `VSTREAM_VHOST_DEVICE_VSOCK` | `vhost-device-vsock` in `PATH`, else `$CARGO_HOME/bin` (`./x.sh setup` installs it) |
 
 use std::env;
@@ -19,6 +19,10 @@ pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The `RUSTFLAGS` of the static agent build.
 pub const AGENT_RUSTFLAGS: &str = "-C target-feature=+crt-static";
+
+/// The cargo profile of the shipped agent (`[profile.agent]` in the workspace's Cargo.toml:
+/// built for size, see there).
+pub const AGENT_PROFILE: &str = "agent";
 
 fn env_path(name: &str) -> Option<PathBuf> {
     env::var_os(name)
@@ -78,7 +82,7 @@ pub fn agent_bin() -> PathBuf {
     env_path("VSTREAM_AGENT").map(absolute).unwrap_or_else(|| {
         target_dir()
             .join(AGENT_TARGET)
-            .join("release")
+            .join(AGENT_PROFILE)
             .join("vstream-agent")
     })
 }

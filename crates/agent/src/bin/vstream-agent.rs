@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use vstream_agent::{from_kernel_cmdline, AgentOptions, Settings};
 use vstream_devices::registry::{registry, AgentArgs, GuestOptions};
 use vstream_transport::Address;
@@ -60,12 +63,15 @@ fn main() -> anyhow::Result<()> {
     // A guest agent should give memory back once a burst is over (a 16 MiB `guest-file-read`
     // reply, a big exec capture).
     vstream_link::return_memory_eagerly();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VSTREAM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    // VSTREAM_LOG as `target=level,...,level` (what vstreamd's filter takes, without its span
+    // and field filters): their regex engine would double the agent's logging code.
+    let filter = std::env::var("VSTREAM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let matches = command().get_matches();
     if let Some((tool, m)) = matches.subcommand() {
