@@ -86,6 +86,9 @@ pub struct Limits {
     pub channel_window: u32,
     /// Send buffer per channel, bytes.
     pub channel_send_buffer: usize,
+    /// Largest receive window and send buffer a channel grows to while its window limits it,
+    /// bytes (each growth counts against `peer_buffer_limit`); at most the two above: no growth.
+    pub channel_window_max: u32,
     /// Largest frame payload accepted, bytes.
     pub max_frame: u32,
     /// Channels per guest.
@@ -110,6 +113,7 @@ impl Default for Limits {
         Limits {
             channel_window: d.channel_window,
             channel_send_buffer: d.channel_send_buffer,
+            channel_window_max: d.channel_window_max,
             max_frame: d.max_frame,
             max_channels: d.max_channels,
             peer_buffer_limit: d.peer_buffer_limit,
@@ -127,6 +131,7 @@ impl Limits {
         WireConfig {
             channel_window: self.channel_window,
             channel_send_buffer: self.channel_send_buffer,
+            channel_window_max: self.channel_window_max,
             max_frame: self.max_frame,
             max_channels: self.max_channels,
             peer_buffer_limit: self.peer_buffer_limit,

@@ -5,7 +5,8 @@
 //! after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5), `--only W`
 //! (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for profilers),
 //! `--api bytes|stream` (only the mux's `Bytes` calls, or only `AsyncWrite`/`AsyncRead`),
-//! `--window-kib N` (channel window and send buffer of both ends, default 256).
+//! `--window-kib N` (channel window and send buffer of both ends, default 256), `--fixed-window`
+//! (no window growth: `channel_window_max` equal to the window, as before autotuning).
 //!
 //! Both paths run on a tokio multi-thread runtime with 2 workers (a fresh one per run, so that
 //! no run inherits where the previous one left its tasks) and write with the same application
@@ -58,6 +59,8 @@ struct Cell {
     mux_total: u64,
     /// Channel window and send buffer of both ends, if not the defaults.
     window: Option<u32>,
+    /// Whether windows stay as they start (no autotuning).
+    fixed_window: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -87,6 +90,7 @@ fn main() {
     let mut repeats = 5usize;
     let mut only_channels: Option<usize> = None;
     let mut window = None;
+    let mut fixed_window = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -121,6 +125,7 @@ fn main() {
                         * 1024,
                 )
             }
+            "--fixed-window" => fixed_window = true,
             "--repeats" => {
                 repeats = args
                     .next()
@@ -147,6 +152,7 @@ fn main() {
             raw_total: bytes(raw),
             mux_total: bytes(mux),
             window,
+            fixed_window,
         })
     })
     .filter(|c| only_channels.is_none_or(|n| n == c.channels))
@@ -171,12 +177,18 @@ fn main() {
         "mux API:      ChannelStream::write_bytes / read_bytes (raw: write_all / read); \
          stream: AsyncWrite::write_all / AsyncRead::read, as raw, without the payload CRC"
     );
-    if let Some(w) = window {
-        println!(
-            "mux window:   {} KiB per channel, both ends (default 256)",
-            w / 1024
-        );
-    }
+    println!(
+        "mux window:   {} KiB per channel at first, both ends (default 256); {}",
+        window.map_or(256, |w| w / 1024),
+        if fixed_window {
+            "fixed (--fixed-window)".to_owned()
+        } else {
+            format!(
+                "grows up to {} KiB while it limits a channel",
+                Config::new(Role::Host, "").channel_window_max / 1024
+            )
+        }
+    );
     println!(
         "method:       median of {repeats} runs per cell, raw and the mux's three runs alternating; \
          MB/s = 10^6 payload bytes/s"
@@ -402,6 +414,9 @@ async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<
         if let Some(w) = cell.window {
             c.channel_window = w;
             c.channel_send_buffer = w as usize;
+        }
+        if cell.fixed_window {
+            c.channel_window_max = c.channel_window;
         }
         c
     };

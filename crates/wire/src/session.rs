@@ -43,10 +43,14 @@ pub struct Config {
     pub role: Role,
     /// Largest payload we accept in one frame.
     pub max_frame: u32,
-    /// Receive window of each channel: bytes the peer may send before we grant more.
+    /// Receive window each channel starts with: bytes the peer may send before we grant more.
     pub channel_window: u32,
-    /// Bytes an application may queue on one channel before `send` accepts no more.
+    /// Bytes an application may queue on one channel before `send` accepts no more, at first.
     pub channel_send_buffer: usize,
+    /// Largest receive window and send buffer a channel grows to (window autotuning: see
+    /// docs/PROTOCOL.md, "Flow control"), each growth charged to `peer_buffer_limit`. Equal
+    /// to both of the above, nothing grows.
+    pub channel_window_max: u32,
     /// Most channels open at once.
     pub max_channels: usize,
     /// The most this peer can make us hold, all included: receive windows, send buffers,
@@ -75,6 +79,7 @@ impl Config {
             max_frame: 64 * 1024,
             channel_window: 256 * 1024,
             channel_send_buffer: 256 * 1024,
+            channel_window_max: 4 * 1024 * 1024,
             max_channels: 1024,
             peer_buffer_limit: 64 * 1024 * 1024,
             max_unacked: 16 * 1024 * 1024,
@@ -88,8 +93,13 @@ impl Config {
     /// for allocation slack (payloads are stored in buffers up to 8/7 of their size, small
     /// ones coalesced), and its send buffer.
     pub fn channel_charge(&self) -> usize {
-        let w = self.channel_window as usize;
-        w + w / 4 + self.channel_send_buffer
+        Config::window_charge(self.channel_window) + self.channel_send_buffer
+    }
+
+    /// What a receive window of `w` bytes takes from `peer_buffer_limit`, slack included.
+    pub(crate) fn window_charge(w: u32) -> usize {
+        let w = w as usize;
+        w + w / 4
     }
 
     /// What `peer_buffer_limit` sets aside before any channel, with `links` transport

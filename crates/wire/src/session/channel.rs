@@ -23,6 +23,22 @@ pub(super) struct Channel {
     pub(super) rx_received: u64,
     pub(super) rx_granted: u64,
     pub(super) rx_unreported: u32,
+    /// Our receive window now: `channel_window`, doubled (up to `channel_window_max`) each
+    /// time the application had read everything while the peer waited for credit. Always
+    /// `rx_len + (rx_granted - rx_received) + rx_unreported`.
+    pub(super) rx_window: u32,
+    /// Within the current round of one window's worth of reads (`rx_round` bytes so far):
+    /// the peer used (nearly) all its credit ...
+    pub(super) rx_peer_waited: bool,
+    /// ... and the application read everything we held. Both: the window limits the channel.
+    pub(super) rx_app_drained: bool,
+    pub(super) rx_round: u64,
+    /// How many unsent bytes the application may queue now: `channel_send_buffer`, grown (up
+    /// to `channel_window_max`) to the credit the peer grants once it exceeds it.
+    pub(super) tx_limit: usize,
+    /// What this channel takes from `peer_buffer_limit` ([`Config::channel_charge`] with its
+    /// grown window and send buffer).
+    pub(super) charge: usize,
     pub(super) remote_fin: bool,
     pub(super) eof_read: bool,
     pub(super) bytes_in: u64,
@@ -30,7 +46,7 @@ pub(super) struct Channel {
 }
 
 impl Channel {
-    pub(super) fn new(class: String, name: String, local: bool, window: u32) -> Channel {
+    pub(super) fn new(class: String, name: String, local: bool, cfg: &Config) -> Channel {
         Channel {
             class,
             name,
@@ -45,8 +61,14 @@ impl Channel {
             rx_tail: BytesMut::new(),
             rx_len: 0,
             rx_received: 0,
-            rx_granted: u64::from(window),
+            rx_granted: u64::from(cfg.channel_window),
             rx_unreported: 0,
+            rx_window: cfg.channel_window,
+            rx_peer_waited: false,
+            rx_app_drained: false,
+            rx_round: 0,
+            tx_limit: cfg.channel_send_buffer,
+            charge: cfg.channel_charge(),
             remote_fin: false,
             eof_read: false,
             bytes_in: 0,
@@ -240,7 +262,7 @@ impl Session {
             });
             return;
         }
-        let mut ch = Channel::new(class.clone(), name.clone(), false, self.cfg.channel_window);
+        let mut ch = Channel::new(class.clone(), name.clone(), false, &self.cfg);
         ch.credit = u64::from(window);
         self.channels.insert(id, ch);
         // OPEN_OK waits for the application's `accept`, so that a service that refuses the
@@ -306,6 +328,9 @@ impl Session {
             return;
         }
         ch.rx_received += len;
+        if ch.rx_granted - ch.rx_received < u64::from(ch.rx_window / 16) {
+            ch.rx_peer_waited = true;
+        }
         ch.bytes_in += len;
         if payload.is_empty() {
             return;
@@ -341,7 +366,9 @@ impl Session {
             Some(ch) => {
                 let was_blocked = ch.credit == 0;
                 ch.credit = ch.credit.saturating_add(u64::from(inc));
-                if was_blocked {
+                let was_full = ch.send_buf.len() >= ch.tx_limit;
+                let grew = self.grow_send_buffer(id);
+                if was_blocked || (grew && was_full) {
                     self.events.push_back(Event::Writable(id));
                 }
             }
@@ -383,8 +410,77 @@ impl Session {
 
     fn remove_channel(&mut self, id: ChannelId) -> Option<Channel> {
         let ch = self.channels.remove(&id)?;
-        self.charged = self.charged.saturating_sub(self.cfg.channel_charge());
+        self.charged = self.charged.saturating_sub(ch.charge);
         Some(ch)
+    }
+
+    /// Charges `extra` more bytes to channel `id` if `peer_buffer_limit` has room for them.
+    fn charge_more(&mut self, id: ChannelId, extra: usize) -> bool {
+        let fixed = self.cfg.fixed_charge(self.links.len());
+        if fixed + self.charged + extra > self.cfg.peer_buffer_limit {
+            return false;
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return false;
+        };
+        self.charged += extra;
+        ch.charge += extra;
+        true
+    }
+
+    /// Lets the application queue as much as the peer lets us send at once (its window, as
+    /// its credit shows), up to `channel_window_max`: with a send buffer smaller than the
+    /// peer's window, the application would wait for room while credit is left. True if the
+    /// limit grew.
+    fn grow_send_buffer(&mut self, id: ChannelId) -> bool {
+        let max = self.cfg.channel_window_max as usize;
+        let Some(ch) = self.channels.get(&id) else {
+            return false;
+        };
+        let credit = usize::try_from(ch.credit).unwrap_or(usize::MAX);
+        if credit <= ch.tx_limit || ch.tx_limit >= max {
+            return false;
+        }
+        let new = credit.max(ch.tx_limit.saturating_mul(2)).min(max);
+        let old = ch.tx_limit;
+        if !self.charge_more(id, new - old) {
+            return false;
+        }
+        if let Some(ch) = self.channels.get_mut(&id) {
+            ch.tx_limit = new;
+        }
+        true
+    }
+
+    /// Doubles channel `id`'s receive window (up to `channel_window_max`) when the window, not
+    /// the application, limits the channel: within one window's worth of reads, the peer used
+    /// (nearly) all of its credit, and the application read everything we held. A slow
+    /// application never empties the buffer while the peer has data; a fast one empties it
+    /// while the credit is on its way, as TCP's receive-buffer autotuning reasons. Returns
+    /// the extra credit to grant (0: no growth).
+    fn grow_window(&mut self, id: ChannelId) -> u32 {
+        let max = self.cfg.channel_window_max;
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return 0;
+        };
+        let limited = ch.rx_peer_waited && ch.rx_app_drained;
+        if limited || ch.rx_round >= u64::from(ch.rx_window) {
+            // A new round.
+            (ch.rx_peer_waited, ch.rx_app_drained, ch.rx_round) = (false, false, 0);
+        }
+        if !limited || ch.rx_window >= max {
+            return 0;
+        }
+        let old = ch.rx_window;
+        let new = old.saturating_mul(2).min(max);
+        let charge = |w: u32| Config::window_charge(w);
+        if !self.charge_more(id, charge(new) - charge(old)) {
+            return 0;
+        }
+        if let Some(ch) = self.channels.get_mut(&id) {
+            ch.rx_window = new;
+        }
+        new - old
     }
 
     pub(super) fn maybe_finish(&mut self, id: ChannelId) {
@@ -430,10 +526,8 @@ impl Session {
         self.reserve_window().map_err(ChannelError::Limit)?;
         let id = self.next_channel;
         self.next_channel = self.next_channel.wrapping_add(2);
-        self.channels.insert(
-            id,
-            Channel::new(class.into(), name.into(), true, self.cfg.channel_window),
-        );
+        self.channels
+            .insert(id, Channel::new(class.into(), name.into(), true, &self.cfg));
         let mut p = Vec::with_capacity(3 + class.len() + name.len() + 4);
         p.push(class.len() as u8);
         p.extend_from_slice(class.as_bytes());
@@ -463,12 +557,7 @@ impl Session {
     /// Queues bytes; returns how many were accepted (0 when the send buffer is full: wait for
     /// [`Event::Writable`]).
     pub fn send(&mut self, id: ChannelId, data: &[u8]) -> Result<usize, ChannelError> {
-        let (ch, n) = Self::sendable(
-            &mut self.channels,
-            self.cfg.channel_send_buffer,
-            id,
-            data.len(),
-        )?;
+        let (ch, n) = Self::sendable(&mut self.channels, id, data.len())?;
         ch.send_buf.push(&data[..n], &mut self.pool);
         Ok(n)
     }
@@ -477,7 +566,6 @@ impl Session {
     /// (Fields, not `self`: the caller pushes with `self.pool` while holding the channel.)
     fn sendable(
         channels: &mut std::collections::BTreeMap<ChannelId, Channel>,
-        limit: usize,
         id: ChannelId,
         len: usize,
     ) -> Result<(&mut Channel, usize), ChannelError> {
@@ -485,7 +573,7 @@ impl Session {
         if ch.fin_queued {
             return Err(ChannelError::Closed(id));
         }
-        let n = len.min(limit.saturating_sub(ch.send_buf.len()));
+        let n = len.min(ch.tx_limit.saturating_sub(ch.send_buf.len()));
         Ok((ch, n))
     }
 
@@ -498,12 +586,7 @@ impl Session {
             data.advance(n);
             return Ok(n);
         }
-        let (ch, n) = Self::sendable(
-            &mut self.channels,
-            self.cfg.channel_send_buffer,
-            id,
-            data.len(),
-        )?;
+        let (ch, n) = Self::sendable(&mut self.channels, id, data.len())?;
         if n > 0 {
             ch.send_buf.push_shared(data.split_to(n));
         }
@@ -513,10 +596,7 @@ impl Session {
     /// Room left in the send buffer.
     pub fn send_capacity(&self, id: ChannelId) -> Result<usize, ChannelError> {
         let ch = self.channels.get(&id).ok_or(ChannelError::Unknown(id))?;
-        Ok(self
-            .cfg
-            .channel_send_buffer
-            .saturating_sub(ch.send_buf.len()))
+        Ok(ch.tx_limit.saturating_sub(ch.send_buf.len()))
     }
 
     /// Copies received bytes into `buf`.
@@ -588,11 +668,18 @@ impl Session {
             return Recv::WouldBlock;
         }
         ch.rx_len -= n;
-        // n <= buffered bytes <= channel window (a u32).
+        ch.rx_app_drained |= ch.rx_len == 0;
+        ch.rx_round += n as u64;
+        // n <= buffered bytes <= receive window (a u32).
         ch.rx_unreported += n as u32;
-        let window = self.cfg.channel_window;
+        let window = ch.rx_window;
         if ch.rx_unreported >= window / 4 || (ch.rx_len == 0 && ch.rx_unreported >= window / 16) {
-            let inc = std::mem::take(&mut ch.rx_unreported);
+            let grown = self.grow_window(id);
+            let Some(ch) = self.channels.get_mut(&id) else {
+                return Recv::Data(data);
+            };
+            // unreported + grown <= the new window (a u32).
+            let inc = std::mem::take(&mut ch.rx_unreported) + grown;
             ch.rx_granted += u64::from(inc);
             self.push_control(Kind::Credit, id, Bytes::copy_from_slice(&inc.to_le_bytes()));
         }
@@ -632,6 +719,8 @@ impl Session {
             bytes_out: ch.bytes_out,
             rx_buffered: ch.rx_len,
             tx_buffered: ch.send_buf.len(),
+            rx_window: ch.rx_window,
+            tx_limit: ch.tx_limit,
         })
     }
 

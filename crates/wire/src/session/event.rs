@@ -261,4 +261,9 @@ pub struct ChannelInfo {
     pub rx_buffered: usize,
     /// Bytes queued by the application and not yet sent.
     pub tx_buffered: usize,
+    /// Our receive window now (it grows from `channel_window` while the window limits the
+    /// channel).
+    pub rx_window: u32,
+    /// How many unsent bytes the application may queue now (grows with the peer's window).
+    pub tx_limit: usize,
 }

@@ -296,7 +296,7 @@ impl Session {
             }
             let class = i.string("a channel's class")?;
             let name = i.string("a channel's name")?;
-            let mut ch = Channel::new(class, name, false, s.cfg.channel_window);
+            let mut ch = Channel::new(class, name, false, &s.cfg);
             for b in [
                 &mut ch.local,
                 &mut ch.opening,
@@ -317,23 +317,39 @@ impl Session {
             ch.rx_unreported = i.u32("a channel's unreported count")?;
             ch.bytes_in = i.u64("a channel's byte count")?;
             ch.bytes_out = i.u64("a channel's byte count")?;
-            let window = s.cfg.channel_window as usize;
-            let rx = i.bytes(window, "a channel's received bytes")?;
-            if ch.rx_received > ch.rx_granted || ch.rx_unreported as usize > window {
+            // A window may have grown (up to channel_window_max): what it is now follows from
+            // the counts, as every byte of it is unused credit, buffered, or read and not yet
+            // granted again.
+            let max = s.cfg.channel_window_max.max(s.cfg.channel_window) as usize;
+            let rx = i.bytes(max, "a channel's received bytes")?;
+            let Some(unused) = ch.rx_granted.checked_sub(ch.rx_received) else {
                 return bad(format!("channel {id}: received more than granted"));
+            };
+            let window = unused + rx.len() as u64 + u64::from(ch.rx_unreported);
+            if window > max as u64 {
+                return bad(format!(
+                    "channel {id}: a window of {window} bytes, more than channel_window_max"
+                ));
             }
+            // window <= channel_window_max (a u32).
+            ch.rx_window = window as u32;
             ch.rx_len = rx.len();
             if !rx.is_empty() {
                 ch.rx.push_back(Bytes::copy_from_slice(rx));
             }
-            let tx = i.bytes(s.cfg.channel_send_buffer, "a channel's queued bytes")?;
+            let tx = i.bytes(
+                max.max(s.cfg.channel_send_buffer),
+                "a channel's queued bytes",
+            )?;
+            ch.tx_limit = tx.len().max(s.cfg.channel_send_buffer);
             ch.send_buf.push(tx, &mut s.pool);
+            ch.charge = Config::window_charge(ch.rx_window) + ch.tx_limit;
             channels.insert(id, ch);
         }
         if i.at != state.len() {
             return bad(format!("{} bytes after the end", state.len() - i.at));
         }
-        s.charged = channels.len() * s.cfg.channel_charge();
+        s.charged = channels.values().map(|ch| ch.charge).sum();
         if s.cfg.fixed_charge(0) + s.charged > s.cfg.peer_buffer_limit {
             return bad(format!(
                 "{} channels do not fit in peer_buffer_limit ({})",

@@ -205,7 +205,7 @@ impl Session {
         }
         let credit = usize::try_from(ch.credit).unwrap_or(usize::MAX);
         let n = ch.send_buf.len().min(credit).min(frame_size);
-        let was_full = ch.send_buf.len() >= self.cfg.channel_send_buffer;
+        let was_full = ch.send_buf.len() >= ch.tx_limit;
         let payload = ch.send_buf.take(n);
         let n = payload.len();
         ch.credit -= n as u64;
