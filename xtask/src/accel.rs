@@ -29,6 +29,13 @@ const PROBE_INIT: &str = "#!/bin/busybox sh\n\
 echo 'vstream-lab: kvm probe ok' >/dev/kmsg\n\
 /bin/busybox poweroff -f\n";
 
+/// The TCG guest's CPU: QEMU's `max` without ERMS and FSRM. With them the guest kernel copies
+/// to and from user space with `rep movsb`, which TCG emulates a byte per step; without them
+/// it copies 8 bytes per step or with plain moves. Every TCP transfer of bench-fastnet ran
+/// 2.3-7.1x faster that way,
+/// whatever its NIC (docs/PERFORMANCE.md, bench-fastnet run 8 against run 7).
+pub const TCG_CPU: &str = "max,-erms,-fsrm";
+
 /// A QEMU accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -40,11 +47,11 @@ pub enum Accel {
 
 impl Accel {
     /// The QEMU arguments selecting this accelerator and a CPU model: `cpu`, else the one that
-    /// matches the accelerator (`host` under KVM, `max` under TCG; both have RDRAND).
+    /// matches the accelerator (`host` under KVM, [`TCG_CPU`] under TCG; both have RDRAND).
     pub fn qemu_args(self, cpu: Option<&str>) -> Vec<String> {
         let (accel, default_cpu) = match self {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg", "max"),
+            Accel::Tcg => ("tcg", TCG_CPU),
         };
         ["-accel", accel, "-cpu", cpu.unwrap_or(default_cpu)]
             .iter()

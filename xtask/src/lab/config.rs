@@ -60,7 +60,8 @@ pub struct LabOptions {
     /// Also give the guest a virtio-net NIC on QEMU's user-mode network (see
     /// [`crate::qemu::QemuSpec::user_net`]).
     pub user_net: bool,
-    /// QEMU CPU model instead of the accelerator's default (`host` or `max`), e.g. `qemu64`
+    /// QEMU CPU model instead of the accelerator's default (`host`, or
+    /// [`crate::accel::TCG_CPU`]), e.g. `qemu64`
     /// for a CPU without RDRAND.
     pub cpu: Option<String>,
     /// Give the guest a virtio-rng device. Without it and without RDRAND (see [`Self::cpu`])
