@@ -41,6 +41,17 @@ fn dump(seg: &Segment, off: usize, len: usize) -> Vec<u8> {
     v
 }
 
+/// [`Consumer::drain`] into copies: the packets taken (those before an error too), and what
+/// `drain` returned.
+fn drain_copies(rx: &mut Consumer<Arc<Segment>>) -> (Vec<Vec<u8>>, Result<Drained, RingError>) {
+    let mut taken = Vec::new();
+    let r = rx.drain(|mem, at, n| {
+        taken.push(dump(mem, at, n));
+        Ok::<_, RingError>(())
+    });
+    (taken, r)
+}
+
 /// The hex blocks under `<!-- vector: NAME -->` in docs/devices/fastnet.md: lines of
 /// `OFFSET: BYTES`, offsets and bytes in hex.
 fn doc_vector(name: &str) -> Vec<(usize, Vec<u8>)> {
@@ -228,13 +239,8 @@ fn drain_takes_every_packet_across_the_wrap_with_one_release() {
     }
     let _ = tx.publish();
     assert_eq!(tx.prepare_wait(), Ok(true), "the producer waits for space");
-    let mut got = Vec::new();
-    let drained = rx
-        .drain(|mem, at, n| {
-            got.push(dump(mem, at, n));
-            Ok::<_, RingError>(())
-        })
-        .unwrap();
+    let (got, drained) = drain_copies(&mut rx);
+    let drained = drained.unwrap();
     assert_eq!(drained.packets, lens.len());
     assert_eq!(drained.doorbell, Doorbell::Ring, "the producer asked");
     for (i, &len) in lens.iter().enumerate() {
@@ -274,13 +280,8 @@ fn a_hostile_record_in_the_middle_of_a_drain_stops_it_and_releases_nothing() {
             u64::from(len) | u64::from(kind) << 32,
             Ordering::Relaxed,
         );
-        let mut taken = Vec::new();
-        let e = rx
-            .drain(|mem, at, n| {
-                taken.push(dump(mem, at, n));
-                Ok::<_, RingError>(())
-            })
-            .unwrap_err();
+        let (taken, e) = drain_copies(&mut rx);
+        let e = e.unwrap_err();
         assert_eq!(why(&e), expected, "({len}, {kind}): {e}");
         assert_eq!(taken, vec![packet(0, 100)], "only the packet before it");
         assert_eq!(seg.load_u32(dir.consumer_line(), Ordering::Relaxed), 0);
@@ -292,15 +293,10 @@ fn a_hostile_record_in_the_middle_of_a_drain_stops_it_and_releases_nothing() {
     }
     let _ = tx.publish();
     seg.store_u32(dir.producer_line(), 2 * 112 + 16, Ordering::Relaxed);
-    let mut taken = 0;
-    let e = rx
-        .drain(|_, _, _| {
-            taken += 1;
-            Ok::<_, RingError>(())
-        })
-        .unwrap_err();
+    let (taken, e) = drain_copies(&mut rx);
+    let e = e.unwrap_err();
     assert_eq!(why(&e), "runs past the producer index", "{e}");
-    assert_eq!(taken, 2);
+    assert_eq!(taken.len(), 2);
 }
 
 #[test]

@@ -23,10 +23,6 @@ pub(super) struct Channel {
     pub(super) rx_received: u64,
     pub(super) rx_granted: u64,
     pub(super) rx_unreported: u32,
-    /// Our receive window now: `channel_window`, doubled (up to `channel_window_max`) each
-    /// time the application had read everything while the peer waited for credit. Always
-    /// `rx_len + (rx_granted - rx_received) + rx_unreported`.
-    pub(super) rx_window: u32,
     /// Within the current round of one window's worth of reads (`rx_round` bytes so far):
     /// the peer used (nearly) all its credit ...
     pub(super) rx_peer_waited: bool,
@@ -63,7 +59,6 @@ impl Channel {
             rx_received: 0,
             rx_granted: u64::from(cfg.channel_window),
             rx_unreported: 0,
-            rx_window: cfg.channel_window,
             rx_peer_waited: false,
             rx_app_drained: false,
             rx_round: 0,
@@ -74,6 +69,17 @@ impl Channel {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// Our receive window now: every byte of it is credit the peer has not used, received and
+    /// not read, or read and not granted again. `channel_window` at first; it grows when a
+    /// CREDIT grants more ([`Session::grow_window`]).
+    pub(super) fn rx_window(&self) -> u32 {
+        let w = self.rx_granted.saturating_sub(self.rx_received)
+            + self.rx_len as u64
+            + u64::from(self.rx_unreported);
+        // At most channel_window_max (a u32) by construction.
+        u32::try_from(w).unwrap_or(u32::MAX)
     }
 
     /// Both ends agreed the channel exists.
@@ -327,10 +333,10 @@ impl Session {
             );
             return;
         }
-        ch.rx_received += len;
-        if ch.rx_granted - ch.rx_received < u64::from(ch.rx_window / 16) {
+        if ch.rx_granted - (ch.rx_received + len) < u64::from(ch.rx_window() / 16) {
             ch.rx_peer_waited = true;
         }
+        ch.rx_received += len;
         ch.bytes_in += len;
         if payload.is_empty() {
             return;
@@ -463,23 +469,21 @@ impl Session {
         let Some(ch) = self.channels.get_mut(&id) else {
             return 0;
         };
+        let old = ch.rx_window();
         let limited = ch.rx_peer_waited && ch.rx_app_drained;
-        if limited || ch.rx_round >= u64::from(ch.rx_window) {
+        if limited || ch.rx_round >= u64::from(old) {
             // A new round.
             (ch.rx_peer_waited, ch.rx_app_drained, ch.rx_round) = (false, false, 0);
         }
-        if !limited || ch.rx_window >= max {
+        if !limited || old >= max {
             return 0;
         }
-        let old = ch.rx_window;
         let new = old.saturating_mul(2).min(max);
         let charge = |w: u32| Config::window_charge(w);
         if !self.charge_more(id, charge(new) - charge(old)) {
             return 0;
         }
-        if let Some(ch) = self.channels.get_mut(&id) {
-            ch.rx_window = new;
-        }
+        // The window is new once the caller grants the difference.
         new - old
     }
 
@@ -672,7 +676,7 @@ impl Session {
         ch.rx_round += n as u64;
         // n <= buffered bytes <= receive window (a u32).
         ch.rx_unreported += n as u32;
-        let window = ch.rx_window;
+        let window = ch.rx_window();
         if ch.rx_unreported >= window / 4 || (ch.rx_len == 0 && ch.rx_unreported >= window / 16) {
             let grown = self.grow_window(id);
             let Some(ch) = self.channels.get_mut(&id) else {
@@ -719,7 +723,7 @@ impl Session {
             bytes_out: ch.bytes_out,
             rx_buffered: ch.rx_len,
             tx_buffered: ch.send_buf.len(),
-            rx_window: ch.rx_window,
+            rx_window: ch.rx_window(),
             tx_limit: ch.tx_limit,
         })
     }

@@ -331,8 +331,6 @@ impl Session {
                     "channel {id}: a window of {window} bytes, more than channel_window_max"
                 ));
             }
-            // window <= channel_window_max (a u32).
-            ch.rx_window = window as u32;
             ch.rx_len = rx.len();
             if !rx.is_empty() {
                 ch.rx.push_back(Bytes::copy_from_slice(rx));
@@ -343,7 +341,7 @@ impl Session {
             )?;
             ch.tx_limit = tx.len().max(s.cfg.channel_send_buffer);
             ch.send_buf.push(tx, &mut s.pool);
-            ch.charge = Config::window_charge(ch.rx_window) + ch.tx_limit;
+            ch.charge = Config::window_charge(ch.rx_window()) + ch.tx_limit;
             channels.insert(id, ch);
         }
         if i.at != state.len() {
