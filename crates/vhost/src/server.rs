@@ -17,6 +17,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::{Device, Event, Vq};
 
@@ -51,6 +52,8 @@ pub fn serve<D: Device>(name: &str, path: &Path, device: D) -> io::Result<Server
             device,
             mem: None,
             broken: false,
+            rescan: TimerFd::new()?,
+            rescans_left: 0,
         })),
     };
     let (name, owned) = (name.to_owned(), path.to_owned());
@@ -106,7 +109,20 @@ struct Inner<D> {
     device: D,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     broken: bool,
+    /// Fires a few times after a VMM maps guest memory, to look at every queue then.
+    /// vhost-user-backend 0.20 reads and drops a kick that arrives before SET_VRING_ENABLE
+    /// (rust-vmm/vhost issue 247), and tells the backend nothing when the ring is enabled:
+    /// QEMU's first kick can come in that window, and a driver with one request in flight
+    /// (virtio-rng) would then wait for ever.
+    rescan: TimerFd,
+    /// Times `rescan` is armed again after it fires.
+    rescans_left: u32,
 }
+
+/// When the first rescan fires after guest memory is mapped; each next one is 10 times later
+/// (20 ms, 200 ms, 2 s): the enables follow the memory table within milliseconds.
+const FIRST_RESCAN: Duration = Duration::from_millis(20);
+const RESCANS: u32 = 2;
 
 impl<D: Device> Inner<D> {
     fn reset(&mut self) {
@@ -147,10 +163,19 @@ impl<D: Device> Backend<D> {
         .map_err(ConnectionError::Setup)?;
         let token = self.backend_token();
         // Not registered while the device is locked: registering asks the backend questions.
-        let fd = self.inner().device.backend_fd().map(|fd| fd.as_raw_fd());
-        if let (Some(handler), Some(fd)) = (daemon.get_epoll_handlers().first(), fd) {
+        let (fd, rescan) = {
+            let inner = self.inner();
+            let fd = inner.device.backend_fd().map(|fd| fd.as_raw_fd());
+            (fd, inner.rescan.as_raw_fd())
+        };
+        if let Some(handler) = daemon.get_epoll_handlers().first() {
+            if let Some(fd) = fd {
+                handler
+                    .register_listener(fd, EventSet::IN, token)
+                    .map_err(ConnectionError::Watch)?;
+            }
             handler
-                .register_listener(fd, EventSet::IN, token)
+                .register_listener(rescan, EventSet::IN, self.rescan_token())
                 .map_err(ConnectionError::Watch)?;
         }
         daemon.start(listener).map_err(ConnectionError::Setup)?;
@@ -171,6 +196,11 @@ impl<D: Device> Backend<D> {
     /// The epoll token of the device's own descriptor: past the queues and the exit event.
     fn backend_token(&self) -> u64 {
         self.queues as u64 + 1
+    }
+
+    /// The epoll token of [`Inner::rescan`].
+    fn rescan_token(&self) -> u64 {
+        self.queues as u64 + 2
     }
 }
 
@@ -220,7 +250,13 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.inner().mem = Some(mem);
+        let mut inner = self.inner();
+        inner.mem = Some(mem);
+        inner.rescans_left = RESCANS;
+        inner
+            .rescan
+            .reset(FIRST_RESCAN, None)
+            .map_err(io::Error::from)?;
         Ok(())
     }
 
@@ -240,17 +276,27 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         let token = self.backend_token();
         let mut inner = self.inner();
         let inner = &mut *inner;
-        let event = if u64::from(device_event) == token {
-            Event::Backend
+        // Every queue, as if kicked (a device looks and finds nothing where nothing waits).
+        let events: Vec<Event> = if u64::from(device_event) == self.rescan_token() {
+            // Readable, so this does not block.
+            let _ = inner.rescan.wait();
+            if inner.rescans_left > 0 {
+                inner.rescans_left -= 1;
+                let next = FIRST_RESCAN * 10u32.pow(RESCANS - inner.rescans_left);
+                let _ = inner.rescan.reset(next, None);
+            }
+            (0..self.queues).map(Event::Queue).collect()
+        } else if u64::from(device_event) == token {
+            vec![Event::Backend]
         } else {
-            Event::Queue(usize::from(device_event))
+            vec![Event::Queue(usize::from(device_event))]
         };
         let Some(atomic) = &inner.mem else {
             // No memory table yet: no queue can be touched (a kick is not lost: the driver's
             // buffers stay available), but the device's own sources are drained, or the
             // worker would wake up for them again and again.
-            if event == Event::Backend {
-                inner.device.handle(event, &mut []);
+            if events == [Event::Backend] {
+                inner.device.handle(Event::Backend, &mut []);
             }
             return Ok(());
         };
@@ -265,7 +311,9 @@ impl<D: Device> VhostUserBackend for Backend<D> {
                 .zip(flags.iter_mut())
                 .map(|(g, b)| Vq::new(g.get_queue_mut(), &mem, b))
                 .collect();
-            inner.device.handle(event, &mut vqs);
+            for event in events {
+                inner.device.handle(event, &mut vqs);
+            }
             let used = vqs.iter().map(Vq::used).collect();
             drop(vqs);
             broken |= flags.iter().any(|b| *b);
