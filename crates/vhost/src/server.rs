@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use smallvec::{smallvec, SmallVec};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{
@@ -123,6 +124,17 @@ struct Inner<D> {
 /// (20 ms, 200 ms, 2 s): the enables follow the memory table within milliseconds.
 const FIRST_RESCAN: Duration = Duration::from_millis(20);
 const RESCANS: u32 = 2;
+
+/// Queues kept on the stack per kick: vsock has 3, input 2, rng 1.
+const QUEUES_INLINE: usize = 4;
+
+/// What one wake-up of the worker asks the device to handle.
+#[derive(Clone, Copy)]
+enum Events {
+    One(Event),
+    /// A rescan: every one of this many queues, as if kicked.
+    AllQueues(usize),
+}
 
 impl<D: Device> Inner<D> {
     fn reset(&mut self) {
@@ -276,8 +288,9 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         let token = self.backend_token();
         let mut inner = self.inner();
         let inner = &mut *inner;
-        // Every queue, as if kicked (a device looks and finds nothing where nothing waits).
-        let events: Vec<Event> = if u64::from(device_event) == self.rescan_token() {
+        // What woke the worker. A rescan stands for a kick on every queue (a device looks and
+        // finds nothing where nothing waits).
+        let events = if u64::from(device_event) == self.rescan_token() {
             // Readable, so this does not block.
             let _ = inner.rescan.wait();
             if inner.rescans_left > 0 {
@@ -285,34 +298,41 @@ impl<D: Device> VhostUserBackend for Backend<D> {
                 let next = FIRST_RESCAN * 10u32.pow(RESCANS - inner.rescans_left);
                 let _ = inner.rescan.reset(next, None);
             }
-            (0..self.queues).map(Event::Queue).collect()
+            Events::AllQueues(self.queues)
         } else if u64::from(device_event) == token {
-            vec![Event::Backend]
+            Events::One(Event::Backend)
         } else {
-            vec![Event::Queue(usize::from(device_event))]
+            Events::One(Event::Queue(usize::from(device_event)))
         };
         let Some(atomic) = &inner.mem else {
             // No memory table yet: no queue can be touched (a kick is not lost: the driver's
             // buffers stay available), but the device's own sources are drained, or the
             // worker would wake up for them again and again.
-            if events == [Event::Backend] {
+            if let Events::One(Event::Backend) = events {
                 inner.device.handle(Event::Backend, &mut []);
             }
             return Ok(());
         };
         let mem = atomic.memory();
-        let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
+        // Per-kick state on the stack (vsock kicks on every packet): a device has at most
+        // `QUEUES_INLINE` queues, more spill to the heap.
+        let mut guards: SmallVec<[_; QUEUES_INLINE]> = vrings.iter().map(|v| v.get_mut()).collect();
         let mut broken = inner.broken;
-        let used: Vec<bool> = {
+        let used: SmallVec<[bool; QUEUES_INLINE]> = {
             // One `broken` flag per queue view, merged after: any queue going bad breaks the device.
-            let mut flags = vec![broken; guards.len()];
-            let mut vqs: Vec<Vq<'_>> = guards
+            let mut flags: SmallVec<[bool; QUEUES_INLINE]> = smallvec![broken; guards.len()];
+            let mut vqs: SmallVec<[Vq<'_>; QUEUES_INLINE]> = guards
                 .iter_mut()
                 .zip(flags.iter_mut())
                 .map(|(g, b)| Vq::new(g.get_queue_mut(), &mem, b))
                 .collect();
-            for event in events {
-                inner.device.handle(event, &mut vqs);
+            match events {
+                Events::One(event) => inner.device.handle(event, &mut vqs),
+                Events::AllQueues(n) => {
+                    for q in 0..n {
+                        inner.device.handle(Event::Queue(q), &mut vqs);
+                    }
+                }
             }
             let used = vqs.iter().map(Vq::used).collect();
             drop(vqs);
