@@ -297,6 +297,33 @@ impl<M: Message> Decoder<M> {
         M::decode(kind, flags, payload).map(Some)
     }
 
+    /// Reads once from `r` straight into the decoder (no bounce buffer): at most what the
+    /// record being received still lacks once its header is known, else up to
+    /// [`Message::READ_CHUNK`] into room for the largest record that can start in it. So a
+    /// record is completed where its first byte landed, never moved to a larger buffer, and
+    /// its payload is handed on by [`next_message`](Self::next_message) without a copy: for a
+    /// bulk transfer, one user-space copy of each byte fewer than a read into a buffer and a
+    /// [`push`](Self::push), and none of the partial records a reallocation would move.
+    /// Returns the bytes read (0: the end of the stream). Cancel-safe; never holds more than
+    /// [`Self::LIMIT`].
+    /// Called only when [`next_message`](Self::next_message) has nothing complete.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
+        let header = M::LAYOUT.header_len();
+        let want = match M::LAYOUT.parse(&self.buf) {
+            // A header the limits refuse: `next_message` says so before anything is read.
+            Some((_, _, len)) => (header + len).saturating_sub(self.buf.len()),
+            None => {
+                // Free when the buffer is empty or holds a partial header (the usual case:
+                // records end where reads end); the partial header is what may move.
+                self.buf.reserve(Self::LIMIT - self.buf.len());
+                M::READ_CHUNK
+            }
+        };
+        // Reserved above for a record starting in the last unbounded read; a no-op then.
+        self.buf.reserve(want);
+        (&mut *r).take(want as u64).read_buf(&mut self.buf).await
+    }
+
     /// Bytes received but not yet returned as records.
     pub fn buffered(&self) -> usize {
         self.buf.len()
@@ -322,29 +349,21 @@ pub enum ReadError {
     Record(#[from] RecordError),
 }
 
-/// Reads the next record of `r` through `dec`, reading at most [`Message::READ_CHUNK`] bytes at
-/// a time into `buf`; `Ok(None)` at a clean end of the stream (between records). Cancel-safe:
-/// bytes read are kept in `dec`.
-pub async fn read_message<R, M>(
-    r: &mut R,
-    dec: &mut Decoder<M>,
-    buf: &mut [u8],
-) -> Result<Option<M>, ReadError>
+/// Reads the next record of `r` through `dec` ([`Decoder::read_from`]); `Ok(None)` at a clean
+/// end of the stream (between records). Cancel-safe: bytes read are kept in `dec`.
+pub async fn read_message<R, M>(r: &mut R, dec: &mut Decoder<M>) -> Result<Option<M>, ReadError>
 where
     R: AsyncRead + Unpin,
     M: Message,
 {
-    let chunk = buf.len().min(M::READ_CHUNK);
     loop {
         if let Some(m) = dec.next_message()? {
             return Ok(Some(m));
         }
-        let n = r.read(&mut buf[..chunk]).await?;
-        if n == 0 {
+        if dec.read_from(r).await? == 0 {
             dec.finish()?;
             return Ok(None);
         }
-        dec.push(&buf[..n])?;
     }
 }
 

@@ -203,9 +203,11 @@ impl AsyncRead for ChannelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let unfilled = buf.initialize_unfilled();
-        let n = ready!(self.get_mut().poll_recv(cx, |s, id| s.recv(id, unfilled)))?;
-        buf.advance(n.unwrap_or(0));
+        // Straight into the reader's memory, initialised or not (no memset first).
+        let max = buf.remaining();
+        ready!(self
+            .get_mut()
+            .poll_recv(cx, |s, id| s.recv_with(id, max, |part| buf.put_slice(part))))?;
         Poll::Ready(Ok(()))
     }
 }

@@ -34,7 +34,7 @@ use vstream_link::ChannelStream;
 
 use super::{
     read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, CLASS, HEADER_LEN,
-    MAX_DATA, MAX_SIGNAL, READ_CHUNK,
+    MAX_DATA, MAX_SIGNAL,
 };
 use crate::term::{open_pty, PtyMaster};
 use crate::{ServeFuture, Service};
@@ -87,8 +87,7 @@ where
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_messages(wr, out_rx));
     let mut dec = Decoder::<HostMsg>::new();
-    let mut buf = Box::new([0u8; READ_CHUNK]);
-    let start = match read_message(&mut rd, &mut dec, &mut buf[..]).await {
+    let start = match read_message(&mut rd, &mut dec).await {
         Ok(Some(HostMsg::Start(start))) => Some(start),
         Ok(Some(_)) => {
             let _ = out
@@ -105,7 +104,7 @@ where
     if let Some(start) = start {
         tracing::debug!(command = ?start.command, pty = start.pty, "tty session starting");
         match spawn(&start) {
-            Ok(session) => session.run(&mut rd, &mut dec, &mut buf, &out).await,
+            Ok(session) => session.run(&mut rd, &mut dec, &out).await,
             Err(failure) => {
                 let _ = out.send(GuestMsg::error(&failure.text)).await;
                 if let Some(exit) = failure.exit {
@@ -187,7 +186,6 @@ impl Session {
         self,
         rd: &mut R,
         dec: &mut Decoder<HostMsg>,
-        buf: &mut [u8; READ_CHUNK],
         out: &mpsc::Sender<GuestMsg>,
     ) {
         let Session {
@@ -204,7 +202,7 @@ impl Session {
         }
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let feeder = tokio::spawn(feed_stdin(input, stdin_rx));
-        let host = handle_input(rd, dec, buf, stdin_tx, pty);
+        let host = handle_input(rd, dec, stdin_tx, pty);
         tokio::pin!(host);
         tokio::select! {
             end = &mut host => {
@@ -276,13 +274,12 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
 async fn handle_input<R: AsyncRead + Unpin>(
     rd: &mut R,
     dec: &mut Decoder<HostMsg>,
-    buf: &mut [u8; READ_CHUNK],
     stdin_tx: mpsc::Sender<Bytes>,
     pty: Option<Arc<PtyMaster>>,
 ) -> InputEnd {
     let mut stdin = Some(stdin_tx);
     loop {
-        match read_message(rd, dec, buf).await {
+        match read_message(rd, dec).await {
             Ok(None) | Err(ReadError::Io(_)) => return InputEnd::Closed,
             Err(ReadError::Record(e)) => return InputEnd::Broken(e.to_string()),
             Ok(Some(HostMsg::Start(_))) => return InputEnd::Broken("a second Start".into()),

@@ -379,6 +379,37 @@ fn guest_msg() -> impl Strategy<Value = GuestMsg> {
     ]
 }
 
+/// A stream that hands out its bytes in reads of the given sizes, in turn (a channel's reads
+/// end wherever its frames ended).
+struct Chunked {
+    bytes: Bytes,
+    sizes: Vec<usize>,
+    turn: usize,
+}
+
+impl tokio::io::AsyncRead for Chunked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let size = self.sizes[self.turn % self.sizes.len()];
+        self.turn += 1;
+        let n = size.min(buf.remaining()).min(self.bytes.len());
+        let part = self.bytes.split_to(n);
+        buf.put_slice(&part);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Output of every size up to the largest record, and the other messages.
+fn bulk_guest_msg() -> impl Strategy<Value = GuestMsg> {
+    prop_oneof![
+        guest_msg(),
+        (0..=MAX_DATA, any::<u8>()).prop_map(|(n, b)| GuestMsg::Stdout(vec![b; n].into())),
+    ]
+}
+
 proptest! {
     #[test]
     fn host_messages_round_trip_at_any_split(
@@ -394,6 +425,25 @@ proptest! {
         chunk in 1usize..40,
     ) {
         prop_assert_eq!(decode_all::<GuestMsg>(&encode_all(&msgs), chunk), Ok(msgs));
+    }
+
+    /// `read_message` reads into the decoder itself, as much as the record being received
+    /// lacks: whatever sizes the reads come in, every record arrives whole and in order, and
+    /// the decoder never holds more than its limit.
+    #[test]
+    fn read_message_delivers_records_of_any_size_across_any_reads(
+        msgs in proptest::collection::vec(bulk_guest_msg(), 0..6),
+        sizes in proptest::collection::vec(1usize..200_000, 1..5),
+    ) {
+        let mut r = Chunked { bytes: encode_all(&msgs).into(), sizes, turn: 0 };
+        let mut dec = Decoder::<GuestMsg>::new();
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let mut got = Vec::new();
+        while let Some(m) = rt.block_on(read_message(&mut r, &mut dec)).expect("valid stream") {
+            prop_assert!(dec.buffered() <= Decoder::<GuestMsg>::LIMIT);
+            got.push(m);
+        }
+        prop_assert_eq!(got, msgs);
     }
 
     #[test]
@@ -626,10 +676,7 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn read_guest_msg(r: &mut DuplexStream, dec: &mut Decoder<GuestMsg>) -> Option<GuestMsg> {
-    let mut buf = Box::new([0u8; READ_CHUNK]);
-    read_message(r, dec, &mut buf[..])
-        .await
-        .expect("valid stream")
+    read_message(r, dec).await.expect("valid stream")
 }
 
 #[tokio::test]

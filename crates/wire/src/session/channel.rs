@@ -605,17 +605,33 @@ impl Session {
 
     /// Copies received bytes into `buf`.
     pub fn recv(&mut self, id: ChannelId, buf: &mut [u8]) -> Result<Recv, ChannelError> {
+        let mut n = 0;
+        self.recv_with(id, buf.len(), |part| {
+            buf[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        })
+    }
+
+    /// Hands up to `max` received bytes to `put`, in order, as slices of the buffers they
+    /// arrived in: for a destination that need not be initialised first (an `AsyncRead`'s
+    /// `ReadBuf`), which a `&mut [u8]` would have to be, a memset of every byte read.
+    pub fn recv_with(
+        &mut self,
+        id: ChannelId,
+        max: usize,
+        mut put: impl FnMut(&[u8]),
+    ) -> Result<Recv, ChannelError> {
         let ch = self
             .channels
             .get_mut(&id)
             .ok_or(ChannelError::Unknown(id))?;
         let mut n = 0;
-        while n < buf.len() {
+        while n < max {
             let Some(front) = ch.rx.front_mut() else {
                 break;
             };
-            let take = front.len().min(buf.len() - n);
-            buf[n..n + take].copy_from_slice(&front[..take]);
+            let take = front.len().min(max - n);
+            put(&front[..take]);
             n += take;
             if take == front.len() {
                 if let Some(done) = ch.rx.pop_front() {
@@ -625,9 +641,9 @@ impl Session {
                 front.advance(take);
             }
         }
-        if n < buf.len() && ch.rx.is_empty() && !ch.rx_tail.is_empty() {
-            let take = ch.rx_tail.len().min(buf.len() - n);
-            buf[n..n + take].copy_from_slice(&ch.rx_tail[..take]);
+        if n < max && ch.rx.is_empty() && !ch.rx_tail.is_empty() {
+            let take = ch.rx_tail.len().min(max - n);
+            put(&ch.rx_tail[..take]);
             n += take;
             if take == ch.rx_tail.len() {
                 ch.rx_tail = BytesMut::new(); // Frees it: an idle channel holds nothing.
