@@ -26,8 +26,11 @@
 //! Around each transfer: the CPU QEMU (the guest's vCPU and QEMU's own device backends) and
 //! vstreamd used, in % of one core (a guest at 100% is bound by its CPU, one well below by
 //! waiting); the guest's own CPU per MiB (its /proc/stat: user, system, softirq, idle) and its
-//! agent's (/proc/PID/stat); the frames the guest's interface sent per MiB; for fastnet,
-//! vstreamd's doorbells (both ways) and packets per MiB.
+//! agent's (/proc/PID/stat), with the agent's sleeps and involuntary context switches per MiB
+//! (/proc/PID/status: its wake-ups, and the times another task took its CPU); the frames the
+//! guest's interface sent per MiB and the TCP segments it sent again per MiB (a frame lost on
+//! any path: a full queue drops); for fastnet, vstreamd's doorbells (both ways) and packets
+//! per MiB.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -92,6 +95,10 @@ struct Leg {
     guest_ms: [f64; 5],
     /// Frames the guest's interface of the route sent per MiB (its sysfs `tx_packets`).
     guest_frames: f64,
+    /// TCP segments the guest sent again per MiB (its /proc/net/snmp `RetransSegs`).
+    guest_retrans: f64,
+    /// The agent's sleeps and involuntary context switches per MiB.
+    agent_switches: [f64; 2],
     /// Doorbells (both ways), packets from the guest and packets to it, per MiB (fastnet only).
     /// The sender's packets per MiB show its frames: 16 would be 64 KiB GSO frames, about 730
     /// one MSS each.
@@ -182,13 +189,18 @@ fn mac_if(mac: &str) -> String {
 }
 
 /// The guest's CPU ticks (USER_HZ, 100 a second) so far: user, system, softirq, idle (its
-/// /proc/stat), its agent's user + system, and the frames interface `dev` (a shell word) sent.
-fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
+/// /proc/stat), its agent's user + system, the frames interface `dev` (a shell word) sent,
+/// the TCP segments the guest sent again, and the agent's voluntary and involuntary context
+/// switches (its sleeps, and the times another task took its CPU).
+fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 9]> {
     let out = exec(
         lab,
         &format!(
-            "head -1 /proc/stat; cat /proc/$(cat /run/vstream-agent.pid)/stat; \
-             cat /sys/class/net/{dev}/statistics/tx_packets"
+            "head -1 /proc/stat; P=$(cat /run/vstream-agent.pid); cat /proc/$P/stat; \
+             cat /sys/class/net/{dev}/statistics/tx_packets; \
+             awk '/^Tcp:/ {{ if (!c) {{ for (i = 1; i <= NF; i++) if ($i == \"RetransSegs\") c = i }} \
+             else print $c }}' /proc/net/snmp; \
+             awk '/ctxt_switches/ {{ print $2 }}' /proc/$P/status"
         ),
     );
     let mut lines = out.lines();
@@ -211,8 +223,23 @@ fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
         .and_then(|l| l.rsplit_once(')'))
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let (Some(utime), Some(stime), Some(tx), &[user, nice, system, idle, iowait, irq, softirq]) =
-        (agent.get(11), agent.get(12), lines.next(), &cpu[..])
+    let (
+        Some(utime),
+        Some(stime),
+        Some(tx),
+        Some(retrans),
+        Some(voluntary),
+        Some(involuntary),
+        &[user, nice, system, idle, iowait, irq, softirq],
+    ) = (
+        agent.get(11),
+        agent.get(12),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        &cpu[..],
+    )
     else {
         bail!("guest counters: {out}");
     };
@@ -223,6 +250,9 @@ fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
         idle + iowait,
         num(utime)? + num(stime)?,
         num(tx.trim())?,
+        num(retrans.trim())?,
+        num(voluntary.trim())?,
+        num(involuntary.trim())?,
     ])
 }
 
@@ -252,6 +282,8 @@ fn leg<T>(
         cpu,
         guest_ms: [0, 1, 2, 3, 4].map(|i| (guest1[i] - guest0[i]) as f64 * 10.0 / mib),
         guest_frames: (guest1[5] - guest0[5]) as f64 / mib,
+        guest_retrans: (guest1[6] - guest0[6]) as f64 / mib,
+        agent_switches: [7, 8].map(|i| (guest1[i] - guest0[i]) as f64 / mib),
         per_mib,
     };
     Ok((leg, got))
@@ -367,7 +399,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
 fn leg_line(l: &Leg) -> String {
     let [usr, sys, sirq, idle, agent] = l.guest_ms;
     format!(
-        "{:>7.1} {:>9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>10.1} {:>11}",
+        "{:>7.1} {:>9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>10.1} {:>6.1} {:>11}",
         l.mib_s,
         format!("{:.0}/{:.0}", l.cpu[0], l.cpu[1]),
         usr,
@@ -375,7 +407,9 @@ fn leg_line(l: &Leg) -> String {
         sirq,
         idle,
         agent,
+        format!("{:.0}/{:.0}", l.agent_switches[0], l.agent_switches[1]),
         l.guest_frames,
+        l.guest_retrans,
         l.per_mib
             .map(|[bells, from, to]| format!("{bells:.1} {from:.0}/{to:.0}"))
             .unwrap_or_else(|| "-".into())
@@ -452,7 +486,7 @@ pub fn run(args: &[String]) -> Result<()> {
          host -> guest: this process writes it all at once to busybox nc -l"
     );
     println!(
-        "{:<16} {:<11} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11}",
+        "{:<16} {:<11} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>6} {:>11}",
         "path",
         "transfer",
         "MiB/s",
@@ -462,12 +496,19 @@ pub fn run(args: &[String]) -> Result<()> {
         "sirq ms",
         "idle ms",
         "agent ms",
+        "agent v/n",
         "frames tx",
+        "retx",
         "bells pkts"
     );
     println!(
-        "{:<28} {:>7} {:>9} {:>45} {:>10} {:>11}",
-        "", "", "", "(the guest's CPU per MiB)", "(guest)", "(fastnet)"
+        "{:<28} {:>7} {:>9} {:>55} {:>17} {:>11}",
+        "",
+        "",
+        "",
+        "(the guest's CPU and agent's switches per MiB)",
+        "(guest per MiB)",
+        "(fastnet)"
     );
     for f in &rows {
         for (name, l) in LEGS.iter().zip(&f.legs) {
