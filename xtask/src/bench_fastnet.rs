@@ -31,6 +31,11 @@
 //! guest's interface sent per MiB and the TCP segments it sent again per MiB (a frame lost on
 //! any path: a full queue drops); for fastnet, vstreamd's doorbells (both ways) and packets
 //! per MiB.
+//!
+//! `--trace-agent` also traces the guest agent's syscalls and context switches (tracefs)
+//! during each transfer of the shared-memory route and prints, on stderr, where its time went:
+//! user space, and each syscall by descriptor (the TAP, the virtio-serial port, epoll). The
+//! tracing slows that route, so its throughput in such a run is not comparable.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -70,6 +75,8 @@ struct Route {
     fastnet: bool,
     /// The guest's interface of this route (a shell word).
     guest_if: String,
+    /// Trace the guest's agent during each transfer (`--trace-agent`).
+    trace: bool,
 }
 
 impl Route {
@@ -256,20 +263,55 @@ fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 9]> {
     ])
 }
 
-/// Runs one transfer of `bytes`: `go` moves them and returns the time that took and what it
-/// received. Around it, the CPU of QEMU, vstreamd, the guest and its agent, and fastnet's
-/// counters.
+/// `--trace-agent`: starts tracing the agent's syscalls and context switches in the guest
+/// (tracefs, `raw_syscalls` and `sched_switch` of the agent's main thread, which runs every
+/// packet loop).
+const AGENT_TRACE_START: &str = "T=/sys/kernel/tracing; mount -t tracefs nodev $T 2>/dev/null; \
+    echo 0 > $T/tracing_on; echo > $T/trace; echo 16384 > $T/buffer_size_kb; \
+    cat /run/vstream-agent.pid > $T/set_event_pid; echo 1 > $T/events/raw_syscalls/enable; \
+    echo 1 > $T/events/sched/sched_switch/enable; echo 1 > $T/tracing_on";
+
+/// Stops the trace and sums it up in the guest: the time traced, the agent's time in user space
+/// (between a syscall's exit and the next entry, less the time another task had the CPU), its
+/// sleeps and preemptions; per syscall number and first argument (the descriptor, in hex) the
+/// calls and the time on and off the CPU inside them; last, the agent's descriptors, to name
+/// them.
+const AGENT_TRACE_STOP: &str = r#"T=/sys/kernel/tracing; echo 0 > $T/tracing_on; echo 0 > $T/events/raw_syscalls/enable; echo 0 > $T/events/sched/sched_switch/enable; cat $T/trace | awk '
+/^#/ { next }
+{ for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) + 0; e = $(i + 1); break }
+  if (!t0) t0 = t; t1 = t
+  if (e == "sys_enter:") { a = $(i + 4); sub(/^\(/, "", a); sub(/,$/, "", a); k = $(i + 3) "/" a; st = t; cur = k; if (ux) user += t - ux; ux = 0 }
+  else if (e == "sys_exit:") { if (st) { n[cur]++; d[cur] += t - st } st = 0; ux = t }
+  else if (e == "sched_switch:") {
+    if ($0 ~ /prev_comm=vstream-agent/) { offs = t; if ($0 ~ /prev_state=S/) sl++; else pr++; if (!st && ux) { user += t - ux; ux = 0; uoff = 1 } }
+    else if ($0 ~ /next_comm=vstream-agent/ && offs) { off = t - offs; offs = 0; if (st) { d[cur] -= off; o[cur] += off } else if (uoff) { ux = t; uoff = 0 } }
+  }
+}
+END { printf "span %.1f ms, user %.1f ms, sleeps %d, preempted %d\n", (t1 - t0) * 1000, user * 1000, sl, pr
+  for (k in n) printf "  nr/fd %s: %d calls, %.2f ms on cpu, %.2f ms off cpu\n", k, n[k], d[k] * 1000, o[k] * 1000 }' | sort -k5 -rn | head -12; ls -l /proc/$(cat /run/vstream-agent.pid)/fd | awk '{ printf "%s%s ", $9, $11 } END { print "" }'"#;
+
+/// Runs one transfer of `bytes` (`what`, one of [`LEGS`]): `go` moves them and returns the time
+/// that took and what it received. Around it, the CPU of QEMU, vstreamd, the guest and its
+/// agent, and fastnet's counters; the agent's trace if the route has `trace`.
 fn leg<T>(
     lab: &Lab,
     route: &Route,
+    what: &str,
     bytes: usize,
     go: impl FnOnce() -> Result<(Duration, T)>,
 ) -> Result<(Leg, T)> {
     let before = route.fastnet.then(|| counters(lab)).transpose()?;
     let guest0 = guest_ticks(lab, &route.guest_if)?;
+    if route.trace {
+        exec(lab, AGENT_TRACE_START);
+    }
     let cpu0 = Cpu::now(lab)?;
     let (took, got) = go()?;
     let cpu = cpu0.since(lab)?;
+    if route.trace {
+        let summary = exec(lab, AGENT_TRACE_STOP);
+        eprintln!("{} {what}: the agent's trace\n{summary}", route.name);
+    }
     let guest1 = guest_ticks(lab, &route.guest_if)?;
     let after = route.fastnet.then(|| counters(lab)).transpose()?;
     let mib = bytes as f64 / (1 << 20) as f64;
@@ -307,7 +349,7 @@ fn host_to_guest(lab: &Lab, ns: &NetNs, route: &Route, id: &str, data: &[u8]) ->
              do sleep 0.2; done"
         ),
     );
-    let (down, ()) = leg(lab, route, data.len(), || {
+    let (down, ()) = leg(lab, route, LEGS[2], data.len(), || {
         let mut conn = route.connect(ns, route.guest.1)?;
         let start = Instant::now();
         conn.write_all(data)?;
@@ -356,7 +398,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     };
     let port = listener.local_addr()?.port();
     let rx = receive_one(listener);
-    let (nc, got) = leg(lab, route, data.len(), || {
+    let (nc, got) = leg(lab, route, LEGS[0], data.len(), || {
         exec(lab, &format!("nc {} {port} < /tmp/blob", route.host));
         let (got, took) = rx.join().map_err(|_| anyhow::anyhow!("receiver"))?;
         Ok((took, got))
@@ -364,7 +406,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     check("nc", &got)?;
     drop(got);
 
-    let (http, response) = leg(lab, route, data.len(), || {
+    let (http, response) = leg(lab, route, LEGS[1], data.len(), || {
         let mut conn = route.connect(ns, route.guest.2)?;
         let start = Instant::now();
         conn.write_all(b"GET /blob HTTP/1.0\r\n\r\n")?;
@@ -454,11 +496,15 @@ fn guest_nic(lab: &Lab, mac: &str, addr: &str) {
 /// Runs the benchmark; `args`: `--mib N` (default 64) per transfer.
 pub fn run(args: &[String]) -> Result<()> {
     let mut mib = 64usize;
+    let mut trace = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--mib" => mib = crate::positive_arg(&mut it, "--mib")?,
-            other => bail!("bench-fastnet: unknown option {other:?} (options: --mib N)"),
+            "--trace-agent" => trace = true,
+            other => {
+                bail!("bench-fastnet: unknown option {other:?} (options: --mib N, --trace-agent)")
+            }
         }
     }
     let size = mib << 20;
@@ -473,7 +519,7 @@ pub fn run(args: &[String]) -> Result<()> {
     host_ok(&[
         "ip", "tuntap", "add", "dev", &qemu_tap, "mode", "tap", "vnet_hdr",
     ])?;
-    let result = bench(&ns, &qemu_tap, size);
+    let result = bench(&ns, &qemu_tap, size, trace);
     // Gone with the namespace if it moved there; otherwise here.
     let _ = host_ok(&["ip", "link", "del", &qemu_tap]);
     let (accel, rows) = result?;
@@ -545,7 +591,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Boots the guest with every path and measures each; returns the accelerator and the rows,
 /// fastnet's shared-memory mode first.
-fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures>)> {
+fn bench(ns: &NetNs, qemu_tap: &str, size: usize, trace: bool) -> Result<(String, Vec<Figures>)> {
     ns_ok(
         ns,
         &[
@@ -639,16 +685,17 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
     let sum = sum.split_whitespace().next().unwrap_or_default().to_owned();
     // What the host sends: made here, so the host needs no copy of the guest's blob.
     let data = testing::pseudo_random(size, 0x9e37_79b9_7f4a_7c15);
-    let fastnet = |name| Route {
+    let fastnet = |name, trace| Route {
         name,
         host: Ipv4Addr::new(10, 78, 0, 1),
         guest: (Ipv4Addr::new(10, 78, 0, 2), GUEST_PORT, HTTP_PORT),
         in_ns: true,
         fastnet: true,
         guest_if: "fn0".into(),
+        trace,
     };
     let routes = [
-        fastnet("fastnet shm"),
+        fastnet("fastnet shm", trace),
         Route {
             name: "virtio-net TAP",
             host: Ipv4Addr::new(10, 79, 0, 1),
@@ -656,6 +703,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: true,
             fastnet: false,
             guest_if: mac_if(TAP_MAC),
+            trace: false,
         },
         Route {
             name: "virtio-net user",
@@ -664,6 +712,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: false,
             fastnet: false,
             guest_if: mac_if(USER_MAC),
+            trace: false,
         },
         Route {
             name: "ppp",
@@ -672,6 +721,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: true,
             fastnet: false,
             guest_if: "ppp0".into(),
+            trace: false,
         },
     ];
     let mut rows = Vec::new();
@@ -695,7 +745,13 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
         fastnet_mode(&lab, s) == "channel" && lab.mux_transports_up(s)
     })?;
     wait_fn0(&lab)?;
-    rows.push(measure(&lab, ns, &fastnet("fastnet channel"), &sum, &data)?);
+    rows.push(measure(
+        &lab,
+        ns,
+        &fastnet("fastnet channel", false),
+        &sum,
+        &data,
+    )?);
     let accel = format!("{} accelerator", lab.accel());
     lab.shutdown()?;
     Ok((accel, rows))
