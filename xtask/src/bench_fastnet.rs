@@ -288,7 +288,7 @@ const AGENT_TRACE_STOP: &str = r#"T=/sys/kernel/tracing; echo 0 > $T/tracing_on;
   }
 }
 END { printf "span %.1f ms, user %.1f ms, sleeps %d, preempted %d\n", (t1 - t0) * 1000, user * 1000, sl, pr
-  for (k in n) printf "  nr/fd %s: %d calls, %.2f ms on cpu, %.2f ms off cpu\n", k, n[k], d[k] * 1000, o[k] * 1000 }' | sort -k5 -rn | head -12; ls -l /proc/$(cat /run/vstream-agent.pid)/fd | awk '{ printf "%s%s ", $9, $11 } END { print "" }'"#;
+  for (k in n) printf "  nr/fd %s: %d calls, %.2f ms on cpu, %.2f ms off cpu\n", k, n[k], d[k] * 1000, o[k] * 1000 }' | sort -k5 -rn | head -12; ls -l /proc/$(cat /run/vstream-agent.pid)/fd | awk 'NF >= 11 { printf "%s=%s ", $9, $11 } END { print "" }'"#;
 
 /// Runs one transfer of `bytes` (`what`, one of [`LEGS`]): `go` moves them and returns the time
 /// that took and what it received. Around it, the CPU of QEMU, vstreamd, the guest and its
