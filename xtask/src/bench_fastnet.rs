@@ -300,20 +300,22 @@ fn leg<T>(
     bytes: usize,
     go: impl FnOnce() -> Result<(Duration, T)>,
 ) -> Result<(Leg, T)> {
-    let before = route.fastnet.then(|| counters(lab)).transpose()?;
-    let guest0 = guest_ticks(lab, &route.guest_if)?;
+    // The trace spans the counters' reads too (two short execs), so that its own start and its
+    // summary, which the guest computes, stay out of the guest's CPU per MiB.
     if route.trace {
         exec(lab, AGENT_TRACE_START);
     }
+    let before = route.fastnet.then(|| counters(lab)).transpose()?;
+    let guest0 = guest_ticks(lab, &route.guest_if)?;
     let cpu0 = Cpu::now(lab)?;
     let (took, got) = go()?;
     let cpu = cpu0.since(lab)?;
+    let guest1 = guest_ticks(lab, &route.guest_if)?;
+    let after = route.fastnet.then(|| counters(lab)).transpose()?;
     if route.trace {
         let summary = exec(lab, AGENT_TRACE_STOP);
         eprintln!("{} {what}: the agent's trace\n{summary}", route.name);
     }
-    let guest1 = guest_ticks(lab, &route.guest_if)?;
-    let after = route.fastnet.then(|| counters(lab)).transpose()?;
     let mib = bytes as f64 / (1 << 20) as f64;
     let per_mib = match (before, after) {
         (Some(a), Some(b)) => Some([0, 1, 2].map(|i| (b[i] - a[i]) as f64 / mib)),
