@@ -26,8 +26,16 @@
 //! Around each transfer: the CPU QEMU (the guest's vCPU and QEMU's own device backends) and
 //! vstreamd used, in % of one core (a guest at 100% is bound by its CPU, one well below by
 //! waiting); the guest's own CPU per MiB (its /proc/stat: user, system, softirq, idle) and its
-//! agent's (/proc/PID/stat); the frames the guest's interface sent per MiB; for fastnet,
-//! vstreamd's doorbells (both ways) and packets per MiB.
+//! agent's (/proc/PID/stat), with the agent's sleeps and involuntary context switches per MiB
+//! (/proc/PID/status: its wake-ups, and the times another task took its CPU); the frames the
+//! guest's interface sent per MiB and the TCP segments it sent again per MiB (a frame lost on
+//! any path: a full queue drops); for fastnet, vstreamd's doorbells (both ways) and packets
+//! per MiB.
+//!
+//! `--trace-agent` also traces the guest agent's syscalls and context switches (tracefs)
+//! during each transfer of the shared-memory route and prints, on stderr, where its time went:
+//! user space, and each syscall by descriptor (the TAP, the virtio-serial port, epoll). The
+//! tracing slows that route, so its throughput in such a run is not comparable.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -67,6 +75,8 @@ struct Route {
     fastnet: bool,
     /// The guest's interface of this route (a shell word).
     guest_if: String,
+    /// Trace the guest's agent during each transfer (`--trace-agent`).
+    trace: bool,
 }
 
 impl Route {
@@ -92,6 +102,10 @@ struct Leg {
     guest_ms: [f64; 5],
     /// Frames the guest's interface of the route sent per MiB (its sysfs `tx_packets`).
     guest_frames: f64,
+    /// TCP segments the guest sent again per MiB (its /proc/net/snmp `RetransSegs`).
+    guest_retrans: f64,
+    /// The agent's sleeps and involuntary context switches per MiB.
+    agent_switches: [f64; 2],
     /// Doorbells (both ways), packets from the guest and packets to it, per MiB (fastnet only).
     /// The sender's packets per MiB show its frames: 16 would be 64 KiB GSO frames, about 730
     /// one MSS each.
@@ -182,13 +196,18 @@ fn mac_if(mac: &str) -> String {
 }
 
 /// The guest's CPU ticks (USER_HZ, 100 a second) so far: user, system, softirq, idle (its
-/// /proc/stat), its agent's user + system, and the frames interface `dev` (a shell word) sent.
-fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
+/// /proc/stat), its agent's user + system, the frames interface `dev` (a shell word) sent,
+/// the TCP segments the guest sent again, and the agent's voluntary and involuntary context
+/// switches (its sleeps, and the times another task took its CPU).
+fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 9]> {
     let out = exec(
         lab,
         &format!(
-            "head -1 /proc/stat; cat /proc/$(cat /run/vstream-agent.pid)/stat; \
-             cat /sys/class/net/{dev}/statistics/tx_packets"
+            "head -1 /proc/stat; P=$(cat /run/vstream-agent.pid); cat /proc/$P/stat; \
+             cat /sys/class/net/{dev}/statistics/tx_packets; \
+             awk '/^Tcp:/ {{ if (!c) {{ for (i = 1; i <= NF; i++) if ($i == \"RetransSegs\") c = i }} \
+             else print $c }}' /proc/net/snmp; \
+             awk '/ctxt_switches/ {{ print $2 }}' /proc/$P/status"
         ),
     );
     let mut lines = out.lines();
@@ -211,8 +230,23 @@ fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
         .and_then(|l| l.rsplit_once(')'))
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let (Some(utime), Some(stime), Some(tx), &[user, nice, system, idle, iowait, irq, softirq]) =
-        (agent.get(11), agent.get(12), lines.next(), &cpu[..])
+    let (
+        Some(utime),
+        Some(stime),
+        Some(tx),
+        Some(retrans),
+        Some(voluntary),
+        Some(involuntary),
+        &[user, nice, system, idle, iowait, irq, softirq],
+    ) = (
+        agent.get(11),
+        agent.get(12),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        &cpu[..],
+    )
     else {
         bail!("guest counters: {out}");
     };
@@ -223,18 +257,54 @@ fn guest_ticks(lab: &Lab, dev: &str) -> Result<[u64; 6]> {
         idle + iowait,
         num(utime)? + num(stime)?,
         num(tx.trim())?,
+        num(retrans.trim())?,
+        num(voluntary.trim())?,
+        num(involuntary.trim())?,
     ])
 }
 
-/// Runs one transfer of `bytes`: `go` moves them and returns the time that took and what it
-/// received. Around it, the CPU of QEMU, vstreamd, the guest and its agent, and fastnet's
-/// counters.
+/// `--trace-agent`: starts tracing the agent's syscalls and context switches in the guest
+/// (tracefs, `raw_syscalls` and `sched_switch` of the agent's main thread, which runs every
+/// packet loop).
+const AGENT_TRACE_START: &str = "T=/sys/kernel/tracing; mount -t tracefs nodev $T 2>/dev/null; \
+    echo 0 > $T/tracing_on; echo > $T/trace; echo 16384 > $T/buffer_size_kb; \
+    cat /run/vstream-agent.pid > $T/set_event_pid; echo 1 > $T/events/raw_syscalls/enable; \
+    echo 1 > $T/events/sched/sched_switch/enable; echo 1 > $T/tracing_on";
+
+/// Stops the trace and sums it up in the guest: the time traced, the agent's time in user space
+/// (between a syscall's exit and the next entry, less the time another task had the CPU), its
+/// sleeps and preemptions; per syscall number and first argument (the descriptor, in hex) the
+/// calls and the time on and off the CPU inside them; last, the agent's descriptors, to name
+/// them.
+const AGENT_TRACE_STOP: &str = r#"T=/sys/kernel/tracing; echo 0 > $T/tracing_on; echo 0 > $T/events/raw_syscalls/enable; echo 0 > $T/events/sched/sched_switch/enable; cat $T/trace | awk '
+/^#/ { next }
+{ for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) + 0; e = $(i + 1); break }
+  if (!t0) t0 = t; t1 = t
+  if (e == "sys_enter:") { a = $(i + 4); sub(/^\(/, "", a); sub(/,$/, "", a); k = $(i + 3) "/" a; st = t; cur = k; if (ux) user += t - ux; ux = 0 }
+  else if (e == "sys_exit:") { if (st) { n[cur]++; d[cur] += t - st } st = 0; ux = t }
+  else if (e == "sched_switch:") {
+    if ($0 ~ /prev_comm=vstream-agent/) { offs = t; if ($0 ~ /prev_state=S/) sl++; else pr++; if (!st && ux) { user += t - ux; ux = 0; uoff = 1 } }
+    else if ($0 ~ /next_comm=vstream-agent/ && offs) { off = t - offs; offs = 0; if (st) { d[cur] -= off; o[cur] += off } else if (uoff) { ux = t; uoff = 0 } }
+  }
+}
+END { printf "span %.1f ms, user %.1f ms, sleeps %d, preempted %d\n", (t1 - t0) * 1000, user * 1000, sl, pr
+  for (k in n) printf "  nr/fd %s: %d calls, %.2f ms on cpu, %.2f ms off cpu\n", k, n[k], d[k] * 1000, o[k] * 1000 }' | sort -k5 -rn | head -12; ls -l /proc/$(cat /run/vstream-agent.pid)/fd | awk 'NF >= 11 { printf "%s=%s ", $9, $11 } END { print "" }'"#;
+
+/// Runs one transfer of `bytes` (`what`, one of [`LEGS`]): `go` moves them and returns the time
+/// that took and what it received. Around it, the CPU of QEMU, vstreamd, the guest and its
+/// agent, and fastnet's counters; the agent's trace if the route has `trace`.
 fn leg<T>(
     lab: &Lab,
     route: &Route,
+    what: &str,
     bytes: usize,
     go: impl FnOnce() -> Result<(Duration, T)>,
 ) -> Result<(Leg, T)> {
+    // The trace spans the counters' reads too (two short execs), so that its own start and its
+    // summary, which the guest computes, stay out of the guest's CPU per MiB.
+    if route.trace {
+        exec(lab, AGENT_TRACE_START);
+    }
     let before = route.fastnet.then(|| counters(lab)).transpose()?;
     let guest0 = guest_ticks(lab, &route.guest_if)?;
     let cpu0 = Cpu::now(lab)?;
@@ -242,6 +312,10 @@ fn leg<T>(
     let cpu = cpu0.since(lab)?;
     let guest1 = guest_ticks(lab, &route.guest_if)?;
     let after = route.fastnet.then(|| counters(lab)).transpose()?;
+    if route.trace {
+        let summary = exec(lab, AGENT_TRACE_STOP);
+        eprintln!("{} {what}: the agent's trace\n{summary}", route.name);
+    }
     let mib = bytes as f64 / (1 << 20) as f64;
     let per_mib = match (before, after) {
         (Some(a), Some(b)) => Some([0, 1, 2].map(|i| (b[i] - a[i]) as f64 / mib)),
@@ -252,6 +326,8 @@ fn leg<T>(
         cpu,
         guest_ms: [0, 1, 2, 3, 4].map(|i| (guest1[i] - guest0[i]) as f64 * 10.0 / mib),
         guest_frames: (guest1[5] - guest0[5]) as f64 / mib,
+        guest_retrans: (guest1[6] - guest0[6]) as f64 / mib,
+        agent_switches: [7, 8].map(|i| (guest1[i] - guest0[i]) as f64 / mib),
         per_mib,
     };
     Ok((leg, got))
@@ -275,7 +351,7 @@ fn host_to_guest(lab: &Lab, ns: &NetNs, route: &Route, id: &str, data: &[u8]) ->
              do sleep 0.2; done"
         ),
     );
-    let (down, ()) = leg(lab, route, data.len(), || {
+    let (down, ()) = leg(lab, route, LEGS[2], data.len(), || {
         let mut conn = route.connect(ns, route.guest.1)?;
         let start = Instant::now();
         conn.write_all(data)?;
@@ -324,7 +400,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     };
     let port = listener.local_addr()?.port();
     let rx = receive_one(listener);
-    let (nc, got) = leg(lab, route, data.len(), || {
+    let (nc, got) = leg(lab, route, LEGS[0], data.len(), || {
         exec(lab, &format!("nc {} {port} < /tmp/blob", route.host));
         let (got, took) = rx.join().map_err(|_| anyhow::anyhow!("receiver"))?;
         Ok((took, got))
@@ -332,7 +408,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
     check("nc", &got)?;
     drop(got);
 
-    let (http, response) = leg(lab, route, data.len(), || {
+    let (http, response) = leg(lab, route, LEGS[1], data.len(), || {
         let mut conn = route.connect(ns, route.guest.2)?;
         let start = Instant::now();
         conn.write_all(b"GET /blob HTTP/1.0\r\n\r\n")?;
@@ -367,7 +443,7 @@ fn measure(lab: &Lab, ns: &NetNs, route: &Route, sum: &str, data: &[u8]) -> Resu
 fn leg_line(l: &Leg) -> String {
     let [usr, sys, sirq, idle, agent] = l.guest_ms;
     format!(
-        "{:>7.1} {:>9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>10.1} {:>11}",
+        "{:>7.1} {:>9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>10.1} {:>6.1} {:>11}",
         l.mib_s,
         format!("{:.0}/{:.0}", l.cpu[0], l.cpu[1]),
         usr,
@@ -375,7 +451,9 @@ fn leg_line(l: &Leg) -> String {
         sirq,
         idle,
         agent,
+        format!("{:.0}/{:.0}", l.agent_switches[0], l.agent_switches[1]),
         l.guest_frames,
+        l.guest_retrans,
         l.per_mib
             .map(|[bells, from, to]| format!("{bells:.1} {from:.0}/{to:.0}"))
             .unwrap_or_else(|| "-".into())
@@ -420,11 +498,15 @@ fn guest_nic(lab: &Lab, mac: &str, addr: &str) {
 /// Runs the benchmark; `args`: `--mib N` (default 64) per transfer.
 pub fn run(args: &[String]) -> Result<()> {
     let mut mib = 64usize;
+    let mut trace = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--mib" => mib = crate::positive_arg(&mut it, "--mib")?,
-            other => bail!("bench-fastnet: unknown option {other:?} (options: --mib N)"),
+            "--trace-agent" => trace = true,
+            other => {
+                bail!("bench-fastnet: unknown option {other:?} (options: --mib N, --trace-agent)")
+            }
         }
     }
     let size = mib << 20;
@@ -439,7 +521,7 @@ pub fn run(args: &[String]) -> Result<()> {
     host_ok(&[
         "ip", "tuntap", "add", "dev", &qemu_tap, "mode", "tap", "vnet_hdr",
     ])?;
-    let result = bench(&ns, &qemu_tap, size);
+    let result = bench(&ns, &qemu_tap, size, trace);
     // Gone with the namespace if it moved there; otherwise here.
     let _ = host_ok(&["ip", "link", "del", &qemu_tap]);
     let (accel, rows) = result?;
@@ -452,7 +534,7 @@ pub fn run(args: &[String]) -> Result<()> {
          host -> guest: this process writes it all at once to busybox nc -l"
     );
     println!(
-        "{:<16} {:<11} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>11}",
+        "{:<16} {:<11} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>6} {:>11}",
         "path",
         "transfer",
         "MiB/s",
@@ -462,12 +544,19 @@ pub fn run(args: &[String]) -> Result<()> {
         "sirq ms",
         "idle ms",
         "agent ms",
+        "agent v/n",
         "frames tx",
+        "retx",
         "bells pkts"
     );
     println!(
-        "{:<28} {:>7} {:>9} {:>45} {:>10} {:>11}",
-        "", "", "", "(the guest's CPU per MiB)", "(guest)", "(fastnet)"
+        "{:<28} {:>7} {:>9} {:>55} {:>17} {:>11}",
+        "",
+        "",
+        "",
+        "(the guest's CPU and agent's switches per MiB)",
+        "(guest per MiB)",
+        "(fastnet)"
     );
     for f in &rows {
         for (name, l) in LEGS.iter().zip(&f.legs) {
@@ -504,7 +593,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Boots the guest with every path and measures each; returns the accelerator and the rows,
 /// fastnet's shared-memory mode first.
-fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures>)> {
+fn bench(ns: &NetNs, qemu_tap: &str, size: usize, trace: bool) -> Result<(String, Vec<Figures>)> {
     ns_ok(
         ns,
         &[
@@ -598,16 +687,17 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
     let sum = sum.split_whitespace().next().unwrap_or_default().to_owned();
     // What the host sends: made here, so the host needs no copy of the guest's blob.
     let data = testing::pseudo_random(size, 0x9e37_79b9_7f4a_7c15);
-    let fastnet = |name| Route {
+    let fastnet = |name, trace| Route {
         name,
         host: Ipv4Addr::new(10, 78, 0, 1),
         guest: (Ipv4Addr::new(10, 78, 0, 2), GUEST_PORT, HTTP_PORT),
         in_ns: true,
         fastnet: true,
         guest_if: "fn0".into(),
+        trace,
     };
     let routes = [
-        fastnet("fastnet shm"),
+        fastnet("fastnet shm", trace),
         Route {
             name: "virtio-net TAP",
             host: Ipv4Addr::new(10, 79, 0, 1),
@@ -615,6 +705,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: true,
             fastnet: false,
             guest_if: mac_if(TAP_MAC),
+            trace: false,
         },
         Route {
             name: "virtio-net user",
@@ -623,6 +714,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: false,
             fastnet: false,
             guest_if: mac_if(USER_MAC),
+            trace: false,
         },
         Route {
             name: "ppp",
@@ -631,6 +723,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
             in_ns: true,
             fastnet: false,
             guest_if: "ppp0".into(),
+            trace: false,
         },
     ];
     let mut rows = Vec::new();
@@ -654,7 +747,13 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize) -> Result<(String, Vec<Figures
         fastnet_mode(&lab, s) == "channel" && lab.mux_transports_up(s)
     })?;
     wait_fn0(&lab)?;
-    rows.push(measure(&lab, ns, &fastnet("fastnet channel"), &sum, &data)?);
+    rows.push(measure(
+        &lab,
+        ns,
+        &fastnet("fastnet channel", false),
+        &sum,
+        &data,
+    )?);
     let accel = format!("{} accelerator", lab.accel());
     lab.shutdown()?;
     Ok((accel, rows))

@@ -44,6 +44,7 @@ tasks:
             (bench-cp --mib N --files N)
   bench-fastnet fastnet (shared memory, channel-only) vs QEMU virtio-net (TAP, user) and ppp,
             one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N)
+            [--trace-agent: the guest agent's syscalls and switches on the shared-memory rows]
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
