@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod crc;
 pub mod frame;
 pub mod hello;
 pub mod limit;

@@ -100,10 +100,11 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// claimed size of 2^60 costs nothing to check.
 fn crc_zeros(crc: u32, n: u64) -> u32 {
     if n <= ZEROS.len() as u64 {
-        return crc32c::crc32c_append(crc, &ZEROS[..n as usize]);
+        return vstream_wire::crc::crc32c_append(crc, &ZEROS[..n as usize]);
     }
     // The CRC of n zeros, by doubling: crc(Z_{a+b}) = combine(crc(Z_a), crc(Z_b), b).
-    let (mut zeros, mut power, mut len, mut rest) = (0u32, crc32c::crc32c(&[0]), 1u64, n);
+    let (mut zeros, mut power, mut len, mut rest) =
+        (0u32, vstream_wire::crc::crc32c(&[0]), 1u64, n);
     while rest > 0 {
         if rest & 1 == 1 {
             zeros = crc32c::crc32c_combine(zeros, power, len as usize);
@@ -165,7 +166,7 @@ fn send_file(
                 // The file shrank while we read it: send what there was.
                 break 'extents;
             }
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            crc = vstream_wire::crc::crc32c_append(crc, &buf[..n]);
             let chunk = buf.split_to(n).freeze();
             if pos + n as u64 > offset {
                 let skip = offset.saturating_sub(pos) as usize;
@@ -322,7 +323,7 @@ pub fn send_reader(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure::io(stdin, &e)),
         };
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        crc = vstream_wire::crc::crc32c_append(crc, &buf[..n]);
         emit(Record::Data {
             offset: pos,
             bytes: buf.split_to(n).freeze(),
@@ -616,7 +617,7 @@ impl Sink {
             )));
         }
         let gap = offset - open.end;
-        open.crc = crc32c::crc32c_append(crc_zeros(open.crc, gap), bytes);
+        open.crc = vstream_wire::crc::crc32c_append(crc_zeros(open.crc, gap), bytes);
         match (&mut open.file, &mut self.target) {
             (Some((file, partial)), _) => file
                 .write_all_at(bytes, offset)
@@ -808,7 +809,7 @@ fn crc_of(file: &File, len: u64) -> io::Result<u32> {
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        crc = vstream_wire::crc::crc32c_append(crc, &buf[..n]);
         pos += n as u64;
     }
     Ok(crc)

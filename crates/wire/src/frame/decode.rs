@@ -146,7 +146,7 @@ impl Decoder {
         if self.no_pcrc && header.flags & flags::NO_PCRC != 0 && pcrc == 0 {
             return true;
         }
-        crc32c::crc32c(payload) == pcrc
+        crate::crc::crc32c(payload) == pcrc
     }
 
     /// Feeds received bytes.

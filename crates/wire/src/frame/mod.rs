@@ -141,13 +141,13 @@ impl Header {
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.ack.to_le_bytes());
         out.extend_from_slice(&self.len.to_le_bytes());
-        let hcrc = crc32c::crc32c(&out[start..start + 20]);
+        let hcrc = crate::crc::crc32c(&out[start..start + 20]);
         out.extend_from_slice(&hcrc.to_le_bytes());
     }
 
     fn parse(b: &[u8; HEADER_LEN]) -> Option<Header> {
         let field = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        if crc32c::crc32c(&b[..20]) != field(20) {
+        if crate::crc::crc32c(&b[..20]) != field(20) {
             return None;
         }
         Some(Header {
@@ -196,7 +196,7 @@ fn encode_trailer(out: &mut Vec<u8>, flags: u8, payload: &[u8]) {
     let pcrc = if flags & flags::NO_PCRC != 0 {
         0
     } else {
-        crc32c::crc32c(payload)
+        crate::crc::crc32c(payload)
     };
     out.extend_from_slice(&pcrc.to_le_bytes());
 }
