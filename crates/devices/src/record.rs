@@ -10,7 +10,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// How a device lays out its record header (every length is little-endian).
@@ -180,7 +180,8 @@ pub trait Message: Sized {
     const LAYOUT: Layout;
     /// Largest payload of any record of this set.
     const MAX_PAYLOAD: usize;
-    /// Largest slice the drivers hand to [`Decoder::push`] at once (their read buffer).
+    /// Most bytes one read adds to the decoder ([`read_message`]'s reads, or a slice a driver
+    /// hands to [`Decoder::push`]).
     const READ_CHUNK: usize;
     /// The limits of record type `kind`, or [`RecordError::UnknownType`] if this set does not
     /// have it.
@@ -206,31 +207,47 @@ pub fn put<M: Message>(
     flags: u8,
     payload: &[u8],
 ) -> Result<(), RecordError> {
+    M::limit(kind)?.check(payload.len())?;
+    let start = out.len();
+    out.resize(start + M::LAYOUT.header_len(), 0);
+    out.extend_from_slice(payload);
+    seal::<M>(&mut out[start..], kind, flags).inspect_err(|_| out.truncate(start))
+}
+
+/// Writes the header of a record of type `kind` of set `M` at the start of `record`, whose
+/// payload is already in place after the header's room: output read straight into a record
+/// is sent without being copied into one. Checks the payload's length against the type's
+/// limits as [`put`] does (`record` is left as it was if it is out of them, or shorter than a
+/// header).
+pub fn seal<M: Message>(record: &mut [u8], kind: u8, flags: u8) -> Result<(), RecordError> {
     let limit = M::limit(kind)?;
-    limit.check(payload.len())?;
-    let len = payload.len();
+    let header_len = M::LAYOUT.header_len();
+    let len = record
+        .len()
+        .checked_sub(header_len)
+        .ok_or(RecordError::Truncated(record.len()))?;
+    limit.check(len)?;
     // Only reached if a device declares a limit its layout cannot carry.
     let too_long = |_| RecordError::TooLong {
         kind: limit.name,
         len,
         max: limit.max,
     };
+    let header = &mut record[..header_len];
     match M::LAYOUT {
         Layout::Short | Layout::ShortWithFlags => {
             let len = u16::try_from(len).map_err(too_long)?;
-            out.push(kind);
+            header[header_len - 2..].copy_from_slice(&len.to_le_bytes());
             if M::LAYOUT == Layout::ShortWithFlags {
-                out.push(flags);
+                header[1] = flags;
             }
-            out.extend_from_slice(&len.to_le_bytes());
         }
         Layout::Long => {
             let len = u32::try_from(len).map_err(too_long)?;
-            out.push(kind);
-            out.extend_from_slice(&len.to_le_bytes());
+            header[1..].copy_from_slice(&len.to_le_bytes());
         }
     }
-    out.extend_from_slice(payload);
+    header[0] = kind;
     Ok(())
 }
 
@@ -302,6 +319,31 @@ impl<M: Message> Decoder<M> {
         self.buf.len()
     }
 
+    /// Reads once from `r` straight into the decoder (not through a caller's buffer, a copy
+    /// of every byte), at most [`Message::READ_CHUNK`] bytes and no further than the end of a
+    /// record whose header is in. A stream of large records then leaves the buffer empty at
+    /// each record's end: the payloads handed out never pin a buffer that has to grow (a copy
+    /// of what it holds). Returns the bytes read, 0 at the end of the stream.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
+        let header = M::LAYOUT.header_len();
+        let want = match M::LAYOUT.parse(&self.buf) {
+            Some((_, _, len)) => header.saturating_add(len).saturating_sub(self.buf.len()),
+            None => M::READ_CHUNK,
+        }
+        .min(M::READ_CHUNK)
+        .min(Self::LIMIT.saturating_sub(self.buf.len()))
+        .max(1);
+        // From empty, room for a header and a whole chunk: a record of up to a chunk read in
+        // pieces completes in the buffer it started in.
+        let room = if self.buf.is_empty() {
+            header + M::READ_CHUNK
+        } else {
+            want
+        };
+        self.buf.reserve(room);
+        r.read_buf(&mut (&mut self.buf).limit(want)).await
+    }
+
     /// Checks that the stream ended between records.
     pub fn finish(&self) -> Result<(), RecordError> {
         match self.buf.len() {
@@ -322,29 +364,22 @@ pub enum ReadError {
     Record(#[from] RecordError),
 }
 
-/// Reads the next record of `r` through `dec`, reading at most [`Message::READ_CHUNK`] bytes at
-/// a time into `buf`; `Ok(None)` at a clean end of the stream (between records). Cancel-safe:
-/// bytes read are kept in `dec`.
-pub async fn read_message<R, M>(
-    r: &mut R,
-    dec: &mut Decoder<M>,
-    buf: &mut [u8],
-) -> Result<Option<M>, ReadError>
+/// Reads the next record of `r` through `dec` (reads of at most [`Message::READ_CHUNK`]
+/// bytes); `Ok(None)` at a clean end of the stream (between records). Cancel-safe: bytes read
+/// are kept in `dec`.
+pub async fn read_message<R, M>(r: &mut R, dec: &mut Decoder<M>) -> Result<Option<M>, ReadError>
 where
     R: AsyncRead + Unpin,
     M: Message,
 {
-    let chunk = buf.len().min(M::READ_CHUNK);
     loop {
         if let Some(m) = dec.next_message()? {
             return Ok(Some(m));
         }
-        let n = r.read(&mut buf[..chunk]).await?;
-        if n == 0 {
+        if dec.read_from(r).await? == 0 {
             dec.finish()?;
             return Ok(None);
         }
-        dec.push(&buf[..n])?;
     }
 }
 

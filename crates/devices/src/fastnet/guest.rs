@@ -96,7 +96,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut dec = Decoder::<HostMsg>::new();
     let mut rbuf = vec![0u8; READ_CHUNK];
     let setup = loop {
-        match next(&mut stream, &mut dec, &mut rbuf).await? {
+        match next(&mut stream, &mut dec).await? {
             HostMsg::Setup(s) => break s,
             HostMsg::Reset(why) => return Err(LinkError::HostReset(why)),
             _ => {}

@@ -37,7 +37,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut dec = Decoder::<GuestMsg>::new();
     let mut rbuf = vec![0u8; READ_CHUNK];
     let ready = loop {
-        match next(&mut stream, &mut dec, &mut rbuf).await? {
+        match next(&mut stream, &mut dec).await? {
             GuestMsg::Ready(r) => break r,
             GuestMsg::Reset(why) => return Err(LinkError::GuestReset(why)),
             _ => {}

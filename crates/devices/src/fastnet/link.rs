@@ -255,9 +255,8 @@ pub(super) async fn send<S: AsyncWrite + Unpin>(
 pub(super) async fn next<S: AsyncRead + Unpin, In: Message>(
     stream: &mut S,
     dec: &mut Decoder<In>,
-    buf: &mut [u8],
 ) -> Result<In, LinkError> {
-    match read_message(stream, dec, buf).await {
+    match read_message(stream, dec).await {
         Ok(Some(m)) => Ok(m),
         // A peer ends a link with a `Reset`, never by closing the channel.
         Ok(None) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),

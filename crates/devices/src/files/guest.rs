@@ -35,8 +35,7 @@ impl Service for FilesService {
 async fn serve(stream: ChannelStream) {
     let (mut r, mut w) = tokio::io::split(stream);
     let mut dec = Decoder::new();
-    let mut buf = vec![0; crate::record::BULK_READ_CHUNK];
-    let request = match read_message(&mut r, &mut dec, &mut buf).await {
+    let request = match read_message(&mut r, &mut dec).await {
         Ok(Some(Record::Request(req))) => req,
         Ok(other) => {
             tracing::debug!("files: a channel that did not start with a request: {other:?}");

@@ -131,11 +131,10 @@ where
     });
     let reading = async move {
         let tx = tx;
-        let mut buf = vec![0; crate::record::BULK_READ_CHUNK];
         let (mut received, mut announced) = (0u64, 0u64);
         let corrupt = |e: &dyn std::fmt::Display| Error::Failed(Failure::corrupt(e.to_string()));
         loop {
-            let first = match read_message(r, dec, &mut buf).await {
+            let first = match read_message(r, dec).await {
                 Ok(Some(record)) => record,
                 Ok(None) => return Ok(()),
                 Err(ReadError::Io(e)) => return Err(Error::Cut(e.to_string())),

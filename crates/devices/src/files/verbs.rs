@@ -318,8 +318,7 @@ impl Copy<'_> {
     {
         write_record(w, &request).await?;
         let mut dec = Decoder::new();
-        let mut buf = vec![0; crate::record::BULK_READ_CHUNK];
-        let offset = match answer(r, &mut dec, &mut buf).await? {
+        let offset = match answer(r, &mut dec).await? {
             Record::Ready(offset) => offset,
             other => return Err(unexpected(&other)),
         };
@@ -337,7 +336,7 @@ impl Copy<'_> {
             },
             &mut show,
         );
-        let answering = answer(r, &mut dec, &mut buf);
+        let answering = answer(r, &mut dec);
         tokio::pin!(answering);
         // The guest may refuse before the tree is sent (a directory it cannot write): its
         // answer stops the sending.
@@ -360,12 +359,8 @@ impl Copy<'_> {
 }
 
 /// The guest's next record; the channel's end is a cut.
-async fn answer<R: AsyncRead + Unpin>(
-    r: &mut R,
-    dec: &mut Decoder,
-    buf: &mut [u8],
-) -> Result<Record, Error> {
-    match read_message(r, dec, buf).await {
+async fn answer<R: AsyncRead + Unpin>(r: &mut R, dec: &mut Decoder) -> Result<Record, Error> {
+    match read_message(r, dec).await {
         Ok(Some(record)) => Ok(record),
         Ok(None) => Err(Error::Cut("the guest closed the channel".into())),
         Err(ReadError::Io(e)) => Err(Error::Cut(e.to_string())),

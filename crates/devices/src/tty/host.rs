@@ -19,7 +19,7 @@ use crate::term::RawMode;
 
 use super::{
     read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, RecordError, Start,
-    WindowSize, MAX_DATA, READ_CHUNK,
+    WindowSize, MAX_DATA,
 };
 
 /// Guest `Error` messages kept for printing; later ones are dropped.
@@ -174,9 +174,8 @@ where
     E: AsyncWrite + Unpin,
 {
     let mut dec = Decoder::<GuestMsg>::new();
-    let mut buf = Box::new([0u8; READ_CHUNK]);
     loop {
-        match read_message(&mut r, &mut dec, &mut buf[..]).await {
+        match read_message(&mut r, &mut dec).await {
             Ok(Some(GuestMsg::Stdout(data))) => write_flush(&mut stdout, &data).await?,
             Ok(Some(GuestMsg::Stderr(data))) => write_flush(&mut stderr, &data).await?,
             Ok(Some(GuestMsg::Exit(exit))) => return Ok(exit),

@@ -626,10 +626,7 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn read_guest_msg(r: &mut DuplexStream, dec: &mut Decoder<GuestMsg>) -> Option<GuestMsg> {
-    let mut buf = Box::new([0u8; READ_CHUNK]);
-    read_message(r, dec, &mut buf[..])
-        .await
-        .expect("valid stream")
+    read_message(r, dec).await.expect("valid stream")
 }
 
 #[tokio::test]
