@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
@@ -176,17 +176,18 @@ enum Source {
 }
 
 impl Source {
-    /// Appends what one read returns to `buf`, at most its spare capacity (which must not be
-    /// empty).
-    async fn read_into(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+    /// Appends what one read returns to `record`, filling it to [`OUTPUT_RECORD`] bytes at
+    /// most.
+    async fn read_into(&mut self, record: &mut Vec<u8>) -> io::Result<usize> {
+        let room = OUTPUT_RECORD.saturating_sub(record.len());
         match self {
             // Into the spare capacity as it is, without zeroing it first.
-            Source::Pipe(r) => r.read_buf(buf).await,
+            Source::Pipe(r) => r.read_buf(&mut (&mut *record).limit(room)).await,
             Source::Pty(m) => {
-                let start = buf.len();
-                buf.resize(buf.capacity(), 0);
-                let read = m.read(&mut buf[start..]).await;
-                buf.truncate(start + read.as_ref().map_or(0, |n| *n));
+                let start = record.len();
+                record.resize(start + room, 0);
+                let read = m.read(&mut record[start..]).await;
+                record.truncate(start + read.as_ref().map_or(0, |n| *n));
                 read
             }
         }
