@@ -180,7 +180,8 @@ pub trait Message: Sized {
     const LAYOUT: Layout;
     /// Largest payload of any record of this set.
     const MAX_PAYLOAD: usize;
-    /// Largest slice the drivers hand to [`Decoder::push`] at once (their read buffer).
+    /// Most bytes one read adds to the decoder ([`read_message`]'s reads, or a slice a driver
+    /// hands to [`Decoder::push`]).
     const READ_CHUNK: usize;
     /// The limits of record type `kind`, or [`RecordError::UnknownType`] if this set does not
     /// have it.
@@ -206,31 +207,47 @@ pub fn put<M: Message>(
     flags: u8,
     payload: &[u8],
 ) -> Result<(), RecordError> {
+    M::limit(kind)?.check(payload.len())?;
+    let start = out.len();
+    out.resize(start + M::LAYOUT.header_len(), 0);
+    out.extend_from_slice(payload);
+    seal::<M>(&mut out[start..], kind, flags).inspect_err(|_| out.truncate(start))
+}
+
+/// Writes the header of a record of type `kind` of set `M` at the start of `record`, whose
+/// payload is already in place after the header's room: output read straight into a record
+/// is sent without being copied into one. Checks the payload's length against the type's
+/// limits as [`put`] does (`record` is left as it was if it is out of them, or shorter than a
+/// header).
+pub fn seal<M: Message>(record: &mut [u8], kind: u8, flags: u8) -> Result<(), RecordError> {
     let limit = M::limit(kind)?;
-    limit.check(payload.len())?;
-    let len = payload.len();
+    let header_len = M::LAYOUT.header_len();
+    let len = record
+        .len()
+        .checked_sub(header_len)
+        .ok_or(RecordError::Truncated(record.len()))?;
+    limit.check(len)?;
     // Only reached if a device declares a limit its layout cannot carry.
     let too_long = |_| RecordError::TooLong {
         kind: limit.name,
         len,
         max: limit.max,
     };
+    let header = &mut record[..header_len];
     match M::LAYOUT {
         Layout::Short | Layout::ShortWithFlags => {
             let len = u16::try_from(len).map_err(too_long)?;
-            out.push(kind);
+            header[header_len - 2..].copy_from_slice(&len.to_le_bytes());
             if M::LAYOUT == Layout::ShortWithFlags {
-                out.push(flags);
+                header[1] = flags;
             }
-            out.extend_from_slice(&len.to_le_bytes());
         }
         Layout::Long => {
             let len = u32::try_from(len).map_err(too_long)?;
-            out.push(kind);
-            out.extend_from_slice(&len.to_le_bytes());
+            header[1..].copy_from_slice(&len.to_le_bytes());
         }
     }
-    out.extend_from_slice(payload);
+    header[0] = kind;
     Ok(())
 }
 

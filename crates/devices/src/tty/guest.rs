@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
@@ -53,6 +53,10 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Messages queued for the channel (each at most [`MAX_DATA`] bytes).
 const OUT_QUEUE: usize = 8;
+
+/// Bytes of an output record at most, its header included (its payload stays within
+/// [`MAX_DATA`]).
+const OUTPUT_RECORD: usize = MAX_DATA;
 
 /// `Stdin` payloads queued for the command while it does not read.
 const STDIN_QUEUE: usize = 8;
@@ -91,13 +95,15 @@ where
         Ok(Some(HostMsg::Start(start))) => Some(start),
         Ok(Some(_)) => {
             let _ = out
-                .send(GuestMsg::error("the first message must be Start"))
+                .send(GuestMsg::error("the first message must be Start").into())
                 .await;
             None
         }
         Ok(None) | Err(ReadError::Io(_)) => None,
         Err(ReadError::Record(e)) => {
-            let _ = out.send(GuestMsg::error(&format!("bad Start: {e}"))).await;
+            let _ = out
+                .send(GuestMsg::error(&format!("bad Start: {e}")).into())
+                .await;
             None
         }
     };
@@ -106,9 +112,9 @@ where
         match spawn(&start) {
             Ok(session) => session.run(&mut rd, &mut dec, &out).await,
             Err(failure) => {
-                let _ = out.send(GuestMsg::error(&failure.text)).await;
+                let _ = out.send(GuestMsg::error(&failure.text).into()).await;
                 if let Some(exit) = failure.exit {
-                    let _ = out.send(GuestMsg::Exit(exit)).await;
+                    let _ = out.send(GuestMsg::Exit(exit).into()).await;
                 }
             }
         }
@@ -117,16 +123,32 @@ where
     let _ = writer.await;
 }
 
+/// What the writer sends: a message, or output already encoded where it was read.
+enum Outgoing {
+    Msg(GuestMsg),
+    Record(Vec<u8>),
+}
+
+impl From<GuestMsg> for Outgoing {
+    fn from(msg: GuestMsg) -> Outgoing {
+        Outgoing::Msg(msg)
+    }
+}
+
 /// Encodes messages onto the channel in order; closes our direction when the queue ends.
-async fn write_messages<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<GuestMsg>) {
-    let mut frame = Vec::with_capacity(HEADER_LEN + MAX_DATA);
-    while let Some(msg) = rx.recv().await {
-        frame.clear();
-        if let Err(e) = msg.encode(&mut frame) {
-            tracing::warn!("tty: cannot encode a message: {e}");
-            continue;
-        }
-        if let Err(e) = w.write_all(&frame).await {
+async fn write_messages<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let record = match out {
+            Outgoing::Record(record) => record,
+            Outgoing::Msg(msg) => match msg.to_bytes() {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!("tty: cannot encode a message: {e}");
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = w.write_all(&record).await {
             tracing::debug!("tty: channel write failed: {e}");
             return;
         }
@@ -154,10 +176,20 @@ enum Source {
 }
 
 impl Source {
-    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Appends what one read returns to `record`, filling it to [`OUTPUT_RECORD`] bytes at
+    /// most.
+    async fn read_into(&mut self, record: &mut Vec<u8>) -> io::Result<usize> {
+        let room = OUTPUT_RECORD.saturating_sub(record.len());
         match self {
-            Source::Pipe(r) => r.read(buf).await,
-            Source::Pty(m) => m.read(buf).await,
+            // Into the spare capacity as it is, without zeroing it first.
+            Source::Pipe(r) => r.read_buf(&mut (&mut *record).limit(room)).await,
+            Source::Pty(m) => {
+                let start = record.len();
+                record.resize(start + room, 0);
+                let read = m.read(&mut record[start..]).await;
+                record.truncate(start + read.as_ref().map_or(0, |n| *n));
+                read
+            }
         }
     }
 }
@@ -186,7 +218,7 @@ impl Session {
         self,
         rd: &mut R,
         dec: &mut Decoder<HostMsg>,
-        out: &mpsc::Sender<GuestMsg>,
+        out: &mpsc::Sender<Outgoing>,
     ) {
         let Session {
             mut child,
@@ -209,7 +241,7 @@ impl Session {
                 if let InputEnd::Broken(why) = end {
                     tracing::warn!("tty: the host broke the protocol: {why}");
                     // Not awaited: a host that also stopped reading must not delay the hang-up.
-                    let _ = out.try_send(GuestMsg::error(&why));
+                    let _ = out.try_send(GuestMsg::error(&why).into());
                 }
                 signal_running(pid, Signal::HUP);
                 signal_running(pid, Signal::CONT);
@@ -233,11 +265,11 @@ impl Session {
                     Ok(status) => {
                         let exit = exit_of(status);
                         tracing::debug!(?exit, "tty session ended");
-                        let _ = out.send(GuestMsg::Exit(exit)).await;
+                        let _ = out.send(GuestMsg::Exit(exit).into()).await;
                     }
                     Err(e) => {
                         let text = format!("waiting for the command failed: {e}");
-                        let _ = out.send(GuestMsg::error(&text)).await;
+                        let _ = out.send(GuestMsg::error(&text).into()).await;
                     }
                 }
             }
@@ -326,23 +358,28 @@ async fn feed_stdin(mut input: Input, mut rx: mpsc::Receiver<Bytes>) {
 async fn pump_output(
     mut source: Source,
     stderr: bool,
-    out: mpsc::Sender<GuestMsg>,
+    out: mpsc::Sender<Outgoing>,
     mut exited: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; MAX_DATA];
     // Bytes forwarded since the command exited, once it has.
     let mut draining: Option<usize> = None;
     loop {
+        // Output is read straight into its record, after the header's room: sent as read,
+        // not copied into a message and again into its encoding (two passes over every byte,
+        // which an emulated guest pays for). A record fills at most 64 KiB with its header: one
+        // frame of a port's link, not a full frame and a 5-byte one.
+        let mut record = Vec::with_capacity(OUTPUT_RECORD);
+        record.resize(HEADER_LEN, 0);
         let read = if draining.is_some_and(|n| n >= DRAIN_MAX) {
             return;
         } else if draining.is_some() {
-            match tokio::time::timeout(DRAIN_IDLE, source.read(&mut buf)).await {
+            match tokio::time::timeout(DRAIN_IDLE, source.read_into(&mut record)).await {
                 Ok(r) => r,
                 Err(_) => return,
             }
         } else {
             tokio::select! {
-                r = source.read(&mut buf) => r,
+                r = source.read_into(&mut record) => r,
                 // Changed, or the sender is gone: either way the command has exited.
                 _ = exited.changed() => {
                     draining = Some(0);
@@ -357,13 +394,11 @@ async fn pump_output(
         if let Some(after) = &mut draining {
             *after += n;
         }
-        let data = Bytes::copy_from_slice(&buf[..n]);
-        let msg = if stderr {
-            GuestMsg::Stderr(data)
-        } else {
-            GuestMsg::Stdout(data)
-        };
-        if out.send(msg).await.is_err() {
+        if let Err(e) = GuestMsg::seal_output(&mut record, stderr) {
+            tracing::warn!("tty: cannot encode output: {e}");
+            return;
+        }
+        if out.send(Outgoing::Record(record)).await.is_err() {
             return;
         }
     }

@@ -26,7 +26,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use bytes::{Buf, Bytes};
 
-use crate::record::{fixed, put, Layout, Limit};
+use crate::record::{fixed, put, seal, Layout, Limit};
 pub use crate::record::{read_message, Decoder, Message, ReadError, RecordError};
 pub use crate::term::WindowSize;
 
@@ -51,7 +51,7 @@ pub const MAX_ERROR: usize = 4096;
 /// Highest signal number an `Exit` may report (Linux `SIGRTMAX`).
 pub const MAX_SIGNAL: u8 = 64;
 
-/// Largest slice the drivers hand to [`Decoder::push`] at once (their read buffer).
+/// Most bytes one read adds to the decoder.
 pub use crate::record::BULK_READ_CHUNK as READ_CHUNK;
 
 /// Message type bytes. Host-to-guest types have the high bit clear, guest-to-host types set.
@@ -132,6 +132,13 @@ pub enum GuestMsg {
 }
 
 impl GuestMsg {
+    /// Makes `record` ([`HEADER_LEN`] bytes of room, then output read in place) a `Stdout` or
+    /// (`stderr`) `Stderr` message, as encoding one would, without copying the output.
+    pub fn seal_output(record: &mut [u8], stderr: bool) -> Result<(), RecordError> {
+        let kind = if stderr { kind::STDERR } else { kind::STDOUT };
+        seal::<GuestMsg>(record, kind, 0)
+    }
+
     /// An `Error` with `text` cut to [`MAX_ERROR`] bytes at a character boundary.
     pub fn error(text: &str) -> GuestMsg {
         let mut end = text.len().min(MAX_ERROR);

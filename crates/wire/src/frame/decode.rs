@@ -8,6 +8,13 @@ use super::*;
 /// keepalives, and a daemon holds thousands of them.
 const READ_MIN: usize = 4 * 1024;
 
+/// Smallest payload read into a buffer of its own when it is too small for a pool buffer
+/// ([`BufferPool::fits`]): the buffer is sized to the frame, so its payload leaves as a view
+/// of it (no copy) and holds no more memory than it carries. Below this, a copy costs less
+/// than an allocation. Senders cut frames short where credit or their queue ran out, so a
+/// bulk transfer brings many of these.
+const OWN_BUFFER_MIN: usize = 4 * 1024;
+
 /// How a byte sequence begins, for [`Decoder::next_in`].
 enum Start {
     /// A marker, a header whose CRC matches and a length within the limit; the whole frame
@@ -182,7 +189,8 @@ impl Decoder {
     ///
     /// It exists for speed. `push` copies everything into the decoder's buffer; here a sound
     /// frame in `input` is taken from it directly. A large payload that was read into a pool
-    /// buffer of its own leaves as a view of that buffer, with no copy at all; other payloads
+    /// buffer, or one sized to its frame, of its own leaves as a view of that buffer, with no
+    /// copy at all; other payloads
     /// are copied once, so that no view pins a read buffer shared with other frames (a peer could
     /// then make us hold more than the window it was granted). A frame split across reads is
     /// completed in `input` by the next read. Anything unusual (garbage, a bad CRC, an oversized
@@ -201,15 +209,22 @@ impl Decoder {
                     if self.payload_ok(&header, &b[HEADER_LEN..end], &b[end..total]) {
                         self.suspect = self.suspect.saturating_sub(total);
                         self.stats.frames += 1;
-                        let payload = if input.framed && pool.fits(header.len as usize) {
-                            // The buffer holds this frame alone: hand it out.
-                            let frame = input.buf.split_to(total);
-                            pool.adopt(frame).slice(HEADER_LEN..end)
-                        } else {
-                            let payload = pool.copy(&input.buf[HEADER_LEN..end]);
-                            input.buf.advance(total);
-                            payload
-                        };
+                        let payload =
+                            if input.framed && input.pooled && pool.fits(header.len as usize) {
+                                // The pool buffer holds this frame alone: hand it out.
+                                let frame = input.buf.split_to(total);
+                                pool.adopt(frame).slice(HEADER_LEN..end)
+                            } else if input.framed
+                                && !input.pooled
+                                && input.buf.capacity() <= total + HEADER_LEN
+                            {
+                                // A buffer sized to this frame holds it: hand it out.
+                                input.buf.split_to(total).freeze().slice(HEADER_LEN..end)
+                            } else {
+                                let payload = pool.copy(&input.buf[HEADER_LEN..end]);
+                                input.buf.advance(total);
+                                payload
+                            };
                         input.framed = false;
                         return Some(Ok(Frame { header, payload }));
                     }
@@ -244,8 +259,9 @@ impl Decoder {
     /// Readies `input` (what [`Decoder::next_in`] left of it) for the next read, and sets how
     /// much that read may take ([`InputBuf::unfilled`]).
     ///
-    /// Once the header of a large frame (one that [`BufferPool`] gives a buffer of its own) is
-    /// in, its bytes move to the start of a pool buffer if they are not there already, and the
+    /// Once the header of a large frame (one that [`BufferPool`] gives a buffer of its own, or
+    /// of at least [`OWN_BUFFER_MIN`] bytes, which gets a buffer sized to it) is in, its bytes
+    /// move to the start of such a buffer if they are not there already, and the
     /// read is limited to the rest of that frame and the next header: the frame then fills the
     /// buffer alone and its payload can leave without a copy, and the next header is all that
     /// is copied to the next buffer. Otherwise reads take what the buffer has room for: 4 KiB
@@ -258,11 +274,18 @@ impl Decoder {
             _ => 0,
         };
         let total = input.len() + need;
-        let large =
-            need > 0 && input.len() >= HEADER_LEN && pool.fits(total.saturating_sub(wire_len(0)));
+        let payload = total.saturating_sub(wire_len(0));
+        let large = need > 0 && input.len() >= HEADER_LEN && payload >= OWN_BUFFER_MIN;
         if large {
-            if !input.framed {
-                input.refill(pool.take(), true, pool);
+            let fits = pool.fits(payload);
+            if !input.framed || input.pooled != fits {
+                if fits {
+                    input.refill(pool.take(), true, pool);
+                } else {
+                    // Room for the next header too, as a pool buffer has.
+                    input.refill(BytesMut::with_capacity(total + HEADER_LEN), false, pool);
+                    input.framed = true;
+                }
             }
             input.window = need + HEADER_LEN;
         } else {
@@ -280,7 +303,15 @@ impl Decoder {
                     input.refill(BytesMut::with_capacity(size.max(total)), false, pool);
                 }
             }
-            input.window = input.room();
+            input.window = if need > 0 && input.len() >= HEADER_LEN && input.grown {
+                // In a bulk transfer, the rest of a small frame and the next header only: a
+                // large frame after it then starts a buffer of its own, where it had been read
+                // in behind the small one and copied out (a sender's acknowledgements and
+                // short frames come between large ones).
+                need + HEADER_LEN
+            } else {
+                input.room()
+            };
         }
         input.held = input.len();
     }
@@ -383,8 +414,9 @@ impl Iterator for Decoder {
 #[derive(Debug, Default)]
 pub struct InputBuf {
     buf: BytesMut,
-    /// `buf` is a pool buffer and its view starts where the buffer does: a frame that arrives
-    /// here has the buffer to itself, and its payload may leave as a view of it.
+    /// `buf` is a pool buffer, or one sized to the frame it was made for ([`OWN_BUFFER_MIN`]),
+    /// and its view starts where the buffer does: a frame that arrives here has the buffer to
+    /// itself, and its payload may leave as a view of it.
     framed: bool,
     /// `buf` is a pool buffer.
     pooled: bool,

@@ -390,6 +390,114 @@ fn large_payloads_leave_in_the_buffer_they_were_read_into() {
     assert!(pool.spare() > spare, "the buffers came back to the pool");
 }
 
+/// Frames too small for a pool buffer, cut short where the sender's credit or queue ran out,
+/// leave without a copy too when they carry at least `OWN_BUFFER_MIN` (4 KiB): each is read
+/// into a buffer sized to it. Smaller ones are copies. The reads are a virtio-serial port's,
+/// 4 KiB at most.
+#[test]
+fn mid_sized_payloads_leave_in_buffers_sized_to_them() {
+    let limit = 64 * 1024;
+    let sizes = [28 * 1024, 37 * 1024, 100, 5000, 28 * 1024];
+    let mut wire = Vec::new();
+    for (seq, &len) in sizes.iter().enumerate() {
+        encode(
+            &mut wire,
+            Kind::Data as u8,
+            1,
+            seq as u32,
+            0,
+            &vec![seq as u8; len],
+        );
+    }
+    let mut d = Decoder::new(limit as u32);
+    let mut pool = BufferPool::new(limit);
+    let mut input = InputBuf::new();
+    let mut rest = &wire[..];
+    let (mut got, mut in_place) = (Vec::new(), 0);
+    while !rest.is_empty() {
+        d.prepare(&mut input, &mut pool);
+        let k = input.fill_from(&rest[..rest.len().min(4096)]);
+        let at = input.filled().as_ptr() as usize;
+        let read = at..at + input.len();
+        rest = &rest[k..];
+        input.received();
+        while let Some(item) = d.next_in(&mut input, &mut pool) {
+            let frame = item.unwrap();
+            if read.contains(&(frame.payload.as_ptr() as usize)) {
+                in_place += 1;
+                assert!(frame.payload.len() >= 4096, "only large payloads are views");
+            }
+            got.push(frame);
+        }
+    }
+    assert_eq!(got.len(), sizes.len());
+    for (seq, f) in got.iter().enumerate() {
+        assert_eq!(f.payload.len(), sizes[seq]);
+        assert!(f.payload.iter().all(|&b| b == seq as u8));
+    }
+    assert_eq!(in_place, 4, "every payload of 4 KiB or more in place");
+}
+
+/// In a bulk transfer a small frame between large ones (an acknowledgement, a short frame) is
+/// read up to the next header only: the large frame after it starts a buffer of its own and
+/// leaves without a copy, instead of being read in behind the small one and copied out.
+#[test]
+fn a_small_frame_between_large_ones_costs_them_no_copy() {
+    let limit = 64 * 1024;
+    let lens: Vec<usize> = (0..8)
+        .map(|i| if i % 2 == 1 { 30 } else { limit })
+        .collect();
+    let mut wire = Vec::new();
+    for (seq, &len) in lens.iter().enumerate() {
+        encode(
+            &mut wire,
+            Kind::Data as u8,
+            1,
+            seq as u32,
+            0,
+            &vec![seq as u8; len],
+        );
+    }
+    let mut d = Decoder::new(limit as u32);
+    let mut pool = BufferPool::new(limit);
+    let mut input = InputBuf::new();
+    // Where each read put its bytes: (offset in the stream, address, length).
+    let mut reads = Vec::new();
+    let mut got = Vec::new();
+    let mut off = 0;
+    while off < wire.len() {
+        d.prepare(&mut input, &mut pool);
+        let at = input.filled().as_ptr() as usize + input.len();
+        // As a socket would: all that the window takes.
+        let k = input.fill_from(&wire[off..]);
+        reads.push((off, at, k));
+        off += k;
+        input.received();
+        while let Some(item) = d.next_in(&mut input, &mut pool) {
+            got.push(item.unwrap());
+        }
+    }
+    assert_eq!(got.len(), lens.len());
+    // A payload left in place if its first byte is where the read that took it wrote it.
+    let mut in_place = 0;
+    let mut start = 0;
+    for (seq, f) in got.iter().enumerate() {
+        assert!(f.payload.iter().all(|&b| b == seq as u8));
+        let first = start + HEADER_LEN;
+        let &(r_off, r_at, _) = reads
+            .iter()
+            .find(|&&(o, _, n)| (o..o + n).contains(&first))
+            .unwrap();
+        if f.payload.as_ptr() as usize == r_at + (first - r_off) {
+            in_place += 1;
+            assert_eq!(f.payload.len(), limit, "only large payloads are views");
+        }
+        start += wire_len(lens[seq]);
+    }
+    // The first arrives in the 4 KiB first buffer and is copied; every later one in place.
+    assert_eq!(in_place, 3, "large payloads in place");
+}
+
 /// A sound header claiming more than the limit allocates nothing: the read buffer stays at
 /// its first size while the frame's bytes are skipped.
 #[test]
