@@ -882,6 +882,27 @@ fn decoded(b64: &Option<String>) -> Vec<u8> {
     base64_decode(b64.as_deref().expect("data")).expect("base64")
 }
 
+/// The `THP_enabled:` line of a `/proc/PID/status` text.
+fn thp_enabled(status: &str) -> &str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim)
+        .expect("a THP_enabled line (Linux 5.0 and later)")
+}
+
+#[test]
+fn a_program_guest_exec_runs_has_the_huge_pages_the_agent_turned_off() {
+    // Process-wide, as in the agent; other tests' children get THP back as the agent's do.
+    crate::spawn::keep_huge_pages_out().expect("PR_SET_THP_DISABLE");
+    let own = std::fs::read_to_string("/proc/self/status").expect("own status");
+    assert_eq!(thp_enabled(&own), "0");
+    let f = fixture();
+    let st = exec_wait(&f.agent, sh("cat /proc/self/status", Capture::Stdout));
+    let child = String::from_utf8(decoded(&st.out_data)).expect("UTF-8 status");
+    assert_eq!(thp_enabled(&child), "1");
+}
+
 #[test]
 fn exec_captures_output_input_exit_codes_and_signals() {
     let f = fixture();
