@@ -23,6 +23,7 @@ APT_PACKAGES=(
     qemu-system-x86   # qemu-system-x86_64, the lab's VMM
     linux-image-amd64 # the guest kernel and its modules (/boot/vmlinuz-6.1.*, /lib/modules)
     busybox-static    # the guest's userland (must be the static build)
+    lld               # ld.lld: the agent's link order (crates/agent/build.rs) with a rustc before 1.90
     cpio              # to inspect images (xtask writes the cpio archive itself)
     gzip              # compresses the initramfs
     binutils          # strip (smaller agent in the image)
