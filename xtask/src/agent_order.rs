@@ -4,10 +4,13 @@
 //! so the kernel's fault-around (64 KiB around each fault, of a binary that in the guest is
 //! always in the page cache) maps little code that never runs. See docs/PERFORMANCE.md.
 //!
-//! The agent runs on the host under `valgrind --tool=callgrind`, connected to a debug vstreamd
-//! over a Unix socket (as a guest's agent is over virtio-serial), serving QGA on a socket of
-//! its own and through vstreamd: guest-sync, guest-info, pings, a file read in 4 MiB reads,
-//! /proc reads, guest-exec; then 35 s at rest (heartbeats, a memory-trim tick).
+//! The agent runs on the host under `valgrind --tool=callgrind`, set up as in the lab's guest:
+//! its settings from a kernel command line (`--cmdline`), two transports to a debug vstreamd
+//! (Unix sockets here, a virtio-serial port and a serial line there), QGA on a raw transport
+//! of its own, every device on but the random one (it would feed the host's entropy pool;
+//! ppp asks and vstreamd, with no `[guest.ppp]`, refuses, as in the lab). It serves QGA on its
+//! own socket and through vstreamd: guest-sync, guest-info, pings, a file read in 4 MiB reads,
+//! /proc reads, guest-exec; then rests 35 s (heartbeats, a memory-trim tick).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -168,14 +171,27 @@ pub fn run(args: &[String]) -> Result<()> {
 /// profile's text.
 fn profile(dir: &Path, vstreamd: &Path) -> Result<String> {
     let up = dir.join("up.sock");
+    let up2 = dir.join("up2.sock");
     let control = dir.join("control.sock");
     let qga = dir.join("qga.sock");
     let config = dir.join("vstreamd.toml");
     std::fs::write(
         &config,
         format!(
-            "[[guest]]\nname = \"g\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:{}\"\n",
-            up.display()
+            "[[guest]]\nname = \"g\"\n[[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:{}\"\n\
+             [[guest.transport]]\nkind = \"mux\"\naddress = \"unix-listen:{}\"\n",
+            up.display(),
+            up2.display()
+        ),
+    )?;
+    let cmdline = dir.join("cmdline");
+    std::fs::write(
+        &cmdline,
+        format!(
+            "console=hvc0 vstream.name=g vstream.connect=unix:{} vstream.connect=unix:{} vstream.qga=unix-listen:{}\n",
+            up.display(),
+            up2.display(),
+            qga.display()
         ),
     )?;
     let mut daemon = Command::new(vstreamd);
@@ -196,13 +212,13 @@ fn profile(dir: &Path, vstreamd: &Path) -> Result<String> {
         .arg("--demangle=no")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(paths::agent_bin())
-        .args(["--name", "g", "--no-random", "--ppp", "off"])
-        .arg(format!("--connect=unix:{}", up.display()))
+        .arg("--no-random")
+        .arg("--cmdline")
+        .arg(&cmdline)
         .arg(format!(
             "--printer=unix-listen:{}",
             dir.join("printer.sock").display()
         ))
-        .arg(format!("--qga=unix-listen:{}", qga.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let driven = (|| -> Result<()> {
