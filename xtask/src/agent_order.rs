@@ -11,6 +11,14 @@
 //! ppp asks and vstreamd, with no `[guest.ppp]`, refuses, as in the lab). It serves QGA on its
 //! own socket and through vstreamd: guest-sync, guest-info, pings, a file read in 4 MiB reads,
 //! /proc reads, guest-exec; then rests 35 s (heartbeats, a memory-trim tick).
+//!
+//! The guest halves that find their devices only in a guest (the watchdog, the random feeder,
+//! virtio-serial ports, ...) run code no host profile sees. So the agent, relinked with the
+//! host's order, then runs in bench-qga's lab guest with the kernel's fault-around off
+//! (`fault_around_bytes` 4096, the agent restarted by the lab's init), serves the same
+//! workload through vstreamd, rests, and every function on a code page it touched (its
+//! `/proc/PID/pagemap`) joins the order: page-exact, so a few functions it did not run come
+//! along with each page.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,10 +28,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use xtask::paths;
 use xtask::process;
-use xtask::qga_lab::QgaConn;
+use xtask::qga_lab::{QgaConn, QgaLab};
 
 /// Where the ordering goes, relative to the workspace.
 const ORDER_FILE: &str = "crates/agent/symbol-order.txt";
+
+/// The file the guest's workload reads, in the guest's tmpfs.
+const GUEST_FILE: &str = "/tmp/agent-order.bin";
 
 /// The agent at rest long enough for its periodic work (the memory trim runs every 30 s).
 const AT_REST: Duration = Duration::from_secs(35);
@@ -131,6 +142,113 @@ fn text_symbols(binary: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Prints the file offset of every present page of the agent's code mapping (busybox sh).
+const CODE_PAGES: &str = r#"p=$(cat /run/vstream-agent.pid)
+grep ' r-xp .*/vstream-agent$' /proc/$p/maps | while read range perm off rest; do
+  lo=$((0x${range%-*})); hi=$((0x${range#*-}))
+  dd if=/proc/$p/pagemap bs=8 skip=$((lo / 4096)) count=$(((hi - lo) / 4096)) 2>/dev/null |
+    od -An -v -tx8 -w8 |
+    awk -v o=$((0x$off)) '$1 ~ /^[89a-f]/ { printf "%x\n", o + (NR - 1) * 4096 }'
+done"#;
+
+/// The file offsets of the code pages the agent touches in a lab guest, page-exact.
+fn guest_code_pages(file: &Path) -> Result<Vec<u64>> {
+    let q = QgaLab::boot("agent-order", 1024).context("booting the lab")?;
+    let name = q.lab.name().to_owned();
+    let pid = |conn: &mut QgaConn| -> Result<String> {
+        let (_, out) = conn.exec("cat", &["/run/vstream-agent.pid"])?;
+        Ok(String::from_utf8_lossy(&out).trim().to_owned())
+    };
+    let mut conn = q.connect(&name)?;
+    let (code, _) = conn.exec(
+        "sh",
+        &["-c", "mount -t debugfs none /sys/kernel/debug 2>/dev/null; echo 4096 > /sys/kernel/debug/fault_around_bytes"],
+    )?;
+    if code != 0 {
+        bail!("cannot turn fault-around off in the guest (debugfs)");
+    }
+    let old = pid(&mut conn)?;
+    // The reply never comes: the agent that would send it is gone.
+    conn.send(&json!({"execute": "guest-exec", "arguments": {"path": "kill", "arg": [old]}}))?;
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut conn = loop {
+        std::thread::sleep(Duration::from_secs(2));
+        if let Ok(mut c) = q.connect(&name) {
+            if pid(&mut c).is_ok_and(|p| !p.is_empty() && p != old) {
+                break c;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the guest's agent did not come back within 120 s of being stopped");
+        }
+    };
+    let guest_file = file.to_str().context("a UTF-8 temporary path")?;
+    let (code, _) = conn.exec(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c 16777216 /dev/urandom > {guest_file}"),
+        ],
+    )?;
+    if code != 0 {
+        bail!("cannot write {guest_file} in the guest");
+    }
+    workload(&mut conn, 500, file)?;
+    std::thread::sleep(AT_REST);
+    let (code, out) = conn.exec("sh", &["-c", CODE_PAGES])?;
+    if code != 0 {
+        bail!("reading the agent's pagemap in the guest failed");
+    }
+    String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| u64::from_str_radix(l.trim(), 16).context("a page offset"))
+        .collect()
+}
+
+/// The functions (named in `binary`'s symbol table) on the code pages at `pages` (file offsets).
+fn functions_on(binary: &Path, pages: &[u64]) -> Result<Vec<String>> {
+    // File offset -> address: the executable LOAD segment's VirtAddr - Offset.
+    let out = Command::new("readelf")
+        .arg("-lW")
+        .arg(binary)
+        .output()
+        .context("running readelf (binutils)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let delta = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find_map(|f| match f[..] {
+            ["LOAD", off, vaddr, _, _, _, "R", "E", _] => Some((
+                u64::from_str_radix(off.trim_start_matches("0x"), 16).ok()?,
+                u64::from_str_radix(vaddr.trim_start_matches("0x"), 16).ok()?,
+            )),
+            _ => None,
+        })
+        .map(|(off, vaddr)| vaddr.wrapping_sub(off))
+        .context("no executable LOAD segment in the agent")?;
+    let out = Command::new("nm")
+        .args(["--defined-only", "-S"])
+        .arg(binary)
+        .output()
+        .context("running nm (binutils)")?;
+    let touched: std::collections::BTreeSet<u64> =
+        pages.iter().map(|p| p.wrapping_add(delta) / 4096).collect();
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [addr, size, "t" | "T" | "w" | "W" | "i", name] => {
+                let a = u64::from_str_radix(addr, 16).ok()?;
+                let n = u64::from_str_radix(size, 16).ok()?.max(1);
+                (a / 4096..=(a + n - 1) / 4096)
+                    .any(|p| touched.contains(&p))
+                    .then(|| name.to_owned())
+            }
+            _ => None,
+        })
+        .collect())
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     if let Some(a) = args.first() {
         bail!("agent-order takes no arguments, got {a:?}");
@@ -147,13 +265,31 @@ pub fn run(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let result = profile(&dir, &vstreamd);
     let _ = std::fs::remove_dir_all(&dir);
-    let names = with_other_variants(functions(&result?), &text_symbols(&paths::agent_bin())?);
+    let host = with_other_variants(functions(&result?), &text_symbols(&paths::agent_bin())?);
+    write_order(&host)?;
+    crate::build_agent()?;
+    let pages = guest_code_pages(Path::new(GUEST_FILE))?;
+    let mut names = host;
+    names.extend(functions_on(&paths::agent_bin(), &pages)?);
+    names.sort_unstable();
+    names.dedup();
+    write_order(&names)?;
+    eprintln!(
+        "agent-order: {} code pages touched in the guest",
+        pages.len()
+    );
+    eprintln!("agent-order: rebuild the agent to link with it (cargo xtask agent)");
+    Ok(())
+}
+
+/// Writes the order file.
+fn write_order(names: &[String]) -> Result<()> {
     let order = paths::workspace_root().join(ORDER_FILE);
     let mut text = String::from(
         "# The agent's code in link order: the functions it runs at start, at rest and for QGA.\n\
          # Generated by `cargo xtask agent-order` (see docs/PERFORMANCE.md); do not edit.\n",
     );
-    for n in &names {
+    for n in names {
         text.push_str(n);
         text.push('\n');
     }
@@ -163,7 +299,6 @@ pub fn run(args: &[String]) -> Result<()> {
         names.len(),
         order.display()
     );
-    eprintln!("agent-order: rebuild the agent to link with it (cargo xtask agent)");
     Ok(())
 }
 
