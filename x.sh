@@ -34,6 +34,7 @@ APT_PACKAGES=(
     iproute2          # ip, for the network devices' tests
     socat             # talking to chardev sockets by hand; guest tool for bench-vsock
     tmux              # driving terminals by hand
+    valgrind          # callgrind: cargo xtask agent-order profiles the agent with it
     dpkg-dev          # dpkg-shlibdeps: the host package's Depends
     lintian           # checks the packages (./x.sh deb)
     systemd           # systemd-analyze verify on the units (packaging/)

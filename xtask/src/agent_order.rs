@@ -254,7 +254,7 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("agent-order takes no arguments, got {a:?}");
     }
     if paths::which("valgrind").is_none() {
-        bail!("agent-order needs valgrind (Debian's valgrind package)");
+        bail!("agent-order needs valgrind (./x.sh setup installs it)");
     }
     let vstreamd = paths::host_bin("vstreamd");
     if !vstreamd.exists() {
