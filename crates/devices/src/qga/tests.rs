@@ -124,6 +124,21 @@ fn base64_matches_the_rfc_vectors_and_rejects_bad_input() {
     assert_eq!(base64_decode(&base64_encode(&all)), Some(all));
 }
 
+#[test]
+fn base64_appended_in_steps_is_the_base64_of_the_whole() {
+    let data: Vec<u8> = (0..=255u8).cycle().take(3 * 16 * 1024 + 2).collect();
+    // Around the 3 KiB steps it encodes in, and a 48 KiB piece as file reads append them.
+    for len in [0, 1, 3071, 3072, 3073, 6145, 3 * 16 * 1024, data.len()] {
+        let mut out = b"prefix".to_vec();
+        base64_encode_into(&data[..len], &mut out);
+        assert_eq!(
+            out,
+            [b"prefix", base64_encode(&data[..len]).as_bytes()].concat(),
+            "{len}"
+        );
+    }
+}
+
 // ---- requests and arguments ----------------------------------------------------------------
 
 fn parse_err(text: &str) -> String {
