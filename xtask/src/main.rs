@@ -21,9 +21,9 @@ fn usage() -> &'static str {
 tasks:
   image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
   agent     build the static guest agent (target/x86_64-unknown-linux-gnu/agent/vstream-agent)
-  agent-order  profile that agent (valgrind's callgrind, on the host, with the debug vstreamd)
-            at start, at rest and serving QGA, and write the link order of its code
-            (crates/agent/symbol-order.txt); rebuild the agent afterwards
+  agent-order  the link order of that agent's code (crates/agent/symbol-order.txt): what it
+            runs at start, at rest and serving QGA, profiled with valgrind's callgrind on the
+            host, plus the code pages it touches in a lab guest; rebuild the agent afterwards
   deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
             binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
