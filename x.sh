@@ -23,6 +23,7 @@ APT_PACKAGES=(
     qemu-system-x86   # qemu-system-x86_64, the lab's VMM
     linux-image-amd64 # the guest kernel and its modules (/boot/vmlinuz-6.1.*, /lib/modules)
     busybox-static    # the guest's userland (must be the static build)
+    lld               # ld.lld: the agent's link order (crates/agent/build.rs) with a rustc before 1.90
     cpio              # to inspect images (xtask writes the cpio archive itself)
     gzip              # compresses the initramfs
     binutils          # strip (smaller agent in the image)
@@ -33,6 +34,7 @@ APT_PACKAGES=(
     iproute2          # ip, for the network devices' tests
     socat             # talking to chardev sockets by hand; guest tool for bench-vsock
     tmux              # driving terminals by hand
+    valgrind          # callgrind: cargo xtask agent-order profiles the agent with it
     dpkg-dev          # dpkg-shlibdeps: the host package's Depends
     lintian           # checks the packages (./x.sh deb)
     systemd           # systemd-analyze verify on the units (packaging/)

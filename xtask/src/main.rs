@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use xtask::lab::{Lab, LabOptions};
 use xtask::{accel, deb, demo, hostile, image, paths};
 
+mod agent_order;
 mod bench_cp;
 mod bench_fastnet;
 mod bench_port;
@@ -20,6 +21,9 @@ fn usage() -> &'static str {
 tasks:
   image     build build/guest/{vmlinuz,initramfs.cpio.gz} (only if an input changed)
   agent     build the static guest agent (target/x86_64-unknown-linux-gnu/agent/vstream-agent)
+  agent-order  the link order of that agent's code (crates/agent/symbol-order.txt): what it
+            runs at start, at rest and serving QGA, profiled with valgrind's callgrind on the
+            host, plus the code pages it touches in a lab guest; rebuild the agent afterwards
   deb       the Debian packages vstream and vstream-agent in build/deb/, from the release
             binaries and the static agent (./x.sh deb builds those first) [--bin-dir DIR]
   accel     tell which accelerator the lab uses (probes KVM once, cached in build/)
@@ -256,6 +260,7 @@ fn run() -> Result<()> {
     match task.as_str() {
         "image" => image_task(),
         "agent" => build_agent(),
+        "agent-order" => agent_order::run(&args[1..]),
         "deb" => deb_task(&args[1..]),
         "accel" => accel_task(),
         "demo" => demo_task(&args[1..]),

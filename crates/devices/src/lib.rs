@@ -24,6 +24,7 @@ pub mod qga;
 pub mod random;
 pub mod record;
 pub mod registry;
+pub mod spawn;
 pub mod status;
 pub mod term;
 pub mod tty;

@@ -63,6 +63,10 @@ fn main() -> anyhow::Result<()> {
     // A guest agent should give memory back once a burst is over (a 16 MiB `guest-file-read`
     // reply, a big exec capture).
     vstream_link::return_memory_eagerly();
+    // Nor keep a 2 MiB huge page for a few KiB of heap (the guest's THP setting may be
+    // `always`); the programs it starts get THP back. A kernel without the switch (before 3.15)
+    // leaves things as they were, which is no reason not to run.
+    let _ = vstream_devices::spawn::keep_huge_pages_out();
     // VSTREAM_LOG as `target=level,...,level` (what vstreamd's filter takes, without its span
     // and field filters): their regex engine would double the agent's logging code.
     let filter = std::env::var("VSTREAM_LOG")

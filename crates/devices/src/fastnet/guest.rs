@@ -168,7 +168,9 @@ async fn configure(ifname: &str, setup: &Setup) -> std::io::Result<()> {
         steps.push(vec!["addr", "add", addr, "dev", ifname]);
     }
     for args in steps {
-        let out = tokio::process::Command::new("ip")
+        let mut ip = tokio::process::Command::new("ip");
+        crate::spawn::undo_inherited(ip.as_std_mut());
+        let out = ip
             .args(&args)
             .output()
             .await

@@ -122,6 +122,7 @@ fn spawn(cmd: &PppdCommand) -> io::Result<(Pppd, tokio::process::ChildStdout)> {
     };
     let probe = slave.try_clone()?;
     let mut c = Command::new(&cmd.program);
+    crate::spawn::undo_inherited(c.as_std_mut());
     c.arg(&tty)
         .args(&cmd.options)
         .stdin(slave)

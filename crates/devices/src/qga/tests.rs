@@ -124,6 +124,21 @@ fn base64_matches_the_rfc_vectors_and_rejects_bad_input() {
     assert_eq!(base64_decode(&base64_encode(&all)), Some(all));
 }
 
+#[test]
+fn base64_appended_in_steps_is_the_base64_of_the_whole() {
+    let data: Vec<u8> = (0..=255u8).cycle().take(3 * 16 * 1024 + 2).collect();
+    // Around the 3 KiB steps it encodes in, and a 48 KiB piece as file reads append them.
+    for len in [0, 1, 3071, 3072, 3073, 6145, 3 * 16 * 1024, data.len()] {
+        let mut out = b"prefix".to_vec();
+        base64_encode_into(&data[..len], &mut out);
+        assert_eq!(
+            out,
+            [b"prefix", base64_encode(&data[..len]).as_bytes()].concat(),
+            "{len}"
+        );
+    }
+}
+
 // ---- requests and arguments ----------------------------------------------------------------
 
 fn parse_err(text: &str) -> String {
@@ -880,6 +895,27 @@ fn sh(script: &str, capture: Capture) -> ExecArgs {
 
 fn decoded(b64: &Option<String>) -> Vec<u8> {
     base64_decode(b64.as_deref().expect("data")).expect("base64")
+}
+
+/// The `THP_enabled:` line of a `/proc/PID/status` text.
+fn thp_enabled(status: &str) -> &str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim)
+        .expect("a THP_enabled line (Linux 5.0 and later)")
+}
+
+#[test]
+fn a_program_guest_exec_runs_has_the_huge_pages_the_agent_turned_off() {
+    // Process-wide, as in the agent; other tests' children get THP back as the agent's do.
+    crate::spawn::keep_huge_pages_out().expect("PR_SET_THP_DISABLE");
+    let own = std::fs::read_to_string("/proc/self/status").expect("own status");
+    assert_eq!(thp_enabled(&own), "0");
+    let f = fixture();
+    let st = exec_wait(&f.agent, sh("cat /proc/self/status", Capture::Stdout));
+    let child = String::from_utf8(decoded(&st.out_data)).expect("UTF-8 status");
+    assert_eq!(thp_enabled(&child), "1");
 }
 
 #[test]

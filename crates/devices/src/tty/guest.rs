@@ -417,6 +417,7 @@ fn spawn(start: &Start) -> Result<Session, SpawnFailure> {
         None => (login_shell(), vec!["-l".into()]),
     };
     let mut cmd = Command::new(&program);
+    crate::spawn::undo_inherited(cmd.as_std_mut());
     cmd.args(&args);
     if start.term.is_empty() {
         cmd.env_remove("TERM");

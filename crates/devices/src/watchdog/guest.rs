@@ -238,6 +238,7 @@ async fn run_check(settings: &GuestSettings) -> Result<(), CheckFailed> {
         return Ok(());
     };
     let mut cmd = tokio::process::Command::new("/bin/sh");
+    crate::spawn::undo_inherited(cmd.as_std_mut());
     cmd.arg("-c")
         .arg(check)
         .stdin(Stdio::null())

@@ -95,6 +95,7 @@ impl GuestAgent {
             None => None,
         };
         let mut cmd = std::process::Command::new(&a.path);
+        crate::spawn::undo_inherited(&mut cmd);
         cmd.args(&a.arg);
         if let Some(env) = &a.env {
             cmd.env_clear();

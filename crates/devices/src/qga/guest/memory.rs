@@ -196,6 +196,7 @@ impl GuestAgent {
             return Err(QgaError::generic("forbidden characters in user name"));
         }
         let mut cmd = std::process::Command::new("chpasswd");
+        crate::spawn::undo_inherited(&mut cmd);
         if crypted {
             cmd.arg("-e");
         }

@@ -30,7 +30,7 @@ fn find_program_in<'a>(dirs: impl IntoIterator<Item = &'a Path>, name: &str) -> 
 
 /// Runs `program ARGS` with no input or output, and waits for it.
 pub(super) fn run_quietly(program: &Path, args: &[&str]) -> io::Result<std::process::ExitStatus> {
-    std::process::Command::new(program)
+    crate::spawn::undo_inherited(&mut std::process::Command::new(program))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
