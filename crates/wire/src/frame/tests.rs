@@ -337,24 +337,31 @@ fn huge_claimed_length_in_garbled_header_is_not_trusted() {
     assert!(err.contains(&DecodeError::BadHeader));
 }
 
+/// DATA frames on channel 1 with sequence numbers 0, 1, ..., frame `seq` carrying `lens[seq]`
+/// bytes of the value `seq`.
+fn data_frames(lens: &[usize]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for (seq, &len) in lens.iter().enumerate() {
+        encode(
+            &mut wire,
+            Kind::Data as u8,
+            1,
+            seq as u32,
+            0,
+            &vec![seq as u8; len],
+        );
+    }
+    wire
+}
+
 /// Large frames read in the decoder's windows leave without a copy: each payload is the very
 /// memory the read wrote it to, and its buffer returns to the pool when the payload is
 /// dropped. Small payloads are copies, so that none pins a read buffer.
 #[test]
 fn large_payloads_leave_in_the_buffer_they_were_read_into() {
     let limit = 64 * 1024;
-    let mut wire = Vec::new();
-    for seq in 0..6u32 {
-        let len = if seq == 3 { 100 } else { limit };
-        encode(
-            &mut wire,
-            Kind::Data as u8,
-            1,
-            seq,
-            0,
-            &vec![seq as u8; len],
-        );
-    }
+    let lens: Vec<usize> = (0..6).map(|i| if i == 3 { 100 } else { limit }).collect();
+    let wire = data_frames(&lens);
     let mut d = Decoder::new(limit as u32);
     let mut pool = BufferPool::new(limit);
     let mut input = InputBuf::new();
@@ -398,17 +405,7 @@ fn large_payloads_leave_in_the_buffer_they_were_read_into() {
 fn mid_sized_payloads_leave_in_buffers_sized_to_them() {
     let limit = 64 * 1024;
     let sizes = [28 * 1024, 37 * 1024, 100, 5000, 28 * 1024];
-    let mut wire = Vec::new();
-    for (seq, &len) in sizes.iter().enumerate() {
-        encode(
-            &mut wire,
-            Kind::Data as u8,
-            1,
-            seq as u32,
-            0,
-            &vec![seq as u8; len],
-        );
-    }
+    let wire = data_frames(&sizes);
     let mut d = Decoder::new(limit as u32);
     let mut pool = BufferPool::new(limit);
     let mut input = InputBuf::new();
@@ -447,17 +444,7 @@ fn a_small_frame_between_large_ones_costs_them_no_copy() {
     let lens: Vec<usize> = (0..8)
         .map(|i| if i % 2 == 1 { 30 } else { limit })
         .collect();
-    let mut wire = Vec::new();
-    for (seq, &len) in lens.iter().enumerate() {
-        encode(
-            &mut wire,
-            Kind::Data as u8,
-            1,
-            seq as u32,
-            0,
-            &vec![seq as u8; len],
-        );
-    }
+    let wire = data_frames(&lens);
     let mut d = Decoder::new(limit as u32);
     let mut pool = BufferPool::new(limit);
     let mut input = InputBuf::new();
