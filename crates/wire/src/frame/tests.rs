@@ -354,6 +354,36 @@ fn data_frames(lens: &[usize]) -> Vec<u8> {
     wire
 }
 
+/// Decodes `wire` (frames of up to the pool's size) as reads of at most `max_read` bytes
+/// into what the decoder prepares; returns each frame with whether its payload is a view of
+/// the memory its read wrote (no copy), and how many were.
+fn decode_counting_views(
+    wire: &[u8],
+    pool: &mut BufferPool,
+    max_read: usize,
+) -> (Vec<(Frame, bool)>, usize) {
+    let mut d = Decoder::new(pool.capacity() as u32);
+    let mut input = InputBuf::new();
+    let mut rest = wire;
+    let (mut got, mut in_place) = (Vec::new(), 0);
+    while !rest.is_empty() {
+        d.prepare(&mut input, pool);
+        let k = input.fill_from(&rest[..rest.len().min(max_read)]);
+        // The buffer this read went to.
+        let at = input.filled().as_ptr() as usize;
+        let read = at..at + input.len();
+        rest = &rest[k..];
+        input.received();
+        while let Some(item) = d.next_in(&mut input, pool) {
+            let frame = item.unwrap();
+            let view = read.contains(&(frame.payload.as_ptr() as usize));
+            in_place += usize::from(view);
+            got.push((frame, view));
+        }
+    }
+    (got, in_place)
+}
+
 /// Large frames read in the decoder's windows leave without a copy: each payload is the very
 /// memory the read wrote it to, and its buffer returns to the pool when the payload is
 /// dropped. Small payloads are copies, so that none pins a read buffer.
@@ -361,30 +391,15 @@ fn data_frames(lens: &[usize]) -> Vec<u8> {
 fn large_payloads_leave_in_the_buffer_they_were_read_into() {
     let limit = 64 * 1024;
     let lens: Vec<usize> = (0..6).map(|i| if i == 3 { 100 } else { limit }).collect();
-    let wire = data_frames(&lens);
-    let mut d = Decoder::new(limit as u32);
     let mut pool = BufferPool::new(limit);
-    let mut input = InputBuf::new();
-    let mut rest = &wire[..];
-    let (mut got, mut in_place) = (Vec::new(), 0);
-    while !rest.is_empty() {
-        d.prepare(&mut input, &mut pool);
-        let k = input.fill_from(rest);
-        // The buffer this read went to.
-        let at = input.filled().as_ptr() as usize;
-        let read = at..at + input.len();
-        rest = &rest[k..];
-        input.received();
-        while let Some(item) = d.next_in(&mut input, &mut pool) {
-            let frame = item.unwrap();
-            let p = frame.payload.as_ptr() as usize;
-            if read.contains(&p) {
-                in_place += 1;
-                assert_eq!(frame.payload.len(), limit, "only large payloads are views");
-            }
-            got.push(frame);
-        }
-    }
+    let (got, in_place) = decode_counting_views(&data_frames(&lens), &mut pool, usize::MAX);
+    assert!(
+        got.iter()
+            .filter(|(_, view)| *view)
+            .all(|(f, _)| f.payload.len() == limit),
+        "only large payloads are views"
+    );
+    let got: Vec<Frame> = got.into_iter().map(|(f, _)| f).collect();
     assert_eq!(got.len(), 6);
     for (seq, f) in got.iter().enumerate() {
         assert!(f.payload.iter().all(|&b| b == seq as u8));
@@ -405,30 +420,16 @@ fn large_payloads_leave_in_the_buffer_they_were_read_into() {
 fn mid_sized_payloads_leave_in_buffers_sized_to_them() {
     let limit = 64 * 1024;
     let sizes = [28 * 1024, 37 * 1024, 100, 5000, 28 * 1024];
-    let wire = data_frames(&sizes);
-    let mut d = Decoder::new(limit as u32);
     let mut pool = BufferPool::new(limit);
-    let mut input = InputBuf::new();
-    let mut rest = &wire[..];
-    let (mut got, mut in_place) = (Vec::new(), 0);
-    while !rest.is_empty() {
-        d.prepare(&mut input, &mut pool);
-        let k = input.fill_from(&rest[..rest.len().min(4096)]);
-        let at = input.filled().as_ptr() as usize;
-        let read = at..at + input.len();
-        rest = &rest[k..];
-        input.received();
-        while let Some(item) = d.next_in(&mut input, &mut pool) {
-            let frame = item.unwrap();
-            if read.contains(&(frame.payload.as_ptr() as usize)) {
-                in_place += 1;
-                assert!(frame.payload.len() >= 4096, "only large payloads are views");
-            }
-            got.push(frame);
-        }
-    }
+    let (got, in_place) = decode_counting_views(&data_frames(&sizes), &mut pool, 4096);
+    assert!(
+        got.iter()
+            .filter(|(_, view)| *view)
+            .all(|(f, _)| f.payload.len() >= 4096),
+        "only large payloads are views"
+    );
     assert_eq!(got.len(), sizes.len());
-    for (seq, f) in got.iter().enumerate() {
+    for (seq, (f, _)) in got.iter().enumerate() {
         assert_eq!(f.payload.len(), sizes[seq]);
         assert!(f.payload.iter().all(|&b| b == seq as u8));
     }
