@@ -321,23 +321,21 @@ impl<M: Message> Decoder<M> {
     /// its payload is handed on by [`next_message`](Self::next_message) without a copy: for a
     /// bulk transfer, one user-space copy of each byte fewer than a read into a buffer and a
     /// [`push`](Self::push), and none of the partial records a reallocation would move.
-    /// Returns the bytes read (0: the end of the stream). Cancel-safe; never holds more than
-    /// [`Self::LIMIT`].
-    /// Called only when [`next_message`](Self::next_message) has nothing complete.
+    ///
+    /// Called only when `next_message` has nothing complete. Returns the bytes read (0: the
+    /// end of the stream). Cancel-safe; never holds more than [`Self::LIMIT`].
     async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
-        let header = M::LAYOUT.header_len();
-        let want = match M::LAYOUT.parse(&self.buf) {
-            // A header the limits refuse: `next_message` says so before anything is read.
-            Some((_, _, len)) => (header + len).saturating_sub(self.buf.len()),
-            None => {
-                // Free when the buffer is empty or holds a partial header (the usual case:
-                // records end where reads end); the partial header is what may move.
-                self.buf.reserve(Self::LIMIT - self.buf.len());
-                M::READ_CHUNK
+        let (want, room) = match M::LAYOUT.parse(&self.buf) {
+            // Room was made when the record's first byte was read (below); a no-op then.
+            Some((_, _, len)) => {
+                let want = (M::LAYOUT.header_len() + len).saturating_sub(self.buf.len());
+                (want, want)
             }
+            // Free when the buffer is empty or holds a partial header (the usual case:
+            // records end where reads end); the partial header is what may move.
+            None => (M::READ_CHUNK, Self::LIMIT - self.buf.len()),
         };
-        // Reserved above for a record starting in the last unbounded read; a no-op then.
-        self.buf.reserve(want);
+        self.buf.reserve(room);
         (&mut *r).take(want as u64).read_buf(&mut self.buf).await
     }
 
