@@ -188,11 +188,11 @@ impl Decoder {
     /// rest has not been read yet; [`Decoder::prepare`] then readies `input` for that rest.
     ///
     /// It exists for speed. `push` copies everything into the decoder's buffer; here a sound
-    /// frame in `input` is taken from it directly. A large payload that was read into a pool
-    /// buffer, or one sized to its frame, of its own leaves as a view of that buffer, with no
-    /// copy at all; other payloads
-    /// are copied once, so that no view pins a read buffer shared with other frames (a peer could
-    /// then make us hold more than the window it was granted). A frame split across reads is
+    /// frame in `input` is taken from it directly. A large payload that was read into a buffer
+    /// of its own (a pool buffer, or one sized to its frame) leaves as a view of that buffer,
+    /// with no copy at all; other payloads are copied once, so that no view pins a read buffer
+    /// shared with other frames (a peer could then make us hold more than the window it was
+    /// granted). A frame split across reads is
     /// completed in `input` by the next read. Anything unusual (garbage, a bad CRC, an oversized
     /// frame) falls back to `push` + `next`, so resynchronisation and every counter behave
     /// exactly as there.
