@@ -41,12 +41,8 @@ const AT_REST: Duration = Duration::from_secs(35);
 
 /// Waits for `path` to exist (a socket a process binds).
 fn wait_for(path: &Path, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{what} did not create {} within 60 s", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !process::wait_for_path(path, Duration::from_secs(60)) {
+        bail!("{what} did not create {} within 60 s", path.display());
     }
     Ok(())
 }

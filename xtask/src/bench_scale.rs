@@ -79,12 +79,8 @@ fn start_daemon(bin: &Path, dir: &Path, name: &str, config: &str) -> Result<(Pro
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?);
     let p = Proc(process::spawn(cmd)?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !control.exists() {
-        if Instant::now() > deadline {
-            bail!("vstreamd did not create {}", control.display());
-        }
-        thread::sleep(Duration::from_millis(20));
+    if !process::wait_for_path(&control, Duration::from_secs(30)) {
+        bail!("vstreamd did not create {}", control.display());
     }
     Ok((p, control))
 }

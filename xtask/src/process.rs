@@ -175,6 +175,19 @@ pub fn kill_all() {
     }
 }
 
+/// Waits up to `timeout` for `path` to exist (a socket or file another process creates);
+/// false if it did not.
+pub fn wait_for_path(path: &std::path::Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 /// Waits up to `timeout` for a child to exit.
 pub fn wait_timeout(
     child: &mut Child,

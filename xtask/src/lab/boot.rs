@@ -151,21 +151,17 @@ impl Lab {
 
     /// Waits for one of vstreamd's vhost-user sockets, which QEMU needs at start.
     fn wait_for_vhost_user(&self, socket: &Path) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "vstreamd did not open {} within 30 s; its log:\n{}",
-                        socket.display(),
-                        tail(&self.paths.daemon_log, 30)
-                    ),
-                ));
-            }
-            thread::sleep(Duration::from_millis(50));
+        if process::wait_for_path(socket, Duration::from_secs(30)) {
+            return Ok(());
         }
-        Ok(())
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "vstreamd did not open {} within 30 s; its log:\n{}",
+                socket.display(),
+                tail(&self.paths.daemon_log, 30)
+            ),
+        ))
     }
 
     /// Starts vhost-device-vsock with only the hybrid Unix-socket backend (`uds-path`: nothing
