@@ -18,6 +18,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+# A CI run builds once: incremental caches would double target/ (about 14 GB) for nothing.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 # Debian bookworm packages. A guest tool added to GUEST_TOOLS in xtask/src/image.rs adds its package here.
 APT_PACKAGES=(
     qemu-system-x86   # qemu-system-x86_64, the lab's VMM
