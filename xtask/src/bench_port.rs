@@ -42,14 +42,14 @@ const WRITE: usize = 64 * 1024;
 const USER_HZ: f64 = 100.0;
 
 /// A guest shell function: `snap` prints `SNAP <guest busy ticks> <agent utime+stime ticks>
-/// <agent read calls> <agent write calls> <agent context switches>`. Busy = user + nice +
+/// <agent read calls> <agent write calls> <agent context switches> <agent minor faults>`. Busy = user + nice +
 /// system + irq + softirq + steal of /proc/stat's `cpu` line; the calls are `syscr`/`syscw` of
 /// /proc/PID/io; the switches (voluntary and not) are summed over the agent's threads. The
 /// counts do not depend on how busy the host is, the times do (see [`Row`]).
 const SNAP: &str = "snap() { set -- $(head -n1 /proc/stat); b=$(( $2 + $3 + $4 + $7 + $8 + $9 )); \
      a=$(cat /run/vstream-agent.pid); set -- $(cut -d')' -f2 /proc/$a/stat); \
-     echo \"SNAP $b $(( ${12} + ${13} )) $(awk '/^syscr/ {r=$2} /^syscw/ {w=$2} END {print r, w}' /proc/$a/io) \
-     $(awk '/ctxt_switches/ {s+=$2} END {print s}' /proc/$a/task/*/status)\"; }";
+     f=$8; echo \"SNAP $b $(( ${12} + ${13} )) $(awk '/^syscr/ {r=$2} /^syscw/ {w=$2} END {print r, w}' /proc/$a/io) \
+     $(awk '/ctxt_switches/ {s+=$2} END {print s}' /proc/$a/task/*/status) $f\"; }";
 
 /// The raw port's device node, found by name (no udev in the lab guest), on fd 3.
 fn open_raw_port() -> String {
@@ -67,14 +67,14 @@ struct Row {
     fig: Figure,
     /// The whole guest's busy CPU per GiB.
     guest_s_per_gib: f64,
-    /// The agent's read calls, write calls and context switches per MiB.
-    counts_per_mib: [f64; 3],
+    /// The agent's read calls, write calls, context switches and minor page faults per MiB.
+    counts_per_mib: [f64; 4],
 }
 
 /// What the guest's counters moved by between the first and last `SNAP` line of `out`: guest
-/// busy seconds, agent seconds, agent reads, writes and context switches.
-fn snap_delta(out: &str) -> Result<[f64; 5]> {
-    let snaps: Vec<[f64; 5]> = out
+/// busy seconds, agent seconds, agent reads, writes, context switches and minor faults.
+fn snap_delta(out: &str) -> Result<[f64; 6]> {
+    let snaps: Vec<[f64; 6]> = out
         .lines()
         .filter_map(|l| {
             let w = l.trim().strip_prefix("SNAP ")?.split_whitespace();
@@ -85,7 +85,7 @@ fn snap_delta(out: &str) -> Result<[f64; 5]> {
     match (snaps.first(), snaps.last()) {
         (Some(a), Some(b)) if snaps.len() >= 2 => {
             let d = |i: usize| b[i] - a[i];
-            Ok([d(0) / USER_HZ, d(1) / USER_HZ, d(2), d(3), d(4)])
+            Ok([d(0) / USER_HZ, d(1) / USER_HZ, d(2), d(3), d(4), d(5)])
         }
         _ => bail!("no counter snapshots in the guest's output: {out:?}"),
     }
@@ -98,7 +98,7 @@ fn row(
     took: Duration,
     out: &str,
 ) -> Result<Row> {
-    let [guest, agent, reads, writes, switches] = snap_delta(out)?;
+    let [guest, agent, reads, writes, switches, faults] = snap_delta(out)?;
     let fig = figure(bytes, took, agent);
     let mib = bytes as f64 / (1u64 << 20) as f64;
     Ok(Row {
@@ -106,7 +106,7 @@ fn row(
         dir,
         fig,
         guest_s_per_gib: guest / mib * 1024.0,
-        counts_per_mib: [reads / mib, writes / mib, switches / mib],
+        counts_per_mib: [reads / mib, writes / mib, switches / mib, faults / mib],
     })
 }
 
@@ -321,7 +321,7 @@ fn median_row(runs: &[Vec<Row>], i: usize) -> Row {
             cpu_s_per_gib: median(&|r| r.fig.cpu_s_per_gib),
         },
         guest_s_per_gib: median(&|r| r.guest_s_per_gib),
-        counts_per_mib: [0, 1, 2].map(|k| median(&|r| r.counts_per_mib[k])),
+        counts_per_mib: [0, 1, 2, 3].map(|k| median(&|r| r.counts_per_mib[k])),
     }
 }
 
@@ -377,9 +377,9 @@ pub fn run(args: &[String]) -> Result<()> {
         WRITE / 1024
     );
     println!("agent memory: idle {idle}; after the transfers {after}; 40 s later {settled}");
-    println!("spread: (fastest - slowest) / median MiB/s over the rounds; agent reads, writes and context switches per MiB from /proc/PID/io and /proc/PID/task/*/status");
+    println!("spread: (fastest - slowest) / median MiB/s over the rounds; agent reads, writes, context switches and minor page faults per MiB from /proc/PID/io, /proc/PID/task/*/status and /proc/PID/stat");
     println!(
-        "{:<18} {:>5} {:>8} {:>7} {:>11} {:>11} {:>10} {:>10} {:>8}",
+        "{:<18} {:>5} {:>8} {:>7} {:>11} {:>11} {:>10} {:>10} {:>8} {:>10}",
         "path",
         "dir",
         "MiB/s",
@@ -388,16 +388,17 @@ pub fn run(args: &[String]) -> Result<()> {
         "guest s/GiB",
         "reads/MiB",
         "writes/MiB",
-        "csw/MiB"
+        "csw/MiB",
+        "faults/MiB"
     );
     for (i, r) in rows.iter().enumerate() {
         let rates: Vec<f64> = runs.iter().map(|run| run[i].fig.mib_s).collect();
         let spread = (rates.iter().copied().fold(f64::MIN, f64::max)
             - rates.iter().copied().fold(f64::MAX, f64::min))
             / r.fig.mib_s;
-        let [reads, writes, switches] = r.counts_per_mib;
+        let [reads, writes, switches, faults] = r.counts_per_mib;
         println!(
-            "{:<18} {:>5} {:>8.1} {:>6.0}% {:>11.2} {:>11.2} {:>10.1} {:>10.1} {:>8.1}",
+            "{:<18} {:>5} {:>8.1} {:>6.0}% {:>11.2} {:>11.2} {:>10.1} {:>10.1} {:>8.1} {:>10.1}",
             r.path,
             r.dir,
             r.fig.mib_s,
@@ -406,7 +407,8 @@ pub fn run(args: &[String]) -> Result<()> {
             r.guest_s_per_gib,
             reads,
             writes,
-            switches
+            switches,
+            faults
         );
     }
     let ratio = |a: usize, b: usize| rows[a].fig.mib_s / rows[b].fig.mib_s;

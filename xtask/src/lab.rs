@@ -23,7 +23,8 @@
 //!   (shown by `cargo test` for failing tests). The directory of a lab that saw a panic is kept.
 //!
 //! Environment: `VSTREAM_LAB_TIMEOUT`, `VSTREAM_LAB_BOOT_TIMEOUT` (seconds), `VSTREAM_LAB_KEEP=1` (keep
-//! the directory), `VSTREAM_LAB_ACCEL=kvm|tcg`, `VSTREAM_SKIP_E2E=1` (see [`e2e_enabled`]), `VSTREAM_LOG`
+//! the directory), `VSTREAM_LAB_ACCEL=kvm|tcg`, `VSTREAM_LAB_QEMU_ARGS` and `VSTREAM_LAB_KERNEL_ARGS`
+//! (words added to every guest's QEMU command and kernel command line), `VSTREAM_SKIP_E2E=1` (see [`e2e_enabled`]), `VSTREAM_LOG`
 //! (vstreamd's log filter, default `info,vstream_transport=debug`), plus the paths of [`crate::paths`].
 
 mod boot;

@@ -297,16 +297,21 @@ fn release_build() -> Result<std::path::PathBuf> {
     release_build_of(&["vstream-host", "vstream-agent"])
 }
 
-/// What a lab benchmark needs first: the agent in the image and the host binaries as users run
-/// them (release), a lab timeout long enough for big transfers, and a scratch directory
-/// `vstream-bench-NAME-PID`, which it returns.
-fn bench_setup(name: &str) -> Result<std::path::PathBuf> {
+/// What every lab benchmark needs first: the agent in the image, the host binaries as users run
+/// them (release), and a lab timeout long enough for big transfers.
+fn bench_binaries() -> Result<()> {
     build_agent()?;
     let bin = release_build_of(&["vstream-host"])?;
     std::env::set_var("VSTREAM_BIN_DIR", &bin);
     if std::env::var_os("VSTREAM_LAB_TIMEOUT").is_none() {
         std::env::set_var("VSTREAM_LAB_TIMEOUT", "3600");
     }
+    Ok(())
+}
+
+/// [`bench_binaries`], and a scratch directory `vstream-bench-NAME-PID`, which it returns.
+fn bench_setup(name: &str) -> Result<std::path::PathBuf> {
+    bench_binaries()?;
     let dir = std::env::temp_dir().join(format!("vstream-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

@@ -180,6 +180,10 @@ pub trait Message: Sized {
     const LAYOUT: Layout;
     /// Largest payload of any record of this set.
     const MAX_PAYLOAD: usize;
+    /// Largest payload of the records that carry the bulk of the bytes (data, not setup): what
+    /// [`Decoder::read_from`] makes room for before it knows a record's length. Larger records
+    /// (a command line with its environment) are moved once to a buffer that fits them.
+    const BULK_PAYLOAD: usize = Self::MAX_PAYLOAD;
     /// Most bytes one read adds to the decoder ([`read_message`]'s reads, or a slice a driver
     /// hands to [`Decoder::push`]).
     const READ_CHUNK: usize;
@@ -332,8 +336,15 @@ impl<M: Message> Decoder<M> {
                 (want, want)
             }
             // Free when the buffer is empty or holds a partial header (the usual case:
-            // records end where reads end); the partial header is what may move.
-            None => (M::READ_CHUNK, Self::LIMIT - self.buf.len()),
+            // records end where reads end); the partial header is what may move. Room for a
+            // bulk record, not for LIMIT: while the last payload is still in use this is a
+            // fresh allocation, and one of LIMIT (over 128 KiB for some sets) came from mmap,
+            // so every record cost its pages' faults (a page's zeroing and a trap each, dear
+            // in an emulated guest); one sized to the record comes from the heap, reused.
+            None => {
+                let room = (M::LAYOUT.header_len() + M::BULK_PAYLOAD).min(Self::LIMIT);
+                (M::READ_CHUNK, room.saturating_sub(self.buf.len()))
+            }
         };
         self.buf.reserve(room);
         (&mut *r).take(want as u64).read_buf(&mut self.buf).await

@@ -61,8 +61,11 @@ impl Lab {
                 LabVsock::VhostDeviceVsock | LabVsock::Vstreamd => Some(HYBRID_VSOCK_CID),
                 LabVsock::None => qemu::vhost_vsock_available().then(vsock_cid),
             },
-            extra_kernel_args: options.extra_kernel_args.clone(),
-            extra_qemu_args: options.extra_qemu_args.clone(),
+            extra_kernel_args: with_env_words(
+                &options.extra_kernel_args,
+                "VSTREAM_LAB_KERNEL_ARGS",
+            ),
+            extra_qemu_args: with_env_words(&options.extra_qemu_args, "VSTREAM_LAB_QEMU_ARGS"),
             user_net: options.user_net,
             ivshmem: options.ivshmem.clone(),
         };
@@ -337,4 +340,15 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// `args`, then the words of environment variable `var`: what a person adds to every guest of a
+/// run, e.g. `VSTREAM_LAB_QEMU_ARGS="-gdb tcp::1234"` and `VSTREAM_LAB_KERNEL_ARGS=nokaslr` to
+/// sample where a guest spends its time (`cargo xtask guest-profile`).
+fn with_env_words(args: &[String], var: &str) -> Vec<String> {
+    let extra = std::env::var(var).unwrap_or_default();
+    args.iter()
+        .cloned()
+        .chain(extra.split_whitespace().map(str::to_owned))
+        .collect()
 }

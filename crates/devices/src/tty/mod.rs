@@ -279,6 +279,7 @@ fn decode_start(payload: Bytes) -> Result<Start, RecordError> {
 impl Message for HostMsg {
     const LAYOUT: Layout = Layout::Long;
     const MAX_PAYLOAD: usize = MAX_START;
+    const BULK_PAYLOAD: usize = MAX_DATA;
     const READ_CHUNK: usize = READ_CHUNK;
 
     fn limit(kind: u8) -> Result<Limit, RecordError> {
