@@ -14,6 +14,7 @@ mod bench_port;
 mod bench_qga;
 mod bench_scale;
 mod bench_vsock;
+mod guest_profile;
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>
@@ -49,6 +50,8 @@ tasks:
   bench-fastnet fastnet (shared memory, channel-only) vs QEMU virtio-net (TAP, user) and ppp,
             one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N)
             [--trace-agent: the guest agent's syscalls and switches on the shared-memory rows]
+  guest-profile where a lab guest's vCPU spends its time: samples its instruction pointer
+            through QEMU's gdb stub, names kernel and agent symbols (guest-profile --help)
   bench-scale 1000 vstream-agent processes on one vstreamd, no VM: status time, memory
             per idle guest, idle CPU and wake-ups, exec latency (bench-scale --help)
 
@@ -273,6 +276,7 @@ fn run() -> Result<()> {
         "bench-vsock" => bench_vsock::run(&args[1..]),
         "bench-fastnet" => bench_fastnet::run(&args[1..]),
         "bench-cp" => bench_cp::run(&args[1..]),
+        "guest-profile" => guest_profile::run(&args[1..]),
         "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
