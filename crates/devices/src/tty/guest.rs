@@ -497,6 +497,8 @@ fn spawn(start: &Start) -> Result<Session, SpawnFailure> {
         let stdin = child.stdin.take().ok_or_else(missing)?;
         let stdout = child.stdout.take().ok_or_else(missing)?;
         let stderr = child.stderr.take().ok_or_else(missing)?;
+        widen_pipe(&stdin);
+        widen_pipe(&stdout);
         Ok(Session {
             child,
             pid,
@@ -507,6 +509,20 @@ fn spawn(start: &Start) -> Result<Session, SpawnFailure> {
             ],
             pty: None,
         })
+    }
+}
+
+/// Capacity of a piped command's standard input and output (the kernel's default is 64 KiB).
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Gives a command's pipe [`PIPE_SIZE`]: in a bulk transfer the command and the agent then take
+/// turns once per MiB or so instead of once per 64 KiB, and in a guest each switch between them
+/// is dear (under TCG it empties the software TLB). Best effort: the kernel may cap it
+/// (`/proc/sys/fs/pipe-max-size` for users without CAP_SYS_RESOURCE), and a pipe left at its
+/// default works the same, only slower.
+fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
+    if let Err(e) = rustix::pipe::fcntl_setpipe_size(pipe, PIPE_SIZE) {
+        tracing::debug!("tty: pipe kept its size: {e}");
     }
 }
 
