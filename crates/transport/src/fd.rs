@@ -130,11 +130,16 @@ impl AsyncRead for FdStream {
                 // Read into the spare room as it is: zeroing it first (`initialize_unfilled`)
                 // cost a pass over every received byte, a large part of an emulated guest's
                 // receive path.
-                // SAFETY: the slice is only handed to read(2), which writes into it and never
-                // de-initialises anything.
+                // SAFETY: the slice is only handed to read(2) or readv(2), which write into it
+                // and never de-initialise anything.
                 let unfilled = unsafe { buf.unfilled_mut() };
-                let read =
-                    guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *unfilled)?.0.len()));
+                let read = guard.try_io(|fd| {
+                    if this.fill_reads {
+                        read_pages(fd.get_ref(), unfilled)
+                    } else {
+                        Ok(rustix::io::read(fd.get_ref(), &mut *unfilled)?.0.len())
+                    }
+                });
                 match read {
                     Ok(Ok(n)) => {
                         // SAFETY: the read initialised the first `n` bytes of the spare room.
@@ -158,6 +163,40 @@ impl AsyncRead for FdStream {
             }
         }
     }
+}
+
+/// Most pages one [`read_pages`] asks for (256 KiB, a link reader's largest buffer).
+const READ_PAGES: usize = 64;
+
+/// Reads into `room` with one `readv` of page-sized pieces. A virtio-serial port gives at most
+/// one of its receive buffers (a page) per `read`; the kernel serves a `readv` on it as one
+/// `read` per piece for as long as each fills its piece, so a bulk transfer takes in up to
+/// [`READ_PAGES`] buffers per system call instead of one (under TCG every system call costs
+/// thousands of emulated instructions). Descriptors that read whole iovecs at once (ttys,
+/// sockets, pipes) read as they would with `read`. Stops at the first short piece, as `read`
+/// would: what is left comes with the next call.
+fn read_pages(fd: &OwnedFd, room: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    const PAGE: usize = 4096;
+    let pieces = room.len().div_ceil(PAGE).min(READ_PAGES);
+    let base = room.as_mut_ptr().cast::<libc::c_void>();
+    let iov: [libc::iovec; READ_PAGES] = std::array::from_fn(|i| {
+        let start = (i * PAGE).min(room.len());
+        libc::iovec {
+            // SAFETY: `start` is within `room` (or its end), so the pointer stays in (or one
+            // past) the same allocation.
+            iov_base: unsafe { base.add(start) },
+            iov_len: PAGE.min(room.len() - start),
+        }
+    });
+    // libc, not rustix: rustix's readv takes initialised slices (`IoSliceMut`), and this reads
+    // into the buffer's uninitialised spare room, which it must not zero first (a pass over
+    // every received byte).
+    // SAFETY: each of the first `pieces` iovecs describes a disjoint part of `room`, which is
+    // valid for writes for its whole length and outlives the call; readv(2) only writes
+    // received bytes there. `pieces` is at most READ_PAGES (64), within IOV_MAX.
+    let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), pieces as libc::c_int) };
+    // A negative return is -1 with errno set; anything else is the count.
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 impl AsyncWrite for FdStream {
