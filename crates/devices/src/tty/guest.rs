@@ -340,15 +340,75 @@ async fn handle_input<R: AsyncRead + Unpin>(
 
 /// Writes queued `Stdin` to the command. When the queue ends (`StdinEof`), dropping `input`
 /// closes a pipe (the command reads EOF); a pty stays open.
+///
+/// A pipe gets everything queued at once, in one vectored write: in a bulk transfer the
+/// command then wakes once per batch instead of once per record, and each switch between it
+/// and the agent is dear in a guest.
 async fn feed_stdin(mut input: Input, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = Batch::default();
     while let Some(data) = rx.recv().await {
         let written = match &mut input {
-            Input::Pipe(p) => p.write_all(&data).await,
+            Input::Pipe(p) => {
+                batch.push(data);
+                while batch.0.len() < STDIN_QUEUE {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                p.write_all_buf(&mut batch).await
+            }
             Input::Pty(m) => m.write_all(&data).await,
         };
         if written.is_err() {
             return;
         }
+    }
+}
+
+/// Payloads written in order as one buffer (`write_all_buf` writes its chunks vectored).
+/// Holds no empty payload, so its `chunk` is empty only when nothing remains.
+#[derive(Default)]
+pub(super) struct Batch(std::collections::VecDeque<Bytes>);
+
+impl Batch {
+    pub(super) fn push(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.0.push_back(data);
+        }
+    }
+}
+
+impl bytes::Buf for Batch {
+    fn remaining(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.0.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.0.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.0.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, b) in dst.iter_mut().zip(&self.0) {
+            *slot = io::IoSlice::new(b);
+            n += 1;
+        }
+        n
     }
 }
 

@@ -899,3 +899,39 @@ async fn the_registry_offers_this_device_s_login_shell_for_a_page_terminal() {
         .expect("guest half ends")
         .expect("guest half");
 }
+
+proptest! {
+    /// A batch of stdin payloads goes out whole and in order however the writer takes it: in
+    /// pieces of any size, through `chunk` or `chunks_vectored` (empty payloads included).
+    #[test]
+    fn a_stdin_batch_writes_its_payloads_in_order(
+        payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8),
+        steps in proptest::collection::vec((1usize..500, any::<bool>()), 1..64),
+    ) {
+        use bytes::Buf;
+        let expected: Vec<u8> = payloads.concat();
+        let mut batch = guest::Batch::default();
+        for p in payloads {
+            batch.push(Bytes::from(p));
+        }
+        prop_assert_eq!(batch.remaining(), expected.len());
+        let mut out = Vec::new();
+        let mut steps = steps.into_iter().cycle();
+        while batch.has_remaining() {
+            let (most, vectored) = steps.next().unwrap_or((1, false));
+            let taken: Vec<u8> = if vectored {
+                let mut slices = [std::io::IoSlice::new(&[]); 4];
+                let n = batch.chunks_vectored(&mut slices);
+                prop_assert!(n > 0);
+                slices[..n].iter().flat_map(|s| s.iter().copied()).take(most).collect()
+            } else {
+                batch.chunk().iter().copied().take(most).collect()
+            };
+            prop_assert!(!taken.is_empty());
+            batch.advance(taken.len());
+            out.extend_from_slice(&taken);
+            prop_assert_eq!(batch.remaining(), expected.len() - out.len());
+        }
+        prop_assert_eq!(out, expected);
+    }
+}
