@@ -58,7 +58,8 @@ const OUT_QUEUE: usize = 8;
 /// [`MAX_DATA`]).
 const OUTPUT_RECORD: usize = MAX_DATA;
 
-/// `Stdin` payloads queued for the command while it does not read.
+/// `Stdin` payloads queued for the command while it does not read; as many more may be in the
+/// write under way ([`feed_stdin`]): at most 16 records of [`MAX_DATA`], 1 MiB, per session.
 const STDIN_QUEUE: usize = 8;
 
 /// The tty service: sessions on channels of class `tty`, name `""`.
