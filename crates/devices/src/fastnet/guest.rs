@@ -144,7 +144,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             )
             .await
         }
-        _ => pump(&mut stream, &tap, dec, &mut rbuf, stats).await,
+        _ => pump(&mut stream, &tap, dec, stats).await,
     }
 }
 

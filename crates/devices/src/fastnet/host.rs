@@ -59,6 +59,6 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = send(&mut stream, &HostMsg::Reset(why.clone())).await;
             Err(LinkError::HostReset(why))
         }
-        (Mode::Channel, ..) => pump(&mut stream, tap, dec, &mut rbuf, stats).await,
+        (Mode::Channel, ..) => pump(&mut stream, tap, dec, stats).await,
     }
 }

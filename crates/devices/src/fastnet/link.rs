@@ -291,24 +291,25 @@ fn deliver<In: LinkMessage>(tap: &impl Port, frame: &[u8], stats: &Stats) -> Res
 }
 
 /// Channel-only mode at either end: packets from the peer go to `tap`, packets from `tap` go
-/// to the peer as `Packet` messages, until an error or the peer's reset.
+/// to the peer as `Packet` messages, until an error or the peer's reset. The channel is read
+/// straight into the decoder ([`next`]), so a packet's bytes are copied once on their way
+/// from the channel to `tap`, not through a read buffer first.
 pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
     tap: &impl Port,
     mut dec: Decoder<In>,
-    rbuf: &mut [u8],
     stats: &Stats,
 ) -> Result<(), LinkError> {
     let mut pkt = vec![0u8; MAX_PACKET as usize];
     let mut out = Vec::new();
     loop {
-        while let Some(m) = dec.next_message()? {
-            if let Incoming::Packet(p) = m.incoming()? {
-                deliver::<In>(tap, &p, stats)?;
-            }
-        }
         tokio::select! {
-            n = stream.read(rbuf) => received(&mut dec, rbuf, n?)?,
+            // Cancel-safe: what a cancelled read took in stays in `dec`.
+            m = next(stream, &mut dec) => {
+                if let Incoming::Packet(p) = m?.incoming()? {
+                    deliver::<In>(tap, &p, stats)?;
+                }
+            }
             n = tap.recv(&mut pkt) => {
                 let mut n = n?;
                 out.clear();
