@@ -6,8 +6,12 @@
 //! A lab guest started with `VSTREAM_LAB_QEMU_ARGS="-gdb tcp::1234"` and
 //! `VSTREAM_LAB_KERNEL_ARGS="nokaslr norandmaps"` has its kernel where `System.map` says and its
 //! static-pie agent at the same address in every boot (`cat /proc/PID/maps` in the guest
-//! gives it: `--elf-base`). Addresses are named from System.map and `nm` of the unstripped
-//! agent; the rest is counted as "other user space" (dd, busybox) or "unknown".
+//! gives it: `--elf-base`). Addresses are named from the guest's `/proc/kallsyms` (or
+//! System.map, which lacks the modules) and `nm` of the unstripped agent; the rest is counted
+//! as "other user space" (dd, busybox) or an unnamed kernel address.
+//!
+//! The stop requests are served by QEMU's main thread: when every host core is busy it gets
+//! one mostly while the vCPU thread sleeps, so time in the idle loop is over-counted then.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,7 +37,7 @@ fn usage() -> &'static str {
   --gdb         QEMU's gdb stub (VSTREAM_LAB_QEMU_ARGS=\"-gdb tcp::1234\" for lab guests)
   --seconds     how long to sample (10)
   --hz          samples a second (100); each stops the guest for a moment
-  --system-map  the guest kernel's System.map (boot it with nokaslr)
+  --system-map  the guest's /proc/kallsyms, or its kernel's System.map (no modules); boot with nokaslr
   --elf         an unstripped static-pie binary running in the guest (the agent), named with nm
   --elf-base    where the guest loaded it (first line of /proc/PID/maps; boot with norandmaps)
   --top         symbols to print (30)"
