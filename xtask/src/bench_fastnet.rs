@@ -510,9 +510,8 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let size = mib << 20;
-    // Release vstreamd and vstreamctl; the guest's agent is the image's static build.
-    let bin = crate::release_build_of(&["vstream-host"])?;
-    std::env::set_var("VSTREAM_BIN_DIR", &bin);
+    // Release vstreamd and vstreamctl, and the static agent the image takes.
+    crate::bench_binaries()?;
 
     let ns = NetNs::new("fnbench");
     let pid = std::process::id();

@@ -349,10 +349,9 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let bytes = mib << 20;
-    // Release builds of vstreamd and vstreamctl: vhost-device-vsock is a release build too.
-    // (The guest's agent is the image's static build.)
-    let bin = crate::release_build_of(&["vstream-host"])?;
-    std::env::set_var("VSTREAM_BIN_DIR", &bin);
+    // Release builds of vstreamd and vstreamctl (vhost-device-vsock is a release build too),
+    // and the static agent the image takes.
+    crate::bench_binaries()?;
     // The vsock device's counters come with its debug line for each connection that ends.
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "info,vstream_transport::vhost_vsock=debug");
