@@ -219,17 +219,34 @@ pub fn put<M: Message>(
 }
 
 /// Writes the header of a record of type `kind` of set `M` at the start of `record`, whose
-/// payload is already in place after the header's room: output read straight into a record
-/// is sent without being copied into one. Checks the payload's length against the type's
-/// limits as [`put`] does (`record` is left as it was if it is out of them, or shorter than a
-/// header).
+/// payload is already in place after the header's room. Checks the payload's length against
+/// the type's limits as [`put`] does (`record` is left as it was if it is out of them, or
+/// shorter than a header).
 pub fn seal<M: Message>(record: &mut [u8], kind: u8, flags: u8) -> Result<(), RecordError> {
-    let limit = M::limit(kind)?;
     let header_len = M::LAYOUT.header_len();
     let len = record
         .len()
         .checked_sub(header_len)
         .ok_or(RecordError::Truncated(record.len()))?;
+    write_header::<M>(&mut record[..header_len], kind, flags, len)
+}
+
+/// Writes into `header` (the layout's header length) the header of a record of type `kind`
+/// of set `M` whose payload of `len` bytes is kept elsewhere: output is sent from the buffer
+/// it was read into, the header written before it, without being copied into a record.
+/// Checks `len` against the type's limits as [`put`] does (`header` is left as it was if it
+/// is out of them, or if `header` has not the layout's length).
+pub fn write_header<M: Message>(
+    header: &mut [u8],
+    kind: u8,
+    flags: u8,
+    len: usize,
+) -> Result<(), RecordError> {
+    let limit = M::limit(kind)?;
+    let header_len = M::LAYOUT.header_len();
+    if header.len() != header_len {
+        return Err(RecordError::Truncated(header.len()));
+    }
     limit.check(len)?;
     // Only reached if a device declares a limit its layout cannot carry.
     let too_long = |_| RecordError::TooLong {
@@ -237,7 +254,6 @@ pub fn seal<M: Message>(record: &mut [u8], kind: u8, flags: u8) -> Result<(), Re
         len,
         max: limit.max,
     };
-    let header = &mut record[..header_len];
     match M::LAYOUT {
         Layout::Short | Layout::ShortWithFlags => {
             let len = u16::try_from(len).map_err(too_long)?;

@@ -222,6 +222,38 @@ impl AsyncWrite for ChannelStream {
             .poll_send(cx, data.is_empty(), |s, id| s.send(id, data))
     }
 
+    /// All the slices under one lock, so that a record's header and its payload written
+    /// together are queued together: one wake-up of the link's writer, not one that may send
+    /// the header in a frame of its own.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let empty = bufs.iter().all(|b| b.is_empty());
+        self.get_mut().poll_send(cx, empty, |s, id| {
+            let mut queued = 0;
+            for b in bufs {
+                match s.send(id, b) {
+                    Ok(n) => {
+                        queued += n;
+                        if n < b.len() {
+                            break;
+                        }
+                    }
+                    // What was queued is reported; the error comes again with the next write.
+                    Err(_) if queued > 0 => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(queued)
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Data is queued in the session and sent (and retransmitted) by the link tasks.
         Poll::Ready(Ok(()))

@@ -1,13 +1,14 @@
 //! Real Unix sockets, cut again and again in the middle of a bulk transfer on 4 channels: every
 //! byte arrives once, in order (CRC-32C and length compared at both ends). Through
-//! `AsyncWrite`/`AsyncRead`, and through `write_bytes`/`read_bytes` (the zero-copy calls).
+//! `AsyncWrite`/`AsyncRead` (plain and vectored writes), and through `write_bytes`/`read_bytes`
+//! (the zero-copy calls).
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -27,17 +28,29 @@ fn fill(state: &mut u64, buf: &mut [u8]) {
     }
 }
 
-/// How the applications at both ends write and read, and the link parameters.
+/// How the applications at both ends write and read.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    /// `AsyncWrite::write_all` / `AsyncRead::read`.
+    Stream,
+    /// `write_all_buf` of two slices, a few bytes then the rest (as a record's header and
+    /// its payload are written), which tokio writes vectored / `AsyncRead::read`.
+    Vectored,
+    /// `write_bytes` / `read_bytes`.
+    Bytes,
+}
+
+/// How the applications write and read, and the link parameters.
 #[derive(Clone, Copy)]
 struct Mode {
-    bytes_api: bool,
+    api: Api,
     params: LinkParams,
 }
 
 /// `AsyncWrite`/`AsyncRead` on a virtio-serial-like link (payload CRC kept).
 fn streams() -> Mode {
     Mode {
-        bytes_api: false,
+        api: Api::Stream,
         params: LinkParams::stream(0),
     }
 }
@@ -60,7 +73,7 @@ async fn transfer_with_cuts(per_channel: u64, cuts: usize, seed: u64, mode: Mode
                 let (mut n, mut crc) = (0u64, 0u32);
                 loop {
                     let own;
-                    let data = if mode.bytes_api {
+                    let data = if mode.api == Api::Bytes {
                         own = s.read_bytes(buf.len()).await.expect("read");
                         &own[..]
                     } else {
@@ -99,11 +112,17 @@ async fn transfer_with_cuts(per_channel: u64, cuts: usize, seed: u64, mode: Mode
                 let n = (per_channel - sent).min(buf.len() as u64) as usize;
                 fill(&mut state, &mut buf[..n]);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
-                if mode.bytes_api {
-                    let data = Bytes::copy_from_slice(&buf[..n]);
-                    s.write_bytes(data).await.expect("write");
-                } else {
-                    s.write_all(&buf[..n]).await.expect("write");
+                match mode.api {
+                    Api::Bytes => {
+                        let data = Bytes::copy_from_slice(&buf[..n]);
+                        s.write_bytes(data).await.expect("write");
+                    }
+                    Api::Vectored => {
+                        let head = (sent % 9) as usize % (n + 1);
+                        let mut two = Buf::chain(&buf[..head], &buf[head..n]);
+                        s.write_all_buf(&mut two).await.expect("write");
+                    }
+                    Api::Stream => s.write_all(&buf[..n]).await.expect("write"),
                 }
                 sent += n as u64;
             }
@@ -197,10 +216,19 @@ async fn four_channels_64_mib_each_with_100_cuts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_api_without_payload_crc_with_50_cuts() {
     let mode = Mode {
-        bytes_api: true,
+        api: Api::Bytes,
         params: LinkParams::socket(0),
     };
     transfer_with_cuts(16 * 1024 * 1024, 50, 7, mode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectored_writes_with_30_cuts() {
+    let mode = Mode {
+        api: Api::Vectored,
+        ..streams()
+    };
+    transfer_with_cuts(8 * 1024 * 1024, 30, 11, mode).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

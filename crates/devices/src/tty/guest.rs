@@ -24,17 +24,17 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use vstream_link::ChannelStream;
 
 use super::{
-    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, CLASS, HEADER_LEN,
-    MAX_DATA, MAX_SIGNAL,
+    read_message, Decoder, Exit, GuestMsg, HostMsg, Message, ReadError, Start, CLASS, MAX_DATA,
+    MAX_SIGNAL,
 };
 use crate::term::{open_pty, PtyMaster};
 use crate::{ServeFuture, Service};
@@ -54,9 +54,16 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Messages queued for the channel (each at most [`MAX_DATA`] bytes).
 const OUT_QUEUE: usize = 8;
 
-/// Bytes of an output record at most, its header included (its payload stays within
-/// [`MAX_DATA`]).
-const OUTPUT_RECORD: usize = MAX_DATA;
+/// Output read from a pipe in one call at most, sent as records of [`MAX_DATA`]. Read 64 KiB
+/// at a time, a command that writes faster than the channel drains (`dd bs=64k`) kept the pipe
+/// full, and every read woke it: two process switches per 64 KiB, which an emulated guest pays
+/// dearly (each empties TCG's software TLB). A read of half a full pipe wakes it once. The
+/// buffer is allocated once per output stream and reused (a fresh one per read would be mapped
+/// anew, at a page fault per 4 KiB).
+const PIPE_READ: usize = 8 * MAX_DATA;
+
+/// Output read from a pseudo-terminal in one call at most.
+const PTY_READ: usize = MAX_DATA;
 
 /// `Stdin` payloads queued for the command while it does not read; as many more may be in the
 /// write under way ([`feed_stdin`]): at most 16 records of [`MAX_DATA`], 1 MiB, per session.
@@ -124,10 +131,15 @@ where
     let _ = writer.await;
 }
 
-/// What the writer sends: a message, or output already encoded where it was read.
+/// What the writer sends: a message, or output as it was read, which the writer hands
+/// `back` once sent.
 enum Outgoing {
     Msg(GuestMsg),
-    Record(Vec<u8>),
+    Output {
+        data: Vec<u8>,
+        stderr: bool,
+        back: oneshot::Sender<Vec<u8>>,
+    },
 }
 
 impl From<GuestMsg> for Outgoing {
@@ -139,22 +151,43 @@ impl From<GuestMsg> for Outgoing {
 /// Encodes messages onto the channel in order; closes our direction when the queue ends.
 async fn write_messages<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
-        let record = match out {
-            Outgoing::Record(record) => record,
+        let sent = match out {
+            Outgoing::Output { data, stderr, back } => {
+                let sent = write_output(&mut w, &data, stderr).await;
+                let _ = back.send(data);
+                sent
+            }
             Outgoing::Msg(msg) => match msg.to_bytes() {
-                Ok(record) => record,
+                Ok(record) => w.write_all(&record).await,
                 Err(e) => {
                     tracing::warn!("tty: cannot encode a message: {e}");
                     continue;
                 }
             },
         };
-        if let Err(e) = w.write_all(&record).await {
+        if let Err(e) = sent {
             tracing::debug!("tty: channel write failed: {e}");
             return;
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// Sends `data` as `Stdout` or (`stderr`) `Stderr` messages of [`MAX_DATA`] at most, each
+/// header and its output in one vectored write (one queueing on a channel), the output never
+/// copied into a record.
+pub(super) async fn write_output<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    stderr: bool,
+) -> io::Result<()> {
+    for piece in data.chunks(MAX_DATA) {
+        let header = GuestMsg::output_header(piece.len(), stderr)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        w.write_all_buf(&mut Buf::chain(header.as_slice(), piece))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Why a command could not be started: text for the user, and the shell's status if the
@@ -177,18 +210,25 @@ enum Source {
 }
 
 impl Source {
-    /// Appends what one read returns to `record`, filling it to [`OUTPUT_RECORD`] bytes at
-    /// most.
-    async fn read_into(&mut self, record: &mut Vec<u8>) -> io::Result<usize> {
-        let room = OUTPUT_RECORD.saturating_sub(record.len());
+    /// The most one read takes.
+    fn read_max(&self) -> usize {
+        match self {
+            Source::Pipe(_) => PIPE_READ,
+            Source::Pty(_) => PTY_READ,
+        }
+    }
+
+    /// Replaces `buf`'s contents with what one read returns ([`Source::read_max`] at most).
+    async fn read_into(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        buf.clear();
+        let room = self.read_max();
         match self {
             // Into the spare capacity as it is, without zeroing it first.
-            Source::Pipe(r) => r.read_buf(&mut (&mut *record).limit(room)).await,
+            Source::Pipe(r) => r.read_buf(&mut (&mut *buf).limit(room)).await,
             Source::Pty(m) => {
-                let start = record.len();
-                record.resize(start + room, 0);
-                let read = m.read(&mut record[start..]).await;
-                record.truncate(start + read.as_ref().map_or(0, |n| *n));
+                buf.resize(room, 0);
+                let read = m.read(buf).await;
+                buf.truncate(read.as_ref().map_or(0, |n| *n));
                 read
             }
         }
@@ -424,23 +464,20 @@ async fn pump_output(
 ) {
     // Bytes forwarded since the command exited, once it has.
     let mut draining: Option<usize> = None;
+    // Output is sent from this buffer as read (the writer writes each record's header before
+    // its piece), and the writer hands it back for the next read.
+    let mut buf = Vec::with_capacity(source.read_max());
     loop {
-        // Output is read straight into its record, after the header's room: sent as read,
-        // not copied into a message and again into its encoding (two passes over every byte,
-        // which an emulated guest pays for). A record fills at most 64 KiB with its header: one
-        // frame of a port's link, not a full frame and a 5-byte one.
-        let mut record = Vec::with_capacity(OUTPUT_RECORD);
-        record.resize(HEADER_LEN, 0);
         let read = if draining.is_some_and(|n| n >= DRAIN_MAX) {
             return;
         } else if draining.is_some() {
-            match tokio::time::timeout(DRAIN_IDLE, source.read_into(&mut record)).await {
+            match tokio::time::timeout(DRAIN_IDLE, source.read_into(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => return,
             }
         } else {
             tokio::select! {
-                r = source.read_into(&mut record) => r,
+                r = source.read_into(&mut buf) => r,
                 // Changed, or the sender is gone: either way the command has exited.
                 _ = exited.changed() => {
                     draining = Some(0);
@@ -455,13 +492,19 @@ async fn pump_output(
         if let Some(after) = &mut draining {
             *after += n;
         }
-        if let Err(e) = GuestMsg::seal_output(&mut record, stderr) {
-            tracing::warn!("tty: cannot encode output: {e}");
+        let (back, returned) = oneshot::channel();
+        let output = Outgoing::Output {
+            data: buf,
+            stderr,
+            back,
+        };
+        if out.send(output).await.is_err() {
             return;
         }
-        if out.send(Outgoing::Record(record)).await.is_err() {
-            return;
-        }
+        buf = match returned.await {
+            Ok(buf) => buf,
+            Err(_) => return, // The writer stopped: the channel is gone.
+        };
     }
 }
 

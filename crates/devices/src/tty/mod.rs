@@ -26,7 +26,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use bytes::{Buf, Bytes};
 
-use crate::record::{fixed, put, seal, Layout, Limit};
+use crate::record::{fixed, put, write_header, Layout, Limit};
 pub use crate::record::{read_message, Decoder, Message, ReadError, RecordError};
 pub use crate::term::WindowSize;
 
@@ -132,11 +132,13 @@ pub enum GuestMsg {
 }
 
 impl GuestMsg {
-    /// Makes `record` ([`HEADER_LEN`] bytes of room, then output read in place) a `Stdout` or
-    /// (`stderr`) `Stderr` message, as encoding one would, without copying the output.
-    pub fn seal_output(record: &mut [u8], stderr: bool) -> Result<(), RecordError> {
+    /// The header of a `Stdout` or (`stderr`) `Stderr` message of `len` bytes of output, as
+    /// encoding one would write it: the output is sent after it from where it was read.
+    pub fn output_header(len: usize, stderr: bool) -> Result<[u8; HEADER_LEN], RecordError> {
         let kind = if stderr { kind::STDERR } else { kind::STDOUT };
-        seal::<GuestMsg>(record, kind, 0)
+        let mut header = [0; HEADER_LEN];
+        write_header::<GuestMsg>(&mut header, kind, 0, len)?;
+        Ok(header)
     }
 
     /// An `Error` with `text` cut to [`MAX_ERROR`] bytes at a character boundary.

@@ -935,3 +935,27 @@ proptest! {
         prop_assert_eq!(out, expected);
     }
 }
+
+#[tokio::test]
+async fn output_read_in_one_go_goes_out_as_records_of_max_data_in_order() {
+    // Three and a half records' worth, as one read of a full pipe returns it.
+    let data: Vec<u8> = (0..(3 * MAX_DATA + MAX_DATA / 2) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut wire = Vec::new();
+    guest::write_output(&mut wire, &data, true)
+        .await
+        .expect("write");
+    let mut r = &wire[..];
+    let mut dec = Decoder::<GuestMsg>::new();
+    let mut back = Vec::new();
+    while let Some(m) = read_message(&mut r, &mut dec).await.expect("valid stream") {
+        let GuestMsg::Stderr(piece) = m else {
+            panic!("not stderr: {m:?}");
+        };
+        assert!(piece.len() <= MAX_DATA && !piece.is_empty());
+        back.extend_from_slice(&piece);
+    }
+    assert!(back == data, "{} of {} bytes back", back.len(), data.len());
+    assert_eq!(wire.len(), data.len() + 4 * HEADER_LEN, "four records");
+}
