@@ -2,7 +2,8 @@
 //! kind of route (a raw virtio-serial port each, see [`xtask::qga_lab`]): guest-ping latency,
 //! guest-file-read throughput and resident memory. Prints one table; see docs/PERFORMANCE.md.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -94,14 +95,38 @@ fn pings(conn: &mut QgaConn, n: usize) -> Result<Lat> {
             bail!("guest-ping returned {r}");
         }
     }
+    Ok(latency(us))
+}
+
+/// `n` guest-ping requests through `cat` echoing them back ([`QgaLab::start_floor`]): the
+/// route without an agent.
+fn echo_pings(s: &mut UnixStream, n: usize) -> Result<Lat> {
+    let ping = b"{\"execute\":\"guest-ping\"}\n";
+    let mut back = [0u8; 25];
+    let mut us = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(ping)?;
+        s.read_exact(&mut back)?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        if back != *ping {
+            bail!("the echo returned {:?}", String::from_utf8_lossy(&back));
+        }
+    }
+    Ok(latency(us))
+}
+
+/// [`Lat`] of `n` (> 0) round trips in µs.
+fn latency(mut us: Vec<f64>) -> Lat {
+    let n = us.len();
     let mean = us.iter().sum::<f64>() / n as f64;
     us.sort_by(f64::total_cmp);
     let pct = |p: f64| us[((n as f64 * p).ceil() as usize).clamp(1, n) - 1];
-    Ok(Lat {
+    Lat {
         p50: pct(0.50),
         p99: pct(0.99),
         mean,
-    })
+    }
 }
 
 /// Decodes and hashes base64 off the measuring thread: a writer thread feeds GNU
@@ -265,6 +290,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let q = QgaLab::boot("qga-bench", 1024).context("booting the lab")?;
     let mut aux = q.connect(q.lab.name()).context("mux channel")?;
     q.start_qemu_ga()?;
+    let mut floor = q.start_floor().context("cat on the floor port")?;
     let (mut vs, mut ga, path) = if o.direct {
         (
             QgaConn::direct(&q.raw_sock).context("vstream-agent's chardev")?,
@@ -325,9 +351,10 @@ pub fn run(args: &[String]) -> Result<()> {
     // Warm up both (first requests, page cache of the file).
     pings(&mut vs, 20)?;
     pings(&mut ga, 20)?;
+    echo_pings(&mut floor, 20)?;
     read_once(&mut vs, &o, chunk, 1, &digest)?;
 
-    let (mut vs_lat, mut ga_lat) = (Vec::new(), Vec::new());
+    let (mut vs_lat, mut ga_lat, mut floor_lat) = (Vec::new(), Vec::new(), Vec::new());
     let (mut vs_seq, mut ga_seq, mut vs_pipe, mut ga_big) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut vs_mem, mut ga_mem) = (Vec::new(), Vec::new());
@@ -347,6 +374,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 ga_lat.push(pings(&mut ga, o.count)?);
             }
         }
+        floor_lat.push(echo_pings(&mut floor, o.count)?);
         for ours in order {
             if ours {
                 let (rate, cpu) = read_with_cpu(&mut vs, &mut aux, vs_pid, &o, chunk, &digest)?;
@@ -365,7 +393,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let _ = aux.exec("rm", &["-f", FILE]);
     let accel = q.lab.accel();
-    drop((vs, ga, aux));
+    drop((vs, ga, aux, floor));
     q.lab.shutdown().ok();
     let _ = std::fs::remove_dir_all(&q.dir);
 
@@ -450,6 +478,7 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     };
     let (vp50, gp50) = (lat(&vs_lat, |l| l.p50), lat(&ga_lat, |l| l.p50));
+    let fp50 = lat(&floor_lat, |l| l.p50);
     row("guest-ping p50", vp50, gp50, "us", "<= 0.4x");
     let tail = |name: &str, f: fn(&Lat) -> f64| {
         row(name, lat(&vs_lat, f), lat(&ga_lat, f), "us", "");
@@ -546,6 +575,14 @@ pub fn run(args: &[String]) -> Result<()> {
         "aim VmRSS <= 0.5x qemu-ga:                 {} ({:.2}x)",
         verdict(vrss <= 0.5 * grss),
         vrss / grss
+    );
+    println!(
+        "the route alone: guest-ping echoed by `cat` on a third port, straight on its chardev: \
+         p50 {fp50:.0} us, {:.2}x qemu-ga's p50{}; vstream-agent's p50 is {:.0} us above it, qemu-ga's {:.0} us",
+        fp50 / gp50,
+        if o.direct { "" } else { " (which has vstreamd on its route, the echo not)" },
+        vp50 - fp50,
+        gp50 - fp50
     );
     println!("(whole run {:.0} s)", started.elapsed().as_secs_f64());
     Ok(())

@@ -6,10 +6,13 @@
 //! | `qga` | a `qga` channel of the multiplexer (virtio port `org.vstream.0`) | vstream-agent |
 //! | `qga-raw` | raw `qga` transport, virtio port `org.vstream.qga.0` | vstream-agent (`vstream.qga=`) |
 //! | `qga-ga` | raw `qga` transport, virtio port `org.qemu.guest_agent.0` | Debian's qemu-ga |
+//! | - (its chardev only) | virtio port `org.vstream.qga.floor` | `cat`, when started ([`QgaLab::start_floor`]) |
 //!
-//! The two extra virtio ports are added with `LabOptions::extra_qemu_args`; this runs its own
+//! The three extra virtio ports are added with `LabOptions::extra_qemu_args`; this runs its own
 //! vstreamd (the lab's config plus the two raw transports) on the lab's control socket. qemu-ga
 //! is started in the guest through vstream-agent's `guest-exec` ([`QgaLab::start_qemu_ga`]).
+//! The third port measures the route itself: `cat` echoing every request back is what no agent
+//! can beat.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -58,7 +61,12 @@ pub struct QgaLab {
     pub ga_sock: PathBuf,
     /// QEMU's chardev of `org.vstream.qga.0` (vstream-agent's raw QGA port).
     pub raw_sock: PathBuf,
+    /// QEMU's chardev of [`FLOOR_PORT`].
+    pub floor_sock: PathBuf,
 }
+
+/// The port on which [`QgaLab::start_floor`] runs `cat`.
+pub const FLOOR_PORT: &str = "org.vstream.qga.floor";
 
 impl QgaLab {
     /// Boots guest `name` with `memory_mib` MiB and the two extra ports, starts vstreamd and
@@ -69,10 +77,12 @@ impl QgaLab {
         std::fs::create_dir_all(&dir)?;
         let ga_sock = dir.join("ga.sock");
         let raw_sock = dir.join("raw.sock");
+        let floor_sock = dir.join("floor.sock");
         let mut qemu_args = Vec::new();
         for (id, sock, nr, port) in [
             ("qgaga", &ga_sock, 2, QGA_PORT),
             ("qgaraw", &raw_sock, 3, "org.vstream.qga.0"),
+            ("qgafloor", &floor_sock, 4, FLOOR_PORT),
         ] {
             qemu_args.extend(extra_virtio_port(id, sock, nr, port).map_err(io::Error::other)?);
         }
@@ -107,6 +117,7 @@ impl QgaLab {
             dir,
             ga_sock,
             raw_sock,
+            floor_sock,
         })
     }
 
@@ -114,6 +125,28 @@ impl QgaLab {
     /// (`qga`, `qga-raw` or `qga-ga`), synchronised.
     pub fn connect(&self, guest: &str) -> io::Result<QgaConn> {
         QgaConn::via_control(&self.lab.paths().control, guest)
+    }
+
+    /// Connects to [`FLOOR_PORT`]'s chardev, then starts `cat` on the port in the guest (it
+    /// would read the end of its input if it opened the port before the host side was
+    /// connected), and returns the connection: what is written on it comes back.
+    pub fn start_floor(&self) -> io::Result<UnixStream> {
+        let stream = UnixStream::connect(&self.floor_sock)?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let line = format!(
+            "for p in /sys/class/virtio-ports/*; do \
+             [ \"$(cat $p/name)\" = {FLOOR_PORT} ] && \
+             {{ setsid sh -c 'exec cat <&3 >&3' 3<>/dev/${{p##*/}} </dev/null >/dev/null 2>&1 & exit 0; }}; \
+             done; exit 9"
+        );
+        let mut conn = self.connect(self.lab.name())?;
+        let (code, _) = conn.exec("sh", &["-c", &line])?;
+        if code != 0 {
+            return Err(io::Error::other(format!(
+                "cat did not start on {FLOOR_PORT} (exit {code})"
+            )));
+        }
+        Ok(stream)
     }
 
     /// Starts qemu-ga in the guest through vstream-agent's `guest-exec` (mux channel).
