@@ -20,6 +20,10 @@ use base64::Engine as _;
 /// the reply to `guest-sync-delimited` so the client can drop a partial reply.
 pub const DELIMITER: u8 = 0xFF;
 
+/// Texts up to this size are copied out of the framer's buffer, which it keeps
+/// ([`Framer::finish`]); a request over it is handed over with the buffer.
+const KEEP_BUFFER: usize = 4096;
+
 /// What the framer found in the byte stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -225,6 +229,14 @@ impl Framer {
     fn finish(&mut self) {
         match self.skipping.take() {
             Some(size) => self.out.push_back(Frame::TooLarge { size }),
+            // A short text is copied out and the buffer kept: the next text does not grow a
+            // new one from nothing, a reallocation every few bytes. A long one is handed over
+            // whole, and its memory with it.
+            None if self.buf.len() <= KEEP_BUFFER => {
+                let text = self.buf.clone();
+                self.buf.clear();
+                self.out.push_back(Frame::Text(text));
+            }
             None => self
                 .out
                 .push_back(Frame::Text(std::mem::take(&mut self.buf))),

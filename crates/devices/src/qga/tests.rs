@@ -54,6 +54,30 @@ fn framer_splits_concatenated_texts_with_or_without_whitespace() {
 }
 
 #[test]
+fn framer_gives_short_and_long_texts_intact_around_its_kept_buffer() {
+    // Short texts are copied out of a buffer the framer keeps; a long one takes the buffer
+    // with it. Either way each text comes out whole, and the next starts afresh.
+    let long = format!(
+        r#"{{"execute":"x","arguments":{{"d":"{}"}}}}"#,
+        "a".repeat(10_000)
+    );
+    let input = format!(r#"{{"execute":"one"}}{long} {{"execute":"two"}}"#);
+    let mut f = Framer::new(64 * 1024);
+    for piece in input.as_bytes().chunks(777) {
+        f.push(piece);
+    }
+    assert_eq!(
+        frames(&mut f),
+        vec![
+            text(r#"{"execute":"one"}"#),
+            text(&long),
+            text(r#"{"execute":"two"}"#)
+        ]
+    );
+    assert_eq!(f.buffered(), 0);
+}
+
+#[test]
 fn framer_delimiter_drops_a_partial_text_and_keeps_complete_ones() {
     let mut f = Framer::new(1024);
     f.push(b"{\"execute\":\"x\"} {\"execute\":\"gue");

@@ -414,7 +414,9 @@ impl GuestAgent {
 
 /// The bytes of a reply: 0xFF first if `delimited`, the JSON, a newline.
 pub fn encode_reply(value: &Value, delimited: bool) -> Vec<u8> {
-    let mut out = Vec::new();
+    // Room for the common short replies (`{"return":{}}` and the like) at once, not grown
+    // from nothing in several reallocations per request.
+    let mut out = Vec::with_capacity(REPLY_ROOM);
     if delimited {
         out.push(DELIMITER);
     }
@@ -476,6 +478,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+/// A reply's first allocation.
+const REPLY_ROOM: usize = 128;
 
 /// Requests up to this size are parsed on the runtime's thread (a few microseconds); larger
 /// ones (`guest-file-write`'s data, up to [`MAX_REQUEST`]) in a blocking-pool thread with
