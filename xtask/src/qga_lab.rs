@@ -69,7 +69,7 @@ pub struct QgaLab {
 pub const FLOOR_PORT: &str = "org.vstream.qga.floor";
 
 impl QgaLab {
-    /// Boots guest `name` with `memory_mib` MiB and the two extra ports, starts vstreamd and
+    /// Boots guest `name` with `memory_mib` MiB and the three extra ports, starts vstreamd and
     /// waits for the agent's mux transport.
     pub fn boot(name: &str, memory_mib: u32) -> io::Result<QgaLab> {
         // The extra chardevs live in a directory of ours (the lab's own is made during boot).

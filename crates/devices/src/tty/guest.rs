@@ -218,10 +218,11 @@ impl Source {
         }
     }
 
-    /// Replaces `buf`'s contents with what one read returns ([`Source::read_max`] at most).
-    async fn read_into(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+    /// Replaces `buf`'s contents with what one read returns (`most`, at most
+    /// [`Source::read_max`]).
+    async fn read_into(&mut self, buf: &mut Vec<u8>, most: usize) -> io::Result<usize> {
         buf.clear();
-        let room = self.read_max();
+        let room = self.read_max().min(most);
         match self {
             // Into the spare capacity as it is, without zeroing it first.
             Source::Pipe(r) => r.read_buf(&mut (&mut *buf).limit(room)).await,
@@ -470,14 +471,15 @@ async fn pump_output(
     loop {
         let read = if draining.is_some_and(|n| n >= DRAIN_MAX) {
             return;
-        } else if draining.is_some() {
-            match tokio::time::timeout(DRAIN_IDLE, source.read_into(&mut buf)).await {
+        } else if let Some(drained) = draining {
+            let most = DRAIN_MAX - drained;
+            match tokio::time::timeout(DRAIN_IDLE, source.read_into(&mut buf, most)).await {
                 Ok(r) => r,
                 Err(_) => return,
             }
         } else {
             tokio::select! {
-                r = source.read_into(&mut buf) => r,
+                r = source.read_into(&mut buf, usize::MAX) => r,
                 // Changed, or the sender is gone: either way the command has exited.
                 _ = exited.changed() => {
                     draining = Some(0);
