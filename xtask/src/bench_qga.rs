@@ -102,15 +102,16 @@ fn pings(conn: &mut QgaConn, n: usize) -> Result<Lat> {
 /// route without an agent.
 fn echo_pings(s: &mut UnixStream, n: usize) -> Result<Lat> {
     let ping = b"{\"execute\":\"guest-ping\"}\n";
-    let mut back = [0u8; 25];
+    let mut back = [0u8; 64];
+    let back = &mut back[..ping.len()];
     let mut us = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         s.write_all(ping)?;
-        s.read_exact(&mut back)?;
+        s.read_exact(back)?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
-        if back != *ping {
-            bail!("the echo returned {:?}", String::from_utf8_lossy(&back));
+        if back != ping {
+            bail!("the echo returned {:?}", String::from_utf8_lossy(back));
         }
     }
     Ok(latency(us))
