@@ -178,24 +178,37 @@ impl Framer {
                     };
                 }
                 Scan::Nested {
-                    depth,
+                    mut depth,
                     in_string: false,
                     ..
                 } => {
-                    data = &data[1..];
-                    self.keep(&[b]);
-                    let depth = match b {
-                        b'{' | b'[' => depth.saturating_add(1),
-                        b'}' | b']' => depth - 1,
-                        _ => depth,
-                    };
+                    // A run of structure at once, up to the end of the text, the start of a
+                    // string or the delimiter: kept with one copy, not a call per byte.
+                    let mut i = 0;
+                    let mut in_string = false;
+                    while i < data.len() {
+                        match data[i] {
+                            DELIMITER => break,
+                            b'{' | b'[' => depth = depth.saturating_add(1),
+                            // Never below 1 here: a text ends when its depth reaches 0.
+                            b'}' | b']' => depth -= 1,
+                            b'"' => in_string = true,
+                            _ => {}
+                        }
+                        i += 1;
+                        if depth == 0 || in_string {
+                            break;
+                        }
+                    }
+                    self.keep(&data[..i]);
+                    data = &data[i..];
                     self.scan = if depth == 0 {
                         self.finish();
                         Scan::Between
                     } else {
                         Scan::Nested {
                             depth,
-                            in_string: b == b'"',
+                            in_string,
                             escape: false,
                         }
                     };

@@ -43,7 +43,10 @@ mod tests;
 pub mod verbs;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 pub use codec::{base64_decode, base64_encode, base64_encode_into, Frame, Framer, DELIMITER};
 pub use command::*;
@@ -152,53 +155,71 @@ impl QgaError {
     }
 }
 
-/// A parsed request: which command, its arguments, and the optional `id` to echo.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
+/// A parsed request: which command, its arguments, and the optional `id` to echo. It borrows
+/// from the request's text: a request is read without building a tree of values (under an
+/// emulated CPU every allocation and every page touched per request shows in its latency), and
+/// only a command that takes arguments has them parsed ([`Request::arguments`]).
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
     /// `execute`.
-    pub execute: String,
-    /// `arguments` (empty if absent).
-    pub arguments: Map<String, Value>,
-    /// `id`, echoed in the reply.
-    pub id: Option<Value>,
+    pub execute: Cow<'a, str>,
+    /// `arguments`, an object as it is in the text (`None` if absent).
+    pub arguments: Option<&'a RawValue>,
+    /// `id`, as it is in the text, echoed in the reply.
+    pub id: Option<&'a RawValue>,
 }
 
-impl Request {
+impl<'a> Request<'a> {
     /// Parses one JSON text into a request, with QEMU's error messages. On error, returns the
     /// `id` if one could be read, to echo it.
-    pub fn parse(text: &[u8]) -> Result<Request, (Option<Value>, QgaError)> {
-        let value: Value = serde_json::from_slice(text)
-            .map_err(|e| (None, QgaError::generic(format!("JSON parse error, {e}"))))?;
-        let Value::Object(map) = value else {
+    ///
+    /// A bad member is reported as a parse into a map of values would find it first: by the
+    /// order of the members' names, a later duplicate replacing an earlier one.
+    pub fn parse(text: &'a [u8]) -> Result<Request<'a>, (Option<&'a RawValue>, QgaError)> {
+        let parse_error =
+            |e: serde_json::Error| (None, QgaError::generic(format!("JSON parse error, {e}")));
+        if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            // Not an object: either not JSON at all, or some other JSON value.
+            serde_json::from_slice::<&RawValue>(text).map_err(parse_error)?;
             return Err((None, QgaError::generic("QMP input must be a JSON object")));
-        };
-        let id = map.get("id").cloned();
-        let mut execute = None;
-        let mut arguments = Map::new();
-        for (key, v) in map {
-            match (key.as_str(), v) {
-                ("execute", Value::String(s)) => execute = Some(s),
-                ("execute", _) => {
-                    return Err((
-                        id,
-                        QgaError::generic("QMP input member 'execute' must be a string"),
-                    ))
-                }
-                ("arguments", Value::Object(a)) => arguments = a,
-                ("arguments", _) => {
-                    return Err((
-                        id,
-                        QgaError::generic("QMP input member 'arguments' must be an object"),
-                    ))
-                }
-                ("id", _) => {}
-                (other, _) => {
-                    return Err((
-                        id,
-                        QgaError::generic(format!("QMP input member '{other}' is unexpected")),
-                    ))
-                }
+        }
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let members = Members::deserialize(&mut de).map_err(parse_error)?;
+        de.end().map_err(parse_error)?;
+        let Members {
+            execute,
+            arguments,
+            id,
+            unexpected,
+        } = members;
+        // The bad member a walk over a map of values would meet first: by name.
+        let mut first = unexpected.map(|name| {
+            let e = QgaError::generic(format!("QMP input member '{name}' is unexpected"));
+            (name, e)
+        });
+        let mut bad = |name: &'static str, desc: &str| {
+            if first.as_ref().is_none_or(|(f, _)| name < f.as_ref()) {
+                first = Some((Cow::Borrowed(name), QgaError::generic(desc)));
             }
+        };
+        let execute = match execute {
+            Some(raw) => {
+                let s = json_string(raw);
+                if s.is_none() {
+                    bad("execute", "QMP input member 'execute' must be a string");
+                }
+                s
+            }
+            None => None,
+        };
+        if arguments.is_some_and(|a| !a.get().starts_with('{')) {
+            bad(
+                "arguments",
+                "QMP input member 'arguments' must be an object",
+            );
+        }
+        if let Some((_, e)) = first {
+            return Err((id, e));
         }
         match execute {
             Some(execute) => Ok(Request {
@@ -209,17 +230,125 @@ impl Request {
             None => Err((id, QgaError::generic("QMP input lacks member 'execute'"))),
         }
     }
+
+    /// The arguments as a map (empty if absent); [`Request::parse`] checked that they are an
+    /// object.
+    pub fn arguments(&self) -> Result<Map<String, Value>, QgaError> {
+        match self.arguments {
+            None => Ok(Map::new()),
+            Some(raw) => serde_json::from_str(raw.get())
+                .map_err(|e| QgaError::generic(format!("JSON parse error, {e}"))),
+        }
+    }
 }
 
-/// A reply object: `{"return": ...}` or `{"error": ...}`, with `id` if the request had one.
-pub fn reply(id: Option<Value>, result: Result<Value, QgaError>) -> Value {
-    let mut m = Map::new();
-    match result {
-        Ok(v) => m.insert("return".into(), v),
-        Err(e) => m.insert("error".into(), json!({"class": e.class, "desc": e.desc})),
-    };
-    if let Some(id) = id {
-        m.insert("id".into(), id);
+/// A JSON string's contents: borrowed from the text unless it has escapes. `None` if `raw` is
+/// not a string.
+fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+    } else {
+        // A string the parser accepted without escapes is its own contents.
+        Some(Cow::Borrowed(inner))
     }
-    Value::Object(m)
+}
+
+/// The top-level members of a request, each as it is in the text; the smallest name of those
+/// that QMP does not have.
+#[derive(Default)]
+struct Members<'a> {
+    execute: Option<&'a RawValue>,
+    arguments: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    unexpected: Option<Cow<'a, str>>,
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut m = Members::default();
+                while let Some(Name(name)) = map.next_key()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    match &*name {
+                        "execute" => m.execute = Some(value),
+                        "arguments" => m.arguments = Some(value),
+                        "id" => m.id = Some(value),
+                        _ => {
+                            if m.unexpected.as_ref().is_none_or(|u| name < *u) {
+                                m.unexpected = Some(name);
+                            }
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A member's name, borrowed from the text unless it has escapes (serde's own `Cow<str>`
+/// always copies).
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Writes a reply: `{"return": ...}` or `{"error": ...}`, with `id` if the request had one, its
+/// members in name order (`error`, `id`, `return`), as a map of values would write them.
+pub fn write_reply(out: &mut Vec<u8>, id: Option<&RawValue>, result: Result<&Value, &QgaError>) {
+    // Serializing into a Vec cannot fail.
+    match result {
+        Ok(v) => {
+            out.push(b'{');
+            if let Some(id) = id {
+                write_id(out, id);
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"return\":");
+            let _ = serde_json::to_writer(&mut *out, v);
+        }
+        Err(e) => {
+            out.extend_from_slice(b"{\"error\":");
+            let _ = serde_json::to_writer(&mut *out, e);
+            if let Some(id) = id {
+                out.push(b',');
+                write_id(out, id);
+            }
+        }
+    }
+    out.push(b'}');
+}
+
+/// A reply's `"id":ID` member: the request's id as the client wrote it.
+pub(crate) fn write_id(out: &mut Vec<u8>, id: &RawValue) {
+    out.extend_from_slice(b"\"id\":");
+    out.extend_from_slice(id.get().as_bytes());
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -51,6 +52,41 @@ fn framer_splits_concatenated_texts_with_or_without_whitespace() {
     }
     assert_eq!(got, want);
     assert_eq!(f.buffered(), 0);
+}
+
+proptest! {
+    /// Texts of any nesting, strings holding brackets, quotes and escapes, whitespace between
+    /// or none: each comes out whole and in order wherever the stream is cut.
+    #[test]
+    fn framer_finds_each_text_wherever_the_stream_is_cut(
+        texts in prop::collection::vec(prop::sample::select(vec![
+            r#"{"execute":"guest-ping"}"#, r#"{"a":{"b":[1,{"c":"}]{["}],"d":"\\\""}}"#,
+            r#"[[[]],{}]"#, r#"{"s":"\\\\"}"#, r#"{ "x" : [ "]" , "\"}" ] }"#, r#""top{\"""#,
+        ]), 1..8),
+        gaps in prop::collection::vec(prop::sample::select(vec!["", " ", "\n", "\r\n\t"]), 8),
+        cuts in prop::collection::vec(1usize..40, 1..20),
+    ) {
+        let mut input = Vec::new();
+        for (t, g) in texts.iter().zip(&gaps) {
+            input.extend_from_slice(t.as_bytes());
+            input.extend_from_slice(g.as_bytes());
+        }
+        let mut f = Framer::new(1024);
+        let mut got = Vec::new();
+        let mut rest = &input[..];
+        for n in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, after) = rest.split_at((*n).min(rest.len()));
+            f.push(piece);
+            got.extend(frames(&mut f));
+            rest = after;
+        }
+        let want: Vec<Frame> = texts.iter().map(|t| text(t)).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(f.buffered(), 0);
+    }
 }
 
 #[test]
@@ -187,10 +223,129 @@ fn request_errors_are_worded_as_qemu_does() {
         "QMP input member 'exec-oob' is unexpected"
     );
     let (id, _) = Request::parse(br#"{"id":"a1","bogus":1,"execute":"x"}"#).expect_err("bogus");
-    assert_eq!(id, Some(json!("a1")));
+    assert_eq!(id.map(RawValue::get), Some(r#""a1""#));
     let r = Request::parse(br#"{"execute":"guest-ping","id":7}"#).expect("ok");
     assert_eq!(r.execute, "guest-ping");
-    assert_eq!(r.id, Some(json!(7)));
+    assert_eq!(r.id.map(RawValue::get), Some("7"));
+}
+
+/// `execute`, `arguments` and `id` of a request read into values.
+type ValueRequest = (String, Map<String, Value>, Option<Value>);
+
+/// How requests were read before [`Request::parse`] borrowed from the text: into a map of
+/// values, walked in name order. The model the borrowing parser must agree with.
+fn parse_as_values(text: &[u8]) -> Result<ValueRequest, (Option<Value>, String)> {
+    let value: Value = serde_json::from_slice(text).map_err(|_| (None, "parse".to_owned()))?;
+    let Value::Object(map) = value else {
+        return Err((None, "QMP input must be a JSON object".into()));
+    };
+    let id = map.get("id").cloned();
+    let (mut execute, mut arguments) = (None, Map::new());
+    for (key, v) in map {
+        match (key.as_str(), v) {
+            ("execute", Value::String(s)) => execute = Some(s),
+            ("execute", _) => {
+                return Err((id, "QMP input member 'execute' must be a string".into()))
+            }
+            ("arguments", Value::Object(a)) => arguments = a,
+            ("arguments", _) => {
+                return Err((id, "QMP input member 'arguments' must be an object".into()))
+            }
+            ("id", _) => {}
+            (other, _) => return Err((id, format!("QMP input member '{other}' is unexpected"))),
+        }
+    }
+    match execute {
+        Some(e) => Ok((e, arguments, id)),
+        None => Err((id, "QMP input lacks member 'execute'".into())),
+    }
+}
+
+/// One member of a generated request: a name and a value, both as JSON text.
+fn member() -> impl Strategy<Value = String> {
+    let name = prop::sample::select(vec![
+        r#""execute""#,
+        r#""arguments""#,
+        r#""id""#,
+        r#""exec-oob""#,
+        r#""a""#,
+        r#""zz""#,
+        r#""\u0065xecute""#,
+        r#""i\u0064""#,
+        r#""""#,
+    ]);
+    let value = prop::sample::select(vec![
+        r#""guest-ping""#,
+        r#""guest-sync""#,
+        r#""gu\u0065st-ping""#,
+        r#""a\"b""#,
+        "7",
+        "-1.5e3",
+        "null",
+        "true",
+        "[]",
+        "[1,{}]",
+        "{}",
+        r#"{"id":3}"#,
+        r#"{ "id" : 3 , "x":[ ] }"#,
+        r#""""#,
+    ]);
+    (name, prop::sample::select(vec!["", " ", "\n\t"]), value)
+        .prop_map(|(n, ws, v)| format!("{ws}{n}{ws}:{ws}{v}{ws}"))
+}
+
+proptest! {
+    /// The borrowing parser reads every request as a map of values would: the same command,
+    /// arguments and id, or the same error with the same id, whatever the members' order,
+    /// duplicates, escapes and whitespace; and the reply it writes is the same JSON.
+    #[test]
+    fn requests_read_without_values_as_with_them(members in prop::collection::vec(member(), 0..6)) {
+        let text = format!("{{{}}}", members.join(","));
+        let got = Request::parse(text.as_bytes());
+        let raw_id = |id: Option<&RawValue>| id.map(|i| serde_json::from_str::<Value>(i.get()).expect("id"));
+        match (parse_as_values(text.as_bytes()), got) {
+            (Ok((execute, arguments, id)), Ok(req)) => {
+                prop_assert_eq!(&*req.execute, execute.as_str());
+                prop_assert_eq!(req.arguments().expect("arguments"), arguments);
+                prop_assert_eq!(raw_id(req.id), id.clone());
+                let result = json!({"n": 1});
+                let ours = encode_reply(req.id, Ok(&result), false);
+                let theirs = serde_json::to_vec(&json!({"id": id, "return": result})).expect("json");
+                let ours: Value = serde_json::from_slice(&ours).expect("reply");
+                let mut theirs: Value = serde_json::from_slice(&theirs).expect("reply");
+                if raw_id(req.id).is_none() {
+                    theirs.as_object_mut().expect("object").remove("id");
+                }
+                prop_assert_eq!(ours, theirs);
+            }
+            (Err((id, desc)), Err((got_id, e))) => {
+                prop_assert_eq!(raw_id(got_id), id);
+                prop_assert_eq!(e.desc, desc);
+            }
+            (want, got) => prop_assert!(false, "{text}: {want:?} but {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn replies_are_written_as_a_map_of_values_would_be() {
+    let id = RawValue::from_string("7".into()).expect("raw");
+    let e = QgaError::generic("no");
+    fn text(id: Option<&RawValue>, r: Result<&Value, &QgaError>) -> String {
+        String::from_utf8(encode_reply(id, r, false)).expect("utf-8")
+    }
+    assert_eq!(
+        text(Some(&*id), Ok(&json!({}))),
+        "{\"id\":7,\"return\":{}}\n"
+    );
+    assert_eq!(text(None, Ok(&json!([1]))), "{\"return\":[1]}\n");
+    assert_eq!(
+        text(Some(&*id), Err(&e)),
+        "{\"error\":{\"class\":\"GenericError\",\"desc\":\"no\"},\"id\":7}\n"
+    );
+    let delimited = encode_reply(None, Err(&e), true);
+    assert_eq!(delimited[0], DELIMITER);
+    assert_eq!(&delimited[1..], encode_reply(None, Err(&e), false));
 }
 
 fn args(v: Value) -> Map<String, Value> {
@@ -379,7 +534,8 @@ fn every_command_round_trips_through_its_request() {
     for c in cmds {
         let wire = serde_json::to_vec(&c.to_request()).expect("json");
         let req = Request::parse(&wire).expect("request");
-        let back = Command::parse(&req.execute, req.arguments).expect("command");
+        let back =
+            Command::parse(&req.execute, req.arguments().expect("arguments")).expect("command");
         assert_eq!(back, c);
         assert!(command_spec(c.name()).is_some());
     }

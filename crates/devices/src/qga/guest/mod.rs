@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use vstream_link::ChannelStream;
@@ -127,8 +128,8 @@ struct State {
 /// A request parsed and checked, not yet run ([`GuestAgent::prepare`]).
 #[derive(Debug)]
 pub struct Prepared {
-    /// The request's `id`, echoed in the reply.
-    id: Option<Value>,
+    /// The request's `id` as the client wrote it, echoed in the reply.
+    id: Option<Box<RawValue>>,
     /// The command, or why there is none.
     command: Result<Command, QgaError>,
 }
@@ -217,12 +218,12 @@ impl GuestAgent {
     pub fn prepare(&self, text: &[u8]) -> Prepared {
         match Request::parse(text) {
             Err((id, e)) => Prepared {
-                id,
+                id: id.map(ToOwned::to_owned),
                 command: Err(e),
             },
             Ok(req) => Prepared {
-                command: self.command(&req.execute, req.arguments),
-                id: req.id,
+                command: self.command(&req),
+                id: req.id.map(ToOwned::to_owned),
             },
         }
     }
@@ -234,7 +235,7 @@ impl GuestAgent {
         let result = match command {
             // Its reply is nearly all base64: written straight into the reply's bytes.
             Ok(Command::FileRead { handle, count }) => {
-                match self.file_read_reply(handle, count, id.as_ref()) {
+                match self.file_read_reply(handle, count, id.as_deref()) {
                     Ok(out) => return Some(out),
                     Err(e) => Err(e),
                 }
@@ -252,7 +253,7 @@ impl GuestAgent {
             }
             Err(e) => Err(e),
         };
-        Some(encode_reply(&reply(id, result), delimited))
+        Some(encode_reply(id.as_deref(), result.as_ref(), delimited))
     }
 
     /// `guest-file-read`'s reply bytes, as [`encode_reply`] would write them (members in the
@@ -262,16 +263,12 @@ impl GuestAgent {
         &self,
         handle: i64,
         count: Option<i64>,
-        id: Option<&Value>,
+        id: Option<&RawValue>,
     ) -> Result<Vec<u8>, QgaError> {
-        let mut out = Vec::new();
+        let mut out = vec![b'{'];
         if let Some(id) = id {
-            out.extend_from_slice(b"{\"id\":");
-            // Serializing a Value into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, id);
+            write_id(&mut out, id);
             out.push(b',');
-        } else {
-            out.push(b'{');
         }
         out.extend_from_slice(b"\"return\":{\"buf-b64\":\"");
         let (count, eof) = self.read_encoded(handle, count, &mut out)?;
@@ -290,7 +287,8 @@ impl GuestAgent {
     }
 
     /// Looks a command up, checks that it may run now, and parses its arguments.
-    fn command(&self, name: &str, arguments: Map<String, Value>) -> Result<Command, QgaError> {
+    fn command(&self, req: &Request<'_>) -> Result<Command, QgaError> {
+        let name = &*req.execute;
         let Some(spec) = command_spec(name) else {
             return Err(QgaError::command_not_found(name));
         };
@@ -298,7 +296,7 @@ impl GuestAgent {
         if !spec.allowed_frozen && self.is_frozen() {
             return Err(QgaError::disabled(name, "the agent is in frozen state"));
         }
-        Command::parse(name, arguments)
+        Command::parse(name, req.arguments()?)
     }
 
     /// Runs a parsed command.
@@ -412,16 +410,19 @@ impl GuestAgent {
     }
 }
 
-/// The bytes of a reply: 0xFF first if `delimited`, the JSON, a newline.
-pub fn encode_reply(value: &Value, delimited: bool) -> Vec<u8> {
+/// The bytes of a reply ([`write_reply`]): 0xFF first if `delimited`, the JSON, a newline.
+pub fn encode_reply(
+    id: Option<&RawValue>,
+    result: Result<&Value, &QgaError>,
+    delimited: bool,
+) -> Vec<u8> {
     // Room for the common short replies (`{"return":{}}` and the like) at once, not grown
     // from nothing in several reallocations per request.
     let mut out = Vec::with_capacity(REPLY_ROOM);
     if delimited {
         out.push(DELIMITER);
     }
-    // Serializing a Value into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, value);
+    write_reply(&mut out, id, result);
     out.push(b'\n');
     out
 }
@@ -432,13 +433,14 @@ pub fn encode_reply(value: &Value, delimited: bool) -> Vec<u8> {
 /// Serves QGA on one byte stream until the peer closes it: requests in, replies out, in order.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     agent: Arc<GuestAgent>,
-    stream: S,
+    mut stream: S,
 ) -> io::Result<()> {
-    let (mut r, mut w) = tokio::io::split(stream);
+    // Requests are answered one at a time, so reads and writes take turns on the stream: no
+    // split into halves (a lock per call).
     let mut framer = Framer::new(MAX_REQUEST);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
         }
@@ -461,19 +463,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     blocking(move || a.handle_text(&text)).await
                 }
                 Frame::TooLarge { size } => Some(encode_reply(
-                    &reply(
-                        None,
-                        Err(QgaError::generic(format!(
-                            "request too large: {size} bytes (at most {MAX_REQUEST})"
-                        ))),
-                    ),
+                    None,
+                    Err(&QgaError::generic(format!(
+                        "request too large: {size} bytes (at most {MAX_REQUEST})"
+                    ))),
                     false,
                 )),
                 Frame::Delimiter { .. } => None,
             };
             if let Some(out) = out {
-                w.write_all(&out).await?;
-                w.flush().await?;
+                stream.write_all(&out).await?;
+                stream.flush().await?;
             }
         }
     }
@@ -493,7 +493,8 @@ async fn blocking(job: impl FnOnce() -> Option<Vec<u8>> + Send + 'static) -> Opt
     match tokio::task::spawn_blocking(job).await {
         Ok(reply) => reply,
         Err(e) => Some(encode_reply(
-            &reply(None, Err(QgaError::generic(format!("internal error: {e}")))),
+            None,
+            Err(&QgaError::generic(format!("internal error: {e}"))),
             false,
         )),
     }
