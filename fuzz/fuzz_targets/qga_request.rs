@@ -32,20 +32,14 @@ fuzz_target!(|data: &[u8]| {
             let Ok(req) = Request::parse(&text) else {
                 continue;
             };
-            let Ok(cmd) = req
-                .arguments()
-                .and_then(|a| Command::parse(&req.execute, a))
-            else {
+            let Ok(cmd) = Command::parse(&req.execute, req.arguments) else {
                 continue;
             };
             // What parses writes back to a request that parses to the same command.
             let wire = serde_json::to_vec(&cmd.to_request()).expect("encode");
             let again = Request::parse(&wire).expect("own request");
             assert_eq!(
-                again
-                    .arguments()
-                    .and_then(|a| Command::parse(&again.execute, a))
-                    .as_ref(),
+                Command::parse(&again.execute, again.arguments).as_ref(),
                 Ok(&cmd)
             );
         }

@@ -222,7 +222,7 @@ impl GuestAgent {
                 command: Err(e),
             },
             Ok(req) => Prepared {
-                command: self.command(&req),
+                command: self.command(&req.execute, req.arguments),
                 id: req.id.map(ToOwned::to_owned),
             },
         }
@@ -287,8 +287,7 @@ impl GuestAgent {
     }
 
     /// Looks a command up, checks that it may run now, and parses its arguments.
-    fn command(&self, req: &Request<'_>) -> Result<Command, QgaError> {
-        let name = &*req.execute;
+    fn command(&self, name: &str, arguments: Map<String, Value>) -> Result<Command, QgaError> {
         let Some(spec) = command_spec(name) else {
             return Err(QgaError::command_not_found(name));
         };
@@ -296,7 +295,7 @@ impl GuestAgent {
         if !spec.allowed_frozen && self.is_frozen() {
             return Err(QgaError::disabled(name, "the agent is in frozen state"));
         }
-        Command::parse(name, req.arguments()?)
+        Command::parse(name, arguments)
     }
 
     /// Runs a parsed command.
