@@ -42,9 +42,9 @@ mod tests;
 #[cfg(feature = "host")]
 pub mod verbs;
 
-use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
