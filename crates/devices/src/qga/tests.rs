@@ -1791,10 +1791,25 @@ fn set_time_checks_its_argument_and_needs_a_clock_to_read() {
 #[tokio::test]
 async fn a_stream_survives_garbage_oversized_requests_and_resyncs() {
     let f = fixture();
-    let agent = Arc::new(f.agent);
-    let (mut client, server) = tokio::io::duplex(1 << 20);
-    let task = tokio::spawn(serve(agent.clone(), server));
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn(serve(Arc::new(f.agent), server));
+    survives_garbage_oversized_requests_and_resyncs(client, task).await;
+}
 
+/// The same on a descriptor served by a thread of its own (how a port is served).
+#[tokio::test(flavor = "current_thread")]
+async fn a_descriptor_served_on_a_thread_survives_garbage_oversized_requests_and_resyncs() {
+    let f = fixture();
+    let (client, server) = tokio::net::UnixStream::pair().expect("pair");
+    let server = std::os::fd::OwnedFd::from(server.into_std().expect("std"));
+    let task = tokio::spawn(serve_on_thread(Arc::new(f.agent), server));
+    survives_garbage_oversized_requests_and_resyncs(client, task).await;
+}
+
+async fn survives_garbage_oversized_requests_and_resyncs(
+    mut client: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     // Two requests in one write, garbage between them, no newlines.
     client
         .write_all(

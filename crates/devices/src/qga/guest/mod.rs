@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, OsStr};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
@@ -461,13 +462,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     let a = agent.clone();
                     blocking(move || a.handle_text(&text)).await
                 }
-                Frame::TooLarge { size } => Some(encode_reply(
-                    None,
-                    Err(&QgaError::generic(format!(
-                        "request too large: {size} bytes (at most {MAX_REQUEST})"
-                    ))),
-                    false,
-                )),
+                Frame::TooLarge { size } => Some(too_large(size)),
                 Frame::Delimiter { .. } => None,
             };
             if let Some(out) = out {
@@ -497,6 +492,95 @@ async fn blocking(job: impl FnOnce() -> Option<Vec<u8>> + Send + 'static) -> Opt
             false,
         )),
     }
+}
+
+/// Serves QGA on `fd` on a thread of its own until the peer closes it; the descriptor closes
+/// with it. A request then costs a `poll`, a `read` and a `write`, where the runtime spent three
+/// `epoll_wait`s, two `readv`s and a turn of its scheduler on it. Under an emulated CPU that
+/// difference was a fifth of the guest-ping latency a management stack sees (docs/PERFORMANCE.md,
+/// "The raw QGA stream on a thread of its own"). The thread enters the runtime, so commands that
+/// need it (`guest-exec`'s children) run as on a blocking-pool thread; it is not one of that
+/// pool's, so a runtime shutting down does not wait for a thread blocked in `poll`.
+pub(crate) async fn serve_on_thread(agent: Arc<GuestAgent>, fd: OwnedFd) -> io::Result<()> {
+    let runtime = tokio::runtime::Handle::current();
+    let (done, ended) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("qga".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            let _ = done.send(serve_blocking(&agent, &fd));
+        })?;
+    ended
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("the qga thread ended without a result")))
+}
+
+/// [`serve`], with the thread waiting in `poll` instead of the runtime: requests in, replies
+/// out, in order. The descriptor stays nonblocking (a blocking write to a virtio port spins in
+/// the guest's kernel until the host takes the buffer).
+fn serve_blocking(agent: &GuestAgent, fd: &OwnedFd) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut framer = Framer::new(MAX_REQUEST);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let n = match rustix::io::read(fd, &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+            // A tty whose other side hung up.
+            Err(rustix::io::Errno::IO) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        framer.push(&buf[..n]);
+        while let Some(frame) = framer.next_frame() {
+            let out = match frame {
+                Frame::Text(text) => agent.handle_text(&text),
+                Frame::TooLarge { size } => Some(too_large(size)),
+                Frame::Delimiter { .. } => None,
+            };
+            if let Some(out) = out {
+                write_all_polled(fd, &out)?;
+            }
+        }
+    }
+}
+
+/// Writes all of `data` to a nonblocking descriptor, waiting in `poll` while it is full.
+fn write_all_polled(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                let mut fds = [PollFd::new(fd, PollFlags::OUT)];
+                match poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The reply to a request over [`MAX_REQUEST`].
+fn too_large(size: usize) -> Vec<u8> {
+    encode_reply(
+        None,
+        Err(&QgaError::generic(format!(
+            "request too large: {size} bytes (at most {MAX_REQUEST})"
+        ))),
+        false,
+    )
 }
 
 /// The guest half as a mux service (class `qga`).
@@ -562,18 +646,31 @@ pub async fn serve_address(agent: Arc<GuestAgent>, address: Address) {
             Ok(conn) => {
                 tracing::debug!(%address, peer = %conn.peer, "qga client");
                 let a = agent.clone();
-                let job = async move {
-                    if let Err(e) = serve(a, conn.stream).await {
-                        tracing::debug!("qga client ended: {e}");
-                    }
-                };
                 if listener {
-                    tokio::spawn(job);
-                } else {
-                    job.await;
-                    // A device reports end of file while the host side is closed; do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(a, conn.stream).await {
+                            tracing::debug!("qga client ended: {e}");
+                        }
+                    });
+                    continue;
                 }
+                // One client at a time (a port, a serial line, a connection we made): served
+                // on a thread of its own, as `cat` would, when the stream is one descriptor.
+                let fd = conn.stream.descriptor().map(|fd| fd.try_clone_to_owned());
+                let ended = match fd {
+                    Some(Ok(fd)) => {
+                        // The reactor's registration goes with the connection: it would wake
+                        // the runtime for every request as well.
+                        drop(conn);
+                        serve_on_thread(a, fd).await
+                    }
+                    _ => serve(a, conn.stream).await,
+                };
+                if let Err(e) = ended {
+                    tracing::debug!("qga client ended: {e}");
+                }
+                // A device reports end of file while the host side is closed; do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => {
                 note(&e);
