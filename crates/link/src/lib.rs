@@ -256,16 +256,17 @@ pub fn release_freed_memory() {
 }
 
 /// Makes glibc give freed memory back to the kernel soon: large buffers come from mmap (freed
-/// at once), the heap is trimmed eagerly, and threads share two arenas instead of one each.
+/// at once), the heap is trimmed eagerly, and threads share `arenas` arenas instead of one each
+/// (each holds its own free pages; a process whose threads seldom allocate at once needs one).
 /// Without it, what a burst (or a hostile guest) made a process allocate stayed resident after
 /// it was freed. Call at the start of `main`, before any thread exists.
-pub fn return_memory_eagerly() {
+pub fn return_memory_eagerly(arenas: i32) {
     // SAFETY: mallopt only changes glibc allocator tunables; called at the start of main,
     // before any other thread exists, with documented parameters and in-range values.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
     }
 }
 

@@ -52,7 +52,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     // What a guest made us allocate must be given back when it is freed (see docs/THREAT-MODEL.md).
-    vstream_link::return_memory_eagerly();
+    vstream_link::return_memory_eagerly(2);
     let args = Args::parse();
     if let Some(shell) = args.completions {
         let mut out = std::io::stdout();
