@@ -322,12 +322,7 @@ pub fn write_reply(out: &mut Vec<u8>, id: Option<&RawValue>, result: Result<&Val
     // Serializing into a Vec cannot fail.
     match result {
         Ok(v) => {
-            out.push(b'{');
-            if let Some(id) = id {
-                write_id(out, id);
-                out.push(b',');
-            }
-            out.extend_from_slice(b"\"return\":");
+            begin_return(out, id);
             let _ = serde_json::to_writer(&mut *out, v);
         }
         Err(e) => {
@@ -342,8 +337,18 @@ pub fn write_reply(out: &mut Vec<u8>, id: Option<&RawValue>, result: Result<&Val
     out.push(b'}');
 }
 
+/// The start of a successful reply, up to its value: `{"id":ID,"return":`.
+pub(crate) fn begin_return(out: &mut Vec<u8>, id: Option<&RawValue>) {
+    out.push(b'{');
+    if let Some(id) = id {
+        write_id(out, id);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"return\":");
+}
+
 /// A reply's `"id":ID` member: the request's id as the client wrote it.
-pub(crate) fn write_id(out: &mut Vec<u8>, id: &RawValue) {
+fn write_id(out: &mut Vec<u8>, id: &RawValue) {
     out.extend_from_slice(b"\"id\":");
     out.extend_from_slice(id.get().as_bytes());
 }

@@ -266,12 +266,9 @@ impl GuestAgent {
         count: Option<i64>,
         id: Option<&RawValue>,
     ) -> Result<Vec<u8>, QgaError> {
-        let mut out = vec![b'{'];
-        if let Some(id) = id {
-            write_id(&mut out, id);
-            out.push(b',');
-        }
-        out.extend_from_slice(b"\"return\":{\"buf-b64\":\"");
+        let mut out = Vec::new();
+        begin_return(&mut out, id);
+        out.extend_from_slice(b"{\"buf-b64\":\"");
         let (count, eof) = self.read_encoded(handle, count, &mut out)?;
         out.extend_from_slice(format!("\",\"count\":{count},\"eof\":{eof}}}}}\n").as_bytes());
         Ok(out)
