@@ -27,6 +27,7 @@ pub mod registry;
 pub mod spawn;
 pub mod status;
 pub mod term;
+pub mod thread;
 pub mod tty;
 pub mod tun;
 pub mod watchdog;

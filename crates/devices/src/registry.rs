@@ -271,6 +271,34 @@ impl ControlConn {
         Box::new(tokio::io::join(self.client.r, self.client.w))
     }
 
+    #[cfg(feature = "host")]
+    /// Relays the connection to `stream` both ways until both are done (not carried across a
+    /// live upgrade). When `stream` is one descriptor a thread of its own does it, waiting in
+    /// `poll` (a latency-bound path such as QGA's raw transport: see [`crate::thread`]); else two
+    /// tasks copy.
+    pub async fn relay(self, stream: BoxStream) -> std::io::Result<()> {
+        let raw = match stream.descriptor().map(|fd| fd.try_clone_to_owned()) {
+            Some(fd) => fd?,
+            None => return pipe(self.into_stream(), stream).await,
+        };
+        // The runtime's registrations go with the stream and the client's halves (they would
+        // wake the runtime for every message too); the thread keeps the descriptors.
+        drop(stream);
+        let pending = self.client.r.buffer().to_vec();
+        let client = self
+            .client
+            .r
+            .into_inner()
+            .reunite(self.client.w)
+            .map_err(std::io::Error::other)?
+            .into_std()?;
+        let client = std::os::fd::OwnedFd::from(client);
+        crate::thread::on_thread("relay", move || {
+            crate::thread::relay(&client, &raw, &pending)
+        })
+        .await
+    }
+
     /// Pipes the connection to `chan` (carried across a live upgrade).
     pub async fn bridge(self, chan: ChannelStream) -> std::io::Result<()> {
         self.carrier.bridge(self.client, chan).await
@@ -701,9 +729,10 @@ pub fn cmdline_values<'a>(cmdline: &'a str, key: &str) -> impl Iterator<Item = &
         .filter_map(move |w| w.strip_prefix(prefix.as_str()))
 }
 
+#[cfg(feature = "host")]
 /// Joins two byte streams, both directions until both ends are done; EOF is passed on as a half
 /// close.
-pub async fn pipe<A, B>(a: A, b: B) -> std::io::Result<()>
+async fn pipe<A, B>(a: A, b: B) -> std::io::Result<()>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite,

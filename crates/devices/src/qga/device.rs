@@ -233,9 +233,7 @@ impl HostState for QgaHost {
                 Ok(stream) => {
                     if conn.reply(Value::Null).await.is_ok() {
                         let _ = match stream {
-                            QgaStream::Raw(stream) => {
-                                crate::registry::pipe(conn.into_stream(), stream).await
-                            }
+                            QgaStream::Raw(stream) => conn.relay(stream).await,
                             // A channel of vstream-agent: carried across live upgrades.
                             QgaStream::Channel(chan) => conn.bridge(chan).await,
                         };

@@ -499,17 +499,7 @@ async fn blocking(job: impl FnOnce() -> Option<Vec<u8>> + Send + 'static) -> Opt
 /// need it (`guest-exec`'s children) run as on a blocking-pool thread; it is not one of that
 /// pool's, so a runtime shutting down does not wait for a thread blocked in `poll`.
 pub(crate) async fn serve_on_thread(agent: Arc<GuestAgent>, fd: OwnedFd) -> io::Result<()> {
-    let runtime = tokio::runtime::Handle::current();
-    let (done, ended) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("qga".into())
-        .spawn(move || {
-            let _runtime = runtime.enter();
-            let _ = done.send(serve_blocking(&agent, &fd));
-        })?;
-    ended
-        .await
-        .unwrap_or_else(|_| Err(io::Error::other("the qga thread ended without a result")))
+    crate::thread::on_thread("qga", move || serve_blocking(&agent, &fd)).await
 }
 
 /// [`serve`], with the thread waiting in `poll` instead of the runtime: requests in, replies
@@ -542,31 +532,10 @@ fn serve_blocking(agent: &GuestAgent, fd: &OwnedFd) -> io::Result<()> {
                 Frame::Delimiter { .. } => None,
             };
             if let Some(out) = out {
-                write_all_polled(fd, &out)?;
+                crate::thread::write_all_polled(fd, &out)?;
             }
         }
     }
-}
-
-/// Writes all of `data` to a nonblocking descriptor, waiting in `poll` while it is full.
-fn write_all_polled(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
-    use rustix::event::{poll, PollFd, PollFlags};
-    while !data.is_empty() {
-        match rustix::io::write(fd, data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => {
-                let mut fds = [PollFd::new(fd, PollFlags::OUT)];
-                match poll(&mut fds, None) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// The reply to a request over [`MAX_REQUEST`].
