@@ -1,15 +1,26 @@
 //! Throughput of the multiplexer over one Unix socketpair against raw Unix socketpairs, in one
 //! run on this machine, so that the ratio mux/raw is meaningful (absolute MB/s are not).
 //!
-//! `cargo bench -p vstream-link --bench mux_vs_raw` runs everything (about a minute). Options
-//! after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5), `--only W`
-//! (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for profilers),
-//! `--api bytes|stream` (only the mux's `Bytes` calls, or only `AsyncWrite`/`AsyncRead`),
-//! `--window-kib N` (channel window and send buffer of both ends, default 256), `--fixed-window`
-//! (no window growth: `channel_window_max` equal to the window, as before autotuning).
+//! `cargo bench -p vstream-link --bench mux_vs_raw` runs everything (two or three minutes).
+//! Options after `--`: `--scale F` (bytes per cell times F), `--repeats N` (default 5),
+//! `--only W` (write size 64, 4096 or 65536), `--channels C` (1 or 8), `--mux-only` (for
+//! profilers), `--api bytes|stream` (only the mux's `Bytes` calls, or only
+//! `AsyncWrite`/`AsyncRead`), `--window-kib N` (channel window and send buffer of both ends,
+//! default 256), `--fixed-window` (no window growth: `channel_window_max` equal to the window,
+//! as before autotuning), `--per-end` or `--shared` (one arrangement of the runtimes only).
 //!
-//! Both paths run on a tokio multi-thread runtime with 2 workers (a fresh one per run, so that
-//! no run inherits where the previous one left its tasks) and write with the same application
+//! Every cell runs in two arrangements of tokio runtimes (fresh ones per run, so that no run
+//! inherits where the previous one left its tasks), the same for raw and the mux:
+//! - per end: two runtimes of one worker each, the sending end (raw writers; the guest's mux
+//!   and the channel writers) on one and the receiving end (raw readers; the host's mux and
+//!   the channel readers) on the other, as a link's two ends always are two processes
+//!   (vstreamd and the agent, each with its own CPU);
+//! - shared: both ends on one runtime of two workers. A task woken by another runs next on
+//!   the waker's worker (tokio's LIFO slot), so a pipeline of tasks tends to stay on one core;
+//!   raw's writer and reader then copy in and out of the kernel with the bytes still in that
+//!   core's cache, which no two processes on two CPUs get.
+//!
+//! Both paths write with the same application
 //! write size: raw sockets with `write_all` from the application's buffer and reads into a
 //! 256 KiB buffer; the mux with `ChannelStream::write_bytes` (sent from the application's
 //! buffer, as `write_all` is) and `read_bytes` of up to 256 KiB (the buffers frames arrived
@@ -20,7 +31,7 @@
 //! - mux: a host and a guest `Mux` joined by one socketpair; the guest opens 1 or 8 channels
 //!   and writes, the host reads. Both ends of the mux run in this process, so the mux's CPU
 //!   work of both machines shares the same 2 cores, as both ends of the raw socketpair do.
-//!   Three times: with the `Bytes` calls, with the payload CRC (the link parameters of a
+//!   Sockets are registered with the runtime of the end that uses them. Three times: with the `Bytes` calls, with the payload CRC (the link parameters of a
 //!   virtio-serial port) and without (those of a Unix socket, which negotiate it away; checked
 //!   after every run), and through `AsyncWrite`/`AsyncRead` without the CRC.
 //!
@@ -63,6 +74,32 @@ struct Cell {
     fixed_window: bool,
 }
 
+/// Where the two ends of a transfer run: the sending end (raw writers; the guest's mux and the
+/// channel writers) and the receiving end (raw readers; the host's mux and the channel readers).
+#[derive(Clone)]
+struct Ends {
+    send: tokio::runtime::Handle,
+    recv: tokio::runtime::Handle,
+}
+
+/// How the two ends share the machine's cores (see the module's documentation).
+#[derive(Clone, Copy, PartialEq)]
+enum Arrangement {
+    /// A runtime of one worker per end.
+    PerEnd,
+    /// One runtime of two workers for both ends.
+    Shared,
+}
+
+impl Arrangement {
+    fn name(self) -> &'static str {
+        match self {
+            Arrangement::PerEnd => "per end",
+            Arrangement::Shared => "shared",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Raw,
@@ -91,6 +128,7 @@ fn main() {
     let mut only_channels: Option<usize> = None;
     let mut window = None;
     let mut fixed_window = false;
+    let mut arrangements = vec![Arrangement::PerEnd, Arrangement::Shared];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -126,6 +164,8 @@ fn main() {
                 )
             }
             "--fixed-window" => fixed_window = true,
+            "--per-end" => arrangements.retain(|a| *a == Arrangement::PerEnd),
+            "--shared" => arrangements.retain(|a| *a == Arrangement::Shared),
             "--repeats" => {
                 repeats = args
                     .next()
@@ -172,7 +212,12 @@ fn main() {
     println!(
         "one core:     memcpy {memcpy:.1} GB/s, CRC-32C {crc:.1} GB/s (64 KiB blocks, cache-warm)"
     );
-    println!("runtime:      tokio multi-thread, 2 workers, a fresh one per run, for both paths");
+    println!(
+        "runtimes:     per end (--per-end): one tokio runtime of 1 worker for the sending end, \
+         one for the receiving end, as a link's ends are two processes; shared (--shared): \
+         one tokio multi-thread runtime of 2 workers for both ends; fresh ones per run, for \
+         both paths"
+    );
     println!(
         "mux API:      ChannelStream::write_bytes / read_bytes (raw: write_all / read); \
          stream: AsyncWrite::write_all / AsyncRead::read, as raw, without the payload CRC"
@@ -205,8 +250,11 @@ fn main() {
         "crc / no crc: the mux with the payload CRC / on a link that negotiated it away; \
          stream: no CRC, AsyncWrite/AsyncRead"
     );
-    println!();
-    println!(
+    let mut fastest_run = None;
+    for &arrangement in &arrangements {
+        println!();
+        println!("runtimes: {}", arrangement.name());
+        println!(
         "{:>6} {:>3} {:>6} {:>9} {:>6} {:>6} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>9} {:>6} {:>8} {:>13}",
         "write",
         "ch",
@@ -226,41 +274,51 @@ fn main() {
         "B/link-write"
     );
 
-    let mut results = Vec::new();
-    for cell in &cells {
-        let mut raw = Vec::new();
-        let mut mux = Vec::new();
-        let mut nocrc = Vec::new();
-        let mut stream = Vec::new();
-        for _ in 0..repeats {
-            for &path in &paths {
-                // A fresh runtime per run, so that no run inherits the scheduler state (which
-                // worker holds which task) of the one before.
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                let sample = rt.block_on(run(path, *cell));
-                match path {
-                    Path::Raw => raw.push(sample),
-                    Path::Mux => mux.push(sample),
-                    Path::MuxNoCrc => nocrc.push(sample),
-                    Path::MuxNoCrcStream => stream.push(sample),
+        let mut results: Vec<(Cell, [f64; 3], Duration)> = Vec::new();
+        for cell in &cells {
+            let mut raw = Vec::new();
+            let mut mux = Vec::new();
+            let mut nocrc = Vec::new();
+            let mut stream = Vec::new();
+            for _ in 0..repeats {
+                for &path in &paths {
+                    // A fresh runtime per run, so that no run inherits the scheduler state (which
+                    // worker holds which task) of the one before.
+                    let runtime = |workers| {
+                        tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(workers)
+                            .enable_all()
+                            .build()
+                            .expect("runtime")
+                    };
+                    let (rt, other) = match arrangement {
+                        Arrangement::PerEnd => (runtime(1), Some(runtime(1))),
+                        Arrangement::Shared => (runtime(2), None),
+                    };
+                    let ends = Ends {
+                        send: rt.handle().clone(),
+                        recv: other.as_ref().unwrap_or(&rt).handle().clone(),
+                    };
+                    let sample = rt.block_on(run(path, *cell, ends));
+                    match path {
+                        Path::Raw => raw.push(sample),
+                        Path::Mux => mux.push(sample),
+                        Path::MuxNoCrc => nocrc.push(sample),
+                        Path::MuxNoCrcStream => stream.push(sample),
+                    }
                 }
             }
-        }
-        let mbps = |total: u64| move |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
-        let (r, r_spread, _) = summary(&raw, mbps(cell.raw_total));
-        let (m, m_spread, mid) = summary(&mux, mbps(cell.mux_total));
-        let (n, n_spread, n_mid) = summary(&nocrc, mbps(cell.mux_total));
-        let (st, st_spread, st_mid) = summary(&stream, mbps(cell.mux_total));
-        let per_write = mid
-            .or(n_mid)
-            .or(st_mid)
-            .and_then(|s| s.link_bytes.checked_div(s.link_writes))
-            .unwrap_or(0);
-        println!(
+            let mbps = |total: u64| move |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+            let (r, r_spread, _) = summary(&raw, mbps(cell.raw_total));
+            let (m, m_spread, mid) = summary(&mux, mbps(cell.mux_total));
+            let (n, n_spread, n_mid) = summary(&nocrc, mbps(cell.mux_total));
+            let (st, st_spread, st_mid) = summary(&stream, mbps(cell.mux_total));
+            let per_write = mid
+                .or(n_mid)
+                .or(st_mid)
+                .and_then(|s| s.link_bytes.checked_div(s.link_writes))
+                .unwrap_or(0);
+            println!(
             "{:>6} {:>3} {:>6} {:>9.0} {:>5.0}% {:>6} {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>9.0} {:>5.0}% {:>7.2}x {:>13}",
             size_label(cell.write),
             cell.channels,
@@ -279,50 +337,57 @@ fn main() {
             st / r,
             per_write
         );
-        let fastest = raw
-            .iter()
-            .chain(&mux)
-            .chain(&nocrc)
-            .chain(&stream)
-            .map(|s| s.elapsed)
-            .min();
-        results.push((*cell, [m / r, n / r, st / r], fastest.unwrap_or_default()));
-    }
-
-    println!();
-    // Which ratio: the Bytes calls with, or without, the payload CRC, or AsyncRead/AsyncWrite.
-    let modes = [
-        "payload CRC on ",
-        "payload CRC off",
-        "CRC off, AsyncRead/AsyncWrite",
-    ];
-    let verdict = |write: usize, target: f64, mode: usize| {
-        let cells: Vec<(usize, f64)> = results
-            .iter()
-            .filter(|(c, _, _)| c.write == write)
-            .map(|(c, ratios, _)| (c.channels, ratios[mode]))
-            .filter(|(_, ratio)| !ratio.is_nan())
-            .collect();
-        if cells.is_empty() {
-            return;
+            let fastest = raw
+                .iter()
+                .chain(&mux)
+                .chain(&nocrc)
+                .chain(&stream)
+                .map(|s| s.elapsed)
+                .min();
+            results.push((*cell, [m / r, n / r, st / r], fastest.unwrap_or_default()));
         }
-        let met = cells.iter().all(|(_, ratio)| *ratio >= target);
-        let detail: Vec<String> = cells
-            .iter()
-            .map(|(channels, ratio)| format!("{channels} ch {ratio:.2}x"))
-            .collect();
-        println!(
-            "target mux >= {target}x raw at {:>6}, {}: {} ({})",
-            size_label(write),
-            modes[mode],
-            if met { "MET" } else { "MISSED" },
-            detail.join(", ")
-        );
-    };
-    for mode in 0..modes.len() {
-        verdict(65536, 0.9, mode);
-        // Issue 11: small writes must stay at least 4x raw (the mux batches them).
-        verdict(64, 4.0, mode);
+
+        println!();
+        // Which ratio: the Bytes calls with, or without, the payload CRC, or AsyncRead/AsyncWrite.
+        let modes = [
+            "payload CRC on ",
+            "payload CRC off",
+            "CRC off, AsyncRead/AsyncWrite",
+        ];
+        let verdict = |write: usize, target: f64, mode: usize| {
+            let cells: Vec<(usize, f64)> = results
+                .iter()
+                .filter(|(c, _, _)| c.write == write)
+                .map(|(c, ratios, _)| (c.channels, ratios[mode]))
+                .filter(|(_, ratio)| !ratio.is_nan())
+                .collect();
+            if cells.is_empty() {
+                return;
+            }
+            let met = cells.iter().all(|(_, ratio)| *ratio >= target);
+            let detail: Vec<String> = cells
+                .iter()
+                .map(|(channels, ratio)| format!("{channels} ch {ratio:.2}x"))
+                .collect();
+            println!(
+                "target mux >= {target}x raw at {:>6}, {}, {}: {} ({})",
+                size_label(write),
+                arrangement.name(),
+                modes[mode],
+                if met { "MET" } else { "MISSED" },
+                detail.join(", ")
+            );
+        };
+        for mode in 0..modes.len() {
+            verdict(65536, 0.9, mode);
+            // Issue 11: small writes must stay at least 4x raw (the mux batches them).
+            verdict(64, 4.0, mode);
+        }
+        if let Some(f) = results.iter().min_by_key(|(_, _, t)| *t) {
+            if fastest_run.is_none_or(|(_, _, t)| f.2 < t) {
+                fastest_run = Some(*f);
+            }
+        }
     }
     let (memcpy, crc) = single_core_rates();
     println!(
@@ -330,8 +395,8 @@ fn main() {
          (lower than at the start = other work competed for the cores)",
         load_average()
     );
-    if let Some((c, _, t)) = results.iter().min_by_key(|(_, _, t)| *t) {
-        if *t < Duration::from_millis(500) {
+    if let Some((c, _, t)) = fastest_run {
+        if t < Duration::from_millis(500) {
             println!(
                 "note: fastest run ({} x{} ch) took {:.0} ms; raise --scale for steadier figures",
                 size_label(c.write),
@@ -355,12 +420,12 @@ fn summary(v: &[Sample], mbps: impl Fn(Duration) -> f64) -> (f64, f64, Option<&S
     (median, spread, Some(mid))
 }
 
-async fn run(path: Path, cell: Cell) -> Sample {
+async fn run(path: Path, cell: Cell, ends: Ends) -> Sample {
     let res = match path {
-        Path::Raw => run_raw(cell).await,
-        Path::Mux => run_mux(cell, LinkParams::stream(0), true).await,
-        Path::MuxNoCrc => run_mux(cell, LinkParams::socket(0), true).await,
-        Path::MuxNoCrcStream => run_mux(cell, LinkParams::socket(0), false).await,
+        Path::Raw => run_raw(cell, ends).await,
+        Path::Mux => run_mux(cell, LinkParams::stream(0), true, ends).await,
+        Path::MuxNoCrc => run_mux(cell, LinkParams::socket(0), true, ends).await,
+        Path::MuxNoCrcStream => run_mux(cell, LinkParams::socket(0), false, ends).await,
     };
     res.unwrap_or_else(|e| {
         panic!(
@@ -377,20 +442,28 @@ async fn run(path: Path, cell: Cell) -> Sample {
     })
 }
 
-async fn run_raw(cell: Cell) -> io::Result<Sample> {
+async fn run_raw(cell: Cell, ends: Ends) -> io::Result<Sample> {
     let per = cell.raw_total / cell.channels as u64;
     let pattern = Bytes::from(pattern(cell.write));
     let mut writers = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..cell.channels {
-        let (w, r) = UnixStream::pair()?;
+        let (w, r) = socket_pair()?;
         writers.push(w);
-        readers.push(tokio::spawn(receive(r, per)));
+        readers.push(
+            ends.recv
+                .spawn(async move { receive(UnixStream::from_std(r)?, per).await }),
+        );
     }
     let start = Instant::now();
     let senders: Vec<_> = writers
         .into_iter()
-        .map(|w| tokio::spawn(send(w, cell.write, per, pattern.clone())))
+        .map(|w| {
+            let pattern = pattern.clone();
+            ends.send.spawn(async move {
+                send(UnixStream::from_std(w)?, cell.write, per, pattern).await
+            })
+        })
         .collect();
     for r in readers {
         r.await.map_err(io::Error::other)??;
@@ -406,7 +479,12 @@ async fn run_raw(cell: Cell) -> io::Result<Sample> {
     })
 }
 
-async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<Sample> {
+async fn run_mux(
+    cell: Cell,
+    params: LinkParams,
+    bytes_api: bool,
+    ends: Ends,
+) -> io::Result<Sample> {
     let per = cell.mux_total / cell.channels as u64;
     let pattern = Bytes::from(pattern(cell.write));
     let config = |role, name| {
@@ -422,25 +500,31 @@ async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<
     };
     let (host, mut incoming) = Mux::new(config(Role::Host, "bench-host"), 0x1111);
     let (guest, _none) = Mux::new(config(Role::Guest, "bench-guest"), 0x2222);
-    let (a, b) = UnixStream::pair()?;
+    let (a, b) = socket_pair()?;
     let writes = Arc::new(AtomicU64::new(0));
-    let b = CountWrites {
-        inner: b,
-        writes: writes.clone(),
-    };
     let links = [
-        tokio::spawn({
+        ends.recv.spawn({
             let host = host.clone();
-            async move { host.run_link(a, params, "unix:pair", &[]).await }
+            async move {
+                let a = UnixStream::from_std(a)?;
+                Ok::<_, io::Error>(host.run_link(a, params, "unix:pair", &[]).await)
+            }
         }),
-        tokio::spawn({
+        ends.send.spawn({
             let guest = guest.clone();
-            async move { guest.run_link(b, params, "unix:pair", &[]).await }
+            let writes = writes.clone();
+            async move {
+                let b = CountWrites {
+                    inner: UnixStream::from_std(b)?,
+                    writes,
+                };
+                Ok(guest.run_link(b, params, "unix:pair", &[]).await)
+            }
         }),
     ];
     // The host's first read accepts each channel (OPEN_OK), which completes the guest's `open`.
     let channels = cell.channels;
-    let acceptor = tokio::spawn(async move {
+    let acceptor = ends.recv.spawn(async move {
         let mut readers = Vec::new();
         for _ in 0..channels {
             let inc = incoming
@@ -468,11 +552,10 @@ async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<
         .map(|s| {
             let pattern = pattern.clone();
             if bytes_api {
-                tokio::spawn(
-                    async move { Ok(send(BytesApi(s), cell.write, per, pattern).await?.0) },
-                )
+                ends.send
+                    .spawn(async move { Ok(send(BytesApi(s), cell.write, per, pattern).await?.0) })
             } else {
-                tokio::spawn(send(s, cell.write, per, pattern))
+                ends.send.spawn(send(s, cell.write, per, pattern))
             }
         })
         .collect();
@@ -503,6 +586,19 @@ async fn run_mux(cell: Cell, params: LinkParams, bytes_api: bool) -> io::Result<
         l.abort();
     }
     Ok(sample)
+}
+
+/// A connected pair of sockets, each registered with a runtime only where its end runs
+/// (`UnixStream::from_std` there): a socket's readiness comes from the reactor it was
+/// registered with, which on another runtime would wake its task late.
+fn socket_pair() -> io::Result<(
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+)> {
+    let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    Ok((a, b))
 }
 
 fn guest_link_bytes(m: &Mux) -> u64 {
