@@ -75,6 +75,66 @@ fn sha256_guest(lab: &Lab, guest: &str, path: &str) -> String {
         .to_owned()
 }
 
+/// The agent's CPU time so far (user + system ticks of all its threads), read through the
+/// mux channel's agent.
+fn agent_ticks(lab: &Lab) -> u64 {
+    let (code, out) = guest_exec(
+        lab,
+        "qga",
+        "sh",
+        &["-c", "cat /proc/$(cat /run/vstream-agent.pid)/stat"],
+    );
+    assert_eq!(code, 0, "the agent's /proc stat");
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let stat = String::from_utf8_lossy(&out);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// A client of the agent's raw QGA port (QEMU's chardev, straight) asks for 32 MiB and hangs
+/// up before the reply: the agent must neither spin on the port, which refuses writes and polls
+/// as hung up while no client is connected, nor stop answering the next client.
+fn a_client_that_hangs_up_before_its_reply_costs_the_guest_nothing(qga: &QgaLab) {
+    let lab = &qga.lab;
+    let (code, _) = guest_exec(
+        lab,
+        "qga",
+        "dd",
+        &["if=/dev/urandom", "of=/tmp/hangup.bin", "bs=1M", "count=32"],
+    );
+    assert_eq!(code, 0, "dd in the guest");
+    let mut conn = qga_lab::QgaConn::direct(&qga.raw_sock).expect("the raw port");
+    let handle = conn
+        .call(&json!({"execute": "guest-file-open", "arguments": {"path": "/tmp/hangup.bin"}}))
+        .expect("guest-file-open");
+    conn.send(&json!({"execute": "guest-file-read",
+        "arguments": {"handle": handle, "count": 32 << 20}}))
+        .expect("guest-file-read");
+    drop(conn);
+    thread::sleep(Duration::from_secs(2));
+    let before = agent_ticks(lab);
+    thread::sleep(Duration::from_secs(5));
+    let used = agent_ticks(lab) - before;
+    // 100 ticks a second on one vCPU: a spinning thread takes about 500 here, the idle agent
+    // (and the two guest-execs measuring it) a few.
+    assert!(
+        used < 100,
+        "the agent used {used} ticks of CPU in 5 s after its client hung up"
+    );
+    let mut next = qga_lab::QgaConn::direct(&qga.raw_sock).expect("the next client is answered");
+    assert_eq!(
+        next.call(&json!({"execute": "guest-file-close", "arguments": {"handle": handle}}))
+            .expect("guest-file-close"),
+        json!({}),
+        "the handle outlives the client that opened it"
+    );
+}
+
 /// Copies `len` bytes host -> guest -> host through `guest`; checksums equal on both sides.
 fn cp_both_ways(
     lab: &Lab,
@@ -173,6 +233,7 @@ fn qga_through_vstream_agent_and_qemu_ga_in_a_guest() {
     cp_both_ways(lab, "qga-ga", &host_dir, QEMU_GA_COPY, 64 << 10);
     cp_both_ways(lab, "qga", &host_dir, BIG, 1 << 20);
     cp_both_ways(lab, "qga-raw", &host_dir, 16 << 20, 1 << 20);
+    a_client_that_hangs_up_before_its_reply_costs_the_guest_nothing(&qga);
 
     // Time: the guest clock set to the host's (then within a second of it), and from the RTC.
     let out = ctl_ok(lab, &["time-sync", "qga"], Duration::from_secs(60));

@@ -31,7 +31,9 @@ pub async fn on_thread<T: Send + 'static>(
     })
 }
 
-/// Writes all of `data` to a nonblocking descriptor, waiting in `poll` while it is full.
+/// Writes all of `data` to a nonblocking descriptor, waiting in `poll` while it is full. A
+/// hang-up while it waits ends the write with `BrokenPipe`: a virtio port whose host side went
+/// away refuses writes with `EAGAIN` and polls as hung up at once, so waiting on would spin.
 pub fn write_all_polled(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
     use rustix::event::{poll, PollFd, PollFlags};
     while !data.is_empty() {
@@ -42,6 +44,12 @@ pub fn write_all_polled(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
             Err(rustix::io::Errno::AGAIN) => {
                 let mut fds = [PollFd::new(fd, PollFlags::OUT)];
                 match poll(&mut fds, None) {
+                    Ok(_) if hung_up(fds[0].revents()) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the peer hung up before the reply was written",
+                        ))
+                    }
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -50,6 +58,13 @@ pub fn write_all_polled(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `poll` said the descriptor can no longer be written: hung up or failed, and not
+/// writable.
+fn hung_up(revents: rustix::event::PollFlags) -> bool {
+    use rustix::event::PollFlags;
+    revents.intersects(PollFlags::HUP | PollFlags::ERR) && !revents.contains(PollFlags::OUT)
 }
 
 #[cfg(feature = "host")]
