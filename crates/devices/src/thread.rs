@@ -178,14 +178,19 @@ pub fn relay(a: &OwnedFd, b: &OwnedFd, pending: &[u8]) -> io::Result<()> {
         }
         let (a_in, b_out) = ab.interest();
         let (b_in, a_out) = ba.interest();
+        let (a_wants, b_wants) = (a_in | a_out, b_in | b_out);
+        let mut fds = [PollFd::new(a, a_wants), PollFd::new(b, b_wants)];
         // Only a descriptor waited for goes in: poll reports a hang-up whether asked or not,
-        // and a side that hung up after its end would wake every poll.
-        let mut fds: Vec<PollFd> = [(a, a_in | a_out), (b, b_in | b_out)]
-            .into_iter()
-            .filter(|(_, flags)| !flags.is_empty())
-            .map(|(fd, flags)| PollFd::new(fd, flags))
-            .collect();
-        match poll(&mut fds, None) {
+        // and a side that hung up after its end would wake every poll. (Never neither: a
+        // leg that neither reads nor holds bytes has ended, and both ended returned above.)
+        let waited = if a_wants.is_empty() {
+            &mut fds[1..]
+        } else if b_wants.is_empty() {
+            &mut fds[..1]
+        } else {
+            &mut fds[..]
+        };
+        match poll(waited, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

@@ -504,8 +504,8 @@ pub(crate) async fn serve_on_thread(agent: Arc<GuestAgent>, fd: OwnedFd) -> io::
 
 /// [`serve`], with the thread waiting in `poll` instead of the runtime: requests in, replies
 /// out, in order. The descriptor stays nonblocking: a blocking write to a virtio port whose host
-/// side has gone sleeps in the driver (`wait_port_writable`), and in a guest tried so it was
-/// still asleep after the next client connected (docs/PERFORMANCE.md, "Experiment, not kept: a
+/// side has gone sleeps in the driver (`wait_port_writable`); in a guest where that was tried, it
+/// was still asleep after the next client connected (docs/PERFORMANCE.md, "Experiment, not kept: a
 /// blocking port").
 fn serve_blocking(agent: &GuestAgent, fd: &OwnedFd) -> io::Result<()> {
     use rustix::event::{poll, PollFd, PollFlags};
