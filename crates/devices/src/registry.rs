@@ -277,13 +277,11 @@ impl ControlConn {
     /// `poll` (a latency-bound path such as QGA's raw transport: see [`crate::thread`]); else two
     /// tasks copy.
     pub async fn relay(self, stream: BoxStream) -> std::io::Result<()> {
-        let raw = match stream.descriptor().map(|fd| fd.try_clone_to_owned()) {
-            Some(fd) => fd?,
-            None => return pipe(self.into_stream(), stream).await,
+        let raw = match crate::thread::detach(stream) {
+            Ok(fd) => fd,
+            Err(stream) => return pipe(self.into_stream(), stream).await,
         };
-        // The runtime's registrations go with the stream and the client's halves (they would
-        // wake the runtime for every message too); the thread keeps the descriptors.
-        drop(stream);
+        // The client's halves give up their registrations too.
         let pending = self.client.r.buffer().to_vec();
         let client = self
             .client

@@ -8,6 +8,8 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
+use vstream_transport::BoxStream;
+
 /// Runs `job` on a new thread named `name` that has entered the current runtime (so the job may
 /// spawn tasks or use timers), and waits for its result without holding a runtime thread. The
 /// thread is not one of the runtime's blocking pool: a runtime shutting down does not wait for
@@ -29,6 +31,18 @@ pub async fn on_thread<T: Send + 'static>(
             "thread {name} ended without a result"
         )))
     })
+}
+
+/// The one descriptor `stream` reads and writes, duplicated, with the stream dropped: its
+/// reactor registration goes with it (it would wake the runtime for every message as well), and
+/// the thread that serves the descriptor keeps it open. The stream back if it is not one
+/// descriptor or the duplicate failed.
+pub fn detach(stream: BoxStream) -> Result<OwnedFd, BoxStream> {
+    let fd = stream.descriptor().map(|fd| fd.try_clone_to_owned());
+    match fd {
+        Some(Ok(fd)) => Ok(fd),
+        _ => Err(stream),
+    }
 }
 
 /// Writes all of `data` to a nonblocking descriptor, waiting in `poll` while it is full. A

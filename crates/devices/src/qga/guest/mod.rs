@@ -624,15 +624,9 @@ pub async fn serve_address(agent: Arc<GuestAgent>, address: Address) {
                 }
                 // One client at a time (a port, a serial line, a connection we made): served
                 // on a thread of its own, as `cat` would, when the stream is one descriptor.
-                let fd = conn.stream.descriptor().map(|fd| fd.try_clone_to_owned());
-                let ended = match fd {
-                    Some(Ok(fd)) => {
-                        // The reactor's registration goes with the connection: it would wake
-                        // the runtime for every request as well.
-                        drop(conn);
-                        serve_on_thread(a, fd).await
-                    }
-                    _ => serve(a, conn.stream).await,
+                let ended = match crate::thread::detach(conn.stream) {
+                    Ok(fd) => serve_on_thread(a, fd).await,
+                    Err(stream) => serve(a, stream).await,
                 };
                 if let Err(e) = ended {
                     tracing::debug!("qga client ended: {e}");
