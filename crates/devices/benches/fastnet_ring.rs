@@ -3,7 +3,8 @@
 //! not).
 //!
 //! `cargo bench -p vstream-devices --bench fastnet_ring` (about half a minute). Options after
-//! `--`: `--scale F` (messages per cell times F), `--repeats N` (default 3, the best run counts).
+//! `--`: `--scale F` (messages per cell times F), `--repeats N` (default 3, the best run counts),
+//! `--only SIZE` (one message size: 64, 1500 or 65536).
 //!
 //! - ring: a producer thread pushes messages of one size and publishes every 64 messages or
 //!   64 KiB (batching); a consumer thread takes every record the producer index shows
@@ -196,6 +197,7 @@ fn memcpy_run(size: usize, count: u64) -> Run {
 fn main() {
     let mut scale = 1.0f64;
     let mut repeats = 3;
+    let mut only: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -206,8 +208,15 @@ fn main() {
                     .and_then(|v| v.parse().ok())
                     .expect("--repeats N")
             }
+            "--only" => {
+                only = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--only SIZE"),
+                )
+            }
             "--bench" => {}
-            other => panic!("unknown option {other} (--scale F, --repeats N)"),
+            other => panic!("unknown option {other} (--scale F, --repeats N, --only SIZE)"),
         }
     }
     // Messages per cell: about 2 GB for the large sizes, 100 M small messages.
@@ -227,6 +236,9 @@ fn main() {
     );
     let mut ratios = Vec::new();
     for (size, count) in cells {
+        if only.is_some_and(|o| o != size) {
+            continue;
+        }
         let count = ((count as f64 * scale) as u64).max(1000);
         let best = |f: &dyn Fn() -> Run| {
             (0..repeats)

@@ -31,6 +31,9 @@ pub const KIND_PACKET: u32 = 0;
 /// Record kind: padding to the end of the data area; the next record starts at offset 0.
 pub const KIND_PAD: u32 = 1;
 
+/// How far ahead of the record it hands over `Consumer::drain` asks for the published bytes.
+const PREFETCH_AHEAD: u32 = 512;
+
 /// Header field offsets.
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
@@ -740,6 +743,11 @@ impl<M: Memory> Consumer<M> {
         self.refresh()?;
         let mut packets = 0;
         while let Some((at, len)) = self.next_packet()? {
+            if self.prod.wrapping_sub(self.cons) > PREFETCH_AHEAD {
+                self.mem.prefetch(
+                    self.data + (self.cons.wrapping_add(PREFETCH_AHEAD) & (self.size - 1)) as usize,
+                );
+            }
             take(&self.mem, at, len)?;
             packets += 1;
         }
