@@ -1,6 +1,37 @@
-//! What vstreamctl's verbs share, its own and the devices': tables and sizes for people.
+//! What vstreamctl's verbs share, its own and the devices': tables and sizes for people, and
+//! output that a closed pipe ends quietly.
+
+use std::io::{self, Write};
 
 use serde_json::Value;
+
+/// `println!` for a command's output: see [`out`].
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes a command's output to stdout. When the reader has gone (`vstreamctl events | head`),
+/// the program ends quietly with status 0, as a Unix filter does, where `print!` would panic
+/// with a backtrace; another failure ends it with a message and status 1. The program keeps
+/// ignoring SIGPIPE, so a socket whose peer closed still fails with an error it can report.
+pub fn out(args: std::fmt::Arguments<'_>) {
+    let mut stdout = io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        stdout_failed(&e)
+    }
+}
+
+/// Ends the program after a failed write to stdout, as [`out`] does.
+pub fn stdout_failed(e: &io::Error) -> ! {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        std::process::exit(0)
+    }
+    eprintln!("error: writing to standard output: {e}");
+    std::process::exit(1)
+}
 
 /// A byte count for people: 512B, 1.5K, 3.2M, 1.0G.
 pub fn bytes(v: &Value) -> String {

@@ -1,6 +1,7 @@
 //! The command lines' manners, on the built binaries: completion scripts and man pages that
 //! know every subcommand, exit codes in `--help`, tables whose columns line up whatever the
-//! widths of their cells, `--json` that parses, and no colour in a log that is not a terminal.
+//! widths of their cells, `--json` that parses, no colour in a log that is not a terminal, and
+//! a quiet end when the reader of the output has gone.
 
 mod common;
 
@@ -94,6 +95,22 @@ fn usage_errors_exit_2_other_errors_1() {
         .output()
         .expect("vstreamctl");
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// Output into a pipe nobody reads (`vstreamctl completions bash | true`) ends vstreamctl with
+/// status 0 and nothing on stderr, not with a panic.
+#[test]
+fn a_closed_pipe_on_stdout_ends_quietly() {
+    let (read, write) = std::io::pipe().expect("pipe");
+    drop(read);
+    let out = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
+        .args(["completions", "bash"])
+        .stdout(write)
+        .output()
+        .expect("vstreamctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
 }
 
 /// Each cell of `line` with where it starts and ends (cells hold no spaces here).

@@ -216,3 +216,58 @@ address = "unix-listen:DIR/con.sock"
         json.seen
     );
 }
+
+/// `vstreamctl events | head -1`: once the reader has gone, the next event ends vstreamctl
+/// quietly with status 0, as a Unix filter ends, not with a panic and its backtrace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_ends_vstreamctl_events_quietly() {
+    let d = Options::config(
+        r#"
+[[guest]]
+name = "g"
+[[guest.transport]]
+kind = "mux"
+name = "sock"
+address = "unix-listen:DIR/a.sock"
+"#,
+    )
+    .start_in_process()
+    .await;
+    let daemon = d.inner();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
+        .arg("--control")
+        .arg(&d.control)
+        .args(["events", "g"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vstreamctl");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    // The first probe it prints says its subscription is live; then the reader goes.
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("a line");
+        line
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline, "no event reached vstreamctl");
+        daemon.emit("g", "probe", json!({ "n": 1 }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = reader.join().expect("reader");
+    assert!(line.starts_with("g probe"), "{line}");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "vstreamctl outlived its reader");
+        daemon.emit("g", "probe", json!({ "n": 2 }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "vstreamctl wrote to stderr: {err}");
+}

@@ -196,9 +196,9 @@ async fn input(
                 .await
                 .with_context(|| format!("{guest}: hid/mouse"))?;
             if json {
-                println!("{}", serde_json::to_string(&stats)?);
+                crate::outln!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!(
+                crate::outln!(
                     "{guest}: {} probes, {} read back from evdev; round trip p50 {} us, p90 {} us, p99 {} us, max {} us, mean {} us",
                     stats.count, stats.seen, stats.p50_us, stats.p90_us, stats.p99_us, stats.max_us, stats.mean_us
                 );

@@ -32,13 +32,13 @@ async fn jobs(ctx: &VerbContext<'_>, guest: &str, json: bool) -> anyhow::Result<
     let (reply, _) = ctx.control.call(req).await?;
     let jobs = reply["jobs"].clone();
     if json {
-        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&jobs)?);
         return Ok(());
     }
     let empty = Vec::new();
     let list = jobs.as_array().unwrap_or(&empty);
     if list.is_empty() {
-        println!("{guest}: no print jobs");
+        crate::outln!("{guest}: no print jobs");
         return Ok(());
     }
     let header = ["ID", "STATE", "TYPE", "SIZE", "FILE", "TITLE", "REASON"];
@@ -56,6 +56,9 @@ async fn jobs(ctx: &VerbContext<'_>, guest: &str, json: bool) -> anyhow::Result<
         ]);
     }
     use cli::Align::{Left as L, Right as R};
-    print!("{}", cli::table(&[R, L, L, R, L, L, L], &rows));
+    cli::out(format_args!(
+        "{}",
+        cli::table(&[R, L, L, R, L, L, L], &rows)
+    ));
     Ok(())
 }

@@ -177,7 +177,7 @@ fn prepare_as_qemu_ga(config: &QemuGaConfig) -> anyhow::Result<ControlFlow<()>> 
     use std::io::Write;
     if config.list_rpcs {
         for c in super::COMMANDS {
-            println!("{}", c.name);
+            crate::outln!("{}", c.name);
         }
         return Ok(ControlFlow::Break(()));
     }

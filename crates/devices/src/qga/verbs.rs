@@ -138,9 +138,9 @@ async fn qga_raw(
     }
     let reply = client.request(&request).await?;
     if pretty {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
-        println!("{reply}");
+        crate::outln!("{reply}");
     }
     match check_reply(reply) {
         Ok(_) => Ok(()),
@@ -252,7 +252,7 @@ async fn qga_time_sync(ctx: &VerbContext<'_>, guest: &str) -> anyhow::Result<()>
     let skew = guest_ns as i128 - (before as i128 + after as i128) / 2;
     client.set_time(Some(host_ns())).await?;
     let ms = skew as f64 / 1e6;
-    println!(
+    crate::outln!(
         "{guest}: clock was {:.3} ms {} the host's; set to the host's time",
         ms.abs(),
         if skew >= 0 { "ahead of" } else { "behind" }

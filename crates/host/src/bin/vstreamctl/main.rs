@@ -135,7 +135,7 @@ async fn upgrade(control: &PathBuf, binary: Option<PathBuf>) -> anyhow::Result<(
     let d = reply
         .daemon
         .context("vstreamd's reply does not say which daemon it is")?;
-    println!(
+    vstream_devices::outln!(
         "vstreamd upgraded: pid {}, version {}, generation {} ({} ms)",
         d.pid,
         d.version,
@@ -332,16 +332,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             loop {
                 let ev: Value = read_reply(&mut r).await?;
                 if json {
-                    println!("{ev}");
+                    vstream_devices::outln!("{ev}");
                 } else {
-                    println!("{}", render_event(&ev));
+                    vstream_devices::outln!("{}", render_event(&ev));
                 }
             }
         }
         Cmd::WebToken { read_only } => {
             let (_, _, reply) = request(&args.control, &Request::WebToken { read_only }).await?;
             let token = reply.token.context("vstreamd's reply has no token")?;
-            println!("{token}");
+            vstream_devices::outln!("{token}");
             Ok(())
         }
         Cmd::Daemon {
@@ -351,8 +351,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             domain, operation, ..
         } => libvirt_hook(&args.control, &domain, &operation).await,
         Cmd::Completions { shell } => {
-            let mut out = std::io::stdout();
-            clap_complete::generate(shell, &mut command(), "vstreamctl", &mut out);
+            // Into memory first: clap_complete panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "vstreamctl", &mut script);
+            vstream_devices::cli::out(format_args!("{}", String::from_utf8_lossy(&script)));
             Ok(())
         }
         Cmd::Man { dir } => clap_mangen::generate_to(command(), &dir)
