@@ -104,6 +104,26 @@ impl Ctl {
     }
 }
 
+/// vstreamd in this process with guest `g`: its agent's socket `a.sock`, a console `con.sock`.
+async fn daemon() -> common::Daemon {
+    Options::config(
+        r#"
+[[guest]]
+name = "g"
+[[guest.transport]]
+kind = "mux"
+name = "sock"
+address = "unix-listen:DIR/a.sock"
+[[guest.transport]]
+kind = "console"
+name = "hvc0"
+address = "unix-listen:DIR/con.sock"
+"#,
+    )
+    .start_in_process()
+    .await
+}
+
 /// Emits probes until `ctl` shows one: then its subscription is live.
 async fn synchronise(daemon: &vstream_host::daemon::Daemon, ctl: &mut Ctl) {
     let probe = async {
@@ -120,22 +140,7 @@ async fn synchronise(daemon: &vstream_host::daemon::Daemon, ctl: &mut Ctl) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_transport_link_and_device_events_reach_vstreamctl() {
-    let d = Options::config(
-        r#"
-[[guest]]
-name = "g"
-[[guest.transport]]
-kind = "mux"
-name = "sock"
-address = "unix-listen:DIR/a.sock"
-[[guest.transport]]
-kind = "console"
-name = "hvc0"
-address = "unix-listen:DIR/con.sock"
-"#,
-    )
-    .start_in_process()
-    .await;
+    let d = daemon().await;
     let daemon = d.inner();
     let control = d.control.clone();
 
@@ -221,18 +226,7 @@ address = "unix-listen:DIR/con.sock"
 /// quietly with status 0, as a Unix filter ends, not with a panic and its backtrace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_goes_away_ends_vstreamctl_events_quietly() {
-    let d = Options::config(
-        r#"
-[[guest]]
-name = "g"
-[[guest.transport]]
-kind = "mux"
-name = "sock"
-address = "unix-listen:DIR/a.sock"
-"#,
-    )
-    .start_in_process()
-    .await;
+    let d = daemon().await;
     let daemon = d.inner();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vstreamctl"))
         .arg("--control")
