@@ -495,18 +495,22 @@ fn guest_nic(lab: &Lab, mac: &str, addr: &str) {
     );
 }
 
-/// Runs the benchmark; `args`: `--mib N` (default 64) per transfer.
+/// Runs the benchmark; `args`: `--mib N` (default 64) per transfer, `--poll-us N` (vstreamd's
+/// `poll_us` for the link, default 0), `--trace-agent`.
 pub fn run(args: &[String]) -> Result<()> {
     let mut mib = 64usize;
+    let mut poll_us = 0usize;
     let mut trace = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--mib" => mib = crate::positive_arg(&mut it, "--mib")?,
+            "--poll-us" => poll_us = crate::positive_arg(&mut it, "--poll-us")?,
             "--trace-agent" => trace = true,
-            other => {
-                bail!("bench-fastnet: unknown option {other:?} (options: --mib N, --trace-agent)")
-            }
+            other => bail!(
+                "bench-fastnet: unknown option {other:?} (options: --mib N, --poll-us N, \
+                 --trace-agent)"
+            ),
         }
     }
     let size = mib << 20;
@@ -520,13 +524,14 @@ pub fn run(args: &[String]) -> Result<()> {
     host_ok(&[
         "ip", "tuntap", "add", "dev", &qemu_tap, "mode", "tap", "vnet_hdr",
     ])?;
-    let result = bench(&ns, &qemu_tap, size, trace);
+    let result = bench(&ns, &qemu_tap, size, poll_us, trace);
     // Gone with the namespace if it moved there; otherwise here.
     let _ = host_ok(&["ip", "link", "del", &qemu_tap]);
     let (accel, rows) = result?;
 
     println!(
-        "bench-fastnet: {mib} MiB of TCP per transfer, {PINGS} pings, one guest, one run ({accel})"
+        "bench-fastnet: {mib} MiB of TCP per transfer, {PINGS} pings, one guest, one run ({accel}); \
+         vstreamd's poll_us {poll_us}"
     );
     println!(
         "guest -> host by busybox nc (1 KiB writes) and by busybox httpd (sendfile of the file); \
@@ -592,7 +597,13 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Boots the guest with every path and measures each; returns the accelerator and the rows,
 /// fastnet's shared-memory mode first.
-fn bench(ns: &NetNs, qemu_tap: &str, size: usize, trace: bool) -> Result<(String, Vec<Figures>)> {
+fn bench(
+    ns: &NetNs,
+    qemu_tap: &str,
+    size: usize,
+    poll_us: usize,
+    trace: bool,
+) -> Result<(String, Vec<Figures>)> {
     ns_ok(
         ns,
         &[
@@ -651,7 +662,7 @@ fn bench(ns: &NetNs, qemu_tap: &str, size: usize, trace: bool) -> Result<(String
         extra_config: format!(
             "\n[guest.fastnet]\ntap = \"{FASTNET_TAP}\"\nnetns = \"{ns}\"\n\
              guest_address = \"10.78.0.2/24\"\nmtu = 1500\nmode = \"auto\"\n\
-             segment = \"{seg}\"\nsegment_size = {SEGMENT_SIZE}\n\
+             segment = \"{seg}\"\nsegment_size = {SEGMENT_SIZE}\npoll_us = {poll_us}\n\
              \n[guest.ppp]\nlocal = \"10.77.0.1\"\nremote = \"10.77.0.2\"\nmtu = 1500\n\
              backend = \"tun\"\nnetns = \"{ns}\"\n",
             ns = ns.0,

@@ -48,7 +48,8 @@ tasks:
             cp -r of many small files vs tar through vstreamctl exec, one guest, ratios last
             (bench-cp --mib N --files N)
   bench-fastnet fastnet (shared memory, channel-only) vs QEMU virtio-net (TAP, user) and ppp,
-            one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N)
+            one guest: TCP MiB/s each way, ping p50, doorbells/MiB, ratios last (--mib N,
+            --poll-us N: vstreamd's poll_us)
             [--trace-agent: the guest agent's syscalls and switches on the shared-memory rows]
   guest-profile where a lab guest's vCPU spends its time: samples its instruction pointer
             through QEMU's gdb stub, names kernel and agent symbols (guest-profile --help)

@@ -133,16 +133,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     send(&mut stream, &GuestMsg::Ready(ready.clone())).await?;
     match (ready.mode, seg, layout) {
         (Mode::SharedMemory, Some(seg), Some(layout)) => {
-            rings(
-                &mut stream,
-                &tap,
-                Arc::new(seg),
-                layout,
-                dec,
-                &mut rbuf,
-                stats,
-            )
-            .await
+            // The guest never polls: its vCPU is what the link is short of.
+            let poll_for = std::time::Duration::ZERO;
+            let segment = (Arc::new(seg), layout);
+            rings(&mut stream, &tap, segment, dec, &mut rbuf, stats, poll_for).await
         }
         _ => pump(&mut stream, &tap, dec, stats).await,
     }

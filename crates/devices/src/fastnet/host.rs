@@ -4,6 +4,7 @@
 //! link with a `Reset` naming the fault; the daemon and its other guests go on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -17,6 +18,8 @@ use super::{Decoder, GuestMsg, HostMsg, Mode, Setup, MAX_PACKET, READ_CHUNK};
 /// between `tap` (the host's TAP or a switch port) and the guest until an error. `segment` is the host's mapping of the segment
 /// offered in `setup` (initialised here), if any; with `shm_only` a guest that answers with
 /// the channel mode is refused. `stats` shows the guest's mode and the counters as it runs.
+/// In shared-memory mode, `poll_for` after traffic the rings are polled instead of asking the
+/// guest for doorbells (zero: never; `poll_us` of the configuration).
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     tap: &impl Port,
@@ -24,6 +27,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     segment: Option<Arc<Segment>>,
     shm_only: bool,
     stats: &Stats,
+    poll_for: Duration,
 ) -> Result<(), LinkError> {
     let layout = match &segment {
         Some(seg) => {
@@ -46,7 +50,16 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stats.set_ready(&ready);
     match (ready.mode, segment, layout) {
         (Mode::SharedMemory, Some(seg), Some(layout)) => {
-            rings(&mut stream, tap, seg, layout, dec, &mut rbuf, stats).await
+            rings(
+                &mut stream,
+                tap,
+                (seg, layout),
+                dec,
+                &mut rbuf,
+                stats,
+                poll_for,
+            )
+            .await
         }
         (Mode::SharedMemory, ..) => Err(LinkError::GuestReset(
             "the guest chose shared memory, but the host offered no segment".into(),

@@ -6,6 +6,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,6 +25,9 @@ const BATCH: usize = 64;
 /// Frames published to a sleeping peer before its doorbell is rung even though this side is
 /// still busy: bounds how long a doorbell waits for this side to run dry.
 const DOORBELL_AFTER: usize = 4 * BATCH;
+
+/// How often a side that polls after traffic (`poll_for` of [`rings`]) looks at its rings.
+const POLL_EVERY: Duration = Duration::from_micros(100);
 
 /// How a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +188,7 @@ pub trait LinkMessage: Message {
     const RING: Direction;
     /// Whether this side trusts the peer: how the peer's frames reach the TAP.
     const PEER: Peer;
+
     /// The message's meaning; the peer's `Reset` ends the link with its reason.
     fn incoming(self) -> Result<Incoming, LinkError>;
     /// A packet for the peer (channel-only mode).
@@ -198,6 +203,7 @@ impl LinkMessage for GuestMsg {
     type Answer = HostMsg;
     const RING: Direction = Direction::GuestToHost;
     const PEER: Peer = Peer::Untrusted;
+
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             GuestMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -221,6 +227,7 @@ impl LinkMessage for HostMsg {
     type Answer = GuestMsg;
     const RING: Direction = Direction::HostToGuest;
     const PEER: Peer = Peer::Trusted;
+
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             HostMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -332,16 +339,19 @@ pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
 /// on, packets from the peer's ring go to `tap`; the channel carries doorbells only. A
 /// [`RingError`] (the peer broke a rule) is sent to the peer as a `Reset` before the link ends
 /// with it.
+/// Runs the link through the segment's rings. For `poll_for` after its last traffic this side
+/// looks at its rings every [`POLL_EVERY`] instead of saying it sleeps, so that the peer rings
+/// no doorbell for what it publishes meanwhile (an answer, an ACK); zero: never.
 pub(super) async fn rings<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
     tap: &impl Port,
-    seg: Arc<Segment>,
-    layout: Layout,
+    segment: (Arc<Segment>, Layout),
     dec: Decoder<In>,
     rbuf: &mut [u8],
     stats: &Stats,
+    poll_for: Duration,
 ) -> Result<(), LinkError> {
-    let result = ring_loop(stream, tap, seg, layout, dec, rbuf, stats).await;
+    let result = ring_loop(stream, tap, segment, dec, rbuf, stats, poll_for).await;
     if let Err(LinkError::Ring(e)) = &result {
         // Best effort: the peer learns why before the channel goes.
         let _ = send(stream, &In::reset(e.to_string())).await;
@@ -361,11 +371,11 @@ async fn ring<S: AsyncWrite + Unpin, In: LinkMessage>(
 async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
     tap: &impl Port,
-    seg: Arc<Segment>,
-    layout: Layout,
+    (seg, layout): (Arc<Segment>, Layout),
     mut dec: Decoder<In>,
     rbuf: &mut [u8],
     stats: &Stats,
+    poll_for: Duration,
 ) -> Result<(), LinkError> {
     let tx_ring = match In::RING {
         Direction::HostToGuest => Direction::GuestToHost,
@@ -382,6 +392,12 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     let mut from_peer = vec![0u8; layout.max_packet as usize];
     // Frames published since the sleeping peer became owed a doorbell (None: none owed).
     let mut owed: Option<usize> = None;
+    let poller = if poll_for.is_zero() {
+        None
+    } else {
+        Some(Poller::new()?)
+    };
+    let mut last_traffic = Instant::now();
     loop {
         // Take everything the peer published, and release it with one store.
         let drained =
@@ -401,17 +417,26 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
             ring::<S, In>(stream, stats).await?;
         }
         if moved > 0 {
+            last_traffic = Instant::now();
             // Busy: go round again without telling the peer we sleep, so that it does not
             // ring (a doorbell costs both sides a trip through the channel). Yield: the
             // channel's own tasks may share this thread.
             tokio::task::yield_now().await;
             continue;
         }
-        // Nothing moved: say we sleep on both rings, then wait for a doorbell or the TAP.
+        // Nothing moved: say we sleep on both rings (or, polling, only on the producer's),
+        // then wait for a doorbell, the TAP or the poll timer.
         if tx.held.is_some() && !tx.ring.prepare_wait()? {
             continue;
         }
-        if !rx.prepare_sleep()? {
+        let polling = match &poller {
+            Some(p) if last_traffic.elapsed() < poll_for => {
+                p.arm(POLL_EVERY)?;
+                true
+            }
+            _ => false,
+        };
+        if !polling && !rx.prepare_sleep()? {
             continue;
         }
         while let Some(m) = dec.next_message()? {
@@ -426,6 +451,7 @@ async fn ring_loop<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
                 // The doorbell, if owed, goes at the end of the next turn that moves nothing.
                 owed = tx.publish(owed, pushed);
             }
+            r = async { poller.as_ref().expect("polling has a poller").expired().await }, if polling => r?,
         }
     }
 }
@@ -533,5 +559,60 @@ impl TapToRing {
         self.ring
             .push_with(MAX_PACKET, |mem, off, len| mem.read_from_fd(off, len, fd))
             .map(Some)
+    }
+}
+
+/// A timer of sub-millisecond grain for a side that polls its rings (tokio's timers count
+/// whole milliseconds): a timerfd on the runtime's reactor.
+struct Poller(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Poller {
+    fn new() -> io::Result<Poller> {
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        // SAFETY: the poller owns the descriptor, just created, and keeps it open for as
+        // long as it is registered; nothing else closes or registers it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }?;
+        Ok(Poller(fd))
+    }
+
+    /// Expires once, `after` from now (replacing an earlier arming).
+    fn arm(&self, after: Duration) -> io::Result<()> {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let value = Timespec {
+            tv_sec: after.as_secs().try_into().unwrap_or(0),
+            tv_nsec: after.subsec_nanos().into(),
+        };
+        timerfd_settime(
+            self.0.get_ref(),
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: zero,
+                it_value: value,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Waits until the timer has expired (at once if it expired unread before).
+    async fn expired(&self) -> io::Result<()> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            let mut count = [0u8; 8];
+            match rustix::io::read(ready.get_inner(), &mut count) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::AGAIN) => ready.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
