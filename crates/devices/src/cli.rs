@@ -19,18 +19,14 @@ macro_rules! outln {
 /// ignoring SIGPIPE, so a socket whose peer closed still fails with an error it can report.
 pub fn out(args: std::fmt::Arguments<'_>) {
     let mut stdout = io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
-        stdout_failed(&e)
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: writing to standard output: {e}");
+            std::process::exit(1)
+        }
     }
-}
-
-/// Ends the program after a failed write to stdout, as [`out`] does.
-pub fn stdout_failed(e: &io::Error) -> ! {
-    if e.kind() == io::ErrorKind::BrokenPipe {
-        std::process::exit(0)
-    }
-    eprintln!("error: writing to standard output: {e}");
-    std::process::exit(1)
 }
 
 /// A byte count for people: 512B, 1.5K, 3.2M, 1.0G.

@@ -188,7 +188,6 @@ pub trait LinkMessage: Message {
     const RING: Direction;
     /// Whether this side trusts the peer: how the peer's frames reach the TAP.
     const PEER: Peer;
-
     /// The message's meaning; the peer's `Reset` ends the link with its reason.
     fn incoming(self) -> Result<Incoming, LinkError>;
     /// A packet for the peer (channel-only mode).
@@ -203,7 +202,6 @@ impl LinkMessage for GuestMsg {
     type Answer = HostMsg;
     const RING: Direction = Direction::GuestToHost;
     const PEER: Peer = Peer::Untrusted;
-
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             GuestMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -227,7 +225,6 @@ impl LinkMessage for HostMsg {
     type Answer = GuestMsg;
     const RING: Direction = Direction::HostToGuest;
     const PEER: Peer = Peer::Trusted;
-
     fn incoming(self) -> Result<Incoming, LinkError> {
         match self {
             HostMsg::Packet(p) => Ok(Incoming::Packet(p)),
@@ -338,10 +335,9 @@ pub(super) async fn pump<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
 /// Shared-memory mode at either end: packets from `tap` go into the ring this side produces
 /// on, packets from the peer's ring go to `tap`; the channel carries doorbells only. A
 /// [`RingError`] (the peer broke a rule) is sent to the peer as a `Reset` before the link ends
-/// with it.
-/// Runs the link through the segment's rings. For `poll_for` after its last traffic this side
-/// looks at its rings every [`POLL_EVERY`] instead of saying it sleeps, so that the peer rings
-/// no doorbell for what it publishes meanwhile (an answer, an ACK); zero: never.
+/// with it. For `poll_for` after its last traffic this side looks at its rings every
+/// [`POLL_EVERY`] instead of saying it sleeps, so that the peer rings no doorbell for what it
+/// publishes meanwhile (an answer, an ACK); zero: never.
 pub(super) async fn rings<S: AsyncRead + AsyncWrite + Unpin, In: LinkMessage>(
     stream: &mut S,
     tap: &impl Port,
